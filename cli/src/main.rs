@@ -1,1 +1,62 @@
-fn main(){}
+//! `miren`: the one binary. `miren server` runs a coordinator; every other
+//! command is a client of one (see `config` for how the cluster is chosen).
+
+mod cmd;
+mod config;
+mod connect;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "miren",
+    version,
+    about = "A cluster runtime whose heart is identity"
+)]
+struct Cli {
+    /// Cluster to talk to (a name from the client config).
+    #[arg(short = 'C', long = "cluster", global = true)]
+    cluster: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator (the cluster's CA, signing keys and store).
+    Server(cmd::server::ServerArgs),
+    /// Manage the clusters this CLI knows.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCmd),
+    /// Workload identity: signing keys and tokens.
+    #[command(subcommand)]
+    Identity(cmd::identity::IdentityCmd),
+    /// Print a shell completion script.
+    Completion { shell: clap_complete::Shell },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Server(args) => cmd::server::run(args),
+        Command::Cluster(c) => cmd::cluster::run(c, cli.cluster.as_deref()),
+        Command::Identity(c) => cmd::identity::run(c, cli.cluster.as_deref()),
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "miren", &mut std::io::stdout());
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

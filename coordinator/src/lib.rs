@@ -1,1 +1,14 @@
-//! coordinator
+//! The miren coordinator: it holds the cluster CA, the signing keys and the
+//! store, and serves RPC (QUIC) and, later, HTTPS.
+//!
+//! [`datadir`] owns the files on disk, [`store`] the durable records,
+//! [`service`] the Cap'n Proto capabilities handed to peers, and [`server`]
+//! wires them to the network with graceful shutdown.
+
+pub mod datadir;
+pub mod keyring;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use server::{Coordinator, CoordinatorOptions};

@@ -81,7 +81,9 @@ pub enum AddressError {
     Empty,
     #[error("cluster address {0:?} has no host: expected host:port;sha1:<40 hex digits>")]
     MissingHost(String),
-    #[error("cluster address {0:?} has an invalid host: use a DNS name, an IPv4 address or [IPv6]")]
+    #[error(
+        "cluster address {0:?} has an invalid host: use a DNS name, an IPv4 address or [IPv6]"
+    )]
     BadHost(String),
     #[error("cluster address has an invalid port {0:?}: expected a number from 1 to 65535")]
     BadPort(String),
@@ -157,6 +159,12 @@ impl FromStr for ClusterAddress {
 
 /// Splits `host[:port]`, `[v6][:port]`; a missing port means [`DEFAULT_PORT`].
 pub fn split_host_port(endpoint: &str) -> Result<(String, u16), AddressError> {
+    let (host, port) = split_host_optional_port(endpoint)?;
+    Ok((host, port.unwrap_or(DEFAULT_PORT)))
+}
+
+/// Splits `host[:port]`, `[v6][:port]`, telling whether a port was given.
+pub fn split_host_optional_port(endpoint: &str) -> Result<(String, Option<u16>), AddressError> {
     let endpoint = endpoint.trim();
     if endpoint.is_empty() {
         return Err(AddressError::MissingHost(endpoint.to_string()));
@@ -193,9 +201,9 @@ pub fn split_host_port(endpoint: &str) -> Result<(String, u16), AddressError> {
         return Err(AddressError::BadHost(host));
     }
     let port = match port {
-        None => DEFAULT_PORT,
+        None => None,
         Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(n),
             _ => return Err(AddressError::BadPort(p.to_string())),
         },
     };
@@ -223,7 +231,9 @@ mod tests {
 
     #[test]
     fn parses_host_port_and_prefixed_fingerprint() {
-        let a: ClusterAddress = format!("miren.example.com:8443;sha1:{HEX}").parse().unwrap();
+        let a: ClusterAddress = format!("miren.example.com:8443;sha1:{HEX}")
+            .parse()
+            .unwrap();
         assert_eq!(a.host, "miren.example.com");
         assert_eq!(a.port, 8443);
         assert_eq!(a.fingerprint.unwrap().to_string(), HEX);

@@ -5,5 +5,21 @@
 //! these functions. Every time-dependent rule takes `now` as an argument.
 
 pub mod address;
+pub mod claims;
+pub mod documents;
+pub mod keys;
+pub mod mint;
+pub mod verify;
 
 pub use address::{AddressError, ClusterAddress, Fingerprint};
+pub use claims::{
+    clamp_ttl, ClaimsError, Subject, SubjectError, SubjectField, WorkloadClaims, DEFAULT_AUDIENCE,
+    DEFAULT_TTL_SECS, MAX_TTL_SECS, MIN_TTL_SECS,
+};
+pub use documents::{DiscoveryDocument, DiscoveryError, IssuerUrl, IssuerUrlError, Jwks};
+pub use keys::{Algorithm, Jwk, JwkError, KeyError, KeyMaterial, PublicKey, SigningKeyPair};
+pub use mint::{MintError, Minter};
+pub use verify::{
+    KeySet, KeySetError, MalformedToken, VerifiedToken, Verifier, VerifyError, DEFAULT_LEEWAY_SECS,
+    MAX_TOKEN_BYTES,
+};

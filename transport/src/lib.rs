@@ -1,1 +1,18 @@
-//! transport
+//! QUIC endpoints, TLS configuration and Cap'n Proto RPC over a quinn stream.
+//!
+//! This crate knows how peers reach and authenticate each other, never what
+//! they say: it does not know the coordinator or the runner. Pinning of the
+//! cluster CA by fingerprint lives in [`tls`], certificate issuance in [`pki`],
+//! dialing and listening in [`endpoint`], and the RPC plumbing in [`rpc`].
+
+pub mod endpoint;
+pub mod peer;
+pub mod pki;
+pub mod rpc;
+pub mod tls;
+
+/// ALPN protocol id spoken on every miren QUIC connection.
+pub const ALPN: &[u8] = b"miren/1";
+
+pub use endpoint::{dial, server_endpoint, DialError};
+pub use peer::PeerIdentity;

@@ -1,0 +1,154 @@
+//! `miren server`: runs a coordinator and writes the admin client config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use coordinator::{Coordinator, CoordinatorOptions};
+
+use crate::config::{config_path, ClientConfig, ClusterEntry};
+
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Embedded default for trying miren out: 127.0.0.1, a temporary data dir
+    /// unless --data-dir is given, and the client config set to this cluster.
+    #[arg(long)]
+    dev: bool,
+    /// Where the CA, signing keys and store live (default /var/lib/miren).
+    #[arg(long, env = "MIREN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP (QUIC) address to listen on (default 0.0.0.0:8443; 127.0.0.1:8443 with --dev).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Name clients use to reach this coordinator, HOST[:PORT]; repeatable.
+    /// The first is the cluster address; all go into the server certificate.
+    #[arg(long = "name", value_name = "HOST[:PORT]")]
+    names: Vec<String>,
+    /// Cluster name on first start (default: the first --name's host; "dev" with --dev).
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// Issuer URL of workload tokens (default https://<first --name>).
+    #[arg(long)]
+    issuer_url: Option<String>,
+    /// How long verifiers may cache the JWKS; new keys are published this long before they sign.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    jwks_max_age: Duration,
+    /// Age at which the signing key is replaced automatically.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    signing_key_rotation: Duration,
+}
+
+pub fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(args, started))
+}
+
+async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
+    let (data_dir, _temp) = match (&args.data_dir, args.dev) {
+        (Some(d), _) => (d.clone(), None),
+        (None, true) => {
+            let t = tempfile::Builder::new()
+                .prefix("miren-dev-")
+                .tempdir()
+                .context("creating a temporary data dir")?;
+            (t.path().to_path_buf(), Some(t))
+        }
+        (None, false) => (PathBuf::from("/var/lib/miren"), None),
+    };
+    let listen = args.listen.unwrap_or_else(|| {
+        if args.dev {
+            SocketAddr::from(([127, 0, 0, 1], 8443))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 8443))
+        }
+    });
+    let cluster_name = args
+        .cluster_name
+        .clone()
+        .or_else(|| args.dev.then(|| "dev".to_string()));
+    let coordinator = Coordinator::start(CoordinatorOptions {
+        data_dir: data_dir.clone(),
+        listen,
+        names: args.names.clone(),
+        cluster_name,
+        issuer_url: args.issuer_url.clone(),
+        jwks_max_age: args.jwks_max_age,
+        signing_key_rotation: args.signing_key_rotation,
+    })?;
+    let address = coordinator.address().clone();
+    let name = coordinator.cluster_name().to_string();
+
+    let path = config_path()?;
+    let mut cfg = ClientConfig::load(&path)?;
+    cfg.clusters.insert(
+        name.clone(),
+        ClusterEntry {
+            hostname: address.host_port(),
+            fingerprint: address.fingerprint.map(|f| format!("sha1:{f}")),
+            client_cert: Some(coordinator.admin_identity().cert_pem.clone()),
+            client_key: Some(coordinator.admin_identity().key_pem.clone()),
+        },
+    );
+    if args.dev || cfg.active_cluster.is_none() {
+        cfg.active_cluster = Some(name.clone());
+    }
+    cfg.save(&path)?;
+
+    println!(
+        "miren coordinator ready in {} ms",
+        started.elapsed().as_millis()
+    );
+    println!("Cluster name: {name}");
+    println!("Cluster address: {address}");
+    println!("Issuer URL: {}", coordinator.issuer_url());
+    println!("Data dir: {}", data_dir.display());
+    println!(
+        "Client config: {} (cluster {name:?} with the admin identity{})",
+        path.display(),
+        if cfg.active_cluster.as_deref() == Some(name.as_str()) {
+            ", active"
+        } else {
+            ""
+        }
+    );
+    println!();
+    println!("Next, in another terminal:");
+    println!("  miren cluster status");
+    println!(
+        "  export MIREN_CLUSTER='{address}'   # pins this cluster for CI jobs and other machines"
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    coordinator.serve(shutdown_signal()).await?;
+    eprintln!("miren coordinator stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

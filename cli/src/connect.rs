@@ -1,0 +1,83 @@
+//! Opening an RPC session with the target cluster from the CLI.
+//!
+//! Client commands run on a single-threaded runtime with a `LocalSet`
+//! (capnp-rpc is not `Send`).
+
+use std::future::Future;
+
+use anyhow::Context;
+use schema::miren_capnp::{admin, cluster};
+use transport::pki;
+use transport::tls::ClientIdentity;
+
+use crate::config::Target;
+
+/// Runs `fut` on a fresh single-threaded runtime inside a `LocalSet`.
+pub fn run_local<T>(fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, fut)
+}
+
+/// Turns an RPC error into the message the server meant for people.
+pub fn remote(e: capnp::Error) -> anyhow::Error {
+    let msg = e.extra.trim_start_matches("remote exception: ").to_string();
+    anyhow::anyhow!(msg)
+}
+
+/// An open session with a cluster.
+pub struct Session {
+    pub cluster: cluster::Client,
+    pub target: Target,
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl Session {
+    /// Dials the target and bootstraps the RPC session.
+    pub async fn open(target: Target) -> anyhow::Result<Session> {
+        let identity = match &target.identity {
+            Some((cert, key)) => Some(ClientIdentity {
+                chain: vec![pki::cert_der_from_pem(cert)
+                    .context("client certificate in the client config")?],
+                key: pki::key_der_from_pem(key).context("client key in the client config")?,
+            }),
+            None => None,
+        };
+        let (endpoint, conn) = transport::dial(&target.address, identity).await?;
+        let cluster: cluster::Client = transport::rpc::connect_connection(&conn)
+            .await
+            .map_err(remote)?;
+        Ok(Session {
+            cluster,
+            target,
+            endpoint,
+            conn,
+        })
+    }
+
+    /// The admin capability; fails unless this session holds the admin identity.
+    pub async fn admin(&self) -> anyhow::Result<admin::Client> {
+        let reply = self
+            .cluster
+            .admin_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        reply.get()?.get_admin().map_err(remote)
+    }
+
+    /// Closes the connection and lets it drain.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            self.endpoint.wait_idle(),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,423 @@
+//! The coordinator's signing keys on disk, their schedule, and rotation.
+//!
+//! `keys/index.json` lists every key with its times; each key lives in its
+//! own PKCS#8 PEM file (0600). A rotation writes the new key file first and
+//! the index second, both atomically: a crash in between leaves an orphan
+//! file that is ignored, never an index naming a missing key.
+//!
+//! Schedule (all times from the index, `now` passed in):
+//! - a new key is *pending* from creation until `activates_unix`, which is at
+//!   least one JWKS cache lifetime later: verifiers see it before it signs;
+//! - the newest key whose activation has passed is *active* and signs;
+//! - older keys are *retired*: published until every token they signed has
+//!   expired (`next key's activation + MAX_TTL + leeway`), then *expired*.
+//! - a legacy Ed25519 key found in `keys/` is published (EdDSA) forever and
+//!   never signs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use identity::claims::MAX_TTL_SECS;
+use identity::keys::{PublicKey, SigningKeyPair};
+use identity::mint::Minter;
+use serde::{Deserialize, Serialize};
+
+use crate::datadir::{ensure_private_dir, write_atomic};
+
+/// Seconds a retired key stays published past the last moment it signed,
+/// beyond the longest token lifetime (clock skew allowance).
+pub const RETIRE_GRACE_SECS: i64 = 3600;
+
+/// Why the key ring cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRingError {
+    #[error("signing key file {path} is corrupt: {reason} (restore it from a backup)")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "signing key index {path} names {kid} but its file is missing (restore it from a backup)"
+    )]
+    Missing { path: PathBuf, kid: String },
+    #[error("no signing key is active (the index lists none that has activated)")]
+    NoActiveKey,
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What a key is doing at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    Pending,
+    Active,
+    Retired,
+    Expired,
+    Legacy,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Pending => "pending",
+            KeyState::Active => "active",
+            KeyState::Retired => "retired",
+            KeyState::Expired => "expired",
+            KeyState::Legacy => "legacy",
+        }
+    }
+}
+
+/// One entry of `keys/index.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub kid: String,
+    pub alg: String,
+    pub file: String,
+    pub created_unix: i64,
+    pub activates_unix: i64,
+    /// False for legacy keys kept only for verification.
+    pub signs: bool,
+}
+
+/// A key entry with its state and retirement time at some `now`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyStatus {
+    pub kid: String,
+    pub alg: String,
+    pub state: KeyState,
+    pub created_unix: i64,
+    pub activates_unix: i64,
+    /// When it stops being published; `None` while it may still sign or
+    /// for legacy keys.
+    pub retires_unix: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct KeyIndex {
+    keys: Vec<KeyEntry>,
+}
+
+/// The pure schedule: state of every entry at `now`.
+pub fn schedule(entries: &[KeyEntry], now: i64) -> Vec<KeyStatus> {
+    let mut signing: Vec<&KeyEntry> = entries.iter().filter(|e| e.signs).collect();
+    signing.sort_by_key(|e| (e.activates_unix, e.created_unix));
+    let active_idx = signing.iter().rposition(|e| e.activates_unix <= now);
+    let mut out = Vec::new();
+    for (i, e) in signing.iter().enumerate() {
+        let (state, retires) = match active_idx {
+            Some(a) if i == a => (KeyState::Active, None),
+            Some(a) if i < a => {
+                // Signed until its successor activated.
+                let successor = signing[i + 1].activates_unix;
+                let retires = successor + MAX_TTL_SECS as i64 + RETIRE_GRACE_SECS;
+                if now >= retires {
+                    (KeyState::Expired, Some(retires))
+                } else {
+                    (KeyState::Retired, Some(retires))
+                }
+            }
+            _ => (KeyState::Pending, None),
+        };
+        out.push(KeyStatus {
+            kid: e.kid.clone(),
+            alg: e.alg.clone(),
+            state,
+            created_unix: e.created_unix,
+            activates_unix: e.activates_unix,
+            retires_unix: retires,
+        });
+    }
+    for e in entries.iter().filter(|e| !e.signs) {
+        out.push(KeyStatus {
+            kid: e.kid.clone(),
+            alg: e.alg.clone(),
+            state: KeyState::Legacy,
+            created_unix: e.created_unix,
+            activates_unix: e.activates_unix,
+            retires_unix: None,
+        });
+    }
+    out
+}
+
+/// Loaded signing keys: minters for RS256 keys, public keys for all.
+pub struct KeyRing {
+    dir: PathBuf,
+    entries: Vec<KeyEntry>,
+    minters: HashMap<String, Arc<Minter>>,
+    public: HashMap<String, PublicKey>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyRingError + '_ {
+    move |e| KeyRingError::Io(format!("{}: {e}", path.display()))
+}
+
+impl KeyRing {
+    /// Creates `dir` with one active key (used on first start).
+    pub fn init(dir: &Path, now: i64) -> Result<(), KeyRingError> {
+        ensure_private_dir(dir).map_err(|e| KeyRingError::Io(e.to_string()))?;
+        let key = SigningKeyPair::generate().map_err(|e| KeyRingError::Io(e.to_string()))?;
+        let entry = write_key(dir, &key, now, now)?;
+        write_index(dir, &KeyIndex { keys: vec![entry] })
+    }
+
+    /// Loads the ring from `dir`, adopting a legacy Ed25519 key file that the
+    /// index does not know yet.
+    pub fn load(dir: &Path, now: i64) -> Result<Self, KeyRingError> {
+        let index_path = dir.join("index.json");
+        let text = std::fs::read_to_string(&index_path).map_err(io(&index_path))?;
+        let mut index: KeyIndex =
+            serde_json::from_str(&text).map_err(|e| KeyRingError::Corrupt {
+                path: index_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut minters = HashMap::new();
+        let mut public = HashMap::new();
+        for entry in &index.keys {
+            let path = dir.join(&entry.file);
+            if entry.file.contains('/') || entry.file.starts_with('.') {
+                return Err(KeyRingError::Corrupt {
+                    path: index_path,
+                    reason: format!("key file name {:?} is not a plain file name", entry.file),
+                });
+            }
+            let pem = match std::fs::read_to_string(&path) {
+                Ok(p) => p,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(KeyRingError::Missing {
+                        path: index_path,
+                        kid: entry.kid.clone(),
+                    })
+                }
+                Err(e) => return Err(io(&path)(e)),
+            };
+            let corrupt = |reason: String| KeyRingError::Corrupt {
+                path: path.clone(),
+                reason,
+            };
+            if entry.signs {
+                let pair =
+                    SigningKeyPair::from_pkcs8_pem(&pem).map_err(|e| corrupt(e.to_string()))?;
+                if pair.kid() != entry.kid {
+                    return Err(corrupt(format!(
+                        "holds key {} but the index says {}",
+                        pair.kid(),
+                        entry.kid
+                    )));
+                }
+                let minter = Minter::new(&pair).map_err(|e| corrupt(e.to_string()))?;
+                public.insert(entry.kid.clone(), pair.public_key().clone());
+                minters.insert(entry.kid.clone(), Arc::new(minter));
+            } else {
+                let key =
+                    PublicKey::ed25519_from_pkcs8_pem(&pem).map_err(|e| corrupt(e.to_string()))?;
+                public.insert(entry.kid.clone(), key);
+            }
+        }
+        // Adopt legacy Ed25519 keys left by older data dirs.
+        let known: Vec<String> = index.keys.iter().map(|e| e.file.clone()).collect();
+        let mut adopted = false;
+        if let Ok(listing) = std::fs::read_dir(dir) {
+            for item in listing.flatten() {
+                let name = item.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".pem") || name.starts_with('.') || known.contains(&name) {
+                    continue;
+                }
+                let Ok(pem) = std::fs::read_to_string(item.path()) else {
+                    continue;
+                };
+                if let Ok(key) = PublicKey::ed25519_from_pkcs8_pem(&pem) {
+                    index.keys.push(KeyEntry {
+                        kid: key.kid().to_string(),
+                        alg: "EdDSA".into(),
+                        file: name,
+                        created_unix: now,
+                        activates_unix: now,
+                        signs: false,
+                    });
+                    public.insert(key.kid().to_string(), key);
+                    adopted = true;
+                }
+            }
+        }
+        if adopted {
+            write_index(dir, &index)?;
+        }
+        let ring = KeyRing {
+            dir: dir.to_path_buf(),
+            entries: index.keys,
+            minters,
+            public,
+        };
+        ring.active(now)?;
+        Ok(ring)
+    }
+
+    /// The minter of the key that signs at `now`.
+    pub fn active(&self, now: i64) -> Result<Arc<Minter>, KeyRingError> {
+        schedule(&self.entries, now)
+            .into_iter()
+            .find(|s| s.state == KeyState::Active)
+            .and_then(|s| self.minters.get(&s.kid).cloned())
+            .ok_or(KeyRingError::NoActiveKey)
+    }
+
+    /// Every key with its state at `now`.
+    pub fn statuses(&self, now: i64) -> Vec<KeyStatus> {
+        schedule(&self.entries, now)
+    }
+
+    /// Public keys to publish at `now` (all but expired), RS256 first.
+    pub fn published(&self, now: i64) -> Vec<PublicKey> {
+        let mut out: Vec<(bool, PublicKey)> = schedule(&self.entries, now)
+            .into_iter()
+            .filter(|s| s.state != KeyState::Expired)
+            .filter_map(|s| {
+                self.public
+                    .get(&s.kid)
+                    .map(|k| (s.state == KeyState::Legacy, k.clone()))
+            })
+            .collect();
+        out.sort_by_key(|(legacy, _)| *legacy);
+        out.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Whether a pending key already waits to take over.
+    pub fn has_pending(&self, now: i64) -> bool {
+        schedule(&self.entries, now)
+            .iter()
+            .any(|s| s.state == KeyState::Pending)
+    }
+
+    /// When the active key started signing.
+    pub fn active_since(&self, now: i64) -> Option<i64> {
+        schedule(&self.entries, now)
+            .into_iter()
+            .find(|s| s.state == KeyState::Active)
+            .map(|s| s.activates_unix)
+    }
+
+    /// Generates a new key that activates at `now + publish_window`,
+    /// writes it (file, then index) and adds it to the ring. Expired key
+    /// files are removed from the index and disk.
+    pub fn rotate(&mut self, now: i64, publish_window: i64) -> Result<KeyStatus, KeyRingError> {
+        let key = SigningKeyPair::generate().map_err(|e| KeyRingError::Io(e.to_string()))?;
+        let entry = write_key(&self.dir, &key, now, now + publish_window.max(0))?;
+        let statuses = schedule(&self.entries, now);
+        let expired: Vec<String> = statuses
+            .iter()
+            .filter(|s| s.state == KeyState::Expired)
+            .map(|s| s.kid.clone())
+            .collect();
+        let mut entries: Vec<KeyEntry> = self
+            .entries
+            .iter()
+            .filter(|e| !expired.contains(&e.kid))
+            .cloned()
+            .collect();
+        entries.push(entry.clone());
+        write_index(
+            &self.dir,
+            &KeyIndex {
+                keys: entries.clone(),
+            },
+        )?;
+        for e in self.entries.iter().filter(|e| expired.contains(&e.kid)) {
+            let _ = std::fs::remove_file(self.dir.join(&e.file));
+            self.minters.remove(&e.kid);
+            self.public.remove(&e.kid);
+        }
+        let minter = Minter::new(&key).map_err(|e| KeyRingError::Io(e.to_string()))?;
+        self.minters.insert(entry.kid.clone(), Arc::new(minter));
+        self.public
+            .insert(entry.kid.clone(), key.public_key().clone());
+        self.entries = entries;
+        schedule(&self.entries, now)
+            .into_iter()
+            .find(|s| s.kid == entry.kid)
+            .ok_or(KeyRingError::NoActiveKey)
+    }
+}
+
+fn write_key(
+    dir: &Path,
+    key: &SigningKeyPair,
+    created: i64,
+    activates: i64,
+) -> Result<KeyEntry, KeyRingError> {
+    let file = format!(
+        "rs256-{created}-{}.pem",
+        &key.kid()[..8.min(key.kid().len())]
+    );
+    let pem = key
+        .to_pkcs8_pem()
+        .map_err(|e| KeyRingError::Io(e.to_string()))?;
+    write_atomic(&dir.join(&file), pem.as_bytes(), 0o600)
+        .map_err(|e| KeyRingError::Io(e.to_string()))?;
+    Ok(KeyEntry {
+        kid: key.kid().to_string(),
+        alg: "RS256".into(),
+        file,
+        created_unix: created,
+        activates_unix: activates,
+        signs: true,
+    })
+}
+
+fn write_index(dir: &Path, index: &KeyIndex) -> Result<(), KeyRingError> {
+    let json = serde_json::to_vec_pretty(index).map_err(|e| KeyRingError::Io(e.to_string()))?;
+    write_atomic(&dir.join("index.json"), &json, 0o600).map_err(|e| KeyRingError::Io(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(kid: &str, created: i64, activates: i64) -> KeyEntry {
+        KeyEntry {
+            kid: kid.into(),
+            alg: "RS256".into(),
+            file: format!("{kid}.pem"),
+            created_unix: created,
+            activates_unix: activates,
+            signs: true,
+        }
+    }
+
+    fn state_of(s: &[KeyStatus], kid: &str) -> KeyState {
+        s.iter().find(|k| k.kid == kid).map(|k| k.state).unwrap()
+    }
+
+    #[test]
+    fn new_key_is_pending_until_its_activation() {
+        let keys = vec![entry("a", 0, 0), entry("b", 1000, 1300)];
+        let s = schedule(&keys, 1200);
+        assert_eq!(state_of(&s, "a"), KeyState::Active);
+        assert_eq!(state_of(&s, "b"), KeyState::Pending);
+        let s = schedule(&keys, 1300);
+        assert_eq!(state_of(&s, "a"), KeyState::Retired);
+        assert_eq!(state_of(&s, "b"), KeyState::Active);
+    }
+
+    #[test]
+    fn retired_key_is_published_until_its_tokens_expire() {
+        let keys = vec![entry("a", 0, 0), entry("b", 1000, 1300)];
+        let retires = 1300 + MAX_TTL_SECS as i64 + RETIRE_GRACE_SECS;
+        let s = schedule(&keys, retires - 1);
+        assert_eq!(state_of(&s, "a"), KeyState::Retired);
+        assert_eq!(s[0].retires_unix, Some(retires));
+        let s = schedule(&keys, retires);
+        assert_eq!(state_of(&s, "a"), KeyState::Expired);
+    }
+
+    #[test]
+    fn legacy_keys_never_sign() {
+        let mut legacy = entry("old", 0, 0);
+        legacy.signs = false;
+        legacy.alg = "EdDSA".into();
+        let keys = vec![legacy, entry("a", 5, 5)];
+        let s = schedule(&keys, 10);
+        assert_eq!(state_of(&s, "old"), KeyState::Legacy);
+        assert_eq!(state_of(&s, "a"), KeyState::Active);
+    }
+}

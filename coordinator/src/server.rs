@@ -1,0 +1,248 @@
+//! Starting and running a coordinator: data dir, listener, RPC workers,
+//! background key rotation, graceful shutdown.
+//!
+//! capnp-rpc is not `Send`, so each connection's RPC session runs pinned to
+//! one of a small pool of single-threaded workers (one per core); the accept
+//! loop and everything `Send` runs on the multi-threaded runtime.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use identity::address::split_host_optional_port;
+use identity::ClusterAddress;
+use transport::pki::{self, CertifiedPem};
+use transport::rpc::{serve_connection, LocalPool};
+use transport::PeerIdentity;
+
+use crate::datadir::{self, now_unix};
+use crate::keyring::KeyRing;
+use crate::service::{ClusterService, State};
+use crate::store::{RedbStore, Store};
+
+/// How a coordinator is started.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    pub data_dir: PathBuf,
+    /// UDP (QUIC) listen address.
+    pub listen: SocketAddr,
+    /// Names clients use, `HOST[:PORT]`; the first one is the cluster
+    /// address. Without a port, the listen port is meant.
+    pub names: Vec<String>,
+    /// Cluster name on first start; defaults to the first name's host.
+    pub cluster_name: Option<String>,
+    /// Issuer URL; defaults to `https://<first name>`.
+    pub issuer_url: Option<String>,
+    /// JWKS cache lifetime announced to verifiers.
+    pub jwks_max_age: Duration,
+    /// Age at which the active signing key is replaced.
+    pub signing_key_rotation: Duration,
+}
+
+/// A coordinator that has opened its data dir and bound its listener.
+pub struct Coordinator {
+    state: Arc<State>,
+    endpoint: quinn::Endpoint,
+    address: ClusterAddress,
+    admin: CertifiedPem,
+    ca_pem: String,
+    rotation: Duration,
+}
+
+impl Coordinator {
+    /// Opens (or creates) the data dir and binds the listener. Must be
+    /// called inside a tokio runtime.
+    pub fn start(opts: CoordinatorOptions) -> anyhow::Result<Self> {
+        let mut names = Vec::new();
+        for n in &opts.names {
+            names.push(split_host_optional_port(n).with_context(|| format!("--name {n:?}"))?);
+        }
+        if names.is_empty() {
+            names.push((opts.listen.ip().to_string(), None));
+        }
+        let mut sans: Vec<String> = names.iter().map(|(h, _)| h.clone()).collect();
+        for extra in ["localhost", "127.0.0.1", "::1"] {
+            if !sans.iter().any(|s| s == extra) {
+                sans.push(extra.to_string());
+            }
+        }
+        sans.retain(|s| {
+            s.parse::<IpAddr>()
+                .map(|ip| !ip.is_unspecified())
+                .unwrap_or(true)
+        });
+        let first_host = names[0].0.clone();
+        let cluster_name = opts
+            .cluster_name
+            .clone()
+            .unwrap_or_else(|| first_host.clone());
+
+        let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &sans)?;
+        let now = now_unix();
+        let keys = KeyRing::load(&material.dir.join("keys"), now)?;
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&material.dir.join("store.redb"))?);
+
+        let ca_der = material.ca.cert_der().clone();
+        let server_der = pki::cert_der_from_pem(&material.server.cert_pem)?;
+        let server_key = pki::key_der_from_pem(&material.server.key_pem)?;
+        let tls = transport::tls::server_config(
+            &ca_der,
+            vec![server_der, ca_der.clone()],
+            server_key,
+            &[transport::ALPN],
+        )?;
+        let endpoint = transport::server_endpoint(opts.listen, tls)?;
+        let bound = endpoint.local_addr()?;
+        let port = names[0].1.unwrap_or(bound.port());
+        let address = ClusterAddress {
+            host: if first_host
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+            {
+                "127.0.0.1".to_string()
+            } else {
+                first_host
+            },
+            port,
+            fingerprint: Some(material.ca.fingerprint()),
+        };
+        let issuer_url = match &opts.issuer_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None if port == 443 => {
+                format!("https://{}", address.host_port().trim_end_matches(":443"))
+            }
+            None => format!("https://{}", address.host_port()),
+        };
+        let state = Arc::new(State {
+            meta: material.meta.clone(),
+            issuer_url,
+            started: Instant::now(),
+            store,
+            keys: RwLock::new(keys),
+            jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
+        });
+        Ok(Coordinator {
+            state,
+            endpoint,
+            address,
+            admin: material.admin,
+            ca_pem: material.ca.cert_pem().to_string(),
+            rotation: opts.signing_key_rotation,
+        })
+    }
+
+    /// `host:port;sha1:<fingerprint>` of this cluster.
+    pub fn address(&self) -> &ClusterAddress {
+        &self.address
+    }
+
+    /// The admin client certificate and key written into client configs.
+    pub fn admin_identity(&self) -> &CertifiedPem {
+        &self.admin
+    }
+
+    /// The cluster CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Cluster name.
+    pub fn cluster_name(&self) -> &str {
+        &self.state.meta.name
+    }
+
+    /// Issuer URL of workload tokens.
+    pub fn issuer_url(&self) -> &str {
+        &self.state.issuer_url
+    }
+
+    /// The UDP address actually bound.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then closes every connection and
+    /// waits (briefly) for them to drain.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let pool = LocalPool::new(workers);
+        let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let state = self.state.clone();
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        let conn = match incoming.await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::debug!("handshake failed: {e}");
+                                return;
+                            }
+                        };
+                        let peer = PeerIdentity::of_connection(&conn);
+                        tracing::debug!(remote = %conn.remote_address(), ?peer, "connection");
+                        pool.spawn_pinned(move || async move {
+                            let client = ClusterService::client(state, peer);
+                            if let Err(e) = serve_connection(conn, client.client).await {
+                                tracing::debug!("rpc session ended: {e}");
+                            }
+                        });
+                    });
+                }
+            }
+        }
+        rotation.abort();
+        self.endpoint
+            .close(0u32.into(), b"coordinator shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        Ok(())
+    }
+}
+
+/// Starts a new signing key one JWKS cache lifetime before the active one
+/// reaches `rotation` age, so verifiers have it before it signs.
+async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
+    let rotation = rotation.as_secs() as i64;
+    let window = state.jwks_max_age_secs;
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let now = now_unix();
+        let due = match state.keys.read() {
+            Ok(ring) => {
+                !ring.has_pending(now)
+                    && ring
+                        .active_since(now)
+                        .is_some_and(|since| now + window >= since + rotation)
+            }
+            Err(_) => false,
+        };
+        if due {
+            let state = state.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                state
+                    .keys
+                    .write()
+                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))
+                    .and_then(|mut ring| Ok(ring.rotate(now, window)?))
+            })
+            .await;
+            match result {
+                Ok(Ok(k)) => {
+                    tracing::info!(kid = %k.kid, activates = k.activates_unix, "signing key rotation started")
+                }
+                Ok(Err(e)) => tracing::error!("signing key rotation failed: {e}"),
+                Err(e) => tracing::error!("signing key rotation task failed: {e}"),
+            }
+        }
+    }
+}

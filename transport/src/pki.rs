@@ -1,0 +1,182 @@
+//! The cluster CA and the certificates it issues (server, admin, runners).
+//!
+//! Certificates are minted with rcgen on aws-lc-rs. The role of a client
+//! certificate is carried in its common name (`admin-<name>`,
+//! `runner-<uuid>`) and read back by [`crate::peer`]; only certificates signed
+//! by the cluster CA are ever accepted, so the name cannot be forged.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use time::{Duration, OffsetDateTime};
+
+use identity::Fingerprint;
+
+/// Why certificate material could not be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("not a PEM certificate: {0}")]
+    BadCertificatePem(String),
+    #[error("not a PEM private key: {0}")]
+    BadKeyPem(String),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid name {0:?} for a certificate")]
+    BadName(String),
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct CertifiedPem {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Parses the first certificate of a PEM document.
+pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))
+}
+
+/// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
+pub fn key_der_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::BadKeyPem(e.to_string()))
+}
+
+/// The cluster certificate authority, loaded with its key.
+pub struct ClusterCa {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl ClusterCa {
+    /// Makes a new CA (ECDSA P-256, 10 years) for a cluster.
+    pub fn generate(cluster_name: &str) -> Result<CertifiedPem, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            format!("miren cluster CA {cluster_name}"),
+        );
+        dn.push(DnType::OrganizationName, "miren");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        Ok(CertifiedPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Loads a CA from its PEM certificate and key.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let cert_der = cert_der_from_pem(cert_pem)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadKeyPem(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
+            .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+        Ok(ClusterCa {
+            cert_pem: cert_pem.to_string(),
+            cert_der,
+            issuer,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// SHA-1 of the CA certificate DER: what cluster addresses pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of_der(&self.cert_der)
+    }
+
+    /// Issues the server certificate for the given DNS names and IPs
+    /// (serverAuth only, one year).
+    pub fn issue_server(&self, names: &[String]) -> Result<CertifiedPem, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "miren coordinator");
+        params.distinguished_name = dn;
+        for name in names {
+            params.subject_alt_names.push(san_for(name)?);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(365);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a client certificate (clientAuth only) with the given common
+    /// name, valid for `validity`.
+    pub fn issue_client(
+        &self,
+        common_name: &str,
+        validity: Duration,
+    ) -> Result<CertifiedPem, PkiError> {
+        let key = KeyPair::generate()?;
+        let cert_pem = self.issue_client_for_key(common_name, validity, &key)?;
+        Ok(CertifiedPem {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a client certificate for a public key the holder generated
+    /// itself (the private key never leaves it).
+    pub fn issue_client_for_key(
+        &self,
+        common_name: &str,
+        validity: Duration,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, PkiError> {
+        if common_name.is_empty() || common_name.len() > 64 {
+            return Err(PkiError::BadName(common_name.to_string()));
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + validity;
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
+fn san_for(name: &str) -> Result<SanType, PkiError> {
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    name.to_string()
+        .try_into()
+        .map(SanType::DnsName)
+        .map_err(|_| PkiError::BadName(name.to_string()))
+}
