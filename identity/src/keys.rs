@@ -707,7 +707,22 @@ mod tests {
         let garbage = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
         assert!(matches!(
             SigningKeyPair::from_pkcs8_pem(garbage),
+            Err(KeyError::BadPem(_))
+        ));
+        let truncated = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n";
+        assert!(matches!(
+            SigningKeyPair::from_pkcs8_pem(truncated),
+            Err(KeyError::BadPem(_))
+        ));
+        let empty_sequence = "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n";
+        assert!(matches!(
+            SigningKeyPair::from_pkcs8_pem(empty_sequence),
             Err(KeyError::BadPrivateKey { .. })
+        ));
+        let public_label = "-----BEGIN PUBLIC KEY-----\nMAA=\n-----END PUBLIC KEY-----\n";
+        assert!(matches!(
+            SigningKeyPair::from_pkcs8_pem(public_label),
+            Err(KeyError::BadPem(_))
         ));
     }
 

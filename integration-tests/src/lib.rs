@@ -1,1 +1,198 @@
-//! Helpers for driving the real `miren` binary from tests.
+//! Helpers for driving the real `miren` binary from tests: start a server as
+//! its own process, wait until it prints its address, run CLI commands with a
+//! chosen environment, stop the server with a real signal.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Path of the `miren` binary built alongside the tests (`MIREN_BIN`
+/// overrides it).
+pub fn miren_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MIREN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/miren
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir of the test executable");
+    let bin = dir.join("miren");
+    assert!(
+        bin.exists(),
+        "{} does not exist: run the tests with `cargo test --workspace` so the binary is built",
+        bin.display()
+    );
+    bin
+}
+
+/// The result of one CLI invocation.
+#[derive(Debug)]
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `miren args…` with `MIREN_CONFIG=config` and the extra env vars;
+/// `MIREN_CLUSTER` is removed unless given.
+pub fn miren(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(miren_bin());
+    cmd.args(args)
+        .env("MIREN_CONFIG", config)
+        .env_remove("MIREN_CLUSTER")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running miren").into()
+}
+
+/// A `miren server` process.
+pub struct Server {
+    child: Child,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub stdout: Vec<String>,
+    stderr_path: PathBuf,
+}
+
+/// How long a server may take to print its address.
+const STARTUP: Duration = Duration::from_secs(60);
+
+impl Server {
+    /// Starts `miren server --data-dir DATA --listen LISTEN` plus `extra`
+    /// args, with `MIREN_CONFIG=config`, and waits for its address.
+    pub fn start(data_dir: &Path, config: &Path, listen: &str, extra: &[&str]) -> Server {
+        match Self::try_start(data_dir, config, listen, extra) {
+            Ok(s) => s,
+            Err(msg) => panic!("server did not start: {msg}"),
+        }
+    }
+
+    /// Like [`Server::start`], returning the server's error output when it
+    /// exits instead of becoming ready.
+    pub fn try_start(
+        data_dir: &Path,
+        config: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<Server, String> {
+        let stderr_path = config.with_extension(format!("stderr-{}", std::process::id()));
+        let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(miren_bin());
+        cmd.arg("server")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(listen)
+            .args(extra)
+            .env("MIREN_CONFIG", config)
+            .env_remove("MIREN_CLUSTER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let mut address = None;
+        let deadline = std::time::Instant::now() + STARTUP;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("Cluster address: ") {
+                        address = Some(a.to_string());
+                    }
+                    // The last line of the ready banner.
+                    let done = line.contains("export MIREN_CLUSTER=");
+                    lines.push(line);
+                    if let (true, Some(address)) = (done, address.clone()) {
+                        // Keep draining stdout so the server never blocks on it.
+                        std::thread::spawn(move || for _ in rx {});
+                        return Ok(Server {
+                            child,
+                            address,
+                            data_dir: data_dir.to_path_buf(),
+                            config: config.to_path_buf(),
+                            stdout: lines,
+                            stderr_path,
+                        });
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    return Err(format!("stdout: {lines:?}\nstderr: {err}"));
+                }
+            }
+        }
+    }
+
+    /// `host:port` part of the address.
+    pub fn host_port(&self) -> &str {
+        self.address.split(';').next().unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits; returns whether it exited successfully, and
+    /// its error output.
+    pub fn stop(mut self) -> (bool, String) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    break None;
+                }
+            }
+        };
+        let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        (status.is_some_and(|s| s.success()), err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("miren-it-")
+        .tempdir()
+        .expect("temp dir")
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what miren's tests use on a fresh Debian machine, then runs them.
+#
+#   capnproto  - to check that the committed generated Cap'n Proto code has not drifted
+#   PyJWT      - an independent JWT library, the outside verifier of our tokens
+#
+# Then: cargo test --workspace (unit tests and the journeys on real processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+apt_missing=()
+command -v capnp >/dev/null || apt_missing+=(capnproto)
+command -v ip >/dev/null || apt_missing+=(iproute2)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${apt_missing[*]}"
+  if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then
+    echo "warning: could not install ${apt_missing[*]}; the checks that need them will say so" >&2
+  fi
+fi
+
+if ! python3 -c 'import jwt, cryptography' 2>/dev/null; then
+  echo "==> installing PyJWT[crypto] (independent verifier of our tokens)"
+  python3 -m pip install --quiet --disable-pip-version-check 'PyJWT[crypto]>=2.8'
+fi
+
+if command -v capnp >/dev/null && [ -d .git ]; then
+  echo "==> checking generated Cap'n Proto code against the schema"
+  CAPNP_REGEN=1 cargo build --quiet -p schema
+  if ! git diff --exit-code --stat -- schema/src; then
+    echo "error: schema/src/miren_capnp.rs is out of date with schema/capnp/*.capnp; commit the regenerated file" >&2
+    exit 1
+  fi
+fi
+
+echo "==> cargo test --workspace"
+exec cargo test --workspace "$@"
