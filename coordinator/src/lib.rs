@@ -6,6 +6,8 @@
 //! wires them to the network with graceful shutdown.
 
 pub mod datadir;
+pub mod https;
+pub mod issuer;
 pub mod keyring;
 pub mod server;
 pub mod service;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use identity::address::split_host_optional_port;
-use identity::ClusterAddress;
+use identity::{ClusterAddress, IssuerUrl};
 use transport::pki::{self, CertifiedPem};
 use transport::rpc::{serve_connection, LocalPool};
 use transport::PeerIdentity;
@@ -40,6 +40,13 @@ pub struct CoordinatorOptions {
     pub jwks_max_age: Duration,
     /// Age at which the active signing key is replaced.
     pub signing_key_rotation: Duration,
+    /// TCP address of the HTTPS listener; default: the QUIC listen IP and
+    /// the port actually bound.
+    pub https_listen: Option<SocketAddr>,
+    /// Operator-provided HTTPS certificate chain and key (PEM files);
+    /// default: the server certificate of the cluster CA.
+    pub https_cert: Option<PathBuf>,
+    pub https_key: Option<PathBuf>,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -50,6 +57,8 @@ pub struct Coordinator {
     admin: CertifiedPem,
     ca_pem: String,
     rotation: Duration,
+    https: tokio::net::TcpListener,
+    https_tls: rustls::ServerConfig,
 }
 
 impl Coordinator {
@@ -109,16 +118,41 @@ impl Coordinator {
             port,
             fingerprint: Some(material.ca.fingerprint()),
         };
-        let issuer_url = match &opts.issuer_url {
-            Some(u) => u.trim_end_matches('/').to_string(),
-            None if port == 443 => {
-                format!("https://{}", address.host_port().trim_end_matches(":443"))
-            }
-            None => format!("https://{}", address.host_port()),
+        let issuer_text = match &opts.issuer_url {
+            Some(u) => u.clone(),
+            None if port == 443 => format!("https://{}", address.host.to_ascii_lowercase()),
+            None => format!("https://{}", address.host_port().to_ascii_lowercase()),
+        };
+        let issuer = IssuerUrl::parse(&issuer_text).with_context(|| {
+            format!(
+                "issuer URL {issuer_text:?} (set it with --issuer-url https://HOST[:PORT][/PATH])"
+            )
+        })?;
+        let issuers = crate::issuer::record(&material.dir, issuer.as_str(), now)?;
+
+        let https_addr = opts
+            .https_listen
+            .unwrap_or_else(|| SocketAddr::new(opts.listen.ip(), bound.port()));
+        let https = std::net::TcpListener::bind(https_addr).map_err(|e| {
+            anyhow::anyhow!("could not listen on TCP {https_addr} for HTTPS: {e} (use --https-listen to pick another address)")
+        })?;
+        https.set_nonblocking(true)?;
+        let https = tokio::net::TcpListener::from_std(https)?;
+        let https_tls = match (&opts.https_cert, &opts.https_key) {
+            (Some(cert), Some(key)) => operator_https_tls(cert, key)?,
+            (None, None) => transport::tls::https_server_config(
+                vec![
+                    pki::cert_der_from_pem(&material.server.cert_pem)?,
+                    ca_der.clone(),
+                ],
+                pki::key_der_from_pem(&material.server.key_pem)?,
+            )?,
+            _ => anyhow::bail!("--https-cert and --https-key go together"),
         };
         let state = Arc::new(State {
             meta: material.meta.clone(),
-            issuer_url,
+            issuer,
+            issuers,
             started: Instant::now(),
             store,
             keys: RwLock::new(keys),
@@ -131,6 +165,8 @@ impl Coordinator {
             admin: material.admin,
             ca_pem: material.ca.cert_pem().to_string(),
             rotation: opts.signing_key_rotation,
+            https,
+            https_tls,
         })
     }
 
@@ -156,7 +192,12 @@ impl Coordinator {
 
     /// Issuer URL of workload tokens.
     pub fn issuer_url(&self) -> &str {
-        &self.state.issuer_url
+        self.state.issuer.as_str()
+    }
+
+    /// The TCP address the HTTPS listener is bound to.
+    pub fn https_addr(&self) -> std::io::Result<SocketAddr> {
+        self.https.local_addr()
     }
 
     /// The UDP address actually bound.
@@ -172,6 +213,15 @@ impl Coordinator {
             .unwrap_or(2);
         let pool = LocalPool::new(workers);
         let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
+        let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
+        let https = tokio::spawn(crate::https::serve(
+            self.https,
+            self.https_tls,
+            crate::https::router(self.state.clone()),
+            async move {
+                let _ = https_stopped.await;
+            },
+        ));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -201,11 +251,30 @@ impl Coordinator {
             }
         }
         rotation.abort();
+        let _ = stop_https.send(());
+        let _ = https.await;
         self.endpoint
             .close(0u32.into(), b"coordinator shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         Ok(())
     }
+}
+
+fn operator_https_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_file_iter(cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| anyhow::anyhow!("--https-cert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("--https-cert {} holds no certificate", cert.display());
+    }
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("--https-key {}: {e}", key.display()))?;
+    Ok(transport::tls::https_server_config(chain, key)?)
 }
 
 /// Starts a new signing key one JWKS cache lifetime before the active one

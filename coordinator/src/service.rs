@@ -13,13 +13,18 @@ use schema::miren_capnp::{admin, cluster, Role};
 use transport::PeerIdentity;
 
 use crate::datadir::{now_unix, ClusterMeta};
+use crate::issuer::IssuerHistory;
 use crate::keyring::{KeyRing, KeyStatus};
 use crate::store::Store;
+use identity::{IssuerUrl, KeySet, Subject, Verifier, WorkloadClaims};
 
 /// State shared by every connection.
 pub struct State {
     pub meta: ClusterMeta,
-    pub issuer_url: String,
+    /// Issuer of the tokens minted now.
+    pub issuer: IssuerUrl,
+    /// Current issuer and replaced ones still accepted.
+    pub issuers: IssuerHistory,
     pub started: Instant,
     pub store: Arc<dyn Store>,
     pub keys: RwLock<KeyRing>,
@@ -38,7 +43,7 @@ fn failed(msg: impl Into<String>) -> capnp::Error {
 fn write_info(state: &State, mut info: schema::miren_capnp::cluster_info::Builder<'_>) {
     info.set_name(&state.meta.name);
     info.set_version(VERSION);
-    info.set_issuer_url(&state.issuer_url);
+    info.set_issuer_url(state.issuer.as_str());
     info.set_cluster_id(&state.meta.id);
 }
 
@@ -143,7 +148,126 @@ fn write_keys(
     }
 }
 
+impl State {
+    /// Mints a workload token for `subject` at `now`.
+    pub fn mint_workload_token(
+        &self,
+        subject: &Subject,
+        audiences: &[String],
+        ttl: Option<u64>,
+        now: i64,
+    ) -> Result<String, capnp::Error> {
+        let claims = WorkloadClaims::new(
+            self.issuer.as_str(),
+            &self.meta.id,
+            subject,
+            audiences,
+            ttl,
+            now,
+            uuid::Uuid::new_v4().to_string(),
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let minter = self
+            .keys
+            .read()
+            .map_err(|_| failed("key ring unavailable"))?
+            .active(now)
+            .map_err(|e| failed(e.to_string()))?;
+        minter.mint(&claims).map_err(|e| failed(e.to_string()))
+    }
+
+    /// A verifier for this cluster's own tokens at `now`: published keys,
+    /// accepted issuers, the given audience.
+    pub fn own_token_verifier(&self, audience: &str, now: i64) -> Result<Verifier, capnp::Error> {
+        let keys = self
+            .keys
+            .read()
+            .map_err(|_| failed("key ring unavailable"))?
+            .published(now);
+        let keys = KeySet::from_keys(keys).map_err(|e| failed(e.to_string()))?;
+        Ok(Verifier::new(
+            keys,
+            self.issuers.accepted(now),
+            [audience.to_string()],
+        ))
+    }
+}
+
 impl admin::Server for AdminService {
+    async fn mint_workload_token(
+        self: Rc<Self>,
+        params: admin::MintWorkloadTokenParams,
+        mut results: admin::MintWorkloadTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let subject = Subject::new(
+            p.get_organization()?.to_str()?,
+            p.get_app()?.to_str()?,
+            p.get_sandbox_id()?.to_str()?,
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let mut audiences = Vec::new();
+        for a in p.get_audiences()? {
+            audiences.push(a?.to_str()?.to_string());
+        }
+        let ttl = match p.get_ttl_secs() {
+            0 => None,
+            n => Some(u64::from(n)),
+        };
+        let token = self
+            .state
+            .mint_workload_token(&subject, &audiences, ttl, now_unix())?;
+        results.get().set_token(&token);
+        Ok(())
+    }
+
+    async fn rotate_signing_key(
+        self: Rc<Self>,
+        _: admin::RotateSigningKeyParams,
+        mut results: admin::RotateSigningKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let now = now_unix();
+        let statuses = {
+            let mut ring = self
+                .state
+                .keys
+                .write()
+                .map_err(|_| failed("key ring unavailable"))?;
+            if ring.has_pending(now) {
+                return Err(failed(
+                    "a new signing key is already waiting to activate (see `miren identity keys list`); rotate again after it is active",
+                ));
+            }
+            ring.rotate(now, self.state.jwks_max_age_secs)
+                .map_err(|e| failed(e.to_string()))?;
+            ring.statuses(now)
+        };
+        write_keys(&statuses, results.get().init_keys(statuses.len() as u32));
+        Ok(())
+    }
+
+    async fn verify_workload_token(
+        self: Rc<Self>,
+        params: admin::VerifyWorkloadTokenParams,
+        mut results: admin::VerifyWorkloadTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let token = p.get_token()?.to_str()?;
+        let audience = match p.get_audience()?.to_str()? {
+            "" => identity::DEFAULT_AUDIENCE,
+            a => a,
+        };
+        let now = now_unix();
+        let verified = self
+            .state
+            .own_token_verifier(audience, now)?
+            .verify(token.trim(), now)
+            .map_err(|e| failed(format!("token refused: {e}")))?;
+        let json = serde_json::to_string(&verified.claims).map_err(|e| failed(e.to_string()))?;
+        results.get().set_claims_json(&json);
+        Ok(())
+    }
+
     async fn status(
         self: Rc<Self>,
         _: admin::StatusParams,

@@ -184,6 +184,9 @@ pub enum KeyError {
         /// Largest accepted size.
         max: usize,
     },
+    /// The RSA public exponent is zero or absurdly large (over 64 bits).
+    #[error("RSA public exponent is zero or longer than 64 bits")]
+    BadRsaExponent,
     /// A raw Ed25519 public key was not 32 bytes.
     #[error("Ed25519 public key must be 32 bytes, got {0}")]
     Ed25519Length(usize),
@@ -312,8 +315,8 @@ impl PublicKey {
                         max: MAX_RSA_BITS,
                     });
                 }
-                if e.is_empty() {
-                    return Err(KeyError::Encode("RSA exponent is zero".to_string()));
+                if e.is_empty() || e.len() > 8 {
+                    return Err(KeyError::BadRsaExponent);
                 }
                 KeyMaterial::Rsa { n, e }
             }

@@ -22,9 +22,13 @@ fn pinned_cli_gets_status_and_wrong_fingerprint_is_refused() {
     let admin_cfg = dir.path().join("admin.yaml");
     let server = Server::start(&dir.path().join("data"), &admin_cfg, "127.0.0.1:0", &[]);
     let addr = server.address.clone();
-    let (_, fp) = addr.split_once(";sha1:").expect("address has a fingerprint");
+    let (_, fp) = addr
+        .split_once(";sha1:")
+        .expect("address has a fingerprint");
     assert_eq!(fp.len(), 40);
-    assert!(fp.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert!(fp
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
 
     // The admin config written by the server exports the same address.
     let exported = miren(&admin_cfg, &["cluster", "export-address"], &[]);
@@ -43,11 +47,18 @@ fn pinned_cli_gets_status_and_wrong_fingerprint_is_refused() {
     assert_eq!(doc["identity"], "anonymous");
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
     assert!(doc["issuer_url"].as_str().unwrap().starts_with("https://"));
-    assert!(doc.get("uptime_secs").is_none(), "anonymous must not see counts");
+    assert!(
+        doc.get("uptime_secs").is_none(),
+        "anonymous must not see counts"
+    );
 
     // Upper-case hex and no `sha1:` prefix are the same address.
     let relaxed = format!("{};{}", server.host_port(), fp.to_uppercase());
-    let status = miren(&ci_cfg, &["cluster", "status"], &[("MIREN_CLUSTER", &relaxed)]);
+    let status = miren(
+        &ci_cfg,
+        &["cluster", "status"],
+        &[("MIREN_CLUSTER", &relaxed)],
+    );
     assert!(status.ok, "{status:?}");
 
     // The same address with one wrong hex digit.
@@ -55,7 +66,11 @@ fn pinned_cli_gets_status_and_wrong_fingerprint_is_refused() {
     let last = if wrong.ends_with('0') { '1' } else { '0' };
     wrong.pop();
     wrong.push(last);
-    let refused = miren(&ci_cfg, &["cluster", "status"], &[("MIREN_CLUSTER", &wrong)]);
+    let refused = miren(
+        &ci_cfg,
+        &["cluster", "status"],
+        &[("MIREN_CLUSTER", &wrong)],
+    );
     assert!(!refused.ok);
     let expected_fp = wrong.rsplit(':').next().unwrap();
     assert!(
@@ -105,7 +120,10 @@ fn restart_keeps_fingerprint_and_key() {
 
     let port = addr1.split(';').next().unwrap().rsplit(':').next().unwrap();
     let second = Server::start(&data, &cfg, &format!("127.0.0.1:{port}"), &[]);
-    assert_eq!(second.address, addr1, "fingerprint or port changed on restart");
+    assert_eq!(
+        second.address, addr1,
+        "fingerprint or port changed on restart"
+    );
     let keys2 = miren(&cfg, &["identity", "keys", "list", "-o", "json"], &[]);
     assert_eq!(keys1.stdout, keys2.stdout);
     assert_eq!(std::fs::read(&key_files[0]).unwrap(), key_pem);
@@ -125,8 +143,11 @@ fn corrupt_or_half_written_data_dir_is_refused_naming_the_file() {
     // A corrupt signing key.
     let key = signing_key_files(&data).remove(0);
     let original = std::fs::read(&key).unwrap();
-    std::fs::write(&key, b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
-        .unwrap();
+    std::fs::write(
+        &key,
+        b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     let err = Server::try_start(&data, &cfg, "127.0.0.1:0", &[])
         .err()
         .expect("a corrupt key must be refused");
@@ -152,21 +173,38 @@ fn corrupt_or_half_written_data_dir_is_refused_naming_the_file() {
         .err()
         .expect("a half-written data dir must be refused");
     assert!(err.contains("half-written"), "{err}");
-    assert_eq!(std::fs::read(&ca).unwrap(), ca_pem, "CA must not be regenerated");
+    assert_eq!(
+        std::fs::read(&ca).unwrap(),
+        ca_pem,
+        "CA must not be regenerated"
+    );
 }
 
 #[test]
 fn cluster_add_switch_list_and_unreachable() {
     let dir = temp();
     let cfg = dir.path().join("c.yaml");
-    let server = Server::start(&dir.path().join("data"), &cfg, "127.0.0.1:0", &["--cluster-name", "one"]);
+    let server = Server::start(
+        &dir.path().join("data"),
+        &cfg,
+        "127.0.0.1:0",
+        &["--cluster-name", "one"],
+    );
 
     let other_cfg = dir.path().join("other.yaml");
-    let bad = miren(&other_cfg, &["cluster", "add", "x", server.host_port()], &[]);
+    let bad = miren(
+        &other_cfg,
+        &["cluster", "add", "x", server.host_port()],
+        &[],
+    );
     assert!(!bad.ok);
     assert!(bad.stderr.contains("no fingerprint"), "{}", bad.stderr);
 
-    let add = miren(&other_cfg, &["cluster", "add", "prod", &server.address], &[]);
+    let add = miren(
+        &other_cfg,
+        &["cluster", "add", "prod", &server.address],
+        &[],
+    );
     assert!(add.ok, "{add:?}");
     let list = miren(&other_cfg, &["cluster", "list", "-o", "json"], &[]);
     let doc: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
@@ -179,23 +217,44 @@ fn cluster_add_switch_list_and_unreachable() {
     let fp = server.address.split(";sha1:").nth(1).unwrap();
     let dead = format!("127.0.0.1:9;sha1:{fp}");
     assert!(miren(&other_cfg, &["cluster", "add", "dead", &dead], &[]).ok);
-    let exported = miren(&other_cfg, &["-C", "dead", "cluster", "export-address"], &[]);
+    let exported = miren(
+        &other_cfg,
+        &["-C", "dead", "cluster", "export-address"],
+        &[],
+    );
     assert_eq!(exported.stdout.trim(), dead);
     let unreachable = miren(&other_cfg, &["-C", "dead", "cluster", "status"], &[]);
     assert!(!unreachable.ok);
-    assert!(unreachable.stderr.contains("127.0.0.1:9"), "{}", unreachable.stderr);
-    assert!(unreachable.stderr.contains("check"), "{}", unreachable.stderr);
+    assert!(
+        unreachable.stderr.contains("127.0.0.1:9"),
+        "{}",
+        unreachable.stderr
+    );
+    assert!(
+        unreachable.stderr.contains("check"),
+        "{}",
+        unreachable.stderr
+    );
 
     let status = miren(&other_cfg, &["cluster", "status", "-o", "json"], &[]);
     assert!(status.ok, "{status:?}");
     assert!(miren(&other_cfg, &["cluster", "switch", "dead"], &[]).ok);
     let list = miren(&other_cfg, &["cluster", "list", "-o", "json"], &[]);
     let doc: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    let dead_entry = doc.as_array().unwrap().iter().find(|c| c["name"] == "dead").unwrap();
+    let dead_entry = doc
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "dead")
+        .unwrap();
     assert_eq!(dead_entry["active"], true);
     let nope = miren(&other_cfg, &["cluster", "switch", "nope"], &[]);
     assert!(!nope.ok);
-    assert!(nope.stderr.contains("no cluster named \"nope\""), "{}", nope.stderr);
+    assert!(
+        nope.stderr.contains("no cluster named \"nope\""),
+        "{}",
+        nope.stderr
+    );
 
     // Anonymous peers cannot reach admin methods.
     let keys = miren(&other_cfg, &["-C", "prod", "identity", "keys", "list"], &[]);
@@ -208,7 +267,10 @@ fn dev_mode_is_ready_and_configures_the_cli() {
     let dir = temp();
     let cfg = dir.path().join("c.yaml");
     let server = Server::start(&dir.path().join("data"), &cfg, "127.0.0.1:0", &["--dev"]);
-    assert!(server.stdout.iter().any(|l| l.contains("miren cluster status")));
+    assert!(server
+        .stdout
+        .iter()
+        .any(|l| l.contains("miren cluster status")));
     let status = miren(&cfg, &["cluster", "status", "-o", "json"], &[]);
     assert!(status.ok, "{status:?}");
     let doc: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();

@@ -54,4 +54,7 @@ interface Admin {
                         audiences :List(Text), ttlSecs :UInt32) -> (token :Text);
   listSigningKeys @2 () -> (keys :List(SigningKey));
   rotateSigningKey @3 () -> (keys :List(SigningKey));
+  verifyWorkloadToken @4 (token :Text, audience :Text) -> (claimsJson :Text);
+  # Verifies a token of this cluster (current or recent issuer) the way an
+  # outside verifier would; fails with the reason.
 }

@@ -37,7 +37,7 @@ const LATENCY_CALLS: usize = 3_000;
 const THROUGHPUT_CALLS: usize = 30_000;
 const IN_FLIGHT: usize = 64;
 /// Alternating TCP/QUIC rounds.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// A phase stops issuing new calls after this long (the bench stays bounded
 /// on a slow machine), and is abandoned after `PHASE_TIMEOUT`.
 const PHASE_BUDGET: Duration = Duration::from_secs(4);
@@ -69,6 +69,19 @@ fn echo_bootstrap() -> capnp::capability::Client {
 }
 
 // ---------------------------------------------------------------- server side
+
+/// The TCP baseline is the best plain TCP can do, so the ratios compare QUIC
+/// with the machine's own limit: capnp-futures writes a message as several
+/// `write_all` calls (segment table, then segments) and flushes after each
+/// message, so without `TCP_NODELAY` Nagle and delayed ACKs stall every call
+/// for tens of milliseconds, and without a buffer every message costs two
+/// syscalls and two segments. Hence `TCP_NODELAY` plus a `BufWriter`, which
+/// turns each message into one `write` on flush.
+fn tcp_writer(
+    w: tokio::net::tcp::OwnedWriteHalf,
+) -> futures::io::BufWriter<tokio_util::compat::Compat<tokio::net::tcp::OwnedWriteHalf>> {
+    futures::io::BufWriter::new(w.compat_write())
+}
 
 /// The server thread, listening on TCP and QUIC loopback ports.
 struct Servers {
@@ -120,8 +133,7 @@ fn start_servers(tls: rustls::ServerConfig) -> anyhow::Result<Servers> {
                     let (stream, _) = tcp.accept().await?;
                     stream.set_nodelay(true)?;
                     let (r, w) = stream.into_split();
-                    let system =
-                        transport::rpc::serve(r.compat(), w.compat_write(), echo_bootstrap());
+                    let system = transport::rpc::serve(r.compat(), tcp_writer(w), echo_bootstrap());
                     // A hang-up ends the system with an error; that is the
                     // normal end of the session here.
                     let _ = system.await;
@@ -290,7 +302,7 @@ async fn connect_tcp(port: u16) -> anyhow::Result<(cluster::Client, tokio::task:
     stream.set_nodelay(true)?;
     let (r, w) = stream.into_split();
     let (system, client) =
-        transport::rpc::connect::<_, _, cluster::Client>(r.compat(), w.compat_write());
+        transport::rpc::connect::<_, _, cluster::Client>(r.compat(), tcp_writer(w));
     let task = tokio::task::spawn_local(async move {
         let _ = system.await;
     });
@@ -433,7 +445,7 @@ fn run() -> anyhow::Result<()> {
         ROUNDS
     );
     println!(
-        "  per round: {LATENCY_CALLS} sequential calls, {THROUGHPUT_CALLS} calls with {IN_FLIGHT} in flight (TCP with TCP_NODELAY)"
+        "  per round: {LATENCY_CALLS} sequential calls, {THROUGHPUT_CALLS} calls with {IN_FLIGHT} in flight (TCP: TCP_NODELAY, buffered writer)"
     );
 
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,15 +1,43 @@
-//! `miren identity`: signing keys and operator-minted tokens.
+//! `miren identity`: signing keys, operator-minted tokens, verification.
+
+use std::time::Duration;
+
+use serde_json::json;
 
 use crate::config::resolve;
 use crate::connect::{remote, run_local, Session};
 use crate::output::{self, Format};
-use serde_json::json;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum IdentityCmd {
     /// Signing keys of the cluster's issuer.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Mint a workload token (admin; for debugging trust set-ups).
+    Token {
+        /// App the token is for.
+        #[arg(long)]
+        app: String,
+        /// Sandbox id the token is for.
+        #[arg(long)]
+        sandbox: String,
+        /// Organization id (omitted from the subject when empty).
+        #[arg(long, default_value = "")]
+        org: String,
+        /// Audience; repeatable (default "miren").
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
+        /// Lifetime, clamped to 60s..24h (default 1h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Verify a token of this cluster and print its claims (admin).
+    Verify {
+        token: String,
+        /// Audience the token must carry (default "miren").
+        #[arg(long, default_value = "")]
+        audience: String,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -19,35 +47,105 @@ pub enum KeysCmd {
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: Format,
     },
+    /// Start a new signing key; it signs once verifiers have had time to fetch it.
+    Rotate {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
 }
 
 pub fn run(cmd: IdentityCmd, cluster: Option<&str>) -> anyhow::Result<()> {
     match cmd {
-        IdentityCmd::Keys(KeysCmd::List { output }) => run_local(list_keys(cluster, output)),
+        IdentityCmd::Keys(KeysCmd::List { output }) => run_local(keys(cluster, output, false)),
+        IdentityCmd::Keys(KeysCmd::Rotate { output }) => run_local(keys(cluster, output, true)),
+        IdentityCmd::Token {
+            app,
+            sandbox,
+            org,
+            audiences,
+            ttl,
+        } => run_local(async move {
+            let ttl_secs = match ttl {
+                None => 0,
+                Some(d) => u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX),
+            };
+            let session = Session::open(resolve(cluster)?).await?;
+            let admin = session.admin().await?;
+            let mut req = admin.mint_workload_token_request();
+            {
+                let mut p = req.get();
+                p.set_app(&app);
+                p.set_sandbox_id(&sandbox);
+                p.set_organization(&org);
+                p.set_ttl_secs(ttl_secs);
+                let mut list = p.init_audiences(audiences.len() as u32);
+                for (i, a) in audiences.iter().enumerate() {
+                    list.set(i as u32, a);
+                }
+            }
+            let reply = req.send().promise.await.map_err(remote)?;
+            let token = reply.get()?.get_token()?.to_str()?.to_string();
+            session.close().await;
+            println!("{token}");
+            Ok(())
+        }),
+        IdentityCmd::Verify { token, audience } => run_local(async move {
+            let session = Session::open(resolve(cluster)?).await?;
+            let admin = session.admin().await?;
+            let mut req = admin.verify_workload_token_request();
+            req.get().set_token(&token);
+            req.get().set_audience(&audience);
+            let reply = req.send().promise.await.map_err(remote)?;
+            let claims: serde_json::Value =
+                serde_json::from_str(reply.get()?.get_claims_json()?.to_str()?)?;
+            session.close().await;
+            output::json(&claims)
+        }),
     }
 }
 
-async fn list_keys(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
+async fn keys(cluster: Option<&str>, format: Format, rotate: bool) -> anyhow::Result<()> {
     let session = Session::open(resolve(cluster)?).await?;
     let admin = session.admin().await?;
-    let reply = admin
-        .list_signing_keys_request()
-        .send()
-        .promise
-        .await
-        .map_err(remote)?;
-    let mut rows = Vec::new();
-    for k in reply.get()?.get_keys()? {
-        rows.push(json!({
-            "kid": k.get_kid()?.to_str()?,
-            "alg": k.get_alg()?.to_str()?,
-            "state": k.get_state()?.to_str()?,
-            "created_unix": k.get_created_unix(),
-            "activates_unix": k.get_activates_unix(),
-            "retires_unix": if k.get_retires_unix() == 0 { serde_json::Value::Null } else { json!(k.get_retires_unix()) },
-        }));
-    }
+    let rows = if rotate {
+        let r = admin
+            .rotate_signing_key_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        key_rows(r.get()?.get_keys()?)?
+    } else {
+        let r = admin
+            .list_signing_keys_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        key_rows(r.get()?.get_keys()?)?
+    };
     session.close().await;
+    print_keys(rows, format)
+}
+
+fn key_rows(
+    list: capnp::struct_list::Reader<'_, schema::miren_capnp::signing_key::Owned>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    list.iter().map(key_row).collect()
+}
+
+fn key_row(k: schema::miren_capnp::signing_key::Reader<'_>) -> anyhow::Result<serde_json::Value> {
+    Ok(json!({
+        "kid": k.get_kid()?.to_str()?,
+        "alg": k.get_alg()?.to_str()?,
+        "state": k.get_state()?.to_str()?,
+        "created_unix": k.get_created_unix(),
+        "activates_unix": k.get_activates_unix(),
+        "retires_unix": if k.get_retires_unix() == 0 { serde_json::Value::Null } else { json!(k.get_retires_unix()) },
+    }))
+}
+
+fn print_keys(rows: Vec<serde_json::Value>, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => output::json(&json!(rows)),
         Format::Table => {
@@ -59,11 +157,15 @@ async fn list_keys(cluster: Option<&str>, format: Format) -> anyhow::Result<()> 
                         r["alg"].as_str().unwrap_or_default().to_string(),
                         r["state"].as_str().unwrap_or_default().to_string(),
                         fmt_time(r["created_unix"].as_i64()),
+                        fmt_time(r["activates_unix"].as_i64()),
                         fmt_time(r["retires_unix"].as_i64()),
                     ]
                 })
                 .collect();
-            output::table(&["KID", "ALG", "STATE", "CREATED", "RETIRES"], &t);
+            output::table(
+                &["KID", "ALG", "STATE", "CREATED", "ACTIVATES", "RETIRES"],
+                &t,
+            );
             Ok(())
         }
     }
@@ -71,10 +173,10 @@ async fn list_keys(cluster: Option<&str>, format: Format) -> anyhow::Result<()> 
 
 fn fmt_time(t: Option<i64>) -> String {
     match t {
-        Some(t) if t > 0 => humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
-        )
-        .to_string(),
+        Some(t) if t > 0 => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t as u64))
+                .to_string()
+        }
         _ => "-".to_string(),
     }
 }

@@ -37,6 +37,15 @@ pub struct ServerArgs {
     /// Age at which the signing key is replaced automatically.
     #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
     signing_key_rotation: Duration,
+    /// TCP address for HTTPS (discovery, JWKS); default: the --listen IP and port.
+    #[arg(long)]
+    https_listen: Option<SocketAddr>,
+    /// PEM certificate chain for HTTPS instead of the cluster CA's server certificate.
+    #[arg(long, requires = "https_key")]
+    https_cert: Option<PathBuf>,
+    /// PEM private key of --https-cert.
+    #[arg(long, requires = "https_cert")]
+    https_key: Option<PathBuf>,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -79,6 +88,9 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         issuer_url: args.issuer_url.clone(),
         jwks_max_age: args.jwks_max_age,
         signing_key_rotation: args.signing_key_rotation,
+        https_listen: args.https_listen,
+        https_cert: args.https_cert.clone(),
+        https_key: args.https_key.clone(),
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();
@@ -106,6 +118,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     println!("Cluster name: {name}");
     println!("Cluster address: {address}");
     println!("Issuer URL: {}", coordinator.issuer_url());
+    println!("HTTPS (discovery, JWKS): {}", coordinator.https_addr()?);
     println!("Data dir: {}", data_dir.display());
     println!(
         "Client config: {} (cluster {name:?} with the admin identity{})",

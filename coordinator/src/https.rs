@@ -1,0 +1,152 @@
+//! The coordinator's HTTPS side: the OIDC discovery document and the JWKS
+//! that outside verifiers (AWS STS, Vault, any JWT library) fetch.
+//!
+//! Served with axum on tokio-rustls, over TCP at the same host:port as the
+//! QUIC listener unless `--https-listen` says otherwise. Paths are the
+//! issuer's path plus `/.well-known/openid-configuration` and
+//! `/.well-known/miren/jwks` (also at the root when the issuer has a path).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State as AxumState;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use identity::documents::{DISCOVERY_PATH, JWKS_PATH, WORKLOAD_CLAIMS_SUPPORTED};
+use identity::{DiscoveryDocument, Jwks};
+use tokio::net::TcpListener;
+
+use crate::datadir::now_unix;
+use crate::service::State;
+
+/// The axum router of the issuer endpoints.
+pub fn router(state: Arc<State>) -> Router {
+    let prefix = issuer_path(state.issuer.as_str());
+    let mut r = Router::new()
+        .route(&format!("{prefix}{DISCOVERY_PATH}"), get(discovery))
+        .route(&format!("{prefix}{JWKS_PATH}"), get(jwks));
+    if !prefix.is_empty() {
+        r = r
+            .route(DISCOVERY_PATH, get(discovery))
+            .route(JWKS_PATH, get(jwks));
+    }
+    r.fallback(not_found).with_state(state)
+}
+
+/// The path part of an issuer URL, without a trailing slash ("" for none).
+fn issuer_path(issuer: &str) -> String {
+    let rest = issuer.strip_prefix("https://").unwrap_or(issuer);
+    match rest.find('/') {
+        Some(i) => rest[i..].trim_end_matches('/').to_string(),
+        None => String::new(),
+    }
+}
+
+fn json_response(state: &State, body: Vec<u8>) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={}", state.jwks_max_age_secs)) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    resp
+}
+
+fn error_response(status: StatusCode, msg: &str) -> Response {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn discovery(AxumState(state): AxumState<Arc<State>>) -> Response {
+    let keys = match state.keys.read() {
+        Ok(ring) => ring.published(now_unix()),
+        Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "key ring unavailable"),
+    };
+    let doc = DiscoveryDocument::new(&state.issuer, keys.iter(), WORKLOAD_CLAIMS_SUPPORTED);
+    match serde_json::to_vec(&doc) {
+        Ok(body) => json_response(&state, body),
+        Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "could not encode"),
+    }
+}
+
+async fn jwks(AxumState(state): AxumState<Arc<State>>) -> Response {
+    let keys = match state.keys.read() {
+        Ok(ring) => ring.published(now_unix()),
+        Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "key ring unavailable"),
+    };
+    match serde_json::to_vec(&Jwks::from_keys(keys.iter()).to_json()) {
+        Ok(body) => json_response(&state, body),
+        Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "could not encode"),
+    }
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not found")
+}
+
+/// Binds the HTTPS listener.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("could not listen on TCP {addr} for HTTPS: {e} (use --https-listen to pick another address)"))
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("HTTPS accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, "HTTPS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let service = TowerToHyperService::new(router);
+                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await
+                    {
+                        tracing::debug!(%remote, "HTTPS connection ended: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
