@@ -95,7 +95,7 @@ impl ClientConfig {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        coordinator::datadir::write_atomic(path, text.as_bytes(), 0o600)
+        transport::files::write_atomic(path, text.as_bytes(), 0o600)
             .with_context(|| format!("writing client config {}", path.display()))
     }
 

@@ -24,8 +24,7 @@ pub fn run_local<T>(fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Res
 
 /// Turns an RPC error into the message the server meant for people.
 pub fn remote(e: capnp::Error) -> anyhow::Error {
-    let msg = e.extra.trim_start_matches("remote exception: ").to_string();
-    anyhow::anyhow!(msg)
+    anyhow::anyhow!(transport::rpc::remote_message(&e))
 }
 
 /// An open session with a cluster.

@@ -29,6 +29,8 @@ enum Command {
     /// Manage the clusters this CLI knows.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCmd),
+    /// Run a runner (`--join CODE` on first start), or manage runners and join codes.
+    Runner(cmd::runner::RunnerArgs),
     /// Workload identity: signing keys and tokens.
     #[command(subcommand)]
     Identity(cmd::identity::IdentityCmd),
@@ -48,6 +50,7 @@ fn main() {
     let result = match cli.command {
         Command::Server(args) => cmd::server::run(args),
         Command::Cluster(c) => cmd::cluster::run(c, cli.cluster.as_deref()),
+        Command::Runner(r) => cmd::runner::run(r, cli.cluster.as_deref()),
         Command::Identity(c) => cmd::identity::run(c, cli.cluster.as_deref()),
         Command::Completion { shell } => {
             use clap::CommandFactory;

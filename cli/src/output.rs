@@ -42,3 +42,14 @@ pub fn json(value: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
+
+/// A unix time as RFC 3339 (UTC), or `-` when unknown.
+pub fn time(t: Option<i64>) -> String {
+    match t {
+        Some(t) if t > 0 => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
+        )
+        .to_string(),
+        _ => "-".to_string(),
+    }
+}

@@ -17,11 +17,10 @@
 //! `cluster.json` is half-written and is refused, never silently regenerated.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use transport::files;
 use transport::pki::{self, CertifiedPem, ClusterCa};
 
 /// Why the data directory cannot be used.
@@ -81,39 +80,12 @@ const MATERIAL: &[&str] = &[
 
 /// Creates `dir` (0700) if needed.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), DataDirError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+    files::ensure_private_dir(dir).map_err(io_err(dir))
 }
 
 /// Writes `bytes` to `path` atomically with the given mode.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DataDirError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))
+    files::write_atomic(path, bytes, mode).map_err(io_err(path))
 }
 
 fn read_text(path: &Path, marker: &Path) -> Result<String, DataDirError> {

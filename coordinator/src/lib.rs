@@ -9,6 +9,7 @@ pub mod datadir;
 pub mod https;
 pub mod issuer;
 pub mod keyring;
+pub mod runners;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -20,6 +20,7 @@ use transport::PeerIdentity;
 
 use crate::datadir::{self, now_unix};
 use crate::keyring::KeyRing;
+use crate::runners::Registry;
 use crate::service::{ClusterService, State};
 use crate::store::{RedbStore, Store};
 
@@ -154,16 +155,20 @@ impl Coordinator {
             issuer,
             issuers,
             started: Instant::now(),
-            store,
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
+            registry: Registry::new(store.clone()),
+            store,
+            ca: material.ca,
+            address: address.clone(),
         });
+        let ca_pem = state.ca.cert_pem().to_string();
         Ok(Coordinator {
             state,
+            ca_pem,
             endpoint,
             address,
             admin: material.admin,
-            ca_pem: material.ca.cert_pem().to_string(),
             rotation: opts.signing_key_rotation,
             https,
             https_tls,
@@ -198,6 +203,19 @@ impl Coordinator {
     /// The TCP address the HTTPS listener is bound to.
     pub fn https_addr(&self) -> std::io::Result<SocketAddr> {
         self.https.local_addr()
+    }
+
+    /// Creates a one-time join code (used by `--dev` for its own runner).
+    pub fn create_join_token(&self, ttl_secs: u64, name: &str) -> anyhow::Result<String> {
+        let (token, _) = self.state.registry.create_token(
+            &self.state.address,
+            ttl_secs,
+            false,
+            name,
+            vec![],
+            now_unix(),
+        )?;
+        Ok(token)
     }
 
     /// The UDP address actually bound.
@@ -240,8 +258,16 @@ impl Coordinator {
                         };
                         let peer = PeerIdentity::of_connection(&conn);
                         tracing::debug!(remote = %conn.remote_address(), ?peer, "connection");
+                        if let PeerIdentity::Runner { id } = &peer {
+                            // A removed runner's certificate is still signed by the
+                            // CA; no record behind it means it is cut off.
+                            if !matches!(state.registry.record(id), Ok(Some(_))) {
+                                conn.close(3u32.into(), b"runner removed from the cluster");
+                                return;
+                            }
+                        }
                         pool.spawn_pinned(move || async move {
-                            let client = ClusterService::client(state, peer);
+                            let client = ClusterService::client(state, peer, conn.clone());
                             if let Err(e) = serve_connection(conn, client.client).await {
                                 tracing::debug!("rpc session ended: {e}");
                             }

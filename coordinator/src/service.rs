@@ -15,8 +15,13 @@ use transport::PeerIdentity;
 use crate::datadir::{now_unix, ClusterMeta};
 use crate::issuer::IssuerHistory;
 use crate::keyring::{KeyRing, KeyStatus};
+use crate::runners::{LiveStatus, Registry, RegistryError, RunnerView};
 use crate::store::Store;
+use identity::join_token::JoinTokenRecord;
+use identity::ClusterAddress;
 use identity::{IssuerUrl, KeySet, Subject, Verifier, WorkloadClaims};
+use schema::miren_capnp::{join_token_info, label, runner_info, runner_session};
+use transport::pki::ClusterCa;
 
 /// State shared by every connection.
 pub struct State {
@@ -31,6 +36,12 @@ pub struct State {
     /// How long verifiers may cache the JWKS; a new key is published at
     /// least this long before it signs.
     pub jwks_max_age_secs: i64,
+    /// The cluster CA (issues runner certificates).
+    pub ca: ClusterCa,
+    /// `host:port;sha1:…` written into join tokens.
+    pub address: ClusterAddress,
+    /// Join tokens and runners.
+    pub registry: Registry,
 }
 
 /// The version every component reports.
@@ -51,17 +62,70 @@ fn write_info(state: &State, mut info: schema::miren_capnp::cluster_info::Builde
 pub struct ClusterService {
     state: Arc<State>,
     peer: PeerIdentity,
+    conn: quinn::Connection,
 }
 
 impl ClusterService {
-    pub fn new(state: Arc<State>, peer: PeerIdentity) -> Self {
-        ClusterService { state, peer }
+    /// A capability client for the bootstrap of `conn`.
+    pub fn client(
+        state: Arc<State>,
+        peer: PeerIdentity,
+        conn: quinn::Connection,
+    ) -> cluster::Client {
+        capnp_rpc::new_client(ClusterService { state, peer, conn })
     }
+}
 
-    /// A capability client for the connection's bootstrap.
-    pub fn client(state: Arc<State>, peer: PeerIdentity) -> cluster::Client {
-        capnp_rpc::new_client(ClusterService::new(state, peer))
+fn registry_err(e: RegistryError) -> capnp::Error {
+    failed(e.to_string())
+}
+
+fn read_labels(
+    list: capnp::struct_list::Reader<'_, label::Owned>,
+) -> Result<Vec<(String, String)>, capnp::Error> {
+    let mut out = Vec::new();
+    for l in list {
+        out.push((l.get_key()?.to_string()?, l.get_value()?.to_string()?));
     }
+    Ok(out)
+}
+
+fn write_labels(
+    labels: &[(String, String)],
+    mut list: capnp::struct_list::Builder<'_, label::Owned>,
+) {
+    for (i, (k, v)) in labels.iter().enumerate() {
+        let mut l = list.reborrow().get(i as u32);
+        l.set_key(k);
+        l.set_value(v);
+    }
+}
+
+fn write_token_info(r: &JoinTokenRecord, now: i64, mut b: join_token_info::Builder<'_>) {
+    b.set_id(&r.id);
+    b.set_name(&r.name);
+    b.set_reusable(r.reusable);
+    b.set_uses(r.uses);
+    b.set_created_unix(r.created_unix);
+    b.set_expires_unix(r.expires_unix);
+    b.set_state(r.state(now).as_str());
+    write_labels(&r.labels, b.init_labels(r.labels.len() as u32));
+}
+
+fn write_runner_info(v: &RunnerView, mut b: runner_info::Builder<'_>) {
+    b.set_id(&v.record.id);
+    b.set_name(&v.record.name);
+    b.set_status(v.status());
+    b.set_sandboxes(v.status.sandboxes);
+    b.set_last_seen_unix(v.last_seen_unix);
+    b.set_version(&v.status.version);
+    b.set_cordoned(v.record.cordoned);
+    b.set_isolation(&v.status.isolation);
+    b.set_cert_expires_unix(v.record.cert_expires_unix);
+    write_labels(
+        &v.record.labels,
+        b.init_labels(v.record.labels.len() as u32),
+    );
 }
 
 impl cluster::Server for ClusterService {
@@ -125,6 +189,108 @@ impl cluster::Server for ClusterService {
                 "permission denied: this needs the cluster's admin identity (run it where `miren server` wrote its client config, or copy that config here)",
             )),
         }
+    }
+
+    async fn join(
+        self: Rc<Self>,
+        params: cluster::JoinParams,
+        mut results: cluster::JoinResults,
+    ) -> Result<(), capnp::Error> {
+        let req = params.get()?.get_request()?;
+        let labels = read_labels(req.get_labels()?)?;
+        let (record, cert_pem) = self
+            .state
+            .registry
+            .join(
+                &self.state.ca,
+                req.get_token_id()?.to_str()?,
+                req.get_secret()?,
+                req.get_csr_der()?,
+                req.get_name()?.to_str()?,
+                labels,
+                now_unix(),
+            )
+            .map_err(registry_err)?;
+        tracing::info!(runner = %record.id, name = %record.name, remote = %self.conn.remote_address(), "runner joined");
+        let mut r = results.get().init_result();
+        r.set_runner_id(&record.id);
+        r.set_cert_pem(&cert_pem);
+        r.set_ca_pem(self.state.ca.cert_pem());
+        Ok(())
+    }
+
+    async fn runner(
+        self: Rc<Self>,
+        _: cluster::RunnerParams,
+        mut results: cluster::RunnerResults,
+    ) -> Result<(), capnp::Error> {
+        let PeerIdentity::Runner { id } = &self.peer else {
+            return Err(failed(
+                "permission denied: only a joined runner may open a runner session",
+            ));
+        };
+        let session = self
+            .state
+            .registry
+            .connect(id, self.conn.clone(), now_unix())
+            .map_err(registry_err)?;
+        let client: runner_session::Client = capnp_rpc::new_client(RunnerSessionService {
+            state: self.state.clone(),
+            id: id.clone(),
+            session,
+        });
+        results.get().set_session(client);
+        Ok(())
+    }
+}
+
+/// A connected runner's session; dropped when its connection ends.
+pub struct RunnerSessionService {
+    state: Arc<State>,
+    id: String,
+    session: u64,
+}
+
+impl Drop for RunnerSessionService {
+    fn drop(&mut self) {
+        self.state.registry.disconnect(&self.id, self.session);
+    }
+}
+
+impl runner_session::Server for RunnerSessionService {
+    async fn heartbeat(
+        self: Rc<Self>,
+        params: runner_session::HeartbeatParams,
+        mut results: runner_session::HeartbeatResults,
+    ) -> Result<(), capnp::Error> {
+        let s = params.get()?.get_status()?;
+        let status = LiveStatus {
+            version: s.get_version()?.to_string()?,
+            sandboxes: s.get_sandboxes(),
+            isolation: s.get_isolation()?.to_string()?,
+        };
+        let cordoned = self
+            .state
+            .registry
+            .heartbeat(&self.id, self.session, status, now_unix())
+            .map_err(registry_err)?;
+        results.get().set_cordoned(cordoned);
+        Ok(())
+    }
+
+    async fn renew(
+        self: Rc<Self>,
+        params: runner_session::RenewParams,
+        mut results: runner_session::RenewResults,
+    ) -> Result<(), capnp::Error> {
+        let csr = params.get()?.get_csr_der()?;
+        let cert = self
+            .state
+            .registry
+            .renew(&self.state.ca, &self.id, csr)
+            .map_err(registry_err)?;
+        results.get().set_cert_pem(&cert);
+        Ok(())
     }
 }
 
@@ -194,6 +360,96 @@ impl State {
 }
 
 impl admin::Server for AdminService {
+    async fn create_join_token(
+        self: Rc<Self>,
+        params: admin::CreateJoinTokenParams,
+        mut results: admin::CreateJoinTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let labels = read_labels(p.get_labels()?)?;
+        let now = now_unix();
+        let ttl = match p.get_ttl_secs() {
+            0 => identity::join_token::DEFAULT_TTL_SECS,
+            n => n,
+        };
+        let (token, record) = self
+            .state
+            .registry
+            .create_token(
+                &self.state.address,
+                ttl,
+                p.get_reusable(),
+                p.get_name()?.to_str()?,
+                labels,
+                now,
+            )
+            .map_err(registry_err)?;
+        let mut r = results.get();
+        r.set_token(&token);
+        write_token_info(&record, now, r.init_info());
+        Ok(())
+    }
+
+    async fn list_join_tokens(
+        self: Rc<Self>,
+        _: admin::ListJoinTokensParams,
+        mut results: admin::ListJoinTokensResults,
+    ) -> Result<(), capnp::Error> {
+        let tokens = self.state.registry.tokens().map_err(registry_err)?;
+        let now = now_unix();
+        let mut list = results.get().init_tokens(tokens.len() as u32);
+        for (i, t) in tokens.iter().enumerate() {
+            write_token_info(t, now, list.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+
+    async fn revoke_join_token(
+        self: Rc<Self>,
+        params: admin::RevokeJoinTokenParams,
+        _: admin::RevokeJoinTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id()?.to_str()?;
+        self.state.registry.revoke_token(id).map_err(registry_err)
+    }
+
+    async fn list_runners(
+        self: Rc<Self>,
+        _: admin::ListRunnersParams,
+        mut results: admin::ListRunnersResults,
+    ) -> Result<(), capnp::Error> {
+        let runners = self.state.registry.list(now_unix()).map_err(registry_err)?;
+        let mut list = results.get().init_runners(runners.len() as u32);
+        for (i, r) in runners.iter().enumerate() {
+            write_runner_info(r, list.reborrow().get(i as u32));
+        }
+        Ok(())
+    }
+
+    async fn remove_runner(
+        self: Rc<Self>,
+        params: admin::RemoveRunnerParams,
+        _: admin::RemoveRunnerResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id()?.to_str()?;
+        let removed = self.state.registry.remove(id).map_err(registry_err)?;
+        tracing::info!(runner = %removed.id, "runner removed");
+        Ok(())
+    }
+
+    async fn set_runner_cordon(
+        self: Rc<Self>,
+        params: admin::SetRunnerCordonParams,
+        _: admin::SetRunnerCordonResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        self.state
+            .registry
+            .set_cordon(p.get_id()?.to_str()?, p.get_cordoned())
+            .map_err(registry_err)?;
+        Ok(())
+    }
+
     async fn mint_workload_token(
         self: Rc<Self>,
         params: admin::MintWorkloadTokenParams,

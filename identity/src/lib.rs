@@ -7,6 +7,7 @@
 pub mod address;
 pub mod claims;
 pub mod documents;
+pub mod join_token;
 pub mod keys;
 pub mod mint;
 pub mod verify;

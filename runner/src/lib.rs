@@ -1,7 +1,16 @@
 //! The miren runner: the cluster's hands.
 //!
-//! It joins a coordinator with a join token, hosts sandboxes and proxies
-//! workload-token minting to the coordinator; it never holds the signing key
-//! (this crate cannot link `coordinator`). The join, the supervisor and the
-//! token endpoint arrive with the runner issues; for now the crate only fixes
-//! its place in the dependency graph.
+//! It joins a coordinator with a join token ([`join`]), keeps its identity in
+//! its data dir ([`state`]), and stays connected with mTLS, heartbeating and
+//! renewing its certificate ([`agent`]). It never holds the signing key: this
+//! crate cannot link `coordinator`.
+
+pub mod agent;
+pub mod backoff;
+pub mod join;
+pub mod state;
+
+pub use agent::{run, RunnerOptions};
+
+/// The version every runner reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

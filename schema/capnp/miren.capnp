@@ -46,6 +46,67 @@ interface Cluster {
   ping @2 (payload :Data) -> (payload :Data);
   admin @3 () -> (admin :Admin);
   # Fails unless the peer presented the cluster's admin certificate.
+  join @4 (request :JoinRequest) -> (result :JoinResult);
+  # Open to anonymous peers: redeems a join token for a runner certificate.
+  runner @5 () -> (session :RunnerSession);
+  # Fails unless the peer presented a certificate of a registered runner.
+}
+
+struct Label {
+  key @0 :Text;
+  value @1 :Text;
+}
+
+struct JoinRequest {
+  tokenId @0 :Text;
+  secret @1 :Data;
+  csrDer @2 :Data;
+  # PKCS#10 request made with the runner's own key; its subject is ignored.
+  name @3 :Text;
+  labels @4 :List(Label);
+  version @5 :Text;
+}
+
+struct JoinResult {
+  runnerId @0 :Text;
+  certPem @1 :Text;
+  caPem @2 :Text;
+}
+
+struct RunnerStatus {
+  version @0 :Text;
+  sandboxes @1 :UInt32;
+  isolation @2 :Text;
+}
+
+interface RunnerSession {
+  heartbeat @0 (status :RunnerStatus) -> (cordoned :Bool);
+  renew @1 (csrDer :Data) -> (certPem :Text);
+  # A fresh certificate for a new key of the same runner.
+}
+
+struct JoinTokenInfo {
+  id @0 :Text;
+  name @1 :Text;
+  reusable @2 :Bool;
+  uses @3 :UInt32;
+  createdUnix @4 :Int64;
+  expiresUnix @5 :Int64;
+  state @6 :Text;
+  labels @7 :List(Label);
+}
+
+struct RunnerInfo {
+  id @0 :Text;
+  name @1 :Text;
+  status @2 :Text;
+  labels @3 :List(Label);
+  sandboxes @4 :UInt32;
+  lastSeenUnix @5 :Int64;
+  version @6 :Text;
+  cordoned @7 :Bool;
+  isolation @8 :Text;
+  certExpiresUnix @9 :Int64;
 }
 
 interface Admin {
@@ -55,6 +116,13 @@ interface Admin {
   listSigningKeys @2 () -> (keys :List(SigningKey));
   rotateSigningKey @3 () -> (keys :List(SigningKey));
   verifyWorkloadToken @4 (token :Text, audience :Text) -> (claimsJson :Text);
+  createJoinToken @5 (ttlSecs :UInt64, reusable :Bool, name :Text, labels :List(Label))
+      -> (token :Text, info :JoinTokenInfo);
+  listJoinTokens @6 () -> (tokens :List(JoinTokenInfo));
+  revokeJoinToken @7 (id :Text) -> ();
+  listRunners @8 () -> (runners :List(RunnerInfo));
+  removeRunner @9 (id :Text) -> ();
+  setRunnerCordon @10 (id :Text, cordoned :Bool) -> ();
   # Verifies a token of this cluster (current or recent issuer) the way an
   # outside verifier would; fails with the reason.
 }

@@ -23,6 +23,8 @@ pub enum PkiError {
     BadKeyPem(String),
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("certificate signing request refused: {0}")]
+    BadCsr(String),
     #[error("invalid name {0:?} for a certificate")]
     BadName(String),
 }
@@ -169,6 +171,49 @@ impl ClusterCa {
         let cert = params.signed_by(public_key, &self.issuer)?;
         Ok(cert.pem())
     }
+}
+
+impl ClusterCa {
+    /// Issues a client certificate with `common_name` for the key that
+    /// signed the PKCS#10 request `csr_der` (its signature is checked; its
+    /// subject and extensions are ignored).
+    pub fn issue_client_for_csr(
+        &self,
+        common_name: &str,
+        validity: Duration,
+        csr_der: &[u8],
+    ) -> Result<String, PkiError> {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        self.issue_client_for_key(common_name, validity, &csr.public_key)
+    }
+}
+
+/// A fresh key pair and a PKCS#10 request signed by it: what a runner sends
+/// to get (or renew) its certificate. The private key never leaves the caller.
+pub fn key_and_csr() -> Result<(String, Vec<u8>), PkiError> {
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// `notAfter` of a PEM certificate, in unix seconds.
+pub fn not_after_unix(cert_pem: &str) -> Result<i64, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let der = cert_der_from_pem(cert_pem)?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref())
+        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// `notBefore` of a PEM certificate, in unix seconds.
+pub fn not_before_unix(cert_pem: &str) -> Result<i64, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let der = cert_der_from_pem(cert_pem)?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref())
+        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+    Ok(cert.validity().not_before.timestamp())
 }
 
 fn san_for(name: &str) -> Result<SanType, PkiError> {

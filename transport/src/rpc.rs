@@ -84,3 +84,8 @@ where
     });
     Ok(client)
 }
+
+/// The message a remote peer meant for people, without capnp's prefixes.
+pub fn remote_message(e: &capnp::Error) -> String {
+    e.extra.trim_start_matches("remote exception: ").to_string()
+}

@@ -156,9 +156,9 @@ fn print_keys(rows: Vec<serde_json::Value>, format: Format) -> anyhow::Result<()
                         r["kid"].as_str().unwrap_or_default().to_string(),
                         r["alg"].as_str().unwrap_or_default().to_string(),
                         r["state"].as_str().unwrap_or_default().to_string(),
-                        fmt_time(r["created_unix"].as_i64()),
-                        fmt_time(r["activates_unix"].as_i64()),
-                        fmt_time(r["retires_unix"].as_i64()),
+                        crate::output::time(r["created_unix"].as_i64()),
+                        crate::output::time(r["activates_unix"].as_i64()),
+                        crate::output::time(r["retires_unix"].as_i64()),
                     ]
                 })
                 .collect();
@@ -168,15 +168,5 @@ fn print_keys(rows: Vec<serde_json::Value>, format: Format) -> anyhow::Result<()
             );
             Ok(())
         }
-    }
-}
-
-fn fmt_time(t: Option<i64>) -> String {
-    match t {
-        Some(t) if t > 0 => {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t as u64))
-                .to_string()
-        }
-        _ => "-".to_string(),
     }
 }

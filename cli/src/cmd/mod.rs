@@ -2,4 +2,5 @@
 
 pub mod cluster;
 pub mod identity;
+pub mod runner;
 pub mod server;

@@ -138,12 +138,50 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    coordinator.serve(shutdown_signal()).await?;
+    // --dev: one runner in this process, joined through the same code path
+    // as any other runner (a join code, a CSR, mTLS afterwards).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let dev_runner = if args.dev {
+        let runner_dir = data_dir.join("runner");
+        let join = if runner_dir.join("runner.json").exists() {
+            None
+        } else {
+            Some(coordinator.create_join_token(300, "dev")?)
+        };
+        let opts = runner::RunnerOptions {
+            data_dir: runner_dir,
+            join,
+            name: "dev".into(),
+            labels: vec![],
+            isolation: "none".into(),
+        };
+        let mut stop = stop_rx.clone();
+        Some(std::thread::spawn(move || {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::connect::run_local(runner::run(opts, stopped)) {
+                eprintln!("error: dev runner: {e:#}");
+            }
+        }))
+    } else {
+        None
+    };
+
+    coordinator
+        .serve(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        })
+        .await?;
+    if let Some(handle) = dev_runner {
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    }
     eprintln!("miren coordinator stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -1,0 +1,325 @@
+//! `miren runner`: run a runner, and manage join tokens and runners.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::config::resolve;
+use crate::connect::{remote, run_local, Session};
+use crate::output::{self, Format};
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RunnerArgs {
+    #[command(subcommand)]
+    cmd: Option<RunnerCmd>,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+/// Running a runner.
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// Where the runner keeps its identity (default /var/lib/miren-runner).
+    #[arg(long, env = "MIREN_RUNNER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Join code from `miren runner token create` (first start only).
+    #[arg(long, env = "MIREN_JOIN_TOKEN")]
+    join: Option<String>,
+    /// Runner name (default: the join code's name, or runner-<id>).
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Label key=value; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RunnerCmd {
+    /// Join codes.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List runners.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Remove a runner: its certificate stops working at once.
+    Remove { id: String },
+    /// Stop scheduling onto a runner.
+    Cordon { id: String },
+    /// Allow scheduling onto a runner again.
+    Uncordon { id: String },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a join code.
+    Create {
+        /// Lifetime (one-time codes: at most 168h).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Allow several runners to join with it.
+        #[arg(long)]
+        reusable: bool,
+        /// Name for runners joining with it.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Label key=value for runners joining with it; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List join codes (never their secrets).
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Revoke a join code.
+    Revoke { id: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("label {s:?} must be key=value"))
+}
+
+pub fn run(args: RunnerArgs, cluster: Option<&str>) -> anyhow::Result<()> {
+    match args.cmd {
+        None => run_agent(args.agent),
+        Some(RunnerCmd::Token(t)) => run_local(token(t, cluster)),
+        Some(RunnerCmd::List { output }) => run_local(list(cluster, output)),
+        Some(RunnerCmd::Remove { id }) => run_local(async move {
+            let session = Session::open(resolve(cluster)?).await?;
+            let admin = session.admin().await?;
+            let mut req = admin.remove_runner_request();
+            req.get().set_id(&id);
+            req.send().promise.await.map_err(remote)?;
+            session.close().await;
+            println!("Removed runner {id}");
+            Ok(())
+        }),
+        Some(RunnerCmd::Cordon { id }) => run_local(cordon(cluster, id, true)),
+        Some(RunnerCmd::Uncordon { id }) => run_local(cordon(cluster, id, false)),
+    }
+}
+
+fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
+    let data_dir = a
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/miren-runner"));
+    let opts = runner::RunnerOptions {
+        data_dir,
+        join: a.join,
+        name: a.name,
+        labels: a.labels,
+        isolation: "none".into(),
+    };
+    run_local(runner::run(opts, crate::cmd::server::shutdown_signal()))
+}
+
+async fn cordon(cluster: Option<&str>, id: String, on: bool) -> anyhow::Result<()> {
+    let session = Session::open(resolve(cluster)?).await?;
+    let admin = session.admin().await?;
+    let mut req = admin.set_runner_cordon_request();
+    req.get().set_id(&id);
+    req.get().set_cordoned(on);
+    req.send().promise.await.map_err(remote)?;
+    session.close().await;
+    println!("Runner {id} {}", if on { "cordoned" } else { "uncordoned" });
+    Ok(())
+}
+
+fn labels_text(
+    l: capnp::struct_list::Reader<'_, schema::miren_capnp::label::Owned>,
+) -> anyhow::Result<Vec<String>> {
+    l.iter()
+        .map(|x| {
+            Ok(format!(
+                "{}={}",
+                x.get_key()?.to_str()?,
+                x.get_value()?.to_str()?
+            ))
+        })
+        .collect()
+}
+
+fn token_row(
+    t: schema::miren_capnp::join_token_info::Reader<'_>,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(json!({
+        "id": t.get_id()?.to_str()?,
+        "name": t.get_name()?.to_str()?,
+        "reusable": t.get_reusable(),
+        "uses": t.get_uses(),
+        "created_unix": t.get_created_unix(),
+        "expires_unix": t.get_expires_unix(),
+        "state": t.get_state()?.to_str()?,
+        "labels": labels_text(t.get_labels()?)?,
+    }))
+}
+
+async fn token(cmd: TokenCmd, cluster: Option<&str>) -> anyhow::Result<()> {
+    let session = Session::open(resolve(cluster)?).await?;
+    let admin = session.admin().await?;
+    match cmd {
+        TokenCmd::Create {
+            ttl,
+            reusable,
+            name,
+            labels,
+        } => {
+            let mut req = admin.create_join_token_request();
+            {
+                let mut p = req.get();
+                p.set_ttl_secs(ttl.as_secs().max(1));
+                p.set_reusable(reusable);
+                p.set_name(&name);
+                let mut list = p.init_labels(labels.len() as u32);
+                for (i, (k, v)) in labels.iter().enumerate() {
+                    let mut l = list.reborrow().get(i as u32);
+                    l.set_key(k);
+                    l.set_value(v);
+                }
+            }
+            let reply = req.send().promise.await.map_err(remote)?;
+            let token = reply.get()?.get_token()?.to_str()?.to_string();
+            let info = token_row(reply.get()?.get_info()?)?;
+            session.close().await;
+            println!("{token}");
+            eprintln!(
+                "Join code {} ({}, expires {}). On the runner host: miren runner --data-dir DIR --join <code>",
+                info["id"].as_str().unwrap_or_default(),
+                if reusable { "reusable" } else { "one-time" },
+                crate::output::time(info["expires_unix"].as_i64())
+            );
+            Ok(())
+        }
+        TokenCmd::List { output } => {
+            let reply = admin
+                .list_join_tokens_request()
+                .send()
+                .promise
+                .await
+                .map_err(remote)?;
+            let rows: Vec<serde_json::Value> = reply
+                .get()?
+                .get_tokens()?
+                .iter()
+                .map(token_row)
+                .collect::<anyhow::Result<_>>()?;
+            session.close().await;
+            match output {
+                Format::Json => output::json(&json!(rows)),
+                Format::Table => {
+                    let t: Vec<Vec<String>> = rows
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r["id"].as_str().unwrap_or_default().to_string(),
+                                r["name"].as_str().unwrap_or_default().to_string(),
+                                if r["reusable"] == true {
+                                    "reusable".into()
+                                } else {
+                                    "one-time".into()
+                                },
+                                r["uses"].to_string(),
+                                r["state"].as_str().unwrap_or_default().to_string(),
+                                crate::output::time(r["expires_unix"].as_i64()),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["ID", "NAME", "KIND", "USES", "STATE", "EXPIRES"], &t);
+                    Ok(())
+                }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let mut req = admin.revoke_join_token_request();
+            req.get().set_id(&id);
+            req.send().promise.await.map_err(remote)?;
+            session.close().await;
+            println!("Revoked join code {id}");
+            Ok(())
+        }
+    }
+}
+
+async fn list(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
+    let session = Session::open(resolve(cluster)?).await?;
+    let admin = session.admin().await?;
+    let reply = admin
+        .list_runners_request()
+        .send()
+        .promise
+        .await
+        .map_err(remote)?;
+    let mut rows = Vec::new();
+    for r in reply.get()?.get_runners()? {
+        rows.push(json!({
+            "id": r.get_id()?.to_str()?,
+            "name": r.get_name()?.to_str()?,
+            "status": r.get_status()?.to_str()?,
+            "cordoned": r.get_cordoned(),
+            "labels": labels_text(r.get_labels()?)?,
+            "sandboxes": r.get_sandboxes(),
+            "last_seen_unix": r.get_last_seen_unix(),
+            "version": r.get_version()?.to_str()?,
+            "isolation": r.get_isolation()?.to_str()?,
+            "cert_expires_unix": r.get_cert_expires_unix(),
+        }));
+    }
+    session.close().await;
+    match format {
+        Format::Json => output::json(&json!(rows)),
+        Format::Table => {
+            if rows.is_empty() {
+                println!("No runners (add one: `miren runner token create`, then `miren runner --join <code>` on its host)");
+                return Ok(());
+            }
+            let t: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    let mut status = r["status"].as_str().unwrap_or_default().to_string();
+                    if r["cordoned"] == true {
+                        status.push_str(",cordoned");
+                    }
+                    if r["isolation"] == "none" {
+                        status.push_str(",no-isolation");
+                    }
+                    vec![
+                        r["id"].as_str().unwrap_or_default().to_string(),
+                        r["name"].as_str().unwrap_or_default().to_string(),
+                        status,
+                        r["labels"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|v| v.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default(),
+                        r["sandboxes"].to_string(),
+                        crate::output::time(r["last_seen_unix"].as_i64()),
+                        r["version"].as_str().unwrap_or_default().to_string(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "ID",
+                    "NAME",
+                    "STATUS",
+                    "LABELS",
+                    "SANDBOXES",
+                    "LAST SEEN",
+                    "VERSION",
+                ],
+                &t,
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Join tokens and the runner registry.
+//!
+//! Durable records live in the store (`jointoken/<id>`, `runner/<id>`); which
+//! runners are connected right now, and when each was last heard from, is
+//! kept in memory. Redeeming a token and registering the runner is one store
+//! transaction conditioned on the token record being unchanged, so a
+//! one-time token can enroll exactly one runner even under a race.
+//! Removing a runner deletes its record and closes its live connection; its
+//! certificate is then refused at the next connection attempt because no
+//! record backs it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use identity::join_token::{
+    check_ttl, secret_hash, JoinRefusal, JoinToken, JoinTokenRecord, JoinTokenState,
+};
+use identity::ClusterAddress;
+use serde::{Deserialize, Serialize};
+use transport::pki::{self, ClusterCa};
+
+use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
+
+/// Lifetime of runner certificates.
+pub const RUNNER_CERT_DAYS: i64 = 7;
+/// Runners heartbeat this often.
+pub const HEARTBEAT_SECS: i64 = 5;
+/// A runner not heard from for this long is down.
+pub const DOWN_AFTER_SECS: i64 = 3 * HEARTBEAT_SECS;
+
+/// Registry failures, worded for the operator or runner that sees them.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Join(#[from] JoinRefusal),
+    #[error("{0}")]
+    Ttl(#[from] identity::join_token::JoinTokenTtlError),
+    #[error("no runner or join code {0:?} (see `miren runner list` / `miren runner token list`)")]
+    NotFound(String),
+    #[error("{0:?} matches several runners ({1}); use the ID")]
+    Ambiguous(String, String),
+    #[error("runner {0} has been removed from the cluster; join it again with a new join code")]
+    Removed(String),
+    #[error("duplicate runner id: runner {0} is already connected")]
+    AlreadyConnected(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// `runner/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerRecord {
+    pub id: String,
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub created_unix: i64,
+    pub cordoned: bool,
+    pub cert_expires_unix: i64,
+    pub joined_with: String,
+}
+
+/// What a runner last told us.
+#[derive(Debug, Clone, Default)]
+pub struct LiveStatus {
+    pub version: String,
+    pub sandboxes: u32,
+    pub isolation: String,
+}
+
+struct Live {
+    conn: quinn::Connection,
+    session: u64,
+    last_seen: i64,
+    status: LiveStatus,
+}
+
+/// A runner as listed.
+#[derive(Debug, Clone)]
+pub struct RunnerView {
+    pub record: RunnerRecord,
+    pub connected: bool,
+    pub last_seen_unix: i64,
+    pub status: LiveStatus,
+}
+
+impl RunnerView {
+    /// `ready`, `down` (or never connected since the coordinator started).
+    pub fn status(&self) -> &'static str {
+        if self.connected {
+            "ready"
+        } else {
+            "down"
+        }
+    }
+}
+
+/// Join tokens, runner records and live runner connections.
+pub struct Registry {
+    store: Arc<dyn Store>,
+    live: Mutex<HashMap<String, Live>>,
+    /// Seen at least once since start, even if disconnected now.
+    last_seen: Mutex<HashMap<String, (i64, LiveStatus)>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+fn token_key(id: &str) -> String {
+    format!("jointoken/{id}")
+}
+
+fn runner_key(id: &str) -> String {
+    format!("runner/{id}")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Record {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn valid_label(k: &str, v: &str) -> bool {
+    let ok = |s: &str, max: usize| {
+        s.len() <= max
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    };
+    !k.is_empty() && ok(k, 63) && ok(v, 63)
+}
+
+/// Checks a runner name and labels from the outside.
+pub fn check_name_and_labels(name: &str, labels: &[(String, String)]) -> Result<(), RegistryError> {
+    if name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(RegistryError::Invalid(format!(
+            "runner name {name:?} must be at most 63 of [A-Za-z0-9-_.]"
+        )));
+    }
+    if labels.len() > 32 {
+        return Err(RegistryError::Invalid("at most 32 labels".into()));
+    }
+    for (k, v) in labels {
+        if !valid_label(k, v) {
+            return Err(RegistryError::Invalid(format!(
+                "label {k}={v} must be key=value with at most 63 of [A-Za-z0-9-_./] each"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Registry {
+            store,
+            live: Mutex::new(HashMap::new()),
+            last_seen: Mutex::new(HashMap::new()),
+            next_session: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Creates a join token for `address` and stores its record.
+    pub fn create_token(
+        &self,
+        address: &ClusterAddress,
+        ttl_secs: u64,
+        reusable: bool,
+        name: &str,
+        labels: Vec<(String, String)>,
+        now: i64,
+    ) -> Result<(String, JoinTokenRecord), RegistryError> {
+        let ttl = check_ttl(ttl_secs, reusable)?;
+        check_name_and_labels(name, &labels)?;
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let token = JoinToken::new(id.clone(), address.clone(), secret)
+            .ok_or_else(|| RegistryError::Invalid("cluster address has no fingerprint".into()))?;
+        let record = JoinTokenRecord {
+            id: id.clone(),
+            secret_sha256: secret_hash(&secret),
+            created_unix: now,
+            expires_unix: now + ttl as i64,
+            reusable,
+            uses: 0,
+            revoked: false,
+            name: name.to_string(),
+            labels,
+        };
+        let outcome = self.store.commit(Txn {
+            conditions: vec![Condition::Absent(token_key(&id))],
+            ops: vec![Op::Put(token_key(&id), encode(&record))],
+        })?;
+        if outcome != Outcome::Applied {
+            return Err(RegistryError::Invalid(
+                "token id collision; try again".into(),
+            ));
+        }
+        Ok((token.encode(), record))
+    }
+
+    /// All join tokens.
+    pub fn tokens(&self) -> Result<Vec<JoinTokenRecord>, RegistryError> {
+        self.store
+            .scan("jointoken/")?
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v).map_err(RegistryError::from))
+            .collect()
+    }
+
+    /// Revokes a token so it enrolls nobody else.
+    pub fn revoke_token(&self, id: &str) -> Result<(), RegistryError> {
+        let key = token_key(id);
+        let bytes = self
+            .store
+            .get(&key)?
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let mut record: JoinTokenRecord = decode(&key, &bytes)?;
+        record.revoked = true;
+        match self.store.commit(Txn {
+            conditions: vec![Condition::Equals(key.clone(), bytes)],
+            ops: vec![Op::Put(key, encode(&record))],
+        })? {
+            Outcome::Applied => Ok(()),
+            Outcome::ConditionFailed => self.revoke_token(id),
+        }
+    }
+
+    /// Redeems a join token: checks it, issues a certificate for the key
+    /// that signed `csr_der`, and records the runner, atomically.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join(
+        &self,
+        ca: &ClusterCa,
+        token_id: &str,
+        secret: &[u8],
+        csr_der: &[u8],
+        name: &str,
+        labels: Vec<(String, String)>,
+        now: i64,
+    ) -> Result<(RunnerRecord, String), RegistryError> {
+        if !identity::join_token::valid_id(token_id) {
+            return Err(JoinRefusal::BadFormat.into());
+        }
+        let secret: [u8; 32] = secret.try_into().map_err(|_| JoinRefusal::BadFormat)?;
+        check_name_and_labels(name, &labels)?;
+        let key = token_key(token_id);
+        for _attempt in 0..8 {
+            let bytes = self.store.get(&key)?.ok_or(JoinRefusal::Unknown)?;
+            let record: JoinTokenRecord = decode(&key, &bytes)?;
+            let redeemed = record.redeem(&secret, now)?;
+            let id = uuid::Uuid::new_v4().to_string();
+            let cert_pem = ca.issue_client_for_csr(
+                &format!("runner-{id}"),
+                time::Duration::days(RUNNER_CERT_DAYS),
+                csr_der,
+            )?;
+            let mut all_labels = record.labels.clone();
+            for (k, v) in labels.iter() {
+                all_labels.retain(|(ek, _)| ek != k);
+                all_labels.push((k.clone(), v.clone()));
+            }
+            let runner = RunnerRecord {
+                id: id.clone(),
+                name: if name.is_empty() {
+                    if record.name.is_empty() {
+                        format!("runner-{}", &id[..8])
+                    } else {
+                        record.name.clone()
+                    }
+                } else {
+                    name.to_string()
+                },
+                labels: all_labels,
+                created_unix: now,
+                cordoned: false,
+                cert_expires_unix: pki::not_after_unix(&cert_pem)?,
+                joined_with: token_id.to_string(),
+            };
+            let outcome = self.store.commit(Txn {
+                conditions: vec![
+                    Condition::Equals(key.clone(), bytes),
+                    Condition::Absent(runner_key(&id)),
+                ],
+                ops: vec![
+                    Op::Put(key.clone(), encode(&redeemed)),
+                    Op::Put(runner_key(&id), encode(&runner)),
+                ],
+            })?;
+            if outcome == Outcome::Applied {
+                return Ok((runner, cert_pem));
+            }
+            // Someone else redeemed concurrently: decide again on the new record.
+        }
+        Err(JoinRefusal::UsedOrRevoked.into())
+    }
+
+    /// The record of a runner, if it is still registered.
+    pub fn record(&self, id: &str) -> Result<Option<RunnerRecord>, RegistryError> {
+        let key = runner_key(id);
+        Ok(match self.store.get(&key)? {
+            Some(bytes) => Some(decode(&key, &bytes)?),
+            None => None,
+        })
+    }
+
+    fn update_record(
+        &self,
+        id: &str,
+        change: impl Fn(&mut RunnerRecord),
+    ) -> Result<RunnerRecord, RegistryError> {
+        let key = runner_key(id);
+        loop {
+            let bytes = self
+                .store
+                .get(&key)?
+                .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+            let mut record: RunnerRecord = decode(&key, &bytes)?;
+            change(&mut record);
+            if self.store.commit(Txn {
+                conditions: vec![Condition::Equals(key.clone(), bytes)],
+                ops: vec![Op::Put(key.clone(), encode(&record))],
+            })? == Outcome::Applied
+            {
+                return Ok(record);
+            }
+        }
+    }
+
+    /// Registers the live connection of a runner (one at a time per id).
+    pub fn connect(
+        &self,
+        id: &str,
+        conn: quinn::Connection,
+        now: i64,
+    ) -> Result<u64, RegistryError> {
+        if self.record(id)?.is_none() {
+            return Err(RegistryError::Removed(id.to_string()));
+        }
+        let mut live = self
+            .live
+            .lock()
+            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+        if let Some(existing) = live.get(id) {
+            let stale = existing.conn.close_reason().is_some()
+                || now - existing.last_seen > DOWN_AFTER_SECS;
+            if !stale {
+                return Err(RegistryError::AlreadyConnected(id.to_string()));
+            }
+            existing
+                .conn
+                .close(1u32.into(), b"replaced by a newer connection");
+        }
+        let session = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        live.insert(
+            id.to_string(),
+            Live {
+                conn,
+                session,
+                last_seen: now,
+                status: LiveStatus::default(),
+            },
+        );
+        Ok(session)
+    }
+
+    /// Forgets a live connection when its session ends.
+    pub fn disconnect(&self, id: &str, session: u64) {
+        if let Ok(mut live) = self.live.lock() {
+            if live.get(id).is_some_and(|l| l.session == session) {
+                if let Some(l) = live.remove(id) {
+                    if let Ok(mut seen) = self.last_seen.lock() {
+                        seen.insert(id.to_string(), (l.last_seen, l.status));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a heartbeat; returns whether the runner is cordoned.
+    pub fn heartbeat(
+        &self,
+        id: &str,
+        session: u64,
+        status: LiveStatus,
+        now: i64,
+    ) -> Result<bool, RegistryError> {
+        let record = self
+            .record(id)?
+            .ok_or_else(|| RegistryError::Removed(id.to_string()))?;
+        let mut live = self
+            .live
+            .lock()
+            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+        match live.get_mut(id) {
+            Some(l) if l.session == session => {
+                l.last_seen = now;
+                l.status = status;
+            }
+            _ => return Err(RegistryError::AlreadyConnected(id.to_string())),
+        }
+        Ok(record.cordoned)
+    }
+
+    /// Issues a renewed certificate for a registered runner.
+    pub fn renew(&self, ca: &ClusterCa, id: &str, csr_der: &[u8]) -> Result<String, RegistryError> {
+        if self.record(id)?.is_none() {
+            return Err(RegistryError::Removed(id.to_string()));
+        }
+        let cert_pem = ca.issue_client_for_csr(
+            &format!("runner-{id}"),
+            time::Duration::days(RUNNER_CERT_DAYS),
+            csr_der,
+        )?;
+        let expires = pki::not_after_unix(&cert_pem)?;
+        self.update_record(id, |r| r.cert_expires_unix = expires)?;
+        Ok(cert_pem)
+    }
+
+    /// Every registered runner with its live state at `now`.
+    pub fn list(&self, now: i64) -> Result<Vec<RunnerView>, RegistryError> {
+        let live = self
+            .live
+            .lock()
+            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+        let seen = self
+            .last_seen
+            .lock()
+            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan("runner/")? {
+            let record: RunnerRecord = decode(&k, &v)?;
+            let view = match live.get(&record.id) {
+                Some(l) => RunnerView {
+                    connected: l.conn.close_reason().is_none()
+                        && now - l.last_seen <= DOWN_AFTER_SECS,
+                    last_seen_unix: l.last_seen,
+                    status: l.status.clone(),
+                    record,
+                },
+                None => {
+                    let (last, status) = seen.get(&record.id).cloned().unwrap_or_default();
+                    RunnerView {
+                        connected: false,
+                        last_seen_unix: last,
+                        status,
+                        record,
+                    }
+                }
+            };
+            out.push(view);
+        }
+        Ok(out)
+    }
+
+    /// Finds a runner by id, id prefix or name.
+    pub fn resolve(&self, query: &str) -> Result<RunnerRecord, RegistryError> {
+        if let Some(r) = self.record(query)? {
+            return Ok(r);
+        }
+        let mut matches = Vec::new();
+        for (k, v) in self.store.scan("runner/")? {
+            let r: RunnerRecord = decode(&k, &v)?;
+            if r.name == query || (query.len() >= 4 && r.id.starts_with(query)) {
+                matches.push(r);
+            }
+        }
+        match matches.len() {
+            0 => Err(RegistryError::NotFound(query.to_string())),
+            1 => Ok(matches.remove(0)),
+            _ => Err(RegistryError::Ambiguous(
+                query.to_string(),
+                matches
+                    .iter()
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        }
+    }
+
+    /// Removes a runner: its record goes and its live connection is closed.
+    pub fn remove(&self, query: &str) -> Result<RunnerRecord, RegistryError> {
+        let record = self.resolve(query)?;
+        self.store.commit(Txn {
+            conditions: vec![],
+            ops: vec![Op::Delete(runner_key(&record.id))],
+        })?;
+        if let Ok(mut live) = self.live.lock() {
+            if let Some(l) = live.remove(&record.id) {
+                l.conn
+                    .close(2u32.into(), b"runner removed from the cluster");
+            }
+        }
+        Ok(record)
+    }
+
+    /// Cordons or uncordons a runner.
+    pub fn set_cordon(&self, query: &str, cordoned: bool) -> Result<RunnerRecord, RegistryError> {
+        let record = self.resolve(query)?;
+        self.update_record(&record.id, |r| r.cordoned = cordoned)
+    }
+
+    /// Token state at `now`, for listings.
+    pub fn token_state(record: &JoinTokenRecord, now: i64) -> JoinTokenState {
+        record.state(now)
+    }
+}

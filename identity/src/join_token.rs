@@ -1,0 +1,366 @@
+//! Join tokens: their wire format and the rules for redeeming them.
+//!
+//! A token is `mren_` + base64url(JSON `{"v":1,"id","addr","fp","secret"}`):
+//! it names the coordinator, pins its CA by fingerprint (so the join is not
+//! trust-on-first-use) and carries a 256-bit secret. The coordinator keeps
+//! only SHA-256 of the secret. Redeeming is a pure decision on the stored
+//! record, the presented secret and `now`; the store applies it atomically.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::address::{ClusterAddress, Fingerprint};
+
+/// Prefix of every join token.
+pub const PREFIX: &str = "mren_";
+/// Default lifetime of a token.
+pub const DEFAULT_TTL_SECS: u64 = 3600;
+/// Longest lifetime of a one-time token.
+pub const MAX_ONE_TIME_TTL_SECS: u64 = 168 * 3600;
+/// Longest lifetime of a reusable token.
+pub const MAX_REUSABLE_TTL_SECS: u64 = 365 * 24 * 3600;
+/// Longest accepted encoded token.
+pub const MAX_TOKEN_LEN: usize = 2048;
+
+/// Why a presented join token was refused. The messages are the ones users
+/// see; they never say whether a token id exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefusal {
+    #[error("join code is required")]
+    Missing,
+    #[error("invalid join code format")]
+    BadFormat,
+    #[error("invalid or expired join code")]
+    Unknown,
+    #[error("join code has already been used or revoked")]
+    UsedOrRevoked,
+    #[error("join code has expired")]
+    Expired,
+}
+
+/// Why a token could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinTokenTtlError {
+    #[error("join code lifetime must be at least 1s")]
+    TooShort,
+    #[error("a one-time join code lives at most 168h; use a shorter --ttl")]
+    OneTimeTooLong,
+    #[error("a reusable join code lives at most 8760h; use a shorter --ttl")]
+    ReusableTooLong,
+}
+
+/// Checks the lifetime of a new token.
+pub fn check_ttl(ttl_secs: u64, reusable: bool) -> Result<u64, JoinTokenTtlError> {
+    match (ttl_secs, reusable) {
+        (0, _) => Err(JoinTokenTtlError::TooShort),
+        (t, false) if t > MAX_ONE_TIME_TTL_SECS => Err(JoinTokenTtlError::OneTimeTooLong),
+        (t, true) if t > MAX_REUSABLE_TTL_SECS => Err(JoinTokenTtlError::ReusableTooLong),
+        (t, _) => Ok(t),
+    }
+}
+
+/// A decoded join token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// Public id of the token (what `runner token list/revoke` show).
+    pub id: String,
+    /// Coordinator address, always with the CA fingerprint.
+    pub address: ClusterAddress,
+    /// The 256-bit secret.
+    pub secret: [u8; 32],
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinToken")
+            .field("id", &self.id)
+            .field("address", &self.address.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    v: u32,
+    id: String,
+    addr: String,
+    fp: String,
+    secret: String,
+}
+
+impl JoinToken {
+    /// A token for `address` (which must carry a fingerprint) with a fresh
+    /// id and the given secret.
+    pub fn new(id: String, address: ClusterAddress, secret: [u8; 32]) -> Option<Self> {
+        address.fingerprint?;
+        Some(JoinToken {
+            id,
+            address,
+            secret,
+        })
+    }
+
+    /// `mren_…`.
+    pub fn encode(&self) -> String {
+        let fp = self
+            .address
+            .fingerprint
+            .map(|f| f.to_string())
+            .unwrap_or_default();
+        let wire = Wire {
+            v: 1,
+            id: self.id.clone(),
+            addr: self.address.host_port(),
+            fp,
+            secret: URL_SAFE_NO_PAD.encode(self.secret),
+        };
+        let json = serde_json::to_vec(&wire).unwrap_or_default();
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+    }
+
+    /// Parses a token; surrounding white space is ignored.
+    pub fn parse(text: &str) -> Result<Self, JoinRefusal> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(JoinRefusal::Missing);
+        }
+        if text.len() > MAX_TOKEN_LEN {
+            return Err(JoinRefusal::BadFormat);
+        }
+        let body = text.strip_prefix(PREFIX).ok_or(JoinRefusal::BadFormat)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| JoinRefusal::BadFormat)?;
+        let wire: Wire = serde_json::from_slice(&json).map_err(|_| JoinRefusal::BadFormat)?;
+        if wire.v != 1 || !valid_id(&wire.id) {
+            return Err(JoinRefusal::BadFormat);
+        }
+        let fp: Fingerprint = wire.fp.parse().map_err(|_| JoinRefusal::BadFormat)?;
+        let mut address: ClusterAddress = wire.addr.parse().map_err(|_| JoinRefusal::BadFormat)?;
+        if address.fingerprint.is_some() {
+            return Err(JoinRefusal::BadFormat);
+        }
+        address.fingerprint = Some(fp);
+        let secret = URL_SAFE_NO_PAD
+            .decode(&wire.secret)
+            .map_err(|_| JoinRefusal::BadFormat)?;
+        let secret: [u8; 32] = secret.try_into().map_err(|_| JoinRefusal::BadFormat)?;
+        Ok(JoinToken {
+            id: wire.id,
+            address,
+            secret,
+        })
+    }
+}
+
+/// Token ids: 1-64 of `[A-Za-z0-9-]`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// SHA-256 of a secret, as stored (hex).
+pub fn secret_hash(secret: &[u8; 32]) -> String {
+    hex::encode(Sha256::digest(secret))
+}
+
+/// What the store keeps of a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub id: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_sha256: String,
+    pub created_unix: i64,
+    pub expires_unix: i64,
+    pub reusable: bool,
+    /// Successful enrollments.
+    pub uses: u32,
+    pub revoked: bool,
+    /// Name given to runners that join with it (when they give none).
+    #[serde(default)]
+    pub name: String,
+    /// Labels given to runners that join with it.
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+}
+
+/// State of a token at some moment, for listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinTokenState {
+    Valid,
+    Used,
+    Revoked,
+    Expired,
+}
+
+impl JoinTokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinTokenState::Valid => "valid",
+            JoinTokenState::Used => "used",
+            JoinTokenState::Revoked => "revoked",
+            JoinTokenState::Expired => "expired",
+        }
+    }
+}
+
+impl JoinTokenRecord {
+    /// The state at `now`.
+    pub fn state(&self, now: i64) -> JoinTokenState {
+        if self.revoked {
+            JoinTokenState::Revoked
+        } else if !self.reusable && self.uses > 0 {
+            JoinTokenState::Used
+        } else if now >= self.expires_unix {
+            JoinTokenState::Expired
+        } else {
+            JoinTokenState::Valid
+        }
+    }
+
+    /// Decides whether `secret` may enroll a runner at `now`; on success
+    /// returns the record as it must be stored afterwards (uses + 1).
+    pub fn redeem(&self, secret: &[u8; 32], now: i64) -> Result<JoinTokenRecord, JoinRefusal> {
+        let presented = secret_hash(secret);
+        if !constant_time_eq(presented.as_bytes(), self.secret_sha256.as_bytes()) {
+            return Err(JoinRefusal::Unknown);
+        }
+        match self.state(now) {
+            JoinTokenState::Valid => {}
+            JoinTokenState::Used | JoinTokenState::Revoked => {
+                return Err(JoinRefusal::UsedOrRevoked)
+            }
+            JoinTokenState::Expired => return Err(JoinRefusal::Expired),
+        }
+        let mut next = self.clone();
+        next.uses = next.uses.saturating_add(1);
+        Ok(next)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> ClusterAddress {
+        "coord.example:8443;sha1:0123456789abcdef0123456789abcdef01234567"
+            .parse()
+            .unwrap()
+    }
+
+    fn record(secret: &[u8; 32], reusable: bool) -> JoinTokenRecord {
+        JoinTokenRecord {
+            id: "t1".into(),
+            secret_sha256: secret_hash(secret),
+            created_unix: 1000,
+            expires_unix: 4600,
+            reusable,
+            uses: 0,
+            revoked: false,
+            name: String::new(),
+            labels: vec![],
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_address_pin_and_secret() {
+        let t = JoinToken::new("abc-1".into(), addr(), [7u8; 32]).unwrap();
+        let s = t.encode();
+        assert!(s.starts_with("mren_"));
+        let back = JoinToken::parse(&format!("  {s}\n")).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.address.to_string(), addr().to_string());
+    }
+
+    #[test]
+    fn an_address_without_pin_cannot_make_a_token() {
+        let a: ClusterAddress = "h:1".parse().unwrap();
+        assert!(JoinToken::new("x".into(), a, [0; 32]).is_none());
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        assert_eq!(JoinToken::parse(""), Err(JoinRefusal::Missing));
+        assert_eq!(JoinToken::parse("   "), Err(JoinRefusal::Missing));
+        for bad in [
+            "hello",
+            "mren_",
+            "mren_!!!",
+            "mren_e30",
+            "mren_eyJ2IjoyfQ",
+            &format!("mren_{}", "A".repeat(3000)),
+        ] {
+            assert_eq!(JoinToken::parse(bad), Err(JoinRefusal::BadFormat), "{bad}");
+        }
+        // A valid structure with a short secret.
+        let t = JoinToken::new("i".into(), addr(), [1; 32])
+            .unwrap()
+            .encode();
+        let json = URL_SAFE_NO_PAD.decode(&t[5..]).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["secret"] = "AAAA".into();
+        let forged = format!("mren_{}", URL_SAFE_NO_PAD.encode(v.to_string()));
+        assert_eq!(JoinToken::parse(&forged), Err(JoinRefusal::BadFormat));
+        // An unknown field, or a fingerprint that is not one.
+        v["secret"] = URL_SAFE_NO_PAD.encode([1u8; 32]).into();
+        v["fp"] = "nope".into();
+        let forged = format!("mren_{}", URL_SAFE_NO_PAD.encode(v.to_string()));
+        assert_eq!(JoinToken::parse(&forged), Err(JoinRefusal::BadFormat));
+    }
+
+    #[test]
+    fn one_time_token_is_used_once() {
+        let secret = [9u8; 32];
+        let r = record(&secret, false);
+        let after = r.redeem(&secret, 2000).unwrap();
+        assert_eq!(after.uses, 1);
+        assert_eq!(after.redeem(&secret, 2001), Err(JoinRefusal::UsedOrRevoked));
+        assert_eq!(after.state(2001), JoinTokenState::Used);
+    }
+
+    #[test]
+    fn reusable_token_counts_enrollments() {
+        let secret = [9u8; 32];
+        let r = record(&secret, true);
+        let r = r.redeem(&secret, 2000).unwrap();
+        let r = r.redeem(&secret, 2000).unwrap();
+        assert_eq!(r.uses, 2);
+        assert_eq!(r.state(2000), JoinTokenState::Valid);
+    }
+
+    #[test]
+    fn expired_revoked_and_wrong_secret_are_refused() {
+        let secret = [9u8; 32];
+        let r = record(&secret, false);
+        assert_eq!(r.redeem(&secret, 4600), Err(JoinRefusal::Expired));
+        assert!(r.redeem(&secret, 4599).is_ok());
+        let mut revoked = r.clone();
+        revoked.revoked = true;
+        assert_eq!(
+            revoked.redeem(&secret, 2000),
+            Err(JoinRefusal::UsedOrRevoked)
+        );
+        assert_eq!(r.redeem(&[8u8; 32], 2000), Err(JoinRefusal::Unknown));
+    }
+
+    #[test]
+    fn ttl_limits() {
+        assert_eq!(check_ttl(0, false), Err(JoinTokenTtlError::TooShort));
+        assert_eq!(check_ttl(168 * 3600, false), Ok(168 * 3600));
+        assert_eq!(
+            check_ttl(168 * 3600 + 1, false),
+            Err(JoinTokenTtlError::OneTimeTooLong)
+        );
+        assert_eq!(check_ttl(168 * 3600 + 1, true), Ok(168 * 3600 + 1));
+        assert_eq!(
+            check_ttl(MAX_REUSABLE_TTL_SECS + 1, true),
+            Err(JoinTokenTtlError::ReusableTooLong)
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! What a runner keeps in its data dir (0700):
+//!
+//! - `runner.json`: runner id, cluster address (with the CA fingerprint), name;
+//! - `identity.pem`: its certificate followed by its private key (0600),
+//!   one file so that a renewal replaces both atomically;
+//! - `ca.crt`: the cluster CA as received at join.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use identity::ClusterAddress;
+use serde::{Deserialize, Serialize};
+use transport::files;
+use transport::pki;
+use transport::tls::ClientIdentity;
+
+/// `runner.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunnerConfig {
+    pub runner_id: String,
+    /// `host:port;sha1:<fingerprint>`.
+    pub cluster: String,
+    pub name: String,
+}
+
+/// A runner's data dir.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub dir: PathBuf,
+}
+
+/// A loaded runner identity.
+pub struct Identity {
+    pub config: RunnerConfig,
+    pub address: ClusterAddress,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Identity {
+    /// The certificate and key to present over mTLS.
+    pub fn client_identity(&self) -> anyhow::Result<ClientIdentity> {
+        Ok(ClientIdentity {
+            chain: vec![pki::cert_der_from_pem(&self.cert_pem)?],
+            key: pki::key_der_from_pem(&self.key_pem)?,
+        })
+    }
+
+    /// `notAfter` of the certificate.
+    pub fn expires_unix(&self) -> anyhow::Result<i64> {
+        Ok(pki::not_after_unix(&self.cert_pem)?)
+    }
+}
+
+impl DataDir {
+    pub fn new(dir: &Path) -> Self {
+        DataDir {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("runner.json")
+    }
+
+    fn identity_path(&self) -> PathBuf {
+        self.dir.join("identity.pem")
+    }
+
+    /// Whether this runner has joined a cluster.
+    pub fn has_joined(&self) -> bool {
+        self.config_path().exists()
+    }
+
+    /// Loads the identity; every failure names the file.
+    pub fn load(&self) -> anyhow::Result<Identity> {
+        let cfg_path = self.config_path();
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let config: RunnerConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is corrupt", cfg_path.display()))?;
+        let address: ClusterAddress = config
+            .cluster
+            .parse()
+            .with_context(|| format!("cluster address in {}", cfg_path.display()))?;
+        let id_path = self.identity_path();
+        let pem = std::fs::read_to_string(&id_path)
+            .with_context(|| format!("reading {}", id_path.display()))?;
+        let (cert_pem, key_pem) =
+            split_identity(&pem).with_context(|| format!("{} is corrupt", id_path.display()))?;
+        Ok(Identity {
+            config,
+            address,
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// Saves a new identity (first join): identity file, CA, then
+    /// `runner.json` last (its presence means "joined").
+    pub fn save_joined(
+        &self,
+        config: &RunnerConfig,
+        cert_pem: &str,
+        key_pem: &str,
+        ca_pem: &str,
+    ) -> anyhow::Result<()> {
+        files::ensure_private_dir(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        self.save_identity(cert_pem, key_pem)?;
+        files::write_atomic(&self.dir.join("ca.crt"), ca_pem.as_bytes(), 0o644)?;
+        let json = serde_json::to_vec_pretty(config)?;
+        files::write_atomic(&self.config_path(), &json, 0o600)?;
+        Ok(())
+    }
+
+    /// Replaces the certificate and key together.
+    pub fn save_identity(&self, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+        let both = format!("{}\n{}", cert_pem.trim_end(), key_pem);
+        files::write_atomic(&self.identity_path(), both.as_bytes(), 0o600)
+            .with_context(|| format!("writing {}", self.identity_path().display()))
+    }
+}
+
+fn split_identity(pem: &str) -> anyhow::Result<(String, String)> {
+    let marker = "-----BEGIN PRIVATE KEY-----";
+    let at = pem
+        .find(marker)
+        .ok_or_else(|| anyhow::anyhow!("no private key"))?;
+    let (cert, key) = pem.split_at(at);
+    pki::cert_der_from_pem(cert)?;
+    pki::key_der_from_pem(key)?;
+    Ok((cert.trim_end().to_string() + "\n", key.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips_and_corruption_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(&dir.path().join("r"));
+        let ca = pki::ClusterCa::generate("t").unwrap();
+        let loaded = pki::ClusterCa::load(&ca.cert_pem, &ca.key_pem).unwrap();
+        let client = loaded.issue_client("runner-x", time_days(1)).unwrap();
+        let cfg = RunnerConfig {
+            runner_id: "x".into(),
+            cluster: format!("h:1;sha1:{}", loaded.fingerprint()),
+            name: "n".into(),
+        };
+        d.save_joined(&cfg, &client.cert_pem, &client.key_pem, &ca.cert_pem)
+            .unwrap();
+        let id = d.load().unwrap();
+        assert_eq!(id.config, cfg);
+        assert_eq!(id.key_pem, client.key_pem);
+        std::fs::write(d.dir.join("identity.pem"), "garbage").unwrap();
+        let err = format!("{:#}", d.load().err().unwrap());
+        assert!(err.contains("identity.pem"), "{err}");
+    }
+
+    fn time_days(n: i64) -> ::time::Duration {
+        ::time::Duration::days(n)
+    }
+}
