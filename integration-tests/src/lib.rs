@@ -196,3 +196,105 @@ pub fn temp() -> tempfile::TempDir {
         .tempdir()
         .expect("temp dir")
 }
+
+/// A `miren runner` process with its output captured to files.
+pub struct RunnerProc {
+    child: Child,
+    pub data_dir: PathBuf,
+    out_path: PathBuf,
+}
+
+impl RunnerProc {
+    /// Starts `miren runner --data-dir DIR [--join CODE] extra…`.
+    pub fn start(data_dir: &Path, join: Option<&str>, extra: &[&str]) -> RunnerProc {
+        Self::start_with(Command::new(miren_bin()), data_dir, join, extra)
+    }
+
+    /// Like [`RunnerProc::start`] with a prepared command (e.g. `ip netns exec NS miren`).
+    pub fn start_with(mut cmd: Command, data_dir: &Path, join: Option<&str>, extra: &[&str]) -> RunnerProc {
+        let out_path = data_dir.with_extension("log");
+        let out = std::fs::File::create(&out_path).expect("runner log");
+        let err = out.try_clone().expect("runner log");
+        cmd.arg("runner").arg("--data-dir").arg(data_dir);
+        if let Some(code) = join {
+            cmd.arg("--join").arg(code);
+        }
+        cmd.args(extra)
+            .env_remove("MIREN_CLUSTER")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().expect("starting miren runner");
+        RunnerProc {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            out_path,
+        }
+    }
+
+    /// Everything the runner printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.out_path).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit on its own; returns (success, output).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<(bool, String)> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some((status.success(), self.output()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The runner id it saved when it joined.
+    pub fn runner_id(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.data_dir.join("runner.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["runner_id"].as_str().map(str::to_string)
+    }
+}
+
+impl Drop for RunnerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it is true or `limit` passes.
+pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `miren runner list -o json` as JSON.
+pub fn runners(config: &Path) -> Vec<serde_json::Value> {
+    let run = miren(config, &["runner", "list", "-o", "json"], &[]);
+    if !run.ok {
+        return vec![];
+    }
+    serde_json::from_str::<serde_json::Value>(&run.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Status of runner `id` in `runner list`, if listed.
+pub fn runner_status(config: &Path, id: &str) -> Option<String> {
+    runners(config)
+        .into_iter()
+        .find(|r| r["id"] == id)
+        .and_then(|r| r["status"].as_str().map(str::to_string))
+}
