@@ -211,7 +211,12 @@ impl RunnerProc {
     }
 
     /// Like [`RunnerProc::start`] with a prepared command (e.g. `ip netns exec NS miren`).
-    pub fn start_with(mut cmd: Command, data_dir: &Path, join: Option<&str>, extra: &[&str]) -> RunnerProc {
+    pub fn start_with(
+        mut cmd: Command,
+        data_dir: &Path,
+        join: Option<&str>,
+        extra: &[&str],
+    ) -> RunnerProc {
         let out_path = data_dir.with_extension("log");
         let out = std::fs::File::create(&out_path).expect("runner log");
         let err = out.try_clone().expect("runner log");

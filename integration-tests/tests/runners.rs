@@ -30,7 +30,10 @@ fn refused_join(dir: &std::path::Path, code: &str) -> String {
         .wait_exit(Duration::from_secs(20))
         .expect("a refused runner must exit");
     assert!(!ok, "join should have been refused: {out}");
-    assert!(r.runner_id().is_none(), "a refused runner saved an identity");
+    assert!(
+        r.runner_id().is_none(),
+        "a refused runner saved an identity"
+    );
     out
 }
 
@@ -41,13 +44,22 @@ fn two_runners_join_and_the_registry_tracks_them() {
     let server = Server::start(&dir.path().join("coord"), &cfg, "127.0.0.1:0", &[]);
 
     let one_time = create_token(&cfg, &["--label", "zone=a"]);
-    let r1 = RunnerProc::start(&dir.path().join("r1"), Some(&one_time), &["--name", "alpha"]);
+    let r1 = RunnerProc::start(
+        &dir.path().join("r1"),
+        Some(&one_time),
+        &["--name", "alpha"],
+    );
     let id1 = joined(&r1);
     let reusable = create_token(&cfg, &["--reusable", "--name", "pool"]);
-    let r2 = RunnerProc::start(&dir.path().join("r2"), Some(&reusable), &["--label", "gpu=no"]);
+    let r2 = RunnerProc::start(
+        &dir.path().join("r2"),
+        Some(&reusable),
+        &["--label", "gpu=no"],
+    );
     let id2 = joined(&r2);
     assert_ne!(id1, id2);
-    assert!(wait_for(READY, || runner_status(&cfg, &id1).as_deref() == Some("ready")
+    assert!(wait_for(READY, || runner_status(&cfg, &id1).as_deref()
+        == Some("ready")
         && runner_status(&cfg, &id2).as_deref() == Some("ready")));
 
     let list = runners(&cfg);
@@ -64,7 +76,10 @@ fn two_runners_join_and_the_registry_tracks_them() {
         .unwrap()
         .as_secs() as i64;
     let expires = a["cert_expires_unix"].as_i64().unwrap();
-    assert!((expires - now - 7 * 86400).abs() < 600, "cert expiry {expires}");
+    assert!(
+        (expires - now - 7 * 86400).abs() < 600,
+        "cert expiry {expires}"
+    );
     // The saved identity has a private key that never left the runner (0600).
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(dir.path().join("r1/identity.pem")).unwrap();
@@ -72,36 +87,68 @@ fn two_runners_join_and_the_registry_tracks_them() {
 
     // The text listing has the documented columns.
     let table = miren(&cfg, &["runner", "list"], &[]);
-    for col in ["ID", "NAME", "STATUS", "LABELS", "SANDBOXES", "LAST SEEN", "VERSION"] {
+    for col in [
+        "ID",
+        "NAME",
+        "STATUS",
+        "LABELS",
+        "SANDBOXES",
+        "LAST SEEN",
+        "VERSION",
+    ] {
         assert!(table.stdout.contains(col), "{}", table.stdout);
     }
 
     // One-time code used twice: refused the second time.
     let out = refused_join(&dir.path().join("r3"), &one_time);
-    assert!(out.contains("join code has already been used or revoked"), "{out}");
+    assert!(
+        out.contains("join code has already been used or revoked"),
+        "{out}"
+    );
     // The store kept only a hash: the secret is nowhere in the token list.
     let tokens = miren(&cfg, &["runner", "token", "list", "-o", "json"], &[]);
     let secret_part = &one_time[one_time.len() - 20..];
     assert!(!tokens.stdout.contains(secret_part));
     let tokens: serde_json::Value = serde_json::from_str(&tokens.stdout).unwrap();
-    assert!(tokens.as_array().unwrap().iter().any(|t| t["state"] == "used" && t["uses"] == 1));
-    assert!(tokens.as_array().unwrap().iter().any(|t| t["reusable"] == true && t["uses"] == 1));
+    assert!(tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["state"] == "used" && t["uses"] == 1));
+    assert!(tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["reusable"] == true && t["uses"] == 1));
 
     // Cordon shows in the listing and comes back off.
     assert!(miren(&cfg, &["runner", "cordon", "alpha"], &[]).ok);
-    let a = runners(&cfg).into_iter().find(|r| r["id"] == id1.as_str()).unwrap();
+    let a = runners(&cfg)
+        .into_iter()
+        .find(|r| r["id"] == id1.as_str())
+        .unwrap();
     assert_eq!(a["cordoned"], true);
     assert!(miren(&cfg, &["runner", "uncordon", &id1], &[]).ok);
-    let a = runners(&cfg).into_iter().find(|r| r["id"] == id1.as_str()).unwrap();
+    let a = runners(&cfg)
+        .into_iter()
+        .find(|r| r["id"] == id1.as_str())
+        .unwrap();
     assert_eq!(a["cordoned"], false);
 
     // Restarting the coordinator brings both runners back by themselves.
     let port = server.host_port().rsplit(':').next().unwrap().to_string();
     let (ok, err) = server.stop();
     assert!(ok, "{err}");
-    let _server = Server::start(&dir.path().join("coord"), &cfg, &format!("127.0.0.1:{port}"), &[]);
+    let _server = Server::start(
+        &dir.path().join("coord"),
+        &cfg,
+        &format!("127.0.0.1:{port}"),
+        &[],
+    );
     assert!(
-        wait_for(Duration::from_secs(60), || runner_status(&cfg, &id1).as_deref() == Some("ready")
+        wait_for(Duration::from_secs(60), || runner_status(&cfg, &id1)
+            .as_deref()
+            == Some("ready")
             && runner_status(&cfg, &id2).as_deref() == Some("ready")),
         "runners did not come back: {:?}\n{}\n{}",
         runners(&cfg),
@@ -135,7 +182,10 @@ fn expired_revoked_and_malformed_codes_are_refused() {
         .to_string();
     assert!(miren(&cfg, &["runner", "token", "revoke", &id], &[]).ok);
     let out = refused_join(&dir.path().join("r-rev"), &revoked);
-    assert!(out.contains("join code has already been used or revoked"), "{out}");
+    assert!(
+        out.contains("join code has already been used or revoked"),
+        "{out}"
+    );
 
     let out = refused_join(&dir.path().join("r-bad"), "mren_not-base64-json");
     assert!(out.contains("invalid join code format"), "{out}");
@@ -159,7 +209,12 @@ fn code_pointing_at_another_cluster_is_refused_before_the_secret_is_sent() {
     let cfg_a = dir.path().join("a.yaml");
     let cfg_b = dir.path().join("b.yaml");
     let _a = Server::start(&dir.path().join("a"), &cfg_a, "127.0.0.1:0", &[]);
-    let b = Server::start(&dir.path().join("b"), &cfg_b, "127.0.0.1:0", &["--cluster-name", "b"]);
+    let b = Server::start(
+        &dir.path().join("b"),
+        &cfg_b,
+        "127.0.0.1:0",
+        &["--cluster-name", "b"],
+    );
     let code = create_token(&cfg_a, &[]);
 
     // An attacker redirects the code to cluster B (which it controls).
@@ -171,7 +226,10 @@ fn code_pointing_at_another_cluster_is_refused_before_the_secret_is_sent() {
     let redirected = format!("mren_{}", engine.encode(wire.to_string()));
 
     let out = refused_join(&dir.path().join("r"), &redirected);
-    assert!(out.contains("TLS certificate fingerprint mismatch"), "{out}");
+    assert!(
+        out.contains("TLS certificate fingerprint mismatch"),
+        "{out}"
+    );
     // B never saw a join: no runner registered there, and A's code is intact.
     assert!(runners(&cfg_b).is_empty());
     let good = RunnerProc::start(&dir.path().join("r-good"), Some(&code), &[]);
@@ -186,7 +244,8 @@ fn removed_runner_is_cut_off_and_cannot_reconnect() {
     let code = create_token(&cfg, &[]);
     let mut r = RunnerProc::start(&dir.path().join("r"), Some(&code), &[]);
     let id = joined(&r);
-    assert!(wait_for(READY, || runner_status(&cfg, &id).as_deref() == Some("ready")));
+    assert!(wait_for(READY, || runner_status(&cfg, &id).as_deref()
+        == Some("ready")));
 
     let removed = miren(&cfg, &["runner", "remove", &id], &[]);
     assert!(removed.ok, "{removed:?}");
