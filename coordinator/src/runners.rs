@@ -21,8 +21,8 @@ use transport::pki::{self, ClusterCa};
 
 use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
 
-/// Lifetime of runner certificates.
-pub const RUNNER_CERT_DAYS: i64 = 7;
+/// Default lifetime of runner certificates.
+pub const RUNNER_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
 /// Runners heartbeat this often.
 pub const HEARTBEAT_SECS: i64 = 5;
 /// A runner not heard from for this long is down.
@@ -101,6 +101,8 @@ impl RunnerView {
 /// Join tokens, runner records and live runner connections.
 pub struct Registry {
     store: Arc<dyn Store>,
+    /// Lifetime of the runner certificates it issues.
+    cert_validity: time::Duration,
     live: Mutex<HashMap<String, Live>>,
     /// Seen at least once since start, even if disconnected now.
     last_seen: Mutex<HashMap<String, (i64, LiveStatus)>>,
@@ -160,9 +162,10 @@ pub fn check_name_and_labels(name: &str, labels: &[(String, String)]) -> Result<
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>, cert_validity: std::time::Duration) -> Self {
         Registry {
             store,
+            cert_validity: time::Duration::seconds(cert_validity.as_secs().max(60) as i64),
             live: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
             next_session: std::sync::atomic::AtomicU64::new(1),
@@ -260,11 +263,8 @@ impl Registry {
             let record: JoinTokenRecord = decode(&key, &bytes)?;
             let redeemed = record.redeem(&secret, now)?;
             let id = uuid::Uuid::new_v4().to_string();
-            let cert_pem = ca.issue_client_for_csr(
-                &format!("runner-{id}"),
-                time::Duration::days(RUNNER_CERT_DAYS),
-                csr_der,
-            )?;
+            let cert_pem =
+                ca.issue_client_for_csr(&format!("runner-{id}"), self.cert_validity, csr_der)?;
             let mut all_labels = record.labels.clone();
             for (k, v) in labels.iter() {
                 all_labels.retain(|(ek, _)| ek != k);
@@ -419,11 +419,8 @@ impl Registry {
         if self.record(id)?.is_none() {
             return Err(RegistryError::Removed(id.to_string()));
         }
-        let cert_pem = ca.issue_client_for_csr(
-            &format!("runner-{id}"),
-            time::Duration::days(RUNNER_CERT_DAYS),
-            csr_der,
-        )?;
+        let cert_pem =
+            ca.issue_client_for_csr(&format!("runner-{id}"), self.cert_validity, csr_der)?;
         let expires = pki::not_after_unix(&cert_pem)?;
         self.update_record(id, |r| r.cert_expires_unix = expires)?;
         Ok(cert_pem)

@@ -48,6 +48,8 @@ pub struct CoordinatorOptions {
     /// default: the server certificate of the cluster CA.
     pub https_cert: Option<PathBuf>,
     pub https_key: Option<PathBuf>,
+    /// Lifetime of runner certificates (renewed at half-life).
+    pub runner_cert_validity: Duration,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -157,7 +159,7 @@ impl Coordinator {
             started: Instant::now(),
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
-            registry: Registry::new(store.clone()),
+            registry: Registry::new(store.clone(), opts.runner_cert_validity),
             store,
             ca: material.ca,
             address: address.clone(),
@@ -308,7 +310,8 @@ fn operator_https_tls(
 async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
     let rotation = rotation.as_secs() as i64;
     let window = state.jwks_max_age_secs;
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let every = Duration::from_secs((rotation / 4).clamp(1, 10) as u64);
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let now = now_unix();

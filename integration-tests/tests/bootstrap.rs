@@ -277,3 +277,41 @@ fn dev_mode_is_ready_and_configures_the_cli() {
     assert_eq!(doc["name"], "dev");
     assert_eq!(doc["identity"], "admin");
 }
+
+#[test]
+fn a_rotation_interrupted_by_a_crash_leaves_a_usable_key_set() {
+    let dir = temp();
+    let cfg = dir.path().join("c.yaml");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &cfg, "127.0.0.1:0", &[]);
+    let (ok, err) = server.stop();
+    assert!(ok, "{err}");
+    // A crash after the new key file was written but before the index named
+    // it: an orphan RSA key and a leftover temporary index.
+    let orphan = data.join("keys/rs256-9999999999-orphan00.pem");
+    let made = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys;from cryptography.hazmat.primitives.asymmetric import rsa;from cryptography.hazmat.primitives import serialization as s;k=rsa.generate_private_key(public_exponent=65537,key_size=2048);open(sys.argv[1],'wb').write(k.private_bytes(s.Encoding.PEM,s.PrivateFormat.PKCS8,s.NoEncryption()))",
+        ])
+        .arg(&orphan)
+        .status()
+        .expect("python3");
+    assert!(
+        made.success(),
+        "python cryptography is needed (./scripts/test.sh installs it)"
+    );
+    std::fs::write(data.join("keys/.index.json.tmp-4242"), b"{\"keys\": [").unwrap();
+    let _server = Server::start(&data, &cfg, "127.0.0.1:0", &[]);
+    let keys = miren(&cfg, &["identity", "keys", "list", "-o", "json"], &[]);
+    assert!(keys.ok, "{keys:?}");
+    let keys: serde_json::Value = serde_json::from_str(&keys.stdout).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    assert_eq!(keys[0]["state"], "active");
+    let token = miren(
+        &cfg,
+        &["identity", "token", "--app", "a", "--sandbox", "s"],
+        &[],
+    );
+    assert!(token.ok, "{token:?}");
+}

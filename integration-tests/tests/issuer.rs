@@ -333,3 +333,38 @@ fn previous_issuer_stays_accepted_after_issuer_url_changes() {
         refused.stderr
     );
 }
+
+#[test]
+fn signing_key_rotates_automatically_and_old_tokens_keep_verifying() {
+    let dir = temp();
+    let cfg = dir.path().join("c.yaml");
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        &cfg,
+        "127.0.0.1:0",
+        &["--signing-key-rotation", "4s", "--jwks-max-age", "1s"],
+    );
+    let issuer = issuer_of(&server);
+    let first = mint(&cfg, &["--app", "web", "--sandbox", "s1"]);
+    let first_kid = kid_of(&first);
+    let mut later = String::new();
+    assert!(
+        integration_tests::wait_for(Duration::from_secs(30), || {
+            later = mint(&cfg, &["--app", "web", "--sandbox", "s1"]);
+            kid_of(&later) != first_kid
+        }),
+        "no automatic rotation happened"
+    );
+    let (ok, report) = outside_verify(&issuer, &data.join("ca.crt"), "miren", &first);
+    assert!(ok, "token of the rotated-out key refused: {report}");
+    let (ok, report) = outside_verify(&issuer, &data.join("ca.crt"), "miren", &later);
+    assert!(ok, "{report}");
+    let list = miren(&cfg, &["identity", "keys", "list", "-o", "json"], &[]);
+    let keys: Value = serde_json::from_str(&list.stdout).unwrap();
+    assert!(keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["kid"] == first_kid.as_str() && k["state"] == "retired"));
+}

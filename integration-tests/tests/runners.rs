@@ -267,3 +267,56 @@ fn removed_runner_is_cut_off_and_cannot_reconnect() {
     assert!(!unknown.ok);
     assert!(unknown.stderr.contains("no runner"), "{}", unknown.stderr);
 }
+
+#[test]
+fn certificates_are_renewed_and_a_duplicate_runner_id_is_refused() {
+    let dir = temp();
+    let cfg = dir.path().join("c.yaml");
+    let _server = Server::start(
+        &dir.path().join("coord"),
+        &cfg,
+        "127.0.0.1:0",
+        &["--runner-cert-validity", "20s"],
+    );
+    let code = create_token(&cfg, &[]);
+    let r = RunnerProc::start(&dir.path().join("r"), Some(&code), &[]);
+    let id = joined(&r);
+    assert!(wait_for(READY, || runner_status(&cfg, &id).as_deref()
+        == Some("ready")));
+    let expiry = |cfg: &std::path::Path| {
+        runners(cfg)
+            .into_iter()
+            .find(|x| x["id"] == id.as_str())
+            .and_then(|x| x["cert_expires_unix"].as_i64())
+            .unwrap_or(0)
+    };
+    let first = expiry(&cfg);
+    let pem_before = std::fs::read_to_string(dir.path().join("r/identity.pem")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(40), || expiry(&cfg) > first),
+        "certificate not renewed: {}",
+        r.output()
+    );
+    let pem_after = std::fs::read_to_string(dir.path().join("r/identity.pem")).unwrap();
+    assert_ne!(
+        pem_before, pem_after,
+        "renewal must replace the saved identity"
+    );
+    assert!(wait_for(READY, || runner_status(&cfg, &id).as_deref()
+        == Some("ready")));
+
+    // A copy of the runner's identity cannot open a second session.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["runner.json", "identity.pem", "ca.crt"] {
+        std::fs::copy(dir.path().join("r").join(f), copy.join(f)).unwrap();
+    }
+    let dup = RunnerProc::start(&copy, None, &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || dup
+            .output()
+            .contains("duplicate runner id")),
+        "{}",
+        dup.output()
+    );
+}

@@ -116,7 +116,10 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         labels: a.labels,
         isolation: "none".into(),
     };
-    run_local(runner::run(opts, crate::cmd::server::shutdown_signal()))
+    run_local(async move {
+        let shutdown = crate::cmd::server::shutdown_signal()?;
+        runner::run(opts, shutdown).await
+    })
 }
 
 async fn cordon(cluster: Option<&str>, id: String, on: bool) -> anyhow::Result<()> {

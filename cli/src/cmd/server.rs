@@ -46,6 +46,9 @@ pub struct ServerArgs {
     /// PEM private key of --https-cert.
     #[arg(long, requires = "https_cert")]
     https_key: Option<PathBuf>,
+    /// Lifetime of runner certificates; runners renew at half-life.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    runner_cert_validity: Duration,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -58,6 +61,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     let (data_dir, _temp) = match (&args.data_dir, args.dev) {
         (Some(d), _) => (d.clone(), None),
         (None, true) => {
@@ -91,6 +95,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         https_listen: args.https_listen,
         https_cert: args.https_cert.clone(),
         https_key: args.https_key.clone(),
+        runner_cert_validity: args.runner_cert_validity,
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();
@@ -170,7 +175,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
 
     coordinator
         .serve(async move {
-            shutdown_signal().await;
+            shutdown.await;
             let _ = stop_tx.send(true);
         })
         .await?;
@@ -181,25 +186,17 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// SIGINT or SIGTERM. The handlers are installed when this is called (inside
+/// a runtime), so a signal that arrives before the future is polled is not
+/// lost and does not kill the process.
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
 }
