@@ -1,10 +1,12 @@
 //! `miren`: the one binary. `miren server` runs a coordinator; every other
 //! command is a client of one (see `config` for how the cluster is chosen).
 
+mod appconfig;
 mod cmd;
 mod config;
 mod connect;
 mod output;
+mod pack;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,11 @@ struct Cli {
 enum Command {
     /// Run a coordinator (the cluster's CA, signing keys and store).
     Server(cmd::server::ServerArgs),
+    /// Pack the app in a directory, upload it and roll it out.
+    Deploy(cmd::app::DeployArgs),
+    /// Operate apps: list, status, delete.
+    #[command(subcommand)]
+    App(cmd::app::AppCmd),
     /// Manage the clusters this CLI knows.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCmd),
@@ -49,6 +56,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => cmd::server::run(args),
+        Command::Deploy(d) => cmd::app::deploy(d, cli.cluster.as_deref()),
+        Command::App(a) => cmd::app::run(a, cli.cluster.as_deref()),
         Command::Cluster(c) => cmd::cluster::run(c, cli.cluster.as_deref()),
         Command::Runner(r) => cmd::runner::run(r, cli.cluster.as_deref()),
         Command::Identity(c) => cmd::identity::run(c, cli.cluster.as_deref()),

@@ -73,6 +73,7 @@ pub struct LiveStatus {
 
 struct Live {
     conn: quinn::Connection,
+    commands: tokio::sync::mpsc::UnboundedSender<crate::apps::RunnerCommand>,
     session: u64,
     last_seen: i64,
     status: LiveStatus,
@@ -342,6 +343,7 @@ impl Registry {
         &self,
         id: &str,
         conn: quinn::Connection,
+        commands: tokio::sync::mpsc::UnboundedSender<crate::apps::RunnerCommand>,
         now: i64,
     ) -> Result<u64, RegistryError> {
         if self.record(id)?.is_none() {
@@ -368,12 +370,21 @@ impl Registry {
             id.to_string(),
             Live {
                 conn,
+                commands,
                 session,
                 last_seen: now,
                 status: LiveStatus::default(),
             },
         );
         Ok(session)
+    }
+
+    /// The command channel of a connected runner.
+    pub fn commands(
+        &self,
+        id: &str,
+    ) -> Option<tokio::sync::mpsc::UnboundedSender<crate::apps::RunnerCommand>> {
+        self.live.lock().ok()?.get(id).map(|l| l.commands.clone())
     }
 
     /// Forgets a live connection when its session ends.

@@ -12,6 +12,7 @@ use capnp::capability::Rc;
 use schema::miren_capnp::{admin, cluster, Role};
 use transport::PeerIdentity;
 
+use crate::apps::{AppError, Apps, RunnerCommand, SandboxReport, Service};
 use crate::datadir::{now_unix, ClusterMeta};
 use crate::issuer::IssuerHistory;
 use crate::keyring::{KeyRing, KeyStatus};
@@ -20,6 +21,7 @@ use crate::store::Store;
 use identity::join_token::JoinTokenRecord;
 use identity::ClusterAddress;
 use identity::{IssuerUrl, KeySet, Subject, Verifier, WorkloadClaims};
+use schema::miren_capnp::{artifact_upload, runner_agent};
 use schema::miren_capnp::{join_token_info, label, runner_info, runner_session};
 use transport::pki::ClusterCa;
 
@@ -41,7 +43,9 @@ pub struct State {
     /// `host:port;sha1:…` written into join tokens.
     pub address: ClusterAddress,
     /// Join tokens and runners.
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// Apps, sandboxes, artifacts.
+    pub apps: Arc<Apps>,
 }
 
 /// The version every component reports.
@@ -221,7 +225,7 @@ impl cluster::Server for ClusterService {
 
     async fn runner(
         self: Rc<Self>,
-        _: cluster::RunnerParams,
+        params: cluster::RunnerParams,
         mut results: cluster::RunnerResults,
     ) -> Result<(), capnp::Error> {
         let PeerIdentity::Runner { id } = &self.peer else {
@@ -229,11 +233,46 @@ impl cluster::Server for ClusterService {
                 "permission denied: only a joined runner may open a runner session",
             ));
         };
+        let agent: runner_agent::Client = params.get()?.get_agent()?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<RunnerCommand>();
         let session = self
             .state
             .registry
-            .connect(id, self.conn.clone(), now_unix())
+            .connect(id, self.conn.clone(), tx, now_unix())
             .map_err(registry_err)?;
+        // Commands from the (Send) scheduler reach the runner through the
+        // agent capability, which lives on this thread.
+        tokio::task::spawn_local(async move {
+            while let Some(cmd) = rx.recv().await {
+                let (req, done) = match cmd {
+                    RunnerCommand::Start(spec, done) => {
+                        let mut req = agent.start_sandbox_request();
+                        {
+                            let mut s = req.get().init_spec();
+                            s.set_id(&spec.id);
+                            s.set_app(&spec.app);
+                            s.set_version(&spec.version);
+                            s.set_service(&spec.service.name);
+                            s.set_command(&spec.service.command);
+                            s.set_port(spec.service.port);
+                            s.set_artifact_sha256(&spec.artifact);
+                            s.set_issuer_url(&spec.issuer_url);
+                            write_labels(
+                                &spec.service.env,
+                                s.init_env(spec.service.env.len() as u32),
+                            );
+                        }
+                        (req.send().promise.await.map(|_| ()), done)
+                    }
+                    RunnerCommand::Stop(id, done) => {
+                        let mut req = agent.stop_sandbox_request();
+                        req.get().set_id(&id);
+                        (req.send().promise.await.map(|_| ()), done)
+                    }
+                };
+                let _ = done.send(req.map_err(|e| transport::rpc::remote_message(&e)));
+            }
+        });
         let client: runner_session::Client = capnp_rpc::new_client(RunnerSessionService {
             state: self.state.clone(),
             id: id.clone(),
@@ -257,7 +296,80 @@ impl Drop for RunnerSessionService {
     }
 }
 
+fn app_err(e: AppError) -> capnp::Error {
+    failed(e.to_string())
+}
+
 impl runner_session::Server for RunnerSessionService {
+    async fn fetch_artifact(
+        self: Rc<Self>,
+        params: runner_session::FetchArtifactParams,
+        mut results: runner_session::FetchArtifactResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (data, size) = self
+            .state
+            .apps
+            .read_artifact(
+                &self.id,
+                p.get_sha256()?.to_str()?,
+                p.get_offset(),
+                p.get_length(),
+            )
+            .map_err(app_err)?;
+        let mut r = results.get();
+        r.set_data(&data);
+        r.set_size(size);
+        Ok(())
+    }
+
+    async fn issue_workload_token(
+        self: Rc<Self>,
+        params: runner_session::IssueWorkloadTokenParams,
+        mut results: runner_session::IssueWorkloadTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        // Whatever app the runner might believe in, the record decides.
+        let sandbox = self
+            .state
+            .apps
+            .authorize_token(&self.id, p.get_sandbox_id()?.to_str()?)
+            .map_err(app_err)?;
+        let mut audiences = Vec::new();
+        for a in p.get_audiences()? {
+            audiences.push(a?.to_str()?.to_string());
+        }
+        let ttl = match p.get_ttl_secs() {
+            0 => None,
+            n => Some(u64::from(n)),
+        };
+        let subject =
+            Subject::new("", &sandbox.app, &sandbox.id).map_err(|e| failed(e.to_string()))?;
+        let token = self
+            .state
+            .mint_workload_token(&subject, &audiences, ttl, now_unix())?;
+        results.get().set_token(&token);
+        Ok(())
+    }
+
+    async fn report_sandbox(
+        self: Rc<Self>,
+        params: runner_session::ReportSandboxParams,
+        _: runner_session::ReportSandboxResults,
+    ) -> Result<(), capnp::Error> {
+        let r = params.get()?.get_report()?;
+        let report = SandboxReport {
+            state: r.get_state()?.to_string()?,
+            restarts: r.get_restarts(),
+            address: r.get_address()?.to_string()?,
+            last_log: r.get_last_log()?.to_string()?,
+        };
+        self.state
+            .apps
+            .report(&self.id, r.get_id()?.to_str()?, report)
+            .map_err(app_err)
+    }
+
     async fn heartbeat(
         self: Rc<Self>,
         params: runner_session::HeartbeatParams,
@@ -359,7 +471,119 @@ impl State {
     }
 }
 
+/// An artifact upload in progress.
+pub struct UploadService {
+    upload: std::cell::RefCell<crate::apps::Upload>,
+}
+
+impl artifact_upload::Server for UploadService {
+    async fn write(
+        self: Rc<Self>,
+        params: artifact_upload::WriteParams,
+        _: artifact_upload::WriteResults,
+    ) -> Result<(), capnp::Error> {
+        let data = params.get()?.get_data()?;
+        self.upload.borrow_mut().write(data).map_err(app_err)
+    }
+
+    async fn finish(
+        self: Rc<Self>,
+        params: artifact_upload::FinishParams,
+        mut results: artifact_upload::FinishResults,
+    ) -> Result<(), capnp::Error> {
+        let sha = params.get()?.get_sha256()?.to_str()?;
+        let size = self.upload.borrow_mut().finish(sha).map_err(app_err)?;
+        results.get().set_size(size);
+        Ok(())
+    }
+}
+
 impl admin::Server for AdminService {
+    async fn upload_artifact(
+        self: Rc<Self>,
+        _: admin::UploadArtifactParams,
+        mut results: admin::UploadArtifactResults,
+    ) -> Result<(), capnp::Error> {
+        let upload = self.state.apps.upload().map_err(app_err)?;
+        let client: artifact_upload::Client = capnp_rpc::new_client(UploadService {
+            upload: std::cell::RefCell::new(upload),
+        });
+        results.get().set_upload(client);
+        Ok(())
+    }
+
+    async fn deploy(
+        self: Rc<Self>,
+        params: admin::DeployParams,
+        mut results: admin::DeployResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let mut services = Vec::new();
+        for s in p.get_services()? {
+            services.push(Service {
+                name: s.get_name()?.to_string()?,
+                command: s.get_command()?.to_string()?,
+                port: s.get_port(),
+                instances: s.get_instances(),
+                env: read_labels(s.get_env()?)?,
+            });
+        }
+        let version = self
+            .state
+            .apps
+            .deploy(
+                &self.state.registry,
+                p.get_app()?.to_str()?,
+                p.get_artifact_sha256()?.to_str()?,
+                services,
+                self.state.issuer.as_str().to_string(),
+                now_unix(),
+            )
+            .map_err(app_err)?;
+        results.get().set_version(&version);
+        Ok(())
+    }
+
+    async fn app_status(
+        self: Rc<Self>,
+        params: admin::AppStatusParams,
+        mut results: admin::AppStatusResults,
+    ) -> Result<(), capnp::Error> {
+        let app = params.get()?.get_app()?.to_str()?;
+        let json = self.state.apps.status_json(app).map_err(app_err)?;
+        results.get().set_status_json(json.to_string());
+        Ok(())
+    }
+
+    async fn list_apps(
+        self: Rc<Self>,
+        _: admin::ListAppsParams,
+        mut results: admin::ListAppsResults,
+    ) -> Result<(), capnp::Error> {
+        let mut out = Vec::new();
+        for a in self.state.apps.apps().map_err(app_err)? {
+            out.push(self.state.apps.status_json(&a.name).map_err(app_err)?);
+        }
+        results
+            .get()
+            .set_apps_json(serde_json::Value::Array(out).to_string());
+        Ok(())
+    }
+
+    async fn delete_app(
+        self: Rc<Self>,
+        params: admin::DeleteAppParams,
+        _: admin::DeleteAppResults,
+    ) -> Result<(), capnp::Error> {
+        let app = params.get()?.get_app()?.to_string()?;
+        let state = self.state.clone();
+        // Stopping talks to runners through Send channels: run it off this thread's borrow.
+        tokio::spawn(async move { state.apps.delete(&state.registry, &app).await })
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(app_err)
+    }
+
     async fn create_join_token(
         self: Rc<Self>,
         params: admin::CreateJoinTokenParams,
@@ -418,7 +642,12 @@ impl admin::Server for AdminService {
         _: admin::ListRunnersParams,
         mut results: admin::ListRunnersResults,
     ) -> Result<(), capnp::Error> {
-        let runners = self.state.registry.list(now_unix()).map_err(registry_err)?;
+        let mut runners = self.state.registry.list(now_unix()).map_err(registry_err)?;
+        // Sandboxes assigned here, from our own records (not the last heartbeat).
+        let assigned = self.state.apps.sandboxes().map_err(app_err)?;
+        for r in runners.iter_mut() {
+            r.status.sandboxes = assigned.iter().filter(|s| s.runner == r.record.id).count() as u32;
+        }
         let mut list = results.get().init_runners(runners.len() as u32);
         for (i, r) in runners.iter().enumerate() {
             write_runner_info(r, list.reborrow().get(i as u32));

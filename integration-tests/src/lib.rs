@@ -303,3 +303,49 @@ pub fn runner_status(config: &Path, id: &str) -> Option<String> {
         .find(|r| r["id"] == id)
         .and_then(|r| r["status"].as_str().map(str::to_string))
 }
+
+/// A plain HTTP/1.0 GET to `addr` (host:port); returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// Verifies `token` with PyJWT against the issuer's discovery document and
+/// JWKS (fetched over HTTPS trusting `ca`); returns (accepted, report).
+pub fn outside_verify(
+    issuer: &str,
+    ca: &Path,
+    audience: &str,
+    token: &str,
+) -> (bool, serde_json::Value) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/verify_jwt.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(issuer)
+        .arg(ca)
+        .arg(audience)
+        .arg(token)
+        .output()
+        .expect("python3 must be installed (./scripts/test.sh installs what the tests need)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'jwt'"),
+        "PyJWT is missing: run ./scripts/test.sh, which installs it"
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("verifier printed no report ({e}): {stdout}\n{stderr}"));
+    (out.status.success(), report)
+}

@@ -6,30 +6,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{miren, temp, Server};
+use integration_tests::{miren, outside_verify, temp, Server};
 use serde_json::Value;
-
-/// Runs the PyJWT verifier; returns (accepted, report).
-fn outside_verify(issuer: &str, ca: &Path, audience: &str, token: &str) -> (bool, Value) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/verify_jwt.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(issuer)
-        .arg(ca)
-        .arg(audience)
-        .arg(token)
-        .output()
-        .expect("python3 must be installed (./scripts/test.sh installs what the tests need)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'jwt'"),
-        "PyJWT is missing: run ./scripts/test.sh, which installs it"
-    );
-    let report: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("verifier printed no report ({e}): {stdout}\n{stderr}"));
-    (out.status.success(), report)
-}
 
 fn mint(cfg: &Path, args: &[&str]) -> String {
     let mut full = vec!["identity", "token"];

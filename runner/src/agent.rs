@@ -7,7 +7,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use schema::miren_capnp::{cluster, runner_session};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use capnp::capability::Rc as CapRc;
+use schema::miren_capnp::{cluster, runner_agent, runner_session};
+use tokio::sync::mpsc;
+
+use crate::sandbox::{Fetch, Report, Spec, Supervisor};
+use crate::tokens::{Broker, MintRequest};
 use transport::pki;
 use transport::rpc::{connect_connection, remote_message};
 
@@ -78,13 +86,39 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
             id.config.cluster, id.config.runner_id
         );
     }
+    let current: Current = Rc::new(RefCell::new(None));
+    let (mint_tx, mint_rx) = mpsc::unbounded_channel::<MintRequest>();
+    let (report_tx, report_rx) = mpsc::unbounded_channel::<Report>();
+    let supervisor = Rc::new(Supervisor::new(
+        opts.data_dir.clone(),
+        Broker::new(mint_tx),
+        report_tx,
+    ));
+    tokio::task::spawn_local(mint_through_coordinator(current.clone(), mint_rx));
+    tokio::task::spawn_local(forward_reports(current.clone(), report_rx));
+    let result = serve(&data, &opts, shutdown, &current, &supervisor).await;
+    supervisor.stop_all().await;
+    result
+}
+
+/// The session in use, shared by the pieces that talk to the coordinator.
+type Current = Rc<RefCell<Option<runner_session::Client>>>;
+
+async fn serve(
+    data: &DataDir,
+    opts: &RunnerOptions,
+    shutdown: impl Future<Output = ()>,
+    current: &Current,
+    supervisor: &Rc<Supervisor>,
+) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
     loop {
         let ended = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            ended = session(&data, &opts, &mut attempt) => ended,
+            ended = session(data, opts, &mut attempt, current, supervisor) => ended,
         };
+        *current.borrow_mut() = None;
         match ended {
             SessionEnd::Removed(msg) => bail!(
                 "{msg}\nthis runner was removed from the cluster; to join again, move {} aside and run with a new --join code",
@@ -102,8 +136,14 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
     }
 }
 
-async fn session(data: &DataDir, opts: &RunnerOptions, attempt: &mut u32) -> SessionEnd {
-    match session_inner(data, opts, attempt).await {
+async fn session(
+    data: &DataDir,
+    opts: &RunnerOptions,
+    attempt: &mut u32,
+    current: &Current,
+    supervisor: &Rc<Supervisor>,
+) -> SessionEnd {
+    match session_inner(data, opts, attempt, current, supervisor).await {
         Ok(never) => match never {},
         Err(end) => end,
     }
@@ -115,17 +155,24 @@ async fn session_inner(
     data: &DataDir,
     opts: &RunnerOptions,
     attempt: &mut u32,
+    current: &Current,
+    supervisor: &Rc<Supervisor>,
 ) -> Result<Never, SessionEnd> {
     let mut id = data.load()?;
     let (_endpoint, conn) = transport::dial(&id.address, Some(id.client_identity()?)).await?;
     let cluster: cluster::Client = connect_connection(&conn).await.map_err(rpc_err)?;
-    let reply = cluster
-        .runner_request()
-        .send()
-        .promise
-        .await
-        .map_err(rpc_err)?;
+    let mut req = cluster.runner_request();
+    req.get().set_agent(capnp_rpc::new_client(AgentService {
+        supervisor: supervisor.clone(),
+        current: current.clone(),
+    }));
+    let reply = req.send().promise.await.map_err(rpc_err)?;
     let session: runner_session::Client = reply.get()?.get_session()?;
+    *current.borrow_mut() = Some(session.clone());
+    // Tell the coordinator how the sandboxes it may have lost track of are.
+    for r in supervisor.all_reports() {
+        send_report(&session, r);
+    }
     println!(
         "Runner runner-{} connected to {}",
         id.config.runner_id,
@@ -137,7 +184,7 @@ async fn session_inner(
         {
             let mut s = req.get().init_status();
             s.set_version(crate::VERSION);
-            s.set_sandboxes(0);
+            s.set_sandboxes(supervisor.count());
             s.set_isolation(&opts.isolation);
         }
         req.send().promise.await.map_err(rpc_err)?;
@@ -168,4 +215,126 @@ fn renewal_due(cert_pem: &str, now: i64) -> anyhow::Result<bool> {
     let not_after = pki::not_after_unix(cert_pem)?;
     let not_before = pki::not_before_unix(cert_pem)?;
     Ok(now >= not_before + (not_after - not_before) / 2)
+}
+
+/// Mints through whichever session is current; fails fast when there is none
+/// (the broker then serves a cached, unexpired token if it has one).
+async fn mint_through_coordinator(current: Current, mut rx: mpsc::UnboundedReceiver<MintRequest>) {
+    while let Some((key, done)) = rx.recv().await {
+        let session = current.borrow().clone();
+        let Some(session) = session else {
+            let _ = done.send(Err("the coordinator is unreachable".into()));
+            continue;
+        };
+        tokio::task::spawn_local(async move {
+            let mut req = session.issue_workload_token_request();
+            {
+                let mut p = req.get();
+                p.set_sandbox_id(&key.sandbox);
+                p.set_ttl_secs(key.ttl);
+                let mut list = p.init_audiences(key.audiences.len() as u32);
+                for (i, a) in key.audiences.iter().enumerate() {
+                    list.set(i as u32, a);
+                }
+            }
+            let result =
+                match tokio::time::timeout(Duration::from_secs(5), req.send().promise).await {
+                    Ok(Ok(reply)) => reply
+                        .get()
+                        .and_then(|r| r.get_token())
+                        .and_then(|t| t.to_string().map_err(Into::into))
+                        .map_err(|e| remote_message(&e)),
+                    Ok(Err(e)) => Err(remote_message(&e)),
+                    Err(_) => Err("the coordinator did not answer".into()),
+                };
+            let _ = done.send(result);
+        });
+    }
+}
+
+fn send_report(session: &runner_session::Client, r: Report) {
+    let mut req = session.report_sandbox_request();
+    {
+        let mut b = req.get().init_report();
+        b.set_id(&r.id);
+        b.set_state(&r.state);
+        b.set_restarts(r.restarts);
+        b.set_address(&r.address);
+        b.set_last_log(&r.last_log);
+    }
+    tokio::task::spawn_local(async move {
+        if let Err(e) = req.send().promise.await {
+            tracing::debug!("report not delivered: {}", remote_message(&e));
+        }
+    });
+}
+
+async fn forward_reports(current: Current, mut rx: mpsc::UnboundedReceiver<Report>) {
+    while let Some(r) = rx.recv().await {
+        let session = current.borrow().clone();
+        if let Some(s) = session {
+            send_report(&s, r);
+        }
+    }
+}
+
+/// What the coordinator calls on this runner.
+struct AgentService {
+    supervisor: Rc<Supervisor>,
+    current: Current,
+}
+
+impl runner_agent::Server for AgentService {
+    async fn start_sandbox(
+        self: CapRc<Self>,
+        params: runner_agent::StartSandboxParams,
+        _: runner_agent::StartSandboxResults,
+    ) -> Result<(), capnp::Error> {
+        let s = params.get()?.get_spec()?;
+        let mut env = Vec::new();
+        for l in s.get_env()? {
+            env.push((l.get_key()?.to_string()?, l.get_value()?.to_string()?));
+        }
+        let spec = Spec {
+            id: s.get_id()?.to_string()?,
+            app: s.get_app()?.to_string()?,
+            version: s.get_version()?.to_string()?,
+            service: s.get_service()?.to_string()?,
+            command: s.get_command()?.to_string()?,
+            env,
+            artifact: s.get_artifact_sha256()?.to_string()?,
+            issuer_url: s.get_issuer_url()?.to_string()?,
+        };
+        let current = self.current.clone();
+        let fetch: Fetch = Rc::new(move |sha: String, offset: u64, len: u32| {
+            let session = current.borrow().clone();
+            Box::pin(async move {
+                let session =
+                    session.ok_or_else(|| anyhow::anyhow!("the coordinator is unreachable"))?;
+                let mut req = session.fetch_artifact_request();
+                req.get().set_sha256(&sha);
+                req.get().set_offset(offset);
+                req.get().set_length(len);
+                let reply = req.send().promise.await.map_err(rpc_err)?;
+                let r = reply.get()?;
+                Ok((r.get_data()?.to_vec(), r.get_size()))
+            })
+        });
+        self.supervisor
+            .start(spec, fetch)
+            .await
+            .map_err(|e| capnp::Error::failed(format!("{e:#}")))
+    }
+
+    async fn stop_sandbox(
+        self: CapRc<Self>,
+        params: runner_agent::StopSandboxParams,
+        _: runner_agent::StopSandboxResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id()?.to_string()?;
+        self.supervisor
+            .stop(&id)
+            .await
+            .map_err(|e| capnp::Error::failed(format!("{e:#}")))
+    }
 }

@@ -8,7 +8,10 @@
 pub mod agent;
 pub mod backoff;
 pub mod join;
+pub mod sandbox;
 pub mod state;
+pub mod tokens;
+pub mod unpack;
 
 pub use agent::{run, RunnerOptions};
 

@@ -48,8 +48,9 @@ interface Cluster {
   # Fails unless the peer presented the cluster's admin certificate.
   join @4 (request :JoinRequest) -> (result :JoinResult);
   # Open to anonymous peers: redeems a join token for a runner certificate.
-  runner @5 () -> (session :RunnerSession);
+  runner @5 (agent :RunnerAgent) -> (session :RunnerSession);
   # Fails unless the peer presented a certificate of a registered runner.
+  # `agent` is how the coordinator asks the runner to start and stop sandboxes.
 }
 
 struct Label {
@@ -83,6 +84,50 @@ interface RunnerSession {
   heartbeat @0 (status :RunnerStatus) -> (cordoned :Bool);
   renew @1 (csrDer :Data) -> (certPem :Text);
   # A fresh certificate for a new key of the same runner.
+  fetchArtifact @2 (sha256 :Text, offset :UInt64, length :UInt32) -> (data :Data, size :UInt64);
+  issueWorkloadToken @3 (sandboxId :Text, audiences :List(Text), ttlSecs :UInt32) -> (token :Text);
+  # The coordinator derives app and org from its own records and refuses a
+  # sandbox this runner does not host.
+  reportSandbox @4 (report :SandboxReport) -> ();
+}
+
+struct ServiceSpec {
+  name @0 :Text;
+  command @1 :Text;
+  port @2 :UInt16;
+  instances @3 :UInt32;
+  env @4 :List(Label);
+}
+
+struct SandboxSpec {
+  id @0 :Text;
+  app @1 :Text;
+  version @2 :Text;
+  service @3 :Text;
+  command @4 :Text;
+  port @5 :UInt16;
+  env @6 :List(Label);
+  artifactSha256 @7 :Text;
+  issuerUrl @8 :Text;
+}
+
+struct SandboxReport {
+  id @0 :Text;
+  state @1 :Text;
+  # starting | healthy | crashed | failed | stopped
+  restarts @2 :UInt32;
+  address @3 :Text;
+  lastLog @4 :Text;
+}
+
+interface RunnerAgent {
+  startSandbox @0 (spec :SandboxSpec) -> ();
+  stopSandbox @1 (id :Text) -> ();
+}
+
+interface ArtifactUpload {
+  write @0 (data :Data) -> ();
+  finish @1 (sha256 :Text) -> (size :UInt64);
 }
 
 struct JoinTokenInfo {
@@ -123,6 +168,11 @@ interface Admin {
   listRunners @8 () -> (runners :List(RunnerInfo));
   removeRunner @9 (id :Text) -> ();
   setRunnerCordon @10 (id :Text, cordoned :Bool) -> ();
+  uploadArtifact @11 () -> (upload :ArtifactUpload);
+  deploy @12 (app :Text, artifactSha256 :Text, services :List(ServiceSpec)) -> (version :Text);
+  appStatus @13 (app :Text) -> (statusJson :Text);
+  listApps @14 () -> (appsJson :Text);
+  deleteApp @15 (app :Text) -> ();
   # Verifies a token of this cluster (current or recent issuer) the way an
   # outside verifier would; fails with the reason.
 }

@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub mod app;
 pub mod cluster;
 pub mod identity;
 pub mod runner;

@@ -1,0 +1,211 @@
+//! `.miren/app.toml`: what an app is made of.
+//!
+//! ```toml
+//! name = "web"
+//! [env]                 # for every service
+//! GREETING = "hello"
+//! [services.web]
+//! command = "python3 server.py"
+//! port = 8080           # given to the process as PORT
+//! instances = 2
+//! [services.web.env]    # for this service only
+//! MODE = "prod"
+//! ```
+//!
+//! Errors point at the line.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    name: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    command: Option<String>,
+    port: Option<u16>,
+    instances: Option<u32>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// One service of the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub command: String,
+    pub port: u16,
+    pub instances: u32,
+    pub env: Vec<(String, String)>,
+}
+
+/// A parsed app config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    pub name: Option<String>,
+    pub services: Vec<ServiceConfig>,
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(needle))
+        .map(|i| i + 1)
+        .unwrap_or(1)
+}
+
+fn valid_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Parses the text of an app.toml; `path` only names the file in errors.
+pub fn parse(text: &str, path: &Path) -> anyhow::Result<AppConfig> {
+    let raw: Raw = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(1);
+        anyhow!("{}:{line}: {}", path.display(), e.message())
+    })?;
+    if raw.services.is_empty() {
+        bail!(
+            "{}:1: no services: add a [services.NAME] section with a command",
+            path.display()
+        );
+    }
+    let mut services = Vec::new();
+    for (name, s) in raw.services {
+        let header = format!("[services.{name}]");
+        let line = line_of(text, &header);
+        let at = |msg: String| anyhow!("{}:{line}: {header}: {msg}", path.display());
+        if name.is_empty()
+            || name.len() > 30
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(at("service names are 1-30 of [a-z0-9-]".into()));
+        }
+        let command = s.command.filter(|c| !c.trim().is_empty()).ok_or_else(|| {
+            at("command is required (e.g. command = \"python3 server.py\")".into())
+        })?;
+        let instances = s.instances.unwrap_or(1);
+        if !(1..=100).contains(&instances) {
+            return Err(at(format!("instances = {instances}: use 1 to 100")));
+        }
+        let mut env: Vec<(String, String)> = raw.env.clone().into_iter().collect();
+        for (k, v) in s.env {
+            env.retain(|(ek, _)| ek != &k);
+            env.push((k, v));
+        }
+        if let Some((k, _)) = env.iter().find(|(k, _)| !valid_env_name(k)) {
+            return Err(at(format!("environment variable name {k:?} is not valid")));
+        }
+        if let Some((k, _)) = env
+            .iter()
+            .find(|(k, _)| k == "PORT" || k.starts_with("MIREN_"))
+        {
+            return Err(at(format!("{k} is set by miren and cannot be configured")));
+        }
+        services.push(ServiceConfig {
+            name,
+            command,
+            port: s.port.unwrap_or(8080),
+            instances,
+            env,
+        });
+    }
+    Ok(AppConfig {
+        name: raw.name,
+        services,
+    })
+}
+
+/// Reads `<dir>/.miren/app.toml`.
+pub fn load(dir: &Path) -> anyhow::Result<AppConfig> {
+    let path = dir.join(".miren").join("app.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow!(
+            "{}: {e} (an app needs .miren/app.toml with a [services.NAME] section)",
+            path.display()
+        )
+    })?;
+    parse(&text, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> anyhow::Result<AppConfig> {
+        parse(text, Path::new("app.toml"))
+    }
+
+    #[test]
+    fn full_config() {
+        let c = p(r#"
+name = "web"
+[env]
+A = "1"
+[services.web]
+command = "python3 server.py"
+port = 9000
+instances = 2
+[services.web.env]
+A = "2"
+B = "x"
+[services.worker]
+command = "./work"
+"#)
+        .unwrap();
+        assert_eq!(c.name.as_deref(), Some("web"));
+        assert_eq!(c.services.len(), 2);
+        let web = c.services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.port, 9000);
+        assert_eq!(web.instances, 2);
+        assert_eq!(
+            web.env,
+            vec![("A".into(), "2".into()), ("B".into(), "x".into())]
+        );
+        let worker = c.services.iter().find(|s| s.name == "worker").unwrap();
+        assert_eq!(worker.instances, 1);
+        assert_eq!(worker.env, vec![("A".into(), "1".into())]);
+    }
+
+    #[test]
+    fn errors_point_at_the_line() {
+        let e = p("name = \"x\"\n[services.web]\nport = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("app.toml:2:"), "{e}");
+        assert!(e.contains("command is required"), "{e}");
+        let e = p("name = \"x\"\n\n[services.web]\ncommand = \"a\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("app.toml:5:"), "{e}");
+        let e = p("name = \n").unwrap_err().to_string();
+        assert!(e.starts_with("app.toml:1:"), "{e}");
+        let e = p("name = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("no services"), "{e}");
+        let e = p("[services.web]\ncommand = \"a\"\ninstances = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("instances = 0"), "{e}");
+        let e = p("[services.web]\ncommand = \"a\"\n[services.web.env]\nPORT = \"1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PORT is set by miren"), "{e}");
+    }
+}

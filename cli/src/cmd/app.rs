@@ -1,0 +1,276 @@
+//! `miren deploy` and `miren app`: put an app on the cluster and operate it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::Value;
+
+use crate::config::resolve;
+use crate::connect::{remote, run_local, Session};
+use crate::output::{self, Format};
+use crate::{appconfig, pack};
+
+/// Upload chunk size.
+const CHUNK: usize = 512 * 1024;
+
+#[derive(clap::Args, Debug)]
+pub struct DeployArgs {
+    /// App name (default: MIREN_APP, then `name` in .miren/app.toml).
+    #[arg(short = 'a', long = "app", env = "MIREN_APP")]
+    app: Option<String>,
+    /// Directory of the app.
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AppCmd {
+    /// List apps.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Versions and sandboxes of an app.
+    Status {
+        #[arg(short = 'a', long = "app", env = "MIREN_APP")]
+        app: String,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Stop every sandbox of an app and forget it (admin).
+    Delete {
+        #[arg(short = 'a', long = "app", env = "MIREN_APP")]
+        app: String,
+    },
+}
+
+pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
+    let config = appconfig::load(&args.dir)?;
+    let app = args.app.clone().or(config.name.clone()).ok_or_else(|| {
+        anyhow!("which app? pass -a APP, set MIREN_APP, or put name = \"...\" in .miren/app.toml")
+    })?;
+    let packed = pack::pack_dir(&args.dir)?;
+    eprintln!(
+        "Packed {} files ({} KiB, sha256 {})",
+        packed.files,
+        packed.bytes.len() / 1024,
+        &packed.sha256_hex[..12]
+    );
+    run_local(async move {
+        let session = Session::open(resolve(cluster)?).await?;
+        let admin = session.admin().await?;
+        // Upload in chunks.
+        let upload = admin
+            .upload_artifact_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?
+            .get()?
+            .get_upload()?;
+        let bar = indicatif::ProgressBar::new(packed.bytes.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("Uploading {bar:30} {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        for chunk in packed.bytes.chunks(CHUNK) {
+            let mut req = upload.write_request();
+            req.get().set_data(chunk);
+            req.send().promise.await.map_err(remote)?;
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        let mut fin = upload.finish_request();
+        fin.get().set_sha256(&packed.sha256_hex);
+        fin.send().promise.await.map_err(remote)?;
+        eprintln!("Uploaded artifact {}", &packed.sha256_hex[..12]);
+
+        let mut req = admin.deploy_request();
+        {
+            let mut p = req.get();
+            p.set_app(&app);
+            p.set_artifact_sha256(&packed.sha256_hex);
+            let mut list = p.init_services(config.services.len() as u32);
+            for (i, s) in config.services.iter().enumerate() {
+                let mut b = list.reborrow().get(i as u32);
+                b.set_name(&s.name);
+                b.set_command(&s.command);
+                b.set_port(s.port);
+                b.set_instances(s.instances);
+                let mut env = b.init_env(s.env.len() as u32);
+                for (j, (k, v)) in s.env.iter().enumerate() {
+                    let mut l = env.reborrow().get(j as u32);
+                    l.set_key(k);
+                    l.set_value(v);
+                }
+            }
+        }
+        let reply = req.send().promise.await.map_err(remote)?;
+        let version = reply.get()?.get_version()?.to_string()?;
+        eprintln!("Rolling out {app} {version}");
+
+        // Follow the rollout.
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+        loop {
+            let status = app_status(&admin, &app).await?;
+            for s in status["sandboxes"].as_array().into_iter().flatten() {
+                if s["version"] != version.as_str() {
+                    continue;
+                }
+                let id = s["id"].as_str().unwrap_or_default().to_string();
+                let state = s["state"].as_str().unwrap_or_default().to_string();
+                if seen.get(&id) != Some(&state) {
+                    eprintln!(
+                        "  sandbox {id} on runner {}: {state}",
+                        &s["runner"].as_str().unwrap_or_default()
+                            [..8.min(s["runner"].as_str().unwrap_or_default().len())]
+                    );
+                    seen.insert(id, state);
+                }
+            }
+            let v = status["versions"]
+                .as_array()
+                .and_then(|vs| vs.iter().find(|v| v["id"] == version.as_str()).cloned())
+                .unwrap_or(Value::Null);
+            match v["state"].as_str() {
+                Some("active") => {
+                    session.close().await;
+                    println!("Deployed {app} {version}");
+                    return Ok(());
+                }
+                Some("failed") => {
+                    session.close().await;
+                    bail!(
+                        "{app} {version} failed; the previous version keeps serving.\n{}",
+                        v["message"].as_str().unwrap_or_default()
+                    );
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{app} {version} is still rolling out; follow it with `miren app status -a {app}`");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+async fn app_status(
+    admin: &schema::miren_capnp::admin::Client,
+    app: &str,
+) -> anyhow::Result<Value> {
+    let mut req = admin.app_status_request();
+    req.get().set_app(app);
+    let reply = req.send().promise.await.map_err(remote)?;
+    serde_json::from_str(reply.get()?.get_status_json()?.to_str()?)
+        .context("status from the coordinator")
+}
+
+pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
+    run_local(async move {
+        let session = Session::open(resolve(cluster)?).await?;
+        let admin = session.admin().await?;
+        let result = match cmd {
+            AppCmd::List { output } => {
+                let reply = admin
+                    .list_apps_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(remote)?;
+                let apps: Value = serde_json::from_str(reply.get()?.get_apps_json()?.to_str()?)?;
+                match output {
+                    Format::Json => output::json(&apps),
+                    Format::Table => {
+                        let rows: Vec<Vec<String>> = apps
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|a| {
+                                vec![
+                                    a["name"].as_str().unwrap_or_default().to_string(),
+                                    a["active_version"].as_str().unwrap_or("-").to_string(),
+                                    a["sandboxes"]
+                                        .as_array()
+                                        .map(|s| s.len())
+                                        .unwrap_or(0)
+                                        .to_string(),
+                                ]
+                            })
+                            .collect();
+                        output::table(&["NAME", "VERSION", "SANDBOXES"], &rows);
+                        Ok(())
+                    }
+                }
+            }
+            AppCmd::Status { app, output } => {
+                let status = app_status(&admin, &app).await?;
+                match output {
+                    Format::Json => output::json(&status),
+                    Format::Table => {
+                        println!(
+                            "App {} (active version {})",
+                            app,
+                            status["active_version"].as_str().unwrap_or("-")
+                        );
+                        let versions: Vec<Vec<String>> = status["versions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|v| {
+                                vec![
+                                    v["id"].as_str().unwrap_or_default().to_string(),
+                                    v["state"].as_str().unwrap_or_default().to_string(),
+                                    output::time(v["created_unix"].as_i64()),
+                                    v["message"]
+                                        .as_str()
+                                        .unwrap_or_default()
+                                        .lines()
+                                        .next()
+                                        .unwrap_or_default()
+                                        .to_string(),
+                                ]
+                            })
+                            .collect();
+                        output::table(&["VERSION", "STATE", "CREATED", "MESSAGE"], &versions);
+                        println!();
+                        let sandboxes: Vec<Vec<String>> = status["sandboxes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|s| {
+                                vec![
+                                    s["id"].as_str().unwrap_or_default().to_string(),
+                                    s["version"].as_str().unwrap_or_default().to_string(),
+                                    s["runner"].as_str().unwrap_or_default().to_string(),
+                                    s["state"].as_str().unwrap_or_default().to_string(),
+                                    s["restarts"].to_string(),
+                                    s["address"].as_str().unwrap_or_default().to_string(),
+                                ]
+                            })
+                            .collect();
+                        output::table(
+                            &[
+                                "SANDBOX", "VERSION", "RUNNER", "STATE", "RESTARTS", "ADDRESS",
+                            ],
+                            &sandboxes,
+                        );
+                        Ok(())
+                    }
+                }
+            }
+            AppCmd::Delete { app } => {
+                let mut req = admin.delete_app_request();
+                req.get().set_app(&app);
+                req.send().promise.await.map_err(remote)?;
+                println!("Deleted app {app}");
+                Ok(())
+            }
+        };
+        session.close().await;
+        result
+    })
+}

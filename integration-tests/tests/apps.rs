@@ -1,0 +1,280 @@
+//! Journey 4 on real processes: `miren deploy` puts an app on two runners,
+//! each sandbox fetches its workload token through its runner, and an
+//! outside JWT library verifies it against the served JWKS.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration_tests::{http_get, miren, outside_verify, temp, wait_for, RunnerProc, Server};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn status(cfg: &Path, app: &str) -> Value {
+    let run = miren(cfg, &["app", "status", "-a", app, "-o", "json"], &[]);
+    assert!(run.ok, "{run:?}");
+    serde_json::from_str(&run.stdout).unwrap()
+}
+
+fn sandboxes(status: &Value) -> Vec<Value> {
+    status["sandboxes"].as_array().cloned().unwrap_or_default()
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    cfg: PathBuf,
+    data: PathBuf,
+    server: Option<Server>,
+    _runners: Vec<RunnerProc>,
+}
+
+fn cluster_with_two_runners() -> Cluster {
+    let dir = temp();
+    let cfg = dir.path().join("c.yaml");
+    let data = dir.path().join("coord");
+    let server = Server::start(&data, &cfg, "127.0.0.1:0", &[]);
+    let code = miren(&cfg, &["runner", "token", "create", "--reusable"], &[]);
+    assert!(code.ok, "{code:?}");
+    let code = code.stdout.trim().to_string();
+    let runners: Vec<RunnerProc> = ["r1", "r2"]
+        .iter()
+        .map(|n| RunnerProc::start(&dir.path().join(n), Some(&code), &["--name", n]))
+        .collect();
+    assert!(wait_for(Duration::from_secs(30), || {
+        integration_tests::runners(&cfg)
+            .iter()
+            .filter(|r| r["status"] == "ready")
+            .count()
+            == 2
+    }));
+    Cluster {
+        cfg,
+        data,
+        server: Some(server),
+        _runners: runners,
+        _dir: dir,
+    }
+}
+
+fn issuer_of(server: &Server) -> String {
+    server
+        .stdout
+        .iter()
+        .find_map(|l| l.strip_prefix("Issuer URL: "))
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn deployed_app_runs_on_two_runners_and_its_tokens_verify_outside() {
+    let c = cluster_with_two_runners();
+    let issuer = issuer_of(c.server.as_ref().unwrap());
+    let app_dir = repo().join("deploy/example-app");
+    let deploy = miren(&c.cfg, &["deploy", "--dir", app_dir.to_str().unwrap()], &[]);
+    assert!(deploy.ok, "{deploy:?}");
+    assert!(deploy.stdout.contains("Deployed hello v1"), "{deploy:?}");
+
+    let st = status(&c.cfg, "hello");
+    assert_eq!(st["active_version"], "v1");
+    let sbs = sandboxes(&st);
+    assert_eq!(sbs.len(), 2);
+    assert!(sbs.iter().all(|s| s["state"] == "healthy"), "{st}");
+    assert_ne!(
+        sbs[0]["runner"], sbs[1]["runner"],
+        "instances must spread over runners"
+    );
+
+    for s in &sbs {
+        let addr = s["address"].as_str().unwrap();
+        let (code, body) = http_get(addr, "/whoami?audience=sts.amazonaws.com").unwrap();
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let id = s["id"].as_str().unwrap();
+        assert_eq!(v["claims"]["sub"], format!("app:hello:sandbox:{id}"));
+        assert_eq!(v["claims"]["app"], "hello");
+        let (ok, report) = outside_verify(
+            &issuer,
+            &c.data.join("ca.crt"),
+            "sts.amazonaws.com",
+            v["token"].as_str().unwrap(),
+        );
+        assert!(ok, "outside verifier refused a sandbox token: {report}");
+        let (code, body) = http_get(addr, "/").unwrap();
+        assert_eq!(code, 200);
+        assert!(body.contains("hello from miren"), "{body}");
+    }
+
+    let list = miren(&c.cfg, &["app", "list", "-o", "json"], &[]);
+    assert!(list.stdout.contains("\"hello\""), "{list:?}");
+    let runners = integration_tests::runners(&c.cfg);
+    assert!(runners.iter().all(|r| r["sandboxes"] == 1), "{runners:?}");
+
+    // A broken version does not replace the serving one.
+    let broken = temp();
+    std::fs::create_dir_all(broken.path().join(".miren")).unwrap();
+    std::fs::write(
+        broken.path().join(".miren/app.toml"),
+        "name = \"hello\"\n[services.web]\ncommand = \"sh -c 'echo booting; echo cannot start >&2; exit 3'\"\ninstances = 2\n",
+    )
+    .unwrap();
+    let failed = miren(
+        &c.cfg,
+        &["deploy", "--dir", broken.path().to_str().unwrap()],
+        &[],
+    );
+    assert!(!failed.ok, "{failed:?}");
+    assert!(
+        failed.stderr.contains("previous version keeps serving"),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        failed.stderr.contains("cannot start"),
+        "last log lines missing: {}",
+        failed.stderr
+    );
+    let st = status(&c.cfg, "hello");
+    assert_eq!(st["active_version"], "v1");
+    let sbs_after = sandboxes(&st);
+    assert_eq!(sbs_after.len(), 2, "{st}");
+    assert!(sbs_after.iter().all(|s| s["version"] == "v1"));
+    for s in &sbs_after {
+        let (code, _) = http_get(s["address"].as_str().unwrap(), "/").unwrap();
+        assert_eq!(code, 200);
+    }
+
+    // A working new version replaces the old one.
+    let again = miren(&c.cfg, &["deploy", "--dir", app_dir.to_str().unwrap()], &[]);
+    assert!(again.ok, "{again:?}");
+    let st = status(&c.cfg, "hello");
+    assert_eq!(st["active_version"], "v3");
+    assert!(sandboxes(&st).iter().all(|s| s["version"] == "v3"), "{st}");
+
+    // Delete stops everything.
+    let del = miren(&c.cfg, &["app", "delete", "-a", "hello"], &[]);
+    assert!(del.ok, "{del:?}");
+    assert!(wait_for(Duration::from_secs(10), || {
+        integration_tests::runners(&c.cfg)
+            .iter()
+            .all(|r| r["sandboxes"] == 0)
+    }));
+    for s in &sbs_after {
+        assert!(
+            http_get(s["address"].as_str().unwrap(), "/").is_err(),
+            "sandbox still serving after delete"
+        );
+    }
+}
+
+#[test]
+fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
+    let mut c = cluster_with_two_runners();
+    let probe_dir = repo().join("integration-tests/fixtures/probe-app");
+    let deploy = miren(
+        &c.cfg,
+        &[
+            "deploy",
+            "--dir",
+            probe_dir.to_str().unwrap(),
+            "-a",
+            "probe",
+        ],
+        &[],
+    );
+    assert!(deploy.ok, "{deploy:?}");
+    let st = status(&c.cfg, "probe");
+    let sb = &sandboxes(&st)[0];
+    let addr = sb["address"].as_str().unwrap().to_string();
+    let id = sb["id"].as_str().unwrap().to_string();
+
+    let (code, body) = http_get(&addr, "/probe").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let p: Value = serde_json::from_str(&body).unwrap();
+    let env = &p["env"];
+    for k in [
+        "MIREN_IDENTITY_TOKEN_URL",
+        "MIREN_IDENTITY_TOKEN_PATH",
+        "MIREN_OIDC_ISSUER_URL",
+        "MIREN_APP",
+        "MIREN_SANDBOX_ID",
+    ] {
+        assert!(env.get(k).is_some(), "{k} missing: {env}");
+    }
+    assert_eq!(env["MIREN_SANDBOX_ID"], id.as_str());
+    assert_eq!(p["no_header"]["status"], 401, "{p}");
+    assert_eq!(p["wrong_secret"]["status"], 403, "{p}");
+    assert_eq!(p["post"]["status"], 405, "{p}");
+    assert_eq!(p["bad_ttl"]["status"], 400, "{p}");
+    assert_eq!(p["empty_audience"]["status"], 400, "{p}");
+    assert!(p["no_header"]["body"]["error"].is_string());
+    let two = &p["two_audiences"];
+    assert_eq!(two["status"], 200, "{p}");
+    let token = two["body"]["value"].as_str().unwrap();
+    let payload = token.split('.').nth(1).unwrap();
+    use base64::Engine as _;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        claims["aud"],
+        serde_json::json!(["sts.amazonaws.com", "vault"])
+    );
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        300
+    );
+    assert_eq!(claims["sub"], format!("app:probe:sandbox:{id}"));
+    assert_eq!(p["default"]["status"], 200);
+    let file_token = p["token_file"].as_str().expect("token file written");
+    let (ok, report) = outside_verify(
+        env["MIREN_OIDC_ISSUER_URL"].as_str().unwrap(),
+        &c.data.join("ca.crt"),
+        "miren",
+        file_token.trim(),
+    );
+    assert!(ok, "token file does not hold a valid token: {report}");
+
+    // The probe's secret at another sandbox's endpoint: refused.
+    let second = miren(
+        &c.cfg,
+        &[
+            "deploy",
+            "--dir",
+            probe_dir.to_str().unwrap(),
+            "-a",
+            "probe2",
+        ],
+        &[],
+    );
+    assert!(second.ok, "{second:?}");
+    let other = sandboxes(&status(&c.cfg, "probe2"))[0].clone();
+    let (_, other_body) = http_get(other["address"].as_str().unwrap(), "/secret-free-url").unwrap();
+    let other_url: Value = serde_json::from_str(&other_body).unwrap();
+    let (_, body) = http_get(
+        &addr,
+        &format!("/probe?other={}", other_url["url"].as_str().unwrap()),
+    )
+    .unwrap();
+    let p: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(p["other_endpoint"]["status"], 403, "{p}");
+
+    // Coordinator down: the cached token is still served.
+    let (ok, err) = c.server.take().unwrap().stop();
+    assert!(ok, "{err}");
+    let (code, body) = http_get(&addr, "/probe").unwrap();
+    assert_eq!(code, 200);
+    let p: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        p["default"]["status"], 200,
+        "cached token not served during the outage: {p}"
+    );
+    assert_eq!(p["two_audiences"]["status"], 200, "{p}");
+}
