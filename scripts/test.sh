@@ -34,5 +34,7 @@ if command -v capnp >/dev/null && [ -d .git ]; then
   fi
 fi
 
+echo "==> cargo build --workspace --bins (the journeys drive the real miren binary)"
+cargo build --workspace --bins
 echo "==> cargo test --workspace"
 exec cargo test --workspace "$@"

@@ -23,7 +23,7 @@ pub fn miren_bin() -> PathBuf {
     let bin = dir.join("miren");
     assert!(
         bin.exists(),
-        "{} does not exist: run the tests with `cargo test --workspace` so the binary is built",
+        "{} does not exist: build it first (`cargo build -p cli`), or run ./scripts/test.sh which does",
         bin.display()
     );
     bin
