@@ -30,6 +30,11 @@ enum Command {
     Server(cmd::server::ServerArgs),
     /// Pack the app in a directory, upload it and roll it out.
     Deploy(cmd::app::DeployArgs),
+    /// Output of an app's sandboxes.
+    Logs(cmd::app::LogsArgs),
+    /// HTTP routes: host -> app.
+    #[command(subcommand)]
+    Route(cmd::route::RouteCmd),
     /// Operate apps: list, status, delete.
     #[command(subcommand)]
     App(cmd::app::AppCmd),
@@ -57,6 +62,8 @@ fn main() {
     let result = match cli.command {
         Command::Server(args) => cmd::server::run(args),
         Command::Deploy(d) => cmd::app::deploy(d, cli.cluster.as_deref()),
+        Command::Logs(l) => cmd::app::logs(l, cli.cluster.as_deref()),
+        Command::Route(r) => cmd::route::run(r, cli.cluster.as_deref()),
         Command::App(a) => cmd::app::run(a, cli.cluster.as_deref()),
         Command::Cluster(c) => cmd::cluster::run(c, cli.cluster.as_deref()),
         Command::Runner(r) => cmd::runner::run(r, cli.cluster.as_deref()),

@@ -23,6 +23,8 @@ use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
 
 /// Largest artifact accepted.
 pub const MAX_ARTIFACT_BYTES: u64 = 512 * 1024 * 1024;
+/// How long the old version keeps running after the new one took over.
+pub const DRAIN: Duration = Duration::from_secs(2);
 /// How long a new version has to become healthy.
 pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -99,6 +101,7 @@ pub struct SandboxReport {
 pub enum RunnerCommand {
     Start(SandboxSpec, oneshot::Sender<Result<(), String>>),
     Stop(String, oneshot::Sender<Result<(), String>>),
+    Logs(String, u32, oneshot::Sender<Result<Vec<String>, String>>),
 }
 
 /// Everything a runner needs to start a sandbox.
@@ -364,6 +367,28 @@ impl Apps {
         }
     }
 
+    /// Healthy sandboxes to route `app`'s traffic to: those of the active
+    /// version, or (before any version is active) any healthy one.
+    pub fn healthy_sandboxes(&self, app: &str) -> Vec<SandboxRecord> {
+        let active = self.app(app).ok().flatten().and_then(|a| a.active);
+        let healthy: Vec<SandboxRecord> = self
+            .sandboxes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.app == app && self.report_of(&s.id).state == "healthy")
+            .collect();
+        let of_active: Vec<SandboxRecord> = healthy
+            .iter()
+            .filter(|s| Some(&s.version) == active.as_ref())
+            .cloned()
+            .collect();
+        if of_active.is_empty() {
+            healthy
+        } else {
+            of_active
+        }
+    }
+
     /// Status of one app as JSON (versions, sandboxes with runner, state,
     /// restarts, address).
     pub fn status_json(&self, name: &str) -> Result<serde_json::Value, AppError> {
@@ -443,7 +468,7 @@ impl Apps {
                 .roll_out(&registry, &app, &version, &artifact, &services, &issuer_url)
                 .await;
             let (state, message) = match &outcome {
-                Ok(()) => ("active", String::new()),
+                Ok(_) => ("active", String::new()),
                 Err(e) => ("failed", e.clone()),
             };
             let result = me.update_app(&app, |rec| {
@@ -463,6 +488,12 @@ impl Apps {
             if let Err(e) = result {
                 tracing::error!("recording rollout of {app} {version}: {e}");
             }
+            // The new version now takes the traffic; let requests in flight
+            // to the old one finish, then stop it.
+            if let Ok(old) = outcome {
+                tokio::time::sleep(DRAIN).await;
+                me.stop_all(&registry, &old).await;
+            }
         });
         Ok(version_id)
     }
@@ -475,7 +506,7 @@ impl Apps {
         artifact: &str,
         services: &[Service],
         issuer_url: &str,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<SandboxRecord>, String> {
         let now = crate::datadir::now_unix();
         let mut candidates: Vec<(String, usize)> = registry
             .list(now)
@@ -563,15 +594,14 @@ impl Apps {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // Healthy: retire every other sandbox of this app.
-        let old: Vec<SandboxRecord> = self
+        // Healthy: every other sandbox of this app is to be retired (after
+        // the new version takes the traffic).
+        Ok(self
             .sandboxes()
             .map_err(|e| e.to_string())?
             .into_iter()
             .filter(|s| s.app == app && s.version != version)
-            .collect();
-        self.stop_all(registry, &old).await;
-        Ok(())
+            .collect())
     }
 
     async fn stop_all(&self, registry: &Registry, sandboxes: &[SandboxRecord]) {
@@ -591,6 +621,43 @@ impl Apps {
                 r.remove(&s.id);
             }
         }
+    }
+
+    /// The last `lines` output lines of every sandbox of `app`.
+    pub async fn logs(
+        &self,
+        registry: &Registry,
+        app: &str,
+        lines: u32,
+    ) -> Result<serde_json::Value, AppError> {
+        if self.app(app)?.is_none() {
+            return Err(AppError::NoSuchApp(app.to_string()));
+        }
+        let mut out = Vec::new();
+        for s in self.sandboxes()?.into_iter().filter(|s| s.app == app) {
+            let got = match registry.commands(&s.runner) {
+                Some(tx) => {
+                    let (done, wait) = oneshot::channel();
+                    if tx
+                        .send(RunnerCommand::Logs(s.id.clone(), lines, done))
+                        .is_err()
+                    {
+                        Err("runner not connected".to_string())
+                    } else {
+                        match tokio::time::timeout(Duration::from_secs(10), wait).await {
+                            Ok(Ok(r)) => r,
+                            _ => Err("runner did not answer".into()),
+                        }
+                    }
+                }
+                None => Err("runner not connected".into()),
+            };
+            out.push(match got {
+                Ok(l) => serde_json::json!({"sandbox": s.id, "version": s.version, "lines": l}),
+                Err(e) => serde_json::json!({"sandbox": s.id, "version": s.version, "lines": [], "error": e}),
+            });
+        }
+        Ok(serde_json::Value::Array(out))
     }
 
     /// Stops every sandbox of an app and forgets it.

@@ -8,6 +8,7 @@
 pub mod apps;
 pub mod datadir;
 pub mod https;
+pub mod ingress;
 pub mod issuer;
 pub mod keyring;
 pub mod runners;

@@ -379,6 +379,16 @@ impl Registry {
         Ok(session)
     }
 
+    /// The live QUIC connection of a runner.
+    pub fn connection(&self, id: &str) -> Option<quinn::Connection> {
+        self.live
+            .lock()
+            .ok()?
+            .get(id)
+            .filter(|l| l.conn.close_reason().is_none())
+            .map(|l| l.conn.clone())
+    }
+
     /// The command channel of a connected runner.
     pub fn commands(
         &self,

@@ -50,6 +50,8 @@ pub struct CoordinatorOptions {
     pub https_key: Option<PathBuf>,
     /// Lifetime of runner certificates (renewed at half-life).
     pub runner_cert_validity: Duration,
+    /// TCP address of the HTTP ingress, if any.
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -62,6 +64,7 @@ pub struct Coordinator {
     rotation: Duration,
     https: tokio::net::TcpListener,
     https_tls: rustls::ServerConfig,
+    http: Option<tokio::net::TcpListener>,
 }
 
 impl Coordinator {
@@ -141,6 +144,16 @@ impl Coordinator {
         })?;
         https.set_nonblocking(true)?;
         let https = tokio::net::TcpListener::from_std(https)?;
+        let http = match opts.http_listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                    anyhow::anyhow!("could not listen on TCP {addr} for the HTTP ingress: {e}")
+                })?;
+                l.set_nonblocking(true)?;
+                Some(tokio::net::TcpListener::from_std(l)?)
+            }
+            None => None,
+        };
         let https_tls = match (&opts.https_cert, &opts.https_key) {
             (Some(cert), Some(key)) => operator_https_tls(cert, key)?,
             (None, None) => transport::tls::https_server_config(
@@ -175,6 +188,7 @@ impl Coordinator {
             rotation: opts.signing_key_rotation,
             https,
             https_tls,
+            http,
         })
     }
 
@@ -201,6 +215,11 @@ impl Coordinator {
     /// Issuer URL of workload tokens.
     pub fn issuer_url(&self) -> &str {
         self.state.issuer.as_str()
+    }
+
+    /// The TCP address of the HTTP ingress, if it listens.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The TCP address the HTTPS listener is bound to.
@@ -243,6 +262,17 @@ impl Coordinator {
                 let _ = https_stopped.await;
             },
         ));
+        let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+        if let Some(listener) = self.http {
+            let mut stopped = http_stopped.clone();
+            tokio::spawn(crate::ingress::serve(
+                listener,
+                self.state.clone(),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            ));
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -281,6 +311,7 @@ impl Coordinator {
         }
         rotation.abort();
         let _ = stop_https.send(());
+        let _ = stop_http.send(true);
         let _ = https.await;
         self.endpoint
             .close(0u32.into(), b"coordinator shutting down");

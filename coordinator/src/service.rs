@@ -269,6 +269,22 @@ impl cluster::Server for ClusterService {
                         req.get().set_id(&id);
                         (req.send().promise.await.map(|_| ()), done)
                     }
+                    RunnerCommand::Logs(id, lines, done) => {
+                        let mut req = agent.logs_request();
+                        req.get().set_id(&id);
+                        req.get().set_lines(lines);
+                        let result = async {
+                            let reply = req.send().promise.await?;
+                            let mut out = Vec::new();
+                            for l in reply.get()?.get_lines()? {
+                                out.push(l?.to_string()?);
+                            }
+                            Ok::<_, capnp::Error>(out)
+                        }
+                        .await;
+                        let _ = done.send(result.map_err(|e| transport::rpc::remote_message(&e)));
+                        continue;
+                    }
                 };
                 let _ = done.send(req.map_err(|e| transport::rpc::remote_message(&e)));
             }
@@ -567,6 +583,53 @@ impl admin::Server for AdminService {
         results
             .get()
             .set_apps_json(serde_json::Value::Array(out).to_string());
+        Ok(())
+    }
+
+    async fn set_route(
+        self: Rc<Self>,
+        params: admin::SetRouteParams,
+        _: admin::SetRouteResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        crate::ingress::Routes::set(&self.state, p.get_host()?.to_str()?, p.get_app()?.to_str()?)
+            .map_err(failed)
+    }
+
+    async fn list_routes(
+        self: Rc<Self>,
+        _: admin::ListRoutesParams,
+        mut results: admin::ListRoutesResults,
+    ) -> Result<(), capnp::Error> {
+        let routes = crate::ingress::Routes::list(&self.state).map_err(failed)?;
+        let json = serde_json::to_string(&routes).map_err(|e| failed(e.to_string()))?;
+        results.get().set_routes_json(json);
+        Ok(())
+    }
+
+    async fn remove_route(
+        self: Rc<Self>,
+        params: admin::RemoveRouteParams,
+        _: admin::RemoveRouteResults,
+    ) -> Result<(), capnp::Error> {
+        crate::ingress::Routes::remove(&self.state, params.get()?.get_host()?.to_str()?)
+            .map_err(failed)
+    }
+
+    async fn app_logs(
+        self: Rc<Self>,
+        params: admin::AppLogsParams,
+        mut results: admin::AppLogsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let app = p.get_app()?.to_string()?;
+        let lines = p.get_lines().clamp(1, 10_000);
+        let state = self.state.clone();
+        let json = tokio::spawn(async move { state.apps.logs(&state.registry, &app, lines).await })
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(app_err)?;
+        results.get().set_logs_json(json.to_string());
         Ok(())
     }
 

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use integration_tests::{http_get, miren, outside_verify, temp, wait_for, RunnerProc, Server};
+use integration_tests::{
+    http_get, http_get_host, miren, outside_verify, temp, wait_for, RunnerProc, Server,
+};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -30,6 +32,7 @@ struct Cluster {
     cfg: PathBuf,
     data: PathBuf,
     server: Option<Server>,
+    ingress: String,
     _runners: Vec<RunnerProc>,
 }
 
@@ -37,7 +40,19 @@ fn cluster_with_two_runners() -> Cluster {
     let dir = temp();
     let cfg = dir.path().join("c.yaml");
     let data = dir.path().join("coord");
-    let server = Server::start(&data, &cfg, "127.0.0.1:0", &[]);
+    let server = Server::start(
+        &data,
+        &cfg,
+        "127.0.0.1:0",
+        &["--http-listen", "127.0.0.1:0"],
+    );
+    let ingress = server
+        .stdout
+        .iter()
+        .find_map(|l| l.strip_prefix("HTTP ingress: http://"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("ingress address")
+        .to_string();
     let code = miren(&cfg, &["runner", "token", "create", "--reusable"], &[]);
     assert!(code.ok, "{code:?}");
     let code = code.stdout.trim().to_string();
@@ -56,6 +71,7 @@ fn cluster_with_two_runners() -> Cluster {
         cfg,
         data,
         server: Some(server),
+        ingress,
         _runners: runners,
         _dir: dir,
     }
@@ -153,7 +169,15 @@ fn deployed_app_runs_on_two_runners_and_its_tokens_verify_outside() {
     assert!(again.ok, "{again:?}");
     let st = status(&c.cfg, "hello");
     assert_eq!(st["active_version"], "v3");
-    assert!(sandboxes(&st).iter().all(|s| s["version"] == "v3"), "{st}");
+    // The old version drains for a moment, then goes.
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let s = sandboxes(&status(&c.cfg, "hello"));
+            s.len() == 2 && s.iter().all(|s| s["version"] == "v3")
+        }),
+        "{}",
+        status(&c.cfg, "hello")
+    );
 
     // Delete stops everything.
     let del = miren(&c.cfg, &["app", "delete", "-a", "hello"], &[]);
@@ -277,4 +301,144 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
         "cached token not served during the outage: {p}"
     );
     assert_eq!(p["two_audiences"]["status"], 200, "{p}");
+}
+
+#[test]
+fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
+    let c = cluster_with_two_runners();
+    let app_dir = repo().join("deploy/example-app");
+    let deploy = miren(&c.cfg, &["deploy", "--dir", app_dir.to_str().unwrap()], &[]);
+    assert!(deploy.ok, "{deploy:?}");
+
+    // Unknown host: 404 before any route exists.
+    let (code, _) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
+    assert_eq!(code, 404);
+    assert!(miren(&c.cfg, &["route", "set", "hello.test", "-a", "hello"], &[]).ok);
+    let (code, body) = http_get_host(&c.ingress, "Hello.Test:80", "/").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("hello from miren"), "{body}");
+    let (code, _) = http_get_host(&c.ingress, "other.test", "/").unwrap();
+    assert_eq!(code, 404);
+    // A default route catches every other host.
+    assert!(miren(&c.cfg, &["route", "set", "--default", "-a", "hello"], &[]).ok);
+    let (code, _) = http_get_host(&c.ingress, "other.test", "/").unwrap();
+    assert_eq!(code, 200);
+    let routes = miren(&c.cfg, &["route", "list", "-o", "json"], &[]);
+    assert!(routes.stdout.contains("hello.test"), "{routes:?}");
+    assert!(miren(&c.cfg, &["route", "remove", "--default"], &[]).ok);
+
+    // Both sandboxes serve through the ingress.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let (_, body) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        seen.insert(v["sandbox"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "requests did not spread: {seen:?}");
+
+    // Redeploy while requests flow: none fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ingress = c.ingress.clone();
+    let flag = stop.clone();
+    let load = std::thread::spawn(move || {
+        let (mut ok, mut failed, mut versions) =
+            (0u32, Vec::new(), std::collections::BTreeSet::new());
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !flag.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            match http_get_host(&ingress, "hello.test", "/") {
+                Ok((200, body)) => {
+                    ok += 1;
+                    if let Ok(v) = serde_json::from_str::<Value>(&body) {
+                        versions.insert(v["version"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+                other => failed.push(format!("{other:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (ok, failed, versions)
+    });
+    let again = miren(&c.cfg, &["deploy", "--dir", app_dir.to_str().unwrap()], &[]);
+    assert!(again.ok, "{again:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, versions) = load.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed during the rollout: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 20, "only {ok} requests went through");
+    assert!(
+        versions.contains("v1") && versions.contains("v2"),
+        "{versions:?}"
+    );
+
+    // Logs of the app's sandboxes.
+    let logs = miren(&c.cfg, &["logs", "-a", "hello"], &[]);
+    assert!(logs.ok, "{logs:?}");
+    assert!(
+        logs.stdout.contains("listening on 127.0.0.1:"),
+        "{}",
+        logs.stdout
+    );
+
+    // A malicious artifact: traversal, an absolute path, an escaping symlink.
+    let evil_dir = temp();
+    let marker = evil_dir.path().join("escaped");
+    for (i, kind) in ["traversal", "absolute", "symlink"].iter().enumerate() {
+        let tgz = evil_dir.path().join(format!("evil{i}.tar.gz"));
+        let script = r#"
+import io, sys, tarfile
+kind, out, marker = sys.argv[1], sys.argv[2], sys.argv[3]
+with tarfile.open(out, "w:gz") as t:
+    def add(name, data=b"x", typ=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name); info.type = typ; info.linkname = link; info.size = len(data) if typ == tarfile.REGTYPE else 0
+        t.addfile(info, io.BytesIO(data) if typ == tarfile.REGTYPE else None)
+    add("server.py", b"print('hi')")
+    if kind == "traversal":
+        add("../../../../../../.." + marker)
+    elif kind == "absolute":
+        add(marker)
+    else:
+        add("link", typ=tarfile.SYMTYPE, link="../../../../../../.." + marker.rsplit("/", 1)[0])
+        add("link/escaped")
+"#;
+        let made = std::process::Command::new("python3")
+            .args([
+                "-c",
+                script,
+                kind,
+                tgz.to_str().unwrap(),
+                marker.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let bad = miren(
+            &c.cfg,
+            &[
+                "deploy",
+                "--dir",
+                app_dir.to_str().unwrap(),
+                "-a",
+                "evil",
+                "--artifact",
+                tgz.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(!bad.ok, "{kind} artifact deployed: {bad:?}");
+        assert!(bad.stderr.contains("unpacking"), "{kind}: {}", bad.stderr);
+        assert!(
+            !marker.exists(),
+            "{kind} artifact wrote outside the app dir"
+        );
+    }
+    // The serving app is untouched.
+    let (code, _) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
+    assert_eq!(code, 200);
 }

@@ -169,6 +169,9 @@ async fn session_inner(
     let reply = req.send().promise.await.map_err(rpc_err)?;
     let session: runner_session::Client = reply.get()?.get_session()?;
     *current.borrow_mut() = Some(session.clone());
+    // Ingress traffic arrives as streams the coordinator opens.
+    let proxy = tokio::task::spawn_local(accept_proxied(conn.clone(), supervisor.clone()));
+    let _proxy_guard = AbortOnDrop(proxy);
     // Tell the coordinator how the sandboxes it may have lost track of are.
     for r in supervisor.all_reports() {
         send_report(&session, r);
@@ -326,6 +329,24 @@ impl runner_agent::Server for AgentService {
             .map_err(|e| capnp::Error::failed(format!("{e:#}")))
     }
 
+    async fn logs(
+        self: CapRc<Self>,
+        params: runner_agent::LogsParams,
+        mut results: runner_agent::LogsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = p.get_id()?.to_string()?;
+        let lines = self
+            .supervisor
+            .logs(&id, p.get_lines() as usize)
+            .map_err(|e| capnp::Error::failed(format!("{e:#}")))?;
+        let mut list = results.get().init_lines(lines.len() as u32);
+        for (i, l) in lines.iter().enumerate() {
+            list.set(i as u32, l);
+        }
+        Ok(())
+    }
+
     async fn stop_sandbox(
         self: CapRc<Self>,
         params: runner_agent::StopSandboxParams,
@@ -336,5 +357,45 @@ impl runner_agent::Server for AgentService {
             .stop(&id)
             .await
             .map_err(|e| capnp::Error::failed(format!("{e:#}")))
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Accepts the streams the coordinator opens for ingress traffic: the first
+/// line names a sandbox hosted here; the rest is spliced to its service.
+async fn accept_proxied(conn: quinn::Connection, supervisor: Rc<Supervisor>) {
+    while let Ok((send, mut recv)) = conn.accept_bi().await {
+        let supervisor = supervisor.clone();
+        tokio::task::spawn_local(async move {
+            // Read the preamble byte by byte up to the newline (at most 256).
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while line.len() < 256 {
+                match recv.read_exact(&mut byte).await {
+                    Ok(()) if byte[0] == b'\n' => break,
+                    Ok(()) => line.push(byte[0]),
+                    Err(_) => return,
+                }
+            }
+            let line = String::from_utf8_lossy(&line).into_owned();
+            let Some(id) = line.strip_prefix("miren-proxy/1 ") else {
+                return;
+            };
+            let Some(addr) = supervisor.address(id.trim()) else {
+                return;
+            };
+            let Ok(mut tcp) = tokio::net::TcpStream::connect(addr.as_str()).await else {
+                return;
+            };
+            let mut stream = tokio::io::join(recv, send);
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+        });
     }
 }

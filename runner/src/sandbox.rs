@@ -205,6 +205,25 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Loopback address of a sandbox's service.
+    pub fn address(&self, id: &str) -> Option<String> {
+        self.running
+            .borrow()
+            .get(id)
+            .map(|r| r.last.borrow().address.clone())
+    }
+
+    /// The last `n` lines a sandbox printed.
+    pub fn logs(&self, id: &str, n: usize) -> anyhow::Result<Vec<String>> {
+        if !self.running.borrow().contains_key(id) || !valid_id(id) {
+            return Err(anyhow!("sandbox {id} is not on this runner"));
+        }
+        let path = self.dir.join("sandboxes").join(id).join("run/output.log");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        Ok(lines[lines.len().saturating_sub(n)..].to_vec())
+    }
+
     /// Stops everything (runner shutdown).
     pub async fn stop_all(&self) {
         let ids: Vec<String> = self.running.borrow().keys().cloned().collect();

@@ -123,6 +123,7 @@ struct SandboxReport {
 interface RunnerAgent {
   startSandbox @0 (spec :SandboxSpec) -> ();
   stopSandbox @1 (id :Text) -> ();
+  logs @2 (id :Text, lines :UInt32) -> (lines :List(Text));
 }
 
 interface ArtifactUpload {
@@ -173,6 +174,11 @@ interface Admin {
   appStatus @13 (app :Text) -> (statusJson :Text);
   listApps @14 () -> (appsJson :Text);
   deleteApp @15 (app :Text) -> ();
+  setRoute @16 (host :Text, app :Text) -> ();
+  # host "" is the default route.
+  listRoutes @17 () -> (routesJson :Text);
+  removeRoute @18 (host :Text) -> ();
+  appLogs @19 (app :Text, lines :UInt32) -> (logsJson :Text);
   # Verifies a token of this cluster (current or recent issuer) the way an
   # outside verifier would; fails with the reason.
 }

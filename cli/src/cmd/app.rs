@@ -23,6 +23,22 @@ pub struct DeployArgs {
     /// Directory of the app.
     #[arg(long, default_value = ".")]
     dir: PathBuf,
+    /// Upload this prebuilt .tar.gz instead of packing --dir (its
+    /// .miren/app.toml is still read from --dir).
+    #[arg(long)]
+    artifact: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LogsArgs {
+    #[arg(short = 'a', long = "app", env = "MIREN_APP")]
+    app: String,
+    /// Lines per sandbox.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    lines: u32,
+    /// Keep printing new lines.
+    #[arg(short = 'f', long)]
+    follow: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -51,7 +67,19 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
     let app = args.app.clone().or(config.name.clone()).ok_or_else(|| {
         anyhow!("which app? pass -a APP, set MIREN_APP, or put name = \"...\" in .miren/app.toml")
     })?;
-    let packed = pack::pack_dir(&args.dir)?;
+    let packed = match &args.artifact {
+        Some(path) => {
+            use sha2::Digest;
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            pack::Packed {
+                sha256_hex: hex::encode(sha2::Sha256::digest(&bytes)),
+                files: 0,
+                bytes,
+            }
+        }
+        None => pack::pack_dir(&args.dir)?,
+    };
     eprintln!(
         "Packed {} files ({} KiB, sha256 {})",
         packed.files,
@@ -272,5 +300,53 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
         };
         session.close().await;
         result
+    })
+}
+
+/// `miren logs -a APP [-n N] [-f]`.
+pub fn logs(args: LogsArgs, cluster: Option<&str>) -> anyhow::Result<()> {
+    run_local(async move {
+        let session = Session::open(resolve(cluster)?).await?;
+        let admin = session.admin().await?;
+        let mut printed: BTreeMap<String, usize> = BTreeMap::new();
+        loop {
+            let mut req = admin.app_logs_request();
+            req.get().set_app(&args.app);
+            req.get().set_lines(if args.follow && !printed.is_empty() {
+                10_000
+            } else {
+                args.lines
+            });
+            let reply = req.send().promise.await.map_err(remote)?;
+            let logs: Value = serde_json::from_str(reply.get()?.get_logs_json()?.to_str()?)?;
+            for sb in logs.as_array().into_iter().flatten() {
+                let id = sb["sandbox"].as_str().unwrap_or_default().to_string();
+                let lines: Vec<&str> = sb["lines"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l.as_str())
+                    .collect();
+                let seen = printed.get(&id).copied();
+                let start = match seen {
+                    None => 0,
+                    Some(n) if n <= lines.len() => n,
+                    Some(_) => 0,
+                };
+                for l in &lines[start..] {
+                    println!("{id}: {l}");
+                }
+                printed.insert(id, lines.len());
+                if let Some(e) = sb["error"].as_str() {
+                    eprintln!("{}: {e}", sb["sandbox"].as_str().unwrap_or_default());
+                }
+            }
+            if !args.follow {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        session.close().await;
+        Ok(())
     })
 }

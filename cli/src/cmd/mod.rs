@@ -3,5 +3,6 @@
 pub mod app;
 pub mod cluster;
 pub mod identity;
+pub mod route;
 pub mod runner;
 pub mod server;

@@ -46,6 +46,9 @@ pub struct ServerArgs {
     /// PEM private key of --https-cert.
     #[arg(long, requires = "https_cert")]
     https_key: Option<PathBuf>,
+    /// TCP address of the HTTP ingress (default: off; 127.0.0.1:0 with --dev).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
     /// Lifetime of runner certificates; runners renew at half-life.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     runner_cert_validity: Duration,
@@ -96,6 +99,9 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         https_cert: args.https_cert.clone(),
         https_key: args.https_key.clone(),
         runner_cert_validity: args.runner_cert_validity,
+        http_listen: args
+            .http_listen
+            .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();
@@ -124,6 +130,12 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     println!("Cluster address: {address}");
     println!("Issuer URL: {}", coordinator.issuer_url());
     println!("HTTPS (discovery, JWKS): {}", coordinator.https_addr()?);
+    match coordinator.http_addr() {
+        Some(a) => {
+            println!("HTTP ingress: http://{a} (route hosts with `miren route set HOST -a APP`)")
+        }
+        None => println!("HTTP ingress: off (--http-listen ADDR to serve apps)"),
+    }
     println!("Data dir: {}", data_dir.display());
     println!(
         "Client config: {} (cluster {name:?} with the admin identity{})",

@@ -1,0 +1,296 @@
+//! HTTP ingress: routes by Host to a healthy sandbox of the routed app.
+//!
+//! The coordinator is the only way in: a request is carried to the runner
+//! that hosts the chosen sandbox over a new bi-stream of that runner's QUIC
+//! connection (header line `miren-proxy/1 <sandbox-id>`), where the runner
+//! connects it to the sandbox. HTTP/1.1 is spoken end to end over that
+//! stream, so WebSocket upgrades pass through. Unknown host: 404; no healthy
+//! sandbox: 503.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, HOST};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::service::State;
+use crate::store::{Op, Txn};
+
+/// First line of a proxied stream.
+pub const PROXY_PREAMBLE: &str = "miren-proxy/1";
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// `route/<host>` (`route/_default` for the default route).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Route {
+    pub host: String,
+    pub app: String,
+}
+
+fn route_key(host: &str) -> String {
+    if host.is_empty() {
+        "route/_default".to_string()
+    } else {
+        format!("route/{host}")
+    }
+}
+
+/// Normalises a host for routing: lowercase, without port.
+pub fn normalize_host(host: &str) -> String {
+    let h = host.trim().to_ascii_lowercase();
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default().to_string();
+    }
+    match h.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
+        _ => h,
+    }
+}
+
+/// Checks a route host: a DNS name (wildcards are not supported).
+pub fn check_host(host: &str) -> Result<(), String> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "route host {host:?} must be a lowercase DNS name (or use --default)"
+        ))
+    }
+}
+
+/// Routes in the store.
+pub struct Routes;
+
+impl Routes {
+    pub fn set(state: &State, host: &str, app: &str) -> Result<(), String> {
+        if !host.is_empty() {
+            check_host(host)?;
+        }
+        if state.apps.app(app).map_err(|e| e.to_string())?.is_none() {
+            return Err(format!("app {app:?} does not exist (deploy it first)"));
+        }
+        let route = Route {
+            host: host.to_string(),
+            app: app.to_string(),
+        };
+        state
+            .store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Put(
+                    route_key(host),
+                    serde_json::to_vec(&route).unwrap_or_default(),
+                )],
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    pub fn remove(state: &State, host: &str) -> Result<(), String> {
+        let key = route_key(host);
+        if state.store.get(&key).map_err(|e| e.to_string())?.is_none() {
+            return Err(format!(
+                "no route for {}",
+                if host.is_empty() { "--default" } else { host }
+            ));
+        }
+        state
+            .store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Delete(key)],
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    pub fn list(state: &State) -> Result<Vec<Route>, String> {
+        state
+            .store
+            .scan("route/")
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(k, v)| serde_json::from_slice(&v).map_err(|e| format!("{k}: {e}")))
+            .collect()
+    }
+
+    /// The app serving `host`: its own route, else the default route.
+    pub fn app_for(state: &State, host: &str) -> Option<String> {
+        for key in [route_key(host), route_key("")] {
+            if let Ok(Some(bytes)) = state.store.get(&key) {
+                if let Ok(r) = serde_json::from_slice::<Route>(&bytes) {
+                    return Some(r.app);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn proxy(
+    state: Arc<State>,
+    counter: Arc<AtomicUsize>,
+    remote: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let host_header = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().host().map(str::to_string))
+        .unwrap_or_default();
+    let host = normalize_host(&host_header);
+    let Some(app) = Routes::app_for(&state, &host) else {
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            &format!("no app is routed for host {host:?}"),
+        ));
+    };
+    let healthy = state.apps.healthy_sandboxes(&app);
+    if healthy.is_empty() {
+        return Ok(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("app {app} has no healthy sandbox right now"),
+        ));
+    }
+    let start = counter.fetch_add(1, Ordering::Relaxed);
+    // Try each healthy sandbox once, starting round-robin.
+    for i in 0..healthy.len() {
+        let sb = &healthy[(start + i) % healthy.len()];
+        let Some(conn) = state.registry.connection(&sb.runner) else {
+            continue;
+        };
+        let Ok((mut send, recv)) = conn.open_bi().await else {
+            continue;
+        };
+        if send
+            .write_all(format!("{PROXY_PREAMBLE} {}\n", sb.id).as_bytes())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let io = TokioIo::new(tokio::io::join(recv, send));
+        let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(io).await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let h = req.headers_mut();
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_str(&host_header).unwrap_or(HeaderValue::from_static("")),
+        );
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        if let Ok(v) = HeaderValue::from_str(&remote.ip().to_string()) {
+            h.insert("x-forwarded-for", v);
+        }
+        let mut resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(text(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("sandbox {} did not answer: {e}", sb.id),
+                ));
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(server)) = (client_upgrade.await, upstream.await) {
+                    let mut client = TokioIo::new(client);
+                    let mut server = TokioIo::new(server);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+        return Ok(resp.map(|b| b.boxed()));
+    }
+    Ok(text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("app {app}: no runner reachable"),
+    ))
+}
+
+/// Serves the ingress on `listener` until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Future<Output = ()>) {
+    let counter = Arc::new(AtomicUsize::new(0));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        proxy(state.clone(), counter.clone(), remote, req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_normalisation() {
+        assert_eq!(normalize_host("Example.COM:8080"), "example.com");
+        assert_eq!(normalize_host("example.com"), "example.com");
+        assert_eq!(normalize_host("[::1]:80"), "::1");
+        assert!(check_host("app.example.com").is_ok());
+        assert!(check_host("App.example.com").is_err());
+        assert!(check_host("*.example.com").is_err());
+        assert!(check_host("").is_err());
+    }
+}
