@@ -2,6 +2,8 @@
 # Installs what miren's tests use on a fresh Debian machine, then runs them.
 #
 #   capnproto  - to check that the committed generated Cap'n Proto code has not drifted
+#   bubblewrap - sandbox isolation (namespaces) on runners
+#   iproute2   - network namespaces for the several-hosts test
 #   PyJWT      - an independent JWT library, the outside verifier of our tokens
 #
 # Then: cargo test --workspace (unit tests and the journeys on real processes).
@@ -13,6 +15,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 apt_missing=()
 command -v capnp >/dev/null || apt_missing+=(capnproto)
 command -v ip >/dev/null || apt_missing+=(iproute2)
+command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then

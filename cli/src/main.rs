@@ -46,6 +46,18 @@ enum Command {
     /// Workload identity: signing keys and tokens.
     #[command(subcommand)]
     Identity(cmd::identity::IdentityCmd),
+    /// (internal) First process inside an isolated sandbox.
+    #[command(hide = true)]
+    SandboxShim {
+        #[arg(long)]
+        run_dir: std::path::PathBuf,
+        #[arg(long)]
+        app_port: u16,
+        #[arg(long)]
+        token_port: u16,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
 }
@@ -68,6 +80,17 @@ fn main() {
         Command::Cluster(c) => cmd::cluster::run(c, cli.cluster.as_deref()),
         Command::Runner(r) => cmd::runner::run(r, cli.cluster.as_deref()),
         Command::Identity(c) => cmd::identity::run(c, cli.cluster.as_deref()),
+        Command::SandboxShim {
+            run_dir,
+            app_port,
+            token_port,
+            command,
+        } => std::process::exit(runner::shim::main(
+            run_dir,
+            app_port,
+            token_port,
+            command.join(" "),
+        )),
         Command::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "miren", &mut std::io::stdout());

@@ -6,10 +6,11 @@
 //! location):
 //!
 //! 1. starts `miren server --listen 127.0.0.1:0` and one `miren runner`
-//!    joined with a code from `miren runner token create`, waits until
-//!    `miren runner list` shows it ready, and deploys
-//!    `fixtures/bench-app`, whose `GET /creds` hands out its token endpoint
-//!    URL and secret (a benchmark-only fixture);
+//!    joined with a code from `miren runner token create` (sandboxes as
+//!    plain processes, `--isolation none`, so that the token endpoint
+//!    listens on loopback TCP), waits until `miren runner list` shows it
+//!    ready, and deploys `fixtures/bench-app`, whose `GET /creds` hands out
+//!    its token endpoint URL and secret (a benchmark-only fixture);
 //! 2. calls the endpoint directly from this process over keep-alive HTTP/1.1
 //!    connections (a small client on `std::net::TcpStream`):
 //!    - cached: the same `?audience=bench` repeated, sequentially (p50, p99,
@@ -136,7 +137,15 @@ impl Cluster {
         let server = Server::try_start(&dir.path().join("coord"), &cfg, "127.0.0.1:0", &[])
             .map_err(|e| anyhow!("server did not start: {e}"))?;
         let code = ok(miren(&cfg, &["runner", "token", "create"], &[]))?;
-        let runner = RunnerProc::start(&dir.path().join("r1"), Some(code.trim()), &["--name", "r1"]);
+        // Under namespace isolation the endpoint is reachable only inside
+        // the sandbox: ask for plain processes, whose endpoint listens on
+        // loopback TCP (binaries without the flag always run them).
+        let help = miren(&cfg, &["runner", "--help"], &[]).stdout;
+        let mut extra = vec!["--name", "r1"];
+        if help.contains("--isolation") {
+            extra.extend(["--isolation", "none"]);
+        }
+        let runner = RunnerProc::start(&dir.path().join("r1"), Some(code.trim()), &extra);
         let mut c = Cluster {
             _dir: dir,
             cfg,
@@ -201,16 +210,23 @@ fn deploy(cfg: &Path) -> anyhow::Result<String> {
         .recv_timeout(DEPLOY_TIMEOUT)
         .map_err(|_| anyhow!("deploy did not finish within {DEPLOY_TIMEOUT:?}"))?;
     ok(run).context("miren deploy")?;
-    let status = ok(miren(cfg, &["app", "status", "-a", "bench", "-o", "json"], &[]))?;
+    let status = ok(miren(
+        cfg,
+        &["app", "status", "-a", "bench", "-o", "json"],
+        &[],
+    ))?;
     let status: Value = serde_json::from_str(&status).context("app status JSON")?;
     let sandbox = &status["sandboxes"][0];
     if sandbox["state"] != "healthy" {
         bail!("the sandbox is not healthy: {status}");
     }
-    sandbox["address"]
+    let address = sandbox["address"]
         .as_str()
-        .map(str::to_string)
-        .context("no sandbox address in app status")
+        .context("no sandbox address in app status")?;
+    if address.starts_with("unix:") {
+        bail!("the sandbox is isolated ({address}): its token endpoint is not on loopback TCP");
+    }
+    Ok(address.to_string())
 }
 
 /// The endpoint (host:port, path) and its secret, from the fixture.
@@ -354,7 +370,8 @@ impl Stats {
         }
     }
 
-    /// Nearest-rank percentile, in microseconds (latencies sorted).
+    /// Nearest-rank percentile, in microseconds (`latencies` is sorted by
+    /// `drive` and `merge`).
     fn pct_us(&self, p: f64) -> f64 {
         let n = self.latencies.len();
         if n == 0 {
@@ -400,6 +417,7 @@ fn drive(
         }
     }
     s.wall = started.elapsed();
+    s.latencies.sort_unstable();
     s
 }
 
@@ -488,9 +506,8 @@ fn check_token(body: &[u8]) -> anyhow::Result<String> {
     let v: Value = serde_json::from_slice(body)?;
     let jwt = v["value"].as_str().context("no value")?;
     let payload = jwt.split('.').nth(1).context("not a JWT")?;
-    let claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,
-    )?;
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?)?;
     let aud_ok = claims["aud"] == "bench"
         || claims["aud"]
             .as_array()
@@ -530,14 +547,19 @@ fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
     };
     println!();
     println!(
-        "token endpoint bench: 1 coordinator + 1 runner + 1 sandbox on loopback, {cores} cores"
+        "token endpoint bench: 1 coordinator + 1 runner + 1 sandbox (plain process) on \
+         loopback, {cores} cores"
     );
     println!(
         "{:<38} {:>9} {:>7} {:>8} {:>10} {:>8} {:>8}",
         "phase", "ok", "errors", "secs", "rate/s", "p50 us", "p99 us"
     );
     row("cached, 1 connection (sequential)", &m.cached1, true);
-    row(&format!("cached, {} connections", m.conns), &m.cached2, true);
+    row(
+        &format!("cached, {} connections", m.conns),
+        &m.cached2,
+        true,
+    );
     row(
         &format!("uncached (fresh audience), {cores} conns"),
         &m.uncached,
@@ -640,14 +662,9 @@ fn measure(s: &Settings, cores: usize, cfg: &Path) -> anyhow::Result<Measured> {
     );
     drop(client);
     let conns = 2;
-    let cached2 = parallel(
-        &host,
-        &secret,
-        conns,
-        s.cached_n,
-        s.cached_cap,
-        &|| cached_target.clone(),
-    )?;
+    let cached2 = parallel(&host, &secret, conns, s.cached_n, s.cached_cap, &|| {
+        cached_target.clone()
+    })?;
 
     // 2. Uncached: every request a new audience, so every one is minted.
     let seq = AtomicU64::new(0);
@@ -657,14 +674,9 @@ fn measure(s: &Settings, cores: usize, cfg: &Path) -> anyhow::Result<Measured> {
         format!("{path}?audience=w{}", seq.fetch_add(1, Ordering::Relaxed))
     });
     drop(client);
-    let uncached = parallel(
-        &host,
-        &secret,
-        cores,
-        usize::MAX,
-        s.uncached,
-        &|| format!("{path}?audience=a{}", seq.fetch_add(1, Ordering::Relaxed)),
-    )?;
+    let uncached = parallel(&host, &secret, cores, usize::MAX, s.uncached, &|| {
+        format!("{path}?audience=a{}", seq.fetch_add(1, Ordering::Relaxed))
+    })?;
 
     // 3. Raw signing, while the cluster sits idle.
     let (signs, sign_wall) = raw_sign(cores, s.sign)?;

@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use integration_tests::{
-    http_get, http_get_host, miren, outside_verify, temp, wait_for, RunnerProc, Server,
-};
+use base64::Engine as _;
+use integration_tests::{http_get_host, miren, outside_verify, temp, wait_for, RunnerProc, Server};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -56,9 +55,17 @@ fn cluster_with_two_runners() -> Cluster {
     let code = miren(&cfg, &["runner", "token", "create", "--reusable"], &[]);
     assert!(code.ok, "{code:?}");
     let code = code.stdout.trim().to_string();
-    let runners: Vec<RunnerProc> = ["r1", "r2"]
+    // r1 isolates with namespaces where bubblewrap works; r2 runs plain
+    // processes, so both paths serve the same app.
+    let runners: Vec<RunnerProc> = [("r1", "auto"), ("r2", "none")]
         .iter()
-        .map(|n| RunnerProc::start(&dir.path().join(n), Some(&code), &["--name", n]))
+        .map(|(n, iso)| {
+            RunnerProc::start(
+                &dir.path().join(n),
+                Some(&code),
+                &["--name", n, "--isolation", iso],
+            )
+        })
         .collect();
     assert!(wait_for(Duration::from_secs(30), || {
         integration_tests::runners(&cfg)
@@ -105,25 +112,45 @@ fn deployed_app_runs_on_two_runners_and_its_tokens_verify_outside() {
         "instances must spread over runners"
     );
 
-    for s in &sbs {
-        let addr = s["address"].as_str().unwrap();
-        let (code, body) = http_get(addr, "/whoami?audience=sts.amazonaws.com").unwrap();
+    // Through the ingress, each sandbox hands out its own verifiable token.
+    assert!(miren(&c.cfg, &["route", "set", "hello.test", "-a", "hello"], &[]).ok);
+    let mut verified = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (code, body) = http_get_host(
+            &c.ingress,
+            "hello.test",
+            "/whoami?audience=sts.amazonaws.com",
+        )
+        .unwrap();
         assert_eq!(code, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
-        let id = s["id"].as_str().unwrap();
-        assert_eq!(v["claims"]["sub"], format!("app:hello:sandbox:{id}"));
-        assert_eq!(v["claims"]["app"], "hello");
-        let (ok, report) = outside_verify(
-            &issuer,
-            &c.data.join("ca.crt"),
-            "sts.amazonaws.com",
-            v["token"].as_str().unwrap(),
+        let sub = v["claims"]["sub"].as_str().unwrap().to_string();
+        let id = sub
+            .strip_prefix("app:hello:sandbox:")
+            .expect("subject names the sandbox")
+            .to_string();
+        assert!(
+            sbs.iter().any(|s| s["id"] == id.as_str()),
+            "unknown sandbox in {sub}"
         );
-        assert!(ok, "outside verifier refused a sandbox token: {report}");
-        let (code, body) = http_get(addr, "/").unwrap();
-        assert_eq!(code, 200);
-        assert!(body.contains("hello from miren"), "{body}");
+        assert_eq!(v["claims"]["app"], "hello");
+        if verified.insert(id) {
+            let (ok, report) = outside_verify(
+                &issuer,
+                &c.data.join("ca.crt"),
+                "sts.amazonaws.com",
+                v["token"].as_str().unwrap(),
+            );
+            assert!(ok, "outside verifier refused a sandbox token: {report}");
+        }
+        if verified.len() == 2 {
+            break;
+        }
     }
+    assert_eq!(verified.len(), 2, "did not reach both sandboxes");
+    let (code, body) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("hello from miren"), "{body}");
 
     let list = miren(&c.cfg, &["app", "list", "-o", "json"], &[]);
     assert!(list.stdout.contains("\"hello\""), "{list:?}");
@@ -159,10 +186,9 @@ fn deployed_app_runs_on_two_runners_and_its_tokens_verify_outside() {
     let sbs_after = sandboxes(&st);
     assert_eq!(sbs_after.len(), 2, "{st}");
     assert!(sbs_after.iter().all(|s| s["version"] == "v1"));
-    for s in &sbs_after {
-        let (code, _) = http_get(s["address"].as_str().unwrap(), "/").unwrap();
-        assert_eq!(code, 200);
-    }
+    let (code, body) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"v1\""), "{body}");
 
     // A working new version replaces the old one.
     let again = miren(&c.cfg, &["deploy", "--dir", app_dir.to_str().unwrap()], &[]);
@@ -187,12 +213,11 @@ fn deployed_app_runs_on_two_runners_and_its_tokens_verify_outside() {
             .iter()
             .all(|r| r["sandboxes"] == 0)
     }));
-    for s in &sbs_after {
-        assert!(
-            http_get(s["address"].as_str().unwrap(), "/").is_err(),
-            "sandbox still serving after delete"
-        );
-    }
+    let (code, _) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
+    assert!(
+        code == 503 || code == 404,
+        "deleted app still served: {code}"
+    );
 }
 
 #[test]
@@ -213,13 +238,36 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
     assert!(deploy.ok, "{deploy:?}");
     let st = status(&c.cfg, "probe");
     let sb = &sandboxes(&st)[0];
-    let addr = sb["address"].as_str().unwrap().to_string();
     let id = sb["id"].as_str().unwrap().to_string();
+    assert!(miren(&c.cfg, &["route", "set", "probe.test", "-a", "probe"], &[]).ok);
+    let ingress = c.ingress.clone();
+    let probe = |path: &str| http_get_host(&ingress, "probe.test", path).unwrap();
 
-    let (code, body) = http_get(&addr, "/probe").unwrap();
+    let (code, body) = probe("/probe");
     assert_eq!(code, 200, "{body}");
     let p: Value = serde_json::from_str(&body).unwrap();
     let env = &p["env"];
+    // Isolation as the sandbox sees it.
+    let isolation = integration_tests::runners(&c.cfg)
+        .into_iter()
+        .find(|r| r["id"] == sb["runner"])
+        .and_then(|r| r["isolation"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    if isolation == "bwrap" {
+        assert!(p["pid"].as_i64().unwrap() < 10, "no pid namespace: {p}");
+        assert_eq!(
+            p["interfaces"],
+            serde_json::json!(["lo"]),
+            "network not private: {p}"
+        );
+        let root = p["root_entries"].as_array().unwrap();
+        assert!(
+            !root.iter().any(|e| e == "root" || e == "home"),
+            "host homes visible: {p}"
+        );
+    } else {
+        println!("NOTE: runners here have no namespace isolation (bubblewrap unusable)");
+    }
     for k in [
         "MIREN_IDENTITY_TOKEN_URL",
         "MIREN_IDENTITY_TOKEN_PATH",
@@ -240,7 +288,6 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
     assert_eq!(two["status"], 200, "{p}");
     let token = two["body"]["value"].as_str().unwrap();
     let payload = token.split('.').nth(1).unwrap();
-    use base64::Engine as _;
     let claims: Value = serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload)
@@ -280,21 +327,54 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
     );
     assert!(second.ok, "{second:?}");
     let other = sandboxes(&status(&c.cfg, "probe2"))[0].clone();
-    let (_, other_body) = http_get(other["address"].as_str().unwrap(), "/secret-free-url").unwrap();
+    assert!(
+        miren(
+            &c.cfg,
+            &["route", "set", "probe2.test", "-a", "probe2"],
+            &[]
+        )
+        .ok
+    );
+    let (_, other_body) = http_get_host(&c.ingress, "probe2.test", "/secret-free-url").unwrap();
     let other_url: Value = serde_json::from_str(&other_body).unwrap();
-    let (_, body) = http_get(
-        &addr,
-        &format!("/probe?other={}", other_url["url"].as_str().unwrap()),
-    )
-    .unwrap();
+    let (_, body) = probe(&format!(
+        "/probe?other={}",
+        other_url["url"].as_str().unwrap()
+    ));
     let p: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(p["other_endpoint"]["status"], 403, "{p}");
+    // The caller is identified by where it stands: the other sandbox's
+    // endpoint refuses our secret (shared loopback), is unreachable, or,
+    // from inside our own namespace, that address is our own endpoint. Never a token
+    // for the other sandbox.
+    let o = &p["other_endpoint"];
+    match o["status"].as_i64() {
+        // Refused, or not even reachable from inside our network namespace.
+        Some(403) | Some(0) => {}
+        Some(200) => {
+            let t = o["body"]["value"].as_str().unwrap();
+            let claims: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(t.split('.').nth(1).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                claims["sandbox_id"],
+                id.as_str(),
+                "got another sandbox's token: {claims}"
+            );
+            assert_ne!(claims["sandbox_id"], other["id"]);
+        }
+        other => panic!("unexpected answer from the other endpoint: {other:?} {p}"),
+    }
 
     // Coordinator down: the cached token is still served.
     let (ok, err) = c.server.take().unwrap().stop();
     assert!(ok, "{err}");
-    let (code, body) = http_get(&addr, "/probe").unwrap();
-    assert_eq!(code, 200);
+    // The ingress went with the coordinator; reach the sandbox the way a
+    // process beside it would.
+    let addr = sb["address"].as_str().unwrap().to_string();
+    let body = get_direct(&addr, "/probe");
     let p: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         p["default"]["status"], 200,
@@ -441,4 +521,23 @@ with tarfile.open(out, "w:gz") as t:
     // The serving app is untouched.
     let (code, _) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
     assert_eq!(code, 200);
+}
+
+/// GET on a sandbox's service address (`host:port` or `unix:<path>`).
+fn get_direct(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut raw = Vec::new();
+    if let Some(p) = addr.strip_prefix("unix:") {
+        let mut s = std::os::unix::net::UnixStream::connect(p).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        s.read_to_end(&mut raw).unwrap();
+    } else {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        s.read_to_end(&mut raw).unwrap();
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }

@@ -89,8 +89,14 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
     let current: Current = Rc::new(RefCell::new(None));
     let (mint_tx, mint_rx) = mpsc::unbounded_channel::<MintRequest>();
     let (report_tx, report_rx) = mpsc::unbounded_channel::<Report>();
+    let isolation = crate::sandbox::Isolation::choose(&opts.isolation)?;
+    let opts = RunnerOptions {
+        isolation: isolation.name().to_string(),
+        ..opts
+    };
     let supervisor = Rc::new(Supervisor::new(
         opts.data_dir.clone(),
+        isolation,
         Broker::new(mint_tx),
         report_tx,
     ));
@@ -307,6 +313,7 @@ impl runner_agent::Server for AgentService {
             env,
             artifact: s.get_artifact_sha256()?.to_string()?,
             issuer_url: s.get_issuer_url()?.to_string()?,
+            port: s.get_port(),
         };
         let current = self.current.clone();
         let fetch: Fetch = Rc::new(move |sha: String, offset: u64, len: u32| {
@@ -391,11 +398,16 @@ async fn accept_proxied(conn: quinn::Connection, supervisor: Rc<Supervisor>) {
             let Some(addr) = supervisor.address(id.trim()) else {
                 return;
             };
-            let Ok(mut tcp) = tokio::net::TcpStream::connect(addr.as_str()).await else {
-                return;
-            };
             let mut stream = tokio::io::join(recv, send);
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+            match crate::sandbox::connect_service(&addr).await {
+                Ok(crate::sandbox::ServiceStream::Tcp(mut s)) => {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut s).await;
+                }
+                Ok(crate::sandbox::ServiceStream::Unix(mut s)) => {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut s).await;
+                }
+                Err(_) => {}
+            }
         });
     }
 }

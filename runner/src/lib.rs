@@ -9,6 +9,7 @@ pub mod agent;
 pub mod backoff;
 pub mod join;
 pub mod sandbox;
+pub mod shim;
 pub mod state;
 pub mod tokens;
 pub mod unpack;

@@ -30,6 +30,83 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     pub artifact: String,
     pub issuer_url: String,
+    /// The service's port inside an isolated sandbox (its own namespace).
+    pub port: u16,
+}
+
+/// How sandboxes are confined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// Plain processes (machines without namespaces); said loudly.
+    None,
+    /// bubblewrap: own pid, mount, network (loopback only), uts, ipc
+    /// namespaces; `miren` is this binary, run inside as the shim.
+    Bwrap { miren: PathBuf },
+}
+
+impl Isolation {
+    /// `bwrap` when it works here (unless `none` is asked), else `none`.
+    pub fn choose(requested: &str) -> anyhow::Result<Isolation> {
+        let bwrap = || -> anyhow::Result<Isolation> {
+            Ok(Isolation::Bwrap {
+                miren: std::env::current_exe()
+                    .context("locating the miren binary for the sandbox shim")?,
+            })
+        };
+        match requested {
+            "none" => Ok(Isolation::None),
+            "bwrap" if crate::shim::bwrap_works() => bwrap(),
+            "bwrap" => Err(anyhow!("--isolation bwrap: bubblewrap cannot create namespaces here (is the `bubblewrap` package installed, and are user/pid/net namespaces allowed?)")),
+            "auto" if crate::shim::bwrap_works() => bwrap(),
+            "auto" => {
+                eprintln!("WARNING: bubblewrap cannot create namespaces on this machine: sandboxes will run as PLAIN PROCESSES without isolation (install `bubblewrap`, or pass --isolation none to silence this)");
+                Ok(Isolation::None)
+            }
+            other => Err(anyhow!("--isolation {other:?}: use auto, bwrap or none")),
+        }
+    }
+
+    /// What `runner list` shows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Isolation::None => "none",
+            Isolation::Bwrap { .. } => "bwrap",
+        }
+    }
+}
+
+/// Token port inside an isolated sandbox (moved when the service uses it).
+const TOKEN_PORT: u16 = 47400;
+
+/// How the runner reaches a sandbox's service.
+fn connect_target(address: &str) -> Target {
+    match address.strip_prefix("unix:") {
+        Some(path) => Target::Unix(PathBuf::from(path)),
+        None => Target::Tcp(address.to_string()),
+    }
+}
+
+enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+/// A connection to a sandbox's service (TCP or through the shim's socket).
+pub enum ServiceStream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Connects to the service at `address` (`host:port` or `unix:<path>`).
+pub async fn connect_service(address: &str) -> std::io::Result<ServiceStream> {
+    match connect_target(address) {
+        Target::Tcp(a) => Ok(ServiceStream::Tcp(
+            tokio::net::TcpStream::connect(a.as_str()).await?,
+        )),
+        Target::Unix(p) => Ok(ServiceStream::Unix(
+            tokio::net::UnixStream::connect(p).await?,
+        )),
+    }
 }
 
 /// A state change to report to the coordinator.
@@ -64,6 +141,7 @@ struct Running {
 /// The sandboxes of this runner (they outlive coordinator sessions).
 pub struct Supervisor {
     dir: PathBuf,
+    isolation: Isolation,
     broker: Broker,
     running: RefCell<HashMap<String, Running>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
@@ -72,11 +150,13 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         dir: PathBuf,
+        isolation: Isolation,
         broker: Broker,
         reports: tokio::sync::mpsc::UnboundedSender<Report>,
     ) -> Self {
         Supervisor {
             dir,
+            isolation,
             broker,
             running: RefCell::new(HashMap::new()),
             reports,
@@ -123,26 +203,57 @@ impl Supervisor {
         .map_err(|e| anyhow!("unpacking: {e}"))?
         .with_context(|| format!("unpacking the artifact of {}", spec.id))?;
 
-        let (listener, token_addr) = tokens::bind().await?;
         let secret = hex::encode(rand::random::<[u8; 32]>());
-        let endpoint = tokens::serve(
-            listener,
-            spec.id.clone(),
-            secret.clone(),
-            self.broker.clone(),
-        );
-        let port = free_port()?;
         let token_path = run_dir.join("token");
+        let (endpoint, port, token_url, address) = match &self.isolation {
+            Isolation::None => {
+                let (listener, token_addr) = tokens::bind().await?;
+                let ep = tokens::serve(
+                    listener,
+                    spec.id.clone(),
+                    secret.clone(),
+                    self.broker.clone(),
+                );
+                let port = free_port()?;
+                (
+                    ep,
+                    port,
+                    format!("http://{token_addr}/v1/token"),
+                    format!("127.0.0.1:{port}"),
+                )
+            }
+            Isolation::Bwrap { .. } => {
+                let sock = run_dir.join(crate::shim::TOKEN_SOCKET);
+                let _ = std::fs::remove_file(&sock);
+                let listener = tokio::net::UnixListener::bind(&sock)
+                    .with_context(|| format!("binding {}", sock.display()))?;
+                let ep = tokens::serve(
+                    listener,
+                    spec.id.clone(),
+                    secret.clone(),
+                    self.broker.clone(),
+                );
+                let port = if spec.port == 0 { 8080 } else { spec.port };
+                let token_port = if port == TOKEN_PORT {
+                    TOKEN_PORT + 1
+                } else {
+                    TOKEN_PORT
+                };
+                (
+                    ep,
+                    port,
+                    format!("http://127.0.0.1:{token_port}/v1/token"),
+                    format!("unix:{}", run_dir.join(crate::shim::APP_SOCKET).display()),
+                )
+            }
+        };
         let mut env: Vec<(String, String)> = spec.env.clone();
         env.extend([
             ("PORT".into(), port.to_string()),
             ("MIREN_APP".into(), spec.app.clone()),
             ("MIREN_SANDBOX_ID".into(), spec.id.clone()),
             ("MIREN_VERSION".into(), spec.version.clone()),
-            (
-                "MIREN_IDENTITY_TOKEN_URL".into(),
-                format!("http://{token_addr}/v1/token"),
-            ),
+            ("MIREN_IDENTITY_TOKEN_URL".into(), token_url.clone()),
             ("MIREN_IDENTITY_TOKEN_SECRET".into(), secret),
             (
                 "MIREN_IDENTITY_TOKEN_PATH".into(),
@@ -150,19 +261,35 @@ impl Supervisor {
             ),
             ("MIREN_OIDC_ISSUER_URL".into(), spec.issuer_url.clone()),
         ]);
+        if let Isolation::Bwrap { .. } = self.isolation {
+            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+            env.push(("HOME".into(), app_dir.display().to_string()));
+        }
+        let launch = Launch {
+            isolation: self.isolation.clone(),
+            app_dir: app_dir.clone(),
+            run_dir: run_dir.clone(),
+            port,
+            token_port: token_url
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.split('/').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(TOKEN_PORT),
+        };
         let last = Rc::new(RefCell::new(Report {
             id: spec.id.clone(),
             state: "starting".into(),
-            address: format!("127.0.0.1:{port}"),
+            address: address.clone(),
             ..Default::default()
         }));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::task::spawn_local(supervise(
             spec.clone(),
-            app_dir,
+            launch,
             run_dir.join("output.log"),
             env,
-            port,
+            address,
             last.clone(),
             self.reports.clone(),
             stopped.clone(),
@@ -284,13 +411,52 @@ fn send(
     let _ = tx.send(r.clone());
 }
 
+/// How to launch a sandbox's process.
+struct Launch {
+    isolation: Isolation,
+    app_dir: PathBuf,
+    run_dir: PathBuf,
+    port: u16,
+    token_port: u16,
+}
+
+impl Launch {
+    fn command(&self, spec: &Spec) -> tokio::process::Command {
+        match &self.isolation {
+            Isolation::None => {
+                let mut cmd = tokio::process::Command::new("/bin/sh");
+                cmd.arg("-c")
+                    .arg(format!("exec {}", spec.command))
+                    .current_dir(&self.app_dir);
+                cmd
+            }
+            Isolation::Bwrap { miren } => {
+                let args = vec![
+                    "--run-dir".to_string(),
+                    self.run_dir.display().to_string(),
+                    "--app-port".to_string(),
+                    self.port.to_string(),
+                    "--token-port".to_string(),
+                    self.token_port.to_string(),
+                    "--".to_string(),
+                    spec.command.clone(),
+                ];
+                let mut cmd =
+                    crate::shim::bwrap_command(miren, &self.app_dir, &self.run_dir, &args);
+                cmd.env_clear();
+                cmd
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
     spec: Spec,
-    app_dir: PathBuf,
+    launch: Launch,
     log_path: PathBuf,
     env: Vec<(String, String)>,
-    port: u16,
+    address: String,
     last: Rc<RefCell<Report>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
@@ -299,11 +465,11 @@ async fn supervise(
     let mut restarts = 0u32;
     let mut ever_healthy = false;
     loop {
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(format!("exec {}", spec.command))
-            .current_dir(&app_dir)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        let mut cmd = launch.command(&spec);
+        if let Isolation::Bwrap { .. } = launch.isolation {
+            let _ = std::fs::remove_file(launch.run_dir.join(crate::shim::APP_SOCKET));
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -357,7 +523,7 @@ async fn supervise(
                 }
                 status = child.wait() => break status,
                 _ = tokio::time::sleep(Duration::from_millis(200)), if !healthy => {
-                    if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    if connect_service(&address).await.is_ok() {
                         healthy = true;
                         ever_healthy = true;
                         send(&reports, &last, |r| { r.state = "healthy".into(); r.restarts = restarts; });

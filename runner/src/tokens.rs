@@ -228,12 +228,16 @@ async fn token(
 
 /// Serves one sandbox's token endpoint on `listener` until the returned
 /// task is aborted. Path `/v1/token` (any other path is 404).
-pub fn serve(
-    listener: tokio::net::TcpListener,
+pub fn serve<L>(
+    listener: L,
     sandbox: String,
     secret: String,
     broker: Broker,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let ep = Endpoint {
         sandbox,
         secret,

@@ -32,6 +32,10 @@ pub struct AgentArgs {
     /// Label key=value; repeatable.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Sandbox isolation: bwrap (namespaces), none (plain processes), or
+    /// auto (bwrap when it works here, else none with a warning).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "bwrap", "none"])]
+    isolation: String,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -114,7 +118,7 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         join: a.join,
         name: a.name,
         labels: a.labels,
-        isolation: "none".into(),
+        isolation: a.isolation,
     };
     run_local(async move {
         let shutdown = crate::cmd::server::shutdown_signal()?;

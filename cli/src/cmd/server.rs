@@ -49,6 +49,9 @@ pub struct ServerArgs {
     /// TCP address of the HTTP ingress (default: off; 127.0.0.1:0 with --dev).
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// Sandbox isolation of the --dev runner: auto, bwrap or none.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "bwrap", "none"])]
+    isolation: String,
     /// Lifetime of runner certificates; runners renew at half-life.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     runner_cert_validity: Duration,
@@ -170,7 +173,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             join,
             name: "dev".into(),
             labels: vec![],
-            isolation: "none".into(),
+            isolation: args.isolation.clone(),
         };
         let mut stop = stop_rx.clone();
         Some(std::thread::spawn(move || {

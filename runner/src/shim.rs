@@ -1,0 +1,177 @@
+//! `miren sandbox-shim`: the first process inside an isolated sandbox.
+//!
+//! A sandbox has its own network namespace with only loopback, so nothing
+//! outside can reach its ports and it can reach nothing outside. The shim is
+//! the sandbox's only door, through two unix sockets in its run dir (a path
+//! both sides see):
+//!
+//! - `127.0.0.1:<token port>` inside -> `token.sock`, served by the runner
+//!   for this sandbox alone (the caller is identified by where it stands);
+//! - `app.sock` -> `127.0.0.1:$PORT` inside, bound only once the service
+//!   accepts connections (so its existence means "healthy").
+//!
+//! It starts the service as its child, forwards SIGTERM/SIGINT to it and
+//! exits with its status.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// Socket of the runner's token endpoint for this sandbox.
+pub const TOKEN_SOCKET: &str = "token.sock";
+/// Socket through which the runner reaches the service.
+pub const APP_SOCKET: &str = "app.sock";
+
+/// Runs the shim; returns the process exit code.
+pub fn main(run_dir: PathBuf, app_port: u16, token_port: u16, command: String) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandbox-shim: {e}");
+            return 70;
+        }
+    };
+    rt.block_on(run(run_dir, app_port, token_port, command))
+}
+
+async fn run(run_dir: PathBuf, app_port: u16, token_port: u16, command: String) -> i32 {
+    let token_sock = run_dir.join(TOKEN_SOCKET);
+    let token = match TcpListener::bind(("127.0.0.1", token_port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sandbox-shim: token endpoint 127.0.0.1:{token_port}: {e}");
+            return 70;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = token.accept().await {
+            let path = token_sock.clone();
+            tokio::spawn(async move {
+                if let Ok(mut unix) = UnixStream::connect(&path).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                }
+            });
+        }
+    });
+
+    let mut child = match tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec {command}"))
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sandbox-shim: could not start {command:?}: {e}");
+            return 127;
+        }
+    };
+    let pid = child.id();
+    let app_sock = run_dir.join(APP_SOCKET);
+    let _ = std::fs::remove_file(&app_sock);
+    tokio::spawn(expose_when_ready(app_port, app_sock));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                return status.ok().and_then(|s| s.code()).unwrap_or(1);
+            }
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => forward(pid, libc::SIGTERM),
+            _ = async { match int.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => forward(pid, libc::SIGINT),
+        }
+    }
+}
+
+fn forward(pid: Option<u32>, signal: i32) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) with a process group id we created; no memory involved.
+        unsafe {
+            libc::kill(-(pid as i32), signal);
+        }
+    }
+}
+
+/// Waits until the service accepts connections on its port, then binds
+/// `app.sock` and forwards every connection to it.
+async fn expose_when_ready(port: u16, sock: PathBuf) {
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listener = match UnixListener::bind(&sock) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sandbox-shim: {}: {e}", sock.display());
+            return;
+        }
+    };
+    while let Ok((mut unix, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)).await {
+                let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
+            }
+        });
+    }
+}
+
+/// Whether bubblewrap can make a sandbox on this machine.
+pub fn bwrap_works() -> bool {
+    std::process::Command::new("bwrap")
+        .args([
+            "--unshare-all",
+            "--die-with-parent",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "true",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The bubblewrap command that runs `shim_args` with its own pid, mount,
+/// network (loopback only), uts and ipc namespaces, system dirs read-only,
+/// a private /tmp, and only this sandbox's app and run dirs from the host.
+pub fn bwrap_command(
+    miren: &Path,
+    app_dir: &Path,
+    run_dir: &Path,
+    shim_args: &[String],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("bwrap");
+    cmd.args([
+        "--unshare-all",
+        "--die-with-parent",
+        "--hostname",
+        "sandbox",
+    ]);
+    for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"] {
+        cmd.args(["--ro-bind-try", dir, dir]);
+    }
+    cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
+    let miren = miren.display().to_string();
+    cmd.args(["--ro-bind", &miren, "/run/miren/miren"]);
+    let app = app_dir.display().to_string();
+    let run = run_dir.display().to_string();
+    cmd.args(["--bind", &app, &app, "--bind", &run, &run, "--chdir", &app]);
+    cmd.arg("--")
+        .arg("/run/miren/miren")
+        .arg("sandbox-shim")
+        .args(shim_args);
+    cmd
+}
