@@ -361,9 +361,7 @@ impl runner_session::Server for RunnerSessionService {
         };
         let subject =
             Subject::new("", &sandbox.app, &sandbox.id).map_err(|e| failed(e.to_string()))?;
-        let token = self
-            .state
-            .mint_workload_token(&subject, &audiences, ttl, now_unix())?;
+        let token = self.state.mint_off_thread(subject, audiences, ttl).await?;
         results.get().set_token(&token);
         Ok(())
     }
@@ -468,6 +466,22 @@ impl State {
             .active(now)
             .map_err(|e| failed(e.to_string()))?;
         minter.mint(&claims).map_err(|e| failed(e.to_string()))
+    }
+
+    /// Mints on the blocking pool: one connection's RPC session is pinned
+    /// to one thread, but its RSA signatures should use every core.
+    pub async fn mint_off_thread(
+        self: &Arc<Self>,
+        subject: Subject,
+        audiences: Vec<String>,
+        ttl: Option<u64>,
+    ) -> Result<String, capnp::Error> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            state.mint_workload_token(&subject, &audiences, ttl, now_unix())
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?
     }
 
     /// A verifier for this cluster's own tokens at `now`: published keys,
@@ -762,9 +776,7 @@ impl admin::Server for AdminService {
             0 => None,
             n => Some(u64::from(n)),
         };
-        let token = self
-            .state
-            .mint_workload_token(&subject, &audiences, ttl, now_unix())?;
+        let token = self.state.mint_off_thread(subject, audiences, ttl).await?;
         results.get().set_token(&token);
         Ok(())
     }

@@ -368,6 +368,20 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
         other => panic!("unexpected answer from the other endpoint: {other:?} {p}"),
     }
 
+    // A crashed process is restarted and the restart shows in `app status`.
+    let _ = http_get_host(&c.ingress, "probe.test", "/crash");
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let st = status(&c.cfg, "probe");
+            let s = &sandboxes(&st)[0];
+            s["restarts"].as_u64().unwrap_or(0) >= 1 && s["state"] == "healthy"
+        }),
+        "crash not restarted: {}",
+        status(&c.cfg, "probe")
+    );
+    let (code, _) = probe("/probe");
+    assert_eq!(code, 200);
+
     // Coordinator down: the cached token is still served.
     let (ok, err) = c.server.take().unwrap().stop();
     assert!(ok, "{err}");
