@@ -696,3 +696,59 @@ async fn send(
         Err(_) => Err(format!("runner {runner} did not answer")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    #[test]
+    fn a_runner_gets_tokens_only_for_sandboxes_it_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let apps = Apps::new(store.clone(), dir.path()).unwrap();
+        let rec = SandboxRecord {
+            id: "web-a".into(),
+            app: "web".into(),
+            version: "v1".into(),
+            service: "web".into(),
+            runner: "runner-1".into(),
+            artifact: "0".repeat(64),
+            created_unix: 0,
+        };
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Put("sandbox/web-a".into(), encode(&rec))],
+            })
+            .unwrap();
+        assert_eq!(
+            apps.authorize_token("runner-1", "web-a").unwrap().app,
+            "web"
+        );
+        let refused = apps.authorize_token("runner-2", "web-a").unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "not authorized to issue a token for this sandbox"
+        );
+        assert!(matches!(
+            apps.authorize_token("runner-1", "nope"),
+            Err(AppError::NotYourSandbox)
+        ));
+        // Reports and artifacts follow the same rule.
+        assert!(apps
+            .report("runner-2", "web-a", SandboxReport::default())
+            .is_err());
+        assert!(apps
+            .read_artifact("runner-2", &"0".repeat(64), 0, 10)
+            .is_err());
+    }
+
+    #[test]
+    fn app_names_are_checked() {
+        assert!(check_app_name("web-1").is_ok());
+        for bad in ["", "-web", "Web", "a/b", "a:b", &"a".repeat(64)] {
+            assert!(check_app_name(bad).is_err(), "{bad}");
+        }
+    }
+}
