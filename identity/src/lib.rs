@@ -5,19 +5,26 @@
 //! these functions. Every time-dependent rule takes `now` as an argument.
 
 pub mod address;
+pub mod bindings;
 pub mod claims;
 pub mod documents;
+pub mod glob;
 pub mod join_token;
 pub mod keys;
 pub mod mint;
 pub mod verify;
 
 pub use address::{AddressError, ClusterAddress, Fingerprint};
+pub use bindings::{
+    issuer_host_is_private_or_loopback, Binding, BindingError, BindingSet, BindingSetError,
+    Condition, NoMatch,
+};
 pub use claims::{
     clamp_ttl, ClaimsError, Subject, SubjectError, SubjectField, WorkloadClaims, DEFAULT_AUDIENCE,
     DEFAULT_TTL_SECS, MAX_TTL_SECS, MIN_TTL_SECS,
 };
 pub use documents::{DiscoveryDocument, DiscoveryError, IssuerUrl, IssuerUrlError, Jwks};
+pub use glob::{Glob, GlobError};
 pub use keys::{Algorithm, Jwk, JwkError, KeyError, KeyMaterial, PublicKey, SigningKeyPair};
 pub use mint::{MintError, Minter};
 pub use verify::{

@@ -854,6 +854,7 @@ fn swarm_main() -> anyhow::Result<()> {
                 name: String::new(),
                 labels: vec![],
                 isolation: "none".into(),
+                token_file_ttl: 3600,
             };
             tasks.push(tokio::task::spawn_local(async move {
                 let shutdown = async move {

@@ -63,7 +63,7 @@ fn cluster_with_two_runners() -> Cluster {
             RunnerProc::start(
                 &dir.path().join(n),
                 Some(&code),
-                &["--name", n, "--isolation", iso],
+                &["--name", n, "--isolation", iso, "--token-file-ttl", "60s"],
             )
         })
         .collect();
@@ -367,6 +367,24 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
         }
         other => panic!("unexpected answer from the other endpoint: {other:?} {p}"),
     }
+
+    // The token file is rewritten at half-life (runners here: 60 s tokens).
+    let first_file = file_token.to_string();
+    assert!(
+        wait_for(Duration::from_secs(50), || {
+            let (_, body) = probe("/probe");
+            serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|p| p["token_file"].as_str().map(|t| t != first_file))
+                .unwrap_or(false)
+        }),
+        "token file not refreshed: first {} / now via probe {:?} / on disk {:?}",
+        &first_file[first_file.len().saturating_sub(20)..],
+        serde_json::from_str::<Value>(&probe("/probe").1)
+            .ok()
+            .map(|p| p["token_file"].to_string()),
+        std::fs::read_to_string(env["MIREN_IDENTITY_TOKEN_PATH"].as_str().unwrap()).ok()
+    );
 
     // A crashed process is restarted and the restart shows in `app status`.
     let _ = http_get_host(&c.ingress, "probe.test", "/crash");

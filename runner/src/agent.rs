@@ -36,6 +36,9 @@ pub struct RunnerOptions {
     pub labels: Vec<(String, String)>,
     /// What the runner reports as its isolation mode.
     pub isolation: String,
+    /// Lifetime of the token kept in each sandbox's token file (seconds;
+    /// 0 = the default hour). It is rewritten at half-life.
+    pub token_file_ttl: u32,
 }
 
 enum SessionEnd {
@@ -97,6 +100,7 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
     let supervisor = Rc::new(Supervisor::new(
         opts.data_dir.clone(),
         isolation,
+        opts.token_file_ttl,
         Broker::new(mint_tx),
         report_tx,
     ));

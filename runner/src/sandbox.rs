@@ -142,6 +142,7 @@ struct Running {
 pub struct Supervisor {
     dir: PathBuf,
     isolation: Isolation,
+    token_file_ttl: u32,
     broker: Broker,
     running: RefCell<HashMap<String, Running>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
@@ -151,12 +152,14 @@ impl Supervisor {
     pub fn new(
         dir: PathBuf,
         isolation: Isolation,
+        token_file_ttl: u32,
         broker: Broker,
         reports: tokio::sync::mpsc::UnboundedSender<Report>,
     ) -> Self {
         Supervisor {
             dir,
             isolation,
+            token_file_ttl,
             broker,
             running: RefCell::new(HashMap::new()),
             reports,
@@ -296,6 +299,7 @@ impl Supervisor {
         ));
         tokio::task::spawn_local(refresh_token_file(
             self.broker.clone(),
+            self.token_file_ttl,
             spec.id.clone(),
             token_path,
             stopped,
@@ -595,6 +599,7 @@ fn append_log(path: &Path, line: &str) {
 /// rewritten (atomically) at half-life.
 async fn refresh_token_file(
     broker: Broker,
+    ttl: u32,
     sandbox: String,
     path: PathBuf,
     mut stopped: tokio::sync::watch::Receiver<bool>,
@@ -603,7 +608,7 @@ async fn refresh_token_file(
         let key = TokenKey {
             sandbox: sandbox.clone(),
             audiences: vec![],
-            ttl: 0,
+            ttl,
         };
         let wait = match broker.get(key).await {
             Ok(token) => {

@@ -36,6 +36,10 @@ pub struct AgentArgs {
     /// auto (bwrap when it works here, else none with a warning).
     #[arg(long, default_value = "auto", value_parser = ["auto", "bwrap", "none"])]
     isolation: String,
+    /// Lifetime of the token kept in each sandbox's MIREN_IDENTITY_TOKEN_PATH
+    /// (rewritten at half-life; clamped to 60s..24h).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    token_file_ttl: std::time::Duration,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -119,6 +123,7 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         name: a.name,
         labels: a.labels,
         isolation: a.isolation,
+        token_file_ttl: a.token_file_ttl.as_secs().clamp(60, 86_400) as u32,
     };
     run_local(async move {
         let shutdown = crate::cmd::server::shutdown_signal()?;

@@ -174,6 +174,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             name: "dev".into(),
             labels: vec![],
             isolation: args.isolation.clone(),
+            token_file_ttl: 3600,
         };
         let mut stop = stop_rx.clone();
         Some(std::thread::spawn(move || {

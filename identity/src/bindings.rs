@@ -1,0 +1,1314 @@
+//! CI bindings: which OIDC tokens may act on which app.
+//!
+//! A pipeline deploys with a short-lived token from its CI provider instead of
+//! a stored secret. A *binding* is the operator's statement "tokens from this
+//! issuer, whose subject and claims look like this, may deploy this app"; it is
+//! the only thing that turns a validly signed token into authority, so its
+//! rules live here, pure and tested without sockets, and the coordinator only
+//! feeds them verified claims.
+//!
+//! The rules:
+//!
+//! * the token's `iss` must equal the binding's issuer exactly (no trailing
+//!   slash or case folding: see [`IssuerUrl`]);
+//! * its `sub` must match the binding's subject [`Glob`];
+//! * every [`Condition`] must hold (AND across conditions), and a condition
+//!   holds when the claim is a string matching any of its patterns (the
+//!   comma-separated list is an OR);
+//! * only bindings of the app the caller names are considered, and when
+//!   several match, the one with the smallest id wins, so the answer never
+//!   depends on store order;
+//! * a binding that pins no caller (a subject of wildcards only and no
+//!   condition other than `event_name`) is refused when it is made, because
+//!   it would let anyone holding a token from that issuer deploy.
+//!
+//! Bindings are stored with their patterns as strings ([`Binding`]) and
+//! compiled once when loaded into a [`BindingSet`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::documents::{IssuerUrl, IssuerUrlError};
+use crate::glob::{Glob, GlobError};
+
+/// Issuer of GitHub Actions OIDC tokens.
+pub const GITHUB_ISSUER: &str = "https://token.actions.githubusercontent.com";
+/// Events a `--github` binding allows when none are given.
+pub const GITHUB_DEFAULT_EVENTS: &str = "push,workflow_dispatch";
+/// `provider` of bindings made with `--github`.
+pub const PROVIDER_GITHUB: &str = "github";
+/// `provider` of bindings made with `--issuer`/`--subject`.
+pub const PROVIDER_GENERIC: &str = "generic";
+/// Claim naming the event that started the run (`--allowed-events`).
+pub const EVENT_NAME_CLAIM: &str = "event_name";
+/// Claim naming the git ref of the run (`--allowed-refs`).
+pub const REF_CLAIM: &str = "ref";
+/// Claim naming the `OWNER/REPO` of the run.
+pub const REPOSITORY_CLAIM: &str = "repository";
+/// Longest accepted claim name.
+pub const MAX_CLAIM_NAME_LEN: usize = 128;
+
+/// Why a binding or condition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    /// The binding id is empty or holds control characters.
+    #[error("CI binding id {0:?} must be non-empty and printable")]
+    BadId(String),
+    /// The app name is empty or holds control characters.
+    #[error("CI binding app {0:?} must be non-empty and printable")]
+    BadApp(String),
+    /// The provider is neither `github` nor `generic`.
+    #[error("unknown CI binding provider {0:?} (expected \"github\" or \"generic\")")]
+    BadProvider(String),
+    /// The issuer is not a valid https issuer URL.
+    #[error("CI binding issuer: {0}")]
+    Issuer(#[from] IssuerUrlError),
+    /// The subject pattern is not a valid glob.
+    #[error("CI binding subject: {0}")]
+    Subject(GlobError),
+    /// `--github` was not given as `OWNER/REPO`.
+    #[error(
+        "invalid GitHub repository {0:?}: expected OWNER/REPO, each made of letters, digits, \
+         '-', '_' and '.'"
+    )]
+    BadRepository(String),
+    /// A condition names no claim, or a claim with unexpected characters.
+    #[error(
+        "invalid claim name {0:?}: expected 1 to 128 of letters, digits, '_', '-', '.' and ':'"
+    )]
+    BadClaimName(String),
+    /// A condition has no pattern at all.
+    #[error("condition on claim {0:?} has no pattern")]
+    NoPatterns(String),
+    /// A comma-separated list has an empty entry (`a,,b`, a trailing comma).
+    #[error("condition on claim {0:?} has an empty entry in its comma-separated list")]
+    EmptyAlternative(String),
+    /// A condition pattern is not a valid glob.
+    #[error("condition on claim {claim:?}: {source}")]
+    ConditionPattern {
+        /// The claim the condition is on.
+        claim: String,
+        /// Why the pattern was refused.
+        source: GlobError,
+    },
+    /// The binding would accept every token of its issuer.
+    #[error(
+        "CI binding pins no caller: with a subject of only wildcards and no condition besides \
+         event_name, any token from the issuer would be accepted; pin a subject (for example \
+         repo:OWNER/REPO:*) or add a repository or ref condition"
+    )]
+    PinsNoCaller,
+}
+
+/// A claim that must match one of several glob patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Condition {
+    /// The claim name, such as `event_name` or `ref`.
+    pub claim: String,
+    /// Glob patterns, any of which may match (OR).
+    pub patterns: Vec<String>,
+}
+
+fn valid_claim_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CLAIM_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// A condition with its patterns compiled.
+#[derive(Debug, Clone)]
+struct CompiledCondition {
+    claim: String,
+    patterns: Vec<Glob>,
+}
+
+impl CompiledCondition {
+    /// Whether the claim is a string matching any pattern; a missing or
+    /// non-string claim fails.
+    fn holds(&self, claims: &Map<String, Value>) -> bool {
+        match claims.get(&self.claim) {
+            Some(Value::String(value)) => self.patterns.iter().any(|p| p.matches(value)),
+            _ => false,
+        }
+    }
+
+    /// Whether the condition narrows who may call: it is not on
+    /// `event_name`, and none of its alternatives accepts every value.
+    fn pins_caller(&self) -> bool {
+        self.claim != EVENT_NAME_CLAIM && self.patterns.iter().all(|p| !p.is_wildcard_only())
+    }
+}
+
+impl Condition {
+    /// A checked condition on `claim` with the given patterns.
+    pub fn new(claim: &str, patterns: Vec<String>) -> Result<Condition, BindingError> {
+        let condition = Condition {
+            claim: claim.to_string(),
+            patterns,
+        };
+        condition.compile()?;
+        Ok(condition)
+    }
+
+    /// A condition from a comma-separated list such as
+    /// `push,workflow_dispatch` or `refs/heads/main,refs/tags/v*`. Spaces
+    /// and tabs around each entry are removed; an empty entry is refused. A
+    /// pattern cannot contain a comma.
+    pub fn parse(claim: &str, list: &str) -> Result<Condition, BindingError> {
+        let patterns: Vec<String> = list
+            .split(',')
+            .map(|p| p.trim_matches([' ', '\t']).to_string())
+            .collect();
+        if patterns.iter().any(String::is_empty) {
+            return Err(BindingError::EmptyAlternative(claim.to_string()));
+        }
+        Condition::new(claim, patterns)
+    }
+
+    /// Checks the claim name and compiles every pattern.
+    fn compile(&self) -> Result<CompiledCondition, BindingError> {
+        if !valid_claim_name(&self.claim) {
+            return Err(BindingError::BadClaimName(self.claim.clone()));
+        }
+        if self.patterns.is_empty() {
+            return Err(BindingError::NoPatterns(self.claim.clone()));
+        }
+        let patterns = self
+            .patterns
+            .iter()
+            .map(|p| {
+                if p.is_empty() {
+                    return Err(BindingError::EmptyAlternative(self.claim.clone()));
+                }
+                Glob::parse(p).map_err(|source| BindingError::ConditionPattern {
+                    claim: self.claim.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<Glob>, BindingError>>()?;
+        Ok(CompiledCondition {
+            claim: self.claim.clone(),
+            patterns,
+        })
+    }
+}
+
+impl fmt::Display for Condition {
+    /// `claim=pattern1,pattern2`, as the CLI lists it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.claim, self.patterns.join(","))
+    }
+}
+
+/// A CI binding as stored: patterns are kept as strings and compiled when
+/// the binding is loaded into a [`BindingSet`].
+///
+/// Build one with [`Binding::github`] or [`Binding::generic`], which check
+/// every rule; a binding read back from storage is checked again by
+/// [`Binding::validate`] or when it enters a [`BindingSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Binding {
+    /// Unique id, used by `miren auth ci remove`.
+    pub id: String,
+    /// The app this binding grants access to.
+    pub app: String,
+    /// [`PROVIDER_GITHUB`] or [`PROVIDER_GENERIC`].
+    pub provider: String,
+    /// The issuer URL, compared exactly with the token's `iss`.
+    pub issuer: String,
+    /// Glob the token's `sub` must match.
+    pub subject: String,
+    /// Claim conditions, all of which must hold.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Free text shown by `miren auth ci list`.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A binding with its patterns compiled.
+#[derive(Debug, Clone)]
+struct CompiledBinding {
+    binding: Binding,
+    subject: Glob,
+    conditions: Vec<CompiledCondition>,
+}
+
+impl CompiledBinding {
+    fn accepts(&self, subject: &str, claims: &Map<String, Value>) -> bool {
+        self.subject.matches(subject) && self.conditions.iter().all(|c| c.holds(claims))
+    }
+}
+
+fn printable(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(char::is_control)
+}
+
+/// Checks `OWNER/REPO` against GitHub's naming rules.
+fn valid_repository(repository: &str) -> bool {
+    let Some((owner, repo)) = repository.split_once('/') else {
+        return false;
+    };
+    let part_ok = |part: &str, max: usize| {
+        !part.is_empty()
+            && part.len() <= max
+            && part != "."
+            && part != ".."
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    part_ok(owner, 39) && part_ok(repo, 100)
+}
+
+impl Binding {
+    /// A binding for GitHub Actions runs of `repository` (`OWNER/REPO`).
+    ///
+    /// * issuer [`GITHUB_ISSUER`], provider [`PROVIDER_GITHUB`];
+    /// * subject `repo:OWNER/REPO:*` unless `subject` overrides it;
+    /// * an `event_name` condition from `events`, [`GITHUB_DEFAULT_EVENTS`]
+    ///   when `None`;
+    /// * a `ref` condition from `refs` when given;
+    /// * always a `repository` condition equal to `OWNER/REPO`, so that an
+    ///   overridden subject (or an organisation's customised subject
+    ///   template) can never widen the binding to other repositories.
+    ///
+    /// `events` and `refs` are comma-separated glob lists.
+    pub fn github(
+        id: &str,
+        app: &str,
+        repository: &str,
+        subject: Option<&str>,
+        events: Option<&str>,
+        refs: Option<&str>,
+        description: &str,
+    ) -> Result<Binding, BindingError> {
+        if !valid_repository(repository) {
+            return Err(BindingError::BadRepository(repository.to_string()));
+        }
+        let subject = match subject {
+            Some(s) => s.to_string(),
+            None => format!("repo:{repository}:*"),
+        };
+        let mut conditions = vec![Condition::parse(
+            EVENT_NAME_CLAIM,
+            events.unwrap_or(GITHUB_DEFAULT_EVENTS),
+        )?];
+        if let Some(refs) = refs {
+            conditions.push(Condition::parse(REF_CLAIM, refs)?);
+        }
+        conditions.push(Condition::new(
+            REPOSITORY_CLAIM,
+            vec![repository.to_string()],
+        )?);
+        let binding = Binding {
+            id: id.to_string(),
+            app: app.to_string(),
+            provider: PROVIDER_GITHUB.to_string(),
+            issuer: GITHUB_ISSUER.to_string(),
+            subject,
+            conditions,
+            description: description.to_string(),
+        };
+        binding.validate()?;
+        Ok(binding)
+    }
+
+    /// A binding for any OIDC issuer: tokens from `issuer` whose `sub`
+    /// matches `subject` and whose claims satisfy every condition.
+    pub fn generic(
+        id: &str,
+        app: &str,
+        issuer: &str,
+        subject: &str,
+        conditions: Vec<Condition>,
+        description: &str,
+    ) -> Result<Binding, BindingError> {
+        let binding = Binding {
+            id: id.to_string(),
+            app: app.to_string(),
+            provider: PROVIDER_GENERIC.to_string(),
+            issuer: issuer.to_string(),
+            subject: subject.to_string(),
+            conditions,
+            description: description.to_string(),
+        };
+        binding.validate()?;
+        Ok(binding)
+    }
+
+    /// Checks every rule: printable id and app, known provider, https
+    /// issuer, valid patterns and claim names, and that the binding pins a
+    /// caller. Loopback and private issuers are not judged here; see
+    /// [`issuer_host_is_private_or_loopback`].
+    pub fn validate(&self) -> Result<(), BindingError> {
+        self.compile().map(drop)
+    }
+
+    /// The issuer as a checked URL.
+    pub fn issuer_url(&self) -> Result<IssuerUrl, BindingError> {
+        Ok(IssuerUrl::parse(&self.issuer)?)
+    }
+
+    /// The first condition on `claim`, if any.
+    pub fn condition(&self, claim: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.claim == claim)
+    }
+
+    fn compile(&self) -> Result<CompiledBinding, BindingError> {
+        if !printable(&self.id) {
+            return Err(BindingError::BadId(self.id.clone()));
+        }
+        if !printable(&self.app) {
+            return Err(BindingError::BadApp(self.app.clone()));
+        }
+        if self.provider != PROVIDER_GITHUB && self.provider != PROVIDER_GENERIC {
+            return Err(BindingError::BadProvider(self.provider.clone()));
+        }
+        self.issuer_url()?;
+        let subject = Glob::parse(&self.subject).map_err(BindingError::Subject)?;
+        let conditions = self
+            .conditions
+            .iter()
+            .map(Condition::compile)
+            .collect::<Result<Vec<_>, _>>()?;
+        if subject.is_wildcard_only() && !conditions.iter().any(CompiledCondition::pins_caller) {
+            return Err(BindingError::PinsNoCaller);
+        }
+        Ok(CompiledBinding {
+            binding: self.clone(),
+            subject,
+            conditions,
+        })
+    }
+}
+
+/// Whether the issuer's host is `localhost` (or under `.localhost`) or an IP
+/// literal in a loopback, private, link-local, shared (CGNAT), unspecified or
+/// broadcast range, IPv4-mapped and NAT64 IPv6 forms included. Numeric IPv4
+/// spellings that resolvers accept (`2130706433`, `127.1`, `0x7f.1`) count
+/// as IP literals.
+///
+/// A DNS name cannot be judged without resolving it, which this pure crate
+/// does not do: this returns `false` for every other name, and the caller
+/// that fetches from the issuer must check the addresses it actually
+/// connects to.
+pub fn issuer_host_is_private_or_loopback(issuer: &IssuerUrl) -> bool {
+    let rest = issuer.as_str().strip_prefix("https://").unwrap_or("");
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(bracketed) = authority.strip_prefix('[') {
+        let inner = bracketed.split(']').next().unwrap_or("");
+        // Drop an IPv6 zone id (`fe80::1%25eth0`).
+        inner.split('%').next().unwrap_or("")
+    } else {
+        authority.split(':').next().unwrap_or("")
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    if let Ok(v6) = host.parse::<Ipv6Addr>() {
+        return ipv6_is_private(v6);
+    }
+    match parse_numeric_ipv4(host) {
+        Some(v4) => ipv4_is_private(v4),
+        None => false,
+    }
+}
+
+fn ipv4_is_private(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    a == 0 // "this network", 0.0.0.0 included
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+}
+
+fn ipv6_is_private(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    let embedded_v4 =
+        || Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+        || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (s[0] & 0xffc0) == 0xfec0 // deprecated site-local fec0::/10
+        || (s[..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff && ipv4_is_private(embedded_v4()))
+        || (s[..6] == [0, 0, 0, 0, 0, 0] && ipv4_is_private(embedded_v4()))
+        || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && ipv4_is_private(embedded_v4()))
+}
+
+/// Parses the IPv4 spellings of `inet_aton`: one to four dot-separated
+/// numbers, each decimal, octal (leading `0`) or hexadecimal (`0x`), the last
+/// filling the remaining bytes.
+fn parse_numeric_ipv4(host: &str) -> Option<Ipv4Addr> {
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut numbers = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let value = if let Some(hex) = part.strip_prefix("0x") {
+            if hex.is_empty() {
+                0
+            } else if hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                u64::from_str_radix(hex, 16).ok()?
+            } else {
+                return None;
+            }
+        } else if part.len() > 1 && part.starts_with('0') {
+            if !part.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+                return None;
+            }
+            u64::from_str_radix(part, 8).ok()?
+        } else if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            part.parse::<u64>().ok()?
+        } else {
+            return None;
+        };
+        numbers.push(value);
+    }
+    let (last, leading) = numbers.split_last()?;
+    if leading.iter().any(|n| *n > 0xff) {
+        return None;
+    }
+    let last_bits = 32 - 8 * leading.len() as u32;
+    if *last >= 1u64 << last_bits {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for n in leading {
+        value = (value << 8) | n;
+    }
+    value = (value << last_bits) | last;
+    u32::try_from(value).ok().map(Ipv4Addr::from)
+}
+
+/// No binding of the app accepted the token. The message names the token's
+/// issuer, subject and `repository` claim (empty when absent) so that an
+/// operator can see which binding is missing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "OIDC token did not match any CI binding (issuer={issuer} subject={subject} \
+     repository={repository})"
+)]
+pub struct NoMatch {
+    /// The token's `iss` (empty when absent or not a string).
+    pub issuer: String,
+    /// The token's `sub` (empty when absent or not a string).
+    pub subject: String,
+    /// The token's `repository` claim (empty when absent or not a string).
+    pub repository: String,
+}
+
+/// Why a [`BindingSet`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindingSetError {
+    /// Two bindings share an id.
+    #[error("duplicate CI binding id {0:?}")]
+    DuplicateId(String),
+    /// A binding breaks a rule.
+    #[error("CI binding {id:?} is invalid: {source}")]
+    Invalid {
+        /// The binding's id.
+        id: String,
+        /// The broken rule.
+        source: BindingError,
+    },
+}
+
+/// The bindings of one app for one issuer, indexed by the literal prefix of
+/// their subject so that a token only meets the bindings it could match.
+#[derive(Debug, Clone, Default)]
+struct Group {
+    by_id: BTreeMap<String, CompiledBinding>,
+    /// Literal subject prefix -> ids of the bindings with it.
+    by_prefix: HashMap<String, BTreeSet<String>>,
+    /// Byte length of each prefix in `by_prefix` -> how many prefixes.
+    prefix_lens: BTreeMap<usize, usize>,
+}
+
+impl Group {
+    fn insert(&mut self, compiled: CompiledBinding) {
+        let id = compiled.binding.id.clone();
+        let prefix = compiled.subject.literal_prefix().to_string();
+        let ids = self.by_prefix.entry(prefix.clone()).or_default();
+        if ids.is_empty() {
+            *self.prefix_lens.entry(prefix.len()).or_default() += 1;
+        }
+        ids.insert(id.clone());
+        self.by_id.insert(id, compiled);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Binding> {
+        let compiled = self.by_id.remove(id)?;
+        let prefix = compiled.subject.literal_prefix();
+        if let Some(ids) = self.by_prefix.get_mut(prefix) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_prefix.remove(prefix);
+                if let Some(count) = self.prefix_lens.get_mut(&prefix.len()) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.prefix_lens.remove(&prefix.len());
+                    }
+                }
+            }
+        }
+        Some(compiled.binding)
+    }
+
+    /// The accepting binding with the smallest id.
+    fn find(&self, subject: &str, claims: &Map<String, Value>) -> Option<&Binding> {
+        let mut best: Option<&Binding> = None;
+        for &len in self.prefix_lens.keys() {
+            let Some(prefix) = subject.get(..len) else {
+                // Longer than the subject, or not on a character boundary.
+                continue;
+            };
+            let Some(ids) = self.by_prefix.get(prefix) else {
+                continue;
+            };
+            // Ids are sorted: the first acceptor is this prefix's best.
+            let found = ids
+                .iter()
+                .take_while(|id| best.is_none_or(|b| id.as_str() < b.id.as_str()))
+                .filter_map(|id| self.by_id.get(id))
+                .find(|c| c.accepts(subject, claims));
+            if let Some(c) = found {
+                best = Some(&c.binding);
+            }
+        }
+        best
+    }
+}
+
+/// Every CI binding of the cluster, compiled once and indexed by app and
+/// issuer for matching tokens.
+#[derive(Debug, Clone, Default)]
+pub struct BindingSet {
+    /// app -> issuer -> bindings.
+    apps: HashMap<String, HashMap<String, Group>>,
+    /// id -> (app, issuer), to find a binding by id.
+    locations: HashMap<String, (String, String)>,
+    /// issuer -> number of bindings naming it.
+    issuers: BTreeMap<String, usize>,
+}
+
+impl BindingSet {
+    /// An empty set.
+    pub fn new() -> BindingSet {
+        BindingSet::default()
+    }
+
+    /// A set of `bindings`, each checked and compiled; duplicate ids are
+    /// refused.
+    pub fn from_bindings<I: IntoIterator<Item = Binding>>(
+        bindings: I,
+    ) -> Result<BindingSet, BindingSetError> {
+        let mut set = BindingSet::new();
+        for binding in bindings {
+            if set.locations.contains_key(&binding.id) {
+                return Err(BindingSetError::DuplicateId(binding.id));
+            }
+            set.insert(binding)
+                .map_err(|(id, source)| BindingSetError::Invalid { id, source })?;
+        }
+        Ok(set)
+    }
+
+    /// Checks, compiles and adds `binding`, replacing (and returning) any
+    /// binding with the same id. On error the set is unchanged and the
+    /// binding's id is returned with the reason.
+    pub fn insert(&mut self, binding: Binding) -> Result<Option<Binding>, (String, BindingError)> {
+        let compiled = binding.compile().map_err(|e| (binding.id.clone(), e))?;
+        let previous = self.remove(&binding.id);
+        let (id, app, issuer) = (
+            binding.id.clone(),
+            binding.app.clone(),
+            binding.issuer.clone(),
+        );
+        self.apps
+            .entry(app.clone())
+            .or_default()
+            .entry(issuer.clone())
+            .or_default()
+            .insert(compiled);
+        *self.issuers.entry(issuer.clone()).or_default() += 1;
+        self.locations.insert(id, (app, issuer));
+        Ok(previous)
+    }
+
+    /// Removes and returns the binding with `id`.
+    pub fn remove(&mut self, id: &str) -> Option<Binding> {
+        let (app, issuer) = self.locations.remove(id)?;
+        let groups = self.apps.get_mut(&app)?;
+        let group = groups.get_mut(&issuer)?;
+        let removed = group.remove(id);
+        if group.by_id.is_empty() {
+            groups.remove(&issuer);
+            if groups.is_empty() {
+                self.apps.remove(&app);
+            }
+        }
+        if let Some(count) = self.issuers.get_mut(&issuer) {
+            *count -= 1;
+            if *count == 0 {
+                self.issuers.remove(&issuer);
+            }
+        }
+        removed
+    }
+
+    /// The binding with `id`.
+    pub fn get(&self, id: &str) -> Option<&Binding> {
+        let (app, issuer) = self.locations.get(id)?;
+        let group = self.apps.get(app)?.get(issuer)?;
+        group.by_id.get(id).map(|c| &c.binding)
+    }
+
+    /// The bindings of `app`, sorted by id.
+    pub fn for_app(&self, app: &str) -> Vec<&Binding> {
+        let mut out: Vec<&Binding> = self
+            .apps
+            .get(app)
+            .into_iter()
+            .flat_map(|groups| groups.values())
+            .flat_map(|g| g.by_id.values().map(|c| &c.binding))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// How many bindings the set holds.
+    pub fn len(&self) -> usize {
+        self.locations.len()
+    }
+
+    /// Whether the set holds no binding.
+    pub fn is_empty(&self) -> bool {
+        self.locations.is_empty()
+    }
+
+    /// Every issuer some binding names: the only issuers whose discovery
+    /// documents and keys the coordinator may fetch.
+    pub fn issuers(&self) -> BTreeSet<String> {
+        self.issuers.keys().cloned().collect()
+    }
+
+    /// Whether some binding names `issuer` (compared exactly).
+    pub fn names_issuer(&self, issuer: &str) -> bool {
+        self.issuers.contains_key(issuer)
+    }
+
+    /// The binding of `app` that accepts a token with these verified
+    /// `claims`: its issuer equals `iss` exactly, its subject glob matches
+    /// `sub`, and all its conditions hold. When several accept, the one with
+    /// the smallest id (byte-wise string order) is returned, so the result
+    /// never depends on insertion or store order. Bindings of other apps are
+    /// never considered.
+    pub fn matching(&self, app: &str, claims: &Map<String, Value>) -> Result<&Binding, NoMatch> {
+        let text = |name: &str| match claims.get(name) {
+            Some(Value::String(s)) => s.as_str(),
+            _ => "",
+        };
+        let (issuer, subject) = (text("iss"), text("sub"));
+        let found = match claims.get("sub") {
+            Some(Value::String(_)) => self
+                .apps
+                .get(app)
+                .and_then(|groups| groups.get(issuer))
+                .and_then(|group| group.find(subject, claims)),
+            _ => None,
+        };
+        found.ok_or_else(|| NoMatch {
+            issuer: issuer.to_string(),
+            subject: subject.to_string(),
+            repository: text(REPOSITORY_CLAIM).to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn github_claims(repository: &str, event: &str, git_ref: &str) -> Map<String, Value> {
+        claims(json!({
+            "iss": GITHUB_ISSUER,
+            "sub": format!("repo:{repository}:ref:{git_ref}"),
+            "repository": repository,
+            "repository_owner": repository.split('/').next().unwrap_or(""),
+            "event_name": event,
+            "ref": git_ref,
+            "aud": "miren.example:8443",
+        }))
+    }
+
+    fn web_binding(id: &str) -> Binding {
+        Binding::github(id, "web", "acme/web-app", None, None, None, "").expect("binding")
+    }
+
+    fn set(bindings: Vec<Binding>) -> BindingSet {
+        BindingSet::from_bindings(bindings).expect("set")
+    }
+
+    #[test]
+    fn github_defaults() {
+        let b = Binding::github("b1", "web", "acme/web-app", None, None, None, "deploys")
+            .expect("binding");
+        assert_eq!(b.provider, "github");
+        assert_eq!(b.issuer, "https://token.actions.githubusercontent.com");
+        assert_eq!(b.subject, "repo:acme/web-app:*");
+        assert_eq!(b.description, "deploys");
+        let events = b.condition("event_name").expect("events");
+        assert_eq!(events.patterns, vec!["push", "workflow_dispatch"]);
+        assert!(b.condition("ref").is_none());
+        assert_eq!(
+            b.condition("repository").map(|c| c.patterns.clone()),
+            Some(vec!["acme/web-app".to_string()])
+        );
+        assert_eq!(events.to_string(), "event_name=push,workflow_dispatch");
+    }
+
+    #[test]
+    fn github_options_override_defaults() {
+        let b = Binding::github(
+            "b1",
+            "web",
+            "acme/web-app",
+            Some("repo:acme/web-app:environment:prod"),
+            Some("push, release"),
+            Some("refs/heads/main,refs/tags/v*"),
+            "",
+        )
+        .expect("binding");
+        assert_eq!(b.subject, "repo:acme/web-app:environment:prod");
+        assert_eq!(
+            b.condition("event_name").map(|c| c.patterns.clone()),
+            Some(vec!["push".to_string(), "release".to_string()])
+        );
+        assert_eq!(
+            b.condition("ref").map(|c| c.to_string()),
+            Some("ref=refs/heads/main,refs/tags/v*".to_string())
+        );
+    }
+
+    #[test]
+    fn github_repository_is_validated() {
+        for bad in [
+            "acme",
+            "/web-app",
+            "acme/",
+            "acme/web-app/extra",
+            "acme /web",
+            "acme/web app",
+            "acme/*",
+            "acme/web?",
+            "ac*me/web",
+            "acme/[web]",
+            "",
+            "/",
+            "acme/..",
+            "acme\\web",
+            "ácme/web",
+        ] {
+            assert_eq!(
+                Binding::github("b1", "web", bad, None, None, None, ""),
+                Err(BindingError::BadRepository(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+        for good in ["acme/web-app", "Acme-1/web_app.v2", "a/b", "acme/.github"] {
+            assert!(
+                Binding::github("b1", "web", good, None, None, None, "").is_ok(),
+                "{good}"
+            );
+        }
+        let msg = Binding::github("b1", "web", "acme", None, None, None, "")
+            .expect_err("refused")
+            .to_string();
+        assert!(msg.contains("OWNER/REPO"), "{msg}");
+    }
+
+    #[test]
+    fn binding_that_pins_no_caller_is_refused() {
+        let events = Condition::parse("event_name", "push").expect("condition");
+        for subject in ["*", "**", "*?*"] {
+            let err = Binding::generic(
+                "b1",
+                "web",
+                "https://ci.example",
+                subject,
+                vec![events.clone()],
+                "",
+            )
+            .expect_err("refused");
+            assert_eq!(err, BindingError::PinsNoCaller, "{subject}");
+            let msg = err.to_string();
+            assert!(msg.contains("pin a subject"), "{msg}");
+            assert!(msg.contains("repository or ref condition"), "{msg}");
+        }
+        // A condition whose alternatives include a bare `*` pins nothing.
+        let any_ref = Condition::parse("ref", "refs/heads/main,*").expect("condition");
+        assert_eq!(
+            Binding::generic("b1", "web", "https://ci.example", "*", vec![any_ref], ""),
+            Err(BindingError::PinsNoCaller)
+        );
+        // A subject or a non-event condition pins the caller.
+        assert!(
+            Binding::generic("b1", "web", "https://ci.example", "project:x", vec![], "").is_ok()
+        );
+        let repo = Condition::parse("repository", "acme/web").expect("condition");
+        assert!(Binding::generic("b1", "web", "https://ci.example", "*", vec![repo], "").is_ok());
+        // `--github` always pins the repository, even with `--subject '*'`.
+        assert!(Binding::github("b1", "web", "acme/web", Some("*"), None, None, "").is_ok());
+    }
+
+    #[test]
+    fn issuer_must_be_https() {
+        assert!(matches!(
+            Binding::generic("b1", "web", "http://ci.example", "x:*", vec![], ""),
+            Err(BindingError::Issuer(IssuerUrlError::NotHttps(_)))
+        ));
+        assert!(matches!(
+            Binding::generic("b1", "web", "", "x:*", vec![], ""),
+            Err(BindingError::Issuer(IssuerUrlError::Empty))
+        ));
+    }
+
+    #[test]
+    fn bad_patterns_and_claims_are_refused() {
+        assert!(matches!(
+            Binding::generic("b1", "web", "https://ci.example", "", vec![], ""),
+            Err(BindingError::Subject(GlobError::Empty))
+        ));
+        assert!(matches!(
+            Binding::github("b1", "web", "acme/web", None, Some("push,,pr"), None, ""),
+            Err(BindingError::EmptyAlternative(_))
+        ));
+        assert!(matches!(
+            Binding::github(
+                "b1",
+                "web",
+                "acme/web",
+                None,
+                None,
+                Some("refs/heads/main,"),
+                ""
+            ),
+            Err(BindingError::EmptyAlternative(_))
+        ));
+        assert!(matches!(
+            Condition::parse("ref", "refs/\u{1b}[31m"),
+            Err(BindingError::ConditionPattern { .. })
+        ));
+        assert!(matches!(
+            Condition::parse("", "x"),
+            Err(BindingError::BadClaimName(_))
+        ));
+        assert!(matches!(
+            Condition::parse("a b", "x"),
+            Err(BindingError::BadClaimName(_))
+        ));
+        assert!(matches!(
+            Condition::new("ref", vec![]),
+            Err(BindingError::NoPatterns(_))
+        ));
+        assert!(matches!(
+            Binding::github("", "web", "acme/web", None, None, None, ""),
+            Err(BindingError::BadId(_))
+        ));
+        assert!(matches!(
+            Binding::github("b1", "", "acme/web", None, None, None, ""),
+            Err(BindingError::BadApp(_))
+        ));
+        let mut b = web_binding("b1");
+        b.provider = "gitlab".to_string();
+        assert_eq!(
+            b.validate(),
+            Err(BindingError::BadProvider("gitlab".to_string()))
+        );
+    }
+
+    #[test]
+    fn matches_by_subject_events_and_refs() {
+        let b = Binding::github(
+            "b1",
+            "web",
+            "acme/web-app",
+            None,
+            None,
+            Some("refs/heads/main"),
+            "",
+        )
+        .expect("binding");
+        let s = set(vec![b]);
+        let ok = github_claims("acme/web-app", "push", "refs/heads/main");
+        assert_eq!(s.matching("web", &ok).map(|b| b.id.as_str()), Ok("b1"));
+        let manual = github_claims("acme/web-app", "workflow_dispatch", "refs/heads/main");
+        assert!(s.matching("web", &manual).is_ok());
+        let dev = github_claims("acme/web-app", "push", "refs/heads/dev");
+        assert!(s.matching("web", &dev).is_err());
+        let pr = github_claims("acme/web-app", "pull_request", "refs/heads/main");
+        assert!(s.matching("web", &pr).is_err());
+    }
+
+    #[test]
+    fn subject_glob_is_applied() {
+        let b = Binding::github(
+            "b1",
+            "web",
+            "acme/web-app",
+            Some("repo:acme/web-app:environment:prod"),
+            None,
+            None,
+            "",
+        )
+        .expect("binding");
+        let s = set(vec![b]);
+        let mut c = github_claims("acme/web-app", "push", "refs/heads/main");
+        assert!(s.matching("web", &c).is_err());
+        c.insert(
+            "sub".to_string(),
+            json!("repo:acme/web-app:environment:prod"),
+        );
+        assert!(s.matching("web", &c).is_ok());
+    }
+
+    #[test]
+    fn another_repository_is_refused_with_the_exact_message() {
+        let s = set(vec![web_binding("b1")]);
+        let other = github_claims("evil/web-app", "push", "refs/heads/main");
+        let err = s.matching("web", &other).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "OIDC token did not match any CI binding \
+             (issuer=https://token.actions.githubusercontent.com \
+             subject=repo:evil/web-app:ref:refs/heads/main repository=evil/web-app)"
+        );
+        let bare = claims(json!({"iss": "https://ci.example", "sub": "x"}));
+        assert_eq!(
+            s.matching("web", &bare).expect_err("refused").to_string(),
+            "OIDC token did not match any CI binding \
+             (issuer=https://ci.example subject=x repository=)"
+        );
+    }
+
+    #[test]
+    fn a_forged_repository_claim_does_not_widen_a_subject() {
+        // Subject of another repository with our repository claim: refused.
+        let s = set(vec![web_binding("b1")]);
+        let mut c = github_claims("acme/web-app", "push", "refs/heads/main");
+        c.insert("sub".to_string(), json!("repo:evil/x:ref:refs/heads/main"));
+        assert!(s.matching("web", &c).is_err());
+    }
+
+    #[test]
+    fn another_apps_binding_never_matches() {
+        let s = set(vec![web_binding("b1")]);
+        let c = github_claims("acme/web-app", "push", "refs/heads/main");
+        assert!(s.matching("web", &c).is_ok());
+        assert!(s.matching("api", &c).is_err());
+        assert!(s.matching("", &c).is_err());
+    }
+
+    #[test]
+    fn issuer_with_trailing_slash_does_not_match() {
+        let s = set(vec![web_binding("b1")]);
+        let mut c = github_claims("acme/web-app", "push", "refs/heads/main");
+        c.insert("iss".to_string(), json!(format!("{GITHUB_ISSUER}/")));
+        assert!(s.matching("web", &c).is_err());
+        c.insert("iss".to_string(), json!(GITHUB_ISSUER.to_uppercase()));
+        assert!(s.matching("web", &c).is_err());
+    }
+
+    #[test]
+    fn missing_or_non_string_claims_fail() {
+        let b = Binding::generic(
+            "b1",
+            "web",
+            "https://gitlab.example",
+            "project_path:acme/web:*",
+            vec![Condition::parse("ref_protected", "true").expect("condition")],
+            "",
+        )
+        .expect("binding");
+        let s = set(vec![b]);
+        let base = json!({
+            "iss": "https://gitlab.example",
+            "sub": "project_path:acme/web:ref_type:branch:ref:main",
+        });
+        let mut ok = claims(base.clone());
+        ok.insert("ref_protected".to_string(), json!("true"));
+        assert!(s.matching("web", &ok).is_ok());
+        let mut boolean = claims(base.clone());
+        boolean.insert("ref_protected".to_string(), json!(true));
+        assert!(s.matching("web", &boolean).is_err());
+        assert!(s.matching("web", &claims(base)).is_err());
+        let no_sub = claims(json!({"iss": "https://gitlab.example", "ref_protected": "true"}));
+        assert!(s.matching("web", &no_sub).is_err());
+    }
+
+    #[test]
+    fn comma_means_or_and_conditions_and() {
+        let b = Binding::github(
+            "b1",
+            "web",
+            "acme/web-app",
+            None,
+            Some("push,release"),
+            Some("refs/heads/main,refs/tags/v*"),
+            "",
+        )
+        .expect("binding");
+        let s = set(vec![b]);
+        for (event, git_ref, ok) in [
+            ("push", "refs/heads/main", true),
+            ("release", "refs/tags/v1.2.3", true),
+            ("push", "refs/tags/v2", true),
+            ("workflow_dispatch", "refs/heads/main", false),
+            ("release", "refs/heads/dev", false),
+            ("pull_request", "refs/tags/v1", false),
+        ] {
+            let c = github_claims("acme/web-app", event, git_ref);
+            assert_eq!(s.matching("web", &c).is_ok(), ok, "{event} {git_ref}");
+        }
+    }
+
+    #[test]
+    fn smallest_id_wins_whatever_the_order() {
+        let narrow = Binding::github(
+            "b-2",
+            "web",
+            "acme/web-app",
+            None,
+            None,
+            Some("refs/heads/main"),
+            "",
+        )
+        .expect("binding");
+        let wide_prefix = Binding::generic(
+            "b-9",
+            "web",
+            GITHUB_ISSUER,
+            "repo:*",
+            vec![Condition::parse("repository", "acme/*").expect("condition")],
+            "",
+        )
+        .expect("binding");
+        let c = github_claims("acme/web-app", "push", "refs/heads/main");
+        for order in [
+            vec![web_binding("b-5"), narrow.clone(), wide_prefix.clone()],
+            vec![wide_prefix.clone(), web_binding("b-5"), narrow.clone()],
+        ] {
+            let s = set(order);
+            assert_eq!(s.matching("web", &c).map(|b| b.id.as_str()), Ok("b-2"));
+        }
+        let s = set(vec![web_binding("b-5"), wide_prefix.clone()]);
+        assert_eq!(s.matching("web", &c).map(|b| b.id.as_str()), Ok("b-5"));
+        let s = set(vec![web_binding("b-95"), wide_prefix]);
+        assert_eq!(s.matching("web", &c).map(|b| b.id.as_str()), Ok("b-9"));
+    }
+
+    #[test]
+    fn set_refuses_duplicates_and_invalid_bindings() {
+        assert_eq!(
+            BindingSet::from_bindings(vec![web_binding("b1"), web_binding("b1")]).map(|_| ()),
+            Err(BindingSetError::DuplicateId("b1".to_string()))
+        );
+        let mut bad = web_binding("b2");
+        bad.subject = "*".to_string();
+        bad.conditions.retain(|c| c.claim == EVENT_NAME_CLAIM);
+        assert_eq!(
+            BindingSet::from_bindings(vec![web_binding("b1"), bad]).map(|_| ()),
+            Err(BindingSetError::Invalid {
+                id: "b2".to_string(),
+                source: BindingError::PinsNoCaller
+            })
+        );
+    }
+
+    #[test]
+    fn insert_remove_and_issuers_stay_in_step() {
+        let mut s = BindingSet::new();
+        assert!(s.is_empty());
+        assert_eq!(s.insert(web_binding("b1")), Ok(None));
+        let gitlab = Binding::generic(
+            "b2",
+            "web",
+            "https://gitlab.example",
+            "project_path:acme/web:*",
+            vec![],
+            "",
+        )
+        .expect("binding");
+        assert_eq!(s.insert(gitlab), Ok(None));
+        assert_eq!(
+            s.issuers().into_iter().collect::<Vec<_>>(),
+            vec!["https://gitlab.example", GITHUB_ISSUER]
+        );
+        assert!(s.names_issuer("https://gitlab.example"));
+        assert!(!s.names_issuer("https://gitlab.example/"));
+        assert_eq!(
+            s.for_app("web")
+                .iter()
+                .map(|b| b.id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["b1", "b2"]
+        );
+        // Replacing b1 with a binding for another app moves it.
+        let moved =
+            Binding::github("b1", "api", "acme/api", None, None, None, "").expect("binding");
+        assert_eq!(
+            s.insert(moved).map(|p| p.map(|b| b.app)),
+            Ok(Some("web".to_string()))
+        );
+        assert_eq!(s.get("b1").map(|b| b.app.as_str()), Some("api"));
+        let c = github_claims("acme/web-app", "push", "refs/heads/main");
+        assert!(s.matching("web", &c).is_err());
+        assert_eq!(s.remove("b2").map(|b| b.id), Some("b2".to_string()));
+        assert_eq!(s.remove("b2"), None);
+        assert_eq!(
+            s.issuers().into_iter().collect::<Vec<_>>(),
+            vec![GITHUB_ISSUER]
+        );
+        assert!(s.for_app("web").is_empty());
+        assert_eq!(s.len(), 1);
+        // A refused insert leaves the set unchanged.
+        let mut bad = web_binding("b1");
+        bad.issuer = "http://x".to_string();
+        assert!(s.insert(bad).is_err());
+        assert_eq!(s.get("b1").map(|b| b.app.as_str()), Some("api"));
+    }
+
+    #[test]
+    fn ten_thousand_bindings_across_a_thousand_apps() {
+        let mut bindings = Vec::new();
+        for app in 0..1000 {
+            for repo in 0..10 {
+                let id = format!("b{app:04}-{repo}");
+                let repository = format!("org{app}/repo{repo}");
+                bindings.push(
+                    Binding::github(&id, &format!("app{app}"), &repository, None, None, None, "")
+                        .expect("binding"),
+                );
+            }
+        }
+        let s = set(bindings);
+        assert_eq!(s.len(), 10_000);
+        assert_eq!(s.issuers().len(), 1);
+        for app in (0..1000).step_by(37) {
+            for repo in [0, 9] {
+                let c = github_claims(&format!("org{app}/repo{repo}"), "push", "refs/heads/main");
+                let want = format!("b{app:04}-{repo}");
+                assert_eq!(
+                    s.matching(&format!("app{app}"), &c).map(|b| b.id.as_str()),
+                    Ok(want.as_str())
+                );
+                // The same token never opens a neighbouring app.
+                let other = format!("app{}", (app + 1) % 1000);
+                assert!(s.matching(&other, &c).is_err());
+            }
+            let c = github_claims(&format!("org{app}/repo10"), "push", "refs/heads/main");
+            assert!(s.matching(&format!("app{app}"), &c).is_err());
+        }
+    }
+
+    #[test]
+    fn store_form_round_trips() {
+        let b = Binding::github(
+            "b1",
+            "web",
+            "acme/web-app",
+            None,
+            None,
+            Some("refs/heads/main"),
+            "d",
+        )
+        .expect("binding");
+        let v = serde_json::to_value(&b).expect("json");
+        assert_eq!(v["subject"], "repo:acme/web-app:*");
+        assert_eq!(v["conditions"][0]["claim"], "event_name");
+        assert_eq!(
+            v["conditions"][0]["patterns"],
+            json!(["push", "workflow_dispatch"])
+        );
+        let back: Binding = serde_json::from_value(v).expect("back");
+        assert_eq!(back, b);
+        let minimal: Binding = serde_json::from_value(json!({
+            "id": "x", "app": "web", "provider": "generic",
+            "issuer": "https://ci.example", "subject": "a:*"
+        }))
+        .expect("minimal");
+        assert!(minimal.conditions.is_empty());
+        assert!(minimal.validate().is_ok());
+    }
+
+    fn private(url: &str) -> bool {
+        issuer_host_is_private_or_loopback(&IssuerUrl::parse(url).expect("issuer"))
+    }
+
+    #[test]
+    fn private_and_loopback_issuers_are_recognised() {
+        for url in [
+            "https://localhost",
+            "https://localhost:8443/issuer",
+            "https://localhost.",
+            "https://ci.localhost",
+            "https://127.0.0.1:9000",
+            "https://127.1",
+            "https://2130706433",
+            "https://0x7f.1",
+            "https://0177.0.0.1",
+            "https://0.0.0.0",
+            "https://10.1.2.3",
+            "https://172.16.0.1",
+            "https://172.31.255.255",
+            "https://192.168.1.1",
+            "https://169.254.169.254/latest",
+            "https://100.64.0.1",
+            "https://255.255.255.255",
+            "https://[::1]:8443",
+            "https://[::]",
+            "https://[fd00::1]",
+            "https://[fe80::1%25eth0]",
+            "https://[::ffff:127.0.0.1]",
+            "https://[::ffff:10.0.0.1]",
+            "https://[64:ff9b::a00:1]",
+        ] {
+            assert!(private(url), "{url}");
+        }
+        for url in [
+            "https://token.actions.githubusercontent.com",
+            "https://gitlab.example:8443",
+            "https://8.8.8.8",
+            "https://172.32.0.1",
+            "https://100.128.0.1",
+            "https://[2001:db8::1]",
+            "https://[::ffff:8.8.8.8]",
+            "https://127.0.0.1.nip.io",
+            "https://notlocalhost",
+            "https://1.2.3.4.5",
+            "https://4294967296",
+        ] {
+            assert!(!private(url), "{url}");
+        }
+    }
+}
