@@ -30,6 +30,9 @@ enum Command {
     Server(cmd::server::ServerArgs),
     /// Pack the app in a directory, upload it and roll it out.
     Deploy(cmd::app::DeployArgs),
+    /// Authentication: CI pipelines that may deploy apps.
+    #[command(subcommand)]
+    Auth(cmd::auth::AuthCmd),
     /// Output of an app's sandboxes.
     Logs(cmd::app::LogsArgs),
     /// HTTP routes: host -> app.
@@ -74,6 +77,7 @@ fn main() {
     let result = match cli.command {
         Command::Server(args) => cmd::server::run(args),
         Command::Deploy(d) => cmd::app::deploy(d, cli.cluster.as_deref()),
+        Command::Auth(a) => cmd::auth::run(a, cli.cluster.as_deref()),
         Command::Logs(l) => cmd::app::logs(l, cli.cluster.as_deref()),
         Command::Route(r) => cmd::route::run(r, cli.cluster.as_deref()),
         Command::App(a) => cmd::app::run(a, cli.cluster.as_deref()),

@@ -6,6 +6,7 @@
 //! wires them to the network with graceful shutdown.
 
 pub mod apps;
+pub mod ci;
 pub mod datadir;
 pub mod https;
 pub mod ingress;

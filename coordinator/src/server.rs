@@ -52,6 +52,8 @@ pub struct CoordinatorOptions {
     pub runner_cert_validity: Duration,
     /// TCP address of the HTTP ingress, if any.
     pub http_listen: Option<SocketAddr>,
+    /// Accept CI bindings whose issuer is on a loopback or private address.
+    pub oidc_allow_loopback_issuers: bool,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -174,6 +176,7 @@ impl Coordinator {
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
             registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
             apps: Arc::new(crate::apps::Apps::new(store.clone(), &material.dir)?),
+            ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
             store,
             ca: material.ca,
             address: address.clone(),

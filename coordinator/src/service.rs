@@ -46,6 +46,8 @@ pub struct State {
     pub registry: Arc<Registry>,
     /// Apps, sandboxes, artifacts.
     pub apps: Arc<Apps>,
+    /// CI bindings.
+    pub ci: crate::ci::CiBindings,
 }
 
 /// The version every component reports.
@@ -647,6 +649,48 @@ impl admin::Server for AdminService {
         Ok(())
     }
 
+    async fn add_ci_binding(
+        self: Rc<Self>,
+        params: admin::AddCiBindingParams,
+        mut results: admin::AddCiBindingResults,
+    ) -> Result<(), capnp::Error> {
+        let json = params.get()?.get_binding_json()?.to_str()?;
+        let binding: identity::bindings::Binding =
+            serde_json::from_str(json).map_err(|e| failed(format!("binding is not valid: {e}")))?;
+        let id = self
+            .state
+            .ci
+            .add(binding)
+            .map_err(|e| failed(e.to_string()))?;
+        results.get().set_id(&id);
+        Ok(())
+    }
+
+    async fn list_ci_bindings(
+        self: Rc<Self>,
+        params: admin::ListCiBindingsParams,
+        mut results: admin::ListCiBindingsResults,
+    ) -> Result<(), capnp::Error> {
+        let app = params.get()?.get_app()?.to_str()?;
+        let list = self.state.ci.for_app(app);
+        let json = serde_json::to_string(&list).map_err(|e| failed(e.to_string()))?;
+        results.get().set_bindings_json(json);
+        Ok(())
+    }
+
+    async fn remove_ci_binding(
+        self: Rc<Self>,
+        params: admin::RemoveCiBindingParams,
+        _: admin::RemoveCiBindingResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id()?.to_str()?;
+        self.state
+            .ci
+            .remove(id)
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+
     async fn delete_app(
         self: Rc<Self>,
         params: admin::DeleteAppParams,
@@ -853,7 +897,7 @@ impl admin::Server for AdminService {
         s.set_apps(count("app/")?);
         s.set_sandboxes(count("sandbox/")?);
         s.set_join_tokens(count("jointoken/")?);
-        s.set_ci_bindings(count("binding/")?);
+        s.set_ci_bindings(st.ci.len() as u32);
         s.set_signing_keys(keys);
         Ok(())
     }

@@ -179,6 +179,11 @@ interface Admin {
   listRoutes @17 () -> (routesJson :Text);
   removeRoute @18 (host :Text) -> ();
   appLogs @19 (app :Text, lines :UInt32) -> (logsJson :Text);
+  addCiBinding @20 (bindingJson :Text) -> (id :Text);
+  # The binding as identity::bindings::Binding JSON; the coordinator assigns
+  # the id and re-validates every rule.
+  listCiBindings @21 (app :Text) -> (bindingsJson :Text);
+  removeCiBinding @22 (id :Text) -> ();
   # Verifies a token of this cluster (current or recent issuer) the way an
   # outside verifier would; fails with the reason.
 }

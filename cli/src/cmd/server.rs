@@ -49,6 +49,9 @@ pub struct ServerArgs {
     /// TCP address of the HTTP ingress (default: off; 127.0.0.1:0 with --dev).
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// Accept CI bindings whose issuer is on a loopback or private address (tests).
+    #[arg(long)]
+    oidc_allow_loopback_issuers: bool,
     /// Sandbox isolation of the --dev runner: auto, bwrap or none.
     #[arg(long, default_value = "auto", value_parser = ["auto", "bwrap", "none"])]
     isolation: String,
@@ -102,6 +105,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         https_cert: args.https_cert.clone(),
         https_key: args.https_key.clone(),
         runner_cert_validity: args.runner_cert_validity,
+        oidc_allow_loopback_issuers: args.oidc_allow_loopback_issuers,
         http_listen: args
             .http_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),

@@ -1,0 +1,158 @@
+//! CI bindings: which OIDC tokens (issuer, subject, claims) may act on
+//! which app.
+//!
+//! Records live in the store (`binding/<id>`); the compiled
+//! [`identity::BindingSet`] kept in memory answers "which issuers do we
+//! trust" and "does this token match a binding of this app" without a store
+//! read. Issuers on loopback or private addresses are refused unless the
+//! server allows them (`--oidc-allow-loopback-issuers`, for tests).
+
+use std::sync::{Arc, RwLock};
+
+use identity::bindings::{issuer_host_is_private_or_loopback, Binding, BindingSet};
+
+use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
+
+/// Binding failures, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum CiError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("issuer {0} is on a loopback or private address; such issuers are refused unless the server runs with --oidc-allow-loopback-issuers")]
+    PrivateIssuer(String),
+    #[error("no CI authentication binding {0} (see `miren auth ci list -a APP`)")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The bindings of the cluster.
+pub struct CiBindings {
+    store: Arc<dyn Store>,
+    set: RwLock<BindingSet>,
+    allow_loopback: bool,
+}
+
+impl CiBindings {
+    /// Loads every stored binding.
+    pub fn load(store: Arc<dyn Store>, allow_loopback: bool) -> Result<Self, CiError> {
+        let mut bindings = Vec::new();
+        for (k, v) in store.scan("binding/")? {
+            let b: Binding = serde_json::from_slice(&v).map_err(|e| StoreError::Record {
+                key: k.clone(),
+                reason: e.to_string(),
+            })?;
+            bindings.push(b);
+        }
+        let set =
+            BindingSet::from_bindings(bindings).map_err(|e| CiError::Invalid(e.to_string()))?;
+        Ok(CiBindings {
+            store,
+            set: RwLock::new(set),
+            allow_loopback,
+        })
+    }
+
+    /// Validates and stores a binding; returns its new id.
+    pub fn add(&self, mut binding: Binding) -> Result<String, CiError> {
+        binding.id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        binding
+            .validate()
+            .map_err(|e| CiError::Invalid(e.to_string()))?;
+        let issuer = binding
+            .issuer_url()
+            .map_err(|e| CiError::Invalid(e.to_string()))?;
+        if !self.allow_loopback && issuer_host_is_private_or_loopback(&issuer) {
+            return Err(CiError::PrivateIssuer(binding.issuer.clone()));
+        }
+        crate::apps::check_app_name(&binding.app).map_err(|e| CiError::Invalid(e.to_string()))?;
+        let key = format!("binding/{}", binding.id);
+        let bytes = serde_json::to_vec(&binding).map_err(|e| CiError::Invalid(e.to_string()))?;
+        let mut set = self
+            .set
+            .write()
+            .map_err(|_| CiError::Invalid("binding index unavailable".into()))?;
+        if self.store.commit(Txn {
+            conditions: vec![Condition::Absent(key.clone())],
+            ops: vec![Op::Put(key, bytes)],
+        })? != Outcome::Applied
+        {
+            return Err(CiError::Invalid("binding id collision; try again".into()));
+        }
+        let id = binding.id.clone();
+        set.insert(binding)
+            .map_err(|(_, e)| CiError::Invalid(e.to_string()))?;
+        Ok(id)
+    }
+
+    /// Bindings of one app, by id.
+    pub fn for_app(&self, app: &str) -> Vec<Binding> {
+        self.set
+            .read()
+            .map(|s| s.for_app(app).into_iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes a binding.
+    pub fn remove(&self, id: &str) -> Result<Binding, CiError> {
+        let mut set = self
+            .set
+            .write()
+            .map_err(|_| CiError::Invalid("binding index unavailable".into()))?;
+        let existing = set
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CiError::NotFound(id.to_string()))?;
+        self.store.commit(Txn {
+            conditions: vec![],
+            ops: vec![Op::Delete(format!("binding/{id}"))],
+        })?;
+        set.remove(id);
+        Ok(existing)
+    }
+
+    /// How many bindings exist.
+    pub fn len(&self) -> usize {
+        self.set.read().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    #[test]
+    fn bindings_survive_reload_and_private_issuers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let ci = CiBindings::load(store.clone(), false).unwrap();
+        let b = Binding::github("x", "web", "acme/web", None, None, None, "").unwrap();
+        let id = ci.add(b).unwrap();
+        assert_eq!(ci.for_app("web").len(), 1);
+        let local = Binding::generic(
+            "x",
+            "web",
+            "https://127.0.0.1:9999",
+            "repo:acme/*",
+            vec![],
+            "",
+        )
+        .unwrap();
+        assert!(matches!(
+            ci.add(local.clone()),
+            Err(CiError::PrivateIssuer(_))
+        ));
+        let again = CiBindings::load(store.clone(), true).unwrap();
+        assert_eq!(again.for_app("web")[0].id, id);
+        assert!(again.add(local).is_ok());
+        assert_eq!(again.remove(&id).unwrap().id, id);
+        assert!(matches!(again.remove(&id), Err(CiError::NotFound(_))));
+        assert_eq!(CiBindings::load(store, true).unwrap().len(), 1);
+    }
+}
