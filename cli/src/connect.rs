@@ -6,7 +6,7 @@
 use std::future::Future;
 
 use anyhow::Context;
-use schema::miren_capnp::{admin, cluster};
+use schema::miren_capnp::{admin, app, cluster};
 use transport::pki;
 use transport::tls::ClientIdentity;
 
@@ -68,6 +68,25 @@ impl Session {
             .await
             .map_err(remote)?;
         reply.get()?.get_admin().map_err(remote)
+    }
+
+    /// The capability confined to one app: through the admin identity when
+    /// this session has it, otherwise by presenting the CI pipeline's OIDC
+    /// token (see [`crate::ci`]).
+    pub async fn app(&self, name: &str) -> anyhow::Result<app::Client> {
+        if self.target.identity.is_some() {
+            let admin = self.admin().await?;
+            let mut req = admin.app_request();
+            req.get().set_name(name);
+            let reply = req.send().promise.await.map_err(remote)?;
+            return Ok(reply.get()?.get_app()?);
+        }
+        let token = crate::ci::oidc_token(&self.target.address.host_port()).await?;
+        let mut req = self.cluster.ci_login_request();
+        req.get().set_token(&token);
+        req.get().set_app(name);
+        let reply = req.send().promise.await.map_err(remote)?;
+        Ok(reply.get()?.get_app()?)
     }
 
     /// Closes the connection and lets it drain.

@@ -2,6 +2,7 @@
 //! command is a client of one (see `config` for how the cluster is chosen).
 
 mod appconfig;
+mod ci;
 mod cmd;
 mod config;
 mod connect;

@@ -111,6 +111,30 @@ impl CiBindings {
         Ok(existing)
     }
 
+    /// Whether some binding names `issuer` (only those are ever fetched).
+    pub fn names_issuer(&self, issuer: &str) -> bool {
+        self.set
+            .read()
+            .map(|s| s.names_issuer(issuer))
+            .unwrap_or(false)
+    }
+
+    /// The binding of `app` that verified `claims` match, or the mismatch
+    /// message naming issuer, subject and repository.
+    pub fn matching(
+        &self,
+        app: &str,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Binding, String> {
+        let set = self
+            .set
+            .read()
+            .map_err(|_| "binding index unavailable".to_string())?;
+        set.matching(app, claims)
+            .cloned()
+            .map_err(|e| e.to_string())
+    }
+
     /// How many bindings exist.
     pub fn len(&self) -> usize {
         self.set.read().map(|s| s.len()).unwrap_or(0)

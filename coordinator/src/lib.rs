@@ -12,6 +12,7 @@ pub mod https;
 pub mod ingress;
 pub mod issuer;
 pub mod keyring;
+pub mod oidc;
 pub mod runners;
 pub mod server;
 pub mod service;

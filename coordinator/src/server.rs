@@ -54,6 +54,8 @@ pub struct CoordinatorOptions {
     pub http_listen: Option<SocketAddr>,
     /// Accept CI bindings whose issuer is on a loopback or private address.
     pub oidc_allow_loopback_issuers: bool,
+    /// Extra CA certificates (PEM) trusted for OIDC issuers.
+    pub oidc_ca_file: Option<PathBuf>,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -167,6 +169,21 @@ impl Coordinator {
             )?,
             _ => anyhow::bail!("--https-cert and --https-key go together"),
         };
+        // A CI token must be for this cluster: `host:port`, and `host` alone
+        // when on the default port.
+        let mut audiences = vec![address.host_port()];
+        if address.port == identity::address::DEFAULT_PORT {
+            audiences.push(address.host.clone());
+        }
+        let oidc_roots = match &opts.oidc_ca_file {
+            Some(path) => {
+                use rustls_pki_types::pem::PemObject;
+                rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| anyhow::anyhow!("--oidc-ca-file {}: {e}", path.display()))?
+            }
+            None => vec![],
+        };
         let state = Arc::new(State {
             meta: material.meta.clone(),
             issuer,
@@ -177,6 +194,7 @@ impl Coordinator {
             registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
             apps: Arc::new(crate::apps::Apps::new(store.clone(), &material.dir)?),
             ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
+            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
             store,
             ca: material.ca,
             address: address.clone(),

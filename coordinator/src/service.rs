@@ -21,7 +21,7 @@ use crate::store::Store;
 use identity::join_token::JoinTokenRecord;
 use identity::ClusterAddress;
 use identity::{IssuerUrl, KeySet, Subject, Verifier, WorkloadClaims};
-use schema::miren_capnp::{artifact_upload, runner_agent};
+use schema::miren_capnp::{app, artifact_upload, runner_agent};
 use schema::miren_capnp::{join_token_info, label, runner_info, runner_session};
 use transport::pki::ClusterCa;
 
@@ -48,6 +48,8 @@ pub struct State {
     pub apps: Arc<Apps>,
     /// CI bindings.
     pub ci: crate::ci::CiBindings,
+    /// Fetches issuer keys and verifies CI tokens.
+    pub oidc: crate::oidc::OidcVerifier,
 }
 
 /// The version every component reports.
@@ -195,6 +197,36 @@ impl cluster::Server for ClusterService {
                 "permission denied: this needs the cluster's admin identity (run it where `miren server` wrote its client config, or copy that config here)",
             )),
         }
+    }
+
+    async fn ci_login(
+        self: Rc<Self>,
+        params: cluster::CiLoginParams,
+        mut results: cluster::CiLoginResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let token = p.get_token()?.to_string()?;
+        let app = p.get_app()?.to_string()?;
+        crate::apps::check_app_name(&app).map_err(app_err)?;
+        let state = self.state.clone();
+        let login_app = app.clone();
+        // Fetching issuer keys is Send work: do it off this thread.
+        let binding = tokio::spawn(async move {
+            state
+                .oidc
+                .login(&state.ci, &login_app, &token, now_unix())
+                .await
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)?;
+        tracing::info!(app = %app, binding = %binding.id, "CI login");
+        let client: app::Client = capnp_rpc::new_client(AppService {
+            state: self.state.clone(),
+            app,
+        });
+        results.get().set_app(client);
+        Ok(())
     }
 
     async fn join(
@@ -503,6 +535,87 @@ impl State {
     }
 }
 
+/// One app's capability: what a deploy pipeline needs and nothing else.
+/// Handed out to admins (`Admin.app`) and to CI tokens that match one of
+/// the app's bindings (`Cluster.ciLogin`).
+pub struct AppService {
+    pub state: Arc<State>,
+    pub app: String,
+}
+
+impl app::Server for AppService {
+    async fn upload_artifact(
+        self: Rc<Self>,
+        _: app::UploadArtifactParams,
+        mut results: app::UploadArtifactResults,
+    ) -> Result<(), capnp::Error> {
+        let upload = self.state.apps.upload().map_err(app_err)?;
+        let client: artifact_upload::Client = capnp_rpc::new_client(UploadService {
+            upload: std::cell::RefCell::new(upload),
+        });
+        results.get().set_upload(client);
+        Ok(())
+    }
+
+    async fn deploy(
+        self: Rc<Self>,
+        params: app::DeployParams,
+        mut results: app::DeployResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let mut services = Vec::new();
+        for s in p.get_services()? {
+            services.push(Service {
+                name: s.get_name()?.to_string()?,
+                command: s.get_command()?.to_string()?,
+                port: s.get_port(),
+                instances: s.get_instances(),
+                env: read_labels(s.get_env()?)?,
+            });
+        }
+        let version = self
+            .state
+            .apps
+            .deploy(
+                &self.state.registry,
+                &self.app,
+                p.get_artifact_sha256()?.to_str()?,
+                services,
+                self.state.issuer.as_str().to_string(),
+                now_unix(),
+            )
+            .map_err(app_err)?;
+        results.get().set_version(&version);
+        Ok(())
+    }
+
+    async fn status(
+        self: Rc<Self>,
+        _: app::StatusParams,
+        mut results: app::StatusResults,
+    ) -> Result<(), capnp::Error> {
+        let json = self.state.apps.status_json(&self.app).map_err(app_err)?;
+        results.get().set_status_json(json.to_string());
+        Ok(())
+    }
+
+    async fn logs(
+        self: Rc<Self>,
+        params: app::LogsParams,
+        mut results: app::LogsResults,
+    ) -> Result<(), capnp::Error> {
+        let lines = params.get()?.get_lines().clamp(1, 10_000);
+        let state = self.state.clone();
+        let app = self.app.clone();
+        let json = tokio::spawn(async move { state.apps.logs(&state.registry, &app, lines).await })
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(app_err)?;
+        results.get().set_logs_json(json.to_string());
+        Ok(())
+    }
+}
+
 /// An artifact upload in progress.
 pub struct UploadService {
     upload: std::cell::RefCell<crate::apps::Upload>,
@@ -531,59 +644,18 @@ impl artifact_upload::Server for UploadService {
 }
 
 impl admin::Server for AdminService {
-    async fn upload_artifact(
+    async fn app(
         self: Rc<Self>,
-        _: admin::UploadArtifactParams,
-        mut results: admin::UploadArtifactResults,
+        params: admin::AppParams,
+        mut results: admin::AppResults,
     ) -> Result<(), capnp::Error> {
-        let upload = self.state.apps.upload().map_err(app_err)?;
-        let client: artifact_upload::Client = capnp_rpc::new_client(UploadService {
-            upload: std::cell::RefCell::new(upload),
+        let name = params.get()?.get_name()?.to_string()?;
+        crate::apps::check_app_name(&name).map_err(app_err)?;
+        let client: app::Client = capnp_rpc::new_client(AppService {
+            state: self.state.clone(),
+            app: name,
         });
-        results.get().set_upload(client);
-        Ok(())
-    }
-
-    async fn deploy(
-        self: Rc<Self>,
-        params: admin::DeployParams,
-        mut results: admin::DeployResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let mut services = Vec::new();
-        for s in p.get_services()? {
-            services.push(Service {
-                name: s.get_name()?.to_string()?,
-                command: s.get_command()?.to_string()?,
-                port: s.get_port(),
-                instances: s.get_instances(),
-                env: read_labels(s.get_env()?)?,
-            });
-        }
-        let version = self
-            .state
-            .apps
-            .deploy(
-                &self.state.registry,
-                p.get_app()?.to_str()?,
-                p.get_artifact_sha256()?.to_str()?,
-                services,
-                self.state.issuer.as_str().to_string(),
-                now_unix(),
-            )
-            .map_err(app_err)?;
-        results.get().set_version(&version);
-        Ok(())
-    }
-
-    async fn app_status(
-        self: Rc<Self>,
-        params: admin::AppStatusParams,
-        mut results: admin::AppStatusResults,
-    ) -> Result<(), capnp::Error> {
-        let app = params.get()?.get_app()?.to_str()?;
-        let json = self.state.apps.status_json(app).map_err(app_err)?;
-        results.get().set_status_json(json.to_string());
+        results.get().set_app(client);
         Ok(())
     }
 
@@ -630,23 +702,6 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         crate::ingress::Routes::remove(&self.state, params.get()?.get_host()?.to_str()?)
             .map_err(failed)
-    }
-
-    async fn app_logs(
-        self: Rc<Self>,
-        params: admin::AppLogsParams,
-        mut results: admin::AppLogsResults,
-    ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let app = p.get_app()?.to_string()?;
-        let lines = p.get_lines().clamp(1, 10_000);
-        let state = self.state.clone();
-        let json = tokio::spawn(async move { state.apps.logs(&state.registry, &app, lines).await })
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .map_err(app_err)?;
-        results.get().set_logs_json(json.to_string());
-        Ok(())
     }
 
     async fn add_ci_binding(

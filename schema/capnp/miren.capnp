@@ -50,6 +50,9 @@ interface Cluster {
   # Open to anonymous peers: redeems a join token for a runner certificate.
   runner @5 (agent :RunnerAgent) -> (session :RunnerSession);
   # Fails unless the peer presented a certificate of a registered runner.
+  ciLogin @6 (token :Text, app :Text) -> (app :App);
+  # Open to anyone: a CI pipeline's OIDC token that matches one of the app's
+  # bindings buys that app's capability and nothing else.
   # `agent` is how the coordinator asks the runner to start and stop sandboxes.
 }
 
@@ -162,6 +165,8 @@ interface Admin {
   listSigningKeys @2 () -> (keys :List(SigningKey));
   rotateSigningKey @3 () -> (keys :List(SigningKey));
   verifyWorkloadToken @4 (token :Text, audience :Text) -> (claimsJson :Text);
+  # Verifies a token of this cluster (current or recent issuer) the way an
+  # outside verifier would; fails with the reason.
   createJoinToken @5 (ttlSecs :UInt64, reusable :Bool, name :Text, labels :List(Label))
       -> (token :Text, info :JoinTokenInfo);
   listJoinTokens @6 () -> (tokens :List(JoinTokenInfo));
@@ -169,21 +174,25 @@ interface Admin {
   listRunners @8 () -> (runners :List(RunnerInfo));
   removeRunner @9 (id :Text) -> ();
   setRunnerCordon @10 (id :Text, cordoned :Bool) -> ();
-  uploadArtifact @11 () -> (upload :ArtifactUpload);
-  deploy @12 (app :Text, artifactSha256 :Text, services :List(ServiceSpec)) -> (version :Text);
-  appStatus @13 (app :Text) -> (statusJson :Text);
-  listApps @14 () -> (appsJson :Text);
-  deleteApp @15 (app :Text) -> ();
-  setRoute @16 (host :Text, app :Text) -> ();
+  app @11 (name :Text) -> (app :App);
+  # The same app capability a CI token buys, for any app.
+  listApps @12 () -> (appsJson :Text);
+  deleteApp @13 (app :Text) -> ();
+  setRoute @14 (host :Text, app :Text) -> ();
   # host "" is the default route.
-  listRoutes @17 () -> (routesJson :Text);
-  removeRoute @18 (host :Text) -> ();
-  appLogs @19 (app :Text, lines :UInt32) -> (logsJson :Text);
-  addCiBinding @20 (bindingJson :Text) -> (id :Text);
+  listRoutes @15 () -> (routesJson :Text);
+  removeRoute @16 (host :Text) -> ();
+  addCiBinding @17 (bindingJson :Text) -> (id :Text);
   # The binding as identity::bindings::Binding JSON; the coordinator assigns
   # the id and re-validates every rule.
-  listCiBindings @21 (app :Text) -> (bindingsJson :Text);
-  removeCiBinding @22 (id :Text) -> ();
-  # Verifies a token of this cluster (current or recent issuer) the way an
-  # outside verifier would; fails with the reason.
+  listCiBindings @18 (app :Text) -> (bindingsJson :Text);
+  removeCiBinding @19 (id :Text) -> ();
+}
+
+interface App {
+  # Confined to one app: everything a deploy pipeline needs, nothing else.
+  uploadArtifact @0 () -> (upload :ArtifactUpload);
+  deploy @1 (artifactSha256 :Text, services :List(ServiceSpec)) -> (version :Text);
+  status @2 () -> (statusJson :Text);
+  logs @3 (lines :UInt32) -> (logsJson :Text);
 }

@@ -228,3 +228,25 @@ pub fn https_server_config(
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
+
+/// Client configuration for outbound HTTPS (OIDC issuers, CI token
+/// endpoints): the platform roots (`SSL_CERT_FILE` honoured) plus any
+/// `extra_roots`, TLS 1.2 and 1.3.
+pub fn https_client_config(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, TlsConfigError> {
+    let mut roots = match platform_roots() {
+        Ok(r) => r,
+        Err(_) if !extra_roots.is_empty() => RootCertStore::empty(),
+        Err(e) => return Err(e),
+    };
+    for c in extra_roots {
+        roots.add(c.clone())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

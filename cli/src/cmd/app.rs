@@ -88,9 +88,9 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
     );
     run_local(async move {
         let session = Session::open(resolve(cluster)?).await?;
-        let admin = session.admin().await?;
+        let app_cap = session.app(&app).await?;
         // Upload in chunks.
-        let upload = admin
+        let upload = app_cap
             .upload_artifact_request()
             .send()
             .promise
@@ -115,10 +115,9 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
         fin.send().promise.await.map_err(remote)?;
         eprintln!("Uploaded artifact {}", &packed.sha256_hex[..12]);
 
-        let mut req = admin.deploy_request();
+        let mut req = app_cap.deploy_request();
         {
             let mut p = req.get();
-            p.set_app(&app);
             p.set_artifact_sha256(&packed.sha256_hex);
             let mut list = p.init_services(config.services.len() as u32);
             for (i, s) in config.services.iter().enumerate() {
@@ -143,7 +142,7 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
         loop {
-            let status = app_status(&admin, &app).await?;
+            let status = app_status(&app_cap).await?;
             for s in status["sandboxes"].as_array().into_iter().flatten() {
                 if s["version"] != version.as_str() {
                     continue;
@@ -186,13 +185,8 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
     })
 }
 
-async fn app_status(
-    admin: &schema::miren_capnp::admin::Client,
-    app: &str,
-) -> anyhow::Result<Value> {
-    let mut req = admin.app_status_request();
-    req.get().set_app(app);
-    let reply = req.send().promise.await.map_err(remote)?;
+async fn app_status(app: &schema::miren_capnp::app::Client) -> anyhow::Result<Value> {
+    let reply = app.status_request().send().promise.await.map_err(remote)?;
     serde_json::from_str(reply.get()?.get_status_json()?.to_str()?)
         .context("status from the coordinator")
 }
@@ -200,9 +194,9 @@ async fn app_status(
 pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
     run_local(async move {
         let session = Session::open(resolve(cluster)?).await?;
-        let admin = session.admin().await?;
         let result = match cmd {
             AppCmd::List { output } => {
+                let admin = session.admin().await?;
                 let reply = admin
                     .list_apps_request()
                     .send()
@@ -235,7 +229,7 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                 }
             }
             AppCmd::Status { app, output } => {
-                let status = app_status(&admin, &app).await?;
+                let status = app_status(&session.app(&app).await?).await?;
                 match output {
                     Format::Json => output::json(&status),
                     Format::Table => {
@@ -291,6 +285,7 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                 }
             }
             AppCmd::Delete { app } => {
+                let admin = session.admin().await?;
                 let mut req = admin.delete_app_request();
                 req.get().set_app(&app);
                 req.send().promise.await.map_err(remote)?;
@@ -307,11 +302,10 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
 pub fn logs(args: LogsArgs, cluster: Option<&str>) -> anyhow::Result<()> {
     run_local(async move {
         let session = Session::open(resolve(cluster)?).await?;
-        let admin = session.admin().await?;
+        let app = session.app(&args.app).await?;
         let mut printed: BTreeMap<String, usize> = BTreeMap::new();
         loop {
-            let mut req = admin.app_logs_request();
-            req.get().set_app(&args.app);
+            let mut req = app.logs_request();
             req.get().set_lines(if args.follow && !printed.is_empty() {
                 10_000
             } else {

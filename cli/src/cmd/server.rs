@@ -52,6 +52,9 @@ pub struct ServerArgs {
     /// Accept CI bindings whose issuer is on a loopback or private address (tests).
     #[arg(long)]
     oidc_allow_loopback_issuers: bool,
+    /// Extra CA certificates (PEM) trusted when fetching OIDC issuers' keys.
+    #[arg(long)]
+    oidc_ca_file: Option<PathBuf>,
     /// Sandbox isolation of the --dev runner: auto, bwrap or none.
     #[arg(long, default_value = "auto", value_parser = ["auto", "bwrap", "none"])]
     isolation: String,
@@ -106,6 +109,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         https_key: args.https_key.clone(),
         runner_cert_validity: args.runner_cert_validity,
         oidc_allow_loopback_issuers: args.oidc_allow_loopback_issuers,
+        oidc_ca_file: args.oidc_ca_file.clone(),
         http_listen: args
             .http_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
