@@ -15,6 +15,21 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// Whether this process runs where a CI OIDC token is (or should be) found.
+pub fn in_ci() -> bool {
+    [
+        "MIREN_OIDC_TOKEN",
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        "MIREN_ID_TOKEN",
+        "CIRCLE_OIDC_TOKEN_V2",
+    ]
+    .iter()
+    .any(|v| var(v).is_some())
+        || var("GITHUB_ACTIONS").as_deref() == Some("true")
+        || var("GITLAB_CI").as_deref() == Some("true")
+        || var("CIRCLECI").as_deref() == Some("true")
+}
+
 /// The pipeline's OIDC token for `audience` (the cluster's `host:port`).
 pub async fn oidc_token(audience: &str) -> anyhow::Result<String> {
     if let Some(t) = var("MIREN_OIDC_TOKEN") {

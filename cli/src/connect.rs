@@ -60,6 +60,11 @@ impl Session {
 
     /// The admin capability; fails unless this session holds the admin identity.
     pub async fn admin(&self) -> anyhow::Result<admin::Client> {
+        if self.target.identity.is_none() && crate::ci::in_ci() {
+            anyhow::bail!(
+                "OIDC access denied: a CI token can only deploy an app and read its status and logs; this needs the cluster's admin identity"
+            );
+        }
         let reply = self
             .cluster
             .admin_request()
