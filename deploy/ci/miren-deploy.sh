@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Deploy from any CI system that can hand the job an OIDC token.
+#
+#   MIREN_CLUSTER   host:port;sha1:<fingerprint>  (miren cluster export-address)
+#   MIREN_APP       the app (bound to this pipeline with `miren auth ci add`)
+#   MIREN_OIDC_TOKEN  the job's OIDC token with audience host:port, unless the
+#                   CLI detects it itself (GitHub Actions, GitLab id_tokens as
+#                   MIREN_ID_TOKEN, CircleCI CIRCLE_OIDC_TOKEN_V2)
+set -euo pipefail
+: "${MIREN_CLUSTER:?set MIREN_CLUSTER to the cluster address (miren cluster export-address)}"
+: "${MIREN_APP:?set MIREN_APP to the app name}"
+command -v miren >/dev/null || "$(dirname "$0")/install-miren.sh"
+exec miren deploy --dir "${1:-.}"
