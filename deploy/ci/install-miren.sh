@@ -3,7 +3,7 @@
 # compiler are the only requirements). Usage: install-miren.sh [GIT_REF]
 set -euo pipefail
 ref="${1:-}"
-repo="${MIREN_REPO:-https://github.com/mirendev/miren-rs}"
+repo="${MIREN_REPO:?set MIREN_REPO to the git URL this project is hosted at}"
 if ! command -v cargo >/dev/null; then
   echo "install-miren: cargo is needed (https://rustup.rs)" >&2
   exit 1
