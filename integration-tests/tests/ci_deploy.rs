@@ -276,6 +276,45 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("id-token: write"));
 
+    // GitLab without `id_tokens`, and any CI through MIREN_OIDC_TOKEN.
+    let run_env = |envs: &[(&str, String)]| {
+        let mut cmd = Command::new(miren_bin());
+        cmd.args(["app", "status", "-a", "web", "-o", "json"])
+            .env_clear()
+            .env("MIREN_CONFIG", dir.path().join("none.yaml"))
+            .env("MIREN_CLUSTER", &cluster);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run_env(&[("GITLAB_CI", "true".into())]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MIREN_ID_TOKEN"));
+    let host_port = cluster.split(';').next().unwrap();
+    let token = Command::new("python3")
+        .args([
+            "-c",
+            "import ssl,sys,json,urllib.request;r=urllib.request.Request(sys.argv[1],headers={'Authorization':'bearer request-secret'});print(json.load(urllib.request.urlopen(r,context=ssl.create_default_context(cafile=sys.argv[2])))['value'])",
+        ])
+        .arg(format!("{}/token?{good}&audience={host_port}", issuer.url()))
+        .arg(&issuer.ca)
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let out = run_env(&[("MIREN_OIDC_TOKEN", token.clone())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_env(&[("GITLAB_CI", "true".into()), ("MIREN_ID_TOKEN", token)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The issuer rotates its key mid-run: one refetch, and it works.
     let before = issuer.get("/fetches")["fetches"].as_u64().unwrap();
     issuer.get("/rotate");
