@@ -386,6 +386,30 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
         std::fs::read_to_string(env["MIREN_IDENTITY_TOKEN_PATH"].as_str().unwrap()).ok()
     );
 
+    // Upgrades (as WebSocket uses) pass through the ingress both ways.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&c.ingress).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /echo-upgrade HTTP/1.1\r\nHost: probe.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        s.write_all(b"ping through the ingress").unwrap();
+        let mut echo = [0u8; 24];
+        s.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"ping through the ingress");
+    }
+
     // A crashed process is restarted and the restart shows in `app status`.
     let _ = http_get_host(&c.ingress, "probe.test", "/crash");
     assert!(
