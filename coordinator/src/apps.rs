@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::runners::Registry;
-use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
+use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
 
 /// Largest artifact accepted.
 pub const MAX_ARTIFACT_BYTES: u64 = 512 * 1024 * 1024;
@@ -136,17 +136,6 @@ fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Record {
-        key: key.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// Apps, sandboxes and artifacts.

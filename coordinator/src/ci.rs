@@ -38,10 +38,7 @@ impl CiBindings {
     pub fn load(store: Arc<dyn Store>, allow_loopback: bool) -> Result<Self, CiError> {
         let mut bindings = Vec::new();
         for (k, v) in store.scan("binding/")? {
-            let b: Binding = serde_json::from_slice(&v).map_err(|e| StoreError::Record {
-                key: k.clone(),
-                reason: e.to_string(),
-            })?;
+            let b: Binding = crate::store::decode(&k, &v)?;
             bindings.push(b);
         }
         let set =

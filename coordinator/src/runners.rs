@@ -19,7 +19,7 @@ use identity::ClusterAddress;
 use serde::{Deserialize, Serialize};
 use transport::pki::{self, ClusterCa};
 
-use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
+use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
 
 /// Default lifetime of runner certificates.
 pub const RUNNER_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
@@ -116,17 +116,6 @@ fn token_key(id: &str) -> String {
 
 fn runner_key(id: &str) -> String {
     format!("runner/{id}")
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Record {
-        key: key.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
 }
 
 fn valid_label(k: &str, v: &str) -> bool {

@@ -22,6 +22,22 @@ pub enum StoreError {
     Record { key: String, reason: String },
 }
 
+/// Reads a JSON record; a record that does not parse names its key.
+pub fn decode<T: for<'de> serde::Deserialize<'de>>(
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Record {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Encodes a record as JSON (our record types always serialise).
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
 /// A precondition of a transaction.
 #[derive(Debug, Clone)]
 pub enum Condition {
