@@ -71,6 +71,6 @@ pub async fn join(
     };
     data.save_joined(&config, &cert_pem, &key_pem, &ca_pem)?;
     conn.close(0u32.into(), b"joined");
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(50), endpoint.wait_idle()).await;
     Ok(config)
 }
