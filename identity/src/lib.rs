@@ -12,6 +12,7 @@ pub mod glob;
 pub mod join_token;
 pub mod keys;
 pub mod mint;
+pub mod route_oidc;
 pub mod verify;
 
 pub use address::{AddressError, ClusterAddress, Fingerprint};
