@@ -141,6 +141,8 @@ fn is_sha256_hex(s: &str) -> bool {
 /// Apps, sandboxes and artifacts.
 pub struct Apps {
     store: Arc<dyn Store>,
+    /// Where rollouts run (the multi-threaded runtime, not an RPC worker).
+    rt: tokio::runtime::Handle,
     artifacts: PathBuf,
     reports: Mutex<HashMap<String, SandboxReport>>,
 }
@@ -201,12 +203,17 @@ impl Drop for Upload {
 }
 
 impl Apps {
-    pub fn new(store: Arc<dyn Store>, data_dir: &Path) -> Result<Self, AppError> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        data_dir: &Path,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self, AppError> {
         let artifacts = data_dir.join("artifacts");
         transport::files::ensure_private_dir(&artifacts)
             .map_err(|e| AppError::Io(e.to_string()))?;
         Ok(Apps {
             store,
+            rt,
             artifacts,
             reports: Mutex::new(HashMap::new()),
         })
@@ -452,7 +459,7 @@ impl Apps {
         let app = app.to_string();
         let version = version_id.clone();
         let artifact = artifact.to_string();
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let outcome = me
                 .roll_out(&registry, &app, &version, &artifact, &services, &issuer_url)
                 .await;
@@ -695,7 +702,10 @@ mod tests {
     fn a_runner_gets_tokens_only_for_sandboxes_it_hosts() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
-        let apps = Apps::new(store.clone(), dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let apps = Apps::new(store.clone(), dir.path(), rt.handle().clone()).unwrap();
         let rec = SandboxRecord {
             id: "web-a".into(),
             app: "web".into(),

@@ -192,7 +192,12 @@ impl Coordinator {
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
             registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
-            apps: Arc::new(crate::apps::Apps::new(store.clone(), &material.dir)?),
+            apps: Arc::new(crate::apps::Apps::new(
+                store.clone(),
+                &material.dir,
+                tokio::runtime::Handle::current(),
+            )?),
+            rt: tokio::runtime::Handle::current(),
             ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
             oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
             store,

@@ -50,6 +50,9 @@ pub struct State {
     pub ci: crate::ci::CiBindings,
     /// Fetches issuer keys and verifies CI tokens.
     pub oidc: crate::oidc::OidcVerifier,
+    /// The multi-threaded runtime. RPC sessions run pinned to single-thread
+    /// workers; CPU-heavy or `Send` work is handed here to use every core.
+    pub rt: tokio::runtime::Handle,
 }
 
 /// The version every component reports.
@@ -211,15 +214,19 @@ impl cluster::Server for ClusterService {
         let state = self.state.clone();
         let login_app = app.clone();
         // Fetching issuer keys is Send work: do it off this thread.
-        let binding = tokio::spawn(async move {
-            state
-                .oidc
-                .login(&state.ci, &login_app, &token, now_unix())
-                .await
-        })
-        .await
-        .map_err(|e| failed(e.to_string()))?
-        .map_err(failed)?;
+        let binding = self
+            .state
+            .rt
+            .clone()
+            .spawn(async move {
+                state
+                    .oidc
+                    .login(&state.ci, &login_app, &token, now_unix())
+                    .await
+            })
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(failed)?;
         tracing::info!(app = %app, binding = %binding.id, "CI login");
         let client: app::Client = capnp_rpc::new_client(AppService {
             state: self.state.clone(),
@@ -511,11 +518,12 @@ impl State {
         ttl: Option<u64>,
     ) -> Result<String, capnp::Error> {
         let state = self.clone();
-        tokio::task::spawn_blocking(move || {
-            state.mint_workload_token(&subject, &audiences, ttl, now_unix())
-        })
-        .await
-        .map_err(|e| failed(e.to_string()))?
+        self.rt
+            .spawn_blocking(move || {
+                state.mint_workload_token(&subject, &audiences, ttl, now_unix())
+            })
+            .await
+            .map_err(|e| failed(e.to_string()))?
     }
 
     /// A verifier for this cluster's own tokens at `now`: published keys,
@@ -607,7 +615,9 @@ impl app::Server for AppService {
         let lines = params.get()?.get_lines().clamp(1, 10_000);
         let state = self.state.clone();
         let app = self.app.clone();
-        let json = tokio::spawn(async move { state.apps.logs(&state.registry, &app, lines).await })
+        let rt = self.state.rt.clone();
+        let json = rt
+            .spawn(async move { state.apps.logs(&state.registry, &app, lines).await })
             .await
             .map_err(|e| failed(e.to_string()))?
             .map_err(app_err)?;
@@ -754,7 +764,8 @@ impl admin::Server for AdminService {
         let app = params.get()?.get_app()?.to_string()?;
         let state = self.state.clone();
         // Stopping talks to runners through Send channels: run it off this thread's borrow.
-        tokio::spawn(async move { state.apps.delete(&state.registry, &app).await })
+        let rt = self.state.rt.clone();
+        rt.spawn(async move { state.apps.delete(&state.registry, &app).await })
             .await
             .map_err(|e| failed(e.to_string()))?
             .map_err(app_err)
