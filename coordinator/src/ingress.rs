@@ -36,6 +36,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct Route {
     pub host: String,
     pub app: String,
+    /// Single sign-on in front of this route (labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<crate::route_oidc::RouteOidc>,
 }
 
 fn route_key(host: &str) -> String {
@@ -91,6 +94,7 @@ impl Routes {
         let route = Route {
             host: host.to_string(),
             app: app.to_string(),
+            oidc: None,
         };
         state
             .store

@@ -13,6 +13,7 @@ pub mod ingress;
 pub mod issuer;
 pub mod keyring;
 pub mod oidc;
+pub mod route_oidc;
 pub mod runners;
 pub mod server;
 pub mod service;

@@ -56,6 +56,8 @@ pub struct CoordinatorOptions {
     pub oidc_allow_loopback_issuers: bool,
     /// Extra CA certificates (PEM) trusted for OIDC issuers.
     pub oidc_ca_file: Option<PathBuf>,
+    /// Labs features to turn on (e.g. `routeoidc`).
+    pub labs: Vec<String>,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -198,6 +200,7 @@ impl Coordinator {
                 tokio::runtime::Handle::current(),
             )?),
             rt: tokio::runtime::Handle::current(),
+            labs: opts.labs.clone(),
             ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
             oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
             store,

@@ -53,6 +53,8 @@ pub struct State {
     /// The multi-threaded runtime. RPC sessions run pinned to single-thread
     /// workers; CPU-heavy or `Send` work is handed here to use every core.
     pub rt: tokio::runtime::Handle,
+    /// Labs features turned on (`--labs`).
+    pub labs: Vec<String>,
 }
 
 /// The version every component reports.
@@ -754,6 +756,56 @@ impl admin::Server for AdminService {
             .remove(id)
             .map_err(|e| failed(e.to_string()))?;
         Ok(())
+    }
+
+    async fn route_oidc_enable(
+        self: Rc<Self>,
+        params: admin::RouteOidcEnableParams,
+        _: admin::RouteOidcEnableResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let req: crate::route_oidc::EnableRequest =
+            serde_json::from_str(p.get_config_json()?.to_str()?)
+                .map_err(|e| failed(e.to_string()))?;
+        crate::route_oidc::enable(&self.state, p.get_host()?.to_str()?, req).map_err(failed)
+    }
+
+    async fn route_oidc_show(
+        self: Rc<Self>,
+        params: admin::RouteOidcShowParams,
+        mut results: admin::RouteOidcShowResults,
+    ) -> Result<(), capnp::Error> {
+        let v = crate::route_oidc::show(&self.state, params.get()?.get_host()?.to_str()?)
+            .map_err(failed)?;
+        results.get().set_json(v.to_string());
+        Ok(())
+    }
+
+    async fn route_oidc_disable(
+        self: Rc<Self>,
+        params: admin::RouteOidcDisableParams,
+        _: admin::RouteOidcDisableResults,
+    ) -> Result<(), capnp::Error> {
+        crate::route_oidc::disable(&self.state, params.get()?.get_host()?.to_str()?).map_err(failed)
+    }
+
+    async fn list_oidc_providers(
+        self: Rc<Self>,
+        _: admin::ListOidcProvidersParams,
+        mut results: admin::ListOidcProvidersResults,
+    ) -> Result<(), capnp::Error> {
+        let v = crate::route_oidc::providers(&self.state).map_err(failed)?;
+        results.get().set_json(v.to_string());
+        Ok(())
+    }
+
+    async fn remove_oidc_provider(
+        self: Rc<Self>,
+        params: admin::RemoveOidcProviderParams,
+        _: admin::RemoveOidcProviderResults,
+    ) -> Result<(), capnp::Error> {
+        crate::route_oidc::remove_provider(&self.state, params.get()?.get_name()?.to_str()?)
+            .map_err(failed)
     }
 
     async fn delete_app(

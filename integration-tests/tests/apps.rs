@@ -43,7 +43,7 @@ fn cluster_with_two_runners() -> Cluster {
         &data,
         &cfg,
         "127.0.0.1:0",
-        &["--http-listen", "127.0.0.1:0"],
+        &["--http-listen", "127.0.0.1:0", "--labs", "routeoidc"],
     );
     let ingress = server
         .stdout
@@ -459,6 +459,96 @@ fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
     assert!(miren(&c.cfg, &["route", "set", "--default", "-a", "hello"], &[]).ok);
     let (code, _) = http_get_host(&c.ingress, "other.test", "/").unwrap();
     assert_eq!(code, 200);
+    // Route OIDC configuration (labs): secrets never come back out.
+    let bad = miren(
+        &c.cfg,
+        &[
+            "route",
+            "oidc",
+            "enable",
+            "hello.test",
+            "--provider-url",
+            "https://login.example.com",
+            "--client-id",
+            "c",
+            "--client-secret",
+            "s3cr3t-value",
+            "--claim-header",
+            "email:Host",
+        ],
+        &[],
+    );
+    assert!(!bad.ok, "a reserved header was accepted");
+    let en = miren(
+        &c.cfg,
+        &[
+            "route",
+            "oidc",
+            "enable",
+            "hello.test",
+            "--provider-url",
+            "https://login.example.com",
+            "--client-id",
+            "c",
+            "--client-secret",
+            "s3cr3t-value",
+            "--claim-header",
+            "email:X-User-Email",
+        ],
+        &[],
+    );
+    assert!(en.ok, "{en:?}");
+    let show = miren(&c.cfg, &["route", "oidc", "show", "hello.test"], &[]);
+    assert!(show.ok, "{show:?}");
+    assert!(
+        !show.stdout.contains("s3cr3t-value"),
+        "secret printed: {}",
+        show.stdout
+    );
+    assert!(
+        show.stdout.contains("email:X-User-Email"),
+        "{}",
+        show.stdout
+    );
+    let providers = miren(&c.cfg, &["route", "oidc", "providers", "-o", "json"], &[]);
+    assert!(!providers.stdout.contains("s3cr3t-value"));
+    let pv: Value = serde_json::from_str(&providers.stdout).unwrap();
+    assert_eq!(pv[0]["name"], "login-example-com");
+    let busy = miren(
+        &c.cfg,
+        &["route", "oidc", "remove-provider", "login-example-com"],
+        &[],
+    );
+    assert!(!busy.ok, "a provider in use was removed");
+    assert!(miren(&c.cfg, &["route", "oidc", "disable", "hello.test"], &[]).ok);
+    // The provider stays for reuse.
+    assert!(
+        miren(
+            &c.cfg,
+            &[
+                "route",
+                "oidc",
+                "enable",
+                "hello.test",
+                "--provider",
+                "login-example-com",
+                "--claim-header",
+                "sub:X-User"
+            ],
+            &[]
+        )
+        .ok
+    );
+    assert!(miren(&c.cfg, &["route", "oidc", "disable", "hello.test"], &[]).ok);
+    assert!(
+        miren(
+            &c.cfg,
+            &["route", "oidc", "remove-provider", "login-example-com"],
+            &[]
+        )
+        .ok
+    );
+
     let routes = miren(&c.cfg, &["route", "list", "-o", "json"], &[]);
     assert!(routes.stdout.contains("hello.test"), "{routes:?}");
     assert!(miren(&c.cfg, &["route", "remove", "--default"], &[]).ok);

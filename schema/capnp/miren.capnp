@@ -187,6 +187,12 @@ interface Admin {
   # the id and re-validates every rule.
   listCiBindings @18 (app :Text) -> (bindingsJson :Text);
   removeCiBinding @19 (id :Text) -> ();
+  routeOidcEnable @20 (host :Text, configJson :Text) -> ();
+  # Labs (routeoidc). host "" is the default route.
+  routeOidcShow @21 (host :Text) -> (json :Text);
+  routeOidcDisable @22 (host :Text) -> ();
+  listOidcProviders @23 () -> (json :Text);
+  removeOidcProvider @24 (name :Text) -> ();
 }
 
 interface App {

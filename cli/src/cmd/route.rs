@@ -29,6 +29,145 @@ pub enum RouteCmd {
         #[arg(long)]
         default: bool,
     },
+    /// Single sign-on in front of a route (labs: server --labs routeoidc).
+    #[command(subcommand)]
+    Oidc(OidcCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum OidcCmd {
+    /// Protect a route with an OpenID provider; claims reach the app as headers.
+    Enable {
+        #[arg(required_unless_present = "default", conflicts_with = "default")]
+        host: Option<String>,
+        #[arg(long)]
+        default: bool,
+        /// Reuse a stored provider (or name a new one).
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        provider_url: Option<String>,
+        #[arg(long)]
+        client_id: Option<String>,
+        #[arg(long, env = "MIREN_OIDC_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: Option<String>,
+        #[arg(long)]
+        scope: Option<String>,
+        /// CLAIM:HEADER, e.g. email:X-User-Email; repeatable.
+        #[arg(long = "claim-header")]
+        claim_headers: Vec<String>,
+    },
+    /// Show a route's protection (secrets are never shown).
+    Show {
+        #[arg(required_unless_present = "default", conflicts_with = "default")]
+        host: Option<String>,
+        #[arg(long)]
+        default: bool,
+    },
+    /// Remove a route's protection (the provider stays for reuse).
+    Disable {
+        #[arg(required_unless_present = "default", conflicts_with = "default")]
+        host: Option<String>,
+        #[arg(long)]
+        default: bool,
+    },
+    /// List providers.
+    Providers {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Remove a provider no route uses.
+    RemoveProvider { name: String },
+}
+
+fn host_arg(host: Option<String>, default: bool) -> String {
+    if default {
+        String::new()
+    } else {
+        host.unwrap_or_default().to_ascii_lowercase()
+    }
+}
+
+async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyhow::Result<()> {
+    match cmd {
+        OidcCmd::Enable {
+            host,
+            default,
+            provider,
+            provider_url,
+            client_id,
+            client_secret,
+            scope,
+            claim_headers,
+        } => {
+            let host = host_arg(host, default);
+            let config = serde_json::json!({
+                "provider": provider, "provider_url": provider_url, "client_id": client_id,
+                "client_secret": client_secret, "scope": scope, "claim_headers": claim_headers,
+            });
+            let mut req = admin.route_oidc_enable_request();
+            req.get().set_host(&host);
+            req.get().set_config_json(config.to_string());
+            req.send().promise.await.map_err(remote)?;
+            println!(
+                "Route {} is protected by OIDC",
+                if host.is_empty() { "(default)" } else { &host }
+            );
+            Ok(())
+        }
+        OidcCmd::Show { host, default } => {
+            let mut req = admin.route_oidc_show_request();
+            req.get().set_host(host_arg(host, default));
+            let reply = req.send().promise.await.map_err(remote)?;
+            let v: Value = serde_json::from_str(reply.get()?.get_json()?.to_str()?)?;
+            output::json(&v)
+        }
+        OidcCmd::Disable { host, default } => {
+            let host = host_arg(host, default);
+            let mut req = admin.route_oidc_disable_request();
+            req.get().set_host(&host);
+            req.send().promise.await.map_err(remote)?;
+            println!(
+                "Route {} is no longer protected by OIDC (the provider is kept)",
+                if host.is_empty() { "(default)" } else { &host }
+            );
+            Ok(())
+        }
+        OidcCmd::Providers { output } => {
+            let reply = admin
+                .list_oidc_providers_request()
+                .send()
+                .promise
+                .await
+                .map_err(remote)?;
+            let v: Value = serde_json::from_str(reply.get()?.get_json()?.to_str()?)?;
+            match output {
+                Format::Json => output::json(&v),
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            ["name", "issuer", "client_id", "scope"]
+                                .iter()
+                                .map(|k| p[*k].as_str().unwrap_or_default().to_string())
+                                .collect()
+                        })
+                        .collect();
+                    output::table(&["NAME", "ISSUER", "CLIENT ID", "SCOPE"], &rows);
+                    Ok(())
+                }
+            }
+        }
+        OidcCmd::RemoveProvider { name } => {
+            let mut req = admin.remove_oidc_provider_request();
+            req.get().set_name(&name);
+            req.send().promise.await.map_err(remote)?;
+            println!("Removed provider {name}");
+            Ok(())
+        }
+    }
 }
 
 pub fn run(cmd: RouteCmd, cluster: Option<&str>) -> anyhow::Result<()> {
@@ -36,6 +175,7 @@ pub fn run(cmd: RouteCmd, cluster: Option<&str>) -> anyhow::Result<()> {
         let session = Session::open(resolve(cluster)?).await?;
         let admin = session.admin().await?;
         let result = match cmd {
+            RouteCmd::Oidc(o) => oidc(&admin, o).await,
             RouteCmd::Set { host, default, app } => {
                 let host = if default {
                     String::new()

@@ -52,6 +52,9 @@ pub struct ServerArgs {
     /// Accept CI bindings whose issuer is on a loopback or private address (tests).
     #[arg(long)]
     oidc_allow_loopback_issuers: bool,
+    /// Labs features to turn on, comma-separated (routeoidc).
+    #[arg(long, env = "MIREN_LABS", value_delimiter = ',')]
+    labs: Vec<String>,
     /// Extra CA certificates (PEM) trusted when fetching OIDC issuers' keys.
     #[arg(long)]
     oidc_ca_file: Option<PathBuf>,
@@ -110,6 +113,12 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         runner_cert_validity: args.runner_cert_validity,
         oidc_allow_loopback_issuers: args.oidc_allow_loopback_issuers,
         oidc_ca_file: args.oidc_ca_file.clone(),
+        labs: args
+            .labs
+            .iter()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect(),
         http_listen: args
             .http_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
