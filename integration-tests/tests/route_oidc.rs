@@ -3,7 +3,6 @@
 //! ingress is not built yet.)
 
 use integration_tests::{miren, temp, Server};
-use serde_json::Value;
 
 #[test]
 fn route_oidc_is_gated_by_labs() {
