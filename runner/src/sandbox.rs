@@ -432,6 +432,16 @@ impl Launch {
                 cmd.arg("-c")
                     .arg(format!("exec {}", spec.command))
                     .current_dir(&self.app_dir);
+                // If the runner dies, its plain-process sandboxes die with
+                // it (bubblewrap does the same with --die-with-parent).
+                // SAFETY: prctl is async-signal-safe and touches no memory
+                // of the parent.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
                 cmd
             }
             Isolation::Bwrap { miren } => {
