@@ -137,12 +137,12 @@ impl Routes {
             .collect()
     }
 
-    /// The app serving `host`: its own route, else the default route.
-    pub fn app_for(state: &State, host: &str) -> Option<String> {
+    /// The route serving `host`: its own, else the default route.
+    pub fn route_for(state: &State, host: &str) -> Option<Route> {
         for key in [route_key(host), route_key("")] {
             if let Ok(Some(bytes)) = state.store.get(&key) {
                 if let Ok(r) = serde_json::from_slice::<Route>(&bytes) {
-                    return Some(r.app);
+                    return Some(r);
                 }
             }
         }
@@ -178,12 +178,19 @@ async fn proxy(
         .or_else(|| req.uri().host().map(str::to_string))
         .unwrap_or_default();
     let host = normalize_host(&host_header);
-    let Some(app) = Routes::app_for(&state, &host) else {
+    let Some(route) = Routes::route_for(&state, &host) else {
         return Ok(text(
             StatusCode::NOT_FOUND,
             &format!("no app is routed for host {host:?}"),
         ));
     };
+    let app = route.app.clone();
+    let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
+    if let (Some(oidc), true) = (&route.oidc, labs) {
+        if let Some(resp) = single_sign_on(&state, oidc, &host, &mut req).await {
+            return Ok(resp);
+        }
+    }
     let healthy = state.apps.healthy_sandboxes(&app);
     if healthy.is_empty() {
         return Ok(text(
@@ -250,6 +257,106 @@ async fn proxy(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("app {app}: no runner reachable"),
     ))
+}
+
+/// Applies route OIDC to a request: strips client-sent claim headers, and
+/// either sets the session's claim headers (returns `None`: proxy it) or
+/// answers directly (login redirect, callback, logout, 401).
+async fn single_sign_on(
+    state: &State,
+    oidc: &crate::route_oidc::RouteOidc,
+    host: &str,
+    req: &mut Request<Incoming>,
+) -> Option<Response<Body>> {
+    use identity::route_oidc::{claim_headers, HeaderFilter};
+    let filter = HeaderFilter::new(&oidc.claim_headers);
+    let spoofed: Vec<hyper::header::HeaderName> = req
+        .headers()
+        .keys()
+        .filter(|n| filter.strips(n.as_str()))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        req.headers_mut().remove(name);
+    }
+    let provider = match crate::route_oidc::provider(state, &oidc.provider) {
+        Ok(Some(p)) => p,
+        _ => {
+            return Some(text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "route OIDC provider missing",
+            ))
+        }
+    };
+    let cookies = req
+        .headers()
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let accepts_html = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let gate = state
+        .sso
+        .gate(
+            &state.oidc,
+            &provider,
+            host,
+            &path_and_query,
+            &cookies,
+            accepts_html,
+            crate::datadir::now_unix(),
+        )
+        .await;
+    match gate {
+        crate::sso::Gate::Proxy(claims) => {
+            // The app sees its own cookies, never the session.
+            let kept: Vec<&str> = cookies
+                .split(';')
+                .map(str::trim)
+                .filter(|c| !c.is_empty() && !c.starts_with("miren_oidc_"))
+                .collect();
+            req.headers_mut().remove(hyper::header::COOKIE);
+            if !kept.is_empty() {
+                if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                    req.headers_mut().insert(hyper::header::COOKIE, v);
+                }
+            }
+            for (name, value) in claim_headers(&oidc.claim_headers, &claims) {
+                if let (Ok(n), Ok(v)) = (
+                    hyper::header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_bytes(value.as_bytes()),
+                ) {
+                    req.headers_mut().insert(n, v);
+                }
+            }
+            None
+        }
+        crate::sso::Gate::Respond(status, headers, body) => {
+            let mut r = text(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                body.trim_end(),
+            );
+            for (k, v) in headers {
+                if let (Ok(n), Ok(v)) = (
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(&v),
+                ) {
+                    r.headers_mut().append(n, v);
+                }
+            }
+            Some(r)
+        }
+    }
 }
 
 /// Serves the ingress on `listener` until `shutdown` resolves.

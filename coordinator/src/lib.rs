@@ -17,6 +17,7 @@ pub mod route_oidc;
 pub mod runners;
 pub mod server;
 pub mod service;
+pub mod sso;
 pub mod store;
 
 pub use server::{Coordinator, CoordinatorOptions};

@@ -35,7 +35,8 @@ struct IssuerEntry {
 
 /// Fetches and caches issuer keys; verifies CI tokens.
 pub struct OidcVerifier {
-    client: reqwest::Client,
+    /// The outbound HTTPS client (also used for route OIDC code exchange).
+    pub client: reqwest::Client,
     audiences: Vec<String>,
     issuers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<IssuerEntry>>>>,
 }
@@ -90,7 +91,8 @@ impl OidcVerifier {
         })
     }
 
-    async fn get_json(&self, url: &str) -> Result<Vec<u8>, String> {
+    /// GETs `url` (5 s, 1 MiB cap, no redirects) and returns the body.
+    pub async fn get_json(&self, url: &str) -> Result<Vec<u8>, String> {
         let mut resp = self
             .client
             .get(url)
@@ -136,7 +138,7 @@ impl OidcVerifier {
 
     /// Keys for `issuer`, fetching when absent, stale, or when `kid` is
     /// unknown (at most once per cooldown).
-    async fn keys(&self, issuer: &IssuerUrl, kid: Option<&str>) -> Result<KeySet, String> {
+    pub async fn keys(&self, issuer: &IssuerUrl, kid: Option<&str>) -> Result<KeySet, String> {
         let entry = {
             let mut map = self
                 .issuers

@@ -55,6 +55,8 @@ pub struct State {
     pub rt: tokio::runtime::Handle,
     /// Labs features turned on (`--labs`).
     pub labs: Vec<String>,
+    /// Route OIDC sessions (labs).
+    pub sso: crate::sso::Sso,
 }
 
 /// The version every component reports.

@@ -1,0 +1,438 @@
+//! Route OIDC at the ingress (labs): the login flow and the session.
+//!
+//! An unauthenticated browser request is sent to the provider (authorization
+//! code with PKCE S256, `state`, `nonce`); the callback at
+//! [`CALLBACK_PATH`] exchanges the code, verifies the ID token with the
+//! `identity` verifier against the provider's JWKS (the same key cache as CI
+//! issuers), and sets a session cookie sealed with AES-256-GCM (HttpOnly,
+//! SameSite=Lax), bound to the host and lasting no longer than the ID token.
+//! Login state travels in its own sealed cookie; each `state` is accepted
+//! once. The pure rules (return paths, PKCE, header filtering) are in
+//! `identity::route_oidc`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use identity::route_oidc::{
+    pkce_challenge_s256, pkce_verifier, random_token, safe_return_path, session_expiry,
+    tokens_match, SessionClaims,
+};
+use identity::{IssuerUrl, Verifier};
+use serde::{Deserialize, Serialize};
+
+use crate::route_oidc::Provider;
+
+/// Where the provider sends the browser back.
+pub const CALLBACK_PATH: &str = "/.well-known/miren/oidc/callback";
+/// Ends the session.
+pub const LOGOUT_PATH: &str = "/.well-known/miren/oidc/logout";
+/// The session cookie.
+pub const SESSION_COOKIE: &str = "miren_oidc_session";
+/// The login-in-progress cookie.
+pub const LOGIN_COOKIE: &str = "miren_oidc_login";
+/// Where the session's own id is kept among its claims.
+pub const SESSION_ID_CLAIM: &str = "_miren_session_id";
+/// Longest session, even when the ID token lives longer.
+pub const MAX_SESSION_SECS: i64 = 8 * 3600;
+/// How long a login may take.
+pub const LOGIN_SECS: i64 = 600;
+
+/// Endpoints of a provider, from its discovery document.
+#[derive(Debug, Clone)]
+pub struct ProviderMeta {
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub end_session_endpoint: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LoginState {
+    state: String,
+    nonce: String,
+    verifier: String,
+    ret: String,
+    exp: i64,
+}
+
+/// Sealing key, used states and provider metadata.
+pub struct Sso {
+    key: LessSafeKey,
+    used_states: Mutex<HashMap<String, i64>>,
+    /// Sessions ended by logout (session id -> expiry), refused until they
+    /// would have expired anyway.
+    ended: Mutex<HashMap<String, i64>>,
+    meta: Mutex<HashMap<String, (ProviderMeta, Instant)>>,
+}
+
+/// What the gate decided for a request.
+pub enum Gate {
+    /// Proxy, after setting these claim headers.
+    Proxy(serde_json::Map<String, serde_json::Value>),
+    /// Answer directly: status, headers, body.
+    Respond(u16, Vec<(String, String)>, String),
+}
+
+fn cookie_value(cookies: &str, name: &str) -> Option<String> {
+    cookies.split(';').find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
+
+fn set_cookie(name: &str, value: &str, max_age: i64) -> (String, String) {
+    (
+        "set-cookie".into(),
+        format!(
+            "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}",
+            max_age.max(0)
+        ),
+    )
+}
+
+fn redirect(location: &str, cookies: Vec<(String, String)>) -> Gate {
+    let mut headers = vec![("location".to_string(), location.to_string())];
+    headers.extend(cookies);
+    Gate::Respond(302, headers, String::new())
+}
+
+fn refuse(status: u16, msg: &str) -> Gate {
+    Gate::Respond(status, vec![], format!("{msg}\n"))
+}
+
+impl Sso {
+    /// Loads the sealing key from `dir/route-oidc.key`, creating it once.
+    pub fn load_or_create(dir: &Path) -> anyhow::Result<Sso> {
+        let path = dir.join("route-oidc.key");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) if b.len() == 32 => b,
+            Ok(_) => anyhow::bail!(
+                "{} is corrupt (expected 32 bytes); delete it to end every route OIDC session",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let k: [u8; 32] = rand::random();
+                transport::files::write_atomic(&path, &k, 0o600)?;
+                k.to_vec()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key = UnboundKey::new(&AES_256_GCM, &bytes)
+            .map_err(|_| anyhow::anyhow!("{}: not an AES-256 key", path.display()))?;
+        Ok(Sso {
+            key: LessSafeKey::new(key),
+            used_states: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
+            meta: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn seal(&self, aad: &str, plain: &[u8]) -> Option<String> {
+        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+        let mut buf = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce_bytes),
+                Aad::from(aad.as_bytes()),
+                &mut buf,
+            )
+            .ok()?;
+        let mut out = nonce_bytes.to_vec();
+        out.extend_from_slice(&buf);
+        Some(URL_SAFE_NO_PAD.encode(out))
+    }
+
+    fn open(&self, aad: &str, sealed: &str) -> Option<Vec<u8>> {
+        let raw = URL_SAFE_NO_PAD.decode(sealed).ok()?;
+        if raw.len() < NONCE_LEN + 16 || raw.len() > 16 * 1024 {
+            return None;
+        }
+        let (n, ct) = raw.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(n).ok()?;
+        let mut buf = ct.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut buf)
+            .ok()?;
+        Some(plain.to_vec())
+    }
+
+    /// The session of this request for `host`, if any and unexpired.
+    pub fn session(&self, host: &str, cookies: &str, now: i64) -> Option<SessionClaims> {
+        let sealed = cookie_value(cookies, SESSION_COOKIE)?;
+        let plain = self.open(&format!("session|{host}"), &sealed)?;
+        let s: SessionClaims = serde_json::from_slice(&plain).ok()?;
+        let sid = s.claims.get(SESSION_ID_CLAIM)?.as_str()?;
+        let ended = self.ended.lock().ok()?.contains_key(sid);
+        (!s.is_expired(now) && !ended).then_some(s)
+    }
+
+    async fn meta(
+        &self,
+        oidc: &crate::oidc::OidcVerifier,
+        issuer: &IssuerUrl,
+    ) -> Result<ProviderMeta, String> {
+        if let Ok(m) = self.meta.lock() {
+            if let Some((meta, at)) = m.get(issuer.as_str()) {
+                if at.elapsed() < Duration::from_secs(3600) {
+                    return Ok(meta.clone());
+                }
+            }
+        }
+        let body = oidc.get_json(&issuer.discovery_url()).await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        if v["issuer"].as_str() != Some(issuer.as_str()) {
+            return Err(format!(
+                "discovery document of {} names another issuer",
+                issuer.as_str()
+            ));
+        }
+        let field = |k: &str| {
+            v[k].as_str()
+                .filter(|s| s.starts_with("https://") || s.starts_with("http://127.0.0.1"))
+                .map(str::to_string)
+        };
+        let meta = ProviderMeta {
+            authorization_endpoint: field("authorization_endpoint")
+                .ok_or("provider has no authorization_endpoint")?,
+            token_endpoint: field("token_endpoint").ok_or("provider has no token_endpoint")?,
+            end_session_endpoint: field("end_session_endpoint"),
+        };
+        if let Ok(mut m) = self.meta.lock() {
+            m.insert(issuer.as_str().to_string(), (meta.clone(), Instant::now()));
+        }
+        Ok(meta)
+    }
+
+    /// Decides what to do with a request to a protected route.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn gate(
+        &self,
+        oidc: &crate::oidc::OidcVerifier,
+        provider: &Provider,
+        host: &str,
+        path_and_query: &str,
+        cookies: &str,
+        accepts_html: bool,
+        now: i64,
+    ) -> Gate {
+        let path = path_and_query.split('?').next().unwrap_or("/");
+        let issuer = match IssuerUrl::parse(&provider.issuer) {
+            Ok(i) => i,
+            Err(e) => return refuse(500, &format!("provider URL: {e}")),
+        };
+        let redirect_uri = format!("http://{host}{CALLBACK_PATH}");
+        if path == LOGOUT_PATH {
+            if let Some(s) = self.session(host, cookies, now) {
+                if let (Some(sid), Ok(mut ended)) = (
+                    s.claims.get(SESSION_ID_CLAIM).and_then(|v| v.as_str()),
+                    self.ended.lock(),
+                ) {
+                    ended.retain(|_, exp| *exp > now);
+                    ended.insert(sid.to_string(), s.expires_at);
+                }
+            }
+            let after = match self.meta(oidc, &issuer).await {
+                Ok(ProviderMeta {
+                    end_session_endpoint: Some(e),
+                    ..
+                }) => e,
+                _ => "/".to_string(),
+            };
+            return redirect(&after, vec![set_cookie(SESSION_COOKIE, "", 0)]);
+        }
+        if path == CALLBACK_PATH {
+            return self
+                .callback(
+                    oidc,
+                    provider,
+                    &issuer,
+                    host,
+                    &redirect_uri,
+                    path_and_query,
+                    cookies,
+                    now,
+                )
+                .await;
+        }
+        if let Some(s) = self.session(host, cookies, now) {
+            return Gate::Proxy(s.claims);
+        }
+        if !accepts_html {
+            return refuse(
+                401,
+                "login required (open this address in a browser to sign in)",
+            );
+        }
+        let meta = match self.meta(oidc, &issuer).await {
+            Ok(m) => m,
+            Err(e) => return refuse(502, &format!("identity provider unavailable: {e}")),
+        };
+        let login = LoginState {
+            state: random_token(rand::random()),
+            nonce: random_token(rand::random()),
+            verifier: pkce_verifier(rand::random()),
+            ret: safe_return_path(path_and_query),
+            exp: now + LOGIN_SECS,
+        };
+        let Some(sealed) = serde_json::to_vec(&login)
+            .ok()
+            .and_then(|j| self.seal(&format!("login|{host}"), &j))
+        else {
+            return refuse(500, "could not start the login");
+        };
+        let q = form_urlencoded::Serializer::new(String::new())
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &provider.client_id)
+            .append_pair("redirect_uri", &redirect_uri)
+            .append_pair("scope", &provider.scope)
+            .append_pair("state", &login.state)
+            .append_pair("nonce", &login.nonce)
+            .append_pair("code_challenge", &pkce_challenge_s256(&login.verifier))
+            .append_pair("code_challenge_method", "S256")
+            .finish();
+        let sep = if meta.authorization_endpoint.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        redirect(
+            &format!("{}{sep}{q}", meta.authorization_endpoint),
+            vec![set_cookie(LOGIN_COOKIE, &sealed, LOGIN_SECS)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn callback(
+        &self,
+        oidc: &crate::oidc::OidcVerifier,
+        provider: &Provider,
+        issuer: &IssuerUrl,
+        host: &str,
+        redirect_uri: &str,
+        path_and_query: &str,
+        cookies: &str,
+        now: i64,
+    ) -> Gate {
+        let query = path_and_query.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let (Some(code), Some(state)) = (params.get("code"), params.get("state")) else {
+            return refuse(400, "callback without code and state");
+        };
+        let login: Option<LoginState> = cookie_value(cookies, LOGIN_COOKIE)
+            .and_then(|c| self.open(&format!("login|{host}"), &c))
+            .and_then(|p| serde_json::from_slice(&p).ok());
+        let Some(login) = login.filter(|l| l.exp > now) else {
+            return refuse(
+                400,
+                "login expired or not started here; open the page again",
+            );
+        };
+        if !tokens_match(&login.state, state) {
+            return refuse(400, "login state does not match");
+        }
+        {
+            let Ok(mut used) = self.used_states.lock() else {
+                return refuse(500, "state cache unavailable");
+            };
+            used.retain(|_, exp| *exp > now);
+            if used.insert(login.state.clone(), login.exp).is_some() {
+                return refuse(400, "login state already used");
+            }
+        }
+        let meta = match self.meta(oidc, issuer).await {
+            Ok(m) => m,
+            Err(e) => return refuse(502, &format!("identity provider unavailable: {e}")),
+        };
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "authorization_code")
+            .append_pair("code", code)
+            .append_pair("redirect_uri", redirect_uri)
+            .append_pair("code_verifier", &login.verifier)
+            .finish();
+        let basic = STANDARD.encode(format!(
+            "{}:{}",
+            form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect::<String>(),
+            form_urlencoded::byte_serialize(provider.client_secret.as_bytes()).collect::<String>()
+        ));
+        let resp = oidc
+            .client
+            .post(&meta.token_endpoint)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("authorization", format!("Basic {basic}"))
+            .body(form)
+            .send()
+            .await;
+        let body: serde_json::Value = match resp {
+            Ok(r) if r.status().is_success() => match r.json().await {
+                Ok(v) => v,
+                Err(e) => return refuse(502, &format!("token response: {e}")),
+            },
+            Ok(r) => {
+                return refuse(
+                    502,
+                    &format!("the provider refused the code ({})", r.status()),
+                )
+            }
+            Err(e) => return refuse(502, &format!("token endpoint: {e}")),
+        };
+        let Some(id_token) = body["id_token"].as_str() else {
+            return refuse(502, "the provider returned no id_token");
+        };
+        let kid = id_token
+            .split('.')
+            .next()
+            .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|h| h["kid"].as_str().map(str::to_string));
+        let keys = match oidc.keys(issuer, kid.as_deref()).await {
+            Ok(k) => k,
+            Err(e) => return refuse(502, &e),
+        };
+        let verified = match Verifier::new(
+            keys,
+            [issuer.as_str().to_string()],
+            [provider.client_id.clone()],
+        )
+        .verify(id_token, now)
+        {
+            Ok(v) => v,
+            Err(e) => return refuse(401, &format!("ID token refused: {e}")),
+        };
+        if !verified
+            .claim_str("nonce")
+            .is_some_and(|n| tokens_match(&login.nonce, n))
+        {
+            return refuse(401, "ID token nonce does not match the login");
+        }
+        let mut claims = verified.claims.clone();
+        claims.insert(
+            SESSION_ID_CLAIM.to_string(),
+            serde_json::Value::String(random_token(rand::random())),
+        );
+        let session = SessionClaims {
+            sub: verified.subject.clone(),
+            claims,
+            expires_at: session_expiry(verified.expires_at, now, MAX_SESSION_SECS),
+        };
+        let Some(sealed) = serde_json::to_vec(&session)
+            .ok()
+            .and_then(|j| self.seal(&format!("session|{host}"), &j))
+        else {
+            return refuse(500, "could not start the session");
+        };
+        redirect(
+            &login.ret,
+            vec![
+                set_cookie(SESSION_COOKIE, &sealed, session.max_age_secs(now)),
+                set_cookie(LOGIN_COOKIE, "", 0),
+            ],
+        )
+    }
+}
