@@ -4,8 +4,8 @@
 //! Providers are stored once (`oidcprovider/<name>`) and reused by routes;
 //! a route's record carries its provider name and claim headers. Client
 //! secrets are stored but never returned: every listing redacts them.
-//! The login flow at the ingress builds on these records and on the pure
-//! rules in `identity::route_oidc`.
+//! The login flow at the ingress (`crate::sso`) builds on these records and
+//! on the pure rules in `identity::route_oidc`.
 
 use identity::route_oidc::{ensure_distinct_headers, ClaimHeader};
 use identity::IssuerUrl;

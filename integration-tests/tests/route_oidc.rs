@@ -1,6 +1,5 @@
-//! Route OIDC configuration (labs): enable/show/disable, providers, the labs
-//! gate, and that secrets are never printed back. (The login flow at the
-//! ingress is not built yet.)
+//! Route OIDC (labs): the labs gate, configuration errors, and the whole
+//! browser login flow at the ingress against a test OpenID provider.
 
 use integration_tests::{miren, temp, Server};
 
