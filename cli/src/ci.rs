@@ -79,12 +79,8 @@ fn github_missing_token() -> String {
 
 async fn github_token(url: &str, bearer: &str, audience: &str) -> anyhow::Result<String> {
     let extra = match var("MIREN_OIDC_EXTRA_CA") {
-        Some(path) => {
-            use rustls::pki_types::pem::PemObject;
-            rustls::pki_types::CertificateDer::pem_file_iter(&path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| anyhow!("MIREN_OIDC_EXTRA_CA {path}: {e}"))?
-        }
+        Some(path) => transport::pki::certs_from_pem_file(std::path::Path::new(&path))
+            .context("MIREN_OIDC_EXTRA_CA")?,
         None => vec![],
     };
     let tls = transport::tls::https_client_config(&extra)?;

@@ -41,7 +41,8 @@ pub struct Route {
     pub oidc: Option<crate::route_oidc::RouteOidc>,
 }
 
-fn route_key(host: &str) -> String {
+/// Store key of the route for `host` ("" = the default route).
+pub fn route_key(host: &str) -> String {
     if host.is_empty() {
         "route/_default".to_string()
     } else {

@@ -11,7 +11,7 @@ use identity::route_oidc::{ensure_distinct_headers, ClaimHeader};
 use identity::IssuerUrl;
 use serde::{Deserialize, Serialize};
 
-use crate::ingress::Route;
+use crate::ingress::{route_key, Route};
 use crate::service::State;
 use crate::store::{decode, encode, Condition, Op, Txn};
 
@@ -65,14 +65,6 @@ pub struct EnableRequest {
 
 fn labs_error() -> String {
     format!("route OIDC is a labs feature: start the server with --labs {LABS_FLAG} (or MIREN_LABS={LABS_FLAG})")
-}
-
-fn route_key(host: &str) -> String {
-    if host.is_empty() {
-        "route/_default".into()
-    } else {
-        format!("route/{host}")
-    }
 }
 
 fn provider_key(name: &str) -> String {

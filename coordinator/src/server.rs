@@ -178,12 +178,7 @@ impl Coordinator {
             audiences.push(address.host.clone());
         }
         let oidc_roots = match &opts.oidc_ca_file {
-            Some(path) => {
-                use rustls_pki_types::pem::PemObject;
-                rustls_pki_types::CertificateDer::pem_file_iter(path)
-                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| anyhow::anyhow!("--oidc-ca-file {}: {e}", path.display()))?
-            }
+            Some(path) => pki::certs_from_pem_file(path).context("--oidc-ca-file")?,
             None => vec![],
         };
         let state = Arc::new(State {
@@ -355,13 +350,7 @@ fn operator_https_tls(
     key: &std::path::Path,
 ) -> anyhow::Result<rustls::ServerConfig> {
     use rustls_pki_types::pem::PemObject;
-    let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
-        rustls_pki_types::CertificateDer::pem_file_iter(cert)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| anyhow::anyhow!("--https-cert {}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        anyhow::bail!("--https-cert {} holds no certificate", cert.display());
-    }
+    let chain = pki::certs_from_pem_file(cert).context("--https-cert")?;
     let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
         .map_err(|e| anyhow::anyhow!("--https-key {}: {e}", key.display()))?;
     Ok(transport::tls::https_server_config(chain, key)?)

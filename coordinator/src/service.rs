@@ -91,6 +91,18 @@ impl ClusterService {
     }
 }
 
+/// Audiences and lifetime of a token request (`ttl` 0 = the default).
+fn token_request(
+    list: capnp::text_list::Reader<'_>,
+    ttl_secs: u32,
+) -> Result<(Vec<String>, Option<u64>), capnp::Error> {
+    let mut audiences = Vec::new();
+    for a in list {
+        audiences.push(a?.to_str()?.to_string());
+    }
+    Ok((audiences, (ttl_secs != 0).then_some(u64::from(ttl_secs))))
+}
+
 fn registry_err(e: RegistryError) -> capnp::Error {
     failed(e.to_string())
 }
@@ -396,14 +408,7 @@ impl runner_session::Server for RunnerSessionService {
             .apps
             .authorize_token(&self.id, p.get_sandbox_id()?.to_str()?)
             .map_err(app_err)?;
-        let mut audiences = Vec::new();
-        for a in p.get_audiences()? {
-            audiences.push(a?.to_str()?.to_string());
-        }
-        let ttl = match p.get_ttl_secs() {
-            0 => None,
-            n => Some(u64::from(n)),
-        };
+        let (audiences, ttl) = token_request(p.get_audiences()?, p.get_ttl_secs())?;
         let subject =
             Subject::new("", &sandbox.app, &sandbox.id).map_err(|e| failed(e.to_string()))?;
         let token = self.state.mint_off_thread(subject, audiences, ttl).await?;
@@ -932,14 +937,7 @@ impl admin::Server for AdminService {
             p.get_sandbox_id()?.to_str()?,
         )
         .map_err(|e| failed(e.to_string()))?;
-        let mut audiences = Vec::new();
-        for a in p.get_audiences()? {
-            audiences.push(a?.to_str()?.to_string());
-        }
-        let ttl = match p.get_ttl_secs() {
-            0 => None,
-            n => Some(u64::from(n)),
-        };
+        let (audiences, ttl) = token_request(p.get_audiences()?, p.get_ttl_secs())?;
         let token = self.state.mint_off_thread(subject, audiences, ttl).await?;
         results.get().set_token(&token);
         Ok(())

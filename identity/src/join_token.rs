@@ -224,7 +224,7 @@ impl JoinTokenRecord {
     /// returns the record as it must be stored afterwards (uses + 1).
     pub fn redeem(&self, secret: &[u8; 32], now: i64) -> Result<JoinTokenRecord, JoinRefusal> {
         let presented = secret_hash(secret);
-        if !constant_time_eq(presented.as_bytes(), self.secret_sha256.as_bytes()) {
+        if !crate::route_oidc::tokens_match(&self.secret_sha256, &presented) {
             return Err(JoinRefusal::Unknown);
         }
         match self.state(now) {
@@ -238,10 +238,6 @@ impl JoinTokenRecord {
         next.uses = next.uses.saturating_add(1);
         Ok(next)
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -144,10 +144,6 @@ fn error(status: StatusCode, msg: &str) -> Response {
     reply(status, serde_json::json!({ "error": msg }))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Parses `audience=…&audience=…&ttl=…`.
 pub fn parse_query(query: Option<&str>) -> Result<(Vec<String>, u32), String> {
     let mut audiences = Vec::new();
@@ -205,7 +201,7 @@ async fn token(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .unwrap_or("");
-    if !constant_time_eq(presented.trim().as_bytes(), ep.secret.as_bytes()) {
+    if !identity::route_oidc::tokens_match(&ep.secret, presented.trim()) {
         return error(StatusCode::FORBIDDEN, "wrong token secret for this sandbox");
     }
     let (audiences, ttl) = match parse_query(query.as_deref()) {

@@ -42,6 +42,23 @@ pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>, PkiError>
         .map_err(|e| PkiError::BadCertificatePem(e.to_string()))
 }
 
+/// Every certificate of a PEM file (a CA bundle or a chain); an empty
+/// file is an error.
+pub fn certs_from_pem_file(
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| PkiError::BadCertificatePem(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(PkiError::BadCertificatePem(format!(
+            "{}: no certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
 /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
 pub fn key_der_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::BadKeyPem(e.to_string()))
