@@ -5,6 +5,9 @@
 #   bubblewrap - sandbox isolation (namespaces) on runners
 #   iproute2   - network namespaces for the several-hosts test
 #   PyJWT      - an independent JWT library, the outside verifier of our tokens
+#   Node.js + integration-tests/node (npm ci): oidc-provider, a certified
+#                OpenID provider for the route OIDC journeys, and playwright-core
+#   chromium   - Debian's, driven headless by playwright-core for the browser login
 #
 # Then: cargo test --workspace (unit tests and the journeys on real processes).
 set -euo pipefail
@@ -16,6 +19,8 @@ apt_missing=()
 command -v capnp >/dev/null || apt_missing+=(capnproto)
 command -v ip >/dev/null || apt_missing+=(iproute2)
 command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
+command -v npm >/dev/null || apt_missing+=(nodejs npm)
+command -v chromium >/dev/null || apt_missing+=(chromium)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then
@@ -27,6 +32,9 @@ if ! python3 -c 'import jwt, cryptography' 2>/dev/null; then
   echo "==> installing PyJWT[crypto] (independent verifier of our tokens)"
   python3 -m pip install --quiet --disable-pip-version-check 'PyJWT[crypto]>=2.8'
 fi
+
+echo "==> npm ci in integration-tests/node (OpenID provider, browser driver)"
+npm ci --prefix integration-tests/node --no-audit --no-fund --loglevel=error
 
 if command -v capnp >/dev/null && [ -d .git ]; then
   echo "==> checking generated Cap'n Proto code against the schema"

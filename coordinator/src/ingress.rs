@@ -5,7 +5,11 @@
 //! connection (header line `miren-proxy/1 <sandbox-id>`), where the runner
 //! connects it to the sandbox. HTTP/1.1 is spoken end to end over that
 //! stream, so WebSocket upgrades pass through. Unknown host: 404; no healthy
-//! sandbox: 503.
+//! sandbox: 503. The same service is offered over plain HTTP
+//! (`--http-listen`) and over HTTPS (`--ingress-https-listen`, with the
+//! HTTPS listener's certificate); the scheme the client used is what the app
+//! sees in `X-Forwarded-Proto` and what route OIDC's cookies and callback
+//! URL follow.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -169,6 +173,7 @@ async fn proxy(
     state: Arc<State>,
     counter: Arc<AtomicUsize>,
     remote: SocketAddr,
+    secure: bool,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let host_header = req
@@ -187,9 +192,11 @@ async fn proxy(
     };
     let app = route.app.clone();
     let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
+    let mut response_headers = Vec::new();
     if let (Some(oidc), true) = (&route.oidc, labs) {
-        if let Some(resp) = single_sign_on(&state, oidc, &host, &mut req).await {
-            return Ok(resp);
+        match single_sign_on(&state, oidc, &host, &host_header, secure, &mut req).await {
+            Ok(headers) => response_headers = headers,
+            Err(resp) => return Ok(resp),
         }
     }
     let healthy = state.apps.healthy_sandboxes(&app);
@@ -229,7 +236,10 @@ async fn proxy(
             "x-forwarded-host",
             HeaderValue::from_str(&host_header).unwrap_or(HeaderValue::from_static("")),
         );
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_static(if secure { "https" } else { "http" }),
+        );
         if let Ok(v) = HeaderValue::from_str(&remote.ip().to_string()) {
             h.insert("x-forwarded-for", v);
         }
@@ -252,6 +262,9 @@ async fn proxy(
                 }
             });
         }
+        for (name, value) in &response_headers {
+            resp.headers_mut().append(name.clone(), value.clone());
+        }
         return Ok(resp.map(|b| b.boxed()));
     }
     Ok(text(
@@ -261,14 +274,17 @@ async fn proxy(
 }
 
 /// Applies route OIDC to a request: strips client-sent claim headers, and
-/// either sets the session's claim headers (returns `None`: proxy it) or
-/// answers directly (login redirect, callback, logout, 401).
+/// either sets the session's claim headers (returns the headers to add to
+/// the app's response: proxy it) or answers directly (login redirect,
+/// callback, logout, 401).
 async fn single_sign_on(
     state: &State,
     oidc: &crate::route_oidc::RouteOidc,
     host: &str,
+    authority: &str,
+    secure: bool,
     req: &mut Request<Incoming>,
-) -> Option<Response<Body>> {
+) -> Result<Vec<(hyper::header::HeaderName, HeaderValue)>, Response<Body>> {
     use identity::route_oidc::{claim_headers, HeaderFilter};
     let filter = HeaderFilter::new(&oidc.claim_headers);
     let spoofed: Vec<hyper::header::HeaderName> = req
@@ -280,10 +296,22 @@ async fn single_sign_on(
     for name in spoofed {
         req.headers_mut().remove(name);
     }
+    // The callback URL is built from the Host header: only a plain
+    // `name[:port]` may go into it.
+    let authority = authority.trim().to_ascii_lowercase();
+    let authority = authority.as_str();
+    let (name, port) = authority.rsplit_once(':').unwrap_or((authority, "80"));
+    let port_ok = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    if check_host(name).is_err() || !port_ok {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "route OIDC needs a Host header of the form name[:port]",
+        ));
+    }
     let provider = match crate::route_oidc::provider(state, &oidc.provider) {
         Ok(Some(p)) => p,
         _ => {
-            return Some(text(
+            return Err(text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "route OIDC provider missing",
             ))
@@ -306,20 +334,18 @@ async fn single_sign_on(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let gate = state
-        .sso
-        .gate(
-            &state.oidc,
-            &provider,
-            host,
-            &path_and_query,
-            &cookies,
-            accepts_html,
-            crate::datadir::now_unix(),
-        )
-        .await;
+    let request = crate::sso::GateRequest {
+        host,
+        authority,
+        path_and_query: &path_and_query,
+        cookies: &cookies,
+        accepts_html,
+        secure,
+        now: crate::datadir::now_unix(),
+    };
+    let gate = state.sso.gate(&state.oidc, &provider, &request).await;
     match gate {
-        crate::sso::Gate::Proxy(claims) => {
+        crate::sso::Gate::Proxy(claims, set_cookies) => {
             // The app sees its own cookies, never the session.
             let kept: Vec<&str> = cookies
                 .split(';')
@@ -340,7 +366,15 @@ async fn single_sign_on(
                     req.headers_mut().insert(n, v);
                 }
             }
-            None
+            Ok(set_cookies
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        hyper::header::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(&v).ok()?,
+                    ))
+                })
+                .collect())
         }
         crate::sso::Gate::Respond(status, headers, body) => {
             let mut r = text(
@@ -355,14 +389,24 @@ async fn single_sign_on(
                     r.headers_mut().append(n, v);
                 }
             }
-            Some(r)
+            Err(r)
         }
     }
 }
 
-/// Serves the ingress on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Future<Output = ()>) {
+/// Serves the ingress on `listener` until `shutdown` resolves: over TLS
+/// with `tls` (HTTP/1.1 only, so upgrades pass through), else plain HTTP.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
+    state: Arc<State>,
+    shutdown: impl Future<Output = ()>,
+) {
     let counter = Arc::new(AtomicUsize::new(0));
+    let acceptor = tls.map(|mut config| {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -377,18 +421,42 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
                 };
                 let state = state.clone();
                 let counter = counter.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        proxy(state.clone(), counter.clone(), remote, req)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
+                    match acceptor {
+                        None => serve_connection(TokioIo::new(tcp), state, counter, remote, false).await,
+                        Some(acceptor) => {
+                            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                            match handshake.await {
+                                Ok(Ok(tls)) => serve_connection(TokioIo::new(tls), state, counter, remote, true).await,
+                                Ok(Err(e)) => tracing::debug!(%remote, "ingress TLS handshake failed: {e}"),
+                                Err(_) => tracing::debug!(%remote, "ingress TLS handshake timed out"),
+                            }
+                        }
+                    }
                 });
             }
         }
     }
+}
+
+/// Serves one client connection (plain or TLS) with upgrades.
+async fn serve_connection<IO>(
+    io: TokioIo<IO>,
+    state: Arc<State>,
+    counter: Arc<AtomicUsize>,
+    remote: SocketAddr,
+    secure: bool,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        proxy(state.clone(), counter.clone(), remote, secure, req)
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await;
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub struct CoordinatorOptions {
     pub runner_cert_validity: Duration,
     /// TCP address of the HTTP ingress, if any.
     pub http_listen: Option<SocketAddr>,
+    /// TCP address of the ingress over HTTPS (the HTTPS listener's
+    /// certificate), if any.
+    pub ingress_https_listen: Option<SocketAddr>,
     /// Accept CI bindings whose issuer is on a loopback or private address.
     pub oidc_allow_loopback_issuers: bool,
     /// Extra CA certificates (PEM) trusted for OIDC issuers.
@@ -71,6 +74,7 @@ pub struct Coordinator {
     https: tokio::net::TcpListener,
     https_tls: rustls::ServerConfig,
     http: Option<tokio::net::TcpListener>,
+    ingress_https: Option<tokio::net::TcpListener>,
 }
 
 impl Coordinator {
@@ -150,16 +154,21 @@ impl Coordinator {
         })?;
         https.set_nonblocking(true)?;
         let https = tokio::net::TcpListener::from_std(https)?;
-        let http = match opts.http_listen {
-            Some(addr) => {
+        let bind_ingress = |addr: Option<SocketAddr>, what: &str, flag: &str| {
+            addr.map(|addr| -> anyhow::Result<tokio::net::TcpListener> {
                 let l = std::net::TcpListener::bind(addr).map_err(|e| {
-                    anyhow::anyhow!("could not listen on TCP {addr} for the HTTP ingress: {e}")
+                    anyhow::anyhow!(
+                        "could not listen on TCP {addr} for the {what} ingress: {e} (use {flag} to pick another address)"
+                    )
                 })?;
                 l.set_nonblocking(true)?;
-                Some(tokio::net::TcpListener::from_std(l)?)
-            }
-            None => None,
+                Ok(tokio::net::TcpListener::from_std(l)?)
+            })
+            .transpose()
         };
+        let http = bind_ingress(opts.http_listen, "HTTP", "--http-listen")?;
+        let ingress_https =
+            bind_ingress(opts.ingress_https_listen, "HTTPS", "--ingress-https-listen")?;
         let https_tls = match (&opts.https_cert, &opts.https_key) {
             (Some(cert), Some(key)) => operator_https_tls(cert, key)?,
             (None, None) => transport::tls::https_server_config(
@@ -214,6 +223,7 @@ impl Coordinator {
             https,
             https_tls,
             http,
+            ingress_https,
         })
     }
 
@@ -245,6 +255,13 @@ impl Coordinator {
     /// The TCP address of the HTTP ingress, if it listens.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The TCP address of the HTTPS ingress, if it listens.
+    pub fn ingress_https_addr(&self) -> Option<SocketAddr> {
+        self.ingress_https
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The TCP address the HTTPS listener is bound to.
@@ -279,6 +296,7 @@ impl Coordinator {
         let pool = LocalPool::new(workers);
         let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
         let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
+        let ingress_tls = self.https_tls.clone();
         let https = tokio::spawn(crate::https::serve(
             self.https,
             self.https_tls,
@@ -288,10 +306,13 @@ impl Coordinator {
             },
         ));
         let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
-        if let Some(listener) = self.http {
+        let ingresses = [(self.http, None), (self.ingress_https, Some(ingress_tls))];
+        for (listener, tls) in ingresses {
+            let Some(listener) = listener else { continue };
             let mut stopped = http_stopped.clone();
             tokio::spawn(crate::ingress::serve(
                 listener,
+                tls,
                 self.state.clone(),
                 async move {
                     let _ = stopped.wait_for(|s| *s).await;

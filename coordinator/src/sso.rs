@@ -5,24 +5,27 @@
 //! [`CALLBACK_PATH`] exchanges the code, verifies the ID token with the
 //! `identity` verifier against the provider's JWKS (the same key cache as CI
 //! issuers), and sets a session cookie sealed with AES-256-GCM (HttpOnly,
-//! SameSite=Lax), bound to the host and lasting no longer than the ID token.
+//! SameSite=Lax, Secure when the ingress serves HTTPS), bound to the host.
+//! The claims last no longer than the ID token; when the provider gave a
+//! refresh token, it renews them (one refresh per session at a time, so a
+//! rotated refresh token is never spent twice) up to the session cap.
 //! Login state travels in its own sealed cookie; each `state` is accepted
-//! once. The pure rules (return paths, PKCE, header filtering) are in
-//! `identity::route_oidc`.
+//! once. The pure rules (return paths, PKCE, header filtering, session
+//! lifetime) are in `identity::route_oidc`.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use identity::route_oidc::{
-    pkce_challenge_s256, pkce_verifier, random_token, safe_return_path, session_expiry,
-    tokens_match, SessionClaims,
+    pkce_challenge_s256, pkce_verifier, random_token, safe_return_path, tokens_match,
+    SessionClaims, SessionState,
 };
-use identity::{IssuerUrl, Verifier};
+use identity::{IssuerUrl, VerifiedToken, Verifier};
 use serde::{Deserialize, Serialize};
 
 use crate::route_oidc::Provider;
@@ -67,12 +70,36 @@ pub struct Sso {
     /// would have expired anyway.
     ended: Mutex<HashMap<String, i64>>,
     meta: Mutex<HashMap<String, (ProviderMeta, Instant)>>,
+    /// Refreshes by session id: the latest refreshed session, behind a lock
+    /// held while the provider is asked, so concurrent requests of one
+    /// session share one refresh.
+    refreshes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SessionClaims>>>>>,
+}
+
+/// A request to a protected route, as the gate sees it.
+pub struct GateRequest<'a> {
+    /// The normalised host (no port).
+    pub host: &'a str,
+    /// The Host header as sent (with port), for the callback URL.
+    pub authority: &'a str,
+    pub path_and_query: &'a str,
+    /// Every `Cookie` header, joined with "; ".
+    pub cookies: &'a str,
+    /// Whether `Accept` names `text/html` (a browser).
+    pub accepts_html: bool,
+    /// Whether the request came over HTTPS.
+    pub secure: bool,
+    pub now: i64,
 }
 
 /// What the gate decided for a request.
 pub enum Gate {
-    /// Proxy, after setting these claim headers.
-    Proxy(serde_json::Map<String, serde_json::Value>),
+    /// Proxy, after setting these claim headers; add these headers (a
+    /// refreshed session cookie) to the app's response.
+    Proxy(
+        serde_json::Map<String, serde_json::Value>,
+        Vec<(String, String)>,
+    ),
     /// Answer directly: status, headers, body.
     Respond(u16, Vec<(String, String)>, String),
 }
@@ -84,12 +111,13 @@ fn cookie_value(cookies: &str, name: &str) -> Option<String> {
     })
 }
 
-fn set_cookie(name: &str, value: &str, max_age: i64) -> (String, String) {
+fn set_cookie(name: &str, value: &str, max_age: i64, secure: bool) -> (String, String) {
     (
         "set-cookie".into(),
         format!(
-            "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}",
-            max_age.max(0)
+            "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+            max_age.max(0),
+            if secure { "; Secure" } else { "" }
         ),
     )
 }
@@ -128,6 +156,7 @@ impl Sso {
             used_states: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
             meta: Mutex::new(HashMap::new()),
+            refreshes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -161,14 +190,84 @@ impl Sso {
         Some(plain.to_vec())
     }
 
-    /// The session of this request for `host`, if any and unexpired.
+    /// The session of this request for `host`, if its cookie opens, it
+    /// was not ended by logout and it is not over at `now` (it may still
+    /// need a refresh).
     pub fn session(&self, host: &str, cookies: &str, now: i64) -> Option<SessionClaims> {
         let sealed = cookie_value(cookies, SESSION_COOKIE)?;
         let plain = self.open(&format!("session|{host}"), &sealed)?;
         let s: SessionClaims = serde_json::from_slice(&plain).ok()?;
         let sid = s.claims.get(SESSION_ID_CLAIM)?.as_str()?;
         let ended = self.ended.lock().ok()?.contains_key(sid);
-        (!s.is_expired(now) && !ended).then_some(s)
+        (s.state(now) != SessionState::Over && !ended).then_some(s)
+    }
+
+    fn seal_session(&self, host: &str, session: &SessionClaims) -> Option<String> {
+        serde_json::to_vec(session)
+            .ok()
+            .and_then(|j| self.seal(&format!("session|{host}"), &j))
+    }
+
+    /// Renews an expired session with its refresh token. Concurrent
+    /// requests of one session wait for one refresh and share its result,
+    /// so a provider that rotates refresh tokens never sees one twice.
+    async fn refresh(
+        &self,
+        oidc: &crate::oidc::OidcVerifier,
+        provider: &Provider,
+        issuer: &IssuerUrl,
+        session: &SessionClaims,
+        now: i64,
+    ) -> Result<SessionClaims, String> {
+        let sid = session
+            .claims
+            .get(SESSION_ID_CLAIM)
+            .and_then(|v| v.as_str())
+            .ok_or("session without id")?
+            .to_string();
+        let slot = {
+            let mut all = self.refreshes.lock().map_err(|_| "refresh lock poisoned")?;
+            all.retain(|_, s| {
+                s.try_lock()
+                    .map(|g| g.as_ref().is_none_or(|r| r.ends_at > now))
+                    .unwrap_or(true)
+            });
+            all.entry(sid).or_default().clone()
+        };
+        let mut latest = slot.lock().await;
+        if let Some(done) = latest.as_ref() {
+            if done.state(now) == SessionState::Active {
+                return Ok(done.clone());
+            }
+        }
+        // A newer refresh token from an earlier refresh of this session wins
+        // over the one in a stale cookie.
+        let current = latest.clone().unwrap_or_else(|| session.clone());
+        let Some(refresh_token) = current.refresh_token.clone() else {
+            return Err("no refresh token".into());
+        };
+        let meta = self.meta(oidc, issuer).await?;
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "refresh_token")
+            .append_pair("refresh_token", &refresh_token)
+            .finish();
+        let body = token_request(oidc, provider, &meta, form).await?;
+        let id_token = body["id_token"]
+            .as_str()
+            .ok_or("the provider's refresh returned no id_token")?;
+        let verified = verify_id_token(oidc, provider, issuer, id_token, now).await?;
+        let renewed = current
+            .refreshed(
+                &verified.subject,
+                verified.claims.clone(),
+                verified.expires_at,
+                body["refresh_token"].as_str().map(str::to_string),
+                now,
+                &[SESSION_ID_CLAIM],
+            )
+            .map_err(|e| e.to_string())?;
+        *latest = Some(renewed.clone());
+        Ok(renewed)
     }
 
     async fn meta(
@@ -209,23 +308,28 @@ impl Sso {
     }
 
     /// Decides what to do with a request to a protected route.
-    #[allow(clippy::too_many_arguments)]
     pub async fn gate(
         &self,
         oidc: &crate::oidc::OidcVerifier,
         provider: &Provider,
-        host: &str,
-        path_and_query: &str,
-        cookies: &str,
-        accepts_html: bool,
-        now: i64,
+        req: &GateRequest<'_>,
     ) -> Gate {
+        let GateRequest {
+            host,
+            path_and_query,
+            cookies,
+            accepts_html,
+            secure,
+            now,
+            ..
+        } = *req;
         let path = path_and_query.split('?').next().unwrap_or("/");
         let issuer = match IssuerUrl::parse(&provider.issuer) {
             Ok(i) => i,
             Err(e) => return refuse(500, &format!("provider URL: {e}")),
         };
-        let redirect_uri = format!("http://{host}{CALLBACK_PATH}");
+        let scheme = if secure { "https" } else { "http" };
+        let redirect_uri = format!("{scheme}://{}{CALLBACK_PATH}", req.authority);
         if path == LOGOUT_PATH {
             if let Some(s) = self.session(host, cookies, now) {
                 if let (Some(sid), Ok(mut ended)) = (
@@ -240,27 +344,36 @@ impl Sso {
                 Ok(ProviderMeta {
                     end_session_endpoint: Some(e),
                     ..
-                }) => e,
+                }) => {
+                    let sep = if e.contains('?') { '&' } else { '?' };
+                    let q = form_urlencoded::Serializer::new(String::new())
+                        .append_pair("client_id", &provider.client_id)
+                        .finish();
+                    format!("{e}{sep}{q}")
+                }
                 _ => "/".to_string(),
             };
-            return redirect(&after, vec![set_cookie(SESSION_COOKIE, "", 0)]);
+            return redirect(&after, vec![set_cookie(SESSION_COOKIE, "", 0, secure)]);
         }
         if path == CALLBACK_PATH {
             return self
-                .callback(
-                    oidc,
-                    provider,
-                    &issuer,
-                    host,
-                    &redirect_uri,
-                    path_and_query,
-                    cookies,
-                    now,
-                )
+                .callback(oidc, provider, &issuer, req, &redirect_uri)
                 .await;
         }
         if let Some(s) = self.session(host, cookies, now) {
-            return Gate::Proxy(s.claims);
+            if s.state(now) == SessionState::Active {
+                return Gate::Proxy(s.claims, vec![]);
+            }
+            match self.refresh(oidc, provider, &issuer, &s, now).await {
+                Ok(renewed) => {
+                    if let Some(sealed) = self.seal_session(host, &renewed) {
+                        let cookie =
+                            set_cookie(SESSION_COOKIE, &sealed, renewed.max_age_secs(now), secure);
+                        return Gate::Proxy(renewed.claims, vec![cookie]);
+                    }
+                }
+                Err(e) => tracing::info!(host, "route OIDC session not refreshed: {e}"),
+            }
         }
         if !accepts_html {
             return refuse(
@@ -302,26 +415,46 @@ impl Sso {
         };
         redirect(
             &format!("{}{sep}{q}", meta.authorization_endpoint),
-            vec![set_cookie(LOGIN_COOKIE, &sealed, LOGIN_SECS)],
+            vec![set_cookie(LOGIN_COOKIE, &sealed, LOGIN_SECS, secure)],
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn callback(
         &self,
         oidc: &crate::oidc::OidcVerifier,
         provider: &Provider,
         issuer: &IssuerUrl,
-        host: &str,
+        req: &GateRequest<'_>,
         redirect_uri: &str,
-        path_and_query: &str,
-        cookies: &str,
-        now: i64,
     ) -> Gate {
+        let GateRequest {
+            host,
+            path_and_query,
+            cookies,
+            secure,
+            now,
+            ..
+        } = *req;
         let query = path_and_query.split_once('?').map(|(_, q)| q).unwrap_or("");
         let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
             .into_owned()
             .collect();
+        if let Some(err) = params.get("error") {
+            return refuse(
+                401,
+                &format!(
+                    "the identity provider refused the login: {err}{}",
+                    params
+                        .get("error_description")
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        // RFC 9207: a provider that names itself must be the route's.
+        if params.get("iss").is_some_and(|i| i != issuer.as_str()) {
+            return refuse(400, "the callback names another identity provider");
+        }
         let (Some(code), Some(state)) = (params.get("code"), params.get("state")) else {
             return refuse(400, "callback without code and state");
         };
@@ -356,54 +489,16 @@ impl Sso {
             .append_pair("redirect_uri", redirect_uri)
             .append_pair("code_verifier", &login.verifier)
             .finish();
-        let basic = STANDARD.encode(format!(
-            "{}:{}",
-            form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect::<String>(),
-            form_urlencoded::byte_serialize(provider.client_secret.as_bytes()).collect::<String>()
-        ));
-        let resp = oidc
-            .client
-            .post(&meta.token_endpoint)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("authorization", format!("Basic {basic}"))
-            .body(form)
-            .send()
-            .await;
-        let body: serde_json::Value = match resp {
-            Ok(r) if r.status().is_success() => match r.json().await {
-                Ok(v) => v,
-                Err(e) => return refuse(502, &format!("token response: {e}")),
-            },
-            Ok(r) => {
-                return refuse(
-                    502,
-                    &format!("the provider refused the code ({})", r.status()),
-                )
-            }
-            Err(e) => return refuse(502, &format!("token endpoint: {e}")),
+        let body = match token_request(oidc, provider, &meta, form).await {
+            Ok(b) => b,
+            Err(e) => return refuse(502, &e),
         };
         let Some(id_token) = body["id_token"].as_str() else {
             return refuse(502, "the provider returned no id_token");
         };
-        let kid = id_token
-            .split('.')
-            .next()
-            .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|h| h["kid"].as_str().map(str::to_string));
-        let keys = match oidc.keys(issuer, kid.as_deref()).await {
-            Ok(k) => k,
-            Err(e) => return refuse(502, &e),
-        };
-        let verified = match Verifier::new(
-            keys,
-            [issuer.as_str().to_string()],
-            [provider.client_id.clone()],
-        )
-        .verify(id_token, now)
-        {
+        let verified = match verify_id_token(oidc, provider, issuer, id_token, now).await {
             Ok(v) => v,
-            Err(e) => return refuse(401, &format!("ID token refused: {e}")),
+            Err(e) => return refuse(401, &e),
         };
         if !verified
             .claim_str("nonce")
@@ -416,23 +511,82 @@ impl Sso {
             SESSION_ID_CLAIM.to_string(),
             serde_json::Value::String(random_token(rand::random())),
         );
-        let session = SessionClaims {
-            sub: verified.subject.clone(),
+        let session = SessionClaims::start(
+            verified.subject.clone(),
             claims,
-            expires_at: session_expiry(verified.expires_at, now, MAX_SESSION_SECS),
-        };
-        let Some(sealed) = serde_json::to_vec(&session)
-            .ok()
-            .and_then(|j| self.seal(&format!("session|{host}"), &j))
-        else {
+            verified.expires_at,
+            body["refresh_token"].as_str().map(str::to_string),
+            now,
+            MAX_SESSION_SECS,
+        );
+        let Some(sealed) = self.seal_session(host, &session) else {
             return refuse(500, "could not start the session");
         };
         redirect(
             &login.ret,
             vec![
-                set_cookie(SESSION_COOKIE, &sealed, session.max_age_secs(now)),
-                set_cookie(LOGIN_COOKIE, "", 0),
+                set_cookie(SESSION_COOKIE, &sealed, session.max_age_secs(now), secure),
+                set_cookie(LOGIN_COOKIE, "", 0, secure),
             ],
         )
     }
+}
+
+/// POSTs a form to the provider's token endpoint with the client's
+/// credentials (client_secret_basic) and returns the JSON answer.
+async fn token_request(
+    oidc: &crate::oidc::OidcVerifier,
+    provider: &Provider,
+    meta: &ProviderMeta,
+    form: String,
+) -> Result<serde_json::Value, String> {
+    let basic = STANDARD.encode(format!(
+        "{}:{}",
+        form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect::<String>(),
+        form_urlencoded::byte_serialize(provider.client_secret.as_bytes()).collect::<String>()
+    ));
+    let resp = oidc
+        .client
+        .post(&meta.token_endpoint)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("authorization", format!("Basic {basic}"))
+        .body(form)
+        .send()
+        .await
+        .map_err(|e| format!("token endpoint: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!(
+            "the provider refused the token request ({})",
+            resp.status()
+        ));
+    }
+    resp.json()
+        .await
+        .map_err(|e| format!("token response: {e}"))
+}
+
+/// Verifies an ID token from `provider` with the `identity` verifier:
+/// signature by a key of the issuer's JWKS (cached like CI issuers'),
+/// issuer, audience = client id, expiry.
+async fn verify_id_token(
+    oidc: &crate::oidc::OidcVerifier,
+    provider: &Provider,
+    issuer: &IssuerUrl,
+    id_token: &str,
+    now: i64,
+) -> Result<VerifiedToken, String> {
+    let kid = id_token
+        .split('.')
+        .next()
+        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|h| h["kid"].as_str().map(str::to_string));
+    let keys = oidc.keys(issuer, kid.as_deref()).await?;
+    Verifier::new(
+        keys,
+        [issuer.as_str().to_string()],
+        [provider.client_id.clone()],
+    )
+    .verify(id_token, now)
+    .map_err(|e| format!("ID token refused: {e}"))
 }

@@ -22,8 +22,9 @@
 //!   a path on the same host, never an open redirect;
 //! * the PKCE verifier and challenge, `state` and `nonce` ([`pkce_verifier`],
 //!   [`pkce_challenge_s256`], [`random_token`], [`tokens_match`]);
-//! * how long a session lasts ([`SessionClaims`], [`session_expiry`]): never
-//!   longer than the ID token it came from.
+//! * how long a session lasts ([`SessionClaims`], [`session_expiry`]): its
+//!   claims never outlive the ID token they came from; a refresh token
+//!   renews them ([`SessionClaims::refreshed`]) up to the session cap.
 //!
 //! Like the rest of this crate it does no IO and reads no clock: randomness
 //! and `now` are passed in, so the coordinator's HTTPS layer only translates
@@ -621,21 +622,129 @@ pub struct SessionClaims {
     pub sub: String,
     /// The claims of the ID token passed to the app (see [`claim_headers`]).
     pub claims: Map<String, Value>,
-    /// When the session ends, in seconds since the Unix epoch; see
-    /// [`session_expiry`].
+    /// When the current ID token's claims stop being trusted, in seconds
+    /// since the Unix epoch; see [`session_expiry`].
     pub expires_at: i64,
+    /// The provider's refresh token, when it gave one: it renews the claims
+    /// once the ID token has expired, until [`ends_at`](Self::ends_at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// The latest the session may last however often it is refreshed: the
+    /// login time plus the session cap.
+    #[serde(default)]
+    pub ends_at: i64,
+}
+
+/// Where a session stands at a given time; see [`SessionClaims::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// The claims are current: proxy with them.
+    Active,
+    /// The ID token has expired but a refresh token may renew it.
+    Refreshable,
+    /// Over: the user must log in again.
+    Over,
+}
+
+/// Why a refreshed ID token cannot continue a session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// OpenID Connect Core §12.2: the refreshed token must name the same
+    /// user.
+    #[error("the refreshed ID token names another user ({got:?}, the session is {expected:?})")]
+    OtherSubject { expected: String, got: String },
+    /// The session reached its cap; refreshing cannot extend it.
+    #[error("the session has reached its longest lifetime; log in again")]
+    SessionOver,
 }
 
 impl SessionClaims {
-    /// Whether the session has ended at `now` (seconds since the Unix
-    /// epoch); a session is over from its `expires_at` second on.
-    pub fn is_expired(&self, now: i64) -> bool {
-        now >= self.expires_at
+    /// A session started at `now` from an ID token (`sub`, `claims`,
+    /// `id_token_exp`) and the refresh token the provider gave with it, if
+    /// any. It ends `max_secs` after `now` at the latest.
+    pub fn start(
+        sub: String,
+        claims: Map<String, Value>,
+        id_token_exp: i64,
+        refresh_token: Option<String>,
+        now: i64,
+        max_secs: i64,
+    ) -> SessionClaims {
+        let ends_at = now.saturating_add(max_secs.max(0));
+        SessionClaims {
+            sub,
+            claims,
+            expires_at: session_expiry(id_token_exp, now, max_secs),
+            refresh_token,
+            ends_at,
+        }
     }
 
-    /// The cookie `Max-Age` at `now`: seconds left, never negative.
+    /// Where the session stands at `now`: active before `expires_at`;
+    /// refreshable after it while a refresh token is held and `ends_at`
+    /// has not come; otherwise over.
+    pub fn state(&self, now: i64) -> SessionState {
+        if now < self.expires_at {
+            SessionState::Active
+        } else if self.refresh_token.is_some() && now < self.ends_at {
+            SessionState::Refreshable
+        } else {
+            SessionState::Over
+        }
+    }
+
+    /// Whether the session is no longer active at `now` (a session is over
+    /// from its `expires_at` second on, unless refreshed).
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.state(now) != SessionState::Active
+    }
+
+    /// The cookie `Max-Age` at `now`, never negative: until `expires_at`,
+    /// or until `ends_at` when a refresh token can renew the claims.
     pub fn max_age_secs(&self, now: i64) -> i64 {
-        self.expires_at.saturating_sub(now).max(0)
+        let until = if self.refresh_token.is_some() {
+            self.ends_at.max(self.expires_at)
+        } else {
+            self.expires_at
+        };
+        until.saturating_sub(now).max(0)
+    }
+
+    /// The session continued by a refreshed ID token (`sub`, `claims`,
+    /// `id_token_exp`) at `now`, keeping `keep` claims (such as a session
+    /// id) from this one. The provider may rotate the refresh token
+    /// (`new_refresh_token`); otherwise the current one is kept. The claims
+    /// never outlive `ends_at`.
+    pub fn refreshed(
+        &self,
+        sub: &str,
+        mut claims: Map<String, Value>,
+        id_token_exp: i64,
+        new_refresh_token: Option<String>,
+        now: i64,
+        keep: &[&str],
+    ) -> Result<SessionClaims, RefreshError> {
+        if sub != self.sub {
+            return Err(RefreshError::OtherSubject {
+                expected: self.sub.clone(),
+                got: sub.to_string(),
+            });
+        }
+        if now >= self.ends_at {
+            return Err(RefreshError::SessionOver);
+        }
+        for k in keep {
+            if let Some(v) = self.claims.get(*k) {
+                claims.insert((*k).to_string(), v.clone());
+            }
+        }
+        Ok(SessionClaims {
+            sub: self.sub.clone(),
+            claims,
+            expires_at: id_token_exp.min(self.ends_at),
+            refresh_token: new_refresh_token.or_else(|| self.refresh_token.clone()),
+            ends_at: self.ends_at,
+        })
     }
 }
 
@@ -1125,16 +1234,89 @@ mod tests {
     #[test]
     fn session_expires_at_its_expiry_second() {
         let now = 1_700_000_000;
-        let session = SessionClaims {
-            sub: "user-1".into(),
-            claims: Map::new(),
-            expires_at: session_expiry(now + 600, now, 3600),
-        };
+        let session = SessionClaims::start("user-1".into(), Map::new(), now + 600, None, now, 3600);
+        assert_eq!(session.ends_at, now + 3600);
         assert!(!session.is_expired(now));
         assert!(!session.is_expired(now + 599));
         assert!(session.is_expired(now + 600));
+        assert_eq!(session.state(now + 600), SessionState::Over);
         assert_eq!(session.max_age_secs(now), 600);
         assert_eq!(session.max_age_secs(now + 700), 0);
+    }
+
+    #[test]
+    fn a_refresh_token_keeps_the_cookie_until_the_cap_and_the_claims_until_the_token() {
+        let now = 1_700_000_000;
+        let session = SessionClaims::start(
+            "user-1".into(),
+            Map::new(),
+            now + 60,
+            Some("rt-1".into()),
+            now,
+            3600,
+        );
+        assert_eq!(session.state(now + 59), SessionState::Active);
+        assert_eq!(session.state(now + 60), SessionState::Refreshable);
+        assert_eq!(session.state(now + 3599), SessionState::Refreshable);
+        assert_eq!(session.state(now + 3600), SessionState::Over);
+        // The browser keeps the cookie for the whole session, not just the
+        // ID token's minute.
+        assert_eq!(session.max_age_secs(now), 3600);
+    }
+
+    #[test]
+    fn refreshing_keeps_the_user_the_session_id_and_the_cap() {
+        let now = 1_700_000_000;
+        let Value::Object(first) = json!({"email": "old@b.c", "sid": "s-1"}) else {
+            panic!("object literal");
+        };
+        let session = SessionClaims::start(
+            "user-1".into(),
+            first,
+            now + 60,
+            Some("rt-1".into()),
+            now,
+            3600,
+        );
+        let Value::Object(fresh) = json!({"email": "new@b.c", "sid": "forged"}) else {
+            panic!("object literal");
+        };
+        // A rotated refresh token replaces the old one; the claims are the
+        // new token's, but the kept session id is the session's own.
+        let r = session
+            .refreshed(
+                "user-1",
+                fresh.clone(),
+                now + 3000 + 600,
+                Some("rt-2".into()),
+                now + 3000,
+                &["sid"],
+            )
+            .expect("same user");
+        assert_eq!(r.claims["email"], "new@b.c");
+        assert_eq!(r.claims["sid"], "s-1");
+        assert_eq!(r.refresh_token.as_deref(), Some("rt-2"));
+        // The new token outlives the cap: the claims stop at the cap.
+        assert_eq!(r.expires_at, now + 3600);
+        assert_eq!(r.ends_at, now + 3600);
+        // Without a rotated token the old one is kept.
+        let r = session
+            .refreshed("user-1", fresh.clone(), now + 200, None, now + 100, &[])
+            .expect("same user");
+        assert_eq!(r.refresh_token.as_deref(), Some("rt-1"));
+        assert_eq!(r.expires_at, now + 200);
+        // Another user is refused; so is a refresh after the cap.
+        assert_eq!(
+            session.refreshed("user-2", fresh.clone(), now + 200, None, now + 100, &[]),
+            Err(RefreshError::OtherSubject {
+                expected: "user-1".into(),
+                got: "user-2".into()
+            })
+        );
+        assert_eq!(
+            session.refreshed("user-1", fresh, now + 9000, None, now + 3600, &[]),
+            Err(RefreshError::SessionOver)
+        );
     }
 
     #[test]
@@ -1142,11 +1324,7 @@ mod tests {
         let Value::Object(claims) = json!({"email": "a@b.c", "groups": ["x"]}) else {
             panic!("object literal");
         };
-        let session = SessionClaims {
-            sub: "user-1".into(),
-            claims,
-            expires_at: 42,
-        };
+        let session = SessionClaims::start("user-1".into(), claims, 42, Some("rt".into()), 0, 100);
         let text = serde_json::to_string(&session).expect("serialise");
         assert_eq!(
             serde_json::from_str::<SessionClaims>(&text).expect("deserialise"),

@@ -354,3 +354,174 @@ pub fn outside_verify(
         .unwrap_or_else(|e| panic!("verifier printed no report ({e}): {stdout}\n{stderr}"));
     (out.status.success(), report)
 }
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, written
+/// as `ca.pem`, `tls.pem` and `tls.key` in a directory: what a test's own
+/// HTTPS peers (OpenID providers) serve, and what the coordinator is told
+/// to trust (`--oidc-ca-file`).
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestTls {
+    pub fn generate(dir: &Path) -> TestTls {
+        let ca = transport::pki::ClusterCa::generate("test provider CA").expect("test CA");
+        let ca = transport::pki::ClusterCa::load(&ca.cert_pem, &ca.key_pem).expect("load CA");
+        let leaf = ca
+            .issue_server(&["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("server certificate");
+        let tls = TestTls {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("tls.pem"),
+            key: dir.join("tls.key"),
+        };
+        std::fs::write(&tls.ca, ca.cert_pem()).expect("write ca.pem");
+        std::fs::write(&tls.cert, &leaf.cert_pem).expect("write tls.pem");
+        std::fs::write(&tls.key, &leaf.key_pem).expect("write tls.key");
+        tls
+    }
+}
+
+/// `integration-tests/node`, where `npm ci` (run by `scripts/test.sh`)
+/// installs the Node peers; panics with the fix when it has not run.
+pub fn node_fixtures() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
+    assert!(
+        dir.join("node_modules/oidc-provider").is_dir(),
+        "{}/node_modules is missing: run ./scripts/test.sh, or `npm ci --prefix {}`",
+        dir.display(),
+        dir.display()
+    );
+    dir
+}
+
+/// A real OpenID provider: `oidc-provider` from npm, run by
+/// `node/oidc_provider.mjs` over HTTPS on loopback with its development
+/// login form, and one confidential client.
+pub struct NodeOidcProvider {
+    child: Child,
+    /// The issuer, `https://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl NodeOidcProvider {
+    /// Starts the provider with `tls`, registering `client_id` /
+    /// `client_secret` with `redirect_uris`; ID tokens live
+    /// `id_token_ttl_secs`.
+    pub fn start(
+        dir: &Path,
+        tls: &TestTls,
+        client_id: &str,
+        client_secret: &str,
+        redirect_uris: &[String],
+        id_token_ttl_secs: u64,
+    ) -> NodeOidcProvider {
+        let node = node_fixtures();
+        let config = dir.join("oidc-provider.json");
+        let json = serde_json::json!({
+            "tls_cert": tls.cert, "tls_key": tls.key,
+            "client_id": client_id, "client_secret": client_secret,
+            "redirect_uris": redirect_uris, "id_token_ttl": id_token_ttl_secs,
+        });
+        std::fs::write(&config, json.to_string()).expect("write provider config");
+        let log = std::fs::File::create(dir.join("oidc-provider.log")).expect("provider log");
+        let mut child = Command::new("node")
+            .arg(node.join("oidc_provider.mjs"))
+            .arg(&config)
+            .current_dir(&node)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("node (Node.js) on PATH");
+        let stdout = child.stdout.take().expect("provider stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line.strip_prefix("READY ") {
+                    let _ = tx.send(port.trim().to_string());
+                }
+            }
+        });
+        let port = rx.recv_timeout(STARTUP).unwrap_or_else(|_| {
+            panic!(
+                "oidc-provider did not start; see {}",
+                dir.join("oidc-provider.log").display()
+            )
+        });
+        NodeOidcProvider {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for NodeOidcProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A coordinator with one runner (`--isolation none`) and the probe app
+/// (`fixtures/probe-app`: `/headers` answers the request headers as JSON)
+/// deployed under a name: what the ingress journeys start from.
+pub struct ProbeCluster {
+    pub server: Server,
+    pub runner: RunnerProc,
+    pub config: PathBuf,
+}
+
+impl ProbeCluster {
+    /// Starts `miren server` with `server_args` (which should turn on an
+    /// ingress), joins a runner and deploys the probe app as `app`.
+    pub fn start(dir: &Path, server_args: &[&str], app: &str) -> ProbeCluster {
+        let config = dir.join("client.yaml");
+        let server = Server::start(&dir.join("coord"), &config, "127.0.0.1:0", server_args);
+        let code = miren(&config, &["runner", "token", "create"], &[]);
+        assert!(code.ok, "{code:?}");
+        let runner = RunnerProc::start(
+            &dir.join("runner"),
+            Some(code.stdout.trim()),
+            &["--isolation", "none"],
+        );
+        assert!(
+            wait_for(Duration::from_secs(30), || runners(&config)
+                .iter()
+                .any(|r| r["status"] == "ready")),
+            "runner never became ready: {}",
+            runner.output()
+        );
+        let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/probe-app");
+        let deploy = miren(
+            &config,
+            &[
+                "deploy",
+                "--dir",
+                probe.to_str().expect("utf-8 path"),
+                "-a",
+                app,
+            ],
+            &[],
+        );
+        assert!(deploy.ok, "{deploy:?}");
+        ProbeCluster {
+            server,
+            runner,
+            config,
+        }
+    }
+
+    /// The address (`host:port`) the server printed after `prefix`, such as
+    /// `"HTTP ingress: http://"`.
+    pub fn printed_address(&self, prefix: &str) -> String {
+        self.server
+            .stdout
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("the server printed no {prefix:?} line"))
+            .to_string()
+    }
+}

@@ -49,6 +49,9 @@ pub struct ServerArgs {
     /// TCP address of the HTTP ingress (default: off; 127.0.0.1:0 with --dev).
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// TCP address of the ingress over HTTPS, with the HTTPS certificate (default: off).
+    #[arg(long)]
+    ingress_https_listen: Option<SocketAddr>,
     /// Accept CI bindings whose issuer is on a loopback or private address (tests).
     #[arg(long)]
     oidc_allow_loopback_issuers: bool,
@@ -119,6 +122,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
             .collect(),
+        ingress_https_listen: args.ingress_https_listen,
         http_listen: args
             .http_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
@@ -155,6 +159,9 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             println!("HTTP ingress: http://{a} (route hosts with `miren route set HOST -a APP`)")
         }
         None => println!("HTTP ingress: off (--http-listen ADDR to serve apps)"),
+    }
+    if let Some(a) = coordinator.ingress_https_addr() {
+        println!("HTTPS ingress: https://{a}");
     }
     println!("Data dir: {}", data_dir.display());
     println!(

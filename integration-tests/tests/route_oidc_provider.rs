@@ -1,0 +1,624 @@
+//! Route OIDC against a real OpenID provider: `oidc-provider` from npm (a
+//! certified implementation) with its development login form, walked by an
+//! HTTP client with a cookie jar that follows redirects and submits forms
+//! like a browser. Covers the login, spoofed claim headers, a tampered
+//! cookie, a replayed `state`, an open-redirect attempt, refresh tokens,
+//! logout, `--default` with two Hosts, and the HTTPS ingress (Secure
+//! cookies, an `https` callback URL).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration_tests::{miren, temp, NodeOidcProvider, ProbeCluster, TestTls};
+use reqwest::blocking::Client;
+use reqwest::cookie::{CookieStore, Jar};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::Url;
+use serde_json::Value;
+
+const CLIENT_ID: &str = "miren-route";
+const CLIENT_SECRET: &str = "route-secret-4f2a";
+const CALLBACK: &str = "/.well-known/miren/oidc/callback";
+
+/// One response seen while following redirects.
+#[derive(Debug)]
+struct Hop {
+    url: Url,
+    status: u16,
+    set_cookies: Vec<String>,
+}
+
+/// Where a walk ended.
+#[derive(Debug)]
+struct Page {
+    url: Url,
+    status: u16,
+    body: String,
+}
+
+/// A browser-like client: a cookie jar, `Accept: text/html`, redirects
+/// followed by hand so each hop can be inspected, forms submitted.
+struct Browser {
+    client: Client,
+    jar: Arc<Jar>,
+    hops: Vec<Hop>,
+}
+
+impl Browser {
+    /// Resolves each `(host, addr)` to `addr` and trusts the CA `ca` (and
+    /// `extra_ca`) for HTTPS.
+    fn new(ca: &Path, extra_ca: Option<&str>, hosts: &[(&str, SocketAddr)]) -> Browser {
+        let jar = Arc::new(Jar::default());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("text/html,application/xhtml+xml"),
+        );
+        let mut b = Client::builder()
+            .cookie_provider(jar.clone())
+            .default_headers(headers)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap(),
+            );
+        if let Some(pem) = extra_ca {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+        }
+        for (host, addr) in hosts {
+            b = b.resolve(host, *addr);
+        }
+        Browser {
+            client: b.build().unwrap(),
+            jar,
+            hops: vec![],
+        }
+    }
+
+    /// Sends a request and follows redirects (as GETs) to the end.
+    fn walk(&mut self, mut req: reqwest::blocking::RequestBuilder) -> Page {
+        for _ in 0..20 {
+            let resp = req.send().expect("request");
+            let url = resp.url().clone();
+            let status = resp.status().as_u16();
+            let set_cookies = resp
+                .headers()
+                .get_all(SET_COOKIE)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect();
+            self.hops.push(Hop {
+                url: url.clone(),
+                status,
+                set_cookies,
+            });
+            if resp.status().is_redirection() {
+                let location = resp.headers()[LOCATION].to_str().unwrap().to_string();
+                req = self.client.get(url.join(&location).unwrap());
+                continue;
+            }
+            return Page {
+                url,
+                status,
+                body: resp.text().unwrap(),
+            };
+        }
+        panic!("more than 20 redirects: {:#?}", self.hops);
+    }
+
+    fn get(&mut self, url: &str, extra: &[(&str, &str)]) -> Page {
+        let mut req = self.client.get(url);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        self.walk(req)
+    }
+
+    /// Fills in the first form of `page` (its hidden fields plus `fields`)
+    /// and submits it.
+    fn submit(&mut self, page: &Page, fields: &[(&str, &str)]) -> Page {
+        let form = &page.body[page.body.find("<form").expect("a form")..];
+        let form = &form[..form.find("</form>").expect("form end")];
+        let action = attr(form, "action").expect("form action");
+        let mut values: Vec<(String, String)> = form
+            .split("<input")
+            .skip(1)
+            .filter(|i| attr(i, "type").as_deref() == Some("hidden"))
+            .filter_map(|i| Some((attr(i, "name")?, attr(i, "value").unwrap_or_default())))
+            .collect();
+        for (k, v) in fields {
+            values.push((k.to_string(), v.to_string()));
+        }
+        let req = self
+            .client
+            .post(page.url.join(&action).unwrap())
+            .form(&values);
+        self.walk(req)
+    }
+
+    /// Signs in as `login` on the provider's development form (and its
+    /// consent page) until the walk leaves the provider.
+    fn sign_in(&mut self, mut page: Page, provider: &str, login: &str) -> Page {
+        for _ in 0..4 {
+            if !page.url.as_str().starts_with(provider) {
+                return page;
+            }
+            assert_eq!(page.status, 200, "provider page: {}", page.body);
+            page = if page.body.contains(r#"name="login""#) {
+                self.submit(&page, &[("login", login), ("password", "any password")])
+            } else {
+                self.submit(&page, &[])
+            };
+        }
+        panic!("still at the provider: {} {}", page.url, page.body);
+    }
+
+    /// The value of cookie `name` the jar would send to `url`.
+    fn cookie(&self, url: &str, name: &str) -> Option<String> {
+        let header = self.jar.cookies(&Url::parse(url).unwrap())?;
+        header
+            .to_str()
+            .unwrap()
+            .split("; ")
+            .find_map(|c| c.strip_prefix(&format!("{name}=")).map(str::to_string))
+    }
+
+    /// The first hop whose URL path is `path`.
+    fn hop_at(&self, path: &str) -> &Hop {
+        self.hops
+            .iter()
+            .find(|h| h.url.path() == path)
+            .unwrap_or_else(|| panic!("no hop at {path}: {:#?}", self.hops))
+    }
+}
+
+/// Value of attribute `name` in an HTML tag fragment (double-quoted).
+fn attr(tag: &str, name: &str) -> Option<String> {
+    let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    let end = tag[start..].find('"')? + start;
+    Some(
+        tag[start..end]
+            .replace("&amp;", "&")
+            .replace("&#x2F;", "/")
+            .replace("&#39;", "'")
+            .replace("&quot;", "\""),
+    )
+}
+
+fn json(page: &Page) -> Value {
+    serde_json::from_str(&page.body).unwrap_or_else(|e| panic!("{e}: {}", page.body))
+}
+
+/// How many tokens each grant type has issued at the provider.
+fn grants(provider: &NodeOidcProvider, ca: &Path) -> Value {
+    let client = Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    client
+        .get(format!("{}/_test/grants", provider.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+fn ingress_addr(cluster: &ProbeCluster, prefix: &str) -> SocketAddr {
+    cluster.printed_address(prefix).parse().unwrap()
+}
+
+fn enable(cluster: &ProbeCluster, target: &str, provider: &NodeOidcProvider) {
+    let en = miren(
+        &cluster.config,
+        &[
+            "route",
+            "oidc",
+            "enable",
+            target,
+            "--provider",
+            "node",
+            "--provider-url",
+            &provider.url,
+            "--client-id",
+            CLIENT_ID,
+            "--client-secret",
+            CLIENT_SECRET,
+            "--scope",
+            "openid email profile",
+            "--claim-header",
+            "email:X-User-Email",
+            "--claim-header",
+            "groups:X-User-Groups",
+        ],
+        &[],
+    );
+    assert!(en.ok, "{en:?}");
+    assert!(
+        !en.stdout.contains(CLIENT_SECRET),
+        "secret printed: {}",
+        en.stdout
+    );
+}
+
+#[test]
+fn login_through_a_real_provider_and_the_ingress_is_airtight() {
+    let dir = temp();
+    let tls = TestTls::generate(dir.path());
+    let cluster = ProbeCluster::start(
+        dir.path(),
+        &[
+            "--labs",
+            "routeoidc",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--oidc-ca-file",
+            tls.ca.to_str().unwrap(),
+        ],
+        "web",
+    );
+    let ingress = ingress_addr(&cluster, "HTTP ingress: http://");
+    let app = format!("http://sso.test:{}", ingress.port());
+    // ID tokens live 4 s, so the session needs its refresh token soon.
+    let provider = NodeOidcProvider::start(
+        dir.path(),
+        &tls,
+        CLIENT_ID,
+        CLIENT_SECRET,
+        &[format!("{app}{CALLBACK}")],
+        4,
+    );
+    assert!(
+        miren(
+            &cluster.config,
+            &["route", "set", "sso.test", "-a", "web"],
+            &[]
+        )
+        .ok
+    );
+    enable(&cluster, "sso.test", &provider);
+    let mut browser = Browser::new(&tls.ca, None, &[("sso.test", ingress)]);
+
+    // A spoofed header without a session: sent to the provider's login
+    // form, so the app never sees it.
+    let page = browser.get(
+        &format!("{app}/headers?x=1"),
+        &[("X-User-Email", "evil@example.com")],
+    );
+    assert!(page.url.as_str().starts_with(&provider.url), "{}", page.url);
+    assert!(page.body.contains(r#"name="login""#), "{}", page.body);
+    let authorize = &browser.hops[1].url;
+    let q: std::collections::HashMap<_, _> = authorize.query_pairs().into_owned().collect();
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["client_id"], CLIENT_ID);
+    assert_eq!(q["redirect_uri"], format!("{app}{CALLBACK}"));
+    assert!(q["state"].len() >= 32 && q["nonce"].len() >= 32, "{q:?}");
+    let login_cookie = browser.hops[0]
+        .set_cookies
+        .iter()
+        .find_map(|c| c.strip_prefix("miren_oidc_login="))
+        .map(|c| c.split(';').next().unwrap().to_string())
+        .expect("login cookie");
+
+    // Sign in on the provider's form; back at the page first asked for.
+    let page = browser.sign_in(page, &provider.url, "alice@example.com");
+    assert_eq!(page.url.as_str(), format!("{app}/headers?x=1"));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let seen = json(&page);
+    assert_eq!(seen["x-user-email"], "alice@example.com", "{seen}");
+    assert_eq!(seen["x-user-groups"], r#"["dev","ops"]"#, "{seen}");
+    assert!(
+        !page.body.contains("miren_oidc"),
+        "session reached the app: {seen}"
+    );
+    let set = browser
+        .hop_at(CALLBACK)
+        .set_cookies
+        .iter()
+        .find(|c| c.starts_with("miren_oidc_session="))
+        .expect("session cookie")
+        .clone();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+    assert!(
+        !set.contains("Secure"),
+        "Secure cookie over plain HTTP: {set}"
+    );
+    let session = browser.cookie(&app, "miren_oidc_session").unwrap();
+
+    // With a session, spoofed values (any case, `_` for `-`) are replaced.
+    let page = browser.get(
+        &format!("{app}/headers"),
+        &[
+            ("x-user-email", "evil@example.com"),
+            ("X_User_Email", "evil2@example.com"),
+            ("X-USER-GROUPS", "admins"),
+        ],
+    );
+    let seen = json(&page);
+    assert!(
+        !page.body.contains("evil") && !page.body.contains("admins"),
+        "{seen}"
+    );
+    assert_eq!(seen["x-user-email"], "alice@example.com", "{seen}");
+
+    // The callback's state cannot be replayed, even with its login cookie.
+    let callback = browser.hop_at(CALLBACK).url.clone();
+    let raw = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve("sso.test", ingress)
+        .build()
+        .unwrap();
+    let replay = raw
+        .get(callback.clone())
+        .header(COOKIE, format!("miren_oidc_login={login_cookie}"))
+        .send()
+        .unwrap();
+    assert_eq!(replay.status(), 400);
+    assert!(replay.text().unwrap().contains("already used"));
+
+    // A tampered session cookie is refused.
+    let mut bad = session.clone().into_bytes();
+    let i = bad.len() / 2;
+    bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+    let r = raw
+        .get(format!("{app}/headers"))
+        .header(
+            COOKIE,
+            format!("miren_oidc_session={}", String::from_utf8(bad).unwrap()),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The ID token expires after 4 s; the refresh token renews the session
+    // without a login, once for several concurrent requests.
+    let before = grants(&provider, &tls.ca)["refresh_token"]
+        .as_u64()
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(5));
+    let cookie = format!("miren_oidc_session={session}");
+    let answers: Vec<(u16, String, Vec<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let raw = raw.clone();
+                let (app, cookie) = (&app, &cookie);
+                s.spawn(move || {
+                    let r = raw
+                        .get(format!("{app}/headers"))
+                        .header(COOKIE, cookie)
+                        .send()
+                        .unwrap();
+                    let cookies = r
+                        .headers()
+                        .get_all(SET_COOKIE)
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .collect();
+                    (r.status().as_u16(), r.text().unwrap(), cookies)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (status, body, cookies) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert!(body.contains("alice@example.com"), "{body}");
+        assert!(
+            cookies.iter().any(|c| c.starts_with("miren_oidc_session=")),
+            "no renewed cookie: {cookies:?}"
+        );
+    }
+    let after = grants(&provider, &tls.ca)["refresh_token"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        after,
+        before + 1,
+        "one refresh at the provider for 4 requests"
+    );
+    // The browser's own walk refreshes its cookie too.
+    let page = browser.get(&format!("{app}/headers"), &[]);
+    assert_eq!(json(&page)["x-user-email"], "alice@example.com");
+
+    // An open-redirect attempt lands on "/" (the provider remembers the
+    // user, so no form this time, or a consent at most).
+    let mut fresh = Browser::new(&tls.ca, None, &[("sso.test", ingress)]);
+    let page = fresh.get(&format!("{app}//evil.example.com/x"), &[]);
+    let page = fresh.sign_in(page, &provider.url, "bob@example.com");
+    assert_eq!(page.url.as_str(), format!("{app}/"), "{:#?}", fresh.hops);
+    assert!(fresh
+        .hops
+        .iter()
+        .all(|h| h.url.host_str() != Some("evil.example.com")));
+
+    // Logout ends the session (a copy of the cookie too) and goes on to the
+    // provider's end_session_endpoint.
+    let page = browser.get(&format!("{app}/.well-known/miren/oidc/logout"), &[]);
+    assert!(
+        page.url
+            .as_str()
+            .starts_with(&format!("{}/session/end", provider.url)),
+        "{}",
+        page.url
+    );
+    assert!(browser.cookie(&app, "miren_oidc_session").is_none());
+    let r = raw
+        .get(format!("{app}/headers"))
+        .header(COOKIE, format!("miren_oidc_session={session}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401, "session still valid after logout");
+}
+
+#[test]
+fn default_route_serves_two_hosts_each_with_its_own_session() {
+    let dir = temp();
+    let tls = TestTls::generate(dir.path());
+    let cluster = ProbeCluster::start(
+        dir.path(),
+        &[
+            "--labs",
+            "routeoidc",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--oidc-ca-file",
+            tls.ca.to_str().unwrap(),
+        ],
+        "web",
+    );
+    let ingress = ingress_addr(&cluster, "HTTP ingress: http://");
+    let one = format!("http://one.test:{}", ingress.port());
+    let two = format!("http://two.test:{}", ingress.port());
+    let provider = NodeOidcProvider::start(
+        dir.path(),
+        &tls,
+        CLIENT_ID,
+        CLIENT_SECRET,
+        &[format!("{one}{CALLBACK}"), format!("{two}{CALLBACK}")],
+        300,
+    );
+    assert!(
+        miren(
+            &cluster.config,
+            &["route", "set", "--default", "-a", "web"],
+            &[]
+        )
+        .ok
+    );
+    enable(&cluster, "--default", &provider);
+    let show = miren(
+        &cluster.config,
+        &["route", "oidc", "show", "--default"],
+        &[],
+    );
+    assert!(show.ok && show.stdout.contains("node"), "{show:?}");
+    assert!(!show.stdout.contains(CLIENT_SECRET), "{}", show.stdout);
+
+    let mut browser = Browser::new(
+        &tls.ca,
+        None,
+        &[("one.test", ingress), ("two.test", ingress)],
+    );
+    // The second host needs no form: the provider remembers the user (its
+    // own single sign-on), but the ingress session is per host.
+    for (base, forms) in [(&one, 2), (&two, 0)] {
+        let page = browser.get(&format!("{base}/headers"), &[]);
+        // The callback URL follows the Host the request came with.
+        assert!(
+            browser.hops.iter().any(|h| h
+                .url
+                .query_pairs()
+                .any(|(k, v)| k == "redirect_uri" && v == format!("{base}{CALLBACK}"))),
+            "{:#?}",
+            browser.hops
+        );
+        let page = browser.sign_in(page, &provider.url, "dora@example.com");
+        assert_eq!(page.url.as_str(), format!("{base}/headers"));
+        assert_eq!(
+            json(&page)["x-user-email"],
+            "dora@example.com",
+            "{}",
+            page.body
+        );
+        let posted = browser
+            .hops
+            .iter()
+            .filter(|h| h.url.path().starts_with("/interaction/") && h.status == 303)
+            .count();
+        assert_eq!(posted, forms, "{:#?}", browser.hops);
+        browser.hops.clear();
+    }
+    // A session is bound to its host: one.test's cookie means nothing at
+    // two.test.
+    let one_session = browser.cookie(&one, "miren_oidc_session").unwrap();
+    let raw = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve("two.test", ingress)
+        .build()
+        .unwrap();
+    let r = raw
+        .get(format!("{two}/headers"))
+        .header(COOKIE, format!("miren_oidc_session={one_session}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A Host that is not a plain name cannot shape the callback URL.
+    let r = raw
+        .get(format!("{two}/headers"))
+        .header("host", "evil.test@two.test")
+        .header(ACCEPT, "text/html")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400, "{:?}", r.text());
+}
+
+#[test]
+fn https_ingress_sets_secure_cookies_and_an_https_callback() {
+    let dir = temp();
+    let tls = TestTls::generate(dir.path());
+    let cluster = ProbeCluster::start(
+        dir.path(),
+        &[
+            "--labs",
+            "routeoidc",
+            "--ingress-https-listen",
+            "127.0.0.1:0",
+            "--name",
+            "127.0.0.1",
+            "--name",
+            "secure.test",
+            "--oidc-ca-file",
+            tls.ca.to_str().unwrap(),
+        ],
+        "web",
+    );
+    let ingress = ingress_addr(&cluster, "HTTPS ingress: https://");
+    let app = format!("https://secure.test:{}", ingress.port());
+    let provider = NodeOidcProvider::start(
+        dir.path(),
+        &tls,
+        CLIENT_ID,
+        CLIENT_SECRET,
+        &[format!("{app}{CALLBACK}")],
+        300,
+    );
+    assert!(
+        miren(
+            &cluster.config,
+            &["route", "set", "secure.test", "-a", "web"],
+            &[]
+        )
+        .ok
+    );
+    enable(&cluster, "secure.test", &provider);
+    // The ingress serves the cluster CA's server certificate, which names
+    // every --name.
+    let cluster_ca = std::fs::read_to_string(cluster.server.data_dir.join("ca.crt")).unwrap();
+    let mut browser = Browser::new(&tls.ca, Some(&cluster_ca), &[("secure.test", ingress)]);
+    let page = browser.get(&format!("{app}/headers"), &[]);
+    let page = browser.sign_in(page, &provider.url, "carol@example.com");
+    assert_eq!(page.url.as_str(), format!("{app}/headers"));
+    let seen = json(&page);
+    assert_eq!(seen["x-user-email"], "carol@example.com", "{seen}");
+    assert_eq!(seen["x-forwarded-proto"], "https", "{seen}");
+    assert!(browser
+        .hops
+        .iter()
+        .any(|h| h.url.as_str().starts_with(&format!("{app}{CALLBACK}"))));
+    for hop in &browser.hops {
+        for c in hop
+            .set_cookies
+            .iter()
+            .filter(|c| c.starts_with("miren_oidc_"))
+        {
+            assert!(
+                c.contains("; Secure"),
+                "cookie without Secure over HTTPS: {c}"
+            );
+        }
+    }
+}
