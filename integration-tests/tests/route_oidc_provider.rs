@@ -622,3 +622,87 @@ fn https_ingress_sets_secure_cookies_and_an_https_callback() {
         }
     }
 }
+
+/// The same login in a real headless browser (Debian's chromium through
+/// playwright-core). `scripts/test.sh` installs chromium; set
+/// `MIREN_SKIP_BROWSER_TEST=1` to skip this test where it cannot be.
+#[test]
+fn login_in_a_real_headless_browser() {
+    let chromium = Path::new("/usr/bin/chromium");
+    if !chromium.exists() {
+        assert!(
+            std::env::var_os("MIREN_SKIP_BROWSER_TEST").is_some(),
+            "{} is missing: run ./scripts/test.sh (it installs Debian's chromium), or set MIREN_SKIP_BROWSER_TEST=1",
+            chromium.display()
+        );
+        eprintln!("skipped: no chromium and MIREN_SKIP_BROWSER_TEST is set");
+        return;
+    }
+    let dir = temp();
+    let tls = TestTls::generate(dir.path());
+    let cluster = ProbeCluster::start(
+        dir.path(),
+        &[
+            "--labs",
+            "routeoidc",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--oidc-ca-file",
+            tls.ca.to_str().unwrap(),
+        ],
+        "web",
+    );
+    let ingress = ingress_addr(&cluster, "HTTP ingress: http://");
+    let app = format!("http://browser.test:{}", ingress.port());
+    let provider = NodeOidcProvider::start(
+        dir.path(),
+        &tls,
+        CLIENT_ID,
+        CLIENT_SECRET,
+        &[format!("{app}{CALLBACK}")],
+        300,
+    );
+    assert!(
+        miren(
+            &cluster.config,
+            &["route", "set", "browser.test", "-a", "web"],
+            &[]
+        )
+        .ok
+    );
+    enable(&cluster, "browser.test", &provider);
+
+    let config = dir.path().join("browser.json");
+    let json_config = serde_json::json!({
+        "chromium": chromium, "url": format!("{app}/headers"),
+        "map_hosts": ["browser.test"], "login": "erin@example.com",
+    });
+    std::fs::write(&config, json_config.to_string()).unwrap();
+    let node = integration_tests::node_fixtures();
+    let out = std::process::Command::new("node")
+        .arg(node.join("browser_login.mjs"))
+        .arg(&config)
+        .current_dir(&node)
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "browser login failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(result["url"], format!("{app}/headers"), "{result}");
+    let seen: Value = serde_json::from_str(result["body"].as_str().unwrap()).unwrap();
+    assert_eq!(seen["x-user-email"], "erin@example.com", "{seen}");
+    let session = result["cookies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "miren_oidc_session")
+        .unwrap_or_else(|| panic!("no session cookie in the browser: {result}"));
+    assert_eq!(session["httpOnly"], true, "{session}");
+    assert_eq!(session["sameSite"], "Lax", "{session}");
+}
