@@ -227,10 +227,12 @@ impl Sso {
             .to_string();
         let slot = {
             let mut all = self.refreshes.lock().map_err(|_| "refresh lock poisoned")?;
+            // Keep slots in use (their Arc is held) and finished refreshes of
+            // sessions that have not ended; forget the rest.
             all.retain(|_, s| {
-                s.try_lock()
-                    .map(|g| g.as_ref().is_none_or(|r| r.ends_at > now))
-                    .unwrap_or(true)
+                Arc::strong_count(s) > 1
+                    || s.try_lock()
+                        .is_ok_and(|g| g.as_ref().is_some_and(|r| r.ends_at > now))
             });
             all.entry(sid).or_default().clone()
         };
