@@ -9,7 +9,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State as AxumState;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -114,39 +113,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (tcp, remote) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("HTTPS accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let router = router.clone();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, "HTTPS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let service = TowerToHyperService::new(router);
-                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await
-                    {
-                        tracing::debug!(%remote, "HTTPS connection ended: {e}");
-                    }
-                });
+    crate::accept::accept_loop(
+        "HTTPS",
+        listener,
+        Some(acceptor),
+        shutdown,
+        move |conn, remote| {
+            let service = TowerToHyperService::new(router.clone());
+            async move {
+                if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await
+                {
+                    tracing::debug!(%remote, "HTTPS connection ended: {e}");
+                }
             }
-        }
-    }
+        },
+    )
+    .await;
 }

@@ -16,7 +16,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -403,60 +402,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let counter = Arc::new(AtomicUsize::new(0));
+    let secure = tls.is_some();
     let acceptor = tls.map(|mut config| {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     });
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (tcp, remote) = match accepted {
-                    Ok(a) => a,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let state = state.clone();
-                let counter = counter.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    match acceptor {
-                        None => serve_connection(TokioIo::new(tcp), state, counter, remote, false).await,
-                        Some(acceptor) => {
-                            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
-                            match handshake.await {
-                                Ok(Ok(tls)) => serve_connection(TokioIo::new(tls), state, counter, remote, true).await,
-                                Ok(Err(e)) => tracing::debug!(%remote, "ingress TLS handshake failed: {e}"),
-                                Err(_) => tracing::debug!(%remote, "ingress TLS handshake timed out"),
-                            }
-                        }
-                    }
-                });
-            }
+    let what = if secure {
+        "HTTPS ingress"
+    } else {
+        "HTTP ingress"
+    };
+    crate::accept::accept_loop(what, listener, acceptor, shutdown, move |conn, remote| {
+        let (state, counter) = (state.clone(), counter.clone());
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                proxy(state.clone(), counter.clone(), remote, secure, req)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(conn), service)
+                .with_upgrades()
+                .await;
         }
-    }
-}
-
-/// Serves one client connection (plain or TLS) with upgrades.
-async fn serve_connection<IO>(
-    io: TokioIo<IO>,
-    state: Arc<State>,
-    counter: Arc<AtomicUsize>,
-    remote: SocketAddr,
-    secure: bool,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |req| {
-        proxy(state.clone(), counter.clone(), remote, secure, req)
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(io, service)
-        .with_upgrades()
-        .await;
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! [`service`] the Cap'n Proto capabilities handed to peers, and [`server`]
 //! wires them to the network with graceful shutdown.
 
+pub mod accept;
 pub mod apps;
 pub mod ci;
 pub mod datadir;
