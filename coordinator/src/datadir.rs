@@ -231,9 +231,4 @@ fn server_certificate(
 }
 
 /// Seconds since the Unix epoch, from the system clock.
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use transport::clock::now_unix;

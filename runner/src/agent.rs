@@ -202,11 +202,7 @@ async fn session_inner(
         }
         req.send().promise.await.map_err(rpc_err)?;
 
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        if renewal_due(&id.cert_pem, now)? {
+        if renewal_due(&id.cert_pem, transport::clock::now_unix())? {
             let (key_pem, csr) = pki::key_and_csr()?;
             let mut req = session.renew_request();
             req.get().set_csr_der(&csr);

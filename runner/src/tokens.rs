@@ -17,6 +17,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tokio::sync::{mpsc, oneshot};
+use transport::clock::now_unix as now;
 
 /// Longest audience accepted, and most audiences per request.
 const MAX_AUDIENCE_LEN: usize = 256;
@@ -46,13 +47,6 @@ pub type MintRequest = (TokenKey, oneshot::Sender<Result<String, String>>);
 pub struct Broker {
     cache: Arc<Mutex<HashMap<TokenKey, Cached>>>,
     mint: mpsc::UnboundedSender<MintRequest>,
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Reads `iat` and `exp` from a JWT we were handed by the coordinator.
