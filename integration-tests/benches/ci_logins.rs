@@ -38,10 +38,9 @@
 //! quick pass with small counts shows the bench still works (skipped without
 //! the binary or the Python issuer).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Barrier};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -52,7 +51,7 @@ use aws_lc_rs::signature::{
 };
 use futures::stream::{FuturesUnordered, StreamExt};
 use identity::{Binding, ClusterAddress, Condition};
-use integration_tests::{miren, temp, Run, Server};
+use integration_tests::{miren, temp, PythonIssuer, Run, Server};
 use schema::miren_capnp::cluster;
 use transport::tls::ClientIdentity;
 
@@ -62,7 +61,6 @@ const ADD_IN_FLIGHT: usize = 64;
 const BEARER: &str = "bench-request-secret";
 const EVENTS: &str = "push,workflow_dispatch";
 const REFS: &str = "refs/heads/main,refs/tags/v*";
-const ISSUER_START: Duration = Duration::from_secs(30);
 /// Slices the login and raw phases are interleaved in.
 const SLICES: u32 = 2;
 
@@ -143,86 +141,6 @@ fn prerequisites() -> anyhow::Result<()> {
         bail!("python3 lacks PyJWT or cryptography (the test issuer needs them)");
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// The test issuer
-// ---------------------------------------------------------------------------
-
-struct Issuer {
-    child: Child,
-    port: u16,
-    ca: PathBuf,
-}
-
-impl Drop for Issuer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Issuer {
-    fn start(dir: &Path) -> anyhow::Result<Issuer> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oidc_issuer.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(dir)
-            .arg(BEARER)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting python3 python/oidc_issuer.py")?;
-        let stdout = child.stdout.take().context("issuer stdout")?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut issuer = Issuer {
-            child,
-            port: 0,
-            ca: dir.join("ca.pem"),
-        };
-        let line = rx
-            .recv_timeout(ISSUER_START)
-            .map_err(|_| anyhow!("the test issuer did not start within {ISSUER_START:?}"))?;
-        issuer.port = line
-            .trim()
-            .strip_prefix("READY ")
-            .and_then(|p| p.parse().ok())
-            .with_context(|| format!("the test issuer did not start: {line:?}"))?;
-        Ok(issuer)
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-
-    /// One token from `/token`, as `ACTIONS_ID_TOKEN_REQUEST_URL` would give.
-    fn token(&self, query: &str) -> anyhow::Result<String> {
-        const FETCH: &str = "import json,ssl,sys,urllib.request\n\
-            r=urllib.request.Request(sys.argv[1],headers={'Authorization':'bearer '+sys.argv[3]})\n\
-            c=ssl.create_default_context(cafile=sys.argv[2])\n\
-            print(json.load(urllib.request.urlopen(r,context=c,timeout=10))['value'])";
-        let out = Command::new("python3")
-            .args(["-c", FETCH])
-            .arg(format!("{}/token?{query}", self.url()))
-            .arg(&self.ca)
-            .arg(BEARER)
-            .stdin(Stdio::null())
-            .output()
-            .context("running python3 to fetch a token")?;
-        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || token.split('.').count() != 3 {
-            bail!(
-                "fetching a token failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(token)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -596,7 +514,9 @@ fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
     let total = Instant::now();
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
     let dir = temp();
-    let issuer = Issuer::start(dir.path())?;
+    // Panics, naming its log, if it does not start (python3 and PyJWT are
+    // checked in `prerequisites`).
+    let issuer = PythonIssuer::start(dir.path(), BEARER);
     let cfg = dir.path().join("admin.yaml");
     let data = dir.path().join("coord");
     let ca = issuer
@@ -735,7 +655,7 @@ fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
 fn measure(
     s: &Settings,
     cores: usize,
-    issuer: &Issuer,
+    issuer: &PythonIssuer,
     server: &Server,
     cfg: &Path,
     data: &Path,

@@ -11,6 +11,9 @@ Writes DIR/ca.pem (its self-signed certificate, for 127.0.0.1) and prints
         (needs "Authorization: bearer BEARER"), answers {"value": jwt}
   /rotate                                      new signing key (new kid)
   /fetches                                     how many times /jwks was fetched
+
+It mints tokens for CI logins only: no authorization endpoint, no code flow
+(route OIDC logins run against npm oidc-provider, node/oidc_provider.mjs).
 """
 import datetime
 import ipaddress
@@ -32,8 +35,6 @@ from cryptography.x509.oid import NameOID
 
 DIR, BEARER = sys.argv[1], sys.argv[2]
 STATE = {"key": None, "kid": None, "fetches": 0}
-CODES = {}
-CLIENT_ID, CLIENT_SECRET = "app-client", "client-secret"
 LOCK = threading.Lock()
 
 
@@ -99,23 +100,8 @@ class Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         q = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
         issuer = "https://127.0.0.1:%d" % self.server.server_address[1]
-        if path == "/authorize":
-            # Route OIDC: log "alice" in at once and send the browser back.
-            if q.get("client_id") != CLIENT_ID or q.get("code_challenge_method") != "S256" or not q.get("code_challenge"):
-                self._json(400, {"error": "invalid_request"})
-                return
-            code = uuid.uuid4().hex
-            CODES[code] = q
-            sep = "&" if "?" in q["redirect_uri"] else "?"
-            location = q["redirect_uri"] + sep + urllib.parse.urlencode({"code": code, "state": q.get("state", "")})
-            self.send_response(302)
-            self.send_header("Location", location)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif path == "/.well-known/openid-configuration":
+        if path == "/.well-known/openid-configuration":
             self._json(200, {"issuer": issuer, "jwks_uri": issuer + "/jwks",
-                             "authorization_endpoint": issuer + "/authorize",
-                             "token_endpoint": issuer + "/oauth/token",
                              "response_types_supported": ["id_token"],
                              "subject_types_supported": ["public"],
                              "id_token_signing_alg_values_supported": ["RS256"]})
@@ -154,34 +140,6 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"value": token})
         else:
             self._json(404, {})
-
-    def do_POST(self):
-        import base64
-        import hashlib
-        path, _, _ = self.path.partition("?")
-        length = int(self.headers.get("Content-Length", "0"))
-        form = {k: v[0] for k, v in urllib.parse.parse_qs(self.rfile.read(length).decode()).items()}
-        if path != "/oauth/token":
-            self._json(404, {})
-            return
-        expected = "Basic " + base64.b64encode(("%s:%s" % (CLIENT_ID, CLIENT_SECRET)).encode()).decode()
-        if self.headers.get("Authorization") != expected:
-            self._json(401, {"error": "invalid_client"})
-            return
-        req = CODES.pop(form.get("code", ""), None)
-        verifier = form.get("code_verifier", "")
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-        if req is None or req["redirect_uri"] != form.get("redirect_uri") or req["code_challenge"] != challenge:
-            self._json(400, {"error": "invalid_grant"})
-            return
-        issuer = "https://127.0.0.1:%d" % self.server.server_address[1]
-        now = int(time.time())
-        claims = {"iss": issuer, "aud": CLIENT_ID, "sub": "alice", "email": "alice@example.com",
-                  "email_verified": True, "groups": ["dev", "ops"], "nonce": req.get("nonce", ""),
-                  "iat": now, "nbf": now, "exp": now + 600}
-        with LOCK:
-            token = jwt.encode(claims, STATE["key"], algorithm="RS256", headers={"kid": STATE["kid"]})
-        self._json(200, {"id_token": token, "access_token": uuid.uuid4().hex, "token_type": "Bearer", "expires_in": 600})
 
     def log_message(self, fmt, *args):
         pass

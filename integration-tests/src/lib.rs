@@ -72,7 +72,8 @@ pub struct Server {
     stderr_path: PathBuf,
 }
 
-/// How long a server may take to print its address.
+/// How long a server, or a test's peer ([`spawn_ready`]), may take to say
+/// it is ready.
 const STARTUP: Duration = Duration::from_secs(60);
 
 impl Server {
@@ -355,6 +356,120 @@ pub fn outside_verify(
     (out.status.success(), report)
 }
 
+/// Spawns `cmd` with its stdout piped and its error output written to
+/// `log`, and waits up to [`STARTUP`] for it to print a line `READY <port>`;
+/// returns the child (its stdout kept drained) and the port. Panics naming
+/// the command and the log, with what the log holds, when it exits or stays
+/// silent instead.
+pub fn spawn_ready(cmd: &mut Command, log: &Path) -> (Child, u16) {
+    let file =
+        std::fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {cmd:?}: {e} (./scripts/test.sh installs what the tests need)")
+        });
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    // Reads every line, so the process never blocks on its stdout; the
+    // channel closes when it exits.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(port) = line.strip_prefix("READY ") {
+                let _ = tx.send(port.trim().parse::<u16>().ok());
+            }
+        }
+    });
+    let why = match rx.recv_timeout(STARTUP) {
+        Ok(Some(port)) => return (child, port),
+        Ok(None) => "printed READY without a port".to_string(),
+        Err(mpsc::RecvTimeoutError::Timeout) => format!("printed no `READY <port>` in {STARTUP:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            // It has exited (or at least closed its stdout): never hang here.
+            let _ = child.kill();
+            match child.wait() {
+                Ok(status) => format!("exited ({status}) before printing `READY <port>`"),
+                Err(e) => format!("closed its stdout before printing `READY <port>` ({e})"),
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let err = std::fs::read_to_string(log).unwrap_or_default();
+    panic!("{cmd:?} {why}; its error output, {}:\n{err}", log.display())
+}
+
+/// The GitHub-shaped test issuer, `python/oidc_issuer.py DIR BEARER`: HTTPS
+/// on loopback with its own CA (`DIR/ca.pem`), minting ID tokens at
+/// `/token` for requests that carry the bearer; also `/jwks`, `/rotate` and
+/// `/fetches`.
+pub struct PythonIssuer {
+    child: Child,
+    pub port: u16,
+    /// The CA its certificate chains to, `DIR/ca.pem`.
+    pub ca: PathBuf,
+    bearer: String,
+}
+
+impl PythonIssuer {
+    /// Starts the issuer in `dir` (its error output goes to
+    /// `dir/oidc-issuer.log`); `/token` wants `Authorization: bearer
+    /// <bearer>`.
+    pub fn start(dir: &Path, bearer: &str) -> PythonIssuer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oidc_issuer.py");
+        let (child, port) = spawn_ready(
+            Command::new("python3").arg(script).arg(dir).arg(bearer),
+            &dir.join("oidc-issuer.log"),
+        );
+        PythonIssuer {
+            child,
+            port,
+            ca: dir.join("ca.pem"),
+            bearer: bearer.to_string(),
+        }
+    }
+
+    /// The issuer, `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// One token from `/token?query`, as `ACTIONS_ID_TOKEN_REQUEST_URL`
+    /// gives it to a job.
+    pub fn token(&self, query: &str) -> anyhow::Result<String> {
+        const FETCH: &str = "import json,ssl,sys,urllib.request\n\
+            r=urllib.request.Request(sys.argv[1],headers={'Authorization':'bearer '+sys.argv[3]})\n\
+            c=ssl.create_default_context(cafile=sys.argv[2])\n\
+            print(json.load(urllib.request.urlopen(r,context=c,timeout=10))['value'])";
+        let out = Command::new("python3")
+            .args(["-c", FETCH])
+            .arg(format!("{}/token?{query}", self.url()))
+            .arg(&self.ca)
+            .arg(&self.bearer)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| anyhow::anyhow!("running python3 to fetch a token: {e}"))?;
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || token.split('.').count() != 3 {
+            anyhow::bail!(
+                "fetching a token failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(token)
+    }
+}
+
+impl Drop for PythonIssuer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A test CA and a server certificate for 127.0.0.1 signed by it, written
 /// as `ca.pem`, `tls.pem` and `tls.key` in a directory: what a test's own
 /// HTTPS peers (OpenID providers) serve, and what the coordinator is told
@@ -426,30 +541,13 @@ impl NodeOidcProvider {
             "redirect_uris": redirect_uris, "id_token_ttl": id_token_ttl_secs,
         });
         std::fs::write(&config, json.to_string()).expect("write provider config");
-        let log = std::fs::File::create(dir.join("oidc-provider.log")).expect("provider log");
-        let mut child = Command::new("node")
-            .arg(node.join("oidc_provider.mjs"))
-            .arg(&config)
-            .current_dir(&node)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("node (Node.js) on PATH");
-        let stdout = child.stdout.take().expect("provider stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(port) = line.strip_prefix("READY ") {
-                    let _ = tx.send(port.trim().to_string());
-                }
-            }
-        });
-        let port = rx.recv_timeout(STARTUP).unwrap_or_else(|_| {
-            panic!(
-                "oidc-provider did not start; see {}",
-                dir.join("oidc-provider.log").display()
-            )
-        });
+        let (child, port) = spawn_ready(
+            Command::new("node")
+                .arg(node.join("oidc_provider.mjs"))
+                .arg(&config)
+                .current_dir(&node),
+            &dir.join("oidc-provider.log"),
+        );
         NodeOidcProvider {
             child,
             url: format!("https://127.0.0.1:{port}"),

@@ -3,75 +3,36 @@
 //! loopback over HTTPS). Everything else that presents a token is refused
 //! with a message that says why.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{miren, miren_bin, runners, temp, wait_for, RunnerProc, Server};
+use integration_tests::{
+    miren, miren_bin, runners, temp, wait_for, PythonIssuer, RunnerProc, Server,
+};
 
-struct Issuer {
-    child: Child,
-    port: u16,
-    ca: PathBuf,
-}
+/// The bearer `/token` wants (`ACTIONS_ID_TOKEN_REQUEST_TOKEN`).
+const BEARER: &str = "request-secret";
 
-impl Drop for Issuer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Issuer {
-    fn start(dir: &Path) -> Issuer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oidc_issuer.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(dir)
-            .arg("request-secret")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 with PyJWT (./scripts/test.sh installs it)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("READY ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("issuer did not start: {line:?}"));
-        Issuer {
-            child,
-            port,
-            ca: dir.join("ca.pem"),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-
-    fn get(&self, path: &str) -> serde_json::Value {
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                "import ssl,sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],context=ssl.create_default_context(cafile=sys.argv[2])).read().decode())",
-            ])
-            .arg(format!("{}{path}", self.url()))
-            .arg(&self.ca)
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
+/// GETs the issuer's `path` (`/rotate`, `/fetches`) as JSON.
+fn issuer_get(issuer: &PythonIssuer, path: &str) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import ssl,sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],context=ssl.create_default_context(cafile=sys.argv[2])).read().decode())",
+        ])
+        .arg(format!("{}{path}", issuer.url()))
+        .arg(&issuer.ca)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Runs the CLI the way a GitHub Actions job would: no config, only
 /// MIREN_CLUSTER, MIREN_APP and the Actions variables.
 fn ci_miren(
     dir: &Path,
-    issuer: &Issuer,
+    issuer: &PythonIssuer,
     cluster: &str,
     app: &str,
     query: &str,
@@ -90,7 +51,7 @@ fn ci_miren(
             "ACTIONS_ID_TOKEN_REQUEST_URL",
             format!("{}/token?{query}", issuer.url()),
         )
-        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-secret")
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", BEARER)
         .env("SSL_CERT_FILE", &issuer.ca)
         .output()
         .unwrap();
@@ -104,7 +65,7 @@ fn ci_miren(
 #[test]
 fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     let dir = temp();
-    let issuer = Issuer::start(dir.path());
+    let issuer = PythonIssuer::start(dir.path(), BEARER);
     let cfg = dir.path().join("admin.yaml");
     let server = Server::start(
         &dir.path().join("coord"),
@@ -292,16 +253,9 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("MIREN_ID_TOKEN"));
     let host_port = cluster.split(';').next().unwrap();
-    let token = Command::new("python3")
-        .args([
-            "-c",
-            "import ssl,sys,json,urllib.request;r=urllib.request.Request(sys.argv[1],headers={'Authorization':'bearer request-secret'});print(json.load(urllib.request.urlopen(r,context=ssl.create_default_context(cafile=sys.argv[2])))['value'])",
-        ])
-        .arg(format!("{}/token?{good}&audience={host_port}", issuer.url()))
-        .arg(&issuer.ca)
-        .output()
-        .unwrap();
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let token = issuer
+        .token(&format!("{good}&audience={host_port}"))
+        .expect("a token from the issuer");
     let out = run_env(&[("MIREN_OIDC_TOKEN", token.clone())]);
     assert!(
         out.status.success(),
@@ -316,8 +270,8 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     );
 
     // The issuer rotates its key mid-run: one refetch, and it works.
-    let before = issuer.get("/fetches")["fetches"].as_u64().unwrap();
-    issuer.get("/rotate");
+    let before = issuer_get(&issuer, "/fetches")["fetches"].as_u64().unwrap();
+    issuer_get(&issuer, "/rotate");
     let (ok, _, err) = ci_miren(
         dir.path(),
         &issuer,
@@ -327,7 +281,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         &["app", "status"],
     );
     assert!(ok, "after rotation: {err}");
-    let after = issuer.get("/fetches")["fetches"].as_u64().unwrap();
+    let after = issuer_get(&issuer, "/fetches")["fetches"].as_u64().unwrap();
     assert_eq!(
         after,
         before + 1,
@@ -350,7 +304,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         }
     }
     assert_eq!(refused, 100, "tokens with unknown kids must be refused");
-    let last = issuer.get("/fetches")["fetches"].as_u64().unwrap();
+    let last = issuer_get(&issuer, "/fetches")["fetches"].as_u64().unwrap();
     assert!(
         last <= after + 1,
         "{} refetches for unknown kids",
