@@ -205,10 +205,6 @@ fn grants(provider: &NodeOidcProvider, ca: &Path) -> Value {
         .unwrap()
 }
 
-fn ingress_addr(cluster: &ProbeCluster, prefix: &str) -> SocketAddr {
-    cluster.printed_address(prefix).parse().unwrap()
-}
-
 fn enable(cluster: &ProbeCluster, target: &str, provider: &NodeOidcProvider) {
     let en = miren(
         &cluster.config,
@@ -242,42 +238,80 @@ fn enable(cluster: &ProbeCluster, target: &str, provider: &NodeOidcProvider) {
     );
 }
 
+/// The probe app routed at `route` (a host or `--default`) and protected
+/// by a real provider, whose client accepts the callback of each of
+/// `hosts`; the ingress is plain HTTP, or HTTPS with `https` (the cluster's
+/// server certificate then names every host).
+struct Protected {
+    tls: TestTls,
+    cluster: ProbeCluster,
+    provider: NodeOidcProvider,
+    ingress: SocketAddr,
+    scheme: &'static str,
+    dir: tempfile::TempDir,
+}
+
+impl Protected {
+    fn start(route: &str, hosts: &[&str], https: bool, id_token_ttl_secs: u64) -> Protected {
+        let dir = temp();
+        let tls = TestTls::generate(dir.path());
+        let mut args = vec![
+            "--labs".to_string(),
+            "routeoidc".into(),
+            "--oidc-ca-file".into(),
+            tls.ca.to_str().unwrap().into(),
+        ];
+        let (listen, printed, scheme) = if https {
+            args.extend(["--name".into(), "127.0.0.1".into()]);
+            for h in hosts {
+                args.extend(["--name".into(), h.to_string()]);
+            }
+            ("--ingress-https-listen", "HTTPS ingress: https://", "https")
+        } else {
+            ("--http-listen", "HTTP ingress: http://", "http")
+        };
+        args.extend([listen.into(), "127.0.0.1:0".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cluster = ProbeCluster::start(dir.path(), &args, "web");
+        let ingress: SocketAddr = cluster.printed_address(printed).parse().unwrap();
+        let callbacks: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("{scheme}://{h}:{}{CALLBACK}", ingress.port()))
+            .collect();
+        let provider = NodeOidcProvider::start(
+            dir.path(),
+            &tls,
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &callbacks,
+            id_token_ttl_secs,
+        );
+        // `route` is a host or the flag `--default`: the same argument list.
+        let set = miren(&cluster.config, &["route", "set", route, "-a", "web"], &[]);
+        assert!(set.ok, "{set:?}");
+        enable(&cluster, route, &provider);
+        Protected {
+            tls,
+            cluster,
+            provider,
+            ingress,
+            scheme,
+            dir,
+        }
+    }
+
+    /// `scheme://host:port` of the app at `host`.
+    fn base(&self, host: &str) -> String {
+        format!("{}://{host}:{}", self.scheme, self.ingress.port())
+    }
+}
+
 #[test]
 fn login_through_a_real_provider_and_the_ingress_is_airtight() {
-    let dir = temp();
-    let tls = TestTls::generate(dir.path());
-    let cluster = ProbeCluster::start(
-        dir.path(),
-        &[
-            "--labs",
-            "routeoidc",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--oidc-ca-file",
-            tls.ca.to_str().unwrap(),
-        ],
-        "web",
-    );
-    let ingress = ingress_addr(&cluster, "HTTP ingress: http://");
-    let app = format!("http://sso.test:{}", ingress.port());
     // ID tokens live 4 s, so the session needs its refresh token soon.
-    let provider = NodeOidcProvider::start(
-        dir.path(),
-        &tls,
-        CLIENT_ID,
-        CLIENT_SECRET,
-        &[format!("{app}{CALLBACK}")],
-        4,
-    );
-    assert!(
-        miren(
-            &cluster.config,
-            &["route", "set", "sso.test", "-a", "web"],
-            &[]
-        )
-        .ok
-    );
-    enable(&cluster, "sso.test", &provider);
+    let p = Protected::start("sso.test", &["sso.test"], false, 4);
+    let (tls, provider, ingress) = (&p.tls, &p.provider, p.ingress);
+    let app = p.base("sso.test");
     let mut browser = Browser::new(&tls.ca, None, &[("sso.test", ingress)]);
 
     // A spoofed header without a session: sent to the provider's login
@@ -376,7 +410,7 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
 
     // The ID token expires after 4 s; the refresh token renews the session
     // without a login, once for several concurrent requests.
-    let before = grants(&provider, &tls.ca)["refresh_token"]
+    let before = grants(provider, &tls.ca)["refresh_token"]
         .as_u64()
         .unwrap_or(0);
     std::thread::sleep(Duration::from_secs(5));
@@ -412,7 +446,7 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
             "no renewed cookie: {cookies:?}"
         );
     }
-    let after = grants(&provider, &tls.ca)["refresh_token"]
+    let after = grants(provider, &tls.ca)["refresh_token"]
         .as_u64()
         .unwrap_or(0);
     assert_eq!(
@@ -456,40 +490,9 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
 
 #[test]
 fn default_route_serves_two_hosts_each_with_its_own_session() {
-    let dir = temp();
-    let tls = TestTls::generate(dir.path());
-    let cluster = ProbeCluster::start(
-        dir.path(),
-        &[
-            "--labs",
-            "routeoidc",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--oidc-ca-file",
-            tls.ca.to_str().unwrap(),
-        ],
-        "web",
-    );
-    let ingress = ingress_addr(&cluster, "HTTP ingress: http://");
-    let one = format!("http://one.test:{}", ingress.port());
-    let two = format!("http://two.test:{}", ingress.port());
-    let provider = NodeOidcProvider::start(
-        dir.path(),
-        &tls,
-        CLIENT_ID,
-        CLIENT_SECRET,
-        &[format!("{one}{CALLBACK}"), format!("{two}{CALLBACK}")],
-        300,
-    );
-    assert!(
-        miren(
-            &cluster.config,
-            &["route", "set", "--default", "-a", "web"],
-            &[]
-        )
-        .ok
-    );
-    enable(&cluster, "--default", &provider);
+    let p = Protected::start("--default", &["one.test", "two.test"], false, 300);
+    let (tls, cluster, provider, ingress) = (&p.tls, &p.cluster, &p.provider, p.ingress);
+    let (one, two) = (p.base("one.test"), p.base("two.test"));
     let show = miren(
         &cluster.config,
         &["route", "oidc", "show", "--default"],
@@ -558,43 +561,9 @@ fn default_route_serves_two_hosts_each_with_its_own_session() {
 
 #[test]
 fn https_ingress_sets_secure_cookies_and_an_https_callback() {
-    let dir = temp();
-    let tls = TestTls::generate(dir.path());
-    let cluster = ProbeCluster::start(
-        dir.path(),
-        &[
-            "--labs",
-            "routeoidc",
-            "--ingress-https-listen",
-            "127.0.0.1:0",
-            "--name",
-            "127.0.0.1",
-            "--name",
-            "secure.test",
-            "--oidc-ca-file",
-            tls.ca.to_str().unwrap(),
-        ],
-        "web",
-    );
-    let ingress = ingress_addr(&cluster, "HTTPS ingress: https://");
-    let app = format!("https://secure.test:{}", ingress.port());
-    let provider = NodeOidcProvider::start(
-        dir.path(),
-        &tls,
-        CLIENT_ID,
-        CLIENT_SECRET,
-        &[format!("{app}{CALLBACK}")],
-        300,
-    );
-    assert!(
-        miren(
-            &cluster.config,
-            &["route", "set", "secure.test", "-a", "web"],
-            &[]
-        )
-        .ok
-    );
-    enable(&cluster, "secure.test", &provider);
+    let p = Protected::start("secure.test", &["secure.test"], true, 300);
+    let (tls, cluster, provider, ingress) = (&p.tls, &p.cluster, &p.provider, p.ingress);
+    let app = p.base("secure.test");
     // The ingress serves the cluster CA's server certificate, which names
     // every --name.
     let cluster_ca = std::fs::read_to_string(cluster.server.data_dir.join("ca.crt")).unwrap();
@@ -638,41 +607,10 @@ fn login_in_a_real_headless_browser() {
         eprintln!("skipped: no chromium and MIREN_SKIP_BROWSER_TEST is set");
         return;
     }
-    let dir = temp();
-    let tls = TestTls::generate(dir.path());
-    let cluster = ProbeCluster::start(
-        dir.path(),
-        &[
-            "--labs",
-            "routeoidc",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--oidc-ca-file",
-            tls.ca.to_str().unwrap(),
-        ],
-        "web",
-    );
-    let ingress = ingress_addr(&cluster, "HTTP ingress: http://");
-    let app = format!("http://browser.test:{}", ingress.port());
-    let provider = NodeOidcProvider::start(
-        dir.path(),
-        &tls,
-        CLIENT_ID,
-        CLIENT_SECRET,
-        &[format!("{app}{CALLBACK}")],
-        300,
-    );
-    assert!(
-        miren(
-            &cluster.config,
-            &["route", "set", "browser.test", "-a", "web"],
-            &[]
-        )
-        .ok
-    );
-    enable(&cluster, "browser.test", &provider);
+    let p = Protected::start("browser.test", &["browser.test"], false, 300);
+    let app = p.base("browser.test");
 
-    let config = dir.path().join("browser.json");
+    let config = p.dir.path().join("browser.json");
     let json_config = serde_json::json!({
         "chromium": chromium, "url": format!("{app}/headers"),
         "map_hosts": ["browser.test"], "login": "erin@example.com",
