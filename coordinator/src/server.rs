@@ -205,7 +205,7 @@ impl Coordinator {
             )?),
             rt: tokio::runtime::Handle::current(),
             labs: opts.labs.clone(),
-            sso: crate::sso::Sso::load_or_create(&material.dir)?,
+            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
             ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
             oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
             store,

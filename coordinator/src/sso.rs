@@ -29,6 +29,11 @@ use identity::{IssuerUrl, VerifiedToken, Verifier};
 use serde::{Deserialize, Serialize};
 
 use crate::route_oidc::Provider;
+use crate::store::{Op, Store, Txn};
+
+/// Store prefix of sessions ended by logout: `routeoidc-ended/<session id>`
+/// holds the time (Unix seconds) the session would have ended anyway.
+const ENDED_PREFIX: &str = "routeoidc-ended/";
 
 /// Where the provider sends the browser back.
 pub const CALLBACK_PATH: &str = "/.well-known/miren/oidc/callback";
@@ -65,9 +70,11 @@ struct LoginState {
 /// Sealing key, used states and provider metadata.
 pub struct Sso {
     key: LessSafeKey,
+    store: std::sync::Arc<dyn Store>,
     used_states: Mutex<HashMap<String, i64>>,
     /// Sessions ended by logout (session id -> expiry), refused until they
-    /// would have expired anyway.
+    /// would have expired anyway; kept in the store too, so a restart does
+    /// not bring a logged-out cookie back.
     ended: Mutex<HashMap<String, i64>>,
     meta: Mutex<HashMap<String, (ProviderMeta, Instant)>>,
     /// Refreshes by session id: the latest refreshed session, behind a lock
@@ -133,8 +140,9 @@ fn refuse(status: u16, msg: &str) -> Gate {
 }
 
 impl Sso {
-    /// Loads the sealing key from `dir/route-oidc.key`, creating it once.
-    pub fn load_or_create(dir: &Path) -> anyhow::Result<Sso> {
+    /// Loads the sealing key from `dir/route-oidc.key` (creating it once)
+    /// and the sessions ended by logout from `store`.
+    pub fn load_or_create(dir: &Path, store: Arc<dyn Store>) -> anyhow::Result<Sso> {
         let path = dir.join("route-oidc.key");
         let bytes = match std::fs::read(&path) {
             Ok(b) if b.len() == 32 => b,
@@ -151,10 +159,20 @@ impl Sso {
         };
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| anyhow::anyhow!("{}: not an AES-256 key", path.display()))?;
+        let ended = store
+            .scan(ENDED_PREFIX)?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let sid = k.strip_prefix(ENDED_PREFIX)?.to_string();
+                let exp = std::str::from_utf8(&v).ok()?.parse::<i64>().ok()?;
+                Some((sid, exp))
+            })
+            .collect();
         Ok(Sso {
             key: LessSafeKey::new(key),
+            store,
             used_states: Mutex::new(HashMap::new()),
-            ended: Mutex::new(HashMap::new()),
+            ended: Mutex::new(ended),
             meta: Mutex::new(HashMap::new()),
             refreshes: Mutex::new(HashMap::new()),
         })
@@ -200,6 +218,41 @@ impl Sso {
         let sid = s.claims.get(SESSION_ID_CLAIM)?.as_str()?;
         let ended = self.ended.lock().ok()?.contains_key(sid);
         (s.state(now) != SessionState::Over && !ended).then_some(s)
+    }
+
+    /// Ends `session` (logout): it is refused from now on, copies of its
+    /// cookie included, also after a restart. Forgets sessions that would
+    /// have ended by `now` anyway.
+    pub fn end(&self, session: &SessionClaims, now: i64) {
+        let Some(sid) = session
+            .claims
+            .get(SESSION_ID_CLAIM)
+            .and_then(|v| v.as_str())
+        else {
+            return;
+        };
+        // Until the cookie itself would have lapsed (refresh included).
+        let until = session.ends_at.max(session.expires_at);
+        let mut ops = vec![Op::Put(
+            format!("{ENDED_PREFIX}{sid}"),
+            until.to_string().into_bytes(),
+        )];
+        if let Ok(mut ended) = self.ended.lock() {
+            ended.retain(|old, exp| {
+                let keep = *exp > now;
+                if !keep {
+                    ops.push(Op::Delete(format!("{ENDED_PREFIX}{old}")));
+                }
+                keep
+            });
+            ended.insert(sid.to_string(), until);
+        }
+        if let Err(e) = self.store.commit(Txn {
+            conditions: vec![],
+            ops,
+        }) {
+            tracing::warn!("logout recorded in memory only (a restart would forget it): {e}");
+        }
     }
 
     fn seal_session(&self, host: &str, session: &SessionClaims) -> Option<String> {
@@ -334,13 +387,7 @@ impl Sso {
         let redirect_uri = format!("{scheme}://{}{CALLBACK_PATH}", req.authority);
         if path == LOGOUT_PATH {
             if let Some(s) = self.session(host, cookies, now) {
-                if let (Some(sid), Ok(mut ended)) = (
-                    s.claims.get(SESSION_ID_CLAIM).and_then(|v| v.as_str()),
-                    self.ended.lock(),
-                ) {
-                    ended.retain(|_, exp| *exp > now);
-                    ended.insert(sid.to_string(), s.expires_at);
-                }
+                self.end(&s, now);
             }
             let after = match self.meta(oidc, &issuer).await {
                 Ok(ProviderMeta {
@@ -591,4 +638,91 @@ async fn verify_id_token(
     )
     .verify(id_token, now)
     .map_err(|e| format!("ID token refused: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    fn session(now: i64) -> SessionClaims {
+        let mut claims = serde_json::Map::new();
+        claims.insert(
+            SESSION_ID_CLAIM.into(),
+            serde_json::Value::String(random_token([7; 32])),
+        );
+        SessionClaims::start(
+            "alice".into(),
+            claims,
+            now + 60,
+            Some("rt".into()),
+            now,
+            MAX_SESSION_SECS,
+        )
+    }
+
+    #[test]
+    fn a_session_cookie_opens_only_for_its_host_and_unaltered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&dir.path().join("store.redb")).unwrap());
+        let sso = Sso::load_or_create(dir.path(), store).unwrap();
+        let now = 1_700_000_000;
+        let sealed = sso.seal_session("a.test", &session(now)).unwrap();
+        let cookie = format!("other=1; {SESSION_COOKIE}={sealed}");
+        assert!(sso.session("a.test", &cookie, now).is_some());
+        assert!(sso.session("b.test", &cookie, now).is_none());
+        let mut bytes = sealed.into_bytes();
+        bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
+        let tampered = format!("{SESSION_COOKIE}={}", String::from_utf8(bytes).unwrap());
+        assert!(sso.session("a.test", &tampered, now).is_none());
+        // Refreshable after the ID token, over at the cap.
+        let cookie = format!(
+            "{SESSION_COOKIE}={}",
+            sso.seal_session("a.test", &session(now)).unwrap()
+        );
+        assert!(sso.session("a.test", &cookie, now + 61).is_some());
+        assert!(sso
+            .session("a.test", &cookie, now + MAX_SESSION_SECS)
+            .is_none());
+    }
+
+    #[test]
+    fn logout_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(RedbStore::open(&dir.path().join("store.redb")).unwrap());
+        let now = 1_700_000_000;
+        let s = session(now);
+        let cookie = {
+            let sso = Sso::load_or_create(dir.path(), store.clone()).unwrap();
+            let cookie = format!(
+                "{SESSION_COOKIE}={}",
+                sso.seal_session("a.test", &s).unwrap()
+            );
+            assert!(sso.session("a.test", &cookie, now).is_some());
+            sso.end(&s, now);
+            assert!(sso.session("a.test", &cookie, now).is_none());
+            cookie
+        };
+        // A restart: same key file, same store.
+        let sso = Sso::load_or_create(dir.path(), store.clone()).unwrap();
+        assert!(sso.session("a.test", &cookie, now + 1).is_none());
+        // Records of sessions that have lapsed are dropped at the next logout.
+        let mut later = session(now);
+        later.claims.insert(
+            SESSION_ID_CLAIM.into(),
+            serde_json::Value::String(random_token([8; 32])),
+        );
+        sso.end(&later, now + MAX_SESSION_SECS + 1);
+        let kept: Vec<String> = store
+            .scan(ENDED_PREFIX)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            kept,
+            vec![format!("{ENDED_PREFIX}{}", random_token([8; 32]))]
+        );
+    }
 }
