@@ -255,7 +255,9 @@ impl Sso {
         }
     }
 
-    fn seal_session(&self, host: &str, session: &SessionClaims) -> Option<String> {
+    /// Seals `session` into a cookie value for `host` (AES-256-GCM, the host
+    /// as associated data).
+    pub fn seal_session(&self, host: &str, session: &SessionClaims) -> Option<String> {
         serde_json::to_vec(session)
             .ok()
             .and_then(|j| self.seal(&format!("session|{host}"), &j))
