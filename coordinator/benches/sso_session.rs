@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use coordinator::sso::{Sso, SESSION_COOKIE, SESSION_ID_CLAIM};
+use coordinator::sso::{CookieScope, Sso, SESSION_COOKIE, SESSION_ID_CLAIM};
 use coordinator::store::RedbStore;
 use identity::route_oidc::{claim_headers, ClaimHeader, HeaderFilter, SessionClaims};
 
@@ -38,12 +38,11 @@ fn main() {
     let sso = Sso::load_or_create(dir.path(), store).expect("sso");
     let now = 1_700_000_000;
 
-    // A session like a real provider's ID token gives.
+    // A session as a login keeps it: the mapped claims and the session id
+    // (the ingress keeps no others).
     let serde_json::Value::Object(mut claims) = serde_json::json!({
-        "iss": "https://login.example.com", "aud": "miren-route", "sub": "248289761001",
-        "email": "jane.doe@example.com", "email_verified": true, "name": "Jane Doe",
-        "groups": ["engineering", "on-call", "admins"], "iat": now, "exp": now + 3600,
-        "auth_time": now, "nonce": "n-0S6_WzA2Mj", "sid": "08a5019c-17e1-4977-8f42-65a12843ea02",
+        "email": "jane.doe@example.com", "name": "Jane Doe",
+        "groups": ["engineering", "on-call", "admins"],
     }) else {
         unreachable!("object literal")
     };
@@ -56,8 +55,17 @@ fn main() {
         now,
         8 * 3600,
     );
-    let sealed = sso.seal_session(HOST, &session).expect("seal");
-    let cookies = format!("_ga=GA1.2.3; theme=dark; {SESSION_COOKIE}={sealed}");
+    let scope = CookieScope {
+        secure: true,
+        host: HOST,
+        issuer: "https://login.example.com",
+        client_id: "miren-route",
+    };
+    let sealed = sso.seal_session(&scope, &session).expect("seal");
+    let cookies = format!(
+        "_ga=GA1.2.3; theme=dark; {}={sealed}",
+        scope.cookie_name(SESSION_COOKIE)
+    );
     let mappings: Vec<ClaimHeader> = [
         "email:X-User-Email",
         "groups:X-User-Groups",
@@ -83,7 +91,7 @@ fn main() {
 
     let per_request = || {
         let stripped = request_headers.iter().filter(|h| filter.strips(h)).count();
-        let s = sso.session(HOST, &cookies, now).expect("session opens");
+        let s = sso.session(&scope, &cookies, now).expect("session opens");
         let headers = claim_headers(&mappings, &s.claims);
         black_box((stripped, headers));
     };

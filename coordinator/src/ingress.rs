@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::service::State;
-use crate::store::{Op, Txn};
+use crate::store::{Condition, Op, Outcome, Txn};
 
 /// First line of a proxied stream.
 pub const PROXY_PREAMBLE: &str = "miren-proxy/1";
@@ -95,22 +95,40 @@ impl Routes {
         if state.apps.app(app).map_err(|e| e.to_string())?.is_none() {
             return Err(format!("app {app:?} does not exist (deploy it first)"));
         }
+        // Pointing a host at another app keeps the host's single sign-on:
+        // the protection belongs to the address users reach.
+        let key = route_key(host);
+        let old = state.store.get(&key).map_err(|e| e.to_string())?;
+        let oidc = match &old {
+            Some(bytes) => {
+                crate::store::decode::<Route>(&key, bytes)
+                    .map_err(|e| format!("{e}; remove the route and set it again"))?
+                    .oidc
+            }
+            None => None,
+        };
         let route = Route {
             host: host.to_string(),
             app: app.to_string(),
-            oidc: None,
+            oidc,
         };
-        state
+        let condition = match old {
+            Some(bytes) => Condition::Equals(key.clone(), bytes),
+            None => Condition::Absent(key.clone()),
+        };
+        let outcome = state
             .store
             .commit(Txn {
-                conditions: vec![],
-                ops: vec![Op::Put(
-                    route_key(host),
-                    serde_json::to_vec(&route).unwrap_or_default(),
-                )],
+                conditions: vec![condition],
+                ops: vec![Op::Put(key, crate::store::encode(&route))],
             })
             .map_err(|e| e.to_string())?;
-        Ok(())
+        match outcome {
+            Outcome::Applied => Ok(()),
+            Outcome::ConditionFailed => {
+                Err("the route changed meanwhile; run the command again".into())
+            }
+        }
     }
 
     pub fn remove(state: &State, host: &str) -> Result<(), String> {
@@ -141,16 +159,18 @@ impl Routes {
             .collect()
     }
 
-    /// The route serving `host`: its own, else the default route.
-    pub fn route_for(state: &State, host: &str) -> Option<Route> {
+    /// The route serving `host`: its own, else the default route. A
+    /// record that cannot be read is an error, never a reason to fall back
+    /// to the default route (which may be unprotected).
+    pub fn route_for(state: &State, host: &str) -> Result<Option<Route>, String> {
         for key in [route_key(host), route_key("")] {
-            if let Ok(Some(bytes)) = state.store.get(&key) {
-                if let Ok(r) = serde_json::from_slice::<Route>(&bytes) {
-                    return Some(r);
-                }
+            if let Some(bytes) = state.store.get(&key).map_err(|e| e.to_string())? {
+                return crate::store::decode::<Route>(&key, &bytes)
+                    .map(Some)
+                    .map_err(|e| e.to_string());
             }
         }
-        None
+        Ok(None)
     }
 }
 
@@ -183,20 +203,44 @@ async fn proxy(
         .or_else(|| req.uri().host().map(str::to_string))
         .unwrap_or_default();
     let host = normalize_host(&host_header);
-    let Some(route) = Routes::route_for(&state, &host) else {
-        return Ok(text(
-            StatusCode::NOT_FOUND,
-            &format!("no app is routed for host {host:?}"),
-        ));
+    let route = match Routes::route_for(&state, &host) {
+        Ok(Some(route)) => route,
+        Ok(None) => {
+            return Ok(text(
+                StatusCode::NOT_FOUND,
+                &format!("no app is routed for host {host:?}"),
+            ))
+        }
+        Err(e) => {
+            tracing::error!(host, "route record unreadable: {e}");
+            return Ok(text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "this host's route cannot be read; the operator must set it again",
+            ));
+        }
     };
     let app = route.app.clone();
     let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
     let mut response_headers = Vec::new();
-    if let (Some(oidc), true) = (&route.oidc, labs) {
-        match single_sign_on(&state, oidc, &host, &host_header, secure, &mut req).await {
-            Ok(headers) => response_headers = headers,
-            Err(resp) => return Ok(resp),
+    match (&route.oidc, labs) {
+        (Some(oidc), true) => {
+            match single_sign_on(&state, oidc, &host, &host_header, secure, &mut req).await {
+                Ok(headers) => response_headers = headers,
+                Err(resp) => return Ok(resp),
+            }
         }
+        // Fail closed: without the labs flag the gate does not run, and the
+        // app must not get requests it would take as signed in.
+        (Some(_), false) => {
+            return Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "this route is protected by route OIDC, which is off: start the server with --labs {flag} (or MIREN_LABS={flag}), or `miren route oidc disable` it",
+                    flag = crate::route_oidc::LABS_FLAG
+                ),
+            ))
+        }
+        (None, _) => {}
     }
     let healthy = state.apps.healthy_sandboxes(&app);
     if healthy.is_empty() {
@@ -272,6 +316,47 @@ async fn proxy(
     ))
 }
 
+/// On a protected route, closes the ways around the claim headers that
+/// HTTP/1.1 hop-by-hop mechanics open: only WebSocket upgrades pass (an
+/// `h2c` upgrade would carry requests the gate never saw), request
+/// trailers are not announced (they could carry a claim header), and
+/// headers named in `Connection` are removed with it (a proxy inside the
+/// sandbox would drop the claim headers they name).
+fn strip_tunnels(headers: &mut hyper::HeaderMap) -> Result<(), &'static str> {
+    if let Some(upgrade) = headers.get(hyper::header::UPGRADE) {
+        let websocket = upgrade
+            .to_str()
+            .is_ok_and(|u| u.trim().eq_ignore_ascii_case("websocket"));
+        if !websocket {
+            return Err("only WebSocket upgrades pass a route protected by route OIDC");
+        }
+    }
+    let named: Vec<String> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for token in &named {
+        if !matches!(token.as_str(), "upgrade" | "keep-alive" | "close") {
+            headers.remove(token.as_str());
+        }
+    }
+    headers.remove(hyper::header::CONNECTION);
+    if named.iter().any(|t| t == "upgrade") && headers.contains_key(hyper::header::UPGRADE) {
+        headers.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+    for name in ["trailer", "te", "http2-settings"] {
+        headers.remove(name);
+    }
+    Ok(())
+}
+
 /// Applies route OIDC to a request: strips client-sent claim headers, and
 /// either sets the session's claim headers (returns the headers to add to
 /// the app's response: proxy it) or answers directly (login redirect,
@@ -295,6 +380,7 @@ async fn single_sign_on(
     for name in spoofed {
         req.headers_mut().remove(name);
     }
+    strip_tunnels(req.headers_mut()).map_err(|msg| text(StatusCode::BAD_REQUEST, msg))?;
     // The callback URL is built from the Host header: only a plain
     // `name[:port]` may go into it.
     let authority = authority.trim().to_ascii_lowercase();
@@ -316,13 +402,16 @@ async fn single_sign_on(
             ))
         }
     };
-    let cookies = req
+    // Cookie headers as bytes: a browser may send raw UTF-8 in other
+    // cookies' values, and dropping such a line would lose ours with it.
+    let cookie_bytes: Vec<u8> = req
         .headers()
         .get_all(hyper::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.as_bytes())
         .collect::<Vec<_>>()
-        .join("; ");
+        .join(&b"; "[..]);
+    let cookies = String::from_utf8_lossy(&cookie_bytes).into_owned();
     let accepts_html = req
         .headers()
         .get(hyper::header::ACCEPT)
@@ -340,20 +429,24 @@ async fn single_sign_on(
         cookies: &cookies,
         accepts_html,
         secure,
+        claim_headers: &oidc.claim_headers,
         now: crate::datadir::now_unix(),
     };
     let gate = state.sso.gate(&state.oidc, &provider, &request).await;
     match gate {
         crate::sso::Gate::Proxy(claims, set_cookies) => {
-            // The app sees its own cookies, never the session.
-            let kept: Vec<&str> = cookies
-                .split(';')
-                .map(str::trim)
-                .filter(|c| !c.is_empty() && !c.starts_with("miren_oidc_"))
+            // The app sees its own cookies, byte for byte, never ours.
+            let kept: Vec<&[u8]> = cookie_bytes
+                .split(|&b| b == b';')
+                .map(<[u8]>::trim_ascii)
+                .filter(|c| {
+                    let name = c.split(|&b| b == b'=').next().unwrap_or_default();
+                    !c.is_empty() && !crate::sso::is_our_cookie(name)
+                })
                 .collect();
             req.headers_mut().remove(hyper::header::COOKIE);
             if !kept.is_empty() {
-                if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
                     req.headers_mut().insert(hyper::header::COOKIE, v);
                 }
             }
@@ -430,6 +523,58 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn protected_routes_pass_only_websocket_upgrades() {
+        for up in ["h2c", "websocket, h2c", "TLS/1.0"] {
+            let mut h = headers(&[("upgrade", up), ("connection", "Upgrade")]);
+            assert!(strip_tunnels(&mut h).is_err(), "{up}");
+        }
+        let mut h = headers(&[
+            ("upgrade", "WebSocket"),
+            ("connection", "keep-alive, Upgrade"),
+        ]);
+        assert!(strip_tunnels(&mut h).is_ok());
+        assert_eq!(h["upgrade"], "WebSocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn headers_named_in_connection_and_trailers_are_dropped() {
+        let mut h = headers(&[
+            ("connection", "X-User-Email, x-extra"),
+            ("connection", "close"),
+            ("x-user-email", "set-by-the-gate"),
+            ("x-extra", "1"),
+            ("trailer", "X-User-Email"),
+            ("te", "trailers"),
+            ("http2-settings", "AAMA"),
+            ("accept", "text/html"),
+        ]);
+        assert!(strip_tunnels(&mut h).is_ok());
+        for gone in [
+            "connection",
+            "x-user-email",
+            "x-extra",
+            "trailer",
+            "te",
+            "http2-settings",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(h["accept"], "text/html");
+    }
 
     #[test]
     fn host_normalisation() {

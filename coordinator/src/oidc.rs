@@ -71,6 +71,23 @@ fn peek(token: &str) -> Result<(String, Option<String>), String> {
     Ok((iss, header["kid"].as_str().map(str::to_string)))
 }
 
+/// Reads a response body of at most 1 MiB (the cap on everything fetched
+/// from an issuer or provider).
+pub async fn read_capped(resp: &mut reqwest::Response, url: &str) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("reading {url}: {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_DOCUMENT_BYTES {
+            return Err(format!("{url} is larger than 1 MiB"));
+        }
+    }
+    Ok(body)
+}
+
 impl OidcVerifier {
     /// `audiences`: the cluster addresses a token may be for; `extra_roots`:
     /// CAs trusted for issuers besides the platform roots.
@@ -102,18 +119,7 @@ impl OidcVerifier {
         if !resp.status().is_success() {
             return Err(format!("fetching {url}: HTTP {}", resp.status()));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| format!("reading {url}: {e}"))?
-        {
-            body.extend_from_slice(&chunk);
-            if body.len() > MAX_DOCUMENT_BYTES {
-                return Err(format!("{url} is larger than 1 MiB"));
-            }
-        }
-        Ok(body)
+        read_capped(&mut resp, url).await
     }
 
     async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, String> {

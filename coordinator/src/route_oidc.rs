@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ingress::{route_key, Route};
 use crate::service::State;
-use crate::store::{decode, encode, Condition, Op, Txn};
+use crate::store::{decode, encode, Condition, Op, Outcome, Txn};
 
 /// The labs flag that turns route OIDC on.
 pub const LABS_FLAG: &str = "routeoidc";
@@ -136,6 +136,7 @@ pub fn enable(state: &State, host: &str, req: EnableRequest) -> Result<(), Strin
         .collect::<Result<_, _>>()?;
     ensure_distinct_headers(&claim_headers).map_err(|e| e.to_string())?;
     let mut ops = Vec::new();
+    let mut conditions = vec![Condition::Equals(route_key(host), old_bytes)];
     let provider_name = match (req.provider_url, req.client_id, req.client_secret) {
         (Some(url), Some(id), Some(secret)) => {
             let issuer = IssuerUrl::parse(&url).map_err(|e| format!("--provider-url: {e}"))?;
@@ -151,23 +152,44 @@ pub fn enable(state: &State, host: &str, req: EnableRequest) -> Result<(), Strin
                 client_secret: secret,
                 scope: req.scope.unwrap_or_else(|| "openid email profile".into()),
             };
-            ops.push(Op::Put(provider_key(&name), encode(&provider)));
+            // A provider may protect other routes: changing it under them
+            // would let another client's users in. Same settings: reuse.
+            let key = provider_key(&name);
+            let stored = state.store.get(&key).map_err(|e| e.to_string())?;
+            let existing = match &stored {
+                Some(b) => Some(decode::<Provider>(&key, b).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            match (existing, stored) {
+                (Some(existing), Some(bytes)) if existing == provider => {
+                    conditions.push(Condition::Equals(key, bytes));
+                }
+                (Some(_), _) => {
+                    return Err(format!(
+                        "a provider named {name:?} already exists with other settings; reuse it with --provider {name} (and no --provider-url), or name a new one with --provider NEW-NAME"
+                    ))
+                }
+                _ => {
+                    conditions.push(Condition::Absent(provider_key(&name)));
+                    ops.push(Op::Put(provider_key(&name), encode(&provider)));
+                }
+            }
             name
         }
         (None, None, None) => {
             let name = req.provider.ok_or(
                 "give --provider NAME, or --provider-url, --client-id and --client-secret",
             )?;
-            if state
+            let Some(existing) = state
                 .store
                 .get(&provider_key(&name))
                 .map_err(|e| e.to_string())?
-                .is_none()
-            {
+            else {
                 return Err(format!(
                     "no provider named {name:?} (see `miren route oidc providers`)"
                 ));
-            }
+            };
+            conditions.push(Condition::Equals(provider_key(&name), existing));
             name
         }
         _ => return Err("--provider-url, --client-id and --client-secret go together".into()),
@@ -177,14 +199,18 @@ pub fn enable(state: &State, host: &str, req: EnableRequest) -> Result<(), Strin
         claim_headers,
     });
     ops.push(Op::Put(route_key(host), encode(&route)));
-    state
-        .store
-        .commit(Txn {
-            conditions: vec![Condition::Equals(route_key(host), old_bytes)],
-            ops,
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    commit(state, Txn { conditions, ops })
+}
+
+/// Commits a configuration change made from records read just before:
+/// refused, not silently dropped, when one of them changed meanwhile.
+fn commit(state: &State, txn: Txn) -> Result<(), String> {
+    match state.store.commit(txn).map_err(|e| e.to_string())? {
+        Outcome::Applied => Ok(()),
+        Outcome::ConditionFailed => {
+            Err("the route or provider changed meanwhile; run the command again".into())
+        }
+    }
 }
 
 /// The protection of a route, secrets redacted.
@@ -204,21 +230,21 @@ pub fn show(state: &State, host: &str) -> Result<serde_json::Value, String> {
     }))
 }
 
-/// Removes a route's protection; the provider stays for reuse.
+/// Removes a route's protection; the provider stays for reuse. Works
+/// without the labs flag, so a protected route (which then answers 503)
+/// can be opened up again.
 pub fn disable(state: &State, host: &str) -> Result<(), String> {
-    ensure_labs(state)?;
     let (old, mut route) = load_route(state, host)?;
     if route.oidc.take().is_none() {
         return Err("this route is not protected by OIDC".into());
     }
-    state
-        .store
-        .commit(Txn {
+    commit(
+        state,
+        Txn {
             conditions: vec![Condition::Equals(route_key(host), old)],
             ops: vec![Op::Put(route_key(host), encode(&route))],
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        },
+    )
 }
 
 /// A stored provider.
@@ -248,9 +274,9 @@ pub fn providers(state: &State) -> Result<serde_json::Value, String> {
 /// Removes a provider no route uses.
 pub fn remove_provider(state: &State, name: &str) -> Result<(), String> {
     ensure_labs(state)?;
-    if provider(state, name)?.is_none() {
+    let Some(existing) = provider(state, name)? else {
         return Err(format!("no provider named {name:?}"));
-    }
+    };
     for (k, v) in state.store.scan("route/").map_err(|e| e.to_string())? {
         let r: Route = decode(&k, &v).map_err(|e| e.to_string())?;
         if r.oidc.as_ref().is_some_and(|o| o.provider == name) {
@@ -264,12 +290,14 @@ pub fn remove_provider(state: &State, name: &str) -> Result<(), String> {
             ));
         }
     }
-    state
-        .store
-        .commit(Txn {
-            conditions: vec![],
+    // Only if the provider is still the one checked above. (A route
+    // enabled with it in between would be left without its provider: it
+    // then answers 500, failing closed, until enabled again.)
+    commit(
+        state,
+        Txn {
+            conditions: vec![Condition::Equals(provider_key(name), encode(&existing))],
             ops: vec![Op::Delete(provider_key(name))],
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        },
+    )
 }

@@ -22,7 +22,7 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LE
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use identity::route_oidc::{
-    pkce_challenge_s256, pkce_verifier, random_token, safe_return_path, tokens_match,
+    pkce_challenge_s256, pkce_verifier, random_token, safe_return_path, tokens_match, ClaimHeader,
     SessionClaims, SessionState,
 };
 use identity::{IssuerUrl, VerifiedToken, Verifier};
@@ -39,10 +39,26 @@ const ENDED_PREFIX: &str = "routeoidc-ended/";
 pub const CALLBACK_PATH: &str = "/.well-known/miren/oidc/callback";
 /// Ends the session.
 pub const LOGOUT_PATH: &str = "/.well-known/miren/oidc/logout";
-/// The session cookie.
+/// The session cookie (`__Host-` prefixed over HTTPS; see
+/// [`CookieScope::cookie_name`]).
 pub const SESSION_COOKIE: &str = "miren_oidc_session";
 /// The login-in-progress cookie.
 pub const LOGIN_COOKIE: &str = "miren_oidc_login";
+/// Cookies of ours, by any of their names: never passed to the app.
+pub fn is_our_cookie(name: &[u8]) -> bool {
+    let name = name.strip_prefix(b"__Host-").unwrap_or(name);
+    name.starts_with(b"miren_oidc_")
+}
+/// Largest sealed session cookie value set: browsers drop cookies over
+/// about 4 KiB (name and attributes included), which would loop the user
+/// through the login forever.
+pub const MAX_COOKIE_VALUE_BYTES: usize = 3800;
+/// Logins in progress remembered for replay protection at most; beyond it
+/// new callbacks are refused until older logins expire.
+pub const MAX_LOGINS_IN_PROGRESS: usize = 100_000;
+/// How long a failed discovery fetch is remembered, so an unreachable
+/// provider is not asked again by every anonymous request.
+const META_FAILURE_SECS: u64 = 5;
 /// Where the session's own id is kept among its claims.
 pub const SESSION_ID_CLAIM: &str = "_miren_session_id";
 /// Longest session, even when the ID token lives longer.
@@ -58,6 +74,9 @@ pub struct ProviderMeta {
     pub end_session_endpoint: Option<String>,
 }
 
+/// A provider's endpoints (or why they could not be had) and when.
+type MetaEntry = (Result<ProviderMeta, String>, Instant);
+
 #[derive(Serialize, Deserialize)]
 struct LoginState {
     state: String,
@@ -71,16 +90,65 @@ struct LoginState {
 pub struct Sso {
     key: LessSafeKey,
     store: std::sync::Arc<dyn Store>,
-    used_states: Mutex<HashMap<String, i64>>,
+    /// `state`s of finished logins (state -> login expiry) and the size at
+    /// which expired ones are next pruned.
+    used_states: Mutex<(HashMap<String, i64>, usize)>,
     /// Sessions ended by logout (session id -> expiry), refused until they
     /// would have expired anyway; kept in the store too, so a restart does
     /// not bring a logged-out cookie back.
     ended: Mutex<HashMap<String, i64>>,
-    meta: Mutex<HashMap<String, (ProviderMeta, Instant)>>,
+    meta: Mutex<HashMap<String, MetaEntry>>,
     /// Refreshes by session id: the latest refreshed session, behind a lock
     /// held while the provider is asked, so concurrent requests of one
     /// session share one refresh.
     refreshes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SessionClaims>>>>>,
+}
+
+/// What a sealed cookie is bound to: the scheme, the host, and the
+/// provider's issuer and client. A cookie sealed for one never opens for
+/// another: not at another host, not on the other listener, not after the
+/// route's provider changed.
+#[derive(Debug, Clone, Copy)]
+pub struct CookieScope<'a> {
+    pub secure: bool,
+    pub host: &'a str,
+    pub issuer: &'a str,
+    pub client_id: &'a str,
+}
+
+impl CookieScope<'_> {
+    fn aad(&self, kind: &str) -> String {
+        let scheme = if self.secure { "https" } else { "http" };
+        format!(
+            "{kind}|{scheme}|{}|{}|{}",
+            self.host, self.issuer, self.client_id
+        )
+    }
+
+    /// The name of cookie `base` here: `__Host-<base>` over HTTPS, which a
+    /// browser accepts only from this exact host (Secure, Path=/, no
+    /// Domain), so a sibling host cannot plant one.
+    pub fn cookie_name(&self, base: &str) -> String {
+        if self.secure {
+            format!("__Host-{base}")
+        } else {
+            base.to_string()
+        }
+    }
+
+    /// A `Set-Cookie` header for cookie `base` (HttpOnly, SameSite=Lax,
+    /// Path=/, and Secure over HTTPS).
+    fn set_cookie(&self, base: &str, value: &str, max_age: i64) -> (String, String) {
+        (
+            "set-cookie".into(),
+            format!(
+                "{}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+                self.cookie_name(base),
+                max_age.max(0),
+                if self.secure { "; Secure" } else { "" }
+            ),
+        )
+    }
 }
 
 /// A request to a protected route, as the gate sees it.
@@ -96,6 +164,9 @@ pub struct GateRequest<'a> {
     pub accepts_html: bool,
     /// Whether the request came over HTTPS.
     pub secure: bool,
+    /// The route's claim mappings: only these claims are kept in the
+    /// session.
+    pub claim_headers: &'a [ClaimHeader],
     pub now: i64,
 }
 
@@ -111,22 +182,27 @@ pub enum Gate {
     Respond(u16, Vec<(String, String)>, String),
 }
 
-fn cookie_value(cookies: &str, name: &str) -> Option<String> {
-    cookies.split(';').find_map(|c| {
+/// Every value of cookie `name`, in order: a browser may send several
+/// (another path's, a planted one), and the first need not be ours.
+fn cookie_values<'a>(cookies: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    cookies.split(';').filter_map(move |c| {
         let (k, v) = c.trim().split_once('=')?;
-        (k == name).then(|| v.to_string())
+        (k == name).then_some(v)
     })
 }
 
-fn set_cookie(name: &str, value: &str, max_age: i64, secure: bool) -> (String, String) {
-    (
-        "set-cookie".into(),
-        format!(
-            "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
-            max_age.max(0),
-            if secure { "; Secure" } else { "" }
-        ),
-    )
+/// The claims a session keeps: those the route maps to headers. Keeping
+/// no more makes the cookie small and holds no more of the user's data
+/// than the app gets.
+fn kept_claims(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    mappings: &[ClaimHeader],
+) -> serde_json::Map<String, serde_json::Value> {
+    claims
+        .iter()
+        .filter(|(k, _)| mappings.iter().any(|m| m.claim() == k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn redirect(location: &str, cookies: Vec<(String, String)>) -> Gate {
@@ -171,7 +247,7 @@ impl Sso {
         Ok(Sso {
             key: LessSafeKey::new(key),
             store,
-            used_states: Mutex::new(HashMap::new()),
+            used_states: Mutex::new((HashMap::new(), 4096)),
             ended: Mutex::new(ended),
             meta: Mutex::new(HashMap::new()),
             refreshes: Mutex::new(HashMap::new()),
@@ -211,10 +287,17 @@ impl Sso {
     /// The session of this request for `host`, if its cookie opens, it
     /// was not ended by logout and it is not over at `now` (it may still
     /// need a refresh).
-    pub fn session(&self, host: &str, cookies: &str, now: i64) -> Option<SessionClaims> {
-        let sealed = cookie_value(cookies, SESSION_COOKIE)?;
-        let plain = self.open(&format!("session|{host}"), &sealed)?;
-        let s: SessionClaims = serde_json::from_slice(&plain).ok()?;
+    pub fn session(
+        &self,
+        scope: &CookieScope<'_>,
+        cookies: &str,
+        now: i64,
+    ) -> Option<SessionClaims> {
+        let name = scope.cookie_name(SESSION_COOKIE);
+        let aad = scope.aad("session");
+        let s: SessionClaims = cookie_values(cookies, &name)
+            .filter_map(|sealed| self.open(&aad, sealed))
+            .find_map(|plain| serde_json::from_slice(&plain).ok())?;
         let sid = s.claims.get(SESSION_ID_CLAIM)?.as_str()?;
         let ended = self.ended.lock().ok()?.contains_key(sid);
         (s.state(now) != SessionState::Over && !ended).then_some(s)
@@ -255,12 +338,34 @@ impl Sso {
         }
     }
 
-    /// Seals `session` into a cookie value for `host` (AES-256-GCM, the host
-    /// as associated data).
-    pub fn seal_session(&self, host: &str, session: &SessionClaims) -> Option<String> {
+    /// Seals `session` into a cookie value for `scope` (AES-256-GCM, the
+    /// scope as associated data).
+    pub fn seal_session(&self, scope: &CookieScope<'_>, session: &SessionClaims) -> Option<String> {
         serde_json::to_vec(session)
             .ok()
-            .and_then(|j| self.seal(&format!("session|{host}"), &j))
+            .and_then(|j| self.seal(&scope.aad("session"), &j))
+    }
+
+    /// The `Set-Cookie` of `session`, or the answer when it cannot be set.
+    fn session_cookie(
+        &self,
+        scope: &CookieScope<'_>,
+        session: &SessionClaims,
+        now: i64,
+    ) -> Result<(String, String), Gate> {
+        let sealed = self
+            .seal_session(scope, session)
+            .ok_or_else(|| refuse(500, "could not seal the session"))?;
+        if sealed.len() > MAX_COOKIE_VALUE_BYTES {
+            return Err(refuse(
+                500,
+                &format!(
+                    "the session does not fit in a cookie ({} bytes, at most {MAX_COOKIE_VALUE_BYTES}): map fewer or smaller claims with --claim-header",
+                    sealed.len()
+                ),
+            ));
+        }
+        Ok(scope.set_cookie(SESSION_COOKIE, &sealed, session.max_age_secs(now)))
     }
 
     /// Renews an expired session with its refresh token. Concurrent
@@ -272,6 +377,7 @@ impl Sso {
         provider: &Provider,
         issuer: &IssuerUrl,
         session: &SessionClaims,
+        mappings: &[ClaimHeader],
         now: i64,
     ) -> Result<SessionClaims, String> {
         let sid = session
@@ -316,7 +422,7 @@ impl Sso {
         let renewed = current
             .refreshed(
                 &verified.subject,
-                verified.claims.clone(),
+                kept_claims(&verified.claims, mappings),
                 verified.expires_at,
                 body["refresh_token"].as_str().map(str::to_string),
                 now,
@@ -334,11 +440,30 @@ impl Sso {
     ) -> Result<ProviderMeta, String> {
         if let Ok(m) = self.meta.lock() {
             if let Some((meta, at)) = m.get(issuer.as_str()) {
-                if at.elapsed() < Duration::from_secs(3600) {
-                    return Ok(meta.clone());
+                let fresh_for = match meta {
+                    Ok(_) => Duration::from_secs(3600),
+                    Err(_) => Duration::from_secs(META_FAILURE_SECS),
+                };
+                if at.elapsed() < fresh_for {
+                    return meta.clone();
                 }
             }
         }
+        let fetched = self.fetch_meta(oidc, issuer).await;
+        if let Ok(mut m) = self.meta.lock() {
+            m.insert(
+                issuer.as_str().to_string(),
+                (fetched.clone(), Instant::now()),
+            );
+        }
+        fetched
+    }
+
+    async fn fetch_meta(
+        &self,
+        oidc: &crate::oidc::OidcVerifier,
+        issuer: &IssuerUrl,
+    ) -> Result<ProviderMeta, String> {
         let body = oidc.get_json(&issuer.discovery_url()).await?;
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         if v["issuer"].as_str() != Some(issuer.as_str()) {
@@ -347,21 +472,20 @@ impl Sso {
                 issuer.as_str()
             ));
         }
+        // Only HTTPS endpoints: the token request carries the client secret
+        // and the code.
         let field = |k: &str| {
             v[k].as_str()
-                .filter(|s| s.starts_with("https://") || s.starts_with("http://127.0.0.1"))
+                .filter(|s| reqwest::Url::parse(s).is_ok_and(|u| u.scheme() == "https"))
                 .map(str::to_string)
         };
-        let meta = ProviderMeta {
+        Ok(ProviderMeta {
             authorization_endpoint: field("authorization_endpoint")
-                .ok_or("provider has no authorization_endpoint")?,
-            token_endpoint: field("token_endpoint").ok_or("provider has no token_endpoint")?,
+                .ok_or("provider has no https authorization_endpoint")?,
+            token_endpoint: field("token_endpoint")
+                .ok_or("provider has no https token_endpoint")?,
             end_session_endpoint: field("end_session_endpoint"),
-        };
-        if let Ok(mut m) = self.meta.lock() {
-            m.insert(issuer.as_str().to_string(), (meta.clone(), Instant::now()));
-        }
-        Ok(meta)
+        })
     }
 
     /// Decides what to do with a request to a protected route.
@@ -387,8 +511,14 @@ impl Sso {
         };
         let scheme = if secure { "https" } else { "http" };
         let redirect_uri = format!("{scheme}://{}{CALLBACK_PATH}", req.authority);
+        let scope = CookieScope {
+            secure,
+            host,
+            issuer: issuer.as_str(),
+            client_id: &provider.client_id,
+        };
         if path == LOGOUT_PATH {
-            if let Some(s) = self.session(host, cookies, now) {
+            if let Some(s) = self.session(&scope, cookies, now) {
                 self.end(&s, now);
             }
             let after = match self.meta(oidc, &issuer).await {
@@ -404,24 +534,26 @@ impl Sso {
                 }
                 _ => "/".to_string(),
             };
-            return redirect(&after, vec![set_cookie(SESSION_COOKIE, "", 0, secure)]);
+            return redirect(&after, vec![scope.set_cookie(SESSION_COOKIE, "", 0)]);
         }
         if path == CALLBACK_PATH {
             return self
-                .callback(oidc, provider, &issuer, req, &redirect_uri)
+                .callback(oidc, provider, &issuer, &scope, req, &redirect_uri)
                 .await;
         }
-        if let Some(s) = self.session(host, cookies, now) {
+        if let Some(s) = self.session(&scope, cookies, now) {
             if s.state(now) == SessionState::Active {
                 return Gate::Proxy(s.claims, vec![]);
             }
-            match self.refresh(oidc, provider, &issuer, &s, now).await {
+            match self
+                .refresh(oidc, provider, &issuer, &s, req.claim_headers, now)
+                .await
+            {
                 Ok(renewed) => {
-                    if let Some(sealed) = self.seal_session(host, &renewed) {
-                        let cookie =
-                            set_cookie(SESSION_COOKIE, &sealed, renewed.max_age_secs(now), secure);
-                        return Gate::Proxy(renewed.claims, vec![cookie]);
-                    }
+                    return match self.session_cookie(&scope, &renewed, now) {
+                        Ok(cookie) => Gate::Proxy(renewed.claims, vec![cookie]),
+                        Err(answer) => answer,
+                    };
                 }
                 Err(e) => tracing::info!(host, "route OIDC session not refreshed: {e}"),
             }
@@ -445,7 +577,7 @@ impl Sso {
         };
         let Some(sealed) = serde_json::to_vec(&login)
             .ok()
-            .and_then(|j| self.seal(&format!("login|{host}"), &j))
+            .and_then(|j| self.seal(&scope.aad("login"), &j))
         else {
             return refuse(500, "could not start the login");
         };
@@ -466,7 +598,7 @@ impl Sso {
         };
         redirect(
             &format!("{}{sep}{q}", meta.authorization_endpoint),
-            vec![set_cookie(LOGIN_COOKIE, &sealed, LOGIN_SECS, secure)],
+            vec![scope.set_cookie(LOGIN_COOKIE, &sealed, LOGIN_SECS)],
         )
     }
 
@@ -475,14 +607,13 @@ impl Sso {
         oidc: &crate::oidc::OidcVerifier,
         provider: &Provider,
         issuer: &IssuerUrl,
+        scope: &CookieScope<'_>,
         req: &GateRequest<'_>,
         redirect_uri: &str,
     ) -> Gate {
         let GateRequest {
-            host,
             path_and_query,
             cookies,
-            secure,
             now,
             ..
         } = *req;
@@ -509,24 +640,38 @@ impl Sso {
         let (Some(code), Some(state)) = (params.get("code"), params.get("state")) else {
             return refuse(400, "callback without code and state");
         };
-        let login: Option<LoginState> = cookie_value(cookies, LOGIN_COOKIE)
-            .and_then(|c| self.open(&format!("login|{host}"), &c))
-            .and_then(|p| serde_json::from_slice(&p).ok());
-        let Some(login) = login.filter(|l| l.exp > now) else {
+        let (name, aad) = (scope.cookie_name(LOGIN_COOKIE), scope.aad("login"));
+        let logins: Vec<LoginState> = cookie_values(cookies, &name)
+            .filter_map(|c| self.open(&aad, c))
+            .filter_map(|p| serde_json::from_slice::<LoginState>(&p).ok())
+            .filter(|l| l.exp > now)
+            .collect();
+        if logins.is_empty() {
             return refuse(
                 400,
                 "login expired or not started here; open the page again",
             );
-        };
-        if !tokens_match(&login.state, state) {
-            return refuse(400, "login state does not match");
         }
+        let Some(login) = logins.into_iter().find(|l| tokens_match(&l.state, state)) else {
+            return refuse(400, "login state does not match");
+        };
         {
             let Ok(mut used) = self.used_states.lock() else {
                 return refuse(500, "state cache unavailable");
             };
-            used.retain(|_, exp| *exp > now);
-            if used.insert(login.state.clone(), login.exp).is_some() {
+            let (states, prune_at) = &mut *used;
+            // Prune now and then, not on every callback.
+            if states.len() >= *prune_at {
+                states.retain(|_, exp| *exp > now);
+                *prune_at = (states.len() * 2).max(4096);
+            }
+            if states.len() >= MAX_LOGINS_IN_PROGRESS {
+                return refuse(
+                    503,
+                    "too many logins in progress; try again in a few minutes",
+                );
+            }
+            if states.insert(login.state.clone(), login.exp).is_some() {
                 return refuse(400, "login state already used");
             }
         }
@@ -557,7 +702,7 @@ impl Sso {
         {
             return refuse(401, "ID token nonce does not match the login");
         }
-        let mut claims = verified.claims.clone();
+        let mut claims = kept_claims(&verified.claims, req.claim_headers);
         claims.insert(
             SESSION_ID_CLAIM.to_string(),
             serde_json::Value::String(random_token(rand::random())),
@@ -570,15 +715,13 @@ impl Sso {
             now,
             MAX_SESSION_SECS,
         );
-        let Some(sealed) = self.seal_session(host, &session) else {
-            return refuse(500, "could not start the session");
+        let cookie = match self.session_cookie(scope, &session, now) {
+            Ok(c) => c,
+            Err(answer) => return answer,
         };
         redirect(
             &login.ret,
-            vec![
-                set_cookie(SESSION_COOKIE, &sealed, session.max_age_secs(now), secure),
-                set_cookie(LOGIN_COOKIE, "", 0, secure),
-            ],
+            vec![cookie, scope.set_cookie(LOGIN_COOKIE, "", 0)],
         )
     }
 }
@@ -596,7 +739,7 @@ async fn token_request(
         form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect::<String>(),
         form_urlencoded::byte_serialize(provider.client_secret.as_bytes()).collect::<String>()
     ));
-    let resp = oidc
+    let mut resp = oidc
         .client
         .post(&meta.token_endpoint)
         .header("content-type", "application/x-www-form-urlencoded")
@@ -611,9 +754,8 @@ async fn token_request(
             resp.status()
         ));
     }
-    resp.json()
-        .await
-        .map_err(|e| format!("token response: {e}"))
+    let body = crate::oidc::read_capped(&mut resp, &meta.token_endpoint).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("token response: {e}"))
 }
 
 /// Verifies an ID token from `provider` with the `identity` verifier:
@@ -647,6 +789,13 @@ mod tests {
     use super::*;
     use crate::store::RedbStore;
 
+    const A: CookieScope<'static> = CookieScope {
+        secure: false,
+        host: "a.test",
+        issuer: "https://login.example.com",
+        client_id: "client-1",
+    };
+
     fn session(now: i64) -> SessionClaims {
         let mut claims = serde_json::Map::new();
         claims.insert(
@@ -669,23 +818,43 @@ mod tests {
         let store = Arc::new(RedbStore::open(&dir.path().join("store.redb")).unwrap());
         let sso = Sso::load_or_create(dir.path(), store).unwrap();
         let now = 1_700_000_000;
-        let sealed = sso.seal_session("a.test", &session(now)).unwrap();
+        let sealed = sso.seal_session(&A, &session(now)).unwrap();
         let cookie = format!("other=1; {SESSION_COOKIE}={sealed}");
-        assert!(sso.session("a.test", &cookie, now).is_some());
-        assert!(sso.session("b.test", &cookie, now).is_none());
+        assert!(sso.session(&A, &cookie, now).is_some());
+        // Bound to the host, the scheme and the provider's client.
+        for other in [
+            CookieScope {
+                host: "b.test",
+                ..A
+            },
+            CookieScope { secure: true, ..A },
+            CookieScope {
+                client_id: "client-2",
+                ..A
+            },
+            CookieScope {
+                issuer: "https://other.example.com",
+                ..A
+            },
+        ] {
+            let name = other.cookie_name(SESSION_COOKIE);
+            let moved = format!("{name}={sealed}");
+            assert!(sso.session(&other, &moved, now).is_none(), "{other:?}");
+        }
+        // A planted cookie of the same name first does not hide ours.
+        let planted = format!("{SESSION_COOKIE}=garbage; {cookie}");
+        assert!(sso.session(&A, &planted, now).is_some());
         let mut bytes = sealed.into_bytes();
         bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
         let tampered = format!("{SESSION_COOKIE}={}", String::from_utf8(bytes).unwrap());
-        assert!(sso.session("a.test", &tampered, now).is_none());
+        assert!(sso.session(&A, &tampered, now).is_none());
         // Refreshable after the ID token, over at the cap.
         let cookie = format!(
             "{SESSION_COOKIE}={}",
-            sso.seal_session("a.test", &session(now)).unwrap()
+            sso.seal_session(&A, &session(now)).unwrap()
         );
-        assert!(sso.session("a.test", &cookie, now + 61).is_some());
-        assert!(sso
-            .session("a.test", &cookie, now + MAX_SESSION_SECS)
-            .is_none());
+        assert!(sso.session(&A, &cookie, now + 61).is_some());
+        assert!(sso.session(&A, &cookie, now + MAX_SESSION_SECS).is_none());
     }
 
     #[test]
@@ -697,18 +866,15 @@ mod tests {
         let s = session(now);
         let cookie = {
             let sso = Sso::load_or_create(dir.path(), store.clone()).unwrap();
-            let cookie = format!(
-                "{SESSION_COOKIE}={}",
-                sso.seal_session("a.test", &s).unwrap()
-            );
-            assert!(sso.session("a.test", &cookie, now).is_some());
+            let cookie = format!("{SESSION_COOKIE}={}", sso.seal_session(&A, &s).unwrap());
+            assert!(sso.session(&A, &cookie, now).is_some());
             sso.end(&s, now);
-            assert!(sso.session("a.test", &cookie, now).is_none());
+            assert!(sso.session(&A, &cookie, now).is_none());
             cookie
         };
         // A restart: same key file, same store.
         let sso = Sso::load_or_create(dir.path(), store.clone()).unwrap();
-        assert!(sso.session("a.test", &cookie, now + 1).is_none());
+        assert!(sso.session(&A, &cookie, now + 1).is_none());
         // Records of sessions that have lapsed are dropped at the next logout.
         let mut later = session(now);
         later.claims.insert(

@@ -408,6 +408,11 @@ pub enum ClaimValueError {
         /// Its offset in the rendered value.
         position: usize,
     },
+    /// The rendered value starts or ends with a space or tab. HTTP
+    /// receivers trim that whitespace, so a user-editable claim
+    /// `" admin@corp"` would reach the app as `admin@corp`.
+    #[error("claim value starts or ends with whitespace, which receivers would trim")]
+    SurroundingWhitespace,
     /// The rendered value is longer than [`MAX_CLAIM_VALUE_LEN`].
     #[error("claim value is {len} bytes long; at most {max} are passed to the app")]
     TooLong {
@@ -428,7 +433,8 @@ pub enum ClaimValueError {
 /// * `null` gives `Ok(None)`: the claim is treated as missing.
 ///
 /// A value holding a control character other than horizontal tab (CR, LF
-/// and NUL included) or longer than [`MAX_CLAIM_VALUE_LEN`] is refused.
+/// and NUL included), starting or ending with a space or tab, or longer
+/// than [`MAX_CLAIM_VALUE_LEN`] is refused.
 pub fn render_claim_checked(value: &Value) -> Result<Option<String>, ClaimValueError> {
     let rendered = match value {
         Value::Null => return Ok(None),
@@ -443,6 +449,9 @@ pub fn render_claim_checked(value: &Value) -> Result<Option<String>, ClaimValueE
         .find(|&(_, &b)| (b < 0x20 && b != b'\t') || b == 0x7f)
     {
         return Err(ClaimValueError::ControlChar { byte, position });
+    }
+    if rendered.starts_with([' ', '\t']) || rendered.ends_with([' ', '\t']) {
+        return Err(ClaimValueError::SurroundingWhitespace);
     }
     if rendered.len() > MAX_CLAIM_VALUE_LEN {
         return Err(ClaimValueError::TooLong {
@@ -1215,6 +1224,21 @@ mod tests {
         assert!(!tokens_match(&s, &s[..42]));
         assert!(!tokens_match(&s, ""));
         assert!(!tokens_match("", ""));
+    }
+
+    #[test]
+    fn render_refuses_values_a_receiver_would_trim() {
+        for v in [" admin@corp", "admin@corp ", "\tadmin", "admin\t", " "] {
+            assert_eq!(
+                render_claim_checked(&json!(v)),
+                Err(ClaimValueError::SurroundingWhitespace),
+                "{v:?}"
+            );
+            assert_eq!(render_claim(&json!(v)), None);
+        }
+        // Inner spaces are fine; so is the empty string.
+        assert_eq!(render_claim(&json!("Jane Doe")), Some("Jane Doe".into()));
+        assert_eq!(render_claim(&json!("")), Some(String::new()));
     }
 
     #[test]

@@ -520,6 +520,35 @@ fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
         &[],
     );
     assert!(!busy.ok, "a provider in use was removed");
+    // Another client under the same provider name would change it under
+    // every route that uses it: refused, and the provider is unchanged.
+    let other = miren(
+        &c.cfg,
+        &[
+            "route",
+            "oidc",
+            "enable",
+            "--default",
+            "--provider-url",
+            "https://login.example.com",
+            "--client-id",
+            "another-client",
+            "--client-secret",
+            "x",
+            "--claim-header",
+            "email:X-User-Email",
+        ],
+        &[],
+    );
+    assert!(!other.ok, "{other:?}");
+    assert!(
+        other.stderr.contains("--provider login-example-com"),
+        "{}",
+        other.stderr
+    );
+    let providers = miren(&c.cfg, &["route", "oidc", "providers", "-o", "json"], &[]);
+    let pv: Value = serde_json::from_str(&providers.stdout).unwrap();
+    assert_eq!(pv[0]["client_id"], "c", "{pv}");
     assert!(miren(&c.cfg, &["route", "oidc", "disable", "hello.test"], &[]).ok);
     // The provider stays for reuse.
     assert!(

@@ -458,6 +458,52 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
     let page = browser.get(&format!("{app}/headers"), &[]);
     assert_eq!(json(&page)["x-user-email"], "alice@example.com");
 
+    // No way around the claim headers through HTTP/1.1 hop-by-hop
+    // mechanics: an h2c upgrade is refused; a header named in Connection
+    // is removed, not the claim header; trailers are not announced.
+    let r = raw
+        .get(format!("{app}/headers"))
+        .header(COOKIE, &cookie)
+        .header("upgrade", "h2c")
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = raw
+        .get(format!("{app}/headers"))
+        .header(COOKIE, &cookie)
+        .header("connection", "X-User-Email, X-Extra")
+        .header("x-extra", "1")
+        .header("trailer", "X-User-Email")
+        .send()
+        .unwrap();
+    let seen: Value = r.json().unwrap();
+    assert_eq!(seen["x-user-email"], "alice@example.com", "{seen}");
+    assert!(
+        seen.get("x-extra").is_none() && seen.get("trailer").is_none(),
+        "{seen}"
+    );
+    // Another cookie with raw UTF-8 in its value (as browsers send) does
+    // not hide the session, and reaches the app unchanged.
+    let mut with_utf8 = format!("{cookie}; theirs=caf").into_bytes();
+    with_utf8.extend_from_slice("é".as_bytes());
+    let r = raw
+        .get(format!("{app}/headers"))
+        .header(
+            COOKIE,
+            reqwest::header::HeaderValue::from_bytes(&with_utf8).unwrap(),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().unwrap();
+    assert_eq!(seen["x-user-email"], "alice@example.com", "{seen}");
+    assert!(
+        seen["cookie"].as_str().unwrap().starts_with("theirs=caf"),
+        "{seen}"
+    );
+
     // An open-redirect attempt lands on "/" (the provider remembers the
     // user, so no form this time, or a consent at most).
     let mut fresh = Browser::new(&tls.ca, None, &[("sso.test", ingress)]);
@@ -578,18 +624,25 @@ fn https_ingress_sets_secure_cookies_and_an_https_callback() {
         .hops
         .iter()
         .any(|h| h.url.as_str().starts_with(&format!("{app}{CALLBACK}"))));
-    for hop in &browser.hops {
-        for c in hop
-            .set_cookies
-            .iter()
-            .filter(|c| c.starts_with("miren_oidc_"))
-        {
-            assert!(
-                c.contains("; Secure"),
-                "cookie without Secure over HTTPS: {c}"
-            );
-        }
+    // Over HTTPS our cookies are `__Host-` cookies (Secure, Path=/, no
+    // Domain), which no sibling host can plant.
+    let ours: Vec<&String> = browser
+        .hops
+        .iter()
+        .flat_map(|h| &h.set_cookies)
+        .filter(|c| c.contains("miren_oidc_"))
+        .collect();
+    assert!(ours.len() >= 3, "login, session, login cleared: {ours:?}");
+    for c in ours {
+        assert!(
+            c.starts_with("__Host-miren_oidc_")
+                && c.contains("; Secure")
+                && c.contains("Path=/;")
+                && !c.contains("Domain"),
+            "{c}"
+        );
     }
+    assert!(browser.cookie(&app, "__Host-miren_oidc_session").is_some());
 }
 
 /// The same login in a real headless browser (Debian's chromium through
@@ -643,4 +696,82 @@ fn login_in_a_real_headless_browser() {
         .unwrap_or_else(|| panic!("no session cookie in the browser: {result}"));
     assert_eq!(session["httpOnly"], true, "{session}");
     assert_eq!(session["sameSite"], "Lax", "{session}");
+}
+
+/// A route's protection belongs to its host: `route set` keeps it, and a
+/// server started without the labs flag answers 503 on it (fails closed)
+/// instead of proxying requests the app would take as signed in, until
+/// `route oidc disable` (which works without the flag) opens it up.
+#[test]
+fn protection_outlives_route_set_and_fails_closed_without_labs() {
+    let p = Protected::start("keep.test", &["keep.test"], false, 300);
+    let Protected {
+        cluster, dir, tls, ..
+    } = p;
+    let ProbeCluster {
+        server,
+        runner: _runner,
+        config,
+    } = cluster;
+    let raw = |ingress: SocketAddr| {
+        Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .resolve("keep.test", ingress)
+            .build()
+            .unwrap()
+    };
+    let ingress: SocketAddr = server
+        .stdout
+        .iter()
+        .find_map(|l| l.strip_prefix("HTTP ingress: http://"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let spoofed = |ingress: SocketAddr| {
+        raw(ingress)
+            .get(format!("http://keep.test:{}/headers", ingress.port()))
+            .header("x-user-email", "evil@example.com")
+            .send()
+            .unwrap()
+    };
+    // Pointing the host at an app again keeps its protection.
+    let set = miren(&config, &["route", "set", "keep.test", "-a", "web"], &[]);
+    assert!(set.ok, "{set:?}");
+    assert_eq!(spoofed(ingress).status(), 401);
+
+    // Restart on the same address without --labs routeoidc.
+    let listen = server.host_port().to_string();
+    let (stopped, out) = server.stop();
+    assert!(stopped, "{out}");
+    let server = integration_tests::Server::start(
+        &dir.path().join("coord"),
+        &config,
+        &listen,
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--oidc-ca-file",
+            tls.ca.to_str().unwrap(),
+        ],
+    );
+    let ingress: SocketAddr = server
+        .stdout
+        .iter()
+        .find_map(|l| l.strip_prefix("HTTP ingress: http://"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let r = spoofed(ingress);
+    assert_eq!(r.status(), 503);
+    let body = r.text().unwrap();
+    assert!(body.contains("--labs routeoidc"), "{body}");
+
+    let off = miren(&config, &["route", "oidc", "disable", "keep.test"], &[]);
+    assert!(off.ok, "{off:?}");
+    assert!(
+        integration_tests::wait_for(Duration::from_secs(30), || spoofed(ingress).status() == 200),
+        "the unprotected route never served"
+    );
 }
