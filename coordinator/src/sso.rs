@@ -9,8 +9,9 @@
 //! The claims last no longer than the ID token; when the provider gave a
 //! refresh token, it renews them (one refresh per session at a time, so a
 //! rotated refresh token is never spent twice) up to the session cap.
-//! Login state travels in its own sealed cookie; each `state` is accepted
-//! once. The pure rules (return paths, PKCE, header filtering, session
+//! Login state travels in a sealed cookie of its own, one per login (named
+//! after the state, so logins in several tabs do not clash); each `state` is
+//! accepted once. The pure rules (return paths, PKCE, header filtering, session
 //! lifetime) are in `identity::route_oidc`.
 
 use std::collections::HashMap;
@@ -42,8 +43,21 @@ pub const LOGOUT_PATH: &str = "/.well-known/miren/oidc/logout";
 /// The session cookie (`__Host-` prefixed over HTTPS; see
 /// [`CookieScope::cookie_name`]).
 pub const SESSION_COOKIE: &str = "miren_oidc_session";
-/// The login-in-progress cookie.
+/// The login-in-progress cookies: `miren_oidc_login_<state prefix>`, one
+/// per login, so logins started in several tabs do not clash.
 pub const LOGIN_COOKIE: &str = "miren_oidc_login";
+/// How many characters of `state` name its login cookie.
+const LOGIN_COOKIE_STATE_CHARS: usize = 12;
+
+/// The login cookie's base name for `state` (None when `state` is too
+/// short to be one of ours).
+fn login_cookie_for(state: &str) -> Option<String> {
+    let prefix = state.get(..LOGIN_COOKIE_STATE_CHARS)?;
+    prefix
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        .then(|| format!("{LOGIN_COOKIE}_{prefix}"))
+}
 /// Cookies of ours, by any of their names: never passed to the app.
 pub fn is_our_cookie(name: &[u8]) -> bool {
     let name = name.strip_prefix(b"__Host-").unwrap_or(name);
@@ -598,7 +612,11 @@ impl Sso {
         };
         redirect(
             &format!("{}{sep}{q}", meta.authorization_endpoint),
-            vec![scope.set_cookie(LOGIN_COOKIE, &sealed, LOGIN_SECS)],
+            vec![scope.set_cookie(
+                &login_cookie_for(&login.state).unwrap_or_else(|| LOGIN_COOKIE.to_string()),
+                &sealed,
+                LOGIN_SECS,
+            )],
         )
     }
 
@@ -640,7 +658,10 @@ impl Sso {
         let (Some(code), Some(state)) = (params.get("code"), params.get("state")) else {
             return refuse(400, "callback without code and state");
         };
-        let (name, aad) = (scope.cookie_name(LOGIN_COOKIE), scope.aad("login"));
+        let Some(cookie_base) = login_cookie_for(state) else {
+            return refuse(400, "login state does not match");
+        };
+        let (name, aad) = (scope.cookie_name(&cookie_base), scope.aad("login"));
         let logins: Vec<LoginState> = cookie_values(cookies, &name)
             .filter_map(|c| self.open(&aad, c))
             .filter_map(|p| serde_json::from_slice::<LoginState>(&p).ok())
@@ -721,7 +742,7 @@ impl Sso {
         };
         redirect(
             &login.ret,
-            vec![cookie, scope.set_cookie(LOGIN_COOKIE, "", 0)],
+            vec![cookie, scope.set_cookie(&cookie_base, "", 0)],
         )
     }
 }

@@ -328,10 +328,11 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
     assert_eq!(q["client_id"], CLIENT_ID);
     assert_eq!(q["redirect_uri"], format!("{app}{CALLBACK}"));
     assert!(q["state"].len() >= 32 && q["nonce"].len() >= 32, "{q:?}");
+    // One login cookie per login, named after its state.
     let login_cookie = browser.hops[0]
         .set_cookies
         .iter()
-        .find_map(|c| c.strip_prefix("miren_oidc_login="))
+        .find(|c| c.starts_with(&format!("miren_oidc_login_{}=", &q["state"][..12])))
         .map(|c| c.split(';').next().unwrap().to_string())
         .expect("login cookie");
 
@@ -388,7 +389,7 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
         .unwrap();
     let replay = raw
         .get(callback.clone())
-        .header(COOKIE, format!("miren_oidc_login={login_cookie}"))
+        .header(COOKIE, &login_cookie)
         .send()
         .unwrap();
     assert_eq!(replay.status(), 400);
@@ -503,6 +504,27 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
         seen["cookie"].as_str().unwrap().starts_with("theirs=caf"),
         "{seen}"
     );
+
+    // Logins started in two tabs do not clash: each comes back to its
+    // own page.
+    let mut tabs = Browser::new(&tls.ca, None, &[("sso.test", ingress)]);
+    let first = tabs.get(&format!("{app}/headers?tab=1"), &[]);
+    let second = tabs.get(&format!("{app}/headers?tab=2"), &[]);
+    let first = tabs.sign_in(first, &provider.url, "frank@example.com");
+    assert_eq!(
+        first.url.as_str(),
+        format!("{app}/headers?tab=1"),
+        "{}",
+        first.body
+    );
+    let second = tabs.sign_in(second, &provider.url, "frank@example.com");
+    assert_eq!(
+        second.url.as_str(),
+        format!("{app}/headers?tab=2"),
+        "{}",
+        second.body
+    );
+    assert_eq!(json(&second)["x-user-email"], "frank@example.com");
 
     // An open-redirect attempt lands on "/" (the provider remembers the
     // user, so no form this time, or a consent at most).
