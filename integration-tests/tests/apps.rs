@@ -255,6 +255,9 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
         .unwrap_or_default();
     if isolation == "bwrap" {
         assert!(p["pid"].as_i64().unwrap() < 10, "no pid namespace: {p}");
+        // Not root inside: nobody, with no capabilities.
+        assert_eq!(p["uid"], 65534, "{p}");
+        assert_eq!(p["cap_eff"], "0000000000000000", "{p}");
         assert_eq!(
             p["interfaces"],
             serde_json::json!(["lo"]),

@@ -122,12 +122,29 @@ async fn expose_when_ready(port: u16, sock: PathBuf) {
     }
 }
 
-/// Whether bubblewrap can make a sandbox on this machine.
+/// The user and group a bubblewrap sandbox runs as, inside its own user
+/// namespace (`nobody`): not root, so it holds no capabilities there. The
+/// namespace maps it to the runner's user, so the sandbox can still write
+/// its own app and run dirs.
+pub const SANDBOX_UID: &str = "65534";
+
+/// The namespace and identity arguments every bubblewrap sandbox gets.
+const BWRAP_IDENTITY: [&str; 7] = [
+    "--unshare-all",
+    "--unshare-user",
+    "--uid",
+    SANDBOX_UID,
+    "--gid",
+    SANDBOX_UID,
+    "--die-with-parent",
+];
+
+/// Whether bubblewrap can make a sandbox on this machine (including its
+/// user namespace).
 pub fn bwrap_works() -> bool {
     std::process::Command::new("bwrap")
+        .args(BWRAP_IDENTITY)
         .args([
-            "--unshare-all",
-            "--die-with-parent",
             "--ro-bind",
             "/",
             "/",
@@ -144,7 +161,8 @@ pub fn bwrap_works() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The bubblewrap command that runs `shim_args` with its own pid, mount,
+/// The bubblewrap command that runs `shim_args` as an unprivileged user
+/// ([`SANDBOX_UID`]) in its own user, pid, mount,
 /// network (loopback only), uts and ipc namespaces, system dirs read-only,
 /// a private /tmp, and only this sandbox's app and run dirs from the host.
 pub fn bwrap_command(
@@ -154,12 +172,7 @@ pub fn bwrap_command(
     shim_args: &[String],
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("bwrap");
-    cmd.args([
-        "--unshare-all",
-        "--die-with-parent",
-        "--hostname",
-        "sandbox",
-    ]);
+    cmd.args(BWRAP_IDENTITY).args(["--hostname", "sandbox"]);
     for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"] {
         cmd.args(["--ro-bind-try", dir, dir]);
     }
