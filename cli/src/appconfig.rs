@@ -119,10 +119,16 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<AppConfig> {
         {
             return Err(at(format!("{k} is set by miren and cannot be configured")));
         }
+        let port = s.port.unwrap_or(8080);
+        if port < 1024 {
+            return Err(at(format!(
+                "port {port}: apps listen on an unprivileged port (1024 or above) inside their sandbox, where they run without privileges; the ingress serves ports 80 and 443 for them"
+            )));
+        }
         services.push(ServiceConfig {
             name,
             command,
-            port: s.port.unwrap_or(8080),
+            port,
             instances,
             env,
         });
@@ -191,6 +197,13 @@ command = "./work"
             .to_string();
         assert!(e.starts_with("app.toml:2:"), "{e}");
         assert!(e.contains("command is required"), "{e}");
+        let e = p("name = \"x\"\n[services.web]\ncommand = \"a\"\nport = 80\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("app.toml:2:") && e.contains("1024 or above"),
+            "{e}"
+        );
         let e = p("name = \"x\"\n\n[services.web]\ncommand = \"a\"\nbogus = 1\n")
             .unwrap_err()
             .to_string();

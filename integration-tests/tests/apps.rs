@@ -258,6 +258,7 @@ fn token_endpoint_rules_and_cached_tokens_through_an_outage() {
         // Not root inside: nobody, with no capabilities.
         assert_eq!(p["uid"], 65534, "{p}");
         assert_eq!(p["cap_eff"], "0000000000000000", "{p}");
+        assert_eq!(p["proc_sys_writable"], false, "{p}");
         assert_eq!(
             p["interfaces"],
             serde_json::json!(["lo"]),

@@ -41,28 +41,38 @@ pub enum Isolation {
     None,
     /// bubblewrap: own pid, mount, network (loopback only), uts, ipc
     /// namespaces; `miren` is this binary, run inside as the shim.
-    Bwrap { miren: PathBuf },
+    Bwrap {
+        miren: PathBuf,
+        user: crate::shim::SandboxUser,
+    },
 }
 
 impl Isolation {
     /// `bwrap` when it works here (unless `none` is asked), else `none`.
     pub fn choose(requested: &str) -> anyhow::Result<Isolation> {
-        let bwrap = || -> anyhow::Result<Isolation> {
+        let bwrap = |user: crate::shim::SandboxUser| -> anyhow::Result<Isolation> {
+            if user == crate::shim::SandboxUser::Runner {
+                eprintln!("WARNING: this machine allows no user namespaces: sandboxes get their own pid, mount, network, uts and ipc namespaces but run as the runner's user, not as an unprivileged one");
+            }
             Ok(Isolation::Bwrap {
                 miren: std::env::current_exe()
                     .context("locating the miren binary for the sandbox shim")?,
+                user,
             })
         };
         match requested {
-            "none" => Ok(Isolation::None),
-            "bwrap" if crate::shim::bwrap_works() => bwrap(),
-            "bwrap" => Err(anyhow!("--isolation bwrap: bubblewrap cannot create namespaces here (is the `bubblewrap` package installed, and are user/pid/net namespaces allowed?)")),
-            "auto" if crate::shim::bwrap_works() => bwrap(),
-            "auto" => {
+            "none" => return Ok(Isolation::None),
+            "bwrap" | "auto" => {}
+            other => return Err(anyhow!("--isolation {other:?}: use auto, bwrap or none")),
+        }
+        let support = crate::shim::bwrap_support();
+        match (requested, support) {
+            ("bwrap" | "auto", Some(user)) => bwrap(user),
+            ("bwrap", None) => Err(anyhow!("--isolation bwrap: bubblewrap cannot create namespaces here (is the `bubblewrap` package installed, and are user/pid/net namespaces allowed?)")),
+            _ => {
                 eprintln!("WARNING: bubblewrap cannot create namespaces on this machine: sandboxes will run as PLAIN PROCESSES without isolation (install `bubblewrap`, or pass --isolation none to silence this)");
                 Ok(Isolation::None)
             }
-            other => Err(anyhow!("--isolation {other:?}: use auto, bwrap or none")),
         }
     }
 
@@ -444,7 +454,7 @@ impl Launch {
                 }
                 cmd
             }
-            Isolation::Bwrap { miren } => {
+            Isolation::Bwrap { miren, user } => {
                 let args = vec![
                     "--run-dir".to_string(),
                     self.run_dir.display().to_string(),
@@ -456,7 +466,7 @@ impl Launch {
                     spec.command.clone(),
                 ];
                 let mut cmd =
-                    crate::shim::bwrap_command(miren, &self.app_dir, &self.run_dir, &args);
+                    crate::shim::bwrap_command(*user, miren, &self.app_dir, &self.run_dir, &args);
                 cmd.env_clear();
                 cmd
             }

@@ -128,22 +128,46 @@ async fn expose_when_ready(port: u16, sock: PathBuf) {
 /// its own app and run dirs.
 pub const SANDBOX_UID: &str = "65534";
 
-/// The namespace and identity arguments every bubblewrap sandbox gets.
-const BWRAP_IDENTITY: [&str; 7] = [
-    "--unshare-all",
-    "--unshare-user",
-    "--uid",
-    SANDBOX_UID,
-    "--gid",
-    SANDBOX_UID,
-    "--die-with-parent",
-];
+/// Who a bubblewrap sandbox runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxUser {
+    /// `nobody` in its own user namespace, with no capabilities.
+    Nobody,
+    /// The runner's user, where this machine allows no user namespaces
+    /// (the other namespaces still apply); said loudly.
+    Runner,
+}
 
-/// Whether bubblewrap can make a sandbox on this machine (including its
-/// user namespace).
-pub fn bwrap_works() -> bool {
+impl SandboxUser {
+    /// The namespace and identity arguments of a bubblewrap sandbox.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            SandboxUser::Nobody => &[
+                "--unshare-all",
+                "--unshare-user",
+                "--uid",
+                SANDBOX_UID,
+                "--gid",
+                SANDBOX_UID,
+                "--die-with-parent",
+            ],
+            SandboxUser::Runner => &["--unshare-all", "--die-with-parent"],
+        }
+    }
+}
+
+/// How bubblewrap can make sandboxes on this machine: as `nobody` in a user
+/// namespace, else (no user namespaces) as the runner's user, else not at
+/// all.
+pub fn bwrap_support() -> Option<SandboxUser> {
+    [SandboxUser::Nobody, SandboxUser::Runner]
+        .into_iter()
+        .find(|user| bwrap_works(*user))
+}
+
+fn bwrap_works(user: SandboxUser) -> bool {
     std::process::Command::new("bwrap")
-        .args(BWRAP_IDENTITY)
+        .args(user.args())
         .args([
             "--ro-bind",
             "/",
@@ -161,22 +185,32 @@ pub fn bwrap_works() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The bubblewrap command that runs `shim_args` as an unprivileged user
-/// ([`SANDBOX_UID`]) in its own user, pid, mount,
+/// The bubblewrap command that runs `shim_args` as `user` (normally
+/// [`SANDBOX_UID`] in its own user namespace) with its own pid, mount,
 /// network (loopback only), uts and ipc namespaces, system dirs read-only,
 /// a private /tmp, and only this sandbox's app and run dirs from the host.
 pub fn bwrap_command(
+    user: SandboxUser,
     miren: &Path,
     app_dir: &Path,
     run_dir: &Path,
     shim_args: &[String],
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("bwrap");
-    cmd.args(BWRAP_IDENTITY).args(["--hostname", "sandbox"]);
+    cmd.args(user.args()).args(["--hostname", "sandbox"]);
     for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"] {
         cmd.args(["--ro-bind-try", dir, dir]);
     }
     cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
+    // The sandbox's user is the runner's user outside the namespace (often
+    // root), and the kernel lets host root write root-owned /proc/sys files
+    // without a capability: keep them read-only.
+    cmd.args(["--ro-bind", "/proc/sys", "/proc/sys"]);
+    cmd.args([
+        "--ro-bind-try",
+        "/proc/sysrq-trigger",
+        "/proc/sysrq-trigger",
+    ]);
     let miren = miren.display().to_string();
     cmd.args(["--ro-bind", &miren, "/run/miren/miren"]);
     let app = app_dir.display().to_string();
@@ -187,4 +221,43 @@ pub fn bwrap_command(
         .arg("sandbox-shim")
         .args(shim_args);
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(user: SandboxUser) -> Vec<String> {
+        let cmd = bwrap_command(
+            user,
+            Path::new("/usr/bin/miren"),
+            Path::new("/var/lib/r/app"),
+            Path::new("/var/lib/r/run"),
+            &["--".into(), "app".into()],
+        );
+        cmd.as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn sandboxes_run_as_nobody_when_user_namespaces_exist() {
+        let a = args(SandboxUser::Nobody).join(" ");
+        assert!(a.contains("--unshare-user --uid 65534 --gid 65534"), "{a}");
+        let a = args(SandboxUser::Runner).join(" ");
+        assert!(!a.contains("--uid") && !a.contains("--unshare-user"), "{a}");
+    }
+
+    #[test]
+    fn proc_sys_is_read_only_after_proc_is_mounted() {
+        for user in [SandboxUser::Nobody, SandboxUser::Runner] {
+            let a = args(user).join(" ");
+            let proc = a.find("--proc /proc").expect("proc mounted");
+            let sys = a
+                .find("--ro-bind /proc/sys /proc/sys")
+                .expect("sys read-only");
+            assert!(proc < sys, "{a}");
+        }
+    }
 }
