@@ -242,12 +242,20 @@ async fn proxy(
         }
         (None, _) => {}
     }
+    // A refreshed session cookie goes out with whatever answers: a lost
+    // one would leave the browser with a spent refresh token.
+    let with_cookies = |mut resp: Response<Body>| {
+        for (name, value) in &response_headers {
+            resp.headers_mut().append(name.clone(), value.clone());
+        }
+        resp
+    };
     let healthy = state.apps.healthy_sandboxes(&app);
     if healthy.is_empty() {
-        return Ok(text(
+        return Ok(with_cookies(text(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("app {app} has no healthy sandbox right now"),
-        ));
+        )));
     }
     let start = counter.fetch_add(1, Ordering::Relaxed);
     // Try each healthy sandbox once, starting round-robin.
@@ -289,10 +297,10 @@ async fn proxy(
         let mut resp = match sender.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
-                return Ok(text(
+                return Ok(with_cookies(text(
                     StatusCode::BAD_GATEWAY,
                     &format!("sandbox {} did not answer: {e}", sb.id),
-                ));
+                )));
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -305,15 +313,12 @@ async fn proxy(
                 }
             });
         }
-        for (name, value) in &response_headers {
-            resp.headers_mut().append(name.clone(), value.clone());
-        }
-        return Ok(resp.map(|b| b.boxed()));
+        return Ok(with_cookies(resp.map(|b| b.boxed())));
     }
-    Ok(text(
+    Ok(with_cookies(text(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("app {app}: no runner reachable"),
-    ))
+    )))
 }
 
 /// On a protected route, closes the ways around the claim headers that

@@ -61,6 +61,9 @@ pub struct EnableRequest {
     pub scope: Option<String>,
     #[serde(default)]
     pub claim_headers: Vec<String>,
+    /// Replace an existing provider of that name that has other settings.
+    #[serde(default)]
+    pub replace_provider: bool,
 }
 
 fn labs_error() -> String {
@@ -164,9 +167,13 @@ pub fn enable(state: &State, host: &str, req: EnableRequest) -> Result<(), Strin
                 (Some(existing), Some(bytes)) if existing == provider => {
                     conditions.push(Condition::Equals(key, bytes));
                 }
+                (Some(_), Some(bytes)) if req.replace_provider => {
+                    conditions.push(Condition::Equals(key.clone(), bytes));
+                    ops.push(Op::Put(key, encode(&provider)));
+                }
                 (Some(_), _) => {
                     return Err(format!(
-                        "a provider named {name:?} already exists with other settings; reuse it with --provider {name} (and no --provider-url), or name a new one with --provider NEW-NAME"
+                        "a provider named {name:?} already exists with other settings; reuse it with --provider {name} (and no --provider-url), replace it for every route that uses it with --replace-provider, or name a new one with --provider NEW-NAME"
                     ))
                 }
                 _ => {

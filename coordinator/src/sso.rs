@@ -91,6 +91,68 @@ pub struct ProviderMeta {
 /// A provider's endpoints (or why they could not be had) and when.
 type MetaEntry = (Result<ProviderMeta, String>, Instant);
 
+/// How long a refused refresh is remembered: requests of that session get
+/// the refusal without asking the provider again.
+const REFRESH_FAILURE_SECS: i64 = 30;
+
+/// The last refresh of one session.
+#[derive(Default)]
+enum RefreshSlot {
+    #[default]
+    Never,
+    Done(SessionClaims),
+    /// Refused at `at` (Unix seconds), for this reason.
+    Failed {
+        at: i64,
+        why: String,
+    },
+}
+
+/// `state`s of finished logins, for replay protection, bounded.
+pub struct UsedStates {
+    /// state -> the login's expiry (Unix seconds).
+    states: HashMap<String, i64>,
+    /// Size at which expired states are next pruned.
+    prune_at: usize,
+    max: usize,
+}
+
+/// Why a login's `state` was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateRefusal {
+    AlreadyUsed,
+    /// `max` logins are in progress and none has expired.
+    Full,
+}
+
+impl UsedStates {
+    /// Remembers at most `max` unexpired states.
+    pub fn new(max: usize) -> UsedStates {
+        UsedStates {
+            states: HashMap::new(),
+            prune_at: 4096.min(max),
+            max,
+        }
+    }
+
+    /// Accepts `state` (of a login valid until `exp`) once. Expired states
+    /// are pruned now and then, and always before refusing for want of room.
+    pub fn accept(&mut self, state: &str, exp: i64, now: i64) -> Result<(), StateRefusal> {
+        if self.states.len() >= self.prune_at.min(self.max) {
+            self.states.retain(|_, e| *e > now);
+            self.prune_at = (self.states.len() * 2).max(4096);
+        }
+        if self.states.contains_key(state) {
+            return Err(StateRefusal::AlreadyUsed);
+        }
+        if self.states.len() >= self.max {
+            return Err(StateRefusal::Full);
+        }
+        self.states.insert(state.to_string(), exp);
+        Ok(())
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct LoginState {
     state: String,
@@ -104,9 +166,7 @@ struct LoginState {
 pub struct Sso {
     key: LessSafeKey,
     store: std::sync::Arc<dyn Store>,
-    /// `state`s of finished logins (state -> login expiry) and the size at
-    /// which expired ones are next pruned.
-    used_states: Mutex<(HashMap<String, i64>, usize)>,
+    used_states: Mutex<UsedStates>,
     /// Sessions ended by logout (session id -> expiry), refused until they
     /// would have expired anyway; kept in the store too, so a restart does
     /// not bring a logged-out cookie back.
@@ -115,7 +175,7 @@ pub struct Sso {
     /// Refreshes by session id: the latest refreshed session, behind a lock
     /// held while the provider is asked, so concurrent requests of one
     /// session share one refresh.
-    refreshes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<SessionClaims>>>>>,
+    refreshes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<RefreshSlot>>>>,
 }
 
 /// What a sealed cookie is bound to: the scheme, the host, and the
@@ -261,7 +321,7 @@ impl Sso {
         Ok(Sso {
             key: LessSafeKey::new(key),
             store,
-            used_states: Mutex::new((HashMap::new(), 4096)),
+            used_states: Mutex::new(UsedStates::new(MAX_LOGINS_IN_PROGRESS)),
             ended: Mutex::new(ended),
             meta: Mutex::new(HashMap::new()),
             refreshes: Mutex::new(HashMap::new()),
@@ -406,20 +466,51 @@ impl Sso {
             // sessions that have not ended; forget the rest.
             all.retain(|_, s| {
                 Arc::strong_count(s) > 1
-                    || s.try_lock()
-                        .is_ok_and(|g| g.as_ref().is_some_and(|r| r.ends_at > now))
+                    || s.try_lock().is_ok_and(|g| match &*g {
+                        RefreshSlot::Done(r) => r.ends_at > now,
+                        RefreshSlot::Failed { at, .. } => now - at < REFRESH_FAILURE_SECS,
+                        RefreshSlot::Never => false,
+                    })
             });
             all.entry(sid).or_default().clone()
         };
         let mut latest = slot.lock().await;
-        if let Some(done) = latest.as_ref() {
-            if done.state(now) == SessionState::Active {
-                return Ok(done.clone());
-            }
-        }
         // A newer refresh token from an earlier refresh of this session wins
         // over the one in a stale cookie.
-        let current = latest.clone().unwrap_or_else(|| session.clone());
+        let current = match &*latest {
+            RefreshSlot::Done(done) if done.state(now) == SessionState::Active => {
+                return Ok(done.clone())
+            }
+            RefreshSlot::Done(done) => done.clone(),
+            RefreshSlot::Failed { at, why } if now - at < REFRESH_FAILURE_SECS => {
+                return Err(why.clone())
+            }
+            _ => session.clone(),
+        };
+        let result = self
+            .renew(oidc, provider, issuer, &current, mappings, now)
+            .await;
+        *latest = match &result {
+            Ok(renewed) => RefreshSlot::Done(renewed.clone()),
+            Err(why) => RefreshSlot::Failed {
+                at: now,
+                why: why.clone(),
+            },
+        };
+        result
+    }
+
+    /// Asks the provider to renew `current` with its refresh token, and
+    /// verifies the answer.
+    async fn renew(
+        &self,
+        oidc: &crate::oidc::OidcVerifier,
+        provider: &Provider,
+        issuer: &IssuerUrl,
+        current: &SessionClaims,
+        mappings: &[ClaimHeader],
+        now: i64,
+    ) -> Result<SessionClaims, String> {
         let Some(refresh_token) = current.refresh_token.clone() else {
             return Err("no refresh token".into());
         };
@@ -433,7 +524,7 @@ impl Sso {
             .as_str()
             .ok_or("the provider's refresh returned no id_token")?;
         let verified = verify_id_token(oidc, provider, issuer, id_token, now).await?;
-        let renewed = current
+        current
             .refreshed(
                 &verified.subject,
                 kept_claims(&verified.claims, mappings),
@@ -442,9 +533,7 @@ impl Sso {
                 now,
                 &[SESSION_ID_CLAIM],
             )
-            .map_err(|e| e.to_string())?;
-        *latest = Some(renewed.clone());
-        Ok(renewed)
+            .map_err(|e| e.to_string())
     }
 
     async fn meta(
@@ -555,6 +644,7 @@ impl Sso {
                 .callback(oidc, provider, &issuer, &scope, req, &redirect_uri)
                 .await;
         }
+        let mut clear_session = None;
         if let Some(s) = self.session(&scope, cookies, now) {
             if s.state(now) == SessionState::Active {
                 return Gate::Proxy(s.claims, vec![]);
@@ -569,13 +659,18 @@ impl Sso {
                         Err(answer) => answer,
                     };
                 }
-                Err(e) => tracing::info!(host, "route OIDC session not refreshed: {e}"),
+                Err(e) => {
+                    tracing::info!(host, "route OIDC session not refreshed: {e}");
+                    // The cookie is of no more use: stop sending it.
+                    clear_session = Some(scope.set_cookie(SESSION_COOKIE, "", 0));
+                }
             }
         }
         if !accepts_html {
-            return refuse(
+            return Gate::Respond(
                 401,
-                "login required (open this address in a browser to sign in)",
+                clear_session.into_iter().collect(),
+                "login required (open this address in a browser to sign in)\n".into(),
             );
         }
         let meta = match self.meta(oidc, &issuer).await {
@@ -612,11 +707,14 @@ impl Sso {
         };
         redirect(
             &format!("{}{sep}{q}", meta.authorization_endpoint),
-            vec![scope.set_cookie(
+            [scope.set_cookie(
                 &login_cookie_for(&login.state).unwrap_or_else(|| LOGIN_COOKIE.to_string()),
                 &sealed,
                 LOGIN_SECS,
-            )],
+            )]
+            .into_iter()
+            .chain(clear_session)
+            .collect(),
         )
     }
 
@@ -680,20 +778,15 @@ impl Sso {
             let Ok(mut used) = self.used_states.lock() else {
                 return refuse(500, "state cache unavailable");
             };
-            let (states, prune_at) = &mut *used;
-            // Prune now and then, not on every callback.
-            if states.len() >= *prune_at {
-                states.retain(|_, exp| *exp > now);
-                *prune_at = (states.len() * 2).max(4096);
-            }
-            if states.len() >= MAX_LOGINS_IN_PROGRESS {
-                return refuse(
-                    503,
-                    "too many logins in progress; try again in a few minutes",
-                );
-            }
-            if states.insert(login.state.clone(), login.exp).is_some() {
-                return refuse(400, "login state already used");
+            match used.accept(&login.state, login.exp, now) {
+                Ok(()) => {}
+                Err(StateRefusal::AlreadyUsed) => return refuse(400, "login state already used"),
+                Err(StateRefusal::Full) => {
+                    return refuse(
+                        503,
+                        "too many logins in progress; try again in a few minutes",
+                    )
+                }
             }
         }
         let meta = match self.meta(oidc, issuer).await {
@@ -876,6 +969,33 @@ mod tests {
         );
         assert!(sso.session(&A, &cookie, now + 61).is_some());
         assert!(sso.session(&A, &cookie, now + MAX_SESSION_SECS).is_none());
+    }
+
+    #[test]
+    fn a_state_is_accepted_once() {
+        let mut used = UsedStates::new(10);
+        assert_eq!(used.accept("s1", 100, 0), Ok(()));
+        assert_eq!(used.accept("s1", 100, 1), Err(StateRefusal::AlreadyUsed));
+    }
+
+    #[test]
+    fn used_states_are_bounded_and_room_comes_back_when_logins_expire() {
+        let max = 10_000;
+        let mut used = UsedStates::new(max);
+        // Fill it with live logins (expiring at 600), growing past every
+        // pruning point on the way.
+        for i in 0..max {
+            assert_eq!(used.accept(&format!("s{i}"), 600, 0), Ok(()), "{i}");
+        }
+        assert_eq!(used.accept("late", 600, 1), Err(StateRefusal::Full));
+        // Once they have expired, a new login gets in: expired states are
+        // pruned before refusing, whatever the next pruning point was.
+        assert_eq!(used.accept("after", 1200, 601), Ok(()));
+        // A replay of a state still in its login window is refused.
+        assert_eq!(
+            used.accept("after", 1200, 602),
+            Err(StateRefusal::AlreadyUsed)
+        );
     }
 
     #[test]

@@ -553,6 +553,28 @@ fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
     let providers = miren(&c.cfg, &["route", "oidc", "providers", "-o", "json"], &[]);
     let pv: Value = serde_json::from_str(&providers.stdout).unwrap();
     assert_eq!(pv[0]["client_id"], "c", "{pv}");
+    // Rotating the secret is asked for explicitly.
+    let rotate = miren(
+        &c.cfg,
+        &[
+            "route",
+            "oidc",
+            "enable",
+            "hello.test",
+            "--provider-url",
+            "https://login.example.com",
+            "--client-id",
+            "c",
+            "--client-secret",
+            "n3w-s3cr3t",
+            "--claim-header",
+            "email:X-User-Email",
+            "--replace-provider",
+        ],
+        &[],
+    );
+    assert!(rotate.ok, "{rotate:?}");
+    assert!(!rotate.stdout.contains("n3w-s3cr3t"));
     assert!(miren(&c.cfg, &["route", "oidc", "disable", "hello.test"], &[]).ok);
     // The provider stays for reuse.
     assert!(

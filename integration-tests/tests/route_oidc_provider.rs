@@ -554,6 +554,24 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 401, "session still valid after logout");
+
+    // A refresh that cannot be had (here: the provider is gone) ends the
+    // session: 401, and the cookie is cleared so it is not sent again.
+    let tab_session = tabs.cookie(&app, "miren_oidc_session").unwrap();
+    let Protected { provider, .. } = p;
+    drop(provider);
+    std::thread::sleep(Duration::from_secs(5));
+    let r = raw
+        .get(format!("{app}/headers"))
+        .header(COOKIE, format!("miren_oidc_session={tab_session}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let cleared = r.headers().get_all(SET_COOKIE).iter().any(|c| {
+        c.to_str().unwrap().starts_with("miren_oidc_session=;")
+            && c.to_str().unwrap().contains("Max-Age=0")
+    });
+    assert!(cleared, "{:?}", r.headers());
 }
 
 #[test]

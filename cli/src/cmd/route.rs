@@ -56,6 +56,10 @@ pub enum OidcCmd {
         /// CLAIM:HEADER, e.g. email:X-User-Email; repeatable.
         #[arg(long = "claim-header")]
         claim_headers: Vec<String>,
+        /// Replace the settings of an existing provider of that name, for
+        /// every route that uses it (e.g. to rotate its client secret).
+        #[arg(long, requires = "provider_url")]
+        replace_provider: bool,
     },
     /// Show a route's protection (secrets are never shown).
     Show {
@@ -99,11 +103,13 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             client_secret,
             scope,
             claim_headers,
+            replace_provider,
         } => {
             let host = host_arg(host, default);
             let config = serde_json::json!({
                 "provider": provider, "provider_url": provider_url, "client_id": client_id,
                 "client_secret": client_secret, "scope": scope, "claim_headers": claim_headers,
+                "replace_provider": replace_provider,
             });
             let mut req = admin.route_oidc_enable_request();
             req.get().set_host(&host);
