@@ -231,6 +231,15 @@ fn enable(cluster: &ProbeCluster, target: &str, provider: &NodeOidcProvider) {
         &[],
     );
     assert!(en.ok, "{en:?}");
+    // It says what to register at the provider.
+    if target != "--default" {
+        assert!(
+            en.stdout
+                .contains(&format!("https://{target}/.well-known/miren/oidc/callback")),
+            "{}",
+            en.stdout
+        );
+    }
     assert!(
         !en.stdout.contains(CLIENT_SECRET),
         "secret printed: {}",

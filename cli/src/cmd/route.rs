@@ -1,5 +1,6 @@
 //! `miren route`: which host goes to which app through the HTTP ingress.
 
+use coordinator::sso::CALLBACK_PATH as CALLBACK;
 use serde_json::Value;
 
 use crate::config::resolve;
@@ -118,6 +119,11 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             println!(
                 "Route {} is protected by OIDC",
                 if host.is_empty() { "(default)" } else { &host }
+            );
+            let shown = if host.is_empty() { "HOST" } else { &host };
+            println!(
+                "Register the redirect URI at the provider: https://{shown}{CALLBACK} (http:// and the port for a plain HTTP ingress{})",
+                if host.is_empty() { "; one per host served by the default route" } else { "" }
             );
             Ok(())
         }
