@@ -507,8 +507,7 @@ impl Registry {
         })?;
         if let Ok(mut live) = self.live.lock() {
             if let Some(l) = live.remove(&record.id) {
-                l.conn
-                    .close(2u32.into(), b"runner removed from the cluster");
+                transport::close::close_runner_removed(&l.conn);
             }
         }
         Ok(record)

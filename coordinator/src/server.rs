@@ -341,7 +341,7 @@ impl Coordinator {
                             // A removed runner's certificate is still signed by the
                             // CA; no record behind it means it is cut off.
                             if !matches!(state.registry.record(id), Ok(Some(_))) {
-                                conn.close(3u32.into(), b"runner removed from the cluster");
+                                transport::close::close_runner_removed(&conn);
                                 return;
                             }
                         }

@@ -153,24 +153,42 @@ async fn session(
     current: &Current,
     supervisor: &Rc<Supervisor>,
 ) -> SessionEnd {
-    match session_inner(data, opts, attempt, current, supervisor).await {
+    let id = match data.load() {
+        Ok(id) => id,
+        Err(e) => return e.into(),
+    };
+    let identity = match id.client_identity() {
+        Ok(i) => i,
+        Err(e) => return e.into(),
+    };
+    let conn = match transport::dial(&id.address, Some(identity)).await {
+        Ok((_endpoint, conn)) => conn,
+        Err(e) => return e.into(),
+    };
+    let end = match session_inner(id, &conn, data, opts, attempt, current, supervisor).await {
         Ok(never) => match never {},
         Err(end) => end,
+    };
+    // The error a call saw may say only "connection lost"; the
+    // connection knows whether the coordinator closed it for removal.
+    if transport::close::is_runner_removed(&conn) {
+        return SessionEnd::Removed(transport::close::RUNNER_REMOVED_REASON.to_string());
     }
+    end
 }
 
 enum Never {}
 
 async fn session_inner(
+    mut id: crate::state::Identity,
+    conn: &quinn::Connection,
     data: &DataDir,
     opts: &RunnerOptions,
     attempt: &mut u32,
     current: &Current,
     supervisor: &Rc<Supervisor>,
 ) -> Result<Never, SessionEnd> {
-    let mut id = data.load()?;
-    let (_endpoint, conn) = transport::dial(&id.address, Some(id.client_identity()?)).await?;
-    let cluster: cluster::Client = connect_connection(&conn).await.map_err(rpc_err)?;
+    let cluster: cluster::Client = connect_connection(conn).await.map_err(rpc_err)?;
     let mut req = cluster.runner_request();
     req.get().set_agent(capnp_rpc::new_client(AgentService {
         supervisor: supervisor.clone(),

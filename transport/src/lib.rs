@@ -6,6 +6,7 @@
 //! dialing and listening in [`endpoint`], and the RPC plumbing in [`rpc`].
 
 pub mod clock;
+pub mod close;
 pub mod endpoint;
 pub mod files;
 pub mod peer;
