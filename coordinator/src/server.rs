@@ -77,6 +77,42 @@ pub struct Coordinator {
     ingress_https: Option<tokio::net::TcpListener>,
 }
 
+/// Binds QUIC on `listen` and HTTPS on `https_listen`, by default on the
+/// same IP and port over TCP. With an ephemeral port (`:0`) the port QUIC
+/// gets may already be taken over TCP (by any process's outgoing
+/// connection, say); then both are bound again on another port.
+fn bind_quic_and_https(
+    listen: SocketAddr,
+    https_listen: Option<SocketAddr>,
+    tls: rustls::ServerConfig,
+) -> anyhow::Result<(quinn::Endpoint, tokio::net::TcpListener)> {
+    let attempts = if listen.port() == 0 && https_listen.is_none() {
+        16
+    } else {
+        1
+    };
+    let mut last = None;
+    for _ in 0..attempts {
+        let endpoint = transport::server_endpoint(listen, tls.clone())?;
+        let quic_port = endpoint.local_addr()?.port();
+        let https_addr = https_listen.unwrap_or_else(|| SocketAddr::new(listen.ip(), quic_port));
+        match std::net::TcpListener::bind(https_addr) {
+            Ok(l) => {
+                l.set_nonblocking(true)?;
+                return Ok((endpoint, tokio::net::TcpListener::from_std(l)?));
+            }
+            Err(e) => {
+                endpoint.close(0u32.into(), b"");
+                last = Some((https_addr, e));
+            }
+        }
+    }
+    let (addr, e) = last.ok_or_else(|| anyhow::anyhow!("no attempt to bind HTTPS"))?;
+    Err(anyhow::anyhow!(
+        "could not listen on TCP {addr} for HTTPS: {e} (use --https-listen to pick another address)"
+    ))
+}
+
 impl Coordinator {
     /// Opens (or creates) the data dir and binds the listener. Must be
     /// called inside a tokio runtime.
@@ -119,7 +155,7 @@ impl Coordinator {
             server_key,
             &[transport::ALPN],
         )?;
-        let endpoint = transport::server_endpoint(opts.listen, tls)?;
+        let (endpoint, https) = bind_quic_and_https(opts.listen, opts.https_listen, tls)?;
         let bound = endpoint.local_addr()?;
         let port = names[0].1.unwrap_or(bound.port());
         let address = ClusterAddress {
@@ -146,14 +182,6 @@ impl Coordinator {
         })?;
         let issuers = crate::issuer::record(&material.dir, issuer.as_str(), now)?;
 
-        let https_addr = opts
-            .https_listen
-            .unwrap_or_else(|| SocketAddr::new(opts.listen.ip(), bound.port()));
-        let https = std::net::TcpListener::bind(https_addr).map_err(|e| {
-            anyhow::anyhow!("could not listen on TCP {https_addr} for HTTPS: {e} (use --https-listen to pick another address)")
-        })?;
-        https.set_nonblocking(true)?;
-        let https = tokio::net::TcpListener::from_std(https)?;
         let bind_ingress = |addr: Option<SocketAddr>, what: &str, flag: &str| {
             addr.map(|addr| -> anyhow::Result<tokio::net::TcpListener> {
                 let l = std::net::TcpListener::bind(addr).map_err(|e| {
@@ -414,5 +442,45 @@ async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
                 Err(e) => tracing::error!("signing key rotation task failed: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls() -> rustls::ServerConfig {
+        let ca = pki::ClusterCa::generate("t").expect("CA");
+        let ca = pki::ClusterCa::load(&ca.cert_pem, &ca.key_pem).expect("load");
+        let leaf = ca.issue_server(&["127.0.0.1".into()]).expect("leaf");
+        transport::tls::server_config(
+            ca.cert_der(),
+            vec![pki::cert_der_from_pem(&leaf.cert_pem).expect("cert")],
+            pki::key_der_from_pem(&leaf.key_pem).expect("key"),
+            &[transport::ALPN],
+        )
+        .expect("tls")
+    }
+
+    #[tokio::test]
+    async fn https_shares_the_quic_port_by_default() {
+        let (endpoint, https) =
+            bind_quic_and_https("127.0.0.1:0".parse().unwrap(), None, tls()).expect("bind");
+        assert_eq!(
+            endpoint.local_addr().unwrap().port(),
+            https.local_addr().unwrap().port()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_taken_fixed_https_port_is_an_error_that_names_the_flag() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let e = bind_quic_and_https(listen, None, tls())
+            .err()
+            .expect("TCP port taken")
+            .to_string();
+        assert!(e.contains("--https-listen"), "{e}");
     }
 }
