@@ -478,8 +478,7 @@ mod tests {
         let port = taken.local_addr().unwrap().port();
         let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let e = bind_quic_and_https(listen, None, tls())
-            .err()
-            .expect("TCP port taken")
+            .expect_err("TCP port taken")
             .to_string();
         assert!(e.contains("--https-listen"), "{e}");
     }
