@@ -122,28 +122,24 @@ fn main() {
         per_request();
         raw_open();
     }
-    let (mut gate_n, mut gate_t) = (0u64, Duration::ZERO);
-    let (mut raw_n, mut raw_t) = (0u64, Duration::ZERO);
+    // Runs `op` in batches of 100 for one slice; adds to (count, time).
+    let run_slice = |op: &dyn Fn(), total: &mut (u64, Duration)| {
+        let start = Instant::now();
+        while start.elapsed() < slice {
+            for _ in 0..100 {
+                op();
+            }
+            total.0 += 100;
+        }
+        total.1 += start.elapsed();
+    };
+    let (mut gate, mut raw) = ((0u64, Duration::ZERO), (0u64, Duration::ZERO));
     for _ in 0..SLICES {
-        let start = Instant::now();
-        while start.elapsed() < slice {
-            for _ in 0..100 {
-                per_request();
-            }
-            gate_n += 100;
-        }
-        gate_t += start.elapsed();
-        let start = Instant::now();
-        while start.elapsed() < slice {
-            for _ in 0..100 {
-                raw_open();
-            }
-            raw_n += 100;
-        }
-        raw_t += start.elapsed();
+        run_slice(&per_request, &mut gate);
+        run_slice(&raw_open, &mut raw);
     }
-    let gate_rate = gate_n as f64 / gate_t.as_secs_f64();
-    let raw_rate = raw_n as f64 / raw_t.as_secs_f64();
+    let gate_rate = gate.0 as f64 / gate.1.as_secs_f64();
+    let raw_rate = raw.0 as f64 / raw.1.as_secs_f64();
     println!(
         "cookie: {} bytes sealed, {raw_len} bytes of ciphertext",
         sealed.len()

@@ -160,6 +160,17 @@ impl Server {
         self.address.split(';').next().unwrap_or_default()
     }
 
+    /// The address (`host:port`) the server printed after `prefix`, such as
+    /// `"HTTP ingress: http://"`.
+    pub fn printed_address(&self, prefix: &str) -> String {
+        self.stdout
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("the server printed no {prefix:?} line"))
+            .to_string()
+    }
+
     /// Sends SIGTERM and waits; returns whether it exited successfully, and
     /// its error output.
     pub fn stop(mut self) -> (bool, String) {
@@ -609,17 +620,5 @@ impl ProbeCluster {
             runner,
             config,
         }
-    }
-
-    /// The address (`host:port`) the server printed after `prefix`, such as
-    /// `"HTTP ingress: http://"`.
-    pub fn printed_address(&self, prefix: &str) -> String {
-        self.server
-            .stdout
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("the server printed no {prefix:?} line"))
-            .to_string()
     }
 }

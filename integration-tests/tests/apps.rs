@@ -45,13 +45,7 @@ fn cluster_with_two_runners() -> Cluster {
         "127.0.0.1:0",
         &["--http-listen", "127.0.0.1:0", "--labs", "routeoidc"],
     );
-    let ingress = server
-        .stdout
-        .iter()
-        .find_map(|l| l.strip_prefix("HTTP ingress: http://"))
-        .and_then(|l| l.split_whitespace().next())
-        .expect("ingress address")
-        .to_string();
+    let ingress = server.printed_address("HTTP ingress: http://");
     let code = miren(&cfg, &["runner", "token", "create", "--reusable"], &[]);
     assert!(code.ok, "{code:?}");
     let code = code.stdout.trim().to_string();
@@ -464,41 +458,14 @@ fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
     let (code, _) = http_get_host(&c.ingress, "other.test", "/").unwrap();
     assert_eq!(code, 200);
     // Route OIDC configuration (labs): secrets never come back out.
-    let bad = miren(
-        &c.cfg,
-        &[
-            "route",
-            "oidc",
-            "enable",
-            "hello.test",
-            "--provider-url",
-            "https://login.example.com",
-            "--client-id",
-            "c",
-            "--client-secret",
-            "s3cr3t-value",
-            "--claim-header",
-            "email:Host",
-        ],
-        &[],
-    );
+    let bad = enable_inline(&c.cfg, "hello.test", "c", "s3cr3t-value", "email:Host", &[]);
     assert!(!bad.ok, "a reserved header was accepted");
-    let en = miren(
+    let en = enable_inline(
         &c.cfg,
-        &[
-            "route",
-            "oidc",
-            "enable",
-            "hello.test",
-            "--provider-url",
-            "https://login.example.com",
-            "--client-id",
-            "c",
-            "--client-secret",
-            "s3cr3t-value",
-            "--claim-header",
-            "email:X-User-Email",
-        ],
+        "hello.test",
+        "c",
+        "s3cr3t-value",
+        "email:X-User-Email",
         &[],
     );
     assert!(en.ok, "{en:?}");
@@ -526,22 +493,12 @@ fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
     assert!(!busy.ok, "a provider in use was removed");
     // Another client under the same provider name would change it under
     // every route that uses it: refused, and the provider is unchanged.
-    let other = miren(
+    let other = enable_inline(
         &c.cfg,
-        &[
-            "route",
-            "oidc",
-            "enable",
-            "--default",
-            "--provider-url",
-            "https://login.example.com",
-            "--client-id",
-            "another-client",
-            "--client-secret",
-            "x",
-            "--claim-header",
-            "email:X-User-Email",
-        ],
+        "--default",
+        "another-client",
+        "x",
+        "email:X-User-Email",
         &[],
     );
     assert!(!other.ok, "{other:?}");
@@ -554,24 +511,13 @@ fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
     let pv: Value = serde_json::from_str(&providers.stdout).unwrap();
     assert_eq!(pv[0]["client_id"], "c", "{pv}");
     // Rotating the secret is asked for explicitly.
-    let rotate = miren(
+    let rotate = enable_inline(
         &c.cfg,
-        &[
-            "route",
-            "oidc",
-            "enable",
-            "hello.test",
-            "--provider-url",
-            "https://login.example.com",
-            "--client-id",
-            "c",
-            "--client-secret",
-            "n3w-s3cr3t",
-            "--claim-header",
-            "email:X-User-Email",
-            "--replace-provider",
-        ],
-        &[],
+        "hello.test",
+        "c",
+        "n3w-s3cr3t",
+        "email:X-User-Email",
+        &["--replace-provider"],
     );
     assert!(rotate.ok, "{rotate:?}");
     assert!(!rotate.stdout.contains("n3w-s3cr3t"));
@@ -725,6 +671,35 @@ with tarfile.open(out, "w:gz") as t:
 }
 
 /// GET on a sandbox's service address (`host:port` or `unix:<path>`).
+/// `miren route oidc enable TARGET` with an inline provider at
+/// `https://login.example.com` (client `id`, `secret`) and one claim header,
+/// plus `extra` flags.
+fn enable_inline(
+    cfg: &Path,
+    target: &str,
+    id: &str,
+    secret: &str,
+    claim_header: &str,
+    extra: &[&str],
+) -> integration_tests::Run {
+    let mut args = vec![
+        "route",
+        "oidc",
+        "enable",
+        target,
+        "--provider-url",
+        "https://login.example.com",
+        "--client-id",
+        id,
+        "--client-secret",
+        secret,
+        "--claim-header",
+        claim_header,
+    ];
+    args.extend_from_slice(extra);
+    miren(cfg, &args, &[])
+}
+
 fn get_direct(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut raw = Vec::new();

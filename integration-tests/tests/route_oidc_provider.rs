@@ -282,7 +282,7 @@ impl Protected {
         args.extend([listen.into(), "127.0.0.1:0".into()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let cluster = ProbeCluster::start(dir.path(), &args, "web");
-        let ingress: SocketAddr = cluster.printed_address(printed).parse().unwrap();
+        let ingress: SocketAddr = cluster.server.printed_address(printed).parse().unwrap();
         let callbacks: Vec<String> = hosts
             .iter()
             .map(|h| format!("{scheme}://{h}:{}{CALLBACK}", ingress.port()))
@@ -770,11 +770,7 @@ fn protection_outlives_route_set_and_fails_closed_without_labs() {
             .unwrap()
     };
     let ingress: SocketAddr = server
-        .stdout
-        .iter()
-        .find_map(|l| l.strip_prefix("HTTP ingress: http://"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
+        .printed_address("HTTP ingress: http://")
         .parse()
         .unwrap();
     let spoofed = |ingress: SocketAddr| {
@@ -805,11 +801,7 @@ fn protection_outlives_route_set_and_fails_closed_without_labs() {
         ],
     );
     let ingress: SocketAddr = server
-        .stdout
-        .iter()
-        .find_map(|l| l.strip_prefix("HTTP ingress: http://"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
+        .printed_address("HTTP ingress: http://")
         .parse()
         .unwrap();
     let r = spoofed(ingress);
