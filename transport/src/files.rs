@@ -1,14 +1,22 @@
 //! Private files on disk: atomic writes with a mode, private directories.
 //!
 //! Every component keeps keys on disk (the coordinator's CA and signing
-//! keys, a runner's identity, the CLI's client config). They all write the
-//! same way: to a temporary name in the same directory, synced, renamed, so
-//! a crash leaves the old file or the new one, never half of either.
+//! keys, a runner's identity, the CLI's client config), and the runner
+//! publishes token files to sandboxes. They all write the same way: to a
+//! temporary name in the same directory, synced, renamed, so a crash leaves
+//! the old file or the new one, never half of either.
+//!
+//! The temporary name is unpredictable and created with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW`: a name planted in advance (a symlink, a
+//! file, a fifo) makes the write fail instead of redirecting it, so even a
+//! directory someone else can write cannot turn the write against another
+//! file. (The runner still never writes into a directory a sandbox can
+//! write: this is the second wall, not the first.)
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Creates `dir` (and parents) and sets it to mode 0700.
 pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -19,32 +27,103 @@ pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
+/// A fresh temporary name beside `path`: `.<name>.tmp-<128 random bits>`.
+fn temporary_name(dir: &Path, path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(
+        ".{name}.tmp-{}",
+        hex::encode(rand::random::<[u8; 16]>())
+    ))
+}
+
 /// Writes `bytes` to `path` atomically with the given mode.
+///
+/// The temporary file is created exclusively and without following
+/// symlinks; its mode is set on the open descriptor, never through a path.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temporary_name(dir, path);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
         f.write_all(bytes)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()
     })();
     if result.is_err() {
+        // We created this name exclusively: it is ours to remove.
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn writes_the_file_with_its_mode_and_leaves_no_temporary() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("token");
+        write_atomic(&p, b"one", 0o644).expect("first write");
+        write_atomic(&p, b"two", 0o600).expect("second write");
+        assert_eq!(fs::read(&p).expect("read"), b"two");
+        assert_eq!(fs::metadata(&p).expect("meta").mode() & 0o777, 0o600);
+        let names: Vec<_> = fs::read_dir(d.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("token")]);
+    }
+
+    #[test]
+    fn temporary_names_are_unpredictable() {
+        let d = Path::new("/x");
+        let a = temporary_name(d, Path::new("/x/token"));
+        let b = temporary_name(d, Path::new("/x/token"));
+        assert_ne!(a, b);
+        let a = a.to_string_lossy().into_owned();
+        // 128 random bits and nothing a sandbox could know (the old name
+        // was the runner's pid).
+        assert!(a.starts_with("/x/.token.tmp-") && a.len() == "/x/.token.tmp-".len() + 32);
+    }
+
+    #[test]
+    fn a_planted_symlink_never_redirects_the_write() {
+        // Every name the writer could use is planted: the old `<pid>` name
+        // and a symlink where the file goes. The victim stays untouched.
+        let d = tempfile::tempdir().expect("tempdir");
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"precious").expect("victim");
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).expect("mode");
+        let p = d.path().join("token");
+        std::os::unix::fs::symlink(
+            &victim,
+            d.path().join(format!(".token.tmp-{}", std::process::id())),
+        )
+        .expect("planted tmp");
+        std::os::unix::fs::symlink(&victim, &p).expect("planted target");
+        write_atomic(&p, b"tok", 0o644).expect("write");
+        assert_eq!(fs::read(&victim).expect("victim"), b"precious");
+        assert_eq!(fs::metadata(&victim).expect("meta").mode() & 0o777, 0o600);
+        // The symlink at the target name was replaced by our file.
+        assert!(fs::symlink_metadata(&p)
+            .expect("meta")
+            .file_type()
+            .is_file());
+        assert_eq!(fs::read(&p).expect("token"), b"tok");
+    }
 }
