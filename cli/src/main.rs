@@ -53,8 +53,12 @@ enum Command {
     /// (internal) First process inside an isolated sandbox.
     #[command(hide = true)]
     SandboxShim {
+        /// The runner's token endpoint for this sandbox (read-only dir).
         #[arg(long)]
-        run_dir: std::path::PathBuf,
+        token_socket: std::path::PathBuf,
+        /// Where to expose the service to the runner.
+        #[arg(long)]
+        app_socket: std::path::PathBuf,
         #[arg(long)]
         app_port: u16,
         #[arg(long)]
@@ -86,12 +90,16 @@ fn main() {
         Command::Runner(r) => cmd::runner::run(r, cli.cluster.as_deref()),
         Command::Identity(c) => cmd::identity::run(c, cli.cluster.as_deref()),
         Command::SandboxShim {
-            run_dir,
+            token_socket,
+            app_socket,
             app_port,
             token_port,
             command,
         } => std::process::exit(runner::shim::main(
-            run_dir,
+            runner::shim::ShimPaths {
+                token_socket,
+                app_socket,
+            },
             app_port,
             token_port,
             command.join(" "),

@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod backoff;
 pub mod join;
+pub mod layout;
+pub mod logs;
 pub mod sandbox;
 pub mod shim;
 pub mod state;

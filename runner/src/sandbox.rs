@@ -2,22 +2,31 @@
 //! process, watch its health, restart it with backoff, serve its token
 //! endpoint, keep its token file fresh, report its state.
 //!
-//! Isolation: this runner starts processes without namespaces
-//! (`--isolation none`, shown in `runner list`). Every instance gets its own
-//! free loopback port as `PORT`, so instances on one runner do not collide.
+//! Isolation: bubblewrap namespaces where the machine allows them, else
+//! plain processes (`--isolation none`, shown in `runner list`), which then
+//! get their own free loopback port as `PORT`. Either way the runner never
+//! resolves a path through a dir the sandbox can write ([`crate::layout`]),
+//! captures output from pipes into bounded runner-private logs
+//! ([`crate::logs`]), and starts the sandbox with only the environment it
+//! is given.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::layout::{SandboxDirs, INSIDE_IDENTITY, TOKEN_FILE, TOKEN_SOCKET};
+use crate::logs::{ByteRate, LineCutter, SandboxLog, Tail};
 use crate::tokens::{self, Broker, TokenKey};
+
+/// `PATH` inside every sandbox.
+const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Most bytes of log lines one `logs` call returns per sandbox.
+pub const LOGS_REPLY_BYTES: usize = 1024 * 1024;
 
 /// What the coordinator asked for.
 #[derive(Debug, Clone)]
@@ -113,8 +122,10 @@ pub async fn connect_service(address: &str) -> std::io::Result<ServiceStream> {
         Target::Tcp(a) => Ok(ServiceStream::Tcp(
             tokio::net::TcpStream::connect(a.as_str()).await?,
         )),
+        // The app's socket is in a dir the sandbox writes: only that
+        // very socket, never a symlink or anything else planted there.
         Target::Unix(p) => Ok(ServiceStream::Unix(
-            tokio::net::UnixStream::connect(p).await?,
+            crate::layout::connect_exposed_socket(&p).await?,
         )),
     }
 }
@@ -199,16 +210,11 @@ impl Supervisor {
             return Ok(());
         }
         let artifact = self.fetch_artifact(&spec.artifact, &fetch).await?;
-        let root = self.dir.join("sandboxes").join(&spec.id);
-        if root.exists() {
-            std::fs::remove_dir_all(&root).ok();
-        }
-        let app_dir = root.join("app");
-        let run_dir = root.join("run");
-        transport::files::ensure_private_dir(&run_dir)?;
-        std::fs::create_dir_all(&app_dir)?;
+        let dirs = SandboxDirs::new(&self.dir, &spec.id);
+        dirs.create()
+            .with_context(|| format!("creating {}", dirs.root.display()))?;
         let file = std::fs::File::open(&artifact)?;
-        let dest = app_dir.clone();
+        let dest = dirs.app.clone();
         tokio::task::spawn_blocking(move || {
             crate::unpack::unpack(file, &dest, &crate::unpack::Limits::default())
         })
@@ -217,8 +223,7 @@ impl Supervisor {
         .with_context(|| format!("unpacking the artifact of {}", spec.id))?;
 
         let secret = hex::encode(rand::random::<[u8; 32]>());
-        let token_path = run_dir.join("token");
-        let (endpoint, port, token_url, address) = match &self.isolation {
+        let (endpoint, port, token_url, address, token_path) = match &self.isolation {
             Isolation::None => {
                 let (listener, token_addr) = tokens::bind().await?;
                 let ep = tokens::serve(
@@ -233,11 +238,12 @@ impl Supervisor {
                     port,
                     format!("http://{token_addr}/v1/token"),
                     format!("127.0.0.1:{port}"),
+                    dirs.identity.join(TOKEN_FILE),
                 )
             }
             Isolation::Bwrap { .. } => {
-                let sock = run_dir.join(crate::shim::TOKEN_SOCKET);
-                let _ = std::fs::remove_file(&sock);
+                // In the identity dir: the sandbox sees it read-only.
+                let sock = dirs.identity.join(TOKEN_SOCKET);
                 let listener = tokio::net::UnixListener::bind(&sock)
                     .with_context(|| format!("binding {}", sock.display()))?;
                 let ep = tokens::serve(
@@ -256,7 +262,8 @@ impl Supervisor {
                     ep,
                     port,
                     format!("http://127.0.0.1:{token_port}/v1/token"),
-                    format!("unix:{}", run_dir.join(crate::shim::APP_SOCKET).display()),
+                    format!("unix:{}", dirs.app_socket().display()),
+                    Path::new(INSIDE_IDENTITY).join(TOKEN_FILE),
                 )
             }
         };
@@ -273,15 +280,15 @@ impl Supervisor {
                 token_path.display().to_string(),
             ),
             ("MIREN_OIDC_ISSUER_URL".into(), spec.issuer_url.clone()),
+            // The whole environment of the sandbox: the runner's own
+            // variables never reach it (the command is started with a
+            // cleared environment).
+            ("PATH".into(), SANDBOX_PATH.into()),
+            ("HOME".into(), dirs.app.display().to_string()),
         ]);
-        if let Isolation::Bwrap { .. } = self.isolation {
-            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
-            env.push(("HOME".into(), app_dir.display().to_string()));
-        }
         let launch = Launch {
             isolation: self.isolation.clone(),
-            app_dir: app_dir.clone(),
-            run_dir: run_dir.clone(),
+            dirs: dirs.clone(),
             port,
             token_port: token_url
                 .rsplit(':')
@@ -300,7 +307,6 @@ impl Supervisor {
         let task = tokio::task::spawn_local(supervise(
             spec.clone(),
             launch,
-            run_dir.join("output.log"),
             env,
             address,
             last.clone(),
@@ -311,7 +317,7 @@ impl Supervisor {
             self.broker.clone(),
             self.token_file_ttl,
             spec.id.clone(),
-            token_path,
+            dirs.identity.join(TOKEN_FILE),
             stopped,
         ));
         self.running.borrow_mut().insert(
@@ -354,15 +360,15 @@ impl Supervisor {
             .map(|r| r.last.borrow().address.clone())
     }
 
-    /// The last `n` lines a sandbox printed.
+    /// The last `n` lines a sandbox printed (at most [`LOGS_REPLY_BYTES`]),
+    /// from the runner-private copy the sandbox cannot touch.
     pub fn logs(&self, id: &str, n: usize) -> anyhow::Result<Vec<String>> {
         if !self.running.borrow().contains_key(id) || !valid_id(id) {
             return Err(anyhow!("sandbox {id} is not on this runner"));
         }
-        let path = self.dir.join("sandboxes").join(id).join("run/output.log");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        Ok(lines[lines.len().saturating_sub(n)..].to_vec())
+        let dirs = SandboxDirs::new(&self.dir, id);
+        crate::logs::tail(&dirs.logs, n, LOGS_REPLY_BYTES)
+            .with_context(|| format!("reading the logs of {id}"))
     }
 
     /// Stops everything (runner shutdown).
@@ -428,20 +434,19 @@ fn send(
 /// How to launch a sandbox's process.
 struct Launch {
     isolation: Isolation,
-    app_dir: PathBuf,
-    run_dir: PathBuf,
+    dirs: SandboxDirs,
     port: u16,
     token_port: u16,
 }
 
 impl Launch {
     fn command(&self, spec: &Spec) -> tokio::process::Command {
-        match &self.isolation {
+        let mut cmd = match &self.isolation {
             Isolation::None => {
                 let mut cmd = tokio::process::Command::new("/bin/sh");
                 cmd.arg("-c")
                     .arg(format!("exec {}", spec.command))
-                    .current_dir(&self.app_dir);
+                    .current_dir(&self.dirs.app);
                 // If the runner dies, its plain-process sandboxes die with
                 // it (bubblewrap does the same with --die-with-parent).
                 // SAFETY: prctl is async-signal-safe and touches no memory
@@ -455,9 +460,12 @@ impl Launch {
                 cmd
             }
             Isolation::Bwrap { miren, user } => {
+                let inside = crate::shim::ShimPaths::inside();
                 let args = vec![
-                    "--run-dir".to_string(),
-                    self.run_dir.display().to_string(),
+                    "--token-socket".to_string(),
+                    inside.token_socket.display().to_string(),
+                    "--app-socket".to_string(),
+                    inside.app_socket.display().to_string(),
                     "--app-port".to_string(),
                     self.port.to_string(),
                     "--token-port".to_string(),
@@ -465,33 +473,75 @@ impl Launch {
                     "--".to_string(),
                     spec.command.clone(),
                 ];
-                let mut cmd =
-                    crate::shim::bwrap_command(*user, miren, &self.app_dir, &self.run_dir, &args);
-                cmd.env_clear();
-                cmd
+                crate::shim::bwrap_command(*user, miren, &self.dirs, &args)
             }
-        }
+        };
+        // Only what the sandbox is given: never the runner's variables.
+        cmd.env_clear();
+        cmd
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Reads one of a sandbox's output pipes into its logs: cut into bounded
+/// lines, paced by the sandbox's byte rate, appended to the runner-private
+/// log and kept in the in-memory tail.
+async fn capture(
+    mut pipe: Box<dyn tokio::io::AsyncRead + Unpin>,
+    log: Rc<RefCell<SandboxLog>>,
+    tail: Rc<RefCell<Tail>>,
+    rate: Rc<RefCell<ByteRate>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut cutter = LineCutter::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut keep = |line: String| {
+        if let Err(e) = log.borrow_mut().append(&line) {
+            tracing::debug!("sandbox log: {e}");
+        }
+        tail.borrow_mut().push(&line);
+    };
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        cutter.feed(&buf[..n], &mut keep);
+        let wait = rate.borrow_mut().take(n, started.elapsed().as_secs_f64());
+        if wait > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(5.0))).await;
+        }
+    }
+    if let Some(line) = cutter.finish() {
+        keep(line);
+    }
+}
+
 async fn supervise(
     spec: Spec,
     launch: Launch,
-    log_path: PathBuf,
     env: Vec<(String, String)>,
     address: String,
     last: Rc<RefCell<Report>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let tail: Arc<Mutex<VecDeque<String>>> = Arc::new(Mutex::new(VecDeque::new()));
+    let log = Rc::new(RefCell::new(SandboxLog::new(launch.dirs.logs.clone())));
+    let tail = Rc::new(RefCell::new(Tail::default()));
+    // One budget for both pipes, over the sandbox's whole life.
+    let rate = Rc::new(RefCell::new(ByteRate::new(
+        crate::logs::BYTES_PER_SEC,
+        crate::logs::BURST_BYTES,
+        0.0,
+    )));
     let mut restarts = 0u32;
     let mut ever_healthy = false;
     loop {
         let mut cmd = launch.command(&spec);
         if let Isolation::Bwrap { .. } = launch.isolation {
-            let _ = std::fs::remove_file(launch.run_dir.join(crate::shim::APP_SOCKET));
+            // The name only, in the sandbox's expose dir (unlink never
+            // follows a symlink); the shim binds it again when ready.
+            let _ = std::fs::remove_file(launch.dirs.app_socket());
         }
         cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(std::process::Stdio::null())
@@ -509,33 +559,16 @@ async fn supervise(
                 return;
             }
         };
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tail = tail.clone();
-            let log_path = log_path.clone();
-            tokio::task::spawn_local(async move {
-                let mut lines = BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    append_log(&log_path, &line);
-                    if let Ok(mut t) = tail.lock() {
-                        t.push_back(line);
-                        while t.len() > 20 {
-                            t.pop_front();
-                        }
-                    }
-                }
-            });
+        let stdout = child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin>);
+        for pipe in [stdout, stderr].into_iter().flatten() {
+            tokio::task::spawn_local(capture(pipe, log.clone(), tail.clone(), rate.clone()));
         }
         let pid = child.id();
         let mut healthy = false;
@@ -556,10 +589,7 @@ async fn supervise(
             }
         };
         restarts += 1;
-        let log = tail
-            .lock()
-            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default();
+        let log_text = tail.borrow().text();
         let failed = !ever_healthy && restarts >= FAIL_AFTER;
         send(&reports, &last, |r| {
             r.state = if failed {
@@ -570,7 +600,7 @@ async fn supervise(
             r.restarts = restarts;
             r.last_log = format!(
                 "{}\n(exit: {})",
-                log,
+                log_text,
                 exit.map(|s| s.to_string())
                     .unwrap_or_else(|e| e.to_string())
             );
@@ -601,17 +631,6 @@ async fn terminate(pid: Option<u32>, child: &mut tokio::process::Child) {
             }
         }
         let _ = child.wait().await;
-    }
-}
-
-fn append_log(path: &Path, line: &str) {
-    use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
     }
 }
 

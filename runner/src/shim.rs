@@ -2,13 +2,16 @@
 //!
 //! A sandbox has its own network namespace with only loopback, so nothing
 //! outside can reach its ports and it can reach nothing outside. The shim is
-//! the sandbox's only door, through two unix sockets in its run dir (a path
-//! both sides see):
+//! the sandbox's only door, through two unix sockets (see [`crate::layout`]
+//! for who may write which dir):
 //!
-//! - `127.0.0.1:<token port>` inside -> `token.sock`, served by the runner
-//!   for this sandbox alone (the caller is identified by where it stands);
-//! - `app.sock` -> `127.0.0.1:$PORT` inside, bound only once the service
-//!   accepts connections (so its existence means "healthy").
+//! - `127.0.0.1:<token port>` inside -> `/run/miren/identity/token.sock`,
+//!   served by the runner for this sandbox alone (the caller is identified
+//!   by where it stands), in a dir the sandbox sees read-only;
+//! - `/run/miren/expose/app.sock` -> `127.0.0.1:$PORT` inside, bound only
+//!   once the service accepts connections (so its existence means
+//!   "healthy"). The runner connects to it only if it is a socket, never
+//!   through a symlink.
 //!
 //! It starts the service as its child, forwards SIGTERM/SIGINT to it and
 //! exits with its status.
@@ -18,13 +21,27 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-/// Socket of the runner's token endpoint for this sandbox.
-pub const TOKEN_SOCKET: &str = "token.sock";
-/// Socket through which the runner reaches the service.
-pub const APP_SOCKET: &str = "app.sock";
+use crate::layout::{SandboxDirs, APP_SOCKET, INSIDE_EXPOSE, INSIDE_IDENTITY, TOKEN_SOCKET};
+
+/// Where the shim finds the runner and where it exposes the service.
+#[derive(Debug, Clone)]
+pub struct ShimPaths {
+    pub token_socket: PathBuf,
+    pub app_socket: PathBuf,
+}
+
+impl ShimPaths {
+    /// The paths inside a bubblewrap sandbox.
+    pub fn inside() -> Self {
+        ShimPaths {
+            token_socket: Path::new(INSIDE_IDENTITY).join(TOKEN_SOCKET),
+            app_socket: Path::new(INSIDE_EXPOSE).join(APP_SOCKET),
+        }
+    }
+}
 
 /// Runs the shim; returns the process exit code.
-pub fn main(run_dir: PathBuf, app_port: u16, token_port: u16, command: String) -> i32 {
+pub fn main(paths: ShimPaths, app_port: u16, token_port: u16, command: String) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -35,11 +52,11 @@ pub fn main(run_dir: PathBuf, app_port: u16, token_port: u16, command: String) -
             return 70;
         }
     };
-    rt.block_on(run(run_dir, app_port, token_port, command))
+    rt.block_on(run(paths, app_port, token_port, command))
 }
 
-async fn run(run_dir: PathBuf, app_port: u16, token_port: u16, command: String) -> i32 {
-    let token_sock = run_dir.join(TOKEN_SOCKET);
+async fn run(paths: ShimPaths, app_port: u16, token_port: u16, command: String) -> i32 {
+    let token_sock = paths.token_socket;
     let token = match TcpListener::bind(("127.0.0.1", token_port)).await {
         Ok(l) => l,
         Err(e) => {
@@ -71,7 +88,7 @@ async fn run(run_dir: PathBuf, app_port: u16, token_port: u16, command: String) 
         }
     };
     let pid = child.id();
-    let app_sock = run_dir.join(APP_SOCKET);
+    let app_sock = paths.app_socket;
     let _ = std::fs::remove_file(&app_sock);
     tokio::spawn(expose_when_ready(app_port, app_sock));
 
@@ -188,12 +205,12 @@ fn bwrap_works(user: SandboxUser) -> bool {
 /// The bubblewrap command that runs `shim_args` as `user` (normally
 /// [`SANDBOX_UID`] in its own user namespace) with its own pid, mount,
 /// network (loopback only), uts and ipc namespaces, system dirs read-only,
-/// a private /tmp, and only this sandbox's app and run dirs from the host.
+/// a private /tmp, and from the host only this sandbox's app dir (writable),
+/// expose dir (writable) and identity dir (read-only).
 pub fn bwrap_command(
     user: SandboxUser,
     miren: &Path,
-    app_dir: &Path,
-    run_dir: &Path,
+    dirs: &SandboxDirs,
     shim_args: &[String],
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("bwrap");
@@ -213,9 +230,12 @@ pub fn bwrap_command(
     ]);
     let miren = miren.display().to_string();
     cmd.args(["--ro-bind", &miren, "/run/miren/miren"]);
-    let app = app_dir.display().to_string();
-    let run = run_dir.display().to_string();
-    cmd.args(["--bind", &app, &app, "--bind", &run, &run, "--chdir", &app]);
+    let app = dirs.app.display().to_string();
+    let expose = dirs.expose.display().to_string();
+    let identity = dirs.identity.display().to_string();
+    cmd.args(["--bind", &app, &app, "--chdir", &app]);
+    cmd.args(["--bind", &expose, INSIDE_EXPOSE]);
+    cmd.args(["--ro-bind", &identity, INSIDE_IDENTITY]);
     cmd.arg("--")
         .arg("/run/miren/miren")
         .arg("sandbox-shim")
@@ -231,8 +251,7 @@ mod tests {
         let cmd = bwrap_command(
             user,
             Path::new("/usr/bin/miren"),
-            Path::new("/var/lib/r/app"),
-            Path::new("/var/lib/r/run"),
+            &SandboxDirs::new(Path::new("/var/lib/r"), "s1"),
             &["--".into(), "app".into()],
         );
         cmd.as_std()
@@ -247,6 +266,24 @@ mod tests {
         assert!(a.contains("--unshare-user --uid 65534 --gid 65534"), "{a}");
         let a = args(SandboxUser::Runner).join(" ");
         assert!(!a.contains("--uid") && !a.contains("--unshare-user"), "{a}");
+    }
+
+    #[test]
+    fn only_the_identity_dir_is_shared_read_only_and_logs_never() {
+        let a = args(SandboxUser::Nobody).join(" ");
+        assert!(
+            a.contains("--ro-bind /var/lib/r/sandboxes/s1/identity /run/miren/identity"),
+            "{a}"
+        );
+        assert!(
+            a.contains("--bind /var/lib/r/sandboxes/s1/expose /run/miren/expose"),
+            "{a}"
+        );
+        assert!(!a.contains("/logs"), "{a}");
+        assert!(
+            !a.contains("--bind /var/lib/r/sandboxes/s1/identity"),
+            "{a}"
+        );
     }
 
     #[test]

@@ -1,0 +1,165 @@
+//! Where a sandbox's files live on the runner, and who may write each dir.
+//!
+//! The rule: **the runner never resolves a path through a directory the
+//! sandbox can write.** A sandbox runs as the runner's user outside its
+//! namespaces (often root), so whatever it can name — a symlink, a planted
+//! temporary name, a socket of its choosing — the runner would follow with
+//! its own rights. Everything the runner opens, creates, renames or
+//! connects to is therefore in a dir the sandbox sees read-only or not at
+//! all, or (the one exception, the app's socket) opened with `O_PATH |
+//! O_NOFOLLOW` and checked to be a socket before connecting to that inode.
+//!
+//! ```text
+//! <runner data>/sandboxes/<id>/   runner, 0700; never visible inside
+//!   app/        the unpacked app     sandbox writes (bound rw at its own path)
+//!   expose/     the shim's app.sock  sandbox writes (bound rw at /run/miren/expose)
+//!   identity/   token, token.sock    runner writes; bound READ-ONLY at /run/miren/identity
+//!   logs/       output.log(.1)       runner writes; never visible inside
+//! ```
+//!
+//! The runner writes only into `identity/` and `logs/` (atomic token
+//! replace with an exclusive, unpredictable temporary name; logs through
+//! descriptors it opened itself) and removes the whole tree with
+//! `remove_dir_all`, which never follows symlinks. With `--isolation none`
+//! the sandbox is a plain process of the runner's user and none of this
+//! contains it: that mode is for machines without namespaces, and says so.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Inside a bubblewrap sandbox: the runner's read-only dir (token file and
+/// token socket).
+pub const INSIDE_IDENTITY: &str = "/run/miren/identity";
+/// Inside a bubblewrap sandbox: where the shim binds the app's socket.
+pub const INSIDE_EXPOSE: &str = "/run/miren/expose";
+/// The token file, in the identity dir.
+pub const TOKEN_FILE: &str = "token";
+/// The runner's token endpoint for this sandbox, in the identity dir.
+pub const TOKEN_SOCKET: &str = "token.sock";
+/// The shim's socket to the service, in the expose dir.
+pub const APP_SOCKET: &str = "app.sock";
+
+/// The dirs of one sandbox on the runner.
+#[derive(Debug, Clone)]
+pub struct SandboxDirs {
+    pub root: PathBuf,
+    pub app: PathBuf,
+    pub expose: PathBuf,
+    pub identity: PathBuf,
+    pub logs: PathBuf,
+}
+
+impl SandboxDirs {
+    /// The dirs of sandbox `id` under the runner's data dir. `id` must
+    /// already be checked (`[A-Za-z0-9_-]`).
+    pub fn new(data_dir: &Path, id: &str) -> Self {
+        let root = data_dir.join("sandboxes").join(id);
+        SandboxDirs {
+            app: root.join("app"),
+            expose: root.join("expose"),
+            identity: root.join("identity"),
+            logs: root.join("logs"),
+            root,
+        }
+    }
+
+    /// Creates them afresh (whatever an earlier sandbox of this id left is
+    /// removed first, without following links).
+    pub fn create(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        for dir in [&self.root, &self.expose, &self.identity, &self.logs] {
+            transport::files::ensure_private_dir(dir)?;
+        }
+        std::fs::create_dir(&self.app)
+    }
+
+    /// The app's socket, as an address for [`connect_exposed_socket`].
+    pub fn app_socket(&self) -> PathBuf {
+        self.expose.join(APP_SOCKET)
+    }
+}
+
+/// Connects to the Unix socket at `path` only if `path` itself (no
+/// symlink) is a socket owned by this process's user: a sandbox can plant
+/// anything in its expose dir, so the name is opened `O_PATH|O_NOFOLLOW`,
+/// the inode checked (a symlink opens as itself, which is no socket), and
+/// the connection made to that inode through `/proc/self/fd`. A missing or wrong entry is an error (a failed health
+/// check), never a connection elsewhere.
+pub async fn connect_exposed_socket(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = handle.metadata()?;
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.file_type().is_socket() || meta.uid() != euid {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} is not the sandbox's socket", path.display()),
+        ));
+    }
+    let through = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let stream = tokio::net::UnixStream::connect(through).await;
+    drop(handle);
+    stream
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_to_a_real_socket_and_refuses_a_symlink_to_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let real = d.path().join("real.sock");
+        let listener = tokio::net::UnixListener::bind(&real).expect("bind");
+        assert!(connect_exposed_socket(&real).await.is_ok());
+        let (_s, _) = listener.accept().await.expect("accepted");
+
+        let link = d.path().join("app.sock");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        // O_PATH|O_NOFOLLOW opens the link itself, which is no socket.
+        let err = connect_exposed_socket(&link)
+            .await
+            .expect_err("symlink refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+
+        let file = d.path().join("file.sock");
+        std::fs::write(&file, b"").expect("file");
+        let err = connect_exposed_socket(&file)
+            .await
+            .expect_err("file refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+
+        assert!(connect_exposed_socket(&d.path().join("missing"))
+            .await
+            .is_err());
+        // Nothing was connected through the symlink.
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(50), listener.accept()).await;
+        assert!(pending.is_err());
+    }
+
+    #[test]
+    fn create_replaces_a_planted_tree_without_following_it() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).expect("outside");
+        std::fs::write(outside.join("keep"), b"k").expect("keep");
+        let dirs = SandboxDirs::new(d.path(), "s1");
+        std::fs::create_dir_all(&dirs.app).expect("app");
+        std::os::unix::fs::symlink(&outside, dirs.app.join("link")).expect("link");
+        dirs.create().expect("create");
+        assert!(outside.join("keep").exists());
+        for dir in [&dirs.app, &dirs.expose, &dirs.identity, &dirs.logs] {
+            assert!(dir.is_dir());
+            assert_eq!(std::fs::read_dir(dir).expect("list").count(), 0);
+        }
+    }
+}
