@@ -250,6 +250,11 @@ impl RunnerProc {
         }
     }
 
+    /// The runner's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the runner printed so far.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.out_path).unwrap_or_default()

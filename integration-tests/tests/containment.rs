@@ -1,0 +1,286 @@
+//! A deployed app cannot reach outside its sandbox (issue 11), on real
+//! processes: a hostile app (`fixtures/hostile-app`), deployed the ordinary
+//! way, plants symlinks to a host file under every name the runner writes
+//! through, tries to overwrite its token file and redirects its app socket
+//! to a host socket. The host file stays as it was (content and mode),
+//! nothing of it appears in `miren logs`, and the host socket never gets a
+//! connection.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{
+    http_get_host, miren, miren_bin, runners, temp, wait_for, RunnerProc, Server,
+};
+use serde_json::Value;
+
+const VICTIM_TEXT: &str = "precious host file: never to be touched\n";
+
+/// A coordinator with an ingress and one runner of the given isolation.
+struct OneRunner {
+    dir: tempfile::TempDir,
+    cfg: PathBuf,
+    ingress: String,
+    _server: Server,
+    runner: RunnerProc,
+}
+
+fn one_runner(isolation: &str, extra: &[&str]) -> OneRunner {
+    let dir = temp();
+    let cfg = dir.path().join("c.yaml");
+    let server = Server::start(
+        &dir.path().join("coord"),
+        &cfg,
+        "127.0.0.1:0",
+        &["--http-listen", "127.0.0.1:0"],
+    );
+    let ingress = server.printed_address("HTTP ingress: http://");
+    let code = miren(&cfg, &["runner", "token", "create"], &[]);
+    assert!(code.ok, "{code:?}");
+    let mut cmd = Command::new(miren_bin());
+    // A variable of the runner's own: no sandbox may see it.
+    cmd.env("MIREN_TEST_RUNNER_CANARY", "runner-only");
+    let mut args = vec!["--isolation", isolation, "--token-file-ttl", "60s"];
+    args.extend_from_slice(extra);
+    let runner = RunnerProc::start_with(
+        cmd,
+        &dir.path().join("runner"),
+        Some(code.stdout.trim()),
+        &args,
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || runners(&cfg)
+            .iter()
+            .any(|r| r["status"] == "ready")),
+        "runner never became ready: {}",
+        runner.output()
+    );
+    OneRunner {
+        dir,
+        cfg,
+        ingress,
+        _server: server,
+        runner,
+    }
+}
+
+/// Writes the hostile app into `dir` with `extra_toml` after its service.
+fn hostile_app(dir: &Path, name: &str, env: &[(&str, String)], extra_toml: &str) -> PathBuf {
+    let app = dir.join(format!("{name}-src"));
+    std::fs::create_dir_all(app.join(".miren")).expect("app dir");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hostile-app/hostile.py");
+    std::fs::copy(fixture, app.join("hostile.py")).expect("copy fixture");
+    let mut toml = format!(
+        "name = \"{name}\"\n[services.web]\ncommand = \"python3 hostile.py\"\ninstances = 1\n{extra_toml}\n[services.web.env]\n"
+    );
+    for (k, v) in env {
+        toml.push_str(&format!("{k} = {v:?}\n"));
+    }
+    std::fs::write(app.join(".miren/app.toml"), toml).expect("app.toml");
+    app
+}
+
+fn deploy(cfg: &Path, app_dir: &Path, name: &str) {
+    let run = miren(
+        cfg,
+        &[
+            "deploy",
+            "--dir",
+            app_dir.to_str().expect("utf-8"),
+            "-a",
+            name,
+        ],
+        &[],
+    );
+    assert!(run.ok, "{run:?}");
+    assert!(
+        miren(
+            cfg,
+            &["route", "set", &format!("{name}.test"), "-a", name],
+            &[]
+        )
+        .ok
+    );
+}
+
+fn get(c: &OneRunner, app: &str, path: &str) -> (u16, Value) {
+    let (code, body) =
+        http_get_host(&c.ingress, &format!("{app}.test"), path).unwrap_or((0, String::new()));
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn logs(cfg: &Path, app: &str, lines: &str) -> String {
+    let run = miren(cfg, &["logs", "-a", app, "-n", lines], &[]);
+    assert!(run.ok, "{run:?}");
+    run.stdout
+}
+
+/// A host file the app will aim at, and its mode.
+fn victim(dir: &Path) -> PathBuf {
+    let path = dir.join("victim");
+    std::fs::write(&path, VICTIM_TEXT).expect("victim");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    path
+}
+
+fn assert_untouched(victim: &Path) {
+    assert_eq!(
+        std::fs::read_to_string(victim).expect("victim readable"),
+        VICTIM_TEXT,
+        "the host file was written"
+    );
+    let mode = std::fs::metadata(victim)
+        .expect("victim")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the host file's mode changed");
+}
+
+/// Sandbox variables: what the runner gives, the app's own, and what the
+/// shell and Python add (PWD; LC_CTYPE by PEP 538 locale coercion).
+/// Nothing of the runner's environment.
+fn assert_own_environment(report: &Value) {
+    let names: Vec<&str> = report["env_names"]
+        .as_array()
+        .expect("env names")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for name in &names {
+        let allowed = name.starts_with("MIREN_") && *name != "MIREN_TEST_RUNNER_CANARY"
+            || [
+                "PORT",
+                "PATH",
+                "HOME",
+                "PWD",
+                "SHLVL",
+                "LC_CTYPE",
+                "VICTIM",
+                "VICTIM_SOCK",
+                "RUNNER_PID",
+            ]
+            .contains(name);
+        assert!(allowed, "the sandbox sees {name}: {names:?}");
+    }
+    assert!(names.contains(&"MIREN_IDENTITY_TOKEN_URL"), "{names:?}");
+    assert!(
+        !names.contains(&"RUST_LOG"),
+        "runner variable leaked: {names:?}"
+    );
+}
+
+/// Waits until the runner has rewritten the token file (half-life of the
+/// 60 s token), as the app reads it.
+fn wait_token_refresh(c: &OneRunner, app: &str) {
+    let (_, first) = get(c, app, "/token-file");
+    let first = first["token"].as_str().map(str::to_string);
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let (_, now) = get(c, app, "/token-file");
+            let now = now["token"].as_str().map(str::to_string);
+            now != first && now.is_some_and(|t| t.starts_with("ey"))
+        }),
+        "the token file was never refreshed: {}",
+        c.runner.output()
+    );
+    let (_, now) = get(c, app, "/token-file");
+    assert!(
+        now["token"].as_str().is_some_and(|t| t.starts_with("ey")),
+        "{now}"
+    );
+}
+
+#[test]
+fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
+    let c = one_runner("bwrap", &[]);
+    let victim = victim(c.dir.path());
+    let victim_sock_path = c.dir.path().join("victim.sock");
+    let victim_sock =
+        std::os::unix::net::UnixListener::bind(&victim_sock_path).expect("victim socket");
+    victim_sock.set_nonblocking(true).expect("nonblocking");
+    let env = [
+        ("VICTIM", victim.display().to_string()),
+        ("VICTIM_SOCK", victim_sock_path.display().to_string()),
+        ("RUNNER_PID", c.runner.pid().to_string()),
+    ];
+    let app = hostile_app(c.dir.path(), "hostile", &env, "");
+    deploy(&c.cfg, &app, "hostile");
+
+    let (code, report) = get(&c, "hostile", "/report");
+    assert_eq!(code, 200, "{report}");
+    // The dir of the token file is the runner's, read-only inside.
+    assert_eq!(
+        report["token_dir_entries"],
+        serde_json::json!(["token", "token.sock"])
+    );
+    for (path, outcome) in report["planted"].as_object().expect("planted") {
+        if path.starts_with("/run/miren/identity/") {
+            assert_eq!(outcome, "refused: Read-only file system", "{path}");
+        }
+    }
+    assert_eq!(report["token_write"], "refused: Read-only file system");
+    assert_own_environment(&report);
+
+    // The runner logs and rewrites the token file with every name planted.
+    wait_token_refresh(&c, "hostile");
+    assert_untouched(&victim);
+    let printed = logs(&c.cfg, "hostile", "1000");
+    assert!(printed.contains("hostile app started"), "{printed}");
+    assert!(
+        !printed.contains("precious"),
+        "host file in the logs: {printed}"
+    );
+
+    // The app points its socket at a host socket: traffic stops at the
+    // sandbox, the host socket gets nothing.
+    let (code, _) = get(&c, "hostile", "/hijack-socket");
+    assert_eq!(code, 200);
+    assert!(
+        wait_for(Duration::from_secs(10), || logs(&c.cfg, "hostile", "50")
+            .contains("app.sock now points at")),
+        "the app never swapped its socket"
+    );
+    for _ in 0..5 {
+        let (code, body) = get(&c, "hostile", "/report");
+        assert_ne!(code, 200, "the ingress followed the symlink: {body}");
+    }
+    match victim_sock.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the host socket was connected to: {other:?}"),
+    }
+    assert_untouched(&victim);
+}
+
+#[test]
+fn plain_process_sandboxes_get_only_their_environment_and_cannot_redirect_writes() {
+    // Without namespaces a sandbox is a process of the runner's user: it
+    // could write the host file itself. What is checked here is the
+    // runner's side: it never writes through a name the app planted, and
+    // the app starts with nothing of the runner's environment.
+    let c = one_runner("none", &[]);
+    let victim = victim(c.dir.path());
+    let env = [
+        ("VICTIM", victim.display().to_string()),
+        ("RUNNER_PID", c.runner.pid().to_string()),
+    ];
+    let app = hostile_app(c.dir.path(), "plain", &env, "");
+    deploy(&c.cfg, &app, "plain");
+    let (code, report) = get(&c, "plain", "/report");
+    assert_eq!(code, 200, "{report}");
+    assert_own_environment(&report);
+    // The token file's dir is writable here, and the app planted a link
+    // under the runner's old temporary name and under the file's name.
+    let token_dir = report["planted"]
+        .as_object()
+        .expect("planted")
+        .iter()
+        .find(|(p, o)| p.ends_with(&format!(".token.tmp-{}", c.runner.pid())) && *o == "planted")
+        .map(|(p, _)| p.clone());
+    assert!(token_dir.is_some(), "nothing planted: {report}");
+    wait_token_refresh(&c, "plain");
+    assert_untouched(&victim);
+    assert!(!logs(&c.cfg, "plain", "1000").contains("precious"));
+}
