@@ -53,6 +53,21 @@ pub struct Service {
     pub port: u16,
     pub instances: u32,
     pub env: Vec<(String, String)>,
+    /// What each sandbox of the service may use (records from before
+    /// limits existed read as "the runner's defaults").
+    #[serde(default)]
+    pub limits: ResourceLimits,
+}
+
+/// A service's resource limits as `app.toml` asked for them; 0 = the
+/// runner's default. Runners enforce them (cgroups) and refuse values over
+/// their maximum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    pub memory_bytes: u64,
+    /// Thousandths of a CPU.
+    pub cpu_millis: u32,
+    pub pids: u32,
 }
 
 /// A deployed version.
@@ -410,7 +425,7 @@ impl Apps {
             "versions": app.versions.iter().map(|v| serde_json::json!({
                 "id": v.id, "state": v.state, "message": v.message, "artifact": v.artifact,
                 "created_unix": v.created_unix,
-                "services": v.services.iter().map(|s| serde_json::json!({"name": s.name, "instances": s.instances, "port": s.port})).collect::<Vec<_>>(),
+                "services": v.services.iter().map(|s| serde_json::json!({"name": s.name, "instances": s.instances, "port": s.port, "limits": s.limits})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "sandboxes": sandboxes,
         }))

@@ -69,6 +69,8 @@ pub struct LiveStatus {
     pub version: String,
     pub sandboxes: u32,
     pub isolation: String,
+    /// How the runner limits sandbox resources; empty when it cannot.
+    pub limits: String,
 }
 
 struct Live {

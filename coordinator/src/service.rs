@@ -12,7 +12,7 @@ use capnp::capability::Rc;
 use schema::miren_capnp::{admin, cluster, Role};
 use transport::PeerIdentity;
 
-use crate::apps::{AppError, Apps, RunnerCommand, SandboxReport, Service};
+use crate::apps::{AppError, Apps, ResourceLimits, RunnerCommand, SandboxReport, Service};
 use crate::datadir::{now_unix, ClusterMeta};
 use crate::issuer::IssuerHistory;
 use crate::keyring::{KeyRing, KeyStatus};
@@ -148,6 +148,7 @@ fn write_runner_info(v: &RunnerView, mut b: runner_info::Builder<'_>) {
     b.set_version(&v.status.version);
     b.set_cordoned(v.record.cordoned);
     b.set_isolation(&v.status.isolation);
+    b.set_limits(&v.status.limits);
     b.set_cert_expires_unix(v.record.cert_expires_unix);
     write_labels(
         &v.record.labels,
@@ -314,6 +315,13 @@ impl cluster::Server for ClusterService {
                             s.set_port(spec.service.port);
                             s.set_artifact_sha256(&spec.artifact);
                             s.set_issuer_url(&spec.issuer_url);
+                            {
+                                let limits = spec.service.limits;
+                                let mut l = s.reborrow().init_limits();
+                                l.set_memory_bytes(limits.memory_bytes);
+                                l.set_cpu_millis(limits.cpu_millis);
+                                l.set_pids(limits.pids);
+                            }
                             write_labels(
                                 &spec.service.env,
                                 s.init_env(spec.service.env.len() as u32),
@@ -444,6 +452,7 @@ impl runner_session::Server for RunnerSessionService {
             version: s.get_version()?.to_string()?,
             sandboxes: s.get_sandboxes(),
             isolation: s.get_isolation()?.to_string()?,
+            limits: s.get_limits()?.to_string()?,
         };
         let cordoned = self
             .state
@@ -588,6 +597,16 @@ impl app::Server for AppService {
                 port: s.get_port(),
                 instances: s.get_instances(),
                 env: read_labels(s.get_env()?)?,
+                limits: if s.has_limits() {
+                    let l = s.get_limits()?;
+                    ResourceLimits {
+                        memory_bytes: l.get_memory_bytes(),
+                        cpu_millis: l.get_cpu_millis(),
+                        pids: l.get_pids(),
+                    }
+                } else {
+                    ResourceLimits::default()
+                },
             });
         }
         let version = self

@@ -81,6 +81,9 @@ struct RunnerStatus {
   version @0 :Text;
   sandboxes @1 :UInt32;
   isolation @2 :Text;
+  limits @3 :Text;
+  # How sandbox resources are limited ("cgroup v1 (memory, pids, cpu)"),
+  # empty when they are not (said loudly by the runner and `runner list`).
 }
 
 interface RunnerSession {
@@ -100,6 +103,15 @@ struct ServiceSpec {
   port @2 :UInt16;
   instances @3 :UInt32;
   env @4 :List(Label);
+  limits @5 :ResourceLimits;
+}
+
+struct ResourceLimits {
+  # What a sandbox may use; 0 = the runner's default.
+  memoryBytes @0 :UInt64;
+  cpuMillis @1 :UInt32;
+  # Thousandths of a CPU.
+  pids @2 :UInt32;
 }
 
 struct SandboxSpec {
@@ -112,6 +124,7 @@ struct SandboxSpec {
   env @6 :List(Label);
   artifactSha256 @7 :Text;
   issuerUrl @8 :Text;
+  limits @9 :ResourceLimits;
 }
 
 struct SandboxReport {
@@ -156,6 +169,7 @@ struct RunnerInfo {
   cordoned @7 :Bool;
   isolation @8 :Text;
   certExpiresUnix @9 :Int64;
+  limits @10 :Text;
 }
 
 interface Admin {
