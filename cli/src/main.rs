@@ -111,7 +111,10 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // Error texts carry the server's messages (and through them a
+        // failed rollout's last log lines): escaped like everything else
+        // printed from the cluster.
+        eprintln!("error: {}", output::terminal_safe_lines(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

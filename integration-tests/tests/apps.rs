@@ -151,12 +151,15 @@ fn deployed_app_runs_on_two_runners_and_its_tokens_verify_outside() {
     let runners = integration_tests::runners(&c.cfg);
     assert!(runners.iter().all(|r| r["sandboxes"] == 1), "{runners:?}");
 
-    // A broken version does not replace the serving one.
+    // A broken version does not replace the serving one. Its last log
+    // lines (hostile ones among them) reach the operator escaped.
     let broken = temp();
     std::fs::create_dir_all(broken.path().join(".miren")).unwrap();
     std::fs::write(
         broken.path().join(".miren/app.toml"),
-        "name = \"hello\"\n[services.web]\ncommand = \"sh -c 'echo booting; echo cannot start >&2; exit 3'\"\ninstances = 2\n",
+        format!(
+            "name = \"hello\"\n[services.web]\ncommand = '''sh -c '{HOSTILE_PRINTF}; echo booting; echo cannot start >&2; exit 3' '''\ninstances = 2\n"
+        ),
     )
     .unwrap();
     let failed = miren(
@@ -174,6 +177,19 @@ fn deployed_app_runs_on_two_runners_and_its_tokens_verify_outside() {
         failed.stderr.contains("cannot start"),
         "last log lines missing: {}",
         failed.stderr
+    );
+    assert_escaped(&failed.stderr);
+    // `-o json` stays JSON: the characters are JSON escapes, and the
+    // message parses back as the sandbox printed it.
+    let json = miren(&c.cfg, &["app", "status", "-a", "hello", "-o", "json"], &[]);
+    assert!(json.ok, "{json:?}");
+    assert_no_raw_controls(&json.stdout);
+    let st: Value = serde_json::from_str(&json.stdout).unwrap();
+    assert!(
+        st["versions"][1]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\x1b]0;pwned\x07title")),
+        "{st}"
     );
     let st = status(&c.cfg, "hello");
     assert_eq!(st["active_version"], "v1");
@@ -613,6 +629,38 @@ fn ingress_routes_by_host_without_downtime_and_bad_artifacts_are_refused() {
         logs.stdout
     );
 
+    // What a sandbox prints cannot take over the operator's terminal.
+    let noisy = temp();
+    std::fs::create_dir_all(noisy.path().join(".miren")).unwrap();
+    std::fs::write(
+        noisy.path().join(".miren/app.toml"),
+        format!(
+            "name = \"noisy\"\n[services.web]\ncommand = '''sh -c '{HOSTILE_PRINTF}; exec python3 -m http.server \"$PORT\" --bind 127.0.0.1' '''\n"
+        ),
+    )
+    .unwrap();
+    let deploy = miren(
+        &c.cfg,
+        &["deploy", "--dir", noisy.path().to_str().unwrap()],
+        &[],
+    );
+    assert!(deploy.ok, "{deploy:?}");
+    let mut logs = miren(&c.cfg, &["logs", "-a", "noisy"], &[]);
+    wait_for(Duration::from_secs(10), || {
+        logs = miren(&c.cfg, &["logs", "-a", "noisy"], &[]);
+        logs.stdout.contains("gnp.exe")
+    });
+    assert!(logs.ok, "{logs:?}");
+    assert_escaped(&logs.stdout);
+    // A line stays one line, after its sandbox's id.
+    assert!(
+        logs.stdout
+            .lines()
+            .any(|l| l.ends_with(r": innocent\rEVIL")),
+        "{}",
+        logs.stdout
+    );
+
     // A malicious artifact: traversal, an absolute path, an escaping symlink.
     let evil_dir = temp();
     let marker = evil_dir.path().join("escaped");
@@ -668,6 +716,33 @@ with tarfile.open(out, "w:gz") as t:
     // The serving app is untouched.
     let (code, _) = http_get_host(&c.ingress, "hello.test", "/").unwrap();
     assert_eq!(code, 200);
+}
+
+/// A `printf` (for `sh`) of what a hostile sandbox prints to take over the
+/// operator's terminal: a window title (OSC … BEL), a line overwritten
+/// through CR, the one-character C1 CSI (U+009B, UTF-8 C2 9B) and a bidi
+/// override (U+202E, UTF-8 E2 80 AE).
+const HOSTILE_PRINTF: &str =
+    r#"printf "\033]0;pwned\007title\ninnocent\rEVIL\n\302\23331mred\n\342\200\256gnp.exe\n""#;
+
+/// None of [`HOSTILE_PRINTF`]'s characters that act on a terminal is in `out`.
+fn assert_no_raw_controls(out: &str) {
+    for raw in ['\x1b', '\x07', '\r', '\u{9b}', '\u{202e}'] {
+        assert!(!out.contains(raw), "raw {raw:?} printed: {out:?}");
+    }
+}
+
+/// `out` shows what [`HOSTILE_PRINTF`] printed, escaped.
+fn assert_escaped(out: &str) {
+    assert_no_raw_controls(out);
+    for shown in [
+        r"\x1b]0;pwned\x07title",
+        r"innocent\rEVIL",
+        r"\u{9b}31mred",
+        r"\u{202e}gnp.exe",
+    ] {
+        assert!(out.contains(shown), "{shown} not shown: {out}");
+    }
 }
 
 /// GET on a sandbox's service address (`host:port` or `unix:<path>`).

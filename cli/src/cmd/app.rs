@@ -84,7 +84,7 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
         "Packed {} files ({} KiB, sha256 {})",
         packed.files,
         packed.bytes.len() / 1024,
-        &packed.sha256_hex[..12]
+        output::short(&packed.sha256_hex, 12)
     );
     run_local(async move {
         let session = Session::open(resolve(cluster)?).await?;
@@ -113,7 +113,10 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
         let mut fin = upload.finish_request();
         fin.get().set_sha256(&packed.sha256_hex);
         fin.send().promise.await.map_err(remote)?;
-        eprintln!("Uploaded artifact {}", &packed.sha256_hex[..12]);
+        eprintln!(
+            "Uploaded artifact {}",
+            output::short(&packed.sha256_hex, 12)
+        );
 
         let mut req = app_cap.deploy_request();
         {
@@ -136,7 +139,7 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
         }
         let reply = req.send().promise.await.map_err(remote)?;
         let version = reply.get()?.get_version()?.to_string()?;
-        eprintln!("Rolling out {app} {version}");
+        eprintln!("Rolling out {app} {}", output::terminal_safe(&version));
 
         // Follow the rollout.
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -150,10 +153,12 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                 let id = s["id"].as_str().unwrap_or_default().to_string();
                 let state = s["state"].as_str().unwrap_or_default().to_string();
                 if seen.get(&id) != Some(&state) {
+                    let runner = s["runner"].as_str().unwrap_or_default();
                     eprintln!(
-                        "  sandbox {id} on runner {}: {state}",
-                        &s["runner"].as_str().unwrap_or_default()
-                            [..8.min(s["runner"].as_str().unwrap_or_default().len())]
+                        "  sandbox {} on runner {}: {}",
+                        output::terminal_safe(&id),
+                        output::terminal_safe(output::short(runner, 8)),
+                        output::terminal_safe(&state)
                     );
                     seen.insert(id, state);
                 }
@@ -165,7 +170,7 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
             match v["state"].as_str() {
                 Some("active") => {
                     session.close().await;
-                    println!("Deployed {app} {version}");
+                    println!("Deployed {app} {}", output::terminal_safe(&version));
                     return Ok(());
                 }
                 Some("failed") => {
@@ -236,7 +241,7 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                         println!(
                             "App {} (active version {})",
                             app,
-                            status["active_version"].as_str().unwrap_or("-")
+                            output::terminal_safe(status["active_version"].as_str().unwrap_or("-"))
                         );
                         let versions: Vec<Vec<String>> = status["versions"]
                             .as_array()
@@ -327,13 +332,14 @@ pub fn logs(args: LogsArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                     Some(n) if n <= lines.len() => n,
                     Some(_) => 0,
                 };
-                for l in &lines[start..] {
-                    println!("{id}: {l}");
+                let shown_id = output::terminal_safe(&id).into_owned();
+                for l in lines.iter().skip(start) {
+                    println!("{shown_id}: {}", output::terminal_safe(l));
+                }
+                if let Some(e) = sb["error"].as_str() {
+                    eprintln!("{shown_id}: {}", output::terminal_safe(e));
                 }
                 printed.insert(id, lines.len());
-                if let Some(e) = sb["error"].as_str() {
-                    eprintln!("{}: {e}", sb["sandbox"].as_str().unwrap_or_default());
-                }
             }
             if !args.follow {
                 break;

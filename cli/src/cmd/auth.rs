@@ -124,7 +124,10 @@ pub fn run(cmd: AuthCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                 req.get().set_binding_json(serde_json::to_string(&binding)?);
                 let reply = req.send().promise.await.map_err(remote)?;
                 let id = reply.get()?.get_id()?.to_string()?;
-                println!("Added CI authentication binding {id} for app {app}");
+                println!(
+                    "Added CI authentication binding {} for app {app}",
+                    output::terminal_safe(&id)
+                );
                 Ok(())
             }
             CiCmd::List { app, output } => {

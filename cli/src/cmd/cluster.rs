@@ -220,7 +220,7 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
                 ("Signing keys", "signing_keys"),
             ] {
                 if let Some(v) = field(key) {
-                    println!("{label:<13} {v}");
+                    println!("{label:<13} {}", output::terminal_safe(&v));
                 }
             }
             Ok(())

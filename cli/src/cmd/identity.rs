@@ -86,7 +86,7 @@ pub fn run(cmd: IdentityCmd, cluster: Option<&str>) -> anyhow::Result<()> {
             let reply = req.send().promise.await.map_err(remote)?;
             let token = reply.get()?.get_token()?.to_str()?.to_string();
             session.close().await;
-            println!("{token}");
+            println!("{}", output::terminal_safe(&token));
             Ok(())
         }),
         IdentityCmd::Verify { token, audience } => run_local(async move {

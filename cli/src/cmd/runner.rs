@@ -199,10 +199,10 @@ async fn token(cmd: TokenCmd, cluster: Option<&str>) -> anyhow::Result<()> {
             let token = reply.get()?.get_token()?.to_str()?.to_string();
             let info = token_row(reply.get()?.get_info()?)?;
             session.close().await;
-            println!("{token}");
+            println!("{}", output::terminal_safe(&token));
             eprintln!(
                 "Join code {} ({}, expires {}). On the runner host: miren runner --data-dir DIR --join <code>",
-                info["id"].as_str().unwrap_or_default(),
+                output::terminal_safe(info["id"].as_str().unwrap_or_default()),
                 if reusable { "reusable" } else { "one-time" },
                 crate::output::time(info["expires_unix"].as_i64())
             );

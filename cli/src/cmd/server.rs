@@ -206,7 +206,10 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
                 let _ = stop.wait_for(|s| *s).await;
             };
             if let Err(e) = crate::connect::run_local(runner::run(opts, stopped)) {
-                eprintln!("error: dev runner: {e:#}");
+                eprintln!(
+                    "error: dev runner: {}",
+                    crate::output::terminal_safe_lines(&format!("{e:#}"))
+                );
             }
         }))
     } else {
