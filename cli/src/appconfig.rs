@@ -10,6 +10,10 @@
 //! instances = 2
 //! [services.web.env]    # for this service only
 //! MODE = "prod"
+//! [services.web.limits] # per sandbox; the runner's defaults otherwise
+//! memory = "256MiB"     # killed and restarted when over it
+//! cpus = 0.5
+//! pids = 256
 //! ```
 //!
 //! Errors point at the line.
@@ -38,6 +42,24 @@ struct RawService {
     instances: Option<u32>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory: Option<Number>,
+    cpus: Option<Number>,
+    pids: Option<Number>,
+}
+
+/// A value written as a number or as text (`memory = "256MiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Number {
+    Integer(i64),
+    Float(f64),
+    Text(String),
 }
 
 /// One service of the app.
@@ -48,6 +70,9 @@ pub struct ServiceConfig {
     pub port: u16,
     pub instances: u32,
     pub env: Vec<(String, String)>,
+    /// What each sandbox of the service may use; unset values take the
+    /// runner's defaults.
+    pub limits: runner::limits::Limits,
 }
 
 /// A parsed app config.
@@ -62,6 +87,74 @@ fn line_of(text: &str, needle: &str) -> usize {
         .position(|l| l.trim_start().starts_with(needle))
         .map(|i| i + 1)
         .unwrap_or(1)
+}
+
+/// The line of `key = …` inside the section `header`, else the header's.
+fn line_in_section(text: &str, header: &str, key: &str) -> usize {
+    let start = line_of(text, header);
+    text.lines()
+        .enumerate()
+        .skip(start)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|(i, _)| i + 1)
+        .unwrap_or(start)
+}
+
+/// `[services.NAME.limits]`, checked with the runner's own rules; errors
+/// name the line.
+fn parse_limits(
+    raw: Option<RawLimits>,
+    text: &str,
+    path: &Path,
+    service: &str,
+) -> anyhow::Result<runner::limits::Limits> {
+    use runner::limits;
+    let Some(raw) = raw else {
+        return Ok(limits::Limits::default());
+    };
+    let header = format!("[services.{service}.limits]");
+    let at = |key: &str, msg: String| {
+        anyhow!(
+            "{}:{}: {header}: {key}: {msg}",
+            path.display(),
+            line_in_section(text, &header, key)
+        )
+    };
+    let memory = match raw.memory {
+        None => None,
+        Some(Number::Text(t)) => Some(limits::parse_memory(&t).map_err(|e| at("memory", e.to_string()))?),
+        Some(Number::Integer(n)) => Some(
+            limits::parse_memory(&n.to_string()).map_err(|e| at("memory", e.to_string()))?,
+        ),
+        Some(Number::Float(_)) => {
+            return Err(at("memory", "write it with a unit, e.g. memory = \"256MiB\"".into()))
+        }
+    };
+    let cpus = match raw.cpus {
+        None => None,
+        Some(Number::Float(f)) => Some(limits::parse_cpus(f).map_err(|e| at("cpus", e.to_string()))?),
+        Some(Number::Integer(n)) => {
+            Some(limits::parse_cpus(n as f64).map_err(|e| at("cpus", e.to_string()))?)
+        }
+        Some(Number::Text(_)) => {
+            return Err(at("cpus", "a number of CPUs, e.g. cpus = 0.5".into()))
+        }
+    };
+    let pids = match raw.pids {
+        None => None,
+        Some(Number::Integer(n)) => Some(limits::parse_pids(n).map_err(|e| at("pids", e.to_string()))?),
+        Some(_) => return Err(at("pids", "a whole number, e.g. pids = 256".into())),
+    };
+    Ok(limits::Limits {
+        memory_bytes: memory,
+        cpu_millis: cpus,
+        pids,
+    })
 }
 
 fn valid_env_name(k: &str) -> bool {
@@ -125,12 +218,14 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<AppConfig> {
                 "port {port}: apps listen on an unprivileged port (1024 or above) inside their sandbox, where they run without privileges; the ingress serves ports 80 and 443 for them"
             )));
         }
+        let limits = parse_limits(s.limits, text, path, &name)?;
         services.push(ServiceConfig {
             name,
             command,
             port,
             instances,
             env,
+            limits,
         });
     }
     Ok(AppConfig {
@@ -188,6 +283,33 @@ command = "./work"
         let worker = c.services.iter().find(|s| s.name == "worker").unwrap();
         assert_eq!(worker.instances, 1);
         assert_eq!(worker.env, vec![("A".into(), "1".into())]);
+    }
+
+    #[test]
+    fn limits_are_parsed_and_bad_values_name_their_line() {
+        let c = p("[services.web]\ncommand = \"a\"\n[services.web.limits]\nmemory = \"256MiB\"\ncpus = 0.5\npids = 128\n")
+            .unwrap();
+        let l = c.services[0].limits;
+        assert_eq!(l.memory_bytes, Some(256 << 20));
+        assert_eq!(l.cpu_millis, Some(500));
+        assert_eq!(l.pids, Some(128));
+        let c = p("[services.web]\ncommand = \"a\"\n[services.web.limits]\ncpus = 2\n").unwrap();
+        assert_eq!(c.services[0].limits.cpu_millis, Some(2000));
+        assert_eq!(c.services[0].limits.memory_bytes, None);
+        let c = p("[services.web]\ncommand = \"a\"\n").unwrap();
+        assert_eq!(c.services[0].limits, runner::limits::Limits::default());
+
+        let bad = |toml: &str| p(toml).unwrap_err().to_string();
+        let e = bad("[services.web]\ncommand = \"a\"\n[services.web.limits]\ncpus = 1\nmemory = \"lots\"\n");
+        assert!(e.starts_with("app.toml:5:") && e.contains("memory"), "{e}");
+        let e = bad("[services.web]\ncommand = \"a\"\n[services.web.limits]\npids = -3\n");
+        assert!(e.starts_with("app.toml:4:") && e.contains("pids"), "{e}");
+        let e = bad("[services.web]\ncommand = \"a\"\n[services.web.limits]\ncpus = \"half\"\n");
+        assert!(e.starts_with("app.toml:4:") && e.contains("cpus"), "{e}");
+        let e = bad("[services.web]\ncommand = \"a\"\n[services.web.limits]\ncpus = 0\n");
+        assert!(e.starts_with("app.toml:4:"), "{e}");
+        let e = bad("[services.web]\ncommand = \"a\"\n[services.web.limits]\nswap = 1\n");
+        assert!(e.contains("swap"), "{e}");
     }
 
     #[test]

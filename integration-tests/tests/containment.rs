@@ -284,3 +284,105 @@ fn plain_process_sandboxes_get_only_their_environment_and_cannot_redirect_writes
     assert_untouched(&victim);
     assert!(!logs(&c.cfg, "plain", "1000").contains("precious"));
 }
+
+/// Disk used under `dir` (files only), in bytes.
+fn disk_use(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if let Ok(m) = std::fs::symlink_metadata(e.path()) {
+                total += if m.is_dir() { disk_use(&e.path()) } else { m.len() };
+            }
+        }
+    }
+    total
+}
+
+fn sandbox_of(cfg: &Path, app: &str) -> Value {
+    let run = miren(cfg, &["app", "status", "-a", app, "-o", "json"], &[]);
+    assert!(run.ok, "{run:?}");
+    let st: Value = serde_json::from_str(&run.stdout).expect("status json");
+    st["sandboxes"][0].clone()
+}
+
+#[test]
+fn limits_hold_a_fork_loop_a_log_flood_and_a_memory_hog() {
+    let c = one_runner("bwrap", &[]);
+    let runner = runners(&c.cfg).into_iter().next().expect("runner");
+    assert!(
+        runner["limits"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("cgroup v")),
+        "this test needs cgroups (root, memory/pids/cpu controllers): {runner}"
+    );
+    let app = hostile_app(
+        c.dir.path(),
+        "hog",
+        &[],
+        "[services.web.limits]\nmemory = \"128MiB\"\npids = 128\ncpus = 1\n",
+    );
+    deploy(&c.cfg, &app, "hog");
+    let id = sandbox_of(&c.cfg, "hog")["id"]
+        .as_str()
+        .expect("sandbox id")
+        .to_string();
+
+    // A fork loop stops at the pids limit.
+    let (code, forks) = get(&c, "hog", "/fork-loop/1000");
+    assert_eq!(code, 200, "{forks}");
+    let started = forks["started"].as_u64().expect("started");
+    assert!(started < 128, "{forks}");
+    assert_eq!(forks["error"], "Resource temporarily unavailable", "{forks}");
+
+    // A 200 MiB flood and a 16 MiB line: the runner stays up, the logs
+    // stay within their budget, the huge line is cut and marked.
+    let (code, _) = get(&c, "hog", "/flood/200");
+    assert_eq!(code, 200);
+    assert!(
+        wait_for(Duration::from_secs(120), || logs(&c.cfg, "hog", "5")
+            .contains("flood done")),
+        "the flood never ended: {}",
+        c.runner.output()
+    );
+    let (code, _) = get(&c, "hog", "/huge-line/16");
+    assert_eq!(code, 200);
+    assert!(wait_for(Duration::from_secs(60), || logs(&c.cfg, "hog", "5")
+        .contains("after the huge line")));
+    let printed = logs(&c.cfg, "hog", "3");
+    assert!(printed.contains("[line cut at 16 KiB]"), "{}", &printed[..printed.len().min(300)]);
+    let used = disk_use(&c.dir.path().join("runner/sandboxes").join(&id).join("logs"));
+    assert!(used <= 10 * 1024 * 1024 + 64 * 1024, "logs hold {used} bytes");
+    assert!(runners(&c.cfg)[0]["status"] == "ready", "{}", c.runner.output());
+
+    // Over its memory: killed, restarted, the reason shown.
+    let _ = get(&c, "hog", "/allocate/1024");
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let sb = sandbox_of(&c.cfg, "hog");
+            sb["restarts"].as_u64().unwrap_or(0) >= 1
+                && sb["last_log"]
+                    .as_str()
+                    .is_some_and(|l| l.contains("out of memory (limit 128MiB)"))
+        }),
+        "no out-of-memory restart: {}",
+        sandbox_of(&c.cfg, "hog")
+    );
+    let status = miren(&c.cfg, &["app", "status", "-a", "hog"], &[]);
+    assert!(status.stdout.contains("out of memory (limit 128MiB)"), "{status:?}");
+    assert!(wait_for(Duration::from_secs(30), || get(&c, "hog", "/report").0 == 200));
+
+    // An app asking more than the runner allows is refused with the reason.
+    let greedy = hostile_app(
+        c.dir.path(),
+        "greedy",
+        &[],
+        "[services.web.limits]\nmemory = \"64TiB\"\n",
+    );
+    let run = miren(
+        &c.cfg,
+        &["deploy", "--dir", greedy.to_str().expect("utf-8"), "-a", "greedy"],
+        &[],
+    );
+    assert!(!run.ok, "{run:?}");
+    assert!(run.stderr.contains("memory"), "{run:?}");
+}

@@ -39,6 +39,10 @@ pub struct RunnerOptions {
     /// Lifetime of the token kept in each sandbox's token file (seconds;
     /// 0 = the default hour). It is rewritten at half-life.
     pub token_file_ttl: u32,
+    /// What a sandbox gets when its app.toml asks nothing
+    /// (`--sandbox-memory`, `--sandbox-cpus`, `--sandbox-pids`); unset
+    /// values take the built-in defaults.
+    pub sandbox_limits: crate::limits::Limits,
 }
 
 enum SessionEnd {
@@ -97,12 +101,27 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
         isolation: isolation.name().to_string(),
         ..opts
     };
+    let policy = crate::limits::LimitPolicy::for_this_host(opts.sandbox_limits)
+        .context("sandbox limits (--sandbox-memory, --sandbox-cpus, --sandbox-pids)")?;
+    let runner_id = data.load()?.config.runner_id;
+    // Also removes what an earlier run of this runner left (its sandboxes
+    // died with it).
+    let cgroups = crate::cgroup::Cgroups::detect(&runner_id);
+    if cgroups.is_available() {
+        tracing::info!("sandbox limits: {}", cgroups.describe());
+    } else {
+        eprintln!(
+            "WARNING: sandboxes will run WITHOUT resource limits: {} (run the runner as root on a host with the memory, pids and cpu cgroup controllers)",
+            cgroups.describe()
+        );
+    }
     let supervisor = Rc::new(Supervisor::new(
         opts.data_dir.clone(),
         isolation,
         opts.token_file_ttl,
         Broker::new(mint_tx),
         report_tx,
+        crate::sandbox::Containment { policy, cgroups },
     ));
     tokio::task::spawn_local(mint_through_coordinator(current.clone(), mint_rx));
     tokio::task::spawn_local(forward_reports(current.clone(), report_rx));
@@ -217,6 +236,7 @@ async fn session_inner(
             s.set_version(crate::VERSION);
             s.set_sandboxes(supervisor.count());
             s.set_isolation(&opts.isolation);
+            s.set_limits(supervisor.limits_description());
         }
         req.send().promise.await.map_err(rpc_err)?;
 
@@ -332,6 +352,17 @@ impl runner_agent::Server for AgentService {
             artifact: s.get_artifact_sha256()?.to_string()?,
             issuer_url: s.get_issuer_url()?.to_string()?,
             port: s.get_port(),
+            limits: if s.has_limits() {
+                let l = s.get_limits()?;
+                // 0 = not asked: the runner's default.
+                crate::limits::Limits {
+                    memory_bytes: Some(l.get_memory_bytes()).filter(|v| *v > 0),
+                    cpu_millis: Some(l.get_cpu_millis()).filter(|v| *v > 0),
+                    pids: Some(l.get_pids()).filter(|v| *v > 0),
+                }
+            } else {
+                crate::limits::Limits::default()
+            },
         };
         let current = self.current.clone();
         let fetch: Fetch = Rc::new(move |sha: String, offset: u64, len: u32| {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use sha2::{Digest, Sha256};
 
+use crate::cgroup::SandboxCgroup;
 use crate::layout::{SandboxDirs, INSIDE_IDENTITY, TOKEN_FILE, TOKEN_SOCKET};
 use crate::logs::{ByteRate, LineCutter, SandboxLog, Tail};
 use crate::tokens::{self, Broker, TokenKey};
@@ -41,6 +42,15 @@ pub struct Spec {
     pub issuer_url: String,
     /// The service's port inside an isolated sandbox (its own namespace).
     pub port: u16,
+    /// What the app asked for; the runner's defaults fill the rest.
+    pub limits: crate::limits::Limits,
+}
+
+/// How this runner bounds what a sandbox may use: the defaults and maximum
+/// of its limits, and the cgroups that enforce them (or why there are none).
+pub struct Containment {
+    pub policy: crate::limits::LimitPolicy,
+    pub cgroups: crate::cgroup::Cgroups,
 }
 
 /// How sandboxes are confined.
@@ -157,6 +167,7 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
     endpoint: tokio::task::JoinHandle<()>,
     last: Rc<RefCell<Report>>,
+    cgroup: Option<Rc<SandboxCgroup>>,
 }
 
 /// The sandboxes of this runner (they outlive coordinator sessions).
@@ -167,6 +178,7 @@ pub struct Supervisor {
     broker: Broker,
     running: RefCell<HashMap<String, Running>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
+    containment: Containment,
 }
 
 impl Supervisor {
@@ -176,6 +188,7 @@ impl Supervisor {
         token_file_ttl: u32,
         broker: Broker,
         reports: tokio::sync::mpsc::UnboundedSender<Report>,
+        containment: Containment,
     ) -> Self {
         Supervisor {
             dir,
@@ -184,7 +197,13 @@ impl Supervisor {
             broker,
             running: RefCell::new(HashMap::new()),
             reports,
+            containment,
         }
+    }
+
+    /// How sandboxes are limited here, for `runner list`.
+    pub fn limits_description(&self) -> String {
+        self.containment.cgroups.describe()
     }
 
     /// How many sandboxes run here.
@@ -209,6 +228,12 @@ impl Supervisor {
         if self.running.borrow().contains_key(&spec.id) {
             return Ok(());
         }
+        // Over this runner's maximum: refused before anything is fetched.
+        let limits = self
+            .containment
+            .policy
+            .resolve(spec.limits)
+            .map_err(|e| anyhow!("{e}"))?;
         let artifact = self.fetch_artifact(&spec.artifact, &fetch).await?;
         let dirs = SandboxDirs::new(&self.dir, &spec.id);
         dirs.create()
@@ -286,9 +311,21 @@ impl Supervisor {
             ("PATH".into(), SANDBOX_PATH.into()),
             ("HOME".into(), dirs.app.display().to_string()),
         ]);
+        let cgroup = if self.containment.cgroups.is_available() {
+            Some(Rc::new(
+                self.containment
+                    .cgroups
+                    .create(&spec.id, &limits)
+                    .with_context(|| format!("creating the cgroup of {}", spec.id))?,
+            ))
+        } else {
+            None
+        };
         let launch = Launch {
             isolation: self.isolation.clone(),
             dirs: dirs.clone(),
+            cgroup: cgroup.clone(),
+            memory_limit: limits.memory_bytes,
             port,
             token_port: token_url
                 .rsplit(':')
@@ -327,6 +364,7 @@ impl Supervisor {
                 task,
                 endpoint,
                 last,
+                cgroup,
             },
         );
         Ok(())
@@ -339,6 +377,16 @@ impl Supervisor {
             let _ = r.stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(10), r.task).await;
             r.endpoint.abort();
+            if let Some(cgroup) = r.cgroup {
+                // Whatever escaped the process group dies with the cgroup.
+                let result = match Rc::try_unwrap(cgroup) {
+                    Ok(cgroup) => cgroup.remove(),
+                    Err(shared) => shared.kill_all(),
+                };
+                if let Err(e) = result {
+                    tracing::warn!("cgroup of {id}: {e}");
+                }
+            }
             self.broker.forget(id);
             let _ = self.reports.send(Report {
                 id: id.to_string(),
@@ -435,6 +483,9 @@ fn send(
 struct Launch {
     isolation: Isolation,
     dirs: SandboxDirs,
+    /// The sandbox's cgroup, joined by the process before it execs.
+    cgroup: Option<Rc<SandboxCgroup>>,
+    memory_limit: u64,
     port: u16,
     token_port: u16,
 }
@@ -478,6 +529,15 @@ impl Launch {
         };
         // Only what the sandbox is given: never the runner's variables.
         cmd.env_clear();
+        if let Some(cgroup) = &self.cgroup {
+            let join = cgroup.join_hook();
+            // SAFETY: the hook only writes this process's pid to the
+            // cgroup's files with open/write/close on paths prepared before
+            // the fork (async-signal-safe; see `SandboxCgroup::join_hook`).
+            unsafe {
+                cmd.pre_exec(join);
+            }
+        }
         cmd
     }
 }
@@ -571,6 +631,7 @@ async fn supervise(
             tokio::task::spawn_local(capture(pipe, log.clone(), tail.clone(), rate.clone()));
         }
         let pid = child.id();
+        let oom_before = launch.cgroup.as_ref().map_or(0, |c| c.oom_kills());
         let mut healthy = false;
         let exit = loop {
             tokio::select! {
@@ -589,6 +650,22 @@ async fn supervise(
             }
         };
         restarts += 1;
+        let mut out_of_memory = false;
+        if let Some(cgroup) = &launch.cgroup {
+            out_of_memory = cgroup.oom_kills() > oom_before;
+            // What escaped the process group (setsid) goes with it.
+            if let Err(e) = cgroup.kill_all() {
+                tracing::warn!("cgroup of {}: {e}", spec.id);
+            }
+        }
+        let exit = if out_of_memory {
+            format!(
+                "out of memory (limit {})",
+                crate::limits::format_memory(launch.memory_limit)
+            )
+        } else {
+            exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+        };
         let log_text = tail.borrow().text();
         let failed = !ever_healthy && restarts >= FAIL_AFTER;
         send(&reports, &last, |r| {
@@ -598,12 +675,7 @@ async fn supervise(
                 "crashed".into()
             };
             r.restarts = restarts;
-            r.last_log = format!(
-                "{}\n(exit: {})",
-                log_text,
-                exit.map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string())
-            );
+            r.last_log = format!("{log_text}\n(exit: {exit})");
         });
         let wait = crate::backoff::delay(restarts.min(6), rand::random::<f64>())
             .min(Duration::from_secs(10));

@@ -129,6 +129,13 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                 b.set_command(&s.command);
                 b.set_port(s.port);
                 b.set_instances(s.instances);
+                {
+                    // 0 = the runner's default.
+                    let mut l = b.reborrow().init_limits();
+                    l.set_memory_bytes(s.limits.memory_bytes.unwrap_or(0));
+                    l.set_cpu_millis(s.limits.cpu_millis.unwrap_or(0));
+                    l.set_pids(s.limits.pids.unwrap_or(0));
+                }
                 let mut env = b.init_env(s.env.len() as u32);
                 for (j, (k, v)) in s.env.iter().enumerate() {
                     let mut l = env.reborrow().get(j as u32);

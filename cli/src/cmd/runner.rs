@@ -40,6 +40,35 @@ pub struct AgentArgs {
     /// (rewritten at half-life; clamped to 60s..24h).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     token_file_ttl: std::time::Duration,
+    /// Memory a sandbox gets when its app.toml sets none (e.g. 512MiB;
+    /// at most this host's memory, which is also the most an app may ask).
+    #[arg(long, value_parser = parse_sandbox_memory)]
+    sandbox_memory: Option<u64>,
+    /// CPUs a sandbox gets when its app.toml sets none (e.g. 0.5; at most
+    /// this host's CPUs).
+    #[arg(long, value_parser = parse_sandbox_cpus)]
+    sandbox_cpus: Option<u32>,
+    /// Processes a sandbox may run when its app.toml sets none (e.g. 512).
+    #[arg(long, value_parser = parse_sandbox_pids)]
+    sandbox_pids: Option<u32>,
+}
+
+fn parse_sandbox_memory(text: &str) -> Result<u64, String> {
+    runner::limits::parse_memory(text).map_err(|e| e.to_string())
+}
+
+fn parse_sandbox_cpus(text: &str) -> Result<u32, String> {
+    let cpus: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of CPUs (e.g. 0.5 or 2)"))?;
+    runner::limits::parse_cpus(cpus).map_err(|e| e.to_string())
+}
+
+fn parse_sandbox_pids(text: &str) -> Result<u32, String> {
+    let pids: i64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number of processes"))?;
+    runner::limits::parse_pids(pids).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -124,6 +153,11 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         labels: a.labels,
         isolation: a.isolation,
         token_file_ttl: a.token_file_ttl.as_secs().clamp(60, 86_400) as u32,
+        sandbox_limits: runner::limits::Limits {
+            memory_bytes: a.sandbox_memory,
+            cpu_millis: a.sandbox_cpus,
+            pids: a.sandbox_pids,
+        },
     };
     run_local(async move {
         let shutdown = crate::cmd::server::shutdown_signal()?;
@@ -279,6 +313,7 @@ async fn list(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             "last_seen_unix": r.get_last_seen_unix(),
             "version": r.get_version()?.to_str()?,
             "isolation": r.get_isolation()?.to_str()?,
+            "limits": r.get_limits()?.to_str()?,
             "cert_expires_unix": r.get_cert_expires_unix(),
         }));
     }
@@ -299,6 +334,13 @@ async fn list(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
                     }
                     if r["isolation"] == "none" {
                         status.push_str(",no-isolation");
+                    }
+                    // A runner that reports how it limits, and cannot.
+                    if r["limits"]
+                        .as_str()
+                        .is_some_and(|l| l.starts_with("no limits"))
+                    {
+                        status.push_str(",no-limits");
                     }
                     vec![
                         r["id"].as_str().unwrap_or_default().to_string(),
