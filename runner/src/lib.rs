@@ -11,6 +11,7 @@ pub mod join;
 pub mod sandbox;
 pub mod shim;
 pub mod state;
+pub mod token_limits;
 pub mod tokens;
 pub mod unpack;
 

@@ -40,6 +40,17 @@ pub struct AgentArgs {
     /// (rewritten at half-life; clamped to 60s..24h).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     token_file_ttl: std::time::Duration,
+    /// New (uncached) workload tokens a sandbox may have minted at once;
+    /// each costs the coordinator a signature. Cached tokens are never
+    /// limited.
+    #[arg(long, default_value_t = runner::token_limits::MissLimit::DEFAULT_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    token_miss_burst: u32,
+    /// New workload tokens per second a sandbox may have minted once its
+    /// burst is spent; beyond that its endpoint answers 429 with Retry-After.
+    #[arg(long, default_value_t = runner::token_limits::MissLimit::DEFAULT_PER_SEC,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    token_miss_rate: u32,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -124,6 +135,7 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         labels: a.labels,
         isolation: a.isolation,
         token_file_ttl: a.token_file_ttl.as_secs().clamp(60, 86_400) as u32,
+        token_misses: runner::token_limits::MissLimit::new(a.token_miss_burst, a.token_miss_rate)?,
     };
     run_local(async move {
         let shutdown = crate::cmd::server::shutdown_signal()?;

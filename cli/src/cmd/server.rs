@@ -199,6 +199,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             labels: vec![],
             isolation: args.isolation.clone(),
             token_file_ttl: 3600,
+            token_misses: Default::default(),
         };
         let mut stop = stop_rx.clone();
         Some(std::thread::spawn(move || {
