@@ -855,6 +855,7 @@ fn swarm_main() -> anyhow::Result<()> {
                 labels: vec![],
                 isolation: "none".into(),
                 token_file_ttl: 3600,
+                token_misses: Default::default(),
             };
             tasks.push(tokio::task::spawn_local(async move {
                 let shutdown = async move {

@@ -8,7 +8,9 @@
 //! 1. starts `miren server --listen 127.0.0.1:0` and one `miren runner`
 //!    joined with a code from `miren runner token create` (sandboxes as
 //!    plain processes, `--isolation none`, so that the token endpoint
-//!    listens on loopback TCP), waits until `miren runner list` shows it
+//!    listens on loopback TCP; the per-sandbox limit on new tokens lifted
+//!    with `--token-miss-burst`/`--token-miss-rate`, as the uncached phase
+//!    is one sandbox asking as fast as it can), waits until `miren runner list` shows it
 //!    ready, and deploys `fixtures/bench-app`, whose `GET /creds` hands out
 //!    its token endpoint URL and secret (a benchmark-only fixture);
 //! 2. calls the endpoint directly from this process over keep-alive HTTP/1.1
@@ -150,6 +152,17 @@ impl Cluster {
         let mut extra = vec!["--name", "r1"];
         if help.contains("--isolation") {
             extra.extend(["--isolation", "none"]);
+        }
+        // Uncached requests here measure the coordinator's minting capacity
+        // through one sandbox, which a sandbox's miss limit (32 at once,
+        // then 2/s by default) exists to prevent: lift it for the bench.
+        if help.contains("--token-miss-rate") {
+            extra.extend([
+                "--token-miss-burst",
+                "1000000",
+                "--token-miss-rate",
+                "1000000",
+            ]);
         }
         let runner = RunnerProc::start(&dir.path().join("r1"), Some(code.trim()), &extra);
         let mut c = Cluster {

@@ -15,6 +15,7 @@ use schema::miren_capnp::{cluster, runner_agent, runner_session};
 use tokio::sync::mpsc;
 
 use crate::sandbox::{Fetch, Report, Spec, Supervisor};
+use crate::token_limits::MissLimit;
 use crate::tokens::{Broker, MintRequest};
 use transport::pki;
 use transport::rpc::{connect_connection, remote_message};
@@ -43,6 +44,9 @@ pub struct RunnerOptions {
     /// (`--sandbox-memory`, `--sandbox-cpus`, `--sandbox-pids`); unset
     /// values take the built-in defaults.
     pub sandbox_limits: crate::limits::Limits,
+    /// How many new (uncached) tokens each sandbox may have minted: a burst,
+    /// then a rate; over it its endpoint answers 429.
+    pub token_misses: MissLimit,
 }
 
 enum SessionEnd {
@@ -119,7 +123,7 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
         opts.data_dir.clone(),
         isolation,
         opts.token_file_ttl,
-        Broker::new(mint_tx),
+        Broker::new(mint_tx, opts.token_misses),
         report_tx,
         crate::sandbox::Containment { policy, cgroups },
     ));

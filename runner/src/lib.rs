@@ -13,6 +13,7 @@ pub mod logs;
 pub mod sandbox;
 pub mod shim;
 pub mod state;
+pub mod token_limits;
 pub mod tokens;
 pub mod unpack;
 

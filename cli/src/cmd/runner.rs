@@ -51,6 +51,17 @@ pub struct AgentArgs {
     /// Processes a sandbox may run when its app.toml sets none (e.g. 512).
     #[arg(long, value_parser = parse_sandbox_pids)]
     sandbox_pids: Option<u32>,
+    /// New (uncached) workload tokens a sandbox may have minted at once;
+    /// each costs the coordinator a signature. Cached tokens are never
+    /// limited.
+    #[arg(long, default_value_t = runner::token_limits::MissLimit::DEFAULT_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    token_miss_burst: u32,
+    /// New workload tokens per second a sandbox may have minted once its
+    /// burst is spent; beyond that its endpoint answers 429 with Retry-After.
+    #[arg(long, default_value_t = runner::token_limits::MissLimit::DEFAULT_PER_SEC,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    token_miss_rate: u32,
 }
 
 fn parse_sandbox_memory(text: &str) -> Result<u64, String> {
@@ -158,6 +169,7 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
             cpu_millis: a.sandbox_cpus,
             pids: a.sandbox_pids,
         },
+        token_misses: runner::token_limits::MissLimit::new(a.token_miss_burst, a.token_miss_rate)?,
     };
     run_local(async move {
         let shutdown = crate::cmd::server::shutdown_signal()?;

@@ -200,6 +200,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             isolation: args.isolation.clone(),
             token_file_ttl: 3600,
             sandbox_limits: runner::limits::Limits::default(),
+            token_misses: Default::default(),
         };
         let mut stop = stop_rx.clone();
         Some(std::thread::spawn(move || {
