@@ -127,17 +127,24 @@ fn parse_limits(
     };
     let memory = match raw.memory {
         None => None,
-        Some(Number::Text(t)) => Some(limits::parse_memory(&t).map_err(|e| at("memory", e.to_string()))?),
-        Some(Number::Integer(n)) => Some(
-            limits::parse_memory(&n.to_string()).map_err(|e| at("memory", e.to_string()))?,
-        ),
+        Some(Number::Text(t)) => {
+            Some(limits::parse_memory(&t).map_err(|e| at("memory", e.to_string()))?)
+        }
+        Some(Number::Integer(n)) => {
+            Some(limits::parse_memory(&n.to_string()).map_err(|e| at("memory", e.to_string()))?)
+        }
         Some(Number::Float(_)) => {
-            return Err(at("memory", "write it with a unit, e.g. memory = \"256MiB\"".into()))
+            return Err(at(
+                "memory",
+                "write it with a unit, e.g. memory = \"256MiB\"".into(),
+            ))
         }
     };
     let cpus = match raw.cpus {
         None => None,
-        Some(Number::Float(f)) => Some(limits::parse_cpus(f).map_err(|e| at("cpus", e.to_string()))?),
+        Some(Number::Float(f)) => {
+            Some(limits::parse_cpus(f).map_err(|e| at("cpus", e.to_string()))?)
+        }
         Some(Number::Integer(n)) => {
             Some(limits::parse_cpus(n as f64).map_err(|e| at("cpus", e.to_string()))?)
         }
@@ -147,7 +154,9 @@ fn parse_limits(
     };
     let pids = match raw.pids {
         None => None,
-        Some(Number::Integer(n)) => Some(limits::parse_pids(n).map_err(|e| at("pids", e.to_string()))?),
+        Some(Number::Integer(n)) => {
+            Some(limits::parse_pids(n).map_err(|e| at("pids", e.to_string()))?)
+        }
         Some(_) => return Err(at("pids", "a whole number, e.g. pids = 256".into())),
     };
     Ok(limits::Limits {
@@ -300,7 +309,9 @@ command = "./work"
         assert_eq!(c.services[0].limits, runner::limits::Limits::default());
 
         let bad = |toml: &str| p(toml).unwrap_err().to_string();
-        let e = bad("[services.web]\ncommand = \"a\"\n[services.web.limits]\ncpus = 1\nmemory = \"lots\"\n");
+        let e = bad(
+            "[services.web]\ncommand = \"a\"\n[services.web.limits]\ncpus = 1\nmemory = \"lots\"\n",
+        );
         assert!(e.starts_with("app.toml:5:") && e.contains("memory"), "{e}");
         let e = bad("[services.web]\ncommand = \"a\"\n[services.web.limits]\npids = -3\n");
         assert!(e.starts_with("app.toml:4:") && e.contains("pids"), "{e}");

@@ -109,6 +109,8 @@ pub struct SandboxReport {
     pub restarts: u32,
     pub address: String,
     pub last_log: String,
+    /// Why the sandbox's last run ended, as its runner saw it.
+    pub last_exit: String,
 }
 
 /// What the coordinator sends to a runner (to the task that owns its agent
@@ -415,7 +417,7 @@ impl Apps {
                 serde_json::json!({
                     "id": s.id, "version": s.version, "service": s.service, "runner": s.runner,
                     "state": if r.state.is_empty() { "scheduled".to_string() } else { r.state },
-                    "restarts": r.restarts, "address": r.address,
+                    "restarts": r.restarts, "address": r.address, "last_exit": r.last_exit,
                 })
             })
             .collect();

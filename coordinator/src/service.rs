@@ -435,6 +435,7 @@ impl runner_session::Server for RunnerSessionService {
             restarts: r.get_restarts(),
             address: r.get_address()?.to_string()?,
             last_log: r.get_last_log()?.to_string()?,
+            last_exit: r.get_last_exit()?.to_string()?,
         };
         self.state
             .apps

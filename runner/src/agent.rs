@@ -312,6 +312,7 @@ fn send_report(session: &runner_session::Client, r: Report) {
         b.set_restarts(r.restarts);
         b.set_address(&r.address);
         b.set_last_log(&r.last_log);
+        b.set_last_exit(&r.last_exit);
     }
     tokio::task::spawn_local(async move {
         if let Err(e) = req.send().promise.await {

@@ -7,8 +7,10 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod cgroup;
 pub mod join;
 pub mod layout;
+pub mod limits;
 pub mod logs;
 pub mod sandbox;
 pub mod shim;

@@ -148,6 +148,8 @@ pub struct Report {
     pub restarts: u32,
     pub address: String,
     pub last_log: String,
+    /// Why the last run ended; kept once the sandbox is healthy again.
+    pub last_exit: String,
 }
 
 /// Reads artifact bytes from the coordinator (through the current session).
@@ -664,7 +666,8 @@ async fn supervise(
                 crate::limits::format_memory(launch.memory_limit)
             )
         } else {
-            exit.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            exit.map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string())
         };
         let log_text = tail.borrow().text();
         let failed = !ever_healthy && restarts >= FAIL_AFTER;
@@ -676,6 +679,7 @@ async fn supervise(
             };
             r.restarts = restarts;
             r.last_log = format!("{log_text}\n(exit: {exit})");
+            r.last_exit = exit;
         });
         let wait = crate::backoff::delay(restarts.min(6), rand::random::<f64>())
             .min(Duration::from_secs(10));

@@ -134,6 +134,9 @@ struct SandboxReport {
   restarts @2 :UInt32;
   address @3 :Text;
   lastLog @4 :Text;
+  lastExit @5 :Text;
+  # Why the last run ended ("exit status: 1", "out of memory (limit
+  # 256MiB)"); kept after a restart, empty before any exit.
 }
 
 interface RunnerAgent {

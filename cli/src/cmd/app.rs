@@ -283,12 +283,19 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                                     s["state"].as_str().unwrap_or_default().to_string(),
                                     s["restarts"].to_string(),
                                     s["address"].as_str().unwrap_or_default().to_string(),
+                                    s["last_exit"].as_str().unwrap_or_default().to_string(),
                                 ]
                             })
                             .collect();
                         output::table(
                             &[
-                                "SANDBOX", "VERSION", "RUNNER", "STATE", "RESTARTS", "ADDRESS",
+                                "SANDBOX",
+                                "VERSION",
+                                "RUNNER",
+                                "STATE",
+                                "RESTARTS",
+                                "ADDRESS",
+                                "LAST EXIT",
                             ],
                             &sandboxes,
                         );
