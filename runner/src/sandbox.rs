@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::tokens::{self, Broker, TokenKey};
@@ -198,7 +197,9 @@ impl Supervisor {
         if self.running.borrow().contains_key(&spec.id) {
             return Ok(());
         }
-        let artifact = self.fetch_artifact(&spec.artifact, &fetch).await?;
+        let artifact = crate::artifacts::ArtifactCache::open(self.dir.join("artifacts"))
+            .checkout(&spec.id, &spec.artifact, &*fetch)
+            .await?;
         let root = self.dir.join("sandboxes").join(&spec.id);
         if root.exists() {
             std::fs::remove_dir_all(&root).ok();
@@ -343,6 +344,7 @@ impl Supervisor {
         if valid_id(id) {
             let _ = std::fs::remove_dir_all(self.dir.join("sandboxes").join(id));
         }
+        crate::artifacts::ArtifactCache::open(self.dir.join("artifacts")).release(id);
         Ok(())
     }
 
@@ -371,34 +373,6 @@ impl Supervisor {
         for id in ids {
             let _ = self.stop(&id).await;
         }
-    }
-
-    async fn fetch_artifact(&self, sha: &str, fetch: &Fetch) -> anyhow::Result<PathBuf> {
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(anyhow!("invalid artifact digest {sha:?}"));
-        }
-        let dir = self.dir.join("artifacts");
-        transport::files::ensure_private_dir(&dir)?;
-        let path = dir.join(format!("{sha}.tar.gz"));
-        if path.exists() {
-            return Ok(path);
-        }
-        let mut bytes = Vec::new();
-        let mut hasher = Sha256::new();
-        loop {
-            let (chunk, size) = fetch(sha.to_string(), bytes.len() as u64, 1 << 20).await?;
-            hasher.update(&chunk);
-            bytes.extend_from_slice(&chunk);
-            if bytes.len() as u64 >= size || chunk.is_empty() {
-                break;
-            }
-        }
-        let got = hex::encode(hasher.finalize());
-        if got != sha {
-            return Err(anyhow!("artifact {sha} arrived corrupted (sha256 {got})"));
-        }
-        transport::files::write_atomic(&path, &bytes, 0o600)?;
-        Ok(path)
     }
 }
 
