@@ -1,4 +1,5 @@
-//! Apps, versions, sandboxes, the artifact store and rollouts.
+//! Apps, versions, sandboxes and rollouts (the artifacts themselves live in
+//! [`crate::artifacts`]).
 //!
 //! An app version is an uploaded artifact (a `.tar.gz` stored by SHA-256)
 //! plus its services. Deploying schedules every instance on a ready,
@@ -8,21 +9,30 @@
 //! serving. Durable records: `app/<name>`, `sandbox/<id>`. What runners
 //! report about sandboxes (state, restarts, address, last log lines) is
 //! kept in memory.
+//!
+//! Retention: when a rollout ends, an app keeps its active version, any
+//! still deploying, and the [`KEEP_PREVIOUS_VERSIONS`] newest others
+//! ([`versions_to_keep`]); the others leave its record in one conditional
+//! write, and then the artifact store ([`crate::artifacts`]) deletes the
+//! artifacts no version and no sandbox record names. `app delete` does the
+//! same for all of the app's versions.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::artifacts::{is_sha256_hex, ArtifactError, ArtifactStore, Upload, UploadLimits};
 use crate::runners::Registry;
 use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
 
-/// Largest artifact accepted.
-pub const MAX_ARTIFACT_BYTES: u64 = 512 * 1024 * 1024;
+/// Versions kept besides the active one and those deploying: enough to see
+/// why the last deploys failed and to go back a few steps; their artifacts
+/// (up to 512 MiB each) stay on disk with them.
+pub const KEEP_PREVIOUS_VERSIONS: usize = 3;
 /// How long the old version keeps running after the new one took over.
 pub const DRAIN: Duration = Duration::from_secs(2);
 /// How long a new version has to become healthy.
@@ -39,8 +49,8 @@ pub enum AppError {
     NoSuchArtifact(String),
     #[error("not authorized to issue a token for this sandbox")]
     NotYourSandbox,
-    #[error("artifact store: {0}")]
-    Io(String),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -149,10 +159,42 @@ pub fn check_app_name(name: &str) -> Result<(), AppError> {
     }
 }
 
-fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+/// The versions an app keeps (their ids): the active one, every one still
+/// deploying (its rollout has yet to record how it went), and the
+/// `keep_previous` newest of the others (`versions` is in deploy order).
+pub fn versions_to_keep(
+    versions: &[Version],
+    active: Option<&str>,
+    keep_previous: usize,
+) -> HashSet<String> {
+    let pinned = |v: &Version| Some(v.id.as_str()) == active || v.state == "deploying";
+    let mut keep: HashSet<String> = versions
+        .iter()
+        .filter(|v| pinned(v))
+        .map(|v| v.id.clone())
+        .collect();
+    keep.extend(
+        versions
+            .iter()
+            .rev()
+            .filter(|v| !pinned(v))
+            .take(keep_previous)
+            .map(|v| v.id.clone()),
+    );
+    keep
+}
+
+/// The id of the next version: `v<N>` with N one more than any version ever
+/// kept (the list shrinks as old versions are dropped, so its length would
+/// hand out an id again).
+pub fn next_version_id(versions: &[Version]) -> String {
+    let highest = versions
+        .iter()
+        .filter_map(|v| v.id.strip_prefix('v')?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        .max(versions.len() as u64);
+    format!("v{}", highest + 1)
 }
 
 /// Apps, sandboxes and artifacts.
@@ -160,95 +202,61 @@ pub struct Apps {
     store: Arc<dyn Store>,
     /// Where rollouts run (the multi-threaded runtime, not an RPC worker).
     rt: tokio::runtime::Handle,
-    artifacts: PathBuf,
+    artifacts: ArtifactStore,
     reports: Mutex<HashMap<String, SandboxReport>>,
 }
 
-/// An artifact being uploaded: written to a temporary file while hashing.
-pub struct Upload {
-    file: Option<std::fs::File>,
-    tmp: PathBuf,
-    dir: PathBuf,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl Upload {
-    /// Appends a chunk.
-    pub fn write(&mut self, data: &[u8]) -> Result<(), AppError> {
-        use std::io::Write;
-        self.size += data.len() as u64;
-        if self.size > MAX_ARTIFACT_BYTES {
-            return Err(AppError::Invalid(format!(
-                "artifact larger than {} MiB",
-                MAX_ARTIFACT_BYTES / 1024 / 1024
-            )));
-        }
-        self.hasher.update(data);
-        let f = self
-            .file
-            .as_mut()
-            .ok_or_else(|| AppError::Invalid("upload already finished".into()))?;
-        f.write_all(data).map_err(|e| AppError::Io(e.to_string()))
-    }
-
-    /// Checks the digest the client announced and stores the artifact.
-    pub fn finish(&mut self, announced: &str) -> Result<u64, AppError> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| AppError::Invalid("upload already finished".into()))?;
-        file.sync_all().map_err(|e| AppError::Io(e.to_string()))?;
-        let digest = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        if digest != announced {
-            return Err(AppError::Invalid(format!(
-                "upload corrupted: received sha256 {digest}, client announced {announced}"
-            )));
-        }
-        std::fs::rename(&self.tmp, self.dir.join(&digest))
-            .map_err(|e| AppError::Io(e.to_string()))?;
-        Ok(self.size)
-    }
-}
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 impl Apps {
+    /// Opens the artifact store in `<data_dir>/artifacts` (removing what
+    /// interrupted uploads left) and collects what earlier runs left to
+    /// collect.
     pub fn new(
         store: Arc<dyn Store>,
         data_dir: &Path,
         rt: tokio::runtime::Handle,
     ) -> Result<Self, AppError> {
-        let artifacts = data_dir.join("artifacts");
-        transport::files::ensure_private_dir(&artifacts)
-            .map_err(|e| AppError::Io(e.to_string()))?;
-        Ok(Apps {
+        Self::with_limits(store, data_dir, rt, UploadLimits::default())
+    }
+
+    /// [`Apps::new`] with other upload limits.
+    pub fn with_limits(
+        store: Arc<dyn Store>,
+        data_dir: &Path,
+        rt: tokio::runtime::Handle,
+        limits: UploadLimits,
+    ) -> Result<Self, AppError> {
+        let artifacts = ArtifactStore::open(data_dir.join("artifacts"), limits)?;
+        let apps = Apps {
             store,
             rt,
             artifacts,
             reports: Mutex::new(HashMap::new()),
-        })
+        };
+        match apps.apps() {
+            Ok(all) => {
+                for app in all {
+                    if let Err(e) = apps.drop_old_versions(&app.name) {
+                        tracing::warn!("dropping old versions of {}: {e}", app.name);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("dropping old versions: {e}"),
+        }
+        if let Err(e) = apps.collect_artifacts() {
+            tracing::warn!("collecting unused artifacts: {e}");
+        }
+        Ok(apps)
     }
 
-    /// Starts an upload.
-    pub fn upload(&self) -> Result<Upload, AppError> {
-        let tmp = self
-            .artifacts
-            .join(format!(".upload-{}", uuid::Uuid::new_v4().simple()));
-        let file = std::fs::File::create(&tmp).map_err(|e| AppError::Io(e.to_string()))?;
-        Ok(Upload {
-            file: Some(file),
-            tmp,
-            dir: self.artifacts.clone(),
-            hasher: Sha256::new(),
-            size: 0,
-        })
+    /// Starts an upload for `app` (at most a few at a time per app). Old
+    /// uploads that no deploy ever named are collected first, so uploads
+    /// alone cannot fill the disk.
+    pub fn upload(&self, app: &str) -> Result<Upload, AppError> {
+        check_app_name(app)?;
+        if let Err(e) = self.collect_artifacts() {
+            tracing::warn!("collecting unused artifacts: {e}");
+        }
+        Ok(self.artifacts.begin_upload(app, Instant::now())?)
     }
 
     /// Reads part of a stored artifact for `runner`, which must host a
@@ -260,7 +268,6 @@ impl Apps {
         offset: u64,
         length: u32,
     ) -> Result<(Vec<u8>, u64), AppError> {
-        use std::io::{Read, Seek, SeekFrom};
         if !is_sha256_hex(sha) {
             return Err(AppError::Invalid("not a sha256".into()));
         }
@@ -271,16 +278,74 @@ impl Apps {
         if !allowed {
             return Err(AppError::NoSuchArtifact(sha.to_string()));
         }
-        let mut f = std::fs::File::open(self.artifacts.join(sha))
-            .map_err(|_| AppError::NoSuchArtifact(sha.to_string()))?;
-        let size = f.metadata().map_err(|e| AppError::Io(e.to_string()))?.len();
-        f.seek(SeekFrom::Start(offset.min(size)))
-            .map_err(|e| AppError::Io(e.to_string()))?;
-        let mut buf =
-            vec![0u8; (length.min(4 << 20) as u64).min(size.saturating_sub(offset)) as usize];
-        f.read_exact(&mut buf)
-            .map_err(|e| AppError::Io(e.to_string()))?;
-        Ok((buf, size))
+        self.artifacts
+            .read(sha, offset, length)
+            .map_err(|e| match e {
+                ArtifactError::Missing(sha) => AppError::NoSuchArtifact(sha),
+                other => other.into(),
+            })
+    }
+
+    /// Drops the versions `app` no longer keeps ([`versions_to_keep`]) from
+    /// its record, then deletes the artifacts nothing names any more.
+    /// Returns the digests deleted.
+    pub fn collect(&self, app: &str) -> Result<Vec<String>, AppError> {
+        self.drop_old_versions(app)?;
+        self.collect_artifacts()
+    }
+
+    /// One conditional write of `app/<app>` without the versions it no
+    /// longer keeps.
+    fn drop_old_versions(&self, app: &str) -> Result<(), AppError> {
+        let key = format!("app/{app}");
+        loop {
+            let Some(old) = self.store.get(&key)? else {
+                return Ok(());
+            };
+            let mut rec: AppRecord = decode(&key, &old)?;
+            let keep =
+                versions_to_keep(&rec.versions, rec.active.as_deref(), KEEP_PREVIOUS_VERSIONS);
+            let (kept, dropped): (Vec<Version>, Vec<Version>) =
+                rec.versions.into_iter().partition(|v| keep.contains(&v.id));
+            if dropped.is_empty() {
+                return Ok(());
+            }
+            rec.versions = kept;
+            let applied = self.store.commit(Txn {
+                conditions: vec![Condition::Equals(key.clone(), old)],
+                ops: vec![Op::Put(key.clone(), encode(&rec))],
+            })?;
+            if applied == Outcome::Applied {
+                tracing::info!(
+                    "{app}: dropped {} old version(s) ({})",
+                    dropped.len(),
+                    dropped
+                        .iter()
+                        .map(|v| v.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    /// Deletes stored artifacts no version of any app and no sandbox record
+    /// names (but fresh uploads waiting for their deploy).
+    fn collect_artifacts(&self) -> Result<Vec<String>, AppError> {
+        self.artifacts
+            .collect(Instant::now(), || self.referenced_artifacts())
+    }
+
+    /// Every artifact a version or a sandbox record names.
+    fn referenced_artifacts(&self) -> Result<HashSet<String>, AppError> {
+        let mut referenced: HashSet<String> = self
+            .apps()?
+            .into_iter()
+            .flat_map(|a| a.versions.into_iter().map(|v| v.artifact))
+            .collect();
+        referenced.extend(self.sandboxes()?.into_iter().map(|s| s.artifact));
+        Ok(referenced)
     }
 
     pub fn app(&self, name: &str) -> Result<Option<AppRecord>, AppError> {
@@ -444,9 +509,6 @@ impl Apps {
         now: i64,
     ) -> Result<String, AppError> {
         check_app_name(app)?;
-        if !is_sha256_hex(artifact) || !self.artifacts.join(artifact).exists() {
-            return Err(AppError::NoSuchArtifact(artifact.to_string()));
-        }
         if services.is_empty() {
             return Err(AppError::Invalid("the app defines no services".into()));
         }
@@ -459,9 +521,13 @@ impl Apps {
             }
         }
         let mut version_id = String::new();
+        // No collection between the check and the record naming it.
+        let mut held = self.artifacts.hold();
+        if !self.artifacts.contains(artifact) {
+            return Err(AppError::NoSuchArtifact(artifact.to_string()));
+        }
         self.update_app(app, |rec| {
-            let n = rec.versions.len() + 1;
-            version_id = format!("v{n}");
+            version_id = next_version_id(&rec.versions);
             rec.versions.push(Version {
                 id: version_id.clone(),
                 artifact: artifact.to_string(),
@@ -471,6 +537,8 @@ impl Apps {
                 message: String::new(),
             });
         })?;
+        held.recorded(artifact);
+        drop(held);
         let me = self.clone();
         let registry = registry.clone();
         let app = app.to_string();
@@ -506,6 +574,18 @@ impl Apps {
             if let Ok(old) = outcome {
                 tokio::time::sleep(DRAIN).await;
                 me.stop_all(&registry, &old).await;
+            }
+            // Retention: the versions this app no longer keeps, and their
+            // artifacts once no sandbox runs them.
+            let collected = {
+                let me = me.clone();
+                let app = app.clone();
+                tokio::task::spawn_blocking(move || me.collect(&app)).await
+            };
+            match collected {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("collecting old versions of {app}: {e}"),
+                Err(e) => tracing::warn!("collecting old versions of {app}: {e}"),
             }
         });
         Ok(version_id)
@@ -673,7 +753,8 @@ impl Apps {
         Ok(serde_json::Value::Array(out))
     }
 
-    /// Stops every sandbox of an app and forgets it.
+    /// Stops every sandbox of an app, forgets it, and deletes its
+    /// artifacts that no other app uses.
     pub async fn delete(&self, registry: &Registry, app: &str) -> Result<(), AppError> {
         if self.app(app)?.is_none() {
             return Err(AppError::NoSuchApp(app.to_string()));
@@ -688,6 +769,10 @@ impl Apps {
             conditions: vec![],
             ops: vec![Op::Delete(format!("app/{app}"))],
         })?;
+        // The app is gone either way; what fails here is collected later.
+        if let Err(e) = self.collect_artifacts() {
+            tracing::warn!("deleting the artifacts of {app}: {e}");
+        }
         Ok(())
     }
 }
@@ -758,6 +843,218 @@ mod tests {
         assert!(apps
             .read_artifact("runner-2", &"0".repeat(64), 0, 10)
             .is_err());
+    }
+
+    fn version(id: &str, state: &str, artifact: &str) -> Version {
+        Version {
+            id: id.into(),
+            artifact: artifact.into(),
+            services: vec![],
+            created_unix: 0,
+            state: state.into(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_app_keeps_its_active_version_those_deploying_and_three_more() {
+        let versions = [
+            version("v1", "superseded", "a"),
+            version("v2", "failed", "b"),
+            version("v3", "superseded", "c"),
+            version("v4", "deploying", "d"),
+            version("v5", "superseded", "e"),
+            version("v6", "active", "f"),
+            version("v7", "failed", "g"),
+            version("v8", "deploying", "h"),
+        ];
+        let mut keep: Vec<String> = versions_to_keep(&versions, Some("v6"), 3)
+            .into_iter()
+            .collect();
+        keep.sort();
+        assert_eq!(keep, ["v3", "v4", "v5", "v6", "v7", "v8"]);
+        // Few versions: all stay.
+        assert_eq!(versions_to_keep(&versions[..2], None, 3).len(), 2);
+        // Nothing active yet (the first deploys failed): the newest stay.
+        let mut keep: Vec<String> = versions_to_keep(&versions[..3], None, 1)
+            .into_iter()
+            .collect();
+        keep.sort();
+        assert_eq!(keep, ["v3"]);
+    }
+
+    #[test]
+    fn version_ids_are_never_handed_out_twice() {
+        assert_eq!(next_version_id(&[]), "v1");
+        let kept = [
+            version("v4", "superseded", "a"),
+            version("v5", "active", "b"),
+        ];
+        assert_eq!(next_version_id(&kept), "v6");
+        // Ids of another shape count by the length of the list.
+        assert_eq!(next_version_id(&[version("x", "active", "a")]), "v2");
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        store: Arc<dyn Store>,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn Store> =
+                Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            Fixture { dir, store, rt }
+        }
+
+        fn apps(&self) -> Apps {
+            Apps::new(
+                self.store.clone(),
+                self.dir.path(),
+                self.rt.handle().clone(),
+            )
+            .unwrap()
+        }
+
+        /// Stores an artifact file (as an upload long done would have).
+        fn artifact(&self, name: &str) -> String {
+            let sha = "0".repeat(63) + name;
+            let dir = self.dir.path().join("artifacts");
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = std::fs::File::create(dir.join(&sha)).unwrap();
+            std::io::Write::write_all(&mut &file, name.as_bytes()).unwrap();
+            // Uploaded long ago: only references keep it.
+            file.set_modified(std::time::SystemTime::now() - crate::artifacts::UPLOAD_GRACE * 2)
+                .unwrap();
+            sha
+        }
+
+        fn put<T: Serialize>(&self, key: &str, value: &T) {
+            self.store
+                .commit(Txn {
+                    conditions: vec![],
+                    ops: vec![Op::Put(key.into(), encode(value))],
+                })
+                .unwrap();
+        }
+
+        fn stored(&self) -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(self.dir.path().join("artifacts"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        }
+    }
+
+    #[test]
+    fn old_versions_and_their_artifacts_go_unless_still_used() {
+        let f = Fixture::new();
+        let shas: Vec<String> = (0..8).map(|i| f.artifact(&i.to_string())).collect();
+        // v1 and v5 share an artifact; v2's is api's too; a sandbox of v3
+        // still drains; shas[4] was uploaded long ago and never deployed.
+        let versions: Vec<Version> = [0, 1, 2, 3, 0, 5, 6, 7]
+            .iter()
+            .enumerate()
+            .map(|(i, a)| version(&format!("v{}", i + 1), "superseded", &shas[*a]))
+            .collect();
+        let mut web = AppRecord {
+            name: "web".into(),
+            versions,
+            active: Some("v8".into()),
+        };
+        web.versions[7].state = "active".into();
+        f.put("app/web", &web);
+        f.put(
+            "app/api",
+            &AppRecord {
+                name: "api".into(),
+                versions: vec![version("v1", "active", &shas[1])],
+                active: Some("v1".into()),
+            },
+        );
+        f.put(
+            "sandbox/web-old",
+            &SandboxRecord {
+                id: "web-old".into(),
+                app: "web".into(),
+                version: "v3".into(),
+                service: "web".into(),
+                runner: "r".into(),
+                artifact: shas[2].clone(),
+                created_unix: 0,
+            },
+        );
+        // An upload finished just before a restart, its deploy to come.
+        let fresh = "f".repeat(64);
+        std::fs::write(f.dir.path().join("artifacts").join(&fresh), "new").unwrap();
+
+        // At start: web keeps v8 and the three before; of the artifacts of
+        // v1-v4 only v4's goes (v1's is v5's, v2's api's, v3's the
+        // draining sandbox's); the old orphan goes, the fresh upload stays.
+        let apps = f.apps();
+        let ids: Vec<String> = apps
+            .app("web")
+            .unwrap()
+            .unwrap()
+            .versions
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        assert_eq!(ids, ["v5", "v6", "v7", "v8"]);
+        let mut expected: Vec<String> = [0, 1, 2, 5, 6, 7]
+            .iter()
+            .map(|i| shas[*i].clone())
+            .collect();
+        expected.push(fresh.clone());
+        assert_eq!(f.stored(), expected);
+        assert!(apps.collect("web").unwrap().is_empty());
+
+        // Deleting web (which stops its sandboxes) leaves only api's
+        // artifact and the fresh upload.
+        let registry = Registry::new(f.store.clone(), Duration::from_secs(3600));
+        f.rt.block_on(apps.delete(&registry, "web")).unwrap();
+        assert!(apps.app("web").unwrap().is_none());
+        assert!(apps.sandboxes().unwrap().is_empty());
+        assert_eq!(f.stored(), [shas[1].clone(), fresh]);
+        assert!(matches!(
+            f.rt.block_on(apps.delete(&registry, "web")),
+            Err(AppError::NoSuchApp(_))
+        ));
+    }
+
+    #[test]
+    fn uploads_are_bounded_per_app() {
+        let f = Fixture::new();
+        let apps = Apps::with_limits(
+            f.store.clone(),
+            f.dir.path(),
+            f.rt.handle().clone(),
+            UploadLimits {
+                max_artifact_bytes: 1024,
+                per_app: 2,
+                idle: Duration::from_secs(60),
+            },
+        )
+        .unwrap();
+        let _a = apps.upload("web").unwrap();
+        let _b = apps.upload("web").unwrap();
+        let third = apps.upload("web").err().unwrap();
+        assert!(
+            third
+                .to_string()
+                .contains("already has 2 uploads in progress"),
+            "{third}"
+        );
+        assert!(apps.upload("api").is_ok());
+        assert!(apps.upload("../x").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod accept;
 pub mod apps;
+pub mod artifacts;
 pub mod ci;
 pub mod datadir;
 pub mod https;

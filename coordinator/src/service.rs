@@ -576,9 +576,13 @@ impl app::Server for AppService {
         _: app::UploadArtifactParams,
         mut results: app::UploadArtifactResults,
     ) -> Result<(), capnp::Error> {
-        let upload = self.state.apps.upload().map_err(app_err)?;
+        let upload = self.state.apps.upload(&self.app).map_err(|e| match e {
+            AppError::Artifact(e) => upload_err(e),
+            other => app_err(other),
+        })?;
         let client: artifact_upload::Client = capnp_rpc::new_client(UploadService {
-            upload: std::cell::RefCell::new(upload),
+            upload: std::cell::RefCell::new(Some(upload)),
+            rt: self.state.rt.clone(),
         });
         results.get().set_upload(client);
         Ok(())
@@ -655,9 +659,30 @@ impl app::Server for AppService {
     }
 }
 
-/// An artifact upload in progress.
+/// An artifact upload in progress. When the connection drops, the RPC
+/// system drops this capability, and with it the upload: its slot and its
+/// temporary file go.
 pub struct UploadService {
-    upload: std::cell::RefCell<crate::apps::Upload>,
+    /// `None` once `finish` took it.
+    upload: std::cell::RefCell<Option<crate::artifacts::Upload>>,
+    /// Where `finish` syncs the file (not this RPC worker's thread).
+    rt: tokio::runtime::Handle,
+}
+
+fn upload_closed() -> capnp::Error {
+    failed(crate::artifacts::ArtifactError::Closed.to_string())
+}
+
+/// An upload's refusal for the uploader; disk trouble is the operator's
+/// (logged with its path), not the pipeline's.
+fn upload_err(e: crate::artifacts::ArtifactError) -> capnp::Error {
+    match e {
+        crate::artifacts::ArtifactError::Io { .. } => {
+            tracing::error!("storing an upload: {e}");
+            failed("the coordinator could not store the upload (see its log)")
+        }
+        other => failed(other.to_string()),
+    }
 }
 
 impl artifact_upload::Server for UploadService {
@@ -667,7 +692,9 @@ impl artifact_upload::Server for UploadService {
         _: artifact_upload::WriteResults,
     ) -> Result<(), capnp::Error> {
         let data = params.get()?.get_data()?;
-        self.upload.borrow_mut().write(data).map_err(app_err)
+        let mut upload = self.upload.borrow_mut();
+        let upload = upload.as_mut().ok_or_else(upload_closed)?;
+        upload.write(data, Instant::now()).map_err(upload_err)
     }
 
     async fn finish(
@@ -675,8 +702,14 @@ impl artifact_upload::Server for UploadService {
         params: artifact_upload::FinishParams,
         mut results: artifact_upload::FinishResults,
     ) -> Result<(), capnp::Error> {
-        let sha = params.get()?.get_sha256()?.to_str()?;
-        let size = self.upload.borrow_mut().finish(sha).map_err(app_err)?;
+        let sha = params.get()?.get_sha256()?.to_str()?.to_string();
+        let mut upload = self.upload.borrow_mut().take().ok_or_else(upload_closed)?;
+        let size = self
+            .rt
+            .spawn_blocking(move || upload.finish(&sha))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(upload_err)?;
         results.get().set_size(size);
         Ok(())
     }

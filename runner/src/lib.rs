@@ -6,6 +6,7 @@
 //! crate cannot link `coordinator`.
 
 pub mod agent;
+pub mod artifacts;
 pub mod backoff;
 pub mod cgroup;
 pub mod join;

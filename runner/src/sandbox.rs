@@ -17,7 +17,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use sha2::{Digest, Sha256};
 
 use crate::cgroup::SandboxCgroup;
 use crate::layout::{SandboxDirs, INSIDE_IDENTITY, TOKEN_FILE, TOKEN_SOCKET};
@@ -236,7 +235,9 @@ impl Supervisor {
             .policy
             .resolve(spec.limits)
             .map_err(|e| anyhow!("{e}"))?;
-        let artifact = self.fetch_artifact(&spec.artifact, &fetch).await?;
+        let artifact = crate::artifacts::ArtifactCache::open(self.dir.join("artifacts"))
+            .checkout(&spec.id, &spec.artifact, &*fetch)
+            .await?;
         let dirs = SandboxDirs::new(&self.dir, &spec.id);
         dirs.create()
             .with_context(|| format!("creating {}", dirs.root.display()))?;
@@ -399,6 +400,7 @@ impl Supervisor {
         if valid_id(id) {
             let _ = std::fs::remove_dir_all(self.dir.join("sandboxes").join(id));
         }
+        crate::artifacts::ArtifactCache::open(self.dir.join("artifacts")).release(id);
         Ok(())
     }
 
@@ -427,34 +429,6 @@ impl Supervisor {
         for id in ids {
             let _ = self.stop(&id).await;
         }
-    }
-
-    async fn fetch_artifact(&self, sha: &str, fetch: &Fetch) -> anyhow::Result<PathBuf> {
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(anyhow!("invalid artifact digest {sha:?}"));
-        }
-        let dir = self.dir.join("artifacts");
-        transport::files::ensure_private_dir(&dir)?;
-        let path = dir.join(format!("{sha}.tar.gz"));
-        if path.exists() {
-            return Ok(path);
-        }
-        let mut bytes = Vec::new();
-        let mut hasher = Sha256::new();
-        loop {
-            let (chunk, size) = fetch(sha.to_string(), bytes.len() as u64, 1 << 20).await?;
-            hasher.update(&chunk);
-            bytes.extend_from_slice(&chunk);
-            if bytes.len() as u64 >= size || chunk.is_empty() {
-                break;
-            }
-        }
-        let got = hex::encode(hasher.finalize());
-        if got != sha {
-            return Err(anyhow!("artifact {sha} arrived corrupted (sha256 {got})"));
-        }
-        transport::files::write_atomic(&path, &bytes, 0o600)?;
-        Ok(path)
     }
 }
 
