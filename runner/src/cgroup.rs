@@ -1107,10 +1107,7 @@ fn keyed_value(text: &str, key: &str) -> Option<u64> {
 fn open_base(path: &Path, fs: Fs, version: Version) -> Result<OwnedFd, String> {
     let fd = open_dir(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
     if fs == Fs::Kernel {
-        let want = match version {
-            Version::V1 => i64::from(libc::CGROUP_SUPER_MAGIC),
-            Version::V2 => i64::from(libc::CGROUP2_SUPER_MAGIC),
-        };
+        // SAFETY: a plain C struct; all zeroes is a valid value.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: a valid fd and a statfs buffer of the right type.
         if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
@@ -1120,8 +1117,12 @@ fn open_base(path: &Path, fs: Fs, version: Version) -> Result<OwnedFd, String> {
                 io::Error::last_os_error()
             ));
         }
-        #[allow(clippy::unnecessary_cast)] // f_type is i64 on some targets, u32 on others
-        let got = st.f_type as i64;
+        // The constants and f_type are i64 on some targets, u32 on others.
+        #[allow(clippy::unnecessary_cast)]
+        let (want, got) = match version {
+            Version::V1 => (libc::CGROUP_SUPER_MAGIC as i64, st.f_type as i64),
+            Version::V2 => (libc::CGROUP2_SUPER_MAGIC as i64, st.f_type as i64),
+        };
         if got != want {
             return Err(format!(
                 "{} is not a cgroup {} filesystem",
@@ -1302,11 +1303,11 @@ fn remove_dir(fs: Fs, parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
 fn simulate_mkdir(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let dir = open_subdir(parent, name)?;
     for (file, is_dir) in list_dir(parent)? {
-        if is_dir {
-            continue;
-        }
         let c =
             CString::new(file.as_str()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if is_dir || !file_exists(parent, &c) {
+            continue;
+        }
         let content = match file.as_str() {
             "cgroup.procs" | "tasks" | "cgroup.subtree_control" => String::new(),
             _ => read_at(parent, &c)?,
@@ -1962,6 +1963,14 @@ mod tests {
     }
 
     #[test]
+    fn handles_can_cross_threads() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<Cgroups>();
+        send_sync::<SandboxCgroup>();
+        send_sync::<CgroupError>();
+    }
+
+    #[test]
     fn small_helpers() {
         let mut buf = [0u8; 20];
         assert_eq!(decimal(0, &mut buf), b"0");
@@ -1982,6 +1991,14 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         use std::process::{Command, Stdio};
 
+        /// Says why a test skips, past libtest's capture of `eprintln!`, so a
+        /// skip is never mistaken for a pass.
+        macro_rules! skipped {
+            ($($arg:tt)*) => {{
+                let _ = writeln!(std::io::stderr(), $($arg)*);
+            }};
+        }
+
         /// Removes the runner's dirs even when the test fails.
         struct Real(Cgroups);
 
@@ -1998,13 +2015,13 @@ mod tests {
         fn real(tag: &str) -> Option<Real> {
             // SAFETY: geteuid has no failure mode.
             if unsafe { libc::geteuid() } != 0 {
-                eprintln!("SKIPPED {tag}: not root, cgroups are not writable");
+                skipped!("SKIPPED {tag}: not root, cgroups are not writable");
                 return None;
             }
             let layout = match detect_layout() {
                 Ok(l) => l,
                 Err(reason) => {
-                    eprintln!("SKIPPED {tag}: {reason}");
+                    skipped!("SKIPPED {tag}: {reason}");
                     return None;
                 }
             };
@@ -2016,7 +2033,7 @@ mod tests {
                 let c = CString::new(d.as_os_str().as_bytes()).unwrap();
                 // SAFETY: a NUL-terminated path.
                 if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
-                    eprintln!(
+                    skipped!(
                         "SKIPPED {tag}: {} is not writable: {}",
                         d.display(),
                         io::Error::last_os_error()
@@ -2127,7 +2144,7 @@ mod tests {
                 .into_iter()
                 .find(|p| Path::new(p).exists());
             let Some(python) = python else {
-                eprintln!("SKIPPED oom: no python3 to allocate with");
+                skipped!("SKIPPED oom: no python3 to allocate with");
                 return;
             };
             let sb = cg.0.create("oom", &limits()).unwrap();
@@ -2155,8 +2172,10 @@ mod tests {
                 .into_iter()
                 .find(|p| p.join("pids.max").exists())
                 .unwrap();
-            // Each sleep leaves the shell's process group and session.
-            let script = "i=0; while [ $i -lt 200 ]; do setsid sleep 300 & i=$((i+1)); done; wait";
+            // Each sleep leaves the shell's process group and session (and
+            // lets go of stderr, which the test reads to the end).
+            let script = "i=0; while [ $i -lt 200 ]; do \
+                setsid sleep 300 >/dev/null 2>&1 & i=$((i+1)); done; wait";
             let mut child = spawn_in(&sb, "/bin/sh", &["-c", script]);
             let mut most = 0usize;
             let mut exited = None;
@@ -2201,7 +2220,7 @@ mod tests {
                 )
             };
             assert_eq!(sid, escaped[0] as i32, "setsid made its own session");
-            assert_ne!(pgid, status.code().unwrap_or(0));
+            assert_eq!(pgid, escaped[0] as i32, "and its own process group");
             let paths = sb.paths();
             sb.remove().unwrap();
             for pid in escaped {
@@ -2213,10 +2232,55 @@ mod tests {
         }
 
         #[test]
+        fn a_live_fork_bomb_is_killed_while_it_forks() {
+            let Some(cg) = real("bomb") else { return };
+            let sb = cg.0.create("bomb", &limits()).unwrap();
+            let pids_dir = sb
+                .paths()
+                .into_iter()
+                .find(|p| p.join("pids.max").exists())
+                .unwrap();
+            // Every member forks forever in its own session and never exits
+            // on its own (a failed fork is just tried again), so the bomb is
+            // alive and forking at the limit when it is killed. (A bomb whose
+            // members exit when a fork fails can die out by itself before
+            // it is looked at, which made this test flaky.)
+            let mut child = spawn_in(
+                &sb,
+                "/bin/sh",
+                &["-c", "while :; do setsid sh -c 'while :; do sleep 100 & done' 2>/dev/null & done 2>/dev/null"],
+            );
+            // Wait (bounded) until the bomb has reached the limit once.
+            for _ in 0..400 {
+                let events = file(&pids_dir, "pids.events");
+                if keyed_value(&events, "max").is_some_and(|n| n >= 1) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            let events = file(&pids_dir, "pids.events");
+            assert!(
+                keyed_value(&events, "max").is_some_and(|n| n >= 1),
+                "the bomb never reached the limit: {events}"
+            );
+            let paths = sb.paths();
+            let seen = members(&pids_dir);
+            assert!(!seen.is_empty());
+            sb.remove().unwrap();
+            let _ = child.wait();
+            for pid in seen {
+                assert!(dead(pid), "pid {pid} survived");
+            }
+            for d in paths {
+                assert!(!d.exists(), "{} left", d.display());
+            }
+        }
+
+        #[test]
         fn leftovers_are_killed_at_the_next_start_of_the_same_runner_only() {
             // SAFETY: geteuid has no failure mode.
             if unsafe { libc::geteuid() } != 0 {
-                eprintln!("SKIPPED leftovers: not root, cgroups are not writable");
+                skipped!("SKIPPED leftovers: not root, cgroups are not writable");
                 return;
             }
             let Some(other) = real("other") else { return };

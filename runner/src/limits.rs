@@ -220,6 +220,8 @@ pub fn parse_pids(value: i64) -> Result<u32, LimitError> {
 
 /// Writes a memory size exactly, in the largest binary unit that divides it
 /// (`256MiB`, `1GiB`, `1536KiB`, `1000B`); [`parse_memory`] reads it back.
+// `is_multiple_of` needs Rust 1.87; the workspace says 1.85.
+#[allow(clippy::manual_is_multiple_of)]
 pub fn format_memory(bytes: u64) -> String {
     for (unit, scale) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
         if bytes != 0 && bytes % scale == 0 {
@@ -242,6 +244,7 @@ pub fn format_cpus(millis: u32) -> String {
 
 /// [`format_memory`], with a rounded reading when the exact form is in KiB or
 /// bytes (a host's RAM: `24684084KiB (about 23.5GiB)`).
+#[allow(clippy::manual_is_multiple_of)] // as in format_memory
 fn describe_memory(bytes: u64) -> String {
     let exact = format_memory(bytes);
     if bytes < MIB || bytes % MIB == 0 {

@@ -14,6 +14,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -168,7 +169,7 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
     endpoint: tokio::task::JoinHandle<()>,
     last: Rc<RefCell<Report>>,
-    cgroup: Option<Rc<SandboxCgroup>>,
+    cgroup: Option<Arc<SandboxCgroup>>,
 }
 
 /// The sandboxes of this runner (they outlive coordinator sessions).
@@ -315,7 +316,7 @@ impl Supervisor {
             ("HOME".into(), dirs.app.display().to_string()),
         ]);
         let cgroup = if self.containment.cgroups.is_available() {
-            Some(Rc::new(
+            Some(Arc::new(
                 self.containment
                     .cgroups
                     .create(&spec.id, &limits)
@@ -382,11 +383,13 @@ impl Supervisor {
             r.endpoint.abort();
             if let Some(cgroup) = r.cgroup {
                 // Whatever escaped the process group dies with the cgroup.
-                let result = match Rc::try_unwrap(cgroup) {
+                // Killing may wait on processes: off this thread.
+                let result = tokio::task::spawn_blocking(move || match Arc::try_unwrap(cgroup) {
                     Ok(cgroup) => cgroup.remove(),
                     Err(shared) => shared.kill_all(),
-                };
-                if let Err(e) = result {
+                })
+                .await;
+                if let Ok(Err(e)) = result {
                     tracing::warn!("cgroup of {id}: {e}");
                 }
             }
@@ -423,12 +426,14 @@ impl Supervisor {
             .with_context(|| format!("reading the logs of {id}"))
     }
 
-    /// Stops everything (runner shutdown).
+    /// Stops everything (runner shutdown) and removes this runner's
+    /// cgroups (after a crash, the next start removes them).
     pub async fn stop_all(&self) {
         let ids: Vec<String> = self.running.borrow().keys().cloned().collect();
         for id in ids {
             let _ = self.stop(&id).await;
         }
+        self.containment.cgroups.remove_all();
     }
 }
 
@@ -460,7 +465,7 @@ struct Launch {
     isolation: Isolation,
     dirs: SandboxDirs,
     /// The sandbox's cgroup, joined by the process before it execs.
-    cgroup: Option<Rc<SandboxCgroup>>,
+    cgroup: Option<Arc<SandboxCgroup>>,
     memory_limit: u64,
     port: u16,
     token_port: u16,
@@ -630,7 +635,8 @@ async fn supervise(
         if let Some(cgroup) = &launch.cgroup {
             out_of_memory = cgroup.oom_kills() > oom_before;
             // What escaped the process group (setsid) goes with it.
-            if let Err(e) = cgroup.kill_all() {
+            let cgroup = cgroup.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cgroup.kill_all()).await {
                 tracing::warn!("cgroup of {}: {e}", spec.id);
             }
         }
