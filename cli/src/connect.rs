@@ -27,6 +27,10 @@ pub fn remote(e: capnp::Error) -> anyhow::Error {
     anyhow::anyhow!(transport::rpc::remote_message(&e))
 }
 
+/// How many times a CI login refused as busy is tried (0.5 s, 1 s, 2 s, 4 s
+/// apart).
+const LOGIN_TRIES: u32 = 5;
+
 /// An open session with a cluster.
 pub struct Session {
     pub cluster: cluster::Client,
@@ -87,11 +91,24 @@ impl Session {
             return Ok(reply.get()?.get_app()?);
         }
         let token = crate::ci::oidc_token(&self.target.address.host_port()).await?;
-        let mut req = self.cluster.ci_login_request();
-        req.get().set_token(&token);
-        req.get().set_app(name);
-        let reply = req.send().promise.await.map_err(remote)?;
-        Ok(reply.get()?.get_app()?)
+        // A coordinator with too many logins at once says so as
+        // `overloaded`: wait and try again, a few times.
+        let mut wait = std::time::Duration::from_millis(500);
+        let mut tries = 1;
+        loop {
+            let mut req = self.cluster.ci_login_request();
+            req.get().set_token(&token);
+            req.get().set_app(name);
+            match req.send().promise.await {
+                Ok(reply) => return Ok(reply.get()?.get_app()?),
+                Err(e) if e.kind == capnp::ErrorKind::Overloaded && tries < LOGIN_TRIES => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    tries += 1;
+                }
+                Err(e) => return Err(remote(e)),
+            }
+        }
     }
 
     /// Closes the connection and lets it drain.

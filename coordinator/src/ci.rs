@@ -117,19 +117,17 @@ impl CiBindings {
     }
 
     /// The binding of `app` that verified `claims` match, or the mismatch
-    /// message naming issuer, subject and repository.
+    /// naming issuer, subject and repository.
     pub fn matching(
         &self,
         app: &str,
         claims: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Binding, String> {
-        let set = self
-            .set
-            .read()
-            .map_err(|_| "binding index unavailable".to_string())?;
-        set.matching(app, claims)
-            .cloned()
-            .map_err(|e| e.to_string())
+    ) -> Result<Binding, crate::oidc::LoginError> {
+        let set = self.set.read().map_err(|_| {
+            tracing::error!("the CI binding index is unavailable (lock poisoned)");
+            crate::oidc::LoginError::Denied(crate::oidc::Denial::Generic)
+        })?;
+        Ok(set.matching(app, claims)?.clone())
     }
 
     /// How many bindings exist.

@@ -2,14 +2,16 @@
 //! store, and serves RPC (QUIC) and, later, HTTPS.
 //!
 //! [`datadir`] owns the files on disk, [`store`] the durable records,
-//! [`service`] the Cap'n Proto capabilities handed to peers, and [`server`]
-//! wires them to the network with graceful shutdown.
+//! [`service`] the Cap'n Proto capabilities handed to peers, [`frontdoor`]
+//! what a peer may cost before it proves a role, and [`server`] wires them
+//! to the network with graceful shutdown.
 
 pub mod accept;
 pub mod apps;
 pub mod artifacts;
 pub mod ci;
 pub mod datadir;
+pub mod frontdoor;
 pub mod https;
 pub mod ingress;
 pub mod issuer;

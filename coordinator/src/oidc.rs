@@ -8,13 +8,29 @@
 //! set; an unknown kid triggers at most one refetch a minute, and concurrent
 //! misses wait for the same fetch. Verification is `identity::Verifier`
 //! (algorithm pinned by the JWK), audience = one of the cluster's addresses.
+//!
+//! `ciLogin` is open to anyone, so a login's cost is bounded before it is
+//! paid ([`OidcVerifier::begin`], on the caller's RPC thread): a token over
+//! `identity::MAX_TOKEN_BYTES` is refused before it is parsed, one nobody
+//! could have signed before its issuer is looked at (`identity::inspect`),
+//! and at most [`MAX_CONCURRENT_LOGINS`] logins run at once (over that, a
+//! "busy, retry" refusal the CLI retries). A failed fetch is remembered per
+//! issuer for [`FETCH_FAILURE_TTL`], so a down issuer is asked at most once
+//! per that time however many logins name it, and the unknown-kid refetch
+//! is spent only on a well-formed token whose algorithm the issuer uses.
+//! The rules are pure ([`IssuerEntry::plan`], `now` passed in).
+//!
+//! What a refused caller learns is fixed text ([`LoginError`]): never which
+//! issuers are bound nor why a fetch failed; those go to the log.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use identity::bindings::Binding;
-use identity::{DiscoveryDocument, IssuerUrl, KeySet, Verifier};
+use identity::{
+    inspect, DiscoveryDocument, IssuerUrl, KeySet, KidLookup, UnverifiedToken, Verifier,
+};
 
 use crate::ci::CiBindings;
 
@@ -24,13 +40,169 @@ pub const KEYS_TTL: Duration = Duration::from_secs(3600);
 pub const KID_REFETCH_COOLDOWN: Duration = Duration::from_secs(60);
 /// Largest discovery document or JWKS accepted.
 pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// How long a failed discovery or JWKS fetch is remembered: logins naming
+/// that issuer meanwhile use the last good keys, or are refused at once.
+pub const FETCH_FAILURE_TTL: Duration = Duration::from_secs(10);
+/// CI logins verified at the same time. Verifying is about 30 µs of CPU, so
+/// this is far above what the cores can use; it bounds the logins waiting
+/// on a slow issuer (at most two 5 s fetches) and the tasks they hold.
+pub const MAX_CONCURRENT_LOGINS: usize = 64;
 
+/// Why a CI login was refused, in the words the caller gets. Only the
+/// binding mismatch names anything, and only what the token itself says.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// More than [`MAX_CONCURRENT_LOGINS`] logins are running.
+    #[error("the coordinator is busy with other CI logins; retry in a few seconds")]
+    Busy,
+    /// The token was refused; the reason is in the coordinator's log.
+    #[error("OIDC access denied{}", .0.suffix())]
+    Denied(Denial),
+    /// A verified token that no binding of the app matches.
+    #[error(transparent)]
+    NoMatch(#[from] identity::NoMatch),
+}
+
+/// What a refused caller is told beyond "OIDC access denied": only facts
+/// about its own token that it can read itself and that do not depend on
+/// what this cluster trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// Anything else (malformed, unknown issuer, unknown key, bad
+    /// signature, keys unavailable, ...).
+    Generic,
+    /// Its `exp` has passed.
+    Expired,
+    /// Its `nbf` or `iat` is in the future.
+    NotYetValid,
+    /// Its `aud` is not this cluster's address.
+    WrongAudience,
+    /// It is longer than `identity::MAX_TOKEN_BYTES`.
+    TooLarge,
+}
+
+impl Denial {
+    fn suffix(&self) -> &'static str {
+        match self {
+            Denial::Generic => "",
+            Denial::Expired => ": the token has expired",
+            Denial::NotYetValid => ": the token is not valid yet",
+            Denial::WrongAudience => {
+                ": the token's audience is not this cluster's address (host:port)"
+            }
+            Denial::TooLarge => ": the token is larger than 16 KiB",
+        }
+    }
+
+    fn of(e: &identity::VerifyError) -> Self {
+        use identity::VerifyError as V;
+        match e {
+            V::Expired { .. } => Denial::Expired,
+            V::NotYetValid { .. } | V::IssuedInFuture { .. } => Denial::NotYetValid,
+            V::WrongAudience(_) => Denial::WrongAudience,
+            V::TooLarge { .. } => Denial::TooLarge,
+            _ => Denial::Generic,
+        }
+    }
+}
+
+/// A refusal the caller sees as plain "OIDC access denied", with the detail
+/// logged.
+fn denied(why: std::fmt::Arguments<'_>) -> LoginError {
+    tracing::info!("CI login refused: {why}");
+    LoginError::Denied(Denial::Generic)
+}
+
+/// What we know of one issuer's keys.
 #[derive(Default)]
 struct IssuerEntry {
     keys: Option<KeySet>,
     fetched: Option<Instant>,
     kid_refetch: Option<Instant>,
+    /// The last fetch failure and when it happened.
+    failed: Option<(Instant, String)>,
     fetches: u64,
+}
+
+/// What a login does with an issuer's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Plan {
+    /// Verify with the keys held.
+    Cached,
+    /// Fetch first; `for_kid` when only an unknown kid asks for it.
+    Fetch { for_kid: bool },
+    /// Nothing held and the last fetch failed moments ago: refuse.
+    RecentlyFailed,
+}
+
+fn elapsed(since: Option<Instant>, now: Instant) -> Option<Duration> {
+    since.map(|t| now.saturating_duration_since(t))
+}
+
+impl IssuerEntry {
+    /// What a login presenting `token` does at `now`.
+    fn plan(&self, token: Option<&UnverifiedToken>, now: Instant) -> Plan {
+        let failed_recently = self
+            .failed
+            .as_ref()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < FETCH_FAILURE_TTL);
+        let Some(keys) = &self.keys else {
+            return if failed_recently {
+                Plan::RecentlyFailed
+            } else {
+                Plan::Fetch { for_kid: false }
+            };
+        };
+        if failed_recently {
+            return Plan::Cached;
+        }
+        if elapsed(self.fetched, now).is_none_or(|age| age >= KEYS_TTL) {
+            return Plan::Fetch { for_kid: false };
+        }
+        let may_refetch =
+            elapsed(self.kid_refetch, now).is_none_or(|age| age >= KID_REFETCH_COOLDOWN);
+        if may_refetch && token.is_some_and(|t| t.lookup(keys) == KidLookup::Unknown) {
+            return Plan::Fetch { for_kid: true };
+        }
+        Plan::Cached
+    }
+
+    /// Records the outcome of a fetch made at `now`.
+    fn record(&mut self, for_kid: bool, result: Result<KeySet, String>, now: Instant) {
+        self.fetches += 1;
+        if for_kid {
+            self.kid_refetch = Some(now);
+        }
+        match result {
+            Ok(keys) => {
+                self.keys = Some(keys);
+                self.fetched = Some(now);
+                self.failed = None;
+            }
+            Err(e) => self.failed = Some((now, e)),
+        }
+    }
+}
+
+/// Why an issuer's keys are not at hand (logged; a CI caller is only told
+/// "OIDC access denied").
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("the issuer cache is unavailable")]
+    Unavailable,
+    #[error("no keys for {issuer}: its last fetch failed less than 10 s ago ({reason})")]
+    RecentlyFailed { issuer: String, reason: String },
+    #[error("no keys for {issuer}: {reason}")]
+    Fetch { issuer: String, reason: String },
+}
+
+/// A login that passed the checks made before any work: its token is
+/// plausible, its issuer is bound, and it holds one of the login slots.
+pub struct LoginAttempt {
+    token: String,
+    unverified: UnverifiedToken,
+    issuer: IssuerUrl,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Fetches and caches issuer keys; verifies CI tokens.
@@ -39,36 +211,7 @@ pub struct OidcVerifier {
     pub client: reqwest::Client,
     audiences: Vec<String>,
     issuers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<IssuerEntry>>>>,
-}
-
-fn denied(msg: impl std::fmt::Display) -> String {
-    format!("OIDC access denied: {msg}")
-}
-
-/// `iss` and `kid` of a token, read without trusting them (to pick the
-/// issuer to verify against).
-fn peek(token: &str) -> Result<(String, Option<String>), String> {
-    use base64::Engine as _;
-    if token.len() > identity::MAX_TOKEN_BYTES {
-        return Err(denied("token larger than 16 KiB"));
-    }
-    let mut parts = token.split('.');
-    let (Some(h), Some(p)) = (parts.next(), parts.next()) else {
-        return Err(denied("not a JWT"));
-    };
-    let decode = |s: &str| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-    };
-    let header = decode(h).ok_or_else(|| denied("malformed token header"))?;
-    let payload = decode(p).ok_or_else(|| denied("malformed token payload"))?;
-    let iss = payload["iss"]
-        .as_str()
-        .ok_or_else(|| denied("token has no issuer"))?
-        .to_string();
-    Ok((iss, header["kid"].as_str().map(str::to_string)))
+    logins: Arc<tokio::sync::Semaphore>,
 }
 
 /// Reads a response body of at most 1 MiB (the cap on everything fetched
@@ -105,6 +248,7 @@ impl OidcVerifier {
             client,
             audiences,
             issuers: Mutex::new(HashMap::new()),
+            logins: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS)),
         })
     }
 
@@ -142,70 +286,264 @@ impl OidcVerifier {
         }
     }
 
-    /// Keys for `issuer`, fetching when absent, stale, or when `kid` is
-    /// unknown (at most once per cooldown).
-    pub async fn keys(&self, issuer: &IssuerUrl, kid: Option<&str>) -> Result<KeySet, String> {
+    /// Keys for `issuer`, fetching when absent, stale, or when `token`
+    /// names an unknown kid a new key of the issuer could have signed (see
+    /// [`IssuerEntry::plan`]); without a token, never for a kid.
+    async fn keys(
+        &self,
+        issuer: &IssuerUrl,
+        token: Option<&UnverifiedToken>,
+    ) -> Result<KeySet, KeysError> {
         let entry = {
-            let mut map = self
-                .issuers
-                .lock()
-                .map_err(|_| "issuer cache unavailable".to_string())?;
+            let mut map = self.issuers.lock().map_err(|_| KeysError::Unavailable)?;
             map.entry(issuer.as_str().to_string()).or_default().clone()
         };
         let mut e = entry.lock().await;
-        let stale = e.fetched.is_none_or(|t| t.elapsed() >= KEYS_TTL);
-        let unknown_kid = match (&e.keys, kid) {
-            (Some(keys), Some(kid)) => !keys.contains(kid),
-            _ => false,
-        };
-        let may_refetch_for_kid = e
-            .kid_refetch
-            .is_none_or(|t| t.elapsed() >= KID_REFETCH_COOLDOWN);
-        if stale || (unknown_kid && may_refetch_for_kid) {
-            if unknown_kid {
-                e.kid_refetch = Some(Instant::now());
+        match e.plan(token, Instant::now()) {
+            Plan::Cached => {}
+            Plan::RecentlyFailed => {
+                return Err(KeysError::RecentlyFailed {
+                    issuer: issuer.as_str().to_string(),
+                    reason: e
+                        .failed
+                        .as_ref()
+                        .map(|(_, r)| r.clone())
+                        .unwrap_or_default(),
+                })
             }
-            e.fetches += 1;
-            match self.fetch_keys(issuer).await {
-                Ok(keys) => {
-                    e.keys = Some(keys);
-                    e.fetched = Some(Instant::now());
-                }
-                Err(err) if e.keys.is_some() => {
+            Plan::Fetch { for_kid } => {
+                let result = self.fetch_keys(issuer).await;
+                if let Err(err) = &result {
                     tracing::warn!(
-                        "refreshing keys of {}: {err}; keeping the last good set",
-                        issuer.as_str()
+                        issuer = issuer.as_str(),
+                        "fetching the keys of an OIDC issuer failed: {err}{}",
+                        if e.keys.is_some() {
+                            "; keeping the last good set"
+                        } else {
+                            ""
+                        }
                     );
-                    e.fetched = Some(Instant::now());
                 }
-                Err(err) => return Err(denied(err)),
+                e.record(for_kid, result, Instant::now());
             }
         }
-        e.keys
-            .clone()
-            .ok_or_else(|| denied("no keys for the issuer"))
+        match (&e.keys, &e.failed) {
+            (Some(keys), _) => Ok(keys.clone()),
+            (None, failed) => Err(KeysError::Fetch {
+                issuer: issuer.as_str().to_string(),
+                reason: failed.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
+            }),
+        }
     }
 
-    /// Verifies a CI token for `app` at `now`; returns the binding it matched.
-    pub async fn login(
+    /// Keys of a route OIDC provider for verifying `id_token` (which the
+    /// coordinator fetched itself from the provider's token endpoint),
+    /// cached and remembered like CI issuers'.
+    pub async fn provider_keys(
+        &self,
+        issuer: &IssuerUrl,
+        id_token: &str,
+    ) -> Result<KeySet, String> {
+        let token = inspect(id_token).ok();
+        self.keys(issuer, token.as_ref())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The checks a login passes before any work, run where the call
+    /// arrives: the token is plausible (`identity::inspect`: size first,
+    /// then structure, kid, algorithm, signature length), names an issuer
+    /// some binding trusts, and a login slot is free.
+    pub fn begin(&self, ci: &CiBindings, token: &str) -> Result<LoginAttempt, LoginError> {
+        let token = token.trim();
+        let unverified = inspect(token).map_err(|e| {
+            tracing::debug!("CI login refused: {e}");
+            match e {
+                identity::InspectError::Token(v) => LoginError::Denied(Denial::of(&v)),
+                _ => LoginError::Denied(Denial::Generic),
+            }
+        })?;
+        if !ci.names_issuer(&unverified.issuer) {
+            return Err(denied(format_args!(
+                "issuer {:?} is not named by any CI binding",
+                unverified.issuer
+            )));
+        }
+        let issuer = IssuerUrl::parse(&unverified.issuer)
+            .map_err(|e| denied(format_args!("issuer {:?}: {e}", unverified.issuer)))?;
+        let slot = self
+            .logins
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| LoginError::Busy)?;
+        Ok(LoginAttempt {
+            token: token.to_string(),
+            unverified,
+            issuer,
+            _slot: slot,
+        })
+    }
+
+    /// Verifies the token of `attempt` for `app` at `now` (unix seconds);
+    /// returns the binding it matched.
+    pub async fn finish(
         &self,
         ci: &CiBindings,
         app: &str,
-        token: &str,
+        attempt: LoginAttempt,
         now: i64,
-    ) -> Result<Binding, String> {
-        let token = token.trim();
-        let (iss, kid) = peek(token)?;
-        if !ci.names_issuer(&iss) {
-            return Err(denied(format!(
-                "issuer {iss:?} is not trusted by any CI binding"
-            )));
-        }
-        let issuer = IssuerUrl::parse(&iss).map_err(denied)?;
-        let keys = self.keys(&issuer, kid.as_deref()).await?;
-        let verified = Verifier::new(keys, [iss.clone()], self.audiences.clone())
-            .verify(token, now)
-            .map_err(denied)?;
+    ) -> Result<Binding, LoginError> {
+        let keys = self
+            .keys(&attempt.issuer, Some(&attempt.unverified))
+            .await
+            .map_err(|e| denied(format_args!("{e}")))?;
+        let iss = attempt.issuer.as_str();
+        let verified = Verifier::new(keys, [iss], self.audiences.clone())
+            .verify(&attempt.token, now)
+            .map_err(|e| {
+                tracing::info!(issuer = iss, "CI login refused: {e}");
+                LoginError::Denied(Denial::of(&e))
+            })?;
         ci.matching(app, &verified.claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn unverified(kid: &str, alg: &str) -> UnverifiedToken {
+        let b64 = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!(
+            "{}.{}.{}",
+            b64(format!(r#"{{"alg":"{alg}","kid":"{kid}"}}"#)),
+            b64(r#"{"iss":"https://issuer.example"}"#.to_string()),
+            b64("s".repeat(if alg == "RS256" { 256 } else { 64 }))
+        );
+        inspect(&token).expect("plausible token")
+    }
+
+    fn keys() -> (KeySet, String) {
+        let key = identity::PublicKey::ed25519_from_raw(&[7u8; 32]).expect("key");
+        let kid = key.kid().to_string();
+        (KeySet::from_keys([key]).expect("set"), kid)
+    }
+
+    fn entry_with_keys(at: Instant) -> (IssuerEntry, String) {
+        let (set, kid) = keys();
+        let mut e = IssuerEntry::default();
+        e.record(false, Ok(set), at);
+        (e, kid)
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn a_first_login_fetches_and_a_failure_is_remembered_for_its_ttl() {
+        let t0 = Instant::now();
+        let tok = unverified("k", "EdDSA");
+        let mut e = IssuerEntry::default();
+        assert_eq!(e.plan(Some(&tok), t0), Plan::Fetch { for_kid: false });
+        e.record(false, Err("connection refused".into()), t0);
+        // Every login in the next 10 s is refused without a fetch...
+        assert_eq!(e.plan(Some(&tok), t0), Plan::RecentlyFailed);
+        assert_eq!(e.plan(Some(&tok), t0 + S(9)), Plan::RecentlyFailed);
+        // ... and the issuer is asked again after that.
+        assert_eq!(
+            e.plan(Some(&tok), t0 + FETCH_FAILURE_TTL),
+            Plan::Fetch { for_kid: false }
+        );
+        assert_eq!(e.fetches, 1);
+    }
+
+    #[test]
+    fn a_failed_refresh_keeps_the_last_good_keys_and_retries_after_the_ttl() {
+        let t0 = Instant::now();
+        let (mut e, kid) = entry_with_keys(t0);
+        let tok = unverified(&kid, "EdDSA");
+        assert_eq!(e.plan(Some(&tok), t0 + S(60)), Plan::Cached);
+        let stale = t0 + KEYS_TTL;
+        assert_eq!(e.plan(Some(&tok), stale), Plan::Fetch { for_kid: false });
+        e.record(false, Err("HTTP 503".into()), stale);
+        assert!(e.keys.is_some(), "the last good set is kept");
+        assert_eq!(e.plan(Some(&tok), stale + S(5)), Plan::Cached);
+        assert_eq!(
+            e.plan(Some(&tok), stale + FETCH_FAILURE_TTL),
+            Plan::Fetch { for_kid: false }
+        );
+    }
+
+    #[test]
+    fn an_unknown_kid_refetches_once_per_cooldown() {
+        let t0 = Instant::now();
+        let (mut e, _) = entry_with_keys(t0);
+        let rotated = unverified("rotated", "EdDSA");
+        assert_eq!(
+            e.plan(Some(&rotated), t0 + S(1)),
+            Plan::Fetch { for_kid: true }
+        );
+        let (set, _) = keys();
+        e.record(true, Ok(set), t0 + S(1));
+        assert_eq!(e.plan(Some(&rotated), t0 + S(2)), Plan::Cached);
+        assert_eq!(e.plan(Some(&rotated), t0 + S(60)), Plan::Cached);
+        assert_eq!(
+            e.plan(Some(&rotated), t0 + S(1) + KID_REFETCH_COOLDOWN),
+            Plan::Fetch { for_kid: true }
+        );
+    }
+
+    #[test]
+    fn a_token_the_issuer_could_not_have_signed_never_spends_the_refetch() {
+        let t0 = Instant::now();
+        let (e, _) = entry_with_keys(t0);
+        // RS256 (a plausible 256-byte signature) against an EdDSA issuer.
+        let foreign = unverified("other", "RS256");
+        assert_eq!(e.plan(Some(&foreign), t0 + S(1)), Plan::Cached);
+        // Malformed ones do not even get a plan: inspect refuses them.
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for junk in [
+            format!("{}.{}.{}", b64("not json"), b64("{}"), b64("sig")),
+            format!(
+                "{}.{}.{}",
+                b64(r#"{"alg":"EdDSA"}"#),
+                b64(r#"{"iss":"https://issuer.example"}"#),
+                b64(&"s".repeat(64))
+            ),
+            format!(
+                "{}.{}.{}",
+                b64(r#"{"alg":"EdDSA","kid":"x"}"#),
+                b64(r#"{"iss":"https://issuer.example"}"#),
+                b64(&"s".repeat(63))
+            ),
+            format!(
+                "{}.{}.{}",
+                b64(r#"{"alg":"HS256","kid":"x"}"#),
+                b64(r#"{"iss":"https://issuer.example"}"#),
+                b64(&"s".repeat(32))
+            ),
+        ] {
+            assert!(inspect(&junk).is_err(), "{junk}");
+        }
+    }
+
+    #[test]
+    fn refusals_say_only_fixed_words() {
+        assert_eq!(
+            LoginError::Denied(Denial::Generic).to_string(),
+            "OIDC access denied"
+        );
+        assert_eq!(
+            LoginError::Denied(Denial::of(&identity::VerifyError::Expired {
+                exp: 1,
+                now: 2
+            }))
+            .to_string(),
+            "OIDC access denied: the token has expired"
+        );
+        let e = LoginError::Denied(Denial::of(&identity::VerifyError::UnknownKid(
+            "secret-kid".into(),
+        )));
+        assert_eq!(e.to_string(), "OIDC access denied");
     }
 }

@@ -15,7 +15,7 @@ use anyhow::Context;
 use identity::address::split_host_optional_port;
 use identity::{ClusterAddress, IssuerUrl};
 use transport::pki::{self, CertifiedPem};
-use transport::rpc::{serve_connection, LocalPool};
+use transport::rpc::{serve_connection, Limits, LocalPool, RpcLimits};
 use transport::PeerIdentity;
 
 use crate::datadir::{self, now_unix};
@@ -61,6 +61,8 @@ pub struct CoordinatorOptions {
     pub oidc_ca_file: Option<PathBuf>,
     /// Labs features to turn on (e.g. `routeoidc`).
     pub labs: Vec<String>,
+    /// Connection caps and the join rate per address.
+    pub front_door: crate::frontdoor::FrontDoorOptions,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -235,6 +237,7 @@ impl Coordinator {
             labs: opts.labs.clone(),
             sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
             ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
+            door: Arc::new(crate::frontdoor::FrontDoor::new(opts.front_door)),
             oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
             store,
             ca: material.ca,
@@ -353,33 +356,10 @@ impl Coordinator {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    let Some(ticket) = admit(&self.state.door, incoming) else { continue };
                     let state = self.state.clone();
                     let pool = pool.clone();
-                    tokio::spawn(async move {
-                        let conn = match incoming.await {
-                            Ok(c) => c,
-                            Err(e) => {
-                                tracing::debug!("handshake failed: {e}");
-                                return;
-                            }
-                        };
-                        let peer = PeerIdentity::of_connection(&conn);
-                        tracing::debug!(remote = %conn.remote_address(), ?peer, "connection");
-                        if let PeerIdentity::Runner { id } = &peer {
-                            // A removed runner's certificate is still signed by the
-                            // CA; no record behind it means it is cut off.
-                            if !matches!(state.registry.record(id), Ok(Some(_))) {
-                                transport::close::close_runner_removed(&conn);
-                                return;
-                            }
-                        }
-                        pool.spawn_pinned(move || async move {
-                            let client = ClusterService::client(state, peer, conn.clone());
-                            if let Err(e) = serve_connection(conn, client.client).await {
-                                tracing::debug!("rpc session ended: {e}");
-                            }
-                        });
-                    });
+                    tokio::spawn(serve_peer(state, pool, ticket));
                 }
             }
         }
@@ -392,6 +372,112 @@ impl Coordinator {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         Ok(())
     }
+}
+
+/// Decides on a connection attempt before any TLS work: refused or asked
+/// to validate its address (QUIC Retry) over the front door's caps,
+/// otherwise accepted and counted by the returned ticket.
+fn admit(
+    door: &Arc<crate::frontdoor::FrontDoor>,
+    incoming: quinn::Incoming,
+) -> Option<(quinn::Incoming, crate::frontdoor::Ticket)> {
+    use crate::frontdoor::Admit;
+    let remote = incoming.remote_address();
+    match door.admit(remote.ip(), incoming.remote_address_validated()) {
+        (Admit::Accept, Some(ticket)) => Some((incoming, ticket)),
+        (Admit::Retry, _) => {
+            if incoming.retry().is_err() {
+                tracing::debug!(%remote, "connection attempt dropped: retry not possible");
+            }
+            None
+        }
+        (Admit::Refuse(why), _) => {
+            tracing::debug!(%remote, "connection refused: {why}");
+            incoming.refuse();
+            None
+        }
+        (Admit::Accept, None) => {
+            incoming.refuse();
+            None
+        }
+    }
+}
+
+/// One peer from handshake to close: its role from its certificate, its
+/// RPC session on a pinned worker, bounded as an unproven peer until it
+/// proves a role, and closed if it has not within
+/// [`crate::frontdoor::UNPROVEN_LIFETIME`].
+async fn serve_peer(
+    state: Arc<State>,
+    pool: LocalPool,
+    (incoming, mut ticket): (quinn::Incoming, crate::frontdoor::Ticket),
+) {
+    use crate::frontdoor::{Proof, CLOSE_LIMIT, UNPROVEN_LIFETIME};
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("handshake failed: {e}");
+            return;
+        }
+    };
+    let peer = PeerIdentity::of_connection(&conn);
+    tracing::debug!(remote = %conn.remote_address(), ?peer, "connection");
+    if let PeerIdentity::Runner { id } = &peer {
+        // A removed runner's certificate is still signed by the CA; no
+        // record behind it means it is cut off.
+        if !matches!(state.registry.record(id), Ok(Some(_))) {
+            transport::close::close_runner_removed(&conn);
+            return;
+        }
+    }
+    let has_role = matches!(
+        peer,
+        PeerIdentity::Admin { .. } | PeerIdentity::Runner { .. }
+    );
+    if !has_role {
+        if let Err(why) = ticket.unproven() {
+            tracing::debug!(remote = %conn.remote_address(), "connection closed: {why}");
+            conn.close(CLOSE_LIMIT.into(), why.to_string().as_bytes());
+            return;
+        }
+    }
+    pool.spawn_pinned(move || async move {
+        let limits = Limits::new(RpcLimits::UNPROVEN);
+        let proof = Proof::new(limits.clone(), conn.clone(), Some(ticket));
+        if has_role {
+            proof.prove();
+        }
+        let client = ClusterService::client(state, peer, conn.clone(), proof.clone());
+        let deadline = async {
+            tokio::time::sleep(UNPROVEN_LIFETIME).await;
+            if proof.is_proven() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            ended = serve_connection(conn.clone(), client.client, &limits) => {
+                if let Err(e) = ended {
+                    tracing::debug!("rpc session ended: {e}");
+                }
+            }
+            _ = deadline => {
+                tracing::debug!(remote = %conn.remote_address(), "closing a connection that proved no role");
+                conn.close(
+                    CLOSE_LIMIT.into(),
+                    format!(
+                        "no role proven within {}s",
+                        UNPROVEN_LIFETIME.as_secs()
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
+        // The RPC stream was the connection's only use. Give the peer a
+        // moment to read our last words (an abort naming the limit it hit)
+        // and hang up itself, then close.
+        let _ = tokio::time::timeout(crate::frontdoor::LINGER, conn.closed()).await;
+        conn.close(0u32.into(), b"");
+    });
 }
 
 fn operator_https_tls(

@@ -57,6 +57,8 @@ pub struct State {
     pub labs: Vec<String>,
     /// Route OIDC sessions (labs).
     pub sso: crate::sso::Sso,
+    /// Connection counts and join attempts per source.
+    pub door: Arc<crate::frontdoor::FrontDoor>,
 }
 
 /// The version every component reports.
@@ -78,6 +80,8 @@ pub struct ClusterService {
     state: Arc<State>,
     peer: PeerIdentity,
     conn: quinn::Connection,
+    /// Raises the connection's limits when its peer proves a role.
+    proof: crate::frontdoor::Proof,
 }
 
 impl ClusterService {
@@ -86,8 +90,23 @@ impl ClusterService {
         state: Arc<State>,
         peer: PeerIdentity,
         conn: quinn::Connection,
+        proof: crate::frontdoor::Proof,
     ) -> cluster::Client {
-        capnp_rpc::new_client(ClusterService { state, peer, conn })
+        capnp_rpc::new_client(ClusterService {
+            state,
+            peer,
+            conn,
+            proof,
+        })
+    }
+}
+
+/// A CI login's refusal on the wire: "busy" as `overloaded`, so a client
+/// can tell it to retry without reading the text.
+fn login_err(e: crate::oidc::LoginError) -> capnp::Error {
+    match e {
+        crate::oidc::LoginError::Busy => capnp::Error::overloaded(e.to_string()),
+        other => failed(other.to_string()),
     }
 }
 
@@ -196,6 +215,13 @@ impl cluster::Server for ClusterService {
         mut results: cluster::PingResults,
     ) -> Result<(), capnp::Error> {
         let payload = params.get()?.get_payload()?;
+        if payload.len() > crate::frontdoor::MAX_PING_BYTES {
+            return Err(failed(format!(
+                "ping payload of {} bytes refused: at most {} bytes are echoed",
+                payload.len(),
+                crate::frontdoor::MAX_PING_BYTES
+            )));
+        }
         results.get().set_payload(payload);
         Ok(())
     }
@@ -225,12 +251,23 @@ impl cluster::Server for ClusterService {
         mut results: cluster::CiLoginResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let token = p.get_token()?.to_string()?;
+        let token = p.get_token()?;
+        // Refused before it is copied or parsed.
+        if token.len() > identity::MAX_TOKEN_BYTES {
+            return Err(login_err(crate::oidc::LoginError::Denied(
+                crate::oidc::Denial::TooLarge,
+            )));
+        }
         let app = p.get_app()?.to_string()?;
         crate::apps::check_app_name(&app).map_err(app_err)?;
+        // The cheap checks and a login slot, here; the work, on the runtime.
+        let attempt = self
+            .state
+            .oidc
+            .begin(&self.state.ci, token.to_str()?)
+            .map_err(login_err)?;
         let state = self.state.clone();
         let login_app = app.clone();
-        // Fetching issuer keys is Send work: do it off this thread.
         let binding = self
             .state
             .rt
@@ -238,12 +275,13 @@ impl cluster::Server for ClusterService {
             .spawn(async move {
                 state
                     .oidc
-                    .login(&state.ci, &login_app, &token, now_unix())
+                    .finish(&state.ci, &login_app, attempt, now_unix())
                     .await
             })
             .await
             .map_err(|e| failed(e.to_string()))?
-            .map_err(failed)?;
+            .map_err(login_err)?;
+        self.proof.prove();
         tracing::info!(app = %app, binding = %binding.id, "CI login");
         let client: app::Client = capnp_rpc::new_client(AppService {
             state: self.state.clone(),
@@ -258,6 +296,14 @@ impl cluster::Server for ClusterService {
         params: cluster::JoinParams,
         mut results: cluster::JoinResults,
     ) -> Result<(), capnp::Error> {
+        let remote = self.conn.remote_address();
+        if let Err(wait) = self.state.door.join_attempt(remote.ip()) {
+            tracing::info!(%remote, "join attempt refused: over the per-address rate");
+            return Err(capnp::Error::overloaded(format!(
+                "too many join attempts from this address; retry in {}s",
+                wait.as_secs()
+            )));
+        }
         let req = params.get()?.get_request()?;
         let labels = read_labels(req.get_labels()?)?;
         let (record, cert_pem) = self

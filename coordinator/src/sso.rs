@@ -882,13 +882,7 @@ async fn verify_id_token(
     id_token: &str,
     now: i64,
 ) -> Result<VerifiedToken, String> {
-    let kid = id_token
-        .split('.')
-        .next()
-        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|h| h["kid"].as_str().map(str::to_string));
-    let keys = oidc.keys(issuer, kid.as_deref()).await?;
+    let keys = oidc.provider_keys(issuer, id_token).await?;
     Verifier::new(
         keys,
         [issuer.as_str().to_string()],

@@ -9,6 +9,7 @@ pub mod bindings;
 pub mod claims;
 pub mod documents;
 pub mod glob;
+pub mod inspect;
 pub mod join_token;
 pub mod keys;
 pub mod mint;
@@ -26,6 +27,7 @@ pub use claims::{
 };
 pub use documents::{DiscoveryDocument, DiscoveryError, IssuerUrl, IssuerUrlError, Jwks};
 pub use glob::{Glob, GlobError};
+pub use inspect::{inspect, InspectError, KidLookup, UnverifiedToken};
 pub use keys::{Algorithm, Jwk, JwkError, KeyError, KeyMaterial, PublicKey, SigningKeyPair};
 pub use mint::{MintError, Minter};
 pub use verify::{

@@ -586,13 +586,13 @@ impl Verifier {
     }
 }
 
-struct Header {
-    alg: String,
-    kid: String,
-    typ: Option<String>,
+pub(crate) struct Header {
+    pub(crate) alg: String,
+    pub(crate) kid: String,
+    pub(crate) typ: Option<String>,
 }
 
-fn decode_header(header_b64: &str) -> Result<Header, VerifyError> {
+pub(crate) fn decode_header(header_b64: &str) -> Result<Header, VerifyError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(header_b64)
         .map_err(|_| VerifyError::Malformed(MalformedToken::HeaderEncoding))?;
@@ -670,7 +670,7 @@ fn numeric_claim(
     }
 }
 
-fn string_claim<'a>(
+pub(crate) fn string_claim<'a>(
     claims: &'a Map<String, Value>,
     name: &'static str,
 ) -> Result<&'a str, VerifyError> {
@@ -700,14 +700,14 @@ fn audience_claim(claims: &Map<String, Value>) -> Result<Vec<String>, VerifyErro
     }
 }
 
-enum StrictError {
+pub(crate) enum StrictError {
     Duplicate(String),
     Json(String),
 }
 
 /// Parses a JSON object, refusing a repeated top-level member (serde_json
 /// alone would keep the last one). Nested objects follow serde_json's rules.
-fn parse_strict_object(bytes: &[u8]) -> Result<Map<String, Value>, StrictError> {
+pub(crate) fn parse_strict_object(bytes: &[u8]) -> Result<Map<String, Value>, StrictError> {
     let mut duplicate = None;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let result = StrictObject {

@@ -155,6 +155,11 @@ impl Server {
         }
     }
 
+    /// The server's process id (for reading `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `host:port` part of the address.
     pub fn host_port(&self) -> &str {
         self.address.split(';').next().unwrap_or_default()

@@ -63,6 +63,13 @@ impl cluster::Server for Echo {
     }
 }
 
+/// Both transports serve with the limits of a peer that proved a role
+/// (64 pipelined calls are over an unproven peer's 32), so the bench
+/// measures the path runners and operators take.
+fn proven_limits() -> transport::rpc::Limits {
+    transport::rpc::Limits::new(transport::rpc::RpcLimits::PROVEN)
+}
+
 fn echo_bootstrap() -> capnp::capability::Client {
     let client: cluster::Client = capnp_rpc::new_client(Echo);
     client.client
@@ -133,7 +140,9 @@ fn start_servers(tls: rustls::ServerConfig) -> anyhow::Result<Servers> {
                     let (stream, _) = tcp.accept().await?;
                     stream.set_nodelay(true)?;
                     let (r, w) = stream.into_split();
-                    let system = transport::rpc::serve(r.compat(), tcp_writer(w), echo_bootstrap());
+                    let limits = proven_limits();
+                    let system =
+                        transport::rpc::serve(r.compat(), tcp_writer(w), echo_bootstrap(), &limits);
                     // A hang-up ends the system with an error; that is the
                     // normal end of the session here.
                     let _ = system.await;
@@ -146,7 +155,9 @@ fn start_servers(tls: rustls::ServerConfig) -> anyhow::Result<Servers> {
                         .await
                         .ok_or_else(|| anyhow!("QUIC endpoint closed"))?;
                     let conn = incoming.await.context("QUIC handshake")?;
-                    let _ = transport::rpc::serve_connection(conn, echo_bootstrap()).await;
+                    transport::endpoint::open_windows(&conn);
+                    let limits = proven_limits();
+                    let _ = transport::rpc::serve_connection(conn, echo_bootstrap(), &limits).await;
                     anyhow::Ok(())
                 });
                 let _ = stop_rx.await;

@@ -39,13 +39,109 @@ pub enum DialError {
     LocalSocket(std::io::Error),
 }
 
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// What the coordinator's QUIC endpoint grants a peer, and why.
+///
+/// One QUIC connection per peer; its first bi-stream carries Cap'n Proto
+/// RPC and no peer ever opens another stream towards the coordinator (the
+/// ingress streams to a runner are opened by the coordinator, so they count
+/// against the runner's limit, [`CLIENT_MAX_INCOMING_BIDI_STREAMS`]). Every
+/// window below starts at the value for a peer that has not proven a role
+/// and is raised by [`open_windows`] once it has.
+pub mod limits {
+    use std::time::Duration;
+
+    /// Bi-streams a peer may have open towards the coordinator: the RPC
+    /// stream, nothing else.
+    pub const MAX_BIDI_STREAMS: u32 = 1;
+    /// Uni-streams: none are used.
+    pub const MAX_UNI_STREAMS: u32 = 0;
+    /// Receive window of the RPC stream: two 512 KiB upload chunks, so an
+    /// upload never waits on the window for its next chunk. Fixed at the
+    /// handshake (QUIC has no per-connection change for stream windows);
+    /// the connection window below is what bounds an unproven peer.
+    pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+    /// Connection receive window before a role is proven: two of the
+    /// 64 KiB messages such a peer may send.
+    pub const UNPROVEN_RECEIVE_WINDOW: u32 = 128 * 1024;
+    /// ... and after: room for every stream to fill its own window, so
+    /// that on a runner's connection neither its RPC stream nor any of the
+    /// ingress streams the coordinator opens ever waits on another stream
+    /// whose reader is slow (a single window for all of them would let two
+    /// stalled HTTP downloads stop the runner's heartbeats).
+    pub const PROVEN_RECEIVE_WINDOW: u32 =
+        (CLIENT_MAX_INCOMING_BIDI_STREAMS + 1) * STREAM_RECEIVE_WINDOW;
+    /// Bytes we buffer towards an unproven peer (written, not yet
+    /// acknowledged): its replies are a few KiB.
+    pub const UNPROVEN_SEND_WINDOW: u64 = 128 * 1024;
+    /// ... and towards a proven one: artifact reads and log replies of
+    /// several MiB, near quinn's default of 10 MB.
+    pub const PROVEN_SEND_WINDOW: u64 = 8 * 1024 * 1024;
+    /// A connection with no packet for this long is closed. The client
+    /// side sends a keep-alive every [`CLIENT_KEEP_ALIVE`]; the server sends
+    /// none, so the peer alone keeps a connection alive.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// How often a client (CLI, runner) pings an idle connection.
+    pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(5);
+    /// Connection attempts quinn keeps while the accept loop decides on
+    /// them (it decides at once, so this is only a backstop).
+    pub const MAX_PENDING_INCOMING: usize = 1024;
+    /// Bytes buffered for one such attempt, and for all of them.
+    pub const INCOMING_BUFFER: u64 = 64 * 1024;
+    pub const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
+    /// Bi-streams the coordinator may open towards a runner: one per
+    /// proxied ingress request (quinn's default, made explicit).
+    pub const CLIENT_MAX_INCOMING_BIDI_STREAMS: u32 = 100;
+}
+
+pub use limits::CLIENT_MAX_INCOMING_BIDI_STREAMS;
+
+fn idle_timeout() -> Option<quinn::IdleTimeout> {
+    quinn::IdleTimeout::try_from(limits::IDLE_TIMEOUT).ok()
+}
+
+/// The transport of the coordinator's endpoint (see [`limits`]).
+pub fn server_transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
-        t.max_idle_timeout(Some(idle));
-    }
+    t.max_concurrent_bidi_streams(limits::MAX_BIDI_STREAMS.into())
+        .max_concurrent_uni_streams(limits::MAX_UNI_STREAMS.into())
+        .stream_receive_window(limits::STREAM_RECEIVE_WINDOW.into())
+        .receive_window(limits::UNPROVEN_RECEIVE_WINDOW.into())
+        .send_window(limits::UNPROVEN_SEND_WINDOW)
+        .max_idle_timeout(idle_timeout())
+        .keep_alive_interval(None)
+        .datagram_receive_buffer_size(None);
+    t
+}
+
+/// The transport of a client connection (CLI, runner): it trusts the
+/// server it pinned, so only the idle rules and the streams the server may
+/// open are set.
+fn client_transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(limits::CLIENT_KEEP_ALIVE))
+        .max_idle_timeout(idle_timeout())
+        .max_concurrent_bidi_streams(limits::CLIENT_MAX_INCOMING_BIDI_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None);
     Arc::new(t)
+}
+
+/// Gives a connection whose peer has proven a role the windows of a
+/// proven peer (see [`limits`]).
+pub fn open_windows(conn: &quinn::Connection) {
+    conn.set_receive_window(limits::PROVEN_RECEIVE_WINDOW.into());
+    conn.set_send_window(limits::PROVEN_SEND_WINDOW);
+}
+
+/// The quinn server configuration of the coordinator's endpoint.
+pub fn server_config(tls: rustls::ServerConfig) -> anyhow::Result<quinn::ServerConfig> {
+    let quic = QuicServerConfig::try_from(tls)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(server_transport_config()))
+        .max_incoming(limits::MAX_PENDING_INCOMING)
+        .incoming_buffer_size(limits::INCOMING_BUFFER)
+        .incoming_buffer_size_total(limits::INCOMING_BUFFER_TOTAL);
+    Ok(cfg)
 }
 
 /// Binds a QUIC listener with the given rustls server configuration.
@@ -53,9 +149,7 @@ pub fn server_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
 ) -> anyhow::Result<quinn::Endpoint> {
-    let quic = QuicServerConfig::try_from(tls)?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport_config());
+    let cfg = server_config(tls)?;
     let endpoint = quinn::Endpoint::server(cfg, listen)
         .map_err(|e| anyhow::anyhow!("could not listen on UDP {listen}: {e}"))?;
     Ok(endpoint)
@@ -96,7 +190,7 @@ pub async fn dial(
         reason: e.to_string(),
     })?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport_config());
+    cfg.transport_config(client_transport_config());
     let connecting = endpoint
         .connect_with(cfg, remote, &addr.host)
         .map_err(|e| DialError::Handshake {

@@ -3,8 +3,11 @@
 //! This crate knows how peers reach and authenticate each other, never what
 //! they say: it does not know the coordinator or the runner. Pinning of the
 //! cluster CA by fingerprint lives in [`tls`], certificate issuance in [`pki`],
-//! dialing and listening in [`endpoint`], and the RPC plumbing in [`rpc`].
+//! dialing and listening in [`endpoint`] (with the QUIC limits of the
+//! coordinator's endpoint), and the RPC plumbing in [`rpc`] over the
+//! [`bounded`] network that keeps a peer within its limits.
 
+pub mod bounded;
 pub mod clock;
 pub mod close;
 pub mod endpoint;

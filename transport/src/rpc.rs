@@ -3,33 +3,45 @@
 //!
 //! capnp-rpc is not `Send`: everything here must run inside a
 //! `tokio::task::LocalSet` (see [`LocalPool`] for running many on threads).
+//! The serving side runs on a [`BoundedNetwork`], whose [`Limits`] bound what
+//! the peer can make us hold; the connecting side trusts the server it pinned
+//! and uses capnp-rpc's `twoparty` network.
 
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::{AsyncRead, AsyncWrite};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
+pub use crate::bounded::{BoundedNetwork, Limits, RpcLimits};
+
 pub use tokio_util::task::LocalPoolHandle as LocalPool;
 
-/// Limits applied to every incoming message: 64 MiB of words in total and a
-/// nesting depth of 64; larger messages are refused by the reader.
+/// Limits on the replies a client reads from the server it dialed: 64 MiB
+/// of words in total and a nesting depth of 64.
 pub fn reader_options() -> capnp::message::ReaderOptions {
     let mut opts = capnp::message::ReaderOptions::new();
-    opts.traversal_limit_in_words(Some(8 * 1024 * 1024));
-    opts.nesting_limit(64);
+    opts.traversal_limit_in_words(Some(RpcLimits::PROVEN.max_message_bytes / 8));
+    opts.nesting_limit(crate::bounded::NESTING_LIMIT);
     opts
 }
 
-/// An RPC system serving `bootstrap` to the peer over `reader`/`writer`.
-pub fn serve<R, W>(reader: R, writer: W, bootstrap: capnp::capability::Client) -> RpcSystem<Side>
+/// An RPC system serving `bootstrap` to the peer over `reader`/`writer`,
+/// bounded by `limits` (which the caller may change as the peer proves
+/// who it is).
+pub fn serve<R, W>(
+    reader: R,
+    writer: W,
+    bootstrap: capnp::capability::Client,
+    limits: &Limits,
+) -> RpcSystem<Side>
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let network = twoparty::VatNetwork::new(
+    let network = BoundedNetwork::new(
         futures::io::BufReader::new(reader),
         writer,
         Side::Server,
-        reader_options(),
+        limits,
     );
     RpcSystem::new(Box::new(network), Some(bootstrap))
 }
@@ -54,16 +66,17 @@ where
 }
 
 /// Serves `bootstrap` on the first bi-stream the peer opens on `conn`,
-/// until the peer goes away. Must run on a `LocalSet`.
+/// until the peer goes away, bounded by `limits`. Must run on a `LocalSet`.
 pub async fn serve_connection(
     conn: quinn::Connection,
     bootstrap: capnp::capability::Client,
+    limits: &Limits,
 ) -> Result<(), capnp::Error> {
     let (send, recv) = conn
         .accept_bi()
         .await
         .map_err(|e| capnp::Error::disconnected(e.to_string()))?;
-    serve(recv.compat(), send.compat_write(), bootstrap).await
+    serve(recv.compat(), send.compat_write(), bootstrap, limits).await
 }
 
 /// Opens the RPC bi-stream on `conn` and returns the peer's bootstrap

@@ -67,6 +67,28 @@ pub struct ServerArgs {
     /// Lifetime of runner certificates; runners renew at half-life.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     runner_cert_validity: Duration,
+    /// QUIC connections one address (an IPv6 /64) may hold before their
+    /// peers prove a role; runners and operators do not count once their
+    /// certificate is checked.
+    #[arg(long, default_value_t = coordinator::frontdoor::MAX_CONNECTIONS_PER_SOURCE as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_address: u32,
+    /// Join attempts one address may make at once (runners joining together
+    /// behind one NAT).
+    #[arg(long, default_value_t = coordinator::frontdoor::JOIN_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    join_burst: u32,
+    /// Then one join attempt per address every this long.
+    #[arg(long, default_value = "3s", value_parser = parse_join_interval)]
+    join_interval: Duration,
+}
+
+fn parse_join_interval(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -123,6 +145,14 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             .filter(|l| !l.is_empty())
             .collect(),
         ingress_https_listen: args.ingress_https_listen,
+        front_door: coordinator::frontdoor::FrontDoorOptions {
+            caps: coordinator::frontdoor::ConnectionCaps {
+                per_source: args.max_connections_per_address as usize,
+                ..Default::default()
+            },
+            join_burst: args.join_burst,
+            join_interval: args.join_interval,
+        },
         http_listen: args
             .http_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
