@@ -301,6 +301,21 @@ pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The repository's root (for fixtures and the example app).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration-tests sits in the repository")
+        .to_path_buf()
+}
+
+/// `miren app status -a APP -o json` as JSON.
+pub fn app_status(config: &Path, app: &str) -> serde_json::Value {
+    let run = miren(config, &["app", "status", "-a", app, "-o", "json"], &[]);
+    assert!(run.ok, "{run:?}");
+    serde_json::from_str(&run.stdout).expect("app status -o json")
+}
+
 /// `miren runner list -o json` as JSON.
 pub fn runners(config: &Path) -> Vec<serde_json::Value> {
     let run = miren(config, &["runner", "list", "-o", "json"], &[]);

@@ -303,10 +303,7 @@ fn disk_use(dir: &Path) -> u64 {
 }
 
 fn sandbox_of(cfg: &Path, app: &str) -> Value {
-    let run = miren(cfg, &["app", "status", "-a", app, "-o", "json"], &[]);
-    assert!(run.ok, "{run:?}");
-    let st: Value = serde_json::from_str(&run.stdout).expect("status json");
-    st["sandboxes"][0].clone()
+    integration_tests::app_status(cfg, app)["sandboxes"][0].clone()
 }
 
 #[test]

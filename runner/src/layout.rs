@@ -40,6 +40,16 @@ pub const TOKEN_SOCKET: &str = "token.sock";
 /// The shim's socket to the service, in the expose dir.
 pub const APP_SOCKET: &str = "app.sock";
 
+/// Whether `id` may name a sandbox's dirs and cgroup: `[A-Za-z0-9_-]{1,128}`
+/// (never `.`, `..` or a path).
+pub fn valid_sandbox_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// The dirs of one sandbox on the runner.
 #[derive(Debug, Clone)]
 pub struct SandboxDirs {
