@@ -5,7 +5,7 @@
 //! two uploads at a time; an abandoned one frees its slot and its file.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
