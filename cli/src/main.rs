@@ -11,10 +11,29 @@ mod pack;
 
 use clap::{Parser, Subcommand};
 
+/// What this binary is (see `build.rs`).
+pub fn build_info() -> transport::build_info::BuildInfo {
+    transport::build_info::BuildInfo {
+        version: env!("MIREN_BUILD_VERSION").into(),
+        commit: env!("MIREN_BUILD_COMMIT").into(),
+        date: env!("MIREN_BUILD_DATE").into(),
+    }
+}
+
+/// `--version`: the same line as `miren version`.
+const LONG_VERSION: &str = concat!(
+    env!("MIREN_BUILD_VERSION"),
+    " (commit ",
+    env!("MIREN_BUILD_COMMIT"),
+    ", built ",
+    env!("MIREN_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "miren",
-    version,
+    version = LONG_VERSION,
     about = "A cluster runtime whose heart is identity"
 )]
 struct Cli {
@@ -66,6 +85,11 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Print the version, git commit and build date of this binary.
+    Version {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: output::Format,
+    },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
 }
@@ -104,6 +128,18 @@ fn main() {
             token_port,
             command.join(" "),
         )),
+        Command::Version { output } => {
+            let b = build_info();
+            match output {
+                output::Format::Json => output::json(&serde_json::json!({
+                    "version": b.version, "commit": b.commit, "date": b.date,
+                })),
+                output::Format::Table => {
+                    println!("miren {b}");
+                    Ok(())
+                }
+            }
+        }
         Command::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "miren", &mut std::io::stdout());

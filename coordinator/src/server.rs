@@ -27,6 +27,8 @@ use crate::store::{RedbStore, Store};
 /// How a coordinator is started.
 #[derive(Debug, Clone)]
 pub struct CoordinatorOptions {
+    /// What this binary is, as `cluster status` reports it.
+    pub build: transport::build_info::BuildInfo,
     pub data_dir: PathBuf,
     /// UDP (QUIC) listen address.
     pub listen: SocketAddr,
@@ -239,6 +241,7 @@ impl Coordinator {
             store,
             ca: material.ca,
             address: address.clone(),
+            build: opts.build.clone(),
         });
         let ca_pem = state.ca.cert_pem().to_string();
         Ok(Coordinator {

@@ -57,10 +57,9 @@ pub struct State {
     pub labs: Vec<String>,
     /// Route OIDC sessions (labs).
     pub sso: crate::sso::Sso,
+    /// What this coordinator is (version, commit, build date).
+    pub build: transport::build_info::BuildInfo,
 }
-
-/// The version every component reports.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn failed(msg: impl Into<String>) -> capnp::Error {
     capnp::Error::failed(msg.into())
@@ -68,7 +67,7 @@ fn failed(msg: impl Into<String>) -> capnp::Error {
 
 fn write_info(state: &State, mut info: schema::miren_capnp::cluster_info::Builder<'_>) {
     info.set_name(&state.meta.name);
-    info.set_version(VERSION);
+    info.set_version(state.build.to_string());
     info.set_issuer_url(state.issuer.as_str());
     info.set_cluster_id(&state.meta.id);
 }

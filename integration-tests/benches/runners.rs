@@ -849,6 +849,7 @@ fn swarm_main() -> anyhow::Result<()> {
         for (i, data) in joined.into_iter().enumerate() {
             let mut stop = stop_rx.clone();
             let opts = runner::RunnerOptions {
+                build: Default::default(),
                 data_dir: data.dir,
                 join: None,
                 name: String::new(),

@@ -30,6 +30,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How a runner is started.
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
+    /// What this binary is, as `runner list` reports it.
+    pub build: transport::build_info::BuildInfo,
     pub data_dir: PathBuf,
     /// Join token, needed only until the runner has joined.
     pub join: Option<String>,
@@ -237,7 +239,7 @@ async fn session_inner(
         let mut req = session.heartbeat_request();
         {
             let mut s = req.get().init_status();
-            s.set_version(crate::VERSION);
+            s.set_version(opts.build.to_string());
             s.set_sandboxes(supervisor.count());
             s.set_isolation(&opts.isolation);
             s.set_limits(supervisor.limits_description());

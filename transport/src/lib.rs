@@ -5,6 +5,7 @@
 //! cluster CA by fingerprint lives in [`tls`], certificate issuance in [`pki`],
 //! dialing and listening in [`endpoint`], and the RPC plumbing in [`rpc`].
 
+pub mod build_info;
 pub mod clock;
 pub mod close;
 pub mod endpoint;

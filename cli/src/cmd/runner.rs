@@ -158,6 +158,7 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         .data_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/miren-runner"));
     let opts = runner::RunnerOptions {
+        build: crate::build_info(),
         data_dir,
         join: a.join,
         name: a.name,

@@ -103,6 +103,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         .clone()
         .or_else(|| args.dev.then(|| "dev".to_string()));
     let coordinator = Coordinator::start(CoordinatorOptions {
+        build: crate::build_info(),
         data_dir: data_dir.clone(),
         listen,
         names: args.names.clone(),
@@ -193,6 +194,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             Some(coordinator.create_join_token(300, "dev")?)
         };
         let opts = runner::RunnerOptions {
+            build: crate::build_info(),
             data_dir: runner_dir,
             join,
             name: "dev".into(),
