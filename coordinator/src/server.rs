@@ -1,5 +1,11 @@
 //! Starting and running a coordinator: data dir, listener, RPC workers,
-//! background key rotation, graceful shutdown.
+//! background key rotation, server certificate renewal, graceful shutdown.
+//!
+//! The server certificate is held in one [`ServerCertSlot`] that the QUIC
+//! endpoint and the HTTPS listeners (unless `--https-cert` replaces it
+//! there) consult on every handshake, so the renewal task swaps it under
+//! running connections: they keep the certificate they were opened with,
+//! new handshakes get the new one.
 //!
 //! capnp-rpc is not `Send`, so each connection's RPC session runs pinned to
 //! one of a small pool of single-threaded workers (one per core); the accept
@@ -13,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use identity::address::split_host_optional_port;
+use identity::renewal::{self, Renewal};
 use identity::{ClusterAddress, IssuerUrl};
-use transport::pki::{self, CertifiedPem};
+use transport::pki::{self, CertifiedPem, ClusterCa};
 use transport::rpc::{serve_connection, LocalPool};
+use transport::tls::ServerCertSlot;
 use transport::PeerIdentity;
 
-use crate::datadir::{self, now_unix};
+use crate::datadir::{self, now_unix, ServerCertChange, ServerCertPolicy};
 use crate::keyring::KeyRing;
 use crate::runners::Registry;
 use crate::service::{ClusterService, State};
@@ -47,9 +55,13 @@ pub struct CoordinatorOptions {
     /// the port actually bound.
     pub https_listen: Option<SocketAddr>,
     /// Operator-provided HTTPS certificate chain and key (PEM files);
-    /// default: the server certificate of the cluster CA.
+    /// default: the server certificate of the cluster CA. The operator
+    /// renews these; the coordinator reads them once, at start.
     pub https_cert: Option<PathBuf>,
     pub https_key: Option<PathBuf>,
+    /// Lifetime of the server certificates the coordinator issues itself
+    /// (renewed with a third left; checked every thirtieth, 1 s..1 h).
+    pub server_cert_lifetime: Duration,
     /// Lifetime of runner certificates (renewed at half-life).
     pub runner_cert_validity: Duration,
     /// TCP address of the HTTP ingress, if any.
@@ -77,6 +89,63 @@ pub struct Coordinator {
     https_tls: rustls::ServerConfig,
     http: Option<tokio::net::TcpListener>,
     ingress_https: Option<tokio::net::TcpListener>,
+    server_cert: ServerCert,
+}
+
+/// The server certificate being served, and how to renew it.
+struct ServerCert {
+    dir: PathBuf,
+    policy: ServerCertPolicy,
+    slot: Arc<ServerCertSlot>,
+    current: CertifiedPem,
+}
+
+/// `[leaf, CA]` and the leaf's key, as the TLS configurations want them.
+fn server_chain(
+    pem: &CertifiedPem,
+    ca: &ClusterCa,
+) -> anyhow::Result<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+)> {
+    Ok((
+        vec![
+            pki::cert_der_from_pem(&pem.cert_pem)?,
+            ca.cert_der().clone(),
+        ],
+        pki::key_der_from_pem(&pem.key_pem)?,
+    ))
+}
+
+/// Says what opening the data dir did to the server certificate.
+fn log_server_cert_change(change: ServerCertChange, pem: &CertifiedPem) {
+    let expires = pki::not_after_unix(&pem.cert_pem).unwrap_or_default();
+    match change {
+        ServerCertChange::Kept => {
+            tracing::debug!(expires_unix = expires, "server certificate kept")
+        }
+        ServerCertChange::Issued => {
+            tracing::info!(expires_unix = expires, "server certificate issued")
+        }
+        ServerCertChange::Repaired => tracing::warn!(
+            expires_unix = expires,
+            "server.key did not match server.crt (a renewal was interrupted): issued a new server certificate with the same CA"
+        ),
+        ServerCertChange::Renewed {
+            old_not_after,
+            expired,
+        } => tracing::info!(
+            old_expires_unix = old_not_after,
+            expired,
+            expires_unix = expires,
+            "server certificate renewed with the same CA"
+        ),
+        ServerCertChange::KeptCaEnds { ca_not_after } => tracing::warn!(
+            expires_unix = expires,
+            ca_expires_unix = ca_not_after,
+            "the server certificate is due for renewal but the cluster CA ends first: a new certificate would not last longer (the CA must be replaced)"
+        ),
+    }
 }
 
 /// Binds QUIC on `listen` and HTTPS on `https_listen`, by default on the
@@ -143,20 +212,22 @@ impl Coordinator {
             .clone()
             .unwrap_or_else(|| first_host.clone());
 
-        let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &sans)?;
+        let policy = ServerCertPolicy {
+            names: sans,
+            lifetime: time::Duration::try_from(opts.server_cert_lifetime)
+                .context("--server-cert-lifetime")?,
+        };
+        let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &policy, now_unix())?;
+        log_server_cert_change(material.server_change, &material.server);
         let now = now_unix();
         let keys = KeyRing::load(&material.dir.join("keys"), now)?;
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&material.dir.join("store.redb"))?);
 
         let ca_der = material.ca.cert_der().clone();
-        let server_der = pki::cert_der_from_pem(&material.server.cert_pem)?;
-        let server_key = pki::key_der_from_pem(&material.server.key_pem)?;
-        let tls = transport::tls::server_config(
-            &ca_der,
-            vec![server_der, ca_der.clone()],
-            server_key,
-            &[transport::ALPN],
-        )?;
+        let (chain, key) = server_chain(&material.server, &material.ca)?;
+        let slot = ServerCertSlot::new(chain, key)?;
+        let tls =
+            transport::tls::server_config_with_slot(&ca_der, slot.clone(), &[transport::ALPN])?;
         let (endpoint, https) = bind_quic_and_https(opts.listen, opts.https_listen, tls)?;
         let bound = endpoint.local_addr()?;
         let port = names[0].1.unwrap_or(bound.port());
@@ -201,13 +272,7 @@ impl Coordinator {
             bind_ingress(opts.ingress_https_listen, "HTTPS", "--ingress-https-listen")?;
         let https_tls = match (&opts.https_cert, &opts.https_key) {
             (Some(cert), Some(key)) => operator_https_tls(cert, key)?,
-            (None, None) => transport::tls::https_server_config(
-                vec![
-                    pki::cert_der_from_pem(&material.server.cert_pem)?,
-                    ca_der.clone(),
-                ],
-                pki::key_der_from_pem(&material.server.key_pem)?,
-            )?,
+            (None, None) => transport::tls::https_server_config_with_slot(slot.clone())?,
             _ => anyhow::bail!("--https-cert and --https-key go together"),
         };
         // A CI token must be for this cluster: `host:port`, and `host` alone
@@ -244,6 +309,12 @@ impl Coordinator {
             build: opts.build.clone(),
         });
         let ca_pem = state.ca.cert_pem().to_string();
+        let server_cert = ServerCert {
+            dir: material.dir.clone(),
+            policy,
+            slot,
+            current: material.server,
+        };
         Ok(Coordinator {
             state,
             ca_pem,
@@ -255,6 +326,7 @@ impl Coordinator {
             https_tls,
             http,
             ingress_https,
+            server_cert,
         })
     }
 
@@ -326,6 +398,10 @@ impl Coordinator {
             .unwrap_or(2);
         let pool = LocalPool::new(workers);
         let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
+        let renewal = tokio::spawn(renew_server_cert_forever(
+            self.state.clone(),
+            self.server_cert,
+        ));
         let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
         let ingress_tls = self.https_tls.clone();
         let https = tokio::spawn(crate::https::serve(
@@ -387,6 +463,7 @@ impl Coordinator {
             }
         }
         rotation.abort();
+        renewal.abort();
         let _ = stop_https.send(());
         let _ = stop_http.send(true);
         let _ = https.await;
@@ -418,15 +495,34 @@ async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
     loop {
         tick.tick().await;
         let now = now_unix();
-        let due = match state.keys.read() {
-            Ok(ring) => {
+        let (due, record) = match state.keys.read() {
+            Ok(ring) => (
                 !ring.has_pending(now)
                     && ring
                         .active_since(now)
-                        .is_some_and(|since| now + window >= since + rotation)
-            }
-            Err(_) => false,
+                        .is_some_and(|since| now + window >= since + rotation),
+                ring.needs_record(now),
+            ),
+            Err(_) => (false, false),
         };
+        if record {
+            // The key that just activated stays the signer should the clock
+            // step back (see `keyring`).
+            let state = state.clone();
+            let recorded = tokio::task::spawn_blocking(move || {
+                state
+                    .keys
+                    .write()
+                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))
+                    .and_then(|mut ring| Ok(ring.record_active(now)?))
+            })
+            .await;
+            match recorded {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!("recording the active signing key failed: {e}"),
+                Err(e) => tracing::error!("recording the active signing key failed: {e}"),
+            }
+        }
         if due {
             let state = state.clone();
             let result = tokio::task::spawn_blocking(move || {
@@ -444,6 +540,83 @@ async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
                 Ok(Err(e)) => tracing::error!("signing key rotation failed: {e}"),
                 Err(e) => tracing::error!("signing key rotation task failed: {e}"),
             }
+        }
+    }
+}
+
+/// Checks the server certificate every thirtieth of its lifetime (1 s..1 h)
+/// and, when [`renewal::server_certificate`] says so, issues a new one with
+/// the same CA, writes it (key first) and puts it in the slot: new
+/// handshakes present it, open connections are left alone. A failure is
+/// logged and tried again at the next check.
+async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert) {
+    let ServerCert {
+        dir,
+        policy,
+        slot,
+        mut current,
+    } = cert;
+    let every = Duration::from_secs(renewal::check_every_secs(policy.lifetime.whole_seconds()));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut said_ca_ends = false;
+    loop {
+        tick.tick().await;
+        let now = now_unix();
+        let expired = match datadir::server_renewal(&current.cert_pem, &state.ca, &policy, now) {
+            Ok(Renewal::Keep { .. }) => continue,
+            Ok(Renewal::LimitedByCa { ca_not_after }) => {
+                if !said_ca_ends {
+                    said_ca_ends = true;
+                    tracing::warn!(
+                        ca_expires_unix = ca_not_after,
+                        "the server certificate is due for renewal but the cluster CA ends first: a new certificate would not last longer (the CA must be replaced)"
+                    );
+                }
+                continue;
+            }
+            Ok(Renewal::Renew { expired, .. }) => expired,
+            Err(e) => {
+                tracing::error!(
+                    "server certificate renewal: cannot read the current certificate: {e}"
+                );
+                continue;
+            }
+        };
+        let issued = {
+            let state = state.clone();
+            let dir = dir.clone();
+            let policy = policy.clone();
+            tokio::task::spawn_blocking(move || {
+                datadir::renew_server_certificate(&dir, &state.ca, &policy)
+            })
+            .await
+        };
+        let pem = match issued {
+            Ok(Ok(pem)) => pem,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "server certificate renewal failed (tried again at the next check): {e}"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("server certificate renewal task failed: {e}");
+                continue;
+            }
+        };
+        let installed =
+            server_chain(&pem, &state.ca).and_then(|(chain, key)| Ok(slot.replace(chain, key)?));
+        match installed {
+            Ok(()) => {
+                tracing::info!(
+                    expired,
+                    expires_unix = pki::not_after_unix(&pem.cert_pem).unwrap_or_default(),
+                    "server certificate renewed with the same CA; new handshakes present it"
+                );
+                current = pem;
+            }
+            Err(e) => tracing::error!("the renewed server certificate could not be served: {e}"),
         }
     }
 }

@@ -205,9 +205,10 @@ impl cluster::Server for ClusterService {
         mut results: cluster::AdminResults,
     ) -> Result<(), capnp::Error> {
         match &self.peer {
-            PeerIdentity::Admin { .. } => {
+            PeerIdentity::Admin { name } => {
                 let admin: admin::Client = capnp_rpc::new_client(AdminService {
                     state: self.state.clone(),
+                    name: name.clone(),
                 });
                 results.get().set_admin(admin);
                 Ok(())
@@ -482,6 +483,28 @@ impl runner_session::Server for RunnerSessionService {
 /// What an operator holding the admin certificate may do.
 pub struct AdminService {
     state: Arc<State>,
+    /// The `<name>` of the caller's `admin-<name>` certificate.
+    name: String,
+}
+
+/// The shortest admin certificate `renewAdmin` issues: shorter would lock
+/// the holder out before they could renew again.
+pub const MIN_ADMIN_CERT_SECS: u64 = 3600;
+
+/// The lifetime `renewAdmin` issues for a request of `validity_secs`
+/// (0 = the default).
+pub fn admin_cert_validity(validity_secs: u64) -> Result<time::Duration, String> {
+    use crate::datadir::ADMIN_CERT_LIFETIME;
+    if validity_secs == 0 {
+        return Ok(ADMIN_CERT_LIFETIME);
+    }
+    if validity_secs < MIN_ADMIN_CERT_SECS {
+        return Err(format!(
+            "an admin certificate must last at least 1h (asked for {validity_secs}s)"
+        ));
+    }
+    let max = ADMIN_CERT_LIFETIME.whole_seconds() as u64;
+    Ok(time::Duration::seconds(validity_secs.min(max) as i64))
 }
 
 fn write_keys(
@@ -715,6 +738,35 @@ impl artifact_upload::Server for UploadService {
 }
 
 impl admin::Server for AdminService {
+    async fn renew_admin(
+        self: Rc<Self>,
+        params: admin::RenewAdminParams,
+        mut results: admin::RenewAdminResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let validity = admin_cert_validity(p.get_validity_secs()).map_err(failed)?;
+        let csr = p.get_csr_der()?.to_vec();
+        let common_name = format!("admin-{}", self.name);
+        let state = self.state.clone();
+        let cn = common_name.clone();
+        // Signing is quick, but it is CPU work: off the RPC worker.
+        let cert_pem = self
+            .state
+            .rt
+            .spawn_blocking(move || state.ca.issue_client_for_csr(&cn, validity, &csr))
+            .await
+            .map_err(|e| failed(format!("issuing the admin certificate: {e}")))?
+            .map_err(|e| failed(e.to_string()))?;
+        let expires = transport::pki::not_after_unix(&cert_pem).unwrap_or_default();
+        tracing::info!(
+            subject = %common_name,
+            expires_unix = expires,
+            "admin certificate issued to an admin (renewal)"
+        );
+        results.get().set_cert_pem(&cert_pem);
+        Ok(())
+    }
+
     async fn app(
         self: Rc<Self>,
         params: admin::AppParams,
@@ -1085,5 +1137,30 @@ impl admin::Server for AdminService {
             .statuses(now_unix());
         write_keys(&statuses, results.get().init_keys(statuses.len() as u32));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_certificates_last_ten_years_unless_asked_for_less_but_at_least_an_hour() {
+        assert_eq!(
+            admin_cert_validity(0),
+            Ok(crate::datadir::ADMIN_CERT_LIFETIME)
+        );
+        assert_eq!(
+            admin_cert_validity(30 * 86_400),
+            Ok(time::Duration::days(30))
+        );
+        assert_eq!(
+            admin_cert_validity(u64::MAX),
+            Ok(crate::datadir::ADMIN_CERT_LIFETIME)
+        );
+        assert!(admin_cert_validity(3599)
+            .unwrap_err()
+            .contains("at least 1h"));
+        assert_eq!(admin_cert_validity(3600), Ok(time::Duration::hours(1)));
     }
 }

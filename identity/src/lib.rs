@@ -12,6 +12,7 @@ pub mod glob;
 pub mod join_token;
 pub mod keys;
 pub mod mint;
+pub mod renewal;
 pub mod route_oidc;
 pub mod verify;
 

@@ -210,6 +210,11 @@ interface Admin {
   routeOidcDisable @22 (host :Text) -> ();
   listOidcProviders @23 () -> (json :Text);
   removeOidcProvider @24 (name :Text) -> ();
+  renewAdmin @25 (csrDer :Data, validitySecs :UInt64) -> (certPem :Text);
+  # A new admin certificate with the caller's own name for the key that
+  # signed the PKCS#10 request (its subject is ignored; the key never leaves
+  # the caller). validitySecs 0 = ten years; never past the CA's end. The
+  # caller's current certificate keeps working until it expires.
 }
 
 interface App {

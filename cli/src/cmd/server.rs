@@ -67,6 +67,10 @@ pub struct ServerArgs {
     /// Lifetime of runner certificates; runners renew at half-life.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     runner_cert_validity: Duration,
+    /// (tests) Lifetime of the server certificates the coordinator issues;
+    /// renewed with a third left, checked every thirtieth (1s..1h).
+    #[arg(long, hide = true, default_value = "365d", value_parser = humantime::parse_duration)]
+    server_cert_lifetime: Duration,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -115,6 +119,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         https_cert: args.https_cert.clone(),
         https_key: args.https_key.clone(),
         runner_cert_validity: args.runner_cert_validity,
+        server_cert_lifetime: args.server_cert_lifetime,
         oidc_allow_loopback_issuers: args.oidc_allow_loopback_issuers,
         oidc_ca_file: args.oidc_ca_file.clone(),
         labs: args
@@ -133,13 +138,23 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
 
     let path = config_path()?;
     let mut cfg = ClientConfig::load(&path)?;
+    let fingerprint = address.fingerprint.map(|f| format!("sha1:{f}"));
+    let admin = coordinator.admin_identity();
+    // An admin identity renewed with `miren cluster admin-renew` for this
+    // same cluster stays (the data dir's one would quietly replace it).
+    let (client_cert, client_key) = match cfg.clusters.get(&name) {
+        Some(e) if keeps_renewed_identity(e, &fingerprint, admin, coordinator.ca_pem()) => {
+            (e.client_cert.clone(), e.client_key.clone())
+        }
+        _ => (Some(admin.cert_pem.clone()), Some(admin.key_pem.clone())),
+    };
     cfg.clusters.insert(
         name.clone(),
         ClusterEntry {
             hostname: address.host_port(),
-            fingerprint: address.fingerprint.map(|f| format!("sha1:{f}")),
-            client_cert: Some(coordinator.admin_identity().cert_pem.clone()),
-            client_key: Some(coordinator.admin_identity().key_pem.clone()),
+            fingerprint,
+            client_cert,
+            client_key,
         },
     );
     if args.dev || cfg.active_cluster.is_none() {
@@ -233,6 +248,42 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `entry` holds an admin identity of this cluster, other than the
+/// data dir's, that the coordinator accepts now (signed by its CA, valid,
+/// `admin-` name): one the operator renewed, which a restart must not
+/// replace with the data dir's one. Anything else (another cluster under
+/// this name, no identity, an expired or foreign one) is replaced.
+fn keeps_renewed_identity(
+    entry: &ClusterEntry,
+    fingerprint: &Option<String>,
+    data_dir_admin: &transport::pki::CertifiedPem,
+    ca_pem: &str,
+) -> bool {
+    let same_cluster = match (entry.address(), fingerprint) {
+        (Ok(a), Some(fp)) => a
+            .fingerprint
+            .is_some_and(|have| fp.eq_ignore_ascii_case(&format!("sha1:{have}"))),
+        _ => false,
+    };
+    let Some((cert, _key)) = entry.identity() else {
+        return false;
+    };
+    if !same_cluster || cert == data_dir_admin.cert_pem {
+        return false;
+    }
+    let (Ok(ca), Ok(leaf)) = (
+        transport::pki::cert_der_from_pem(ca_pem),
+        transport::pki::cert_der_from_pem(&cert),
+    ) else {
+        return false;
+    };
+    transport::tls::verify_client_certificate(&ca, &leaf).is_ok()
+        && matches!(
+            transport::PeerIdentity::from_chain(Some(&[leaf])),
+            transport::PeerIdentity::Admin { .. }
+        )
+}
+
 /// SIGINT or SIGTERM. The handlers are installed when this is called (inside
 /// a runtime), so a signal that arrives before the future is polled is not
 /// lost and does not kill the process.
@@ -246,4 +297,85 @@ pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>
             _ = int.recv() => {}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transport::pki::ClusterCa;
+
+    fn cluster() -> (ClusterCa, String, String) {
+        let pem = ClusterCa::generate("t").expect("CA");
+        let ca = ClusterCa::load(&pem.cert_pem, &pem.key_pem).expect("load");
+        let fp = format!("sha1:{}", ca.fingerprint());
+        (ca, pem.cert_pem, fp)
+    }
+
+    fn entry(fp: &str, id: &transport::pki::CertifiedPem) -> ClusterEntry {
+        ClusterEntry {
+            hostname: "127.0.0.1:8443".into(),
+            fingerprint: Some(fp.into()),
+            client_cert: Some(id.cert_pem.clone()),
+            client_key: Some(id.key_pem.clone()),
+        }
+    }
+
+    #[test]
+    fn a_renewed_admin_identity_survives_a_restart_and_nothing_else_does() {
+        let (ca, ca_pem, fp) = cluster();
+        let data_dir_admin = ca
+            .issue_client("admin-operator", time::Duration::days(10))
+            .expect("admin");
+        let renewed = ca
+            .issue_client("admin-operator", time::Duration::days(1))
+            .expect("renewed");
+        let fp = Some(fp);
+        assert!(keeps_renewed_identity(
+            &entry(fp.as_deref().unwrap_or_default(), &renewed),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        // The data dir's own, a runner's, another cluster's: replaced.
+        let runner = ca
+            .issue_client("runner-x", time::Duration::days(1))
+            .expect("runner");
+        let (other, _, other_fp) = cluster();
+        let foreign = other
+            .issue_client("admin-operator", time::Duration::days(1))
+            .expect("foreign");
+        let e = |id: &transport::pki::CertifiedPem| entry(fp.as_deref().unwrap_or_default(), id);
+        assert!(!keeps_renewed_identity(
+            &e(&data_dir_admin),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        assert!(!keeps_renewed_identity(
+            &e(&runner),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        assert!(!keeps_renewed_identity(
+            &e(&foreign),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        assert!(!keeps_renewed_identity(
+            &entry(&other_fp, &renewed),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        let mut bare = e(&renewed);
+        bare.client_key = None;
+        assert!(!keeps_renewed_identity(
+            &bare,
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+    }
 }
