@@ -15,6 +15,7 @@ pub mod ingress;
 pub mod issuer;
 pub mod keyring;
 pub mod oidc;
+pub mod outbound;
 pub mod route_oidc;
 pub mod runners;
 pub mod server;

@@ -35,8 +35,9 @@ struct IssuerEntry {
 
 /// Fetches and caches issuer keys; verifies CI tokens.
 pub struct OidcVerifier {
-    /// The outbound HTTPS client (also used for route OIDC code exchange).
-    pub client: reqwest::Client,
+    /// The outbound HTTPS client (also used for route OIDC code exchange):
+    /// it connects only to addresses the outbound policy allows.
+    pub client: crate::outbound::Outbound,
     audiences: Vec<String>,
     issuers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<IssuerEntry>>>>,
 }
@@ -90,17 +91,15 @@ pub async fn read_capped(resp: &mut reqwest::Response, url: &str) -> Result<Vec<
 
 impl OidcVerifier {
     /// `audiences`: the cluster addresses a token may be for; `extra_roots`:
-    /// CAs trusted for issuers besides the platform roots.
+    /// CAs trusted for issuers besides the platform roots; `outbound`: the
+    /// addresses issuers and providers may be fetched from.
     pub fn new(
         audiences: Vec<String>,
         extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+        outbound: identity::AddressPolicy,
     ) -> anyhow::Result<Self> {
         let tls = transport::tls::https_client_config(extra_roots)?;
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(5))
-            .build()?;
+        let client = crate::outbound::Outbound::new(tls, outbound)?;
         Ok(OidcVerifier {
             client,
             audiences,
@@ -113,6 +112,7 @@ impl OidcVerifier {
         let mut resp = self
             .client
             .get(url)
+            .map_err(|_| format!("fetching {url}: refused (the coordinator log says why)"))?
             .send()
             .await
             .map_err(|e| format!("fetching {url}: {e}"))?;

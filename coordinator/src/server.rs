@@ -69,8 +69,11 @@ pub struct CoordinatorOptions {
     /// TCP address of the ingress over HTTPS (the HTTPS listener's
     /// certificate), if any.
     pub ingress_https_listen: Option<SocketAddr>,
-    /// Accept CI bindings whose issuer is on a loopback or private address.
+    /// Let CI issuers and route OIDC providers be on loopback addresses
+    /// (literal, `localhost`, or a name resolving there).
     pub oidc_allow_loopback_issuers: bool,
+    /// Non-public ranges CI issuers and route OIDC providers may be on.
+    pub outbound_allow: Vec<identity::IpCidr>,
     /// Extra CA certificates (PEM) trusted for OIDC issuers.
     pub oidc_ca_file: Option<PathBuf>,
     /// Labs features to turn on (e.g. `routeoidc`).
@@ -285,6 +288,11 @@ impl Coordinator {
             Some(path) => pki::certs_from_pem_file(path).context("--oidc-ca-file")?,
             None => vec![],
         };
+        // What CI issuers and route OIDC providers may resolve to.
+        let outbound = identity::AddressPolicy::new(
+            opts.oidc_allow_loopback_issuers,
+            opts.outbound_allow.clone(),
+        );
         let state = Arc::new(State {
             meta: material.meta.clone(),
             issuer,
@@ -301,8 +309,8 @@ impl Coordinator {
             rt: tokio::runtime::Handle::current(),
             labs: opts.labs.clone(),
             sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
-            ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
-            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
+            ci: crate::ci::CiBindings::load(store.clone(), outbound.clone())?,
+            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?,
             store,
             ca: material.ca,
             address: address.clone(),

@@ -856,6 +856,7 @@ async fn token_request(
     let mut resp = oidc
         .client
         .post(&meta.token_endpoint)
+        .map_err(|_| "token endpoint: refused (the coordinator log says why)".to_string())?
         .header("content-type", "application/x-www-form-urlencoded")
         .header("authorization", format!("Basic {basic}"))
         .body(form)

@@ -9,6 +9,7 @@ pub mod bindings;
 pub mod claims;
 pub mod documents;
 pub mod glob;
+pub mod ip;
 pub mod join_token;
 pub mod keys;
 pub mod mint;
@@ -18,8 +19,8 @@ pub mod verify;
 
 pub use address::{AddressError, ClusterAddress, Fingerprint};
 pub use bindings::{
-    issuer_host_is_private_or_loopback, Binding, BindingError, BindingSet, BindingSetError,
-    Condition, NoMatch,
+    issuer_host_is_private_or_loopback, issuer_literal_address, Binding, BindingError, BindingSet,
+    BindingSetError, Condition, NoMatch,
 };
 pub use claims::{
     clamp_ttl, ClaimsError, Subject, SubjectError, SubjectField, WorkloadClaims, DEFAULT_AUDIENCE,
@@ -27,6 +28,7 @@ pub use claims::{
 };
 pub use documents::{DiscoveryDocument, DiscoveryError, IssuerUrl, IssuerUrlError, Jwks};
 pub use glob::{Glob, GlobError};
+pub use ip::{classify, is_public, AddressClass, AddressPolicy, CidrError, IpCidr, Refused};
 pub use keys::{Algorithm, Jwk, JwkError, KeyError, KeyMaterial, PublicKey, SigningKeyPair};
 pub use mint::{MintError, Minter};
 pub use verify::{

@@ -271,6 +271,8 @@ impl Protected {
         let mut args = vec![
             "--labs".to_string(),
             "routeoidc".into(),
+            // The provider listens on 127.0.0.1.
+            "--oidc-allow-loopback-issuers".into(),
             "--oidc-ca-file".into(),
             tls.ca.to_str().unwrap().into(),
         ];

@@ -70,8 +70,10 @@ impl Isolation {
     /// `bwrap` when it works here (unless `none` is asked), else `none`.
     pub fn choose(requested: &str) -> anyhow::Result<Isolation> {
         let bwrap = |user: crate::shim::SandboxUser| -> anyhow::Result<Isolation> {
-            if user == crate::shim::SandboxUser::Runner {
-                eprintln!("WARNING: this machine allows no user namespaces: sandboxes get their own pid, mount, network, uts and ipc namespaces but run as the runner's user, not as an unprivileged one");
+            match user {
+                crate::shim::SandboxUser::Runner => eprintln!("WARNING: this machine allows no user namespaces: sandboxes get their own pid, mount, network, uts and ipc namespaces but run as the runner's user, not as an unprivileged one"),
+                crate::shim::SandboxUser::NobodyNestable => eprintln!("WARNING: this bubblewrap cannot forbid nested user namespaces (--disable-userns needs bubblewrap 0.8 or later): a sandbox could lift its own cgroup limits on a cgroup v1 host; upgrade bubblewrap"),
+                crate::shim::SandboxUser::Nobody => {}
             }
             Ok(Isolation::Bwrap {
                 miren: std::env::current_exe()

@@ -52,9 +52,14 @@ pub struct ServerArgs {
     /// TCP address of the ingress over HTTPS, with the HTTPS certificate (default: off).
     #[arg(long)]
     ingress_https_listen: Option<SocketAddr>,
-    /// Accept CI bindings whose issuer is on a loopback or private address (tests).
+    /// Let CI issuers and route OIDC providers be on loopback addresses
+    /// (127.0.0.0/8, ::1, `localhost`, names resolving there), e.g. for tests.
     #[arg(long)]
     oidc_allow_loopback_issuers: bool,
+    /// A non-public range (CIDR, or one address) CI issuers and route OIDC
+    /// providers may resolve to, e.g. an internal identity provider; repeatable.
+    #[arg(long = "outbound-allow", value_name = "CIDR")]
+    outbound_allow: Vec<identity::IpCidr>,
     /// Labs features to turn on, comma-separated (routeoidc).
     #[arg(long, env = "MIREN_LABS", value_delimiter = ',')]
     labs: Vec<String>,
@@ -121,6 +126,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         runner_cert_validity: args.runner_cert_validity,
         server_cert_lifetime: args.server_cert_lifetime,
         oidc_allow_loopback_issuers: args.oidc_allow_loopback_issuers,
+        outbound_allow: args.outbound_allow.clone(),
         oidc_ca_file: args.oidc_ca_file.clone(),
         labs: args
             .labs
