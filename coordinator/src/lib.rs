@@ -16,6 +16,7 @@ pub mod issuer;
 pub mod keyring;
 pub mod oidc;
 pub mod route_oidc;
+pub mod runner_streams;
 pub mod runners;
 pub mod server;
 pub mod service;
