@@ -220,6 +220,10 @@ impl Default for IngressLimits {
     }
 }
 
+/// The forwarding headers' filter, built once.
+static FORWARDING: std::sync::LazyLock<HeaderFilter> =
+    std::sync::LazyLock::new(HeaderFilter::forwarding);
+
 /// Removes every header of the client's request that `filter` strips, and
 /// their names from `Connection` (a client naming our `X-Forwarded-For`
 /// there would have a proxy inside the sandbox drop it).
@@ -322,11 +326,17 @@ async fn proxy(
     // Before anything else reads the request: what the client sent under
     // the names the ingress sets (forwarding headers, and on a protected
     // route the claim headers) goes, whatever its spelling.
-    let mut filter = HeaderFilter::forwarding();
-    if let Some(oidc) = &route.oidc {
-        filter = filter.with(&HeaderFilter::new(&oidc.claim_headers));
-    }
-    strip_client_headers(req.headers_mut(), &filter);
+    let with_claims;
+    let filter: &HeaderFilter = match &route.oidc {
+        Some(oidc) => {
+            with_claims = FORWARDING
+                .clone()
+                .with(&HeaderFilter::new(&oidc.claim_headers));
+            &with_claims
+        }
+        None => &FORWARDING,
+    };
+    strip_client_headers(req.headers_mut(), filter);
     let app = route.app.clone();
     let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
     let mut response_headers = Vec::new();
