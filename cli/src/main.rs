@@ -47,7 +47,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a coordinator (the cluster's CA, signing keys and store).
-    Server(cmd::server::ServerArgs),
+    Server(Box<cmd::server::ServerArgs>),
     /// Pack the app in a directory, upload it and roll it out.
     Deploy(cmd::app::DeployArgs),
     /// Authentication: CI pipelines that may deploy apps.
@@ -104,7 +104,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Server(args) => cmd::server::run(args),
+        Command::Server(args) => cmd::server::run(*args),
         Command::Deploy(d) => cmd::app::deploy(d, cli.cluster.as_deref()),
         Command::Auth(a) => cmd::auth::run(a, cli.cluster.as_deref()),
         Command::Logs(l) => cmd::app::logs(l, cli.cluster.as_deref()),

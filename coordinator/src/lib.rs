@@ -17,6 +17,7 @@ pub mod keyring;
 pub mod oidc;
 pub mod outbound;
 pub mod route_oidc;
+pub mod runner_streams;
 pub mod runners;
 pub mod server;
 pub mod service;

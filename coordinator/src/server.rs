@@ -78,7 +78,17 @@ pub struct CoordinatorOptions {
     pub oidc_ca_file: Option<PathBuf>,
     /// Labs features to turn on (e.g. `routeoidc`).
     pub labs: Vec<String>,
+    /// Timeouts and connection caps of each TCP listener (HTTPS and both
+    /// ingresses).
+    pub http_limits: crate::accept::ListenerLimits,
+    /// Requests one app may have in flight on one runner through the
+    /// ingress (see [`crate::runner_streams`]).
+    pub ingress_streams_per_app: usize,
 }
+
+/// Open files the coordinator needs besides its HTTP connections (store,
+/// artifacts, QUIC, logs), when it sizes its open files limit.
+const OTHER_OPEN_FILES: usize = 1024;
 
 /// A coordinator that has opened its data dir and bound its listener.
 pub struct Coordinator {
@@ -92,6 +102,8 @@ pub struct Coordinator {
     https_tls: rustls::ServerConfig,
     http: Option<tokio::net::TcpListener>,
     ingress_https: Option<tokio::net::TcpListener>,
+    http_limits: crate::accept::ListenerLimits,
+    ingress_streams_per_app: usize,
     server_cert: ServerCert,
 }
 
@@ -323,6 +335,16 @@ impl Coordinator {
             slot,
             current: material.server,
         };
+        // Every connection a TCP listener holds is a file descriptor.
+        let listeners = 1 + usize::from(http.is_some()) + usize::from(ingress_https.is_some());
+        let wanted = (listeners * opts.http_limits.max_connections + OTHER_OPEN_FILES) as u64;
+        match crate::accept::raise_open_files_limit(wanted) {
+            Ok(limit) if limit < wanted => tracing::warn!(
+                "the open files limit is {limit}, below the {wanted} the HTTP listeners' connection caps need; raise it (LimitNOFILE=, ulimit -n) or lower --http-max-connections"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("could not read or raise the open files limit: {e}"),
+        }
         Ok(Coordinator {
             state,
             ca_pem,
@@ -335,6 +357,8 @@ impl Coordinator {
             http,
             ingress_https,
             server_cert,
+            http_limits: opts.http_limits,
+            ingress_streams_per_app: opts.ingress_streams_per_app,
         })
     }
 
@@ -416,12 +440,18 @@ impl Coordinator {
             self.https,
             self.https_tls,
             crate::https::router(self.state.clone()),
+            self.http_limits,
             async move {
                 let _ = https_stopped.await;
             },
         ));
         let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
         let ingresses = [(self.http, None), (self.ingress_https, Some(ingress_tls))];
+        // One count of streams to runners for both ingress listeners.
+        let ingress_limits = crate::ingress::IngressLimits {
+            listener: self.http_limits,
+            streams: crate::runner_streams::StreamBudget::for_runners(self.ingress_streams_per_app),
+        };
         for (listener, tls) in ingresses {
             let Some(listener) = listener else { continue };
             let mut stopped = http_stopped.clone();
@@ -429,6 +459,7 @@ impl Coordinator {
                 listener,
                 tls,
                 self.state.clone(),
+                ingress_limits.clone(),
                 async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 },

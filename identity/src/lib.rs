@@ -9,6 +9,7 @@ pub mod bindings;
 pub mod claims;
 pub mod documents;
 pub mod glob;
+pub mod headers;
 pub mod ip;
 pub mod join_token;
 pub mod keys;

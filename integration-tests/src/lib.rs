@@ -594,7 +594,9 @@ impl Drop for NodeOidcProvider {
 }
 
 /// A coordinator with one runner (`--isolation none`) and the probe app
-/// (`fixtures/probe-app`: `/headers` answers the request headers as JSON)
+/// (`fixtures/probe-app`: `/headers` answers the request headers as JSON,
+/// `/echo-upgrade` switches protocols and echoes, `POST /echo-body` reads
+/// its body)
 /// deployed under a name: what the ingress journeys start from.
 pub struct ProbeCluster {
     pub server: Server,

@@ -76,6 +76,42 @@ pub struct ServerArgs {
     /// renewed with a third left, checked every thirtieth (1s..1h).
     #[arg(long, hide = true, default_value = "365d", value_parser = humantime::parse_duration)]
     server_cert_lifetime: Duration,
+    /// Connections each TCP listener (HTTPS, each ingress) holds at once.
+    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS, value_parser = positive_count)]
+    http_max_connections: usize,
+    /// Connections one client address (an IPv6 /64) holds at once on each TCP listener.
+    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS_PER_SOURCE, value_parser = positive_count)]
+    http_max_connections_per_ip: usize,
+    /// Time a client has to finish its TLS handshake (tests shorten it).
+    #[arg(long, hide = true, default_value = "10s", value_parser = positive_duration)]
+    http_handshake_timeout: Duration,
+    /// Time a client has to send a request head, also the keep-alive idle time (tests shorten it).
+    #[arg(long, hide = true, default_value = "10s", value_parser = positive_duration)]
+    http_header_timeout: Duration,
+    /// Time a connection with a request in progress may move no byte (tests shorten it).
+    #[arg(long, hide = true, default_value = "60s", value_parser = positive_duration)]
+    http_idle_timeout: Duration,
+    /// Requests one app may have in flight on one runner through the ingress (tests lower it).
+    #[arg(long, hide = true, default_value_t = coordinator::runner_streams::STREAMS_PER_APP, value_parser = positive_count)]
+    ingress_streams_per_app: usize,
+}
+
+/// A whole number above zero.
+fn positive_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration above zero, in humantime form (`10s`, `500ms`).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -138,6 +174,14 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         http_listen: args
             .http_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
+        http_limits: coordinator::accept::ListenerLimits {
+            handshake_timeout: args.http_handshake_timeout,
+            header_timeout: args.http_header_timeout,
+            idle_timeout: args.http_idle_timeout,
+            max_connections: args.http_max_connections,
+            max_connections_per_source: args.http_max_connections_per_ip,
+        },
+        ingress_streams_per_app: args.ingress_streams_per_app,
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();
