@@ -107,6 +107,13 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
         isolation: isolation.name().to_string(),
         ..opts
     };
+    match transport::rlimit::raise_open_files_limit(crate::sandbox::RUNNER_OPEN_FILES) {
+        Ok(limit) if limit < 4096 => eprintln!(
+            "WARNING: the open files limit is {limit}: sandboxes' connections to their token endpoints and ingress streams share it; raise it (LimitNOFILE=, ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not read or raise the open files limit: {e}"),
+    }
     let policy = crate::limits::LimitPolicy::for_this_host(opts.sandbox_limits)
         .context("sandbox limits (--sandbox-memory, --sandbox-cpus, --sandbox-pids)")?;
     let runner_id = data.load()?.config.runner_id;

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod backoff;
+pub mod bounded_listener;
 pub mod cgroup;
 pub mod join;
 pub mod layout;

@@ -24,6 +24,12 @@ use crate::layout::{SandboxDirs, INSIDE_IDENTITY, TOKEN_FILE, TOKEN_SOCKET};
 use crate::logs::{ByteRate, LineCutter, SandboxLog, Tail};
 use crate::tokens::{self, Broker, TokenKey};
 
+/// Open files each process of a sandbox may hold.
+const SANDBOX_OPEN_FILES: libc::rlim_t = 4096;
+/// The runner's own open-files soft limit is raised towards this: every
+/// connection a sandbox makes to its token socket and every ingress stream
+/// is one of the runner's descriptors.
+pub const RUNNER_OPEN_FILES: u64 = 65_536;
 /// `PATH` inside every sandbox.
 const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Most bytes of log lines one `logs` call returns per sandbox.
@@ -243,6 +249,7 @@ impl Supervisor {
             .await?;
         let dirs = SandboxDirs::new(&self.dir, &spec.id);
         dirs.create()
+            .await
             .with_context(|| format!("creating {}", dirs.root.display()))?;
         let file = std::fs::File::open(&artifact)?;
         let dest = dirs.app.clone();
@@ -403,7 +410,10 @@ impl Supervisor {
             });
         }
         if valid_id(id) {
-            let _ = std::fs::remove_dir_all(self.dir.join("sandboxes").join(id));
+            let root = self.dir.join("sandboxes").join(id);
+            if let Err(e) = crate::layout::remove_tree(&root).await {
+                tracing::warn!("sandbox {id}: {e}");
+            }
         }
         crate::artifacts::ArtifactCache::open(self.dir.join("artifacts")).release(id);
         Ok(())
@@ -515,6 +525,29 @@ impl Launch {
                 cmd.pre_exec(join);
             }
         }
+        // SAFETY: close_range and setrlimit are async-signal-safe system
+        // calls on this child's own descriptors and limits.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Nothing the runner holds leaks into the sandbox: every
+                // descriptor past stdio closes at exec (CLOEXEC rather than
+                // closing now, so the spawn's own error pipe still works).
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                // A sandbox's processes hold few descriptors each; the
+                // runner's own raised limit is not theirs.
+                let lim = libc::rlimit {
+                    rlim_cur: SANDBOX_OPEN_FILES,
+                    rlim_max: SANDBOX_OPEN_FILES,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
         cmd
     }
 }
@@ -532,7 +565,7 @@ async fn capture(
     let started = std::time::Instant::now();
     let mut cutter = LineCutter::default();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut keep = |line: String| {
+    let keep = |line: String| {
         if let Err(e) = log.borrow_mut().append(&line) {
             tracing::debug!("sandbox log: {e}");
         }
@@ -543,8 +576,19 @@ async fn capture(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        cutter.feed(&buf[..n], &mut keep);
-        let wait = rate.borrow_mut().take(n, started.elapsed().as_secs_f64());
+        let mut lines = 0usize;
+        cutter.feed(&buf[..n], |line| {
+            lines += 1;
+            keep(line)
+        });
+        if let Err(e) = log.borrow_mut().flush() {
+            tracing::debug!("sandbox log: {e}");
+        }
+        // Lines cost too: a flood of empty lines is paced like bytes.
+        let cost = n + lines * crate::logs::LINE_COST;
+        let wait = rate
+            .borrow_mut()
+            .take(cost, started.elapsed().as_secs_f64());
         if wait > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(wait.min(5.0))).await;
         }
@@ -552,6 +596,7 @@ async fn capture(
     if let Some(line) = cutter.finish() {
         keep(line);
     }
+    let _ = log.borrow_mut().flush();
 }
 
 async fn supervise(

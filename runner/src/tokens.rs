@@ -369,6 +369,7 @@ pub fn serve<L>(
 ) -> tokio::task::JoinHandle<()>
 where
     L: axum::serve::Listener,
+    L::Io: Unpin,
     L::Addr: std::fmt::Debug,
 {
     broker.open(&sandbox);
@@ -380,6 +381,12 @@ where
     let app = Router::new()
         .route("/v1/token", axum::routing::any(token))
         .with_state(ep);
+    // Bounded: each held connection is a descriptor of the runner.
+    let listener = crate::bounded_listener::Bounded::new(
+        listener,
+        crate::bounded_listener::MAX_CONNECTIONS,
+        crate::bounded_listener::MAX_CONNECTION_LIFE,
+    );
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     })

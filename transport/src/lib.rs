@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod files;
 pub mod peer;
 pub mod pki;
+pub mod rlimit;
 pub mod rpc;
 pub mod tls;
 
