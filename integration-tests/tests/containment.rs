@@ -224,7 +224,10 @@ fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
     assert_eq!(report["token_write"], "refused: Read-only file system");
     assert_own_environment(&report);
     // Root-only host files are not there, nested user namespaces fail.
-    assert_eq!(report["shadow"], "refused: No such file or directory", "{report}");
+    assert_eq!(
+        report["shadow"], "refused: No such file or directory",
+        "{report}"
+    );
     assert_eq!(report["nested_userns"], "refused", "{report}");
 
     // The runner logs and rewrites the token file with every name planted.
