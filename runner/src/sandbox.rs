@@ -631,6 +631,11 @@ async fn supervise(
             .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // Spawned on this (long-lived) thread on purpose: the parent-death
+        // signal (PR_SET_PDEATHSIG, bubblewrap's --die-with-parent) fires
+        // when the *thread* that forked exits, so spawning from tokio's
+        // blocking pool (to keep cgroup v1's 15-25 ms join off this
+        // thread) killed sandboxes whenever an idle pool thread retired.
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
