@@ -220,6 +220,7 @@ async fn proxy(
         }
     };
     let app = route.app.clone();
+    crate::metrics::note_ingress_app(&app);
     let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
     let mut response_headers = Vec::new();
     match (&route.oidc, labs) {
@@ -514,7 +515,8 @@ pub async fn serve(
         let (state, counter) = (state.clone(), counter.clone());
         async move {
             let service = hyper::service::service_fn(move |req| {
-                proxy(state.clone(), counter.clone(), remote, secure, req)
+                let answer = proxy(state.clone(), counter.clone(), remote, secure, req);
+                crate::metrics::observe_ingress(state.observe.clone(), answer)
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(conn), service)

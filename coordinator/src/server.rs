@@ -63,6 +63,12 @@ pub struct CoordinatorOptions {
     pub oidc_ca_file: Option<PathBuf>,
     /// Labs features to turn on (e.g. `routeoidc`).
     pub labs: Vec<String>,
+    /// TCP address of the plain-HTTP metrics listener (`/metrics`,
+    /// `/healthz`, `/readyz`), if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Count metrics and write the audit trail (off only to measure what
+    /// they cost).
+    pub observe: bool,
 }
 
 /// A coordinator that has opened its data dir and bound its listener.
@@ -77,6 +83,8 @@ pub struct Coordinator {
     https_tls: rustls::ServerConfig,
     http: Option<tokio::net::TcpListener>,
     ingress_https: Option<tokio::net::TcpListener>,
+    metrics: Option<tokio::net::TcpListener>,
+    registry: Arc<prometheus_client::registry::Registry>,
 }
 
 /// Binds QUIC on `listen` and HTTPS on `https_listen`, by default on the
@@ -146,7 +154,11 @@ impl Coordinator {
         let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &sans)?;
         let now = now_unix();
         let keys = KeyRing::load(&material.dir.join("keys"), now)?;
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&material.dir.join("store.redb"))?);
+        let observe = crate::observe::start(&material.dir, &opts)?;
+        let store: Arc<dyn Store> = crate::observe::metered_store(
+            Arc::new(RedbStore::open(&material.dir.join("store.redb"))?),
+            &observe,
+        );
 
         let ca_der = material.ca.cert_der().clone();
         let server_der = pki::cert_der_from_pem(&material.server.cert_pem)?;
@@ -197,6 +209,7 @@ impl Coordinator {
             .transpose()
         };
         let http = bind_ingress(opts.http_listen, "HTTP", "--http-listen")?;
+        let metrics = bind_ingress(opts.metrics_listen, "metrics", "--metrics-listen")?;
         let ingress_https =
             bind_ingress(opts.ingress_https_listen, "HTTPS", "--ingress-https-listen")?;
         let https_tls = match (&opts.https_cert, &opts.https_key) {
@@ -228,21 +241,27 @@ impl Coordinator {
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
             registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
-            apps: Arc::new(crate::apps::Apps::new(
-                store.clone(),
-                &material.dir,
-                tokio::runtime::Handle::current(),
-            )?),
+            apps: Arc::new(
+                crate::apps::Apps::new(
+                    store.clone(),
+                    &material.dir,
+                    tokio::runtime::Handle::current(),
+                )?
+                .observed(observe.clone()),
+            ),
             rt: tokio::runtime::Handle::current(),
             labs: opts.labs.clone(),
-            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
+            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?
+                .observed(observe.clone()),
             ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
-            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
+            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?.observed(observe.clone()),
             store,
             ca: material.ca,
             address: address.clone(),
             build: opts.build.clone(),
+            observe,
         });
+        let registry = crate::observe::registry(&state, &material.server.cert_pem, &opts)?;
         let ca_pem = state.ca.cert_pem().to_string();
         Ok(Coordinator {
             state,
@@ -255,7 +274,45 @@ impl Coordinator {
             https_tls,
             http,
             ingress_https,
+            metrics,
+            registry,
         })
+    }
+
+    /// The TCP address of the metrics listener, if it listens.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// This coordinator's metrics (`--dev` serves them with its runner's).
+    pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
+        self.registry.clone()
+    }
+
+    /// This coordinator's readiness checks.
+    pub fn readiness(&self) -> transport::ops::Readiness {
+        crate::health::readiness(&self.state)
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` of these registries and
+    /// checks on the metrics listener (`--dev` adds its runner's); without
+    /// `--metrics-listen`, nothing.
+    pub fn serve_metrics_with(
+        &mut self,
+        mut registries: Vec<Arc<prometheus_client::registry::Registry>>,
+        mut checks: Vec<transport::ops::Readiness>,
+    ) {
+        let Some(listener) = self.metrics.take() else {
+            return;
+        };
+        registries.insert(0, self.registry.clone());
+        checks.insert(0, self.readiness());
+        let stop = self.state.clone();
+        tokio::spawn(transport::ops::serve(
+            listener,
+            transport::ops::router(registries, checks),
+            async move { stop.observe.stopped().await },
+        ));
     }
 
     /// `host:port;sha1:<fingerprint>` of this cluster.
@@ -320,18 +377,21 @@ impl Coordinator {
 
     /// Serves until `shutdown` resolves, then closes every connection and
     /// waits (briefly) for them to drain.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let pool = LocalPool::new(workers);
         let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
+        let key_watch = tokio::spawn(crate::observe::watch_keys_forever(self.state.clone()));
+        // Unless `--dev` already started it with its runner's metrics.
+        self.serve_metrics_with(vec![], vec![]);
         let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
         let ingress_tls = self.https_tls.clone();
         let https = tokio::spawn(crate::https::serve(
             self.https,
             self.https_tls,
-            crate::https::router(self.state.clone()),
+            crate::health::with_health(crate::https::router(self.state.clone()), &self.state),
             async move {
                 let _ = https_stopped.await;
             },
@@ -351,6 +411,7 @@ impl Coordinator {
             ));
         }
         tokio::pin!(shutdown);
+        self.state.observe.set_listening(true);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -386,7 +447,10 @@ impl Coordinator {
                 }
             }
         }
+        self.state.observe.set_listening(false);
         rotation.abort();
+        key_watch.abort();
+        self.state.observe.stop();
         let _ = stop_https.send(());
         let _ = stop_http.send(true);
         let _ = https.await;

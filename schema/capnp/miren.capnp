@@ -210,6 +210,12 @@ interface Admin {
   routeOidcDisable @22 (host :Text) -> ();
   listOidcProviders @23 () -> (json :Text);
   removeOidcProvider @24 (name :Text) -> ();
+  readAudit @25 (sinceUnixMs :Int64, afterSeq :UInt64, app :Text, actions :List(Text), limit :UInt32)
+      -> (lines :List(Text), lastSeq :UInt64, more :Bool);
+  # The audit trail, oldest first: lines at or after sinceUnixMs (0 = any)
+  # and after afterSeq (the follow cursor), of app ("" = any), whose action
+  # is or is under one of actions (empty = all); at most limit lines (capped
+  # at 5000); more when others matched.
 }
 
 interface App {
