@@ -330,7 +330,7 @@ impl Collector for StateCollector {
             encode_gauges(
                 &mut encoder,
                 "miren_runners",
-                "Runners by state (ready, cordoned, down)",
+                "Runners by state (ready, cordoned, down).",
                 counts.map(|(s, n)| (StateLabel { state: s }, n)),
             )?;
         }
@@ -346,7 +346,7 @@ impl Collector for StateCollector {
             encode_gauges(
                 &mut encoder,
                 "miren_sandboxes",
-                "Sandboxes the coordinator placed, by the state their runner last reported",
+                "Sandboxes the coordinator placed, by the state their runner last reported.",
                 counts
                     .into_iter()
                     .map(|(s, n)| (StateLabel { state: s }, n)),
@@ -365,7 +365,7 @@ impl Collector for StateCollector {
             g.set(secs);
             g.encode(encoder.encode_descriptor(
                 "miren_signing_key_rotation_seconds",
-                "Seconds until the active signing key is replaced (negative: overdue)",
+                "Seconds until the active signing key is replaced (negative: overdue).",
                 None,
                 g.metric_type(),
             )?)?;
@@ -375,7 +375,7 @@ impl Collector for StateCollector {
             encode_gauges(
                 &mut encoder,
                 "miren_certificate_expiry_seconds",
-                "Seconds until the certificate the listeners present expires",
+                "Seconds until the certificate the listeners present expires.",
                 certs
                     .into_iter()
                     .map(|(c, not_after)| (CertLabel { certificate: c }, not_after - now)),
