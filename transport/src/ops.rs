@@ -130,8 +130,10 @@ pub fn encode(registries: &[Arc<Registry>]) -> Result<String, std::fmt::Error> {
 }
 
 async fn metrics(registries: Arc<Vec<Arc<Registry>>>) -> Response {
-    match encode(&registries) {
-        Ok(text) => {
+    // Collectors may read the store: off the async workers.
+    let encoded = tokio::task::spawn_blocking(move || encode(&registries)).await;
+    match encoded {
+        Ok(Ok(text)) => {
             let mut r = (StatusCode::OK, text).into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -141,7 +143,7 @@ async fn metrics(registries: Arc<Vec<Arc<Registry>>>) -> Response {
             );
             r
         }
-        Err(_) => json(
+        Ok(Err(_)) | Err(_) => json(
             500,
             serde_json::json!({ "error": "could not encode the metrics" }),
         ),
