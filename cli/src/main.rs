@@ -69,6 +69,8 @@ enum Command {
     /// Workload identity: signing keys and tokens.
     #[command(subcommand)]
     Identity(cmd::identity::IdentityCmd),
+    /// The audit trail: tokens, CI logins, joins, keys, bindings, routes, admin changes.
+    Audit(cmd::audit::AuditArgs),
     /// (internal) First process inside an isolated sandbox.
     #[command(hide = true)]
     SandboxShim {
@@ -113,6 +115,7 @@ fn main() {
         Command::Cluster(c) => cmd::cluster::run(c, cli.cluster.as_deref()),
         Command::Runner(r) => cmd::runner::run(r, cli.cluster.as_deref()),
         Command::Identity(c) => cmd::identity::run(c, cli.cluster.as_deref()),
+        Command::Audit(a) => cmd::audit::run(a, cli.cluster.as_deref()),
         Command::SandboxShim {
             token_socket,
             app_socket,

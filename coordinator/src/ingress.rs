@@ -338,6 +338,7 @@ async fn proxy(
     };
     strip_client_headers(req.headers_mut(), filter);
     let app = route.app.clone();
+    crate::metrics::note_ingress_app(&app);
     let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
     let mut response_headers = Vec::new();
     match (&route.oidc, labs) {
@@ -660,14 +661,15 @@ pub async fn serve(
             );
             async move {
                 let service = hyper::service::service_fn(move |req| {
-                    proxy(
+                    let answer = proxy(
                         state.clone(),
                         streams.clone(),
                         counter.clone(),
                         remote,
                         secure,
                         req,
-                    )
+                    );
+                    crate::metrics::observe_ingress(state.observe.clone(), answer)
                 });
                 if let Err(e) = http
                     .serve_connection(TokioIo::new(conn), service)

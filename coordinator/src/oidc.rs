@@ -40,6 +40,8 @@ pub struct OidcVerifier {
     pub client: crate::outbound::Outbound,
     audiences: Vec<String>,
     issuers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<IssuerEntry>>>>,
+    /// Counts issuer document fetches.
+    observe: Arc<crate::observe::Observe>,
 }
 
 fn denied(msg: impl std::fmt::Display) -> String {
@@ -104,7 +106,13 @@ impl OidcVerifier {
             client,
             audiences,
             issuers: Mutex::new(HashMap::new()),
+            observe: Arc::new(crate::observe::Observe::disabled()),
         })
+    }
+
+    /// Counts fetches in `observe`.
+    pub fn observed(self, observe: Arc<crate::observe::Observe>) -> Self {
+        OidcVerifier { observe, ..self }
     }
 
     /// GETs `url` (5 s, 1 MiB cap, no redirects) and returns the body.
@@ -123,10 +131,17 @@ impl OidcVerifier {
     }
 
     async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, String> {
-        let doc = self.get_json(&issuer.discovery_url()).await?;
-        let doc = DiscoveryDocument::parse_for_issuer(&doc, issuer).map_err(|e| e.to_string())?;
-        let jwks = self.get_json(&doc.jwks_uri).await?;
-        KeySet::from_jwks_json(&jwks).map_err(|e| format!("JWKS of {}: {e}", issuer.as_str()))
+        let doc = self.get_json(&issuer.discovery_url()).await;
+        let doc = doc.and_then(|d| {
+            DiscoveryDocument::parse_for_issuer(&d, issuer).map_err(|e| e.to_string())
+        });
+        self.observe.issuer_fetch("discovery", doc.is_ok());
+        let jwks = self.get_json(&doc?.jwks_uri).await;
+        let keys = jwks.and_then(|j| {
+            KeySet::from_jwks_json(&j).map_err(|e| format!("JWKS of {}: {e}", issuer.as_str()))
+        });
+        self.observe.issuer_fetch("jwks", keys.is_ok());
+        keys
     }
 
     /// How many times the keys of `issuer` were fetched (for tests/metrics).

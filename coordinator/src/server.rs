@@ -84,6 +84,12 @@ pub struct CoordinatorOptions {
     /// Requests one app may have in flight on one runner through the
     /// ingress (see [`crate::runner_streams`]).
     pub ingress_streams_per_app: usize,
+    /// TCP address of the plain-HTTP metrics listener (`/metrics`,
+    /// `/healthz`, `/readyz`), if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Count metrics and write the audit trail (off only to measure what
+    /// they cost).
+    pub observe: bool,
 }
 
 /// Open files the coordinator needs besides its HTTP connections (store,
@@ -104,6 +110,8 @@ pub struct Coordinator {
     ingress_https: Option<tokio::net::TcpListener>,
     http_limits: crate::accept::ListenerLimits,
     ingress_streams_per_app: usize,
+    metrics: Option<tokio::net::TcpListener>,
+    registry: Arc<prometheus_client::registry::Registry>,
     server_cert: ServerCert,
 }
 
@@ -236,7 +244,11 @@ impl Coordinator {
         log_server_cert_change(material.server_change, &material.server);
         let now = now_unix();
         let keys = KeyRing::load(&material.dir.join("keys"), now)?;
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&material.dir.join("store.redb"))?);
+        let observe = crate::observe::start(&material.dir, &opts)?;
+        let store: Arc<dyn Store> = crate::observe::metered_store(
+            Arc::new(RedbStore::open(&material.dir.join("store.redb"))?),
+            &observe,
+        );
 
         let ca_der = material.ca.cert_der().clone();
         let (chain, key) = server_chain(&material.server, &material.ca)?;
@@ -283,6 +295,7 @@ impl Coordinator {
             .transpose()
         };
         let http = bind_ingress(opts.http_listen, "HTTP", "--http-listen")?;
+        let metrics = bind_ingress(opts.metrics_listen, "metrics", "--metrics-listen")?;
         let ingress_https =
             bind_ingress(opts.ingress_https_listen, "HTTPS", "--ingress-https-listen")?;
         let https_tls = match (&opts.https_cert, &opts.https_key) {
@@ -313,21 +326,28 @@ impl Coordinator {
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
             registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
-            apps: Arc::new(crate::apps::Apps::new(
-                store.clone(),
-                &material.dir,
-                tokio::runtime::Handle::current(),
-            )?),
+            apps: Arc::new(
+                crate::apps::Apps::new(
+                    store.clone(),
+                    &material.dir,
+                    tokio::runtime::Handle::current(),
+                )?
+                .observed(observe.clone()),
+            ),
             rt: tokio::runtime::Handle::current(),
             labs: opts.labs.clone(),
-            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
+            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?
+                .observed(observe.clone()),
             ci: crate::ci::CiBindings::load(store.clone(), outbound.clone())?,
-            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?,
+            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?
+                .observed(observe.clone()),
             store,
             ca: material.ca,
             address: address.clone(),
             build: opts.build.clone(),
+            observe,
         });
+        let registry = crate::observe::registry(&state, &material.server.cert_pem, &opts)?;
         let ca_pem = state.ca.cert_pem().to_string();
         let server_cert = ServerCert {
             dir: material.dir.clone(),
@@ -359,7 +379,45 @@ impl Coordinator {
             server_cert,
             http_limits: opts.http_limits,
             ingress_streams_per_app: opts.ingress_streams_per_app,
+            metrics,
+            registry,
         })
+    }
+
+    /// The TCP address of the metrics listener, if it listens.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// This coordinator's metrics (`--dev` serves them with its runner's).
+    pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
+        self.registry.clone()
+    }
+
+    /// This coordinator's readiness checks.
+    pub fn readiness(&self) -> transport::ops::Readiness {
+        crate::health::readiness(&self.state)
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` of these registries and
+    /// checks on the metrics listener (`--dev` adds its runner's); without
+    /// `--metrics-listen`, nothing.
+    pub fn serve_metrics_with(
+        &mut self,
+        mut registries: Vec<Arc<prometheus_client::registry::Registry>>,
+        mut checks: Vec<transport::ops::Readiness>,
+    ) {
+        let Some(listener) = self.metrics.take() else {
+            return;
+        };
+        registries.insert(0, self.registry.clone());
+        checks.insert(0, self.readiness());
+        let stop = self.state.clone();
+        tokio::spawn(transport::ops::serve(
+            listener,
+            transport::ops::router(registries, checks),
+            async move { stop.observe.stopped().await },
+        ));
     }
 
     /// `host:port;sha1:<fingerprint>` of this cluster.
@@ -424,12 +482,15 @@ impl Coordinator {
 
     /// Serves until `shutdown` resolves, then closes every connection and
     /// waits (briefly) for them to drain.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let pool = LocalPool::new(workers);
         let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
+        let key_watch = tokio::spawn(crate::observe::watch_keys_forever(self.state.clone()));
+        // Unless `--dev` already started it with its runner's metrics.
+        self.serve_metrics_with(vec![], vec![]);
         let renewal = tokio::spawn(renew_server_cert_forever(
             self.state.clone(),
             self.server_cert,
@@ -439,7 +500,7 @@ impl Coordinator {
         let https = tokio::spawn(crate::https::serve(
             self.https,
             self.https_tls,
-            crate::https::router(self.state.clone()),
+            crate::health::with_health(crate::https::router(self.state.clone()), &self.state),
             self.http_limits,
             async move {
                 let _ = https_stopped.await;
@@ -466,6 +527,7 @@ impl Coordinator {
             ));
         }
         tokio::pin!(shutdown);
+        self.state.observe.set_listening(true);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -501,8 +563,11 @@ impl Coordinator {
                 }
             }
         }
+        self.state.observe.set_listening(false);
         rotation.abort();
         renewal.abort();
+        key_watch.abort();
+        self.state.observe.stop();
         let _ = stop_https.send(());
         let _ = stop_http.send(true);
         let _ = https.await;

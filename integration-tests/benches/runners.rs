@@ -857,6 +857,7 @@ fn swarm_main() -> anyhow::Result<()> {
                 isolation: "none".into(),
                 token_file_ttl: 3600,
                 token_misses: Default::default(),
+                metrics: runner::metrics::Metrics::new(true),
                 sandbox_limits: Default::default(),
             };
             tasks.push(tokio::task::spawn_local(async move {

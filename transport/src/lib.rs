@@ -3,13 +3,15 @@
 //! This crate knows how peers reach and authenticate each other, never what
 //! they say: it does not know the coordinator or the runner. Pinning of the
 //! cluster CA by fingerprint lives in [`tls`], certificate issuance in [`pki`],
-//! dialing and listening in [`endpoint`], and the RPC plumbing in [`rpc`].
+//! dialing and listening in [`endpoint`], the RPC plumbing in [`rpc`], and the
+//! operations endpoints (metrics, health) both sides serve in [`ops`].
 
 pub mod build_info;
 pub mod clock;
 pub mod close;
 pub mod endpoint;
 pub mod files;
+pub mod ops;
 pub mod peer;
 pub mod pki;
 pub mod rlimit;

@@ -94,6 +94,13 @@ pub struct ServerArgs {
     /// Requests one app may have in flight on one runner through the ingress (tests lower it).
     #[arg(long, hide = true, default_value_t = coordinator::runner_streams::STREAMS_PER_APP, value_parser = positive_count)]
     ingress_streams_per_app: usize,
+    /// TCP address of the plain-HTTP metrics listener: /metrics
+    /// (Prometheus), /healthz, /readyz (default: off; 127.0.0.1:0 with --dev).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Count no metrics and write no audit trail (to measure their cost).
+    #[arg(long, hide = true)]
+    no_observe: bool,
 }
 
 /// A whole number above zero.
@@ -147,7 +154,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         .cluster_name
         .clone()
         .or_else(|| args.dev.then(|| "dev".to_string()));
-    let coordinator = Coordinator::start(CoordinatorOptions {
+    let mut coordinator = Coordinator::start(CoordinatorOptions {
         build: crate::build_info(),
         data_dir: data_dir.clone(),
         listen,
@@ -182,6 +189,10 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             max_connections_per_source: args.http_max_connections_per_ip,
         },
         ingress_streams_per_app: args.ingress_streams_per_app,
+        metrics_listen: args
+            .metrics_listen
+            .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
+        observe: !args.no_observe,
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();
@@ -229,6 +240,10 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     if let Some(a) = coordinator.ingress_https_addr() {
         println!("HTTPS ingress: https://{a}");
     }
+    match coordinator.metrics_addr() {
+        Some(a) => println!("Metrics: http://{a}/metrics (also /healthz, /readyz)"),
+        None => println!("Metrics: off (--metrics-listen ADDR)"),
+    }
     println!("Data dir: {}", data_dir.display());
     println!(
         "Client config: {} (cluster {name:?} with the admin identity{})",
@@ -251,6 +266,15 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     // --dev: one runner in this process, joined through the same code path
     // as any other runner (a join code, a CSR, mTLS afterwards).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner_metrics = runner::metrics::Metrics::new(!args.no_observe);
+    if args.dev {
+        // One metrics listener for both: the runner's series and readiness
+        // next to the coordinator's.
+        coordinator.serve_metrics_with(
+            vec![runner_metrics.registry()],
+            vec![runner_metrics.readiness()],
+        );
+    }
     let dev_runner = if args.dev {
         let runner_dir = data_dir.join("runner");
         let join = if runner_dir.join("runner.json").exists() {
@@ -268,6 +292,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             token_file_ttl: 3600,
             sandbox_limits: runner::limits::Limits::default(),
             token_misses: Default::default(),
+            metrics: runner_metrics,
         };
         let mut stop = stop_rx.clone();
         Some(std::thread::spawn(move || {
