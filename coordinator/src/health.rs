@@ -142,14 +142,19 @@ mod tests {
             "{body}"
         );
 
-        // A key ring whose only key activates later has no active key.
+        // A clock stepped back before the only key's activation still
+        // leaves a signing key (the clock-back rule), so still ready.
         let keys = dir.path().join("keys");
         crate::keyring::KeyRing::init(&keys, 1_000_000).unwrap();
         let ring = std::sync::RwLock::new(crate::keyring::KeyRing::load(&keys, 1_000_000).unwrap());
         assert_eq!(probe_keys(&ring, 1_000_000), Ok(()));
-        let early = probe_keys(&ring, 10);
-        assert!(early.is_err());
-        let (status, body) = transport::ops::verdict(&coordinator_checks(Ok(()), early, true));
+        assert_eq!(probe_keys(&ring, 10), Ok(()));
+        // A key ring that cannot sign is not ready.
+        let (status, body) = transport::ops::verdict(&coordinator_checks(
+            Ok(()),
+            Err("no active signing key".into()),
+            true,
+        ));
         assert_eq!(status, 503);
         assert!(
             body["reason"].as_str().unwrap().starts_with("signing key:"),
