@@ -192,6 +192,11 @@ impl Observe {
             .store(https_not_after.unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// Records a renewed server certificate's expiry.
+    pub fn set_server_certificate(&self, not_after: i64) {
+        self.server_cert_not_after.store(not_after, Ordering::Relaxed);
+    }
+
     /// `(certificate, not_after)` of what is known.
     pub fn certificate_expiries(&self) -> Vec<(&'static str, i64)> {
         [

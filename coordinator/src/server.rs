@@ -713,11 +713,13 @@ async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert) {
             server_chain(&pem, &state.ca).and_then(|(chain, key)| Ok(slot.replace(chain, key)?));
         match installed {
             Ok(()) => {
+                let expires = pki::not_after_unix(&pem.cert_pem).unwrap_or_default();
                 tracing::info!(
                     expired,
-                    expires_unix = pki::not_after_unix(&pem.cert_pem).unwrap_or_default(),
+                    expires_unix = expires,
                     "server certificate renewed with the same CA; new handshakes present it"
                 );
+                state.observe.set_server_certificate(expires);
                 current = pem;
             }
             Err(e) => tracing::error!("the renewed server certificate could not be served: {e}"),
