@@ -194,7 +194,8 @@ impl Observe {
 
     /// Records a renewed server certificate's expiry.
     pub fn set_server_certificate(&self, not_after: i64) {
-        self.server_cert_not_after.store(not_after, Ordering::Relaxed);
+        self.server_cert_not_after
+            .store(not_after, Ordering::Relaxed);
     }
 
     /// `(certificate, not_after)` of what is known.
