@@ -8,6 +8,7 @@
 #   Node.js + integration-tests/node (npm ci): oidc-provider, a certified
 #                OpenID provider for the route OIDC journeys, and playwright-core
 #   chromium   - Debian's, driven headless by playwright-core for the browser login
+#   prometheus - Debian's, scrapes the coordinator and a runner in the observability journey
 #
 # Then: cargo test --workspace (unit tests and the journeys on real processes).
 set -euo pipefail
@@ -21,6 +22,7 @@ command -v ip >/dev/null || apt_missing+=(iproute2)
 command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
 command -v npm >/dev/null || apt_missing+=(nodejs npm)
 command -v chromium >/dev/null || apt_missing+=(chromium)
+[ -x /usr/bin/prometheus ] || apt_missing+=(prometheus)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then

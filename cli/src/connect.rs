@@ -62,6 +62,17 @@ impl Session {
         })
     }
 
+    /// `notAfter` (Unix seconds) of the server certificate this connection's
+    /// handshake presented, as every client verifies it.
+    pub fn server_cert_not_after(&self) -> Option<i64> {
+        let any = self.conn.peer_identity()?;
+        let chain = any
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        let leaf = chain.first()?;
+        pki::validity_of_der(leaf.as_ref()).ok().map(|(_, end)| end)
+    }
+
     /// The admin capability; fails unless this session holds the admin identity.
     pub async fn admin(&self) -> anyhow::Result<admin::Client> {
         if self.target.identity.is_none() && crate::ci::in_ci() {

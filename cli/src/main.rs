@@ -11,10 +11,29 @@ mod pack;
 
 use clap::{Parser, Subcommand};
 
+/// What this binary is (see `build.rs`).
+pub fn build_info() -> transport::build_info::BuildInfo {
+    transport::build_info::BuildInfo {
+        version: env!("MIREN_BUILD_VERSION").into(),
+        commit: env!("MIREN_BUILD_COMMIT").into(),
+        date: env!("MIREN_BUILD_DATE").into(),
+    }
+}
+
+/// `--version`: the same line as `miren version`.
+const LONG_VERSION: &str = concat!(
+    env!("MIREN_BUILD_VERSION"),
+    " (commit ",
+    env!("MIREN_BUILD_COMMIT"),
+    ", built ",
+    env!("MIREN_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "miren",
-    version,
+    version = LONG_VERSION,
     about = "A cluster runtime whose heart is identity"
 )]
 struct Cli {
@@ -28,7 +47,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a coordinator (the cluster's CA, signing keys and store).
-    Server(cmd::server::ServerArgs),
+    Server(Box<cmd::server::ServerArgs>),
     /// Pack the app in a directory, upload it and roll it out.
     Deploy(cmd::app::DeployArgs),
     /// Authentication: CI pipelines that may deploy apps.
@@ -50,6 +69,8 @@ enum Command {
     /// Workload identity: signing keys and tokens.
     #[command(subcommand)]
     Identity(cmd::identity::IdentityCmd),
+    /// The audit trail: tokens, CI logins, joins, keys, bindings, routes, admin changes.
+    Audit(cmd::audit::AuditArgs),
     /// (internal) First process inside an isolated sandbox.
     #[command(hide = true)]
     SandboxShim {
@@ -66,6 +87,11 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Print the version, git commit and build date of this binary.
+    Version {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: output::Format,
+    },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
 }
@@ -80,7 +106,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Server(args) => cmd::server::run(args),
+        Command::Server(args) => cmd::server::run(*args),
         Command::Deploy(d) => cmd::app::deploy(d, cli.cluster.as_deref()),
         Command::Auth(a) => cmd::auth::run(a, cli.cluster.as_deref()),
         Command::Logs(l) => cmd::app::logs(l, cli.cluster.as_deref()),
@@ -89,6 +115,7 @@ fn main() {
         Command::Cluster(c) => cmd::cluster::run(c, cli.cluster.as_deref()),
         Command::Runner(r) => cmd::runner::run(r, cli.cluster.as_deref()),
         Command::Identity(c) => cmd::identity::run(c, cli.cluster.as_deref()),
+        Command::Audit(a) => cmd::audit::run(a, cli.cluster.as_deref()),
         Command::SandboxShim {
             token_socket,
             app_socket,
@@ -104,6 +131,18 @@ fn main() {
             token_port,
             command.join(" "),
         )),
+        Command::Version { output } => {
+            let b = build_info();
+            match output {
+                output::Format::Json => output::json(&serde_json::json!({
+                    "version": b.version, "commit": b.commit, "date": b.date,
+                })),
+                output::Format::Table => {
+                    println!("miren {b}");
+                    Ok(())
+                }
+            }
+        }
         Command::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "miren", &mut std::io::stdout());

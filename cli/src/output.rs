@@ -153,6 +153,39 @@ fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Prints rows without a header (what `-f` adds under a table), every
+/// cell escaped like [`table`]'s.
+pub fn table_rows(rows: &[Vec<String>]) {
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .map(|c| escape(c, Tabs::Escape).into_owned())
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+}
+
+/// One JSON value on one line (JSON Lines), escaped like [`json`].
+pub fn json_line(value: &serde_json::Value) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, SafeCompactJson);
+    value.serialize(&mut ser)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// serde_json's compact formatter with [`SafeJson`]'s string escaping.
+struct SafeCompactJson;
+
+impl serde_json::ser::Formatter for SafeCompactJson {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        SafeJson(serde_json::ser::PrettyFormatter::new()).write_string_fragment(w, fragment)
+    }
+}
+
 /// Prints a JSON value, pretty. Output stays JSON (the same value parses
 /// back), but the characters [`terminal_safe`] escapes and serde_json
 /// leaves raw (DEL, C1 controls, bidi controls, U+2028/U+2029) are written

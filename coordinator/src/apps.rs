@@ -204,6 +204,8 @@ pub struct Apps {
     rt: tokio::runtime::Handle,
     artifacts: ArtifactStore,
     reports: Mutex<HashMap<String, SandboxReport>>,
+    /// Counts rollouts.
+    observe: Arc<crate::observe::Observe>,
 }
 
 impl Apps {
@@ -231,6 +233,7 @@ impl Apps {
             rt,
             artifacts,
             reports: Mutex::new(HashMap::new()),
+            observe: Arc::new(crate::observe::Observe::disabled()),
         };
         match apps.apps() {
             Ok(all) => {
@@ -362,6 +365,21 @@ impl Apps {
             .into_iter()
             .map(|(k, v)| decode(&k, &v).map_err(AppError::from))
             .collect()
+    }
+
+    /// Counts rollouts in `observe`.
+    pub fn observed(self, observe: Arc<crate::observe::Observe>) -> Self {
+        Apps { observe, ..self }
+    }
+
+    /// The last reported state of every placed sandbox (`""` before its
+    /// first report), for the metrics.
+    pub fn sandbox_states(&self) -> Result<Vec<String>, AppError> {
+        Ok(self
+            .sandboxes()?
+            .iter()
+            .map(|s| self.report_of(&s.id).state)
+            .collect())
     }
 
     pub fn sandboxes(&self) -> Result<Vec<SandboxRecord>, AppError> {
@@ -548,6 +566,7 @@ impl Apps {
             let outcome = me
                 .roll_out(&registry, &app, &version, &artifact, &services, &issuer_url)
                 .await;
+            me.observe.rollout(&outcome);
             let (state, message) = match &outcome {
                 Ok(_) => ("active", String::new()),
                 Err(e) => ("failed", e.clone()),

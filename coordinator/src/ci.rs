@@ -4,12 +4,18 @@
 //! Records live in the store (`binding/<id>`); the compiled
 //! [`identity::BindingSet`] kept in memory answers "which issuers do we
 //! trust" and "does this token match a binding of this app" without a store
-//! read. Issuers on loopback or private addresses are refused unless the
-//! server allows them (`--oidc-allow-loopback-issuers`, for tests).
+//! read. An issuer whose host is an IP literal (or `localhost`) the
+//! outbound policy refuses is refused here already, with the flag that
+//! would allow it (`--oidc-allow-loopback-issuers` for loopback, for tests;
+//! `--outbound-allow CIDR` for the rest); names are judged when they are
+//! resolved, at every fetch (`crate::outbound`).
 
 use std::sync::{Arc, RwLock};
 
-use identity::bindings::{issuer_host_is_private_or_loopback, Binding, BindingSet};
+use identity::bindings::{issuer_literal_address, Binding, BindingSet};
+use identity::{AddressPolicy, Refused};
+
+use crate::outbound::AllowedBy;
 
 use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
 
@@ -18,8 +24,11 @@ use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
 pub enum CiError {
     #[error("{0}")]
     Invalid(String),
-    #[error("issuer {0} is on a loopback or private address; such issuers are refused unless the server runs with --oidc-allow-loopback-issuers")]
-    PrivateIssuer(String),
+    #[error(
+        "issuer {issuer} is on a {} address ({}); such issuers are refused unless the server runs with {}",
+        .refused.class, .refused.ip, AllowedBy(*.refused)
+    )]
+    PrivateIssuer { issuer: String, refused: Refused },
     #[error("no CI authentication binding {0} (see `miren auth ci list -a APP`)")]
     NotFound(String),
     #[error(transparent)]
@@ -30,12 +39,13 @@ pub enum CiError {
 pub struct CiBindings {
     store: Arc<dyn Store>,
     set: RwLock<BindingSet>,
-    allow_loopback: bool,
+    outbound: AddressPolicy,
 }
 
 impl CiBindings {
-    /// Loads every stored binding.
-    pub fn load(store: Arc<dyn Store>, allow_loopback: bool) -> Result<Self, CiError> {
+    /// Loads every stored binding; `outbound` judges the issuers of new ones
+    /// (stored ones are judged at every fetch).
+    pub fn load(store: Arc<dyn Store>, outbound: AddressPolicy) -> Result<Self, CiError> {
         let mut bindings = Vec::new();
         for (k, v) in store.scan("binding/")? {
             let b: Binding = crate::store::decode(&k, &v)?;
@@ -46,7 +56,7 @@ impl CiBindings {
         Ok(CiBindings {
             store,
             set: RwLock::new(set),
-            allow_loopback,
+            outbound,
         })
     }
 
@@ -59,8 +69,13 @@ impl CiBindings {
         let issuer = binding
             .issuer_url()
             .map_err(|e| CiError::Invalid(e.to_string()))?;
-        if !self.allow_loopback && issuer_host_is_private_or_loopback(&issuer) {
-            return Err(CiError::PrivateIssuer(binding.issuer.clone()));
+        if let Some(ip) = issuer_literal_address(&issuer) {
+            self.outbound
+                .check(ip)
+                .map_err(|refused| CiError::PrivateIssuer {
+                    issuer: binding.issuer.clone(),
+                    refused,
+                })?;
         }
         crate::apps::check_app_name(&binding.app).map_err(|e| CiError::Invalid(e.to_string()))?;
         let key = format!("binding/{}", binding.id);
@@ -145,12 +160,13 @@ impl CiBindings {
 mod tests {
     use super::*;
     use crate::store::RedbStore;
+    use identity::AddressClass;
 
     #[test]
     fn bindings_survive_reload_and_private_issuers_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
-        let ci = CiBindings::load(store.clone(), false).unwrap();
+        let ci = CiBindings::load(store.clone(), AddressPolicy::default()).unwrap();
         let b = Binding::github("x", "web", "acme/web", None, None, None, "").unwrap();
         let id = ci.add(b).unwrap();
         assert_eq!(ci.for_app("web").len(), 1);
@@ -163,15 +179,43 @@ mod tests {
             "",
         )
         .unwrap();
-        assert!(matches!(
-            ci.add(local.clone()),
-            Err(CiError::PrivateIssuer(_))
-        ));
-        let again = CiBindings::load(store.clone(), true).unwrap();
+        let refused = ci.add(local.clone()).unwrap_err();
+        assert!(
+            matches!(&refused, CiError::PrivateIssuer { refused, .. }
+                if refused.class == AddressClass::Loopback),
+            "{refused:?}"
+        );
+        assert!(refused
+            .to_string()
+            .contains("--oidc-allow-loopback-issuers"));
+        // The loopback flag does not open the private network or the
+        // metadata endpoint; the allow-list does.
+        let lan =
+            Binding::generic("x", "web", "https://10.1.2.3", "repo:acme/*", vec![], "").unwrap();
+        let loopback_only =
+            CiBindings::load(store.clone(), AddressPolicy::new(true, vec![])).unwrap();
+        let refused = loopback_only.add(lan.clone()).unwrap_err();
+        assert!(
+            refused.to_string().contains("--outbound-allow 10.1.2.3"),
+            "{refused}"
+        );
+        let listed = CiBindings::load(
+            store.clone(),
+            AddressPolicy::new(false, vec!["10.1.0.0/16".parse().unwrap()]),
+        )
+        .unwrap();
+        let lan_id = listed.add(lan).unwrap();
+        listed.remove(&lan_id).unwrap();
+        let again = CiBindings::load(store.clone(), AddressPolicy::new(true, vec![])).unwrap();
         assert_eq!(again.for_app("web")[0].id, id);
         assert!(again.add(local).is_ok());
         assert_eq!(again.remove(&id).unwrap().id, id);
         assert!(matches!(again.remove(&id), Err(CiError::NotFound(_))));
-        assert_eq!(CiBindings::load(store, true).unwrap().len(), 1);
+        assert_eq!(
+            CiBindings::load(store, AddressPolicy::new(true, vec![]))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

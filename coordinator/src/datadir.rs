@@ -15,10 +15,20 @@
 //! Every file is written to a temporary name, synced and renamed, so a crash
 //! leaves either the old or the new file. A directory with material but no
 //! `cluster.json` is half-written and is refused, never silently regenerated.
+//!
+//! The server certificate is the one thing the coordinator issues again by
+//! itself, because nothing pins it (clients pin the CA): when the `--name`s
+//! change, when a third of its lifetime is left (at start here, and while
+//! running from [`crate::server`] through [`renew_server_certificate`]), and
+//! when `server.key` does not match `server.crt`. The key is written before
+//! the certificate, so a crash between the two leaves exactly that mismatch,
+//! and the next start issues a fresh pair with the same CA (logged). A file
+//! that does not parse is still refused like any other.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use identity::renewal::{self, Renewal};
 use serde::{Deserialize, Serialize};
 use transport::files;
 use transport::pki::{self, CertifiedPem, ClusterCa};
@@ -49,6 +59,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
     }
 }
 
+/// Lifetime of an admin certificate unless asked for less: the operator's
+/// root credential (never past the CA's end, which is as long).
+pub const ADMIN_CERT_LIFETIME: time::Duration = time::Duration::days(3650);
+
 /// `cluster.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterMeta {
@@ -63,7 +77,35 @@ pub struct Material {
     pub meta: ClusterMeta,
     pub ca: ClusterCa,
     pub server: CertifiedPem,
+    /// What happened to the server certificate while opening.
+    pub server_change: ServerCertChange,
     pub admin: CertifiedPem,
+}
+
+/// What opening the data dir did to the server certificate (for the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerCertChange {
+    /// Kept as it was.
+    Kept,
+    /// Kept although it is due: the CA ends first, so a new one would not
+    /// last longer.
+    KeptCaEnds { ca_not_after: i64 },
+    /// Issued because there was none or the `--name`s changed.
+    Issued,
+    /// Issued because `server.key` did not match `server.crt`: an earlier
+    /// renewal stopped between writing the two.
+    Repaired,
+    /// Renewed: at most a third of its lifetime was left.
+    Renewed { old_not_after: i64, expired: bool },
+}
+
+/// How the coordinator issues and renews its server certificate.
+#[derive(Debug, Clone)]
+pub struct ServerCertPolicy {
+    /// Names (DNS or IP) the certificate carries.
+    pub names: Vec<String>,
+    /// Lifetime of a new certificate; renewed with a third of it left.
+    pub lifetime: time::Duration,
 }
 
 /// Files whose presence without `cluster.json` means an interrupted init.
@@ -104,13 +146,15 @@ fn read_text(path: &Path, marker: &Path) -> Result<String, DataDirError> {
 
 /// Opens an initialised data dir, or initialises an empty one.
 ///
-/// `server_names` are the SANs the server certificate must carry; when they
-/// differ from the ones it was issued for, a new one is issued by the same CA
-/// (the cluster fingerprint does not change).
+/// `server.names` are the SANs the server certificate must carry; when they
+/// differ from the ones it was issued for, or it is due for renewal at
+/// `now`, a new one is issued by the same CA (the cluster fingerprint does
+/// not change).
 pub fn open_or_init(
     dir: &Path,
     cluster_name: &str,
-    server_names: &[String],
+    server: &ServerCertPolicy,
+    now: i64,
 ) -> Result<Material, DataDirError> {
     ensure_private_dir(dir)?;
     let marker = dir.join("cluster.json");
@@ -128,7 +172,7 @@ pub fn open_or_init(
         }
         init(dir, cluster_name)?;
     }
-    load(dir, server_names)
+    load(dir, server, now)
 }
 
 fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
@@ -136,7 +180,7 @@ fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
     write_atomic(&dir.join("ca.key"), ca.key_pem.as_bytes(), 0o600)?;
     write_atomic(&dir.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
     let loaded = ClusterCa::load(&ca.cert_pem, &ca.key_pem)?;
-    let admin = loaded.issue_client("admin-operator", time::Duration::days(3650))?;
+    let admin = loaded.issue_client("admin-operator", ADMIN_CERT_LIFETIME)?;
     write_atomic(&dir.join("admin.key"), admin.key_pem.as_bytes(), 0o600)?;
     write_atomic(&dir.join("admin.crt"), admin.cert_pem.as_bytes(), 0o644)?;
     crate::keyring::KeyRing::init(&dir.join("keys"), now_unix()).map_err(|e| {
@@ -157,7 +201,7 @@ fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
     write_atomic(&dir.join("cluster.json"), &json, 0o644)
 }
 
-fn load(dir: &Path, server_names: &[String]) -> Result<Material, DataDirError> {
+fn load(dir: &Path, policy: &ServerCertPolicy, now: i64) -> Result<Material, DataDirError> {
     let marker = dir.join("cluster.json");
     let corrupt = |path: &Path, reason: String| DataDirError::Corrupt {
         path: path.to_path_buf(),
@@ -185,50 +229,213 @@ fn load(dir: &Path, server_names: &[String]) -> Result<Material, DataDirError> {
     pki::key_der_from_pem(&admin.key_pem)
         .map_err(|e| corrupt(&dir.join("admin.key"), e.to_string()))?;
 
-    let server = server_certificate(dir, &ca, server_names)?;
+    let (server, server_change) = server_certificate(dir, &ca, policy, now)?;
     Ok(Material {
         dir: dir.to_path_buf(),
         meta,
         ca,
         server,
+        server_change,
         admin,
     })
 }
 
-/// Loads the server certificate, re-issuing it when the requested names
-/// changed or it is missing.
+/// Loads the server certificate, issuing a new one when the requested
+/// names changed, it is missing, its key does not match it, or it is due
+/// for renewal at `now`.
 fn server_certificate(
     dir: &Path,
     ca: &ClusterCa,
-    names: &[String],
-) -> Result<CertifiedPem, DataDirError> {
+    policy: &ServerCertPolicy,
+    now: i64,
+) -> Result<(CertifiedPem, ServerCertChange), DataDirError> {
     let names_path = dir.join("server.names");
     let crt = dir.join("server.crt");
     let key = dir.join("server.key");
-    let wanted = names.join("\n");
+    let wanted = policy.names.join("\n");
     let current = fs::read_to_string(&names_path).ok();
-    if current.as_deref() == Some(wanted.as_str()) && crt.exists() && key.exists() {
-        let marker = dir.join("cluster.json");
-        let pem = CertifiedPem {
-            cert_pem: read_text(&crt, &marker)?,
-            key_pem: read_text(&key, &marker)?,
-        };
-        pki::cert_der_from_pem(&pem.cert_pem).map_err(|e| DataDirError::Corrupt {
-            path: crt.clone(),
-            reason: e.to_string(),
-        })?;
-        pki::key_der_from_pem(&pem.key_pem).map_err(|e| DataDirError::Corrupt {
-            path: key.clone(),
-            reason: e.to_string(),
-        })?;
-        return Ok(pem);
+    if current.as_deref() != Some(wanted.as_str()) || !crt.exists() || !key.exists() {
+        let issued = renew_server_certificate(dir, ca, policy)?;
+        return Ok((issued, ServerCertChange::Issued));
     }
-    let issued = ca.issue_server(names)?;
-    write_atomic(&key, issued.key_pem.as_bytes(), 0o600)?;
-    write_atomic(&crt, issued.cert_pem.as_bytes(), 0o644)?;
-    write_atomic(&names_path, wanted.as_bytes(), 0o644)?;
+    let marker = dir.join("cluster.json");
+    let pem = CertifiedPem {
+        cert_pem: read_text(&crt, &marker)?,
+        key_pem: read_text(&key, &marker)?,
+    };
+    let corrupt = |path: &Path, reason: String| DataDirError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let cert_der =
+        pki::cert_der_from_pem(&pem.cert_pem).map_err(|e| corrupt(&crt, e.to_string()))?;
+    let key_der = pki::key_der_from_pem(&pem.key_pem).map_err(|e| corrupt(&key, e.to_string()))?;
+    match transport::tls::certified_key(vec![cert_der], key_der) {
+        Ok(_) => {}
+        Err(transport::tls::TlsConfigError::Rustls(rustls::Error::InconsistentKeys(_))) => {
+            let issued = renew_server_certificate(dir, ca, policy)?;
+            return Ok((issued, ServerCertChange::Repaired));
+        }
+        Err(e) => return Err(corrupt(&key, e.to_string())),
+    }
+    match server_renewal(&pem.cert_pem, ca, policy, now)
+        .map_err(|e| corrupt(&crt, e.to_string()))?
+    {
+        Renewal::Keep { .. } => Ok((pem, ServerCertChange::Kept)),
+        Renewal::LimitedByCa { ca_not_after } => {
+            Ok((pem, ServerCertChange::KeptCaEnds { ca_not_after }))
+        }
+        Renewal::Renew { expired, .. } => {
+            let old_not_after =
+                pki::not_after_unix(&pem.cert_pem).map_err(|e| corrupt(&crt, e.to_string()))?;
+            let issued = renew_server_certificate(dir, ca, policy)?;
+            Ok((
+                issued,
+                ServerCertChange::Renewed {
+                    old_not_after,
+                    expired,
+                },
+            ))
+        }
+    }
+}
+
+/// What [`identity::renewal::server_certificate`] says about `cert_pem` at
+/// `now`.
+pub fn server_renewal(
+    cert_pem: &str,
+    ca: &ClusterCa,
+    policy: &ServerCertPolicy,
+    now: i64,
+) -> Result<Renewal, pki::PkiError> {
+    Ok(renewal::server_certificate(
+        pki::not_after_unix(cert_pem)?,
+        now,
+        policy.lifetime.whole_seconds(),
+        ca.not_after_unix(),
+    ))
+}
+
+/// Issues a server certificate with a fresh key and writes it: key, then
+/// certificate, then the names (each atomically).
+pub fn renew_server_certificate(
+    dir: &Path,
+    ca: &ClusterCa,
+    policy: &ServerCertPolicy,
+) -> Result<CertifiedPem, DataDirError> {
+    let issued = ca.issue_server_for(&policy.names, policy.lifetime)?;
+    write_atomic(&dir.join("server.key"), issued.key_pem.as_bytes(), 0o600)?;
+    write_atomic(&dir.join("server.crt"), issued.cert_pem.as_bytes(), 0o644)?;
+    write_atomic(
+        &dir.join("server.names"),
+        policy.names.join("\n").as_bytes(),
+        0o644,
+    )?;
     Ok(issued)
 }
 
 /// Seconds since the Unix epoch, from the system clock.
 pub use transport::clock::now_unix;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(lifetime: time::Duration) -> ServerCertPolicy {
+        ServerCertPolicy {
+            names: vec!["127.0.0.1".into(), "localhost".into()],
+            lifetime,
+        }
+    }
+
+    fn year() -> ServerCertPolicy {
+        policy(pki::SERVER_CERT_LIFETIME)
+    }
+
+    fn not_after(dir: &Path) -> i64 {
+        pki::not_after_unix(&fs::read_to_string(dir.join("server.crt")).expect("crt")).expect("end")
+    }
+
+    #[test]
+    fn a_fresh_dir_issues_then_keeps_its_server_certificate() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let m = open_or_init(d.path(), "t", &year(), now_unix()).expect("init");
+        assert_eq!(m.server_change, ServerCertChange::Issued);
+        let m2 = open_or_init(d.path(), "t", &year(), now_unix()).expect("open");
+        assert_eq!(m2.server_change, ServerCertChange::Kept);
+        assert_eq!(m.server.cert_pem, m2.server.cert_pem);
+    }
+
+    #[test]
+    fn a_near_expiry_certificate_is_renewed_at_start_with_the_same_ca() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let m = open_or_init(d.path(), "t", &year(), now_unix()).expect("init");
+        let ca_before = fs::read(d.path().join("ca.crt")).expect("ca");
+        // What a year-old coordinator would hold: two days left.
+        let old =
+            m.ca.issue_server_for(&year().names, time::Duration::days(2))
+                .expect("short");
+        fs::write(d.path().join("server.key"), &old.key_pem).expect("key");
+        fs::write(d.path().join("server.crt"), &old.cert_pem).expect("crt");
+        let old_end = not_after(d.path());
+
+        let m = open_or_init(d.path(), "t", &year(), now_unix()).expect("open");
+        assert_eq!(
+            m.server_change,
+            ServerCertChange::Renewed {
+                old_not_after: old_end,
+                expired: false
+            }
+        );
+        assert_ne!(m.server.cert_pem, old.cert_pem);
+        assert_ne!(m.server.key_pem, old.key_pem);
+        assert!(not_after(d.path()) > old_end + 300 * 86_400);
+        assert_eq!(fs::read(d.path().join("ca.crt")).expect("ca"), ca_before);
+        assert_eq!(
+            fs::read_to_string(d.path().join("server.crt")).expect("crt"),
+            m.server.cert_pem
+        );
+    }
+
+    #[test]
+    fn the_decision_takes_now_from_the_caller() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let m = open_or_init(d.path(), "t", &year(), now_unix()).expect("init");
+        let end = not_after(d.path());
+        let days = |n: i64| n * 86_400;
+        assert!(matches!(
+            server_renewal(&m.server.cert_pem, &m.ca, &year(), end - days(122)),
+            Ok(Renewal::Keep { .. })
+        ));
+        assert!(matches!(
+            server_renewal(&m.server.cert_pem, &m.ca, &year(), end - days(121)),
+            Ok(Renewal::Renew { expired: false, .. })
+        ));
+        // Opened "four months before the end": renewed.
+        let m = open_or_init(d.path(), "t", &year(), end - days(100)).expect("open");
+        assert!(matches!(m.server_change, ServerCertChange::Renewed { .. }));
+    }
+
+    #[test]
+    fn an_interrupted_renewal_is_repaired_not_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let m = open_or_init(d.path(), "t", &year(), now_unix()).expect("init");
+        // The crash between the two writes: a new key beside the old cert.
+        let next = m.ca.issue_server(&year().names).expect("next");
+        write_atomic(&d.path().join("server.key"), next.key_pem.as_bytes(), 0o600).expect("key");
+        let m2 = open_or_init(d.path(), "t", &year(), now_unix()).expect("open");
+        assert_eq!(m2.server_change, ServerCertChange::Repaired);
+        transport::tls::certified_key(
+            vec![pki::cert_der_from_pem(&m2.server.cert_pem).expect("cert")],
+            pki::key_der_from_pem(&m2.server.key_pem).expect("key"),
+        )
+        .expect("the pair on disk matches again");
+        // A server certificate that does not parse is still refused.
+        fs::write(d.path().join("server.crt"), "garbage").expect("write");
+        let e = open_or_init(d.path(), "t", &year(), now_unix())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("server.crt"), "{e}");
+    }
+}

@@ -5,6 +5,8 @@
 //! QUIC listener unless `--https-listen` says otherwise. Paths are the
 //! issuer's path plus `/.well-known/openid-configuration` and
 //! `/.well-known/miren/jwks` (also at the root when the issuer has a path).
+//! Like every TCP listener of the coordinator it keeps the limits of
+//! [`crate::accept`]: anyone on the internet may connect here.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,13 +17,13 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use identity::documents::{DISCOVERY_PATH, JWKS_PATH, WORKLOAD_CLAIMS_SUPPORTED};
 use identity::{DiscoveryDocument, Jwks};
 use tokio::net::TcpListener;
 
+use crate::accept::ListenerLimits;
 use crate::datadir::now_unix;
 use crate::service::State;
 
@@ -105,26 +107,31 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("could not listen on TCP {addr} for HTTPS: {e} (use --https-listen to pick another address)"))
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` resolves.
+/// Serves `router` over TLS on `listener` until `shutdown` resolves, within
+/// `limits`. HTTP/1.1 only: hyper has no header timeout for HTTP/2, and its
+/// protocol sniffing (`auto`) runs before any timer does, while verifiers
+/// fetching two small documents gain nothing from HTTP/2.
 pub async fn serve(
     listener: TcpListener,
-    tls: rustls::ServerConfig,
+    mut tls: rustls::ServerConfig,
     router: Router,
+    limits: ListenerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let http = Arc::new(crate::accept::http1(&limits));
     crate::accept::accept_loop(
         "HTTPS",
         listener,
         Some(acceptor),
+        limits,
         shutdown,
         move |conn, remote| {
             let service = TowerToHyperService::new(router.clone());
+            let http = http.clone();
             async move {
-                if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(conn), service)
-                    .await
-                {
+                if let Err(e) = http.serve_connection(TokioIo::new(conn), service).await {
                     tracing::debug!(%remote, "HTTPS connection ended: {e}");
                 }
             }

@@ -10,6 +10,16 @@
 //! HTTPS listener's certificate); the scheme the client used is what the app
 //! sees in `X-Forwarded-Proto` and what route OIDC's cookies and callback
 //! URL follow.
+//!
+//! The forwarding headers an app sees are the ingress's own: whatever the
+//! client sent as `Forwarded`, `X-Forwarded-*`, `X-Real-IP` and the like (in
+//! any case, with `_` or `-`) is removed by the same filter that removes
+//! route OIDC's claim headers (`identity::headers::HeaderFilter`), and
+//! `X-Forwarded-For`, `-Proto` and `-Host` are set from what the coordinator
+//! saw. Every listener keeps the timeouts and connection caps of
+//! [`crate::accept`]; each request holds one stream to a runner, counted per
+//! runner and per app ([`crate::runner_streams`]), so an app whose requests
+//! are held gets 503 without taking its runner's other apps along.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,6 +36,10 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use identity::headers::HeaderFilter;
+
+use crate::accept::ListenerLimits;
+use crate::runner_streams::{StreamBudget, STREAM_OPEN_TIMEOUT};
 use crate::service::State;
 use crate::store::{Condition, Op, Outcome, Txn};
 
@@ -188,8 +202,98 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
     r
 }
 
+/// What the ingress listeners share: the limits of each connection and the
+/// count of streams held to each runner (one count for both listeners, as
+/// they draw on the same runners).
+#[derive(Debug, Clone)]
+pub struct IngressLimits {
+    pub listener: ListenerLimits,
+    pub streams: Arc<StreamBudget>,
+}
+
+impl Default for IngressLimits {
+    fn default() -> Self {
+        Self {
+            listener: ListenerLimits::default(),
+            streams: StreamBudget::for_runners(crate::runner_streams::STREAMS_PER_APP),
+        }
+    }
+}
+
+/// The forwarding headers' filter, built once.
+static FORWARDING: std::sync::LazyLock<HeaderFilter> =
+    std::sync::LazyLock::new(HeaderFilter::forwarding);
+
+/// Removes every header of the client's request that `filter` strips, and
+/// their names from `Connection` (a client naming our `X-Forwarded-For`
+/// there would have a proxy inside the sandbox drop it).
+fn strip_client_headers(headers: &mut hyper::HeaderMap, filter: &HeaderFilter) {
+    let spoofed: Vec<hyper::header::HeaderName> = headers
+        .keys()
+        .filter(|n| filter.strips(n.as_str()))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+    let connection: Vec<HeaderValue> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
+    let names_ours = |v: &HeaderValue| {
+        v.to_str().map_or(true, |v| {
+            v.split(',').any(|t| {
+                let t = t.trim();
+                !t.is_empty() && filter.strips(t)
+            })
+        })
+    };
+    if connection.iter().any(names_ours) {
+        headers.remove(hyper::header::CONNECTION);
+        let kept: Vec<&str> = connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !filter.strips(t))
+            .collect();
+        if !kept.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+                headers.insert(hyper::header::CONNECTION, v);
+            }
+        }
+    }
+}
+
+/// Sets the forwarding headers the app may trust, after
+/// [`strip_client_headers`] removed the client's: `X-Forwarded-For` (the
+/// client's address as the coordinator saw it), `X-Forwarded-Proto` (the
+/// scheme of the listener) and `X-Forwarded-Host` (the Host the client
+/// asked for, when it named one).
+fn set_forwarding_headers(
+    headers: &mut hyper::HeaderMap,
+    remote: SocketAddr,
+    secure: bool,
+    host: &str,
+) {
+    if let Ok(v) = HeaderValue::from_str(&remote.ip().to_canonical().to_string()) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if secure { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        if !host.is_empty() {
+            headers.insert("x-forwarded-host", v);
+        }
+    }
+}
+
 async fn proxy(
     state: Arc<State>,
+    streams: Arc<StreamBudget>,
     counter: Arc<AtomicUsize>,
     remote: SocketAddr,
     secure: bool,
@@ -219,7 +323,22 @@ async fn proxy(
             ));
         }
     };
+    // Before anything else reads the request: what the client sent under
+    // the names the ingress sets (forwarding headers, and on a protected
+    // route the claim headers) goes, whatever its spelling.
+    let with_claims;
+    let filter: &HeaderFilter = match &route.oidc {
+        Some(oidc) => {
+            with_claims = FORWARDING
+                .clone()
+                .with(&HeaderFilter::new(&oidc.claim_headers));
+            &with_claims
+        }
+        None => &FORWARDING,
+    };
+    strip_client_headers(req.headers_mut(), filter);
     let app = route.app.clone();
+    crate::metrics::note_ingress_app(&app);
     let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
     let mut response_headers = Vec::new();
     match (&route.oidc, labs) {
@@ -242,6 +361,7 @@ async fn proxy(
         }
         (None, _) => {}
     }
+    set_forwarding_headers(req.headers_mut(), remote, secure, &host_header);
     // A refreshed session cookie goes out with whatever answers: a lost
     // one would leave the browser with a spent refresh token.
     let with_cookies = |mut resp: Response<Body>| {
@@ -258,42 +378,54 @@ async fn proxy(
         )));
     }
     let start = counter.fetch_add(1, Ordering::Relaxed);
+    let mut busy = false;
     // Try each healthy sandbox once, starting round-robin.
     for i in 0..healthy.len() {
         let sb = &healthy[(start + i) % healthy.len()];
         let Some(conn) = state.registry.connection(&sb.runner) else {
             continue;
         };
-        let Ok((mut send, recv)) = conn.open_bi().await else {
-            continue;
+        let permit = match streams.try_take(&sb.runner, &app) {
+            Ok(p) => Arc::new(p),
+            Err(why) => {
+                tracing::debug!(app, runner = sb.runner, "ingress: {why}");
+                busy = true;
+                continue;
+            }
         };
-        if send
-            .write_all(format!("{PROXY_PREAMBLE} {}\n", sb.id).as_bytes())
-            .await
-            .is_err()
-        {
-            continue;
-        }
+        let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, async {
+            let (mut send, recv) = conn.open_bi().await.ok()?;
+            send.write_all(format!("{PROXY_PREAMBLE} {}\n", sb.id).as_bytes())
+                .await
+                .ok()?;
+            Some((send, recv))
+        })
+        .await;
+        let (send, recv) = match opened {
+            Ok(Some(streams)) => streams,
+            Ok(None) => continue,
+            Err(_) => {
+                tracing::warn!(
+                    app,
+                    runner = sb.runner,
+                    "ingress: no stream to the runner within {STREAM_OPEN_TIMEOUT:?}"
+                );
+                busy = true;
+                continue;
+            }
+        };
         let io = TokioIo::new(tokio::io::join(recv, send));
         let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(io).await else {
             continue;
         };
+        // The stream counts until the connection to the sandbox is over:
+        // its response body sent, or its upgraded tunnel closed.
+        let held = permit.clone();
         tokio::spawn(async move {
             let _ = connection.with_upgrades().await;
+            drop(held);
         });
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let h = req.headers_mut();
-        h.insert(
-            "x-forwarded-host",
-            HeaderValue::from_str(&host_header).unwrap_or(HeaderValue::from_static("")),
-        );
-        h.insert(
-            "x-forwarded-proto",
-            HeaderValue::from_static(if secure { "https" } else { "http" }),
-        );
-        if let Ok(v) = HeaderValue::from_str(&remote.ip().to_string()) {
-            h.insert("x-forwarded-for", v);
-        }
         let mut resp = match sender.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -311,9 +443,19 @@ async fn proxy(
                     let mut server = TokioIo::new(server);
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 }
+                drop(permit);
             });
         }
         return Ok(with_cookies(resp.map(|b| b.boxed())));
+    }
+    if busy {
+        let mut resp = with_cookies(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("app {app} has too many requests in flight; try again shortly"),
+        ));
+        resp.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(resp);
     }
     Ok(with_cookies(text(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -374,17 +516,8 @@ async fn single_sign_on(
     secure: bool,
     req: &mut Request<Incoming>,
 ) -> Result<Vec<(hyper::header::HeaderName, HeaderValue)>, Response<Body>> {
-    use identity::route_oidc::{claim_headers, HeaderFilter};
-    let filter = HeaderFilter::new(&oidc.claim_headers);
-    let spoofed: Vec<hyper::header::HeaderName> = req
-        .headers()
-        .keys()
-        .filter(|n| filter.strips(n.as_str()))
-        .cloned()
-        .collect();
-    for name in spoofed {
-        req.headers_mut().remove(name);
-    }
+    use identity::route_oidc::claim_headers;
+    // The client's claim headers are gone already (`proxy`).
     strip_tunnels(req.headers_mut()).map_err(|msg| text(StatusCode::BAD_REQUEST, msg))?;
     // The callback URL is built from the Host header: only a plain
     // `name[:port]` may go into it.
@@ -497,6 +630,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<rustls::ServerConfig>,
     state: Arc<State>,
+    limits: IngressLimits,
     shutdown: impl Future<Output = ()>,
 ) {
     let counter = Arc::new(AtomicUsize::new(0));
@@ -510,18 +644,43 @@ pub async fn serve(
     } else {
         "HTTP ingress"
     };
-    crate::accept::accept_loop(what, listener, acceptor, shutdown, move |conn, remote| {
-        let (state, counter) = (state.clone(), counter.clone());
-        async move {
-            let service = hyper::service::service_fn(move |req| {
-                proxy(state.clone(), counter.clone(), remote, secure, req)
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(conn), service)
-                .with_upgrades()
-                .await;
-        }
-    })
+    let http = Arc::new(crate::accept::http1(&limits.listener));
+    let streams = limits.streams;
+    crate::accept::accept_loop(
+        what,
+        listener,
+        acceptor,
+        limits.listener,
+        shutdown,
+        move |conn, remote| {
+            let (state, streams, counter, http) = (
+                state.clone(),
+                streams.clone(),
+                counter.clone(),
+                http.clone(),
+            );
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = proxy(
+                        state.clone(),
+                        streams.clone(),
+                        counter.clone(),
+                        remote,
+                        secure,
+                        req,
+                    );
+                    crate::metrics::observe_ingress(state.observe.clone(), answer)
+                });
+                if let Err(e) = http
+                    .serve_connection(TokioIo::new(conn), service)
+                    .with_upgrades()
+                    .await
+                {
+                    tracing::debug!(%remote, "{what} connection ended: {e}");
+                }
+            }
+        },
+    )
     .await;
 }
 
@@ -579,6 +738,94 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone} kept");
         }
         assert_eq!(h["accept"], "text/html");
+    }
+
+    #[test]
+    fn client_forwarding_headers_are_replaced_by_ours() {
+        let spoofed = [
+            ("forwarded", "for=1.2.3.4;proto=https"),
+            ("Forwarded", "for=5.6.7.8"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("X-Forwarded-For", "1.2.3.5"),
+            ("X_Forwarded_For", "1.2.3.6"),
+            ("x_forwarded-for", "1.2.3.7"),
+            ("x-forwarded-host", "evil.example"),
+            ("X_FORWARDED_HOST", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("X_Forwarded_Proto", "https"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/admin"),
+            ("X-Real-IP", "1.2.3.4"),
+            ("X_Real_IP", "1.2.3.4"),
+            ("x-real_ip", "1.2.3.4"),
+            ("True-Client-IP", "1.2.3.4"),
+            ("Client-IP", "1.2.3.4"),
+        ];
+        let mut pairs: Vec<(&str, &str)> = spoofed.to_vec();
+        pairs.push(("accept", "*/*"));
+        pairs.push(("x-forwarder", "kept"));
+        let mut h = headers(&pairs);
+        strip_client_headers(&mut h, &HeaderFilter::forwarding());
+        for (name, _) in spoofed {
+            assert!(!h.contains_key(name), "{name} kept");
+        }
+        let mut names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["accept", "x-forwarder"]);
+        let remote: SocketAddr = "192.0.2.9:51000".parse().unwrap();
+        set_forwarding_headers(&mut h, remote, true, "app.example.com:8443");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "app.example.com:8443");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn forwarding_headers_name_the_client_as_seen() {
+        let mut h = headers(&[]);
+        let mapped: SocketAddr = "[::ffff:198.51.100.4]:1234".parse().unwrap();
+        set_forwarding_headers(&mut h, mapped, false, "");
+        assert_eq!(h["x-forwarded-for"], "198.51.100.4");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        // No Host, no X-Forwarded-Host (rather than an empty one).
+        assert!(!h.contains_key("x-forwarded-host"));
+        let v6: SocketAddr = "[2001:db8::7]:1234".parse().unwrap();
+        set_forwarding_headers(&mut h, v6, false, "a.test");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::7");
+    }
+
+    #[test]
+    fn connection_cannot_name_our_headers() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X_Forwarded_For"),
+            ("connection", "x-real-ip"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_client_headers(&mut h, &HeaderFilter::forwarding());
+        assert_eq!(h["connection"], "keep-alive");
+        assert_eq!(h.get_all("connection").iter().count(), 1);
+        let mut h = headers(&[("connection", "x-forwarded-for")]);
+        strip_client_headers(&mut h, &HeaderFilter::forwarding());
+        assert!(!h.contains_key("connection"));
+        // Connection without our names is left as it is.
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_client_headers(&mut h, &HeaderFilter::forwarding());
+        assert_eq!(h["connection"], "Upgrade");
+    }
+
+    #[test]
+    fn a_protected_route_strips_claim_and_forwarding_headers_in_one_pass() {
+        let mapping: identity::route_oidc::ClaimHeader = "email:X-User-Email".parse().unwrap();
+        let filter = HeaderFilter::forwarding().with(&HeaderFilter::new(&[mapping]));
+        let mut h = headers(&[
+            ("x_user_email", "admin@corp"),
+            ("X-User-Email", "admin@corp"),
+            ("x_forwarded_for", "10.0.0.1"),
+            ("cookie", "a=b"),
+        ]);
+        strip_client_headers(&mut h, &filter);
+        let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["cookie"]);
     }
 
     #[test]

@@ -8,11 +8,24 @@
 //! Schedule (all times from the index, `now` passed in):
 //! - a new key is *pending* from creation until `activates_unix`, which is at
 //!   least one JWKS cache lifetime later: verifiers see it before it signs;
-//! - the newest key whose activation has passed is *active* and signs;
+//! - the newest key that has ever been active is *active* and signs (see
+//!   below), so the newest key whose activation has passed when the clock
+//!   runs forward;
 //! - older keys are *retired*: published until every token they signed has
 //!   expired (`next key's activation + MAX_TTL + leeway`), then *expired*.
 //! - a legacy Ed25519 key found in `keys/` is published (EdDSA) forever and
 //!   never signs.
+//!
+//! A clock stepped back must not leave the ring without a signing key (the
+//! coordinator would refuse to start) nor hand signing back to an older key.
+//! So "newest" is the order of the index (keys are appended as they are
+//! made), and a key has *been active* when its activation has passed `now`,
+//! when the ring recorded seeing it active (`first_active_unix`, written
+//! once, at start and by the rotation task), or when a key after it in the
+//! index was created at or after its activation (the clock then had passed
+//! it, which also covers indexes written before the record existed). The newest such
+//! key keeps signing until a later one activates. Should no key qualify at
+//! all (an index edited by hand), the oldest signs rather than none.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,6 +90,11 @@ pub struct KeyEntry {
     pub activates_unix: i64,
     /// False for legacy keys kept only for verification.
     pub signs: bool,
+    /// When the ring first saw this key active (its activation had passed
+    /// the clock): from then on a clock stepped back cannot make it
+    /// pending again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_active_unix: Option<i64>,
 }
 
 /// A key entry with its state and retirement time at some `now`.
@@ -99,9 +117,20 @@ struct KeyIndex {
 
 /// The pure schedule: state of every entry at `now`.
 pub fn schedule(entries: &[KeyEntry], now: i64) -> Vec<KeyStatus> {
-    let mut signing: Vec<&KeyEntry> = entries.iter().filter(|e| e.signs).collect();
-    signing.sort_by_key(|e| (e.activates_unix, e.created_unix));
-    let active_idx = signing.iter().rposition(|e| e.activates_unix <= now);
+    // Index order is creation order: `rotate` appends.
+    let signing: Vec<&KeyEntry> = entries.iter().filter(|e| e.signs).collect();
+    let has_been_active = |i: usize| {
+        let e = signing[i];
+        e.activates_unix <= now
+            || e.first_active_unix.is_some()
+            || signing[i + 1..]
+                .iter()
+                .any(|later| later.created_unix >= e.activates_unix)
+    };
+    let active_idx = (0..signing.len())
+        .rev()
+        .find(|&i| has_been_active(i))
+        .or(if signing.is_empty() { None } else { Some(0) });
     let mut out = Vec::new();
     for (i, e) in signing.iter().enumerate() {
         let (state, retires) = match active_idx {
@@ -234,6 +263,7 @@ impl KeyRing {
                         created_unix: now,
                         activates_unix: now,
                         signs: false,
+                        first_active_unix: None,
                     });
                     public.insert(key.kid().to_string(), key);
                     adopted = true;
@@ -243,14 +273,50 @@ impl KeyRing {
         if adopted {
             write_index(dir, &index)?;
         }
-        let ring = KeyRing {
+        let mut ring = KeyRing {
             dir: dir.to_path_buf(),
             entries: index.keys,
             minters,
             public,
         };
         ring.active(now)?;
+        ring.record_active(now)?;
         Ok(ring)
+    }
+
+    /// Whether the active key's first activation is yet to be recorded
+    /// (cheap; call [`KeyRing::record_active`] when it is).
+    pub fn needs_record(&self, now: i64) -> bool {
+        self.unrecorded_active(now).is_some()
+    }
+
+    fn unrecorded_active(&self, now: i64) -> Option<usize> {
+        let kid = schedule(&self.entries, now)
+            .into_iter()
+            .find(|s| s.state == KeyState::Active)?
+            .kid;
+        self.entries
+            .iter()
+            .position(|e| e.kid == kid && e.first_active_unix.is_none() && e.activates_unix <= now)
+    }
+
+    /// Records that the active key has been seen active at `now` (once per
+    /// key; only when its activation has really passed `now`), so a clock
+    /// stepped back later keeps it signing. Returns whether it wrote.
+    pub fn record_active(&mut self, now: i64) -> Result<bool, KeyRingError> {
+        let Some(i) = self.unrecorded_active(now) else {
+            return Ok(false);
+        };
+        let mut entries = self.entries.clone();
+        entries[i].first_active_unix = Some(now);
+        write_index(
+            &self.dir,
+            &KeyIndex {
+                keys: entries.clone(),
+            },
+        )?;
+        self.entries = entries;
+        Ok(true)
     }
 
     /// The minter of the key that signs at `now`.
@@ -361,6 +427,7 @@ fn write_key(
         created_unix: created,
         activates_unix: activates,
         signs: true,
+        first_active_unix: None,
     })
 }
 
@@ -381,6 +448,7 @@ mod tests {
             created_unix: created,
             activates_unix: activates,
             signs: true,
+            first_active_unix: None,
         }
     }
 
@@ -419,5 +487,104 @@ mod tests {
         let s = schedule(&keys, 10);
         assert_eq!(state_of(&s, "old"), KeyState::Legacy);
         assert_eq!(state_of(&s, "a"), KeyState::Active);
+    }
+
+    fn active_kid(keys: &[KeyEntry], now: i64) -> String {
+        let s = schedule(keys, now);
+        let active: Vec<_> = s.iter().filter(|k| k.state == KeyState::Active).collect();
+        assert_eq!(active.len(), 1, "exactly one active key: {s:?}");
+        active[0].kid.clone()
+    }
+
+    #[test]
+    fn forward_clock_hands_over_at_activation() {
+        let keys = vec![entry("a", 0, 0), entry("b", 1000, 1300)];
+        assert_eq!(active_kid(&keys, 0), "a");
+        assert_eq!(active_kid(&keys, 1299), "a");
+        assert_eq!(active_kid(&keys, 1300), "b");
+        assert_eq!(active_kid(&keys, 10_000_000), "b");
+    }
+
+    #[test]
+    fn clock_back_before_the_newest_keys_activation_keeps_it_signing() {
+        // b activated at 1300 and the ring saw it (recorded at 1310); then
+        // the clock steps back to 1250.
+        let mut b = entry("b", 1000, 1300);
+        b.first_active_unix = Some(1310);
+        let keys = vec![entry("a", 0, 0), b];
+        assert_eq!(active_kid(&keys, 1250), "b");
+        let s = schedule(&keys, 1250);
+        assert_eq!(state_of(&s, "a"), KeyState::Retired);
+        // Without the record, b was never active as far as anyone can
+        // tell: a signs, as it did before.
+        let keys = vec![entry("a", 0, 0), entry("b", 1000, 1300)];
+        assert_eq!(active_kid(&keys, 1250), "a");
+    }
+
+    #[test]
+    fn a_later_creation_proves_an_activation_without_a_record() {
+        // c was created at 1400, after b's activation at 1300 (an index
+        // from before records existed); the clock goes back to 1250.
+        let keys = vec![
+            entry("a", 0, 0),
+            entry("b", 1000, 1300),
+            entry("c", 1400, 1700),
+        ];
+        assert_eq!(active_kid(&keys, 1250), "b");
+        assert_eq!(state_of(&schedule(&keys, 1250), "c"), KeyState::Pending);
+        assert_eq!(active_kid(&keys, 1700), "c");
+    }
+
+    #[test]
+    fn clock_back_before_every_keys_activation_still_signs() {
+        // The first key is active from its creation; the clock goes back
+        // before it was even made.
+        let keys = vec![entry("a", 1000, 1000)];
+        assert_eq!(active_kid(&keys, 500), "a");
+        // Two keys, the newest recorded active: it signs, the older one
+        // stays published as retired.
+        let mut b = entry("b", 2000, 2300);
+        b.first_active_unix = Some(2300);
+        let keys = vec![entry("a", 1000, 1000), b];
+        assert_eq!(active_kid(&keys, 500), "b");
+        assert_eq!(state_of(&schedule(&keys, 500), "a"), KeyState::Retired);
+        // A hand-made index where nothing ever activated: the oldest signs.
+        let keys = vec![entry("x", 1000, 1300), entry("y", 1100, 1400)];
+        assert_eq!(active_kid(&keys, 500), "x");
+        assert_eq!(state_of(&schedule(&keys, 500), "y"), KeyState::Pending);
+    }
+
+    #[test]
+    fn a_key_made_while_the_clock_is_back_takes_over_at_its_own_activation() {
+        // b active and recorded; the clock steps back to 900 and an
+        // operator rotates: c activates at 1200, before b's 1300.
+        let mut b = entry("b", 1000, 1300);
+        b.first_active_unix = Some(1300);
+        let keys = vec![entry("a", 0, 0), b, entry("c", 900, 1200)];
+        assert_eq!(active_kid(&keys, 1000), "b");
+        assert_eq!(state_of(&schedule(&keys, 1000), "c"), KeyState::Pending);
+        assert_eq!(active_kid(&keys, 1200), "c");
+    }
+
+    #[test]
+    fn the_ring_records_activation_and_survives_a_clock_step_back() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("keys");
+        KeyRing::init(&dir, 1000).expect("init");
+        let mut ring = KeyRing::load(&dir, 1000).expect("load");
+        let first = ring.active(1000).expect("active").kid().to_string();
+        let b = ring.rotate(2000, 300).expect("rotate");
+        assert_eq!(b.activates_unix, 2300);
+        assert!(!ring.needs_record(2299));
+        assert!(ring.needs_record(2300));
+        assert!(ring.record_active(2305).expect("record"));
+        assert!(!ring.record_active(2306).expect("once"));
+        // A restart with the clock an hour before b's activation, and one
+        // before the ring was even made.
+        for now in [2300 - 3600, 10] {
+            let ring = KeyRing::load(&dir, now).expect("load after clock step");
+            assert_eq!(ring.active(now).expect("active").kid(), b.kid);
+            assert_ne!(b.kid, first);
+        }
     }
 }

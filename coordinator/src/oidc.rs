@@ -207,11 +207,14 @@ pub struct LoginAttempt {
 
 /// Fetches and caches issuer keys; verifies CI tokens.
 pub struct OidcVerifier {
-    /// The outbound HTTPS client (also used for route OIDC code exchange).
-    pub client: reqwest::Client,
+    /// The outbound HTTPS client (also used for route OIDC code exchange):
+    /// it connects only to addresses the outbound policy allows.
+    pub client: crate::outbound::Outbound,
     audiences: Vec<String>,
     issuers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<IssuerEntry>>>>,
     logins: Arc<tokio::sync::Semaphore>,
+    /// Counts issuer document fetches.
+    observe: Arc<crate::observe::Observe>,
 }
 
 /// Reads a response body of at most 1 MiB (the cap on everything fetched
@@ -233,23 +236,27 @@ pub async fn read_capped(resp: &mut reqwest::Response, url: &str) -> Result<Vec<
 
 impl OidcVerifier {
     /// `audiences`: the cluster addresses a token may be for; `extra_roots`:
-    /// CAs trusted for issuers besides the platform roots.
+    /// CAs trusted for issuers besides the platform roots; `outbound`: the
+    /// addresses issuers and providers may be fetched from.
     pub fn new(
         audiences: Vec<String>,
         extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+        outbound: identity::AddressPolicy,
     ) -> anyhow::Result<Self> {
         let tls = transport::tls::https_client_config(extra_roots)?;
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(5))
-            .build()?;
+        let client = crate::outbound::Outbound::new(tls, outbound)?;
         Ok(OidcVerifier {
             client,
             audiences,
             issuers: Mutex::new(HashMap::new()),
             logins: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS)),
+            observe: Arc::new(crate::observe::Observe::disabled()),
         })
+    }
+
+    /// Counts fetches in `observe`.
+    pub fn observed(self, observe: Arc<crate::observe::Observe>) -> Self {
+        OidcVerifier { observe, ..self }
     }
 
     /// GETs `url` (5 s, 1 MiB cap, no redirects) and returns the body.
@@ -257,6 +264,7 @@ impl OidcVerifier {
         let mut resp = self
             .client
             .get(url)
+            .map_err(|_| format!("fetching {url}: refused (the coordinator log says why)"))?
             .send()
             .await
             .map_err(|e| format!("fetching {url}: {e}"))?;
@@ -267,10 +275,17 @@ impl OidcVerifier {
     }
 
     async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, String> {
-        let doc = self.get_json(&issuer.discovery_url()).await?;
-        let doc = DiscoveryDocument::parse_for_issuer(&doc, issuer).map_err(|e| e.to_string())?;
-        let jwks = self.get_json(&doc.jwks_uri).await?;
-        KeySet::from_jwks_json(&jwks).map_err(|e| format!("JWKS of {}: {e}", issuer.as_str()))
+        let doc = self.get_json(&issuer.discovery_url()).await;
+        let doc = doc.and_then(|d| {
+            DiscoveryDocument::parse_for_issuer(&d, issuer).map_err(|e| e.to_string())
+        });
+        self.observe.issuer_fetch("discovery", doc.is_ok());
+        let jwks = self.get_json(&doc?.jwks_uri).await;
+        let keys = jwks.and_then(|j| {
+            KeySet::from_jwks_json(&j).map_err(|e| format!("JWKS of {}: {e}", issuer.as_str()))
+        });
+        self.observe.issuer_fetch("jwks", keys.is_ok());
+        keys
     }
 
     /// How many times the keys of `issuer` were fetched (for tests/metrics).

@@ -1,5 +1,11 @@
 //! Starting and running a coordinator: data dir, listener, RPC workers,
-//! background key rotation, graceful shutdown.
+//! background key rotation, server certificate renewal, graceful shutdown.
+//!
+//! The server certificate is held in one [`ServerCertSlot`] that the QUIC
+//! endpoint and the HTTPS listeners (unless `--https-cert` replaces it
+//! there) consult on every handshake, so the renewal task swaps it under
+//! running connections: they keep the certificate they were opened with,
+//! new handshakes get the new one.
 //!
 //! capnp-rpc is not `Send`, so each connection's RPC session runs pinned to
 //! one of a small pool of single-threaded workers (one per core); the accept
@@ -13,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use identity::address::split_host_optional_port;
+use identity::renewal::{self, Renewal};
 use identity::{ClusterAddress, IssuerUrl};
-use transport::pki::{self, CertifiedPem};
+use transport::pki::{self, CertifiedPem, ClusterCa};
 use transport::rpc::{serve_connection, Limits, LocalPool, RpcLimits};
+use transport::tls::ServerCertSlot;
 use transport::PeerIdentity;
 
-use crate::datadir::{self, now_unix};
+use crate::datadir::{self, now_unix, ServerCertChange, ServerCertPolicy};
 use crate::keyring::KeyRing;
 use crate::runners::Registry;
 use crate::service::{ClusterService, State};
@@ -27,6 +35,8 @@ use crate::store::{RedbStore, Store};
 /// How a coordinator is started.
 #[derive(Debug, Clone)]
 pub struct CoordinatorOptions {
+    /// What this binary is, as `cluster status` reports it.
+    pub build: transport::build_info::BuildInfo,
     pub data_dir: PathBuf,
     /// UDP (QUIC) listen address.
     pub listen: SocketAddr,
@@ -45,9 +55,13 @@ pub struct CoordinatorOptions {
     /// the port actually bound.
     pub https_listen: Option<SocketAddr>,
     /// Operator-provided HTTPS certificate chain and key (PEM files);
-    /// default: the server certificate of the cluster CA.
+    /// default: the server certificate of the cluster CA. The operator
+    /// renews these; the coordinator reads them once, at start.
     pub https_cert: Option<PathBuf>,
     pub https_key: Option<PathBuf>,
+    /// Lifetime of the server certificates the coordinator issues itself
+    /// (renewed with a third left; checked every thirtieth, 1 s..1 h).
+    pub server_cert_lifetime: Duration,
     /// Lifetime of runner certificates (renewed at half-life).
     pub runner_cert_validity: Duration,
     /// TCP address of the HTTP ingress, if any.
@@ -55,15 +69,34 @@ pub struct CoordinatorOptions {
     /// TCP address of the ingress over HTTPS (the HTTPS listener's
     /// certificate), if any.
     pub ingress_https_listen: Option<SocketAddr>,
-    /// Accept CI bindings whose issuer is on a loopback or private address.
+    /// Let CI issuers and route OIDC providers be on loopback addresses
+    /// (literal, `localhost`, or a name resolving there).
     pub oidc_allow_loopback_issuers: bool,
+    /// Non-public ranges CI issuers and route OIDC providers may be on.
+    pub outbound_allow: Vec<identity::IpCidr>,
     /// Extra CA certificates (PEM) trusted for OIDC issuers.
     pub oidc_ca_file: Option<PathBuf>,
     /// Labs features to turn on (e.g. `routeoidc`).
     pub labs: Vec<String>,
     /// Connection caps and the join rate per address.
     pub front_door: crate::frontdoor::FrontDoorOptions,
+    /// Timeouts and connection caps of each TCP listener (HTTPS and both
+    /// ingresses).
+    pub http_limits: crate::accept::ListenerLimits,
+    /// Requests one app may have in flight on one runner through the
+    /// ingress (see [`crate::runner_streams`]).
+    pub ingress_streams_per_app: usize,
+    /// TCP address of the plain-HTTP metrics listener (`/metrics`,
+    /// `/healthz`, `/readyz`), if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Count metrics and write the audit trail (off only to measure what
+    /// they cost).
+    pub observe: bool,
 }
+
+/// Open files the coordinator needs besides its HTTP connections (store,
+/// artifacts, QUIC, logs), when it sizes its open files limit.
+const OTHER_OPEN_FILES: usize = 1024;
 
 /// A coordinator that has opened its data dir and bound its listener.
 pub struct Coordinator {
@@ -77,6 +110,67 @@ pub struct Coordinator {
     https_tls: rustls::ServerConfig,
     http: Option<tokio::net::TcpListener>,
     ingress_https: Option<tokio::net::TcpListener>,
+    http_limits: crate::accept::ListenerLimits,
+    ingress_streams_per_app: usize,
+    metrics: Option<tokio::net::TcpListener>,
+    registry: Arc<prometheus_client::registry::Registry>,
+    server_cert: ServerCert,
+}
+
+/// The server certificate being served, and how to renew it.
+struct ServerCert {
+    dir: PathBuf,
+    policy: ServerCertPolicy,
+    slot: Arc<ServerCertSlot>,
+    current: CertifiedPem,
+}
+
+/// `[leaf, CA]` and the leaf's key, as the TLS configurations want them.
+fn server_chain(
+    pem: &CertifiedPem,
+    ca: &ClusterCa,
+) -> anyhow::Result<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+)> {
+    Ok((
+        vec![
+            pki::cert_der_from_pem(&pem.cert_pem)?,
+            ca.cert_der().clone(),
+        ],
+        pki::key_der_from_pem(&pem.key_pem)?,
+    ))
+}
+
+/// Says what opening the data dir did to the server certificate.
+fn log_server_cert_change(change: ServerCertChange, pem: &CertifiedPem) {
+    let expires = pki::not_after_unix(&pem.cert_pem).unwrap_or_default();
+    match change {
+        ServerCertChange::Kept => {
+            tracing::debug!(expires_unix = expires, "server certificate kept")
+        }
+        ServerCertChange::Issued => {
+            tracing::info!(expires_unix = expires, "server certificate issued")
+        }
+        ServerCertChange::Repaired => tracing::warn!(
+            expires_unix = expires,
+            "server.key did not match server.crt (a renewal was interrupted): issued a new server certificate with the same CA"
+        ),
+        ServerCertChange::Renewed {
+            old_not_after,
+            expired,
+        } => tracing::info!(
+            old_expires_unix = old_not_after,
+            expired,
+            expires_unix = expires,
+            "server certificate renewed with the same CA"
+        ),
+        ServerCertChange::KeptCaEnds { ca_not_after } => tracing::warn!(
+            expires_unix = expires,
+            ca_expires_unix = ca_not_after,
+            "the server certificate is due for renewal but the cluster CA ends first: a new certificate would not last longer (the CA must be replaced)"
+        ),
+    }
 }
 
 /// Binds QUIC on `listen` and HTTPS on `https_listen`, by default on the
@@ -143,20 +237,26 @@ impl Coordinator {
             .clone()
             .unwrap_or_else(|| first_host.clone());
 
-        let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &sans)?;
+        let policy = ServerCertPolicy {
+            names: sans,
+            lifetime: time::Duration::try_from(opts.server_cert_lifetime)
+                .context("--server-cert-lifetime")?,
+        };
+        let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &policy, now_unix())?;
+        log_server_cert_change(material.server_change, &material.server);
         let now = now_unix();
         let keys = KeyRing::load(&material.dir.join("keys"), now)?;
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&material.dir.join("store.redb"))?);
+        let observe = crate::observe::start(&material.dir, &opts)?;
+        let store: Arc<dyn Store> = crate::observe::metered_store(
+            Arc::new(RedbStore::open(&material.dir.join("store.redb"))?),
+            &observe,
+        );
 
         let ca_der = material.ca.cert_der().clone();
-        let server_der = pki::cert_der_from_pem(&material.server.cert_pem)?;
-        let server_key = pki::key_der_from_pem(&material.server.key_pem)?;
-        let tls = transport::tls::server_config(
-            &ca_der,
-            vec![server_der, ca_der.clone()],
-            server_key,
-            &[transport::ALPN],
-        )?;
+        let (chain, key) = server_chain(&material.server, &material.ca)?;
+        let slot = ServerCertSlot::new(chain, key)?;
+        let tls =
+            transport::tls::server_config_with_slot(&ca_der, slot.clone(), &[transport::ALPN])?;
         let (endpoint, https) = bind_quic_and_https(opts.listen, opts.https_listen, tls)?;
         let bound = endpoint.local_addr()?;
         let port = names[0].1.unwrap_or(bound.port());
@@ -197,17 +297,12 @@ impl Coordinator {
             .transpose()
         };
         let http = bind_ingress(opts.http_listen, "HTTP", "--http-listen")?;
+        let metrics = bind_ingress(opts.metrics_listen, "metrics", "--metrics-listen")?;
         let ingress_https =
             bind_ingress(opts.ingress_https_listen, "HTTPS", "--ingress-https-listen")?;
         let https_tls = match (&opts.https_cert, &opts.https_key) {
             (Some(cert), Some(key)) => operator_https_tls(cert, key)?,
-            (None, None) => transport::tls::https_server_config(
-                vec![
-                    pki::cert_der_from_pem(&material.server.cert_pem)?,
-                    ca_der.clone(),
-                ],
-                pki::key_der_from_pem(&material.server.key_pem)?,
-            )?,
+            (None, None) => transport::tls::https_server_config_with_slot(slot.clone())?,
             _ => anyhow::bail!("--https-cert and --https-key go together"),
         };
         // A CI token must be for this cluster: `host:port`, and `host` alone
@@ -220,6 +315,11 @@ impl Coordinator {
             Some(path) => pki::certs_from_pem_file(path).context("--oidc-ca-file")?,
             None => vec![],
         };
+        // What CI issuers and route OIDC providers may resolve to.
+        let outbound = identity::AddressPolicy::new(
+            opts.oidc_allow_loopback_issuers,
+            opts.outbound_allow.clone(),
+        );
         let state = Arc::new(State {
             meta: material.meta.clone(),
             issuer,
@@ -228,22 +328,46 @@ impl Coordinator {
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
             registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
-            apps: Arc::new(crate::apps::Apps::new(
-                store.clone(),
-                &material.dir,
-                tokio::runtime::Handle::current(),
-            )?),
+            apps: Arc::new(
+                crate::apps::Apps::new(
+                    store.clone(),
+                    &material.dir,
+                    tokio::runtime::Handle::current(),
+                )?
+                .observed(observe.clone()),
+            ),
             rt: tokio::runtime::Handle::current(),
             labs: opts.labs.clone(),
-            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
-            ci: crate::ci::CiBindings::load(store.clone(), opts.oidc_allow_loopback_issuers)?,
+            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?
+                .observed(observe.clone()),
+            ci: crate::ci::CiBindings::load(store.clone(), outbound.clone())?,
             door: Arc::new(crate::frontdoor::FrontDoor::new(opts.front_door)),
-            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots)?,
+            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?
+                .observed(observe.clone()),
             store,
             ca: material.ca,
             address: address.clone(),
+            build: opts.build.clone(),
+            observe,
         });
+        let registry = crate::observe::registry(&state, &material.server.cert_pem, &opts)?;
         let ca_pem = state.ca.cert_pem().to_string();
+        let server_cert = ServerCert {
+            dir: material.dir.clone(),
+            policy,
+            slot,
+            current: material.server,
+        };
+        // Every connection a TCP listener holds is a file descriptor.
+        let listeners = 1 + usize::from(http.is_some()) + usize::from(ingress_https.is_some());
+        let wanted = (listeners * opts.http_limits.max_connections + OTHER_OPEN_FILES) as u64;
+        match crate::accept::raise_open_files_limit(wanted) {
+            Ok(limit) if limit < wanted => tracing::warn!(
+                "the open files limit is {limit}, below the {wanted} the HTTP listeners' connection caps need; raise it (LimitNOFILE=, ulimit -n) or lower --http-max-connections"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("could not read or raise the open files limit: {e}"),
+        }
         Ok(Coordinator {
             state,
             ca_pem,
@@ -255,7 +379,48 @@ impl Coordinator {
             https_tls,
             http,
             ingress_https,
+            server_cert,
+            http_limits: opts.http_limits,
+            ingress_streams_per_app: opts.ingress_streams_per_app,
+            metrics,
+            registry,
         })
+    }
+
+    /// The TCP address of the metrics listener, if it listens.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// This coordinator's metrics (`--dev` serves them with its runner's).
+    pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
+        self.registry.clone()
+    }
+
+    /// This coordinator's readiness checks.
+    pub fn readiness(&self) -> transport::ops::Readiness {
+        crate::health::readiness(&self.state)
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` of these registries and
+    /// checks on the metrics listener (`--dev` adds its runner's); without
+    /// `--metrics-listen`, nothing.
+    pub fn serve_metrics_with(
+        &mut self,
+        mut registries: Vec<Arc<prometheus_client::registry::Registry>>,
+        mut checks: Vec<transport::ops::Readiness>,
+    ) {
+        let Some(listener) = self.metrics.take() else {
+            return;
+        };
+        registries.insert(0, self.registry.clone());
+        checks.insert(0, self.readiness());
+        let stop = self.state.clone();
+        tokio::spawn(transport::ops::serve(
+            listener,
+            transport::ops::router(registries, checks),
+            async move { stop.observe.stopped().await },
+        ));
     }
 
     /// `host:port;sha1:<fingerprint>` of this cluster.
@@ -320,24 +485,37 @@ impl Coordinator {
 
     /// Serves until `shutdown` resolves, then closes every connection and
     /// waits (briefly) for them to drain.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let pool = LocalPool::new(workers);
         let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
+        let key_watch = tokio::spawn(crate::observe::watch_keys_forever(self.state.clone()));
+        // Unless `--dev` already started it with its runner's metrics.
+        self.serve_metrics_with(vec![], vec![]);
+        let renewal = tokio::spawn(renew_server_cert_forever(
+            self.state.clone(),
+            self.server_cert,
+        ));
         let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
         let ingress_tls = self.https_tls.clone();
         let https = tokio::spawn(crate::https::serve(
             self.https,
             self.https_tls,
-            crate::https::router(self.state.clone()),
+            crate::health::with_health(crate::https::router(self.state.clone()), &self.state),
+            self.http_limits,
             async move {
                 let _ = https_stopped.await;
             },
         ));
         let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
         let ingresses = [(self.http, None), (self.ingress_https, Some(ingress_tls))];
+        // One count of streams to runners for both ingress listeners.
+        let ingress_limits = crate::ingress::IngressLimits {
+            listener: self.http_limits,
+            streams: crate::runner_streams::StreamBudget::for_runners(self.ingress_streams_per_app),
+        };
         for (listener, tls) in ingresses {
             let Some(listener) = listener else { continue };
             let mut stopped = http_stopped.clone();
@@ -345,12 +523,14 @@ impl Coordinator {
                 listener,
                 tls,
                 self.state.clone(),
+                ingress_limits.clone(),
                 async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 },
             ));
         }
         tokio::pin!(shutdown);
+        self.state.observe.set_listening(true);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -363,7 +543,11 @@ impl Coordinator {
                 }
             }
         }
+        self.state.observe.set_listening(false);
         rotation.abort();
+        renewal.abort();
+        key_watch.abort();
+        self.state.observe.stop();
         let _ = stop_https.send(());
         let _ = stop_http.send(true);
         let _ = https.await;
@@ -501,15 +685,34 @@ async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
     loop {
         tick.tick().await;
         let now = now_unix();
-        let due = match state.keys.read() {
-            Ok(ring) => {
+        let (due, record) = match state.keys.read() {
+            Ok(ring) => (
                 !ring.has_pending(now)
                     && ring
                         .active_since(now)
-                        .is_some_and(|since| now + window >= since + rotation)
-            }
-            Err(_) => false,
+                        .is_some_and(|since| now + window >= since + rotation),
+                ring.needs_record(now),
+            ),
+            Err(_) => (false, false),
         };
+        if record {
+            // The key that just activated stays the signer should the clock
+            // step back (see `keyring`).
+            let state = state.clone();
+            let recorded = tokio::task::spawn_blocking(move || {
+                state
+                    .keys
+                    .write()
+                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))
+                    .and_then(|mut ring| Ok(ring.record_active(now)?))
+            })
+            .await;
+            match recorded {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!("recording the active signing key failed: {e}"),
+                Err(e) => tracing::error!("recording the active signing key failed: {e}"),
+            }
+        }
         if due {
             let state = state.clone();
             let result = tokio::task::spawn_blocking(move || {
@@ -527,6 +730,85 @@ async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
                 Ok(Err(e)) => tracing::error!("signing key rotation failed: {e}"),
                 Err(e) => tracing::error!("signing key rotation task failed: {e}"),
             }
+        }
+    }
+}
+
+/// Checks the server certificate every thirtieth of its lifetime (1 s..1 h)
+/// and, when [`renewal::server_certificate`] says so, issues a new one with
+/// the same CA, writes it (key first) and puts it in the slot: new
+/// handshakes present it, open connections are left alone. A failure is
+/// logged and tried again at the next check.
+async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert) {
+    let ServerCert {
+        dir,
+        policy,
+        slot,
+        mut current,
+    } = cert;
+    let every = Duration::from_secs(renewal::check_every_secs(policy.lifetime.whole_seconds()));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut said_ca_ends = false;
+    loop {
+        tick.tick().await;
+        let now = now_unix();
+        let expired = match datadir::server_renewal(&current.cert_pem, &state.ca, &policy, now) {
+            Ok(Renewal::Keep { .. }) => continue,
+            Ok(Renewal::LimitedByCa { ca_not_after }) => {
+                if !said_ca_ends {
+                    said_ca_ends = true;
+                    tracing::warn!(
+                        ca_expires_unix = ca_not_after,
+                        "the server certificate is due for renewal but the cluster CA ends first: a new certificate would not last longer (the CA must be replaced)"
+                    );
+                }
+                continue;
+            }
+            Ok(Renewal::Renew { expired, .. }) => expired,
+            Err(e) => {
+                tracing::error!(
+                    "server certificate renewal: cannot read the current certificate: {e}"
+                );
+                continue;
+            }
+        };
+        let issued = {
+            let state = state.clone();
+            let dir = dir.clone();
+            let policy = policy.clone();
+            tokio::task::spawn_blocking(move || {
+                datadir::renew_server_certificate(&dir, &state.ca, &policy)
+            })
+            .await
+        };
+        let pem = match issued {
+            Ok(Ok(pem)) => pem,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "server certificate renewal failed (tried again at the next check): {e}"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("server certificate renewal task failed: {e}");
+                continue;
+            }
+        };
+        let installed =
+            server_chain(&pem, &state.ca).and_then(|(chain, key)| Ok(slot.replace(chain, key)?));
+        match installed {
+            Ok(()) => {
+                let expires = pki::not_after_unix(&pem.cert_pem).unwrap_or_default();
+                tracing::info!(
+                    expired,
+                    expires_unix = expires,
+                    "server certificate renewed with the same CA; new handshakes present it"
+                );
+                state.observe.set_server_certificate(expires);
+                current = pem;
+            }
+            Err(e) => tracing::error!("the renewed server certificate could not be served: {e}"),
         }
     }
 }

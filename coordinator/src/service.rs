@@ -13,9 +13,12 @@ use schema::miren_capnp::{admin, cluster, Role};
 use transport::PeerIdentity;
 
 use crate::apps::{AppError, Apps, ResourceLimits, RunnerCommand, SandboxReport, Service};
+use crate::audit::{Actor, Event};
 use crate::datadir::{now_unix, ClusterMeta};
 use crate::issuer::IssuerHistory;
 use crate::keyring::{KeyRing, KeyStatus};
+use crate::metrics::metered;
+use crate::observe::MintRefusal;
 use crate::runners::{LiveStatus, Registry, RegistryError, RunnerView};
 use crate::store::Store;
 use identity::join_token::JoinTokenRecord;
@@ -59,10 +62,11 @@ pub struct State {
     pub sso: crate::sso::Sso,
     /// Connection counts and join attempts per source.
     pub door: Arc<crate::frontdoor::FrontDoor>,
+    /// What this coordinator is (version, commit, build date).
+    pub build: transport::build_info::BuildInfo,
+    /// Metrics and the audit trail.
+    pub observe: Arc<crate::observe::Observe>,
 }
-
-/// The version every component reports.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn failed(msg: impl Into<String>) -> capnp::Error {
     capnp::Error::failed(msg.into())
@@ -70,7 +74,7 @@ fn failed(msg: impl Into<String>) -> capnp::Error {
 
 fn write_info(state: &State, mut info: schema::miren_capnp::cluster_info::Builder<'_>) {
     info.set_name(&state.meta.name);
-    info.set_version(VERSION);
+    info.set_version(state.build.to_string());
     info.set_issuer_url(state.issuer.as_str());
     info.set_cluster_id(&state.meta.id);
 }
@@ -92,12 +96,14 @@ impl ClusterService {
         conn: quinn::Connection,
         proof: crate::frontdoor::Proof,
     ) -> cluster::Client {
-        capnp_rpc::new_client(ClusterService {
+        let observe = state.observe.clone();
+        let client = capnp_rpc::new_client(ClusterService {
             state,
             peer,
             conn,
             proof,
-        })
+        });
+        crate::metrics::metered(client, "Cluster", &observe, None, None)
     }
 }
 
@@ -232,10 +238,14 @@ impl cluster::Server for ClusterService {
         mut results: cluster::AdminResults,
     ) -> Result<(), capnp::Error> {
         match &self.peer {
-            PeerIdentity::Admin { .. } => {
+            PeerIdentity::Admin { name } => {
+                let actor = Actor::Admin(name.clone());
                 let admin: admin::Client = capnp_rpc::new_client(AdminService {
                     state: self.state.clone(),
+                    name: name.clone(),
+                    actor: actor.clone(),
                 });
+                let admin = metered(admin, "Admin", &self.state.observe, Some(actor), None);
                 results.get().set_admin(admin);
                 Ok(())
             }
@@ -261,11 +271,15 @@ impl cluster::Server for ClusterService {
         let app = p.get_app()?.to_string()?;
         crate::apps::check_app_name(&app).map_err(app_err)?;
         // The cheap checks and a login slot, here; the work, on the runtime.
-        let attempt = self
-            .state
-            .oidc
-            .begin(&self.state.ci, token.to_str()?)
-            .map_err(login_err)?;
+        let token_text = token.to_str()?;
+        let seen = crate::audit::CiTokenFields::peek(token_text);
+        let attempt = match self.state.oidc.begin(&self.state.ci, token_text) {
+            Ok(attempt) => attempt,
+            Err(e) => {
+                let _ = self.state.observe.ci_login(&app, seen, Err(e.to_string()));
+                return Err(login_err(e));
+            }
+        };
         let state = self.state.clone();
         let login_app = app.clone();
         let binding = self
@@ -279,14 +293,26 @@ impl cluster::Server for ClusterService {
                     .await
             })
             .await
-            .map_err(|e| failed(e.to_string()))?
-            .map_err(login_err)?;
+            .map_err(|e| failed(e.to_string()))?;
+        let binding = match binding {
+            Ok(b) => self
+                .state
+                .observe
+                .ci_login(&app, seen, Ok(b))
+                .map_err(failed)?,
+            Err(e) => {
+                let _ = self.state.observe.ci_login(&app, seen, Err(e.to_string()));
+                return Err(login_err(e));
+            }
+        };
         self.proof.prove();
         tracing::info!(app = %app, binding = %binding.id, "CI login");
         let client: app::Client = capnp_rpc::new_client(AppService {
             state: self.state.clone(),
-            app,
+            app: app.clone(),
         });
+        let actor = Some(Actor::Ci(binding.id.clone()));
+        let client = metered(client, "App", &self.state.observe, actor, Some(app));
         results.get().set_app(client);
         Ok(())
     }
@@ -306,18 +332,19 @@ impl cluster::Server for ClusterService {
         }
         let req = params.get()?.get_request()?;
         let labels = read_labels(req.get_labels()?)?;
-        let (record, cert_pem) = self
-            .state
-            .registry
-            .join(
-                &self.state.ca,
-                req.get_token_id()?.to_str()?,
-                req.get_secret()?,
-                req.get_csr_der()?,
-                req.get_name()?.to_str()?,
-                labels,
-                now_unix(),
-            )
+        let token_id = req.get_token_id()?.to_str()?;
+        let joined = self.state.registry.join(
+            &self.state.ca,
+            token_id,
+            req.get_secret()?,
+            req.get_csr_der()?,
+            req.get_name()?.to_str()?,
+            labels,
+            now_unix(),
+        );
+        let remote = self.conn.remote_address();
+        let (record, cert_pem) = (self.state.observe)
+            .join(token_id, remote, joined)
             .map_err(registry_err)?;
         tracing::info!(runner = %record.id, name = %record.name, remote = %self.conn.remote_address(), "runner joined");
         let mut r = results.get().init_result();
@@ -405,6 +432,7 @@ impl cluster::Server for ClusterService {
             id: id.clone(),
             session,
         });
+        let client = metered(client, "RunnerSession", &self.state.observe, None, None);
         results.get().set_session(client);
         Ok(())
     }
@@ -456,16 +484,26 @@ impl runner_session::Server for RunnerSessionService {
         mut results: runner_session::IssueWorkloadTokenResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
+        let actor = Actor::Runner(self.id.clone());
+        let sandbox_id = p.get_sandbox_id()?.to_str()?;
         // Whatever app the runner might believe in, the record decides.
         let sandbox = self
             .state
             .apps
-            .authorize_token(&self.id, p.get_sandbox_id()?.to_str()?)
-            .map_err(app_err)?;
+            .authorize_token(&self.id, sandbox_id)
+            .map_err(|e| {
+                let why = match e {
+                    AppError::NotYourSandbox => MintRefusal::NotHosted,
+                    _ => MintRefusal::Internal,
+                };
+                (self.state.observe).token_refused(&actor, Some(sandbox_id), why, app_err(e))
+            })?;
         let (audiences, ttl) = token_request(p.get_audiences()?, p.get_ttl_secs())?;
         let subject =
             Subject::new("", &sandbox.app, &sandbox.id).map_err(|e| failed(e.to_string()))?;
-        let token = self.state.mint_off_thread(subject, audiences, ttl).await?;
+        let token = (self.state)
+            .mint_off_thread(actor, subject, audiences, ttl)
+            .await?;
         results.get().set_token(&token);
         Ok(())
     }
@@ -529,6 +567,30 @@ impl runner_session::Server for RunnerSessionService {
 /// What an operator holding the admin certificate may do.
 pub struct AdminService {
     state: Arc<State>,
+    /// The `<name>` of the caller's `admin-<name>` certificate.
+    name: String,
+    /// The admin certificate's holder, for the audit trail.
+    actor: Actor,
+}
+
+/// The shortest admin certificate `renewAdmin` issues: shorter would lock
+/// the holder out before they could renew again.
+pub const MIN_ADMIN_CERT_SECS: u64 = 3600;
+
+/// The lifetime `renewAdmin` issues for a request of `validity_secs`
+/// (0 = the default).
+pub fn admin_cert_validity(validity_secs: u64) -> Result<time::Duration, String> {
+    use crate::datadir::ADMIN_CERT_LIFETIME;
+    if validity_secs == 0 {
+        return Ok(ADMIN_CERT_LIFETIME);
+    }
+    if validity_secs < MIN_ADMIN_CERT_SECS {
+        return Err(format!(
+            "an admin certificate must last at least 1h (asked for {validity_secs}s)"
+        ));
+    }
+    let max = ADMIN_CERT_LIFETIME.whole_seconds() as u64;
+    Ok(time::Duration::seconds(validity_secs.min(max) as i64))
 }
 
 fn write_keys(
@@ -547,14 +609,20 @@ fn write_keys(
 }
 
 impl State {
-    /// Mints a workload token for `subject` at `now`.
+    /// Mints a workload token for `subject` at `now`, asked by `actor`.
     pub fn mint_workload_token(
         &self,
+        actor: &Actor,
         subject: &Subject,
         audiences: &[String],
         ttl: Option<u64>,
         now: i64,
     ) -> Result<String, capnp::Error> {
+        let started = Instant::now();
+        let refused = |why: MintRefusal, e: capnp::Error| {
+            let sandbox = Some(subject.sandbox.as_str());
+            self.observe.token_refused(actor, sandbox, why, e)
+        };
         let claims = WorkloadClaims::new(
             self.issuer.as_str(),
             &self.meta.id,
@@ -564,20 +632,25 @@ impl State {
             now,
             uuid::Uuid::new_v4().to_string(),
         )
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| refused(MintRefusal::BadRequest, failed(e.to_string())))?;
         let minter = self
             .keys
             .read()
-            .map_err(|_| failed("key ring unavailable"))?
+            .map_err(|_| refused(MintRefusal::NoActiveKey, failed("key ring unavailable")))?
             .active(now)
-            .map_err(|e| failed(e.to_string()))?;
-        minter.mint(&claims).map_err(|e| failed(e.to_string()))
+            .map_err(|e| refused(MintRefusal::NoActiveKey, failed(e.to_string())))?;
+        let token = minter
+            .mint(&claims)
+            .map_err(|e| refused(MintRefusal::Internal, failed(e.to_string())))?;
+        self.observe.token_minted(actor, &claims, started);
+        Ok(token)
     }
 
     /// Mints on the blocking pool: one connection's RPC session is pinned
     /// to one thread, but its RSA signatures should use every core.
     pub async fn mint_off_thread(
         self: &Arc<Self>,
+        actor: Actor,
         subject: Subject,
         audiences: Vec<String>,
         ttl: Option<u64>,
@@ -585,7 +658,7 @@ impl State {
         let state = self.clone();
         self.rt
             .spawn_blocking(move || {
-                state.mint_workload_token(&subject, &audiences, ttl, now_unix())
+                state.mint_workload_token(&actor, &subject, &audiences, ttl, now_unix())
             })
             .await
             .map_err(|e| failed(e.to_string()))?
@@ -630,6 +703,7 @@ impl app::Server for AppService {
             upload: std::cell::RefCell::new(Some(upload)),
             rt: self.state.rt.clone(),
         });
+        let client = metered(client, "ArtifactUpload", &self.state.observe, None, None);
         results.get().set_upload(client);
         Ok(())
     }
@@ -761,7 +835,43 @@ impl artifact_upload::Server for UploadService {
     }
 }
 
+impl AdminService {
+    /// An audit line for a change this admin made.
+    fn audit(&self, event: Event) {
+        self.state.observe.changed(&self.actor, event);
+    }
+}
+
 impl admin::Server for AdminService {
+    async fn renew_admin(
+        self: Rc<Self>,
+        params: admin::RenewAdminParams,
+        mut results: admin::RenewAdminResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let validity = admin_cert_validity(p.get_validity_secs()).map_err(failed)?;
+        let csr = p.get_csr_der()?.to_vec();
+        let common_name = format!("admin-{}", self.name);
+        let state = self.state.clone();
+        let cn = common_name.clone();
+        // Signing is quick, but it is CPU work: off the RPC worker.
+        let cert_pem = self
+            .state
+            .rt
+            .spawn_blocking(move || state.ca.issue_client_for_csr(&cn, validity, &csr))
+            .await
+            .map_err(|e| failed(format!("issuing the admin certificate: {e}")))?
+            .map_err(|e| failed(e.to_string()))?;
+        let expires = transport::pki::not_after_unix(&cert_pem).unwrap_or_default();
+        tracing::info!(
+            subject = %common_name,
+            expires_unix = expires,
+            "admin certificate issued to an admin (renewal)"
+        );
+        results.get().set_cert_pem(&cert_pem);
+        Ok(())
+    }
+
     async fn app(
         self: Rc<Self>,
         params: admin::AppParams,
@@ -771,8 +881,10 @@ impl admin::Server for AdminService {
         crate::apps::check_app_name(&name).map_err(app_err)?;
         let client: app::Client = capnp_rpc::new_client(AppService {
             state: self.state.clone(),
-            app: name,
+            app: name.clone(),
         });
+        let actor = Some(self.actor.clone());
+        let client = metered(client, "App", &self.state.observe, actor, Some(name));
         results.get().set_app(client);
         Ok(())
     }
@@ -798,7 +910,14 @@ impl admin::Server for AdminService {
         _: admin::SetRouteResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        crate::ingress::Routes::set(&self.state, p.get_host()?.to_str()?, p.get_app()?.to_str()?)
+        let (host, app) = (p.get_host()?.to_str()?, p.get_app()?.to_str()?);
+        crate::ingress::Routes::set(&self.state, host, app)
+            .inspect(|()| {
+                self.audit(Event::RouteSet {
+                    host: host.into(),
+                    app: app.into(),
+                })
+            })
             .map_err(failed)
     }
 
@@ -818,7 +937,9 @@ impl admin::Server for AdminService {
         params: admin::RemoveRouteParams,
         _: admin::RemoveRouteResults,
     ) -> Result<(), capnp::Error> {
-        crate::ingress::Routes::remove(&self.state, params.get()?.get_host()?.to_str()?)
+        let host = params.get()?.get_host()?.to_str()?;
+        crate::ingress::Routes::remove(&self.state, host)
+            .inspect(|()| self.audit(Event::RouteRemoved { host: host.into() }))
             .map_err(failed)
     }
 
@@ -830,11 +951,13 @@ impl admin::Server for AdminService {
         let json = params.get()?.get_binding_json()?.to_str()?;
         let binding: identity::bindings::Binding =
             serde_json::from_str(json).map_err(|e| failed(format!("binding is not valid: {e}")))?;
+        let summary = crate::observe::BindingSummary::of(&binding);
         let id = self
             .state
             .ci
             .add(binding)
             .map_err(|e| failed(e.to_string()))?;
+        (self.state.observe).binding_added(&self.actor, &id, &summary);
         results.get().set_id(&id);
         Ok(())
     }
@@ -861,6 +984,7 @@ impl admin::Server for AdminService {
             .ci
             .remove(id)
             .map_err(|e| failed(e.to_string()))?;
+        self.audit(Event::BindingRemoved { binding: id.into() });
         Ok(())
     }
 
@@ -873,7 +997,16 @@ impl admin::Server for AdminService {
         let req: crate::route_oidc::EnableRequest =
             serde_json::from_str(p.get_config_json()?.to_str()?)
                 .map_err(|e| failed(e.to_string()))?;
-        crate::route_oidc::enable(&self.state, p.get_host()?.to_str()?, req).map_err(failed)
+        let host = p.get_host()?.to_str()?;
+        let provider = req.provider.as_deref().map(Into::into);
+        crate::route_oidc::enable(&self.state, host, req)
+            .inspect(|()| {
+                self.audit(Event::RouteOidcEnabled {
+                    host: host.into(),
+                    provider,
+                })
+            })
+            .map_err(failed)
     }
 
     async fn route_oidc_show(
@@ -892,7 +1025,10 @@ impl admin::Server for AdminService {
         params: admin::RouteOidcDisableParams,
         _: admin::RouteOidcDisableResults,
     ) -> Result<(), capnp::Error> {
-        crate::route_oidc::disable(&self.state, params.get()?.get_host()?.to_str()?).map_err(failed)
+        let host = params.get()?.get_host()?.to_str()?;
+        crate::route_oidc::disable(&self.state, host)
+            .inspect(|()| self.audit(Event::RouteOidcDisabled { host: host.into() }))
+            .map_err(failed)
     }
 
     async fn list_oidc_providers(
@@ -910,7 +1046,13 @@ impl admin::Server for AdminService {
         params: admin::RemoveOidcProviderParams,
         _: admin::RemoveOidcProviderResults,
     ) -> Result<(), capnp::Error> {
-        crate::route_oidc::remove_provider(&self.state, params.get()?.get_name()?.to_str()?)
+        let name = params.get()?.get_name()?.to_str()?;
+        crate::route_oidc::remove_provider(&self.state, name)
+            .inspect(|()| {
+                self.audit(Event::OidcProviderRemoved {
+                    provider: name.into(),
+                })
+            })
             .map_err(failed)
     }
 
@@ -1007,6 +1149,7 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let id = params.get()?.get_id()?.to_str()?;
         let removed = self.state.registry.remove(id).map_err(registry_err)?;
+        self.state.observe.runner_removed(&self.actor, &removed);
         tracing::info!(runner = %removed.id, "runner removed");
         Ok(())
     }
@@ -1017,10 +1160,12 @@ impl admin::Server for AdminService {
         _: admin::SetRunnerCordonResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        self.state
+        let record = self
+            .state
             .registry
             .set_cordon(p.get_id()?.to_str()?, p.get_cordoned())
             .map_err(registry_err)?;
+        self.state.observe.runner_cordoned(&self.actor, &record);
         Ok(())
     }
 
@@ -1037,7 +1182,10 @@ impl admin::Server for AdminService {
         )
         .map_err(|e| failed(e.to_string()))?;
         let (audiences, ttl) = token_request(p.get_audiences()?, p.get_ttl_secs())?;
-        let token = self.state.mint_off_thread(subject, audiences, ttl).await?;
+        let actor = self.actor.clone();
+        let token = (self.state)
+            .mint_off_thread(actor, subject, audiences, ttl)
+            .await?;
         results.get().set_token(&token);
         Ok(())
     }
@@ -1119,6 +1267,46 @@ impl admin::Server for AdminService {
         Ok(())
     }
 
+    async fn read_audit(
+        self: Rc<Self>,
+        params: admin::ReadAuditParams,
+        mut results: admin::ReadAuditResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let mut actions = Vec::new();
+        for a in p.get_actions()? {
+            actions.push(a?.to_string()?);
+        }
+        let app = p.get_app()?.to_string()?;
+        let query = crate::audit::Query {
+            since_ms: Some(p.get_since_unix_ms()).filter(|t| *t > 0),
+            after_seq: p.get_after_seq(),
+            app: Some(app).filter(|a| !a.is_empty()),
+            actions,
+            limit: p.get_limit() as usize,
+        };
+        let Some(dir) = self.state.observe.audit.dir().map(|d| d.to_path_buf()) else {
+            return Err(failed(
+                "this coordinator keeps no audit trail (it runs with --no-observe)",
+            ));
+        };
+        let page = self
+            .state
+            .rt
+            .spawn_blocking(move || crate::audit::read(&dir, &query))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(format!("reading the audit trail: {e}")))?;
+        let mut r = results.get();
+        r.set_last_seq(page.last_seq);
+        r.set_more(page.more);
+        let mut list = r.init_lines(page.lines.len() as u32);
+        for (i, l) in page.lines.iter().enumerate() {
+            list.set(i as u32, l);
+        }
+        Ok(())
+    }
+
     async fn list_signing_keys(
         self: Rc<Self>,
         _: admin::ListSigningKeysParams,
@@ -1132,5 +1320,30 @@ impl admin::Server for AdminService {
             .statuses(now_unix());
         write_keys(&statuses, results.get().init_keys(statuses.len() as u32));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_certificates_last_ten_years_unless_asked_for_less_but_at_least_an_hour() {
+        assert_eq!(
+            admin_cert_validity(0),
+            Ok(crate::datadir::ADMIN_CERT_LIFETIME)
+        );
+        assert_eq!(
+            admin_cert_validity(30 * 86_400),
+            Ok(time::Duration::days(30))
+        );
+        assert_eq!(
+            admin_cert_validity(u64::MAX),
+            Ok(crate::datadir::ADMIN_CERT_LIFETIME)
+        );
+        assert!(admin_cert_validity(3599)
+            .unwrap_err()
+            .contains("at least 1h"));
+        assert_eq!(admin_cert_validity(3600), Ok(time::Duration::hours(1)));
     }
 }

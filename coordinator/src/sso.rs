@@ -176,6 +176,8 @@ pub struct Sso {
     /// held while the provider is asked, so concurrent requests of one
     /// session share one refresh.
     refreshes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<RefreshSlot>>>>,
+    /// Counts and audits logins, refreshes and logouts.
+    observe: Arc<crate::observe::Observe>,
 }
 
 /// What a sealed cookie is bound to: the scheme, the host, and the
@@ -325,7 +327,13 @@ impl Sso {
             ended: Mutex::new(ended),
             meta: Mutex::new(HashMap::new()),
             refreshes: Mutex::new(HashMap::new()),
+            observe: Arc::new(crate::observe::Observe::disabled()),
         })
+    }
+
+    /// Counts and audits in `observe`.
+    pub fn observed(self, observe: Arc<crate::observe::Observe>) -> Self {
+        Sso { observe, ..self }
     }
 
     fn seal(&self, aad: &str, plain: &[u8]) -> Option<String> {
@@ -448,7 +456,7 @@ impl Sso {
     async fn refresh(
         &self,
         oidc: &crate::oidc::OidcVerifier,
-        provider: &Provider,
+        (host, provider): (&str, &Provider),
         issuer: &IssuerUrl,
         session: &SessionClaims,
         mappings: &[ClaimHeader],
@@ -490,6 +498,10 @@ impl Sso {
         let result = self
             .renew(oidc, provider, issuer, &current, mappings, now)
             .await;
+        // Counted (and a refusal audited) when the provider was asked, not
+        // when a remembered refusal is repeated.
+        self.observe
+            .route_oidc_refresh(host, &provider.name, &result);
         *latest = match &result {
             Ok(renewed) => RefreshSlot::Done(renewed.clone()),
             Err(why) => RefreshSlot::Failed {
@@ -623,6 +635,7 @@ impl Sso {
         if path == LOGOUT_PATH {
             if let Some(s) = self.session(&scope, cookies, now) {
                 self.end(&s, now);
+                self.observe.route_oidc_logout(host, &provider.name);
             }
             let after = match self.meta(oidc, &issuer).await {
                 Ok(ProviderMeta {
@@ -640,9 +653,11 @@ impl Sso {
             return redirect(&after, vec![scope.set_cookie(SESSION_COOKIE, "", 0)]);
         }
         if path == CALLBACK_PATH {
-            return self
-                .callback(oidc, provider, &issuer, &scope, req, &redirect_uri)
-                .await;
+            let answer = (self.callback(oidc, provider, &issuer, &scope, req, &redirect_uri)).await;
+            if let Gate::Respond(status @ 400.., _, why) = &answer {
+                (self.observe).route_oidc_login_refused(host, &provider.name, *status, why);
+            }
+            return answer;
         }
         let mut clear_session = None;
         if let Some(s) = self.session(&scope, cookies, now) {
@@ -650,7 +665,7 @@ impl Sso {
                 return Gate::Proxy(s.claims, vec![]);
             }
             match self
-                .refresh(oidc, provider, &issuer, &s, req.claim_headers, now)
+                .refresh(oidc, (host, provider), &issuer, &s, req.claim_headers, now)
                 .await
             {
                 Ok(renewed) => {
@@ -833,6 +848,7 @@ impl Sso {
             Ok(c) => c,
             Err(answer) => return answer,
         };
+        (self.observe).route_oidc_login(scope.host, &provider.name, &verified.subject);
         redirect(
             &login.ret,
             vec![cookie, scope.set_cookie(&cookie_base, "", 0)],
@@ -856,6 +872,7 @@ async fn token_request(
     let mut resp = oidc
         .client
         .post(&meta.token_endpoint)
+        .map_err(|_| "token endpoint: refused (the coordinator log says why)".to_string())?
         .header("content-type", "application/x-www-form-urlencoded")
         .header("authorization", format!("Basic {basic}"))
         .body(form)

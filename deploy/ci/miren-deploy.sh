@@ -9,5 +9,10 @@
 set -euo pipefail
 : "${MIREN_CLUSTER:?set MIREN_CLUSTER to the cluster address (miren cluster export-address)}"
 : "${MIREN_APP:?set MIREN_APP to the app name}"
+# 1. Install the CLI when the job image does not have it.
 command -v miren >/dev/null || "$(dirname "$0")/install-miren.sh"
+# 2. Say which CLI this job runs (version, commit, build date).
+miren version
+# 3. Deploy: the CLI finds the job's OIDC token and the coordinator checks
+#    it against the app's CI bindings.
 exec miren deploy --dir "${1:-.}"

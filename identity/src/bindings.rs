@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -389,17 +389,15 @@ impl Binding {
     }
 }
 
-/// Whether the issuer's host is `localhost` (or under `.localhost`) or an IP
-/// literal in a loopback, private, link-local, shared (CGNAT), unspecified or
-/// broadcast range, IPv4-mapped and NAT64 IPv6 forms included. Numeric IPv4
-/// spellings that resolvers accept (`2130706433`, `127.1`, `0x7f.1`) count
-/// as IP literals.
-///
-/// A DNS name cannot be judged without resolving it, which this pure crate
-/// does not do: this returns `false` for every other name, and the caller
-/// that fetches from the issuer must check the addresses it actually
-/// connects to.
-pub fn issuer_host_is_private_or_loopback(issuer: &IssuerUrl) -> bool {
+/// The address an issuer's host names without DNS: an IP literal (numeric
+/// IPv4 spellings that resolvers accept, `2130706433`, `127.1`, `0x7f.1`,
+/// included; an IPv6 zone id dropped), or `127.0.0.1` for `localhost` and
+/// names under `.localhost` (RFC 6761 reserves them for loopback). `None`
+/// for every other name: a DNS name cannot be judged without resolving it,
+/// which this pure crate does not do, so the caller that fetches from the
+/// issuer checks the addresses it actually connects to with the same rule
+/// ([`crate::ip::AddressPolicy`]).
+pub fn issuer_literal_address(issuer: &IssuerUrl) -> Option<IpAddr> {
     let rest = issuer.as_str().strip_prefix("https://").unwrap_or("");
     let authority = rest.split('/').next().unwrap_or("");
     let host = if let Some(bracketed) = authority.strip_prefix('[') {
@@ -410,40 +408,22 @@ pub fn issuer_host_is_private_or_loopback(issuer: &IssuerUrl) -> bool {
         authority.split(':').next().unwrap_or("")
     };
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host == "localhost" || host.ends_with(".localhost") {
-        return true;
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
     if let Ok(v6) = host.parse::<Ipv6Addr>() {
-        return ipv6_is_private(v6);
+        return Some(IpAddr::V6(v6));
     }
-    match parse_numeric_ipv4(host) {
-        Some(v4) => ipv4_is_private(v4),
-        None => false,
-    }
+    parse_numeric_ipv4(host).map(IpAddr::V4)
 }
 
-fn ipv4_is_private(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    a == 0 // "this network", 0.0.0.0 included
-        || ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local()
-        || ip.is_broadcast()
-        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-}
-
-fn ipv6_is_private(ip: Ipv6Addr) -> bool {
-    let s = ip.segments();
-    let embedded_v4 =
-        || Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    ip.is_loopback()
-        || ip.is_unspecified()
-        || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
-        || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-        || (s[0] & 0xffc0) == 0xfec0 // deprecated site-local fec0::/10
-        || (s[..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff && ipv4_is_private(embedded_v4()))
-        || (s[..6] == [0, 0, 0, 0, 0, 0] && ipv4_is_private(embedded_v4()))
-        || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && ipv4_is_private(embedded_v4()))
+/// Whether the issuer's host is `localhost` (or under `.localhost`) or an IP
+/// literal that is not public ([`crate::ip::is_public`]: loopback, private,
+/// link-local, shared (CGNAT), unspecified, multicast, documentation,
+/// reserved; IPv4-mapped, compatible, NAT64 and 6to4 forms included).
+/// `false` for every other name; see [`issuer_literal_address`].
+pub fn issuer_host_is_private_or_loopback(issuer: &IssuerUrl) -> bool {
+    issuer_literal_address(issuer).is_some_and(|ip| !crate::ip::is_public(ip))
 }
 
 /// Parses the IPv4 spellings of `inet_aton`: one to four dot-separated
@@ -1266,6 +1246,21 @@ mod tests {
     }
 
     #[test]
+    fn literal_addresses_of_issuers() {
+        let lit = |url: &str| issuer_literal_address(&IssuerUrl::parse(url).expect("issuer"));
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        assert_eq!(lit("https://localhost:8443"), ip("127.0.0.1"));
+        assert_eq!(lit("https://ci.localhost"), ip("127.0.0.1"));
+        assert_eq!(lit("https://0x7f.1/x"), ip("127.0.0.1"));
+        assert_eq!(lit("https://10.0.0.1:9000"), ip("10.0.0.1"));
+        assert_eq!(lit("https://[fe80::1%25eth0]"), ip("fe80::1"));
+        assert_eq!(lit("https://[2606:4700::1]:8443"), ip("2606:4700::1"));
+        assert_eq!(lit("https://8.8.8.8"), ip("8.8.8.8"));
+        assert_eq!(lit("https://token.actions.githubusercontent.com"), None);
+        assert_eq!(lit("https://127.0.0.1.nip.io"), None);
+    }
+
+    #[test]
     fn private_and_loopback_issuers_are_recognised() {
         for url in [
             "https://localhost",
@@ -1292,6 +1287,8 @@ mod tests {
             "https://[::ffff:127.0.0.1]",
             "https://[::ffff:10.0.0.1]",
             "https://[64:ff9b::a00:1]",
+            "https://[2001:db8::1]",
+            "https://224.0.0.1",
         ] {
             assert!(private(url), "{url}");
         }
@@ -1301,7 +1298,7 @@ mod tests {
             "https://8.8.8.8",
             "https://172.32.0.1",
             "https://100.128.0.1",
-            "https://[2001:db8::1]",
+            "https://[2606:4700:4700::1111]",
             "https://[::ffff:8.8.8.8]",
             "https://127.0.0.1.nip.io",
             "https://notlocalhost",

@@ -9,17 +9,20 @@ pub mod bindings;
 pub mod claims;
 pub mod documents;
 pub mod glob;
+pub mod headers;
 pub mod inspect;
+pub mod ip;
 pub mod join_token;
 pub mod keys;
 pub mod mint;
+pub mod renewal;
 pub mod route_oidc;
 pub mod verify;
 
 pub use address::{AddressError, ClusterAddress, Fingerprint};
 pub use bindings::{
-    issuer_host_is_private_or_loopback, Binding, BindingError, BindingSet, BindingSetError,
-    Condition, NoMatch,
+    issuer_host_is_private_or_loopback, issuer_literal_address, Binding, BindingError, BindingSet,
+    BindingSetError, Condition, NoMatch,
 };
 pub use claims::{
     clamp_ttl, ClaimsError, Subject, SubjectError, SubjectField, WorkloadClaims, DEFAULT_AUDIENCE,
@@ -28,6 +31,7 @@ pub use claims::{
 pub use documents::{DiscoveryDocument, DiscoveryError, IssuerUrl, IssuerUrlError, Jwks};
 pub use glob::{Glob, GlobError};
 pub use inspect::{inspect, InspectError, KidLookup, UnverifiedToken};
+pub use ip::{classify, is_public, AddressClass, AddressPolicy, CidrError, IpCidr, Refused};
 pub use keys::{Algorithm, Jwk, JwkError, KeyError, KeyMaterial, PublicKey, SigningKeyPair};
 pub use mint::{MintError, Minter};
 pub use verify::{

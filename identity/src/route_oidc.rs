@@ -39,6 +39,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+/// The filter of client-sent headers, shared with the forwarding headers
+/// (see [`crate::headers`]).
+pub use crate::headers::HeaderFilter;
+use crate::headers::{normalise_header_name, same_header_name};
+
 /// Longest accepted claim name in a `--claim-header` mapping, in bytes.
 pub const MAX_CLAIM_NAME_LEN: usize = 128;
 /// Longest accepted header name in a `--claim-header` mapping, in bytes.
@@ -312,30 +317,6 @@ fn is_tchar(c: char) -> bool {
         )
 }
 
-/// One byte of a header name in the form used for comparisons: ASCII
-/// lowercase, with `_` read as `-`.
-fn normalise_header_byte(b: u8) -> u8 {
-    match b {
-        b'_' => b'-',
-        other => other.to_ascii_lowercase(),
-    }
-}
-
-fn normalise_header_name(name: &str) -> String {
-    name.bytes()
-        .map(|b| char::from(normalise_header_byte(b)))
-        .collect()
-}
-
-/// Whether two header names are the same once ASCII case is ignored and
-/// `_` and `-` are treated as one character.
-fn same_header_name(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .all(|(x, y)| normalise_header_byte(x) == normalise_header_byte(y))
-}
-
 /// Refuses a set of mappings in which two name the same header (ignoring
 /// ASCII case and `_`/`-`), such as `email:X-User` and `name:x_user`.
 ///
@@ -354,44 +335,6 @@ pub fn ensure_distinct_headers(mappings: &[ClaimHeader]) -> Result<(), Duplicate
         }
     }
     Ok(())
-}
-
-/// Decides which headers of a client's request are removed before the
-/// request is proxied to a protected app.
-///
-/// Every configured claim header is removed, whether or not the user's
-/// token holds that claim, so a header the app receives under such a name
-/// was always set by the ingress. Names match ignoring ASCII case and
-/// treating `_` and `-` as the same character: `X-User-Email`,
-/// `x-user-email`, `X_User_Email` and `x_user-email` are all removed when
-/// `X-User-Email` is configured, because backends that turn headers into
-/// variables (`HTTP_X_USER_EMAIL`) cannot tell them apart.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct HeaderFilter {
-    /// Configured header names, normalised (lowercase, `_` as `-`).
-    names: Vec<String>,
-}
-
-impl HeaderFilter {
-    /// A filter removing every header named in `mappings`.
-    pub fn new(mappings: &[ClaimHeader]) -> Self {
-        let mut names: Vec<String> = Vec::with_capacity(mappings.len());
-        for m in mappings {
-            let n = normalise_header_name(&m.header);
-            if !names.contains(&n) {
-                names.push(n);
-            }
-        }
-        Self { names }
-    }
-
-    /// Whether a header of the client's request, named `incoming_header_name`,
-    /// must be removed before proxying.
-    pub fn strips(&self, incoming_header_name: &str) -> bool {
-        self.names
-            .iter()
-            .any(|n| same_header_name(n, incoming_header_name))
-    }
 }
 
 /// Why a claim value is not passed to the app; see [`render_claim_checked`].
@@ -949,37 +892,6 @@ mod tests {
                 second: "x_user".into()
             })
         );
-    }
-
-    #[test]
-    fn filter_strips_configured_header_in_any_case_and_separator() {
-        let filter = HeaderFilter::new(&[ch("email:X-User-Email"), ch("groups:X-Groups")]);
-        for name in [
-            "X-User-Email",
-            "x-user-email",
-            "X_User_Email",
-            "x_user-email",
-            "X-USER_EMAIL",
-            "x-groups",
-        ] {
-            assert!(filter.strips(name), "{name}");
-        }
-        for name in [
-            "X-User-Emails",
-            "X-User-Emai",
-            "XUser-Email",
-            "X-User Email",
-            "Host",
-            "",
-        ] {
-            assert!(!filter.strips(name), "{name}");
-        }
-    }
-
-    #[test]
-    fn empty_filter_strips_nothing() {
-        let filter = HeaderFilter::new(&[]);
-        assert!(!filter.strips("X-User-Email"));
     }
 
     #[test]

@@ -852,6 +852,7 @@ fn swarm_main() -> anyhow::Result<()> {
         for (i, data) in joined.into_iter().enumerate() {
             let mut stop = stop_rx.clone();
             let opts = runner::RunnerOptions {
+                build: Default::default(),
                 data_dir: data.dir,
                 join: None,
                 name: String::new(),
@@ -859,6 +860,7 @@ fn swarm_main() -> anyhow::Result<()> {
                 isolation: "none".into(),
                 token_file_ttl: 3600,
                 token_misses: Default::default(),
+                metrics: runner::metrics::Metrics::new(true),
                 sandbox_limits: Default::default(),
             };
             tasks.push(tokio::task::spawn_local(async move {

@@ -31,6 +31,12 @@
 //!    the server. Timings are reported, never asserted; every phase is
 //!    bounded in time.
 //!
+//! All of it runs twice in one run: with metrics and the audit trail on
+//! (the default, plus `--metrics-listen` on both) and with them off
+//! (`--no-observe` on the server and the runner), and the last lines put
+//! the two side by side (the cost of observing must stay within noise).
+//! `MIREN_BENCH_ROUNDS=N` alternates the two N times.
+//!
 //! The coordinator, the runner, the sandbox and this client share the
 //! machine's cores, so uncached minting competes with the client itself.
 //! Under `cargo test --benches` (no `--bench` argument) a quick pass with
@@ -139,10 +145,17 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> anyhow::Result<Cluster> {
+    /// `observe`: metrics and audit on (with a metrics listener each), or
+    /// `--no-observe`.
+    fn start(observe: bool) -> anyhow::Result<Cluster> {
         let dir = temp();
         let cfg = dir.path().join("c.yaml");
-        let server = Server::try_start(&dir.path().join("coord"), &cfg, "127.0.0.1:0", &[])
+        let flags: &[&str] = if observe {
+            &["--metrics-listen", "127.0.0.1:0"]
+        } else {
+            &["--no-observe"]
+        };
+        let server = Server::try_start(&dir.path().join("coord"), &cfg, "127.0.0.1:0", flags)
             .map_err(|e| anyhow!("server did not start: {e}"))?;
         let code = ok(miren(&cfg, &["runner", "token", "create"], &[]))?;
         // Under namespace isolation the endpoint is reachable only inside
@@ -150,6 +163,7 @@ impl Cluster {
         // loopback TCP (binaries without the flag always run them).
         let help = miren(&cfg, &["runner", "--help"], &[]).stdout;
         let mut extra = vec!["--name", "r1"];
+        extra.extend(flags);
         if help.contains("--isolation") {
             extra.extend(["--isolation", "none"]);
         }
@@ -540,11 +554,71 @@ fn check_token(body: &[u8]) -> anyhow::Result<String> {
 fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
     let total = Instant::now();
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
-    let cluster = Cluster::start()?;
-    let result = measure(s, cores, &cluster.cfg);
-    cluster.stop();
-    let m = result?;
+    let rounds: usize = std::env::var("MIREN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut runs: Vec<(bool, Measured)> = Vec::new();
+    for round in 0..rounds {
+        // Alternate which goes first, so a drift in load favours neither.
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for observe in order {
+            let cluster = Cluster::start(observe)?;
+            let result = measure(s, cores, &cluster.cfg);
+            cluster.stop();
+            runs.push((observe, result?));
+        }
+    }
+    for (observe, m) in &runs {
+        report(m, *observe, cores);
+    }
+    compare(&runs);
+    println!("total {:.1} s", total.elapsed().as_secs_f64());
+    if !benching {
+        println!(
+            "(quick pass: run `cargo bench -p integration-tests --bench tokens_endpoint` for real numbers)"
+        );
+    }
+    Ok(())
+}
 
+/// Mean of the figures with observation on and off, side by side.
+fn compare(runs: &[(bool, Measured)]) {
+    let mean = |on: bool, f: &dyn Fn(&Measured) -> f64| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|(o, _)| *o == on)
+            .map(|(_, m)| f(m))
+            .collect();
+        v.iter().sum::<f64>() / (v.len().max(1) as f64)
+    };
+    println!();
+    println!("metrics + audit on vs off (--no-observe), same run:");
+    type Figure = (&'static str, fn(&Measured) -> f64);
+    let figures: [Figure; 5] = [
+        ("cached p50 us (1 conn)", |m| m.cached1.pct_us(50.0)),
+        ("cached p99 us (1 conn)", |m| m.cached1.pct_us(99.0)),
+        ("cached rate/s (2 conns)", |m| m.cached2.rate()),
+        ("uncached rate/s", |m| m.uncached.rate()),
+        ("uncached / raw sign", |m| {
+            m.uncached.rate() / (m.signs as f64 / m.sign_wall.as_secs_f64().max(1e-9)).max(1e-9)
+        }),
+    ];
+    for (name, f) in figures {
+        let (on, off) = (mean(true, &f), mean(false, &f));
+        println!(
+            "  {name:<26} on {on:>10.2}   off {off:>10.2}   on/off {:.3}",
+            on / off.max(1e-9)
+        );
+    }
+}
+
+fn report(m: &Measured, observe: bool, cores: usize) {
     let row = |name: &str, st: &Stats, lat: bool| {
         let (p50, p99) = if lat {
             (
@@ -567,7 +641,8 @@ fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
     println!();
     println!(
         "token endpoint bench: 1 coordinator + 1 runner + 1 sandbox (plain process) on \
-         loopback, {cores} cores"
+         loopback, {cores} cores; metrics + audit {}",
+        if observe { "ON" } else { "OFF (--no-observe)" }
     );
     println!(
         "{:<38} {:>9} {:>7} {:>8} {:>10} {:>8} {:>8}",
@@ -624,17 +699,7 @@ fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
          and this client all share the same {cores} cores, so uncached minting competes with the \
          client driving it; the raw sign rate had the cores to itself."
     );
-    println!(
-        "sandbox token subject: {}; total {:.1} s",
-        m.subject,
-        total.elapsed().as_secs_f64()
-    );
-    if !benching {
-        println!(
-            "(quick pass: run `cargo bench -p integration-tests --bench tokens_endpoint` for real numbers)"
-        );
-    }
-    Ok(())
+    println!("sandbox token subject: {}", m.subject);
 }
 
 struct Measured {

@@ -3,8 +3,9 @@
 
 usage: oidc_issuer.py DIR BEARER
 
-Writes DIR/ca.pem (its self-signed certificate, for 127.0.0.1) and prints
-"READY <port>". Serves:
+Writes DIR/ca.pem (the CA of its certificate, for 127.0.0.1 and localhost)
+and prints "READY <port>". It is the issuer https://127.0.0.1:<port>, or
+https://localhost:<port> to requests that name that host. Serves:
   /.well-known/openid-configuration, /jwks     the issuer's documents
   /token?audience=A&repository=R&event_name=E&ref=F[&sub=S][&exp_offset=N]
         [&aud_override=X][&kid=random]          like ACTIONS_ID_TOKEN_REQUEST_URL
@@ -46,7 +47,7 @@ def new_key():
 
 
 def tls_context():
-    """A CA (written to DIR/ca.pem) and a leaf for 127.0.0.1 signed by it."""
+    """A CA (written to DIR/ca.pem) and a leaf for 127.0.0.1 and localhost signed by it."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test issuer CA")])
@@ -70,7 +71,8 @@ def tls_context():
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                    x509.DNSName("localhost")]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -99,7 +101,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         path, _, query = self.path.partition("?")
         q = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
-        issuer = "https://127.0.0.1:%d" % self.server.server_address[1]
+        # The issuer is named by the host the request was sent to: 127.0.0.1
+        # or localhost (a name that resolves to loopback, for the outbound
+        # address checks), nothing else.
+        host = self.headers.get("Host", "").rsplit(":", 1)[0]
+        if host != "localhost":
+            host = "127.0.0.1"
+        issuer = "https://%s:%d" % (host, self.server.server_address[1])
         if path == "/.well-known/openid-configuration":
             self._json(200, {"issuer": issuer, "jwks_uri": issuer + "/jwks",
                              "response_types_supported": ["id_token"],

@@ -306,6 +306,21 @@ pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The repository's root (for fixtures and the example app).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration-tests sits in the repository")
+        .to_path_buf()
+}
+
+/// `miren app status -a APP -o json` as JSON.
+pub fn app_status(config: &Path, app: &str) -> serde_json::Value {
+    let run = miren(config, &["app", "status", "-a", app, "-o", "json"], &[]);
+    assert!(run.ok, "{run:?}");
+    serde_json::from_str(&run.stdout).expect("app status -o json")
+}
+
 /// `miren runner list -o json` as JSON.
 pub fn runners(config: &Path) -> Vec<serde_json::Value> {
     let run = miren(config, &["runner", "list", "-o", "json"], &[]);
@@ -584,7 +599,9 @@ impl Drop for NodeOidcProvider {
 }
 
 /// A coordinator with one runner (`--isolation none`) and the probe app
-/// (`fixtures/probe-app`: `/headers` answers the request headers as JSON)
+/// (`fixtures/probe-app`: `/headers` answers the request headers as JSON,
+/// `/echo-upgrade` switches protocols and echoes, `POST /echo-body` reads
+/// its body)
 /// deployed under a name: what the ingress journeys start from.
 pub struct ProbeCluster {
     pub server: Server,

@@ -9,18 +9,7 @@ use base64::Engine as _;
 use integration_tests::{http_get_host, miren, outside_verify, temp, wait_for, RunnerProc, Server};
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn status(cfg: &Path, app: &str) -> Value {
-    let run = miren(cfg, &["app", "status", "-a", app, "-o", "json"], &[]);
-    assert!(run.ok, "{run:?}");
-    serde_json::from_str(&run.stdout).unwrap()
-}
+use integration_tests::{app_status as status, repo_root as repo};
 
 fn sandboxes(status: &Value) -> Vec<Value> {
     status["sandboxes"].as_array().cloned().unwrap_or_default()

@@ -5,7 +5,7 @@
 //! two uploads at a time; an abandoned one frees its slot and its file.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,18 +14,7 @@ use schema::miren_capnp::{app, artifact_upload, cluster};
 use serde_json::Value;
 use transport::tls::ClientIdentity;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn status(cfg: &Path, app: &str) -> Value {
-    let run = miren(cfg, &["app", "status", "-a", app, "-o", "json"], &[]);
-    assert!(run.ok, "{run:?}");
-    serde_json::from_str(&run.stdout).unwrap()
-}
+use integration_tests::{app_status as status, repo_root as repo};
 
 /// The names of the files in `dir` that look like `<sha256><suffix>`.
 fn digests(dir: &Path, suffix: &str) -> BTreeSet<String> {

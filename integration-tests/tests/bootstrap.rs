@@ -45,7 +45,13 @@ fn pinned_cli_gets_status_and_wrong_fingerprint_is_refused() {
     assert!(status.ok, "{status:?}");
     let doc: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(doc["identity"], "anonymous");
-    assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+    // The server's build: `0.1.0 (commit …, built …)`.
+    assert!(
+        doc["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(&format!("{} (commit ", env!("CARGO_PKG_VERSION")))),
+        "{doc}"
+    );
     assert!(doc["issuer_url"].as_str().unwrap().starts_with("https://"));
     assert!(
         doc.get("uptime_secs").is_none(),

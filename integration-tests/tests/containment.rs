@@ -223,6 +223,12 @@ fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
     }
     assert_eq!(report["token_write"], "refused: Read-only file system");
     assert_own_environment(&report);
+    // Root-only host files are not there, nested user namespaces fail.
+    assert_eq!(
+        report["shadow"], "refused: No such file or directory",
+        "{report}"
+    );
+    assert_eq!(report["nested_userns"], "refused", "{report}");
 
     // The runner logs and rewrites the token file with every name planted.
     wait_token_refresh(&c, "hostile");
@@ -303,10 +309,7 @@ fn disk_use(dir: &Path) -> u64 {
 }
 
 fn sandbox_of(cfg: &Path, app: &str) -> Value {
-    let run = miren(cfg, &["app", "status", "-a", app, "-o", "json"], &[]);
-    assert!(run.ok, "{run:?}");
-    let st: Value = serde_json::from_str(&run.stdout).expect("status json");
-    st["sandboxes"][0].clone()
+    integration_tests::app_status(cfg, app)["sandboxes"][0].clone()
 }
 
 #[test]

@@ -221,11 +221,15 @@ fn enable(cluster: &ProbeCluster, target: &str, provider: &NodeOidcProvider) {
             CLIENT_ID,
             "--client-secret",
             CLIENT_SECRET,
+            // The documented forms: scopes and claim headers as separate
+            // words after one flag (the login below needs the email scope
+            // and both headers, so a misparse fails it).
             "--scope",
-            "openid email profile",
+            "openid",
+            "email",
+            "profile",
             "--claim-header",
             "email:X-User-Email",
-            "--claim-header",
             "groups:X-User-Groups",
         ],
         &[],
@@ -267,6 +271,8 @@ impl Protected {
         let mut args = vec![
             "--labs".to_string(),
             "routeoidc".into(),
+            // The provider listens on 127.0.0.1.
+            "--oidc-allow-loopback-issuers".into(),
             "--oidc-ca-file".into(),
             tls.ca.to_str().unwrap().into(),
         ];

@@ -30,6 +30,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How a runner is started.
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
+    /// What this binary is, as `runner list` reports it.
+    pub build: transport::build_info::BuildInfo,
     pub data_dir: PathBuf,
     /// Join token, needed only until the runner has joined.
     pub join: Option<String>,
@@ -47,6 +49,8 @@ pub struct RunnerOptions {
     /// How many new (uncached) tokens each sandbox may have minted: a burst,
     /// then a rate; over it its endpoint answers 429.
     pub token_misses: MissLimit,
+    /// What this runner counts, and its readiness (connected or not).
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 enum SessionEnd {
@@ -105,6 +109,13 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
         isolation: isolation.name().to_string(),
         ..opts
     };
+    match transport::rlimit::raise_open_files_limit(crate::sandbox::RUNNER_OPEN_FILES) {
+        Ok(limit) if limit < 4096 => eprintln!(
+            "WARNING: the open files limit is {limit}: sandboxes' connections to their token endpoints and ingress streams share it; raise it (LimitNOFILE=, ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not read or raise the open files limit: {e}"),
+    }
     let policy = crate::limits::LimitPolicy::for_this_host(opts.sandbox_limits)
         .context("sandbox limits (--sandbox-memory, --sandbox-cpus, --sandbox-pids)")?;
     let runner_id = data.load()?.config.runner_id;
@@ -123,12 +134,13 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
         opts.data_dir.clone(),
         isolation,
         opts.token_file_ttl,
-        Broker::new(mint_tx, opts.token_misses),
+        Broker::new(mint_tx, opts.token_misses).with_metrics(opts.metrics.clone()),
         report_tx,
         crate::sandbox::Containment { policy, cgroups },
     ));
     tokio::task::spawn_local(mint_through_coordinator(current.clone(), mint_rx));
-    tokio::task::spawn_local(forward_reports(current.clone(), report_rx));
+    let metrics = opts.metrics.clone();
+    tokio::task::spawn_local(forward_reports(current.clone(), report_rx, metrics));
     let result = serve(&data, &opts, shutdown, &current, &supervisor).await;
     supervisor.stop_all().await;
     result
@@ -152,6 +164,7 @@ async fn serve(
             ended = session(data, opts, &mut attempt, current, supervisor) => ended,
         };
         *current.borrow_mut() = None;
+        opts.metrics.set_connected(false);
         match ended {
             SessionEnd::Removed(msg) => bail!(
                 "{msg}\nthis runner was removed from the cluster; to join again, move {} aside and run with a new --join code",
@@ -227,6 +240,7 @@ async fn session_inner(
     for r in supervisor.all_reports() {
         send_report(&session, r);
     }
+    opts.metrics.set_connected(true);
     println!(
         "Runner runner-{} connected to {}",
         id.config.runner_id,
@@ -237,7 +251,7 @@ async fn session_inner(
         let mut req = session.heartbeat_request();
         {
             let mut s = req.get().init_status();
-            s.set_version(crate::VERSION);
+            s.set_version(opts.build.to_string());
             s.set_sandboxes(supervisor.count());
             s.set_isolation(&opts.isolation);
             s.set_limits(supervisor.limits_description());
@@ -321,8 +335,13 @@ fn send_report(session: &runner_session::Client, r: Report) {
     });
 }
 
-async fn forward_reports(current: Current, mut rx: mpsc::UnboundedReceiver<Report>) {
+async fn forward_reports(
+    current: Current,
+    mut rx: mpsc::UnboundedReceiver<Report>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     while let Some(r) = rx.recv().await {
+        metrics.report(&r);
         let session = current.borrow().clone();
         if let Some(s) = session {
             send_report(&s, r);

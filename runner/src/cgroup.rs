@@ -1068,14 +1068,9 @@ fn unescape(field: &str) -> String {
 
 // ----- Small helpers -----
 
-/// Sandbox and runner ids: `[A-Za-z0-9_-]{1,128}`.
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+/// Sandbox and runner ids: `[A-Za-z0-9_-]{1,128}`, one rule with the
+/// sandbox dirs'.
+use crate::layout::valid_sandbox_id as valid_id;
 
 /// An id as shown in a message: at most 140 characters.
 fn cut(id: &str) -> String {

@@ -20,7 +20,7 @@
 //! The runner writes only into `identity/` and `logs/` (atomic token
 //! replace with an exclusive, unpredictable temporary name; logs through
 //! descriptors it opened itself) and removes the whole tree with
-//! `remove_dir_all`, which never follows symlinks. With `--isolation none`
+//! [`remove_tree`], which never follows symlinks and copes with any depth. With `--isolation none`
 //! the sandbox is a plain process of the runner's user and none of this
 //! contains it: that mode is for machines without namespaces, and says so.
 
@@ -39,6 +39,16 @@ pub const TOKEN_FILE: &str = "token";
 pub const TOKEN_SOCKET: &str = "token.sock";
 /// The shim's socket to the service, in the expose dir.
 pub const APP_SOCKET: &str = "app.sock";
+
+/// Whether `id` may name a sandbox's dirs and cgroup: `[A-Za-z0-9_-]{1,128}`
+/// (never `.`, `..` or a path).
+pub fn valid_sandbox_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 /// The dirs of one sandbox on the runner.
 #[derive(Debug, Clone)]
@@ -66,12 +76,8 @@ impl SandboxDirs {
 
     /// Creates them afresh (whatever an earlier sandbox of this id left is
     /// removed first, without following links).
-    pub fn create(&self) -> std::io::Result<()> {
-        match std::fs::remove_dir_all(&self.root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+    pub async fn create(&self) -> std::io::Result<()> {
+        remove_tree(&self.root).await?;
         for dir in [&self.root, &self.expose, &self.identity, &self.logs] {
             transport::files::ensure_private_dir(dir)?;
         }
@@ -82,6 +88,37 @@ impl SandboxDirs {
     pub fn app_socket(&self) -> PathBuf {
         self.expose.join(APP_SOCKET)
     }
+}
+
+/// Removes the tree at `path` (gone already is fine), never following a
+/// link, off the runner's thread and with bounded descriptors and stack.
+///
+/// A sandbox writes what it likes under its app dir, such as 18,000 nested
+/// dirs: `std::fs::remove_dir_all` recurses with a descriptor per level
+/// (overflowing a thread's stack, or failing at the open-files limit and
+/// leaving the tree). GNU `rm -rf --one-file-system` walks any depth with a
+/// bounded number of descriptors and never follows symlinks.
+pub async fn remove_tree(path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    let out = tokio::process::Command::new("rm")
+        .args(["-rf", "--one-file-system", "--"])
+        .arg(path)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await?;
+    if out.status.success() && std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "could not remove {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
 }
 
 /// Connects to the Unix socket at `path` only if `path` itself (no
@@ -146,8 +183,37 @@ mod tests {
         assert!(pending.is_err());
     }
 
-    #[test]
-    fn create_replaces_a_planted_tree_without_following_it() {
+    #[tokio::test]
+    async fn a_deep_tree_is_removed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("deep");
+        // Deeper than PATH_MAX allows by path: made one level at a time.
+        std::fs::create_dir(&root).expect("root");
+        let mut dir = std::fs::File::open(&root).expect("open root");
+        for _ in 0..3000 {
+            use std::os::unix::io::AsRawFd;
+            let name = c"d";
+            // SAFETY: mkdirat/openat on a descriptor we own with a C string.
+            let fd = unsafe {
+                libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700);
+                libc::openat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            assert!(fd >= 0);
+            // SAFETY: fd was just opened and is owned by nothing else.
+            dir = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        }
+        drop(dir);
+        remove_tree(&root).await.expect("removed");
+        assert!(!root.exists());
+        remove_tree(&root).await.expect("gone already is fine");
+    }
+
+    #[tokio::test]
+    async fn create_replaces_a_planted_tree_without_following_it() {
         let d = tempfile::tempdir().expect("tempdir");
         let outside = d.path().join("outside");
         std::fs::create_dir(&outside).expect("outside");
@@ -155,7 +221,7 @@ mod tests {
         let dirs = SandboxDirs::new(d.path(), "s1");
         std::fs::create_dir_all(&dirs.app).expect("app");
         std::os::unix::fs::symlink(&outside, dirs.app.join("link")).expect("link");
-        dirs.create().expect("create");
+        dirs.create().await.expect("create");
         assert!(outside.join("keep").exists());
         for dir in [&dirs.app, &dirs.expose, &dirs.identity, &dirs.logs] {
             assert!(dir.is_dir());

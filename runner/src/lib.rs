@@ -3,16 +3,19 @@
 //! It joins a coordinator with a join token ([`join`]), keeps its identity in
 //! its data dir ([`state`]), and stays connected with mTLS, heartbeating and
 //! renewing its certificate ([`agent`]). It never holds the signing key: this
-//! crate cannot link `coordinator`.
+//! crate cannot link `coordinator`. What operators see of it (metrics,
+//! readiness) is in [`metrics`].
 
 pub mod agent;
 pub mod artifacts;
 pub mod backoff;
+pub mod bounded_listener;
 pub mod cgroup;
 pub mod join;
 pub mod layout;
 pub mod limits;
 pub mod logs;
+pub mod metrics;
 pub mod sandbox;
 pub mod shim;
 pub mod state;

@@ -32,6 +32,9 @@ pub const TAIL_BYTES: usize = 8 * 1024;
 /// reading (and so the sandbox's writes), and the burst allowed above it.
 pub const BYTES_PER_SEC: f64 = 16.0 * 1024.0 * 1024.0;
 pub const BURST_BYTES: f64 = 16.0 * 1024.0 * 1024.0;
+/// What each line costs against that rate at least: a flood of empty lines
+/// is paced by its lines, not only its bytes.
+pub const LINE_COST: usize = 256;
 /// The file names in a sandbox's logs dir.
 pub const CURRENT: &str = "output.log";
 pub const ROTATED: &str = "output.log.1";
@@ -127,7 +130,7 @@ impl ByteRate {
 pub struct SandboxLog {
     dir: PathBuf,
     budget: u64,
-    file: Option<File>,
+    file: Option<std::io::BufWriter<File>>,
     size: u64,
 }
 
@@ -162,22 +165,34 @@ impl SandboxLog {
         if self.file.is_none() {
             let f = open_append(&self.dir, CURRENT)?;
             self.size = f.metadata()?.len();
-            self.file = Some(f);
+            self.file = Some(std::io::BufWriter::with_capacity(64 * 1024, f));
         }
         if self.size + len > self.budget / 2 && self.size > 0 {
-            self.file = None;
+            if let Some(mut f) = self.file.take() {
+                f.flush()?;
+            }
             std::fs::rename(self.dir.join(CURRENT), self.dir.join(ROTATED))?;
-            self.file = Some(open_append(&self.dir, CURRENT)?);
+            self.file = Some(std::io::BufWriter::with_capacity(
+                64 * 1024,
+                open_append(&self.dir, CURRENT)?,
+            ));
             self.size = 0;
         }
         if let Some(f) = self.file.as_mut() {
-            let mut buf = Vec::with_capacity(line.len() + 1);
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
-            f.write_all(&buf)?;
+            f.write_all(line.as_bytes())?;
+            f.write_all(b"\n")?;
             self.size += len;
         }
         Ok(())
+    }
+
+    /// Writes what is buffered (after each read from the pipes, so `logs`
+    /// sees lines at once without one system call per line).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -330,6 +345,7 @@ mod tests {
         for i in 0..500 {
             log.append(&format!("line {i:04}")).expect("append");
         }
+        log.flush().expect("flush");
         let size = |n: &str| {
             std::fs::metadata(d.path().join(n))
                 .map(|m| m.len())

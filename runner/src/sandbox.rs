@@ -24,6 +24,12 @@ use crate::layout::{SandboxDirs, INSIDE_IDENTITY, TOKEN_FILE, TOKEN_SOCKET};
 use crate::logs::{ByteRate, LineCutter, SandboxLog, Tail};
 use crate::tokens::{self, Broker, TokenKey};
 
+/// Open files each process of a sandbox may hold.
+const SANDBOX_OPEN_FILES: libc::rlim_t = 4096;
+/// The runner's own open-files soft limit is raised towards this: every
+/// connection a sandbox makes to its token socket and every ingress stream
+/// is one of the runner's descriptors.
+pub const RUNNER_OPEN_FILES: u64 = 65_536;
 /// `PATH` inside every sandbox.
 const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Most bytes of log lines one `logs` call returns per sandbox.
@@ -70,8 +76,10 @@ impl Isolation {
     /// `bwrap` when it works here (unless `none` is asked), else `none`.
     pub fn choose(requested: &str) -> anyhow::Result<Isolation> {
         let bwrap = |user: crate::shim::SandboxUser| -> anyhow::Result<Isolation> {
-            if user == crate::shim::SandboxUser::Runner {
-                eprintln!("WARNING: this machine allows no user namespaces: sandboxes get their own pid, mount, network, uts and ipc namespaces but run as the runner's user, not as an unprivileged one");
+            match user {
+                crate::shim::SandboxUser::Runner => eprintln!("WARNING: this machine allows no user namespaces: sandboxes get their own pid, mount, network, uts and ipc namespaces but run as the runner's user, not as an unprivileged one"),
+                crate::shim::SandboxUser::NobodyNestable => eprintln!("WARNING: this bubblewrap cannot forbid nested user namespaces (--disable-userns needs bubblewrap 0.8 or later): a sandbox could lift its own cgroup limits on a cgroup v1 host; upgrade bubblewrap"),
+                crate::shim::SandboxUser::Nobody => {}
             }
             Ok(Isolation::Bwrap {
                 miren: std::env::current_exe()
@@ -241,6 +249,7 @@ impl Supervisor {
             .await?;
         let dirs = SandboxDirs::new(&self.dir, &spec.id);
         dirs.create()
+            .await
             .with_context(|| format!("creating {}", dirs.root.display()))?;
         let file = std::fs::File::open(&artifact)?;
         let dest = dirs.app.clone();
@@ -401,7 +410,10 @@ impl Supervisor {
             });
         }
         if valid_id(id) {
-            let _ = std::fs::remove_dir_all(self.dir.join("sandboxes").join(id));
+            let root = self.dir.join("sandboxes").join(id);
+            if let Err(e) = crate::layout::remove_tree(&root).await {
+                tracing::warn!("sandbox {id}: {e}");
+            }
         }
         crate::artifacts::ArtifactCache::open(self.dir.join("artifacts")).release(id);
         Ok(())
@@ -437,13 +449,7 @@ impl Supervisor {
     }
 }
 
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+use crate::layout::valid_sandbox_id as valid_id;
 
 fn free_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -519,6 +525,29 @@ impl Launch {
                 cmd.pre_exec(join);
             }
         }
+        // SAFETY: close_range and setrlimit are async-signal-safe system
+        // calls on this child's own descriptors and limits.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Nothing the runner holds leaks into the sandbox: every
+                // descriptor past stdio closes at exec (CLOEXEC rather than
+                // closing now, so the spawn's own error pipe still works).
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                // A sandbox's processes hold few descriptors each; the
+                // runner's own raised limit is not theirs.
+                let lim = libc::rlimit {
+                    rlim_cur: SANDBOX_OPEN_FILES,
+                    rlim_max: SANDBOX_OPEN_FILES,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
         cmd
     }
 }
@@ -536,7 +565,7 @@ async fn capture(
     let started = std::time::Instant::now();
     let mut cutter = LineCutter::default();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut keep = |line: String| {
+    let keep = |line: String| {
         if let Err(e) = log.borrow_mut().append(&line) {
             tracing::debug!("sandbox log: {e}");
         }
@@ -547,8 +576,19 @@ async fn capture(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        cutter.feed(&buf[..n], &mut keep);
-        let wait = rate.borrow_mut().take(n, started.elapsed().as_secs_f64());
+        let mut lines = 0usize;
+        cutter.feed(&buf[..n], |line| {
+            lines += 1;
+            keep(line)
+        });
+        if let Err(e) = log.borrow_mut().flush() {
+            tracing::debug!("sandbox log: {e}");
+        }
+        // Lines cost too: a flood of empty lines is paced like bytes.
+        let cost = n + lines * crate::logs::LINE_COST;
+        let wait = rate
+            .borrow_mut()
+            .take(cost, started.elapsed().as_secs_f64());
         if wait > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(wait.min(5.0))).await;
         }
@@ -556,6 +596,7 @@ async fn capture(
     if let Some(line) = cutter.finish() {
         keep(line);
     }
+    let _ = log.borrow_mut().flush();
 }
 
 async fn supervise(
@@ -590,6 +631,11 @@ async fn supervise(
             .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // Spawned on this (long-lived) thread on purpose: the parent-death
+        // signal (PR_SET_PDEATHSIG, bubblewrap's --die-with-parent) fires
+        // when the *thread* that forked exits, so spawning from tokio's
+        // blocking pool (to keep cgroup v1's 15-25 ms join off this
+        // thread) killed sandboxes whenever an idle pool thread retired.
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

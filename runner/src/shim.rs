@@ -145,6 +145,34 @@ async fn expose_when_ready(port: u16, sock: PathBuf) {
 /// its own app and run dirs.
 pub const SANDBOX_UID: &str = "65534";
 
+/// What a sandbox sees of the host's `/etc`: name resolution, users and
+/// groups (no shadow files), TLS roots, the dynamic linker's cache, time
+/// zone and the alternatives links Debian's commands go through.
+pub const SANDBOX_ETC: &[&str] = &[
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/alternatives",
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
+    "/etc/ca-certificates",
+    "/etc/mime.types",
+    "/etc/os-release",
+    "/etc/debian_version",
+    "/etc/locale.alias",
+];
+
 /// Who a bubblewrap sandbox runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxUser {
@@ -153,13 +181,34 @@ pub enum SandboxUser {
     /// The runner's user, where this machine allows no user namespaces
     /// (the other namespaces still apply); said loudly.
     Runner,
+    /// `nobody` in its own user namespace, but this bubblewrap (before 0.8)
+    /// cannot forbid nested user namespaces, in which a sandbox holds
+    /// capabilities over its own mounts and (cgroup v1) its cgroup's limit
+    /// files; said loudly.
+    NobodyNestable,
 }
 
 impl SandboxUser {
     /// The namespace and identity arguments of a bubblewrap sandbox.
+    ///
+    /// Nested user namespaces are forbidden (`--disable-userns`): inside
+    /// one, the sandbox (host root outside, as the runner often is) would
+    /// hold CAP_SYS_ADMIN over a mount namespace of its own, mount cgroupfs
+    /// and rewrite its own memory, pids and cpu limits.
     fn args(self) -> &'static [&'static str] {
         match self {
             SandboxUser::Nobody => &[
+                "--unshare-all",
+                "--unshare-user",
+                "--disable-userns",
+                "--assert-userns-disabled",
+                "--uid",
+                SANDBOX_UID,
+                "--gid",
+                SANDBOX_UID,
+                "--die-with-parent",
+            ],
+            SandboxUser::NobodyNestable => &[
                 "--unshare-all",
                 "--unshare-user",
                 "--uid",
@@ -177,9 +226,13 @@ impl SandboxUser {
 /// namespace, else (no user namespaces) as the runner's user, else not at
 /// all.
 pub fn bwrap_support() -> Option<SandboxUser> {
-    [SandboxUser::Nobody, SandboxUser::Runner]
-        .into_iter()
-        .find(|user| bwrap_works(*user))
+    [
+        SandboxUser::Nobody,
+        SandboxUser::NobodyNestable,
+        SandboxUser::Runner,
+    ]
+    .into_iter()
+    .find(|user| bwrap_works(*user))
 }
 
 fn bwrap_works(user: SandboxUser) -> bool {
@@ -215,8 +268,14 @@ pub fn bwrap_command(
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("bwrap");
     cmd.args(user.args()).args(["--hostname", "sandbox"]);
-    for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"] {
+    for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"] {
         cmd.args(["--ro-bind-try", dir, dir]);
+    }
+    // Only the parts of /etc programs need: the sandbox is host root to
+    // the kernel's permission checks, so a whole /etc would give it
+    // /etc/shadow, host keys and every other root-only file there.
+    for path in SANDBOX_ETC {
+        cmd.args(["--ro-bind-try", path, path]);
     }
     cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
     // The sandbox's user is the runner's user outside the namespace (often
@@ -263,7 +322,12 @@ mod tests {
     #[test]
     fn sandboxes_run_as_nobody_when_user_namespaces_exist() {
         let a = args(SandboxUser::Nobody).join(" ");
-        assert!(a.contains("--unshare-user --uid 65534 --gid 65534"), "{a}");
+        assert!(
+            a.contains(
+                "--unshare-user --disable-userns --assert-userns-disabled --uid 65534 --gid 65534"
+            ),
+            "{a}"
+        );
         let a = args(SandboxUser::Runner).join(" ");
         assert!(!a.contains("--uid") && !a.contains("--unshare-user"), "{a}");
     }
@@ -284,6 +348,25 @@ mod tests {
             !a.contains("--bind /var/lib/r/sandboxes/s1/identity"),
             "{a}"
         );
+    }
+
+    #[test]
+    fn no_root_only_file_of_etc_is_shared() {
+        let a = args(SandboxUser::Nobody);
+        assert!(!a.iter().any(|x| x == "/etc"), "{a:?}");
+        for secret in [
+            "/etc/shadow",
+            "/etc/gshadow",
+            "/etc/ssh",
+            "/etc/ssl/private",
+            "/etc/sudoers",
+        ] {
+            assert!(
+                !a.iter().any(|x| x.starts_with(secret)),
+                "{secret} in {a:?}"
+            );
+        }
+        assert!(a.iter().any(|x| x == "/etc/ssl/certs"));
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub struct Broker {
     sandboxes: Arc<Mutex<HashMap<String, SandboxTokens>>>,
     limit: MissLimit,
     mint: mpsc::UnboundedSender<MintRequest>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Reads `iat` and `exp` from a JWT we were handed by the coordinator.
@@ -120,7 +121,13 @@ impl Broker {
             sandboxes: Arc::new(Mutex::new(HashMap::new())),
             limit,
             mint,
+            metrics: crate::metrics::Metrics::new(false),
         }
+    }
+
+    /// Counts endpoint answers and mint round trips in `metrics`.
+    pub fn with_metrics(self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Broker { metrics, ..self }
     }
 
     /// The map, even after a panic elsewhere: it holds no invariant that a
@@ -225,12 +232,15 @@ impl Broker {
 
     async fn mint_through_coordinator(&self, key: TokenKey) -> Result<String, String> {
         let (tx, rx) = oneshot::channel();
-        match self.mint.send((key, tx)) {
+        let started = Instant::now();
+        let minted = match self.mint.send((key, tx)) {
             Ok(()) => rx
                 .await
                 .unwrap_or_else(|_| Err("runner is shutting down".into())),
             Err(_) => Err("runner is shutting down".into()),
-        }
+        };
+        self.metrics.token_minted(started.elapsed());
+        minted
     }
 
     /// How many keys are cached for `sandbox` (None: not open).
@@ -369,9 +379,11 @@ pub fn serve<L>(
 ) -> tokio::task::JoinHandle<()>
 where
     L: axum::serve::Listener,
+    L::Io: Unpin,
     L::Addr: std::fmt::Debug,
 {
     broker.open(&sandbox);
+    let metrics = broker.metrics.clone();
     let ep = Endpoint {
         sandbox,
         secret,
@@ -379,7 +391,23 @@ where
     };
     let app = Router::new()
         .route("/v1/token", axum::routing::any(token))
-        .with_state(ep);
+        .with_state(ep)
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let metrics = metrics.clone();
+                async move {
+                    let resp = next.run(req).await;
+                    metrics.token_request(resp.status().as_u16());
+                    resp
+                }
+            },
+        ));
+    // Bounded: each held connection is a descriptor of the runner.
+    let listener = crate::bounded_listener::Bounded::new(
+        listener,
+        crate::bounded_listener::MAX_CONNECTIONS,
+        crate::bounded_listener::MAX_CONNECTION_LIFE,
+    );
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     })

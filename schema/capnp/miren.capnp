@@ -210,6 +210,17 @@ interface Admin {
   routeOidcDisable @22 (host :Text) -> ();
   listOidcProviders @23 () -> (json :Text);
   removeOidcProvider @24 (name :Text) -> ();
+  renewAdmin @25 (csrDer :Data, validitySecs :UInt64) -> (certPem :Text);
+  # A new admin certificate with the caller's own name for the key that
+  # signed the PKCS#10 request (its subject is ignored; the key never leaves
+  # the caller). validitySecs 0 = ten years; never past the CA's end. The
+  # caller's current certificate keeps working until it expires.
+  readAudit @26 (sinceUnixMs :Int64, afterSeq :UInt64, app :Text, actions :List(Text), limit :UInt32)
+      -> (lines :List(Text), lastSeq :UInt64, more :Bool);
+  # The audit trail, oldest first: lines at or after sinceUnixMs (0 = any)
+  # and after afterSeq (the follow cursor), of app ("" = any), whose action
+  # is or is under one of actions (empty = all); at most limit lines (capped
+  # at 5000); more when others matched.
 }
 
 interface App {

@@ -17,6 +17,9 @@ use crate::tls::{self, ClientIdentity, ServerTrust, TlsConfigError};
 /// How long a client waits for the handshake before calling a peer unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// TLS alert `unknown_ca` (RFC 8446 §6.2).
+const UNKNOWN_CA_ALERT: u8 = 48;
+
 /// Why a connection to a cluster could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -31,6 +34,9 @@ pub enum DialError {
     Unreachable { addr: String, port: u16, secs: u64 },
     #[error("TLS handshake with {addr} failed: {reason}")]
     Handshake { addr: String, reason: String },
+    /// No fingerprint to pin, and no public root vouches for the server.
+    #[error("the coordinator at {addr} presented a certificate that no public root vouches for, and nothing pins its cluster CA: add `fingerprint: sha1:<hex>` to that cluster's entry in the client config (the value after `;` that `miren cluster export-address` prints on a trusted machine), or use MIREN_CLUSTER='{addr};sha1:<hex>' (miren never trusts a certificate on first use)")]
+    Untrusted { addr: String },
     #[error("the connection to {addr} closed: {reason}")]
     Closed { addr: String, reason: String },
     #[error(transparent)]
@@ -218,6 +224,14 @@ pub async fn dial(
                     port: addr.port,
                     secs: CONNECT_TIMEOUT.as_secs(),
                 },
+                // rustls answers a chain no root vouches for with the
+                // unknown_ca alert (UnknownIssuer).
+                quinn::ConnectionError::TransportError(t)
+                    if addr.fingerprint.is_none()
+                        && t.code == quinn::TransportErrorCode::crypto(UNKNOWN_CA_ALERT) =>
+                {
+                    DialError::Untrusted { addr: host_port }
+                }
                 quinn::ConnectionError::TransportError(t) => DialError::Handshake {
                     addr: host_port,
                     reason: t.to_string(),

@@ -4,16 +4,20 @@
 //! they say: it does not know the coordinator or the runner. Pinning of the
 //! cluster CA by fingerprint lives in [`tls`], certificate issuance in [`pki`],
 //! dialing and listening in [`endpoint`] (with the QUIC limits of the
-//! coordinator's endpoint), and the RPC plumbing in [`rpc`] over the
-//! [`bounded`] network that keeps a peer within its limits.
+//! coordinator's endpoint), the RPC plumbing in [`rpc`] over the [`bounded`]
+//! network that keeps a peer within its limits, and the operations
+//! endpoints (metrics, health) both sides serve in [`ops`].
 
 pub mod bounded;
+pub mod build_info;
 pub mod clock;
 pub mod close;
 pub mod endpoint;
 pub mod files;
+pub mod ops;
 pub mod peer;
 pub mod pki;
+pub mod rlimit;
 pub mod rpc;
 pub mod tls;
 

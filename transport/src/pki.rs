@@ -64,10 +64,15 @@ pub fn key_der_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::BadKeyPem(e.to_string()))
 }
 
+/// Lifetime of the server certificate unless the coordinator is told
+/// otherwise; it renews it with a third of this left.
+pub const SERVER_CERT_LIFETIME: Duration = Duration::days(365);
+
 /// The cluster certificate authority, loaded with its key.
 pub struct ClusterCa {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
+    not_after: OffsetDateTime,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -105,11 +110,28 @@ impl ClusterCa {
         let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadKeyPem(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+        let (_, not_after) = validity_of_der(&cert_der)?;
+        let not_after = OffsetDateTime::from_unix_timestamp(not_after)
+            .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
         Ok(ClusterCa {
             cert_pem: cert_pem.to_string(),
             cert_der,
+            not_after,
             issuer,
         })
+    }
+
+    /// `notAfter` of the CA certificate, in Unix seconds. Nothing it issues
+    /// ends later.
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after.unix_timestamp()
+    }
+
+    /// `now + validity`, but never past the CA's own end: a certificate
+    /// cannot be verified beyond it anyway, and saying so keeps the expiry
+    /// people see honest.
+    fn end_of(&self, now: OffsetDateTime, validity: Duration) -> OffsetDateTime {
+        (now + validity).min(self.not_after)
     }
 
     /// The CA certificate, PEM.
@@ -128,8 +150,18 @@ impl ClusterCa {
     }
 
     /// Issues the server certificate for the given DNS names and IPs
-    /// (serverAuth only, one year).
+    /// (serverAuth only, [`SERVER_CERT_LIFETIME`]).
     pub fn issue_server(&self, names: &[String]) -> Result<CertifiedPem, PkiError> {
+        self.issue_server_for(names, SERVER_CERT_LIFETIME)
+    }
+
+    /// Issues a server certificate valid for `lifetime` (never past the
+    /// CA's end) with a fresh key.
+    pub fn issue_server_for(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<CertifiedPem, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -142,7 +174,7 @@ impl ClusterCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
-        params.not_after = now + Duration::days(365);
+        params.not_after = self.end_of(now, lifetime);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertifiedPem {
             cert_pem: cert.pem(),
@@ -184,7 +216,7 @@ impl ClusterCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
-        params.not_after = now + validity;
+        params.not_after = self.end_of(now, validity);
         let cert = params.signed_by(public_key, &self.issuer)?;
         Ok(cert.pem())
     }
@@ -215,22 +247,23 @@ pub fn key_and_csr() -> Result<(String, Vec<u8>), PkiError> {
     Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
+/// `(notBefore, notAfter)` of a DER certificate, in unix seconds.
+pub fn validity_of_der(der: &[u8]) -> Result<(i64, i64), PkiError> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// `notAfter` of a PEM certificate, in unix seconds.
 pub fn not_after_unix(cert_pem: &str) -> Result<i64, PkiError> {
-    use x509_parser::prelude::FromDer;
-    let der = cert_der_from_pem(cert_pem)?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref())
-        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
-    Ok(cert.validity().not_after.timestamp())
+    Ok(validity_of_der(cert_der_from_pem(cert_pem)?.as_ref())?.1)
 }
 
 /// `notBefore` of a PEM certificate, in unix seconds.
 pub fn not_before_unix(cert_pem: &str) -> Result<i64, PkiError> {
-    use x509_parser::prelude::FromDer;
-    let der = cert_der_from_pem(cert_pem)?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref())
-        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
-    Ok(cert.validity().not_before.timestamp())
+    Ok(validity_of_der(cert_der_from_pem(cert_pem)?.as_ref())?.0)
 }
 
 fn san_for(name: &str) -> Result<SanType, PkiError> {
@@ -241,4 +274,54 @@ fn san_for(name: &str) -> Result<SanType, PkiError> {
         .try_into()
         .map(SanType::DnsName)
         .map_err(|_| PkiError::BadName(name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> ClusterCa {
+        let pem = ClusterCa::generate("t").expect("CA");
+        ClusterCa::load(&pem.cert_pem, &pem.key_pem).expect("load")
+    }
+
+    #[test]
+    fn server_certificates_last_their_lifetime_with_a_fresh_key() {
+        let ca = ca();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let a = ca
+            .issue_server_for(&["127.0.0.1".into()], Duration::seconds(90))
+            .expect("issue");
+        let b = ca.issue_server(&["127.0.0.1".into()]).expect("issue");
+        let a_end = not_after_unix(&a.cert_pem).expect("not after");
+        assert!((now + 90..now + 95).contains(&a_end), "{a_end} vs {now}");
+        assert!(not_before_unix(&a.cert_pem).expect("not before") <= now - 299);
+        let year = SERVER_CERT_LIFETIME.whole_seconds();
+        let b_end = not_after_unix(&b.cert_pem).expect("not after");
+        assert!((now + year..now + year + 5).contains(&b_end));
+        assert_ne!(a.key_pem, b.key_pem);
+    }
+
+    #[test]
+    fn nothing_outlives_the_ca() {
+        let ca = ca();
+        let leaf = ca
+            .issue_server_for(&["localhost".into()], Duration::days(20 * 365))
+            .expect("issue");
+        assert_eq!(
+            not_after_unix(&leaf.cert_pem).expect("not after"),
+            ca.not_after_unix()
+        );
+        let admin = ca
+            .issue_client("admin-x", Duration::days(20 * 365))
+            .expect("issue");
+        assert_eq!(
+            not_after_unix(&admin.cert_pem).expect("not after"),
+            ca.not_after_unix()
+        );
+        assert_eq!(
+            not_after_unix(ca.cert_pem()).expect("CA not after"),
+            ca.not_after_unix()
+        );
+    }
 }

@@ -7,14 +7,20 @@
 //! by fingerprint among what was presented and then runs full WebPKI
 //! verification of the leaf against that CA alone (signature, validity,
 //! serverAuth usage, name). Without a fingerprint the platform roots are used.
+//!
+//! The coordinator's own certificate sits in a [`ServerCertSlot`], which
+//! rustls asks on every handshake: renewing the certificate is replacing
+//! what the slot holds, so new handshakes (QUIC and HTTPS) present the new
+//! one while established connections carry on untouched.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use identity::Fingerprint;
@@ -35,12 +41,92 @@ pub enum TlsConfigError {
     NoPlatformRoots,
 }
 
+/// A server certificate that can be replaced while serving: every TLS
+/// configuration built on it presents what it holds at the moment of each
+/// handshake.
+#[derive(Debug)]
+pub struct ServerCertSlot {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCertSlot {
+    /// A slot holding `chain` (leaf first) and its key; the key must match
+    /// the leaf.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Arc<Self>, TlsConfigError> {
+        Ok(Arc::new(ServerCertSlot {
+            current: RwLock::new(Arc::new(certified_key(chain, key)?)),
+        }))
+    }
+
+    /// Presents `chain` and `key` from the next handshake on. A key that
+    /// does not match the leaf is refused and the slot keeps what it had.
+    pub fn replace(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), TlsConfigError> {
+        let next = Arc::new(certified_key(chain, key)?);
+        match self.current.write() {
+            Ok(mut slot) => *slot = next,
+            // A writer never panics while holding the lock; should one
+            // have, the value is still whole: replace it all the same.
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        Ok(())
+    }
+
+    /// The leaf certificate presented now.
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current().cert.first().cloned()
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl ResolvesServerCert for ServerCertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// A chain and key checked to belong together (the leaf's public key is
+/// the key's), as rustls' `with_single_cert` checks them.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, TlsConfigError> {
+    if chain.is_empty() {
+        return Err(TlsConfigError::Rustls(
+            rustls::Error::NoCertificatesPresented,
+        ));
+    }
+    Ok(CertifiedKey::from_der(chain, key, &provider())?)
+}
+
 /// Server configuration: presents `[leaf, CA]`, accepts (but does not require)
 /// client certificates signed by the cluster CA, TLS 1.3 only.
 pub fn server_config(
     ca: &CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsConfigError> {
+    server_config_with_slot(ca, ServerCertSlot::new(chain, key)?, alpn)
+}
+
+/// Like [`server_config`], presenting whatever `slot` holds at each
+/// handshake.
+pub fn server_config_with_slot(
+    ca: &CertificateDer<'static>,
+    slot: Arc<ServerCertSlot>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsConfigError> {
     let provider = provider();
@@ -54,9 +140,24 @@ pub fn server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(slot);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
+}
+
+/// Checks `leaf` the way the coordinator's server configuration checks a
+/// client certificate: signed by `ca`, valid now, usable for clientAuth.
+pub fn verify_client_certificate(
+    ca: &CertificateDer<'static>,
+    leaf: &CertificateDer<'static>,
+) -> Result<(), TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+    verifier.verify_client_cert(leaf, &[], UnixTime::now())?;
+    Ok(())
 }
 
 /// How a client decides to trust the server.
@@ -221,10 +322,18 @@ pub fn https_server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<rustls::ServerConfig, TlsConfigError> {
+    https_server_config_with_slot(ServerCertSlot::new(chain, key)?)
+}
+
+/// Like [`https_server_config`], presenting whatever `slot` holds at each
+/// handshake.
+pub fn https_server_config_with_slot(
+    slot: Arc<ServerCertSlot>,
+) -> Result<rustls::ServerConfig, TlsConfigError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(slot);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -249,4 +358,83 @@ pub fn https_client_config(
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, ClusterCa};
+
+    fn pair(ca: &ClusterCa) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let leaf = ca.issue_server(&["localhost".into()]).expect("leaf");
+        (
+            vec![
+                pki::cert_der_from_pem(&leaf.cert_pem).expect("cert"),
+                ca.cert_der().clone(),
+            ],
+            pki::key_der_from_pem(&leaf.key_pem).expect("key"),
+        )
+    }
+
+    /// One TLS handshake in memory; the leaf the client was shown.
+    fn handshake(server: &Arc<rustls::ServerConfig>, pin: Fingerprint) -> CertificateDer<'static> {
+        let client = client_config(&ServerTrust::Pinned(pin), None, &[b"t"]).expect("client");
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut c = rustls::ClientConnection::new(Arc::new(client.config), name).expect("c");
+        let mut s = rustls::ServerConnection::new(server.clone()).expect("s");
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).expect("client writes");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).expect("server reads");
+            }
+            s.process_new_packets().expect("server");
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).expect("server writes");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).expect("client reads");
+            }
+            c.process_new_packets().expect("client");
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!c.is_handshaking(), "handshake did not finish");
+        c.peer_certificates().expect("server chain")[0].clone()
+    }
+
+    #[test]
+    fn a_replaced_certificate_is_presented_from_the_next_handshake() {
+        let pem = ClusterCa::generate("t").expect("CA");
+        let ca = ClusterCa::load(&pem.cert_pem, &pem.key_pem).expect("load");
+        let (chain1, key1) = pair(&ca);
+        let (chain2, key2) = pair(&ca);
+        let leaf1 = chain1[0].clone();
+        let leaf2 = chain2[0].clone();
+        let slot = ServerCertSlot::new(chain1, key1).expect("slot");
+        let quic = Arc::new(
+            server_config_with_slot(ca.cert_der(), slot.clone(), &[b"t"]).expect("config"),
+        );
+        let https = Arc::new(https_server_config_with_slot(slot.clone()).expect("https"));
+        assert_eq!(handshake(&quic, ca.fingerprint()), leaf1);
+
+        // A key that is not the leaf's is refused; the slot is unchanged.
+        let (_, other_key) = pair(&ca);
+        assert!(slot.replace(chain2.clone(), other_key).is_err());
+        assert_eq!(slot.leaf(), Some(leaf1.clone()));
+
+        slot.replace(chain2, key2).expect("replace");
+        assert_eq!(slot.leaf(), Some(leaf2.clone()));
+        // The same configurations, never rebuilt, present the new leaf.
+        let mut https_t = (*https).clone();
+        https_t.alpn_protocols = vec![b"t".to_vec()];
+        assert_eq!(handshake(&quic, ca.fingerprint()), leaf2);
+        assert_eq!(handshake(&Arc::new(https_t), ca.fingerprint()), leaf2);
+    }
 }

@@ -10,35 +10,55 @@ use crate::output::{self, Format};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AuthCmd {
-    /// CI (OIDC) authentication bindings.
+    /// CI (OIDC) authentication bindings: `miren auth ci APP --github
+    /// OWNER/REPO` lets that repository's pipelines deploy APP.
+    Ci(CiArgs),
+}
+
+/// `miren auth ci [APP] …` creates a binding; `add`, `list`, `remove` as
+/// subcommands.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CiArgs {
     #[command(subcommand)]
-    Ci(CiCmd),
+    cmd: Option<CiCmd>,
+    #[command(flatten)]
+    add: AddArgs,
+}
+
+/// What a new binding is.
+#[derive(clap::Args, Debug)]
+pub struct AddArgs {
+    /// The app the pipeline may deploy (or -a APP, or MIREN_APP).
+    #[arg(value_name = "APP")]
+    app_arg: Option<String>,
+    #[arg(short = 'a', long = "app", env = "MIREN_APP")]
+    app: Option<String>,
+    /// GitHub repository OWNER/REPO (issuer and subject set for GitHub Actions).
+    #[arg(long, conflicts_with = "issuer")]
+    github: Option<String>,
+    /// Issuer URL of another CI system (https).
+    #[arg(long, requires = "subject")]
+    issuer: Option<String>,
+    /// Subject pattern (`*` any characters, `?` one).
+    #[arg(long)]
+    subject: Option<String>,
+    /// Allowed events: comma-separated and/or repeated (GitHub default:
+    /// push,workflow_dispatch).
+    #[arg(long, num_args = 1..)]
+    allowed_events: Vec<String>,
+    /// Allowed refs, globs: comma-separated and/or repeated (e.g.
+    /// 'refs/heads/main,refs/tags/v*').
+    #[arg(long, num_args = 1..)]
+    allowed_refs: Vec<String>,
+    #[arg(long, default_value = "")]
+    description: String,
 }
 
 #[derive(clap::Subcommand, Debug)]
 pub enum CiCmd {
-    /// Allow a CI pipeline to deploy an app.
-    Add {
-        #[arg(short = 'a', long = "app", env = "MIREN_APP")]
-        app: String,
-        /// GitHub repository OWNER/REPO (issuer and subject set for GitHub Actions).
-        #[arg(long, conflicts_with = "issuer")]
-        github: Option<String>,
-        /// Issuer URL of another CI system (https).
-        #[arg(long, requires = "subject")]
-        issuer: Option<String>,
-        /// Subject pattern (`*` any characters, `?` one).
-        #[arg(long)]
-        subject: Option<String>,
-        /// Allowed events, comma-separated (GitHub default: push,workflow_dispatch).
-        #[arg(long)]
-        allowed_events: Option<String>,
-        /// Allowed refs, comma-separated globs (e.g. 'refs/heads/main,refs/tags/v*').
-        #[arg(long)]
-        allowed_refs: Option<String>,
-        #[arg(long, default_value = "")]
-        description: String,
-    },
+    /// Allow a CI pipeline to deploy an app (the same as `miren auth ci APP …`).
+    Add(AddArgs),
     /// List the bindings of an app.
     List {
         #[arg(short = 'a', long = "app", env = "MIREN_APP")]
@@ -48,6 +68,66 @@ pub enum CiCmd {
     },
     /// Remove a binding.
     Remove { id: String },
+}
+
+/// A multi-valued flag as one comma list: `--x a,b --x c` and `--x a b c`
+/// mean `a,b,c`; none is `None`.
+fn comma_list(values: &[String]) -> Option<String> {
+    let parts: Vec<&str> = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+impl AddArgs {
+    /// The binding these arguments describe, checked locally so a bad one
+    /// never needs a round trip.
+    fn binding(&self) -> anyhow::Result<Binding> {
+        let app = match (&self.app_arg, &self.app) {
+            (Some(a), Some(b)) if a != b => {
+                bail!("two apps named: {a} (argument) and {b} (-a or MIREN_APP); name one")
+            }
+            (Some(a), _) | (None, Some(a)) => a.clone(),
+            (None, None) => bail!(
+                "which app may the pipeline deploy? `miren auth ci APP --github OWNER/REPO` (or -a APP, or MIREN_APP)"
+            ),
+        };
+        build(
+            &app,
+            self.github.clone(),
+            self.issuer.clone(),
+            self.subject.clone(),
+            comma_list(&self.allowed_events),
+            comma_list(&self.allowed_refs),
+            &self.description,
+        )
+    }
+}
+
+/// What a created binding is, as people read it.
+fn describe(b: &Binding) -> String {
+    let conditions = b
+        .conditions
+        .iter()
+        .map(|c| format!("{}={}", c.claim, c.patterns.join(",")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let rows = [
+        ("ID", b.id.as_str()),
+        ("App", b.app.as_str()),
+        ("Provider", b.provider.as_str()),
+        ("Issuer", b.issuer.as_str()),
+        ("Subject", b.subject.as_str()),
+        ("Description", b.description.as_str()),
+        ("Conditions", conditions.as_str()),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("  {k:<12} {}", output::terminal_safe(v)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn build(
@@ -92,41 +172,30 @@ fn build(
 }
 
 pub fn run(cmd: AuthCmd, cluster: Option<&str>) -> anyhow::Result<()> {
-    let AuthCmd::Ci(cmd) = cmd;
-    // Validate locally first, so a bad binding never needs a round trip.
+    let AuthCmd::Ci(args) = cmd;
+    let cmd = match args.cmd {
+        Some(cmd) => cmd,
+        None => CiCmd::Add(args.add),
+    };
     let binding = match &cmd {
-        CiCmd::Add {
-            app,
-            github,
-            issuer,
-            subject,
-            allowed_events,
-            allowed_refs,
-            description,
-        } => Some(build(
-            app,
-            github.clone(),
-            issuer.clone(),
-            subject.clone(),
-            allowed_events.clone(),
-            allowed_refs.clone(),
-            description,
-        )?),
+        CiCmd::Add(add) => Some(add.binding()?),
         _ => None,
     };
     run_local(async move {
         let session = Session::open(resolve(cluster)?).await?;
         let admin = session.admin().await?;
         let result = match cmd {
-            CiCmd::Add { app, .. } => {
-                let binding = binding.ok_or_else(|| anyhow!("no binding"))?;
+            CiCmd::Add(_) => {
+                let mut binding = binding.ok_or_else(|| anyhow!("no binding"))?;
                 let mut req = admin.add_ci_binding_request();
                 req.get().set_binding_json(serde_json::to_string(&binding)?);
                 let reply = req.send().promise.await.map_err(remote)?;
-                let id = reply.get()?.get_id()?.to_string()?;
+                binding.id = reply.get()?.get_id()?.to_string()?;
                 println!(
-                    "Added CI authentication binding {} for app {app}",
-                    output::terminal_safe(&id)
+                    "Added CI authentication binding {} for app {}\n{}",
+                    output::terminal_safe(&binding.id),
+                    output::terminal_safe(&binding.app),
+                    describe(&binding)
                 );
                 Ok(())
             }

@@ -1,11 +1,21 @@
-//! `miren cluster`: the clusters this CLI knows, and their status.
+//! `miren cluster`: the clusters this CLI knows, their status, and renewing
+//! the admin identity the CLI holds for one.
+//!
+//! `status` shows when the server certificate ends (read from this very
+//! handshake, so it is what every client is shown) and, with the admin
+//! identity, when that ends: the two dates after which something must have
+//! been renewed. The coordinator renews its own; `admin-renew` is how an
+//! operator renews theirs, with a fresh key, as runners do over their
+//! session.
+
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use identity::ClusterAddress;
 use schema::miren_capnp::Role;
 use serde_json::json;
 
-use crate::config::{config_path, resolve, ClientConfig, ClusterEntry};
+use crate::config::{config_path, resolve, ClientConfig, ClusterEntry, Target};
 use crate::connect::{remote, run_local, Session};
 use crate::output::{self, Format};
 
@@ -22,10 +32,19 @@ pub enum ClusterCmd {
     Add { name: String, address: String },
     /// Make a configured cluster the active one.
     Switch { name: String },
-    /// Ask the cluster how it is (uptime and counts need the admin identity).
+    /// Ask the cluster how it is: version, issuer, server certificate expiry
+    /// (uptime, counts and the admin certificate's expiry need the admin identity).
     Status {
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: Format,
+    },
+    /// Issue a new admin identity (a fresh key) from the current one and
+    /// write it into the client config; the old one works until it expires.
+    AdminRenew {
+        /// Lifetime of the new certificate (default 10 years; at least 1h;
+        /// never past the cluster CA's end).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        validity: Option<Duration>,
     },
 }
 
@@ -45,6 +64,7 @@ pub fn run(cmd: ClusterCmd, cluster: Option<&str>) -> anyhow::Result<()> {
         ClusterCmd::Add { name, address } => add(&name, &address),
         ClusterCmd::Switch { name } => switch(&name),
         ClusterCmd::Status { output } => run_local(status(cluster, output)),
+        ClusterCmd::AdminRenew { validity } => run_local(admin_renew(cluster, validity)),
     }
 }
 
@@ -176,8 +196,14 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
         "address": session.target.address.to_string(),
         "config_name": session.target.name.clone(),
         "identity": match role { Role::Admin => "admin", Role::Runner => "runner", Role::Anonymous => "anonymous" },
+        "server_cert_expires_unix": session.server_cert_not_after(),
     });
     if role == Role::Admin {
+        doc["admin_cert_expires_unix"] = json!(session
+            .target
+            .identity
+            .as_ref()
+            .and_then(|(cert, _)| transport::pki::not_after_unix(cert).ok()));
         let admin = session.admin().await?;
         let reply = admin
             .status_request()
@@ -198,9 +224,11 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => output::json(&doc),
         Format::Table => {
+            let now = transport::clock::now_unix();
             let field = |k: &str| {
-                doc.get(k).map(|v| match v {
+                doc.get(k).filter(|v| !v.is_null()).map(|v| match v {
                     serde_json::Value::String(s) => s.clone(),
+                    _ if k.ends_with("_expires_unix") => expiry(v.as_i64(), now),
                     other => other.to_string(),
                 })
             };
@@ -211,6 +239,8 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
                 ("Version", "version"),
                 ("Issuer", "issuer_url"),
                 ("Identity", "identity"),
+                ("Server cert", "server_cert_expires_unix"),
+                ("Admin cert", "admin_cert_expires_unix"),
                 ("Uptime (s)", "uptime_secs"),
                 ("Runners", "runners"),
                 ("Apps", "apps"),
@@ -225,5 +255,132 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `expires 2027-01-01T00:00:00Z (in 364d)`, or `expired … (3h ago)`.
+fn expiry(t: Option<i64>, now: i64) -> String {
+    let Some(t) = t else {
+        return "-".into();
+    };
+    let at = output::time(Some(t));
+    if t > now {
+        format!("expires {at} (in {})", span(t - now))
+    } else {
+        format!("EXPIRED {at} ({} ago)", span(now - t))
+    }
+}
+
+/// A rough span: whole days from two days on, else hours, minutes, seconds.
+fn span(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{}d", s / 86_400),
+        s if s >= 2 * 3600 => format!("{}h", s / 3600),
+        s if s >= 120 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Asks the coordinator for a new admin certificate for a fresh key (the
+/// key is made here and never sent), checks that it works, then writes it
+/// into the client config entry it came from, atomically.
+async fn admin_renew(cluster: Option<&str>, validity: Option<Duration>) -> anyhow::Result<()> {
+    let target = resolve(cluster)?;
+    let Some(name) = target.name.clone() else {
+        bail!("admin-renew writes the new identity into the client config: name a configured cluster (`-C NAME`, `miren cluster list`)");
+    };
+    let Some((old_cert, _)) = target.identity.clone() else {
+        bail!("cluster {name:?} has no admin identity in the client config to renew");
+    };
+    let validity_secs = match validity {
+        None => 0,
+        Some(d) => d.as_secs().max(1),
+    };
+    let session = Session::open(target.clone()).await?;
+    let admin = session.admin().await?;
+    let (key_pem, csr) = transport::pki::key_and_csr()?;
+    let mut req = admin.renew_admin_request();
+    req.get().set_csr_der(&csr);
+    req.get().set_validity_secs(validity_secs);
+    let reply = req.send().promise.await.map_err(remote)?;
+    let cert_pem = reply.get()?.get_cert_pem()?.to_string()?;
+    session.close().await;
+
+    // The certificate must be for our key, and must work, before it
+    // replaces the one that does.
+    transport::tls::certified_key(
+        vec![transport::pki::cert_der_from_pem(&cert_pem)?],
+        transport::pki::key_der_from_pem(&key_pem)?,
+    )
+    .context("the coordinator answered with a certificate for another key")?;
+    let renewed = Target {
+        identity: Some((cert_pem.clone(), key_pem.clone())),
+        ..target.clone()
+    };
+    let check = Session::open(renewed).await?;
+    let who = check
+        .cluster
+        .whoami_request()
+        .send()
+        .promise
+        .await
+        .map_err(remote)?;
+    let role = who
+        .get()?
+        .get_role()
+        .map_err(|e| anyhow!("unknown role {e:?}"))?;
+    check.close().await;
+    if role != Role::Admin {
+        bail!("the renewed certificate is not accepted as the admin identity; the client config is unchanged");
+    }
+
+    let path = config_path()?;
+    let mut cfg = ClientConfig::load(&path)?;
+    let entry = cfg
+        .clusters
+        .get_mut(&name)
+        .filter(|e| e.address().is_ok_and(|a| a.same_cluster(&target.address)))
+        .ok_or_else(|| {
+            anyhow!(
+                "cluster {name:?} changed in {} meanwhile; the client config is unchanged",
+                path.display()
+            )
+        })?;
+    entry.client_cert = Some(cert_pem.clone());
+    entry.client_key = Some(key_pem);
+    cfg.save(&path)?;
+    let new_end = transport::pki::not_after_unix(&cert_pem).ok();
+    let old_end = transport::pki::not_after_unix(&old_cert).ok();
+    println!(
+        "Renewed the admin identity of cluster {} in {}: a new key, certificate {}",
+        output::terminal_safe(&name),
+        path.display(),
+        expiry(new_end, transport::clock::now_unix())
+    );
+    println!(
+        "The previous certificate keeps working until it expires ({}); remove copies of it you no longer trust.",
+        output::time(old_end)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_reads_as_a_date_and_a_rough_span() {
+        let now = 1_700_000_000;
+        assert_eq!(span(364 * 86_400 + 5), "364d");
+        assert_eq!(span(30 * 3600), "30h");
+        assert_eq!(span(90), "90s");
+        assert_eq!(span(600), "10m");
+        let e = expiry(Some(now + 3 * 86_400), now);
+        assert!(
+            e.starts_with("expires 2023-11-") && e.ends_with("(in 3d)"),
+            "{e}"
+        );
+        assert!(expiry(Some(now - 60), now).starts_with("EXPIRED "));
+        assert_eq!(expiry(None, now), "-");
     }
 }

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod identity;

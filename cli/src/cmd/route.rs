@@ -52,10 +52,14 @@ pub enum OidcCmd {
         client_id: Option<String>,
         #[arg(long, env = "MIREN_OIDC_CLIENT_SECRET", hide_env_values = true)]
         client_secret: Option<String>,
-        #[arg(long)]
-        scope: Option<String>,
-        /// CLAIM:HEADER, e.g. email:X-User-Email; repeatable.
-        #[arg(long = "claim-header")]
+        /// Scopes to ask for: `--scope openid email profile` and
+        /// `--scope 'openid email profile'` mean the same (default
+        /// `openid email profile`).
+        #[arg(long, num_args = 1..)]
+        scope: Vec<String>,
+        /// CLAIM:HEADER, e.g. email:X-User-Email; repeatable, or several
+        /// after one flag.
+        #[arg(long = "claim-header", num_args = 1..)]
         claim_headers: Vec<String>,
         /// Replace the settings of an existing provider of that name, for
         /// every route that uses it (e.g. to rotate its client secret).
@@ -107,6 +111,7 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             replace_provider,
         } => {
             let host = host_arg(host, default);
+            let scope = scope_list(&scope);
             let config = serde_json::json!({
                 "provider": provider, "provider_url": provider_url, "client_id": client_id,
                 "client_secret": client_secret, "scope": scope, "claim_headers": claim_headers,
@@ -180,6 +185,13 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             Ok(())
         }
     }
+}
+
+/// Scopes given as separate values or one quoted list, as one
+/// space-separated list; none is `None` (the server's default).
+fn scope_list(values: &[String]) -> Option<String> {
+    let scopes: Vec<&str> = values.iter().flat_map(|v| v.split_whitespace()).collect();
+    (!scopes.is_empty()).then(|| scopes.join(" "))
 }
 
 pub fn run(cmd: RouteCmd, cluster: Option<&str>) -> anyhow::Result<()> {

@@ -62,6 +62,14 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = runner::token_limits::MissLimit::DEFAULT_PER_SEC,
           value_parser = clap::value_parser!(u32).range(1..))]
     token_miss_rate: u32,
+    /// TCP address of the plain-HTTP metrics listener: /metrics
+    /// (Prometheus), /healthz, /readyz (ready while connected to the
+    /// coordinator). Default: off.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Count no metrics (to measure their cost).
+    #[arg(long, hide = true)]
+    no_observe: bool,
 }
 
 fn parse_sandbox_memory(text: &str) -> Result<u64, String> {
@@ -158,6 +166,7 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         .data_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/miren-runner"));
     let opts = runner::RunnerOptions {
+        build: crate::build_info(),
         data_dir,
         join: a.join,
         name: a.name,
@@ -170,9 +179,27 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
             pids: a.sandbox_pids,
         },
         token_misses: runner::token_limits::MissLimit::new(a.token_miss_burst, a.token_miss_rate)?,
+        metrics: runner::metrics::Metrics::new(!a.no_observe),
     };
+    let metrics_listen = a.metrics_listen;
     run_local(async move {
         let shutdown = crate::cmd::server::shutdown_signal()?;
+        if let Some(addr) = metrics_listen {
+            let listener = transport::ops::bind(addr).await?;
+            println!(
+                "Metrics: http://{}/metrics (also /healthz, /readyz)",
+                listener.local_addr()?
+            );
+            let router = transport::ops::router(
+                vec![opts.metrics.registry()],
+                vec![opts.metrics.readiness()],
+            );
+            tokio::spawn(transport::ops::serve(
+                listener,
+                router,
+                std::future::pending(),
+            ));
+        }
         runner::run(opts, shutdown).await
     })
 }

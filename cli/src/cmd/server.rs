@@ -52,9 +52,14 @@ pub struct ServerArgs {
     /// TCP address of the ingress over HTTPS, with the HTTPS certificate (default: off).
     #[arg(long)]
     ingress_https_listen: Option<SocketAddr>,
-    /// Accept CI bindings whose issuer is on a loopback or private address (tests).
+    /// Let CI issuers and route OIDC providers be on loopback addresses
+    /// (127.0.0.0/8, ::1, `localhost`, names resolving there), e.g. for tests.
     #[arg(long)]
     oidc_allow_loopback_issuers: bool,
+    /// A non-public range (CIDR, or one address) CI issuers and route OIDC
+    /// providers may resolve to, e.g. an internal identity provider; repeatable.
+    #[arg(long = "outbound-allow", value_name = "CIDR")]
+    outbound_allow: Vec<identity::IpCidr>,
     /// Labs features to turn on, comma-separated (routeoidc).
     #[arg(long, env = "MIREN_LABS", value_delimiter = ',')]
     labs: Vec<String>,
@@ -67,6 +72,35 @@ pub struct ServerArgs {
     /// Lifetime of runner certificates; runners renew at half-life.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     runner_cert_validity: Duration,
+    /// (tests) Lifetime of the server certificates the coordinator issues;
+    /// renewed with a third left, checked every thirtieth (1s..1h).
+    #[arg(long, hide = true, default_value = "365d", value_parser = humantime::parse_duration)]
+    server_cert_lifetime: Duration,
+    /// Connections each TCP listener (HTTPS, each ingress) holds at once.
+    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS, value_parser = positive_count)]
+    http_max_connections: usize,
+    /// Connections one client address (an IPv6 /64) holds at once on each TCP listener.
+    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS_PER_SOURCE, value_parser = positive_count)]
+    http_max_connections_per_ip: usize,
+    /// Time a client has to finish its TLS handshake (tests shorten it).
+    #[arg(long, hide = true, default_value = "10s", value_parser = positive_duration)]
+    http_handshake_timeout: Duration,
+    /// Time a client has to send a request head, also the keep-alive idle time (tests shorten it).
+    #[arg(long, hide = true, default_value = "10s", value_parser = positive_duration)]
+    http_header_timeout: Duration,
+    /// Time a connection with a request in progress may move no byte (tests shorten it).
+    #[arg(long, hide = true, default_value = "60s", value_parser = positive_duration)]
+    http_idle_timeout: Duration,
+    /// Requests one app may have in flight on one runner through the ingress (tests lower it).
+    #[arg(long, hide = true, default_value_t = coordinator::runner_streams::STREAMS_PER_APP, value_parser = positive_count)]
+    ingress_streams_per_app: usize,
+    /// TCP address of the plain-HTTP metrics listener: /metrics
+    /// (Prometheus), /healthz, /readyz (default: off; 127.0.0.1:0 with --dev).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Count no metrics and write no audit trail (to measure their cost).
+    #[arg(long, hide = true)]
+    no_observe: bool,
     /// QUIC connections one address (an IPv6 /64) may hold before their
     /// peers prove a role; runners and operators do not count once their
     /// certificate is checked.
@@ -89,6 +123,24 @@ fn parse_join_interval(text: &str) -> Result<Duration, String> {
         return Err("must be more than 0".into());
     }
     Ok(d)
+}
+
+/// A whole number above zero.
+fn positive_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration above zero, in humantime form (`10s`, `500ms`).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -124,7 +176,8 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         .cluster_name
         .clone()
         .or_else(|| args.dev.then(|| "dev".to_string()));
-    let coordinator = Coordinator::start(CoordinatorOptions {
+    let mut coordinator = Coordinator::start(CoordinatorOptions {
+        build: crate::build_info(),
         data_dir: data_dir.clone(),
         listen,
         names: args.names.clone(),
@@ -136,7 +189,9 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         https_cert: args.https_cert.clone(),
         https_key: args.https_key.clone(),
         runner_cert_validity: args.runner_cert_validity,
+        server_cert_lifetime: args.server_cert_lifetime,
         oidc_allow_loopback_issuers: args.oidc_allow_loopback_issuers,
+        outbound_allow: args.outbound_allow.clone(),
         oidc_ca_file: args.oidc_ca_file.clone(),
         labs: args
             .labs
@@ -156,19 +211,41 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         http_listen: args
             .http_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
+        http_limits: coordinator::accept::ListenerLimits {
+            handshake_timeout: args.http_handshake_timeout,
+            header_timeout: args.http_header_timeout,
+            idle_timeout: args.http_idle_timeout,
+            max_connections: args.http_max_connections,
+            max_connections_per_source: args.http_max_connections_per_ip,
+        },
+        ingress_streams_per_app: args.ingress_streams_per_app,
+        metrics_listen: args
+            .metrics_listen
+            .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
+        observe: !args.no_observe,
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();
 
     let path = config_path()?;
     let mut cfg = ClientConfig::load(&path)?;
+    let fingerprint = address.fingerprint.map(|f| format!("sha1:{f}"));
+    let admin = coordinator.admin_identity();
+    // An admin identity renewed with `miren cluster admin-renew` for this
+    // same cluster stays (the data dir's one would quietly replace it).
+    let (client_cert, client_key) = match cfg.clusters.get(&name) {
+        Some(e) if keeps_renewed_identity(e, &fingerprint, admin, coordinator.ca_pem()) => {
+            (e.client_cert.clone(), e.client_key.clone())
+        }
+        _ => (Some(admin.cert_pem.clone()), Some(admin.key_pem.clone())),
+    };
     cfg.clusters.insert(
         name.clone(),
         ClusterEntry {
             hostname: address.host_port(),
-            fingerprint: address.fingerprint.map(|f| format!("sha1:{f}")),
-            client_cert: Some(coordinator.admin_identity().cert_pem.clone()),
-            client_key: Some(coordinator.admin_identity().key_pem.clone()),
+            fingerprint,
+            client_cert,
+            client_key,
         },
     );
     if args.dev || cfg.active_cluster.is_none() {
@@ -193,6 +270,10 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     if let Some(a) = coordinator.ingress_https_addr() {
         println!("HTTPS ingress: https://{a}");
     }
+    match coordinator.metrics_addr() {
+        Some(a) => println!("Metrics: http://{a}/metrics (also /healthz, /readyz)"),
+        None => println!("Metrics: off (--metrics-listen ADDR)"),
+    }
     println!("Data dir: {}", data_dir.display());
     println!(
         "Client config: {} (cluster {name:?} with the admin identity{})",
@@ -215,6 +296,15 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     // --dev: one runner in this process, joined through the same code path
     // as any other runner (a join code, a CSR, mTLS afterwards).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner_metrics = runner::metrics::Metrics::new(!args.no_observe);
+    if args.dev {
+        // One metrics listener for both: the runner's series and readiness
+        // next to the coordinator's.
+        coordinator.serve_metrics_with(
+            vec![runner_metrics.registry()],
+            vec![runner_metrics.readiness()],
+        );
+    }
     let dev_runner = if args.dev {
         let runner_dir = data_dir.join("runner");
         let join = if runner_dir.join("runner.json").exists() {
@@ -223,6 +313,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             Some(coordinator.create_join_token(300, "dev")?)
         };
         let opts = runner::RunnerOptions {
+            build: crate::build_info(),
             data_dir: runner_dir,
             join,
             name: "dev".into(),
@@ -231,6 +322,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             token_file_ttl: 3600,
             sandbox_limits: runner::limits::Limits::default(),
             token_misses: Default::default(),
+            metrics: runner_metrics,
         };
         let mut stop = stop_rx.clone();
         Some(std::thread::spawn(move || {
@@ -261,6 +353,42 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `entry` holds an admin identity of this cluster, other than the
+/// data dir's, that the coordinator accepts now (signed by its CA, valid,
+/// `admin-` name): one the operator renewed, which a restart must not
+/// replace with the data dir's one. Anything else (another cluster under
+/// this name, no identity, an expired or foreign one) is replaced.
+fn keeps_renewed_identity(
+    entry: &ClusterEntry,
+    fingerprint: &Option<String>,
+    data_dir_admin: &transport::pki::CertifiedPem,
+    ca_pem: &str,
+) -> bool {
+    let same_cluster = match (entry.address(), fingerprint) {
+        (Ok(a), Some(fp)) => a
+            .fingerprint
+            .is_some_and(|have| fp.eq_ignore_ascii_case(&format!("sha1:{have}"))),
+        _ => false,
+    };
+    let Some((cert, _key)) = entry.identity() else {
+        return false;
+    };
+    if !same_cluster || cert == data_dir_admin.cert_pem {
+        return false;
+    }
+    let (Ok(ca), Ok(leaf)) = (
+        transport::pki::cert_der_from_pem(ca_pem),
+        transport::pki::cert_der_from_pem(&cert),
+    ) else {
+        return false;
+    };
+    transport::tls::verify_client_certificate(&ca, &leaf).is_ok()
+        && matches!(
+            transport::PeerIdentity::from_chain(Some(&[leaf])),
+            transport::PeerIdentity::Admin { .. }
+        )
+}
+
 /// SIGINT or SIGTERM. The handlers are installed when this is called (inside
 /// a runtime), so a signal that arrives before the future is polled is not
 /// lost and does not kill the process.
@@ -274,4 +402,85 @@ pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>
             _ = int.recv() => {}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transport::pki::ClusterCa;
+
+    fn cluster() -> (ClusterCa, String, String) {
+        let pem = ClusterCa::generate("t").expect("CA");
+        let ca = ClusterCa::load(&pem.cert_pem, &pem.key_pem).expect("load");
+        let fp = format!("sha1:{}", ca.fingerprint());
+        (ca, pem.cert_pem, fp)
+    }
+
+    fn entry(fp: &str, id: &transport::pki::CertifiedPem) -> ClusterEntry {
+        ClusterEntry {
+            hostname: "127.0.0.1:8443".into(),
+            fingerprint: Some(fp.into()),
+            client_cert: Some(id.cert_pem.clone()),
+            client_key: Some(id.key_pem.clone()),
+        }
+    }
+
+    #[test]
+    fn a_renewed_admin_identity_survives_a_restart_and_nothing_else_does() {
+        let (ca, ca_pem, fp) = cluster();
+        let data_dir_admin = ca
+            .issue_client("admin-operator", time::Duration::days(10))
+            .expect("admin");
+        let renewed = ca
+            .issue_client("admin-operator", time::Duration::days(1))
+            .expect("renewed");
+        let fp = Some(fp);
+        assert!(keeps_renewed_identity(
+            &entry(fp.as_deref().unwrap_or_default(), &renewed),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        // The data dir's own, a runner's, another cluster's: replaced.
+        let runner = ca
+            .issue_client("runner-x", time::Duration::days(1))
+            .expect("runner");
+        let (other, _, other_fp) = cluster();
+        let foreign = other
+            .issue_client("admin-operator", time::Duration::days(1))
+            .expect("foreign");
+        let e = |id: &transport::pki::CertifiedPem| entry(fp.as_deref().unwrap_or_default(), id);
+        assert!(!keeps_renewed_identity(
+            &e(&data_dir_admin),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        assert!(!keeps_renewed_identity(
+            &e(&runner),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        assert!(!keeps_renewed_identity(
+            &e(&foreign),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        assert!(!keeps_renewed_identity(
+            &entry(&other_fp, &renewed),
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+        let mut bare = e(&renewed);
+        bare.client_key = None;
+        assert!(!keeps_renewed_identity(
+            &bare,
+            &fp,
+            &data_dir_admin,
+            &ca_pem
+        ));
+    }
 }

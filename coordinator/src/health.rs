@@ -1,0 +1,178 @@
+//! Is this coordinator ready to serve? `/readyz` on the HTTPS listener and
+//! on the metrics listener answers from [`checks`]: the store answers a
+//! read, a signing key is active (tokens can be minted), and the listeners
+//! accept. `/healthz` only says the process serves HTTP.
+//!
+//! The rule is pure ([`coordinator_checks`]) and unit-tested with a store
+//! that fails and a key ring without an active key; the integration tests
+//! see the runner's `/readyz` follow its coordinator.
+
+use std::sync::{Arc, Weak};
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use transport::ops::{Check, Readiness};
+
+use crate::service::State;
+use crate::store::Store;
+
+/// The readiness checks from what they observe.
+pub fn coordinator_checks(
+    store: Result<(), String>,
+    active_key: Result<(), String>,
+    listening: bool,
+) -> Vec<Check> {
+    vec![
+        Check::from_result("store", store),
+        Check::from_result("signing key", active_key),
+        if listening {
+            Check::ok("listeners")
+        } else {
+            Check::failed("listeners", "not accepting connections")
+        },
+    ]
+}
+
+/// A read the store must answer (any key; absence is an answer).
+pub fn probe_store(store: &dyn Store) -> Result<(), String> {
+    store
+        .get("health/probe")
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Whether a key can sign now.
+pub fn probe_keys(
+    keys: &std::sync::RwLock<crate::keyring::KeyRing>,
+    now: i64,
+) -> Result<(), String> {
+    keys.read()
+        .map_err(|_| "key ring unavailable".to_string())?
+        .active(now)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The checks of a running coordinator.
+pub fn checks(state: &State) -> Vec<Check> {
+    coordinator_checks(
+        probe_store(state.store.as_ref()),
+        probe_keys(&state.keys, crate::datadir::now_unix()),
+        state.observe.listening(),
+    )
+}
+
+/// Readiness of `state` while it lives (a [`Readiness`] for `transport::ops`).
+pub fn readiness(state: &Arc<State>) -> Readiness {
+    let weak: Weak<State> = Arc::downgrade(state);
+    Arc::new(move || match weak.upgrade() {
+        Some(s) => checks(&s),
+        None => vec![Check::failed("coordinator", "stopped")],
+    })
+}
+
+/// Which of our issuer documents a path asks for.
+fn issuer_document(path: &str) -> Option<&'static str> {
+    if path.ends_with(identity::documents::DISCOVERY_PATH) {
+        Some("discovery")
+    } else if path.ends_with(identity::documents::JWKS_PATH) {
+        Some("jwks")
+    } else {
+        None
+    }
+}
+
+async fn count_documents(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let doc = issuer_document(req.uri().path());
+    let resp = next.run(req).await;
+    if let Some(doc) = doc {
+        state.observe.issuer_served(doc, resp.status().as_u16());
+    }
+    resp
+}
+
+/// The HTTPS router with `/healthz`, `/readyz` and counting of discovery
+/// and JWKS requests.
+pub fn with_health(router: Router, state: &Arc<State>) -> Router {
+    router
+        .merge(transport::ops::health_router(vec![readiness(state)]))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_documents,
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Outcome, StoreError, Txn};
+
+    struct Broken;
+    impl Store for Broken {
+        fn get(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Err(StoreError::Backend("disk gone".into()))
+        }
+        fn scan(&self, _: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            Err(StoreError::Backend("disk gone".into()))
+        }
+        fn commit(&self, _: Txn) -> Result<Outcome, StoreError> {
+            Err(StoreError::Backend("disk gone".into()))
+        }
+    }
+
+    #[test]
+    fn ready_needs_store_key_and_listeners() {
+        let ok = coordinator_checks(Ok(()), Ok(()), true);
+        assert_eq!(transport::ops::verdict(&ok).0, 200);
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        assert_eq!(probe_store(&store), Ok(()));
+        let broken = coordinator_checks(probe_store(&Broken), Ok(()), true);
+        let (status, body) = transport::ops::verdict(&broken);
+        assert_eq!(status, 503);
+        assert!(
+            body["reason"].as_str().unwrap().starts_with("store:"),
+            "{body}"
+        );
+
+        // A clock stepped back before the only key's activation still
+        // leaves a signing key (the clock-back rule), so still ready.
+        let keys = dir.path().join("keys");
+        crate::keyring::KeyRing::init(&keys, 1_000_000).unwrap();
+        let ring = std::sync::RwLock::new(crate::keyring::KeyRing::load(&keys, 1_000_000).unwrap());
+        assert_eq!(probe_keys(&ring, 1_000_000), Ok(()));
+        assert_eq!(probe_keys(&ring, 10), Ok(()));
+        // A key ring that cannot sign is not ready.
+        let (status, body) = transport::ops::verdict(&coordinator_checks(
+            Ok(()),
+            Err("no active signing key".into()),
+            true,
+        ));
+        assert_eq!(status, 503);
+        assert!(
+            body["reason"].as_str().unwrap().starts_with("signing key:"),
+            "{body}"
+        );
+
+        let (status, body) = transport::ops::verdict(&coordinator_checks(Ok(()), Ok(()), false));
+        assert_eq!(status, 503);
+        assert_eq!(body["failing"], serde_json::json!(["listeners"]));
+    }
+
+    #[test]
+    fn issuer_documents_by_path() {
+        assert_eq!(
+            issuer_document("/.well-known/openid-configuration"),
+            Some("discovery")
+        );
+        assert_eq!(issuer_document("/p/.well-known/miren/jwks"), Some("jwks"));
+        assert_eq!(issuer_document("/healthz"), None);
+    }
+}

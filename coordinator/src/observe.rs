@@ -1,0 +1,772 @@
+//! One call per decision: [`Observe`] updates the metrics and writes the
+//! audit line together, so the code that decides (service, ingress, route
+//! OIDC, rollouts) carries one line per decision point and the bulk lives
+//! here, in [`crate::metrics`] and in [`crate::audit`].
+//!
+//! Reasons become label values through fixed words only (see
+//! [`ci_refusal_reason`], [`join_refusal_reason`]); the audit line keeps
+//! the full message (through [`crate::audit::Text`]).
+//!
+//! With `miren server --no-observe` (hidden; for benchmarks that compare
+//! the cost) nothing is counted or written.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use identity::bindings::Binding;
+
+use crate::audit::{Actor, AuditLog, CiTokenFields, Event, Outcome, Text};
+use crate::metrics::{self, Metrics};
+use crate::runners::{RegistryError, RunnerRecord};
+
+/// Metrics and audit trail of one coordinator.
+pub struct Observe {
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditLog,
+    enabled: bool,
+    /// Set while the listeners accept (readiness).
+    listening: AtomicBool,
+    rotation_secs: i64,
+    /// `not_after` of the cluster CA's server certificate (0: unknown).
+    server_cert_not_after: AtomicI64,
+    /// `not_after` of the operator's `--https-cert` (0: none).
+    https_cert_not_after: AtomicI64,
+    /// Signing key states last seen by [`Observe::watch_keys`].
+    keys_seen: Mutex<Option<Vec<(String, crate::keyring::KeyState)>>>,
+    /// Set when the coordinator stops (ends the metrics listener).
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+/// Why a workload token was not minted (label values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MintRefusal {
+    /// The runner asked for a sandbox it does not host (or none exists).
+    NotHosted,
+    /// Audiences, ttl or subject were not acceptable.
+    BadRequest,
+    /// No signing key is active (or the key ring is unavailable).
+    NoActiveKey,
+    /// Signing failed, or the store could not be read.
+    Internal,
+}
+
+impl MintRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MintRefusal::NotHosted => "not_hosted",
+            MintRefusal::BadRequest => "bad_request",
+            MintRefusal::NoActiveKey => "no_active_key",
+            MintRefusal::Internal => "internal",
+        }
+    }
+}
+
+/// The label of a refused CI login, from the refusal's message (the
+/// verifier's errors are text; these are its fixed prefixes).
+pub fn ci_refusal_reason(msg: &str) -> &'static str {
+    let m = msg.strip_prefix("OIDC access denied: ").unwrap_or(msg);
+    if m.starts_with("OIDC token did not match any CI binding") || m.contains("no CI binding") {
+        "no_binding"
+    } else if m.contains("is not trusted by any CI binding") {
+        "untrusted_issuer"
+    } else if m.starts_with("token larger than")
+        || m.starts_with("not a JWT")
+        || m.starts_with("malformed token")
+        || m.starts_with("token has no issuer")
+    {
+        "malformed_token"
+    } else if m.starts_with("fetching ")
+        || m.starts_with("reading ")
+        || m.contains("larger than 1 MiB")
+        || m.starts_with("JWKS of ")
+        || m.starts_with("no keys for the issuer")
+        || m.contains("discovery")
+    {
+        "issuer_unavailable"
+    } else if m.contains("expired") {
+        "expired"
+    } else if m.contains("audience") {
+        "wrong_audience"
+    } else {
+        "invalid_token"
+    }
+}
+
+/// The label of a refused join.
+pub fn join_refusal_reason(e: &RegistryError) -> &'static str {
+    use identity::join_token::JoinRefusal;
+    match e {
+        RegistryError::Join(JoinRefusal::Missing | JoinRefusal::BadFormat) => "malformed",
+        RegistryError::Join(JoinRefusal::Unknown) => "unknown",
+        RegistryError::Join(JoinRefusal::UsedOrRevoked) => "used_or_revoked",
+        RegistryError::Join(JoinRefusal::Expired) => "expired",
+        RegistryError::Pki(_) | RegistryError::Invalid(_) => "bad_request",
+        _ => "internal",
+    }
+}
+
+/// What the audit trail keeps of a binding.
+pub struct BindingSummary {
+    pub app: String,
+    pub issuer: String,
+    pub subject: String,
+}
+
+impl BindingSummary {
+    pub fn of(b: &Binding) -> Self {
+        BindingSummary {
+            app: b.app.clone(),
+            issuer: b.issuer.clone(),
+            subject: b.subject.clone(),
+        }
+    }
+}
+
+impl Observe {
+    /// Metrics on, the audit trail under `audit_dir`.
+    pub fn new(audit_dir: &std::path::Path, rotation: Duration) -> std::io::Result<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let audit = AuditLog::open(audit_dir, metrics.audit.clone())?;
+        Ok(Self::with(metrics, audit, true, rotation))
+    }
+
+    /// Nothing counted, nothing written.
+    pub fn disabled() -> Self {
+        Self::with(
+            Arc::new(Metrics::default()),
+            AuditLog::disabled(),
+            false,
+            Duration::ZERO,
+        )
+    }
+
+    fn with(metrics: Arc<Metrics>, audit: AuditLog, enabled: bool, rotation: Duration) -> Self {
+        Observe {
+            metrics,
+            audit,
+            enabled,
+            listening: AtomicBool::new(false),
+            rotation_secs: rotation.as_secs() as i64,
+            server_cert_not_after: AtomicI64::new(0),
+            https_cert_not_after: AtomicI64::new(0),
+            keys_seen: Mutex::new(None),
+            stopping: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// The coordinator is stopping.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Observe::stop`] was called.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn rotation_secs(&self) -> i64 {
+        self.rotation_secs
+    }
+
+    pub fn set_listening(&self, on: bool) {
+        self.listening.store(on, Ordering::Relaxed);
+    }
+
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
+    }
+
+    /// Records when the server certificate (and the operator's HTTPS
+    /// certificate, if any) expire; call again after a renewal.
+    pub fn set_certificates(&self, server_not_after: i64, https_not_after: Option<i64>) {
+        self.server_cert_not_after
+            .store(server_not_after, Ordering::Relaxed);
+        self.https_cert_not_after
+            .store(https_not_after.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Records a renewed server certificate's expiry.
+    pub fn set_server_certificate(&self, not_after: i64) {
+        self.server_cert_not_after
+            .store(not_after, Ordering::Relaxed);
+    }
+
+    /// `(certificate, not_after)` of what is known.
+    pub fn certificate_expiries(&self) -> Vec<(&'static str, i64)> {
+        [
+            ("server", self.server_cert_not_after.load(Ordering::Relaxed)),
+            ("https", self.https_cert_not_after.load(Ordering::Relaxed)),
+        ]
+        .into_iter()
+        .filter(|(_, t)| *t != 0)
+        .collect()
+    }
+
+    fn record(&self, actor: Actor, event: Event, outcome: Outcome) {
+        if self.enabled {
+            self.audit.record(actor, event, outcome);
+        }
+    }
+
+    /// An audit line for a change that has no counter (route and binding
+    /// changes, runner removal).
+    pub fn changed(&self, actor: &Actor, event: Event) {
+        self.record(actor.clone(), event, Outcome::Ok);
+    }
+
+    /// A workload token was minted.
+    pub fn token_minted(&self, actor: &Actor, claims: &identity::WorkloadClaims, started: Instant) {
+        if !self.enabled {
+            return;
+        }
+        let m = &self.metrics;
+        m.mint_seconds.observe(started.elapsed().as_secs_f64());
+        let (via, runner) = match actor {
+            Actor::Runner(id) => ("runner", Some(Text::new(id))),
+            _ => ("admin", None),
+        };
+        m.tokens_minted
+            .get_or_create(&metrics::ViaLabel { via })
+            .inc();
+        self.record(
+            actor.clone(),
+            Event::TokenMinted {
+                app: Text::new(&claims.app),
+                sub: Text::new(&claims.sub),
+                aud: claims.aud.iter().map(|a| Text::new(a)).collect(),
+                jti: Text::new(&claims.jti),
+                exp: claims.exp,
+                runner,
+            },
+            Outcome::Ok,
+        );
+    }
+
+    /// A workload token was refused; returns `err` (for `map_err`).
+    pub fn token_refused<E: std::fmt::Display>(
+        &self,
+        actor: &Actor,
+        sandbox: Option<&str>,
+        why: MintRefusal,
+        err: E,
+    ) -> E {
+        if self.enabled {
+            self.metrics
+                .tokens_refused
+                .get_or_create(&metrics::ReasonLabel {
+                    reason: why.as_str(),
+                })
+                .inc();
+            let runner = match actor {
+                Actor::Runner(id) => Some(Text::new(id)),
+                _ => None,
+            };
+            self.record(
+                actor.clone(),
+                Event::TokenRefused {
+                    sandbox: sandbox.map(Text::new),
+                    runner,
+                    reason: Text::new(&format!("{}: {err}", why.as_str())),
+                },
+                Outcome::Refused,
+            );
+        }
+        err
+    }
+
+    /// A CI login was decided; passes the outcome through.
+    pub fn ci_login(
+        &self,
+        app: &str,
+        seen: CiTokenFields,
+        outcome: Result<Binding, String>,
+    ) -> Result<Binding, String> {
+        if !self.enabled {
+            return outcome;
+        }
+        let (result, reason, binding, actor) = match &outcome {
+            Ok(b) => (
+                "accepted",
+                "ok",
+                Some(b.id.clone()),
+                Actor::Ci(b.id.clone()),
+            ),
+            Err(e) => ("refused", ci_refusal_reason(e), None, Actor::Anonymous),
+        };
+        self.metrics
+            .ci_logins
+            .get_or_create(&metrics::ResultReason { result, reason })
+            .inc();
+        self.record(
+            actor,
+            Event::CiLogin {
+                app: Text::new(app),
+                issuer: Text::new(&seen.issuer),
+                subject: Text::new(&seen.subject),
+                repository: seen.repository.as_deref().map(Text::new),
+                binding: binding.as_deref().map(Text::new),
+                jti: seen.jti.as_deref().map(Text::new),
+                reason: outcome
+                    .as_ref()
+                    .err()
+                    .map(|e| Text::new(&format!("{reason}: {e}"))),
+            },
+            if outcome.is_ok() {
+                Outcome::Ok
+            } else {
+                Outcome::Refused
+            },
+        );
+        outcome
+    }
+
+    /// A fetch of a CI issuer's document (`discovery` or `jwks`).
+    pub fn issuer_fetch(&self, document: &'static str, ok: bool) {
+        if self.enabled {
+            self.metrics
+                .issuer_fetches
+                .get_or_create(&metrics::DocumentResult {
+                    document,
+                    result: if ok { "ok" } else { "error" },
+                })
+                .inc();
+        }
+    }
+
+    /// A join was decided; passes the result through.
+    pub fn join<T>(
+        &self,
+        join_code: &str,
+        remote: SocketAddr,
+        result: Result<(RunnerRecord, T), RegistryError>,
+    ) -> Result<(RunnerRecord, T), RegistryError> {
+        if !self.enabled {
+            return result;
+        }
+        let (labels, event, actor, outcome) = match &result {
+            Ok((r, _)) => (
+                metrics::ResultReason {
+                    result: "redeemed",
+                    reason: "ok",
+                },
+                Event::Join {
+                    runner: Some(Text::new(&r.id)),
+                    name: Some(Text::new(&r.name)),
+                    join_code: Some(Text::new(join_code)),
+                    remote: Text::new(&remote.to_string()),
+                    reason: None,
+                },
+                Actor::Runner(r.id.clone()),
+                Outcome::Ok,
+            ),
+            Err(e) => (
+                metrics::ResultReason {
+                    result: "refused",
+                    reason: join_refusal_reason(e),
+                },
+                Event::Join {
+                    runner: None,
+                    name: None,
+                    join_code: (!join_code.is_empty()).then(|| Text::new(join_code)),
+                    remote: Text::new(&remote.to_string()),
+                    reason: Some(Text::new(&e.to_string())),
+                },
+                Actor::Anonymous,
+                Outcome::Refused,
+            ),
+        };
+        self.metrics.joins.get_or_create(&labels).inc();
+        self.record(actor, event, outcome);
+        result
+    }
+
+    pub fn runner_removed(&self, actor: &Actor, r: &RunnerRecord) {
+        self.changed(
+            actor,
+            Event::RunnerRemoved {
+                runner: Text::new(&r.id),
+                name: Text::new(&r.name),
+            },
+        );
+    }
+
+    pub fn runner_cordoned(&self, actor: &Actor, r: &RunnerRecord) {
+        self.changed(
+            actor,
+            Event::RunnerCordoned {
+                runner: Text::new(&r.id),
+                name: Text::new(&r.name),
+                cordoned: r.cordoned,
+            },
+        );
+    }
+
+    pub fn binding_added(&self, actor: &Actor, id: &str, b: &BindingSummary) {
+        self.changed(
+            actor,
+            Event::BindingAdded {
+                binding: Text::new(id),
+                app: Text::new(&b.app),
+                issuer: Text::new(&b.issuer),
+                subject: Text::new(&b.subject),
+            },
+        );
+    }
+
+    /// A rollout ended.
+    pub fn rollout<T>(&self, outcome: &Result<T, String>) {
+        if self.enabled {
+            let result = if outcome.is_ok() {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            self.metrics
+                .rollouts
+                .get_or_create(&metrics::ResultLabel { result })
+                .inc();
+        }
+    }
+
+    /// One ingress request answered.
+    pub fn ingress(&self, app: String, status: u16, elapsed: Duration) {
+        let m = &self.metrics;
+        m.ingress_seconds
+            .get_or_create(&metrics::AppLabel { app: app.clone() })
+            .observe(elapsed.as_secs_f64());
+        m.ingress_requests
+            .get_or_create(&metrics::IngressLabels {
+                app,
+                status: metrics::status_class(status),
+            })
+            .inc();
+    }
+
+    /// A request for our discovery document or JWKS answered.
+    pub fn issuer_served(&self, document: &'static str, status: u16) {
+        if self.enabled {
+            self.metrics
+                .issuer_served
+                .get_or_create(&metrics::DocumentResult {
+                    document,
+                    result: metrics::status_class(status),
+                })
+                .inc();
+        }
+    }
+
+    fn route_oidc_count(&self, event: &'static str, ok: bool) {
+        self.metrics
+            .route_oidc
+            .get_or_create(&metrics::EventResult {
+                event,
+                result: if ok { "ok" } else { "refused" },
+            })
+            .inc();
+    }
+
+    /// A browser signed in at a protected route.
+    pub fn route_oidc_login(&self, host: &str, provider: &str, subject: &str) {
+        if self.enabled {
+            self.route_oidc_count("login", true);
+            self.record(
+                Actor::Anonymous,
+                Event::RouteOidcLogin {
+                    host: Text::new(host),
+                    provider: Text::new(provider),
+                    subject: Some(Text::new(subject)),
+                    reason: None,
+                },
+                Outcome::Ok,
+            );
+        }
+    }
+
+    /// A login callback was refused (status and the answer's text).
+    pub fn route_oidc_login_refused(&self, host: &str, provider: &str, status: u16, why: &str) {
+        if self.enabled {
+            self.route_oidc_count("login", false);
+            self.record(
+                Actor::Anonymous,
+                Event::RouteOidcLogin {
+                    host: Text::new(host),
+                    provider: Text::new(provider),
+                    subject: None,
+                    reason: Some(Text::new(&format!("{status}: {}", why.trim()))),
+                },
+                Outcome::Refused,
+            );
+        }
+    }
+
+    pub fn route_oidc_logout(&self, host: &str, provider: &str) {
+        if self.enabled {
+            self.route_oidc_count("logout", true);
+            self.record(
+                Actor::Anonymous,
+                Event::RouteOidcLogout {
+                    host: Text::new(host),
+                    provider: Text::new(provider),
+                },
+                Outcome::Ok,
+            );
+        }
+    }
+
+    /// A session refresh: counted; a refused one is also audited.
+    pub fn route_oidc_refresh<T, E: std::fmt::Display>(
+        &self,
+        host: &str,
+        provider: &str,
+        r: &Result<T, E>,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        self.route_oidc_count("refresh", r.is_ok());
+        if let Err(e) = r {
+            self.record(
+                Actor::Anonymous,
+                Event::RouteOidcRefresh {
+                    host: Text::new(host),
+                    provider: Text::new(provider),
+                    reason: Text::new(&e.to_string()),
+                },
+                Outcome::Refused,
+            );
+        }
+    }
+
+    /// One RPC call served (from [`metrics::metered`]).
+    pub fn rpc(
+        &self,
+        interface: &'static str,
+        method: &'static str,
+        ok: bool,
+        actor: Option<Actor>,
+        app: Option<String>,
+    ) {
+        self.metrics
+            .rpc_calls
+            .get_or_create(&metrics::RpcLabels {
+                interface,
+                method,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        if let Some(actor) = actor {
+            if metrics::audited(interface, method) {
+                self.record(
+                    actor,
+                    Event::Rpc {
+                        interface,
+                        method,
+                        app: app.as_deref().map(Text::new),
+                    },
+                    if ok { Outcome::Ok } else { Outcome::Error },
+                );
+            }
+        }
+    }
+
+    /// Audits signing key changes: a kid not seen before (created), a key
+    /// that became active, one that was retired. The first call only
+    /// remembers what exists.
+    pub fn watch_keys(&self, statuses: &[crate::keyring::KeyStatus]) {
+        use crate::keyring::KeyState;
+        let Ok(mut seen) = self.keys_seen.lock() else {
+            return;
+        };
+        let now: Vec<(String, KeyState)> =
+            statuses.iter().map(|s| (s.kid.clone(), s.state)).collect();
+        if let Some(before) = seen.as_ref() {
+            for s in statuses {
+                let was = before.iter().find(|(k, _)| *k == s.kid).map(|(_, st)| *st);
+                if was.is_none() {
+                    self.changed(
+                        &Actor::Coordinator,
+                        Event::KeyCreated {
+                            kid: Text::new(&s.kid),
+                            activates: s.activates_unix,
+                        },
+                    );
+                }
+                if s.state != KeyState::Pending && was.is_none_or(|w| w == KeyState::Pending) {
+                    self.changed(
+                        &Actor::Coordinator,
+                        Event::KeyActivated {
+                            kid: Text::new(&s.kid),
+                        },
+                    );
+                }
+            }
+            // Retirements after activations: a successor takes over first.
+            for s in statuses {
+                let was = before.iter().find(|(k, _)| *k == s.kid).map(|(_, st)| *st);
+                if matches!(s.state, KeyState::Retired | KeyState::Expired)
+                    && was.is_some_and(|w| matches!(w, KeyState::Active | KeyState::Pending))
+                {
+                    self.changed(
+                        &Actor::Coordinator,
+                        Event::KeyRetired {
+                            kid: Text::new(&s.kid),
+                            unpublished_at: s.retires_unix,
+                        },
+                    );
+                }
+            }
+        }
+        *seen = Some(now);
+    }
+}
+
+/// The observation of a coordinator starting with `opts`: the audit trail
+/// under `<data dir>/audit`, or nothing with `observe: false`.
+pub fn start(
+    data_dir: &std::path::Path,
+    opts: &crate::CoordinatorOptions,
+) -> anyhow::Result<Arc<Observe>> {
+    use anyhow::Context as _;
+    if !opts.observe {
+        return Ok(Arc::new(Observe::disabled()));
+    }
+    let dir = data_dir.join("audit");
+    let o = Observe::new(&dir, opts.signing_key_rotation)
+        .with_context(|| format!("opening the audit trail in {}", dir.display()))?;
+    Ok(Arc::new(o))
+}
+
+/// The store, timed per operation unless observation is off.
+pub fn metered_store(
+    store: Arc<dyn crate::store::Store>,
+    observe: &Arc<Observe>,
+) -> Arc<dyn crate::store::Store> {
+    if !observe.enabled() {
+        return store;
+    }
+    Arc::new(metrics::MeteredStore {
+        inner: store,
+        metrics: observe.metrics.clone(),
+    })
+}
+
+/// The registry `/metrics` encodes: every series of `state.observe` and
+/// the states read at scrape time. Also records when the certificates the
+/// listeners present expire.
+pub fn registry(
+    state: &Arc<crate::service::State>,
+    server_cert_pem: &str,
+    opts: &crate::CoordinatorOptions,
+) -> anyhow::Result<Arc<prometheus_client::registry::Registry>> {
+    let server = transport::pki::not_after_unix(server_cert_pem)?;
+    let https = match &opts.https_cert {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--https-cert {}: {e}", path.display()))?;
+            transport::pki::not_after_unix(&pem).ok()
+        }
+        None => None,
+    };
+    state.observe.set_certificates(server, https);
+    let mut r = prometheus_client::registry::Registry::default();
+    if state.observe.enabled() {
+        state.observe.metrics.register(&mut r);
+        r.register_collector(Box::new(metrics::StateCollector {
+            state: Arc::downgrade(state),
+        }));
+    }
+    Ok(Arc::new(r))
+}
+
+/// Checks the key ring every second and audits what changed (keys change
+/// by time as well as by rotation: a pending key activates by itself).
+pub async fn watch_keys_forever(state: Arc<crate::service::State>) {
+    if !state.observe.enabled() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let statuses = match state.keys.read() {
+            Ok(ring) => ring.statuses(crate::datadir::now_unix()),
+            Err(_) => continue,
+        };
+        state.observe.watch_keys(&statuses);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ci_refusals_map_to_fixed_reasons() {
+        for (msg, reason) in [
+            ("OIDC token did not match any CI binding (issuer=a subject=b repository=c)", "no_binding"),
+            ("OIDC access denied: issuer \"https://x\" is not trusted by any CI binding", "untrusted_issuer"),
+            ("OIDC access denied: not a JWT", "malformed_token"),
+            ("OIDC access denied: fetching https://x/.well-known/openid-configuration: timed out", "issuer_unavailable"),
+            ("OIDC access denied: token expired", "expired"),
+            ("OIDC access denied: something new", "invalid_token"),
+        ] {
+            assert_eq!(ci_refusal_reason(msg), reason, "{msg}");
+        }
+    }
+
+    #[test]
+    fn key_changes_are_audited_once() {
+        use crate::keyring::{KeyState, KeyStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let o = Observe::new(dir.path(), Duration::from_secs(60)).unwrap();
+        let k = |kid: &str, state| KeyStatus {
+            kid: kid.into(),
+            alg: "RS256".into(),
+            state,
+            created_unix: 0,
+            activates_unix: 10,
+            retires_unix: None,
+        };
+        o.watch_keys(&[k("a", KeyState::Active)]);
+        o.watch_keys(&[k("a", KeyState::Active), k("b", KeyState::Pending)]);
+        o.watch_keys(&[k("a", KeyState::Active), k("b", KeyState::Pending)]);
+        o.watch_keys(&[k("a", KeyState::Retired), k("b", KeyState::Active)]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let actions = loop {
+            let page = crate::audit::read(
+                dir.path(),
+                &crate::audit::Query {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let actions: Vec<String> = page
+                .lines
+                .iter()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    format!(
+                        "{} {}",
+                        v["action"].as_str().unwrap(),
+                        v["kid"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            if actions.len() >= 3 || Instant::now() > deadline {
+                break actions;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            actions,
+            ["key.created b", "key.activated b", "key.retired a"]
+        );
+    }
+}
