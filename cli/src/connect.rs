@@ -73,6 +73,21 @@ impl Session {
         pki::validity_of_der(leaf.as_ref()).ok().map(|(_, end)| end)
     }
 
+    /// The role the coordinator sees for this session's identity.
+    pub async fn role(&self) -> anyhow::Result<schema::miren_capnp::Role> {
+        let reply = self
+            .cluster
+            .whoami_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        reply
+            .get()?
+            .get_role()
+            .map_err(|e| anyhow::anyhow!("unknown role {e:?}"))
+    }
+
     /// The admin capability; fails unless this session holds the admin identity.
     pub async fn admin(&self) -> anyhow::Result<admin::Client> {
         if self.target.identity.is_none() && crate::ci::in_ci() {

@@ -177,17 +177,7 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
         .await
         .map_err(remote)?;
     let info = info_reply.get()?.get_info()?;
-    let who_reply = session
-        .cluster
-        .whoami_request()
-        .send()
-        .promise
-        .await
-        .map_err(remote)?;
-    let role = who_reply
-        .get()?
-        .get_role()
-        .map_err(|e| anyhow!("unknown role {e:?}"))?;
+    let role = session.role().await?;
     let mut doc = json!({
         "name": info.get_name()?.to_str()?,
         "cluster_id": info.get_cluster_id()?.to_str()?,
@@ -318,17 +308,7 @@ async fn admin_renew(cluster: Option<&str>, validity: Option<Duration>) -> anyho
         ..target.clone()
     };
     let check = Session::open(renewed).await?;
-    let who = check
-        .cluster
-        .whoami_request()
-        .send()
-        .promise
-        .await
-        .map_err(remote)?;
-    let role = who
-        .get()?
-        .get_role()
-        .map_err(|e| anyhow!("unknown role {e:?}"))?;
+    let role = check.role().await?;
     check.close().await;
     if role != Role::Admin {
         bail!("the renewed certificate is not accepted as the admin identity; the client config is unchanged");
