@@ -111,18 +111,39 @@ pub fn with_health(router: Router, state: &Arc<State>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Outcome, StoreError, Txn};
+    use crate::store::{
+        Committed, KeyValue, LeaseId, RangePage, Revision, StoreError, Txn, WatchStream,
+    };
 
+    /// A store whose disk is gone: every call fails.
     struct Broken;
+    fn gone<T>() -> Result<T, StoreError> {
+        Err(StoreError::Backend("disk gone".into()))
+    }
     impl Store for Broken {
-        fn get(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            Err(StoreError::Backend("disk gone".into()))
+        fn get_kv(&self, _: &str) -> Result<Option<KeyValue>, StoreError> {
+            gone()
         }
-        fn scan(&self, _: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            Err(StoreError::Backend("disk gone".into()))
+        fn range(&self, _: &str, _: Option<&str>, _: usize) -> Result<RangePage, StoreError> {
+            gone()
         }
-        fn commit(&self, _: Txn) -> Result<Outcome, StoreError> {
-            Err(StoreError::Backend("disk gone".into()))
+        fn txn(&self, _: Txn) -> Result<Committed, StoreError> {
+            gone()
+        }
+        fn revision(&self) -> Result<Revision, StoreError> {
+            gone()
+        }
+        fn watch(&self, _: &str, _: Revision) -> Result<WatchStream, StoreError> {
+            gone()
+        }
+        fn grant_lease(&self, _: std::time::Duration) -> Result<LeaseId, StoreError> {
+            gone()
+        }
+        fn keep_alive(&self, _: LeaseId) -> Result<(), StoreError> {
+            gone()
+        }
+        fn revoke_lease(&self, _: LeaseId) -> Result<(), StoreError> {
+            gone()
         }
     }
 

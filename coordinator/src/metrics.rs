@@ -30,7 +30,9 @@ use prometheus_client::registry::Registry;
 
 use crate::audit::AuditCounters;
 use crate::service::State;
-use crate::store::{Outcome, Store, StoreError, Txn};
+use crate::store::{
+    Committed, KeyValue, LeaseId, Outcome, RangePage, Revision, Store, StoreError, Txn, WatchStream,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ViaLabel {
@@ -415,6 +417,35 @@ impl Store for MeteredStore {
     }
     fn count(&self, prefix: &str) -> Result<usize, StoreError> {
         self.time("count", || self.inner.count(prefix))
+    }
+    fn get_kv(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.time("get", || self.inner.get_kv(key))
+    }
+    fn range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<RangePage, StoreError> {
+        self.time("range", || self.inner.range(prefix, after, limit))
+    }
+    fn txn(&self, txn: Txn) -> Result<Committed, StoreError> {
+        self.time("commit", || self.inner.txn(txn))
+    }
+    fn revision(&self) -> Result<Revision, StoreError> {
+        self.inner.revision()
+    }
+    fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        self.inner.watch(prefix, from)
+    }
+    fn grant_lease(&self, ttl: std::time::Duration) -> Result<LeaseId, StoreError> {
+        self.time("lease", || self.inner.grant_lease(ttl))
+    }
+    fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.keep_alive(lease)
+    }
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.time("lease", || self.inner.revoke_lease(lease))
     }
 }
 
