@@ -12,6 +12,7 @@ pub mod apps;
 pub mod artifacts;
 pub mod audit;
 pub mod ci;
+pub mod converge;
 pub mod datadir;
 pub mod frontdoor;
 pub mod health;
