@@ -255,6 +255,11 @@ async fn session_inner(
             s.set_sandboxes(supervisor.count());
             s.set_isolation(&opts.isolation);
             s.set_limits(supervisor.limits_description());
+            let ids = supervisor.inventory();
+            let mut list = s.init_running(ids.len() as u32);
+            for (i, id) in ids.iter().enumerate() {
+                list.set(i as u32, id);
+            }
         }
         req.send().promise.await.map_err(rpc_err)?;
 

@@ -187,6 +187,8 @@ pub struct Supervisor {
     token_file_ttl: u32,
     broker: Broker,
     running: RefCell<HashMap<String, Running>>,
+    /// Sandboxes whose start is in flight (fetching, unpacking).
+    starting: RefCell<std::collections::HashSet<String>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
     containment: Containment,
 }
@@ -206,6 +208,7 @@ impl Supervisor {
             token_file_ttl,
             broker,
             running: RefCell::new(HashMap::new()),
+            starting: RefCell::new(Default::default()),
             reports,
             containment,
         }
@@ -230,14 +233,35 @@ impl Supervisor {
             .collect()
     }
 
-    /// Fetches, unpacks and starts a sandbox.
+    /// The ids of every sandbox here, those still starting included: what
+    /// the coordinator reconciles against (each heartbeat carries it).
+    pub fn inventory(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.running.borrow().keys().cloned().collect();
+        ids.extend(self.starting.borrow().iter().cloned());
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Fetches, unpacks and starts a sandbox. Starting one that already
+    /// runs, or is being started, succeeds without starting it again (the
+    /// coordinator's reconcile loop may ask twice).
     pub async fn start(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> anyhow::Result<()> {
         if !valid_id(&spec.id) {
             return Err(anyhow!("invalid sandbox id {:?}", spec.id));
         }
-        if self.running.borrow().contains_key(&spec.id) {
+        if self.running.borrow().contains_key(&spec.id)
+            || !self.starting.borrow_mut().insert(spec.id.clone())
+        {
             return Ok(());
         }
+        let id = spec.id.clone();
+        let result = self.start_new(spec, fetch).await;
+        self.starting.borrow_mut().remove(&id);
+        result
+    }
+
+    async fn start_new(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> anyhow::Result<()> {
         // Over this runner's maximum: refused before anything is fetched.
         let limits = self
             .containment

@@ -84,6 +84,9 @@ struct RunnerStatus {
   limits @3 :Text;
   # How sandbox resources are limited ("cgroup v1 (memory, pids, cpu)"),
   # empty when they are not (said loudly by the runner and `runner list`).
+  running @4 :List(Text);
+  # Every sandbox on the runner (starting ones included): the coordinator
+  # starts what is assigned and missing, and stops what is not assigned.
 }
 
 interface RunnerSession {
