@@ -22,6 +22,7 @@ pub mod issuer;
 pub mod keyring;
 pub mod metrics;
 pub mod observe;
+pub mod observed;
 pub mod oidc;
 pub mod outbound;
 pub mod route_oidc;
