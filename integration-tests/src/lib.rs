@@ -684,8 +684,10 @@ pub fn miren_within(config: &Path, args: &[&str], env: &[(&str, &str)], limit: D
             cli.kill();
             let mut run = cli.finished();
             run.ok = false;
-            run.stderr
-                .push_str(&format!("\n[test] `miren {}` timed out after {limit:?}", args.join(" ")));
+            run.stderr.push_str(&format!(
+                "\n[test] `miren {}` timed out after {limit:?}",
+                args.join(" ")
+            ));
             run
         }
     }
@@ -818,7 +820,11 @@ pub fn app_processes(app: &str) -> Vec<AppProcess> {
         return found;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         // A zombie's environment reads empty: only live processes count.
@@ -969,7 +975,7 @@ impl Cluster {
         assert!(
             c.wait_runners_ready(&(0..runners).collect::<Vec<_>>()),
             "runners did not become ready: {:?}\n{}",
-            runners_json(&c.cfg),
+            c.runner_list(),
             c.logs()
         );
         c
@@ -1069,7 +1075,7 @@ impl Cluster {
     /// Waits until every runner in `which` is `ready` in `runner list`.
     pub fn wait_runners_ready(&self, which: &[usize]) -> bool {
         wait_for(RUNNER_READY, || {
-            let list = runners_json(&self.cfg);
+            let list = runners(&self.cfg);
             which.iter().all(|i| {
                 list.iter()
                     .any(|r| r["id"] == self.runner_ids[*i].as_str() && r["status"] == "ready")
@@ -1081,7 +1087,13 @@ impl Cluster {
     pub fn deploy(&self, app: &str, dir: &Path) -> Run {
         miren_within(
             &self.cfg,
-            &["deploy", "--dir", dir.to_str().expect("utf-8 path"), "-a", app],
+            &[
+                "deploy",
+                "--dir",
+                dir.to_str().expect("utf-8 path"),
+                "-a",
+                app,
+            ],
             &[],
             Duration::from_secs(180),
         )
@@ -1091,7 +1103,13 @@ impl Cluster {
     pub fn spawn_deploy(&self, app: &str, dir: &Path) -> CliProc {
         CliProc::spawn(
             &self.cfg,
-            &["deploy", "--dir", dir.to_str().expect("utf-8 path"), "-a", app],
+            &[
+                "deploy",
+                "--dir",
+                dir.to_str().expect("utf-8 path"),
+                "-a",
+                app,
+            ],
             &[],
         )
     }
@@ -1107,7 +1125,7 @@ impl Cluster {
 
     /// `miren runner list -o json`.
     pub fn runner_list(&self) -> Vec<serde_json::Value> {
-        runners_json(&self.cfg)
+        runners(&self.cfg)
     }
 
     /// GET `path` with `Host: host` through the HTTP ingress.
@@ -1186,11 +1204,6 @@ impl Drop for Cluster {
         }
         self.server.take();
     }
-}
-
-/// `miren runner list -o json` (empty when it fails).
-fn runners_json(config: &Path) -> Vec<serde_json::Value> {
-    runners(config)
 }
 
 /// Seconds since the epoch, now.

@@ -127,11 +127,13 @@ fn deploy_serving(c: &Cluster, app: &str, instances: usize, runners: usize) -> S
     let all: Vec<usize> = (0..runners).collect();
     let mut why = String::new();
     assert!(
-        wait_for(Duration::from_secs(30), || match serving(c, app, instances, &all) {
-            Ok(()) => true,
-            Err(e) => {
-                why = e;
-                false
+        wait_for(Duration::from_secs(30), || {
+            match serving(c, app, instances, &all) {
+                Ok(()) => true,
+                Err(e) => {
+                    why = e;
+                    false
+                }
             }
         }),
         "{app} never ran as deployed: {why}{}",
@@ -328,7 +330,10 @@ fn runner_kept_down_past_the_grace_period_has_its_sandboxes_placed_elsewhere() {
         c.describe(&app)
     );
     if let Err(e) = steady(|| serving(&c, &app, 2, &[1])) {
-        panic!("{app} did not stay at 2 sandboxes on r1: {e}{}", c.describe(&app));
+        panic!(
+            "{app} did not stay at 2 sandboxes on r1: {e}{}",
+            c.describe(&app)
+        );
     }
     assert!(get_ok(&c, &host), "{}", c.describe(&app));
 }
@@ -360,7 +365,10 @@ fn removed_runner_has_its_sandboxes_placed_on_the_other_runner() {
         c.describe(&app)
     );
     if let Err(e) = steady(|| serving(&c, &app, 2, &[1])) {
-        panic!("{app} did not stay at 2 sandboxes on r1: {e}{}", c.describe(&app));
+        panic!(
+            "{app} did not stay at 2 sandboxes on r1: {e}{}",
+            c.describe(&app)
+        );
     }
     assert!(get_ok(&c, &host), "{}", c.describe(&app));
 }
@@ -438,11 +446,13 @@ fn drain_moves_sandboxes_off_without_a_failed_request_then_cordons() {
     );
     let mut why = String::new();
     assert!(
-        wait_for(Duration::from_secs(5), || match serving(&c, &app, 2, &[1]) {
-            Ok(()) => true,
-            Err(e) => {
-                why = e;
-                false
+        wait_for(Duration::from_secs(5), || {
+            match serving(&c, &app, 2, &[1]) {
+                Ok(()) => true,
+                Err(e) => {
+                    why = e;
+                    false
+                }
             }
         }),
         "after the drain {app} is not 2 healthy sandboxes on r1 with one process each: {why}{}",
@@ -485,12 +495,13 @@ fn finish(cli: &mut CliProc, limit: Duration) -> Run {
 fn overlapping_deploys_end_with_the_later_accepted_version_active() {
     let c = Cluster::start(2, &[]);
     let app = app_name("ovl");
-    // The first deploy takes a while to become healthy; the second,
-    // accepted while the first rolls out, is healthy at once: today the
-    // first finishes last and wins.
-    let slow = probe_app(c.path(), &app, 2, "first", 6);
-    let fast = probe_app(c.path(), &app, 2, "second", 0);
-    let mut first = c.spawn_deploy(&app, &slow);
+    // Both take a while to become healthy, the second longer: it is
+    // accepted while the first rolls out, and the first finishes first.
+    // (Today the first to be healthy stops every other version's
+    // sandboxes, so the second never becomes healthy and the first wins.)
+    let first_src = probe_app(c.path(), &app, 2, "first", 6);
+    let second_src = probe_app(c.path(), &app, 2, "second", 10);
+    let mut first = c.spawn_deploy(&app, &first_src);
     assert!(
         wait_for(Duration::from_secs(60), || accepted_version(
             &first.stderr(),
@@ -503,7 +514,16 @@ fn overlapping_deploys_end_with_the_later_accepted_version_active() {
     );
     let v_first = accepted_version(&first.stderr(), &app)
         .unwrap_or_else(|| panic!("the first deploy was refused: {:?}", first.finished()));
-    let mut second = c.spawn_deploy(&app, &fast);
+    let mut second = c.spawn_deploy(&app, &second_src);
+    wait_for(Duration::from_secs(60), || {
+        accepted_version(&second.stderr(), &app).is_some() || second.exited()
+    });
+    assert!(
+        !first.stdout().contains("Deployed"),
+        "set-up: the first deploy ended before the second was accepted, they did not overlap: {:?} / {:?}",
+        first.finished(),
+        second.finished()
+    );
     let second_run = finish(&mut second, Duration::from_secs(120));
     let first_run = finish(&mut first, Duration::from_secs(120));
     let v_second = accepted_version(&second_run.stderr, &app)
@@ -521,7 +541,10 @@ fn overlapping_deploys_end_with_the_later_accepted_version_active() {
             if st["active_version"] != winner.as_str() {
                 return Err(format!("active version is {}", st["active_version"]));
             }
-            if let Some(s) = sandboxes(&st).iter().find(|s| s["version"] != winner.as_str()) {
+            if let Some(s) = sandboxes(&st)
+                .iter()
+                .find(|s| s["version"] != winner.as_str())
+            {
                 return Err(format!("a sandbox of another version remains: {s}"));
             }
             serving(&c, &app, 2, &[0, 1])?;
@@ -581,7 +604,8 @@ fn app_deleted_during_its_rollout_stays_deleted() {
     let src = probe_app(c.path(), &app, 2, "a", 4);
     let mut deploy = c.spawn_deploy(&app, &src);
     assert!(
-        wait_for(Duration::from_secs(60), || running_sandboxes(&app).len() == 2
+        wait_for(Duration::from_secs(60), || running_sandboxes(&app).len()
+            == 2
             || deploy.exited()),
         "the rollout never started its sandboxes: {:?}{}",
         deploy.finished(),
@@ -612,7 +636,10 @@ fn app_deleted_during_its_rollout_stays_deleted() {
         came_back.is_none(),
         "{app} came back after `app delete` (seen {:?} later: {}); deploy: {deploy_run:?}{}",
         came_back.as_ref().map(|c| c.0),
-        came_back.as_ref().map(|c| c.1.to_string()).unwrap_or_default(),
+        came_back
+            .as_ref()
+            .map(|c| c.1.to_string())
+            .unwrap_or_default(),
         c.describe(&app)
     );
     let status = c.status(&app);
@@ -689,7 +716,9 @@ fn deleting_an_app_removes_its_routes_and_ci_bindings() {
     );
     assert!(routes_of(&c).is_empty(), "{:?}", routes_of(&c));
     assert!(bindings_of(&c).is_empty(), "{:?}", bindings_of(&c));
-    let (code, _) = c.ingress_get(&host, "/headers").unwrap_or((0, String::new()));
+    let (code, _) = c
+        .ingress_get(&host, "/headers")
+        .unwrap_or((0, String::new()));
     assert_eq!(code, 404, "the old route still leads to the recreated app");
 }
 
