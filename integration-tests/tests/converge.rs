@@ -269,6 +269,15 @@ fn coordinator_killed_and_restarted_serves_again_and_shows_only_fresh_health() {
         stale.iter().cloned().collect::<Vec<_>>().join("\n"),
         c.describe(&app)
     );
+    // The runners kept their sandboxes through the coordinator's death;
+    // reconciling must recognise them rather than replace them.
+    let after = ids(&sandboxes(&c.status(&app).expect("status")));
+    assert_eq!(
+        after,
+        before,
+        "the restarted coordinator replaced sandboxes that kept running{}",
+        c.describe(&app)
+    );
 }
 
 #[test]
