@@ -649,3 +649,567 @@ impl ProbeCluster {
         }
     }
 }
+
+impl Server {
+    /// Everything the server wrote to its error output so far.
+    pub fn error_output(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Kills the server with SIGKILL (no chance to clean up, as a crash or
+    /// the OOM killer would) and waits for it; returns its error output.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.error_output()
+    }
+}
+
+impl RunnerProc {
+    /// Kills the runner with SIGKILL and waits for it; returns its output.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.output()
+    }
+}
+
+/// Like [`miren`], but gives up after `limit`: the process is killed and
+/// the run reported failed, with `timed out after …` in its error output.
+pub fn miren_within(config: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
+    let mut cli = CliProc::spawn(config, args, env);
+    match cli.wait(limit) {
+        Some(run) => run,
+        None => {
+            cli.kill();
+            let mut run = cli.finished();
+            run.ok = false;
+            run.stderr.push_str(&format!(
+                "\n[test] `miren {}` timed out after {limit:?}",
+                args.join(" ")
+            ));
+            run
+        }
+    }
+}
+
+/// A `miren` CLI process left running (a deploy followed while the test
+/// does other things); its output goes to temporary files that can be read
+/// while it runs.
+pub struct CliProc {
+    child: Child,
+    out: tempfile::NamedTempFile,
+    err: tempfile::NamedTempFile,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl CliProc {
+    /// Starts `miren args…` like [`miren`] does, without waiting.
+    pub fn spawn(config: &Path, args: &[&str], env: &[(&str, &str)]) -> CliProc {
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let err = tempfile::NamedTempFile::new().expect("temp file");
+        let mut cmd = Command::new(miren_bin());
+        cmd.args(args)
+            .env("MIREN_CONFIG", config)
+            .env_remove("MIREN_CLUSTER")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out.reopen().expect("reopen"))
+            .stderr(err.reopen().expect("reopen"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("running miren");
+        CliProc {
+            child,
+            out,
+            err,
+            status: None,
+        }
+    }
+
+    /// What it printed on its standard output so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.out.path()).unwrap_or_default()
+    }
+
+    /// What it printed on its error output so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.err.path()).unwrap_or_default()
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status.is_some()
+    }
+
+    /// Waits up to `limit` for it to exit; `None` while it still runs.
+    pub fn wait(&mut self, limit: Duration) -> Option<Run> {
+        if wait_for(limit, || self.exited()) {
+            Some(self.finished())
+        } else {
+            None
+        }
+    }
+
+    /// Its outcome so far (`ok` only once it has exited successfully).
+    pub fn finished(&mut self) -> Run {
+        self.exited();
+        Run {
+            ok: self.status.is_some_and(|s| s.success()),
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+
+    /// SIGKILL, then waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        if let Ok(s) = self.child.wait() {
+            self.status.get_or_insert(s);
+        }
+    }
+}
+
+impl Drop for CliProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port that is free for both TCP and UDP right now: for a
+/// process that must find the same address again after a restart (the
+/// QUIC listener and the HTTPS listener share one port number).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().expect("udp addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port free for both TCP and UDP")
+}
+
+/// A process of a sandbox, found on this machine by its environment.
+#[derive(Debug, Clone)]
+pub struct AppProcess {
+    pub pid: u32,
+    /// `MIREN_SANDBOX_ID`.
+    pub sandbox: String,
+    /// `MIREN_VERSION`.
+    pub version: String,
+    /// Every variable of its environment the test set in app.toml
+    /// (`CONVERGE_*`), e.g. which deploy it came from.
+    pub tags: Vec<(String, String)>,
+    /// Its working directory (with `--isolation none`, inside its runner's
+    /// data dir).
+    pub cwd: PathBuf,
+}
+
+/// Every live process on this machine whose environment says it belongs to
+/// a sandbox of `app` (`MIREN_APP=app` and a `MIREN_SANDBOX_ID`), whatever
+/// runner started it and whether or not any runner still knows it.
+pub fn app_processes(app: &str) -> Vec<AppProcess> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A zombie's environment reads empty: only live processes count.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let mut mine = false;
+        let mut sandbox = None;
+        let mut version = String::new();
+        let mut tags = Vec::new();
+        for var in environ.split(|b| *b == 0) {
+            let var = String::from_utf8_lossy(var);
+            let Some((k, v)) = var.split_once('=') else {
+                continue;
+            };
+            match k {
+                "MIREN_APP" => mine = v == app,
+                "MIREN_SANDBOX_ID" => sandbox = Some(v.to_string()),
+                "MIREN_VERSION" => version = v.to_string(),
+                k if k.starts_with("CONVERGE_") => tags.push((k.to_string(), v.to_string())),
+                _ => {}
+            }
+        }
+        if let (true, Some(sandbox)) = (mine, sandbox) {
+            found.push(AppProcess {
+                pid,
+                sandbox,
+                version,
+                tags,
+                cwd: std::fs::read_link(entry.path().join("cwd")).unwrap_or_default(),
+            });
+        }
+    }
+    found.sort_by_key(|p| p.pid);
+    found
+}
+
+/// The distinct sandboxes of `app` that have a live process here.
+pub fn running_sandboxes(app: &str) -> std::collections::BTreeSet<String> {
+    app_processes(app).into_iter().map(|p| p.sandbox).collect()
+}
+
+/// A copy of the probe app (`fixtures/probe-app`) in `parent/name-src`
+/// with its own `.miren/app.toml`: `instances` sandboxes of service `web`,
+/// `CONVERGE_CONTENT=content` in their environment (what tells one deploy
+/// from another, also on `/proc`), and `start_delay_secs` of sleep before
+/// it listens (a rollout that takes a while to become healthy). The probe
+/// answers 200 on `/headers`.
+pub fn probe_app(
+    parent: &Path,
+    name: &str,
+    instances: u32,
+    content: &str,
+    start_delay_secs: u32,
+) -> PathBuf {
+    let dir = parent.join(format!("{name}-src-{content}"));
+    std::fs::create_dir_all(dir.join(".miren")).expect("app dir");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/probe-app/probe.py");
+    std::fs::copy(fixture, dir.join("probe.py")).expect("copy the probe");
+    // One process either way (no `sh` left sleeping as a child), so the
+    // process count of a sandbox is its python.
+    let command = if start_delay_secs == 0 {
+        "python3 probe.py".to_string()
+    } else {
+        format!(
+            "python3 -c \"import runpy, time; time.sleep({start_delay_secs}); runpy.run_path('probe.py', run_name='__main__')\""
+        )
+    };
+    let toml = format!(
+        "name = \"{name}\"\n[services.web]\ncommand = '''{command}'''\ninstances = {instances}\n[services.web.env]\nCONVERGE_CONTENT = \"{content}\"\n"
+    );
+    std::fs::write(dir.join(".miren/app.toml"), toml).expect("app.toml");
+    dir
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A coordinator and `n` runners on fixed loopback addresses, so that any
+/// of them can be killed and started again on its data dir and be found
+/// where it was: the fault journeys of issue 15.
+///
+/// The coordinator listens on a fixed QUIC (and HTTPS) port and serves
+/// the HTTP ingress on a fixed port; runner `i` (`--isolation none`,
+/// named `r<i>`) keeps its data in `<dir>/r<i>`.
+pub struct Cluster {
+    // Dropped last: the processes go first.
+    dir: tempfile::TempDir,
+    pub cfg: PathBuf,
+    pub coord_data: PathBuf,
+    /// The coordinator's QUIC address, `127.0.0.1:PORT`.
+    pub listen: String,
+    /// The HTTP ingress, `127.0.0.1:PORT`.
+    pub ingress: String,
+    server_args: Vec<String>,
+    server: Option<Server>,
+    runners: Vec<Option<RunnerProc>>,
+    runner_ids: Vec<String>,
+    /// Error output of coordinators killed earlier, for failure reports.
+    earlier: Vec<String>,
+}
+
+/// How long the fixture waits for a runner to (re)connect.
+const RUNNER_READY: Duration = Duration::from_secs(60);
+
+impl Cluster {
+    /// Starts `miren server` with `server_args` (besides the data dir, the
+    /// fixed listen and `--http-listen` addresses) and `runners` runners
+    /// joined with one reusable code, and waits until all are `ready`.
+    pub fn start(runners: usize, server_args: &[&str]) -> Cluster {
+        let dir = temp();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let ingress = format!("127.0.0.1:{}", free_port());
+        let mut c = Cluster {
+            cfg: dir.path().join("client.yaml"),
+            coord_data: dir.path().join("coord"),
+            dir,
+            listen,
+            ingress,
+            server_args: server_args.iter().map(|s| s.to_string()).collect(),
+            server: None,
+            runners: Vec::new(),
+            runner_ids: Vec::new(),
+            earlier: Vec::new(),
+        };
+        c.start_coordinator();
+        let code = c.miren(&["runner", "token", "create", "--reusable"]);
+        assert!(code.ok, "{code:?}");
+        let code = code.stdout.trim().to_string();
+        for i in 0..runners {
+            let name = format!("r{i}");
+            let r = RunnerProc::start(
+                &c.runner_data(i),
+                Some(&code),
+                &["--name", &name, "--isolation", "none"],
+            );
+            assert!(
+                wait_for(RUNNER_READY, || r.runner_id().is_some()),
+                "runner {i} did not join: {}",
+                r.output()
+            );
+            c.runner_ids.push(r.runner_id().expect("joined"));
+            c.runners.push(Some(r));
+        }
+        assert!(
+            c.wait_runners_ready(&(0..runners).collect::<Vec<_>>()),
+            "runners did not become ready: {:?}\n{}",
+            c.runner_list(),
+            c.logs()
+        );
+        c
+    }
+
+    /// The test's temporary directory (app sources can go there).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `miren args…` against this cluster, for at most 2 minutes.
+    pub fn miren(&self, args: &[&str]) -> Run {
+        miren_within(&self.cfg, args, &[], Duration::from_secs(120))
+    }
+
+    /// The running coordinator.
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("the coordinator is running")
+    }
+
+    /// Starts the coordinator on its data dir and fixed addresses.
+    pub fn start_coordinator(&mut self) {
+        assert!(self.server.is_none(), "the coordinator is already running");
+        let mut args: Vec<&str> = vec!["--http-listen", &self.ingress];
+        args.extend(self.server_args.iter().map(String::as_str));
+        let server = Server::start(&self.coord_data, &self.cfg, &self.listen, &args);
+        self.server = Some(server);
+    }
+
+    /// SIGKILLs the coordinator and waits until it is gone.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(s) = self.server.take() {
+            self.earlier.push(s.kill());
+        }
+    }
+
+    /// SIGKILLs the coordinator and starts it again at once on the same
+    /// data dir and addresses; returns the Unix second at which the new one
+    /// began to start (no report it shows can be older than that and still
+    /// come from it).
+    pub fn restart_coordinator_sigkill(&mut self) -> i64 {
+        self.kill_coordinator();
+        let restarted = now_unix();
+        self.start_coordinator();
+        restarted
+    }
+
+    /// The data dir of runner `i`.
+    pub fn runner_data(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("r{i}"))
+    }
+
+    /// The id runner `i` was given when it joined.
+    pub fn runner_id(&self, i: usize) -> &str {
+        &self.runner_ids[i]
+    }
+
+    /// Which runner's data dir `path` lies in.
+    pub fn runner_of_path(&self, path: &Path) -> Option<usize> {
+        (0..self.runner_ids.len()).find(|i| path.starts_with(self.runner_data(*i)))
+    }
+
+    /// Which runner (index) has id `id`.
+    pub fn runner_index(&self, id: &str) -> Option<usize> {
+        self.runner_ids.iter().position(|r| r == id)
+    }
+
+    /// SIGKILLs runner `i` and waits until it is gone.
+    pub fn kill_runner(&mut self, i: usize) {
+        if let Some(r) = self.runners[i].take() {
+            let out = r.kill();
+            // Keep what it said: the next start writes a fresh log.
+            let _ = std::fs::write(
+                self.runner_data(i)
+                    .with_extension(format!("log.{}", now_unix())),
+                out,
+            );
+        }
+    }
+
+    /// Starts runner `i` again on its data dir (no join code: it has its
+    /// identity).
+    pub fn start_runner(&mut self, i: usize) {
+        assert!(self.runners[i].is_none(), "runner {i} is running");
+        self.runners[i] = Some(RunnerProc::start(
+            &self.runner_data(i),
+            None,
+            &["--isolation", "none"],
+        ));
+    }
+
+    /// The runner process `i`, while it runs.
+    pub fn runner(&mut self, i: usize) -> Option<&mut RunnerProc> {
+        self.runners[i].as_mut()
+    }
+
+    /// Waits until every runner in `which` is `ready` in `runner list`.
+    pub fn wait_runners_ready(&self, which: &[usize]) -> bool {
+        wait_for(RUNNER_READY, || {
+            let list = runners(&self.cfg);
+            which.iter().all(|i| {
+                list.iter()
+                    .any(|r| r["id"] == self.runner_ids[*i].as_str() && r["status"] == "ready")
+            })
+        })
+    }
+
+    /// `miren deploy --dir DIR -a APP`, waiting for it (at most 3 minutes).
+    pub fn deploy(&self, app: &str, dir: &Path) -> Run {
+        miren_within(
+            &self.cfg,
+            &[
+                "deploy",
+                "--dir",
+                dir.to_str().expect("utf-8 path"),
+                "-a",
+                app,
+            ],
+            &[],
+            Duration::from_secs(180),
+        )
+    }
+
+    /// `miren deploy --dir DIR -a APP`, left running.
+    pub fn spawn_deploy(&self, app: &str, dir: &Path) -> CliProc {
+        CliProc::spawn(
+            &self.cfg,
+            &[
+                "deploy",
+                "--dir",
+                dir.to_str().expect("utf-8 path"),
+                "-a",
+                app,
+            ],
+            &[],
+        )
+    }
+
+    /// `miren app status -a APP -o json`: the JSON, or the error output.
+    pub fn status(&self, app: &str) -> Result<serde_json::Value, String> {
+        let run = self.miren(&["app", "status", "-a", app, "-o", "json"]);
+        if !run.ok {
+            return Err(run.stderr);
+        }
+        serde_json::from_str(&run.stdout).map_err(|e| format!("{e}: {}", run.stdout))
+    }
+
+    /// `miren runner list -o json`.
+    pub fn runner_list(&self) -> Vec<serde_json::Value> {
+        runners(&self.cfg)
+    }
+
+    /// GET `path` with `Host: host` through the HTTP ingress.
+    pub fn ingress_get(&self, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+        http_get_host(&self.ingress, host, path)
+    }
+
+    /// The tail of every log: killed and running coordinators, runners.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (n, e) in self.earlier.iter().enumerate() {
+            out.push_str(&format!("--- killed coordinator #{n}:\n{}\n", tail(e, 15)));
+        }
+        if let Some(s) = &self.server {
+            out.push_str(&format!(
+                "--- coordinator:\n{}\n",
+                tail(&s.error_output(), 25)
+            ));
+        }
+        for (i, r) in self.runners.iter().enumerate() {
+            match r {
+                Some(r) => out.push_str(&format!("--- runner r{i}:\n{}\n", tail(&r.output(), 15))),
+                None => out.push_str(&format!("--- runner r{i}: not running\n")),
+            }
+        }
+        out
+    }
+
+    /// What a failed assertion about `app` should show: its status, its
+    /// processes on this machine (with the runner whose data dir they run
+    /// in), the runners, and the logs' tails.
+    pub fn describe(&self, app: &str) -> String {
+        let status = match self.status(app) {
+            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+            Err(e) => format!("(app status failed: {})", e.trim()),
+        };
+        let procs: Vec<String> = app_processes(app)
+            .iter()
+            .map(|p| {
+                format!(
+                    "pid {} sandbox {} version {} {:?} on {}",
+                    p.pid,
+                    p.sandbox,
+                    p.version,
+                    p.tags,
+                    self.runner_of_path(&p.cwd)
+                        .map(|i| format!("r{i} ({})", self.runner_ids[i]))
+                        .unwrap_or_else(|| p.cwd.display().to_string())
+                )
+            })
+            .collect();
+        let runners: Vec<String> = self
+            .runner_list()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} status={} cordoned={} sandboxes={}",
+                    r["id"], r["name"], r["status"], r["cordoned"], r["sandboxes"]
+                )
+            })
+            .collect();
+        format!(
+            "\n=== app status -a {app} -o json:\n{status}\n=== processes of {app} here:\n{}\n=== runner list:\n{}\n=== logs:\n{}",
+            procs.join("\n"),
+            runners.join("\n"),
+            self.logs()
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Runners first: their sandboxes die with them.
+        for r in self.runners.iter_mut() {
+            r.take();
+        }
+        self.server.take();
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
