@@ -102,10 +102,10 @@ elf_arch() {
   esac
 }
 
-# Checks that BINARY (of ARCH) is VERSION: runs `miren version` when this machine can run it,
-# else looks for the version line the build embeds.
+# Checks that BINARY (of ARCH) is VERSION (and, when COMMIT is given, built from it): runs
+# `miren version` when this machine can run it, else looks for the line the build embeds.
 check_version() {
-  local bin="$1" arch="$2" line
+  local bin="$1" arch="$2" want_commit="${3:-}" line
   if [ "$arch" = "$host_arch" ]; then
     line="$("$bin" version)" || die "$bin does not run: cannot check its version"
     echo "    $line"
@@ -113,7 +113,13 @@ check_version() {
       "miren $version (commit "*) ;;
       *) die "$bin prints '$line', not version $version: rebuild it with MIREN_RELEASE_VERSION=$version" ;;
     esac
-  elif grep -aq -- "$version (commit " "$bin"; then
+    if [ -n "$want_commit" ]; then
+      case "$line" in
+        *"(commit $want_commit,"*) ;;
+        *) die "$bin was built from another commit than $want_commit (did HEAD move during the build?): '$line'" ;;
+      esac
+    fi
+  elif grep -aq -- "$version (commit $want_commit" "$bin"; then
     echo "    embeds version $version (a $arch binary: not run here)"
   else
     die "$bin ($arch) does not embed version $version: rebuild it with MIREN_RELEASE_VERSION=$version"
@@ -181,11 +187,11 @@ else
     else
       gcc="${triple%%-*}-linux-gnu-gcc"
       if ! rustup target list --installed 2>/dev/null | grep -qx "$triple"; then
-        echo "==> skipping miren-linux-$arch.zip: the Rust target $triple is not installed here (rustup target add $triple, and $gcc); the release workflow builds it on a $arch runner"
+        echo "==> skipping miren-linux-$arch.zip: the Rust target $triple is not installed here (rustup target add $triple, and $gcc); the release workflow builds it on its own $arch runner"
         continue
       fi
       if ! command -v "$gcc" >/dev/null; then
-        echo "==> skipping miren-linux-$arch.zip: no cross C compiler $gcc (Debian: gcc-${triple%%-*}-linux-gnu); the release workflow builds it on a $arch runner"
+        echo "==> skipping miren-linux-$arch.zip: no cross C compiler $gcc (Debian: gcc-${triple%%-*}-linux-gnu); the release workflow builds it on its own $arch runner"
         continue
       fi
       upper="$(echo "$triple" | tr 'a-z-' 'A-Z_')"
@@ -195,7 +201,7 @@ else
     fi
     echo "==> $cargo ${args[*]}"
     "$cargo" "${args[@]}"
-    check_version "$bin" "$arch"
+    check_version "$bin" "$arch" "$commit"
     pack "$bin" "$out_dir/miren-linux-$arch.zip"
     built+=("miren-linux-$arch.zip")
   done
