@@ -599,7 +599,7 @@ impl Apps {
         let app = app.to_string();
         let version = version_id.clone();
         let artifact = artifact.to_string();
-        self.tasks.spawn("rollout", async move {
+        self.tasks.spawn(crate::shutdown::ROLLOUT, async move {
             let rollout = me.roll_out(&registry, &app, &version, &artifact, &services, &issuer_url);
             let outcome = tokio::select! {
                 outcome = rollout => outcome,

@@ -188,40 +188,37 @@ pub async fn rotate_keys_forever(issuer: std::sync::Arc<Issuer>, rotation: Durat
         if record {
             // The key that just activated stays the signer should the clock
             // step back (see `keyring`).
-            let issuer = issuer.clone();
-            let recorded = tokio::task::spawn_blocking(move || {
-                issuer
-                    .keys
-                    .write()
-                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))
-                    .and_then(|mut ring| Ok(ring.record_active(now)?))
-            })
-            .await;
-            match recorded {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!("recording the active signing key failed: {e}"),
-                Err(e) => tracing::error!("recording the active signing key failed: {e}"),
+            let recorded = write_ring(&issuer, move |ring| ring.record_active(now)).await;
+            if let Err(e) = recorded {
+                tracing::error!("recording the active signing key failed: {e}");
             }
         }
         if due {
-            let issuer = issuer.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                issuer
-                    .keys
-                    .write()
-                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))
-                    .and_then(|mut ring| Ok(ring.rotate(now, window)?))
-            })
-            .await;
-            match result {
-                Ok(Ok(k)) => {
+            match write_ring(&issuer, move |ring| ring.rotate(now, window)).await {
+                Ok(k) => {
                     tracing::info!(kid = %k.kid, activates = k.activates_unix, "signing key rotation started")
                 }
-                Ok(Err(e)) => tracing::error!("signing key rotation failed: {e}"),
-                Err(e) => tracing::error!("signing key rotation task failed: {e}"),
+                Err(e) => tracing::error!("signing key rotation failed: {e}"),
             }
         }
     }
+}
+
+/// Changes the key ring on the blocking pool (it writes files).
+async fn write_ring<T: Send + 'static>(
+    issuer: &std::sync::Arc<Issuer>,
+    change: impl FnOnce(&mut KeyRing) -> Result<T, crate::keyring::KeyRingError> + Send + 'static,
+) -> Result<T, String> {
+    let issuer = issuer.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut ring = issuer
+            .keys
+            .write()
+            .map_err(|_| "key ring lock poisoned".to_string())?;
+        change(&mut ring).map_err(|e| e.to_string())
+    })
+    .await;
+    done.map_err(|e| format!("task: {e}"))?
 }
 
 /// Checks the key ring every second and audits what changed (keys change

@@ -5,7 +5,7 @@
 //! from the coordinator's own `sandbox/<id>` record, never from what the
 //! runner says, and the runner must be the one that record places the
 //! sandbox on ([`runner_subject`], pure). An operator may mint a token for
-//! any subject ([`Minting::for_admin`], `miren identity token`). Either way
+//! any subject ([`Minting::sign`], `miren identity token`). Either way
 //! the claims are `identity::WorkloadClaims` with this cluster's issuer and
 //! id, signed by the key ring's active key, on the blocking pool (an RPC
 //! worker's thread is one connection's; signatures should use every core).
@@ -116,23 +116,15 @@ impl Minting {
             }
             Err(RunnerRefusal::Subject(e)) => return Err(MintError::Request(e.to_string())),
         };
-        self.off_thread(actor, subject, audiences, ttl).await
+        self.sign(actor, subject, audiences, ttl).await
     }
 
-    /// A token for any `subject`, asked by an operator.
-    pub async fn for_admin(
-        self: &Arc<Self>,
-        actor: Actor,
-        subject: Subject,
-        audiences: Vec<String>,
-        ttl: Option<u64>,
-    ) -> Result<String, MintError> {
-        self.off_thread(actor, subject, audiences, ttl).await
-    }
-
-    /// Mints on the blocking pool: one connection's RPC session is pinned
-    /// to one thread, but its RSA signatures should use every core.
-    async fn off_thread(
+    /// A token for `subject`, asked by `actor`: any subject for an operator
+    /// (`Admin.mintWorkloadToken`); for a runner, the one
+    /// [`Minting::for_runner`] decided. Mints on the blocking pool: one
+    /// connection's RPC session is pinned to one thread, but its RSA
+    /// signatures should use every core.
+    pub async fn sign(
         self: &Arc<Self>,
         actor: Actor,
         subject: Subject,

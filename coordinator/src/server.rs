@@ -438,11 +438,6 @@ impl Coordinator {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// This coordinator's metrics (`--dev` serves them with its runner's).
-    pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
-        self.registry.clone()
-    }
-
     /// This coordinator's readiness checks.
     pub fn readiness(&self) -> transport::ops::Readiness {
         crate::health::readiness(&self.probes)
@@ -539,10 +534,8 @@ impl Coordinator {
     }
 
     /// Serves until [`Coordinator::shutdown_token`] is cancelled, then
-    /// shuts down in this order: the listeners stop accepting; rollouts
-    /// record how far they got and stop their new sandboxes (runners are
-    /// still connected); every QUIC connection is closed; every task is
-    /// waited for, [`SHUTDOWN_BOUND`] in all, and what is left is logged.
+    /// shuts down as [`crate::shutdown`] says: listeners, rollouts, QUIC
+    /// connections, every task, [`SHUTDOWN_BOUND`] in all.
     pub async fn serve(mut self) -> anyhow::Result<()> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -617,18 +610,16 @@ impl Coordinator {
             }
         }
         // The endpoint may also have closed by itself: stop everything else.
-        tasks.stop();
         state.observe.set_listening(false);
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_BOUND;
-        // Rollouts record their versions and stop what they started while
-        // runners are still connected.
-        tasks.wait_for_kind("rollout", deadline).await;
-        self.endpoint
-            .close(0u32.into(), b"coordinator shutting down");
-        let left = tasks.drain(deadline).await;
+        let started = tokio::time::Instant::now();
+        let endpoint = self.endpoint.clone();
+        let left = tasks
+            .shut_down(move || endpoint.close(0u32.into(), b"coordinator shutting down"))
+            .await;
         if left.is_empty() {
             tracing::info!("shutdown: every task ended");
         }
+        let deadline = started + SHUTDOWN_BOUND;
         let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
         let _ =
             tokio::time::timeout(rest.min(Duration::from_secs(2)), self.endpoint.wait_idle()).await;

@@ -1,15 +1,30 @@
-//! One shutdown for everything the coordinator runs.
+//! One shutdown for everything the coordinator runs, and what happens on
+//! SIGTERM.
 //!
 //! Every listener, connection task, ingress serve task, rollout and
 //! background task (key rotation, key audit, certificate renewal) is
 //! spawned through [`Tasks`]: it carries one `CancellationToken` (the
-//! signal: cancelled once, on SIGTERM/SIGINT or when the embedding program
-//! says so) and one `TaskTracker` (who is still running). Each task watches
-//! the token and ends on its own terms: a listener stops accepting, a
-//! connection closes, a rollout records how far it got
-//! ([`crate::apps`]). [`Tasks::drain`] then waits for all of them, at most
-//! a bound, and says by kind what is left. [`crate::server`] holds the
-//! order (see "What happens on SIGTERM" in ARCHITECTURE.md).
+//! signal) and one `TaskTracker` (who is still running). Each task watches
+//! the token and ends on its own terms.
+//!
+//! On SIGTERM (or SIGINT): `miren server` (`cli::cmd::server`) cancels the
+//! token it got from `Coordinator::shutdown_token`; `--dev`'s runner stops
+//! on the same token. Then, in [`Tasks::shut_down`]'s order:
+//! 1. the QUIC accept loop, the HTTPS, ingress and metrics listeners stop
+//!    accepting; ingress connections, their streams to runners and
+//!    upgraded tunnels close; rotation, key audit and certificate renewal
+//!    end; readiness turns to "not accepting";
+//! 2. rollouts in progress ([`ROLLOUT`]) record their version as failed
+//!    ("interrupted") and forget its new sandboxes in one store write, then
+//!    ask the runners, still connected, to stop them (at most 2 s); a
+//!    rollout past its switch stops the old version at once; no new deploy
+//!    is accepted;
+//! 3. every QUIC connection is closed (RPC sessions, runner sessions and
+//!    their command tasks end; uploads in progress drop their temporary
+//!    files);
+//! 4. every task is waited for, [`SHUTDOWN_BOUND`] from the start in all;
+//!    what is still running then is logged by kind, and the process exits
+//!    0 either way.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,6 +38,8 @@ use tokio_util::task::TaskTracker;
 /// How long a shutdown waits for the coordinator's tasks before it gives
 /// up on them (and names them in the log).
 pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
+/// The kind of a rollout's task: waited for before connections close.
+pub const ROLLOUT: &str = "rollout";
 
 /// The coordinator's tasks and the one signal that stops them. Cheap to
 /// clone: every clone is the same set.
@@ -92,11 +109,6 @@ impl Tasks {
         self.inner.token.cancel();
     }
 
-    /// The runtime tasks run on.
-    pub fn runtime(&self) -> &tokio::runtime::Handle {
-        &self.inner.rt
-    }
-
     fn running(&self, kind: &'static str) -> Running {
         let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
         *running.entry(kind).or_default() += 1;
@@ -145,6 +157,17 @@ impl Tasks {
         while self.left().iter().any(|(k, _)| *k == kind) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Shuts down in the order of the module docs: signal, rollouts,
+    /// `close_connections`, every task; returns (and logs) what is still
+    /// running after [`SHUTDOWN_BOUND`].
+    pub async fn shut_down(&self, close_connections: impl FnOnce()) -> Vec<(&'static str, usize)> {
+        self.stop();
+        let deadline = Instant::now() + SHUTDOWN_BOUND;
+        self.wait_for_kind(ROLLOUT, deadline).await;
+        close_connections();
+        self.drain(deadline).await
     }
 
     /// Closes the set and waits for every task until `deadline`; returns

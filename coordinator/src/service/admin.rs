@@ -389,7 +389,7 @@ impl admin::Server for AdminService {
         .map_err(err)?;
         let (audiences, ttl) = token_request(p.get_audiences()?, p.get_ttl_secs())?;
         let token = (self.state.minting)
-            .for_admin(self.actor.clone(), subject, audiences, ttl)
+            .sign(self.actor.clone(), subject, audiences, ttl)
             .await
             .map_err(mint_err)?;
         results.get().set_token(&token);
