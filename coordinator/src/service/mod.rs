@@ -3,7 +3,7 @@
 //! connection), [`admin`] (`Admin`, for the admin certificate), [`app`]
 //! (`App`, one app's deploy pipeline), [`upload`] (`ArtifactUpload`, one
 //! upload in progress) and [`runner_session`] (`RunnerSession`, a joined
-//! runner's link, and the task that sends it commands). [`wire`] reads
+//! runner's link, and the task that sends it commands). `wire` reads
 //! requests and writes replies.
 //!
 //! Authorization is by construction: the bootstrap `Cluster` capability

@@ -1,7 +1,7 @@
 //! Route OIDC's client side of a provider: its endpoints (from its
 //! discovery document, read by [`crate::oidc::OidcVerifier::discover`] like
 //! a CI issuer's, cached an hour, a failure remembered
-//! [`META_FAILURE_SECS`]), the token endpoint, and verifying the ID tokens
+//! `META_FAILURE_SECS`), the token endpoint, and verifying the ID tokens
 //! it hands back with the `identity` verifier and the issuer key cache of
 //! [`crate::oidc`].
 
