@@ -4,7 +4,8 @@
 //! The HTTPS side (discovery, JWKS) and the ingress (plain or TLS) accept
 //! connections the same way, so they share this: accept until shutdown,
 //! back off briefly when accept fails (out of file descriptors), and hand
-//! each connection to its server on its own task. Any client can connect
+//! each connection to its server on its own task (one of the coordinator's
+//! [`Tasks`], closed when it shuts down). Any client can connect
 //! to these listeners, so each connection is bounded ([`ListenerLimits`]):
 //!
 //! * a cap on connections per listener and per source address (an IPv6
@@ -39,6 +40,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+
+use crate::shutdown::Tasks;
 
 /// How long a client may take to finish its TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -313,15 +316,16 @@ impl RefusalLog {
     }
 }
 
-/// Accepts on `listener` until `shutdown` resolves; each connection (after
-/// the TLS handshake when `tls` is given) goes to `serve` on a new task,
-/// within `limits`. `what` names the listener in logs.
+/// Accepts on `listener` until the coordinator shuts down (`tasks`); each
+/// connection (after the TLS handshake when `tls` is given) goes to `serve`
+/// on a new task of `tasks`, within `limits`, and is closed at shutdown.
+/// `what` names the listener in logs and its connections among the tasks.
 pub async fn accept_loop<S, F>(
     what: &'static str,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: ListenerLimits,
-    shutdown: impl Future<Output = ()>,
+    tasks: Tasks,
     serve: S,
 ) where
     S: Fn(Box<dyn Connection>, SocketAddr) -> F + Clone + Send + 'static,
@@ -333,10 +337,9 @@ pub async fn accept_loop<S, F>(
         last: None,
         since: 0,
     };
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = tasks.stopping() => break,
             accepted = listener.accept() => {
                 let (tcp, remote) = match accepted {
                     Ok(a) => a,
@@ -360,7 +363,8 @@ pub async fn accept_loop<S, F>(
                 let io = Tracked { tcp, activity: activity.clone(), _slot: slot };
                 let tls = tls.clone();
                 let serve = serve.clone();
-                tokio::spawn(async move {
+                let stopping = tasks.clone();
+                tasks.spawn(what, async move {
                     let conn: Box<dyn Connection> = match tls {
                         None => Box::new(io),
                         Some(acceptor) => {
@@ -384,6 +388,9 @@ pub async fn accept_loop<S, F>(
                         _ = serve(conn, remote) => {}
                         _ = idle(&activity, limits.idle_timeout) => {
                             tracing::debug!(%remote, "{what}: connection closed after {:?} without traffic", limits.idle_timeout);
+                        }
+                        _ = stopping.stopping() => {
+                            tracing::debug!(%remote, "{what}: connection closed: the coordinator is shutting down");
                         }
                     }
                 });

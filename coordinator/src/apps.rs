@@ -3,12 +3,18 @@
 //!
 //! An app version is an uploaded artifact (a `.tar.gz` stored by SHA-256)
 //! plus its services. Deploying schedules every instance on a ready,
-//! uncordoned runner (spread: fewest sandboxes first), waits until every new
-//! sandbox reports healthy, and only then stops the previous version; a
+//! uncordoned runner (spread: fewest sandboxes first, the pure rule
+//! [`placement`]), waits until every new sandbox reports healthy (the pure
+//! rule [`health_wait`]), and only then stops the previous version; a
 //! version that does not become healthy is stopped and the old one keeps
 //! serving. Durable records: `app/<name>`, `sandbox/<id>`. What runners
 //! report about sandboxes (state, restarts, address, last log lines) is
 //! kept in memory.
+//!
+//! A rollout is a task of the coordinator's [`Tasks`]: when the
+//! coordinator shuts down mid-rollout it records the version as failed
+//! ("interrupted") and forgets its new sandboxes in one write, so a restart
+//! finds the version either recorded with its outcome or not at all.
 //!
 //! Retention: when a rollout ends, an app keeps its active version, any
 //! still deploying, and the [`KEEP_PREVIOUS_VERSIONS`] newest others
@@ -23,10 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::artifacts::{is_sha256_hex, ArtifactError, ArtifactStore, Upload, UploadLimits};
-use crate::runners::Registry;
+pub use crate::runners::ResourceLimits;
+use crate::runners::{Registry, RunnerCommand, SandboxSpec, SendError};
+use crate::shutdown::Tasks;
 use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
 
 /// Versions kept besides the active one and those deploying: enough to see
@@ -37,6 +44,16 @@ pub const KEEP_PREVIOUS_VERSIONS: usize = 3;
 pub const DRAIN: Duration = Duration::from_secs(2);
 /// How long a new version has to become healthy.
 pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a runner has to answer a start or stop.
+const COMMAND_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a runner has to answer for its sandboxes' logs.
+const LOGS_PATIENCE: Duration = Duration::from_secs(10);
+/// How long stopping sandboxes may take while the coordinator shuts down
+/// (their records are gone already; this is a courtesy to the runners).
+const STOP_WHILE_STOPPING: Duration = Duration::from_secs(2);
+/// The message of a version whose rollout the coordinator's shutdown cut.
+pub const INTERRUPTED: &str =
+    "interrupted: the coordinator shut down during the rollout; deploy again";
 
 /// App and rollout failures, worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -67,17 +84,6 @@ pub struct Service {
     /// limits existed read as "the runner's defaults").
     #[serde(default)]
     pub limits: ResourceLimits,
-}
-
-/// A service's resource limits as `app.toml` asked for them; 0 = the
-/// runner's default. Runners enforce them (cgroups) and refuse values over
-/// their maximum.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResourceLimits {
-    pub memory_bytes: u64,
-    /// Thousandths of a CPU.
-    pub cpu_millis: u32,
-    pub pids: u32,
 }
 
 /// A deployed version.
@@ -121,25 +127,6 @@ pub struct SandboxReport {
     pub last_log: String,
     /// Why the sandbox's last run ended, as its runner saw it.
     pub last_exit: String,
-}
-
-/// What the coordinator sends to a runner (to the task that owns its agent
-/// capability).
-pub enum RunnerCommand {
-    Start(SandboxSpec, oneshot::Sender<Result<(), String>>),
-    Stop(String, oneshot::Sender<Result<(), String>>),
-    Logs(String, u32, oneshot::Sender<Result<Vec<String>, String>>),
-}
-
-/// Everything a runner needs to start a sandbox.
-#[derive(Debug, Clone)]
-pub struct SandboxSpec {
-    pub id: String,
-    pub app: String,
-    pub version: String,
-    pub service: Service,
-    pub artifact: String,
-    pub issuer_url: String,
 }
 
 /// Checks an app name: 1-63 of `[a-z0-9-]`, starting with a letter or digit.
@@ -197,11 +184,72 @@ pub fn next_version_id(versions: &[Version]) -> String {
     format!("v{}", highest + 1)
 }
 
+/// Where the new sandboxes of a rollout go: for each instance of each
+/// service in order, the runner with the fewest sandboxes so far
+/// (`candidates`: ready runners with the sandboxes they hold; those placed
+/// here count too; among equals, the one that came first at the previous
+/// pick). Returns the runner of each
+/// instance, in the order of `services` and their instances.
+pub fn placement(mut candidates: Vec<(String, usize)>, services: &[Service]) -> Vec<String> {
+    let mut placed = Vec::new();
+    if candidates.is_empty() {
+        return placed;
+    }
+    for service in services {
+        for _ in 0..service.instances {
+            candidates.sort_by_key(|(_, load)| *load);
+            let (runner, load) = &mut candidates[0];
+            *load += 1;
+            placed.push(runner.clone());
+        }
+    }
+    placed
+}
+
+/// Where a rollout's wait for health stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthWait {
+    /// Every new sandbox is healthy: the version may take the traffic.
+    Healthy,
+    /// Not yet: look again shortly.
+    Waiting,
+    /// One failed, or time ran out: the version fails with this message.
+    Failed(String),
+}
+
+/// The health-wait rule: a failed sandbox fails the version at once (with
+/// its restarts and last log lines); all healthy, it goes on; past the
+/// deadline, it fails naming each sandbox's state; else it waits.
+pub fn health_wait(reports: &[(String, SandboxReport)], past_deadline: bool) -> HealthWait {
+    if let Some((id, r)) = reports.iter().find(|(_, r)| r.state == "failed") {
+        return HealthWait::Failed(format!(
+            "sandbox {id} failed to become healthy (restarts: {}); last log lines:\n{}",
+            r.restarts, r.last_log
+        ));
+    }
+    if reports.iter().all(|(_, r)| r.state == "healthy") {
+        return HealthWait::Healthy;
+    }
+    if past_deadline {
+        let last = reports
+            .iter()
+            .map(|(id, r)| format!("{id}: {} {}", r.state, r.last_log))
+            .collect::<Vec<_>>()
+            .join("\n");
+        return HealthWait::Failed(format!(
+            "new version did not become healthy within {}s:\n{last}",
+            ROLLOUT_TIMEOUT.as_secs()
+        ));
+    }
+    HealthWait::Waiting
+}
+
 /// Apps, sandboxes and artifacts.
 pub struct Apps {
     store: Arc<dyn Store>,
-    /// Where rollouts run (the multi-threaded runtime, not an RPC worker).
-    rt: tokio::runtime::Handle,
+    /// Where rollouts run (the multi-threaded runtime, not an RPC worker),
+    /// and what tells them the coordinator is shutting down.
+    tasks: Tasks,
     artifacts: ArtifactStore,
     reports: Mutex<HashMap<String, SandboxReport>>,
     /// Counts rollouts.
@@ -212,25 +260,21 @@ impl Apps {
     /// Opens the artifact store in `<data_dir>/artifacts` (removing what
     /// interrupted uploads left) and collects what earlier runs left to
     /// collect.
-    pub fn new(
-        store: Arc<dyn Store>,
-        data_dir: &Path,
-        rt: tokio::runtime::Handle,
-    ) -> Result<Self, AppError> {
-        Self::with_limits(store, data_dir, rt, UploadLimits::default())
+    pub fn new(store: Arc<dyn Store>, data_dir: &Path, tasks: Tasks) -> Result<Self, AppError> {
+        Self::with_limits(store, data_dir, tasks, UploadLimits::default())
     }
 
     /// [`Apps::new`] with other upload limits.
     pub fn with_limits(
         store: Arc<dyn Store>,
         data_dir: &Path,
-        rt: tokio::runtime::Handle,
+        tasks: Tasks,
         limits: UploadLimits,
     ) -> Result<Self, AppError> {
         let artifacts = ArtifactStore::open(data_dir.join("artifacts"), limits)?;
         let apps = Apps {
             store,
-            rt,
+            tasks,
             artifacts,
             reports: Mutex::new(HashMap::new()),
             observe: Arc::new(crate::observe::Observe::disabled()),
@@ -390,7 +434,8 @@ impl Apps {
             .collect()
     }
 
-    fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, AppError> {
+    /// The record of sandbox `id`, if there is one.
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, AppError> {
         let key = format!("sandbox/{id}");
         Ok(match self.store.get(&key)? {
             Some(b) => Some(decode(&key, &b)?),
@@ -448,19 +493,6 @@ impl Apps {
             .ok()
             .and_then(|r| r.get(id).cloned())
             .unwrap_or_default()
-    }
-
-    /// App and sandbox of a token request from `runner`, checked against
-    /// our own records (never what the runner claims).
-    pub fn authorize_token(
-        &self,
-        runner: &str,
-        sandbox_id: &str,
-    ) -> Result<SandboxRecord, AppError> {
-        match self.sandbox(sandbox_id)? {
-            Some(s) if s.runner == runner => Ok(s),
-            _ => Err(AppError::NotYourSandbox),
-        }
     }
 
     /// Healthy sandboxes to route `app`'s traffic to: those of the active
@@ -538,6 +570,11 @@ impl Apps {
                 )));
             }
         }
+        if self.tasks.is_stopping() {
+            return Err(AppError::Invalid(
+                "the coordinator is shutting down; deploy again once it is back".into(),
+            ));
+        }
         let mut version_id = String::new();
         // No collection between the check and the record naming it.
         let mut held = self.artifacts.hold();
@@ -562,10 +599,16 @@ impl Apps {
         let app = app.to_string();
         let version = version_id.clone();
         let artifact = artifact.to_string();
-        self.rt.spawn(async move {
-            let outcome = me
-                .roll_out(&registry, &app, &version, &artifact, &services, &issuer_url)
-                .await;
+        self.tasks.spawn(crate::shutdown::ROLLOUT, async move {
+            let rollout = me.roll_out(&registry, &app, &version, &artifact, &services, &issuer_url);
+            let outcome = tokio::select! {
+                outcome = rollout => outcome,
+                _ = me.tasks.stopping() => {
+                    me.observe.rollout::<()>(&Err(INTERRUPTED.into()));
+                    me.interrupted(&registry, &app, &version).await;
+                    return;
+                }
+            };
             me.observe.rollout(&outcome);
             let (state, message) = match &outcome {
                 Ok(_) => ("active", String::new()),
@@ -589,10 +632,20 @@ impl Apps {
                 tracing::error!("recording rollout of {app} {version}: {e}");
             }
             // The new version now takes the traffic; let requests in flight
-            // to the old one finish, then stop it.
+            // to the old one finish, then stop it (at once when shutting
+            // down).
             if let Ok(old) = outcome {
-                tokio::time::sleep(DRAIN).await;
-                me.stop_all(&registry, &old).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(DRAIN) => me.stop_all(&registry, &old).await,
+                    _ = me.tasks.stopping() => {
+                        me.stop_all_now(&registry, &old).await;
+                        return;
+                    }
+                }
+            }
+            if me.tasks.is_stopping() {
+                // Collected at the next start.
+                return;
             }
             // Retention: the versions this app no longer keeps, and their
             // artifacts once no sandbox runs them.
@@ -619,7 +672,7 @@ impl Apps {
         services: &[Service],
         issuer_url: &str,
     ) -> Result<Vec<SandboxRecord>, String> {
-        let now = crate::datadir::now_unix();
+        let now = transport::clock::now_unix();
         let mut candidates: Vec<(String, usize)> = registry
             .list(now)
             .map_err(|e| e.to_string())?
@@ -634,45 +687,48 @@ impl Apps {
         for (id, load) in candidates.iter_mut() {
             *load = existing.iter().filter(|s| &s.runner == id).count();
         }
+        let instances = services
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s, s.instances as usize));
         let mut started = Vec::new();
-        for service in services {
-            for _ in 0..service.instances {
-                candidates.sort_by_key(|(_, load)| *load);
-                let (runner, load) = &mut candidates[0];
-                *load += 1;
-                let id = format!(
-                    "{app}-{}-{}",
-                    service.name,
-                    &uuid::Uuid::new_v4().simple().to_string()[..8]
-                );
-                let rec = SandboxRecord {
-                    id: id.clone(),
-                    app: app.to_string(),
-                    version: version.to_string(),
-                    service: service.name.clone(),
-                    runner: runner.clone(),
-                    artifact: artifact.to_string(),
-                    created_unix: now,
-                };
-                self.store
-                    .commit(Txn {
-                        conditions: vec![Condition::Absent(format!("sandbox/{id}"))],
-                        ops: vec![Op::Put(format!("sandbox/{id}"), encode(&rec))],
-                    })
-                    .map_err(|e| e.to_string())?;
-                started.push(rec.clone());
-                let spec = SandboxSpec {
-                    id: id.clone(),
-                    app: app.to_string(),
-                    version: version.to_string(),
-                    service: service.clone(),
-                    artifact: artifact.to_string(),
-                    issuer_url: issuer_url.to_string(),
-                };
-                if let Err(e) = send(registry, runner, |tx| RunnerCommand::Start(spec, tx)).await {
-                    self.stop_all(registry, &started).await;
-                    return Err(format!("starting {id} on runner {runner}: {e}"));
-                }
+        for (service, runner) in instances.zip(placement(candidates, services)) {
+            let id = format!(
+                "{app}-{}-{}",
+                service.name,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            );
+            let rec = SandboxRecord {
+                id: id.clone(),
+                app: app.to_string(),
+                version: version.to_string(),
+                service: service.name.clone(),
+                runner: runner.clone(),
+                artifact: artifact.to_string(),
+                created_unix: now,
+            };
+            self.store
+                .commit(Txn {
+                    conditions: vec![Condition::Absent(format!("sandbox/{id}"))],
+                    ops: vec![Op::Put(format!("sandbox/{id}"), encode(&rec))],
+                })
+                .map_err(|e| e.to_string())?;
+            started.push(rec.clone());
+            let spec = SandboxSpec {
+                id: id.clone(),
+                app: app.to_string(),
+                version: version.to_string(),
+                service: service.name.clone(),
+                command: service.command.clone(),
+                port: service.port,
+                env: service.env.clone(),
+                limits: service.limits,
+                artifact: artifact.to_string(),
+                issuer_url: issuer_url.to_string(),
+            };
+            let start = |tx| RunnerCommand::Start(spec, tx);
+            if let Err(e) = registry.send(&runner, start, COMMAND_PATIENCE).await {
+                self.stop_all(registry, &started).await;
+                return Err(format!("starting {id} on runner {runner}: {e}"));
             }
         }
         // Wait until every new sandbox is healthy, or one fails.
@@ -682,29 +738,15 @@ impl Apps {
                 .iter()
                 .map(|s| (s.id.clone(), self.report_of(&s.id)))
                 .collect();
-            if let Some((id, r)) = reports.iter().find(|(_, r)| r.state == "failed") {
-                self.stop_all(registry, &started).await;
-                return Err(format!(
-                    "sandbox {id} failed to become healthy (restarts: {}); last log lines:\n{}",
-                    r.restarts, r.last_log
-                ));
+            let past_deadline = tokio::time::Instant::now() >= deadline;
+            match health_wait(&reports, past_deadline) {
+                HealthWait::Healthy => break,
+                HealthWait::Waiting => tokio::time::sleep(Duration::from_millis(200)).await,
+                HealthWait::Failed(why) => {
+                    self.stop_all(registry, &started).await;
+                    return Err(why);
+                }
             }
-            if reports.iter().all(|(_, r)| r.state == "healthy") {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let last = reports
-                    .iter()
-                    .map(|(id, r)| format!("{id}: {} {}", r.state, r.last_log))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                self.stop_all(registry, &started).await;
-                return Err(format!(
-                    "new version did not become healthy within {}s:\n{last}",
-                    ROLLOUT_TIMEOUT.as_secs()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // Healthy: every other sandbox of this app is to be retired (after
         // the new version takes the traffic).
@@ -718,11 +760,8 @@ impl Apps {
 
     async fn stop_all(&self, registry: &Registry, sandboxes: &[SandboxRecord]) {
         for s in sandboxes {
-            if let Err(e) = send(registry, &s.runner, |tx| {
-                RunnerCommand::Stop(s.id.clone(), tx)
-            })
-            .await
-            {
+            let stop = |tx| RunnerCommand::Stop(s.id.clone(), tx);
+            if let Err(e) = registry.send(&s.runner, stop, COMMAND_PATIENCE).await {
                 tracing::warn!("stopping sandbox {} on {}: {e}", s.id, s.runner);
             }
             let _ = self.store.commit(Txn {
@@ -733,6 +772,83 @@ impl Apps {
                 r.remove(&s.id);
             }
         }
+    }
+
+    /// Stopping while the coordinator shuts down: the records go first, in
+    /// one write; then each runner is asked to stop its sandbox, all at
+    /// once and at most [`STOP_WHILE_STOPPING`].
+    async fn stop_all_now(&self, registry: &Registry, sandboxes: &[SandboxRecord]) {
+        let ops = sandboxes
+            .iter()
+            .map(|s| Op::Delete(format!("sandbox/{}", s.id)))
+            .collect();
+        if let Err(e) = self.store.commit(Txn {
+            conditions: vec![],
+            ops,
+        }) {
+            tracing::warn!("forgetting stopped sandboxes: {e}");
+        }
+        self.stop_on_runners(registry, sandboxes).await;
+    }
+
+    /// Asks the runners to stop `sandboxes` (already forgotten), all at
+    /// once, at most [`STOP_WHILE_STOPPING`].
+    async fn stop_on_runners(&self, registry: &Registry, sandboxes: &[SandboxRecord]) {
+        if let Ok(mut r) = self.reports.lock() {
+            for s in sandboxes {
+                r.remove(&s.id);
+            }
+        }
+        let stops = sandboxes.iter().map(|s| {
+            let stop = |tx| RunnerCommand::Stop(s.id.clone(), tx);
+            registry.send(&s.runner, stop, STOP_WHILE_STOPPING)
+        });
+        for (s, stopped) in sandboxes.iter().zip(futures::future::join_all(stops).await) {
+            if let Err(e) = stopped {
+                tracing::warn!("stopping sandbox {} on {} at shutdown: {e}", s.id, s.runner);
+            }
+        }
+    }
+
+    /// A rollout cut by shutdown: in one write, the version is recorded as
+    /// failed ([`INTERRUPTED`]) and its sandboxes are forgotten; then their
+    /// runners are asked to stop them.
+    async fn interrupted(&self, registry: &Registry, app: &str, version: &str) {
+        let key = format!("app/{app}");
+        let forgotten = loop {
+            let attempt = (|| -> Result<Option<Vec<SandboxRecord>>, AppError> {
+                let Some(old) = self.store.get(&key)? else {
+                    return Ok(Some(vec![]));
+                };
+                let mut rec: AppRecord = decode(&key, &old)?;
+                for v in rec.versions.iter_mut().filter(|v| v.id == version) {
+                    v.state = "failed".into();
+                    v.message = INTERRUPTED.into();
+                }
+                let mine: Vec<SandboxRecord> = self
+                    .sandboxes()?
+                    .into_iter()
+                    .filter(|s| s.app == app && s.version == version)
+                    .collect();
+                let mut ops = vec![Op::Put(key.clone(), encode(&rec))];
+                ops.extend(mine.iter().map(|s| Op::Delete(format!("sandbox/{}", s.id))));
+                let applied = self.store.commit(Txn {
+                    conditions: vec![Condition::Equals(key.clone(), old)],
+                    ops,
+                })?;
+                Ok((applied == Outcome::Applied).then_some(mine))
+            })();
+            match attempt {
+                Ok(Some(mine)) => break mine,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!("recording the interrupted rollout of {app} {version}: {e}");
+                    return;
+                }
+            }
+        };
+        tracing::warn!("{app} {version}: rollout interrupted by shutdown, recorded as failed");
+        self.stop_on_runners(registry, &forgotten).await;
     }
 
     /// The last `lines` output lines of every sandbox of `app`.
@@ -747,22 +863,14 @@ impl Apps {
         }
         let mut out = Vec::new();
         for s in self.sandboxes()?.into_iter().filter(|s| s.app == app) {
-            let got = match registry.commands(&s.runner) {
-                Some(tx) => {
-                    let (done, wait) = oneshot::channel();
-                    if tx
-                        .send(RunnerCommand::Logs(s.id.clone(), lines, done))
-                        .is_err()
-                    {
-                        Err("runner not connected".to_string())
-                    } else {
-                        match tokio::time::timeout(Duration::from_secs(10), wait).await {
-                            Ok(Ok(r)) => r,
-                            _ => Err("runner did not answer".into()),
-                        }
-                    }
+            let logs = |tx| RunnerCommand::Logs(s.id.clone(), lines, tx);
+            let got = match registry.send(&s.runner, logs, LOGS_PATIENCE).await {
+                Ok(lines) => Ok(lines),
+                Err(SendError::Refused(e)) => Err(e),
+                Err(SendError::NotConnected(_)) => Err("runner not connected".to_string()),
+                Err(SendError::WentAway(_) | SendError::NoAnswer(_)) => {
+                    Err("runner did not answer".to_string())
                 }
-                None => Err("runner not connected".into()),
             };
             out.push(match got {
                 Ok(l) => serde_json::json!({"sandbox": s.id, "version": s.version, "lines": l}),
@@ -796,37 +904,19 @@ impl Apps {
     }
 }
 
-async fn send(
-    registry: &Registry,
-    runner: &str,
-    make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> RunnerCommand,
-) -> Result<(), String> {
-    let tx: mpsc::UnboundedSender<RunnerCommand> = registry
-        .commands(runner)
-        .ok_or_else(|| format!("runner {runner} is not connected"))?;
-    let (done, wait) = oneshot::channel();
-    tx.send(make(done))
-        .map_err(|_| format!("runner {runner} is not connected"))?;
-    match tokio::time::timeout(Duration::from_secs(60), wait).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err(format!("runner {runner} went away")),
-        Err(_) => Err(format!("runner {runner} did not answer")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::RedbStore;
 
     #[test]
-    fn a_runner_gets_tokens_only_for_sandboxes_it_hosts() {
+    fn a_runner_reports_and_reads_only_for_sandboxes_it_hosts() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let apps = Apps::new(store.clone(), dir.path(), rt.handle().clone()).unwrap();
+        let apps = Apps::new(store.clone(), dir.path(), Tasks::new(rt.handle().clone())).unwrap();
         let rec = SandboxRecord {
             id: "web-a".into(),
             app: "web".into(),
@@ -842,26 +932,100 @@ mod tests {
                 ops: vec![Op::Put("sandbox/web-a".into(), encode(&rec))],
             })
             .unwrap();
-        assert_eq!(
-            apps.authorize_token("runner-1", "web-a").unwrap().app,
-            "web"
-        );
-        let refused = apps.authorize_token("runner-2", "web-a").unwrap_err();
-        assert_eq!(
-            refused.to_string(),
-            "not authorized to issue a token for this sandbox"
-        );
-        assert!(matches!(
-            apps.authorize_token("runner-1", "nope"),
-            Err(AppError::NotYourSandbox)
-        ));
-        // Reports and artifacts follow the same rule.
+        // Tokens follow the same rule: see `crate::minting`.
+        assert!(apps
+            .report("runner-1", "web-a", SandboxReport::default())
+            .is_ok());
         assert!(apps
             .report("runner-2", "web-a", SandboxReport::default())
             .is_err());
         assert!(apps
             .read_artifact("runner-2", &"0".repeat(64), 0, 10)
             .is_err());
+    }
+
+    fn service(name: &str, instances: u32) -> Service {
+        Service {
+            name: name.into(),
+            command: "run".into(),
+            port: 8080,
+            instances,
+            env: vec![],
+            limits: ResourceLimits::default(),
+        }
+    }
+
+    #[test]
+    fn instances_go_to_the_least_loaded_runner_counting_those_just_placed() {
+        let candidates = vec![
+            ("a".to_string(), 2),
+            ("b".to_string(), 0),
+            ("c".to_string(), 1),
+        ];
+        let placed = placement(candidates, &[service("web", 3), service("worker", 2)]);
+        // Each pick takes the least loaded runner at that moment, those just
+        // placed counted: b (0), b (1, before c at 1), c (1), c (2, before
+        // b and a at 2), b (2, before a at 2).
+        assert_eq!(placed, ["b", "b", "c", "c", "b"]);
+        let loads = |r: &str| placed.iter().filter(|p| *p == r).count();
+        assert_eq!((loads("a"), loads("b"), loads("c")), (0, 3, 2));
+        // Two idle runners and two instances: one each.
+        let two = placement(
+            vec![("r1".to_string(), 0), ("r2".to_string(), 0)],
+            &[service("web", 2)],
+        );
+        assert_eq!(two, ["r1", "r2"]);
+        assert!(placement(vec![], &[service("web", 1)]).is_empty());
+    }
+
+    fn report(state: &str) -> SandboxReport {
+        SandboxReport {
+            state: state.into(),
+            restarts: 3,
+            last_log: "boom".into(),
+            ..SandboxReport::default()
+        }
+    }
+
+    #[test]
+    fn the_health_wait_fails_fast_succeeds_when_all_are_healthy_and_times_out() {
+        let r = |pairs: &[(&str, &str)]| -> Vec<(String, SandboxReport)> {
+            pairs
+                .iter()
+                .map(|(id, s)| (id.to_string(), report(s)))
+                .collect()
+        };
+        assert_eq!(
+            health_wait(&r(&[("a", "healthy"), ("b", "healthy")]), false),
+            HealthWait::Healthy
+        );
+        assert_eq!(
+            health_wait(&r(&[("a", "healthy"), ("b", "starting")]), false),
+            HealthWait::Waiting
+        );
+        // A failed sandbox fails the version even before the deadline.
+        let HealthWait::Failed(why) = health_wait(&r(&[("a", "healthy"), ("b", "failed")]), false)
+        else {
+            panic!("a failed sandbox must fail the version");
+        };
+        assert!(
+            why.starts_with("sandbox b failed to become healthy (restarts: 3)"),
+            "{why}"
+        );
+        assert!(why.ends_with("last log lines:\nboom"), "{why}");
+        let HealthWait::Failed(why) = health_wait(&r(&[("a", "healthy"), ("b", "")]), true) else {
+            panic!("past the deadline the version fails");
+        };
+        assert!(
+            why.starts_with("new version did not become healthy within 90s:"),
+            "{why}"
+        );
+        assert!(why.contains("a: healthy boom\nb:  boom"), "{why}");
+        // All healthy right at the deadline still counts.
+        assert_eq!(
+            health_wait(&r(&[("a", "healthy")]), true),
+            HealthWait::Healthy
+        );
     }
 
     fn version(id: &str, state: &str, artifact: &str) -> Version {
@@ -933,12 +1097,11 @@ mod tests {
         }
 
         fn apps(&self) -> Apps {
-            Apps::new(
-                self.store.clone(),
-                self.dir.path(),
-                self.rt.handle().clone(),
-            )
-            .unwrap()
+            Apps::new(self.store.clone(), self.dir.path(), self.tasks()).unwrap()
+        }
+
+        fn tasks(&self) -> Tasks {
+            Tasks::new(self.rt.handle().clone())
         }
 
         /// Stores an artifact file (as an upload long done would have).
@@ -1055,7 +1218,7 @@ mod tests {
         let apps = Apps::with_limits(
             f.store.clone(),
             f.dir.path(),
-            f.rt.handle().clone(),
+            f.tasks(),
             UploadLimits {
                 max_artifact_bytes: 1024,
                 per_app: 2,

@@ -35,6 +35,17 @@ pub enum CiError {
     Store(#[from] StoreError),
 }
 
+/// Why no binding could be matched.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    /// A verified token that no binding of the app matches.
+    #[error(transparent)]
+    NoMatch(#[from] identity::NoMatch),
+    /// The binding index is unavailable (a poisoned lock, logged).
+    #[error("the CI binding index is unavailable")]
+    Unavailable,
+}
+
 /// The bindings of the cluster.
 pub struct CiBindings {
     store: Arc<dyn Store>,
@@ -137,10 +148,10 @@ impl CiBindings {
         &self,
         app: &str,
         claims: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Binding, crate::oidc::LoginError> {
+    ) -> Result<Binding, MatchError> {
         let set = self.set.read().map_err(|_| {
             tracing::error!("the CI binding index is unavailable (lock poisoned)");
-            crate::oidc::LoginError::Denied(crate::oidc::Denial::Generic)
+            MatchError::Unavailable
         })?;
         Ok(set.matching(app, claims)?.clone())
     }

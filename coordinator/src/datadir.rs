@@ -1,16 +1,10 @@
 //! The coordinator's data directory: what it holds, how it is created, and
 //! how it is checked on every start.
 //!
-//! Layout (directory mode 0700, private keys 0600):
-//!
-//! | file | what |
-//! |---|---|
-//! | `ca.crt`, `ca.key` | the cluster CA |
-//! | `server.crt`, `server.key`, `server.names` | the coordinator's TLS certificate and the names it was issued for |
-//! | `admin.crt`, `admin.key` | the admin client identity written into client configs |
-//! | `keys/` | signing keys, see [`crate::keyring`] |
-//! | `store.redb` | the store |
-//! | `cluster.json` | cluster id and name; written last, so its presence means "initialised" |
+//! The layout (every file, and which module writes it) is in one place:
+//! "Data dir layout" in ARCHITECTURE.md. This module writes the cluster's
+//! identity: `cluster.json`, the CA, the server certificate and the admin
+//! identity, and creates the key ring (`crate::keyring`) at first start.
 //!
 //! Every file is written to a temporary name, synced and renamed, so a crash
 //! leaves either the old or the new file. A directory with material but no

@@ -15,7 +15,8 @@ use axum::response::Response;
 use axum::Router;
 use transport::ops::{Check, Readiness};
 
-use crate::service::State;
+use crate::issuer::Issuer;
+use crate::observe::Observe;
 use crate::store::Store;
 
 /// The readiness checks from what they observe.
@@ -49,26 +50,35 @@ pub fn probe_keys(
     now: i64,
 ) -> Result<(), String> {
     keys.read()
-        .map_err(|_| "key ring unavailable".to_string())?
+        .map_err(|_| crate::issuer::KEYS_UNAVAILABLE.to_string())?
         .active(now)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
 
+/// What readiness looks at: the store, the issuer's keys, whether the
+/// listeners accept.
+pub struct Probes {
+    pub store: Arc<dyn Store>,
+    pub issuer: Arc<Issuer>,
+    pub observe: Arc<Observe>,
+}
+
 /// The checks of a running coordinator.
-pub fn checks(state: &State) -> Vec<Check> {
+pub fn checks(p: &Probes) -> Vec<Check> {
     coordinator_checks(
-        probe_store(state.store.as_ref()),
-        probe_keys(&state.keys, crate::datadir::now_unix()),
-        state.observe.listening(),
+        probe_store(p.store.as_ref()),
+        probe_keys(&p.issuer.keys, transport::clock::now_unix()),
+        p.observe.listening(),
     )
 }
 
-/// Readiness of `state` while it lives (a [`Readiness`] for `transport::ops`).
-pub fn readiness(state: &Arc<State>) -> Readiness {
-    let weak: Weak<State> = Arc::downgrade(state);
+/// Readiness of a coordinator while its parts live (a [`Readiness`] for
+/// `transport::ops`).
+pub fn readiness(probes: &Arc<Probes>) -> Readiness {
+    let weak: Weak<Probes> = Arc::downgrade(probes);
     Arc::new(move || match weak.upgrade() {
-        Some(s) => checks(&s),
+        Some(p) => checks(&p),
         None => vec![Check::failed("coordinator", "stopped")],
     })
 }
@@ -85,25 +95,25 @@ fn issuer_document(path: &str) -> Option<&'static str> {
 }
 
 async fn count_documents(
-    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    axum::extract::State(observe): axum::extract::State<Arc<Observe>>,
     req: Request,
     next: Next,
 ) -> Response {
     let doc = issuer_document(req.uri().path());
     let resp = next.run(req).await;
     if let Some(doc) = doc {
-        state.observe.issuer_served(doc, resp.status().as_u16());
+        observe.issuer_served(doc, resp.status().as_u16());
     }
     resp
 }
 
 /// The HTTPS router with `/healthz`, `/readyz` and counting of discovery
 /// and JWKS requests.
-pub fn with_health(router: Router, state: &Arc<State>) -> Router {
+pub fn with_health(router: Router, probes: &Arc<Probes>) -> Router {
     router
-        .merge(transport::ops::health_router(vec![readiness(state)]))
+        .merge(transport::ops::health_router(vec![readiness(probes)]))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            probes.observe.clone(),
             count_documents,
         ))
 }

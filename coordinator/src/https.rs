@@ -8,8 +8,6 @@
 //! Like every TCP listener of the coordinator it keeps the limits of
 //! [`crate::accept`]: anyone on the internet may connect here.
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State as AxumState;
@@ -24,12 +22,13 @@ use identity::{DiscoveryDocument, Jwks};
 use tokio::net::TcpListener;
 
 use crate::accept::ListenerLimits;
-use crate::datadir::now_unix;
-use crate::service::State;
+use crate::issuer::Issuer;
+use crate::shutdown::Tasks;
 
-/// The axum router of the issuer endpoints.
-pub fn router(state: Arc<State>) -> Router {
-    let prefix = issuer_path(state.issuer.as_str());
+/// The axum router of the issuer endpoints: they read only the issuer (its
+/// URL and key ring).
+pub fn router(issuer: Arc<Issuer>) -> Router {
+    let prefix = issuer_path(issuer.url.as_str());
     let mut r = Router::new()
         .route(&format!("{prefix}{DISCOVERY_PATH}"), get(discovery))
         .route(&format!("{prefix}{JWKS_PATH}"), get(jwks));
@@ -38,7 +37,7 @@ pub fn router(state: Arc<State>) -> Router {
             .route(DISCOVERY_PATH, get(discovery))
             .route(JWKS_PATH, get(jwks));
     }
-    r.fallback(not_found).with_state(state)
+    r.fallback(not_found).with_state(issuer)
 }
 
 /// The path part of an issuer URL, without a trailing slash ("" for none).
@@ -50,14 +49,14 @@ fn issuer_path(issuer: &str) -> String {
     }
 }
 
-fn json_response(state: &State, body: Vec<u8>) -> Response {
+fn json_response(issuer: &Issuer, body: Vec<u8>) -> Response {
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={}", state.jwks_max_age_secs)) {
+    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={}", issuer.jwks_max_age_secs)) {
         h.insert(header::CACHE_CONTROL, v);
     }
     resp
@@ -73,25 +72,25 @@ fn error_response(status: StatusCode, msg: &str) -> Response {
     resp
 }
 
-async fn discovery(AxumState(state): AxumState<Arc<State>>) -> Response {
-    let keys = match state.keys.read() {
-        Ok(ring) => ring.published(now_unix()),
-        Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "key ring unavailable"),
+async fn discovery(AxumState(issuer): AxumState<Arc<Issuer>>) -> Response {
+    let keys = match issuer.published(transport::clock::now_unix()) {
+        Ok(keys) => keys,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
     };
-    let doc = DiscoveryDocument::new(&state.issuer, keys.iter(), WORKLOAD_CLAIMS_SUPPORTED);
+    let doc = DiscoveryDocument::new(&issuer.url, keys.iter(), WORKLOAD_CLAIMS_SUPPORTED);
     match serde_json::to_vec(&doc) {
-        Ok(body) => json_response(&state, body),
+        Ok(body) => json_response(&issuer, body),
         Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "could not encode"),
     }
 }
 
-async fn jwks(AxumState(state): AxumState<Arc<State>>) -> Response {
-    let keys = match state.keys.read() {
-        Ok(ring) => ring.published(now_unix()),
-        Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "key ring unavailable"),
+async fn jwks(AxumState(issuer): AxumState<Arc<Issuer>>) -> Response {
+    let keys = match issuer.published(transport::clock::now_unix()) {
+        Ok(keys) => keys,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
     };
     match serde_json::to_vec(&Jwks::from_keys(keys.iter()).to_json()) {
-        Ok(body) => json_response(&state, body),
+        Ok(body) => json_response(&issuer, body),
         Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "could not encode"),
     }
 }
@@ -100,15 +99,8 @@ async fn not_found() -> Response {
     error_response(StatusCode::NOT_FOUND, "not found")
 }
 
-/// Binds the HTTPS listener.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("could not listen on TCP {addr} for HTTPS: {e} (use --https-listen to pick another address)"))
-}
-
-/// Serves `router` over TLS on `listener` until `shutdown` resolves, within
-/// `limits`. HTTP/1.1 only: hyper has no header timeout for HTTP/2, and its
+/// Serves `router` over TLS on `listener` until the coordinator shuts
+/// down (`tasks`), within `limits`. HTTP/1.1 only: hyper has no header timeout for HTTP/2, and its
 /// protocol sniffing (`auto`) runs before any timer does, while verifiers
 /// fetching two small documents gain nothing from HTTP/2.
 pub async fn serve(
@@ -116,7 +108,7 @@ pub async fn serve(
     mut tls: rustls::ServerConfig,
     router: Router,
     limits: ListenerLimits,
-    shutdown: impl Future<Output = ()>,
+    tasks: Tasks,
 ) {
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -126,7 +118,7 @@ pub async fn serve(
         listener,
         Some(acceptor),
         limits,
-        shutdown,
+        tasks,
         move |conn, remote| {
             let service = TowerToHyperService::new(router.clone());
             let http = http.clone();

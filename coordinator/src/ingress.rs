@@ -1,4 +1,7 @@
-//! HTTP ingress: routes by Host to a healthy sandbox of the routed app.
+//! HTTP ingress: the proxy that carries a request, by its Host, to a
+//! healthy sandbox of the routed app. The route records are
+//! [`crate::routes`]' (which also chooses the route), the login flow in
+//! front of a protected route is [`crate::sso`]'s.
 //!
 //! The coordinator is the only way in: a request is carried to the runner
 //! that hosts the chosen sandbox over a new bi-stream of that runner's QUIC
@@ -22,7 +25,6 @@
 //! are held gets 503 without taking its runner's other apps along.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,159 +35,40 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use identity::headers::HeaderFilter;
 
 use crate::accept::ListenerLimits;
+use crate::apps::Apps;
+use crate::labs::{Feature, Labs};
+use crate::observe::Observe;
+use crate::oidc::OidcVerifier;
+use crate::routes::{check_host, normalize_host, RouteOidc, Routes};
 use crate::runner_streams::{StreamBudget, STREAM_OPEN_TIMEOUT};
-use crate::service::State;
-use crate::store::{Condition, Op, Outcome, Txn};
+use crate::runners::Registry;
+use crate::shutdown::Tasks;
+use crate::sso::Sso;
 
 /// First line of a proxied stream.
 pub const PROXY_PREAMBLE: &str = "miren-proxy/1";
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// `route/<host>` (`route/_default` for the default route).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Route {
-    pub host: String,
-    pub app: String,
-    /// Single sign-on in front of this route (labs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oidc: Option<crate::route_oidc::RouteOidc>,
-}
-
-/// Store key of the route for `host` ("" = the default route).
-pub fn route_key(host: &str) -> String {
-    if host.is_empty() {
-        "route/_default".to_string()
-    } else {
-        format!("route/{host}")
-    }
-}
-
-/// Normalises a host for routing: lowercase, without port.
-pub fn normalize_host(host: &str) -> String {
-    let h = host.trim().to_ascii_lowercase();
-    if let Some(rest) = h.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or_default().to_string();
-    }
-    match h.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
-        _ => h,
-    }
-}
-
-/// Checks a route host: a DNS name (wildcards are not supported).
-pub fn check_host(host: &str) -> Result<(), String> {
-    let ok = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "route host {host:?} must be a lowercase DNS name (or use --default)"
-        ))
-    }
-}
-
-/// Routes in the store.
-pub struct Routes;
-
-impl Routes {
-    pub fn set(state: &State, host: &str, app: &str) -> Result<(), String> {
-        if !host.is_empty() {
-            check_host(host)?;
-        }
-        if state.apps.app(app).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!("app {app:?} does not exist (deploy it first)"));
-        }
-        // Pointing a host at another app keeps the host's single sign-on:
-        // the protection belongs to the address users reach.
-        let key = route_key(host);
-        let old = state.store.get(&key).map_err(|e| e.to_string())?;
-        let oidc = match &old {
-            Some(bytes) => {
-                crate::store::decode::<Route>(&key, bytes)
-                    .map_err(|e| format!("{e}; remove the route and set it again"))?
-                    .oidc
-            }
-            None => None,
-        };
-        let route = Route {
-            host: host.to_string(),
-            app: app.to_string(),
-            oidc,
-        };
-        let condition = match old {
-            Some(bytes) => Condition::Equals(key.clone(), bytes),
-            None => Condition::Absent(key.clone()),
-        };
-        let outcome = state
-            .store
-            .commit(Txn {
-                conditions: vec![condition],
-                ops: vec![Op::Put(key, crate::store::encode(&route))],
-            })
-            .map_err(|e| e.to_string())?;
-        match outcome {
-            Outcome::Applied => Ok(()),
-            Outcome::ConditionFailed => {
-                Err("the route changed meanwhile; run the command again".into())
-            }
-        }
-    }
-
-    pub fn remove(state: &State, host: &str) -> Result<(), String> {
-        let key = route_key(host);
-        if state.store.get(&key).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!(
-                "no route for {}",
-                if host.is_empty() { "--default" } else { host }
-            ));
-        }
-        state
-            .store
-            .commit(Txn {
-                conditions: vec![],
-                ops: vec![Op::Delete(key)],
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(())
-    }
-
-    pub fn list(state: &State) -> Result<Vec<Route>, String> {
-        state
-            .store
-            .scan("route/")
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|(k, v)| serde_json::from_slice(&v).map_err(|e| format!("{k}: {e}")))
-            .collect()
-    }
-
-    /// The route serving `host`: its own, else the default route. A
-    /// record that cannot be read is an error, never a reason to fall back
-    /// to the default route (which may be unprotected).
-    pub fn route_for(state: &State, host: &str) -> Result<Option<Route>, String> {
-        for key in [route_key(host), route_key("")] {
-            if let Some(bytes) = state.store.get(&key).map_err(|e| e.to_string())? {
-                return crate::store::decode::<Route>(&key, &bytes)
-                    .map(Some)
-                    .map_err(|e| e.to_string());
-            }
-        }
-        Ok(None)
-    }
+/// What the proxy reads: routes, where the routed app's healthy sandboxes
+/// are and how to reach their runners, and for protected routes the login
+/// flow (labs).
+pub struct Ingress {
+    pub routes: Arc<Routes>,
+    pub apps: Arc<Apps>,
+    pub registry: Arc<Registry>,
+    pub sso: Arc<Sso>,
+    pub oidc: Arc<OidcVerifier>,
+    pub labs: Labs,
+    pub observe: Arc<Observe>,
+    /// Ingress connections and upgraded tunnels are among these, closed
+    /// when the coordinator shuts down.
+    pub tasks: Tasks,
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
@@ -292,7 +175,7 @@ fn set_forwarding_headers(
 }
 
 async fn proxy(
-    state: Arc<State>,
+    state: Arc<Ingress>,
     streams: Arc<StreamBudget>,
     counter: Arc<AtomicUsize>,
     remote: SocketAddr,
@@ -307,7 +190,7 @@ async fn proxy(
         .or_else(|| req.uri().host().map(str::to_string))
         .unwrap_or_default();
     let host = normalize_host(&host_header);
-    let route = match Routes::route_for(&state, &host) {
+    let route = match state.routes.route_for(&host) {
         Ok(Some(route)) => route,
         Ok(None) => {
             return Ok(text(
@@ -338,8 +221,8 @@ async fn proxy(
     };
     strip_client_headers(req.headers_mut(), filter);
     let app = route.app.clone();
-    crate::metrics::note_ingress_app(&app);
-    let labs = state.labs.iter().any(|l| l == crate::route_oidc::LABS_FLAG);
+    crate::metered::note_ingress_app(&app);
+    let labs = state.labs.has(Feature::RouteOidc);
     let mut response_headers = Vec::new();
     match (&route.oidc, labs) {
         (Some(oidc), true) => {
@@ -355,7 +238,7 @@ async fn proxy(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!(
                     "this route is protected by route OIDC, which is off: start the server with --labs {flag} (or MIREN_LABS={flag}), or `miren route oidc disable` it",
-                    flag = crate::route_oidc::LABS_FLAG
+                    flag = Feature::RouteOidc.name()
                 ),
             ))
         }
@@ -421,8 +304,12 @@ async fn proxy(
         // The stream counts until the connection to the sandbox is over:
         // its response body sent, or its upgraded tunnel closed.
         let held = permit.clone();
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
+        let stopping = state.tasks.clone();
+        state.tasks.spawn("ingress stream", async move {
+            tokio::select! {
+                _ = connection.with_upgrades() => {}
+                _ = stopping.stopping() => {}
+            }
             drop(held);
         });
         let client_upgrade = hyper::upgrade::on(&mut req);
@@ -437,11 +324,18 @@ async fn proxy(
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                if let (Ok(client), Ok(server)) = (client_upgrade.await, upstream.await) {
-                    let mut client = TokioIo::new(client);
-                    let mut server = TokioIo::new(server);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            let stopping = state.tasks.clone();
+            state.tasks.spawn("ingress tunnel", async move {
+                let tunnel = async {
+                    if let (Ok(client), Ok(server)) = (client_upgrade.await, upstream.await) {
+                        let mut client = TokioIo::new(client);
+                        let mut server = TokioIo::new(server);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                };
+                tokio::select! {
+                    _ = tunnel => {}
+                    _ = stopping.stopping() => {}
                 }
                 drop(permit);
             });
@@ -509,8 +403,8 @@ fn strip_tunnels(headers: &mut hyper::HeaderMap) -> Result<(), &'static str> {
 /// the app's response: proxy it) or answers directly (login redirect,
 /// callback, logout, 401).
 async fn single_sign_on(
-    state: &State,
-    oidc: &crate::route_oidc::RouteOidc,
+    state: &Ingress,
+    oidc: &RouteOidc,
     host: &str,
     authority: &str,
     secure: bool,
@@ -531,7 +425,7 @@ async fn single_sign_on(
             "route OIDC needs a Host header of the form name[:port]",
         ));
     }
-    let provider = match crate::route_oidc::provider(state, &oidc.provider) {
+    let provider = match state.routes.provider(&oidc.provider) {
         Ok(Some(p)) => p,
         _ => {
             return Err(text(
@@ -568,7 +462,7 @@ async fn single_sign_on(
         accepts_html,
         secure,
         claim_headers: &oidc.claim_headers,
-        now: crate::datadir::now_unix(),
+        now: transport::clock::now_unix(),
     };
     let gate = state.sso.gate(&state.oidc, &provider, &request).await;
     match gate {
@@ -624,14 +518,14 @@ async fn single_sign_on(
     }
 }
 
-/// Serves the ingress on `listener` until `shutdown` resolves: over TLS
-/// with `tls` (HTTP/1.1 only, so upgrades pass through), else plain HTTP.
+/// Serves the ingress on `listener` until the coordinator shuts down: over
+/// TLS with `tls` (HTTP/1.1 only, so upgrades pass through), else plain
+/// HTTP.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<rustls::ServerConfig>,
-    state: Arc<State>,
+    state: Arc<Ingress>,
     limits: IngressLimits,
-    shutdown: impl Future<Output = ()>,
 ) {
     let counter = Arc::new(AtomicUsize::new(0));
     let secure = tls.is_some();
@@ -646,12 +540,13 @@ pub async fn serve(
     };
     let http = Arc::new(crate::accept::http1(&limits.listener));
     let streams = limits.streams;
+    let tasks = state.tasks.clone();
     crate::accept::accept_loop(
         what,
         listener,
         acceptor,
         limits.listener,
-        shutdown,
+        tasks,
         move |conn, remote| {
             let (state, streams, counter, http) = (
                 state.clone(),
@@ -669,7 +564,7 @@ pub async fn serve(
                         secure,
                         req,
                     );
-                    crate::metrics::observe_ingress(state.observe.clone(), answer)
+                    crate::metered::observe_ingress(state.observe.clone(), answer)
                 });
                 if let Err(e) = http
                     .serve_connection(TokioIo::new(conn), service)
@@ -826,16 +721,5 @@ mod tests {
         strip_client_headers(&mut h, &filter);
         let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["cookie"]);
-    }
-
-    #[test]
-    fn host_normalisation() {
-        assert_eq!(normalize_host("Example.COM:8080"), "example.com");
-        assert_eq!(normalize_host("example.com"), "example.com");
-        assert_eq!(normalize_host("[::1]:80"), "::1");
-        assert!(check_host("app.example.com").is_ok());
-        assert!(check_host("App.example.com").is_err());
-        assert!(check_host("*.example.com").is_err());
-        assert!(check_host("").is_err());
     }
 }

@@ -1,16 +1,24 @@
-//! Which issuer URLs this cluster's tokens carry and are still accepted.
+//! The cluster as an OIDC issuer: its URL (and the ones it replaced), its
+//! signing key ring, and the background task that rotates the keys.
 //!
 //! `issuer.json` in the data dir remembers the current issuer and the ones
 //! it replaced. After `--issuer-url` changes, the previous issuer stays
 //! accepted for the longest token lifetime plus an hour, so tokens minted
-//! just before the change keep verifying until they expire.
+//! just before the change keep verifying until they expire. What a token
+//! says (whose it is) is decided in [`crate::minting`]; the documents that
+//! publish the keys are served by [`crate::https`].
 
 use std::path::Path;
+use std::sync::RwLock;
+use std::time::Duration;
 
-use identity::MAX_TTL_SECS;
+use identity::{IssuerUrl, KeySet, PublicKey, Verifier, MAX_TTL_SECS};
 use serde::{Deserialize, Serialize};
 
-use crate::datadir::{write_atomic, DataDirError};
+use crate::datadir::DataDirError;
+use crate::keyring::{KeyRing, KeyStatus};
+use crate::observe::Observe;
+use crate::shutdown::Tasks;
 
 /// How long a replaced issuer stays accepted.
 pub const PREVIOUS_ISSUER_GRACE_SECS: i64 = MAX_TTL_SECS as i64 + 3600;
@@ -84,9 +92,156 @@ pub fn record(dir: &Path, url: &str, now: i64) -> Result<IssuerHistory, DataDirE
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&path, &json, 0o644)?;
+        transport::files::write_atomic(&path, &json, 0o644)
+            .map_err(|source| DataDirError::Io { path, source })?;
     }
     Ok(new)
+}
+
+/// The issuer of this cluster's tokens.
+pub struct Issuer {
+    /// Issuer of the tokens minted now.
+    pub url: IssuerUrl,
+    /// Current issuer and replaced ones still accepted.
+    pub history: IssuerHistory,
+    pub keys: RwLock<KeyRing>,
+    /// How long verifiers may cache the JWKS; a new key is published at
+    /// least this long before it signs.
+    pub jwks_max_age_secs: i64,
+}
+
+/// The key ring is unusable (a thread panicked holding its lock).
+pub const KEYS_UNAVAILABLE: &str = "key ring unavailable";
+
+impl Issuer {
+    /// Keys to publish at `now` (discovery, JWKS).
+    pub fn published(&self, now: i64) -> Result<Vec<PublicKey>, String> {
+        Ok(self
+            .keys
+            .read()
+            .map_err(|_| KEYS_UNAVAILABLE.to_string())?
+            .published(now))
+    }
+
+    /// Every key with its state at `now`.
+    pub fn statuses(&self, now: i64) -> Result<Vec<KeyStatus>, String> {
+        Ok(self
+            .keys
+            .read()
+            .map_err(|_| KEYS_UNAVAILABLE.to_string())?
+            .statuses(now))
+    }
+
+    /// A verifier for this cluster's own tokens at `now`: published keys,
+    /// accepted issuers, the given audience.
+    pub fn verifier(&self, audience: &str, now: i64) -> Result<Verifier, String> {
+        let keys = KeySet::from_keys(self.published(now)?).map_err(|e| e.to_string())?;
+        Ok(Verifier::new(
+            keys,
+            self.history.accepted(now),
+            [audience.to_string()],
+        ))
+    }
+
+    /// Starts a new signing key now (an operator's rotation); refused while
+    /// one is already waiting to activate. Returns every key's state.
+    pub fn rotate(&self, now: i64) -> Result<Vec<KeyStatus>, String> {
+        let mut ring = self
+            .keys
+            .write()
+            .map_err(|_| KEYS_UNAVAILABLE.to_string())?;
+        if ring.has_pending(now) {
+            return Err(
+                "a new signing key is already waiting to activate (see `miren identity keys list`); rotate again after it is active".into(),
+            );
+        }
+        ring.rotate(now, self.jwks_max_age_secs)
+            .map_err(|e| e.to_string())?;
+        Ok(ring.statuses(now))
+    }
+}
+
+/// Starts a new signing key one JWKS cache lifetime before the active one
+/// reaches `rotation` age, so verifiers have it before it signs; ends when
+/// the coordinator shuts down.
+pub async fn rotate_keys_forever(issuer: std::sync::Arc<Issuer>, rotation: Duration, tasks: Tasks) {
+    let rotation = rotation.as_secs() as i64;
+    let window = issuer.jwks_max_age_secs;
+    let every = Duration::from_secs((rotation / 4).clamp(1, 10) as u64);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tasks.stopping() => return,
+        }
+        let now = transport::clock::now_unix();
+        let (due, record) = match issuer.keys.read() {
+            Ok(ring) => (
+                !ring.has_pending(now)
+                    && ring
+                        .active_since(now)
+                        .is_some_and(|since| now + window >= since + rotation),
+                ring.needs_record(now),
+            ),
+            Err(_) => (false, false),
+        };
+        if record {
+            // The key that just activated stays the signer should the clock
+            // step back (see `keyring`).
+            let recorded = write_ring(&issuer, move |ring| ring.record_active(now)).await;
+            if let Err(e) = recorded {
+                tracing::error!("recording the active signing key failed: {e}");
+            }
+        }
+        if due {
+            match write_ring(&issuer, move |ring| ring.rotate(now, window)).await {
+                Ok(k) => {
+                    tracing::info!(kid = %k.kid, activates = k.activates_unix, "signing key rotation started")
+                }
+                Err(e) => tracing::error!("signing key rotation failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Changes the key ring on the blocking pool (it writes files).
+async fn write_ring<T: Send + 'static>(
+    issuer: &std::sync::Arc<Issuer>,
+    change: impl FnOnce(&mut KeyRing) -> Result<T, crate::keyring::KeyRingError> + Send + 'static,
+) -> Result<T, String> {
+    let issuer = issuer.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut ring = issuer
+            .keys
+            .write()
+            .map_err(|_| "key ring lock poisoned".to_string())?;
+        change(&mut ring).map_err(|e| e.to_string())
+    })
+    .await;
+    done.map_err(|e| format!("task: {e}"))?
+}
+
+/// Checks the key ring every second and audits what changed (keys change
+/// by time as well as by rotation: a pending key activates by itself);
+/// ends when the coordinator shuts down.
+pub async fn watch_keys_forever(
+    issuer: std::sync::Arc<Issuer>,
+    observe: std::sync::Arc<Observe>,
+    tasks: Tasks,
+) {
+    if !observe.enabled() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tasks.stopping() => return,
+        }
+        if let Ok(statuses) = issuer.statuses(transport::clock::now_unix()) {
+            observe.watch_keys(&statuses);
+        }
+    }
 }
 
 #[cfg(test)]

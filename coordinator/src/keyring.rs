@@ -36,7 +36,7 @@ use identity::keys::{PublicKey, SigningKeyPair};
 use identity::mint::Minter;
 use serde::{Deserialize, Serialize};
 
-use crate::datadir::{ensure_private_dir, write_atomic};
+use transport::files::{ensure_private_dir, write_atomic};
 
 /// Seconds a retired key stays published past the last moment it signed,
 /// beyond the longest token lifetime (clock skew allowance).
@@ -184,7 +184,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyRingError + '_ {
 impl KeyRing {
     /// Creates `dir` with one active key (used on first start).
     pub fn init(dir: &Path, now: i64) -> Result<(), KeyRingError> {
-        ensure_private_dir(dir).map_err(|e| KeyRingError::Io(e.to_string()))?;
+        ensure_private_dir(dir).map_err(io(dir))?;
         let key = SigningKeyPair::generate().map_err(|e| KeyRingError::Io(e.to_string()))?;
         let entry = write_key(dir, &key, now, now)?;
         write_index(dir, &KeyIndex { keys: vec![entry] })
@@ -418,8 +418,8 @@ fn write_key(
     let pem = key
         .to_pkcs8_pem()
         .map_err(|e| KeyRingError::Io(e.to_string()))?;
-    write_atomic(&dir.join(&file), pem.as_bytes(), 0o600)
-        .map_err(|e| KeyRingError::Io(e.to_string()))?;
+    let path = dir.join(&file);
+    write_atomic(&path, pem.as_bytes(), 0o600).map_err(io(&path))?;
     Ok(KeyEntry {
         kid: key.kid().to_string(),
         alg: "RS256".into(),
@@ -433,7 +433,8 @@ fn write_key(
 
 fn write_index(dir: &Path, index: &KeyIndex) -> Result<(), KeyRingError> {
     let json = serde_json::to_vec_pretty(index).map_err(|e| KeyRingError::Io(e.to_string()))?;
-    write_atomic(&dir.join("index.json"), &json, 0o600).map_err(|e| KeyRingError::Io(e.to_string()))
+    let path = dir.join("index.json");
+    write_atomic(&path, &json, 0o600).map_err(io(&path))
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! The miren coordinator: it holds the cluster CA, the signing keys and the
-//! store, and serves RPC (QUIC) and, later, HTTPS.
+//! store, and serves RPC (QUIC) and HTTPS (discovery, JWKS, ingress).
 //!
-//! [`datadir`] owns the files on disk, [`store`] the durable records,
-//! [`service`] the Cap'n Proto capabilities handed to peers, [`frontdoor`]
-//! what a peer may cost before it proves a role, and [`server`] wires them
-//! to the network with graceful shutdown. [`observe`] is what operators see
-//! of it: [`metrics`], the [`audit`] trail and [`health`].
+//! [`server`] starts it ([`Coordinator::start`]) and runs it
+//! ([`Coordinator::serve`]) until its one shutdown ([`shutdown`]);
+//! [`state`] is what it is made of, by concern; [`service`] holds the Cap'n
+//! Proto capabilities handed to peers, thin over the modules that own each
+//! concern. ARCHITECTURE.md has the layering of the modules (no module
+//! imports one above it) and a code map.
 
 pub mod accept;
 pub mod apps;
@@ -20,17 +21,24 @@ pub mod https;
 pub mod ingress;
 pub mod issuer;
 pub mod keyring;
+pub mod labs;
+pub mod metered;
 pub mod metrics;
+pub mod minting;
 pub mod observe;
 pub mod observed;
 pub mod oidc;
 pub mod outbound;
 pub mod route_oidc;
+pub mod routes;
 pub mod runner_streams;
 pub mod runners;
+pub mod scrape;
 pub mod server;
 pub mod service;
+pub mod shutdown;
 pub mod sso;
+pub mod state;
 pub mod store;
 
 pub use server::{Coordinator, CoordinatorOptions};

@@ -4,10 +4,11 @@
 //! [`crate::observe::Observe`]); what is a state rather than an event
 //! (runners and sandboxes by state, seconds until the next signing-key
 //! rotation and until the server certificate expires) is read from the
-//! coordinator's own records at scrape time by [`StateCollector`], so it
-//! cannot drift. Two pieces wrap what they measure instead of being called:
-//! [`MeteredStore`] (store operation latency) and [`metered`] (every RPC
-//! call by interface and method).
+//! coordinator's own records at scrape time (`crate::scrape`), so it
+//! cannot drift. Some pieces wrap what they measure instead of being
+//! called: [`MeteredStore`] (store operation latency) here, and in
+//! `crate::metered` every RPC call by interface and method and every
+//! ingress request.
 //!
 //! **Labels stay bounded.** No label value is ever a token, a subject, a
 //! jti, a sandbox or runner id, or any string a peer chose: reasons,
@@ -17,19 +18,16 @@
 //! a route the operator created (`-` when no route matched), so it is
 //! bounded by the routes that exist.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::audit::AuditCounters;
-use crate::service::State;
 use crate::store::{
     Committed, KeyValue, LeaseId, Outcome, RangePage, Revision, Store, StoreError, Txn, WatchStream,
 };
@@ -269,7 +267,8 @@ pub fn sandbox_state_label(reported: &str) -> &'static str {
     }
 }
 
-const SANDBOX_STATES: [&str; 7] = [
+/// Every label [`sandbox_state_label`] gives.
+pub const SANDBOX_STATES: [&str; 7] = [
     "pending", "starting", "healthy", "crashed", "failed", "stopped", "other",
 ];
 
@@ -287,104 +286,6 @@ pub fn seconds_until_rotation(
         return Some(p.activates_unix - now);
     }
     active_since.map(|since| since + rotation_secs - now)
-}
-
-fn encode_gauges<S: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug>(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    values: impl IntoIterator<Item = (S, i64)>,
-) -> Result<(), std::fmt::Error> {
-    let family: Family<S, Gauge> = Family::default();
-    for (labels, v) in values {
-        family.get_or_create(&labels).set(v);
-    }
-    family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)
-}
-
-/// Reads the states at scrape time from the coordinator's records.
-pub struct StateCollector {
-    pub state: Weak<State>,
-}
-
-impl std::fmt::Debug for StateCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateCollector")
-    }
-}
-
-impl Collector for StateCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Some(state) = self.state.upgrade() else {
-            return Ok(());
-        };
-        let now = crate::datadir::now_unix();
-        if let Ok(runners) = state.registry.list(now) {
-            let mut counts = [("ready", 0i64), ("cordoned", 0), ("down", 0)];
-            for r in &runners {
-                let i = match (r.connected, r.record.cordoned) {
-                    (true, false) => 0,
-                    (true, true) => 1,
-                    (false, _) => 2,
-                };
-                counts[i].1 += 1;
-            }
-            encode_gauges(
-                &mut encoder,
-                "miren_runners",
-                "Runners by state (ready, cordoned, down).",
-                counts.map(|(s, n)| (StateLabel { state: s }, n)),
-            )?;
-        }
-        if let Ok(states) = state.apps.sandbox_states() {
-            let mut counts: Vec<(&'static str, i64)> =
-                SANDBOX_STATES.iter().map(|s| (*s, 0)).collect();
-            for reported in states {
-                let label = sandbox_state_label(&reported);
-                if let Some(c) = counts.iter_mut().find(|(s, _)| *s == label) {
-                    c.1 += 1;
-                }
-            }
-            encode_gauges(
-                &mut encoder,
-                "miren_sandboxes",
-                "Sandboxes the coordinator placed, by the state their runner last reported.",
-                counts
-                    .into_iter()
-                    .map(|(s, n)| (StateLabel { state: s }, n)),
-            )?;
-        }
-        let rotation = state.keys.read().ok().and_then(|ring| {
-            seconds_until_rotation(
-                &ring.statuses(now),
-                ring.active_since(now),
-                state.observe.rotation_secs(),
-                now,
-            )
-        });
-        if let Some(secs) = rotation {
-            let g: Gauge = Gauge::default();
-            g.set(secs);
-            g.encode(encoder.encode_descriptor(
-                "miren_signing_key_rotation_seconds",
-                "Seconds until the active signing key is replaced (negative: overdue).",
-                None,
-                g.metric_type(),
-            )?)?;
-        }
-        let certs = state.observe.certificate_expiries();
-        if !certs.is_empty() {
-            encode_gauges(
-                &mut encoder,
-                "miren_certificate_expiry_seconds",
-                "Seconds until the certificate the listeners present expires.",
-                certs
-                    .into_iter()
-                    .map(|(c, not_after)| (CertLabel { certificate: c }, not_after - now)),
-            )?;
-        }
-        Ok(())
-    }
 }
 
 /// The store, timing every operation.
@@ -527,137 +428,6 @@ pub fn audited(interface: &str, method: &str) -> bool {
         "App" => matches!(method, "deploy" | "uploadArtifact"),
         _ => false,
     }
-}
-
-/// A capability client that counts (and for audited calls, records) every
-/// call made on it from the network.
-struct MeteredHook {
-    inner: Box<dyn capnp::private::capability::ClientHook>,
-    interface: &'static str,
-    observe: Arc<crate::observe::Observe>,
-    /// Who holds the capability (audited interfaces only).
-    actor: Option<crate::audit::Actor>,
-    /// The app an `App` capability is confined to.
-    app: Option<String>,
-}
-
-impl capnp::private::capability::ClientHook for MeteredHook {
-    fn add_ref(&self) -> Box<dyn capnp::private::capability::ClientHook> {
-        Box::new(MeteredHook {
-            inner: self.inner.add_ref(),
-            interface: self.interface,
-            observe: self.observe.clone(),
-            actor: self.actor.clone(),
-            app: self.app.clone(),
-        })
-    }
-
-    fn new_call(
-        &self,
-        interface_id: u64,
-        method_id: u16,
-        size_hint: Option<capnp::MessageSize>,
-    ) -> capnp::capability::Request<capnp::any_pointer::Owned, capnp::any_pointer::Owned> {
-        self.inner.new_call(interface_id, method_id, size_hint)
-    }
-
-    fn call(
-        &self,
-        interface_id: u64,
-        method_id: u16,
-        params: Box<dyn capnp::private::capability::ParamsHook>,
-        results: Box<dyn capnp::private::capability::ResultsHook>,
-    ) -> capnp::capability::Promise<(), capnp::Error> {
-        let promise = self.inner.call(interface_id, method_id, params, results);
-        let method = methods::name(self.interface, method_id);
-        let interface = self.interface;
-        let observe = self.observe.clone();
-        let actor = self.actor.clone();
-        let app = self.app.clone();
-        capnp::capability::Promise::from_future(async move {
-            let r = promise.await;
-            observe.rpc(interface, method, r.is_ok(), actor, app);
-            r
-        })
-    }
-
-    fn get_brand(&self) -> usize {
-        self.inner.get_brand()
-    }
-
-    fn get_ptr(&self) -> usize {
-        self.inner.get_ptr()
-    }
-
-    fn get_resolved(&self) -> Option<Box<dyn capnp::private::capability::ClientHook>> {
-        self.inner.get_resolved()
-    }
-
-    fn when_more_resolved(
-        &self,
-    ) -> Option<
-        capnp::capability::Promise<Box<dyn capnp::private::capability::ClientHook>, capnp::Error>,
-    > {
-        self.inner.when_more_resolved()
-    }
-
-    fn when_resolved(&self) -> capnp::capability::Promise<(), capnp::Error> {
-        self.inner.when_resolved()
-    }
-}
-
-/// `client`, counting every call by method (and recording audited ones
-/// with `actor`); unchanged when observation is off.
-pub fn metered<C: capnp::capability::FromClientHook>(
-    client: C,
-    interface: &'static str,
-    observe: &Arc<crate::observe::Observe>,
-    actor: Option<crate::audit::Actor>,
-    app: Option<String>,
-) -> C {
-    if !observe.enabled() {
-        return client;
-    }
-    C::new(Box::new(MeteredHook {
-        inner: client.into_client_hook(),
-        interface,
-        observe: observe.clone(),
-        actor,
-        app,
-    }))
-}
-
-tokio::task_local! {
-    /// The app the ingress routed the current request to.
-    static ROUTED_APP: std::cell::RefCell<Option<String>>;
-}
-
-/// Called by the ingress once the route is known.
-pub fn note_ingress_app(app: &str) {
-    let _ = ROUTED_APP.try_with(|a| *a.borrow_mut() = Some(app.to_string()));
-}
-
-/// Runs one ingress request, counting it by routed app and status class.
-pub async fn observe_ingress<B>(
-    observe: Arc<crate::observe::Observe>,
-    request: impl std::future::Future<Output = Result<hyper::Response<B>, std::convert::Infallible>>,
-) -> Result<hyper::Response<B>, std::convert::Infallible> {
-    if !observe.enabled() {
-        return request.await;
-    }
-    let started = Instant::now();
-    ROUTED_APP
-        .scope(std::cell::RefCell::new(None), async move {
-            let r = request.await;
-            let app = ROUTED_APP
-                .with(|a| a.borrow_mut().take())
-                .unwrap_or_else(|| "-".to_string());
-            if let Ok(resp) = &r {
-                observe.ingress(app, resp.status().as_u16(), started.elapsed());
-            }
-            r
-        })
-        .await
 }
 
 #[cfg(test)]

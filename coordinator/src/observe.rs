@@ -35,8 +35,6 @@ pub struct Observe {
     https_cert_not_after: AtomicI64,
     /// Signing key states last seen by [`Observe::watch_keys`].
     keys_seen: Mutex<Option<Vec<(String, crate::keyring::KeyState)>>>,
-    /// Set when the coordinator stops (ends the metrics listener).
-    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why a workload token was not minted (label values).
@@ -152,19 +150,7 @@ impl Observe {
             server_cert_not_after: AtomicI64::new(0),
             https_cert_not_after: AtomicI64::new(0),
             keys_seen: Mutex::new(None),
-            stopping: tokio::sync::watch::channel(false).0,
         }
-    }
-
-    /// The coordinator is stopping.
-    pub fn stop(&self) {
-        self.stopping.send_replace(true);
-    }
-
-    /// Resolves once [`Observe::stop`] was called.
-    pub async fn stopped(&self) {
-        let mut rx = self.stopping.subscribe();
-        let _ = rx.wait_for(|s| *s).await;
     }
 
     pub fn enabled(&self) -> bool {
@@ -544,7 +530,7 @@ impl Observe {
         }
     }
 
-    /// One RPC call served (from [`metrics::metered`]).
+    /// One RPC call served (from [`crate::metered::metered`]).
     pub fn rpc(
         &self,
         interface: &'static str,
@@ -627,18 +613,20 @@ impl Observe {
     }
 }
 
-/// The observation of a coordinator starting with `opts`: the audit trail
-/// under `<data dir>/audit`, or nothing with `observe: false`.
+/// The observation of a coordinator: the audit trail under
+/// `<data dir>/audit` (`rotation`: the signing key rotation age, for its
+/// countdown), or nothing when not `enabled`.
 pub fn start(
     data_dir: &std::path::Path,
-    opts: &crate::CoordinatorOptions,
+    enabled: bool,
+    rotation: Duration,
 ) -> anyhow::Result<Arc<Observe>> {
     use anyhow::Context as _;
-    if !opts.observe {
+    if !enabled {
         return Ok(Arc::new(Observe::disabled()));
     }
     let dir = data_dir.join("audit");
-    let o = Observe::new(&dir, opts.signing_key_rotation)
+    let o = Observe::new(&dir, rotation)
         .with_context(|| format!("opening the audit trail in {}", dir.display()))?;
     Ok(Arc::new(o))
 }
@@ -655,51 +643,6 @@ pub fn metered_store(
         inner: store,
         metrics: observe.metrics.clone(),
     })
-}
-
-/// The registry `/metrics` encodes: every series of `state.observe` and
-/// the states read at scrape time. Also records when the certificates the
-/// listeners present expire.
-pub fn registry(
-    state: &Arc<crate::service::State>,
-    server_cert_pem: &str,
-    opts: &crate::CoordinatorOptions,
-) -> anyhow::Result<Arc<prometheus_client::registry::Registry>> {
-    let server = transport::pki::not_after_unix(server_cert_pem)?;
-    let https = match &opts.https_cert {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("--https-cert {}: {e}", path.display()))?;
-            transport::pki::not_after_unix(&pem).ok()
-        }
-        None => None,
-    };
-    state.observe.set_certificates(server, https);
-    let mut r = prometheus_client::registry::Registry::default();
-    if state.observe.enabled() {
-        state.observe.metrics.register(&mut r);
-        r.register_collector(Box::new(metrics::StateCollector {
-            state: Arc::downgrade(state),
-        }));
-    }
-    Ok(Arc::new(r))
-}
-
-/// Checks the key ring every second and audits what changed (keys change
-/// by time as well as by rotation: a pending key activates by itself).
-pub async fn watch_keys_forever(state: Arc<crate::service::State>) {
-    if !state.observe.enabled() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let statuses = match state.keys.read() {
-            Ok(ring) => ring.statuses(crate::datadir::now_unix()),
-            Err(_) => continue,
-        };
-        state.observe.watch_keys(&statuses);
-    }
 }
 
 #[cfg(test)]

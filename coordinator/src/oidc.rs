@@ -205,6 +205,44 @@ pub struct LoginAttempt {
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// A discovery document as fetched, read once for every use: the checks
+/// of [`DiscoveryDocument::parse_for_issuer`] (it names the issuer it was
+/// fetched for; an https `jwks_uri`), and the login endpoints a route OIDC
+/// provider needs, each kept only when it is an https URL (the token
+/// request carries the client secret and the code).
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    pub document: DiscoveryDocument,
+    pub authorization_endpoint: Option<String>,
+    pub token_endpoint: Option<String>,
+    pub end_session_endpoint: Option<String>,
+}
+
+impl Discovered {
+    /// Reads `bytes`, fetched from `issuer`'s discovery URL.
+    pub fn parse(bytes: &[u8], issuer: &IssuerUrl) -> Result<Discovered, String> {
+        #[derive(serde::Deserialize)]
+        struct Endpoints {
+            authorization_endpoint: Option<serde_json::Value>,
+            token_endpoint: Option<serde_json::Value>,
+            end_session_endpoint: Option<serde_json::Value>,
+        }
+        let document =
+            DiscoveryDocument::parse_for_issuer(bytes, issuer).map_err(|e| e.to_string())?;
+        let endpoints: Endpoints = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let https = |v: Option<serde_json::Value>| {
+            v.and_then(|v| v.as_str().map(str::to_string))
+                .filter(|s| reqwest::Url::parse(s).is_ok_and(|u| u.scheme() == "https"))
+        };
+        Ok(Discovered {
+            document,
+            authorization_endpoint: https(endpoints.authorization_endpoint),
+            token_endpoint: https(endpoints.token_endpoint),
+            end_session_endpoint: https(endpoints.end_session_endpoint),
+        })
+    }
+}
+
 /// Fetches and caches issuer keys; verifies CI tokens.
 pub struct OidcVerifier {
     /// The outbound HTTPS client (also used for route OIDC code exchange):
@@ -274,31 +312,22 @@ impl OidcVerifier {
         read_capped(&mut resp, url).await
     }
 
+    /// Fetches and reads the discovery document of `issuer` (for its
+    /// JWKS, and for a route OIDC provider its login endpoints).
+    pub async fn discover(&self, issuer: &IssuerUrl) -> Result<Discovered, String> {
+        let bytes = self.get_json(&issuer.discovery_url()).await?;
+        Discovered::parse(&bytes, issuer)
+    }
+
     async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, String> {
-        let doc = self.get_json(&issuer.discovery_url()).await;
-        let doc = doc.and_then(|d| {
-            DiscoveryDocument::parse_for_issuer(&d, issuer).map_err(|e| e.to_string())
-        });
+        let doc = self.discover(issuer).await;
         self.observe.issuer_fetch("discovery", doc.is_ok());
-        let jwks = self.get_json(&doc?.jwks_uri).await;
+        let jwks = self.get_json(&doc?.document.jwks_uri).await;
         let keys = jwks.and_then(|j| {
             KeySet::from_jwks_json(&j).map_err(|e| format!("JWKS of {}: {e}", issuer.as_str()))
         });
         self.observe.issuer_fetch("jwks", keys.is_ok());
         keys
-    }
-
-    /// How many times the keys of `issuer` were fetched (for tests/metrics).
-    pub async fn fetch_count(&self, issuer: &str) -> u64 {
-        let entry = self
-            .issuers
-            .lock()
-            .ok()
-            .and_then(|m| m.get(issuer).cloned());
-        match entry {
-            Some(e) => e.lock().await.fetches,
-            None => 0,
-        }
     }
 
     /// Keys for `issuer`, fetching when absent, stale, or when `token`
@@ -419,8 +448,46 @@ impl OidcVerifier {
                 tracing::info!(issuer = iss, "CI login refused: {e}");
                 LoginError::Denied(Denial::of(&e))
             })?;
-        ci.matching(app, &verified.claims)
+        ci.matching(app, &verified.claims).map_err(|e| match e {
+            crate::ci::MatchError::NoMatch(m) => LoginError::NoMatch(m),
+            crate::ci::MatchError::Unavailable => LoginError::Denied(Denial::Generic),
+        })
     }
+}
+
+/// A CI login for `app` with `token`: the cheap checks and a login slot
+/// where the call arrives ([`OidcVerifier::begin`]), the verification on
+/// the multi-threaded runtime `rt` ([`OidcVerifier::finish`]), the
+/// decision counted and audited in `observe`. Returns the binding matched.
+pub async fn login(
+    oidc: &Arc<OidcVerifier>,
+    ci: &Arc<CiBindings>,
+    observe: &Arc<crate::observe::Observe>,
+    rt: &tokio::runtime::Handle,
+    app: &str,
+    token: &str,
+) -> Result<Binding, LoginError> {
+    let seen = crate::audit::CiTokenFields::peek(token);
+    let refused = |e: LoginError| {
+        let _ = observe.ci_login(app, seen.clone(), Err(e.to_string()));
+        e
+    };
+    let attempt = oidc.begin(ci, token).map_err(refused)?;
+    let (verifier, bindings, login_app) = (oidc.clone(), ci.clone(), app.to_string());
+    let finished = rt
+        .spawn(async move {
+            let now = transport::clock::now_unix();
+            verifier.finish(&bindings, &login_app, attempt, now).await
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!("a CI login task failed: {e}");
+            Err(LoginError::Denied(Denial::Generic))
+        });
+    let binding = finished.map_err(refused)?;
+    observe
+        .ci_login(app, seen, Ok(binding))
+        .map_err(|_| LoginError::Denied(Denial::Generic))
 }
 
 #[cfg(test)]
@@ -540,6 +607,27 @@ mod tests {
         ] {
             assert!(inspect(&junk).is_err(), "{junk}");
         }
+    }
+
+    #[test]
+    fn a_discovery_document_is_read_once_for_keys_and_login_endpoints() {
+        let issuer = IssuerUrl::parse("https://login.example.com").expect("issuer");
+        let doc = br#"{"issuer":"https://login.example.com",
+            "jwks_uri":"https://login.example.com/jwks",
+            "authorization_endpoint":"https://login.example.com/auth",
+            "token_endpoint":"http://login.example.com/token",
+            "end_session_endpoint":7}"#;
+        let d = Discovered::parse(doc, &issuer).expect("document");
+        assert_eq!(d.document.jwks_uri, "https://login.example.com/jwks");
+        assert_eq!(
+            d.authorization_endpoint.as_deref(),
+            Some("https://login.example.com/auth")
+        );
+        // Not https, not a string: as if absent.
+        assert_eq!(d.token_endpoint, None);
+        assert_eq!(d.end_session_endpoint, None);
+        let other = br#"{"issuer":"https://other.example.com","jwks_uri":"https://x/jwks"}"#;
+        assert!(Discovered::parse(other, &issuer).is_err());
     }
 
     #[test]

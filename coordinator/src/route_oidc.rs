@@ -1,49 +1,19 @@
-//! Route OIDC configuration (labs: `--labs routeoidc`): which routes are
-//! protected by which OpenID provider, and which claims become headers.
+//! Route OIDC administration (labs: `--labs routeoidc`): what `miren route
+//! oidc enable|show|disable|providers|remove-provider` may do, checked
+//! before [`crate::routes`] writes it.
 //!
-//! Providers are stored once (`oidcprovider/<name>`) and reused by routes;
-//! a route's record carries its provider name and claim headers. Client
-//! secrets are stored but never returned: every listing redacts them.
-//! The login flow at the ingress (`crate::sso`) builds on these records and
-//! on the pure rules in `identity::route_oidc`.
+//! Providers are stored once and reused by routes; a route's record carries
+//! its provider name and claim headers. A provider name is never silently
+//! reused for other settings ([`provider_use`]): that would change the
+//! provider under every route using it. Listings redact client secrets.
+//! The login flow at the ingress is [`crate::sso`].
 
 use identity::route_oidc::{ensure_distinct_headers, ClaimHeader};
 use identity::IssuerUrl;
 use serde::{Deserialize, Serialize};
 
-use crate::ingress::{route_key, Route};
-use crate::service::State;
-use crate::store::{decode, encode, Condition, Op, Outcome, Txn};
-
-/// The labs flag that turns route OIDC on.
-pub const LABS_FLAG: &str = "routeoidc";
-
-/// `oidcprovider/<name>`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Provider {
-    pub name: String,
-    pub issuer: String,
-    pub client_id: String,
-    pub client_secret: String,
-    pub scope: String,
-}
-
-impl Provider {
-    /// The provider as shown to people: the secret replaced.
-    pub fn redacted(&self) -> serde_json::Value {
-        serde_json::json!({
-            "name": self.name, "issuer": self.issuer, "client_id": self.client_id,
-            "client_secret": "(set, not shown)", "scope": self.scope,
-        })
-    }
-}
-
-/// A route's OIDC protection.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RouteOidc {
-    pub provider: String,
-    pub claim_headers: Vec<ClaimHeader>,
-}
+use crate::labs::{Feature, Labs};
+use crate::routes::{Provider, ProviderWrite, RouteOidc, Routes};
 
 /// What `route oidc enable` sends.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -66,12 +36,46 @@ pub struct EnableRequest {
     pub replace_provider: bool,
 }
 
-fn labs_error() -> String {
-    format!("route OIDC is a labs feature: start the server with --labs {LABS_FLAG} (or MIREN_LABS={LABS_FLAG})")
+/// What enabling with a provider's full settings does to a provider of
+/// that name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderUse {
+    /// None exists: create it.
+    Create,
+    /// One exists with the same settings: reuse it as it is.
+    Reuse,
+    /// One exists with other settings and `--replace-provider` was given:
+    /// replace it (for every route using it).
+    Replace,
+    /// One exists with other settings: refuse.
+    Conflict,
 }
 
-fn provider_key(name: &str) -> String {
-    format!("oidcprovider/{name}")
+/// The provider-reuse rule: the same settings reuse, other settings
+/// replace only when asked to, else conflict.
+pub fn provider_use(existing: Option<&Provider>, wanted: &Provider, replace: bool) -> ProviderUse {
+    match existing {
+        None => ProviderUse::Create,
+        Some(existing) if existing == wanted => ProviderUse::Reuse,
+        Some(_) if replace => ProviderUse::Replace,
+        Some(_) => ProviderUse::Conflict,
+    }
+}
+
+/// Why route OIDC is refused without the labs flag.
+pub fn labs_error() -> String {
+    let flag = Feature::RouteOidc.name();
+    format!(
+        "route OIDC is a labs feature: start the server with --labs {flag} (or MIREN_LABS={flag})"
+    )
+}
+
+fn ensure_labs(labs: &Labs) -> Result<(), String> {
+    if labs.has(Feature::RouteOidc) {
+        Ok(())
+    } else {
+        Err(labs_error())
+    }
 }
 
 /// A provider name derived from its URL's host (`login.example.com` ->
@@ -99,36 +103,11 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn ensure_labs(state: &State) -> Result<(), String> {
-    if state.labs.iter().any(|l| l == LABS_FLAG) {
-        Ok(())
-    } else {
-        Err(labs_error())
-    }
-}
-
-fn load_route(state: &State, host: &str) -> Result<(Vec<u8>, Route), String> {
-    let key = route_key(host);
-    let bytes = state
-        .store
-        .get(&key)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "no route for {}: set one first with `miren route set {} -a APP`",
-                if host.is_empty() { "--default" } else { host },
-                if host.is_empty() { "--default" } else { host }
-            )
-        })?;
-    let route: Route = decode(&key, &bytes).map_err(|e| e.to_string())?;
-    Ok((bytes, route))
-}
-
 /// Protects a route with a provider (creating the provider when its
 /// settings are given).
-pub fn enable(state: &State, host: &str, req: EnableRequest) -> Result<(), String> {
-    ensure_labs(state)?;
-    let (old_bytes, mut route) = load_route(state, host)?;
+pub fn enable(routes: &Routes, labs: &Labs, host: &str, req: EnableRequest) -> Result<(), String> {
+    ensure_labs(labs)?;
+    let (route_bytes, route) = routes.load(host)?;
     let claim_headers: Vec<ClaimHeader> = req
         .claim_headers
         .iter()
@@ -138,9 +117,7 @@ pub fn enable(state: &State, host: &str, req: EnableRequest) -> Result<(), Strin
         })
         .collect::<Result<_, _>>()?;
     ensure_distinct_headers(&claim_headers).map_err(|e| e.to_string())?;
-    let mut ops = Vec::new();
-    let mut conditions = vec![Condition::Equals(route_key(host), old_bytes)];
-    let provider_name = match (req.provider_url, req.client_id, req.client_secret) {
+    let (name, write) = match (req.provider_url, req.client_id, req.client_secret) {
         (Some(url), Some(id), Some(secret)) => {
             let issuer = IssuerUrl::parse(&url).map_err(|e| format!("--provider-url: {e}"))?;
             if id.is_empty() || secret.is_empty() {
@@ -157,77 +134,48 @@ pub fn enable(state: &State, host: &str, req: EnableRequest) -> Result<(), Strin
             };
             // A provider may protect other routes: changing it under them
             // would let another client's users in. Same settings: reuse.
-            let key = provider_key(&name);
-            let stored = state.store.get(&key).map_err(|e| e.to_string())?;
-            let existing = match &stored {
-                Some(b) => Some(decode::<Provider>(&key, b).map_err(|e| e.to_string())?),
-                None => None,
-            };
-            match (existing, stored) {
-                (Some(existing), Some(bytes)) if existing == provider => {
-                    conditions.push(Condition::Equals(key, bytes));
-                }
-                (Some(_), Some(bytes)) if req.replace_provider => {
-                    conditions.push(Condition::Equals(key.clone(), bytes));
-                    ops.push(Op::Put(key, encode(&provider)));
-                }
-                (Some(_), _) => {
+            let stored = routes.provider_record(&name)?;
+            let existing = stored.as_ref().map(|(_, p)| p);
+            let write = match (provider_use(existing, &provider, req.replace_provider), stored) {
+                (ProviderUse::Reuse, Some((bytes, _))) => ProviderWrite::Keep(bytes),
+                (ProviderUse::Replace, Some((bytes, _))) => ProviderWrite::Replace(bytes, provider),
+                (ProviderUse::Create, _) => ProviderWrite::Create(provider),
+                _ => {
                     return Err(format!(
                         "a provider named {name:?} already exists with other settings; reuse it with --provider {name} (and no --provider-url), replace it for every route that uses it with --replace-provider, or name a new one with --provider NEW-NAME"
                     ))
                 }
-                _ => {
-                    conditions.push(Condition::Absent(provider_key(&name)));
-                    ops.push(Op::Put(provider_key(&name), encode(&provider)));
-                }
-            }
-            name
+            };
+            (name, write)
         }
         (None, None, None) => {
             let name = req.provider.ok_or(
                 "give --provider NAME, or --provider-url, --client-id and --client-secret",
             )?;
-            let Some(existing) = state
-                .store
-                .get(&provider_key(&name))
-                .map_err(|e| e.to_string())?
-            else {
+            let Some((bytes, _)) = routes.provider_record(&name)? else {
                 return Err(format!(
                     "no provider named {name:?} (see `miren route oidc providers`)"
                 ));
             };
-            conditions.push(Condition::Equals(provider_key(&name), existing));
-            name
+            (name, ProviderWrite::Keep(bytes))
         }
         _ => return Err("--provider-url, --client-id and --client-secret go together".into()),
     };
-    route.oidc = Some(RouteOidc {
-        provider: provider_name,
+    let oidc = RouteOidc {
+        provider: name,
         claim_headers,
-    });
-    ops.push(Op::Put(route_key(host), encode(&route)));
-    commit(state, Txn { conditions, ops })
-}
-
-/// Commits a configuration change made from records read just before:
-/// refused, not silently dropped, when one of them changed meanwhile.
-fn commit(state: &State, txn: Txn) -> Result<(), String> {
-    match state.store.commit(txn).map_err(|e| e.to_string())? {
-        Outcome::Applied => Ok(()),
-        Outcome::ConditionFailed => {
-            Err("the route or provider changed meanwhile; run the command again".into())
-        }
-    }
+    };
+    routes.protect(host, route_bytes, route, oidc, write)
 }
 
 /// The protection of a route, secrets redacted.
-pub fn show(state: &State, host: &str) -> Result<serde_json::Value, String> {
-    ensure_labs(state)?;
-    let (_, route) = load_route(state, host)?;
+pub fn show(routes: &Routes, labs: &Labs, host: &str) -> Result<serde_json::Value, String> {
+    ensure_labs(labs)?;
+    let (_, route) = routes.load(host)?;
     let Some(oidc) = route.oidc else {
         return Ok(serde_json::json!({"host": host, "app": route.app, "oidc": null}));
     };
-    let provider = provider(state, &oidc.provider)?;
+    let provider = routes.provider(&oidc.provider)?;
     Ok(serde_json::json!({
         "host": host, "app": route.app,
         "oidc": {
@@ -240,71 +188,68 @@ pub fn show(state: &State, host: &str) -> Result<serde_json::Value, String> {
 /// Removes a route's protection; the provider stays for reuse. Works
 /// without the labs flag, so a protected route (which then answers 503)
 /// can be opened up again.
-pub fn disable(state: &State, host: &str) -> Result<(), String> {
-    let (old, mut route) = load_route(state, host)?;
-    if route.oidc.take().is_none() {
-        return Err("this route is not protected by OIDC".into());
-    }
-    commit(
-        state,
-        Txn {
-            conditions: vec![Condition::Equals(route_key(host), old)],
-            ops: vec![Op::Put(route_key(host), encode(&route))],
-        },
-    )
-}
-
-/// A stored provider.
-pub fn provider(state: &State, name: &str) -> Result<Option<Provider>, String> {
-    let key = provider_key(name);
-    match state.store.get(&key).map_err(|e| e.to_string())? {
-        Some(b) => Ok(Some(decode(&key, &b).map_err(|e| e.to_string())?)),
-        None => Ok(None),
-    }
+pub fn disable(routes: &Routes, host: &str) -> Result<(), String> {
+    routes.unprotect(host)
 }
 
 /// Every provider, secrets redacted.
-pub fn providers(state: &State) -> Result<serde_json::Value, String> {
-    ensure_labs(state)?;
-    let mut out = Vec::new();
-    for (k, v) in state
-        .store
-        .scan("oidcprovider/")
-        .map_err(|e| e.to_string())?
-    {
-        let p: Provider = decode(&k, &v).map_err(|e| e.to_string())?;
-        out.push(p.redacted());
-    }
-    Ok(serde_json::Value::Array(out))
+pub fn providers(routes: &Routes, labs: &Labs) -> Result<serde_json::Value, String> {
+    ensure_labs(labs)?;
+    let redacted = routes.providers()?.iter().map(Provider::redacted).collect();
+    Ok(serde_json::Value::Array(redacted))
 }
 
 /// Removes a provider no route uses.
-pub fn remove_provider(state: &State, name: &str) -> Result<(), String> {
-    ensure_labs(state)?;
-    let Some(existing) = provider(state, name)? else {
-        return Err(format!("no provider named {name:?}"));
-    };
-    for (k, v) in state.store.scan("route/").map_err(|e| e.to_string())? {
-        let r: Route = decode(&k, &v).map_err(|e| e.to_string())?;
-        if r.oidc.as_ref().is_some_and(|o| o.provider == name) {
-            let host = if r.host.is_empty() {
-                "--default".to_string()
-            } else {
-                r.host
-            };
-            return Err(format!(
-                "provider {name} protects route {host}; `miren route oidc disable {host}` first"
-            ));
+pub fn remove_provider(routes: &Routes, labs: &Labs, name: &str) -> Result<(), String> {
+    ensure_labs(labs)?;
+    routes.remove_provider(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(secret: &str) -> Provider {
+        Provider {
+            name: "login".into(),
+            issuer: "https://login.example.com".into(),
+            client_id: "client".into(),
+            client_secret: secret.into(),
+            scope: "openid".into(),
         }
     }
-    // Only if the provider is still the one checked above. (A route
-    // enabled with it in between would be left without its provider: it
-    // then answers 500, failing closed, until enabled again.)
-    commit(
-        state,
-        Txn {
-            conditions: vec![Condition::Equals(provider_key(name), encode(&existing))],
-            ops: vec![Op::Delete(provider_key(name))],
-        },
-    )
+
+    #[test]
+    fn a_provider_name_is_reused_only_for_the_same_settings_unless_replaced() {
+        let stored = provider("s1");
+        assert_eq!(provider_use(None, &stored, false), ProviderUse::Create);
+        assert_eq!(provider_use(None, &stored, true), ProviderUse::Create);
+        assert_eq!(
+            provider_use(Some(&stored), &provider("s1"), false),
+            ProviderUse::Reuse
+        );
+        assert_eq!(
+            provider_use(Some(&stored), &provider("s1"), true),
+            ProviderUse::Reuse
+        );
+        // Another secret (a rotation, or another client altogether).
+        assert_eq!(
+            provider_use(Some(&stored), &provider("s2"), false),
+            ProviderUse::Conflict
+        );
+        assert_eq!(
+            provider_use(Some(&stored), &provider("s2"), true),
+            ProviderUse::Replace
+        );
+    }
+
+    #[test]
+    fn route_oidc_needs_its_labs_flag() {
+        let e = ensure_labs(&Labs::none()).unwrap_err();
+        assert!(
+            e.contains("--labs routeoidc") && e.contains("MIREN_LABS=routeoidc"),
+            "{e}"
+        );
+        assert!(ensure_labs(&Labs::none().with(Feature::RouteOidc)).is_ok());
+    }
 }

@@ -1,4 +1,5 @@
-//! Join tokens and the runner registry.
+//! Join tokens and the runner registry: who may join, which runners exist,
+//! which are connected now, and how the coordinator talks to them.
 //!
 //! Durable records live in the store (`jointoken/<id>`, `runner/<id>`); which
 //! runners are connected right now, and when each was last heard from, is
@@ -8,25 +9,107 @@
 //! Removing a runner deletes its record and closes its live connection; its
 //! certificate is then refused at the next connection attempt because no
 //! record backs it.
+//!
+//! A connected runner is reached through [`Registry::send`]: a
+//! [`RunnerCommand`] goes to the task that holds the runner's agent
+//! capability (on its RPC worker, see `service::runner_session`), and the
+//! answer comes back on a oneshot. Whether a new connection of a runner
+//! replaces the one registered is the pure rule [`replacement`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use identity::join_token::{
-    check_ttl, secret_hash, JoinRefusal, JoinToken, JoinTokenRecord, JoinTokenState,
-};
+use identity::join_token::{check_ttl, secret_hash, JoinRefusal, JoinToken, JoinTokenRecord};
 use identity::ClusterAddress;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use transport::pki::{self, ClusterCa};
 
 use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
 
-/// Default lifetime of runner certificates.
-pub const RUNNER_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
 /// Runners heartbeat this often.
 pub const HEARTBEAT_SECS: i64 = 5;
 /// A runner not heard from for this long is down.
 pub const DOWN_AFTER_SECS: i64 = 3 * HEARTBEAT_SECS;
+
+/// Where a runner's answer to a command goes.
+pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// What the coordinator sends to a runner (to the task that owns its agent
+/// capability).
+pub enum RunnerCommand {
+    Start(SandboxSpec, Reply<()>),
+    Stop(String, Reply<()>),
+    Logs(String, u32, Reply<Vec<String>>),
+}
+
+/// What a sandbox may use, as `app.toml` asked for it; 0 = the runner's
+/// default. Runners enforce them (cgroups) and refuse values over their
+/// maximum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    pub memory_bytes: u64,
+    /// Thousandths of a CPU.
+    pub cpu_millis: u32,
+    pub pids: u32,
+}
+
+/// Everything a runner needs to start a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub app: String,
+    pub version: String,
+    /// The service's name, command, port and environment.
+    pub service: String,
+    pub command: String,
+    pub port: u16,
+    pub env: Vec<(String, String)>,
+    pub limits: ResourceLimits,
+    pub artifact: String,
+    pub issuer_url: String,
+}
+
+/// Why a command got no answer from its runner.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("runner {0} is not connected")]
+    NotConnected(String),
+    #[error("runner {0} went away")]
+    WentAway(String),
+    #[error("runner {0} did not answer")]
+    NoAnswer(String),
+    /// The runner answered with a refusal.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What a new connection of a runner does to the one registered for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacement {
+    /// None is registered: register the new one.
+    Register,
+    /// The registered one is closed or has not been heard from for
+    /// [`DOWN_AFTER_SECS`] (a runner coming back after its link was cut):
+    /// close it and register the new one.
+    ReplaceStale,
+    /// The registered one is alive: refuse the new one (a second process
+    /// with the same identity must not take the first one's place).
+    Refuse,
+}
+
+/// The replacement rule, from what is known of the registered connection
+/// (whether it is closed, when it was last heard from) at `now`.
+pub fn replacement(registered: Option<(bool, i64)>, now: i64) -> Replacement {
+    match registered {
+        None => Replacement::Register,
+        Some((closed, last_seen)) if closed || now - last_seen > DOWN_AFTER_SECS => {
+            Replacement::ReplaceStale
+        }
+        Some(_) => Replacement::Refuse,
+    }
+}
 
 /// Registry failures, worded for the operator or runner that sees them.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +158,7 @@ pub struct LiveStatus {
 
 struct Live {
     conn: quinn::Connection,
-    commands: tokio::sync::mpsc::UnboundedSender<crate::apps::RunnerCommand>,
+    commands: mpsc::UnboundedSender<RunnerCommand>,
     session: u64,
     last_seen: i64,
     status: LiveStatus,
@@ -334,7 +417,7 @@ impl Registry {
         &self,
         id: &str,
         conn: quinn::Connection,
-        commands: tokio::sync::mpsc::UnboundedSender<crate::apps::RunnerCommand>,
+        commands: mpsc::UnboundedSender<RunnerCommand>,
         now: i64,
     ) -> Result<u64, RegistryError> {
         if self.record(id)?.is_none() {
@@ -344,15 +427,19 @@ impl Registry {
             .live
             .lock()
             .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
-        if let Some(existing) = live.get(id) {
-            let stale = existing.conn.close_reason().is_some()
-                || now - existing.last_seen > DOWN_AFTER_SECS;
-            if !stale {
-                return Err(RegistryError::AlreadyConnected(id.to_string()));
+        let registered = live
+            .get(id)
+            .map(|l| (l.conn.close_reason().is_some(), l.last_seen));
+        match replacement(registered, now) {
+            Replacement::Register => {}
+            Replacement::Refuse => return Err(RegistryError::AlreadyConnected(id.to_string())),
+            Replacement::ReplaceStale => {
+                if let Some(existing) = live.get(id) {
+                    existing
+                        .conn
+                        .close(1u32.into(), b"replaced by a newer connection");
+                }
             }
-            existing
-                .conn
-                .close(1u32.into(), b"replaced by a newer connection");
         }
         let session = self
             .next_session
@@ -381,11 +468,27 @@ impl Registry {
     }
 
     /// The command channel of a connected runner.
-    pub fn commands(
-        &self,
-        id: &str,
-    ) -> Option<tokio::sync::mpsc::UnboundedSender<crate::apps::RunnerCommand>> {
+    fn commands(&self, id: &str) -> Option<mpsc::UnboundedSender<RunnerCommand>> {
         self.live.lock().ok()?.get(id).map(|l| l.commands.clone())
+    }
+
+    /// Sends the command `make` builds to `runner` and waits for its
+    /// answer, at most `patience`.
+    pub async fn send<T>(
+        &self,
+        runner: &str,
+        make: impl FnOnce(Reply<T>) -> RunnerCommand,
+        patience: Duration,
+    ) -> Result<T, SendError> {
+        let not_connected = || SendError::NotConnected(runner.to_string());
+        let tx = self.commands(runner).ok_or_else(not_connected)?;
+        let (done, wait) = oneshot::channel();
+        tx.send(make(done)).map_err(|_| not_connected())?;
+        match tokio::time::timeout(patience, wait).await {
+            Ok(Ok(answer)) => answer.map_err(SendError::Refused),
+            Ok(Err(_)) => Err(SendError::WentAway(runner.to_string())),
+            Err(_) => Err(SendError::NoAnswer(runner.to_string())),
+        }
     }
 
     /// Forgets a live connection when its session ends.
@@ -520,9 +623,33 @@ impl Registry {
         let record = self.resolve(query)?;
         self.update_record(&record.id, |r| r.cordoned = cordoned)
     }
+}
 
-    /// Token state at `now`, for listings.
-    pub fn token_state(record: &JoinTokenRecord, now: i64) -> JoinTokenState {
-        record.state(now)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_connection_replaces_only_a_closed_or_silent_one() {
+        let now = 1_000;
+        assert_eq!(replacement(None, now), Replacement::Register);
+        // Alive: heard from within the down time, not closed.
+        assert_eq!(
+            replacement(Some((false, now - 1)), now),
+            Replacement::Refuse
+        );
+        assert_eq!(
+            replacement(Some((false, now - DOWN_AFTER_SECS)), now),
+            Replacement::Refuse
+        );
+        // Silent for longer than that, or closed: replaced.
+        assert_eq!(
+            replacement(Some((false, now - DOWN_AFTER_SECS - 1)), now),
+            Replacement::ReplaceStale
+        );
+        assert_eq!(
+            replacement(Some((true, now)), now),
+            Replacement::ReplaceStale
+        );
     }
 }

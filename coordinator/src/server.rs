@@ -1,5 +1,7 @@
-//! Starting and running a coordinator: data dir, listener, RPC workers,
-//! background key rotation, server certificate renewal, graceful shutdown.
+//! Starting and running a coordinator: data dir, listeners, RPC workers,
+//! background key rotation, server certificate renewal, and the one
+//! shutdown ([`crate::shutdown`]): [`Coordinator::shutdown_token`] is the
+//! signal, [`Coordinator::serve`] holds the order.
 //!
 //! The server certificate is held in one [`ServerCertSlot`] that the QUIC
 //! endpoint and the HTTPS listeners (unless `--https-cert` replaces it
@@ -11,7 +13,6 @@
 //! one of a small pool of single-threaded workers (one per core); the accept
 //! loop and everything `Send` runs on the multi-threaded runtime.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -27,9 +28,13 @@ use transport::tls::ServerCertSlot;
 use transport::PeerIdentity;
 
 use crate::datadir::{self, now_unix, ServerCertChange, ServerCertPolicy};
+use crate::issuer::Issuer;
 use crate::keyring::KeyRing;
+use crate::labs::Labs;
 use crate::runners::Registry;
-use crate::service::{ClusterService, State};
+use crate::service::ClusterService;
+use crate::shutdown::{Tasks, SHUTDOWN_BOUND};
+use crate::state::{ClusterIdentity, State};
 use crate::store::{RedbStore, Store};
 
 /// How a coordinator is started.
@@ -76,8 +81,8 @@ pub struct CoordinatorOptions {
     pub outbound_allow: Vec<identity::IpCidr>,
     /// Extra CA certificates (PEM) trusted for OIDC issuers.
     pub oidc_ca_file: Option<PathBuf>,
-    /// Labs features to turn on (e.g. `routeoidc`).
-    pub labs: Vec<String>,
+    /// Labs features to turn on (`--labs`, see [`Labs::parse`]).
+    pub labs: Labs,
     /// Connection caps and the join rate per address.
     pub front_door: crate::frontdoor::FrontDoorOptions,
     /// Timeouts and connection caps of each TCP listener (HTTPS and both
@@ -101,6 +106,8 @@ const OTHER_OPEN_FILES: usize = 1024;
 /// A coordinator that has opened its data dir and bound its listener.
 pub struct Coordinator {
     state: Arc<State>,
+    /// What readiness looks at.
+    probes: Arc<crate::health::Probes>,
     endpoint: quinn::Endpoint,
     address: ClusterAddress,
     admin: CertifiedPem,
@@ -246,7 +253,8 @@ impl Coordinator {
         log_server_cert_change(material.server_change, &material.server);
         let now = now_unix();
         let keys = KeyRing::load(&material.dir.join("keys"), now)?;
-        let observe = crate::observe::start(&material.dir, &opts)?;
+        let observe =
+            crate::observe::start(&material.dir, opts.observe, opts.signing_key_rotation)?;
         let store: Arc<dyn Store> = crate::observe::metered_store(
             Arc::new(RedbStore::open(&material.dir.join("store.redb"))?),
             &observe,
@@ -320,38 +328,75 @@ impl Coordinator {
             opts.oidc_allow_loopback_issuers,
             opts.outbound_allow.clone(),
         );
-        let state = Arc::new(State {
-            meta: material.meta.clone(),
-            issuer,
-            issuers,
-            started: Instant::now(),
+        let rt = tokio::runtime::Handle::current();
+        let tasks = Tasks::new(rt.clone());
+        let issuer = Arc::new(Issuer {
+            url: issuer,
+            history: issuers,
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
-            registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
-            apps: Arc::new(
-                crate::apps::Apps::new(
-                    store.clone(),
-                    &material.dir,
-                    tokio::runtime::Handle::current(),
-                )?
-                .observed(observe.clone()),
-            ),
-            rt: tokio::runtime::Handle::current(),
-            labs: opts.labs.clone(),
-            sso: crate::sso::Sso::load_or_create(&material.dir, store.clone())?
-                .observed(observe.clone()),
-            ci: crate::ci::CiBindings::load(store.clone(), outbound.clone())?,
-            door: Arc::new(crate::frontdoor::FrontDoor::new(opts.front_door)),
-            oidc: crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?
-                .observed(observe.clone()),
-            store,
-            ca: material.ca,
-            address: address.clone(),
-            build: opts.build.clone(),
-            observe,
         });
-        let registry = crate::observe::registry(&state, &material.server.cert_pem, &opts)?;
-        let ca_pem = state.ca.cert_pem().to_string();
+        let apps = Arc::new(
+            crate::apps::Apps::new(store.clone(), &material.dir, tasks.clone())?
+                .observed(observe.clone()),
+        );
+        let minting = Arc::new(crate::minting::Minting::new(
+            issuer.clone(),
+            apps.clone(),
+            material.meta.id.clone(),
+            observe.clone(),
+            rt.clone(),
+        ));
+        let state = Arc::new(State {
+            cluster: ClusterIdentity {
+                meta: material.meta.clone(),
+                address: address.clone(),
+                ca: material.ca,
+                build: opts.build.clone(),
+                started: Instant::now(),
+            },
+            issuer,
+            minting,
+            registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
+            apps,
+            ci: Arc::new(crate::ci::CiBindings::load(
+                store.clone(),
+                outbound.clone(),
+            )?),
+            oidc: Arc::new(
+                crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?
+                    .observed(observe.clone()),
+            ),
+            routes: Arc::new(crate::routes::Routes::new(store.clone())),
+            sso: Arc::new(
+                crate::sso::Sso::load_or_create(&material.dir, store.clone())?
+                    .observed(observe.clone()),
+            ),
+            labs: opts.labs.clone(),
+            door: Arc::new(crate::frontdoor::FrontDoor::new(opts.front_door)),
+            store,
+            observe,
+            tasks,
+            rt,
+        });
+        let probes = Arc::new(crate::health::Probes {
+            store: state.store.clone(),
+            issuer: state.issuer.clone(),
+            observe: state.observe.clone(),
+        });
+        let collector = crate::scrape::StateCollector {
+            registry: Arc::downgrade(&state.registry),
+            apps: Arc::downgrade(&state.apps),
+            issuer: Arc::downgrade(&state.issuer),
+            observe: Arc::downgrade(&state.observe),
+        };
+        let registry = crate::scrape::registry(
+            &state.observe,
+            collector,
+            &material.server.cert_pem,
+            opts.https_cert.as_deref(),
+        )?;
+        let ca_pem = state.cluster.ca.cert_pem().to_string();
         let server_cert = ServerCert {
             dir: material.dir.clone(),
             policy,
@@ -370,6 +415,7 @@ impl Coordinator {
         }
         Ok(Coordinator {
             state,
+            probes,
             ca_pem,
             endpoint,
             address,
@@ -392,14 +438,15 @@ impl Coordinator {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// This coordinator's metrics (`--dev` serves them with its runner's).
-    pub fn metrics_registry(&self) -> Arc<prometheus_client::registry::Registry> {
-        self.registry.clone()
-    }
-
     /// This coordinator's readiness checks.
     pub fn readiness(&self) -> transport::ops::Readiness {
-        crate::health::readiness(&self.state)
+        crate::health::readiness(&self.probes)
+    }
+
+    /// The shutdown signal: cancelling it stops the coordinator (and
+    /// whatever the caller ties to it, such as `--dev`'s runner).
+    pub fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
+        self.state.tasks.token()
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` of these registries and
@@ -415,12 +462,15 @@ impl Coordinator {
         };
         registries.insert(0, self.registry.clone());
         checks.insert(0, self.readiness());
-        let stop = self.state.clone();
-        tokio::spawn(transport::ops::serve(
-            listener,
-            transport::ops::router(registries, checks),
-            async move { stop.observe.stopped().await },
-        ));
+        let stopping = self.state.tasks.token().cancelled_owned();
+        self.state.tasks.spawn(
+            "metrics listener",
+            transport::ops::serve(
+                listener,
+                transport::ops::router(registries, checks),
+                stopping,
+            ),
+        );
     }
 
     /// `host:port;sha1:<fingerprint>` of this cluster.
@@ -440,12 +490,12 @@ impl Coordinator {
 
     /// Cluster name.
     pub fn cluster_name(&self) -> &str {
-        &self.state.meta.name
+        &self.state.cluster.meta.name
     }
 
     /// Issuer URL of workload tokens.
     pub fn issuer_url(&self) -> &str {
-        self.state.issuer.as_str()
+        self.state.issuer.url.as_str()
     }
 
     /// The TCP address of the HTTP ingress, if it listens.
@@ -468,7 +518,7 @@ impl Coordinator {
     /// Creates a one-time join code (used by `--dev` for its own runner).
     pub fn create_join_token(&self, ttl_secs: u64, name: &str) -> anyhow::Result<String> {
         let (token, _) = self.state.registry.create_token(
-            &self.state.address,
+            &self.state.cluster.address,
             ttl_secs,
             false,
             name,
@@ -483,77 +533,96 @@ impl Coordinator {
         self.endpoint.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then closes every connection and
-    /// waits (briefly) for them to drain.
-    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    /// Serves until [`Coordinator::shutdown_token`] is cancelled, then
+    /// shuts down as [`crate::shutdown`] says: listeners, rollouts, QUIC
+    /// connections, every task, [`SHUTDOWN_BOUND`] in all.
+    pub async fn serve(mut self) -> anyhow::Result<()> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
         let pool = LocalPool::new(workers);
-        let rotation = tokio::spawn(rotate_keys_forever(self.state.clone(), self.rotation));
-        let key_watch = tokio::spawn(crate::observe::watch_keys_forever(self.state.clone()));
+        let tasks = self.state.tasks.clone();
+        let state = &self.state;
+        tasks.spawn(
+            "key rotation",
+            crate::issuer::rotate_keys_forever(state.issuer.clone(), self.rotation, tasks.clone()),
+        );
+        tasks.spawn(
+            "key audit",
+            crate::issuer::watch_keys_forever(
+                state.issuer.clone(),
+                state.observe.clone(),
+                tasks.clone(),
+            ),
+        );
         // Unless `--dev` already started it with its runner's metrics.
         self.serve_metrics_with(vec![], vec![]);
-        let renewal = tokio::spawn(renew_server_cert_forever(
-            self.state.clone(),
-            self.server_cert,
-        ));
-        let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
+        let state = &self.state;
+        tasks.spawn(
+            "certificate renewal",
+            renew_server_cert_forever(state.clone(), self.server_cert, tasks.clone()),
+        );
         let ingress_tls = self.https_tls.clone();
-        let https = tokio::spawn(crate::https::serve(
-            self.https,
-            self.https_tls,
-            crate::health::with_health(crate::https::router(self.state.clone()), &self.state),
-            self.http_limits,
-            async move {
-                let _ = https_stopped.await;
-            },
-        ));
-        let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+        let router = crate::https::router(state.issuer.clone());
+        tasks.spawn(
+            "HTTPS listener",
+            crate::https::serve(
+                self.https,
+                self.https_tls,
+                crate::health::with_health(router, &self.probes),
+                self.http_limits,
+                tasks.clone(),
+            ),
+        );
         let ingresses = [(self.http, None), (self.ingress_https, Some(ingress_tls))];
         // One count of streams to runners for both ingress listeners.
         let ingress_limits = crate::ingress::IngressLimits {
             listener: self.http_limits,
             streams: crate::runner_streams::StreamBudget::for_runners(self.ingress_streams_per_app),
         };
+        let ingress = Arc::new(crate::ingress::Ingress {
+            routes: state.routes.clone(),
+            apps: state.apps.clone(),
+            registry: state.registry.clone(),
+            sso: state.sso.clone(),
+            oidc: state.oidc.clone(),
+            labs: state.labs.clone(),
+            observe: state.observe.clone(),
+            tasks: tasks.clone(),
+        });
         for (listener, tls) in ingresses {
             let Some(listener) = listener else { continue };
-            let mut stopped = http_stopped.clone();
-            tokio::spawn(crate::ingress::serve(
-                listener,
-                tls,
-                self.state.clone(),
-                ingress_limits.clone(),
-                async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                },
-            ));
+            tasks.spawn(
+                "ingress listener",
+                crate::ingress::serve(listener, tls, ingress.clone(), ingress_limits.clone()),
+            );
         }
-        tokio::pin!(shutdown);
-        self.state.observe.set_listening(true);
+        state.observe.set_listening(true);
         loop {
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = tasks.stopping() => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let Some(ticket) = admit(&self.state.door, incoming) else { continue };
-                    let state = self.state.clone();
-                    let pool = pool.clone();
-                    tokio::spawn(serve_peer(state, pool, ticket));
+                    let Some(ticket) = admit(&state.door, incoming) else { continue };
+                    let peer = serve_peer(state.clone(), pool.clone(), ticket);
+                    tasks.spawn("peer connection", peer);
                 }
             }
         }
-        self.state.observe.set_listening(false);
-        rotation.abort();
-        renewal.abort();
-        key_watch.abort();
-        self.state.observe.stop();
-        let _ = stop_https.send(());
-        let _ = stop_http.send(true);
-        let _ = https.await;
-        self.endpoint
-            .close(0u32.into(), b"coordinator shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // The endpoint may also have closed by itself: stop everything else.
+        state.observe.set_listening(false);
+        let started = tokio::time::Instant::now();
+        let endpoint = self.endpoint.clone();
+        let left = tasks
+            .shut_down(move || endpoint.close(0u32.into(), b"coordinator shutting down"))
+            .await;
+        if left.is_empty() {
+            tracing::info!("shutdown: every task ended");
+        }
+        let deadline = started + SHUTDOWN_BOUND;
+        let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ =
+            tokio::time::timeout(rest.min(Duration::from_secs(2)), self.endpoint.wait_idle()).await;
         Ok(())
     }
 }
@@ -618,6 +687,7 @@ async fn serve_peer(
         peer,
         PeerIdentity::Admin { .. } | PeerIdentity::Runner { .. }
     );
+    let tasks = state.tasks.clone();
     if !has_role {
         if let Err(why) = ticket.unproven() {
             tracing::debug!(remote = %conn.remote_address(), "connection closed: {why}");
@@ -625,7 +695,10 @@ async fn serve_peer(
             return;
         }
     }
-    pool.spawn_pinned(move || async move {
+    // The session runs on a pinned worker; this task (tracked) waits for
+    // it, so a shutdown waits for the session too. The endpoint's close at
+    // shutdown ends it.
+    let session = pool.spawn_pinned(move || async move {
         let limits = Limits::new(RpcLimits::UNPROVEN);
         let proof = Proof::new(limits.clone(), conn.clone(), Some(ticket));
         if has_role {
@@ -662,6 +735,9 @@ async fn serve_peer(
         let _ = tokio::time::timeout(crate::frontdoor::LINGER, conn.closed()).await;
         conn.close(0u32.into(), b"");
     });
+    if let Err(e) = tasks.track("rpc session", session).await {
+        tracing::debug!("rpc session task ended: {e}");
+    }
 }
 
 fn operator_https_tls(
@@ -675,71 +751,13 @@ fn operator_https_tls(
     Ok(transport::tls::https_server_config(chain, key)?)
 }
 
-/// Starts a new signing key one JWKS cache lifetime before the active one
-/// reaches `rotation` age, so verifiers have it before it signs.
-async fn rotate_keys_forever(state: Arc<State>, rotation: Duration) {
-    let rotation = rotation.as_secs() as i64;
-    let window = state.jwks_max_age_secs;
-    let every = Duration::from_secs((rotation / 4).clamp(1, 10) as u64);
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        let now = now_unix();
-        let (due, record) = match state.keys.read() {
-            Ok(ring) => (
-                !ring.has_pending(now)
-                    && ring
-                        .active_since(now)
-                        .is_some_and(|since| now + window >= since + rotation),
-                ring.needs_record(now),
-            ),
-            Err(_) => (false, false),
-        };
-        if record {
-            // The key that just activated stays the signer should the clock
-            // step back (see `keyring`).
-            let state = state.clone();
-            let recorded = tokio::task::spawn_blocking(move || {
-                state
-                    .keys
-                    .write()
-                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))
-                    .and_then(|mut ring| Ok(ring.record_active(now)?))
-            })
-            .await;
-            match recorded {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!("recording the active signing key failed: {e}"),
-                Err(e) => tracing::error!("recording the active signing key failed: {e}"),
-            }
-        }
-        if due {
-            let state = state.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                state
-                    .keys
-                    .write()
-                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))
-                    .and_then(|mut ring| Ok(ring.rotate(now, window)?))
-            })
-            .await;
-            match result {
-                Ok(Ok(k)) => {
-                    tracing::info!(kid = %k.kid, activates = k.activates_unix, "signing key rotation started")
-                }
-                Ok(Err(e)) => tracing::error!("signing key rotation failed: {e}"),
-                Err(e) => tracing::error!("signing key rotation task failed: {e}"),
-            }
-        }
-    }
-}
-
 /// Checks the server certificate every thirtieth of its lifetime (1 s..1 h)
 /// and, when [`renewal::server_certificate`] says so, issues a new one with
 /// the same CA, writes it (key first) and puts it in the slot: new
 /// handshakes present it, open connections are left alone. A failure is
-/// logged and tried again at the next check.
-async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert) {
+/// logged and tried again at the next check. Ends when the coordinator
+/// shuts down.
+async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert, tasks: Tasks) {
     let ServerCert {
         dir,
         policy,
@@ -750,10 +768,14 @@ async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut said_ca_ends = false;
+    let ca = &state.cluster.ca;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tasks.stopping() => return,
+        }
         let now = now_unix();
-        let expired = match datadir::server_renewal(&current.cert_pem, &state.ca, &policy, now) {
+        let expired = match datadir::server_renewal(&current.cert_pem, ca, &policy, now) {
             Ok(Renewal::Keep { .. }) => continue,
             Ok(Renewal::LimitedByCa { ca_not_after }) => {
                 if !said_ca_ends {
@@ -778,7 +800,7 @@ async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert) {
             let dir = dir.clone();
             let policy = policy.clone();
             tokio::task::spawn_blocking(move || {
-                datadir::renew_server_certificate(&dir, &state.ca, &policy)
+                datadir::renew_server_certificate(&dir, &state.cluster.ca, &policy)
             })
             .await
         };
@@ -796,7 +818,7 @@ async fn renew_server_cert_forever(state: Arc<State>, cert: ServerCert) {
             }
         };
         let installed =
-            server_chain(&pem, &state.ca).and_then(|(chain, key)| Ok(slot.replace(chain, key)?));
+            server_chain(&pem, ca).and_then(|(chain, key)| Ok(slot.replace(chain, key)?));
         match installed {
             Ok(()) => {
                 let expires = pki::not_after_unix(&pem.cert_pem).unwrap_or_default();

@@ -17,6 +17,7 @@ pub mod keys;
 pub mod mint;
 pub mod renewal;
 pub mod route_oidc;
+pub mod used_states;
 pub mod verify;
 
 pub use address::{AddressError, ClusterAddress, Fingerprint};
@@ -34,6 +35,7 @@ pub use inspect::{inspect, InspectError, KidLookup, UnverifiedToken};
 pub use ip::{classify, is_public, AddressClass, AddressPolicy, CidrError, IpCidr, Refused};
 pub use keys::{Algorithm, Jwk, JwkError, KeyError, KeyMaterial, PublicKey, SigningKeyPair};
 pub use mint::{MintError, Minter};
+pub use used_states::{StateRefusal, UsedStates};
 pub use verify::{
     KeySet, KeySetError, MalformedToken, VerifiedToken, Verifier, VerifyError, DEFAULT_LEEWAY_SECS,
     MAX_TOKEN_BYTES,

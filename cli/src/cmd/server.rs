@@ -193,12 +193,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         oidc_allow_loopback_issuers: args.oidc_allow_loopback_issuers,
         outbound_allow: args.outbound_allow.clone(),
         oidc_ca_file: args.oidc_ca_file.clone(),
-        labs: args
-            .labs
-            .iter()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect(),
+        labs: coordinator::labs::Labs::parse(args.labs.iter().map(String::as_str))?,
         ingress_https_listen: args.ingress_https_listen,
         front_door: coordinator::frontdoor::FrontDoorOptions {
             caps: coordinator::frontdoor::ConnectionCaps {
@@ -293,9 +288,18 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    // One shutdown: SIGTERM/SIGINT cancels the coordinator's token, which
+    // also stops --dev's runner.
+    let stop = coordinator.shutdown_token();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    });
     // --dev: one runner in this process, joined through the same code path
     // as any other runner (a join code, a CSR, mTLS afterwards).
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner_metrics = runner::metrics::Metrics::new(!args.no_observe);
     if args.dev {
         // One metrics listener for both: the runner's series and readiness
@@ -324,11 +328,8 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             token_misses: Default::default(),
             metrics: runner_metrics,
         };
-        let mut stop = stop_rx.clone();
+        let stopped = stop.cancelled_owned();
         Some(std::thread::spawn(move || {
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
             if let Err(e) = crate::connect::run_local(runner::run(opts, stopped)) {
                 eprintln!(
                     "error: dev runner: {}",
@@ -340,12 +341,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         None
     };
 
-    coordinator
-        .serve(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await?;
+    coordinator.serve().await?;
     if let Some(handle) = dev_runner {
         let _ = tokio::task::spawn_blocking(move || handle.join()).await;
     }

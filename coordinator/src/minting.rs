@@ -1,0 +1,290 @@
+//! Workload tokens: whose a token is, and signing it.
+//!
+//! **Where a workload token's app is decided**: here. A runner asks for a
+//! token of sandbox `<id>` ([`Minting::for_runner`]); the app (and org) come
+//! from the coordinator's own `sandbox/<id>` record, never from what the
+//! runner says, and the runner must be the one that record places the
+//! sandbox on ([`runner_subject`], pure). An operator may mint a token for
+//! any subject ([`Minting::sign`], `miren identity token`). Either way
+//! the claims are `identity::WorkloadClaims` with this cluster's issuer and
+//! id, signed by the key ring's active key, on the blocking pool (an RPC
+//! worker's thread is one connection's; signatures should use every core).
+//! Every refusal is counted and audited with a fixed reason
+//! ([`MintRefusal`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use identity::{Subject, SubjectError, WorkloadClaims};
+
+use crate::apps::{AppError, Apps, SandboxRecord};
+use crate::audit::Actor;
+use crate::issuer::{Issuer, KEYS_UNAVAILABLE};
+use crate::observe::{MintRefusal, Observe};
+
+/// Why no token was minted.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    /// Refused for `reason` (counted and audited).
+    #[error("{message}")]
+    Refused {
+        reason: MintRefusal,
+        message: String,
+    },
+    /// The request could not be served (a subject that cannot be written,
+    /// a task that did not finish).
+    #[error("{0}")]
+    Request(String),
+}
+
+/// Why a runner's request names no subject it may have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunnerRefusal {
+    /// No record of the sandbox, or the record places it on another runner.
+    NotHosted,
+    /// The record's values do not make a subject.
+    Subject(SubjectError),
+}
+
+/// The subject of a token `runner` asks for, from our `record` of the
+/// sandbox (absent: no such sandbox): the record's app and sandbox id, and
+/// only when the record places the sandbox on that runner. The org is
+/// empty (apps have none yet), so it is omitted from the subject.
+pub fn runner_subject(
+    runner: &str,
+    record: Option<&SandboxRecord>,
+) -> Result<Subject, RunnerRefusal> {
+    match record {
+        Some(s) if s.runner == runner => {
+            Subject::new("", &s.app, &s.id).map_err(RunnerRefusal::Subject)
+        }
+        _ => Err(RunnerRefusal::NotHosted),
+    }
+}
+
+/// Mints workload tokens for runners and operators.
+pub struct Minting {
+    issuer: Arc<Issuer>,
+    apps: Arc<Apps>,
+    cluster_id: String,
+    observe: Arc<Observe>,
+    /// The blocking pool signatures run on.
+    rt: tokio::runtime::Handle,
+}
+
+impl Minting {
+    pub fn new(
+        issuer: Arc<Issuer>,
+        apps: Arc<Apps>,
+        cluster_id: String,
+        observe: Arc<Observe>,
+        rt: tokio::runtime::Handle,
+    ) -> Minting {
+        Minting {
+            issuer,
+            apps,
+            cluster_id,
+            observe,
+            rt,
+        }
+    }
+
+    /// A token for sandbox `sandbox_id`, asked by `runner`: its subject is
+    /// decided by [`runner_subject`] from our record.
+    pub async fn for_runner(
+        self: &Arc<Self>,
+        runner: &str,
+        sandbox_id: &str,
+        audiences: Vec<String>,
+        ttl: Option<u64>,
+    ) -> Result<String, MintError> {
+        let actor = Actor::Runner(runner.to_string());
+        let refused = |reason: MintRefusal, message: String| {
+            let e = MintError::Refused { reason, message };
+            (self.observe).token_refused(&actor, Some(sandbox_id), reason, e)
+        };
+        // Whatever app the runner might believe in, the record decides.
+        let record = self
+            .apps
+            .sandbox(sandbox_id)
+            .map_err(|e| refused(MintRefusal::Internal, e.to_string()))?;
+        let subject = match runner_subject(runner, record.as_ref()) {
+            Ok(subject) => subject,
+            Err(RunnerRefusal::NotHosted) => {
+                let message = AppError::NotYourSandbox.to_string();
+                return Err(refused(MintRefusal::NotHosted, message));
+            }
+            Err(RunnerRefusal::Subject(e)) => return Err(MintError::Request(e.to_string())),
+        };
+        self.sign(actor, subject, audiences, ttl).await
+    }
+
+    /// A token for `subject`, asked by `actor`: any subject for an operator
+    /// (`Admin.mintWorkloadToken`); for a runner, the one
+    /// [`Minting::for_runner`] decided. Mints on the blocking pool: one
+    /// connection's RPC session is pinned to one thread, but its RSA
+    /// signatures should use every core.
+    pub async fn sign(
+        self: &Arc<Self>,
+        actor: Actor,
+        subject: Subject,
+        audiences: Vec<String>,
+        ttl: Option<u64>,
+    ) -> Result<String, MintError> {
+        let me = self.clone();
+        self.rt
+            .spawn_blocking(move || {
+                let now = transport::clock::now_unix();
+                me.mint(&actor, &subject, &audiences, ttl, now)
+            })
+            .await
+            .map_err(|e| MintError::Request(e.to_string()))?
+    }
+
+    /// Mints a workload token for `subject` at `now`, asked by `actor`.
+    pub fn mint(
+        &self,
+        actor: &Actor,
+        subject: &Subject,
+        audiences: &[String],
+        ttl: Option<u64>,
+        now: i64,
+    ) -> Result<String, MintError> {
+        let started = Instant::now();
+        let refused = |reason: MintRefusal, message: String| {
+            let sandbox = Some(subject.sandbox.as_str());
+            let e = MintError::Refused { reason, message };
+            self.observe.token_refused(actor, sandbox, reason, e)
+        };
+        let claims = WorkloadClaims::new(
+            self.issuer.url.as_str(),
+            &self.cluster_id,
+            subject,
+            audiences,
+            ttl,
+            now,
+            uuid::Uuid::new_v4().to_string(),
+        )
+        .map_err(|e| refused(MintRefusal::BadRequest, e.to_string()))?;
+        let minter = self
+            .issuer
+            .keys
+            .read()
+            .map_err(|_| refused(MintRefusal::NoActiveKey, KEYS_UNAVAILABLE.into()))?
+            .active(now)
+            .map_err(|e| refused(MintRefusal::NoActiveKey, e.to_string()))?;
+        let token = minter
+            .mint(&claims)
+            .map_err(|e| refused(MintRefusal::Internal, e.to_string()))?;
+        self.observe.token_minted(actor, &claims, started);
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyring::KeyRing;
+    use crate::shutdown::Tasks;
+    use crate::store::{encode, Op, RedbStore, Store, Txn};
+
+    fn sandbox(runner: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: "web-a".into(),
+            app: "web".into(),
+            version: "v1".into(),
+            service: "web".into(),
+            runner: runner.into(),
+            artifact: "0".repeat(64),
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn the_record_decides_the_app_and_the_runner_must_host_the_sandbox() {
+        let rec = sandbox("runner-1");
+        let subject = runner_subject("runner-1", Some(&rec)).expect("hosted");
+        assert_eq!(
+            (subject.app.as_str(), subject.sandbox.as_str()),
+            ("web", "web-a")
+        );
+        assert_eq!(subject.to_string(), "app:web:sandbox:web-a");
+        assert_eq!(
+            runner_subject("runner-2", Some(&rec)),
+            Err(RunnerRefusal::NotHosted)
+        );
+        assert_eq!(
+            runner_subject("runner-1", None),
+            Err(RunnerRefusal::NotHosted)
+        );
+        let mut odd = sandbox("runner-1");
+        odd.app = "a:b".into();
+        assert!(matches!(
+            runner_subject("runner-1", Some(&odd)),
+            Err(RunnerRefusal::Subject(_))
+        ));
+    }
+
+    #[test]
+    fn a_runner_gets_tokens_only_for_sandboxes_it_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tasks = Tasks::new(rt.handle().clone());
+        let apps = Arc::new(Apps::new(store.clone(), dir.path(), tasks).unwrap());
+        let now = transport::clock::now_unix();
+        KeyRing::init(&dir.path().join("keys"), now).unwrap();
+        let issuer = Arc::new(Issuer {
+            url: identity::IssuerUrl::parse("https://cluster.test").unwrap(),
+            history: crate::issuer::IssuerHistory::default()
+                .with_current("https://cluster.test", now),
+            keys: std::sync::RwLock::new(KeyRing::load(&dir.path().join("keys"), now).unwrap()),
+            jwks_max_age_secs: 300,
+        });
+        let observe = Arc::new(Observe::disabled());
+        let minting = Arc::new(Minting::new(
+            issuer.clone(),
+            apps,
+            "cluster-1".into(),
+            observe,
+            rt.handle().clone(),
+        ));
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Put(
+                    "sandbox/web-a".into(),
+                    encode(&sandbox("runner-1")),
+                )],
+            })
+            .unwrap();
+        let mint = |runner: &str, sandbox: &str| {
+            rt.block_on(minting.for_runner(runner, sandbox, vec!["aud".into()], None))
+        };
+        let token = mint("runner-1", "web-a").expect("hosted");
+        let verified = issuer
+            .verifier("aud", now)
+            .unwrap()
+            .verify(&token, now)
+            .expect("our own token verifies");
+        assert_eq!(verified.claims["app"], "web");
+        assert_eq!(verified.claims["sub"], "app:web:sandbox:web-a");
+        assert_eq!(verified.claims["cluster_id"], "cluster-1");
+        let refused = mint("runner-2", "web-a").unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "not authorized to issue a token for this sandbox"
+        );
+        assert!(matches!(
+            mint("runner-1", "nope"),
+            Err(MintError::Refused {
+                reason: MintRefusal::NotHosted,
+                ..
+            })
+        ));
+    }
+}

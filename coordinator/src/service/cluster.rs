@@ -1,0 +1,205 @@
+//! `Cluster`: the bootstrap capability of every connection. Anyone may ask
+//! `info` and `ping`, redeem a join code (`join`) or log in with a CI token
+//! (`ciLogin`); an admin certificate gets `admin`, a runner certificate
+//! `runner`.
+
+use std::sync::Arc;
+
+use capnp::capability::Rc;
+use schema::miren_capnp::{admin, app, cluster, runner_agent, runner_session, Role};
+use transport::clock::now_unix;
+use transport::PeerIdentity;
+
+use super::wire::{app_err, client, failed, login_err, read_labels, registry_err, write_info};
+use super::{AdminService, AppService, RunnerSessionService};
+use crate::audit::Actor;
+use crate::frontdoor::Proof;
+use crate::state::State;
+
+/// The bootstrap capability of one connection.
+pub struct ClusterService {
+    state: Arc<State>,
+    peer: PeerIdentity,
+    conn: quinn::Connection,
+    /// Raises the connection's limits when its peer proves a role.
+    proof: Proof,
+}
+
+impl ClusterService {
+    /// A capability client for the bootstrap of `conn`.
+    pub fn client(
+        state: Arc<State>,
+        peer: PeerIdentity,
+        conn: quinn::Connection,
+        proof: Proof,
+    ) -> cluster::Client {
+        let observe = state.observe.clone();
+        let client = capnp_rpc::new_client(ClusterService {
+            state,
+            peer,
+            conn,
+            proof,
+        });
+        crate::metered::metered(client, "Cluster", &observe, None, None)
+    }
+}
+
+impl cluster::Server for ClusterService {
+    async fn info(
+        self: Rc<Self>,
+        _: cluster::InfoParams,
+        mut results: cluster::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        write_info(&self.state, results.get().init_info());
+        Ok(())
+    }
+
+    async fn whoami(
+        self: Rc<Self>,
+        _: cluster::WhoamiParams,
+        mut results: cluster::WhoamiResults,
+    ) -> Result<(), capnp::Error> {
+        let mut r = results.get();
+        match &self.peer {
+            PeerIdentity::Anonymous => r.set_role(Role::Anonymous),
+            PeerIdentity::Admin { name } => {
+                r.set_role(Role::Admin);
+                r.set_subject(name);
+            }
+            PeerIdentity::Runner { id } => {
+                r.set_role(Role::Runner);
+                r.set_subject(id);
+            }
+            PeerIdentity::Unknown { common_name } => {
+                r.set_role(Role::Anonymous);
+                r.set_subject(common_name);
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(
+        self: Rc<Self>,
+        params: cluster::PingParams,
+        mut results: cluster::PingResults,
+    ) -> Result<(), capnp::Error> {
+        let payload = params.get()?.get_payload()?;
+        if payload.len() > crate::frontdoor::MAX_PING_BYTES {
+            return Err(failed(format!(
+                "ping payload of {} bytes refused: at most {} bytes are echoed",
+                payload.len(),
+                crate::frontdoor::MAX_PING_BYTES
+            )));
+        }
+        results.get().set_payload(payload);
+        Ok(())
+    }
+
+    async fn admin(
+        self: Rc<Self>,
+        _: cluster::AdminParams,
+        mut results: cluster::AdminResults,
+    ) -> Result<(), capnp::Error> {
+        match &self.peer {
+            PeerIdentity::Admin { name } => {
+                let actor = Actor::Admin(name.clone());
+                let admin: admin::Client = client(
+                    AdminService::new(self.state.clone(), name.clone(), actor.clone()),
+                    "Admin",
+                    &self.state,
+                    Some(actor),
+                    None,
+                );
+                results.get().set_admin(admin);
+                Ok(())
+            }
+            _ => Err(failed(
+                "permission denied: this needs the cluster's admin identity (run it where `miren server` wrote its client config, or copy that config here)",
+            )),
+        }
+    }
+
+    async fn ci_login(
+        self: Rc<Self>,
+        params: cluster::CiLoginParams,
+        mut results: cluster::CiLoginResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let token = p.get_token()?;
+        // Refused before it is copied or parsed.
+        if token.len() > identity::MAX_TOKEN_BYTES {
+            return Err(login_err(crate::oidc::LoginError::Denied(
+                crate::oidc::Denial::TooLarge,
+            )));
+        }
+        let app = p.get_app()?.to_string()?;
+        crate::apps::check_app_name(&app).map_err(app_err)?;
+        let st = &self.state;
+        // The cheap checks and a login slot here, the work on the runtime.
+        let binding =
+            crate::oidc::login(&st.oidc, &st.ci, &st.observe, &st.rt, &app, token.to_str()?)
+                .await
+                .map_err(login_err)?;
+        self.proof.prove();
+        tracing::info!(app = %app, binding = %binding.id, "CI login");
+        let actor = Some(Actor::Ci(binding.id.clone()));
+        let service = AppService::new(self.state.clone(), app.clone());
+        let client: app::Client = client(service, "App", &self.state, actor, Some(app));
+        results.get().set_app(client);
+        Ok(())
+    }
+
+    async fn join(
+        self: Rc<Self>,
+        params: cluster::JoinParams,
+        mut results: cluster::JoinResults,
+    ) -> Result<(), capnp::Error> {
+        let remote = self.conn.remote_address();
+        if let Err(wait) = self.state.door.join_attempt(remote.ip()) {
+            tracing::info!(%remote, "join attempt refused: over the per-address rate");
+            return Err(capnp::Error::overloaded(format!(
+                "too many join attempts from this address; retry in {}s",
+                wait.as_secs()
+            )));
+        }
+        let req = params.get()?.get_request()?;
+        let labels = read_labels(req.get_labels()?)?;
+        let token_id = req.get_token_id()?.to_str()?;
+        let joined = self.state.registry.join(
+            &self.state.cluster.ca,
+            token_id,
+            req.get_secret()?,
+            req.get_csr_der()?,
+            req.get_name()?.to_str()?,
+            labels,
+            now_unix(),
+        );
+        let (record, cert_pem) = (self.state.observe)
+            .join(token_id, remote, joined)
+            .map_err(registry_err)?;
+        tracing::info!(runner = %record.id, name = %record.name, %remote, "runner joined");
+        let mut r = results.get().init_result();
+        r.set_runner_id(&record.id);
+        r.set_cert_pem(&cert_pem);
+        r.set_ca_pem(self.state.cluster.ca.cert_pem());
+        Ok(())
+    }
+
+    async fn runner(
+        self: Rc<Self>,
+        params: cluster::RunnerParams,
+        mut results: cluster::RunnerResults,
+    ) -> Result<(), capnp::Error> {
+        let PeerIdentity::Runner { id } = &self.peer else {
+            return Err(failed(
+                "permission denied: only a joined runner may open a runner session",
+            ));
+        };
+        let agent: runner_agent::Client = params.get()?.get_agent()?;
+        let service = RunnerSessionService::connect(self.state.clone(), id, &self.conn, agent)?;
+        let session: runner_session::Client =
+            client(service, "RunnerSession", &self.state, None, None);
+        results.get().set_session(session);
+        Ok(())
+    }
+}

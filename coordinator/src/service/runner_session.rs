@@ -1,0 +1,190 @@
+//! `RunnerSession`: a joined runner's link. The runner fetches artifacts,
+//! asks for its sandboxes' workload tokens, reports sandbox states,
+//! heartbeats and renews its certificate through it; the coordinator's
+//! commands go the other way through the runner's `RunnerAgent`
+//! capability, sent by [`pump`] (registered with the runner registry,
+//! `crate::runners::Registry::send`).
+
+use std::sync::Arc;
+
+use capnp::capability::Rc;
+use schema::miren_capnp::{runner_agent, runner_session};
+use tokio::sync::mpsc;
+use transport::clock::now_unix;
+
+use super::wire::{app_err, mint_err, registry_err, token_request, write_spec};
+use crate::apps::SandboxReport;
+use crate::runners::{LiveStatus, RunnerCommand};
+use crate::state::State;
+
+/// A connected runner's session; dropped when its connection ends.
+pub struct RunnerSessionService {
+    state: Arc<State>,
+    id: String,
+    session: u64,
+}
+
+impl RunnerSessionService {
+    /// Registers runner `id`'s connection and starts the task that sends it
+    /// commands through `agent` (on this RPC worker's thread, where the
+    /// agent capability lives).
+    pub fn connect(
+        state: Arc<State>,
+        id: &str,
+        conn: &quinn::Connection,
+        agent: runner_agent::Client,
+    ) -> Result<RunnerSessionService, capnp::Error> {
+        let (tx, rx) = mpsc::unbounded_channel::<RunnerCommand>();
+        let session = (state.registry)
+            .connect(id, conn.clone(), tx, now_unix())
+            .map_err(registry_err)?;
+        tokio::task::spawn_local(state.tasks.track("runner commands", pump(agent, rx)));
+        Ok(RunnerSessionService {
+            state,
+            id: id.to_string(),
+            session,
+        })
+    }
+}
+
+/// Sends the commands from the (Send) scheduler to the runner through its
+/// agent capability, until the session ends (its registration, which holds
+/// the sender, goes with it). It outlives the start of a shutdown on
+/// purpose: rollouts cut by it still stop their sandboxes through it, and
+/// the connection closes right after (see `crate::server`).
+pub async fn pump(agent: runner_agent::Client, mut rx: mpsc::UnboundedReceiver<RunnerCommand>) {
+    while let Some(cmd) = rx.recv().await {
+        let answered = |e: capnp::Error| transport::rpc::remote_message(&e);
+        match cmd {
+            RunnerCommand::Start(spec, done) => {
+                let mut req = agent.start_sandbox_request();
+                write_spec(&spec, req.get().init_spec());
+                let r = req.send().promise.await.map(|_| ());
+                let _ = done.send(r.map_err(answered));
+            }
+            RunnerCommand::Stop(id, done) => {
+                let mut req = agent.stop_sandbox_request();
+                req.get().set_id(&id);
+                let r = req.send().promise.await.map(|_| ());
+                let _ = done.send(r.map_err(answered));
+            }
+            RunnerCommand::Logs(id, lines, done) => {
+                let mut req = agent.logs_request();
+                req.get().set_id(&id);
+                req.get().set_lines(lines);
+                let result = async {
+                    let reply = req.send().promise.await?;
+                    let mut out = Vec::new();
+                    for l in reply.get()?.get_lines()? {
+                        out.push(l?.to_string()?);
+                    }
+                    Ok::<_, capnp::Error>(out)
+                }
+                .await;
+                let _ = done.send(result.map_err(answered));
+            }
+        }
+    }
+}
+
+impl Drop for RunnerSessionService {
+    fn drop(&mut self) {
+        self.state.registry.disconnect(&self.id, self.session);
+    }
+}
+
+impl runner_session::Server for RunnerSessionService {
+    async fn fetch_artifact(
+        self: Rc<Self>,
+        params: runner_session::FetchArtifactParams,
+        mut results: runner_session::FetchArtifactResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (data, size) = self
+            .state
+            .apps
+            .read_artifact(
+                &self.id,
+                p.get_sha256()?.to_str()?,
+                p.get_offset(),
+                p.get_length(),
+            )
+            .map_err(app_err)?;
+        let mut r = results.get();
+        r.set_data(&data);
+        r.set_size(size);
+        Ok(())
+    }
+
+    async fn issue_workload_token(
+        self: Rc<Self>,
+        params: runner_session::IssueWorkloadTokenParams,
+        mut results: runner_session::IssueWorkloadTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let sandbox_id = p.get_sandbox_id()?.to_str()?;
+        let (audiences, ttl) = token_request(p.get_audiences()?, p.get_ttl_secs())?;
+        // The app is decided from our records (`crate::minting`).
+        let token = (self.state.minting)
+            .for_runner(&self.id, sandbox_id, audiences, ttl)
+            .await
+            .map_err(mint_err)?;
+        results.get().set_token(&token);
+        Ok(())
+    }
+
+    async fn report_sandbox(
+        self: Rc<Self>,
+        params: runner_session::ReportSandboxParams,
+        _: runner_session::ReportSandboxResults,
+    ) -> Result<(), capnp::Error> {
+        let r = params.get()?.get_report()?;
+        let report = SandboxReport {
+            state: r.get_state()?.to_string()?,
+            restarts: r.get_restarts(),
+            address: r.get_address()?.to_string()?,
+            last_log: r.get_last_log()?.to_string()?,
+            last_exit: r.get_last_exit()?.to_string()?,
+        };
+        self.state
+            .apps
+            .report(&self.id, r.get_id()?.to_str()?, report)
+            .map_err(app_err)
+    }
+
+    async fn heartbeat(
+        self: Rc<Self>,
+        params: runner_session::HeartbeatParams,
+        mut results: runner_session::HeartbeatResults,
+    ) -> Result<(), capnp::Error> {
+        let s = params.get()?.get_status()?;
+        let status = LiveStatus {
+            version: s.get_version()?.to_string()?,
+            sandboxes: s.get_sandboxes(),
+            isolation: s.get_isolation()?.to_string()?,
+            limits: s.get_limits()?.to_string()?,
+        };
+        let cordoned = self
+            .state
+            .registry
+            .heartbeat(&self.id, self.session, status, now_unix())
+            .map_err(registry_err)?;
+        results.get().set_cordoned(cordoned);
+        Ok(())
+    }
+
+    async fn renew(
+        self: Rc<Self>,
+        params: runner_session::RenewParams,
+        mut results: runner_session::RenewResults,
+    ) -> Result<(), capnp::Error> {
+        let csr = params.get()?.get_csr_der()?;
+        let cert = self
+            .state
+            .registry
+            .renew(&self.state.cluster.ca, &self.id, csr)
+            .map_err(registry_err)?;
+        results.get().set_cert_pem(&cert);
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! Route OIDC's client side of a provider: its endpoints (from its
+//! discovery document, read by [`crate::oidc::OidcVerifier::discover`] like
+//! a CI issuer's, cached an hour, a failure remembered
+//! `META_FAILURE_SECS`), the token endpoint, and verifying the ID tokens
+//! it hands back with the `identity` verifier and the issuer key cache of
+//! [`crate::oidc`].
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use identity::{IssuerUrl, VerifiedToken, Verifier};
+
+use crate::oidc::OidcVerifier;
+use crate::routes::Provider;
+
+/// How long a failed discovery fetch is remembered, so an unreachable
+/// provider is not asked again by every anonymous request.
+const META_FAILURE_SECS: u64 = 5;
+/// How long a provider's endpoints are used before they are read again.
+const META_SECS: u64 = 3600;
+
+/// Endpoints of a provider, from its discovery document.
+#[derive(Debug, Clone)]
+pub struct ProviderMeta {
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub end_session_endpoint: Option<String>,
+}
+
+/// A provider's endpoints (or why they could not be had) and when.
+type MetaEntry = (Result<ProviderMeta, String>, Instant);
+
+/// Providers' endpoints by issuer.
+#[derive(Default)]
+pub(super) struct ProviderCache {
+    meta: Mutex<HashMap<String, MetaEntry>>,
+}
+
+impl ProviderCache {
+    /// The endpoints of `issuer`, cached.
+    pub(super) async fn meta(
+        &self,
+        oidc: &OidcVerifier,
+        issuer: &IssuerUrl,
+    ) -> Result<ProviderMeta, String> {
+        if let Ok(m) = self.meta.lock() {
+            if let Some((meta, at)) = m.get(issuer.as_str()) {
+                let fresh_for = match meta {
+                    Ok(_) => Duration::from_secs(META_SECS),
+                    Err(_) => Duration::from_secs(META_FAILURE_SECS),
+                };
+                if at.elapsed() < fresh_for {
+                    return meta.clone();
+                }
+            }
+        }
+        let fetched = fetch_meta(oidc, issuer).await;
+        if let Ok(mut m) = self.meta.lock() {
+            m.insert(
+                issuer.as_str().to_string(),
+                (fetched.clone(), Instant::now()),
+            );
+        }
+        fetched
+    }
+}
+
+async fn fetch_meta(oidc: &OidcVerifier, issuer: &IssuerUrl) -> Result<ProviderMeta, String> {
+    let doc = oidc.discover(issuer).await?;
+    // Only HTTPS endpoints: the token request carries the client secret
+    // and the code.
+    Ok(ProviderMeta {
+        authorization_endpoint: doc
+            .authorization_endpoint
+            .ok_or("provider has no https authorization_endpoint")?,
+        token_endpoint: doc
+            .token_endpoint
+            .ok_or("provider has no https token_endpoint")?,
+        end_session_endpoint: doc.end_session_endpoint,
+    })
+}
+
+/// POSTs a form to the provider's token endpoint with the client's
+/// credentials (client_secret_basic) and returns the JSON answer.
+pub(super) async fn token_request(
+    oidc: &OidcVerifier,
+    provider: &Provider,
+    meta: &ProviderMeta,
+    form: String,
+) -> Result<serde_json::Value, String> {
+    let basic = STANDARD.encode(format!(
+        "{}:{}",
+        form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect::<String>(),
+        form_urlencoded::byte_serialize(provider.client_secret.as_bytes()).collect::<String>()
+    ));
+    let mut resp = oidc
+        .client
+        .post(&meta.token_endpoint)
+        .map_err(|_| "token endpoint: refused (the coordinator log says why)".to_string())?
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("authorization", format!("Basic {basic}"))
+        .body(form)
+        .send()
+        .await
+        .map_err(|e| format!("token endpoint: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!(
+            "the provider refused the token request ({})",
+            resp.status()
+        ));
+    }
+    let body = crate::oidc::read_capped(&mut resp, &meta.token_endpoint).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("token response: {e}"))
+}
+
+/// Verifies an ID token from `provider` with the `identity` verifier:
+/// signature by a key of the issuer's JWKS (cached like CI issuers'),
+/// issuer, audience = client id, expiry.
+pub(super) async fn verify_id_token(
+    oidc: &OidcVerifier,
+    provider: &Provider,
+    issuer: &IssuerUrl,
+    id_token: &str,
+    now: i64,
+) -> Result<VerifiedToken, String> {
+    let keys = oidc.provider_keys(issuer, id_token).await?;
+    Verifier::new(
+        keys,
+        [issuer.as_str().to_string()],
+        [provider.client_id.clone()],
+    )
+    .verify(id_token, now)
+    .map_err(|e| format!("ID token refused: {e}"))
+}

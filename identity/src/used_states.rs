@@ -1,0 +1,84 @@
+//! Replay protection for route OIDC logins: each login's `state` is
+//! accepted once, and the memory of accepted ones is bounded.
+//!
+//! Pure: the caller passes `now` (Unix seconds) and each login's expiry.
+//! The coordinator's login flow keeps one [`UsedStates`] behind a lock.
+
+use std::collections::HashMap;
+
+/// `state`s of finished logins, for replay protection, bounded.
+pub struct UsedStates {
+    /// state -> the login's expiry (Unix seconds).
+    states: HashMap<String, i64>,
+    /// Size at which expired states are next pruned.
+    prune_at: usize,
+    max: usize,
+}
+
+/// Why a login's `state` was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateRefusal {
+    AlreadyUsed,
+    /// `max` logins are in progress and none has expired.
+    Full,
+}
+
+impl UsedStates {
+    /// Remembers at most `max` unexpired states.
+    pub fn new(max: usize) -> UsedStates {
+        UsedStates {
+            states: HashMap::new(),
+            prune_at: 4096.min(max),
+            max,
+        }
+    }
+
+    /// Accepts `state` (of a login valid until `exp`) once. Expired states
+    /// are pruned now and then, and always before refusing for want of room.
+    pub fn accept(&mut self, state: &str, exp: i64, now: i64) -> Result<(), StateRefusal> {
+        if self.states.len() >= self.prune_at.min(self.max) {
+            self.states.retain(|_, e| *e > now);
+            self.prune_at = (self.states.len() * 2).max(4096);
+        }
+        if self.states.contains_key(state) {
+            return Err(StateRefusal::AlreadyUsed);
+        }
+        if self.states.len() >= self.max {
+            return Err(StateRefusal::Full);
+        }
+        self.states.insert(state.to_string(), exp);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_is_accepted_once() {
+        let mut used = UsedStates::new(10);
+        assert_eq!(used.accept("s1", 100, 0), Ok(()));
+        assert_eq!(used.accept("s1", 100, 1), Err(StateRefusal::AlreadyUsed));
+    }
+
+    #[test]
+    fn used_states_are_bounded_and_room_comes_back_when_logins_expire() {
+        let max = 10_000;
+        let mut used = UsedStates::new(max);
+        // Fill it with live logins (expiring at 600), growing past every
+        // pruning point on the way.
+        for i in 0..max {
+            assert_eq!(used.accept(&format!("s{i}"), 600, 0), Ok(()), "{i}");
+        }
+        assert_eq!(used.accept("late", 600, 1), Err(StateRefusal::Full));
+        // Once they have expired, a new login gets in: expired states are
+        // pruned before refusing, whatever the next pruning point was.
+        assert_eq!(used.accept("after", 1200, 601), Ok(()));
+        // A replay of a state still in its login window is refused.
+        assert_eq!(
+            used.accept("after", 1200, 602),
+            Err(StateRefusal::AlreadyUsed)
+        );
+    }
+}
