@@ -1,38 +1,38 @@
-//! Apps, versions, sandboxes and rollouts (the artifacts themselves live in
+//! Apps, versions and sandbox assignments: the desired state of the
+//! cluster as store records (the artifacts themselves live in
 //! [`crate::artifacts`]).
 //!
 //! An app version is an uploaded artifact (a `.tar.gz` stored by SHA-256)
-//! plus its services. Deploying schedules every instance on a ready,
-//! uncordoned runner (spread: fewest sandboxes first, the pure rule
-//! [`placement`]), waits until every new sandbox reports healthy (the pure
-//! rule [`health_wait`]), and only then stops the previous version; a
-//! version that does not become healthy is stopped and the old one keeps
-//! serving. Durable records: `app/<name>`, `sandbox/<id>`. What runners
-//! report about sandboxes (state, restarts, address, last log lines) is
-//! kept in memory.
+//! plus its services. A deploy only records a new version as `deploying`
+//! and returns: placing its instances on runners, waiting for them to be
+//! healthy, activating it and retiring what it replaces is the work of the
+//! reconcile loop ([`crate::reconcile`], deciding with the pure
+//! [`crate::converge`]), which reads these records and can be restarted at
+//! any point. Durable records: `app/<name>` (versions, the active one),
+//! `sandbox/<id>` (an assignment of one instance to one runner, with the
+//! time it retires once it is to stop). What runners report lives in
+//! [`crate::observed`], valid only on their live session.
 //!
-//! A rollout is a task of the coordinator's [`Tasks`]: when the
-//! coordinator shuts down mid-rollout it records the version as failed
-//! ("interrupted") and forgets its new sandboxes in one write, so a restart
-//! finds the version either recorded with its outcome or not at all.
-//!
-//! Retention: when a rollout ends, an app keeps its active version, any
-//! still deploying, and the [`KEEP_PREVIOUS_VERSIONS`] newest others
+//! Retention: once a version is active, an app keeps it, any still
+//! deploying, and the [`KEEP_PREVIOUS_VERSIONS`] newest others
 //! ([`versions_to_keep`]); the others leave its record in one conditional
 //! write, and then the artifact store ([`crate::artifacts`]) deletes the
 //! artifacts no version and no sandbox record names. `app delete` does the
 //! same for all of the app's versions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{is_sha256_hex, ArtifactError, ArtifactStore, Upload, UploadLimits};
 pub use crate::runners::ResourceLimits;
-use crate::runners::{Registry, RunnerCommand, SandboxSpec, SendError};
+use crate::converge::VersionState;
+pub use crate::observed::SandboxReport;
+use crate::observed::{Observed, Seen};
+use crate::runners::{Registry, RunnerCommand, SendError};
 use crate::shutdown::Tasks;
 use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
 
@@ -44,13 +44,8 @@ pub const KEEP_PREVIOUS_VERSIONS: usize = 3;
 pub const DRAIN: Duration = Duration::from_secs(2);
 /// How long a new version has to become healthy.
 pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
-/// How long a runner has to answer a start or stop.
-const COMMAND_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a runner has to answer for its sandboxes' logs.
 const LOGS_PATIENCE: Duration = Duration::from_secs(10);
-/// How long stopping sandboxes may take while the coordinator shuts down
-/// (their records are gone already; this is a courtesy to the runners).
-const STOP_WHILE_STOPPING: Duration = Duration::from_secs(2);
 /// The message of a version whose rollout the coordinator's shutdown cut.
 pub const INTERRUPTED: &str =
     "interrupted: the coordinator shut down during the rollout; deploy again";
@@ -116,17 +111,39 @@ pub struct SandboxRecord {
     pub runner: String,
     pub artifact: String,
     pub created_unix: i64,
+    /// Once set, the sandbox is to stop at this time (after requests in
+    /// flight drain) and its record goes once its runner no longer has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<i64>,
+    /// The assignment this one replaces (moved off a draining or lost
+    /// runner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
-/// What a runner last reported about a sandbox.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SandboxReport {
-    pub state: String,
-    pub restarts: u32,
-    pub address: String,
-    pub last_log: String,
-    /// Why the sandbox's last run ended, as its runner saw it.
-    pub last_exit: String,
+impl SandboxRecord {
+    /// Its store key.
+    pub fn key(&self) -> String {
+        sandbox_key(&self.id)
+    }
+}
+
+/// The store key of sandbox `id`.
+pub fn sandbox_key(id: &str) -> String {
+    format!("sandbox/{id}")
+}
+
+/// The store key of app `name`.
+pub fn app_key(name: &str) -> String {
+    format!("app/{name}")
+}
+
+/// The order in which versions of one app were accepted: `vN` → N (each
+/// is handed out once, under compare-and-set on the app record).
+pub fn version_generation(id: &str) -> u64 {
+    id.strip_prefix('v')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Checks an app name: 1-63 of `[a-z0-9-]`, starting with a letter or digit.
@@ -184,66 +201,6 @@ pub fn next_version_id(versions: &[Version]) -> String {
     format!("v{}", highest + 1)
 }
 
-/// Where the new sandboxes of a rollout go: for each instance of each
-/// service in order, the runner with the fewest sandboxes so far
-/// (`candidates`: ready runners with the sandboxes they hold; those placed
-/// here count too; among equals, the one that came first at the previous
-/// pick). Returns the runner of each
-/// instance, in the order of `services` and their instances.
-pub fn placement(mut candidates: Vec<(String, usize)>, services: &[Service]) -> Vec<String> {
-    let mut placed = Vec::new();
-    if candidates.is_empty() {
-        return placed;
-    }
-    for service in services {
-        for _ in 0..service.instances {
-            candidates.sort_by_key(|(_, load)| *load);
-            let (runner, load) = &mut candidates[0];
-            *load += 1;
-            placed.push(runner.clone());
-        }
-    }
-    placed
-}
-
-/// Where a rollout's wait for health stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HealthWait {
-    /// Every new sandbox is healthy: the version may take the traffic.
-    Healthy,
-    /// Not yet: look again shortly.
-    Waiting,
-    /// One failed, or time ran out: the version fails with this message.
-    Failed(String),
-}
-
-/// The health-wait rule: a failed sandbox fails the version at once (with
-/// its restarts and last log lines); all healthy, it goes on; past the
-/// deadline, it fails naming each sandbox's state; else it waits.
-pub fn health_wait(reports: &[(String, SandboxReport)], past_deadline: bool) -> HealthWait {
-    if let Some((id, r)) = reports.iter().find(|(_, r)| r.state == "failed") {
-        return HealthWait::Failed(format!(
-            "sandbox {id} failed to become healthy (restarts: {}); last log lines:\n{}",
-            r.restarts, r.last_log
-        ));
-    }
-    if reports.iter().all(|(_, r)| r.state == "healthy") {
-        return HealthWait::Healthy;
-    }
-    if past_deadline {
-        let last = reports
-            .iter()
-            .map(|(id, r)| format!("{id}: {} {}", r.state, r.last_log))
-            .collect::<Vec<_>>()
-            .join("\n");
-        return HealthWait::Failed(format!(
-            "new version did not become healthy within {}s:\n{last}",
-            ROLLOUT_TIMEOUT.as_secs()
-        ));
-    }
-    HealthWait::Waiting
-}
-
 /// Apps, sandboxes and artifacts.
 pub struct Apps {
     store: Arc<dyn Store>,
@@ -251,7 +208,10 @@ pub struct Apps {
     /// and what tells them the coordinator is shutting down.
     tasks: Tasks,
     artifacts: ArtifactStore,
-    reports: Mutex<HashMap<String, SandboxReport>>,
+    /// What runners reported, on their live sessions.
+    observed: Arc<Observed>,
+    /// Wakes the reconcile loop after a change of desired state.
+    wake: Arc<tokio::sync::Notify>,
     /// Counts rollouts.
     observe: Arc<crate::observe::Observe>,
 }
@@ -276,7 +236,8 @@ impl Apps {
             store,
             tasks,
             artifacts,
-            reports: Mutex::new(HashMap::new()),
+            observed: Arc::new(Observed::new(transport::clock::now_unix())),
+            wake: Arc::new(tokio::sync::Notify::new()),
             observe: Arc::new(crate::observe::Observe::disabled()),
         };
         match apps.apps() {
@@ -416,13 +377,37 @@ impl Apps {
         Apps { observe, ..self }
     }
 
-    /// The last reported state of every placed sandbox (`""` before its
-    /// first report), for the metrics.
+    /// What runners reported (shared with the runner sessions and the
+    /// reconcile loop).
+    pub fn reports(&self) -> &Arc<Observed> {
+        &self.observed
+    }
+
+    /// Tells the reconcile loop that desired state changed.
+    pub fn waker(&self) -> &Arc<tokio::sync::Notify> {
+        &self.wake
+    }
+
+    /// The artifact store's guard for records that name artifacts.
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
+    /// Counts a rollout's outcome.
+    pub fn count_rollout(&self, outcome: &Result<(), String>) {
+        self.observe.rollout(outcome);
+    }
+
+    /// The last reported state of every placed sandbox (`"unknown"` when
+    /// nothing was reported on a live session), for the metrics.
     pub fn sandbox_states(&self) -> Result<Vec<String>, AppError> {
         Ok(self
             .sandboxes()?
             .iter()
-            .map(|s| self.report_of(&s.id).state)
+            .map(|s| match self.observed.seen(&s.runner, &s.id) {
+                Seen::Reported(r) => r.report.state,
+                Seen::UnknownSince(_) => "unknown".to_string(),
+            })
             .collect())
     }
 
@@ -436,7 +421,7 @@ impl Apps {
 
     /// The record of sandbox `id`, if there is one.
     pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, AppError> {
-        let key = format!("sandbox/{id}");
+        let key = sandbox_key(id);
         Ok(match self.store.get(&key)? {
             Some(b) => Some(decode(&key, &b)?),
             None => None,
@@ -448,11 +433,11 @@ impl Apps {
         name: &str,
         mut change: impl FnMut(&mut AppRecord),
     ) -> Result<AppRecord, AppError> {
-        let key = format!("app/{name}");
+        let key = app_key(name);
         loop {
-            let old = self.store.get(&key)?;
+            let old = self.store.get_kv(&key)?;
             let mut rec = match &old {
-                Some(b) => decode(&key, b)?,
+                Some(kv) => decode(&key, &kv.value)?,
                 None => AppRecord {
                     name: name.to_string(),
                     versions: vec![],
@@ -460,12 +445,9 @@ impl Apps {
                 },
             };
             change(&mut rec);
-            let cond = match old {
-                Some(b) => Condition::Equals(key.clone(), b),
-                None => Condition::Absent(key.clone()),
-            };
+            let read = old.map_or(0, |kv| kv.mod_revision);
             if self.store.commit(Txn {
-                conditions: vec![cond],
+                conditions: vec![Condition::ModRevision(key.clone(), read)],
                 ops: vec![Op::Put(key.clone(), encode(&rec))],
             })? == Outcome::Applied
             {
@@ -474,36 +456,42 @@ impl Apps {
         }
     }
 
-    /// Records what a runner says about one of its sandboxes.
-    pub fn report(&self, runner: &str, id: &str, report: SandboxReport) -> Result<(), AppError> {
+    /// Records what a runner says, on its session `session`, about one of
+    /// the sandboxes assigned to it.
+    pub fn report(
+        &self,
+        runner: &str,
+        session: u64,
+        id: &str,
+        report: SandboxReport,
+        now: i64,
+    ) -> Result<(), AppError> {
         match self.sandbox(id)? {
             Some(s) if s.runner == runner => {
-                if let Ok(mut r) = self.reports.lock() {
-                    r.insert(id.to_string(), report);
-                }
+                self.observed.report(runner, session, id, report, now);
+                self.wake.notify_one();
                 Ok(())
             }
             _ => Err(AppError::NotYourSandbox),
         }
     }
 
-    fn report_of(&self, id: &str) -> SandboxReport {
-        self.reports
-            .lock()
-            .ok()
-            .and_then(|r| r.get(id).cloned())
-            .unwrap_or_default()
-    }
-
     /// Healthy sandboxes to route `app`'s traffic to: those of the active
-    /// version, or (before any version is active) any healthy one.
+    /// version, or (before any version is active) any healthy one; healthy
+    /// means reported so on the runner's live session.
     pub fn healthy_sandboxes(&self, app: &str) -> Vec<SandboxRecord> {
         let active = self.app(app).ok().flatten().and_then(|a| a.active);
         let healthy: Vec<SandboxRecord> = self
             .sandboxes()
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| s.app == app && self.report_of(&s.id).state == "healthy")
+            .filter(|s| {
+                s.app == app
+                    && self
+                        .observed
+                        .healthy_address(&s.runner, &s.id)
+                        .is_some()
+            })
             .collect();
         let of_active: Vec<SandboxRecord> = healthy
             .iter()
@@ -517,8 +505,9 @@ impl Apps {
         }
     }
 
-    /// Status of one app as JSON (versions, sandboxes with runner, state,
-    /// restarts, address).
+    /// Status of one app as JSON: versions, and each sandbox with its
+    /// runner and what was reported of it on a live session (`state`,
+    /// `reported_unix`), or `unknown` with `unknown_since_unix`.
     pub fn status_json(&self, name: &str) -> Result<serde_json::Value, AppError> {
         let app = self
             .app(name)?
@@ -528,12 +517,28 @@ impl Apps {
             .into_iter()
             .filter(|s| s.app == name)
             .map(|s| {
-                let r = self.report_of(&s.id);
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "id": s.id, "version": s.version, "service": s.service, "runner": s.runner,
-                    "state": if r.state.is_empty() { "scheduled".to_string() } else { r.state },
-                    "restarts": r.restarts, "address": r.address, "last_exit": r.last_exit,
-                })
+                    "retiring": s.retire_at.is_some(),
+                });
+                match self.observed.seen(&s.runner, &s.id) {
+                    Seen::Reported(r) => {
+                        v["state"] = r.report.state.into();
+                        v["reported_unix"] = r.at_unix.into();
+                        v["restarts"] = r.report.restarts.into();
+                        v["address"] = r.report.address.into();
+                        v["last_exit"] = r.report.last_exit.into();
+                    }
+                    Seen::UnknownSince(since) => {
+                        v["state"] = "unknown".into();
+                        v["reported_unix"] = 0.into();
+                        v["unknown_since_unix"] = since.into();
+                        v["restarts"] = 0.into();
+                        v["address"] = "".into();
+                        v["last_exit"] = "".into();
+                    }
+                }
+                v
             })
             .collect();
         Ok(serde_json::json!({
@@ -548,14 +553,13 @@ impl Apps {
         }))
     }
 
-    /// Creates a version and starts rolling it out in the background.
+    /// Records a new version of `app` as `deploying` and returns its id;
+    /// the reconcile loop rolls it out. A later deploy supersedes it.
     pub fn deploy(
-        self: &Arc<Self>,
-        registry: &Arc<Registry>,
+        &self,
         app: &str,
         artifact: &str,
         services: Vec<Service>,
-        issuer_url: String,
         now: i64,
     ) -> Result<String, AppError> {
         check_app_name(app)?;
@@ -588,267 +592,14 @@ impl Apps {
                 artifact: artifact.to_string(),
                 services: services.clone(),
                 created_unix: now,
-                state: "deploying".into(),
+                state: VersionState::Deploying.as_str().into(),
                 message: String::new(),
             });
         })?;
         held.recorded(artifact);
         drop(held);
-        let me = self.clone();
-        let registry = registry.clone();
-        let app = app.to_string();
-        let version = version_id.clone();
-        let artifact = artifact.to_string();
-        self.tasks.spawn(crate::shutdown::ROLLOUT, async move {
-            let rollout = me.roll_out(&registry, &app, &version, &artifact, &services, &issuer_url);
-            let outcome = tokio::select! {
-                outcome = rollout => outcome,
-                _ = me.tasks.stopping() => {
-                    me.observe.rollout::<()>(&Err(INTERRUPTED.into()));
-                    me.interrupted(&registry, &app, &version).await;
-                    return;
-                }
-            };
-            me.observe.rollout(&outcome);
-            let (state, message) = match &outcome {
-                Ok(_) => ("active", String::new()),
-                Err(e) => ("failed", e.clone()),
-            };
-            let result = me.update_app(&app, |rec| {
-                let previous = rec.active.clone();
-                for v in rec.versions.iter_mut() {
-                    if v.id == version {
-                        v.state = state.into();
-                        v.message = message.clone();
-                    } else if state == "active" && Some(&v.id) == previous.as_ref() {
-                        v.state = "superseded".into();
-                    }
-                }
-                if state == "active" {
-                    rec.active = Some(version.clone());
-                }
-            });
-            if let Err(e) = result {
-                tracing::error!("recording rollout of {app} {version}: {e}");
-            }
-            // The new version now takes the traffic; let requests in flight
-            // to the old one finish, then stop it (at once when shutting
-            // down).
-            if let Ok(old) = outcome {
-                tokio::select! {
-                    _ = tokio::time::sleep(DRAIN) => me.stop_all(&registry, &old).await,
-                    _ = me.tasks.stopping() => {
-                        me.stop_all_now(&registry, &old).await;
-                        return;
-                    }
-                }
-            }
-            if me.tasks.is_stopping() {
-                // Collected at the next start.
-                return;
-            }
-            // Retention: the versions this app no longer keeps, and their
-            // artifacts once no sandbox runs them.
-            let collected = {
-                let me = me.clone();
-                let app = app.clone();
-                tokio::task::spawn_blocking(move || me.collect(&app)).await
-            };
-            match collected {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!("collecting old versions of {app}: {e}"),
-                Err(e) => tracing::warn!("collecting old versions of {app}: {e}"),
-            }
-        });
+        self.wake.notify_one();
         Ok(version_id)
-    }
-
-    async fn roll_out(
-        &self,
-        registry: &Registry,
-        app: &str,
-        version: &str,
-        artifact: &str,
-        services: &[Service],
-        issuer_url: &str,
-    ) -> Result<Vec<SandboxRecord>, String> {
-        let now = transport::clock::now_unix();
-        let mut candidates: Vec<(String, usize)> = registry
-            .list(now)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .filter(|r| r.connected && !r.record.cordoned)
-            .map(|r| (r.record.id, 0usize))
-            .collect();
-        if candidates.is_empty() {
-            return Err("no ready runner to schedule on (see `miren runner list`)".into());
-        }
-        let existing = self.sandboxes().map_err(|e| e.to_string())?;
-        for (id, load) in candidates.iter_mut() {
-            *load = existing.iter().filter(|s| &s.runner == id).count();
-        }
-        let instances = services
-            .iter()
-            .flat_map(|s| std::iter::repeat_n(s, s.instances as usize));
-        let mut started = Vec::new();
-        for (service, runner) in instances.zip(placement(candidates, services)) {
-            let id = format!(
-                "{app}-{}-{}",
-                service.name,
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            );
-            let rec = SandboxRecord {
-                id: id.clone(),
-                app: app.to_string(),
-                version: version.to_string(),
-                service: service.name.clone(),
-                runner: runner.clone(),
-                artifact: artifact.to_string(),
-                created_unix: now,
-            };
-            self.store
-                .commit(Txn {
-                    conditions: vec![Condition::Absent(format!("sandbox/{id}"))],
-                    ops: vec![Op::Put(format!("sandbox/{id}"), encode(&rec))],
-                })
-                .map_err(|e| e.to_string())?;
-            started.push(rec.clone());
-            let spec = SandboxSpec {
-                id: id.clone(),
-                app: app.to_string(),
-                version: version.to_string(),
-                service: service.name.clone(),
-                command: service.command.clone(),
-                port: service.port,
-                env: service.env.clone(),
-                limits: service.limits,
-                artifact: artifact.to_string(),
-                issuer_url: issuer_url.to_string(),
-            };
-            let start = |tx| RunnerCommand::Start(spec, tx);
-            if let Err(e) = registry.send(&runner, start, COMMAND_PATIENCE).await {
-                self.stop_all(registry, &started).await;
-                return Err(format!("starting {id} on runner {runner}: {e}"));
-            }
-        }
-        // Wait until every new sandbox is healthy, or one fails.
-        let deadline = tokio::time::Instant::now() + ROLLOUT_TIMEOUT;
-        loop {
-            let reports: Vec<(String, SandboxReport)> = started
-                .iter()
-                .map(|s| (s.id.clone(), self.report_of(&s.id)))
-                .collect();
-            let past_deadline = tokio::time::Instant::now() >= deadline;
-            match health_wait(&reports, past_deadline) {
-                HealthWait::Healthy => break,
-                HealthWait::Waiting => tokio::time::sleep(Duration::from_millis(200)).await,
-                HealthWait::Failed(why) => {
-                    self.stop_all(registry, &started).await;
-                    return Err(why);
-                }
-            }
-        }
-        // Healthy: every other sandbox of this app is to be retired (after
-        // the new version takes the traffic).
-        Ok(self
-            .sandboxes()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .filter(|s| s.app == app && s.version != version)
-            .collect())
-    }
-
-    async fn stop_all(&self, registry: &Registry, sandboxes: &[SandboxRecord]) {
-        for s in sandboxes {
-            let stop = |tx| RunnerCommand::Stop(s.id.clone(), tx);
-            if let Err(e) = registry.send(&s.runner, stop, COMMAND_PATIENCE).await {
-                tracing::warn!("stopping sandbox {} on {}: {e}", s.id, s.runner);
-            }
-            let _ = self.store.commit(Txn {
-                conditions: vec![],
-                ops: vec![Op::Delete(format!("sandbox/{}", s.id))],
-            });
-            if let Ok(mut r) = self.reports.lock() {
-                r.remove(&s.id);
-            }
-        }
-    }
-
-    /// Stopping while the coordinator shuts down: the records go first, in
-    /// one write; then each runner is asked to stop its sandbox, all at
-    /// once and at most [`STOP_WHILE_STOPPING`].
-    async fn stop_all_now(&self, registry: &Registry, sandboxes: &[SandboxRecord]) {
-        let ops = sandboxes
-            .iter()
-            .map(|s| Op::Delete(format!("sandbox/{}", s.id)))
-            .collect();
-        if let Err(e) = self.store.commit(Txn {
-            conditions: vec![],
-            ops,
-        }) {
-            tracing::warn!("forgetting stopped sandboxes: {e}");
-        }
-        self.stop_on_runners(registry, sandboxes).await;
-    }
-
-    /// Asks the runners to stop `sandboxes` (already forgotten), all at
-    /// once, at most [`STOP_WHILE_STOPPING`].
-    async fn stop_on_runners(&self, registry: &Registry, sandboxes: &[SandboxRecord]) {
-        if let Ok(mut r) = self.reports.lock() {
-            for s in sandboxes {
-                r.remove(&s.id);
-            }
-        }
-        let stops = sandboxes.iter().map(|s| {
-            let stop = |tx| RunnerCommand::Stop(s.id.clone(), tx);
-            registry.send(&s.runner, stop, STOP_WHILE_STOPPING)
-        });
-        for (s, stopped) in sandboxes.iter().zip(futures::future::join_all(stops).await) {
-            if let Err(e) = stopped {
-                tracing::warn!("stopping sandbox {} on {} at shutdown: {e}", s.id, s.runner);
-            }
-        }
-    }
-
-    /// A rollout cut by shutdown: in one write, the version is recorded as
-    /// failed ([`INTERRUPTED`]) and its sandboxes are forgotten; then their
-    /// runners are asked to stop them.
-    async fn interrupted(&self, registry: &Registry, app: &str, version: &str) {
-        let key = format!("app/{app}");
-        let forgotten = loop {
-            let attempt = (|| -> Result<Option<Vec<SandboxRecord>>, AppError> {
-                let Some(old) = self.store.get(&key)? else {
-                    return Ok(Some(vec![]));
-                };
-                let mut rec: AppRecord = decode(&key, &old)?;
-                for v in rec.versions.iter_mut().filter(|v| v.id == version) {
-                    v.state = "failed".into();
-                    v.message = INTERRUPTED.into();
-                }
-                let mine: Vec<SandboxRecord> = self
-                    .sandboxes()?
-                    .into_iter()
-                    .filter(|s| s.app == app && s.version == version)
-                    .collect();
-                let mut ops = vec![Op::Put(key.clone(), encode(&rec))];
-                ops.extend(mine.iter().map(|s| Op::Delete(format!("sandbox/{}", s.id))));
-                let applied = self.store.commit(Txn {
-                    conditions: vec![Condition::Equals(key.clone(), old)],
-                    ops,
-                })?;
-                Ok((applied == Outcome::Applied).then_some(mine))
-            })();
-            match attempt {
-                Ok(Some(mine)) => break mine,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!("recording the interrupted rollout of {app} {version}: {e}");
-                    return;
-                }
-            }
-        };
-        tracing::warn!("{app} {version}: rollout interrupted by shutdown, recorded as failed");
-        self.stop_on_runners(registry, &forgotten).await;
     }
 
     /// The last `lines` output lines of every sandbox of `app`.
@@ -880,27 +631,12 @@ impl Apps {
         Ok(serde_json::Value::Array(out))
     }
 
-    /// Stops every sandbox of an app, forgets it, and deletes its
-    /// artifacts that no other app uses.
-    pub async fn delete(&self, registry: &Registry, app: &str) -> Result<(), AppError> {
-        if self.app(app)?.is_none() {
-            return Err(AppError::NoSuchApp(app.to_string()));
-        }
-        let mine: Vec<SandboxRecord> = self
-            .sandboxes()?
-            .into_iter()
-            .filter(|s| s.app == app)
-            .collect();
-        self.stop_all(registry, &mine).await;
-        self.store.commit(Txn {
-            conditions: vec![],
-            ops: vec![Op::Delete(format!("app/{app}"))],
-        })?;
-        // The app is gone either way; what fails here is collected later.
+    /// Deletes the artifacts that nothing names any more (after an app
+    /// was deleted).
+    pub fn collect_unused(&self) {
         if let Err(e) = self.collect_artifacts() {
-            tracing::warn!("deleting the artifacts of {app}: {e}");
+            tracing::warn!("collecting unused artifacts: {e}");
         }
-        Ok(())
     }
 }
 
@@ -925,6 +661,8 @@ mod tests {
             runner: "runner-1".into(),
             artifact: "0".repeat(64),
             created_unix: 0,
+            retire_at: None,
+            replaces: None,
         };
         store
             .commit(Txn {
@@ -934,98 +672,14 @@ mod tests {
             .unwrap();
         // Tokens follow the same rule: see `crate::minting`.
         assert!(apps
-            .report("runner-1", "web-a", SandboxReport::default())
+            .report("runner-1", 1, "web-a", SandboxReport::default(), 0)
             .is_ok());
         assert!(apps
-            .report("runner-2", "web-a", SandboxReport::default())
+            .report("runner-2", 1, "web-a", SandboxReport::default(), 0)
             .is_err());
         assert!(apps
             .read_artifact("runner-2", &"0".repeat(64), 0, 10)
             .is_err());
-    }
-
-    fn service(name: &str, instances: u32) -> Service {
-        Service {
-            name: name.into(),
-            command: "run".into(),
-            port: 8080,
-            instances,
-            env: vec![],
-            limits: ResourceLimits::default(),
-        }
-    }
-
-    #[test]
-    fn instances_go_to_the_least_loaded_runner_counting_those_just_placed() {
-        let candidates = vec![
-            ("a".to_string(), 2),
-            ("b".to_string(), 0),
-            ("c".to_string(), 1),
-        ];
-        let placed = placement(candidates, &[service("web", 3), service("worker", 2)]);
-        // Each pick takes the least loaded runner at that moment, those just
-        // placed counted: b (0), b (1, before c at 1), c (1), c (2, before
-        // b and a at 2), b (2, before a at 2).
-        assert_eq!(placed, ["b", "b", "c", "c", "b"]);
-        let loads = |r: &str| placed.iter().filter(|p| *p == r).count();
-        assert_eq!((loads("a"), loads("b"), loads("c")), (0, 3, 2));
-        // Two idle runners and two instances: one each.
-        let two = placement(
-            vec![("r1".to_string(), 0), ("r2".to_string(), 0)],
-            &[service("web", 2)],
-        );
-        assert_eq!(two, ["r1", "r2"]);
-        assert!(placement(vec![], &[service("web", 1)]).is_empty());
-    }
-
-    fn report(state: &str) -> SandboxReport {
-        SandboxReport {
-            state: state.into(),
-            restarts: 3,
-            last_log: "boom".into(),
-            ..SandboxReport::default()
-        }
-    }
-
-    #[test]
-    fn the_health_wait_fails_fast_succeeds_when_all_are_healthy_and_times_out() {
-        let r = |pairs: &[(&str, &str)]| -> Vec<(String, SandboxReport)> {
-            pairs
-                .iter()
-                .map(|(id, s)| (id.to_string(), report(s)))
-                .collect()
-        };
-        assert_eq!(
-            health_wait(&r(&[("a", "healthy"), ("b", "healthy")]), false),
-            HealthWait::Healthy
-        );
-        assert_eq!(
-            health_wait(&r(&[("a", "healthy"), ("b", "starting")]), false),
-            HealthWait::Waiting
-        );
-        // A failed sandbox fails the version even before the deadline.
-        let HealthWait::Failed(why) = health_wait(&r(&[("a", "healthy"), ("b", "failed")]), false)
-        else {
-            panic!("a failed sandbox must fail the version");
-        };
-        assert!(
-            why.starts_with("sandbox b failed to become healthy (restarts: 3)"),
-            "{why}"
-        );
-        assert!(why.ends_with("last log lines:\nboom"), "{why}");
-        let HealthWait::Failed(why) = health_wait(&r(&[("a", "healthy"), ("b", "")]), true) else {
-            panic!("past the deadline the version fails");
-        };
-        assert!(
-            why.starts_with("new version did not become healthy within 90s:"),
-            "{why}"
-        );
-        assert!(why.contains("a: healthy boom\nb:  boom"), "{why}");
-        // All healthy right at the deadline still counts.
-        assert_eq!(
-            health_wait(&r(&[("a", "healthy")]), true),
-            HealthWait::Healthy
-        );
     }
 
     fn version(id: &str, state: &str, artifact: &str) -> Version {
@@ -1172,6 +826,8 @@ mod tests {
                 runner: "r".into(),
                 artifact: shas[2].clone(),
                 created_unix: 0,
+                retire_at: None,
+                replaces: None,
             },
         );
         // An upload finished just before a restart, its deploy to come.
@@ -1201,14 +857,30 @@ mod tests {
 
         // Deleting web (which stops its sandboxes) leaves only api's
         // artifact and the fresh upload.
-        let registry = Registry::new(f.store.clone(), Duration::from_secs(3600));
-        f.rt.block_on(apps.delete(&registry, "web")).unwrap();
+        let apps = Arc::new(apps);
+        let reconciler = crate::reconcile::Reconciler::new(
+            f.store.clone(),
+            apps.clone(),
+            Arc::new(Registry::new(f.store.clone(), Duration::from_secs(3600))),
+            Arc::new(crate::routes::Routes::new(f.store.clone())),
+            Arc::new(
+                crate::ci::CiBindings::load(
+                    f.store.clone(),
+                    identity::AddressPolicy::new(false, vec![]),
+                )
+                .unwrap(),
+            ),
+            f.tasks(),
+            "https://issuer.test".into(),
+            crate::reconcile::Settings::default(),
+        );
+        f.rt.block_on(reconciler.delete_app("web")).unwrap();
         assert!(apps.app("web").unwrap().is_none());
         assert!(apps.sandboxes().unwrap().is_empty());
         assert_eq!(f.stored(), [shas[1].clone(), fresh]);
         assert!(matches!(
-            f.rt.block_on(apps.delete(&registry, "web")),
-            Err(AppError::NoSuchApp(_))
+            f.rt.block_on(reconciler.delete_app("web")),
+            Err(crate::reconcile::DeleteError::App(AppError::NoSuchApp(_)))
         ));
     }
 

@@ -134,6 +134,26 @@ impl CiBindings {
         Ok(existing)
     }
 
+    /// Commits `txn` with the deletion of every binding of `app` added to
+    /// it, and forgets those bindings when it applied: `app delete` takes
+    /// the app's right to deploy with it, in the same write.
+    pub fn commit_removing_app(&self, app: &str, mut txn: Txn) -> Result<Outcome, CiError> {
+        let mut set = self
+            .set
+            .write()
+            .map_err(|_| CiError::Invalid("binding index unavailable".into()))?;
+        let ids: Vec<String> = set.for_app(app).into_iter().map(|b| b.id.clone()).collect();
+        txn.ops
+            .extend(ids.iter().map(|id| Op::Delete(format!("binding/{id}"))));
+        let outcome = self.store.commit(txn)?;
+        if outcome == Outcome::Applied {
+            for id in &ids {
+                set.remove(id);
+            }
+        }
+        Ok(outcome)
+    }
+
     /// Whether some binding names `issuer` (only those are ever fetched).
     pub fn names_issuer(&self, issuer: &str) -> bool {
         self.set

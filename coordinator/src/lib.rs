@@ -29,6 +29,7 @@ pub mod observe;
 pub mod observed;
 pub mod oidc;
 pub mod outbound;
+pub mod reconcile;
 pub mod route_oidc;
 pub mod routes;
 pub mod runner_streams;

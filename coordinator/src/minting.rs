@@ -197,6 +197,8 @@ mod tests {
             runner: runner.into(),
             artifact: "0".repeat(64),
             created_unix: 0,
+            retire_at: None,
+            replaces: None,
         }
     }
 

@@ -142,6 +142,10 @@ pub struct RunnerRecord {
     pub labels: Vec<(String, String)>,
     pub created_unix: i64,
     pub cordoned: bool,
+    /// Being drained: its sandboxes move to other runners (each old one
+    /// stops once its replacement is healthy); it stays cordoned after.
+    #[serde(default)]
+    pub draining: bool,
     pub cert_expires_unix: i64,
     pub joined_with: String,
 }
@@ -359,6 +363,7 @@ impl Registry {
                 labels: all_labels,
                 created_unix: now,
                 cordoned: false,
+                draining: false,
                 cert_expires_unix: pki::not_after_unix(&cert_pem)?,
                 joined_with: token_id.to_string(),
             };
@@ -619,9 +624,24 @@ impl Registry {
     }
 
     /// Cordons or uncordons a runner.
+    /// Starts draining a runner: cordoned (no new sandboxes) and its
+    /// sandboxes moved elsewhere by the reconcile loop.
+    pub fn drain(&self, query: &str) -> Result<RunnerRecord, RegistryError> {
+        let record = self.resolve(query)?;
+        self.update_record(&record.id, |r| {
+            r.cordoned = true;
+            r.draining = true;
+        })
+    }
+
     pub fn set_cordon(&self, query: &str, cordoned: bool) -> Result<RunnerRecord, RegistryError> {
         let record = self.resolve(query)?;
-        self.update_record(&record.id, |r| r.cordoned = cordoned)
+        self.update_record(&record.id, |r| {
+            r.cordoned = cordoned;
+            if !cordoned {
+                r.draining = false;
+            }
+        })
     }
 }
 

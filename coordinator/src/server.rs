@@ -97,6 +97,8 @@ pub struct CoordinatorOptions {
     /// Count metrics and write the audit trail (off only to measure what
     /// they cost).
     pub observe: bool,
+    /// The reconcile loop's knobs (`--runner-grace`, `--rollout-timeout`).
+    pub reconcile: crate::reconcile::Settings,
 }
 
 /// Open files the coordinator needs besides its HTTP connections (store,
@@ -180,6 +182,9 @@ fn log_server_cert_change(change: ServerCertChange, pem: &CertifiedPem) {
     }
 }
 
+/// The data dir file keying QUIC stateless resets.
+pub const QUIC_RESET_KEY: &str = "quic-reset.key";
+
 /// Binds QUIC on `listen` and HTTPS on `https_listen`, by default on the
 /// same IP and port over TCP. With an ephemeral port (`:0`) the port QUIC
 /// gets may already be taken over TCP (by any process's outgoing
@@ -188,6 +193,7 @@ fn bind_quic_and_https(
     listen: SocketAddr,
     https_listen: Option<SocketAddr>,
     tls: rustls::ServerConfig,
+    reset_secret: [u8; 32],
 ) -> anyhow::Result<(quinn::Endpoint, tokio::net::TcpListener)> {
     let attempts = if listen.port() == 0 && https_listen.is_none() {
         16
@@ -196,7 +202,7 @@ fn bind_quic_and_https(
     };
     let mut last = None;
     for _ in 0..attempts {
-        let endpoint = transport::server_endpoint(listen, tls.clone())?;
+        let endpoint = transport::server_endpoint(listen, tls.clone(), &reset_secret)?;
         let quic_port = endpoint.local_addr()?.port();
         let https_addr = https_listen.unwrap_or_else(|| SocketAddr::new(listen.ip(), quic_port));
         match std::net::TcpListener::bind(https_addr) {
@@ -265,7 +271,14 @@ impl Coordinator {
         let slot = ServerCertSlot::new(chain, key)?;
         let tls =
             transport::tls::server_config_with_slot(&ca_der, slot.clone(), &[transport::ALPN])?;
-        let (endpoint, https) = bind_quic_and_https(opts.listen, opts.https_listen, tls)?;
+        // Stateless resets keyed the same across restarts: peers of the
+        // previous process learn at once that their connection is gone.
+        let reset_secret = transport::files::secret_32(
+            &material.dir.join(QUIC_RESET_KEY),
+            "delete it (peers then notice a coordinator restart only at their idle timeout)",
+        )?;
+        let (endpoint, https) =
+            bind_quic_and_https(opts.listen, opts.https_listen, tls, reset_secret)?;
         let bound = endpoint.local_addr()?;
         let port = names[0].1.unwrap_or(bound.port());
         let address = ClusterAddress {
@@ -347,6 +360,22 @@ impl Coordinator {
             observe.clone(),
             rt.clone(),
         ));
+        let registry = Arc::new(Registry::new(store.clone(), opts.runner_cert_validity));
+        let ci = Arc::new(crate::ci::CiBindings::load(
+            store.clone(),
+            outbound.clone(),
+        )?);
+        let routes = Arc::new(crate::routes::Routes::new(store.clone()));
+        let reconciler = Arc::new(crate::reconcile::Reconciler::new(
+            store.clone(),
+            apps.clone(),
+            registry.clone(),
+            routes.clone(),
+            ci.clone(),
+            tasks.clone(),
+            issuer.url.as_str().to_string(),
+            opts.reconcile,
+        ));
         let state = Arc::new(State {
             cluster: ClusterIdentity {
                 meta: material.meta.clone(),
@@ -357,17 +386,15 @@ impl Coordinator {
             },
             issuer,
             minting,
-            registry: Arc::new(Registry::new(store.clone(), opts.runner_cert_validity)),
+            registry,
             apps,
-            ci: Arc::new(crate::ci::CiBindings::load(
-                store.clone(),
-                outbound.clone(),
-            )?),
+            ci,
+            reconciler,
             oidc: Arc::new(
                 crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?
                     .observed(observe.clone()),
             ),
-            routes: Arc::new(crate::routes::Routes::new(store.clone())),
+            routes,
             sso: Arc::new(
                 crate::sso::Sso::load_or_create(&material.dir, store.clone())?
                     .observed(observe.clone()),
@@ -554,6 +581,12 @@ impl Coordinator {
                 state.observe.clone(),
                 tasks.clone(),
             ),
+        );
+        // The reconcile loop ends its shutdown with the rollouts: it records
+        // what was interrupted while runner connections are still open.
+        tasks.spawn(
+            crate::shutdown::ROLLOUT,
+            state.reconciler.clone().run(),
         );
         // Unless `--dev` already started it with its runner's metrics.
         self.serve_metrics_with(vec![], vec![]);
@@ -855,7 +888,7 @@ mod tests {
     #[tokio::test]
     async fn https_shares_the_quic_port_by_default() {
         let (endpoint, https) =
-            bind_quic_and_https("127.0.0.1:0".parse().unwrap(), None, tls()).expect("bind");
+            bind_quic_and_https("127.0.0.1:0".parse().unwrap(), None, tls(), [7; 32]).expect("bind");
         assert_eq!(
             endpoint.local_addr().unwrap().port(),
             https.local_addr().unwrap().port()
@@ -867,7 +900,7 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = taken.local_addr().unwrap().port();
         let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let e = bind_quic_and_https(listen, None, tls())
+        let e = bind_quic_and_https(listen, None, tls(), [7; 32])
             .expect_err("TCP port taken")
             .to_string();
         assert!(e.contains("--https-listen"), "{e}");

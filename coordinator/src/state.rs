@@ -56,6 +56,8 @@ pub struct State {
     pub apps: Arc<Apps>,
     /// CI bindings.
     pub ci: Arc<CiBindings>,
+    /// Converges what runs to the records.
+    pub reconciler: Arc<crate::reconcile::Reconciler>,
     /// Fetches issuer keys and verifies CI tokens.
     pub oidc: Arc<OidcVerifier>,
     /// Routes and route OIDC providers.

@@ -224,6 +224,10 @@ interface Admin {
   # and after afterSeq (the follow cursor), of app ("" = any), whose action
   # is or is under one of actions (empty = all); at most limit lines (capped
   # at 5000); more when others matched.
+  drainRunner @27 (id :Text) -> (id :Text);
+  # Cordons the runner and moves its sandboxes to other ready runners, each
+  # old one stopping once its replacement is healthy; answers the runner's
+  # full id at once (follow with listRunners until it hosts none).
 }
 
 interface App {

@@ -151,13 +151,28 @@ pub fn server_config(tls: rustls::ServerConfig) -> anyhow::Result<quinn::ServerC
 }
 
 /// Binds a QUIC listener with the given rustls server configuration.
+///
+/// `reset_secret` keys the stateless resets the endpoint sends for packets
+/// of connections it does not know. Kept across restarts (the coordinator
+/// stores it in its data dir), it lets a restarted coordinator tell its
+/// peers at their next packet that their old connection is gone, so they
+/// reconnect at once instead of after the idle timeout.
 pub fn server_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
+    reset_secret: &[u8; 32],
 ) -> anyhow::Result<quinn::Endpoint> {
     let cfg = server_config(tls)?;
-    let endpoint = quinn::Endpoint::server(cfg, listen)
+    let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, reset_secret);
+    let socket = std::net::UdpSocket::bind(listen)
         .map_err(|e| anyhow::anyhow!("could not listen on UDP {listen}: {e}"))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::new(Arc::new(reset_key)),
+        Some(cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| anyhow::anyhow!("could not listen on UDP {listen}: {e}"))?;
     Ok(endpoint)
 }
 

@@ -69,6 +69,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     result
 }
 
+/// Why a 32-byte secret file could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("{path} is corrupt (expected 32 bytes); {remedy}")]
+    Corrupt { path: PathBuf, remedy: &'static str },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads the 32-byte secret at `path`, creating it (random, mode 0600,
+/// [`write_atomic`]) the first time. `remedy` tells the operator what
+/// deleting a corrupt one costs.
+pub fn secret_32(path: &Path, remedy: &'static str) -> Result<[u8; 32], SecretFileError> {
+    let io = |source| SecretFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::read(path) {
+        Ok(b) => <[u8; 32]>::try_from(b.as_slice()).map_err(|_| SecretFileError::Corrupt {
+            path: path.to_path_buf(),
+            remedy,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k: [u8; 32] = rand::random();
+            write_atomic(path, &k, 0o600).map_err(io)?;
+            Ok(k)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,6 +187,12 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                         v["message"].as_str().unwrap_or_default()
                     );
                 }
+                Some("superseded") => {
+                    session.close().await;
+                    bail!(
+                        "{app} {version} was superseded by a later deploy before it became active; see `miren app status -a {app}`"
+                    );
+                }
                 _ => {}
             }
             if tokio::time::Instant::now() >= deadline {
@@ -195,6 +201,21 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     })
+}
+
+/// A sandbox's state as `app status` shows it: what its runner reported,
+/// or `unknown since <time>` when nothing was reported on a live session.
+fn sandbox_state(s: &Value) -> String {
+    let state = s["state"].as_str().unwrap_or_default();
+    let shown = match (state, s["unknown_since_unix"].as_i64()) {
+        ("unknown", Some(since)) => format!("unknown since {}", output::time(Some(since))),
+        _ => state.to_string(),
+    };
+    if s["retiring"].as_bool() == Some(true) {
+        format!("{shown} (retiring)")
+    } else {
+        shown
+    }
 }
 
 async fn app_status(app: &schema::miren_capnp::app::Client) -> anyhow::Result<Value> {
@@ -280,7 +301,7 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                                     s["id"].as_str().unwrap_or_default().to_string(),
                                     s["version"].as_str().unwrap_or_default().to_string(),
                                     s["runner"].as_str().unwrap_or_default().to_string(),
-                                    s["state"].as_str().unwrap_or_default().to_string(),
+                                    sandbox_state(s),
                                     s["restarts"].to_string(),
                                     s["address"].as_str().unwrap_or_default().to_string(),
                                     s["last_exit"].as_str().unwrap_or_default().to_string(),

@@ -106,6 +106,15 @@ pub enum RunnerCmd {
     Cordon { id: String },
     /// Allow scheduling onto a runner again.
     Uncordon { id: String },
+    /// Move every sandbox off a runner with no loss of capacity (each old
+    /// one stops once its replacement on another runner is healthy), then
+    /// leave it cordoned. Returns when it hosts no sandbox.
+    Drain {
+        id: String,
+        /// Give up waiting after this long (the drain goes on).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -158,6 +167,7 @@ pub fn run(args: RunnerArgs, cluster: Option<&str>) -> anyhow::Result<()> {
         }),
         Some(RunnerCmd::Cordon { id }) => run_local(cordon(cluster, id, true)),
         Some(RunnerCmd::Uncordon { id }) => run_local(cordon(cluster, id, false)),
+        Some(RunnerCmd::Drain { id, timeout }) => run_local(drain(cluster, id, timeout)),
     }
 }
 
@@ -213,6 +223,54 @@ async fn cordon(cluster: Option<&str>, id: String, on: bool) -> anyhow::Result<(
     req.send().promise.await.map_err(remote)?;
     session.close().await;
     println!("Runner {id} {}", if on { "cordoned" } else { "uncordoned" });
+    Ok(())
+}
+
+async fn drain(
+    cluster: Option<&str>,
+    query: String,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let session = Session::open(resolve(cluster)?).await?;
+    let admin = session.admin().await?;
+    let mut req = admin.drain_runner_request();
+    req.get().set_id(&query);
+    let reply = req.send().promise.await.map_err(remote)?;
+    let id = reply.get()?.get_id()?.to_string()?;
+    eprintln!("Draining runner {id}: it is cordoned; its sandboxes move to other runners");
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = u32::MAX;
+    loop {
+        let reply = admin
+            .list_runners_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        let mut left = 0;
+        for r in reply.get()?.get_runners()? {
+            if r.get_id()?.to_str()? == id {
+                left = r.get_sandboxes();
+            }
+        }
+        if left == 0 {
+            break;
+        }
+        if left != last {
+            eprintln!("  {left} sandbox(es) still on {id}");
+            last = left;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            session.close().await;
+            anyhow::bail!(
+                "runner {id} still hosts {left} sandbox(es) after {}; the drain goes on (follow it with `miren runner list`); are other runners ready to take them?",
+                humantime::format_duration(timeout)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    session.close().await;
+    println!("Runner {id} drained and cordoned");
     Ok(())
 }
 

@@ -94,6 +94,13 @@ pub struct ServerArgs {
     /// Requests one app may have in flight on one runner through the ingress (tests lower it).
     #[arg(long, hide = true, default_value_t = coordinator::runner_streams::STREAMS_PER_APP, value_parser = positive_count)]
     ingress_streams_per_app: usize,
+    /// How long a runner may be down (or unheard from) before its
+    /// sandboxes are placed on other runners.
+    #[arg(long, default_value = "1m", value_parser = positive_duration)]
+    runner_grace: Duration,
+    /// How long a new version has to become healthy before it is failed.
+    #[arg(long, hide = true, default_value = "90s", value_parser = positive_duration)]
+    rollout_timeout: Duration,
     /// TCP address of the plain-HTTP metrics listener: /metrics
     /// (Prometheus), /healthz, /readyz (default: off; 127.0.0.1:0 with --dev).
     #[arg(long, value_name = "ADDR")]
@@ -218,6 +225,13 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             .metrics_listen
             .or_else(|| args.dev.then(|| SocketAddr::from(([127, 0, 0, 1], 0)))),
         observe: !args.no_observe,
+        reconcile: coordinator::reconcile::Settings {
+            timing: coordinator::converge::Timing {
+                rollout_timeout_secs: args.rollout_timeout.as_secs().max(1) as i64,
+                drain_secs: coordinator::apps::DRAIN.as_secs() as i64,
+            },
+            runner_grace: args.runner_grace,
+        },
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();

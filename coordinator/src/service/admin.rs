@@ -278,8 +278,8 @@ impl admin::Server for AdminService {
         let deleted = self
             .state
             .rt
-            .spawn(async move { state.apps.delete(&state.registry, &app).await });
-        joined(deleted).await?.map_err(app_err)
+            .spawn(async move { state.reconciler.delete_app(&app).await });
+        joined(deleted).await?.map_err(|e| failed(e.to_string()))
     }
 
     async fn create_join_token(
@@ -372,6 +372,23 @@ impl admin::Server for AdminService {
             .set_cordon(p.get_id()?.to_str()?, p.get_cordoned())
             .map_err(registry_err)?;
         self.state.observe.runner_cordoned(&self.actor, &record);
+        Ok(())
+    }
+
+    async fn drain_runner(
+        self: Rc<Self>,
+        params: admin::DrainRunnerParams,
+        mut results: admin::DrainRunnerResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let record = self
+            .state
+            .registry
+            .drain(p.get_id()?.to_str()?)
+            .map_err(registry_err)?;
+        self.state.observe.runner_cordoned(&self.actor, &record);
+        self.state.apps.waker().notify_one();
+        results.get().set_id(&record.id);
         Ok(())
     }
 

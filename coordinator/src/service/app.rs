@@ -64,11 +64,9 @@ impl app::Server for AppService {
             .state
             .apps
             .deploy(
-                &self.state.registry,
                 &self.app,
                 p.get_artifact_sha256()?.to_str()?,
                 services,
-                self.state.issuer.url.as_str().to_string(),
                 now_unix(),
             )
             .map_err(app_err)?;

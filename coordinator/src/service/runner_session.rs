@@ -39,6 +39,8 @@ impl RunnerSessionService {
             .connect(id, conn.clone(), tx, now_unix())
             .map_err(registry_err)?;
         tokio::task::spawn_local(state.tasks.track("runner commands", pump(agent, rx)));
+        // What it reported on earlier sessions no longer counts.
+        state.apps.reports().session_started(id, session);
         Ok(RunnerSessionService {
             state,
             id: id.to_string(),
@@ -90,6 +92,8 @@ pub async fn pump(agent: runner_agent::Client, mut rx: mpsc::UnboundedReceiver<R
 impl Drop for RunnerSessionService {
     fn drop(&mut self) {
         self.state.registry.disconnect(&self.id, self.session);
+        (self.state.apps.reports()).session_ended(&self.id, self.session, now_unix());
+        self.state.apps.waker().notify_one();
     }
 }
 
@@ -148,7 +152,13 @@ impl runner_session::Server for RunnerSessionService {
         };
         self.state
             .apps
-            .report(&self.id, r.get_id()?.to_str()?, report)
+            .report(
+                &self.id,
+                self.session,
+                r.get_id()?.to_str()?,
+                report,
+                now_unix(),
+            )
             .map_err(app_err)
     }
 
@@ -164,11 +174,20 @@ impl runner_session::Server for RunnerSessionService {
             isolation: s.get_isolation()?.to_string()?,
             limits: s.get_limits()?.to_string()?,
         };
+        let mut running = std::collections::BTreeSet::new();
+        if s.has_running() {
+            for id in s.get_running()? {
+                running.insert(id?.to_string()?);
+            }
+        }
+        let now = now_unix();
         let cordoned = self
             .state
             .registry
-            .heartbeat(&self.id, self.session, status, now_unix())
+            .heartbeat(&self.id, self.session, status, now)
             .map_err(registry_err)?;
+        (self.state.apps.reports()).inventory(&self.id, self.session, running, now);
+        self.state.apps.waker().notify_one();
         results.get().set_cordoned(cordoned);
         Ok(())
     }

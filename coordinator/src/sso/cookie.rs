@@ -109,19 +109,10 @@ pub(super) struct CookieKey(LessSafeKey);
 impl CookieKey {
     /// Loads the key from `path`, creating it once.
     pub(super) fn load_or_create(path: &Path) -> anyhow::Result<CookieKey> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) if b.len() == 32 => b,
-            Ok(_) => anyhow::bail!(
-                "{} is corrupt (expected 32 bytes); delete it to end every route OIDC session",
-                path.display()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let k: [u8; 32] = rand::random();
-                transport::files::write_atomic(path, &k, 0o600)?;
-                k.to_vec()
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let bytes = transport::files::secret_32(
+            path,
+            "delete it to end every route OIDC session",
+        )?;
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| anyhow::anyhow!("{}: not an AES-256 key", path.display()))?;
         Ok(CookieKey(LessSafeKey::new(key)))
