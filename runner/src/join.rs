@@ -70,7 +70,7 @@ pub async fn join(
         name: name.to_string(),
     };
     data.save_joined(&config, &cert_pem, &key_pem, &ca_pem)?;
-    conn.close(0u32.into(), b"joined");
+    conn.close(transport::close::CloseCode::Done.into(), b"joined");
     let _ = tokio::time::timeout(std::time::Duration::from_millis(50), endpoint.wait_idle()).await;
     Ok(config)
 }
