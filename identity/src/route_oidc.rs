@@ -43,9 +43,11 @@ use sha2::{Digest, Sha256};
 /// (see [`crate::headers`]).
 pub use crate::headers::HeaderFilter;
 use crate::headers::{normalise_header_name, same_header_name};
+use crate::names::{check_claim_name, ClaimNameError};
 
-/// Longest accepted claim name in a `--claim-header` mapping, in bytes.
-pub const MAX_CLAIM_NAME_LEN: usize = 128;
+/// Longest accepted claim name in a `--claim-header` mapping, in bytes
+/// (the one claim-name rule, [`crate::names::check_claim_name`]).
+pub use crate::names::MAX_CLAIM_NAME_LEN;
 /// Longest accepted header name in a `--claim-header` mapping, in bytes.
 pub const MAX_HEADER_NAME_LEN: usize = 128;
 /// Longest claim value, in bytes once rendered, that is passed to the app.
@@ -244,25 +246,22 @@ impl From<ClaimHeader> for String {
     }
 }
 
-fn check_claim_name(claim: &str) -> Result<(), ClaimHeaderError> {
-    if claim.is_empty() {
-        return Err(ClaimHeaderError::EmptyClaim);
+impl From<ClaimNameError> for ClaimHeaderError {
+    fn from(e: ClaimNameError) -> Self {
+        match e {
+            ClaimNameError::Empty => ClaimHeaderError::EmptyClaim,
+            ClaimNameError::TooLong { len, max } => ClaimHeaderError::ClaimTooLong { len, max },
+            ClaimNameError::BadChar {
+                claim,
+                ch,
+                position,
+            } => ClaimHeaderError::ClaimChar {
+                claim,
+                ch,
+                position,
+            },
+        }
     }
-    if claim.len() > MAX_CLAIM_NAME_LEN {
-        return Err(ClaimHeaderError::ClaimTooLong {
-            len: claim.len(),
-            max: MAX_CLAIM_NAME_LEN,
-        });
-    }
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-');
-    if let Some((position, ch)) = claim.chars().enumerate().find(|&(_, c)| !allowed(c)) {
-        return Err(ClaimHeaderError::ClaimChar {
-            claim: claim.to_owned(),
-            ch,
-            position,
-        });
-    }
-    Ok(())
 }
 
 fn check_header_name(header: &str) -> Result<(), ClaimHeaderError> {
@@ -604,7 +603,12 @@ pub enum RefreshError {
     /// OpenID Connect Core §12.2: the refreshed token must name the same
     /// user.
     #[error("the refreshed ID token names another user ({got:?}, the session is {expected:?})")]
-    OtherSubject { expected: String, got: String },
+    OtherSubject {
+        /// The session's `sub`.
+        expected: String,
+        /// The refreshed token's `sub`.
+        got: String,
+    },
     /// The session reached its cap; refreshing cannot extend it.
     #[error("the session has reached its longest lifetime; log in again")]
     SessionOver,
