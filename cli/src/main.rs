@@ -1,6 +1,9 @@
 //! `miren`: the one binary. `miren server` runs a coordinator; every other
 //! command is a client of one (see `config` for how the cluster is chosen).
 
+// No `unwrap`/`expect` outside tests: input never panics the CLI.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod appconfig;
 mod args;
 mod ci;

@@ -5,6 +5,8 @@
 //! these functions. Every time-dependent rule takes `now` as an argument.
 
 #![warn(missing_docs)]
+// No `unwrap`/`expect` outside tests: input never panics this crate.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod address;
 pub mod bindings;

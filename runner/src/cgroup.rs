@@ -1303,6 +1303,7 @@ fn read_pids(dir: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
 
 /// Whether `name` in `dir` is a regular file (not through a symlink).
 fn file_exists(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    // SAFETY: a plain C struct; all zeroes is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, NUL-terminated name, a stat buffer.
     let r = unsafe {
@@ -2286,13 +2287,10 @@ mod tests {
             assert!(most <= 32, "saw {most} tasks under a limit of 32");
             let escaped = members(&pids_dir);
             assert!(escaped.len() >= 16, "only {} sleeps running", escaped.len());
-            // SAFETY: getsid/getpgid only read.
-            let (sid, pgid) = unsafe {
-                (
-                    libc::getsid(escaped[0] as i32),
-                    libc::getpgid(escaped[0] as i32),
-                )
-            };
+            // SAFETY: getsid only reads.
+            let sid = unsafe { libc::getsid(escaped[0] as i32) };
+            // SAFETY: getpgid only reads.
+            let pgid = unsafe { libc::getpgid(escaped[0] as i32) };
             assert_eq!(sid, escaped[0] as i32, "setsid made its own session");
             assert_eq!(pgid, escaped[0] as i32, "and its own process group");
             let paths = sb.paths();

@@ -6,6 +6,9 @@
 //! crate cannot link `coordinator`. What operators see of it (metrics,
 //! readiness) is in [`metrics`].
 
+// No `unwrap`/`expect` outside tests: input never panics this crate.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agent;
 pub mod artifacts;
 pub mod backoff;

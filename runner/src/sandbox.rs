@@ -701,14 +701,15 @@ impl Launch {
                     .current_dir(&self.dirs.app);
                 // If the runner dies, its plain-process sandboxes die with
                 // it (bubblewrap does the same with --die-with-parent).
-                // SAFETY: prctl is async-signal-safe and touches no memory
-                // of the parent.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
-                    });
-                }
+                let die_with_parent = || {
+                    // SAFETY: prctl sets a flag of this (child) process and
+                    // touches no memory.
+                    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                    Ok(())
+                };
+                // SAFETY: the hook only calls prctl, which is
+                // async-signal-safe and touches no memory of the parent.
+                unsafe { cmd.pre_exec(die_with_parent) };
                 cmd
             }
             Isolation::Bwrap { miren, user } => {
@@ -739,29 +740,33 @@ impl Launch {
                 cmd.pre_exec(join);
             }
         }
-        // SAFETY: close_range and setrlimit are async-signal-safe system
-        // calls on this child's own descriptors and limits.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Nothing the runner holds leaks into the sandbox: every
-                // descriptor past stdio closes at exec (CLOEXEC rather than
-                // closing now, so the spawn's own error pipe still works).
+        let confine_descriptors = || {
+            // Nothing the runner holds leaks into the sandbox: every
+            // descriptor past stdio closes at exec (CLOEXEC rather than
+            // closing now, so the spawn's own error pipe still works).
+            // SAFETY: close_range only flags this child's own descriptors.
+            unsafe {
                 libc::syscall(
                     libc::SYS_close_range,
                     3u32,
                     u32::MAX,
                     libc::CLOSE_RANGE_CLOEXEC,
-                );
-                // A sandbox's processes hold few descriptors each; the
-                // runner's own raised limit is not theirs.
-                let lim = libc::rlimit {
-                    rlim_cur: SANDBOX_OPEN_FILES,
-                    rlim_max: SANDBOX_OPEN_FILES,
-                };
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                Ok(())
-            });
-        }
+                )
+            };
+            // A sandbox's processes hold few descriptors each; the
+            // runner's own raised limit is not theirs.
+            let lim = libc::rlimit {
+                rlim_cur: SANDBOX_OPEN_FILES,
+                rlim_max: SANDBOX_OPEN_FILES,
+            };
+            // SAFETY: setrlimit reads the struct we own and sets this
+            // child's own limit.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+            Ok(())
+        };
+        // SAFETY: the hook only makes the system calls above, which are
+        // async-signal-safe and touch no memory of the parent.
+        unsafe { cmd.pre_exec(confine_descriptors) };
         cmd
     }
 }
@@ -925,6 +930,8 @@ async fn supervise(
 async fn terminate(pid: Option<u32>, child: &mut tokio::process::Child) {
     if let Some(pid) = pid {
         // The service runs in its own process group: signal all of it.
+        // SAFETY: kill only sends a signal, to the group the sandbox's
+        // process leads (it was spawned with process_group(0)).
         unsafe {
             libc::kill(-(pid as i32), libc::SIGTERM);
         }
@@ -934,6 +941,7 @@ async fn terminate(pid: Option<u32>, child: &mut tokio::process::Child) {
         .is_err()
     {
         if let Some(pid) = pid {
+            // SAFETY: as above.
             unsafe {
                 libc::kill(-(pid as i32), libc::SIGKILL);
             }

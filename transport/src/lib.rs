@@ -9,6 +9,8 @@
 //! endpoints (metrics, health) both sides serve in [`ops`].
 
 #![warn(missing_docs)]
+// No `unwrap`/`expect` outside tests: input never panics this crate.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bounded;
 pub mod build_info;
