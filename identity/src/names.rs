@@ -117,7 +117,7 @@ pub fn check_name(kind: NameKind, name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { kind });
     }
     let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
-    if let Some((position, ch)) = name.chars().enumerate().find(|&(_, c)| !allowed(c)) {
+    if let Some((position, ch)) = first_refused(name, allowed) {
         return Err(NameError::BadChar {
             kind,
             name: name.to_owned(),
@@ -139,6 +139,12 @@ pub fn check_name(kind: NameKind, name: &str) -> Result<(), NameError> {
         });
     }
     Ok(())
+}
+
+/// The first character of `s` that `allowed` refuses, with its position
+/// counted in characters from 0.
+pub(crate) fn first_refused(s: &str, allowed: impl Fn(char) -> bool) -> Option<(usize, char)> {
+    s.chars().enumerate().find(|&(_, c)| !allowed(c))
 }
 
 /// Checks an app name ([`NameKind::App`]).
@@ -190,7 +196,7 @@ pub fn check_claim_name(claim: &str) -> Result<(), ClaimNameError> {
         });
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-');
-    if let Some((position, ch)) = claim.chars().enumerate().find(|&(_, c)| !allowed(c)) {
+    if let Some((position, ch)) = first_refused(claim, allowed) {
         return Err(ClaimNameError::BadChar {
             claim: claim.to_owned(),
             ch,

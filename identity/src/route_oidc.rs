@@ -43,7 +43,7 @@ use sha2::{Digest, Sha256};
 /// (see [`crate::headers`]).
 pub use crate::headers::HeaderFilter;
 use crate::headers::{normalise_header_name, same_header_name};
-use crate::names::{check_claim_name, ClaimNameError};
+use crate::names::{check_claim_name, first_refused, ClaimNameError};
 
 /// Longest accepted claim name in a `--claim-header` mapping, in bytes
 /// (the one claim-name rule, [`crate::names::check_claim_name`]).
@@ -98,30 +98,10 @@ pub enum ClaimHeaderError {
         /// The refused text.
         input: String,
     },
-    /// The claim name is empty.
-    #[error("claim header mapping has an empty claim name")]
-    EmptyClaim,
-    /// The claim name is longer than [`MAX_CLAIM_NAME_LEN`].
-    #[error("claim name is {len} bytes long; at most {max} are allowed")]
-    ClaimTooLong {
-        /// Length of the claim name, in bytes.
-        len: usize,
-        /// The limit, [`MAX_CLAIM_NAME_LEN`].
-        max: usize,
-    },
-    /// The claim name holds a character outside `[A-Za-z0-9_.:-]`.
-    #[error(
-        "claim name {claim:?} contains {ch:?} at position {position}; \
-         only letters, digits and `_ . : -` are allowed"
-    )]
-    ClaimChar {
-        /// The refused claim name.
-        claim: String,
-        /// The first offending character.
-        ch: char,
-        /// Its position, counted in characters from 0.
-        position: usize,
-    },
+    /// The claim name breaks the claim-name rule
+    /// ([`crate::names::check_claim_name`]).
+    #[error(transparent)]
+    Claim(#[from] ClaimNameError),
     /// The header name is empty.
     #[error("claim header mapping has an empty header name")]
     EmptyHeader,
@@ -246,24 +226,6 @@ impl From<ClaimHeader> for String {
     }
 }
 
-impl From<ClaimNameError> for ClaimHeaderError {
-    fn from(e: ClaimNameError) -> Self {
-        match e {
-            ClaimNameError::Empty => ClaimHeaderError::EmptyClaim,
-            ClaimNameError::TooLong { len, max } => ClaimHeaderError::ClaimTooLong { len, max },
-            ClaimNameError::BadChar {
-                claim,
-                ch,
-                position,
-            } => ClaimHeaderError::ClaimChar {
-                claim,
-                ch,
-                position,
-            },
-        }
-    }
-}
-
 fn check_header_name(header: &str) -> Result<(), ClaimHeaderError> {
     if header.is_empty() {
         return Err(ClaimHeaderError::EmptyHeader);
@@ -274,7 +236,7 @@ fn check_header_name(header: &str) -> Result<(), ClaimHeaderError> {
             max: MAX_HEADER_NAME_LEN,
         });
     }
-    if let Some((position, ch)) = header.chars().enumerate().find(|&(_, c)| !is_tchar(c)) {
+    if let Some((position, ch)) = first_refused(header, is_tchar) {
         return Err(ClaimHeaderError::HeaderChar {
             header: header.to_owned(),
             ch,
@@ -761,35 +723,38 @@ mod tests {
     fn claim_header_with_bad_claim_is_refused() {
         assert_eq!(
             ":X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::EmptyClaim)
+            Err(ClaimHeaderError::Claim(ClaimNameError::Empty))
         );
         assert_eq!(
             "e mail:X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimChar {
+            Err(ClaimHeaderError::Claim(ClaimNameError::BadChar {
                 claim: "e mail".into(),
                 ch: ' ',
                 position: 1
-            })
+            }))
         );
         assert!(matches!(
             "https://x/claims/email:X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimChar { ch: '/', .. })
+            Err(ClaimHeaderError::Claim(ClaimNameError::BadChar {
+                ch: '/',
+                ..
+            }))
         ));
         assert!(matches!(
             "émail:X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimChar {
+            Err(ClaimHeaderError::Claim(ClaimNameError::BadChar {
                 ch: 'é',
                 position: 0,
                 ..
-            })
+            }))
         ));
         let long = format!("{}:X-User", "c".repeat(MAX_CLAIM_NAME_LEN + 1));
         assert_eq!(
             long.parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimTooLong {
+            Err(ClaimHeaderError::Claim(ClaimNameError::TooLong {
                 len: MAX_CLAIM_NAME_LEN + 1,
                 max: MAX_CLAIM_NAME_LEN
-            })
+            }))
         );
     }
 

@@ -17,6 +17,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use transport::files::PathError;
+
 use crate::call::CallError;
 use crate::cgroup::SandboxCgroup;
 use crate::layout::{SandboxDirs, INSIDE_IDENTITY, TOKEN_FILE, TOKEN_SOCKET};
@@ -48,16 +50,8 @@ pub enum SandboxError {
     #[error(transparent)]
     Artifact(#[from] crate::artifacts::ArtifactError),
     /// A file or dir of the sandbox could not be made, opened or bound.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done (`creating`, `binding`, ...).
-        action: &'static str,
-        /// To what.
-        path: PathBuf,
-        /// Why it failed.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathError),
     /// The token endpoint or the service port could not be had.
     #[error("{what}: {source}")]
     Listen {
@@ -107,17 +101,6 @@ pub enum SandboxError {
     /// The shim is this binary, and it could not be found.
     #[error("locating the miren binary for the sandbox shim: {0}")]
     CurrentExe(#[source] std::io::Error),
-}
-
-fn io_at<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> SandboxError + 'a {
-    move |source| SandboxError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What the coordinator asked for.
@@ -448,8 +431,10 @@ impl Supervisor {
             .checkout(&spec.id, &spec.artifact, &*fetch)
             .await?;
         let dirs = SandboxDirs::new(&self.dir, &spec.id);
-        dirs.create().await.map_err(io_at("creating", &dirs.root))?;
-        let file = std::fs::File::open(&artifact).map_err(io_at("opening", &artifact))?;
+        dirs.create()
+            .await
+            .map_err(PathError::at("creating", &dirs.root))?;
+        let file = std::fs::File::open(&artifact).map_err(PathError::at("opening", &artifact))?;
         let dest = dirs.app.clone();
         tokio::task::spawn_blocking(move || {
             crate::unpack::unpack(file, &dest, &crate::unpack::Limits::default())
@@ -492,8 +477,8 @@ impl Supervisor {
             Isolation::Bwrap { .. } => {
                 // In the identity dir: the sandbox sees it read-only.
                 let sock = dirs.identity.join(TOKEN_SOCKET);
-                let listener =
-                    tokio::net::UnixListener::bind(&sock).map_err(io_at("binding", &sock))?;
+                let listener = tokio::net::UnixListener::bind(&sock)
+                    .map_err(PathError::at("binding", &sock))?;
                 let ep = tokens::serve(
                     listener,
                     spec.id.clone(),

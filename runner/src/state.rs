@@ -18,16 +18,8 @@ use transport::tls::ClientIdentity;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// A file could not be read, written or made.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done (`reading`, `writing`, `creating`).
-        action: &'static str,
-        /// The file or dir.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] files::PathError),
     /// `runner.json` is not what this runner writes.
     #[error("{} is corrupt: {source}", path.display())]
     CorruptConfig {
@@ -72,17 +64,6 @@ pub enum IdentityPemError {
     /// The certificate or the key does not parse.
     #[error(transparent)]
     Pem(#[from] pki::PkiError),
-}
-
-fn io_at<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-    move |source| StateError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// `runner.json`.
@@ -146,7 +127,8 @@ impl DataDir {
     /// Loads the identity; every failure names the file.
     pub fn load(&self) -> Result<Identity, StateError> {
         let cfg_path = self.config_path();
-        let text = std::fs::read_to_string(&cfg_path).map_err(io_at("reading", &cfg_path))?;
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(files::PathError::at("reading", &cfg_path))?;
         let config: RunnerConfig =
             serde_json::from_str(&text).map_err(|source| StateError::CorruptConfig {
                 path: cfg_path.clone(),
@@ -161,7 +143,8 @@ impl DataDir {
                     source,
                 })?;
         let id_path = self.identity_path();
-        let pem = std::fs::read_to_string(&id_path).map_err(io_at("reading", &id_path))?;
+        let pem =
+            std::fs::read_to_string(&id_path).map_err(files::PathError::at("reading", &id_path))?;
         let (cert_pem, key_pem) =
             split_identity(&pem).map_err(|source| StateError::CorruptIdentity {
                 path: id_path.clone(),
@@ -184,20 +167,26 @@ impl DataDir {
         key_pem: &str,
         ca_pem: &str,
     ) -> Result<(), StateError> {
-        files::ensure_private_dir(&self.dir).map_err(io_at("creating", &self.dir))?;
+        files::ensure_private_dir(&self.dir)
+            .map_err(files::PathError::at("creating", &self.dir))?;
         self.save_identity(cert_pem, key_pem)?;
         let ca = self.dir.join("ca.crt");
-        files::write_atomic(&ca, ca_pem.as_bytes(), 0o644).map_err(io_at("writing", &ca))?;
+        files::write_atomic(&ca, ca_pem.as_bytes(), 0o644)
+            .map_err(files::PathError::at("writing", &ca))?;
         let json = serde_json::to_vec_pretty(config).map_err(StateError::Encode)?;
         let cfg_path = self.config_path();
-        files::write_atomic(&cfg_path, &json, 0o600).map_err(io_at("writing", &cfg_path))
+        files::write_atomic(&cfg_path, &json, 0o600)
+            .map_err(files::PathError::at("writing", &cfg_path))?;
+        Ok(())
     }
 
     /// Replaces the certificate and key together.
     pub fn save_identity(&self, cert_pem: &str, key_pem: &str) -> Result<(), StateError> {
         let both = format!("{}\n{}", cert_pem.trim_end(), key_pem);
         let path = self.identity_path();
-        files::write_atomic(&path, both.as_bytes(), 0o600).map_err(io_at("writing", &path))
+        files::write_atomic(&path, both.as_bytes(), 0o600)
+            .map_err(files::PathError::at("writing", &path))?;
+        Ok(())
     }
 }
 
