@@ -192,14 +192,7 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<AppConfig> {
         let header = format!("[services.{name}]");
         let line = line_of(text, &header);
         let at = |msg: String| anyhow!("{}:{line}: {header}: {msg}", path.display());
-        if name.is_empty()
-            || name.len() > 30
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return Err(at("service names are 1-30 of [a-z0-9-]".into()));
-        }
+        identity::check_name(identity::NameKind::Service, &name).map_err(|e| at(e.to_string()))?;
         let command = s.command.filter(|c| !c.trim().is_empty()).ok_or_else(|| {
             at("command is required (e.g. command = \"python3 server.py\")".into())
         })?;

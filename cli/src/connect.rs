@@ -139,7 +139,8 @@ impl Session {
 
     /// Closes the connection and lets it drain.
     pub async fn close(self) {
-        self.conn.close(0u32.into(), b"done");
+        self.conn
+            .close(transport::close::CloseCode::Done.into(), b"done");
         let _ = tokio::time::timeout(
             std::time::Duration::from_millis(500),
             self.endpoint.wait_idle(),

@@ -1,7 +1,11 @@
 //! `miren`: the one binary. `miren server` runs a coordinator; every other
 //! command is a client of one (see `config` for how the cluster is chosen).
 
+// No `unwrap`/`expect` outside tests: input never panics the CLI.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod appconfig;
+mod args;
 mod ci;
 mod cmd;
 mod config;
@@ -153,7 +157,8 @@ fn main() {
         // Error texts carry the server's messages (and through them a
         // failed rollout's last log lines): escaped like everything else
         // printed from the cluster.
-        eprintln!("error: {}", output::terminal_safe_lines(&format!("{e:#}")));
+        let chain = transport::report::Chain(e.as_ref()).to_string();
+        eprintln!("error: {}", output::terminal_safe_lines(&chain));
         std::process::exit(1);
     }
 }

@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{is_sha256_hex, ArtifactError, ArtifactStore, Upload, UploadLimits};
-pub use crate::runners::ResourceLimits;
 use crate::converge::VersionState;
 pub use crate::observed::SandboxReport;
 use crate::observed::{Observed, Seen};
+pub use crate::runners::ResourceLimits;
 use crate::runners::{Registry, RunnerCommand, SendError};
 use crate::shutdown::Tasks;
 use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
@@ -485,13 +485,7 @@ impl Apps {
             .sandboxes()
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| {
-                s.app == app
-                    && self
-                        .observed
-                        .healthy_address(&s.runner, &s.id)
-                        .is_some()
-            })
+            .filter(|s| s.app == app && self.observed.healthy_address(&s.runner, &s.id).is_some())
             .collect();
         let of_active: Vec<SandboxRecord> = healthy
             .iter()

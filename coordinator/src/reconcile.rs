@@ -278,10 +278,8 @@ impl Reconciler {
         let by_app: HashMap<&str, &AppRecord> =
             apps.iter().map(|a| (a.rec.name.as_str(), &a.rec)).collect();
         for r in &runners {
-            let assigned: Vec<&Read<SandboxRecord>> = sandboxes
-                .iter()
-                .filter(|s| s.rec.runner == r.id)
-                .collect();
+            let assigned: Vec<&Read<SandboxRecord>> =
+                sandboxes.iter().filter(|s| s.rec.runner == r.id).collect();
             if r.lost {
                 // Nothing to wait for: retired records there go now.
                 let gone: Vec<&Read<SandboxRecord>> = assigned
@@ -310,8 +308,11 @@ impl Reconciler {
                         self.command(&r.id, id, true, |tx| RunnerCommand::Stop(sid, tx));
                     }
                     RunnerStep::Forget(id) => {
-                        let gone: Vec<&Read<SandboxRecord>> =
-                            assigned.iter().copied().filter(|s| s.rec.id == id).collect();
+                        let gone: Vec<&Read<SandboxRecord>> = assigned
+                            .iter()
+                            .copied()
+                            .filter(|s| s.rec.id == id)
+                            .collect();
                         self.forget(&gone)?;
                     }
                 }
@@ -556,7 +557,11 @@ impl Reconciler {
                 continue;
             }
             let mut rec = app.rec.clone();
-            for v in rec.versions.iter_mut().filter(|v| deploying.contains(&v.id)) {
+            for v in rec
+                .versions
+                .iter_mut()
+                .filter(|v| deploying.contains(&v.id))
+            {
                 v.state = VersionState::Failed.as_str().into();
                 v.message = INTERRUPTED.into();
             }
@@ -586,7 +591,10 @@ impl Reconciler {
                     stops.extend(mine.iter().map(|s| s.rec.clone()));
                 }
                 Ok(Outcome::ConditionFailed) => {
-                    tracing::warn!("{}: changed during shutdown; its rollout resumes at the next start", rec.name)
+                    tracing::warn!(
+                        "{}: changed during shutdown; its rollout resumes at the next start",
+                        rec.name
+                    )
                 }
                 Err(e) => tracing::error!("recording the interrupted rollout of {}: {e}", rec.name),
             }
@@ -625,10 +633,7 @@ impl Reconciler {
                     .push(Condition::ModRevision(sandbox_key(&s.rec.id), s.rev));
                 txn.ops.push(Op::Delete(sandbox_key(&s.rec.id)));
             }
-            let routes = self
-                .routes
-                .list()
-                .map_err(|e| AppError::Invalid(e.to_string()))?;
+            let routes = self.routes.list().map_err(AppError::Invalid)?;
             for r in routes.iter().filter(|r| r.app == name) {
                 txn.ops.push(Op::Delete(route_key(&r.host)));
             }

@@ -584,10 +584,7 @@ impl Coordinator {
         );
         // The reconcile loop ends its shutdown with the rollouts: it records
         // what was interrupted while runner connections are still open.
-        tasks.spawn(
-            crate::shutdown::ROLLOUT,
-            state.reconciler.clone().run(),
-        );
+        tasks.spawn(crate::shutdown::ROLLOUT, state.reconciler.clone().run());
         // Unless `--dev` already started it with its runner's metrics.
         self.serve_metrics_with(vec![], vec![]);
         let state = &self.state;
@@ -888,7 +885,8 @@ mod tests {
     #[tokio::test]
     async fn https_shares_the_quic_port_by_default() {
         let (endpoint, https) =
-            bind_quic_and_https("127.0.0.1:0".parse().unwrap(), None, tls(), [7; 32]).expect("bind");
+            bind_quic_and_https("127.0.0.1:0".parse().unwrap(), None, tls(), [7; 32])
+                .expect("bind");
         assert_eq!(
             endpoint.local_addr().unwrap().port(),
             https.local_addr().unwrap().port()

@@ -77,21 +77,30 @@ impl FromStr for Fingerprint {
 /// Why an address or fingerprint was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
+    /// Nothing was given.
     #[error("cluster address is empty: expected host:port;sha1:<40 hex digits>")]
     Empty,
+    /// The host before the port is empty; holds the address.
     #[error("cluster address {0:?} has no host: expected host:port;sha1:<40 hex digits>")]
     MissingHost(String),
     #[error(
         "cluster address {0:?} has an invalid host: use a DNS name, an IPv4 address or [IPv6]"
     )]
+    /// The host is neither a DNS name, an IPv4 address nor a bracketed
+    /// IPv6 address; holds the host.
     BadHost(String),
     #[error("cluster address has an invalid port {0:?}: expected a number from 1 to 65535")]
+    /// The port is not a number from 1 to 65535 (an empty one included);
+    /// holds the port text.
     BadPort(String),
+    /// Nothing follows the `;`.
     #[error("cluster address has an empty fingerprint after ';': expected sha1:<40 hex digits> (see `miren cluster export-address`)")]
     EmptyFingerprint,
     #[error("fingerprint {0:?} is not 40 hex digits: expected sha1:<40 hex digits> (see `miren cluster export-address`)")]
+    /// The fingerprint is not 40 hex digits; holds it.
     BadFingerprint(String),
     #[error("fingerprint digest {0:?} is not supported: only sha1 is")]
+    /// The fingerprint names a digest other than `sha1`; holds its name.
     UnsupportedDigest(String),
 }
 

@@ -49,8 +49,9 @@ pub const EVENT_NAME_CLAIM: &str = "event_name";
 pub const REF_CLAIM: &str = "ref";
 /// Claim naming the `OWNER/REPO` of the run.
 pub const REPOSITORY_CLAIM: &str = "repository";
-/// Longest accepted claim name.
-pub const MAX_CLAIM_NAME_LEN: usize = 128;
+/// Longest accepted claim name (the one claim-name rule,
+/// [`crate::names::check_claim_name`]).
+pub use crate::names::MAX_CLAIM_NAME_LEN;
 
 /// Why a binding or condition was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,20 +106,17 @@ pub enum BindingError {
 }
 
 /// A claim that must match one of several glob patterns.
+///
+/// Read as JSON from the CLI (inside a [`Binding`]) and from the store:
+/// an unknown member (a misspelt `pattern`) is refused rather than
+/// dropped, which would silently widen the condition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Condition {
     /// The claim name, such as `event_name` or `ref`.
     pub claim: String,
     /// Glob patterns, any of which may match (OR).
     pub patterns: Vec<String>,
-}
-
-fn valid_claim_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_CLAIM_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
 /// A condition with its patterns compiled.
@@ -173,7 +171,7 @@ impl Condition {
 
     /// Checks the claim name and compiles every pattern.
     fn compile(&self) -> Result<CompiledCondition, BindingError> {
-        if !valid_claim_name(&self.claim) {
+        if crate::names::check_claim_name(&self.claim).is_err() {
             return Err(BindingError::BadClaimName(self.claim.clone()));
         }
         if self.patterns.is_empty() {
@@ -212,7 +210,12 @@ impl fmt::Display for Condition {
 /// Build one with [`Binding::github`] or [`Binding::generic`], which check
 /// every rule; a binding read back from storage is checked again by
 /// [`Binding::validate`] or when it enters a [`BindingSet`].
+///
+/// Its JSON is what `Admin.addCiBinding` takes and what the store keeps:
+/// an unknown member (a misspelt `conditions`) is refused, never dropped.
+/// Every field serialises, so what is written reads back.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Binding {
     /// Unique id, used by `miren auth ci remove`.
     pub id: String,
@@ -747,6 +750,27 @@ mod tests {
 
     fn set(bindings: Vec<Binding>) -> BindingSet {
         BindingSet::from_bindings(bindings).expect("set")
+    }
+
+    #[test]
+    fn binding_json_round_trips_and_refuses_unknown_members() {
+        let b = Binding::github("b1", "web", "acme/web-app", None, Some("push"), None, "d")
+            .expect("binding");
+        let text = serde_json::to_string(&b).expect("serialise");
+        assert_eq!(serde_json::from_str::<Binding>(&text).expect("read"), b);
+        // A misspelt member would otherwise be dropped: conditions lost,
+        // the binding wider than asked.
+        let mut v: Value = serde_json::from_str(&text).expect("json");
+        v["condition"] = v["conditions"].take();
+        v.as_object_mut().expect("object").remove("conditions");
+        assert!(serde_json::from_value::<Binding>(v).is_err());
+        let mut v: Value = serde_json::from_str(&text).expect("json");
+        v["conditions"][0]["pattern"] = serde_json::json!(["*"]);
+        assert!(serde_json::from_value::<Binding>(v).is_err());
+        // Members with defaults may still be left out.
+        let mut v: Value = serde_json::from_str(&text).expect("json");
+        v.as_object_mut().expect("object").remove("description");
+        assert!(serde_json::from_value::<Binding>(v).is_ok());
     }
 
     #[test]

@@ -23,6 +23,13 @@
 //! rate-limited refetch is left for tokens a new key of the issuer could
 //! have signed. An issuer that moves to another algorithm is picked up by
 //! the regular refresh of its keys instead.
+//!
+//! [`peek_claims`] reads only the payload, for the IO crates' uses that
+//! trust nothing in it: when a token the runner was handed expires, what a
+//! refused CI token claimed (for the audit trail). With [`inspect`] it is
+//! the only reader of a payload whose signature was not checked.
+//!
+//! [`MAX_TOKEN_BYTES`]: crate::verify::MAX_TOKEN_BYTES
 
 use std::str::FromStr;
 
@@ -30,9 +37,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
 use crate::keys::Algorithm;
+use serde_json::{Map, Value};
+
 use crate::verify::{
-    decode_header, parse_strict_object, string_claim, KeySet, MalformedToken, StrictError,
-    VerifyError, MAX_TOKEN_BYTES,
+    decode_claims, decode_header, split_compact, string_claim, KeySet, MalformedToken, VerifyError,
 };
 
 /// Why a token was refused before any key was looked at.
@@ -97,20 +105,7 @@ fn plausible_signature_len(alg: Algorithm, len: usize) -> bool {
 /// Reads what `token` claims, refusing a token nobody could have signed
 /// (see the module docs). Does not verify anything.
 pub fn inspect(token: &str) -> Result<UnverifiedToken, InspectError> {
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(VerifyError::TooLarge {
-            len: token.len(),
-            max: MAX_TOKEN_BYTES,
-        }
-        .into());
-    }
-    let parts = token.bytes().filter(|b| *b == b'.').count() + 1;
-    let mut split = token.splitn(3, '.');
-    let (Some(header_b64), Some(payload_b64), Some(signature_b64), 3) =
-        (split.next(), split.next(), split.next(), parts)
-    else {
-        return Err(VerifyError::Malformed(MalformedToken::PartCount(parts)).into());
-    };
+    let [header_b64, payload_b64, signature_b64] = split_compact(token)?;
     let header = decode_header(header_b64)?;
     let alg = Algorithm::from_str(&header.alg)
         .map_err(|_| InspectError::UnsupportedAlgorithm(header.alg.clone()))?;
@@ -124,16 +119,7 @@ pub fn inspect(token: &str) -> Result<UnverifiedToken, InspectError> {
             len: signature_len,
         });
     }
-    let payload = URL_SAFE_NO_PAD
-        .decode(payload_b64)
-        .map_err(|_| VerifyError::Malformed(MalformedToken::PayloadEncoding))?;
-    let claims = match parse_strict_object(&payload) {
-        Ok(claims) => claims,
-        Err(StrictError::Duplicate(name)) => return Err(VerifyError::DuplicateClaim(name).into()),
-        Err(StrictError::Json(e)) => {
-            return Err(VerifyError::Malformed(MalformedToken::PayloadJson(e)).into())
-        }
-    };
+    let claims = decode_claims(payload_b64)?;
     let issuer = string_claim(&claims, "iss")?.to_string();
     Ok(UnverifiedToken {
         alg,
@@ -141,6 +127,20 @@ pub fn inspect(token: &str) -> Result<UnverifiedToken, InspectError> {
         issuer,
         signature_len,
     })
+}
+
+/// The claims `token`'s payload carries, read without verifying anything:
+/// for deciding what to do with a token before (or without) trusting it,
+/// such as when a token we were handed expires or what a refused CI token
+/// claimed, for the audit trail. Never a reason to trust a claim.
+///
+/// The token must be at most [`MAX_TOKEN_BYTES`](crate::verify::MAX_TOKEN_BYTES), three dot-separated
+/// parts, and its payload base64url of a JSON object without repeated
+/// members (the rules of [`crate::verify`]); the header and signature are
+/// not looked at.
+pub fn peek_claims(token: &str) -> Result<Map<String, Value>, VerifyError> {
+    let [_, payload_b64, _] = split_compact(token)?;
+    decode_claims(payload_b64)
 }
 
 impl UnverifiedToken {
@@ -162,6 +162,7 @@ impl UnverifiedToken {
 mod tests {
     use super::*;
     use crate::keys::{PublicKey, SigningKeyPair};
+    use crate::verify::MAX_TOKEN_BYTES;
     use serde_json::json;
 
     fn b64(v: &serde_json::Value) -> String {
@@ -188,6 +189,50 @@ mod tests {
     fn rsa_keys() -> KeySet {
         let pair = SigningKeyPair::generate().expect("RSA key");
         KeySet::from_keys([pair.public_key().clone()]).expect("key set")
+    }
+
+    #[test]
+    fn peeking_reads_the_payload_and_nothing_else() {
+        // The header and signature are not looked at: a token we were
+        // handed (or a refused one) still shows what it claims.
+        let claims = peek_claims(&format!(
+            "h.{}.s",
+            b64(&json!({"iat": 10, "exp": 610, "iss": "i"}))
+        ))
+        .expect("payload");
+        assert_eq!(claims.get("exp").and_then(Value::as_i64), Some(610));
+        assert_eq!(claims.get("iss").and_then(Value::as_str), Some("i"));
+        assert_eq!(
+            peek_claims(&rs256("k1"))
+                .expect("payload")
+                .get("sub")
+                .and_then(Value::as_str),
+            Some("x")
+        );
+        // The payload rules are verification's.
+        assert_eq!(
+            peek_claims("a.b"),
+            Err(VerifyError::Malformed(MalformedToken::PartCount(2)))
+        );
+        assert_eq!(
+            peek_claims("h.!.s"),
+            Err(VerifyError::Malformed(MalformedToken::PayloadEncoding))
+        );
+        assert_eq!(
+            peek_claims(&format!(
+                "h.{}.s",
+                URL_SAFE_NO_PAD.encode(r#"{"a":1,"a":2}"#)
+            )),
+            Err(VerifyError::DuplicateClaim("a".into()))
+        );
+        assert!(matches!(
+            peek_claims(&format!("h.{}.s", b64(&json!([1])))),
+            Err(VerifyError::Malformed(MalformedToken::PayloadJson(_)))
+        ));
+        assert!(matches!(
+            peek_claims(&"a.b.".repeat(MAX_TOKEN_BYTES)),
+            Err(VerifyError::TooLarge { .. })
+        ));
     }
 
     #[test]

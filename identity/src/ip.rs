@@ -164,12 +164,26 @@ pub struct IpCidr {
 /// Why a CIDR was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
+    /// The address part is not an IP address; holds the input.
     #[error("{0:?} is not an IP address or ADDR/LEN range")]
     BadAddress(String),
+    /// The prefix length is not a number up to the family's bits.
     #[error("{input:?}: prefix length must be a number up to {max}")]
-    BadLength { input: String, max: u8 },
+    BadLength {
+        /// The refused input.
+        input: String,
+        /// The family's address length in bits (32 or 128).
+        max: u8,
+    },
+    /// The address has bits set past its prefix, so the range meant is
+    /// unclear.
     #[error("{input:?} has bits set after its prefix; did you mean {suggestion}?")]
-    HostBits { input: String, suggestion: IpCidr },
+    HostBits {
+        /// The refused input.
+        input: String,
+        /// The range with those bits cleared.
+        suggestion: IpCidr,
+    },
 }
 
 impl IpCidr {
@@ -287,7 +301,9 @@ pub struct AddressPolicy {
 /// An address the policy refuses, with the range it is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
+    /// The refused address.
     pub ip: IpAddr,
+    /// The range it is in.
     pub class: AddressClass,
 }
 
@@ -298,11 +314,6 @@ impl AddressPolicy {
             allow_loopback,
             allow,
         }
-    }
-
-    /// Whether loopback addresses are allowed.
-    pub fn allows_loopback(&self) -> bool {
-        self.allow_loopback
     }
 
     /// Whether `ip` may be contacted; else the class that refused it.

@@ -28,14 +28,20 @@ pub const MAX_TOKEN_LEN: usize = 2048;
 /// see; they never say whether a token id exists.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinRefusal {
+    /// No code was presented.
     #[error("join code is required")]
     Missing,
+    /// The text is not a join code.
     #[error("invalid join code format")]
     BadFormat,
+    /// No code has this id, or its secret is wrong (the two are not told
+    /// apart).
     #[error("invalid or expired join code")]
     Unknown,
+    /// A one-time code was used already, or the code was revoked.
     #[error("join code has already been used or revoked")]
     UsedOrRevoked,
+    /// The code's lifetime is over.
     #[error("join code has expired")]
     Expired,
 }
@@ -43,10 +49,13 @@ pub enum JoinRefusal {
 /// Why a token could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinTokenTtlError {
+    /// A lifetime under one second.
     #[error("join code lifetime must be at least 1s")]
     TooShort,
+    /// A one-time code asked to live longer than 168 h.
     #[error("a one-time join code lives at most 168h; use a shorter --ttl")]
     OneTimeTooLong,
+    /// A reusable code asked to live longer than 8760 h.
     #[error("a reusable join code lives at most 8760h; use a shorter --ttl")]
     ReusableTooLong,
 }
@@ -169,14 +178,20 @@ pub fn secret_hash(secret: &[u8; 32]) -> String {
 /// What the store keeps of a token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
+    /// The code's id (public: it names the code in listings and in the
+    /// code itself).
     pub id: String,
     /// Hex SHA-256 of the secret.
     pub secret_sha256: String,
+    /// When it was created, in Unix seconds.
     pub created_unix: i64,
+    /// When it stops being accepted, in Unix seconds.
     pub expires_unix: i64,
+    /// Whether several runners may join with it.
     pub reusable: bool,
     /// Successful enrollments.
     pub uses: u32,
+    /// Whether an operator revoked it.
     pub revoked: bool,
     /// Name given to runners that join with it (when they give none).
     #[serde(default)]
@@ -189,13 +204,18 @@ pub struct JoinTokenRecord {
 /// State of a token at some moment, for listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinTokenState {
+    /// It would be accepted now.
     Valid,
+    /// A one-time code that enrolled its runner.
     Used,
+    /// An operator revoked it.
     Revoked,
+    /// Its lifetime is over.
     Expired,
 }
 
 impl JoinTokenState {
+    /// The word listings show: `valid`, `used`, `revoked`, `expired`.
     pub fn as_str(self) -> &'static str {
         match self {
             JoinTokenState::Valid => "valid",

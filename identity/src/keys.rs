@@ -162,7 +162,7 @@ pub enum KeyError {
     Generate(String),
     /// The PEM text is not a PKCS#8 private key.
     #[error("signing key is not a valid PKCS#8 PEM private key: {0}")]
-    BadPem(String),
+    BadPem(#[source] PemError),
     /// The DER bytes are not a PKCS#8 private key of the expected type.
     #[error("signing key is not a valid PKCS#8 {expected} private key: {reason}")]
     BadPrivateKey {
@@ -173,7 +173,7 @@ pub enum KeyError {
     },
     /// Encoding a key failed.
     #[error("could not encode key: {0}")]
-    Encode(String),
+    Encode(#[source] EncodeError),
     /// The RSA modulus is outside the accepted size.
     #[error("RSA key of {bits} bits refused: {min}..={max} bits required")]
     RsaKeySize {
@@ -214,6 +214,31 @@ pub enum KeyError {
     /// A kid does not match `[A-Za-z0-9_-]{1,128}`.
     #[error("key id {0:?} refused: it must be 1 to 128 characters of A-Z a-z 0-9 _ -")]
     BadKid(String),
+}
+
+/// Why PEM text holds no PKCS#8 private key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PemError {
+    /// The text is not a PEM document (or its base64 or DER is broken).
+    #[error(transparent)]
+    Decode(#[from] rsa::pkcs8::der::Error),
+    /// The PEM block is not labelled `PRIVATE KEY`.
+    #[error("expected a \"PRIVATE KEY\" PEM block, found {0:?}")]
+    Label(String),
+}
+
+/// Why a key could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// As PKCS#8 DER.
+    #[error(transparent)]
+    Pkcs8(#[from] rsa::pkcs8::Error),
+    /// Its public half as SPKI DER.
+    #[error(transparent)]
+    Spki(#[from] rsa::pkcs8::spki::Error),
+    /// As PEM.
+    #[error(transparent)]
+    Pem(#[from] rsa::pkcs8::der::Error),
 }
 
 /// Whether `kid` matches `[A-Za-z0-9_-]{1,128}`, the only key ids this crate
@@ -589,13 +614,11 @@ impl SigningKeyPair {
                 max: MAX_RSA_BITS,
             });
         }
-        let pkcs8 = key
-            .to_pkcs8_der()
-            .map_err(|e| KeyError::Encode(e.to_string()))?;
+        let pkcs8 = key.to_pkcs8_der().map_err(|e| KeyError::Encode(e.into()))?;
         let public = key.to_public_key();
         let spki = public
             .to_public_key_der()
-            .map_err(|e| KeyError::Encode(e.to_string()))?;
+            .map_err(|e| KeyError::Encode(e.into()))?;
         let public = PublicKey::new(
             kid_for_spki_der(spki.as_bytes()),
             Algorithm::RS256,
@@ -611,7 +634,7 @@ impl SigningKeyPair {
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
         self.pkcs8
             .to_pem("PRIVATE KEY", LineEnding::LF)
-            .map_err(|e| KeyError::Encode(e.to_string()))
+            .map_err(|e| KeyError::Encode(EncodeError::Pem(e)))
     }
 
     /// The private key as PKCS#8 DER.
@@ -631,12 +654,9 @@ impl SigningKeyPair {
 }
 
 fn pkcs8_pem_to_der(pem: &str) -> Result<SecretDocument, KeyError> {
-    let (label, doc) =
-        SecretDocument::from_pem(pem).map_err(|e| KeyError::BadPem(e.to_string()))?;
+    let (label, doc) = SecretDocument::from_pem(pem).map_err(|e| KeyError::BadPem(e.into()))?;
     if label != "PRIVATE KEY" {
-        return Err(KeyError::BadPem(format!(
-            "expected a \"PRIVATE KEY\" PEM block, found {label:?}"
-        )));
+        return Err(KeyError::BadPem(PemError::Label(label.to_string())));
     }
     Ok(doc)
 }

@@ -4,6 +4,10 @@
 //! (`transport`, `coordinator`, `runner`, `cli`) translate between the wire and
 //! these functions. Every time-dependent rule takes `now` as an argument.
 
+#![warn(missing_docs)]
+// No `unwrap`/`expect` outside tests: input never panics this crate.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod address;
 pub mod bindings;
 pub mod claims;
@@ -15,6 +19,7 @@ pub mod ip;
 pub mod join_token;
 pub mod keys;
 pub mod mint;
+pub mod names;
 pub mod renewal;
 pub mod route_oidc;
 pub mod used_states;
@@ -31,10 +36,13 @@ pub use claims::{
 };
 pub use documents::{DiscoveryDocument, DiscoveryError, IssuerUrl, IssuerUrlError, Jwks};
 pub use glob::{Glob, GlobError};
-pub use inspect::{inspect, InspectError, KidLookup, UnverifiedToken};
+pub use inspect::{inspect, peek_claims, InspectError, KidLookup, UnverifiedToken};
 pub use ip::{classify, is_public, AddressClass, AddressPolicy, CidrError, IpCidr, Refused};
 pub use keys::{Algorithm, Jwk, JwkError, KeyError, KeyMaterial, PublicKey, SigningKeyPair};
 pub use mint::{MintError, Minter};
+pub use names::{
+    check_app_name, check_claim_name, check_name, ClaimNameError, NameError, NameKind,
+};
 pub use used_states::{StateRefusal, UsedStates};
 pub use verify::{
     KeySet, KeySetError, MalformedToken, VerifiedToken, Verifier, VerifyError, DEFAULT_LEEWAY_SECS,

@@ -18,11 +18,11 @@ use crate::claims::WorkloadClaims;
 use crate::keys::SigningKeyPair;
 
 /// Why a token could not be minted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MintError {
     /// aws-lc-rs refused the private key.
     #[error("signing key refused by aws-lc-rs: {0}")]
-    KeyRejected(String),
+    KeyRejected(#[source] aws_lc_rs::error::KeyRejected),
     /// The claims could not be serialised to JSON.
     #[error("could not serialise claims: {0}")]
     Serialize(String),
@@ -33,6 +33,9 @@ pub enum MintError {
     #[error("RSA signing failed")]
     Signing,
 }
+
+// `KeyRejected` compares its static description only, an equivalence.
+impl Eq for MintError {}
 
 /// Signs JWTs with one RSA key: header `{"alg":"RS256","kid":..,"typ":"JWT"}`.
 ///
@@ -62,8 +65,7 @@ struct Header<'a> {
 impl Minter {
     /// A minter for `key`, parsing its PKCS#8 DER once.
     pub fn new(key: &SigningKeyPair) -> Result<Self, MintError> {
-        let pair = RsaKeyPair::from_pkcs8(key.pkcs8_der())
-            .map_err(|e| MintError::KeyRejected(e.to_string()))?;
+        let pair = RsaKeyPair::from_pkcs8(key.pkcs8_der()).map_err(MintError::KeyRejected)?;
         let header = serde_json::to_vec(&Header {
             alg: "RS256",
             kid: key.kid(),

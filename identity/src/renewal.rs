@@ -24,13 +24,24 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Renewal {
     /// Keep it; the rule asks for a renewal from `due_at` (Unix seconds) on.
-    Keep { due_at: i64 },
+    Keep {
+        /// When a renewal becomes due, in Unix seconds.
+        due_at: i64,
+    },
     /// Issue a new certificate now, ending at `new_not_after`; `expired`
     /// says the current one has already lapsed.
-    Renew { expired: bool, new_not_after: i64 },
+    Renew {
+        /// Whether the current certificate has already lapsed.
+        expired: bool,
+        /// The new certificate's end, in Unix seconds.
+        new_not_after: i64,
+    },
     /// It is due, but a new certificate would not end later than this one:
     /// the CA itself ends at `ca_not_after`.
-    LimitedByCa { ca_not_after: i64 },
+    LimitedByCa {
+        /// The CA's own end, in Unix seconds.
+        ca_not_after: i64,
+    },
 }
 
 /// Decides about a certificate ending at `not_after`, for a coordinator that

@@ -43,9 +43,11 @@ use sha2::{Digest, Sha256};
 /// (see [`crate::headers`]).
 pub use crate::headers::HeaderFilter;
 use crate::headers::{normalise_header_name, same_header_name};
+use crate::names::{check_claim_name, first_refused, ClaimNameError};
 
-/// Longest accepted claim name in a `--claim-header` mapping, in bytes.
-pub const MAX_CLAIM_NAME_LEN: usize = 128;
+/// Longest accepted claim name in a `--claim-header` mapping, in bytes
+/// (the one claim-name rule, [`crate::names::check_claim_name`]).
+pub use crate::names::MAX_CLAIM_NAME_LEN;
 /// Longest accepted header name in a `--claim-header` mapping, in bytes.
 pub const MAX_HEADER_NAME_LEN: usize = 128;
 /// Longest claim value, in bytes once rendered, that is passed to the app.
@@ -96,30 +98,10 @@ pub enum ClaimHeaderError {
         /// The refused text.
         input: String,
     },
-    /// The claim name is empty.
-    #[error("claim header mapping has an empty claim name")]
-    EmptyClaim,
-    /// The claim name is longer than [`MAX_CLAIM_NAME_LEN`].
-    #[error("claim name is {len} bytes long; at most {max} are allowed")]
-    ClaimTooLong {
-        /// Length of the claim name, in bytes.
-        len: usize,
-        /// The limit, [`MAX_CLAIM_NAME_LEN`].
-        max: usize,
-    },
-    /// The claim name holds a character outside `[A-Za-z0-9_.:-]`.
-    #[error(
-        "claim name {claim:?} contains {ch:?} at position {position}; \
-         only letters, digits and `_ . : -` are allowed"
-    )]
-    ClaimChar {
-        /// The refused claim name.
-        claim: String,
-        /// The first offending character.
-        ch: char,
-        /// Its position, counted in characters from 0.
-        position: usize,
-    },
+    /// The claim name breaks the claim-name rule
+    /// ([`crate::names::check_claim_name`]).
+    #[error(transparent)]
+    Claim(#[from] ClaimNameError),
     /// The header name is empty.
     #[error("claim header mapping has an empty header name")]
     EmptyHeader,
@@ -244,27 +226,6 @@ impl From<ClaimHeader> for String {
     }
 }
 
-fn check_claim_name(claim: &str) -> Result<(), ClaimHeaderError> {
-    if claim.is_empty() {
-        return Err(ClaimHeaderError::EmptyClaim);
-    }
-    if claim.len() > MAX_CLAIM_NAME_LEN {
-        return Err(ClaimHeaderError::ClaimTooLong {
-            len: claim.len(),
-            max: MAX_CLAIM_NAME_LEN,
-        });
-    }
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-');
-    if let Some((position, ch)) = claim.chars().enumerate().find(|&(_, c)| !allowed(c)) {
-        return Err(ClaimHeaderError::ClaimChar {
-            claim: claim.to_owned(),
-            ch,
-            position,
-        });
-    }
-    Ok(())
-}
-
 fn check_header_name(header: &str) -> Result<(), ClaimHeaderError> {
     if header.is_empty() {
         return Err(ClaimHeaderError::EmptyHeader);
@@ -275,7 +236,7 @@ fn check_header_name(header: &str) -> Result<(), ClaimHeaderError> {
             max: MAX_HEADER_NAME_LEN,
         });
     }
-    if let Some((position, ch)) = header.chars().enumerate().find(|&(_, c)| !is_tchar(c)) {
+    if let Some((position, ch)) = first_refused(header, is_tchar) {
         return Err(ClaimHeaderError::HeaderChar {
             header: header.to_owned(),
             ch,
@@ -604,7 +565,12 @@ pub enum RefreshError {
     /// OpenID Connect Core §12.2: the refreshed token must name the same
     /// user.
     #[error("the refreshed ID token names another user ({got:?}, the session is {expected:?})")]
-    OtherSubject { expected: String, got: String },
+    OtherSubject {
+        /// The session's `sub`.
+        expected: String,
+        /// The refreshed token's `sub`.
+        got: String,
+    },
     /// The session reached its cap; refreshing cannot extend it.
     #[error("the session has reached its longest lifetime; log in again")]
     SessionOver,
@@ -757,35 +723,38 @@ mod tests {
     fn claim_header_with_bad_claim_is_refused() {
         assert_eq!(
             ":X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::EmptyClaim)
+            Err(ClaimHeaderError::Claim(ClaimNameError::Empty))
         );
         assert_eq!(
             "e mail:X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimChar {
+            Err(ClaimHeaderError::Claim(ClaimNameError::BadChar {
                 claim: "e mail".into(),
                 ch: ' ',
                 position: 1
-            })
+            }))
         );
         assert!(matches!(
             "https://x/claims/email:X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimChar { ch: '/', .. })
+            Err(ClaimHeaderError::Claim(ClaimNameError::BadChar {
+                ch: '/',
+                ..
+            }))
         ));
         assert!(matches!(
             "émail:X-User".parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimChar {
+            Err(ClaimHeaderError::Claim(ClaimNameError::BadChar {
                 ch: 'é',
                 position: 0,
                 ..
-            })
+            }))
         ));
         let long = format!("{}:X-User", "c".repeat(MAX_CLAIM_NAME_LEN + 1));
         assert_eq!(
             long.parse::<ClaimHeader>(),
-            Err(ClaimHeaderError::ClaimTooLong {
+            Err(ClaimHeaderError::Claim(ClaimNameError::TooLong {
                 len: MAX_CLAIM_NAME_LEN + 1,
                 max: MAX_CLAIM_NAME_LEN
-            })
+            }))
         );
     }
 

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 /// `state`s of finished logins, for replay protection, bounded.
+#[derive(Debug)]
 pub struct UsedStates {
     /// state -> the login's expiry (Unix seconds).
     states: HashMap<String, i64>,
@@ -18,6 +19,7 @@ pub struct UsedStates {
 /// Why a login's `state` was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateRefusal {
+    /// This `state` was already used by a finished login (a replay).
     AlreadyUsed,
     /// `max` logins are in progress and none has expired.
     Full,

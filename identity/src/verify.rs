@@ -86,15 +86,32 @@ pub enum KeySetError {
         /// Why it was refused.
         error: KeyError,
     },
-    /// aws-lc-rs refused the key material.
-    #[error("key {kid:?} refused by aws-lc-rs: {reason}")]
+    /// The key cannot verify signatures: its algorithm does not fit it,
+    /// or aws-lc-rs refused its material.
+    #[error("key {kid:?} refused: {reason}")]
     Rejected {
         /// The key's kid.
         kid: String,
-        /// What aws-lc-rs reported.
-        reason: String,
+        /// Why.
+        #[source]
+        reason: KeyRejection,
     },
 }
+
+/// Why a public key cannot be made ready to verify signatures.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum KeyRejection {
+    /// The key's algorithm does not fit its material (an EC algorithm on
+    /// an RSA key, ...).
+    #[error("algorithm {0} does not fit the key")]
+    AlgorithmMismatch(Algorithm),
+    /// aws-lc-rs refused the key material.
+    #[error("aws-lc-rs: {0}")]
+    Material(#[source] aws_lc_rs::error::KeyRejected),
+}
+
+// `KeyRejected` compares its static description only, an equivalence.
+impl Eq for KeyRejection {}
 
 /// The public keys a [`Verifier`] trusts, by kid, each pinned to one
 /// algorithm.
@@ -259,36 +276,36 @@ fn rsa_params(alg: Algorithm) -> Option<&'static RsaParameters> {
     })
 }
 
-fn parse_key(key: &PublicKey) -> Result<ParsedPublicKey, String> {
+fn parse_key(key: &PublicKey) -> Result<ParsedPublicKey, KeyRejection> {
     let alg = key.algorithm();
-    let mismatch = || format!("algorithm {alg} does not fit the key");
+    let mismatch = KeyRejection::AlgorithmMismatch(alg);
     match key.material() {
         KeyMaterial::Rsa { n, e } => {
-            let params = rsa_params(alg).ok_or_else(mismatch)?;
+            let params = rsa_params(alg).ok_or(mismatch)?;
             RsaPublicKeyComponents {
                 n: n.as_slice(),
                 e: e.as_slice(),
             }
             .to_parsed_public_key(params)
-            .map_err(|e| e.to_string())
+            .map_err(KeyRejection::Material)
         }
         KeyMaterial::Ec { x, y, .. } => {
             let verification: &'static dyn VerificationAlgorithm = match alg {
                 Algorithm::ES256 => &ECDSA_P256_SHA256_FIXED,
                 Algorithm::ES384 => &ECDSA_P384_SHA384_FIXED,
-                _ => return Err(mismatch()),
+                _ => return Err(mismatch),
             };
             let mut point = Vec::with_capacity(1 + x.len() + y.len());
             point.push(0x04);
             point.extend_from_slice(x);
             point.extend_from_slice(y);
-            ParsedPublicKey::new(verification, point).map_err(|e| e.to_string())
+            ParsedPublicKey::new(verification, point).map_err(KeyRejection::Material)
         }
         KeyMaterial::Ed25519 { x } => {
             if alg != Algorithm::EdDSA {
-                return Err(mismatch());
+                return Err(mismatch);
             }
-            ParsedPublicKey::new(&ED25519, x).map_err(|e| e.to_string())
+            ParsedPublicKey::new(&ED25519, x).map_err(KeyRejection::Material)
         }
     }
 }
@@ -488,29 +505,9 @@ impl Verifier {
         &self.keys
     }
 
-    /// Replaces the trusted keys (after a JWKS refresh).
-    pub fn set_keys(&mut self, keys: KeySet) {
-        self.keys = keys;
-    }
-
     /// Verifies `token` at time `now` (unix seconds).
     pub fn verify(&self, token: &str, now: i64) -> Result<VerifiedToken, VerifyError> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(VerifyError::TooLarge {
-                len: token.len(),
-                max: MAX_TOKEN_BYTES,
-            });
-        }
-        let parts = token.bytes().filter(|b| *b == b'.').count() + 1;
-        if parts != 3 {
-            return Err(VerifyError::Malformed(MalformedToken::PartCount(parts)));
-        }
-        let mut split = token.splitn(3, '.');
-        let (header_b64, payload_b64, signature_b64) =
-            match (split.next(), split.next(), split.next()) {
-                (Some(h), Some(p), Some(s)) => (h, p, s),
-                _ => return Err(VerifyError::Malformed(MalformedToken::PartCount(parts))),
-            };
+        let [header_b64, payload_b64, signature_b64] = split_compact(token)?;
 
         let header = decode_header(header_b64)?;
         let verifying_key = self
@@ -535,16 +532,7 @@ impl Verifier {
             .verify_sig(signing_input, &signature)
             .map_err(|_| VerifyError::BadSignature)?;
 
-        let payload = URL_SAFE_NO_PAD
-            .decode(payload_b64)
-            .map_err(|_| VerifyError::Malformed(MalformedToken::PayloadEncoding))?;
-        let claims = match parse_strict_object(&payload) {
-            Ok(claims) => claims,
-            Err(StrictError::Duplicate(name)) => return Err(VerifyError::DuplicateClaim(name)),
-            Err(StrictError::Json(e)) => {
-                return Err(VerifyError::Malformed(MalformedToken::PayloadJson(e)))
-            }
-        };
+        let claims = decode_claims(payload_b64)?;
 
         let exp = numeric_claim(&claims, "exp")?.ok_or(VerifyError::MissingClaim("exp"))?;
         if exp.saturating_add(self.leeway) <= now {
@@ -583,6 +571,37 @@ impl Verifier {
             expires_at: exp,
             claims,
         })
+    }
+}
+
+/// The three parts of a compact JWS (header, payload, signature), still
+/// base64url, after the size rule: at most [`MAX_TOKEN_BYTES`], exactly
+/// three dot-separated parts.
+pub(crate) fn split_compact(token: &str) -> Result<[&str; 3], VerifyError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(VerifyError::TooLarge {
+            len: token.len(),
+            max: MAX_TOKEN_BYTES,
+        });
+    }
+    let parts = token.bytes().filter(|b| *b == b'.').count() + 1;
+    let mut split = token.splitn(3, '.');
+    match (split.next(), split.next(), split.next(), parts) {
+        (Some(h), Some(p), Some(s), 3) => Ok([h, p, s]),
+        _ => Err(VerifyError::Malformed(MalformedToken::PartCount(parts))),
+    }
+}
+
+/// The claims of a base64url payload: a JSON object without repeated
+/// top-level members.
+pub(crate) fn decode_claims(payload_b64: &str) -> Result<Map<String, Value>, VerifyError> {
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload_b64)
+        .map_err(|_| VerifyError::Malformed(MalformedToken::PayloadEncoding))?;
+    match parse_strict_object(&payload) {
+        Ok(claims) => Ok(claims),
+        Err(StrictError::Duplicate(name)) => Err(VerifyError::DuplicateClaim(name)),
+        Err(StrictError::Json(e)) => Err(VerifyError::Malformed(MalformedToken::PayloadJson(e))),
     }
 }
 

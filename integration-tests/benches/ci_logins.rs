@@ -295,7 +295,7 @@ async fn add_bindings(
         }
     }
     out.wall = started.elapsed();
-    conn.close(0u32.into(), b"done");
+    conn.close(transport::close::CloseCode::Done.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
     Ok(out)
 }
@@ -765,9 +765,9 @@ fn measure(
     let sequential = local.block_on(&rt, drive(&cluster, &token, 1, s.sequential));
 
     let mut endpoints = vec![endpoint];
-    conn.close(0u32.into(), b"done");
+    conn.close(transport::close::CloseCode::Done.into(), b"done");
     for (e, c, _) in others {
-        c.close(0u32.into(), b"done");
+        c.close(transport::close::CloseCode::Done.into(), b"done");
         endpoints.push(e);
     }
     local.block_on(&rt, async {

@@ -857,7 +857,7 @@ fn swarm_main() -> anyhow::Result<()> {
                 join: None,
                 name: String::new(),
                 labels: vec![],
-                isolation: "none".into(),
+                isolation: runner::sandbox::IsolationMode::None,
                 token_file_ttl: 3600,
                 token_misses: Default::default(),
                 metrics: runner::metrics::Metrics::new(true),

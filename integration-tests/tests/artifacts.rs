@@ -292,7 +292,7 @@ fn a_third_concurrent_upload_is_refused_and_an_abandoned_one_frees_its_slot() {
         drop(begin(&other).await.unwrap());
 
         // The client goes away mid-upload: its slots and files are freed.
-        conn.close(0u32.into(), b"gone");
+        conn.close(transport::close::CloseCode::Done.into(), b"gone");
         drop((held, hello, other, cluster));
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -318,7 +318,7 @@ fn a_third_concurrent_upload_is_refused_and_an_abandoned_one_frees_its_slot() {
         let reply = fin.send().promise.await.map_err(remote).unwrap();
         assert_eq!(reply.get().unwrap().get_size(), artifact.len() as u64);
         assert_eq!(digests(&stored, ""), [sha].into());
-        conn.close(0u32.into(), b"done");
+        conn.close(transport::close::CloseCode::Done.into(), b"done");
     });
 }
 

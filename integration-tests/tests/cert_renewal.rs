@@ -218,7 +218,7 @@ fn a_short_lived_server_certificate_is_renewed_while_running() {
         let (_endpoint2, conn2) = transport::dial(&addr, None).await.expect("dial again");
         let quic_now = quic_leaf(&conn2);
         assert_ne!(quic_now, initial);
-        conn2.close(0u32.into(), b"done");
+        conn2.close(transport::close::CloseCode::Done.into(), b"done");
         // ...while the connection from before carries on.
         assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
         info(client)
@@ -235,7 +235,7 @@ fn a_short_lived_server_certificate_is_renewed_while_running() {
         let shown = after["server_cert_expires_unix"].as_i64().expect("expiry");
         assert!(shown > not_after(&initial), "{after}");
         assert_ne!(disk_leaf(&data), initial, "the renewal was not written");
-        conn.close(0u32.into(), b"done");
+        conn.close(transport::close::CloseCode::Done.into(), b"done");
     });
     // Same CA, same fingerprint, same address.
     assert_eq!(

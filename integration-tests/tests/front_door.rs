@@ -172,7 +172,7 @@ fn an_anonymous_flood_is_bounded_and_a_pinned_cli_keeps_answering() {
                 .await
                 .expect("rpc");
             c.info_request().send().promise.await.expect("info");
-            conn.close(0u32.into(), b"");
+            conn.close(transport::close::CloseCode::Done.into(), b"");
             endpoint.wait_idle().await;
         }
         let idle = rss_kib(pid);
@@ -326,10 +326,10 @@ fn an_anonymous_flood_is_bounded_and_a_pinned_cli_keeps_answering() {
         drop(silent_streams);
         drop(silent_conns);
         for conn in &held {
-            conn.close(0u32.into(), b"");
+            conn.close(transport::close::CloseCode::Done.into(), b"");
         }
         flood.wait_idle().await;
-        attacker.close(0u32.into(), b"");
+        attacker.close(transport::close::CloseCode::Done.into(), b"");
         attacker.wait_idle().await;
     });
     let after = cluster_status(&server);

@@ -725,7 +725,7 @@ fn the_workflows_and_scripts_pass_their_linters() {
     let example = root.join("deploy/ci/github-workflow.yml");
     let action = root.join("deploy/github-action/action.yml");
     let gitlab = root.join("deploy/ci/gitlab-ci.yml");
-    let files = [&release, &ci, &example, &action, &gitlab].map(|p| p.to_path_buf());
+    let files = [&release, &ci, &example, &action, &gitlab].map(|p| p.clone());
     let docs = yaml_files(&files);
     let doc = |p: &Path| docs[p.to_str().expect("utf-8")].clone();
 

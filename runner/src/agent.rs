@@ -6,7 +6,6 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -14,15 +13,19 @@ use capnp::capability::Rc as CapRc;
 use schema::miren_capnp::{cluster, runner_agent, runner_session};
 use tokio::sync::mpsc;
 
-use crate::sandbox::{Fetch, Report, Spec, Supervisor};
+use crate::call::CallError;
+use crate::sandbox::{Fetch, IsolationMode, Report, Spec, Supervisor};
 use crate::token_limits::MissLimit;
 use crate::tokens::{Broker, MintRequest};
+use transport::close::{CloseCode, RUNNER_REMOVED_REASON};
 use transport::pki;
+use transport::report::Chain;
 use transport::rpc::{connect_connection, remote_message};
 
 use crate::backoff;
-use crate::join::join;
-use crate::state::DataDir;
+use crate::join::{join, JoinError};
+use crate::sandbox::SandboxError;
+use crate::state::{DataDir, StateError};
 
 /// How often a runner heartbeats.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -37,8 +40,9 @@ pub struct RunnerOptions {
     pub join: Option<String>,
     pub name: String,
     pub labels: Vec<(String, String)>,
-    /// What the runner reports as its isolation mode.
-    pub isolation: String,
+    /// The isolation asked for (`--isolation`); once the runner runs, the
+    /// one in force, which it reports.
+    pub isolation: IsolationMode,
     /// Lifetime of the token kept in each sandbox's token file (seconds;
     /// 0 = the default hour). It is rewritten at half-life.
     pub token_file_ttl: u32,
@@ -53,41 +57,79 @@ pub struct RunnerOptions {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
-enum SessionEnd {
-    /// The coordinator no longer knows this runner: retrying is pointless.
-    Removed(String),
-    /// Anything else: reconnect.
-    Lost(anyhow::Error),
+/// Why the runner stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No identity in the data dir and no join code to get one.
+    #[error("this runner has not joined a cluster yet: pass --join <join code> (an operator creates one with `miren runner token create`)")]
+    NotJoined,
+    /// The join code was refused or the join failed.
+    #[error("join failed: {0}")]
+    Join(#[source] JoinError),
+    /// The data dir could not be read.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The isolation asked for cannot be had here.
+    #[error(transparent)]
+    Isolation(#[from] SandboxError),
+    /// The default sandbox limits are more than this host has.
+    #[error("sandbox limits (--sandbox-memory, --sandbox-cpus, --sandbox-pids): {0}")]
+    Limits(#[source] crate::limits::LimitError),
+    /// The coordinator removed this runner.
+    #[error("{RUNNER_REMOVED_REASON}\nthis runner was removed from the cluster; to join again, move {} aside and run with a new --join code", data_dir.display())]
+    Removed {
+        /// The runner's data dir, which holds the removed identity.
+        data_dir: PathBuf,
+    },
 }
 
-impl<E: Into<anyhow::Error>> From<E> for SessionEnd {
+/// Why a session with the coordinator ended (the runner reconnects).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Dial(#[from] transport::DialError),
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error(transparent)]
+    Certificate(#[from] pki::PkiError),
+    #[error("the coordinator's reply could not be read: {0}")]
+    Reply(#[from] capnp::Error),
+    #[error("{0}")]
+    Closed(#[source] quinn::ConnectionError),
+}
+
+enum SessionEnd {
+    /// The coordinator closed the connection with
+    /// [`CloseCode::RunnerRemoved`]: it no longer knows this runner, and
+    /// retrying is pointless.
+    Removed,
+    /// Anything else: reconnect.
+    Lost(SessionError),
+}
+
+impl<E: Into<SessionError>> From<E> for SessionEnd {
     fn from(e: E) -> Self {
-        let e: anyhow::Error = e.into();
-        let text = format!("{e:#}");
-        if text.contains("removed from the cluster") || text.contains("has been removed") {
-            SessionEnd::Removed(text)
-        } else {
-            SessionEnd::Lost(e)
-        }
+        SessionEnd::Lost(e.into())
     }
 }
 
-fn rpc_err(e: capnp::Error) -> anyhow::Error {
-    anyhow::anyhow!(remote_message(&e))
+/// An error answered to the coordinator: the whole chain, each cause once.
+fn failed(e: &(dyn std::error::Error + 'static)) -> capnp::Error {
+    capnp::Error::failed(Chain(e).to_string())
 }
 
 /// Runs the runner until `shutdown` resolves. Must run inside a `LocalSet`.
-pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let data = DataDir::new(&opts.data_dir);
     if !data.has_joined() {
         let Some(token) = &opts.join else {
-            bail!(
-                "this runner has not joined a cluster yet: pass --join <join code> (an operator creates one with `miren runner token create`)"
-            );
+            return Err(RunError::NotJoined);
         };
         let cfg = join(&data, token, &opts.name, &opts.labels)
             .await
-            .context("join failed")?;
+            .map_err(RunError::Join)?;
         println!(
             "Runner joined cluster {} as runner-{} (data in {})",
             cfg.cluster,
@@ -104,9 +146,9 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
     let current: Current = Rc::new(RefCell::new(None));
     let (mint_tx, mint_rx) = mpsc::unbounded_channel::<MintRequest>();
     let (report_tx, report_rx) = mpsc::unbounded_channel::<Report>();
-    let isolation = crate::sandbox::Isolation::choose(&opts.isolation)?;
+    let isolation = crate::sandbox::Isolation::choose(opts.isolation)?;
     let opts = RunnerOptions {
-        isolation: isolation.name().to_string(),
+        isolation: isolation.mode(),
         ..opts
     };
     match transport::rlimit::raise_open_files_limit(crate::sandbox::RUNNER_OPEN_FILES) {
@@ -116,8 +158,8 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> any
         Ok(_) => {}
         Err(e) => tracing::warn!("could not read or raise the open files limit: {e}"),
     }
-    let policy = crate::limits::LimitPolicy::for_this_host(opts.sandbox_limits)
-        .context("sandbox limits (--sandbox-memory, --sandbox-cpus, --sandbox-pids)")?;
+    let policy =
+        crate::limits::LimitPolicy::for_this_host(opts.sandbox_limits).map_err(RunError::Limits)?;
     let runner_id = data.load()?.config.runner_id;
     // Also removes what an earlier run of this runner left (its sandboxes
     // died with it).
@@ -155,7 +197,7 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     current: &Current,
     supervisor: &Rc<Supervisor>,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
     loop {
@@ -166,11 +208,14 @@ async fn serve(
         *current.borrow_mut() = None;
         opts.metrics.set_connected(false);
         match ended {
-            SessionEnd::Removed(msg) => bail!(
-                "{msg}\nthis runner was removed from the cluster; to join again, move {} aside and run with a new --join code",
-                opts.data_dir.display()
-            ),
-            SessionEnd::Lost(e) => tracing::warn!("connection to the coordinator lost: {e:#}"),
+            SessionEnd::Removed => {
+                return Err(RunError::Removed {
+                    data_dir: opts.data_dir.clone(),
+                })
+            }
+            SessionEnd::Lost(e) => {
+                tracing::warn!("connection to the coordinator lost: {}", Chain(&e))
+            }
         }
         let wait = backoff::delay(attempt, rand::random::<f64>());
         attempt = attempt.saturating_add(1);
@@ -199,6 +244,8 @@ async fn session(
     };
     let conn = match transport::dial(&id.address, Some(identity)).await {
         Ok((_endpoint, conn)) => conn,
+        // Told during the handshake.
+        Err(e) if e.close_code() == Some(CloseCode::RunnerRemoved) => return SessionEnd::Removed,
         Err(e) => return e.into(),
     };
     let end = match session_inner(id, &conn, data, opts, attempt, current, supervisor).await {
@@ -208,7 +255,7 @@ async fn session(
     // The error a call saw may say only "connection lost"; the
     // connection knows whether the coordinator closed it for removal.
     if transport::close::is_runner_removed(&conn) {
-        return SessionEnd::Removed(transport::close::RUNNER_REMOVED_REASON.to_string());
+        return SessionEnd::Removed;
     }
     end
 }
@@ -224,13 +271,13 @@ async fn session_inner(
     current: &Current,
     supervisor: &Rc<Supervisor>,
 ) -> Result<Never, SessionEnd> {
-    let cluster: cluster::Client = connect_connection(conn).await.map_err(rpc_err)?;
+    let cluster: cluster::Client = connect_connection(conn).await.map_err(CallError::from)?;
     let mut req = cluster.runner_request();
     req.get().set_agent(capnp_rpc::new_client(AgentService {
         supervisor: supervisor.clone(),
         current: current.clone(),
     }));
-    let reply = req.send().promise.await.map_err(rpc_err)?;
+    let reply = req.send().promise.await.map_err(CallError::from)?;
     let session: runner_session::Client = reply.get()?.get_session()?;
     *current.borrow_mut() = Some(session.clone());
     // Ingress traffic arrives as streams the coordinator opens.
@@ -253,7 +300,7 @@ async fn session_inner(
             let mut s = req.get().init_status();
             s.set_version(opts.build.to_string());
             s.set_sandboxes(supervisor.count());
-            s.set_isolation(&opts.isolation);
+            s.set_isolation(opts.isolation.as_str());
             s.set_limits(supervisor.limits_description());
             let ids = supervisor.inventory();
             let mut list = s.init_running(ids.len() as u32);
@@ -261,27 +308,31 @@ async fn session_inner(
                 list.set(i as u32, id);
             }
         }
-        req.send().promise.await.map_err(rpc_err)?;
+        req.send().promise.await.map_err(CallError::from)?;
 
         if renewal_due(&id.cert_pem, transport::clock::now_unix())? {
             let (key_pem, csr) = pki::key_and_csr()?;
             let mut req = session.renew_request();
             req.get().set_csr_der(&csr);
-            let reply = req.send().promise.await.map_err(rpc_err)?;
-            let cert_pem = reply.get()?.get_cert_pem()?.to_string()?;
+            let reply = req.send().promise.await.map_err(CallError::from)?;
+            let cert_pem = reply
+                .get()?
+                .get_cert_pem()?
+                .to_string()
+                .map_err(capnp::Error::from)?;
             data.save_identity(&cert_pem, &key_pem)?;
             tracing::info!("runner certificate renewed");
             id = data.load()?;
         }
         tokio::select! {
-            closed = conn.closed() => return Err(anyhow::anyhow!("{closed}").into()),
+            closed = conn.closed() => return Err(SessionError::Closed(closed).into()),
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
     }
 }
 
 /// Whether more than half of the certificate's lifetime has passed.
-fn renewal_due(cert_pem: &str, now: i64) -> anyhow::Result<bool> {
+fn renewal_due(cert_pem: &str, now: i64) -> Result<bool, pki::PkiError> {
     let not_after = pki::not_after_unix(cert_pem)?;
     let not_before = pki::not_before_unix(cert_pem)?;
     Ok(now >= not_before + (not_after - not_before) / 2)
@@ -293,7 +344,7 @@ async fn mint_through_coordinator(current: Current, mut rx: mpsc::UnboundedRecei
     while let Some((key, done)) = rx.recv().await {
         let session = current.borrow().clone();
         let Some(session) = session else {
-            let _ = done.send(Err("the coordinator is unreachable".into()));
+            let _ = done.send(Err(CallError::Unreachable));
             continue;
         };
         tokio::task::spawn_local(async move {
@@ -313,9 +364,9 @@ async fn mint_through_coordinator(current: Current, mut rx: mpsc::UnboundedRecei
                         .get()
                         .and_then(|r| r.get_token())
                         .and_then(|t| t.to_string().map_err(Into::into))
-                        .map_err(|e| remote_message(&e)),
-                    Ok(Err(e)) => Err(remote_message(&e)),
-                    Err(_) => Err("the coordinator did not answer".into()),
+                        .map_err(CallError::from),
+                    Ok(Err(e)) => Err(CallError::from(e)),
+                    Err(_) => Err(CallError::NoAnswer),
                 };
             let _ = done.send(result);
         });
@@ -397,13 +448,12 @@ impl runner_agent::Server for AgentService {
         let fetch: Fetch = Rc::new(move |sha: String, offset: u64, len: u32| {
             let session = current.borrow().clone();
             Box::pin(async move {
-                let session =
-                    session.ok_or_else(|| anyhow::anyhow!("the coordinator is unreachable"))?;
+                let session = session.ok_or(CallError::Unreachable)?;
                 let mut req = session.fetch_artifact_request();
                 req.get().set_sha256(&sha);
                 req.get().set_offset(offset);
                 req.get().set_length(len);
-                let reply = req.send().promise.await.map_err(rpc_err)?;
+                let reply = req.send().promise.await?;
                 let r = reply.get()?;
                 Ok((r.get_data()?.to_vec(), r.get_size()))
             })
@@ -411,7 +461,7 @@ impl runner_agent::Server for AgentService {
         self.supervisor
             .start(spec, fetch)
             .await
-            .map_err(|e| capnp::Error::failed(format!("{e:#}")))
+            .map_err(|e| failed(&e))
     }
 
     async fn logs(
@@ -424,7 +474,7 @@ impl runner_agent::Server for AgentService {
         let lines = self
             .supervisor
             .logs(&id, p.get_lines() as usize)
-            .map_err(|e| capnp::Error::failed(format!("{e:#}")))?;
+            .map_err(|e| failed(&e))?;
         let mut list = results.get().init_lines(lines.len() as u32);
         for (i, l) in lines.iter().enumerate() {
             list.set(i as u32, l);
@@ -438,10 +488,8 @@ impl runner_agent::Server for AgentService {
         _: runner_agent::StopSandboxResults,
     ) -> Result<(), capnp::Error> {
         let id = params.get()?.get_id()?.to_string()?;
-        self.supervisor
-            .stop(&id)
-            .await
-            .map_err(|e| capnp::Error::failed(format!("{e:#}")))
+        self.supervisor.stop(&id).await;
+        Ok(())
     }
 }
 

@@ -31,6 +31,8 @@ use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
+use crate::call::CallError;
+
 /// Largest artifact this runner fetches (the coordinator accepts no larger
 /// ones either).
 pub const MAX_ARTIFACT_BYTES: u64 = 512 * 1024 * 1024;
@@ -63,8 +65,12 @@ pub enum ArtifactError {
     },
     #[error("artifact {sha} arrived corrupted (sha256 {got})")]
     Corrupted { sha: String, got: String },
-    #[error("fetching artifact {sha}: {reason}")]
-    Fetch { sha: String, reason: String },
+    #[error("fetching artifact {sha}: {source}")]
+    Fetch {
+        sha: String,
+        #[source]
+        source: CallError,
+    },
     #[error("artifact cache {path}: {source}")]
     Io {
         path: PathBuf,
@@ -217,7 +223,7 @@ impl ArtifactCache {
     ) -> Result<PathBuf, ArtifactError>
     where
         F: Fn(String, u64, u32) -> Fut,
-        Fut: Future<Output = anyhow::Result<(Vec<u8>, u64)>>,
+        Fut: Future<Output = Result<(Vec<u8>, u64), CallError>>,
     {
         if !is_sha256_hex(sha) {
             return Err(ArtifactError::InvalidDigest(sha.to_string()));
@@ -257,7 +263,7 @@ impl ArtifactCache {
     ) -> Result<PathBuf, ArtifactError>
     where
         F: Fn(String, u64, u32) -> Fut,
-        Fut: Future<Output = anyhow::Result<(Vec<u8>, u64)>>,
+        Fut: Future<Output = Result<(Vec<u8>, u64), CallError>>,
     {
         let path = self.path_of(sha);
         match std::fs::symlink_metadata(&path) {
@@ -286,7 +292,7 @@ impl ArtifactCache {
     async fn download<F, Fut>(&self, sha: &str, fetch: &F) -> Result<(), ArtifactError>
     where
         F: Fn(String, u64, u32) -> Fut,
-        Fut: Future<Output = anyhow::Result<(Vec<u8>, u64)>>,
+        Fut: Future<Output = Result<(Vec<u8>, u64), CallError>>,
     {
         let dir = self.shared.dir.clone();
         let tmp = TempFile(dir.join(format!(
@@ -306,9 +312,9 @@ impl ArtifactCache {
         loop {
             let (chunk, size) = fetch(sha.to_string(), received, CHUNK_BYTES)
                 .await
-                .map_err(|e| ArtifactError::Fetch {
+                .map_err(|source| ArtifactError::Fetch {
                     sha: sha.to_string(),
-                    reason: format!("{e:#}"),
+                    source,
                 })?;
             let total = *announced.get_or_insert(size);
             if size != total {
@@ -463,7 +469,7 @@ mod tests {
         names
     }
 
-    type Reply = futures::future::Ready<anyhow::Result<(Vec<u8>, u64)>>;
+    type Reply = futures::future::Ready<Result<(Vec<u8>, u64), CallError>>;
 
     /// A coordinator serving `data` in chunks of at most `chunk` bytes,
     /// counting calls.
@@ -586,7 +592,10 @@ mod tests {
 
         // The coordinator's refusal.
         let refusing = |_: String, _: u64, _: u32| {
-            futures::future::ready(Err(anyhow::anyhow!("artifact is not on the coordinator")))
+            futures::future::ready(Err(CallError::Rpc {
+                kind: capnp::ErrorKind::Failed,
+                message: "artifact is not on the coordinator".into(),
+            }))
         };
         let err = cache
             .checkout("sb", &sha(b"1234"), refusing)

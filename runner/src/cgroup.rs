@@ -84,6 +84,16 @@ pub enum Version {
     V2,
 }
 
+impl std::fmt::Display for Version {
+    /// `v1`, `v2`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+        })
+    }
+}
+
 /// Where the runner's own cgroups are: given to [`Cgroups::at`], found by
 /// [`Cgroups::detect`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,11 +109,15 @@ pub enum Layout {
     },
 }
 
+/// How [`Cgroups::describe`] starts when sandboxes get no limits here
+/// (`runner list` shows such a runner as `no-limits`).
+pub const NO_LIMITS: &str = "no limits";
+
 /// Why something failed; every message names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("no cgroup limits on this runner: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Arc<SetupError>),
     #[error("invalid sandbox id {0:?}: expected 1 to 128 characters of A-Z a-z 0-9 _ -")]
     InvalidId(String),
     #[error("{action} {}: {source}", path.display())]
@@ -115,6 +129,85 @@ pub enum CgroupError {
     },
     #[error("processes are still left in {} after killing them", path.display())]
     NotEmptied { path: PathBuf },
+}
+
+/// Why this runner has no cgroups to limit sandboxes with (shown as
+/// `no limits: <why>`); every message names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The runner id cannot name a cgroup dir.
+    #[error("invalid runner id {0:?}")]
+    InvalidRunnerId(String),
+    /// A `/proc/self` file could not be read.
+    #[error("reading {path}: {source}")]
+    ReadProc {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// No hierarchy holds the memory and pids controllers for this process.
+    #[error("{v2}, and no cgroup v1 hierarchy of {} is mounted", .missing.join(" or "))]
+    NoHierarchy {
+        /// Why the unified hierarchy does not serve.
+        v2: NoV2,
+        /// The v1 controllers with no hierarchy.
+        missing: Vec<&'static str>,
+    },
+    /// A name that cannot be a path (a NUL byte).
+    #[error(transparent)]
+    Name(#[from] std::ffi::NulError),
+    /// A file of a cgroup could not be read, opened, written or made
+    /// ([`CgroupError::Io`]).
+    #[error(transparent)]
+    Io(#[from] CgroupError),
+    /// A dir that should be cgroupfs is another filesystem.
+    #[error("{} is not a cgroup {version} filesystem", path.display())]
+    NotCgroupFs { path: PathBuf, version: Version },
+    /// The unified hierarchy lacks a controller limits need.
+    #[error(
+        "the cgroup v2 hierarchy at {} lacks the {} controller{} (it has: {})",
+        own.display(),
+        .missing.join(" and "),
+        if .missing.len() > 1 { "s" } else { "" },
+        if .available.trim().is_empty() { "none" } else { .available.trim() }
+    )]
+    MissingControllers {
+        own: PathBuf,
+        missing: Vec<&'static str>,
+        available: String,
+    },
+    /// cgroup v2 enables limits only below a cgroup without processes.
+    #[error(
+        "the runner's cgroup {} also holds {} other process{} (pid {first}…), and \
+         cgroup v2 enables limits only below a cgroup without processes: run the \
+         runner in a cgroup of its own (systemd: Delegate=yes)",
+        own.display(),
+        others,
+        if *.others > 1 { "es" } else { "" }
+    )]
+    SharedCgroup {
+        own: PathBuf,
+        others: usize,
+        first: u32,
+    },
+}
+
+/// Why the unified (v2) hierarchy does not serve this runner.
+#[derive(Debug, thiserror::Error)]
+pub enum NoV2 {
+    /// No cgroup2 mount shows this process's cgroup.
+    #[error("no cgroup2 filesystem holds this process's cgroup")]
+    NotMounted,
+    /// Its controllers could not be read.
+    #[error("reading {}/cgroup.controllers: {source}", own.display())]
+    Unreadable {
+        own: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// It has one of memory and pids, or neither.
+    #[error("cgroup2 at {} has {} of the memory and pids controllers", own.display(), if *.one { "only one" } else { "neither" })]
+    Controllers { own: PathBuf, one: bool },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
@@ -170,7 +263,7 @@ pub struct RunnerCgroup {
 pub enum Cgroups {
     V2(RunnerCgroup),
     V1(RunnerCgroup),
-    Unavailable { reason: String },
+    Unavailable { reason: Arc<SetupError> },
 }
 
 impl Cgroups {
@@ -181,7 +274,9 @@ impl Cgroups {
     pub fn detect(runner_id: &str) -> Cgroups {
         match detect_layout() {
             Ok(layout) => Cgroups::at(layout, runner_id),
-            Err(reason) => Cgroups::Unavailable { reason },
+            Err(reason) => Cgroups::Unavailable {
+                reason: Arc::new(reason),
+            },
         }
     }
 
@@ -198,7 +293,7 @@ impl Cgroups {
     fn set_up(layout: Layout, runner_id: &str, fs: Fs) -> Cgroups {
         if !valid_id(runner_id) {
             return Cgroups::Unavailable {
-                reason: format!("invalid runner id {:?}", cut(runner_id)),
+                reason: Arc::new(SetupError::InvalidRunnerId(cut(runner_id))),
             };
         }
         match RunnerCgroup::set_up(layout, runner_id, fs) {
@@ -209,7 +304,9 @@ impl Cgroups {
                     Version::V2 => Cgroups::V2(rc),
                 }
             }
-            Err(reason) => Cgroups::Unavailable { reason },
+            Err(reason) => Cgroups::Unavailable {
+                reason: Arc::new(reason),
+            },
         }
     }
 
@@ -235,12 +332,9 @@ impl Cgroups {
     /// `cgroup v2 (memory, pids; cpu not limited: …)` or `no limits: …`.
     pub fn describe(&self) -> String {
         match self {
-            Cgroups::Unavailable { reason } => format!("no limits: {reason}"),
+            Cgroups::Unavailable { reason } => format!("{NO_LIMITS}: {reason}"),
             Cgroups::V1(rc) | Cgroups::V2(rc) => {
-                let v = match rc.version {
-                    Version::V1 => "v1",
-                    Version::V2 => "v2",
-                };
+                let v = rc.version;
                 match &rc.no_cpu {
                     None => format!("cgroup {v} (memory, pids, cpu)"),
                     Some(why) => format!("cgroup {v} (memory, pids; cpu not limited: {why})"),
@@ -296,9 +390,9 @@ impl Cgroups {
 }
 
 impl RunnerCgroup {
-    fn set_up(layout: Layout, runner_id: &str, fs: Fs) -> Result<RunnerCgroup, String> {
+    fn set_up(layout: Layout, runner_id: &str, fs: Fs) -> Result<RunnerCgroup, SetupError> {
         let runner_name = format!("{RUNNER_PREFIX}{runner_id}");
-        let runner_cname = CString::new(runner_name.as_str()).map_err(|e| e.to_string())?;
+        let runner_cname = CString::new(runner_name.as_str())?;
         match layout {
             Layout::V1 { memory, pids, cpu } => {
                 let mut groups: Vec<(PathBuf, Controllers)> = Vec::new();
@@ -352,22 +446,16 @@ impl RunnerCgroup {
             Layout::V2 { own } => {
                 let base = open_base(&own, fs, Version::V2)?;
                 let available = read_at(base.as_fd(), c"cgroup.controllers")
-                    .map_err(|e| format!("reading {}/cgroup.controllers: {e}", own.display()))?;
+                    .map_err(io_err("reading", &own.join("cgroup.controllers")))?;
                 let has = |c: &str| available.split_whitespace().any(|w| w == c);
                 let missing: Vec<&str> =
                     ["memory", "pids"].into_iter().filter(|c| !has(c)).collect();
                 if !missing.is_empty() {
-                    return Err(format!(
-                        "the cgroup v2 hierarchy at {} lacks the {} controller{} (it has: {})",
-                        own.display(),
-                        missing.join(" and "),
-                        if missing.len() > 1 { "s" } else { "" },
-                        if available.trim().is_empty() {
-                            "none"
-                        } else {
-                            available.trim()
-                        }
-                    ));
+                    return Err(SetupError::MissingControllers {
+                        own,
+                        missing,
+                        available,
+                    });
                 }
                 let cpu = has("cpu");
                 let enable = if cpu {
@@ -381,39 +469,35 @@ impl RunnerCgroup {
                 let mut move_me = false;
                 if !is_root {
                     let procs = read_pids(base.as_fd())
-                        .map_err(|e| format!("reading {}/cgroup.procs: {e}", own.display()))?;
+                        .map_err(io_err("reading", &own.join("cgroup.procs")))?;
                     let others: Vec<u32> = procs.iter().copied().filter(|&p| p != me).collect();
-                    if let Some(first) = others.first() {
-                        return Err(format!(
-                            "the runner's cgroup {} also holds {} other process{} (pid {first}…), and \
-                             cgroup v2 enables limits only below a cgroup without processes: run the \
-                             runner in a cgroup of its own (systemd: Delegate=yes)",
-                            own.display(),
-                            others.len(),
-                            if others.len() > 1 { "es" } else { "" },
-                        ));
+                    if let Some(&first) = others.first() {
+                        return Err(SetupError::SharedCgroup {
+                            own,
+                            others: others.len(),
+                            first,
+                        });
                     }
                     move_me = procs.contains(&me);
                 }
                 let (dir, dir_path) = make_runner_dir(fs, &base, &own, &runner_name)?;
                 if move_me {
-                    let leaf = CString::new(RUNNER_LEAF).map_err(|e| e.to_string())?;
+                    let leaf = CString::new(RUNNER_LEAF)?;
                     let leaf_path = dir_path.join(RUNNER_LEAF);
-                    make_dir(fs, dir.as_fd(), &leaf)
-                        .map_err(|e| format!("creating {}: {e}", leaf_path.display()))?;
-                    let leaf_fd = open_subdir(dir.as_fd(), &leaf)
-                        .map_err(|e| format!("opening {}: {e}", leaf_path.display()))?;
-                    write_at(leaf_fd.as_fd(), c"cgroup.procs", &me.to_string()).map_err(|e| {
-                        format!("moving the runner into {}: {e}", leaf_path.display())
-                    })?;
+                    make_dir(fs, dir.as_fd(), &leaf).map_err(io_err("creating", &leaf_path))?;
+                    let leaf_fd =
+                        open_subdir(dir.as_fd(), &leaf).map_err(io_err("opening", &leaf_path))?;
+                    write_at(leaf_fd.as_fd(), c"cgroup.procs", &me.to_string())
+                        .map_err(io_err("moving the runner into", &leaf_path))?;
                 }
+                let action = if cpu {
+                    "enabling +memory +pids +cpu in"
+                } else {
+                    "enabling +memory +pids in"
+                };
                 for (fd, path) in [(&base, &own), (&dir, &dir_path)] {
-                    write_at(fd.as_fd(), c"cgroup.subtree_control", enable).map_err(|e| {
-                        format!(
-                            "enabling {enable} in {}/cgroup.subtree_control: {e}",
-                            path.display()
-                        )
-                    })?;
+                    write_at(fd.as_fd(), c"cgroup.subtree_control", enable)
+                        .map_err(io_err(action, &path.join("cgroup.subtree_control")))?;
                 }
                 Ok(RunnerCgroup {
                     version: Version::V2,
@@ -910,13 +994,14 @@ struct Found {
     cpu: Option<PathBuf>,
 }
 
-fn detect_layout() -> Result<Layout, String> {
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+fn detect_layout() -> Result<Layout, SetupError> {
+    let read = |path: &'static str| {
+        std::fs::read_to_string(path).map_err(|source| SetupError::ReadProc { path, source })
+    };
+    let cgroup = read("/proc/self/cgroup")?;
+    let mountinfo = read("/proc/self/mountinfo")?;
     let found = find_hierarchies(&cgroup, &mountinfo);
-    let mut why_not_v2 = String::from("no cgroup2 filesystem holds this process's cgroup");
+    let mut why_not_v2 = NoV2::NotMounted;
     if let Some(own) = &found.v2 {
         match std::fs::read_to_string(own.join("cgroup.controllers")) {
             Ok(c) => {
@@ -924,17 +1009,17 @@ fn detect_layout() -> Result<Layout, String> {
                 if words.contains(&"memory") && words.contains(&"pids") {
                     return Ok(Layout::V2 { own: own.clone() });
                 }
-                why_not_v2 = format!(
-                    "cgroup2 at {} has {} of the memory and pids controllers",
-                    own.display(),
-                    if words.contains(&"memory") || words.contains(&"pids") {
-                        "only one"
-                    } else {
-                        "neither"
-                    }
-                );
+                why_not_v2 = NoV2::Controllers {
+                    own: own.clone(),
+                    one: words.contains(&"memory") || words.contains(&"pids"),
+                };
             }
-            Err(e) => why_not_v2 = format!("reading {}/cgroup.controllers: {e}", own.display()),
+            Err(source) => {
+                why_not_v2 = NoV2::Unreadable {
+                    own: own.clone(),
+                    source,
+                }
+            }
         }
     }
     match (found.memory, found.pids) {
@@ -948,10 +1033,10 @@ fn detect_layout() -> Result<Layout, String> {
                 .into_iter()
                 .filter_map(|(n, m)| m.then_some(n))
                 .collect();
-            Err(format!(
-                "{why_not_v2}, and no cgroup v1 hierarchy of {} is mounted",
-                missing.join(" or ")
-            ))
+            Err(SetupError::NoHierarchy {
+                v2: why_not_v2,
+                missing,
+            })
         }
     }
 }
@@ -1099,18 +1184,14 @@ fn keyed_value(text: &str, key: &str) -> Option<u64> {
     })
 }
 
-fn open_base(path: &Path, fs: Fs, version: Version) -> Result<OwnedFd, String> {
-    let fd = open_dir(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+fn open_base(path: &Path, fs: Fs, version: Version) -> Result<OwnedFd, SetupError> {
+    let fd = open_dir(path).map_err(io_err("opening", path))?;
     if fs == Fs::Kernel {
         // SAFETY: a plain C struct; all zeroes is a valid value.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: a valid fd and a statfs buffer of the right type.
         if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(format!(
-                "statfs {}: {}",
-                path.display(),
-                io::Error::last_os_error()
-            ));
+            return Err(io_err("statfs", path)(io::Error::last_os_error()).into());
         }
         // The constants and f_type are i64 on some targets, u32 on others.
         #[allow(clippy::unnecessary_cast)]
@@ -1119,11 +1200,10 @@ fn open_base(path: &Path, fs: Fs, version: Version) -> Result<OwnedFd, String> {
             Version::V2 => (libc::CGROUP2_SUPER_MAGIC as i64, st.f_type as i64),
         };
         if got != want {
-            return Err(format!(
-                "{} is not a cgroup {} filesystem",
-                path.display(),
-                if version == Version::V1 { "v1" } else { "v2" }
-            ));
+            return Err(SetupError::NotCgroupFs {
+                path: path.to_path_buf(),
+                version,
+            });
         }
     }
     Ok(fd)
@@ -1136,12 +1216,11 @@ fn make_runner_dir(
     base: &OwnedFd,
     base_path: &Path,
     name: &str,
-) -> Result<(OwnedFd, PathBuf), String> {
+) -> Result<(OwnedFd, PathBuf), SetupError> {
     let path = base_path.join(name);
-    let cname = CString::new(name).map_err(|e| e.to_string())?;
-    make_dir(fs, base.as_fd(), &cname).map_err(|e| format!("creating {}: {e}", path.display()))?;
-    let dir = open_subdir(base.as_fd(), &cname)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let cname = CString::new(name)?;
+    make_dir(fs, base.as_fd(), &cname).map_err(io_err("creating", &path))?;
+    let dir = open_subdir(base.as_fd(), &cname).map_err(io_err("opening", &path))?;
     Ok((dir, path))
 }
 
@@ -1224,6 +1303,7 @@ fn read_pids(dir: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
 
 /// Whether `name` in `dir` is a regular file (not through a symlink).
 fn file_exists(dir: BorrowedFd<'_>, name: &CStr) -> bool {
+    // SAFETY: a plain C struct; all zeroes is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, NUL-terminated name, a stat buffer.
     let r = unsafe {
@@ -2207,13 +2287,10 @@ mod tests {
             assert!(most <= 32, "saw {most} tasks under a limit of 32");
             let escaped = members(&pids_dir);
             assert!(escaped.len() >= 16, "only {} sleeps running", escaped.len());
-            // SAFETY: getsid/getpgid only read.
-            let (sid, pgid) = unsafe {
-                (
-                    libc::getsid(escaped[0] as i32),
-                    libc::getpgid(escaped[0] as i32),
-                )
-            };
+            // SAFETY: getsid only reads.
+            let sid = unsafe { libc::getsid(escaped[0] as i32) };
+            // SAFETY: getpgid only reads.
+            let pgid = unsafe { libc::getpgid(escaped[0] as i32) };
             assert_eq!(sid, escaped[0] as i32, "setsid made its own session");
             assert_eq!(pgid, escaped[0] as i32, "and its own process group");
             let paths = sb.paths();

@@ -5,13 +5,46 @@
 //! generated here and never leaves the runner: the coordinator only sees a
 //! certificate signing request.
 
-use anyhow::Context;
-use identity::join_token::JoinToken;
+use identity::join_token::{JoinRefusal, JoinToken};
 use schema::miren_capnp::cluster;
+use transport::close::CloseCode;
 use transport::pki;
-use transport::rpc::{connect_connection, remote_message};
+use transport::rpc::connect_connection;
 
-use crate::state::{DataDir, RunnerConfig};
+use crate::call::CallError;
+use crate::state::{DataDir, RunnerConfig, StateError};
+
+/// Why a join failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The text is not a join code.
+    #[error(transparent)]
+    Code(#[from] JoinRefusal),
+    /// The coordinator the code names could not be reached or is not the
+    /// one it pins.
+    #[error("joining {addr}: {source}")]
+    Dial {
+        /// `host:port` of the code.
+        addr: String,
+        /// Why.
+        #[source]
+        source: transport::DialError,
+    },
+    /// The coordinator refused (a used, expired or revoked code, ...), or
+    /// the connection went.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The coordinator returned a CA the code does not pin.
+    #[error("the coordinator returned a CA that does not match the join code's fingerprint")]
+    CaMismatch,
+    /// A key, a request or the returned certificates could not be made or
+    /// read.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// The new identity could not be saved.
+    #[error(transparent)]
+    Save(#[from] StateError),
+}
 
 /// Redeems `token_text` and saves the resulting identity in `data`.
 /// Must run inside a `LocalSet`.
@@ -20,15 +53,16 @@ pub async fn join(
     token_text: &str,
     name: &str,
     labels: &[(String, String)],
-) -> anyhow::Result<RunnerConfig> {
+) -> Result<RunnerConfig, JoinError> {
     let token = JoinToken::parse(token_text)?;
     let (key_pem, csr_der) = pki::key_and_csr()?;
     let (endpoint, conn) = transport::dial(&token.address, None)
         .await
-        .with_context(|| format!("joining {}", token.address.host_port()))?;
-    let cluster: cluster::Client = connect_connection(&conn)
-        .await
-        .map_err(|e| anyhow::anyhow!(remote_message(&e)))?;
+        .map_err(|source| JoinError::Dial {
+            addr: token.address.host_port(),
+            source,
+        })?;
+    let cluster: cluster::Client = connect_connection(&conn).await.map_err(CallError::from)?;
     let mut req = cluster.join_request();
     {
         let mut r = req.get().init_request();
@@ -44,15 +78,16 @@ pub async fn join(
             l.set_value(v);
         }
     }
-    let reply = req
-        .send()
-        .promise
-        .await
-        .map_err(|e| anyhow::anyhow!(remote_message(&e)))?;
-    let result = reply.get()?.get_result()?;
-    let runner_id = result.get_runner_id()?.to_string()?;
-    let cert_pem = result.get_cert_pem()?.to_string()?;
-    let ca_pem = result.get_ca_pem()?.to_string()?;
+    let reply = req.send().promise.await.map_err(CallError::from)?;
+    let (runner_id, cert_pem, ca_pem) = (|| -> capnp::Result<_> {
+        let result = reply.get()?.get_result()?;
+        Ok((
+            result.get_runner_id()?.to_string()?,
+            result.get_cert_pem()?.to_string()?,
+            result.get_ca_pem()?.to_string()?,
+        ))
+    })()
+    .map_err(CallError::from)?;
     // The CA we were given must be the one the token pinned.
     let ca_der = pki::cert_der_from_pem(&ca_pem)?;
     if token
@@ -60,9 +95,7 @@ pub async fn join(
         .fingerprint
         .is_none_or(|fp| !fp.matches_der(&ca_der))
     {
-        anyhow::bail!(
-            "the coordinator returned a CA that does not match the join code's fingerprint"
-        );
+        return Err(JoinError::CaMismatch);
     }
     let config = RunnerConfig {
         runner_id,
@@ -70,7 +103,7 @@ pub async fn join(
         name: name.to_string(),
     };
     data.save_joined(&config, &cert_pem, &key_pem, &ca_pem)?;
-    conn.close(0u32.into(), b"joined");
+    conn.close(CloseCode::Done.into(), b"joined");
     let _ = tokio::time::timeout(std::time::Duration::from_millis(50), endpoint.wait_idle()).await;
     Ok(config)
 }

@@ -193,9 +193,10 @@ mod tests {
         for _ in 0..3000 {
             use std::os::unix::io::AsRawFd;
             let name = c"d";
-            // SAFETY: mkdirat/openat on a descriptor we own with a C string.
+            // SAFETY: mkdirat on a descriptor we own with a C string.
+            unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700) };
+            // SAFETY: openat on a descriptor we own with a C string.
             let fd = unsafe {
-                libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700);
                 libc::openat(
                     dir.as_raw_fd(),
                     name.as_ptr(),

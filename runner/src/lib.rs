@@ -6,16 +6,21 @@
 //! crate cannot link `coordinator`. What operators see of it (metrics,
 //! readiness) is in [`metrics`].
 
+// No `unwrap`/`expect` outside tests: input never panics this crate.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agent;
 pub mod artifacts;
 pub mod backoff;
 pub mod bounded_listener;
+pub mod call;
 pub mod cgroup;
 pub mod join;
 pub mod layout;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod restart_policy;
 pub mod sandbox;
 pub mod shim;
 pub mod state;

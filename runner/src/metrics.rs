@@ -24,7 +24,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use transport::ops::{Check, Readiness};
 
-use crate::sandbox::Report;
+use crate::sandbox::{Report, SandboxState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
@@ -39,14 +39,13 @@ pub struct StateLabel {
 /// The states a sandbox can be in, as label values.
 pub const STATES: [&str; 5] = ["starting", "healthy", "crashed", "failed", "other"];
 
+/// The label of a reported state: its word, `other` for a word that is
+/// not one of ours, none once stopped (it is no longer counted).
 fn state_label(state: &str) -> Option<&'static str> {
-    match state {
-        "stopped" => None,
-        "starting" => Some("starting"),
-        "healthy" => Some("healthy"),
-        "crashed" => Some("crashed"),
-        "failed" => Some("failed"),
-        _ => Some("other"),
+    match SandboxState::parse(state) {
+        Some(SandboxState::Stopped) => None,
+        Some(s) => Some(s.as_str()),
+        None => Some("other"),
     }
 }
 
@@ -145,11 +144,14 @@ impl Metrics {
         if !self.enabled {
             return;
         }
-        if r.state == "crashed" || r.state == "failed" {
+        if matches!(
+            SandboxState::parse(&r.state),
+            Some(SandboxState::Crashed | SandboxState::Failed)
+        ) {
             if r.restarts > 0 && !r.last_exit.is_empty() {
                 self.restarts.inc();
             }
-            if r.last_exit.starts_with("out of memory") {
+            if crate::sandbox::is_out_of_memory_exit(&r.last_exit) {
                 self.oom_kills.inc();
             }
         }

@@ -17,8 +17,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use transport::files::PathError;
 
+use crate::call::CallError;
 use crate::cgroup::SandboxCgroup;
 use crate::layout::{SandboxDirs, INSIDE_IDENTITY, TOKEN_FILE, TOKEN_SOCKET};
 use crate::logs::{ByteRate, LineCutter, SandboxLog, Tail};
@@ -34,6 +35,73 @@ pub const RUNNER_OPEN_FILES: u64 = 65_536;
 const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Most bytes of log lines one `logs` call returns per sandbox.
 pub const LOGS_REPLY_BYTES: usize = 1024 * 1024;
+
+/// Why a sandbox could not be started, its logs read, or this runner's
+/// isolation set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The id cannot name a sandbox dir.
+    #[error("invalid sandbox id {0:?}")]
+    InvalidId(String),
+    /// The app asked for more than this runner allows.
+    #[error(transparent)]
+    Limits(#[from] crate::limits::LimitError),
+    /// The artifact could not be had.
+    #[error(transparent)]
+    Artifact(#[from] crate::artifacts::ArtifactError),
+    /// A file or dir of the sandbox could not be made, opened or bound.
+    #[error(transparent)]
+    Io(#[from] PathError),
+    /// The token endpoint or the service port could not be had.
+    #[error("{what}: {source}")]
+    Listen {
+        /// Which (`the token endpoint`, `a port for the service`).
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The unpacking task died.
+    #[error("unpacking: {0}")]
+    UnpackTask(#[source] tokio::task::JoinError),
+    /// The artifact is not a safe archive.
+    #[error("unpacking the artifact of {id}: {source}")]
+    Unpack {
+        /// The sandbox.
+        id: String,
+        /// What was refused.
+        #[source]
+        source: crate::unpack::UnpackError,
+    },
+    /// Its cgroup could not be made.
+    #[error("creating the cgroup of {id}: {source}")]
+    Cgroup {
+        /// The sandbox.
+        id: String,
+        /// Why.
+        #[source]
+        source: crate::cgroup::CgroupError,
+    },
+    /// It does not run here.
+    #[error("sandbox {0} is not on this runner")]
+    NotHere(String),
+    /// Its logs could not be read.
+    #[error("reading the logs of {id}: {source}")]
+    Logs {
+        /// The sandbox.
+        id: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--isolation bwrap` on a machine where bubblewrap cannot make
+    /// namespaces.
+    #[error("--isolation bwrap: bubblewrap cannot create namespaces here (is the `bubblewrap` package installed, and are user/pid/net namespaces allowed?)")]
+    NoNamespaces,
+    /// The shim is this binary, and it could not be found.
+    #[error("locating the miren binary for the sandbox shim: {0}")]
+    CurrentExe(#[source] std::io::Error),
+}
 
 /// What the coordinator asked for.
 #[derive(Debug, Clone)]
@@ -72,30 +140,80 @@ pub enum Isolation {
     },
 }
 
+/// The isolation an operator asks for (`--isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IsolationMode {
+    /// bubblewrap where it works here, else plain processes (said loudly).
+    #[default]
+    Auto,
+    /// bubblewrap, or refuse to start.
+    Bwrap,
+    /// Plain processes.
+    None,
+}
+
+impl IsolationMode {
+    /// Every mode, as `--isolation` takes them.
+    pub const ALL: [IsolationMode; 3] = [
+        IsolationMode::Auto,
+        IsolationMode::Bwrap,
+        IsolationMode::None,
+    ];
+
+    /// The flag's word: `auto`, `bwrap`, `none`. A runner reports what it
+    /// got in the same words (`bwrap` or `none`, [`Isolation::name`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsolationMode::Auto => "auto",
+            IsolationMode::Bwrap => "bwrap",
+            IsolationMode::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for IsolationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An isolation mode that is not one of `auto`, `bwrap`, `none`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--isolation {0:?}: use auto, bwrap or none")]
+pub struct UnknownIsolation(pub String);
+
+impl std::str::FromStr for IsolationMode {
+    type Err = UnknownIsolation;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        IsolationMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownIsolation(s.to_string()))
+    }
+}
+
 impl Isolation {
     /// `bwrap` when it works here (unless `none` is asked), else `none`.
-    pub fn choose(requested: &str) -> anyhow::Result<Isolation> {
-        let bwrap = |user: crate::shim::SandboxUser| -> anyhow::Result<Isolation> {
+    pub fn choose(requested: IsolationMode) -> Result<Isolation, SandboxError> {
+        let bwrap = |user: crate::shim::SandboxUser| -> Result<Isolation, SandboxError> {
             match user {
                 crate::shim::SandboxUser::Runner => eprintln!("WARNING: this machine allows no user namespaces: sandboxes get their own pid, mount, network, uts and ipc namespaces but run as the runner's user, not as an unprivileged one"),
                 crate::shim::SandboxUser::NobodyNestable => eprintln!("WARNING: this bubblewrap cannot forbid nested user namespaces (--disable-userns needs bubblewrap 0.8 or later): a sandbox could lift its own cgroup limits on a cgroup v1 host; upgrade bubblewrap"),
                 crate::shim::SandboxUser::Nobody => {}
             }
             Ok(Isolation::Bwrap {
-                miren: std::env::current_exe()
-                    .context("locating the miren binary for the sandbox shim")?,
+                miren: std::env::current_exe().map_err(SandboxError::CurrentExe)?,
                 user,
             })
         };
-        match requested {
-            "none" => return Ok(Isolation::None),
-            "bwrap" | "auto" => {}
-            other => return Err(anyhow!("--isolation {other:?}: use auto, bwrap or none")),
+        if requested == IsolationMode::None {
+            return Ok(Isolation::None);
         }
         let support = crate::shim::bwrap_support();
         match (requested, support) {
-            ("bwrap" | "auto", Some(user)) => bwrap(user),
-            ("bwrap", None) => Err(anyhow!("--isolation bwrap: bubblewrap cannot create namespaces here (is the `bubblewrap` package installed, and are user/pid/net namespaces allowed?)")),
+            (_, Some(user)) => bwrap(user),
+            (IsolationMode::Bwrap, None) => Err(SandboxError::NoNamespaces),
             _ => {
                 eprintln!("WARNING: bubblewrap cannot create namespaces on this machine: sandboxes will run as PLAIN PROCESSES without isolation (install `bubblewrap`, or pass --isolation none to silence this)");
                 Ok(Isolation::None)
@@ -103,12 +221,17 @@ impl Isolation {
         }
     }
 
-    /// What `runner list` shows.
-    pub fn name(&self) -> &'static str {
+    /// The mode in force: [`IsolationMode::Bwrap`] or [`IsolationMode::None`].
+    pub fn mode(&self) -> IsolationMode {
         match self {
-            Isolation::None => "none",
-            Isolation::Bwrap { .. } => "bwrap",
+            Isolation::None => IsolationMode::None,
+            Isolation::Bwrap { .. } => IsolationMode::Bwrap,
         }
+    }
+
+    /// What `runner list` shows (`bwrap` or `none`).
+    pub fn name(&self) -> &'static str {
+        self.mode().as_str()
     }
 }
 
@@ -148,10 +271,60 @@ pub async fn connect_service(address: &str) -> std::io::Result<ServiceStream> {
     }
 }
 
-/// A state change to report to the coordinator.
+/// The states a sandbox is reported in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SandboxState {
+    /// Started, not yet answering its health check.
+    Starting,
+    /// Its service accepts connections.
+    Healthy,
+    /// Its process exited; it is started again after a delay.
+    Crashed,
+    /// It cannot run: its command could not be started, or it is
+    /// crash-looping ([`crate::restart_policy`]).
+    Failed,
+    /// Stopped by the coordinator; its files are gone.
+    Stopped,
+}
+
+impl SandboxState {
+    /// Every state.
+    pub const ALL: [SandboxState; 5] = [
+        SandboxState::Starting,
+        SandboxState::Healthy,
+        SandboxState::Crashed,
+        SandboxState::Failed,
+        SandboxState::Stopped,
+    ];
+
+    /// The word sent to the coordinator (`SandboxReport.state`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Healthy => "healthy",
+            SandboxState::Crashed => "crashed",
+            SandboxState::Failed => "failed",
+            SandboxState::Stopped => "stopped",
+        }
+    }
+
+    /// The state a reported word names, if it is one of ours.
+    pub fn parse(word: &str) -> Option<SandboxState> {
+        SandboxState::ALL.into_iter().find(|s| s.as_str() == word)
+    }
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A state change to report to the coordinator, as it goes on the wire.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub id: String,
+    /// A [`SandboxState`]'s word (the schema carries text).
     pub state: String,
     pub restarts: u32,
     pub address: String,
@@ -160,17 +333,31 @@ pub struct Report {
     pub last_exit: String,
 }
 
+/// How an OOM kill is reported as a sandbox's last exit
+/// (`out of memory (limit 256MiB)`).
+pub fn out_of_memory_exit(memory_limit: u64) -> String {
+    format!(
+        "{OUT_OF_MEMORY} (limit {})",
+        crate::limits::format_memory(memory_limit)
+    )
+}
+
+/// Whether a reported last exit is an OOM kill ([`out_of_memory_exit`]).
+/// The schema carries the exit as text; this is the one reader of it.
+pub fn is_out_of_memory_exit(last_exit: &str) -> bool {
+    last_exit.starts_with(OUT_OF_MEMORY)
+}
+
+const OUT_OF_MEMORY: &str = "out of memory";
+
 /// Reads artifact bytes from the coordinator (through the current session).
 pub type Fetch = Rc<
     dyn Fn(
         String,
         u64,
         u32,
-    ) -> futures::future::LocalBoxFuture<'static, anyhow::Result<(Vec<u8>, u64)>>,
+    ) -> futures::future::LocalBoxFuture<'static, Result<(Vec<u8>, u64), CallError>>,
 >;
-
-/// Crashes before the first healthy state after which a sandbox is failed.
-const FAIL_AFTER: u32 = 3;
 
 struct Running {
     stop: tokio::sync::watch::Sender<bool>,
@@ -246,9 +433,9 @@ impl Supervisor {
     /// Fetches, unpacks and starts a sandbox. Starting one that already
     /// runs, or is being started, succeeds without starting it again (the
     /// coordinator's reconcile loop may ask twice).
-    pub async fn start(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> anyhow::Result<()> {
+    pub async fn start(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> Result<(), SandboxError> {
         if !valid_id(&spec.id) {
-            return Err(anyhow!("invalid sandbox id {:?}", spec.id));
+            return Err(SandboxError::InvalidId(spec.id));
         }
         if self.running.borrow().contains_key(&spec.id)
             || !self.starting.borrow_mut().insert(spec.id.clone())
@@ -261,40 +448,48 @@ impl Supervisor {
         result
     }
 
-    async fn start_new(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> anyhow::Result<()> {
+    async fn start_new(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> Result<(), SandboxError> {
         // Over this runner's maximum: refused before anything is fetched.
-        let limits = self
-            .containment
-            .policy
-            .resolve(spec.limits)
-            .map_err(|e| anyhow!("{e}"))?;
+        let limits = self.containment.policy.resolve(spec.limits)?;
         let artifact = crate::artifacts::ArtifactCache::open(self.dir.join("artifacts"))
             .checkout(&spec.id, &spec.artifact, &*fetch)
             .await?;
         let dirs = SandboxDirs::new(&self.dir, &spec.id);
         dirs.create()
             .await
-            .with_context(|| format!("creating {}", dirs.root.display()))?;
-        let file = std::fs::File::open(&artifact)?;
+            .map_err(PathError::at("creating", &dirs.root))?;
+        let file = std::fs::File::open(&artifact).map_err(PathError::at("opening", &artifact))?;
         let dest = dirs.app.clone();
         tokio::task::spawn_blocking(move || {
             crate::unpack::unpack(file, &dest, &crate::unpack::Limits::default())
         })
         .await
-        .map_err(|e| anyhow!("unpacking: {e}"))?
-        .with_context(|| format!("unpacking the artifact of {}", spec.id))?;
+        .map_err(SandboxError::UnpackTask)?
+        .map_err(|source| SandboxError::Unpack {
+            id: spec.id.clone(),
+            source,
+        })?;
 
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let (endpoint, port, token_url, address, token_path) = match &self.isolation {
             Isolation::None => {
-                let (listener, token_addr) = tokens::bind().await?;
+                let (listener, token_addr) =
+                    tokens::bind()
+                        .await
+                        .map_err(|source| SandboxError::Listen {
+                            what: "the token endpoint",
+                            source,
+                        })?;
                 let ep = tokens::serve(
                     listener,
                     spec.id.clone(),
                     secret.clone(),
                     self.broker.clone(),
                 );
-                let port = free_port()?;
+                let port = free_port().map_err(|source| SandboxError::Listen {
+                    what: "a port for the service",
+                    source,
+                })?;
                 (
                     ep,
                     port,
@@ -307,7 +502,7 @@ impl Supervisor {
                 // In the identity dir: the sandbox sees it read-only.
                 let sock = dirs.identity.join(TOKEN_SOCKET);
                 let listener = tokio::net::UnixListener::bind(&sock)
-                    .with_context(|| format!("binding {}", sock.display()))?;
+                    .map_err(PathError::at("binding", &sock))?;
                 let ep = tokens::serve(
                     listener,
                     spec.id.clone(),
@@ -353,7 +548,10 @@ impl Supervisor {
                 self.containment
                     .cgroups
                     .create(&spec.id, &limits)
-                    .with_context(|| format!("creating the cgroup of {}", spec.id))?,
+                    .map_err(|source| SandboxError::Cgroup {
+                        id: spec.id.clone(),
+                        source,
+                    })?,
             ))
         } else {
             None
@@ -373,7 +571,7 @@ impl Supervisor {
         };
         let last = Rc::new(RefCell::new(Report {
             id: spec.id.clone(),
-            state: "starting".into(),
+            state: SandboxState::Starting.to_string(),
             address: address.clone(),
             ..Default::default()
         }));
@@ -408,7 +606,7 @@ impl Supervisor {
     }
 
     /// Stops a sandbox and removes its files.
-    pub async fn stop(&self, id: &str) -> anyhow::Result<()> {
+    pub async fn stop(&self, id: &str) {
         let running = self.running.borrow_mut().remove(id);
         if let Some(r) = running {
             let _ = r.stop.send(true);
@@ -429,7 +627,7 @@ impl Supervisor {
             self.broker.forget(id);
             let _ = self.reports.send(Report {
                 id: id.to_string(),
-                state: "stopped".into(),
+                state: SandboxState::Stopped.to_string(),
                 ..Default::default()
             });
         }
@@ -440,7 +638,6 @@ impl Supervisor {
             }
         }
         crate::artifacts::ArtifactCache::open(self.dir.join("artifacts")).release(id);
-        Ok(())
     }
 
     /// Loopback address of a sandbox's service.
@@ -453,13 +650,15 @@ impl Supervisor {
 
     /// The last `n` lines a sandbox printed (at most [`LOGS_REPLY_BYTES`]),
     /// from the runner-private copy the sandbox cannot touch.
-    pub fn logs(&self, id: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    pub fn logs(&self, id: &str, n: usize) -> Result<Vec<String>, SandboxError> {
         if !self.running.borrow().contains_key(id) || !valid_id(id) {
-            return Err(anyhow!("sandbox {id} is not on this runner"));
+            return Err(SandboxError::NotHere(id.to_string()));
         }
         let dirs = SandboxDirs::new(&self.dir, id);
-        crate::logs::tail(&dirs.logs, n, LOGS_REPLY_BYTES)
-            .with_context(|| format!("reading the logs of {id}"))
+        crate::logs::tail(&dirs.logs, n, LOGS_REPLY_BYTES).map_err(|source| SandboxError::Logs {
+            id: id.to_string(),
+            source,
+        })
     }
 
     /// Stops everything (runner shutdown) and removes this runner's
@@ -467,7 +666,7 @@ impl Supervisor {
     pub async fn stop_all(&self) {
         let ids: Vec<String> = self.running.borrow().keys().cloned().collect();
         for id in ids {
-            let _ = self.stop(&id).await;
+            self.stop(&id).await;
         }
         self.containment.cgroups.remove_all();
     }
@@ -511,14 +710,15 @@ impl Launch {
                     .current_dir(&self.dirs.app);
                 // If the runner dies, its plain-process sandboxes die with
                 // it (bubblewrap does the same with --die-with-parent).
-                // SAFETY: prctl is async-signal-safe and touches no memory
-                // of the parent.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
-                    });
-                }
+                let die_with_parent = || {
+                    // SAFETY: prctl sets a flag of this (child) process and
+                    // touches no memory.
+                    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                    Ok(())
+                };
+                // SAFETY: the hook only calls prctl, which is
+                // async-signal-safe and touches no memory of the parent.
+                unsafe { cmd.pre_exec(die_with_parent) };
                 cmd
             }
             Isolation::Bwrap { miren, user } => {
@@ -549,29 +749,33 @@ impl Launch {
                 cmd.pre_exec(join);
             }
         }
-        // SAFETY: close_range and setrlimit are async-signal-safe system
-        // calls on this child's own descriptors and limits.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Nothing the runner holds leaks into the sandbox: every
-                // descriptor past stdio closes at exec (CLOEXEC rather than
-                // closing now, so the spawn's own error pipe still works).
+        let confine_descriptors = || {
+            // Nothing the runner holds leaks into the sandbox: every
+            // descriptor past stdio closes at exec (CLOEXEC rather than
+            // closing now, so the spawn's own error pipe still works).
+            // SAFETY: close_range only flags this child's own descriptors.
+            unsafe {
                 libc::syscall(
                     libc::SYS_close_range,
                     3u32,
                     u32::MAX,
                     libc::CLOSE_RANGE_CLOEXEC,
-                );
-                // A sandbox's processes hold few descriptors each; the
-                // runner's own raised limit is not theirs.
-                let lim = libc::rlimit {
-                    rlim_cur: SANDBOX_OPEN_FILES,
-                    rlim_max: SANDBOX_OPEN_FILES,
-                };
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                Ok(())
-            });
-        }
+                )
+            };
+            // A sandbox's processes hold few descriptors each; the
+            // runner's own raised limit is not theirs.
+            let lim = libc::rlimit {
+                rlim_cur: SANDBOX_OPEN_FILES,
+                rlim_max: SANDBOX_OPEN_FILES,
+            };
+            // SAFETY: setrlimit reads the struct we own and sets this
+            // child's own limit.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+            Ok(())
+        };
+        // SAFETY: the hook only makes the system calls above, which are
+        // async-signal-safe and touch no memory of the parent.
+        unsafe { cmd.pre_exec(confine_descriptors) };
         cmd
     }
 }
@@ -640,8 +844,7 @@ async fn supervise(
         crate::logs::BURST_BYTES,
         0.0,
     )));
-    let mut restarts = 0u32;
-    let mut ever_healthy = false;
+    let mut history = crate::restart_policy::History::default();
     loop {
         let mut cmd = launch.command(&spec);
         if let Isolation::Bwrap { .. } = launch.isolation {
@@ -664,7 +867,7 @@ async fn supervise(
             Ok(c) => c,
             Err(e) => {
                 send(&reports, &last, |r| {
-                    r.state = "failed".into();
+                    r.state = SandboxState::Failed.to_string();
                     r.last_log = format!("could not start {:?}: {e}", spec.command);
                 });
                 return;
@@ -694,13 +897,16 @@ async fn supervise(
                 _ = tokio::time::sleep(Duration::from_millis(200)), if !healthy => {
                     if connect_service(&address).await.is_ok() {
                         healthy = true;
-                        ever_healthy = true;
-                        send(&reports, &last, |r| { r.state = "healthy".into(); r.restarts = restarts; });
+                        history.healthy();
+                        send(&reports, &last, |r| {
+                            r.state = SandboxState::Healthy.to_string();
+                            r.restarts = history.exits;
+                        });
                     }
                 }
             }
         };
-        restarts += 1;
+        let verdict = history.exited(rand::random::<f64>());
         let mut out_of_memory = false;
         if let Some(cgroup) = &launch.cgroup {
             out_of_memory = cgroup.oom_kills() > oom_before;
@@ -711,31 +917,21 @@ async fn supervise(
             }
         }
         let exit = if out_of_memory {
-            format!(
-                "out of memory (limit {})",
-                crate::limits::format_memory(launch.memory_limit)
-            )
+            out_of_memory_exit(launch.memory_limit)
         } else {
             exit.map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string())
         };
         let log_text = tail.borrow().text();
-        let failed = !ever_healthy && restarts >= FAIL_AFTER;
         send(&reports, &last, |r| {
-            r.state = if failed {
-                "failed".into()
-            } else {
-                "crashed".into()
-            };
-            r.restarts = restarts;
+            r.state = verdict.state().to_string();
+            r.restarts = history.exits;
             r.last_log = format!("{log_text}\n(exit: {exit})");
             r.last_exit = exit;
         });
-        let wait = crate::backoff::delay(restarts.min(6), rand::random::<f64>())
-            .min(Duration::from_secs(10));
         tokio::select! {
             _ = stopped.changed() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(verdict.restart_after()) => {}
         }
     }
 }
@@ -743,6 +939,8 @@ async fn supervise(
 async fn terminate(pid: Option<u32>, child: &mut tokio::process::Child) {
     if let Some(pid) = pid {
         // The service runs in its own process group: signal all of it.
+        // SAFETY: kill only sends a signal, to the group the sandbox's
+        // process leads (it was spawned with process_group(0)).
         unsafe {
             libc::kill(-(pid as i32), libc::SIGTERM);
         }
@@ -752,6 +950,7 @@ async fn terminate(pid: Option<u32>, child: &mut tokio::process::Child) {
         .is_err()
     {
         if let Some(pid) = pid {
+            // SAFETY: as above.
             unsafe {
                 libc::kill(-(pid as i32), libc::SIGKILL);
             }

@@ -7,12 +7,64 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use identity::ClusterAddress;
 use serde::{Deserialize, Serialize};
 use transport::files;
 use transport::pki;
 use transport::tls::ClientIdentity;
+
+/// Why the data dir could not be read or written; every message names
+/// the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file could not be read, written or made.
+    #[error(transparent)]
+    Io(#[from] files::PathError),
+    /// `runner.json` is not what this runner writes.
+    #[error("{} is corrupt: {source}", path.display())]
+    CorruptConfig {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `runner.json` names no valid cluster address.
+    #[error("cluster address in {}: {source}", path.display())]
+    Address {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the address.
+        #[source]
+        source: identity::AddressError,
+    },
+    /// `identity.pem` is not a certificate followed by its key.
+    #[error("{} is corrupt: {source}", path.display())]
+    CorruptIdentity {
+        /// The file.
+        path: PathBuf,
+        /// What is missing or broken.
+        #[source]
+        source: IdentityPemError,
+    },
+    /// `runner.json` could not be encoded.
+    #[error("encoding runner.json: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The certificate or key held could not be used.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+/// What is wrong with the contents of `identity.pem`.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityPemError {
+    /// No `PRIVATE KEY` block follows the certificate.
+    #[error("no private key")]
+    NoPrivateKey,
+    /// The certificate or the key does not parse.
+    #[error(transparent)]
+    Pem(#[from] pki::PkiError),
+}
 
 /// `runner.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -39,7 +91,7 @@ pub struct Identity {
 
 impl Identity {
     /// The certificate and key to present over mTLS.
-    pub fn client_identity(&self) -> anyhow::Result<ClientIdentity> {
+    pub fn client_identity(&self) -> Result<ClientIdentity, StateError> {
         Ok(ClientIdentity {
             chain: vec![pki::cert_der_from_pem(&self.cert_pem)?],
             key: pki::key_der_from_pem(&self.key_pem)?,
@@ -47,7 +99,7 @@ impl Identity {
     }
 
     /// `notAfter` of the certificate.
-    pub fn expires_unix(&self) -> anyhow::Result<i64> {
+    pub fn expires_unix(&self) -> Result<i64, StateError> {
         Ok(pki::not_after_unix(&self.cert_pem)?)
     }
 }
@@ -73,21 +125,31 @@ impl DataDir {
     }
 
     /// Loads the identity; every failure names the file.
-    pub fn load(&self) -> anyhow::Result<Identity> {
+    pub fn load(&self) -> Result<Identity, StateError> {
         let cfg_path = self.config_path();
         let text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("reading {}", cfg_path.display()))?;
-        let config: RunnerConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is corrupt", cfg_path.display()))?;
-        let address: ClusterAddress = config
-            .cluster
-            .parse()
-            .with_context(|| format!("cluster address in {}", cfg_path.display()))?;
+            .map_err(files::PathError::at("reading", &cfg_path))?;
+        let config: RunnerConfig =
+            serde_json::from_str(&text).map_err(|source| StateError::CorruptConfig {
+                path: cfg_path.clone(),
+                source,
+            })?;
+        let address: ClusterAddress =
+            config
+                .cluster
+                .parse()
+                .map_err(|source| StateError::Address {
+                    path: cfg_path.clone(),
+                    source,
+                })?;
         let id_path = self.identity_path();
-        let pem = std::fs::read_to_string(&id_path)
-            .with_context(|| format!("reading {}", id_path.display()))?;
+        let pem =
+            std::fs::read_to_string(&id_path).map_err(files::PathError::at("reading", &id_path))?;
         let (cert_pem, key_pem) =
-            split_identity(&pem).with_context(|| format!("{} is corrupt", id_path.display()))?;
+            split_identity(&pem).map_err(|source| StateError::CorruptIdentity {
+                path: id_path.clone(),
+                source,
+            })?;
         Ok(Identity {
             config,
             address,
@@ -104,29 +166,33 @@ impl DataDir {
         cert_pem: &str,
         key_pem: &str,
         ca_pem: &str,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), StateError> {
         files::ensure_private_dir(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+            .map_err(files::PathError::at("creating", &self.dir))?;
         self.save_identity(cert_pem, key_pem)?;
-        files::write_atomic(&self.dir.join("ca.crt"), ca_pem.as_bytes(), 0o644)?;
-        let json = serde_json::to_vec_pretty(config)?;
-        files::write_atomic(&self.config_path(), &json, 0o600)?;
+        let ca = self.dir.join("ca.crt");
+        files::write_atomic(&ca, ca_pem.as_bytes(), 0o644)
+            .map_err(files::PathError::at("writing", &ca))?;
+        let json = serde_json::to_vec_pretty(config).map_err(StateError::Encode)?;
+        let cfg_path = self.config_path();
+        files::write_atomic(&cfg_path, &json, 0o600)
+            .map_err(files::PathError::at("writing", &cfg_path))?;
         Ok(())
     }
 
     /// Replaces the certificate and key together.
-    pub fn save_identity(&self, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+    pub fn save_identity(&self, cert_pem: &str, key_pem: &str) -> Result<(), StateError> {
         let both = format!("{}\n{}", cert_pem.trim_end(), key_pem);
-        files::write_atomic(&self.identity_path(), both.as_bytes(), 0o600)
-            .with_context(|| format!("writing {}", self.identity_path().display()))
+        let path = self.identity_path();
+        files::write_atomic(&path, both.as_bytes(), 0o600)
+            .map_err(files::PathError::at("writing", &path))?;
+        Ok(())
     }
 }
 
-fn split_identity(pem: &str) -> anyhow::Result<(String, String)> {
+fn split_identity(pem: &str) -> Result<(String, String), IdentityPemError> {
     let marker = "-----BEGIN PRIVATE KEY-----";
-    let at = pem
-        .find(marker)
-        .ok_or_else(|| anyhow::anyhow!("no private key"))?;
+    let at = pem.find(marker).ok_or(IdentityPemError::NoPrivateKey)?;
     let (cert, key) = pem.split_at(at);
     pki::cert_der_from_pem(cert)?;
     pki::key_der_from_pem(key)?;

@@ -31,6 +31,7 @@ use axum::Router;
 use tokio::sync::{mpsc, oneshot};
 use transport::clock::now_unix as now;
 
+use crate::call::CallError;
 use crate::token_limits::{
     retry_after_secs, CacheKey, CachedToken, MissBucket, MissLimit, SandboxCache,
 };
@@ -50,7 +51,7 @@ pub struct TokenKey {
 }
 
 /// Sent to the runner's RPC thread to mint through the coordinator.
-pub type MintRequest = (TokenKey, oneshot::Sender<Result<String, String>>);
+pub type MintRequest = (TokenKey, oneshot::Sender<Result<String, CallError>>);
 
 /// Why no token was handed out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,7 +74,7 @@ pub enum TokenError {
     NotServed(String),
     /// The coordinator did not mint one and nothing unexpired is cached.
     #[error("could not get a token: {0}")]
-    Mint(String),
+    Mint(#[source] CallError),
 }
 
 /// Who asks the broker: a sandbox through its endpoint is metered, the
@@ -102,15 +103,12 @@ pub struct Broker {
     metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Reads `iat` and `exp` from a JWT we were handed by the coordinator.
+/// Reads `iat` and `exp` from a JWT we were handed by the coordinator
+/// (only to know when to renew it; nothing is trusted from it).
 fn times(token: &str) -> Option<(i64, i64)> {
-    use base64::Engine as _;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some((v["iat"].as_i64()?, v["exp"].as_i64()?))
+    let claims = identity::peek_claims(token).ok()?;
+    let at = |name: &str| claims.get(name).and_then(serde_json::Value::as_i64);
+    Some((at("iat")?, at("exp")?))
 }
 
 impl Broker {
@@ -230,14 +228,12 @@ impl Broker {
         }
     }
 
-    async fn mint_through_coordinator(&self, key: TokenKey) -> Result<String, String> {
+    async fn mint_through_coordinator(&self, key: TokenKey) -> Result<String, CallError> {
         let (tx, rx) = oneshot::channel();
         let started = Instant::now();
         let minted = match self.mint.send((key, tx)) {
-            Ok(()) => rx
-                .await
-                .unwrap_or_else(|_| Err("runner is shutting down".into())),
-            Err(_) => Err("runner is shutting down".into()),
+            Ok(()) => rx.await.unwrap_or(Err(CallError::ShuttingDown)),
+            Err(_) => Err(CallError::ShuttingDown),
         };
         self.metrics.token_minted(started.elapsed());
         minted
@@ -537,7 +533,7 @@ mod tests {
                 let _ = done.send(Ok(fake));
             }
             if let Some((_, done)) = rx.recv().await {
-                let _ = done.send(Err("coordinator unreachable".into()));
+                let _ = done.send(Err(CallError::Unreachable));
             }
         });
         let first = broker.get_for_sandbox(key.clone()).await.unwrap();

@@ -139,12 +139,51 @@ pub enum UnpackError {
     #[error("archive has more than {limit} entries")]
     TooManyEntries { limit: u64 },
     #[error("corrupt archive: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] Corruption),
     #[error("I/O error at {at}: {source}")]
     Io {
         at: String,
         #[source]
         source: io::Error,
+    },
+}
+
+/// How an archive is broken (not unsafe: unreadable).
+#[derive(Debug, thiserror::Error)]
+pub enum Corruption {
+    /// The compressed stream or the tar structure could not be read.
+    #[error("{at}: {source}")]
+    Stream {
+        /// Where in the archive.
+        at: String,
+        /// What the reader said.
+        #[source]
+        source: io::Error,
+    },
+    /// An entry's mode field does not parse.
+    #[error("entry `{entry}`: {source}")]
+    Mode {
+        /// The entry.
+        entry: String,
+        /// What the tar reader said.
+        #[source]
+        source: io::Error,
+    },
+    /// An entry holds fewer bytes than its header declares.
+    #[error("entry `{entry}`: truncated ({written} of {declared} bytes)")]
+    Truncated {
+        /// The entry.
+        entry: String,
+        /// Bytes it held.
+        written: u64,
+        /// Bytes its header declared.
+        declared: u64,
+    },
+    /// Data follows the end of the archive.
+    #[error("more than {limit} bytes of data after the end of the archive")]
+    TrailingData {
+        /// How much trailing data is read through before giving up.
+        limit: u64,
     },
 }
 
@@ -323,7 +362,7 @@ fn stream_err(state: &MeterState, e: io::Error, at: String) -> UnpackError {
         let (limit, max) = state.limit.get().unwrap_or((LimitKind::TotalMetadata, 0));
         UnpackError::TooLarge { at, limit, max }
     } else {
-        UnpackError::Corrupt(format!("{at}: {e}"))
+        UnpackError::Corrupt(Corruption::Stream { at, source: e })
     }
 }
 
@@ -415,10 +454,12 @@ fn unpack_tar<R: Read>(
                     if rel.as_os_str().is_empty() {
                         return Err(UnpackError::EmptyPath);
                     }
-                    let mode = entry
-                        .header()
-                        .mode()
-                        .map_err(|e| UnpackError::Corrupt(format!("entry `{name}`: {e}")))?;
+                    let mode = entry.header().mode().map_err(|source| {
+                        UnpackError::Corrupt(Corruption::Mode {
+                            entry: name.clone(),
+                            source,
+                        })
+                    })?;
                     let declared = entry.size();
                     let full = prepare_parents(dest, &rel, &name, &mut stats)?;
                     write_file(
@@ -477,9 +518,9 @@ fn unpack_tar<R: Read>(
     let mut rest = archive.into_inner();
     if let Err(e) = io::copy(&mut rest, &mut io::sink()) {
         if state.tripped.get() && !state.source_failed.get() {
-            return Err(UnpackError::Corrupt(format!(
-                "more than {TRAILER_BUDGET} bytes of data after the end of the archive"
-            )));
+            return Err(UnpackError::Corrupt(Corruption::TrailingData {
+                limit: TRAILER_BUDGET,
+            }));
         }
         return Err(stream_err(&state, e, "the end of the archive".into()));
     }
@@ -681,9 +722,11 @@ fn write_file(
         file.write_all(&buf[..n]).map_err(|e| io_err(name, e))?;
     }
     if written != declared {
-        return Err(UnpackError::Corrupt(format!(
-            "entry `{name}`: truncated ({written} of {declared} bytes)"
-        )));
+        return Err(UnpackError::Corrupt(Corruption::Truncated {
+            entry: name.to_string(),
+            written,
+            declared,
+        }));
     }
     let perm = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
     file.set_permissions(Permissions::from_mode(perm))

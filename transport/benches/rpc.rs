@@ -163,7 +163,7 @@ fn start_servers(tls: rustls::ServerConfig) -> anyhow::Result<Servers> {
                 let _ = stop_rx.await;
                 tcp_task.abort();
                 quic_task.abort();
-                quic.close(0u32.into(), b"bench done");
+                quic.close(transport::close::CloseCode::Done.into(), b"bench done");
                 let _ = tokio::time::timeout(Duration::from_secs(2), quic.wait_idle()).await;
                 anyhow::Ok(())
             })
@@ -388,7 +388,7 @@ async fn run_client(
     drop(tcp);
     drop(quic);
     tcp_system.abort();
-    quic_conn.close(0u32.into(), b"bench done");
+    quic_conn.close(transport::close::CloseCode::Done.into(), b"bench done");
     let _ = tokio::time::timeout(Duration::from_secs(2), quic_endpoint.wait_idle()).await;
     Ok(rounds)
 }

@@ -9,8 +9,11 @@ use std::fmt;
 /// Version, commit and build date of one binary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildInfo {
+    /// The crate version, `0.1.0`.
     pub version: String,
+    /// The git commit it was built from (`unknown` outside a checkout).
     pub commit: String,
+    /// The build date, `YYYY-MM-DD` (`unknown` when the build knew none).
     pub date: String,
 }
 

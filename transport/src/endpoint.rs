@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 
 use identity::{ClusterAddress, Fingerprint};
 
+use crate::close::CloseCode;
 use crate::tls::{self, ClientIdentity, ServerTrust, TlsConfigError};
 
 /// How long a client waits for the handshake before calling a peer unreachable.
@@ -23,26 +24,117 @@ const UNKNOWN_CA_ALERT: u8 = 48;
 /// Why a connection to a cluster could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    /// The server's chain does not hold the pinned CA.
     #[error("TLS certificate fingerprint mismatch: got {got}, expected {expected}")]
     FingerprintMismatch {
+        /// SHA-1 of the top certificate the server presented.
         got: Fingerprint,
+        /// The pin.
         expected: Fingerprint,
     },
-    #[error("could not resolve {addr}: {reason} (check the host name in the cluster address)")]
-    Resolve { addr: String, reason: String },
+    /// The host name could not be resolved.
+    #[error("could not resolve {addr}: {source} (check the host name in the cluster address)")]
+    Resolve {
+        /// `host:port` as dialed.
+        addr: String,
+        /// What the resolver said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host name resolved to no address.
+    #[error("could not resolve {addr}: no addresses (check the host name in the cluster address)")]
+    NoAddresses {
+        /// `host:port` as dialed.
+        addr: String,
+    },
+    /// No handshake within [`CONNECT_TIMEOUT`].
     #[error("could not reach the coordinator at {addr} (UDP) within {secs}s: check that `miren server` is running there and that UDP port {port} is reachable")]
-    Unreachable { addr: String, port: u16, secs: u64 },
-    #[error("TLS handshake with {addr} failed: {reason}")]
-    Handshake { addr: String, reason: String },
+    Unreachable {
+        /// `host:port` as dialed.
+        addr: String,
+        /// The UDP port.
+        port: u16,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// quinn cannot speak QUIC with this TLS configuration.
+    #[error("TLS handshake with {addr} failed: {source}")]
+    QuicConfig {
+        /// `host:port` as dialed.
+        addr: String,
+        /// Why.
+        #[source]
+        source: NoInitialCipherSuite,
+    },
+    /// quinn refused to start the connection (a bad server name, ...).
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Connect {
+        /// `host:port` as dialed.
+        addr: String,
+        /// Why.
+        #[source]
+        source: quinn::ConnectError,
+    },
+    /// The handshake failed: a TLS alert or another transport error.
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        /// `host:port` as dialed.
+        addr: String,
+        /// The transport error ([`quinn::ConnectionError::TransportError`]).
+        #[source]
+        source: quinn::ConnectionError,
+    },
     /// No fingerprint to pin, and no public root vouches for the server.
     #[error("the coordinator at {addr} presented a certificate that no public root vouches for, and nothing pins its cluster CA: add `fingerprint: sha1:<hex>` to that cluster's entry in the client config (the value after `;` that `miren cluster export-address` prints on a trusted machine), or use MIREN_CLUSTER='{addr};sha1:<hex>' (miren never trusts a certificate on first use)")]
-    Untrusted { addr: String },
-    #[error("the connection to {addr} closed: {reason}")]
-    Closed { addr: String, reason: String },
+    Untrusted {
+        /// `host:port` as dialed.
+        addr: String,
+    },
+    /// The connection ended during the handshake: the peer closed it
+    /// (see [`DialError::close_code`]), reset it, or it was closed here.
+    #[error("the connection to {addr} closed: {source}")]
+    Closed {
+        /// `host:port` as dialed.
+        addr: String,
+        /// How it ended.
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    /// The client TLS configuration could not be built.
     #[error(transparent)]
     Config(#[from] TlsConfigError),
+    /// No local UDP socket to dial from.
     #[error("could not open a local UDP socket: {0}")]
-    LocalSocket(std::io::Error),
+    LocalSocket(#[source] std::io::Error),
+}
+
+impl DialError {
+    /// The code the coordinator closed the connection with, when it closed
+    /// it during the handshake with one of ours (a removed runner is told
+    /// so at once).
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            DialError::Closed { source, .. } => CloseCode::of_error(source),
+            _ => None,
+        }
+    }
+}
+
+/// Why the coordinator's QUIC endpoint could not listen.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// quinn cannot speak QUIC with this TLS configuration.
+    #[error(transparent)]
+    QuicConfig(#[from] NoInitialCipherSuite),
+    /// The UDP socket could not be bound.
+    #[error("could not listen on UDP {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the coordinator's QUIC endpoint grants a peer, and why.
@@ -91,8 +183,9 @@ pub mod limits {
     /// Connection attempts quinn keeps while the accept loop decides on
     /// them (it decides at once, so this is only a backstop).
     pub const MAX_PENDING_INCOMING: usize = 1024;
-    /// Bytes buffered for one such attempt, and for all of them.
+    /// Bytes buffered for one such attempt.
     pub const INCOMING_BUFFER: u64 = 64 * 1024;
+    /// ... and for all of them together.
     pub const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
     /// Bi-streams the coordinator may open towards a runner: one per
     /// proxied ingress request (quinn's default, made explicit).
@@ -140,7 +233,7 @@ pub fn open_windows(conn: &quinn::Connection) {
 }
 
 /// The quinn server configuration of the coordinator's endpoint.
-pub fn server_config(tls: rustls::ServerConfig) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, ListenError> {
     let quic = QuicServerConfig::try_from(tls)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(server_transport_config()))
@@ -161,19 +254,21 @@ pub fn server_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
     reset_secret: &[u8; 32],
-) -> anyhow::Result<quinn::Endpoint> {
+) -> Result<quinn::Endpoint, ListenError> {
     let cfg = server_config(tls)?;
     let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, reset_secret);
-    let socket = std::net::UdpSocket::bind(listen)
-        .map_err(|e| anyhow::anyhow!("could not listen on UDP {listen}: {e}"))?;
-    let endpoint = quinn::Endpoint::new(
+    let bind = |source| ListenError::Bind {
+        addr: listen,
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
+    quinn::Endpoint::new(
         quinn::EndpointConfig::new(Arc::new(reset_key)),
         Some(cfg),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|e| anyhow::anyhow!("could not listen on UDP {listen}: {e}"))?;
-    Ok(endpoint)
+    .map_err(bind)
 }
 
 /// Dials `addr`, pinning its fingerprint when it has one, presenting
@@ -191,14 +286,13 @@ pub async fn dial(
     let host_port = addr.host_port();
     let remote = tokio::net::lookup_host(host_port.as_str())
         .await
-        .map_err(|e| DialError::Resolve {
+        .map_err(|source| DialError::Resolve {
             addr: host_port.clone(),
-            reason: e.to_string(),
+            source,
         })?
         .next()
-        .ok_or_else(|| DialError::Resolve {
+        .ok_or_else(|| DialError::NoAddresses {
             addr: host_port.clone(),
-            reason: "no addresses".into(),
         })?;
     let local: SocketAddr = if remote.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -206,17 +300,17 @@ pub async fn dial(
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = quinn::Endpoint::client(local).map_err(DialError::LocalSocket)?;
-    let quic = QuicClientConfig::try_from(tls.config).map_err(|e| DialError::Handshake {
+    let quic = QuicClientConfig::try_from(tls.config).map_err(|source| DialError::QuicConfig {
         addr: host_port.clone(),
-        reason: e.to_string(),
+        source,
     })?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(client_transport_config());
     let connecting = endpoint
         .connect_with(cfg, remote, &addr.host)
-        .map_err(|e| DialError::Handshake {
+        .map_err(|source| DialError::Connect {
             addr: host_port.clone(),
-            reason: e.to_string(),
+            source,
         })?;
     let mismatch = |tls_mismatch: &Option<Arc<std::sync::Mutex<Option<Fingerprint>>>>| {
         let got = tls_mismatch.as_ref()?.lock().ok()?.as_ref().copied()?;
@@ -247,13 +341,13 @@ pub async fn dial(
                 {
                     DialError::Untrusted { addr: host_port }
                 }
-                quinn::ConnectionError::TransportError(t) => DialError::Handshake {
+                source @ quinn::ConnectionError::TransportError(_) => DialError::Handshake {
                     addr: host_port,
-                    reason: t.to_string(),
+                    source,
                 },
-                other => DialError::Closed {
+                source => DialError::Closed {
                     addr: host_port,
-                    reason: other.to_string(),
+                    source,
                 },
             })
         }

@@ -12,11 +12,43 @@
 //! directory someone else can write cannot turn the write against another
 //! file. (The runner still never writes into a directory a sandbox can
 //! write: this is the second wall, not the first.)
+//!
+//! [`PathError`] is the IO error that names its file, for every side's
+//! typed errors.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// An IO error with what was being done and to which path, so that every
+/// message names the file (`creating /var/lib/miren-runner: Permission
+/// denied`).
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {}: {source}", path.display())]
+pub struct PathError {
+    /// What was being done (`reading`, `writing`, `creating`, `binding`).
+    pub action: &'static str,
+    /// The file or dir.
+    pub path: PathBuf,
+    /// Why it failed.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PathError {
+    /// A `map_err` adapter: `.map_err(PathError::at("reading", &path))`.
+    pub fn at<'a>(
+        action: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> PathError + 'a {
+        move |source| PathError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
 
 /// Creates `dir` (and parents) and sets it to mode 0700.
 pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -72,11 +104,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 /// Why a 32-byte secret file could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretFileError {
+    /// The file is not 32 bytes.
     #[error("{path} is corrupt (expected 32 bytes); {remedy}")]
-    Corrupt { path: PathBuf, remedy: &'static str },
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What deleting it costs.
+        remedy: &'static str,
+    },
+    /// It could not be read or created.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },

@@ -8,6 +8,10 @@
 //! network that keeps a peer within its limits, and the operations
 //! endpoints (metrics, health) both sides serve in [`ops`].
 
+#![warn(missing_docs)]
+// No `unwrap`/`expect` outside tests: input never panics this crate.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bounded;
 pub mod build_info;
 pub mod clock;
@@ -17,6 +21,7 @@ pub mod files;
 pub mod ops;
 pub mod peer;
 pub mod pki;
+pub mod report;
 pub mod rlimit;
 pub mod rpc;
 pub mod tls;
@@ -24,5 +29,5 @@ pub mod tls;
 /// ALPN protocol id spoken on every miren QUIC connection.
 pub const ALPN: &[u8] = b"miren/1";
 
-pub use endpoint::{dial, server_endpoint, DialError};
+pub use endpoint::{dial, server_endpoint, DialError, ListenError};
 pub use peer::PeerIdentity;

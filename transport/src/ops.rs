@@ -25,7 +25,9 @@ use prometheus_client::registry::Registry;
 /// One readiness check's result: its name and why it fails, if it does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
+    /// What is checked (`store`, `signing key`, `coordinator`).
     pub name: &'static str,
+    /// Why it fails; `None` when it passes.
     pub failure: Option<String>,
 }
 
@@ -156,13 +158,22 @@ pub fn router(registries: Vec<Arc<Registry>>, checks: Vec<Readiness>) -> Router 
     health_router(checks).route("/metrics", get(move || metrics(registries.clone())))
 }
 
+/// The metrics listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("could not listen on TCP {addr} for metrics: {source} (use --metrics-listen to pick another address)")]
+pub struct BindError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds the metrics listener; the error names the flag.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "could not listen on TCP {addr} for metrics: {e} (use --metrics-listen to pick another address)"
-        )
-    })
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.

@@ -11,11 +11,20 @@ pub enum PeerIdentity {
     /// No client certificate: may only ask for public cluster info.
     Anonymous,
     /// An operator holding an admin certificate (`admin-<name>`).
-    Admin { name: String },
+    Admin {
+        /// The name after `admin-`.
+        name: String,
+    },
     /// A joined runner (`runner-<uuid>`).
-    Runner { id: String },
+    Runner {
+        /// The runner id after `runner-`.
+        id: String,
+    },
     /// A CA-signed certificate with a common name of no known role.
-    Unknown { common_name: String },
+    Unknown {
+        /// The certificate's common name (empty when it has none).
+        common_name: String,
+    },
 }
 
 impl PeerIdentity {

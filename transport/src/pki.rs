@@ -9,7 +9,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use std::path::PathBuf;
+
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::{Duration, OffsetDateTime};
 
 use identity::Fingerprint;
@@ -17,14 +20,48 @@ use identity::Fingerprint;
 /// Why certificate material could not be made or read.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    /// PEM text holds no certificate.
     #[error("not a PEM certificate: {0}")]
-    BadCertificatePem(String),
+    BadCertificatePem(#[source] pem::Error),
+    /// A certificate file could not be read or parsed.
+    #[error("not a PEM certificate: {}: {source}", path.display())]
+    CertificateFile {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("not a PEM certificate: {}: no certificate", path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// DER bytes are not an X.509 certificate.
+    #[error("not a PEM certificate: {0}")]
+    BadCertificateDer(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// A certificate's validity is outside what a date can hold.
+    #[error("not a PEM certificate: {0}")]
+    BadValidity(#[source] time::error::ComponentRange),
+    /// A CA certificate that cannot issue (its key does not fit it, or it
+    /// cannot be parsed for issuing).
+    #[error("not a PEM certificate: {0}")]
+    BadCaCertificate(#[source] rcgen::Error),
+    /// PEM text holds no private key.
     #[error("not a PEM private key: {0}")]
-    BadKeyPem(String),
+    BadKeyPem(#[source] pem::Error),
+    /// PEM text holds no private key rcgen can sign with.
+    #[error("not a PEM private key: {0}")]
+    BadSigningKey(#[source] rcgen::Error),
+    /// rcgen could not make a key, a certificate or a request.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A PKCS#10 request that does not parse or whose signature is wrong.
     #[error("certificate signing request refused: {0}")]
-    BadCsr(String),
+    BadCsr(#[source] rcgen::Error),
+    /// A name that cannot go in a certificate (empty or too long a common
+    /// name, a subject alternative name that is no DNS name or IP).
     #[error("invalid name {0:?} for a certificate")]
     BadName(String),
 }
@@ -32,14 +69,15 @@ pub enum PkiError {
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
 pub struct CertifiedPem {
+    /// The certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8).
     pub key_pem: String,
 }
 
 /// Parses the first certificate of a PEM document.
 pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(PkiError::BadCertificatePem)
 }
 
 /// Every certificate of a PEM file (a CA bundle or a chain); an empty
@@ -49,19 +87,21 @@ pub fn certs_from_pem_file(
 ) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| PkiError::BadCertificatePem(format!("{}: {e}", path.display())))?;
+        .map_err(|source| PkiError::CertificateFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(PkiError::BadCertificatePem(format!(
-            "{}: no certificate",
-            path.display()
-        )));
+        return Err(PkiError::NoCertificate {
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
 /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
 pub fn key_der_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::BadKeyPem(e.to_string()))
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(PkiError::BadKeyPem)
 }
 
 /// Lifetime of the server certificate unless the coordinator is told
@@ -107,12 +147,12 @@ impl ClusterCa {
     /// Loads a CA from its PEM certificate and key.
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let cert_der = cert_der_from_pem(cert_pem)?;
-        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadKeyPem(e.to_string()))?;
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
-            .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+        let key = KeyPair::from_pem(key_pem).map_err(PkiError::BadSigningKey)?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der, key).map_err(PkiError::BadCaCertificate)?;
         let (_, not_after) = validity_of_der(&cert_der)?;
-        let not_after = OffsetDateTime::from_unix_timestamp(not_after)
-            .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+        let not_after =
+            OffsetDateTime::from_unix_timestamp(not_after).map_err(PkiError::BadValidity)?;
         Ok(ClusterCa {
             cert_pem: cert_pem.to_string(),
             cert_der,
@@ -233,8 +273,8 @@ impl ClusterCa {
         csr_der: &[u8],
     ) -> Result<String, PkiError> {
         let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
-        let csr = rcgen::CertificateSigningRequestParams::from_der(&der)
-            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_der(&der).map_err(PkiError::BadCsr)?;
         self.issue_client_for_key(common_name, validity, &csr.public_key)
     }
 }
@@ -251,7 +291,7 @@ pub fn key_and_csr() -> Result<(String, Vec<u8>), PkiError> {
 pub fn validity_of_der(der: &[u8]) -> Result<(i64, i64), PkiError> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-        .map_err(|e| PkiError::BadCertificatePem(e.to_string()))?;
+        .map_err(PkiError::BadCertificateDer)?;
     let v = cert.validity();
     Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }

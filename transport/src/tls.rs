@@ -33,10 +33,14 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Errors building a TLS configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
+    /// rustls refused the configuration (a key that does not match its
+    /// certificate, no certificate, a root it cannot parse, ...).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The client certificate verifier could not be built from the roots.
     #[error("could not build the certificate verifier: {0}")]
-    Verifier(String),
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// Trust in the platform's roots was asked for, and there are none.
     #[error("no trusted root certificates found on this machine (set SSL_CERT_FILE, or pin the cluster with host:port;sha1:<fingerprint>)")]
     NoPlatformRoots,
 }
@@ -135,8 +139,7 @@ pub fn server_config_with_slot(
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+            .build()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
@@ -153,9 +156,8 @@ pub fn verify_client_certificate(
 ) -> Result<(), TlsConfigError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
     verifier.verify_client_cert(leaf, &[], UnixTime::now())?;
     Ok(())
 }
@@ -171,14 +173,19 @@ pub enum ServerTrust {
 
 /// A client certificate and key to present.
 pub struct ClientIdentity {
+    /// The certificate chain, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
     pub key: PrivateKeyDer<'static>,
 }
 
 /// A client configuration plus, for pinned trust, the slot where the
 /// verifier records a fingerprint mismatch so callers can report it exactly.
 pub struct ClientTls {
+    /// The rustls configuration.
     pub config: rustls::ClientConfig,
+    /// With a pin: where the verifier writes the fingerprint it was shown
+    /// instead of the pinned one.
     pub mismatch: Option<Arc<Mutex<Option<Fingerprint>>>>,
 }
 
@@ -236,6 +243,8 @@ pub struct PinnedCaVerifier {
 }
 
 impl PinnedCaVerifier {
+    /// A verifier accepting only chains that hold the CA pinned by `pin`,
+    /// verifying with `provider`'s algorithms.
     pub fn new(pin: Fingerprint, provider: Arc<CryptoProvider>) -> Self {
         PinnedCaVerifier {
             pin,
@@ -278,7 +287,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let inner =
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+                .map_err(|e| rustls::Error::Other(rustls::OtherError(Arc::new(e))))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 

@@ -1,5 +1,6 @@
 //! `miren route`: which host goes to which app through the HTTP ingress.
 
+use coordinator::route_oidc::EnableRequest;
 use coordinator::sso::CALLBACK_PATH as CALLBACK;
 use serde_json::Value;
 
@@ -111,15 +112,20 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             replace_provider,
         } => {
             let host = host_arg(host, default);
-            let scope = scope_list(&scope);
-            let config = serde_json::json!({
-                "provider": provider, "provider_url": provider_url, "client_id": client_id,
-                "client_secret": client_secret, "scope": scope, "claim_headers": claim_headers,
-                "replace_provider": replace_provider,
-            });
+            // The coordinator's own request type: a field renamed there
+            // fails to compile here instead of being dropped on the way.
+            let config = EnableRequest {
+                provider,
+                provider_url,
+                client_id,
+                client_secret,
+                scope: scope_list(&scope),
+                claim_headers,
+                replace_provider,
+            };
             let mut req = admin.route_oidc_enable_request();
             req.get().set_host(&host);
-            req.get().set_config_json(config.to_string());
+            req.get().set_config_json(serde_json::to_string(&config)?);
             req.send().promise.await.map_err(remote)?;
             println!(
                 "Route {} is protected by OIDC",
@@ -268,4 +274,27 @@ pub fn run(cmd: RouteCmd, cluster: Option<&str>) -> anyhow::Result<()> {
         session.close().await;
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_enable_request_reads_back_as_the_coordinator_reads_it() {
+        let sent = EnableRequest {
+            provider: Some("corp".into()),
+            provider_url: Some("https://login.example.com".into()),
+            client_id: Some("id".into()),
+            client_secret: Some("secret".into()),
+            scope: scope_list(&["openid email".into(), "profile".into()]),
+            claim_headers: vec!["email:X-User-Email".into()],
+            replace_provider: true,
+        };
+        let text = serde_json::to_string(&sent).expect("serialise");
+        let read: EnableRequest = serde_json::from_str(&text).expect("read");
+        assert_eq!(read.scope.as_deref(), Some("openid email profile"));
+        assert_eq!(read.claim_headers, sent.claim_headers);
+        assert_eq!(serde_json::to_string(&read).expect("again"), text);
+    }
 }

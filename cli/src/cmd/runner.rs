@@ -30,26 +30,26 @@ pub struct AgentArgs {
     #[arg(long, default_value = "")]
     name: String,
     /// Label key=value; repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = crate::args::label)]
     labels: Vec<(String, String)>,
     /// Sandbox isolation: bwrap (namespaces), none (plain processes), or
     /// auto (bwrap when it works here, else none with a warning).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "bwrap", "none"])]
-    isolation: String,
+    #[arg(long, default_value = "auto", value_parser = crate::args::isolation())]
+    isolation: runner::sandbox::IsolationMode,
     /// Lifetime of the token kept in each sandbox's MIREN_IDENTITY_TOKEN_PATH
     /// (rewritten at half-life; clamped to 60s..24h).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     token_file_ttl: std::time::Duration,
     /// Memory a sandbox gets when its app.toml sets none (e.g. 512MiB;
     /// at most this host's memory, which is also the most an app may ask).
-    #[arg(long, value_parser = parse_sandbox_memory)]
+    #[arg(long, value_parser = crate::args::sandbox_memory)]
     sandbox_memory: Option<u64>,
     /// CPUs a sandbox gets when its app.toml sets none (e.g. 0.5; at most
     /// this host's CPUs).
-    #[arg(long, value_parser = parse_sandbox_cpus)]
+    #[arg(long, value_parser = crate::args::sandbox_cpus)]
     sandbox_cpus: Option<u32>,
     /// Processes a sandbox may run when its app.toml sets none (e.g. 512).
-    #[arg(long, value_parser = parse_sandbox_pids)]
+    #[arg(long, value_parser = crate::args::sandbox_pids)]
     sandbox_pids: Option<u32>,
     /// New (uncached) workload tokens a sandbox may have minted at once;
     /// each costs the coordinator a signature. Cached tokens are never
@@ -70,24 +70,6 @@ pub struct AgentArgs {
     /// Count no metrics (to measure their cost).
     #[arg(long, hide = true)]
     no_observe: bool,
-}
-
-fn parse_sandbox_memory(text: &str) -> Result<u64, String> {
-    runner::limits::parse_memory(text).map_err(|e| e.to_string())
-}
-
-fn parse_sandbox_cpus(text: &str) -> Result<u32, String> {
-    let cpus: f64 = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of CPUs (e.g. 0.5 or 2)"))?;
-    runner::limits::parse_cpus(cpus).map_err(|e| e.to_string())
-}
-
-fn parse_sandbox_pids(text: &str) -> Result<u32, String> {
-    let pids: i64 = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number of processes"))?;
-    runner::limits::parse_pids(pids).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -131,7 +113,7 @@ pub enum TokenCmd {
         #[arg(long, default_value = "")]
         name: String,
         /// Label key=value for runners joining with it; repeatable.
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = crate::args::label)]
         labels: Vec<(String, String)>,
     },
     /// List join codes (never their secrets).
@@ -141,13 +123,6 @@ pub enum TokenCmd {
     },
     /// Revoke a join code.
     Revoke { id: String },
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("label {s:?} must be key=value"))
 }
 
 pub fn run(args: RunnerArgs, cluster: Option<&str>) -> anyhow::Result<()> {
@@ -210,7 +185,7 @@ fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
                 std::future::pending(),
             ));
         }
-        runner::run(opts, shutdown).await
+        Ok(runner::run(opts, shutdown).await?)
     })
 }
 
@@ -429,13 +404,14 @@ async fn list(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
                     if r["cordoned"] == true {
                         status.push_str(",cordoned");
                     }
-                    if r["isolation"] == "none" {
+                    let isolation = r["isolation"].as_str().and_then(|s| s.parse().ok());
+                    if isolation == Some(runner::sandbox::IsolationMode::None) {
                         status.push_str(",no-isolation");
                     }
                     // A runner that reports how it limits, and cannot.
                     if r["limits"]
                         .as_str()
-                        .is_some_and(|l| l.starts_with("no limits"))
+                        .is_some_and(|l| l.starts_with(runner::cgroup::NO_LIMITS))
                     {
                         status.push_str(",no-limits");
                     }

@@ -67,8 +67,8 @@ pub struct ServerArgs {
     #[arg(long)]
     oidc_ca_file: Option<PathBuf>,
     /// Sandbox isolation of the --dev runner: auto, bwrap or none.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "bwrap", "none"])]
-    isolation: String,
+    #[arg(long, default_value = "auto", value_parser = crate::args::isolation())]
+    isolation: runner::sandbox::IsolationMode,
     /// Lifetime of runner certificates; runners renew at half-life.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     runner_cert_validity: Duration,
@@ -77,29 +77,29 @@ pub struct ServerArgs {
     #[arg(long, hide = true, default_value = "365d", value_parser = humantime::parse_duration)]
     server_cert_lifetime: Duration,
     /// Connections each TCP listener (HTTPS, each ingress) holds at once.
-    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS, value_parser = positive_count)]
+    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS, value_parser = crate::args::positive_count)]
     http_max_connections: usize,
     /// Connections one client address (an IPv6 /64) holds at once on each TCP listener.
-    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS_PER_SOURCE, value_parser = positive_count)]
+    #[arg(long, default_value_t = coordinator::accept::MAX_CONNECTIONS_PER_SOURCE, value_parser = crate::args::positive_count)]
     http_max_connections_per_ip: usize,
     /// Time a client has to finish its TLS handshake (tests shorten it).
-    #[arg(long, hide = true, default_value = "10s", value_parser = positive_duration)]
+    #[arg(long, hide = true, default_value = "10s", value_parser = crate::args::positive_duration)]
     http_handshake_timeout: Duration,
     /// Time a client has to send a request head, also the keep-alive idle time (tests shorten it).
-    #[arg(long, hide = true, default_value = "10s", value_parser = positive_duration)]
+    #[arg(long, hide = true, default_value = "10s", value_parser = crate::args::positive_duration)]
     http_header_timeout: Duration,
     /// Time a connection with a request in progress may move no byte (tests shorten it).
-    #[arg(long, hide = true, default_value = "60s", value_parser = positive_duration)]
+    #[arg(long, hide = true, default_value = "60s", value_parser = crate::args::positive_duration)]
     http_idle_timeout: Duration,
     /// Requests one app may have in flight on one runner through the ingress (tests lower it).
-    #[arg(long, hide = true, default_value_t = coordinator::runner_streams::STREAMS_PER_APP, value_parser = positive_count)]
+    #[arg(long, hide = true, default_value_t = coordinator::runner_streams::STREAMS_PER_APP, value_parser = crate::args::positive_count)]
     ingress_streams_per_app: usize,
     /// How long a runner may be down (or unheard from) before its
     /// sandboxes are placed on other runners.
-    #[arg(long, default_value = "1m", value_parser = positive_duration)]
+    #[arg(long, default_value = "1m", value_parser = crate::args::positive_duration)]
     runner_grace: Duration,
     /// How long a new version has to become healthy before it is failed.
-    #[arg(long, hide = true, default_value = "90s", value_parser = positive_duration)]
+    #[arg(long, hide = true, default_value = "90s", value_parser = crate::args::positive_duration)]
     rollout_timeout: Duration,
     /// TCP address of the plain-HTTP metrics listener: /metrics
     /// (Prometheus), /healthz, /readyz (default: off; 127.0.0.1:0 with --dev).
@@ -120,34 +120,8 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     join_burst: u32,
     /// Then one join attempt per address every this long.
-    #[arg(long, default_value = "3s", value_parser = parse_join_interval)]
+    #[arg(long, default_value = "3s", value_parser = crate::args::positive_duration)]
     join_interval: Duration,
-}
-
-fn parse_join_interval(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if d.is_zero() {
-        return Err("must be more than 0".into());
-    }
-    Ok(d)
-}
-
-/// A whole number above zero.
-fn positive_count(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// A duration above zero, in humantime form (`10s`, `500ms`).
-fn positive_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err("must be more than zero".into()),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -336,7 +310,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             join,
             name: "dev".into(),
             labels: vec![],
-            isolation: args.isolation.clone(),
+            isolation: args.isolation,
             token_file_ttl: 3600,
             sandbox_limits: runner::limits::Limits::default(),
             token_misses: Default::default(),
@@ -344,10 +318,14 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         };
         let stopped = stop.cancelled_owned();
         Some(std::thread::spawn(move || {
-            if let Err(e) = crate::connect::run_local(runner::run(opts, stopped)) {
+            if let Err(e) =
+                crate::connect::run_local(async { Ok(runner::run(opts, stopped).await?) })
+            {
                 eprintln!(
                     "error: dev runner: {}",
-                    crate::output::terminal_safe_lines(&format!("{e:#}"))
+                    crate::output::terminal_safe_lines(
+                        &transport::report::Chain(e.as_ref()).to_string()
+                    )
                 );
             }
         }))

@@ -109,10 +109,7 @@ pub(super) struct CookieKey(LessSafeKey);
 impl CookieKey {
     /// Loads the key from `path`, creating it once.
     pub(super) fn load_or_create(path: &Path) -> anyhow::Result<CookieKey> {
-        let bytes = transport::files::secret_32(
-            path,
-            "delete it to end every route OIDC session",
-        )?;
+        let bytes = transport::files::secret_32(path, "delete it to end every route OIDC session")?;
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| anyhow::anyhow!("{}: not an AES-256 key", path.display()))?;
         Ok(CookieKey(LessSafeKey::new(key)))
