@@ -257,13 +257,24 @@ pub fn server_endpoint(
 ) -> Result<quinn::Endpoint, ListenError> {
     let cfg = server_config(tls)?;
     let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, reset_secret);
+    // The connection ids must be recognised as ours by the restarted
+    // process too (quinn drops packets whose id its generator did not
+    // make, without a reset): the generator's key comes from the secret.
+    let tag = aws_lc_rs::hmac::sign(&reset_key, b"miren quic connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let bind = |source| ListenError::Bind {
         addr: listen,
         source,
     };
     let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key)),
+        endpoint_cfg,
         Some(cfg),
         socket,
         Arc::new(quinn::TokioRuntime),
