@@ -476,29 +476,6 @@ impl Apps {
         }
     }
 
-    /// Healthy sandboxes to route `app`'s traffic to: those of the active
-    /// version, or (before any version is active) any healthy one; healthy
-    /// means reported so on the runner's live session.
-    pub fn healthy_sandboxes(&self, app: &str) -> Vec<SandboxRecord> {
-        let active = self.app(app).ok().flatten().and_then(|a| a.active);
-        let healthy: Vec<SandboxRecord> = self
-            .sandboxes()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|s| s.app == app && self.observed.healthy_address(&s.runner, &s.id).is_some())
-            .collect();
-        let of_active: Vec<SandboxRecord> = healthy
-            .iter()
-            .filter(|s| Some(&s.version) == active.as_ref())
-            .cloned()
-            .collect();
-        if of_active.is_empty() {
-            healthy
-        } else {
-            of_active
-        }
-    }
-
     /// Status of one app as JSON: versions, and each sandbox with its
     /// runner and what was reported of it on a live session (`state`,
     /// `reported_unix`), or `unknown` with `unknown_since_unix`.

@@ -61,6 +61,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct Ingress {
     pub routes: Arc<Routes>,
     pub apps: Arc<Apps>,
+    /// Assignments and active versions in memory (never the store per
+    /// request).
+    pub index: Arc<crate::sandbox_index::SandboxIndex>,
     pub registry: Arc<Registry>,
     pub sso: Arc<Sso>,
     pub oidc: Arc<OidcVerifier>,
@@ -253,7 +256,7 @@ async fn proxy(
         }
         resp
     };
-    let healthy = state.apps.healthy_sandboxes(&app);
+    let healthy = state.index.healthy(&app, state.apps.reports());
     if healthy.is_empty() {
         return Ok(with_cookies(text(
             StatusCode::SERVICE_UNAVAILABLE,

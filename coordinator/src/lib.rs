@@ -34,6 +34,7 @@ pub mod route_oidc;
 pub mod routes;
 pub mod runner_streams;
 pub mod runners;
+pub mod sandbox_index;
 pub mod scrape;
 pub mod server;
 pub mod service;

@@ -610,9 +610,13 @@ impl Coordinator {
             listener: self.http_limits,
             streams: crate::runner_streams::StreamBudget::for_runners(self.ingress_streams_per_app),
         };
+        let (index, from) = crate::sandbox_index::SandboxIndex::load(&*state.store)?;
+        let index = Arc::new(index);
+        index.follow(state.store.clone(), from, &tasks);
         let ingress = Arc::new(crate::ingress::Ingress {
             routes: state.routes.clone(),
             apps: state.apps.clone(),
+            index,
             registry: state.registry.clone(),
             sso: state.sso.clone(),
             oidc: state.oidc.clone(),

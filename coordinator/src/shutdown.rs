@@ -14,11 +14,10 @@
 //!    accepting; ingress connections, their streams to runners and
 //!    upgraded tunnels close; rotation, key audit and certificate renewal
 //!    end; readiness turns to "not accepting";
-//! 2. rollouts in progress ([`ROLLOUT`]) record their version as failed
-//!    ("interrupted") and forget its new sandboxes in one store write, then
-//!    ask the runners, still connected, to stop them (at most 2 s); a
-//!    rollout past its switch stops the old version at once; no new deploy
-//!    is accepted;
+//! 2. the reconcile loop ([`ROLLOUT`], `crate::reconcile`) records every
+//!    version still deploying as failed ("interrupted") and forgets its
+//!    sandboxes in one store write per app, then asks the runners, still
+//!    connected, to stop them (at most 2 s); no new deploy is accepted;
 //! 3. every QUIC connection is closed (RPC sessions, runner sessions and
 //!    their command tasks end; uploads in progress drop their temporary
 //!    files);

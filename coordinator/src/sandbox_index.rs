@@ -1,0 +1,302 @@
+//! The in-memory view of sandbox assignments and active versions that the
+//! ingress reads on every request, fed by a store watch.
+//!
+//! The ingress must not read or scan the store per request: a request
+//! would cost a scan of every `sandbox/` record. This index is loaded once
+//! and then follows the store's change stream (`Store::watch` from the
+//! revision it was loaded at), applying each put and delete; when the
+//! watch says its history was compacted it loads again. It may lag a
+//! commit by the time the change takes to arrive; security decisions
+//! (which runner may mint for or read for a sandbox) keep reading the
+//! store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+
+use crate::apps::{AppRecord, SandboxRecord};
+use crate::observed::Observed;
+use crate::shutdown::Tasks;
+use crate::store::{decode, EventKind, Revision, Store, StoreError, MAX_RANGE_LIMIT};
+
+const SANDBOX_PREFIX: &str = "sandbox/";
+const APP_PREFIX: &str = "app/";
+
+#[derive(Default)]
+struct Inner {
+    /// Assignments by app, then by sandbox id.
+    sandboxes: HashMap<String, HashMap<String, SandboxRecord>>,
+    /// Where each assignment is filed, by store key.
+    app_of: HashMap<String, String>,
+    /// The active version of each app.
+    active: HashMap<String, Option<String>>,
+}
+
+impl Inner {
+    fn put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        if key.starts_with(SANDBOX_PREFIX) {
+            let rec: SandboxRecord = decode(key, value)?;
+            self.delete(key);
+            self.app_of.insert(key.to_string(), rec.app.clone());
+            self.sandboxes
+                .entry(rec.app.clone())
+                .or_default()
+                .insert(rec.id.clone(), rec);
+        } else if let Some(name) = key.strip_prefix(APP_PREFIX) {
+            let rec: AppRecord = decode(key, value)?;
+            self.active.insert(name.to_string(), rec.active);
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(id) = key.strip_prefix(SANDBOX_PREFIX) {
+            if let Some(app) = self.app_of.remove(key) {
+                if let Some(m) = self.sandboxes.get_mut(&app) {
+                    m.remove(id);
+                    if m.is_empty() {
+                        self.sandboxes.remove(&app);
+                    }
+                }
+            }
+        } else if let Some(name) = key.strip_prefix(APP_PREFIX) {
+            self.active.remove(name);
+        }
+    }
+}
+
+/// Sandbox assignments and active versions, kept in step with the store.
+#[derive(Default)]
+pub struct SandboxIndex {
+    inner: RwLock<Inner>,
+}
+
+impl SandboxIndex {
+    /// Loads the index; returns it with the revision to watch from.
+    pub fn load(store: &dyn Store) -> Result<(SandboxIndex, Revision), StoreError> {
+        let index = SandboxIndex::default();
+        let from = index.reload(store)?;
+        Ok((index, from))
+    }
+
+    /// Reads every record again; returns the revision after which changes
+    /// are to be applied.
+    fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        let mut fresh = Inner::default();
+        let mut revision = Revision::MAX;
+        for prefix in [SANDBOX_PREFIX, APP_PREFIX] {
+            let mut after: Option<String> = None;
+            loop {
+                let page = store.range(prefix, after.as_deref(), MAX_RANGE_LIMIT)?;
+                // Changes after the oldest page's revision are replayed;
+                // applying a put or delete twice leaves the same state.
+                revision = revision.min(page.revision);
+                after = page.kvs.last().map(|kv| kv.key.clone());
+                for kv in &page.kvs {
+                    fresh.put(&kv.key, &kv.value)?;
+                }
+                if !page.more {
+                    break;
+                }
+            }
+        }
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(revision)
+    }
+
+    /// Follows the store from `from` until shutdown.
+    pub fn follow(self: &Arc<Self>, store: Arc<dyn Store>, from: Revision, tasks: &Tasks) {
+        let me = self.clone();
+        let t = tasks.clone();
+        tasks.spawn("sandbox index", async move {
+            let mut from = from;
+            loop {
+                let stream = match store.watch("", from + 1) {
+                    Ok(s) => Some(s),
+                    Err(StoreError::Compacted { .. }) => None,
+                    Err(e) => {
+                        tracing::warn!("sandbox index: watching the store: {e}");
+                        None
+                    }
+                };
+                if let Some(mut stream) = stream {
+                    loop {
+                        let batch = tokio::select! {
+                            _ = t.stopping() => return,
+                            b = stream.next() => b,
+                        };
+                        match batch {
+                            Some(Ok(b)) => {
+                                me.apply(&b.events);
+                                from = b.revision;
+                            }
+                            Some(Err(e)) => {
+                                tracing::info!("sandbox index: {e}; loading again");
+                                break;
+                            }
+                            None => return,
+                        }
+                    }
+                }
+                if t.is_stopping() {
+                    return;
+                }
+                match me.reload(&*store) {
+                    Ok(r) => from = r,
+                    Err(e) => {
+                        tracing::warn!("sandbox index: loading: {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn apply(&self, events: &[crate::store::WatchEvent]) {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        for e in events {
+            let key = e.kv.key.as_str();
+            if !(key.starts_with(SANDBOX_PREFIX) || key.starts_with(APP_PREFIX)) {
+                continue;
+            }
+            match e.kind {
+                EventKind::Put => {
+                    if let Err(err) = g.put(key, &e.kv.value) {
+                        tracing::warn!("sandbox index: {err}");
+                    }
+                }
+                EventKind::Delete => g.delete(key),
+            }
+        }
+    }
+
+    /// Sandboxes to route `app`'s traffic to: those reported healthy on
+    /// their runner's live session (`observed`), of the active version, or
+    /// (before any version is active, or when none of it is healthy) any
+    /// healthy one. Read from memory only.
+    pub fn healthy(&self, app: &str, observed: &Observed) -> Vec<SandboxRecord> {
+        let (assigned, active) = self.of_app(app);
+        let healthy: Vec<SandboxRecord> = assigned
+            .into_iter()
+            .filter(|s| observed.healthy_address(&s.runner, &s.id).is_some())
+            .collect();
+        let of_active: Vec<SandboxRecord> = healthy
+            .iter()
+            .filter(|s| Some(&s.version) == active.as_ref())
+            .cloned()
+            .collect();
+        if of_active.is_empty() {
+            healthy
+        } else {
+            of_active
+        }
+    }
+
+    /// The assignments of `app` and its active version.
+    pub fn of_app(&self, app: &str) -> (Vec<SandboxRecord>, Option<String>) {
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<SandboxRecord> = g
+            .sandboxes
+            .get(app)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        (list, g.active.get(app).cloned().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{encode, Op, RedbStore, Txn};
+
+    fn sandbox(id: &str, app: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            app: app.into(),
+            version: "v1".into(),
+            service: "web".into(),
+            runner: "r".into(),
+            artifact: String::new(),
+            created_unix: 0,
+            retire_at: None,
+            replaces: None,
+        }
+    }
+
+    fn put_all(store: &dyn Store, ops: Vec<(String, Vec<u8>)>) {
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: ops.into_iter().map(|(k, v)| Op::Put(k, v)).collect(),
+            })
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn follows_puts_and_deletes_after_loading() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let app = AppRecord {
+            name: "web".into(),
+            versions: vec![],
+            active: Some("v1".into()),
+        };
+        put_all(
+            &*store,
+            vec![
+                ("app/web".into(), encode(&app)),
+                ("sandbox/a".into(), encode(&sandbox("a", "web"))),
+            ],
+        );
+        let (index, from) = SandboxIndex::load(&*store).unwrap();
+        let index = Arc::new(index);
+        let (list, active) = index.of_app("web");
+        assert_eq!((list.len(), active.as_deref()), (1, Some("v1")));
+        let tasks = Tasks::new(tokio::runtime::Handle::current());
+        index.follow(store.clone(), from, &tasks);
+        put_all(
+            &*store,
+            vec![
+                ("sandbox/b".into(), encode(&sandbox("b", "web"))),
+                ("sandbox/c".into(), encode(&sandbox("c", "api"))),
+            ],
+        );
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Delete("sandbox/a".into())],
+            })
+            .unwrap();
+        let settled = async {
+            loop {
+                let (web, _) = index.of_app("web");
+                let (api, _) = index.of_app("api");
+                let ids: Vec<String> = web.iter().map(|s| s.id.clone()).collect();
+                if ids == ["b"] && api.len() == 1 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), settled)
+            .await
+            .expect("the index follows the store");
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Delete("app/web".into())],
+            })
+            .unwrap();
+        let gone = async {
+            while index.of_app("web").1.is_some() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), gone)
+            .await
+            .expect("an app's deletion reaches the index");
+        tasks.stop();
+    }
+}
