@@ -275,15 +275,19 @@ pub fn plan_app(
         }
     }
 
-    // Sandboxes of versions that are not kept retire (after a drain when
-    // they served the previous active version).
+    // Sandboxes of versions that are not kept retire: at once for a
+    // version that failed (it never took traffic), after a drain for the
+    // others (requests in flight to a version just replaced finish).
     for a in assignments.iter().filter(live) {
         if kept.iter().any(|v| v.id == a.version) {
             continue;
         }
+        let failed = versions
+            .iter()
+            .any(|v| v.id == a.version && v.state == VersionState::Failed);
         steps.push(Step::Retire {
             sandbox: a.id.clone(),
-            at: now + timing.drain_secs,
+            at: if failed { now } else { now + timing.drain_secs },
         });
     }
 
@@ -601,10 +605,10 @@ mod tests {
         assert!(
             matches!(&steps[..], [Step::Fail { reason, .. }] if reason.contains("no ready runner"))
         );
-        // A failed version's sandboxes retire.
+        // A failed version's sandboxes retire at once (they never served).
         let v = [version("v2", 9, VersionState::Failed, 1)];
         let steps = plan_app(&v, &a, &runners, &failed, &HashMap::new(), T, 1100);
-        assert_eq!(retired(&steps), vec![("new1", 1102)]);
+        assert_eq!(retired(&steps), vec![("new1", 1100)]);
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl SandboxReport {
     pub fn health(&self) -> Health {
         match self.state.as_str() {
             "healthy" => Health::Healthy,
+            // A start the runner refused (over its limits, an artifact it
+            // would not unpack): its words are the reason.
+            "failed" if self.restarts == 0 && !self.last_log.is_empty() => {
+                Health::Failed(self.last_log.clone())
+            }
             "failed" => Health::Failed(if self.last_log.is_empty() {
                 format!("gave up after {} restarts", self.restarts)
             } else {
@@ -150,6 +155,20 @@ impl Observed {
                 report,
             },
         );
+    }
+
+    /// Records that `runner` refused to start `sandbox` (on its live
+    /// session): the sandbox is failed with the runner's words.
+    pub fn start_refused(&self, runner: &str, sandbox: &str, message: &str, now: i64) {
+        let session = self.inner().sessions.get(runner).copied();
+        if let Some(session) = session {
+            let report = SandboxReport {
+                state: "failed".into(),
+                last_log: format!("the runner refused to start it: {message}"),
+                ..Default::default()
+            };
+            self.report(runner, session, sandbox, report, now);
+        }
     }
 
     /// Records a runner's full inventory; reports of sandboxes it no

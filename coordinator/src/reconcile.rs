@@ -28,10 +28,12 @@ use crate::converge::{
     self, AssignmentView, RunnerStep, RunnerView, Step, Timing, VersionState, VersionView,
 };
 use crate::routes::{route_key, Routes};
-use crate::runners::{Registry, RunnerCommand, SandboxSpec};
+use crate::runners::{Registry, RunnerCommand, SandboxSpec, SendError};
 use crate::shutdown::Tasks;
 use crate::store::{decode, encode, Condition, KeyValue, Op, Outcome, Store, StoreError, Txn};
 
+/// The least time between two passes.
+const MIN_PASS_GAP: Duration = Duration::from_millis(100);
 /// How often a pass runs without being woken.
 pub const PASS_EVERY: Duration = Duration::from_secs(1);
 /// A start or stop sent and not yet seen in the runner's inventory is sent
@@ -168,6 +170,9 @@ impl Reconciler {
             if let Err(e) = self.pass().await {
                 tracing::warn!("reconcile pass: {e}");
             }
+            // Wakes that came during the pass run one more pass, not one
+            // each: heartbeats and reports of many runners coalesce.
+            tokio::time::sleep(MIN_PASS_GAP).await;
         }
         self.interrupt().await;
     }
@@ -458,7 +463,13 @@ impl Reconciler {
                 .push(Condition::ModRevision(s.rec.key(), s.rev));
             txn.ops.push(Op::Delete(s.rec.key()));
         }
-        self.store.commit(txn)?;
+        if self.store.commit(txn)? == Outcome::Applied {
+            // Their artifacts may now be named by nothing.
+            let apps = self.apps.clone();
+            self.tasks.spawn("collection", async move {
+                let _ = tokio::task::spawn_blocking(move || apps.collect_unused()).await;
+            });
+        }
         Ok(())
     }
 
@@ -522,11 +533,24 @@ impl Reconciler {
             sent.insert(key, now);
         }
         let registry = self.registry.clone();
+        let reports = self.apps.reports().clone();
+        let wake = self.apps.waker().clone();
         let runner = runner.to_string();
         self.tasks.spawn("runner command", async move {
-            if let Err(e) = registry.send(&runner, make, COMMAND_PATIENCE).await {
-                let what = if stop { "stopping" } else { "starting" };
-                tracing::warn!("{what} sandbox {sandbox} on runner {runner}: {e}");
+            match registry.send(&runner, make, COMMAND_PATIENCE).await {
+                Ok(()) => {}
+                // The runner will not run it (over its limits, an artifact it
+                // refuses): the sandbox fails with its words, and so does a
+                // rollout waiting for it.
+                Err(SendError::Refused(why)) if !stop => {
+                    tracing::warn!("runner {runner} refused to start {sandbox}: {why}");
+                    reports.start_refused(&runner, &sandbox, &why, transport::clock::now_unix());
+                    wake.notify_one();
+                }
+                Err(e) => {
+                    let what = if stop { "stopping" } else { "starting" };
+                    tracing::warn!("{what} sandbox {sandbox} on runner {runner}: {e}");
+                }
             }
         });
     }

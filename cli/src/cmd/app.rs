@@ -181,6 +181,21 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 Some("failed") => {
+                    // Its sandboxes are being stopped: say so once they are
+                    // (bounded), so what follows sees only the old version.
+                    let gone = tokio::time::Instant::now() + Duration::from_secs(20);
+                    while tokio::time::Instant::now() < gone {
+                        let st = app_status(&app_cap).await?;
+                        let left = st["sandboxes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|s| s["version"] == version.as_str());
+                        if !left {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     session.close().await;
                     bail!(
                         "{app} {version} failed; the previous version keeps serving.\n{}",
