@@ -33,6 +33,7 @@ use identity::{
 };
 
 use crate::ci::CiBindings;
+use crate::observe::CiRefusal;
 
 /// How long fetched keys are used before a refresh.
 pub const KEYS_TTL: Duration = Duration::from_secs(3600);
@@ -55,12 +56,90 @@ pub enum LoginError {
     /// More than [`MAX_CONCURRENT_LOGINS`] logins are running.
     #[error("the coordinator is busy with other CI logins; retry in a few seconds")]
     Busy,
-    /// The token was refused; the reason is in the coordinator's log.
-    #[error("OIDC access denied{}", .0.suffix())]
-    Denied(Denial),
+    /// The token was refused: the caller is told only its [`Denial`]; the
+    /// cause is for the log, the metrics and the audit trail (not a
+    /// `source`, so that no chain printer tells the caller).
+    #[error("OIDC access denied{}", .0.denial().suffix())]
+    Denied(DenialCause),
     /// A verified token that no binding of the app matches.
     #[error(transparent)]
     NoMatch(#[from] identity::NoMatch),
+}
+
+impl LoginError {
+    /// The metric label of this refusal, by variant.
+    pub fn refusal(&self) -> CiRefusal {
+        use identity::{InspectError, VerifyError as V};
+        let verify = |v: &V| match v {
+            V::TooLarge { .. }
+            | V::Malformed(_)
+            | V::MissingKid
+            | V::BadKid(_)
+            | V::UnsupportedCrit(_)
+            | V::DuplicateClaim(_)
+            | V::MissingClaim(_)
+            | V::InvalidClaim { .. } => CiRefusal::MalformedToken,
+            V::Expired { .. } => CiRefusal::Expired,
+            V::WrongAudience(_) => CiRefusal::WrongAudience,
+            _ => CiRefusal::InvalidToken,
+        };
+        match self {
+            LoginError::NoMatch(_) => CiRefusal::NoBinding,
+            LoginError::Denied(cause) => match cause {
+                DenialCause::UnboundIssuer(_) | DenialCause::BadIssuer { .. } => {
+                    CiRefusal::UntrustedIssuer
+                }
+                DenialCause::Inspect(InspectError::Token(v)) | DenialCause::Verify(v) => verify(v),
+                DenialCause::Inspect(_) => CiRefusal::MalformedToken,
+                DenialCause::Keys(_) => CiRefusal::IssuerUnavailable,
+                DenialCause::BindingsUnavailable | DenialCause::Task => CiRefusal::InvalidToken,
+            },
+            LoginError::Busy => CiRefusal::InvalidToken,
+        }
+    }
+}
+
+/// Why a token was refused, precisely. Never told to the caller, who
+/// learns only [`DenialCause::denial`].
+#[derive(Debug, thiserror::Error)]
+pub enum DenialCause {
+    /// `identity::inspect` refused it before any work (size, structure,
+    /// kid, algorithm, signature length).
+    #[error(transparent)]
+    Inspect(identity::InspectError),
+    /// No binding names the issuer it claims.
+    #[error("issuer {0:?} is not named by any CI binding")]
+    UnboundIssuer(String),
+    /// A binding names its issuer, but that is no issuer URL.
+    #[error("issuer {issuer:?}: {source}")]
+    BadIssuer {
+        issuer: String,
+        source: identity::IssuerUrlError,
+    },
+    /// The issuer's keys are not at hand.
+    #[error(transparent)]
+    Keys(KeysError),
+    /// Verification with the issuer's keys failed.
+    #[error(transparent)]
+    Verify(identity::VerifyError),
+    /// The CI binding index could not be read.
+    #[error("the CI binding index is unavailable")]
+    BindingsUnavailable,
+    /// The verification task ended without an answer.
+    #[error("the CI login task failed")]
+    Task,
+}
+
+impl DenialCause {
+    /// What the caller is told of this refusal.
+    pub fn denial(&self) -> Denial {
+        match self {
+            DenialCause::Inspect(identity::InspectError::Token(v)) | DenialCause::Verify(v) => {
+                Denial::of(v)
+            }
+            _ => Denial::Generic,
+        }
+    }
 }
 
 /// What a refused caller is told beyond "OIDC access denied": only facts
@@ -106,11 +185,10 @@ impl Denial {
     }
 }
 
-/// A refusal the caller sees as plain "OIDC access denied", with the detail
-/// logged.
-fn denied(why: std::fmt::Arguments<'_>) -> LoginError {
-    tracing::info!("CI login refused: {why}");
-    LoginError::Denied(Denial::Generic)
+/// A refusal for `cause`, logged with its detail.
+fn denied(cause: DenialCause) -> LoginError {
+    tracing::info!("CI login refused: {cause}");
+    LoginError::Denied(cause)
 }
 
 /// What we know of one issuer's keys.
@@ -402,19 +480,17 @@ impl OidcVerifier {
         let token = token.trim();
         let unverified = inspect(token).map_err(|e| {
             tracing::debug!("CI login refused: {e}");
-            match e {
-                identity::InspectError::Token(v) => LoginError::Denied(Denial::of(&v)),
-                _ => LoginError::Denied(Denial::Generic),
-            }
+            LoginError::Denied(DenialCause::Inspect(e))
         })?;
         if !ci.names_issuer(&unverified.issuer) {
-            return Err(denied(format_args!(
-                "issuer {:?} is not named by any CI binding",
-                unverified.issuer
-            )));
+            return Err(denied(DenialCause::UnboundIssuer(unverified.issuer)));
         }
-        let issuer = IssuerUrl::parse(&unverified.issuer)
-            .map_err(|e| denied(format_args!("issuer {:?}: {e}", unverified.issuer)))?;
+        let issuer = IssuerUrl::parse(&unverified.issuer).map_err(|source| {
+            denied(DenialCause::BadIssuer {
+                issuer: unverified.issuer.clone(),
+                source,
+            })
+        })?;
         let slot = self
             .logins
             .clone()
@@ -440,17 +516,19 @@ impl OidcVerifier {
         let keys = self
             .keys(&attempt.issuer, Some(&attempt.unverified))
             .await
-            .map_err(|e| denied(format_args!("{e}")))?;
+            .map_err(|e| denied(DenialCause::Keys(e)))?;
         let iss = attempt.issuer.as_str();
         let verified = Verifier::new(keys, [iss], self.audiences.clone())
             .verify(&attempt.token, now)
             .map_err(|e| {
                 tracing::info!(issuer = iss, "CI login refused: {e}");
-                LoginError::Denied(Denial::of(&e))
+                LoginError::Denied(DenialCause::Verify(e))
             })?;
         ci.matching(app, &verified.claims).map_err(|e| match e {
             crate::ci::MatchError::NoMatch(m) => LoginError::NoMatch(m),
-            crate::ci::MatchError::Unavailable => LoginError::Denied(Denial::Generic),
+            crate::ci::MatchError::Unavailable => {
+                LoginError::Denied(DenialCause::BindingsUnavailable)
+            }
         })
     }
 }
@@ -469,7 +547,7 @@ pub async fn login(
 ) -> Result<Binding, LoginError> {
     let seen = crate::audit::CiTokenFields::peek(token);
     let refused = |e: LoginError| {
-        let _ = observe.ci_login(app, seen.clone(), Err(e.to_string()));
+        observe.ci_login(app, seen.clone(), Err((e.refusal(), &e)));
         e
     };
     let attempt = oidc.begin(ci, token).map_err(refused)?;
@@ -482,12 +560,11 @@ pub async fn login(
         .await
         .unwrap_or_else(|e| {
             tracing::error!("a CI login task failed: {e}");
-            Err(LoginError::Denied(Denial::Generic))
+            Err(LoginError::Denied(DenialCause::Task))
         });
     let binding = finished.map_err(refused)?;
-    observe
-        .ci_login(app, seen, Ok(binding))
-        .map_err(|_| LoginError::Denied(Denial::Generic))
+    observe.ci_login(app, seen, Ok(&binding));
+    Ok(binding)
 }
 
 #[cfg(test)]
@@ -631,20 +708,64 @@ mod tests {
     }
 
     #[test]
+    fn ci_refusals_map_to_fixed_reasons() {
+        use identity::VerifyError as V;
+        let denied = LoginError::Denied;
+        for (e, reason) in [
+            (
+                LoginError::NoMatch(identity::NoMatch {
+                    issuer: "a".into(),
+                    subject: "b".into(),
+                    repository: "c".into(),
+                }),
+                "no_binding",
+            ),
+            (
+                denied(DenialCause::UnboundIssuer("https://x".into())),
+                "untrusted_issuer",
+            ),
+            (
+                denied(DenialCause::Inspect(
+                    identity::inspect("not a JWT").unwrap_err(),
+                )),
+                "malformed_token",
+            ),
+            (
+                denied(DenialCause::Keys(KeysError::Unavailable)),
+                "issuer_unavailable",
+            ),
+            (
+                denied(DenialCause::Verify(V::Expired { exp: 1, now: 2 })),
+                "expired",
+            ),
+            (
+                denied(DenialCause::Verify(V::WrongAudience(vec![]))),
+                "wrong_audience",
+            ),
+            (
+                denied(DenialCause::Verify(V::BadSignature)),
+                "invalid_token",
+            ),
+        ] {
+            assert_eq!(e.refusal().as_str(), reason, "{e:?}");
+        }
+    }
+
+    #[test]
     fn refusals_say_only_fixed_words() {
         assert_eq!(
-            LoginError::Denied(Denial::Generic).to_string(),
+            LoginError::Denied(DenialCause::UnboundIssuer("https://secret".into())).to_string(),
             "OIDC access denied"
         );
         assert_eq!(
-            LoginError::Denied(Denial::of(&identity::VerifyError::Expired {
+            LoginError::Denied(DenialCause::Verify(identity::VerifyError::Expired {
                 exp: 1,
                 now: 2
             }))
             .to_string(),
             "OIDC access denied: the token has expired"
         );
-        let e = LoginError::Denied(Denial::of(&identity::VerifyError::UnknownKid(
+        let e = LoginError::Denied(DenialCause::Verify(identity::VerifyError::UnknownKid(
             "secret-kid".into(),
         )));
         assert_eq!(e.to_string(), "OIDC access denied");
