@@ -440,9 +440,12 @@ impl Registry {
             Replacement::Refuse => return Err(RegistryError::AlreadyConnected(id.to_string())),
             Replacement::ReplaceStale => {
                 if let Some(existing) = live.get(id) {
-                    existing
-                        .conn
-                        .close(1u32.into(), b"replaced by a newer connection");
+                    let replaced = transport::close::CloseCode::Replaced;
+                    transport::close::close(
+                        &existing.conn,
+                        replaced,
+                        replaced.to_string().as_bytes(),
+                    );
                 }
             }
         }
