@@ -91,16 +91,7 @@ fn name_from_url(url: &IssuerUrl) -> String {
 }
 
 fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("provider name {name:?} must be 1-63 of [a-z0-9-]"))
-    }
+    identity::check_name(identity::NameKind::Provider, name).map_err(|e| e.to_string())
 }
 
 /// Protects a route with a provider (creating the provider when its
