@@ -103,7 +103,10 @@ pub fn join_refusal_reason(e: &RegistryError) -> &'static str {
         RegistryError::Join(JoinRefusal::Unknown) => "unknown",
         RegistryError::Join(JoinRefusal::UsedOrRevoked) => "used_or_revoked",
         RegistryError::Join(JoinRefusal::Expired) => "expired",
-        RegistryError::Pki(_) | RegistryError::Invalid(_) => "bad_request",
+        RegistryError::Pki(_)
+        | RegistryError::BadName(_)
+        | RegistryError::TooManyLabels
+        | RegistryError::BadLabel { .. } => "bad_request",
         _ => "internal",
     }
 }
