@@ -198,7 +198,7 @@ struct IssuerEntry {
     fetched: Option<Instant>,
     kid_refetch: Option<Instant>,
     /// The last fetch failure and when it happened.
-    failed: Option<(Instant, String)>,
+    failed: Option<(Instant, Arc<FetchError>)>,
     fetches: u64,
 }
 
@@ -246,7 +246,7 @@ impl IssuerEntry {
     }
 
     /// Records the outcome of a fetch made at `now`.
-    fn record(&mut self, for_kid: bool, result: Result<KeySet, String>, now: Instant) {
+    fn record(&mut self, for_kid: bool, result: Result<KeySet, FetchError>, now: Instant) {
         self.fetches += 1;
         if for_kid {
             self.kid_refetch = Some(now);
@@ -257,7 +257,7 @@ impl IssuerEntry {
                 self.fetched = Some(now);
                 self.failed = None;
             }
-            Err(e) => self.failed = Some((now, e)),
+            Err(e) => self.failed = Some((now, Arc::new(e))),
         }
     }
 }
@@ -269,9 +269,66 @@ pub enum KeysError {
     #[error("the issuer cache is unavailable")]
     Unavailable,
     #[error("no keys for {issuer}: its last fetch failed less than 10 s ago ({reason})")]
-    RecentlyFailed { issuer: String, reason: String },
+    RecentlyFailed {
+        issuer: String,
+        #[source]
+        reason: Arc<FetchError>,
+    },
     #[error("no keys for {issuer}: {reason}")]
-    Fetch { issuer: String, reason: String },
+    Fetch {
+        issuer: String,
+        #[source]
+        reason: Arc<FetchError>,
+    },
+}
+
+/// Why a document (discovery, JWKS, a token response) could not be had
+/// from an issuer or provider.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The outbound policy refused the address (logged there).
+    #[error("fetching {url}: refused (the coordinator log says why)")]
+    Refused {
+        url: String,
+        #[source]
+        source: crate::outbound::OutboundError,
+    },
+    /// The request failed (connection, TLS, timeout).
+    #[error("fetching {url}: {source}")]
+    Send {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The answer was not a success.
+    #[error("fetching {url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    /// The body broke off.
+    #[error("reading {url}: {source}")]
+    Read {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The body is over [`MAX_DOCUMENT_BYTES`].
+    #[error("{url} is larger than 1 MiB")]
+    TooLarge { url: String },
+    /// The discovery document is not one for its issuer.
+    #[error(transparent)]
+    Discovery(#[from] identity::DiscoveryError),
+    /// The discovery document's endpoints are not JSON.
+    #[error("{0}")]
+    Endpoints(#[source] serde_json::Error),
+    /// The JWKS does not make a key set.
+    #[error("JWKS of {issuer}: {source}")]
+    Jwks {
+        issuer: String,
+        #[source]
+        source: identity::KeySetError,
+    },
 }
 
 /// A login that passed the checks made before any work: its token is
@@ -298,16 +355,15 @@ pub struct Discovered {
 
 impl Discovered {
     /// Reads `bytes`, fetched from `issuer`'s discovery URL.
-    pub fn parse(bytes: &[u8], issuer: &IssuerUrl) -> Result<Discovered, String> {
+    pub fn parse(bytes: &[u8], issuer: &IssuerUrl) -> Result<Discovered, FetchError> {
         #[derive(serde::Deserialize)]
         struct Endpoints {
             authorization_endpoint: Option<serde_json::Value>,
             token_endpoint: Option<serde_json::Value>,
             end_session_endpoint: Option<serde_json::Value>,
         }
-        let document =
-            DiscoveryDocument::parse_for_issuer(bytes, issuer).map_err(|e| e.to_string())?;
-        let endpoints: Endpoints = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let document = DiscoveryDocument::parse_for_issuer(bytes, issuer)?;
+        let endpoints: Endpoints = serde_json::from_slice(bytes).map_err(FetchError::Endpoints)?;
         let https = |v: Option<serde_json::Value>| {
             v.and_then(|v| v.as_str().map(str::to_string))
                 .filter(|s| reqwest::Url::parse(s).is_ok_and(|u| u.scheme() == "https"))
@@ -335,16 +391,17 @@ pub struct OidcVerifier {
 
 /// Reads a response body of at most 1 MiB (the cap on everything fetched
 /// from an issuer or provider).
-pub async fn read_capped(resp: &mut reqwest::Response, url: &str) -> Result<Vec<u8>, String> {
+pub async fn read_capped(resp: &mut reqwest::Response, url: &str) -> Result<Vec<u8>, FetchError> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| format!("reading {url}: {e}"))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|source| FetchError::Read {
+        url: url.to_string(),
+        source,
+    })? {
         body.extend_from_slice(&chunk);
         if body.len() > MAX_DOCUMENT_BYTES {
-            return Err(format!("{url} is larger than 1 MiB"));
+            return Err(FetchError::TooLarge {
+                url: url.to_string(),
+            });
         }
     }
     Ok(body)
@@ -376,33 +433,45 @@ impl OidcVerifier {
     }
 
     /// GETs `url` (5 s, 1 MiB cap, no redirects) and returns the body.
-    pub async fn get_json(&self, url: &str) -> Result<Vec<u8>, String> {
+    pub async fn get_json(&self, url: &str) -> Result<Vec<u8>, FetchError> {
         let mut resp = self
             .client
             .get(url)
-            .map_err(|_| format!("fetching {url}: refused (the coordinator log says why)"))?
+            .map_err(|source| FetchError::Refused {
+                url: url.to_string(),
+                source,
+            })?
             .send()
             .await
-            .map_err(|e| format!("fetching {url}: {e}"))?;
+            .map_err(|source| FetchError::Send {
+                url: url.to_string(),
+                source,
+            })?;
         if !resp.status().is_success() {
-            return Err(format!("fetching {url}: HTTP {}", resp.status()));
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status: resp.status(),
+            });
         }
         read_capped(&mut resp, url).await
     }
 
     /// Fetches and reads the discovery document of `issuer` (for its
     /// JWKS, and for a route OIDC provider its login endpoints).
-    pub async fn discover(&self, issuer: &IssuerUrl) -> Result<Discovered, String> {
+    pub async fn discover(&self, issuer: &IssuerUrl) -> Result<Discovered, FetchError> {
         let bytes = self.get_json(&issuer.discovery_url()).await?;
         Discovered::parse(&bytes, issuer)
     }
 
-    async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, String> {
+    async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, FetchError> {
         let doc = self.discover(issuer).await;
         self.observe.issuer_fetch("discovery", doc.is_ok());
         let jwks = self.get_json(&doc?.document.jwks_uri).await;
         let keys = jwks.and_then(|j| {
-            KeySet::from_jwks_json(&j).map_err(|e| format!("JWKS of {}: {e}", issuer.as_str()))
+            KeySet::from_jwks_json(&j).map_err(|source| FetchError::Jwks {
+                issuer: issuer.as_str().to_string(),
+                source,
+            })
         });
         self.observe.issuer_fetch("jwks", keys.is_ok());
         keys
@@ -424,14 +493,12 @@ impl OidcVerifier {
         match e.plan(token, Instant::now()) {
             Plan::Cached => {}
             Plan::RecentlyFailed => {
-                return Err(KeysError::RecentlyFailed {
-                    issuer: issuer.as_str().to_string(),
-                    reason: e
-                        .failed
-                        .as_ref()
-                        .map(|(_, r)| r.clone())
-                        .unwrap_or_default(),
-                })
+                if let Some((_, reason)) = &e.failed {
+                    return Err(KeysError::RecentlyFailed {
+                        issuer: issuer.as_str().to_string(),
+                        reason: reason.clone(),
+                    });
+                }
             }
             Plan::Fetch { for_kid } => {
                 let result = self.fetch_keys(issuer).await;
@@ -451,10 +518,11 @@ impl OidcVerifier {
         }
         match (&e.keys, &e.failed) {
             (Some(keys), _) => Ok(keys.clone()),
-            (None, failed) => Err(KeysError::Fetch {
+            (None, Some((_, reason))) => Err(KeysError::Fetch {
                 issuer: issuer.as_str().to_string(),
-                reason: failed.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
+                reason: reason.clone(),
             }),
+            (None, None) => Err(KeysError::Unavailable),
         }
     }
 
@@ -465,11 +533,9 @@ impl OidcVerifier {
         &self,
         issuer: &IssuerUrl,
         id_token: &str,
-    ) -> Result<KeySet, String> {
+    ) -> Result<KeySet, KeysError> {
         let token = inspect(id_token).ok();
-        self.keys(issuer, token.as_ref())
-            .await
-            .map_err(|e| e.to_string())
+        self.keys(issuer, token.as_ref()).await
     }
 
     /// The checks a login passes before any work, run where the call
@@ -604,7 +670,7 @@ mod tests {
         let tok = unverified("k", "EdDSA");
         let mut e = IssuerEntry::default();
         assert_eq!(e.plan(Some(&tok), t0), Plan::Fetch { for_kid: false });
-        e.record(false, Err("connection refused".into()), t0);
+        e.record(false, Err(FetchError::TooLarge { url: "x".into() }), t0);
         // Every login in the next 10 s is refused without a fetch...
         assert_eq!(e.plan(Some(&tok), t0), Plan::RecentlyFailed);
         assert_eq!(e.plan(Some(&tok), t0 + S(9)), Plan::RecentlyFailed);
@@ -624,7 +690,11 @@ mod tests {
         assert_eq!(e.plan(Some(&tok), t0 + S(60)), Plan::Cached);
         let stale = t0 + KEYS_TTL;
         assert_eq!(e.plan(Some(&tok), stale), Plan::Fetch { for_kid: false });
-        e.record(false, Err("HTTP 503".into()), stale);
+        let unavailable = FetchError::Status {
+            url: "x".into(),
+            status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        };
+        e.record(false, Err(unavailable), stale);
         assert!(e.keys.is_some(), "the last good set is kept");
         assert_eq!(e.plan(Some(&tok), stale + S(5)), Plan::Cached);
         assert_eq!(
