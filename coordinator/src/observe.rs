@@ -411,8 +411,9 @@ impl Observe {
         );
     }
 
-    /// A rollout ended.
-    pub fn rollout<T>(&self, outcome: &Result<T, String>) {
+    /// A rollout ended (counted by whether it succeeded; the reason is
+    /// the caller's to record).
+    pub fn rollout<T, E>(&self, outcome: &Result<T, E>) {
         if self.enabled {
             let result = if outcome.is_ok() {
                 "succeeded"
