@@ -81,7 +81,7 @@ pub fn record(dir: &Path, url: &str, now: i64) -> Result<IssuerHistory, DataDirE
     let old: IssuerHistory = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DataDirError::Corrupt {
             path: path.clone(),
-            reason: e.to_string(),
+            reason: crate::datadir::CorruptFile::Json(e),
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => IssuerHistory::default(),
         Err(source) => return Err(DataDirError::Io { path, source }),
@@ -90,7 +90,7 @@ pub fn record(dir: &Path, url: &str, now: i64) -> Result<IssuerHistory, DataDirE
     if new != old {
         let json = serde_json::to_vec_pretty(&new).map_err(|e| DataDirError::Corrupt {
             path: path.clone(),
-            reason: e.to_string(),
+            reason: crate::datadir::CorruptFile::Json(e),
         })?;
         transport::files::write_atomic(&path, &json, 0o644)
             .map_err(|source| DataDirError::Io { path, source })?;
