@@ -57,6 +57,9 @@ pub enum AppError {
     NoSuchApp(String),
     #[error("{0}")]
     Invalid(String),
+    /// The app name breaks the one name rule.
+    #[error(transparent)]
+    Name(#[from] identity::NameError),
     #[error("artifact {0} is not on the coordinator; upload it first")]
     NoSuchArtifact(String),
     #[error("not authorized to issue a token for this sandbox")]
@@ -146,21 +149,9 @@ pub fn version_generation(id: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Checks an app name: 1-63 of `[a-z0-9-]`, starting with a letter or digit.
+/// Checks an app name by the one rule, `identity::check_app_name`.
 pub fn check_app_name(name: &str) -> Result<(), AppError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(AppError::Invalid(format!(
-            "app name {name:?} must be 1-63 of [a-z0-9-], not starting with '-'"
-        )))
-    }
+    Ok(identity::check_app_name(name)?)
 }
 
 /// The versions an app keeps (their ids): the active one, every one still

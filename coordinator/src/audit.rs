@@ -692,21 +692,13 @@ pub struct CiTokenFields {
 
 impl CiTokenFields {
     /// Reads `iss`, `sub`, `repository` and `jti` from a JWT's payload
-    /// (empty when it is not a readable JWT).
+    /// through `identity::peek_claims`, the one unverified read (empty
+    /// when it is not a readable JWT).
     pub fn peek(token: &str) -> CiTokenFields {
-        use base64::Engine as _;
-        let payload = token.trim().split('.').nth(1).unwrap_or("");
-        if payload.len() > identity::MAX_TOKEN_BYTES {
-            return CiTokenFields::default();
-        }
-        let Some(v) = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        else {
+        let Ok(claims) = identity::peek_claims(token.trim()) else {
             return CiTokenFields::default();
         };
-        let s = |k: &str| v[k].as_str().map(str::to_string);
+        let s = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
         CiTokenFields {
             issuer: s("iss").unwrap_or_default(),
             subject: s("sub").unwrap_or_default(),

@@ -22,8 +22,24 @@ use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
 /// Binding failures, worded for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum CiError {
+    /// A stored binding does not compile.
+    #[error(transparent)]
+    Stored(#[from] identity::bindings::BindingSetError),
+    /// A new binding breaks a binding rule.
+    #[error(transparent)]
+    Binding(#[from] identity::bindings::BindingError),
+    /// A new binding names no valid app.
+    #[error(transparent)]
+    AppName(#[from] identity::NameError),
+    /// A binding could not be encoded for the store.
     #[error("{0}")]
-    Invalid(String),
+    Encode(#[source] serde_json::Error),
+    /// The in-memory binding index is unavailable (a poisoned lock).
+    #[error("binding index unavailable")]
+    Unavailable,
+    /// The fresh binding id is taken.
+    #[error("binding id collision; try again")]
+    IdCollision,
     #[error(
         "issuer {issuer} is on a {} address ({}); such issuers are refused unless the server runs with {}",
         .refused.class, .refused.ip, AllowedBy(*.refused)
@@ -62,8 +78,7 @@ impl CiBindings {
             let b: Binding = crate::store::decode(&k, &v)?;
             bindings.push(b);
         }
-        let set =
-            BindingSet::from_bindings(bindings).map_err(|e| CiError::Invalid(e.to_string()))?;
+        let set = BindingSet::from_bindings(bindings)?;
         Ok(CiBindings {
             store,
             set: RwLock::new(set),
@@ -74,12 +89,8 @@ impl CiBindings {
     /// Validates and stores a binding; returns its new id.
     pub fn add(&self, mut binding: Binding) -> Result<String, CiError> {
         binding.id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        binding
-            .validate()
-            .map_err(|e| CiError::Invalid(e.to_string()))?;
-        let issuer = binding
-            .issuer_url()
-            .map_err(|e| CiError::Invalid(e.to_string()))?;
+        binding.validate()?;
+        let issuer = binding.issuer_url()?;
         if let Some(ip) = issuer_literal_address(&issuer) {
             self.outbound
                 .check(ip)
@@ -88,23 +99,19 @@ impl CiBindings {
                     refused,
                 })?;
         }
-        crate::apps::check_app_name(&binding.app).map_err(|e| CiError::Invalid(e.to_string()))?;
+        identity::check_app_name(&binding.app)?;
         let key = format!("binding/{}", binding.id);
-        let bytes = serde_json::to_vec(&binding).map_err(|e| CiError::Invalid(e.to_string()))?;
-        let mut set = self
-            .set
-            .write()
-            .map_err(|_| CiError::Invalid("binding index unavailable".into()))?;
+        let bytes = serde_json::to_vec(&binding).map_err(CiError::Encode)?;
+        let mut set = self.set.write().map_err(|_| CiError::Unavailable)?;
         if self.store.commit(Txn {
             conditions: vec![Condition::Absent(key.clone())],
             ops: vec![Op::Put(key, bytes)],
         })? != Outcome::Applied
         {
-            return Err(CiError::Invalid("binding id collision; try again".into()));
+            return Err(CiError::IdCollision);
         }
         let id = binding.id.clone();
-        set.insert(binding)
-            .map_err(|(_, e)| CiError::Invalid(e.to_string()))?;
+        set.insert(binding).map_err(|(_, e)| CiError::Binding(e))?;
         Ok(id)
     }
 
@@ -118,10 +125,7 @@ impl CiBindings {
 
     /// Removes a binding.
     pub fn remove(&self, id: &str) -> Result<Binding, CiError> {
-        let mut set = self
-            .set
-            .write()
-            .map_err(|_| CiError::Invalid("binding index unavailable".into()))?;
+        let mut set = self.set.write().map_err(|_| CiError::Unavailable)?;
         let existing = set
             .get(id)
             .cloned()
@@ -138,10 +142,7 @@ impl CiBindings {
     /// it, and forgets those bindings when it applied: `app delete` takes
     /// the app's right to deploy with it, in the same write.
     pub fn commit_removing_app(&self, app: &str, mut txn: Txn) -> Result<Outcome, CiError> {
-        let mut set = self
-            .set
-            .write()
-            .map_err(|_| CiError::Invalid("binding index unavailable".into()))?;
+        let mut set = self.set.write().map_err(|_| CiError::Unavailable)?;
         let ids: Vec<String> = set.for_app(app).into_iter().map(|b| b.id.clone()).collect();
         txn.ops
             .extend(ids.iter().map(|id| Op::Delete(format!("binding/{id}"))));

@@ -31,7 +31,11 @@ use transport::pki::{self, CertifiedPem, ClusterCa};
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error("data dir file {path} is corrupt: {reason} (restore it from a backup, or move the data dir aside to create a new cluster)")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        reason: CorruptFile,
+    },
     #[error("data dir file {path} is missing although {marker} says the cluster was initialised (restore it from a backup, or move the data dir aside)")]
     Missing { path: PathBuf, marker: PathBuf },
     #[error("data dir {dir} is half-written: it holds {found} but no cluster.json (an earlier first start was interrupted?); move the data dir aside and start again")]
@@ -44,6 +48,25 @@ pub enum DataDirError {
     },
     #[error("could not create cluster material: {0}")]
     Pki(#[from] pki::PkiError),
+}
+
+/// What is wrong with a file of the data dir.
+#[derive(Debug, thiserror::Error)]
+pub enum CorruptFile {
+    #[error("not UTF-8 text")]
+    NotUtf8,
+    /// Not JSON of its shape (or, writing, not encodable).
+    #[error("{0}")]
+    Json(#[source] serde_json::Error),
+    /// A certificate or key that does not parse or load.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// A server key and certificate that rustls refuses together.
+    #[error(transparent)]
+    Tls(#[from] transport::tls::TlsConfigError),
+    /// The signing keys could not be created.
+    #[error(transparent)]
+    KeyRing(#[from] crate::keyring::KeyRingError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -128,7 +151,7 @@ fn read_text(path: &Path, marker: &Path) -> Result<String, DataDirError> {
     match fs::read(path) {
         Ok(bytes) => String::from_utf8(bytes).map_err(|_| DataDirError::Corrupt {
             path: path.to_path_buf(),
-            reason: "not UTF-8 text".into(),
+            reason: CorruptFile::NotUtf8,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DataDirError::Missing {
             path: path.to_path_buf(),
@@ -180,7 +203,7 @@ fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
     crate::keyring::KeyRing::init(&dir.join("keys"), now_unix()).map_err(|e| {
         DataDirError::Corrupt {
             path: dir.join("keys"),
-            reason: e.to_string(),
+            reason: e.into(),
         }
     })?;
     let meta = ClusterMeta {
@@ -190,38 +213,36 @@ fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| DataDirError::Corrupt {
         path: dir.join("cluster.json"),
-        reason: e.to_string(),
+        reason: CorruptFile::Json(e),
     })?;
     write_atomic(&dir.join("cluster.json"), &json, 0o644)
 }
 
 fn load(dir: &Path, policy: &ServerCertPolicy, now: i64) -> Result<Material, DataDirError> {
     let marker = dir.join("cluster.json");
-    let corrupt = |path: &Path, reason: String| DataDirError::Corrupt {
+    let corrupt = |path: &Path, reason: CorruptFile| DataDirError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
     let meta_text = read_text(&marker, &marker)?;
     let meta: ClusterMeta =
-        serde_json::from_str(&meta_text).map_err(|e| corrupt(&marker, e.to_string()))?;
+        serde_json::from_str(&meta_text).map_err(|e| corrupt(&marker, CorruptFile::Json(e)))?;
 
     let ca_crt = dir.join("ca.crt");
     let ca_key = dir.join("ca.key");
     let ca_cert_pem = read_text(&ca_crt, &marker)?;
     let ca_key_pem = read_text(&ca_key, &marker)?;
-    pki::cert_der_from_pem(&ca_cert_pem).map_err(|e| corrupt(&ca_crt, e.to_string()))?;
-    pki::key_der_from_pem(&ca_key_pem).map_err(|e| corrupt(&ca_key, e.to_string()))?;
-    let ca =
-        ClusterCa::load(&ca_cert_pem, &ca_key_pem).map_err(|e| corrupt(&ca_key, e.to_string()))?;
+    pki::cert_der_from_pem(&ca_cert_pem).map_err(|e| corrupt(&ca_crt, e.into()))?;
+    pki::key_der_from_pem(&ca_key_pem).map_err(|e| corrupt(&ca_key, e.into()))?;
+    let ca = ClusterCa::load(&ca_cert_pem, &ca_key_pem).map_err(|e| corrupt(&ca_key, e.into()))?;
 
     let admin = CertifiedPem {
         cert_pem: read_text(&dir.join("admin.crt"), &marker)?,
         key_pem: read_text(&dir.join("admin.key"), &marker)?,
     };
     pki::cert_der_from_pem(&admin.cert_pem)
-        .map_err(|e| corrupt(&dir.join("admin.crt"), e.to_string()))?;
-    pki::key_der_from_pem(&admin.key_pem)
-        .map_err(|e| corrupt(&dir.join("admin.key"), e.to_string()))?;
+        .map_err(|e| corrupt(&dir.join("admin.crt"), e.into()))?;
+    pki::key_der_from_pem(&admin.key_pem).map_err(|e| corrupt(&dir.join("admin.key"), e.into()))?;
 
     let (server, server_change) = server_certificate(dir, &ca, policy, now)?;
     Ok(Material {
@@ -257,31 +278,28 @@ fn server_certificate(
         cert_pem: read_text(&crt, &marker)?,
         key_pem: read_text(&key, &marker)?,
     };
-    let corrupt = |path: &Path, reason: String| DataDirError::Corrupt {
+    let corrupt = |path: &Path, reason: CorruptFile| DataDirError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
-    let cert_der =
-        pki::cert_der_from_pem(&pem.cert_pem).map_err(|e| corrupt(&crt, e.to_string()))?;
-    let key_der = pki::key_der_from_pem(&pem.key_pem).map_err(|e| corrupt(&key, e.to_string()))?;
+    let cert_der = pki::cert_der_from_pem(&pem.cert_pem).map_err(|e| corrupt(&crt, e.into()))?;
+    let key_der = pki::key_der_from_pem(&pem.key_pem).map_err(|e| corrupt(&key, e.into()))?;
     match transport::tls::certified_key(vec![cert_der], key_der) {
         Ok(_) => {}
         Err(transport::tls::TlsConfigError::Rustls(rustls::Error::InconsistentKeys(_))) => {
             let issued = renew_server_certificate(dir, ca, policy)?;
             return Ok((issued, ServerCertChange::Repaired));
         }
-        Err(e) => return Err(corrupt(&key, e.to_string())),
+        Err(e) => return Err(corrupt(&key, e.into())),
     }
-    match server_renewal(&pem.cert_pem, ca, policy, now)
-        .map_err(|e| corrupt(&crt, e.to_string()))?
-    {
+    match server_renewal(&pem.cert_pem, ca, policy, now).map_err(|e| corrupt(&crt, e.into()))? {
         Renewal::Keep { .. } => Ok((pem, ServerCertChange::Kept)),
         Renewal::LimitedByCa { ca_not_after } => {
             Ok((pem, ServerCertChange::KeptCaEnds { ca_not_after }))
         }
         Renewal::Renew { expired, .. } => {
             let old_not_after =
-                pki::not_after_unix(&pem.cert_pem).map_err(|e| corrupt(&crt, e.to_string()))?;
+                pki::not_after_unix(&pem.cert_pem).map_err(|e| corrupt(&crt, e.into()))?;
             let issued = renew_server_certificate(dir, ca, policy)?;
             Ok((
                 issued,

@@ -60,10 +60,6 @@ pub const MAX_JOIN_SOURCES: usize = 4096;
 /// Largest `Cluster.ping` payload echoed.
 pub const MAX_PING_BYTES: usize = 1024;
 
-/// QUIC close code: the connection was refused or ended by a front-door
-/// limit.
-pub const CLOSE_LIMIT: u32 = 3;
-
 /// What connections are counted by: an IPv4 address (IPv4-mapped IPv6
 /// included), or the /64 prefix of an IPv6 address, the share one host
 /// usually gets.

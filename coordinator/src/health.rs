@@ -19,10 +19,24 @@ use crate::issuer::Issuer;
 use crate::observe::Observe;
 use crate::store::Store;
 
+/// Why a readiness probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The store did not answer a read.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A thread panicked holding the key ring's lock.
+    #[error("{}", crate::issuer::KEYS_UNAVAILABLE)]
+    KeysUnavailable,
+    /// No key can sign now.
+    #[error(transparent)]
+    Keys(#[from] crate::keyring::KeyRingError),
+}
+
 /// The readiness checks from what they observe.
 pub fn coordinator_checks(
-    store: Result<(), String>,
-    active_key: Result<(), String>,
+    store: Result<(), ProbeError>,
+    active_key: Result<(), ProbeError>,
     listening: bool,
 ) -> Vec<Check> {
     vec![
@@ -37,23 +51,20 @@ pub fn coordinator_checks(
 }
 
 /// A read the store must answer (any key; absence is an answer).
-pub fn probe_store(store: &dyn Store) -> Result<(), String> {
-    store
-        .get("health/probe")
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+pub fn probe_store(store: &dyn Store) -> Result<(), ProbeError> {
+    store.get("health/probe")?;
+    Ok(())
 }
 
 /// Whether a key can sign now.
 pub fn probe_keys(
     keys: &std::sync::RwLock<crate::keyring::KeyRing>,
     now: i64,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     keys.read()
-        .map_err(|_| crate::issuer::KEYS_UNAVAILABLE.to_string())?
-        .active(now)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|_| ProbeError::KeysUnavailable)?
+        .active(now)?;
+    Ok(())
 }
 
 /// What readiness looks at: the store, the issuer's keys, whether the
@@ -164,7 +175,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap();
-        assert_eq!(probe_store(&store), Ok(()));
+        assert!(probe_store(&store).is_ok());
         let broken = coordinator_checks(probe_store(&Broken), Ok(()), true);
         let (status, body) = transport::ops::verdict(&broken);
         assert_eq!(status, 503);
@@ -178,12 +189,12 @@ mod tests {
         let keys = dir.path().join("keys");
         crate::keyring::KeyRing::init(&keys, 1_000_000).unwrap();
         let ring = std::sync::RwLock::new(crate::keyring::KeyRing::load(&keys, 1_000_000).unwrap());
-        assert_eq!(probe_keys(&ring, 1_000_000), Ok(()));
-        assert_eq!(probe_keys(&ring, 10), Ok(()));
+        assert!(probe_keys(&ring, 1_000_000).is_ok());
+        assert!(probe_keys(&ring, 10).is_ok());
         // A key ring that cannot sign is not ready.
         let (status, body) = transport::ops::verdict(&coordinator_checks(
             Ok(()),
-            Err("no active signing key".into()),
+            Err(crate::keyring::KeyRingError::NoActiveKey.into()),
             true,
         ));
         assert_eq!(status, 503);

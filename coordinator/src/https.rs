@@ -75,7 +75,7 @@ fn error_response(status: StatusCode, msg: &str) -> Response {
 async fn discovery(AxumState(issuer): AxumState<Arc<Issuer>>) -> Response {
     let keys = match issuer.published(transport::clock::now_unix()) {
         Ok(keys) => keys,
-        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     let doc = DiscoveryDocument::new(&issuer.url, keys.iter(), WORKLOAD_CLAIMS_SUPPORTED);
     match serde_json::to_vec(&doc) {
@@ -87,7 +87,7 @@ async fn discovery(AxumState(issuer): AxumState<Arc<Issuer>>) -> Response {
 async fn jwks(AxumState(issuer): AxumState<Arc<Issuer>>) -> Response {
     let keys = match issuer.published(transport::clock::now_unix()) {
         Ok(keys) => keys,
-        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     match serde_json::to_vec(&Jwks::from_keys(keys.iter()).to_json()) {
         Ok(body) => json_response(&issuer, body),

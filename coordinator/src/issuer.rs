@@ -81,7 +81,7 @@ pub fn record(dir: &Path, url: &str, now: i64) -> Result<IssuerHistory, DataDirE
     let old: IssuerHistory = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DataDirError::Corrupt {
             path: path.clone(),
-            reason: e.to_string(),
+            reason: crate::datadir::CorruptFile::Json(e),
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => IssuerHistory::default(),
         Err(source) => return Err(DataDirError::Io { path, source }),
@@ -90,7 +90,7 @@ pub fn record(dir: &Path, url: &str, now: i64) -> Result<IssuerHistory, DataDirE
     if new != old {
         let json = serde_json::to_vec_pretty(&new).map_err(|e| DataDirError::Corrupt {
             path: path.clone(),
-            reason: e.to_string(),
+            reason: crate::datadir::CorruptFile::Json(e),
         })?;
         transport::files::write_atomic(&path, &json, 0o644)
             .map_err(|source| DataDirError::Io { path, source })?;
@@ -113,29 +113,49 @@ pub struct Issuer {
 /// The key ring is unusable (a thread panicked holding its lock).
 pub const KEYS_UNAVAILABLE: &str = "key ring unavailable";
 
+/// Why the issuer could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    /// A thread panicked holding the key ring's lock.
+    #[error("{KEYS_UNAVAILABLE}")]
+    KeysUnavailable,
+    /// An operator's rotation while a new key waits to activate.
+    #[error("a new signing key is already waiting to activate (see `miren identity keys list`); rotate again after it is active")]
+    RotationPending,
+    /// The key ring refused (files, schedule).
+    #[error(transparent)]
+    KeyRing(#[from] crate::keyring::KeyRingError),
+    /// The published keys do not make a key set.
+    #[error(transparent)]
+    KeySet(#[from] identity::KeySetError),
+    /// The blocking task changing the key ring ended without an answer.
+    #[error("task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 impl Issuer {
     /// Keys to publish at `now` (discovery, JWKS).
-    pub fn published(&self, now: i64) -> Result<Vec<PublicKey>, String> {
+    pub fn published(&self, now: i64) -> Result<Vec<PublicKey>, IssuerError> {
         Ok(self
             .keys
             .read()
-            .map_err(|_| KEYS_UNAVAILABLE.to_string())?
+            .map_err(|_| IssuerError::KeysUnavailable)?
             .published(now))
     }
 
     /// Every key with its state at `now`.
-    pub fn statuses(&self, now: i64) -> Result<Vec<KeyStatus>, String> {
+    pub fn statuses(&self, now: i64) -> Result<Vec<KeyStatus>, IssuerError> {
         Ok(self
             .keys
             .read()
-            .map_err(|_| KEYS_UNAVAILABLE.to_string())?
+            .map_err(|_| IssuerError::KeysUnavailable)?
             .statuses(now))
     }
 
     /// A verifier for this cluster's own tokens at `now`: published keys,
     /// accepted issuers, the given audience.
-    pub fn verifier(&self, audience: &str, now: i64) -> Result<Verifier, String> {
-        let keys = KeySet::from_keys(self.published(now)?).map_err(|e| e.to_string())?;
+    pub fn verifier(&self, audience: &str, now: i64) -> Result<Verifier, IssuerError> {
+        let keys = KeySet::from_keys(self.published(now)?)?;
         Ok(Verifier::new(
             keys,
             self.history.accepted(now),
@@ -145,18 +165,15 @@ impl Issuer {
 
     /// Starts a new signing key now (an operator's rotation); refused while
     /// one is already waiting to activate. Returns every key's state.
-    pub fn rotate(&self, now: i64) -> Result<Vec<KeyStatus>, String> {
+    pub fn rotate(&self, now: i64) -> Result<Vec<KeyStatus>, IssuerError> {
         let mut ring = self
             .keys
             .write()
-            .map_err(|_| KEYS_UNAVAILABLE.to_string())?;
+            .map_err(|_| IssuerError::KeysUnavailable)?;
         if ring.has_pending(now) {
-            return Err(
-                "a new signing key is already waiting to activate (see `miren identity keys list`); rotate again after it is active".into(),
-            );
+            return Err(IssuerError::RotationPending);
         }
-        ring.rotate(now, self.jwks_max_age_secs)
-            .map_err(|e| e.to_string())?;
+        ring.rotate(now, self.jwks_max_age_secs)?;
         Ok(ring.statuses(now))
     }
 }
@@ -208,17 +225,17 @@ pub async fn rotate_keys_forever(issuer: std::sync::Arc<Issuer>, rotation: Durat
 async fn write_ring<T: Send + 'static>(
     issuer: &std::sync::Arc<Issuer>,
     change: impl FnOnce(&mut KeyRing) -> Result<T, crate::keyring::KeyRingError> + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, IssuerError> {
     let issuer = issuer.clone();
     let done = tokio::task::spawn_blocking(move || {
         let mut ring = issuer
             .keys
             .write()
-            .map_err(|_| "key ring lock poisoned".to_string())?;
-        change(&mut ring).map_err(|e| e.to_string())
+            .map_err(|_| IssuerError::KeysUnavailable)?;
+        Ok(change(&mut ring)?)
     })
     .await;
-    done.map_err(|e| format!("task: {e}"))?
+    done?
 }
 
 /// Checks the key ring every second and audits what changed (keys change

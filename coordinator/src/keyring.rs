@@ -46,15 +46,51 @@ pub const RETIRE_GRACE_SECS: i64 = 3600;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyRingError {
     #[error("signing key file {path} is corrupt: {reason} (restore it from a backup)")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        reason: CorruptKey,
+    },
     #[error(
         "signing key index {path} names {kid} but its file is missing (restore it from a backup)"
     )]
     Missing { path: PathBuf, kid: String },
     #[error("no signing key is active (the index lists none that has activated)")]
     NoActiveKey,
+    /// A file or dir of the ring could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A new key could not be made or encoded.
+    #[error(transparent)]
+    Key(#[from] identity::KeyError),
+    /// A new key could not be prepared for signing.
+    #[error(transparent)]
+    Minter(#[from] identity::MintError),
+    /// The index could not be encoded.
     #[error("{0}")]
-    Io(String),
+    Encode(#[source] serde_json::Error),
+}
+
+/// What is wrong with a file of the ring.
+#[derive(Debug, thiserror::Error)]
+pub enum CorruptKey {
+    /// The index is not JSON of its shape.
+    #[error("{0}")]
+    Index(#[source] serde_json::Error),
+    #[error("key file name {0:?} is not a plain file name")]
+    FileName(String),
+    /// The key does not parse.
+    #[error(transparent)]
+    Key(#[from] identity::KeyError),
+    #[error("holds key {found} but the index says {indexed}")]
+    OtherKid { found: String, indexed: String },
+    /// The key cannot sign.
+    #[error(transparent)]
+    Minter(#[from] identity::MintError),
 }
 
 /// What a key is doing at a given moment.
@@ -178,14 +214,17 @@ pub struct KeyRing {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyRingError + '_ {
-    move |e| KeyRingError::Io(format!("{}: {e}", path.display()))
+    move |source| KeyRingError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl KeyRing {
     /// Creates `dir` with one active key (used on first start).
     pub fn init(dir: &Path, now: i64) -> Result<(), KeyRingError> {
         ensure_private_dir(dir).map_err(io(dir))?;
-        let key = SigningKeyPair::generate().map_err(|e| KeyRingError::Io(e.to_string()))?;
+        let key = SigningKeyPair::generate()?;
         let entry = write_key(dir, &key, now, now)?;
         write_index(dir, &KeyIndex { keys: vec![entry] })
     }
@@ -198,7 +237,7 @@ impl KeyRing {
         let mut index: KeyIndex =
             serde_json::from_str(&text).map_err(|e| KeyRingError::Corrupt {
                 path: index_path.clone(),
-                reason: e.to_string(),
+                reason: CorruptKey::Index(e),
             })?;
         let mut minters = HashMap::new();
         let mut public = HashMap::new();
@@ -207,7 +246,7 @@ impl KeyRing {
             if entry.file.contains('/') || entry.file.starts_with('.') {
                 return Err(KeyRingError::Corrupt {
                     path: index_path,
-                    reason: format!("key file name {:?} is not a plain file name", entry.file),
+                    reason: CorruptKey::FileName(entry.file.clone()),
                 });
             }
             let pem = match std::fs::read_to_string(&path) {
@@ -220,26 +259,23 @@ impl KeyRing {
                 }
                 Err(e) => return Err(io(&path)(e)),
             };
-            let corrupt = |reason: String| KeyRingError::Corrupt {
+            let corrupt = |reason: CorruptKey| KeyRingError::Corrupt {
                 path: path.clone(),
                 reason,
             };
             if entry.signs {
-                let pair =
-                    SigningKeyPair::from_pkcs8_pem(&pem).map_err(|e| corrupt(e.to_string()))?;
+                let pair = SigningKeyPair::from_pkcs8_pem(&pem).map_err(|e| corrupt(e.into()))?;
                 if pair.kid() != entry.kid {
-                    return Err(corrupt(format!(
-                        "holds key {} but the index says {}",
-                        pair.kid(),
-                        entry.kid
-                    )));
+                    return Err(corrupt(CorruptKey::OtherKid {
+                        found: pair.kid().to_string(),
+                        indexed: entry.kid.clone(),
+                    }));
                 }
-                let minter = Minter::new(&pair).map_err(|e| corrupt(e.to_string()))?;
+                let minter = Minter::new(&pair).map_err(|e| corrupt(e.into()))?;
                 public.insert(entry.kid.clone(), pair.public_key().clone());
                 minters.insert(entry.kid.clone(), Arc::new(minter));
             } else {
-                let key =
-                    PublicKey::ed25519_from_pkcs8_pem(&pem).map_err(|e| corrupt(e.to_string()))?;
+                let key = PublicKey::ed25519_from_pkcs8_pem(&pem).map_err(|e| corrupt(e.into()))?;
                 public.insert(entry.kid.clone(), key);
             }
         }
@@ -367,7 +403,7 @@ impl KeyRing {
     /// writes it (file, then index) and adds it to the ring. Expired key
     /// files are removed from the index and disk.
     pub fn rotate(&mut self, now: i64, publish_window: i64) -> Result<KeyStatus, KeyRingError> {
-        let key = SigningKeyPair::generate().map_err(|e| KeyRingError::Io(e.to_string()))?;
+        let key = SigningKeyPair::generate()?;
         let entry = write_key(&self.dir, &key, now, now + publish_window.max(0))?;
         let statuses = schedule(&self.entries, now);
         let expired: Vec<String> = statuses
@@ -393,7 +429,7 @@ impl KeyRing {
             self.minters.remove(&e.kid);
             self.public.remove(&e.kid);
         }
-        let minter = Minter::new(&key).map_err(|e| KeyRingError::Io(e.to_string()))?;
+        let minter = Minter::new(&key)?;
         self.minters.insert(entry.kid.clone(), Arc::new(minter));
         self.public
             .insert(entry.kid.clone(), key.public_key().clone());
@@ -415,9 +451,7 @@ fn write_key(
         "rs256-{created}-{}.pem",
         &key.kid()[..8.min(key.kid().len())]
     );
-    let pem = key
-        .to_pkcs8_pem()
-        .map_err(|e| KeyRingError::Io(e.to_string()))?;
+    let pem = key.to_pkcs8_pem()?;
     let path = dir.join(&file);
     write_atomic(&path, pem.as_bytes(), 0o600).map_err(io(&path))?;
     Ok(KeyEntry {
@@ -432,7 +466,7 @@ fn write_key(
 }
 
 fn write_index(dir: &Path, index: &KeyIndex) -> Result<(), KeyRingError> {
-    let json = serde_json::to_vec_pretty(index).map_err(|e| KeyRingError::Io(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(index).map_err(KeyRingError::Encode)?;
     let path = dir.join("index.json");
     write_atomic(&path, &json, 0o600).map_err(io(&path))
 }

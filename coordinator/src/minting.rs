@@ -26,15 +26,39 @@ use crate::observe::{MintRefusal, Observe};
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
     /// Refused for `reason` (counted and audited).
-    #[error("{message}")]
+    #[error("{cause}")]
     Refused {
         reason: MintRefusal,
-        message: String,
+        #[source]
+        cause: MintCause,
     },
-    /// The request could not be served (a subject that cannot be written,
-    /// a task that did not finish).
+    /// A sandbox record whose app or id cannot be written in a subject.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// The signing task did not finish.
     #[error("{0}")]
-    Request(String),
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// What a refused mint ran into.
+#[derive(Debug, thiserror::Error)]
+pub enum MintCause {
+    /// The sandbox record could not be read, or is not the runner's
+    /// (`AppError::NotYourSandbox`).
+    #[error(transparent)]
+    Apps(#[from] AppError),
+    /// Audiences, ttl or subject were not acceptable.
+    #[error(transparent)]
+    Claims(#[from] identity::ClaimsError),
+    /// A thread panicked holding the key ring's lock.
+    #[error("{KEYS_UNAVAILABLE}")]
+    KeysUnavailable,
+    /// No key signs now.
+    #[error(transparent)]
+    Keys(#[from] crate::keyring::KeyRingError),
+    /// Signing failed.
+    #[error(transparent)]
+    Sign(#[from] identity::MintError),
 }
 
 /// Why a runner's request names no subject it may have.
@@ -99,22 +123,22 @@ impl Minting {
         ttl: Option<u64>,
     ) -> Result<String, MintError> {
         let actor = Actor::Runner(runner.to_string());
-        let refused = |reason: MintRefusal, message: String| {
-            let e = MintError::Refused { reason, message };
+        let refused = |reason: MintRefusal, cause: MintCause| {
+            let e = MintError::Refused { reason, cause };
             (self.observe).token_refused(&actor, Some(sandbox_id), reason, e)
         };
         // Whatever app the runner might believe in, the record decides.
         let record = self
             .apps
             .sandbox(sandbox_id)
-            .map_err(|e| refused(MintRefusal::Internal, e.to_string()))?;
+            .map_err(|e| refused(MintRefusal::Internal, e.into()))?;
         let subject = match runner_subject(runner, record.as_ref()) {
             Ok(subject) => subject,
             Err(RunnerRefusal::NotHosted) => {
-                let message = AppError::NotYourSandbox.to_string();
-                return Err(refused(MintRefusal::NotHosted, message));
+                let cause = AppError::NotYourSandbox.into();
+                return Err(refused(MintRefusal::NotHosted, cause));
             }
-            Err(RunnerRefusal::Subject(e)) => return Err(MintError::Request(e.to_string())),
+            Err(RunnerRefusal::Subject(e)) => return Err(e.into()),
         };
         self.sign(actor, subject, audiences, ttl).await
     }
@@ -138,7 +162,7 @@ impl Minting {
                 me.mint(&actor, &subject, &audiences, ttl, now)
             })
             .await
-            .map_err(|e| MintError::Request(e.to_string()))?
+            .map_err(MintError::Task)?
     }
 
     /// Mints a workload token for `subject` at `now`, asked by `actor`.
@@ -151,9 +175,9 @@ impl Minting {
         now: i64,
     ) -> Result<String, MintError> {
         let started = Instant::now();
-        let refused = |reason: MintRefusal, message: String| {
+        let refused = |reason: MintRefusal, cause: MintCause| {
             let sandbox = Some(subject.sandbox.as_str());
-            let e = MintError::Refused { reason, message };
+            let e = MintError::Refused { reason, cause };
             self.observe.token_refused(actor, sandbox, reason, e)
         };
         let claims = WorkloadClaims::new(
@@ -165,17 +189,17 @@ impl Minting {
             now,
             uuid::Uuid::new_v4().to_string(),
         )
-        .map_err(|e| refused(MintRefusal::BadRequest, e.to_string()))?;
+        .map_err(|e| refused(MintRefusal::BadRequest, e.into()))?;
         let minter = self
             .issuer
             .keys
             .read()
-            .map_err(|_| refused(MintRefusal::NoActiveKey, KEYS_UNAVAILABLE.into()))?
+            .map_err(|_| refused(MintRefusal::NoActiveKey, MintCause::KeysUnavailable))?
             .active(now)
-            .map_err(|e| refused(MintRefusal::NoActiveKey, e.to_string()))?;
+            .map_err(|e| refused(MintRefusal::NoActiveKey, e.into()))?;
         let token = minter
             .mint(&claims)
-            .map_err(|e| refused(MintRefusal::Internal, e.to_string()))?;
+            .map_err(|e| refused(MintRefusal::Internal, e.into()))?;
         self.observe.token_minted(actor, &claims, started);
         Ok(token)
     }

@@ -33,6 +33,7 @@ use identity::{
 };
 
 use crate::ci::CiBindings;
+use crate::observe::CiRefusal;
 
 /// How long fetched keys are used before a refresh.
 pub const KEYS_TTL: Duration = Duration::from_secs(3600);
@@ -55,12 +56,90 @@ pub enum LoginError {
     /// More than [`MAX_CONCURRENT_LOGINS`] logins are running.
     #[error("the coordinator is busy with other CI logins; retry in a few seconds")]
     Busy,
-    /// The token was refused; the reason is in the coordinator's log.
-    #[error("OIDC access denied{}", .0.suffix())]
-    Denied(Denial),
+    /// The token was refused: the caller is told only its [`Denial`]; the
+    /// cause is for the log, the metrics and the audit trail (not a
+    /// `source`, so that no chain printer tells the caller).
+    #[error("OIDC access denied{}", .0.denial().suffix())]
+    Denied(DenialCause),
     /// A verified token that no binding of the app matches.
     #[error(transparent)]
     NoMatch(#[from] identity::NoMatch),
+}
+
+impl LoginError {
+    /// The metric label of this refusal, by variant.
+    pub fn refusal(&self) -> CiRefusal {
+        use identity::{InspectError, VerifyError as V};
+        let verify = |v: &V| match v {
+            V::TooLarge { .. }
+            | V::Malformed(_)
+            | V::MissingKid
+            | V::BadKid(_)
+            | V::UnsupportedCrit(_)
+            | V::DuplicateClaim(_)
+            | V::MissingClaim(_)
+            | V::InvalidClaim { .. } => CiRefusal::MalformedToken,
+            V::Expired { .. } => CiRefusal::Expired,
+            V::WrongAudience(_) => CiRefusal::WrongAudience,
+            _ => CiRefusal::InvalidToken,
+        };
+        match self {
+            LoginError::NoMatch(_) => CiRefusal::NoBinding,
+            LoginError::Denied(cause) => match cause {
+                DenialCause::UnboundIssuer(_) | DenialCause::BadIssuer { .. } => {
+                    CiRefusal::UntrustedIssuer
+                }
+                DenialCause::Inspect(InspectError::Token(v)) | DenialCause::Verify(v) => verify(v),
+                DenialCause::Inspect(_) => CiRefusal::MalformedToken,
+                DenialCause::Keys(_) => CiRefusal::IssuerUnavailable,
+                DenialCause::BindingsUnavailable | DenialCause::Task => CiRefusal::InvalidToken,
+            },
+            LoginError::Busy => CiRefusal::InvalidToken,
+        }
+    }
+}
+
+/// Why a token was refused, precisely. Never told to the caller, who
+/// learns only [`DenialCause::denial`].
+#[derive(Debug, thiserror::Error)]
+pub enum DenialCause {
+    /// `identity::inspect` refused it before any work (size, structure,
+    /// kid, algorithm, signature length).
+    #[error(transparent)]
+    Inspect(identity::InspectError),
+    /// No binding names the issuer it claims.
+    #[error("issuer {0:?} is not named by any CI binding")]
+    UnboundIssuer(String),
+    /// A binding names its issuer, but that is no issuer URL.
+    #[error("issuer {issuer:?}: {source}")]
+    BadIssuer {
+        issuer: String,
+        source: identity::IssuerUrlError,
+    },
+    /// The issuer's keys are not at hand.
+    #[error(transparent)]
+    Keys(KeysError),
+    /// Verification with the issuer's keys failed.
+    #[error(transparent)]
+    Verify(identity::VerifyError),
+    /// The CI binding index could not be read.
+    #[error("the CI binding index is unavailable")]
+    BindingsUnavailable,
+    /// The verification task ended without an answer.
+    #[error("the CI login task failed")]
+    Task,
+}
+
+impl DenialCause {
+    /// What the caller is told of this refusal.
+    pub fn denial(&self) -> Denial {
+        match self {
+            DenialCause::Inspect(identity::InspectError::Token(v)) | DenialCause::Verify(v) => {
+                Denial::of(v)
+            }
+            _ => Denial::Generic,
+        }
+    }
 }
 
 /// What a refused caller is told beyond "OIDC access denied": only facts
@@ -106,11 +185,10 @@ impl Denial {
     }
 }
 
-/// A refusal the caller sees as plain "OIDC access denied", with the detail
-/// logged.
-fn denied(why: std::fmt::Arguments<'_>) -> LoginError {
-    tracing::info!("CI login refused: {why}");
-    LoginError::Denied(Denial::Generic)
+/// A refusal for `cause`, logged with its detail.
+fn denied(cause: DenialCause) -> LoginError {
+    tracing::info!("CI login refused: {cause}");
+    LoginError::Denied(cause)
 }
 
 /// What we know of one issuer's keys.
@@ -120,7 +198,7 @@ struct IssuerEntry {
     fetched: Option<Instant>,
     kid_refetch: Option<Instant>,
     /// The last fetch failure and when it happened.
-    failed: Option<(Instant, String)>,
+    failed: Option<(Instant, Arc<FetchError>)>,
     fetches: u64,
 }
 
@@ -168,7 +246,7 @@ impl IssuerEntry {
     }
 
     /// Records the outcome of a fetch made at `now`.
-    fn record(&mut self, for_kid: bool, result: Result<KeySet, String>, now: Instant) {
+    fn record(&mut self, for_kid: bool, result: Result<KeySet, FetchError>, now: Instant) {
         self.fetches += 1;
         if for_kid {
             self.kid_refetch = Some(now);
@@ -179,7 +257,7 @@ impl IssuerEntry {
                 self.fetched = Some(now);
                 self.failed = None;
             }
-            Err(e) => self.failed = Some((now, e)),
+            Err(e) => self.failed = Some((now, Arc::new(e))),
         }
     }
 }
@@ -191,9 +269,66 @@ pub enum KeysError {
     #[error("the issuer cache is unavailable")]
     Unavailable,
     #[error("no keys for {issuer}: its last fetch failed less than 10 s ago ({reason})")]
-    RecentlyFailed { issuer: String, reason: String },
+    RecentlyFailed {
+        issuer: String,
+        #[source]
+        reason: Arc<FetchError>,
+    },
     #[error("no keys for {issuer}: {reason}")]
-    Fetch { issuer: String, reason: String },
+    Fetch {
+        issuer: String,
+        #[source]
+        reason: Arc<FetchError>,
+    },
+}
+
+/// Why a document (discovery, JWKS, a token response) could not be had
+/// from an issuer or provider.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The outbound policy refused the address (logged there).
+    #[error("fetching {url}: refused (the coordinator log says why)")]
+    Refused {
+        url: String,
+        #[source]
+        source: crate::outbound::OutboundError,
+    },
+    /// The request failed (connection, TLS, timeout).
+    #[error("fetching {url}: {source}")]
+    Send {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The answer was not a success.
+    #[error("fetching {url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    /// The body broke off.
+    #[error("reading {url}: {source}")]
+    Read {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The body is over [`MAX_DOCUMENT_BYTES`].
+    #[error("{url} is larger than 1 MiB")]
+    TooLarge { url: String },
+    /// The discovery document is not one for its issuer.
+    #[error(transparent)]
+    Discovery(#[from] identity::DiscoveryError),
+    /// The discovery document's endpoints are not JSON.
+    #[error("{0}")]
+    Endpoints(#[source] serde_json::Error),
+    /// The JWKS does not make a key set.
+    #[error("JWKS of {issuer}: {source}")]
+    Jwks {
+        issuer: String,
+        #[source]
+        source: identity::KeySetError,
+    },
 }
 
 /// A login that passed the checks made before any work: its token is
@@ -220,16 +355,15 @@ pub struct Discovered {
 
 impl Discovered {
     /// Reads `bytes`, fetched from `issuer`'s discovery URL.
-    pub fn parse(bytes: &[u8], issuer: &IssuerUrl) -> Result<Discovered, String> {
+    pub fn parse(bytes: &[u8], issuer: &IssuerUrl) -> Result<Discovered, FetchError> {
         #[derive(serde::Deserialize)]
         struct Endpoints {
             authorization_endpoint: Option<serde_json::Value>,
             token_endpoint: Option<serde_json::Value>,
             end_session_endpoint: Option<serde_json::Value>,
         }
-        let document =
-            DiscoveryDocument::parse_for_issuer(bytes, issuer).map_err(|e| e.to_string())?;
-        let endpoints: Endpoints = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let document = DiscoveryDocument::parse_for_issuer(bytes, issuer)?;
+        let endpoints: Endpoints = serde_json::from_slice(bytes).map_err(FetchError::Endpoints)?;
         let https = |v: Option<serde_json::Value>| {
             v.and_then(|v| v.as_str().map(str::to_string))
                 .filter(|s| reqwest::Url::parse(s).is_ok_and(|u| u.scheme() == "https"))
@@ -257,16 +391,17 @@ pub struct OidcVerifier {
 
 /// Reads a response body of at most 1 MiB (the cap on everything fetched
 /// from an issuer or provider).
-pub async fn read_capped(resp: &mut reqwest::Response, url: &str) -> Result<Vec<u8>, String> {
+pub async fn read_capped(resp: &mut reqwest::Response, url: &str) -> Result<Vec<u8>, FetchError> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| format!("reading {url}: {e}"))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|source| FetchError::Read {
+        url: url.to_string(),
+        source,
+    })? {
         body.extend_from_slice(&chunk);
         if body.len() > MAX_DOCUMENT_BYTES {
-            return Err(format!("{url} is larger than 1 MiB"));
+            return Err(FetchError::TooLarge {
+                url: url.to_string(),
+            });
         }
     }
     Ok(body)
@@ -298,33 +433,45 @@ impl OidcVerifier {
     }
 
     /// GETs `url` (5 s, 1 MiB cap, no redirects) and returns the body.
-    pub async fn get_json(&self, url: &str) -> Result<Vec<u8>, String> {
+    pub async fn get_json(&self, url: &str) -> Result<Vec<u8>, FetchError> {
         let mut resp = self
             .client
             .get(url)
-            .map_err(|_| format!("fetching {url}: refused (the coordinator log says why)"))?
+            .map_err(|source| FetchError::Refused {
+                url: url.to_string(),
+                source,
+            })?
             .send()
             .await
-            .map_err(|e| format!("fetching {url}: {e}"))?;
+            .map_err(|source| FetchError::Send {
+                url: url.to_string(),
+                source,
+            })?;
         if !resp.status().is_success() {
-            return Err(format!("fetching {url}: HTTP {}", resp.status()));
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status: resp.status(),
+            });
         }
         read_capped(&mut resp, url).await
     }
 
     /// Fetches and reads the discovery document of `issuer` (for its
     /// JWKS, and for a route OIDC provider its login endpoints).
-    pub async fn discover(&self, issuer: &IssuerUrl) -> Result<Discovered, String> {
+    pub async fn discover(&self, issuer: &IssuerUrl) -> Result<Discovered, FetchError> {
         let bytes = self.get_json(&issuer.discovery_url()).await?;
         Discovered::parse(&bytes, issuer)
     }
 
-    async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, String> {
+    async fn fetch_keys(&self, issuer: &IssuerUrl) -> Result<KeySet, FetchError> {
         let doc = self.discover(issuer).await;
         self.observe.issuer_fetch("discovery", doc.is_ok());
         let jwks = self.get_json(&doc?.document.jwks_uri).await;
         let keys = jwks.and_then(|j| {
-            KeySet::from_jwks_json(&j).map_err(|e| format!("JWKS of {}: {e}", issuer.as_str()))
+            KeySet::from_jwks_json(&j).map_err(|source| FetchError::Jwks {
+                issuer: issuer.as_str().to_string(),
+                source,
+            })
         });
         self.observe.issuer_fetch("jwks", keys.is_ok());
         keys
@@ -346,14 +493,12 @@ impl OidcVerifier {
         match e.plan(token, Instant::now()) {
             Plan::Cached => {}
             Plan::RecentlyFailed => {
-                return Err(KeysError::RecentlyFailed {
-                    issuer: issuer.as_str().to_string(),
-                    reason: e
-                        .failed
-                        .as_ref()
-                        .map(|(_, r)| r.clone())
-                        .unwrap_or_default(),
-                })
+                if let Some((_, reason)) = &e.failed {
+                    return Err(KeysError::RecentlyFailed {
+                        issuer: issuer.as_str().to_string(),
+                        reason: reason.clone(),
+                    });
+                }
             }
             Plan::Fetch { for_kid } => {
                 let result = self.fetch_keys(issuer).await;
@@ -373,10 +518,11 @@ impl OidcVerifier {
         }
         match (&e.keys, &e.failed) {
             (Some(keys), _) => Ok(keys.clone()),
-            (None, failed) => Err(KeysError::Fetch {
+            (None, Some((_, reason))) => Err(KeysError::Fetch {
                 issuer: issuer.as_str().to_string(),
-                reason: failed.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
+                reason: reason.clone(),
             }),
+            (None, None) => Err(KeysError::Unavailable),
         }
     }
 
@@ -387,11 +533,9 @@ impl OidcVerifier {
         &self,
         issuer: &IssuerUrl,
         id_token: &str,
-    ) -> Result<KeySet, String> {
+    ) -> Result<KeySet, KeysError> {
         let token = inspect(id_token).ok();
-        self.keys(issuer, token.as_ref())
-            .await
-            .map_err(|e| e.to_string())
+        self.keys(issuer, token.as_ref()).await
     }
 
     /// The checks a login passes before any work, run where the call
@@ -402,19 +546,17 @@ impl OidcVerifier {
         let token = token.trim();
         let unverified = inspect(token).map_err(|e| {
             tracing::debug!("CI login refused: {e}");
-            match e {
-                identity::InspectError::Token(v) => LoginError::Denied(Denial::of(&v)),
-                _ => LoginError::Denied(Denial::Generic),
-            }
+            LoginError::Denied(DenialCause::Inspect(e))
         })?;
         if !ci.names_issuer(&unverified.issuer) {
-            return Err(denied(format_args!(
-                "issuer {:?} is not named by any CI binding",
-                unverified.issuer
-            )));
+            return Err(denied(DenialCause::UnboundIssuer(unverified.issuer)));
         }
-        let issuer = IssuerUrl::parse(&unverified.issuer)
-            .map_err(|e| denied(format_args!("issuer {:?}: {e}", unverified.issuer)))?;
+        let issuer = IssuerUrl::parse(&unverified.issuer).map_err(|source| {
+            denied(DenialCause::BadIssuer {
+                issuer: unverified.issuer.clone(),
+                source,
+            })
+        })?;
         let slot = self
             .logins
             .clone()
@@ -440,17 +582,19 @@ impl OidcVerifier {
         let keys = self
             .keys(&attempt.issuer, Some(&attempt.unverified))
             .await
-            .map_err(|e| denied(format_args!("{e}")))?;
+            .map_err(|e| denied(DenialCause::Keys(e)))?;
         let iss = attempt.issuer.as_str();
         let verified = Verifier::new(keys, [iss], self.audiences.clone())
             .verify(&attempt.token, now)
             .map_err(|e| {
                 tracing::info!(issuer = iss, "CI login refused: {e}");
-                LoginError::Denied(Denial::of(&e))
+                LoginError::Denied(DenialCause::Verify(e))
             })?;
         ci.matching(app, &verified.claims).map_err(|e| match e {
             crate::ci::MatchError::NoMatch(m) => LoginError::NoMatch(m),
-            crate::ci::MatchError::Unavailable => LoginError::Denied(Denial::Generic),
+            crate::ci::MatchError::Unavailable => {
+                LoginError::Denied(DenialCause::BindingsUnavailable)
+            }
         })
     }
 }
@@ -469,7 +613,7 @@ pub async fn login(
 ) -> Result<Binding, LoginError> {
     let seen = crate::audit::CiTokenFields::peek(token);
     let refused = |e: LoginError| {
-        let _ = observe.ci_login(app, seen.clone(), Err(e.to_string()));
+        observe.ci_login(app, seen.clone(), Err((e.refusal(), &e)));
         e
     };
     let attempt = oidc.begin(ci, token).map_err(refused)?;
@@ -482,12 +626,11 @@ pub async fn login(
         .await
         .unwrap_or_else(|e| {
             tracing::error!("a CI login task failed: {e}");
-            Err(LoginError::Denied(Denial::Generic))
+            Err(LoginError::Denied(DenialCause::Task))
         });
     let binding = finished.map_err(refused)?;
-    observe
-        .ci_login(app, seen, Ok(binding))
-        .map_err(|_| LoginError::Denied(Denial::Generic))
+    observe.ci_login(app, seen, Ok(&binding));
+    Ok(binding)
 }
 
 #[cfg(test)]
@@ -527,7 +670,7 @@ mod tests {
         let tok = unverified("k", "EdDSA");
         let mut e = IssuerEntry::default();
         assert_eq!(e.plan(Some(&tok), t0), Plan::Fetch { for_kid: false });
-        e.record(false, Err("connection refused".into()), t0);
+        e.record(false, Err(FetchError::TooLarge { url: "x".into() }), t0);
         // Every login in the next 10 s is refused without a fetch...
         assert_eq!(e.plan(Some(&tok), t0), Plan::RecentlyFailed);
         assert_eq!(e.plan(Some(&tok), t0 + S(9)), Plan::RecentlyFailed);
@@ -547,7 +690,11 @@ mod tests {
         assert_eq!(e.plan(Some(&tok), t0 + S(60)), Plan::Cached);
         let stale = t0 + KEYS_TTL;
         assert_eq!(e.plan(Some(&tok), stale), Plan::Fetch { for_kid: false });
-        e.record(false, Err("HTTP 503".into()), stale);
+        let unavailable = FetchError::Status {
+            url: "x".into(),
+            status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        };
+        e.record(false, Err(unavailable), stale);
         assert!(e.keys.is_some(), "the last good set is kept");
         assert_eq!(e.plan(Some(&tok), stale + S(5)), Plan::Cached);
         assert_eq!(
@@ -631,20 +778,64 @@ mod tests {
     }
 
     #[test]
+    fn ci_refusals_map_to_fixed_reasons() {
+        use identity::VerifyError as V;
+        let denied = LoginError::Denied;
+        for (e, reason) in [
+            (
+                LoginError::NoMatch(identity::NoMatch {
+                    issuer: "a".into(),
+                    subject: "b".into(),
+                    repository: "c".into(),
+                }),
+                "no_binding",
+            ),
+            (
+                denied(DenialCause::UnboundIssuer("https://x".into())),
+                "untrusted_issuer",
+            ),
+            (
+                denied(DenialCause::Inspect(
+                    identity::inspect("not a JWT").unwrap_err(),
+                )),
+                "malformed_token",
+            ),
+            (
+                denied(DenialCause::Keys(KeysError::Unavailable)),
+                "issuer_unavailable",
+            ),
+            (
+                denied(DenialCause::Verify(V::Expired { exp: 1, now: 2 })),
+                "expired",
+            ),
+            (
+                denied(DenialCause::Verify(V::WrongAudience(vec![]))),
+                "wrong_audience",
+            ),
+            (
+                denied(DenialCause::Verify(V::BadSignature)),
+                "invalid_token",
+            ),
+        ] {
+            assert_eq!(e.refusal().as_str(), reason, "{e:?}");
+        }
+    }
+
+    #[test]
     fn refusals_say_only_fixed_words() {
         assert_eq!(
-            LoginError::Denied(Denial::Generic).to_string(),
+            LoginError::Denied(DenialCause::UnboundIssuer("https://secret".into())).to_string(),
             "OIDC access denied"
         );
         assert_eq!(
-            LoginError::Denied(Denial::of(&identity::VerifyError::Expired {
+            LoginError::Denied(DenialCause::Verify(identity::VerifyError::Expired {
                 exp: 1,
                 now: 2
             }))
             .to_string(),
             "OIDC access denied: the token has expired"
         );
-        let e = LoginError::Denied(Denial::of(&identity::VerifyError::UnknownKid(
+        let e = LoginError::Denied(DenialCause::Verify(identity::VerifyError::UnknownKid(
             "secret-kid".into(),
         )));
         assert_eq!(e.to_string(), "OIDC access denied");

@@ -8,12 +8,55 @@
 //! provider under every route using it. Listings redact client secrets.
 //! The login flow at the ingress is [`crate::sso`].
 
-use identity::route_oidc::{ensure_distinct_headers, ClaimHeader};
+use identity::route_oidc::{
+    ensure_distinct_headers, ClaimHeader, ClaimHeaderError, DuplicateClaimHeader,
+};
 use identity::IssuerUrl;
 use serde::{Deserialize, Serialize};
 
 use crate::labs::{Feature, Labs};
-use crate::routes::{Provider, ProviderWrite, RouteOidc, Routes};
+use crate::routes::{Provider, ProviderWrite, RouteOidc, Routes, RoutesError};
+
+/// Why a `route oidc` command was refused, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteOidcError {
+    /// The server runs without `--labs routeoidc`.
+    #[error(
+        "route OIDC is a labs feature: start the server with --labs {} (or MIREN_LABS={})",
+        Feature::RouteOidc.name(),
+        Feature::RouteOidc.name()
+    )]
+    Labs,
+    #[error(transparent)]
+    Routes(#[from] RoutesError),
+    /// A `--claim-header` that does not parse.
+    #[error("--claim-header {given:?}: {source}")]
+    ClaimHeader {
+        given: String,
+        source: ClaimHeaderError,
+    },
+    /// Two claims mapped to one header.
+    #[error(transparent)]
+    DuplicateHeader(#[from] DuplicateClaimHeader),
+    /// `--provider-url` is no issuer URL.
+    #[error("--provider-url: {0}")]
+    ProviderUrl(#[source] identity::IssuerUrlError),
+    #[error("--client-id and --client-secret must not be empty")]
+    EmptyClient,
+    /// The provider name breaks the one name rule.
+    #[error(transparent)]
+    ProviderName(#[from] identity::NameError),
+    /// A provider of that name exists with other settings.
+    #[error("a provider named {0:?} already exists with other settings; reuse it with --provider {0} (and no --provider-url), replace it for every route that uses it with --replace-provider, or name a new one with --provider NEW-NAME")]
+    ProviderConflict(String),
+    #[error("give --provider NAME, or --provider-url, --client-id and --client-secret")]
+    NoProviderGiven,
+    /// `--provider NAME` names none.
+    #[error("no provider named {0:?} (see `miren route oidc providers`)")]
+    NoProvider(String),
+    #[error("--provider-url, --client-id and --client-secret go together")]
+    PartialProvider,
+}
 
 /// What `route oidc enable` sends.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -62,19 +105,11 @@ pub fn provider_use(existing: Option<&Provider>, wanted: &Provider, replace: boo
     }
 }
 
-/// Why route OIDC is refused without the labs flag.
-pub fn labs_error() -> String {
-    let flag = Feature::RouteOidc.name();
-    format!(
-        "route OIDC is a labs feature: start the server with --labs {flag} (or MIREN_LABS={flag})"
-    )
-}
-
-fn ensure_labs(labs: &Labs) -> Result<(), String> {
+fn ensure_labs(labs: &Labs) -> Result<(), RouteOidcError> {
     if labs.has(Feature::RouteOidc) {
         Ok(())
     } else {
-        Err(labs_error())
+        Err(RouteOidcError::Labs)
     }
 }
 
@@ -90,22 +125,14 @@ fn name_from_url(url: &IssuerUrl) -> String {
     host.replace('.', "-")
 }
 
-fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("provider name {name:?} must be 1-63 of [a-z0-9-]"))
-    }
-}
-
 /// Protects a route with a provider (creating the provider when its
 /// settings are given).
-pub fn enable(routes: &Routes, labs: &Labs, host: &str, req: EnableRequest) -> Result<(), String> {
+pub fn enable(
+    routes: &Routes,
+    labs: &Labs,
+    host: &str,
+    req: EnableRequest,
+) -> Result<(), RouteOidcError> {
     ensure_labs(labs)?;
     let (route_bytes, route) = routes.load(host)?;
     let claim_headers: Vec<ClaimHeader> = req
@@ -113,18 +140,21 @@ pub fn enable(routes: &Routes, labs: &Labs, host: &str, req: EnableRequest) -> R
         .iter()
         .map(|c| {
             c.parse::<ClaimHeader>()
-                .map_err(|e| format!("--claim-header {c:?}: {e}"))
+                .map_err(|source| RouteOidcError::ClaimHeader {
+                    given: c.clone(),
+                    source,
+                })
         })
         .collect::<Result<_, _>>()?;
-    ensure_distinct_headers(&claim_headers).map_err(|e| e.to_string())?;
+    ensure_distinct_headers(&claim_headers)?;
     let (name, write) = match (req.provider_url, req.client_id, req.client_secret) {
         (Some(url), Some(id), Some(secret)) => {
-            let issuer = IssuerUrl::parse(&url).map_err(|e| format!("--provider-url: {e}"))?;
+            let issuer = IssuerUrl::parse(&url).map_err(RouteOidcError::ProviderUrl)?;
             if id.is_empty() || secret.is_empty() {
-                return Err("--client-id and --client-secret must not be empty".into());
+                return Err(RouteOidcError::EmptyClient);
             }
             let name = req.provider.unwrap_or_else(|| name_from_url(&issuer));
-            check_name(&name)?;
+            identity::check_name(identity::NameKind::Provider, &name)?;
             let provider = Provider {
                 name: name.clone(),
                 issuer: issuer.as_str().to_string(),
@@ -136,40 +166,35 @@ pub fn enable(routes: &Routes, labs: &Labs, host: &str, req: EnableRequest) -> R
             // would let another client's users in. Same settings: reuse.
             let stored = routes.provider_record(&name)?;
             let existing = stored.as_ref().map(|(_, p)| p);
-            let write = match (provider_use(existing, &provider, req.replace_provider), stored) {
+            let write = match (
+                provider_use(existing, &provider, req.replace_provider),
+                stored,
+            ) {
                 (ProviderUse::Reuse, Some((bytes, _))) => ProviderWrite::Keep(bytes),
                 (ProviderUse::Replace, Some((bytes, _))) => ProviderWrite::Replace(bytes, provider),
                 (ProviderUse::Create, _) => ProviderWrite::Create(provider),
-                _ => {
-                    return Err(format!(
-                        "a provider named {name:?} already exists with other settings; reuse it with --provider {name} (and no --provider-url), replace it for every route that uses it with --replace-provider, or name a new one with --provider NEW-NAME"
-                    ))
-                }
+                _ => return Err(RouteOidcError::ProviderConflict(name)),
             };
             (name, write)
         }
         (None, None, None) => {
-            let name = req.provider.ok_or(
-                "give --provider NAME, or --provider-url, --client-id and --client-secret",
-            )?;
+            let name = req.provider.ok_or(RouteOidcError::NoProviderGiven)?;
             let Some((bytes, _)) = routes.provider_record(&name)? else {
-                return Err(format!(
-                    "no provider named {name:?} (see `miren route oidc providers`)"
-                ));
+                return Err(RouteOidcError::NoProvider(name));
             };
             (name, ProviderWrite::Keep(bytes))
         }
-        _ => return Err("--provider-url, --client-id and --client-secret go together".into()),
+        _ => return Err(RouteOidcError::PartialProvider),
     };
     let oidc = RouteOidc {
         provider: name,
         claim_headers,
     };
-    routes.protect(host, route_bytes, route, oidc, write)
+    Ok(routes.protect(host, route_bytes, route, oidc, write)?)
 }
 
 /// The protection of a route, secrets redacted.
-pub fn show(routes: &Routes, labs: &Labs, host: &str) -> Result<serde_json::Value, String> {
+pub fn show(routes: &Routes, labs: &Labs, host: &str) -> Result<serde_json::Value, RouteOidcError> {
     ensure_labs(labs)?;
     let (_, route) = routes.load(host)?;
     let Some(oidc) = route.oidc else {
@@ -188,21 +213,21 @@ pub fn show(routes: &Routes, labs: &Labs, host: &str) -> Result<serde_json::Valu
 /// Removes a route's protection; the provider stays for reuse. Works
 /// without the labs flag, so a protected route (which then answers 503)
 /// can be opened up again.
-pub fn disable(routes: &Routes, host: &str) -> Result<(), String> {
-    routes.unprotect(host)
+pub fn disable(routes: &Routes, host: &str) -> Result<(), RouteOidcError> {
+    Ok(routes.unprotect(host)?)
 }
 
 /// Every provider, secrets redacted.
-pub fn providers(routes: &Routes, labs: &Labs) -> Result<serde_json::Value, String> {
+pub fn providers(routes: &Routes, labs: &Labs) -> Result<serde_json::Value, RouteOidcError> {
     ensure_labs(labs)?;
     let redacted = routes.providers()?.iter().map(Provider::redacted).collect();
     Ok(serde_json::Value::Array(redacted))
 }
 
 /// Removes a provider no route uses.
-pub fn remove_provider(routes: &Routes, labs: &Labs, name: &str) -> Result<(), String> {
+pub fn remove_provider(routes: &Routes, labs: &Labs, name: &str) -> Result<(), RouteOidcError> {
     ensure_labs(labs)?;
-    routes.remove_provider(name)
+    Ok(routes.remove_provider(name)?)
 }
 
 #[cfg(test)]
@@ -245,7 +270,7 @@ mod tests {
 
     #[test]
     fn route_oidc_needs_its_labs_flag() {
-        let e = ensure_labs(&Labs::none()).unwrap_err();
+        let e = ensure_labs(&Labs::none()).unwrap_err().to_string();
         assert!(
             e.contains("--labs routeoidc") && e.contains("MIREN_LABS=routeoidc"),
             "{e}"

@@ -18,8 +18,48 @@ use std::sync::Arc;
 use identity::route_oidc::ClaimHeader;
 use serde::{Deserialize, Serialize};
 
-use crate::apps::Apps;
-use crate::store::{decode, encode, Condition, Op, Outcome, Store, Txn};
+use crate::apps::{AppError, Apps};
+use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
+
+/// Why a route or provider operation was refused, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    /// The host is no lowercase DNS name.
+    #[error("route host {0:?} must be a lowercase DNS name (or use --default)")]
+    BadHost(String),
+    /// A route to an app that does not exist.
+    #[error("app {0:?} does not exist (deploy it first)")]
+    NoSuchApp(String),
+    /// The app's record could not be read.
+    #[error(transparent)]
+    Apps(#[from] AppError),
+    /// The existing route record does not decode.
+    #[error("{0}; remove the route and set it again")]
+    UnreadableRoute(#[source] StoreError),
+    /// A route (the `--host` or `--default` flag it was named by) has no record.
+    #[error("no route for {0}")]
+    NoRoute(String),
+    /// Protection asked of a host with no route.
+    #[error("no route for {0}: set one first with `miren route set {0} -a APP`")]
+    NoRouteToProtect(String),
+    /// `disable` of a route without protection.
+    #[error("this route is not protected by OIDC")]
+    NotProtected,
+    /// No provider of that name.
+    #[error("no provider named {0:?}")]
+    NoProvider(String),
+    /// The provider still protects a route.
+    #[error("provider {name} protects route {host}; `miren route oidc disable {host}` first")]
+    ProviderInUse { name: String, host: String },
+    /// `route set` read a route that changed before its commit.
+    #[error("the route changed meanwhile; run the command again")]
+    RouteChanged,
+    /// A configuration change read records that changed before its commit.
+    #[error("the route or provider changed meanwhile; run the command again")]
+    Changed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// `route/<host>` (`route/_default` for the default route).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -93,7 +133,7 @@ pub fn normalize_host(host: &str) -> String {
 }
 
 /// Checks a route host: a DNS name (wildcards are not supported).
-pub fn check_host(host: &str) -> Result<(), String> {
+pub fn check_host(host: &str) -> Result<(), RoutesError> {
     let ok = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|l| {
@@ -105,9 +145,7 @@ pub fn check_host(host: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "route host {host:?} must be a lowercase DNS name (or use --default)"
-        ))
+        Err(RoutesError::BadHost(host.to_string()))
     }
 }
 
@@ -134,21 +172,21 @@ impl Routes {
     }
 
     /// Routes `host` ("" = the default route) to `app`, which must exist.
-    pub fn set(&self, apps: &Apps, host: &str, app: &str) -> Result<(), String> {
+    pub fn set(&self, apps: &Apps, host: &str, app: &str) -> Result<(), RoutesError> {
         if !host.is_empty() {
             check_host(host)?;
         }
-        if apps.app(app).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!("app {app:?} does not exist (deploy it first)"));
+        if apps.app(app)?.is_none() {
+            return Err(RoutesError::NoSuchApp(app.to_string()));
         }
         // Pointing a host at another app keeps the host's single sign-on:
         // the protection belongs to the address users reach.
         let key = route_key(host);
-        let old = self.store.get(&key).map_err(|e| e.to_string())?;
+        let old = self.store.get(&key)?;
         let oidc = match &old {
             Some(bytes) => {
                 decode::<Route>(&key, bytes)
-                    .map_err(|e| format!("{e}; remove the route and set it again"))?
+                    .map_err(RoutesError::UnreadableRoute)?
                     .oidc
             }
             None => None,
@@ -162,32 +200,25 @@ impl Routes {
             Some(bytes) => Condition::Equals(key.clone(), bytes),
             None => Condition::Absent(key.clone()),
         };
-        let outcome = self
-            .store
-            .commit(Txn {
-                conditions: vec![condition],
-                ops: vec![Op::Put(key, encode(&route))],
-            })
-            .map_err(|e| e.to_string())?;
+        let outcome = self.store.commit(Txn {
+            conditions: vec![condition],
+            ops: vec![Op::Put(key, encode(&route))],
+        })?;
         match outcome {
             Outcome::Applied => Ok(()),
-            Outcome::ConditionFailed => {
-                Err("the route changed meanwhile; run the command again".into())
-            }
+            Outcome::ConditionFailed => Err(RoutesError::RouteChanged),
         }
     }
 
-    pub fn remove(&self, host: &str) -> Result<(), String> {
+    pub fn remove(&self, host: &str) -> Result<(), RoutesError> {
         let key = route_key(host);
-        if self.store.get(&key).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!("no route for {}", host_flag(host)));
+        if self.store.get(&key)?.is_none() {
+            return Err(RoutesError::NoRoute(host_flag(host).to_string()));
         }
-        self.store
-            .commit(Txn {
-                conditions: vec![],
-                ops: vec![Op::Delete(key)],
-            })
-            .map_err(|e| e.to_string())?;
+        self.store.commit(Txn {
+            conditions: vec![],
+            ops: vec![Op::Delete(key)],
+        })?;
         Ok(())
     }
 
@@ -203,12 +234,10 @@ impl Routes {
     /// The route serving `host`: its own, else the default route. A
     /// record that cannot be read is an error, never a reason to fall back
     /// to the default route (which may be unprotected).
-    pub fn route_for(&self, host: &str) -> Result<Option<Route>, String> {
+    pub fn route_for(&self, host: &str) -> Result<Option<Route>, RoutesError> {
         for key in [route_key(host), route_key("")] {
-            if let Some(bytes) = self.store.get(&key).map_err(|e| e.to_string())? {
-                return decode::<Route>(&key, &bytes)
-                    .map(Some)
-                    .map_err(|e| e.to_string());
+            if let Some(bytes) = self.store.get(&key)? {
+                return Ok(Some(decode::<Route>(&key, &bytes)?));
             }
         }
         Ok(None)
@@ -216,34 +245,27 @@ impl Routes {
 
     /// The route of `host` exactly, with the bytes it was read as (for a
     /// conditional change).
-    pub fn load(&self, host: &str) -> Result<(Vec<u8>, Route), String> {
+    pub fn load(&self, host: &str) -> Result<(Vec<u8>, Route), RoutesError> {
         let key = route_key(host);
         let bytes = self
             .store
-            .get(&key)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "no route for {}: set one first with `miren route set {} -a APP`",
-                    host_flag(host),
-                    host_flag(host)
-                )
-            })?;
-        let route: Route = decode(&key, &bytes).map_err(|e| e.to_string())?;
+            .get(&key)?
+            .ok_or_else(|| RoutesError::NoRouteToProtect(host_flag(host).to_string()))?;
+        let route: Route = decode(&key, &bytes)?;
         Ok((bytes, route))
     }
 
     /// A stored provider.
-    pub fn provider(&self, name: &str) -> Result<Option<Provider>, String> {
+    pub fn provider(&self, name: &str) -> Result<Option<Provider>, RoutesError> {
         Ok(self.provider_record(name)?.map(|(_, p)| p))
     }
 
     /// A stored provider with the bytes it was read as.
-    pub fn provider_record(&self, name: &str) -> Result<Option<(Vec<u8>, Provider)>, String> {
+    pub fn provider_record(&self, name: &str) -> Result<Option<(Vec<u8>, Provider)>, RoutesError> {
         let key = provider_key(name);
-        match self.store.get(&key).map_err(|e| e.to_string())? {
+        match self.store.get(&key)? {
             Some(b) => {
-                let p = decode(&key, &b).map_err(|e| e.to_string())?;
+                let p = decode(&key, &b)?;
                 Ok(Some((b, p)))
             }
             None => Ok(None),
@@ -251,13 +273,12 @@ impl Routes {
     }
 
     /// Every stored provider.
-    pub fn providers(&self) -> Result<Vec<Provider>, String> {
-        self.store
-            .scan("oidcprovider/")
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|(k, v)| decode(&k, &v).map_err(|e| e.to_string()))
-            .collect()
+    pub fn providers(&self) -> Result<Vec<Provider>, RoutesError> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan("oidcprovider/")? {
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
     }
 
     /// Protects the route of `host` (read as `route_bytes`) with `oidc`,
@@ -270,7 +291,7 @@ impl Routes {
         mut route: Route,
         oidc: RouteOidc,
         provider: ProviderWrite,
-    ) -> Result<(), String> {
+    ) -> Result<(), RoutesError> {
         let key = provider_key(&oidc.provider);
         let mut conditions = vec![Condition::Equals(route_key(host), route_bytes)];
         let mut ops = Vec::new();
@@ -291,10 +312,10 @@ impl Routes {
     }
 
     /// Removes a route's protection; the provider stays for reuse.
-    pub fn unprotect(&self, host: &str) -> Result<(), String> {
+    pub fn unprotect(&self, host: &str) -> Result<(), RoutesError> {
         let (old, mut route) = self.load(host)?;
         if route.oidc.take().is_none() {
-            return Err("this route is not protected by OIDC".into());
+            return Err(RoutesError::NotProtected);
         }
         self.commit(Txn {
             conditions: vec![Condition::Equals(route_key(host), old)],
@@ -303,17 +324,17 @@ impl Routes {
     }
 
     /// Removes a provider no route uses.
-    pub fn remove_provider(&self, name: &str) -> Result<(), String> {
+    pub fn remove_provider(&self, name: &str) -> Result<(), RoutesError> {
         let Some(existing) = self.provider(name)? else {
-            return Err(format!("no provider named {name:?}"));
+            return Err(RoutesError::NoProvider(name.to_string()));
         };
-        for (k, v) in self.store.scan("route/").map_err(|e| e.to_string())? {
-            let r: Route = decode(&k, &v).map_err(|e| e.to_string())?;
+        for (k, v) in self.store.scan("route/")? {
+            let r: Route = decode(&k, &v)?;
             if r.oidc.as_ref().is_some_and(|o| o.provider == name) {
-                let host = host_flag(&r.host).to_string();
-                return Err(format!(
-                    "provider {name} protects route {host}; `miren route oidc disable {host}` first"
-                ));
+                return Err(RoutesError::ProviderInUse {
+                    name: name.to_string(),
+                    host: host_flag(&r.host).to_string(),
+                });
             }
         }
         // Only if the provider is still the one checked above. (A route
@@ -327,12 +348,10 @@ impl Routes {
 
     /// Commits a configuration change made from records read just before:
     /// refused, not silently dropped, when one of them changed meanwhile.
-    fn commit(&self, txn: Txn) -> Result<(), String> {
-        match self.store.commit(txn).map_err(|e| e.to_string())? {
+    fn commit(&self, txn: Txn) -> Result<(), RoutesError> {
+        match self.store.commit(txn)? {
             Outcome::Applied => Ok(()),
-            Outcome::ConditionFailed => {
-                Err("the route or provider changed meanwhile; run the command again".into())
-            }
+            Outcome::ConditionFailed => Err(RoutesError::Changed),
         }
     }
 }

@@ -126,8 +126,24 @@ pub enum RegistryError {
     Removed(String),
     #[error("duplicate runner id: runner {0} is already connected")]
     AlreadyConnected(String),
-    #[error("{0}")]
-    Invalid(String),
+    /// A runner name outside the rule.
+    #[error("runner name {0:?} must be at most 63 of [A-Za-z0-9-_.]")]
+    BadName(String),
+    /// More than 32 labels.
+    #[error("at most 32 labels")]
+    TooManyLabels,
+    /// A label outside the rule.
+    #[error("label {key}={value} must be key=value with at most 63 of [A-Za-z0-9-_./] each")]
+    BadLabel { key: String, value: String },
+    /// The cluster address a join code would carry has no fingerprint.
+    #[error("cluster address has no fingerprint")]
+    NoFingerprint,
+    /// The fresh join code id is taken.
+    #[error("token id collision; try again")]
+    IdCollision,
+    /// The live-session table is unavailable (a poisoned lock).
+    #[error("registry lock")]
+    Unavailable,
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
@@ -223,18 +239,17 @@ pub fn check_name_and_labels(name: &str, labels: &[(String, String)]) -> Result<
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        return Err(RegistryError::Invalid(format!(
-            "runner name {name:?} must be at most 63 of [A-Za-z0-9-_.]"
-        )));
+        return Err(RegistryError::BadName(name.to_string()));
     }
     if labels.len() > 32 {
-        return Err(RegistryError::Invalid("at most 32 labels".into()));
+        return Err(RegistryError::TooManyLabels);
     }
     for (k, v) in labels {
         if !valid_label(k, v) {
-            return Err(RegistryError::Invalid(format!(
-                "label {k}={v} must be key=value with at most 63 of [A-Za-z0-9-_./] each"
-            )));
+            return Err(RegistryError::BadLabel {
+                key: k.clone(),
+                value: v.clone(),
+            });
         }
     }
     Ok(())
@@ -267,7 +282,7 @@ impl Registry {
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let token = JoinToken::new(id.clone(), address.clone(), secret)
-            .ok_or_else(|| RegistryError::Invalid("cluster address has no fingerprint".into()))?;
+            .ok_or(RegistryError::NoFingerprint)?;
         let record = JoinTokenRecord {
             id: id.clone(),
             secret_sha256: secret_hash(&secret),
@@ -284,9 +299,7 @@ impl Registry {
             ops: vec![Op::Put(token_key(&id), encode(&record))],
         })?;
         if outcome != Outcome::Applied {
-            return Err(RegistryError::Invalid(
-                "token id collision; try again".into(),
-            ));
+            return Err(RegistryError::IdCollision);
         }
         Ok((token.encode(), record))
     }
@@ -428,10 +441,7 @@ impl Registry {
         if self.record(id)?.is_none() {
             return Err(RegistryError::Removed(id.to_string()));
         }
-        let mut live = self
-            .live
-            .lock()
-            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+        let mut live = self.live.lock().map_err(|_| RegistryError::Unavailable)?;
         let registered = live
             .get(id)
             .map(|l| (l.conn.close_reason().is_some(), l.last_seen));
@@ -440,9 +450,12 @@ impl Registry {
             Replacement::Refuse => return Err(RegistryError::AlreadyConnected(id.to_string())),
             Replacement::ReplaceStale => {
                 if let Some(existing) = live.get(id) {
-                    existing
-                        .conn
-                        .close(1u32.into(), b"replaced by a newer connection");
+                    let replaced = transport::close::CloseCode::Replaced;
+                    transport::close::close(
+                        &existing.conn,
+                        replaced,
+                        replaced.to_string().as_bytes(),
+                    );
                 }
             }
         }
@@ -520,10 +533,7 @@ impl Registry {
         let record = self
             .record(id)?
             .ok_or_else(|| RegistryError::Removed(id.to_string()))?;
-        let mut live = self
-            .live
-            .lock()
-            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+        let mut live = self.live.lock().map_err(|_| RegistryError::Unavailable)?;
         match live.get_mut(id) {
             Some(l) if l.session == session => {
                 l.last_seen = now;
@@ -548,14 +558,11 @@ impl Registry {
 
     /// Every registered runner with its live state at `now`.
     pub fn list(&self, now: i64) -> Result<Vec<RunnerView>, RegistryError> {
-        let live = self
-            .live
-            .lock()
-            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+        let live = self.live.lock().map_err(|_| RegistryError::Unavailable)?;
         let seen = self
             .last_seen
             .lock()
-            .map_err(|_| RegistryError::Invalid("registry lock".into()))?;
+            .map_err(|_| RegistryError::Unavailable)?;
         let mut out = Vec::new();
         for (k, v) in self.store.scan("runner/")? {
             let record: RunnerRecord = decode(&k, &v)?;

@@ -211,7 +211,7 @@ fn bind_quic_and_https(
                 return Ok((endpoint, tokio::net::TcpListener::from_std(l)?));
             }
             Err(e) => {
-                endpoint.close(0u32.into(), b"");
+                endpoint.close(transport::close::CloseCode::Done.into(), b"");
                 last = Some((https_addr, e));
             }
         }
@@ -648,7 +648,12 @@ impl Coordinator {
         let started = tokio::time::Instant::now();
         let endpoint = self.endpoint.clone();
         let left = tasks
-            .shut_down(move || endpoint.close(0u32.into(), b"coordinator shutting down"))
+            .shut_down(move || {
+                endpoint.close(
+                    transport::close::CloseCode::Done.into(),
+                    b"coordinator shutting down",
+                )
+            })
             .await;
         if left.is_empty() {
             tracing::info!("shutdown: every task ended");
@@ -699,7 +704,8 @@ async fn serve_peer(
     pool: LocalPool,
     (incoming, mut ticket): (quinn::Incoming, crate::frontdoor::Ticket),
 ) {
-    use crate::frontdoor::{Proof, CLOSE_LIMIT, UNPROVEN_LIFETIME};
+    use crate::frontdoor::{Proof, UNPROVEN_LIFETIME};
+    use transport::close::{close, CloseCode};
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -725,7 +731,7 @@ async fn serve_peer(
     if !has_role {
         if let Err(why) = ticket.unproven() {
             tracing::debug!(remote = %conn.remote_address(), "connection closed: {why}");
-            conn.close(CLOSE_LIMIT.into(), why.to_string().as_bytes());
+            close(&conn, CloseCode::Limit, why.to_string().as_bytes());
             return;
         }
     }
@@ -753,8 +759,9 @@ async fn serve_peer(
             }
             _ = deadline => {
                 tracing::debug!(remote = %conn.remote_address(), "closing a connection that proved no role");
-                conn.close(
-                    CLOSE_LIMIT.into(),
+                close(
+                    &conn,
+                    CloseCode::Limit,
                     format!(
                         "no role proven within {}s",
                         UNPROVEN_LIFETIME.as_secs()
@@ -767,7 +774,7 @@ async fn serve_peer(
         // moment to read our last words (an abort naming the limit it hit)
         // and hang up itself, then close.
         let _ = tokio::time::timeout(crate::frontdoor::LINGER, conn.closed()).await;
-        conn.close(0u32.into(), b"");
+        close(&conn, CloseCode::Done, b"");
     });
     if let Err(e) = tasks.track("rpc session", session).await {
         tracing::debug!("rpc session task ended: {e}");

@@ -89,13 +89,9 @@ pub struct Summary {
 
 impl State {
     /// The counts of `cluster status` at `now`.
-    pub fn summary(&self, now: i64) -> Result<Summary, String> {
-        let count = |prefix: &str| -> Result<u32, String> {
-            self.store
-                .count(prefix)
-                .map(|n| n as u32)
-                .map_err(|e| e.to_string())
-        };
+    pub fn summary(&self, now: i64) -> Result<Summary, SummaryError> {
+        let count =
+            |prefix: &str| -> Result<u32, SummaryError> { Ok(self.store.count(prefix)? as u32) };
         let signing_keys = self.issuer.statuses(now)?.len() as u32;
         Ok(Summary {
             runners: count("runner/")?,
@@ -117,6 +113,15 @@ impl State {
         }
         Ok(runners)
     }
+}
+
+/// Why the counts of `cluster status` could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SummaryError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Issuer(#[from] crate::issuer::IssuerError),
 }
 
 /// Why runners could not be listed.

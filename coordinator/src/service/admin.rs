@@ -11,7 +11,8 @@ use schema::miren_capnp::{admin, app};
 use transport::clock::now_unix;
 
 use super::wire::{
-    app_err, client, err, failed, joined, mint_err, read_labels, registry_err, token_request,
+    admin_cert_err, app_err, ci_err, client, delete_err, err, failed, issuer_err, joined, mint_err,
+    read_labels, registry_err, route_oidc_err, routes_err, runners_err, summary_err, token_request,
     write_info, write_keys, write_runner_info, write_token_info,
 };
 use super::AppService;
@@ -31,17 +32,24 @@ pub struct AdminService {
 /// the holder out before they could renew again.
 pub const MIN_ADMIN_CERT_SECS: u64 = 3600;
 
+/// A `renewAdmin` asking for less than [`MIN_ADMIN_CERT_SECS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an admin certificate must last at least 1h (asked for {asked_secs}s)")]
+pub struct AdminCertTooShort {
+    pub asked_secs: u64,
+}
+
 /// The lifetime `renewAdmin` issues for a request of `validity_secs`
 /// (0 = the default).
-pub fn admin_cert_validity(validity_secs: u64) -> Result<time::Duration, String> {
+pub fn admin_cert_validity(validity_secs: u64) -> Result<time::Duration, AdminCertTooShort> {
     use crate::datadir::ADMIN_CERT_LIFETIME;
     if validity_secs == 0 {
         return Ok(ADMIN_CERT_LIFETIME);
     }
     if validity_secs < MIN_ADMIN_CERT_SECS {
-        return Err(format!(
-            "an admin certificate must last at least 1h (asked for {validity_secs}s)"
-        ));
+        return Err(AdminCertTooShort {
+            asked_secs: validity_secs,
+        });
     }
     let max = ADMIN_CERT_LIFETIME.whole_seconds() as u64;
     Ok(time::Duration::seconds(validity_secs.min(max) as i64))
@@ -65,7 +73,7 @@ impl admin::Server for AdminService {
         mut results: admin::RenewAdminResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let validity = admin_cert_validity(p.get_validity_secs()).map_err(failed)?;
+        let validity = admin_cert_validity(p.get_validity_secs()).map_err(admin_cert_err)?;
         let csr = p.get_csr_der()?.to_vec();
         let common_name = format!("admin-{}", self.name);
         let state = self.state.clone();
@@ -132,7 +140,7 @@ impl admin::Server for AdminService {
                     app: app.into(),
                 })
             })
-            .map_err(failed)
+            .map_err(routes_err)
     }
 
     async fn list_routes(
@@ -155,7 +163,7 @@ impl admin::Server for AdminService {
         (self.state.routes)
             .remove(host)
             .inspect(|()| self.audit(Event::RouteRemoved { host: host.into() }))
-            .map_err(failed)
+            .map_err(routes_err)
     }
 
     async fn add_ci_binding(
@@ -167,7 +175,7 @@ impl admin::Server for AdminService {
         let binding: identity::bindings::Binding =
             serde_json::from_str(json).map_err(|e| failed(format!("binding is not valid: {e}")))?;
         let summary = crate::observe::BindingSummary::of(&binding);
-        let id = self.state.ci.add(binding).map_err(err)?;
+        let id = self.state.ci.add(binding).map_err(ci_err)?;
         (self.state.observe).binding_added(&self.actor, &id, &summary);
         results.get().set_id(&id);
         Ok(())
@@ -191,7 +199,7 @@ impl admin::Server for AdminService {
         _: admin::RemoveCiBindingResults,
     ) -> Result<(), capnp::Error> {
         let id = params.get()?.get_id()?.to_str()?;
-        self.state.ci.remove(id).map_err(err)?;
+        self.state.ci.remove(id).map_err(ci_err)?;
         self.audit(Event::BindingRemoved { binding: id.into() });
         Ok(())
     }
@@ -214,7 +222,7 @@ impl admin::Server for AdminService {
                     provider,
                 })
             })
-            .map_err(failed)
+            .map_err(route_oidc_err)
     }
 
     async fn route_oidc_show(
@@ -224,7 +232,7 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let host = params.get()?.get_host()?.to_str()?;
         let st = &self.state;
-        let v = crate::route_oidc::show(&st.routes, &st.labs, host).map_err(failed)?;
+        let v = crate::route_oidc::show(&st.routes, &st.labs, host).map_err(route_oidc_err)?;
         results.get().set_json(v.to_string());
         Ok(())
     }
@@ -237,7 +245,7 @@ impl admin::Server for AdminService {
         let host = params.get()?.get_host()?.to_str()?;
         crate::route_oidc::disable(&self.state.routes, host)
             .inspect(|()| self.audit(Event::RouteOidcDisabled { host: host.into() }))
-            .map_err(failed)
+            .map_err(route_oidc_err)
     }
 
     async fn list_oidc_providers(
@@ -246,7 +254,7 @@ impl admin::Server for AdminService {
         mut results: admin::ListOidcProvidersResults,
     ) -> Result<(), capnp::Error> {
         let st = &self.state;
-        let v = crate::route_oidc::providers(&st.routes, &st.labs).map_err(failed)?;
+        let v = crate::route_oidc::providers(&st.routes, &st.labs).map_err(route_oidc_err)?;
         results.get().set_json(v.to_string());
         Ok(())
     }
@@ -264,7 +272,7 @@ impl admin::Server for AdminService {
                     provider: name.into(),
                 })
             })
-            .map_err(failed)
+            .map_err(route_oidc_err)
     }
 
     async fn delete_app(
@@ -279,7 +287,7 @@ impl admin::Server for AdminService {
             .state
             .rt
             .spawn(async move { state.reconciler.delete_app(&app).await });
-        joined(deleted).await?.map_err(|e| failed(e.to_string()))
+        joined(deleted).await?.map_err(delete_err)
     }
 
     async fn create_join_token(
@@ -340,7 +348,7 @@ impl admin::Server for AdminService {
         _: admin::ListRunnersParams,
         mut results: admin::ListRunnersResults,
     ) -> Result<(), capnp::Error> {
-        let runners = self.state.runners(now_unix()).map_err(err)?;
+        let runners = self.state.runners(now_unix()).map_err(runners_err)?;
         let mut list = results.get().init_runners(runners.len() as u32);
         for (i, r) in runners.iter().enumerate() {
             write_runner_info(r, list.reborrow().get(i as u32));
@@ -418,7 +426,7 @@ impl admin::Server for AdminService {
         _: admin::RotateSigningKeyParams,
         mut results: admin::RotateSigningKeyResults,
     ) -> Result<(), capnp::Error> {
-        let statuses = self.state.issuer.rotate(now_unix()).map_err(failed)?;
+        let statuses = self.state.issuer.rotate(now_unix()).map_err(issuer_err)?;
         write_keys(&statuses, results.get().init_keys(statuses.len() as u32));
         Ok(())
     }
@@ -437,7 +445,7 @@ impl admin::Server for AdminService {
         let now = now_unix();
         let verified = (self.state.issuer)
             .verifier(audience, now)
-            .map_err(failed)?
+            .map_err(issuer_err)?
             .verify(token.trim(), now)
             .map_err(|e| failed(format!("token refused: {e}")))?;
         let json = serde_json::to_string(&verified.claims).map_err(err)?;
@@ -451,7 +459,7 @@ impl admin::Server for AdminService {
         mut results: admin::StatusResults,
     ) -> Result<(), capnp::Error> {
         let st = &self.state;
-        let summary = st.summary(now_unix()).map_err(failed)?;
+        let summary = st.summary(now_unix()).map_err(summary_err)?;
         let mut s = results.get().init_status();
         write_info(st, s.reborrow().init_info());
         s.set_uptime_secs(st.cluster.started.elapsed().as_secs());
@@ -506,7 +514,7 @@ impl admin::Server for AdminService {
         _: admin::ListSigningKeysParams,
         mut results: admin::ListSigningKeysResults,
     ) -> Result<(), capnp::Error> {
-        let statuses = self.state.issuer.statuses(now_unix()).map_err(failed)?;
+        let statuses = self.state.issuer.statuses(now_unix()).map_err(issuer_err)?;
         write_keys(&statuses, results.get().init_keys(statuses.len() as u32));
         Ok(())
     }
@@ -532,6 +540,7 @@ mod tests {
         );
         assert!(admin_cert_validity(3599)
             .unwrap_err()
+            .to_string()
             .contains("at least 1h"));
         assert_eq!(admin_cert_validity(3600), Ok(time::Duration::hours(1)));
     }

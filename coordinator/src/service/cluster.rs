@@ -129,7 +129,10 @@ impl cluster::Server for ClusterService {
         // Refused before it is copied or parsed.
         if token.len() > identity::MAX_TOKEN_BYTES {
             return Err(login_err(crate::oidc::LoginError::Denied(
-                crate::oidc::Denial::TooLarge,
+                crate::oidc::DenialCause::Verify(identity::VerifyError::TooLarge {
+                    len: token.len(),
+                    max: identity::MAX_TOKEN_BYTES,
+                }),
             )));
         }
         let app = p.get_app()?.to_string()?;

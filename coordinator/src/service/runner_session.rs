@@ -37,7 +37,14 @@ impl RunnerSessionService {
         let (tx, rx) = mpsc::unbounded_channel::<RunnerCommand>();
         let session = (state.registry)
             .connect(id, conn.clone(), tx, now_unix())
-            .map_err(registry_err)?;
+            .map_err(|e| {
+                // Removed between its handshake and this call: told by the
+                // close code at once, not left to reconnect and learn it.
+                if matches!(e, crate::runners::RegistryError::Removed(_)) {
+                    transport::close::close_runner_removed(conn);
+                }
+                registry_err(e)
+            })?;
         tokio::task::spawn_local(state.tasks.track("runner commands", pump(agent, rx)));
         // What it reported on earlier sessions no longer counts.
         state.apps.reports().session_started(id, session);

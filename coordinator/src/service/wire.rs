@@ -33,6 +33,38 @@ pub(super) fn mint_err(e: MintError) -> capnp::Error {
     err(e)
 }
 
+pub(super) fn routes_err(e: crate::routes::RoutesError) -> capnp::Error {
+    err(e)
+}
+
+pub(super) fn route_oidc_err(e: crate::route_oidc::RouteOidcError) -> capnp::Error {
+    err(e)
+}
+
+pub(super) fn ci_err(e: crate::ci::CiError) -> capnp::Error {
+    err(e)
+}
+
+pub(super) fn runners_err(e: crate::state::RunnersError) -> capnp::Error {
+    err(e)
+}
+
+pub(super) fn delete_err(e: crate::reconcile::DeleteError) -> capnp::Error {
+    err(e)
+}
+
+pub(super) fn issuer_err(e: crate::issuer::IssuerError) -> capnp::Error {
+    err(e)
+}
+
+pub(super) fn summary_err(e: crate::state::SummaryError) -> capnp::Error {
+    err(e)
+}
+
+pub(super) fn admin_cert_err(e: super::admin::AdminCertTooShort) -> capnp::Error {
+    err(e)
+}
+
 /// A CI login's refusal on the wire: "busy" as `overloaded`, so a client
 /// can tell it to retry without reading the text.
 pub(super) fn login_err(e: crate::oidc::LoginError) -> capnp::Error {

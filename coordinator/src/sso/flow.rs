@@ -24,7 +24,9 @@ use super::cookie::{
     cookie_values, login_cookie_for, CookieScope, LOGIN_COOKIE, MAX_COOKIE_VALUE_BYTES,
     SESSION_COOKIE,
 };
-use super::provider::{token_request, verify_id_token, ProviderMeta};
+use super::provider::{
+    token_request, verify_id_token, IdTokenError, MetaError, ProviderMeta, TokenRequestError,
+};
 use super::{Sso, ENDED_PREFIX};
 use crate::oidc::OidcVerifier;
 use crate::routes::Provider;
@@ -54,8 +56,31 @@ pub(super) enum RefreshSlot {
     /// Refused at `at` (Unix seconds), for this reason.
     Failed {
         at: i64,
-        why: String,
+        why: Arc<RefreshError>,
     },
+}
+
+/// Why a session was not renewed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("session without id")]
+    NoSessionId,
+    /// A thread panicked holding the refresh table's lock.
+    #[error("refresh lock poisoned")]
+    Poisoned,
+    #[error("no refresh token")]
+    NoRefreshToken,
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    TokenRequest(#[from] TokenRequestError),
+    #[error("the provider's refresh returned no id_token")]
+    NoIdToken,
+    #[error(transparent)]
+    IdToken(#[from] IdTokenError),
+    /// The renewed ID token does not continue the session.
+    #[error(transparent)]
+    Session(#[from] identity::route_oidc::RefreshError),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -218,15 +243,15 @@ impl Sso {
         session: &SessionClaims,
         mappings: &[ClaimHeader],
         now: i64,
-    ) -> Result<SessionClaims, String> {
+    ) -> Result<SessionClaims, Arc<RefreshError>> {
         let sid = session
             .claims
             .get(SESSION_ID_CLAIM)
             .and_then(|v| v.as_str())
-            .ok_or("session without id")?
+            .ok_or(RefreshError::NoSessionId)?
             .to_string();
         let slot = {
-            let mut all = self.refreshes.lock().map_err(|_| "refresh lock poisoned")?;
+            let mut all = self.refreshes.lock().map_err(|_| RefreshError::Poisoned)?;
             // Keep slots in use (their Arc is held) and finished refreshes of
             // sessions that have not ended; forget the rest.
             all.retain(|_, s| {
@@ -254,7 +279,8 @@ impl Sso {
         };
         let result = self
             .renew(oidc, provider, issuer, &current, mappings, now)
-            .await;
+            .await
+            .map_err(Arc::new);
         // Counted (and a refusal audited) when the provider was asked, not
         // when a remembered refusal is repeated.
         self.observe
@@ -279,9 +305,9 @@ impl Sso {
         current: &SessionClaims,
         mappings: &[ClaimHeader],
         now: i64,
-    ) -> Result<SessionClaims, String> {
+    ) -> Result<SessionClaims, RefreshError> {
         let Some(refresh_token) = current.refresh_token.clone() else {
-            return Err("no refresh token".into());
+            return Err(RefreshError::NoRefreshToken);
         };
         let meta = self.providers.meta(oidc, issuer).await?;
         let form = form_urlencoded::Serializer::new(String::new())
@@ -289,20 +315,16 @@ impl Sso {
             .append_pair("refresh_token", &refresh_token)
             .finish();
         let body = token_request(oidc, provider, &meta, form).await?;
-        let id_token = body["id_token"]
-            .as_str()
-            .ok_or("the provider's refresh returned no id_token")?;
+        let id_token = body["id_token"].as_str().ok_or(RefreshError::NoIdToken)?;
         let verified = verify_id_token(oidc, provider, issuer, id_token, now).await?;
-        current
-            .refreshed(
-                &verified.subject,
-                kept_claims(&verified.claims, mappings),
-                verified.expires_at,
-                body["refresh_token"].as_str().map(str::to_string),
-                now,
-                &[SESSION_ID_CLAIM],
-            )
-            .map_err(|e| e.to_string())
+        Ok(current.refreshed(
+            &verified.subject,
+            kept_claims(&verified.claims, mappings),
+            verified.expires_at,
+            body["refresh_token"].as_str().map(str::to_string),
+            now,
+            &[SESSION_ID_CLAIM],
+        )?)
     }
 
     /// Decides what to do with a request to a protected route.
@@ -518,14 +540,14 @@ impl Sso {
             .finish();
         let body = match token_request(oidc, provider, &meta, form).await {
             Ok(b) => b,
-            Err(e) => return refuse(502, &e),
+            Err(e) => return refuse(502, &e.to_string()),
         };
         let Some(id_token) = body["id_token"].as_str() else {
             return refuse(502, "the provider returned no id_token");
         };
         let verified = match verify_id_token(oidc, provider, issuer, id_token, now).await {
             Ok(v) => v,
-            Err(e) => return refuse(401, &e),
+            Err(e) => return refuse(401, &e.to_string()),
         };
         if !verified
             .claim_str("nonce")

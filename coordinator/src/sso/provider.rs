@@ -6,15 +6,55 @@
 //! [`crate::oidc`].
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use identity::{IssuerUrl, VerifiedToken, Verifier};
+use identity::{IssuerUrl, VerifiedToken, Verifier, VerifyError};
 
-use crate::oidc::OidcVerifier;
+use crate::oidc::{FetchError, KeysError, OidcVerifier};
+use crate::outbound::OutboundError;
 use crate::routes::Provider;
+
+/// Why a provider's endpoints could not be had (cached, hence `Clone`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetaError {
+    /// Its discovery document could not be fetched or read.
+    #[error(transparent)]
+    Fetch(Arc<FetchError>),
+    #[error("provider has no https authorization_endpoint")]
+    NoAuthorizationEndpoint,
+    #[error("provider has no https token_endpoint")]
+    NoTokenEndpoint,
+}
+
+/// Why the token endpoint gave no JSON answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRequestError {
+    /// The outbound policy refused its address (logged there).
+    #[error("token endpoint: refused (the coordinator log says why)")]
+    Refused(#[source] OutboundError),
+    #[error("token endpoint: {0}")]
+    Send(#[source] reqwest::Error),
+    #[error("the provider refused the token request ({0})")]
+    Status(reqwest::StatusCode),
+    /// The body broke off or was over the cap.
+    #[error(transparent)]
+    Read(#[from] FetchError),
+    #[error("token response: {0}")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Why an ID token was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IdTokenError {
+    /// The provider's keys are not at hand.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    #[error("ID token refused: {0}")]
+    Refused(#[source] VerifyError),
+}
 
 /// How long a failed discovery fetch is remembered, so an unreachable
 /// provider is not asked again by every anonymous request.
@@ -31,7 +71,7 @@ pub struct ProviderMeta {
 }
 
 /// A provider's endpoints (or why they could not be had) and when.
-type MetaEntry = (Result<ProviderMeta, String>, Instant);
+type MetaEntry = (Result<ProviderMeta, MetaError>, Instant);
 
 /// Providers' endpoints by issuer.
 #[derive(Default)]
@@ -45,7 +85,7 @@ impl ProviderCache {
         &self,
         oidc: &OidcVerifier,
         issuer: &IssuerUrl,
-    ) -> Result<ProviderMeta, String> {
+    ) -> Result<ProviderMeta, MetaError> {
         if let Ok(m) = self.meta.lock() {
             if let Some((meta, at)) = m.get(issuer.as_str()) {
                 let fresh_for = match meta {
@@ -68,17 +108,15 @@ impl ProviderCache {
     }
 }
 
-async fn fetch_meta(oidc: &OidcVerifier, issuer: &IssuerUrl) -> Result<ProviderMeta, String> {
-    let doc = oidc.discover(issuer).await?;
+async fn fetch_meta(oidc: &OidcVerifier, issuer: &IssuerUrl) -> Result<ProviderMeta, MetaError> {
+    let doc = (oidc.discover(issuer).await).map_err(|e| MetaError::Fetch(Arc::new(e)))?;
     // Only HTTPS endpoints: the token request carries the client secret
     // and the code.
     Ok(ProviderMeta {
         authorization_endpoint: doc
             .authorization_endpoint
-            .ok_or("provider has no https authorization_endpoint")?,
-        token_endpoint: doc
-            .token_endpoint
-            .ok_or("provider has no https token_endpoint")?,
+            .ok_or(MetaError::NoAuthorizationEndpoint)?,
+        token_endpoint: doc.token_endpoint.ok_or(MetaError::NoTokenEndpoint)?,
         end_session_endpoint: doc.end_session_endpoint,
     })
 }
@@ -90,7 +128,7 @@ pub(super) async fn token_request(
     provider: &Provider,
     meta: &ProviderMeta,
     form: String,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, TokenRequestError> {
     let basic = STANDARD.encode(format!(
         "{}:{}",
         form_urlencoded::byte_serialize(provider.client_id.as_bytes()).collect::<String>(),
@@ -99,21 +137,18 @@ pub(super) async fn token_request(
     let mut resp = oidc
         .client
         .post(&meta.token_endpoint)
-        .map_err(|_| "token endpoint: refused (the coordinator log says why)".to_string())?
+        .map_err(TokenRequestError::Refused)?
         .header("content-type", "application/x-www-form-urlencoded")
         .header("authorization", format!("Basic {basic}"))
         .body(form)
         .send()
         .await
-        .map_err(|e| format!("token endpoint: {e}"))?;
+        .map_err(TokenRequestError::Send)?;
     if !resp.status().is_success() {
-        return Err(format!(
-            "the provider refused the token request ({})",
-            resp.status()
-        ));
+        return Err(TokenRequestError::Status(resp.status()));
     }
     let body = crate::oidc::read_capped(&mut resp, &meta.token_endpoint).await?;
-    serde_json::from_slice(&body).map_err(|e| format!("token response: {e}"))
+    serde_json::from_slice(&body).map_err(TokenRequestError::Json)
 }
 
 /// Verifies an ID token from `provider` with the `identity` verifier:
@@ -125,7 +160,7 @@ pub(super) async fn verify_id_token(
     issuer: &IssuerUrl,
     id_token: &str,
     now: i64,
-) -> Result<VerifiedToken, String> {
+) -> Result<VerifiedToken, IdTokenError> {
     let keys = oidc.provider_keys(issuer, id_token).await?;
     Verifier::new(
         keys,
@@ -133,5 +168,5 @@ pub(super) async fn verify_id_token(
         [provider.client_id.clone()],
     )
     .verify(id_token, now)
-    .map_err(|e| format!("ID token refused: {e}"))
+    .map_err(IdTokenError::Refused)
 }
