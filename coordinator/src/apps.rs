@@ -55,8 +55,18 @@ pub const INTERRUPTED: &str =
 pub enum AppError {
     #[error("app {0:?} does not exist (see `miren app list`)")]
     NoSuchApp(String),
-    #[error("{0}")]
-    Invalid(String),
+    /// An artifact name that is not a SHA-256 digest.
+    #[error("not a sha256")]
+    NotSha256,
+    /// A deploy with no service.
+    #[error("the app defines no services")]
+    NoServices,
+    /// A service without a command, or with an instance count out of range.
+    #[error("service {0}: needs a command and 1-100 instances")]
+    BadService(String),
+    /// A deploy while the coordinator shuts down.
+    #[error("the coordinator is shutting down; deploy again once it is back")]
+    ShuttingDown,
     /// The app name breaks the one name rule.
     #[error(transparent)]
     Name(#[from] identity::NameError),
@@ -91,8 +101,8 @@ pub struct Version {
     pub artifact: String,
     pub services: Vec<Service>,
     pub created_unix: i64,
-    /// deploying | active | failed | superseded
-    pub state: String,
+    /// Stored as its word: deploying | active | failed | superseded.
+    pub state: VersionState,
     pub message: String,
 }
 
@@ -162,7 +172,7 @@ pub fn versions_to_keep(
     active: Option<&str>,
     keep_previous: usize,
 ) -> HashSet<String> {
-    let pinned = |v: &Version| Some(v.id.as_str()) == active || v.state == "deploying";
+    let pinned = |v: &Version| Some(v.id.as_str()) == active || v.state == VersionState::Deploying;
     let mut keep: HashSet<String> = versions
         .iter()
         .filter(|v| pinned(v))
@@ -268,7 +278,7 @@ impl Apps {
         length: u32,
     ) -> Result<(Vec<u8>, u64), AppError> {
         if !is_sha256_hex(sha) {
-            return Err(AppError::Invalid("not a sha256".into()));
+            return Err(AppError::NotSha256);
         }
         let allowed = self
             .sandboxes()?
@@ -385,8 +395,9 @@ impl Apps {
     }
 
     /// Counts a rollout's outcome.
-    pub fn count_rollout(&self, outcome: &Result<(), String>) {
-        self.observe.rollout(outcome);
+    pub fn count_rollout(&self, activated: bool) {
+        let outcome: Result<(), ()> = if activated { Ok(()) } else { Err(()) };
+        self.observe.rollout(&outcome);
     }
 
     /// The last reported state of every placed sandbox (`"unknown"` when
@@ -507,7 +518,7 @@ impl Apps {
             "name": app.name,
             "active_version": app.active,
             "versions": app.versions.iter().map(|v| serde_json::json!({
-                "id": v.id, "state": v.state, "message": v.message, "artifact": v.artifact,
+                "id": v.id, "state": v.state.as_str(), "message": v.message, "artifact": v.artifact,
                 "created_unix": v.created_unix,
                 "services": v.services.iter().map(|s| serde_json::json!({"name": s.name, "instances": s.instances, "port": s.port, "limits": s.limits})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
@@ -526,20 +537,15 @@ impl Apps {
     ) -> Result<String, AppError> {
         check_app_name(app)?;
         if services.is_empty() {
-            return Err(AppError::Invalid("the app defines no services".into()));
+            return Err(AppError::NoServices);
         }
         for s in &services {
             if s.command.trim().is_empty() || s.instances == 0 || s.instances > 100 {
-                return Err(AppError::Invalid(format!(
-                    "service {}: needs a command and 1-100 instances",
-                    s.name
-                )));
+                return Err(AppError::BadService(s.name.clone()));
             }
         }
         if self.tasks.is_stopping() {
-            return Err(AppError::Invalid(
-                "the coordinator is shutting down; deploy again once it is back".into(),
-            ));
+            return Err(AppError::ShuttingDown);
         }
         let mut version_id = String::new();
         // No collection between the check and the record naming it.
@@ -554,7 +560,7 @@ impl Apps {
                 artifact: artifact.to_string(),
                 services: services.clone(),
                 created_unix: now,
-                state: VersionState::Deploying.as_str().into(),
+                state: VersionState::Deploying,
                 message: String::new(),
             });
         })?;
@@ -579,7 +585,7 @@ impl Apps {
             let logs = |tx| RunnerCommand::Logs(s.id.clone(), lines, tx);
             let got = match registry.send(&s.runner, logs, LOGS_PATIENCE).await {
                 Ok(lines) => Ok(lines),
-                Err(SendError::Refused(e)) => Err(e),
+                Err(SendError::Refused(e)) => Err(e.0),
                 Err(SendError::NotConnected(_)) => Err("runner not connected".to_string()),
                 Err(SendError::WentAway(_) | SendError::NoAnswer(_)) => {
                     Err("runner did not answer".to_string())
@@ -650,7 +656,7 @@ mod tests {
             artifact: artifact.into(),
             services: vec![],
             created_unix: 0,
-            state: state.into(),
+            state: serde_json::from_value(serde_json::json!(state)).expect("a version state word"),
             message: String::new(),
         }
     }
@@ -768,7 +774,7 @@ mod tests {
             versions,
             active: Some("v8".into()),
         };
-        web.versions[7].state = "active".into();
+        web.versions[7].state = VersionState::Active;
         f.put("app/web", &web);
         f.put(
             "app/api",

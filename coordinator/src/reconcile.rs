@@ -28,7 +28,7 @@ use crate::converge::{
     self, AssignmentView, RunnerStep, RunnerView, Step, Timing, VersionState, VersionView,
 };
 use crate::routes::{route_key, Routes};
-use crate::runners::{Registry, RunnerCommand, SandboxSpec, SendError};
+use crate::runners::{Registry, Reply, RunnerCommand, SandboxSpec, SendError};
 use crate::shutdown::Tasks;
 use crate::store::{decode, encode, Condition, KeyValue, Op, Outcome, Store, StoreError, Txn};
 
@@ -67,6 +67,17 @@ impl Default for Settings {
     }
 }
 
+/// Why a reconcile pass stopped early (the next pass tries again).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] crate::runners::RegistryError),
+}
+
 /// Why `app delete` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeleteError {
@@ -74,6 +85,8 @@ pub enum DeleteError {
     App(#[from] AppError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Routes(#[from] crate::routes::RoutesError),
     #[error("app {0:?} kept changing while it was being deleted; try again")]
     Contended(String),
     #[error(transparent)]
@@ -178,12 +191,9 @@ impl Reconciler {
     }
 
     /// The runners as placement sees them at `now`.
-    fn runner_views(&self, now: i64) -> Result<Vec<RunnerView>, AppError> {
+    fn runner_views(&self, now: i64) -> Result<Vec<RunnerView>, PassError> {
         let grace = self.settings.runner_grace.as_secs() as i64;
-        let list = self
-            .registry
-            .list(now)
-            .map_err(|e| AppError::Invalid(e.to_string()))?;
+        let list = self.registry.list(now)?;
         Ok(list
             .into_iter()
             .map(|r| {
@@ -199,7 +209,7 @@ impl Reconciler {
     }
 
     /// One pass over every app and every runner.
-    pub async fn pass(&self) -> Result<(), AppError> {
+    pub async fn pass(&self) -> Result<(), PassError> {
         let now = transport::clock::now_unix();
         let runners = self.runner_views(now)?;
         let apps: Vec<Read<AppRecord>> = read_all(&*self.store, "app/")?;
@@ -227,18 +237,16 @@ impl Reconciler {
                 .rec
                 .versions
                 .iter()
-                .filter_map(|v| {
-                    Some(VersionView {
-                        id: v.id.clone(),
-                        accepted_revision: version_generation(&v.id),
-                        accepted_unix: v.created_unix,
-                        state: parse_state(&v.state)?,
-                        services: v
-                            .services
-                            .iter()
-                            .map(|s| (s.name.clone(), s.instances))
-                            .collect::<BTreeMap<_, _>>(),
-                    })
+                .map(|v| VersionView {
+                    id: v.id.clone(),
+                    accepted_revision: version_generation(&v.id),
+                    accepted_unix: v.created_unix,
+                    state: v.state,
+                    services: v
+                        .services
+                        .iter()
+                        .map(|s| (s.name.clone(), s.instances))
+                        .collect::<BTreeMap<_, _>>(),
                 })
                 .collect();
             let assignments: Vec<AssignmentView> = mine.iter().map(|s| view(&s.rec)).collect();
@@ -342,7 +350,7 @@ impl Reconciler {
         mine: &[&Read<SandboxRecord>],
         steps: Vec<Step>,
         now: i64,
-    ) -> Result<(), AppError> {
+    ) -> Result<(), PassError> {
         let key = app_key(&app.rec.name);
         let mut txn = Txn {
             conditions: vec![Condition::ModRevision(key.clone(), app.rev)],
@@ -350,7 +358,8 @@ impl Reconciler {
         };
         let mut rec = app.rec.clone();
         let mut record_changed = false;
-        let mut outcomes: Vec<Result<(), String>> = Vec::new();
+        // Rollouts ended by this pass: activated (true) or failed.
+        let mut outcomes: Vec<bool> = Vec::new();
         let mut activated = false;
         for step in steps {
             match step {
@@ -395,28 +404,28 @@ impl Reconciler {
                     let previous = rec.active.clone();
                     for v in rec.versions.iter_mut() {
                         if v.id == version {
-                            v.state = VersionState::Active.as_str().into();
+                            v.state = VersionState::Active;
                             v.message.clear();
                         } else if Some(&v.id) == previous.as_ref() {
-                            v.state = VersionState::Superseded.as_str().into();
+                            v.state = VersionState::Superseded;
                         }
                     }
                     rec.active = Some(version);
                     record_changed = true;
                     activated = true;
-                    outcomes.push(Ok(()));
+                    outcomes.push(true);
                 }
                 Step::Fail { version, reason } => {
                     for v in rec.versions.iter_mut().filter(|v| v.id == version) {
-                        v.state = VersionState::Failed.as_str().into();
+                        v.state = VersionState::Failed;
                         v.message = reason.clone();
                     }
                     record_changed = true;
-                    outcomes.push(Err(reason));
+                    outcomes.push(false);
                 }
                 Step::Supersede { version } => {
                     for v in rec.versions.iter_mut().filter(|v| v.id == version) {
-                        v.state = VersionState::Superseded.as_str().into();
+                        v.state = VersionState::Superseded;
                         v.message = "superseded by a later deploy".into();
                     }
                     record_changed = true;
@@ -433,8 +442,8 @@ impl Reconciler {
                 ops: vec![Op::Put(app_key(&rec.name), encode(&rec))],
             })?;
             if applied == Outcome::Applied {
-                for o in &outcomes {
-                    self.apps.count_rollout(o);
+                for activated in &outcomes {
+                    self.apps.count_rollout(*activated);
                 }
                 if activated {
                     let apps = self.apps.clone();
@@ -516,9 +525,7 @@ impl Reconciler {
         runner: &str,
         sandbox: String,
         stop: bool,
-        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), String>>) -> RunnerCommand
-            + Send
-            + 'static,
+        make: impl FnOnce(Reply<()>) -> RunnerCommand + Send + 'static,
     ) {
         {
             let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
@@ -544,7 +551,7 @@ impl Reconciler {
                 // rollout waiting for it.
                 Err(SendError::Refused(why)) if !stop => {
                     tracing::warn!("runner {runner} refused to start {sandbox}: {why}");
-                    reports.start_refused(&runner, &sandbox, &why, transport::clock::now_unix());
+                    reports.start_refused(&runner, &sandbox, &why.0, transport::clock::now_unix());
                     wake.notify_one();
                 }
                 Err(e) => {
@@ -574,7 +581,7 @@ impl Reconciler {
                 .rec
                 .versions
                 .iter()
-                .filter(|v| parse_state(&v.state) == Some(VersionState::Deploying))
+                .filter(|v| v.state == VersionState::Deploying)
                 .map(|v| v.id.clone())
                 .collect();
             if deploying.is_empty() {
@@ -586,7 +593,7 @@ impl Reconciler {
                 .iter_mut()
                 .filter(|v| deploying.contains(&v.id))
             {
-                v.state = VersionState::Failed.as_str().into();
+                v.state = VersionState::Failed;
                 v.message = INTERRUPTED.into();
             }
             let key = app_key(&rec.name);
@@ -610,7 +617,7 @@ impl Reconciler {
                             "{} {v}: rollout interrupted by shutdown, recorded as failed",
                             rec.name
                         );
-                        self.apps.count_rollout(&Err(INTERRUPTED.into()));
+                        self.apps.count_rollout(false);
                     }
                     stops.extend(mine.iter().map(|s| s.rec.clone()));
                 }
@@ -657,7 +664,7 @@ impl Reconciler {
                     .push(Condition::ModRevision(sandbox_key(&s.rec.id), s.rev));
                 txn.ops.push(Op::Delete(sandbox_key(&s.rec.id)));
             }
-            let routes = self.routes.list().map_err(AppError::Invalid)?;
+            let routes = self.routes.list()?;
             for r in routes.iter().filter(|r| r.app == name) {
                 txn.ops.push(Op::Delete(route_key(&r.host)));
             }
@@ -685,17 +692,5 @@ fn view(s: &SandboxRecord) -> AssignmentView {
         runner: s.runner.clone(),
         retire_at: s.retire_at,
         replaces: s.replaces.clone(),
-    }
-}
-
-/// A stored version state; `None` for a word this coordinator does not know
-/// (such a version is left alone).
-pub fn parse_state(s: &str) -> Option<VersionState> {
-    match s {
-        "deploying" => Some(VersionState::Deploying),
-        "active" => Some(VersionState::Active),
-        "failed" => Some(VersionState::Failed),
-        "superseded" => Some(VersionState::Superseded),
-        _ => None,
     }
 }

@@ -222,12 +222,11 @@ impl Routes {
         Ok(())
     }
 
-    pub fn list(&self) -> Result<Vec<Route>, String> {
+    pub fn list(&self) -> Result<Vec<Route>, RoutesError> {
         self.store
-            .scan("route/")
-            .map_err(|e| e.to_string())?
+            .scan("route/")?
             .into_iter()
-            .map(|(k, v)| serde_json::from_slice(&v).map_err(|e| format!("{k}: {e}")))
+            .map(|(k, v)| decode(&k, &v).map_err(RoutesError::UnreadableRoute))
             .collect()
     }
 

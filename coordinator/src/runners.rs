@@ -33,8 +33,14 @@ pub const HEARTBEAT_SECS: i64 = 5;
 /// A runner not heard from for this long is down.
 pub const DOWN_AFTER_SECS: i64 = 3 * HEARTBEAT_SECS;
 
+/// A runner's refusal of a command, in its own words (a runner is a
+/// separate program: what it says is shown, never branched on).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RunnerRefusal(pub String);
+
 /// Where a runner's answer to a command goes.
-pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+pub type Reply<T> = oneshot::Sender<Result<T, RunnerRefusal>>;
 
 /// What the coordinator sends to a runner (to the task that owns its agent
 /// capability).
@@ -81,8 +87,8 @@ pub enum SendError {
     #[error("runner {0} did not answer")]
     NoAnswer(String),
     /// The runner answered with a refusal.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(RunnerRefusal),
 }
 
 /// What a new connection of a runner does to the one registered for it.

@@ -148,7 +148,7 @@ impl admin::Server for AdminService {
         _: admin::ListRoutesParams,
         mut results: admin::ListRoutesResults,
     ) -> Result<(), capnp::Error> {
-        let routes = self.state.routes.list().map_err(failed)?;
+        let routes = self.state.routes.list().map_err(routes_err)?;
         let json = serde_json::to_string(&routes).map_err(err)?;
         results.get().set_routes_json(json);
         Ok(())

@@ -63,7 +63,8 @@ impl RunnerSessionService {
 /// the connection closes right after (see `crate::server`).
 pub async fn pump(agent: runner_agent::Client, mut rx: mpsc::UnboundedReceiver<RunnerCommand>) {
     while let Some(cmd) = rx.recv().await {
-        let answered = |e: capnp::Error| transport::rpc::remote_message(&e);
+        let answered =
+            |e: capnp::Error| crate::runners::RunnerRefusal(transport::rpc::remote_message(&e));
         match cmd {
             RunnerCommand::Start(spec, done) => {
                 let mut req = agent.start_sandbox_request();
