@@ -172,12 +172,24 @@ impl Observed {
     }
 
     /// Records a runner's full inventory; reports of sandboxes it no
-    /// longer has are dropped.
-    pub fn inventory(&self, runner: &str, session: u64, sandboxes: BTreeSet<String>, now: i64) {
+    /// longer has are dropped. Returns whether the set differs from the one
+    /// last recorded on this session (only then is there anything new to
+    /// reconcile).
+    pub fn inventory(
+        &self,
+        runner: &str,
+        session: u64,
+        sandboxes: BTreeSet<String>,
+        now: i64,
+    ) -> bool {
         let mut g = self.inner();
         if g.sessions.get(runner) != Some(&session) {
-            return;
+            return false;
         }
+        let changed = g
+            .inventories
+            .get(runner)
+            .is_none_or(|i| i.sandboxes != sandboxes);
         g.reports
             .retain(|id, r| r.runner != runner || sandboxes.contains(id));
         g.inventories.insert(
@@ -188,6 +200,7 @@ impl Observed {
                 sandboxes,
             },
         );
+        changed
     }
 
     /// The runner's inventory on its live session, if one was received.

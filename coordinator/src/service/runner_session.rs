@@ -194,8 +194,11 @@ impl runner_session::Server for RunnerSessionService {
             .registry
             .heartbeat(&self.id, self.session, status, now)
             .map_err(registry_err)?;
-        (self.state.apps.reports()).inventory(&self.id, self.session, running, now);
-        self.state.apps.waker().notify_one();
+        // The loop runs every second anyway; a heartbeat wakes it only when
+        // the runner's set changed.
+        if (self.state.apps.reports()).inventory(&self.id, self.session, running, now) {
+            self.state.apps.waker().notify_one();
+        }
         results.get().set_cordoned(cordoned);
         Ok(())
     }
