@@ -30,7 +30,7 @@ use crate::converge::{
 use crate::routes::{route_key, Routes};
 use crate::runners::{Registry, Reply, RunnerCommand, SandboxSpec, SendError};
 use crate::shutdown::Tasks;
-use crate::store::{decode, encode, Condition, KeyValue, Op, Outcome, Store, StoreError, Txn};
+use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
 
 /// The least time between two passes.
 const MIN_PASS_GAP: Duration = Duration::from_millis(100);
@@ -119,27 +119,15 @@ fn read_all<T: for<'de> serde::Deserialize<'de>>(
     store: &dyn Store,
     prefix: &str,
 ) -> Result<Vec<Read<T>>, StoreError> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.range(prefix, after.as_deref(), crate::store::MAX_RANGE_LIMIT)?;
-        after = page.kvs.last().map(|kv| kv.key.clone());
-        for KeyValue {
-            key,
-            value,
-            mod_revision,
-            ..
-        } in page.kvs
-        {
-            out.push(Read {
-                rev: mod_revision,
-                rec: decode(&key, &value)?,
-            });
-        }
-        if !page.more {
-            return Ok(out);
-        }
-    }
+    let (kvs, _) = store.scan_kv(prefix)?;
+    kvs.into_iter()
+        .map(|kv| {
+            Ok(Read {
+                rev: kv.mod_revision,
+                rec: decode(&kv.key, &kv.value)?,
+            })
+        })
+        .collect()
 }
 
 impl Reconciler {
@@ -307,6 +295,7 @@ impl Reconciler {
             };
             self.clear_sent(&inventory.sandboxes, &assigned);
             let views: Vec<AssignmentView> = assigned.iter().map(|s| view(&s.rec)).collect();
+            let mut gone: Vec<&Read<SandboxRecord>> = Vec::new();
             for step in converge::plan_runner(&views, &inventory.sandboxes, now) {
                 match step {
                     RunnerStep::Start(id) => {
@@ -321,15 +310,12 @@ impl Reconciler {
                         self.command(&r.id, id, true, |tx| RunnerCommand::Stop(sid, tx));
                     }
                     RunnerStep::Forget(id) => {
-                        let gone: Vec<&Read<SandboxRecord>> = assigned
-                            .iter()
-                            .copied()
-                            .filter(|s| s.rec.id == id)
-                            .collect();
-                        self.forget(&gone)?;
+                        gone.extend(assigned.iter().copied().filter(|s| s.rec.id == id));
                     }
                 }
             }
+            // One write (and one artifact collection) for all of them.
+            self.forget(&gone)?;
         }
         // Runners whose record is gone (removed): their retired records go.
         let known: BTreeSet<&str> = runners.iter().map(|r| r.id.as_str()).collect();

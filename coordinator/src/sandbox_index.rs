@@ -18,7 +18,7 @@ use futures::StreamExt;
 use crate::apps::{AppRecord, SandboxRecord};
 use crate::observed::Observed;
 use crate::shutdown::Tasks;
-use crate::store::{decode, EventKind, Revision, Store, StoreError, MAX_RANGE_LIMIT};
+use crate::store::{decode, EventKind, Revision, Store, StoreError};
 
 const SANDBOX_PREFIX: &str = "sandbox/";
 const APP_PREFIX: &str = "app/";
@@ -86,19 +86,11 @@ impl SandboxIndex {
         let mut fresh = Inner::default();
         let mut revision = Revision::MAX;
         for prefix in [SANDBOX_PREFIX, APP_PREFIX] {
-            let mut after: Option<String> = None;
-            loop {
-                let page = store.range(prefix, after.as_deref(), MAX_RANGE_LIMIT)?;
-                // Changes after the oldest page's revision are replayed;
-                // applying a put or delete twice leaves the same state.
-                revision = revision.min(page.revision);
-                after = page.kvs.last().map(|kv| kv.key.clone());
-                for kv in &page.kvs {
-                    fresh.put(&kv.key, &kv.value)?;
-                }
-                if !page.more {
-                    break;
-                }
+            // Changes after the oldest read are replayed by the watch.
+            let (kvs, read_at) = store.scan_kv(prefix)?;
+            revision = revision.min(read_at);
+            for kv in &kvs {
+                fresh.put(&kv.key, &kv.value)?;
             }
         }
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;

@@ -224,14 +224,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every key starting with `prefix`, in key order (read page by page).
     fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let (kvs, _) = self.scan_kv(prefix)?;
+        Ok(kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
+    }
+
+    /// Every key starting with `prefix` with its revisions, in key order,
+    /// read page by page; and the revision of the first page. Pages are
+    /// read at rising revisions, so watching from just after the returned
+    /// one replays every change the list may have missed (a put or delete
+    /// applied twice leaves the same state).
+    fn scan_kv(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
+        let mut first: Option<Revision> = None;
         loop {
             let page = self.range(prefix, after.as_deref(), MAX_RANGE_LIMIT)?;
+            first.get_or_insert(page.revision);
             after = page.kvs.last().map(|kv| kv.key.clone());
-            out.extend(page.kvs.into_iter().map(|kv| (kv.key, kv.value)));
-            if !page.more {
-                return Ok(out);
+            let more = page.more;
+            out.extend(page.kvs);
+            if !more {
+                return Ok((out, first.unwrap_or(page.revision)));
             }
         }
     }
