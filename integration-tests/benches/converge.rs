@@ -273,42 +273,11 @@ fn open_files_limit() -> Option<u64> {
 /// Every live process whose environment names a sandbox of one of `apps`
 /// and whose working directory is under `under`: sandbox id -> pid.
 fn sandbox_processes(apps: &BTreeSet<String>, under: &Path) -> BTreeMap<String, u32> {
-    let mut found = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        let mut app = None;
-        let mut sandbox = None;
-        for var in environ.split(|b| *b == 0) {
-            if let Some(v) = var.strip_prefix(b"MIREN_APP=") {
-                app = Some(String::from_utf8_lossy(v).into_owned());
-            } else if let Some(v) = var.strip_prefix(b"MIREN_SANDBOX_ID=") {
-                sandbox = Some(String::from_utf8_lossy(v).into_owned());
-            }
-        }
-        let (Some(app), Some(sandbox)) = (app, sandbox) else {
-            continue;
-        };
-        if !apps.contains(&app) {
-            continue;
-        }
-        let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
-        if cwd.starts_with(under) {
-            found.insert(sandbox, pid);
-        }
-    }
-    found
+    apps.iter()
+        .flat_map(|app| integration_tests::app_processes(app))
+        .filter(|p| p.cwd.starts_with(under))
+        .map(|p| (p.sandbox, p.pid))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
