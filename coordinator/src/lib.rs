@@ -15,6 +15,7 @@ pub mod audit;
 pub mod ci;
 pub mod converge;
 pub mod datadir;
+pub mod etcd_store;
 pub mod frontdoor;
 pub mod health;
 pub mod https;

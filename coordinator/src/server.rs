@@ -14,7 +14,7 @@
 //! loop and everything `Send` runs on the multi-threaded runtime.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,40 @@ pub struct CoordinatorOptions {
     pub observe: bool,
     /// The reconcile loop's knobs (`--runner-grace`, `--rollout-timeout`).
     pub reconcile: crate::reconcile::Settings,
+    /// Where the cluster's records live.
+    pub store: StoreBackend,
+}
+
+/// The store the coordinator runs on.
+#[derive(Debug, Clone, Default)]
+pub enum StoreBackend {
+    /// `store.redb` in the data dir: one machine.
+    #[default]
+    Embedded,
+    /// etcd v3 (`--etcd`): the state several coordinators share.
+    Etcd(crate::etcd_store::EtcdOptions),
+}
+
+impl StoreBackend {
+    /// Opens the store; a shared one is claimed for the cluster whose CA
+    /// has `fingerprint` (or checked to be that cluster's).
+    fn open(&self, dir: &Path, fingerprint: &str) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match self {
+            StoreBackend::Embedded => Arc::new(RedbStore::open(&dir.join("store.redb"))?),
+            StoreBackend::Etcd(opts) => {
+                let store = crate::etcd_store::EtcdStore::connect(opts).with_context(|| {
+                    format!("connecting to etcd at {}", opts.endpoints.join(","))
+                })?;
+                crate::etcd_store::claim(&store, fingerprint)?;
+                tracing::info!(
+                    endpoints = %opts.endpoints.join(","),
+                    prefix = %opts.prefix,
+                    "store: etcd"
+                );
+                Arc::new(store)
+            }
+        })
+    }
 }
 
 /// Open files the coordinator needs besides its HTTP connections (store,
@@ -262,7 +296,8 @@ impl Coordinator {
         let observe =
             crate::observe::start(&material.dir, opts.observe, opts.signing_key_rotation)?;
         let store: Arc<dyn Store> = crate::observe::metered_store(
-            Arc::new(RedbStore::open(&material.dir.join("store.redb"))?),
+            opts.store
+                .open(&material.dir, &material.ca.fingerprint().to_string())?,
             &observe,
         );
 
