@@ -20,6 +20,8 @@
 //! refused before it is sent.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -32,6 +34,59 @@ use crate::store::{
     Committed, Condition, EventKind, KeyValue, LeaseId, Op, Outcome, RangePage, Revision, Store,
     StoreError, Txn, WatchBatch, WatchEvent, WatchStream, MAX_RANGE_LIMIT,
 };
+
+/// How many times a call goes round all members before it reports the
+/// failure, and the pause after each round.
+const FAILOVER_ROUNDS: usize = 3;
+const FAILOVER_PAUSE: Duration = Duration::from_millis(200);
+
+/// Which failures a call may try again on another member.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// Reads: any failure to reach a member or get its answer.
+    Read,
+    /// Writes: only a failure to reach the member at all, when the request
+    /// cannot have been applied.
+    Write,
+}
+
+impl Retry {
+    fn allows(self, e: &etcd_client::Error) -> bool {
+        match self {
+            Retry::Read => match e {
+                etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+                etcd_client::Error::TransportError(_) => true,
+                _ => false,
+            },
+            Retry::Write => never_connected(e),
+        }
+    }
+}
+
+/// Whether `e` is a failure to open a connection (refused, unreachable):
+/// nothing was sent.
+fn never_connected(e: &etcd_client::Error) -> bool {
+    // etcd-client's error names no source: start from what it wraps.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s),
+        etcd_client::Error::TransportError(t) => Some(t),
+        etcd_client::Error::IoError(io) => Some(io),
+        _ => None,
+    };
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::AddrNotAvailable
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
 
 /// The prefix every key lives under unless `--etcd-prefix` says otherwise.
 pub const DEFAULT_PREFIX: &str = "/miren/";
@@ -87,7 +142,11 @@ impl EtcdOptions {
 
 /// [`Store`] on etcd v3.
 pub struct EtcdStore {
-    client: Client,
+    /// One client per member: calls go to the current one and move to the
+    /// next when it cannot be reached (like etcd's own client, which pins
+    /// one endpoint and fails over).
+    members: Arc<Vec<Client>>,
+    current: Arc<AtomicUsize>,
     prefix: Vec<u8>,
     timeout: Duration,
     handle: tokio::runtime::Handle,
@@ -203,13 +262,20 @@ impl EtcdStore {
             connect = connect.with_tls(config);
         }
         let endpoints = opts.endpoints.clone();
-        let client = run_on(&handle, opts.timeout, "connect", async move {
-            Client::connect(endpoints, Some(connect))
-                .await
-                .map_err(etcd("connect"))
+        let members = run_on(&handle, opts.timeout, "connect", async move {
+            let mut members = Vec::new();
+            for endpoint in endpoints {
+                members.push(
+                    Client::connect([endpoint], Some(connect.clone()))
+                        .await
+                        .map_err(etcd("connect"))?,
+                );
+            }
+            Ok(members)
         })?;
         let store = EtcdStore {
-            client,
+            members: Arc::new(members),
+            current: Arc::new(AtomicUsize::new(0)),
             prefix: opts.prefix.as_bytes().to_vec(),
             timeout: opts.timeout,
             handle,
@@ -220,13 +286,40 @@ impl EtcdStore {
         Ok(store)
     }
 
-    fn call<T, F, Fut>(&self, what: &'static str, work: F) -> Result<T, StoreError>
+    /// Runs `work` against the current member; when that member cannot be
+    /// reached (and, for reads, when it is unavailable) moves on to the
+    /// next one and tries again, a few rounds over all members at most.
+    fn call<T, F, Fut>(&self, what: &'static str, retry: Retry, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        run_on(&self.handle, self.timeout, what, work(self.client.clone()))
+        let (members, current) = (self.members.clone(), self.current.clone());
+        run_on(&self.handle, self.timeout, what, async move {
+            let n = members.len();
+            let mut failures = 0;
+            loop {
+                let i = current.load(Ordering::Relaxed) % n;
+                match work(members[i].clone()).await {
+                    Err(StoreError::Etcd { source, .. })
+                        if retry.allows(&source) && failures < FAILOVER_ROUNDS * n =>
+                    {
+                        failures += 1;
+                        let _ = current.compare_exchange(
+                            i,
+                            (i + 1) % n,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                        if failures % n == 0 {
+                            tokio::time::sleep(FAILOVER_PAUSE).await;
+                        }
+                    }
+                    answer => return answer,
+                }
+            }
+        })
     }
 
     fn full(&self, key: &str) -> Vec<u8> {
@@ -257,17 +350,20 @@ impl EtcdStore {
 
     /// The leases of `txn` that etcd no longer knows, first one first.
     fn missing_lease(&self, leases: Vec<LeaseId>) -> Result<Option<LeaseId>, StoreError> {
-        self.call("lease lookup", move |mut client| async move {
-            for lease in leases {
-                let live = client
-                    .lease_time_to_live(lease as i64, None)
-                    .await
-                    .map_err(etcd("lease lookup"))?;
-                if live.ttl() < 0 {
-                    return Ok(Some(lease));
+        self.call("lease lookup", Retry::Read, move |mut client| {
+            let leases = leases.clone();
+            async move {
+                for lease in leases {
+                    let live = client
+                        .lease_time_to_live(lease as i64, None)
+                        .await
+                        .map_err(etcd("lease lookup"))?;
+                    if live.ttl() < 0 {
+                        return Ok(Some(lease));
+                    }
                 }
+                Ok(None)
             }
-            Ok(None)
         })
     }
 }
@@ -275,10 +371,7 @@ impl EtcdStore {
 /// Builds etcd's compares and ops for `txn`, keys under `prefix`. etcd
 /// refuses a transaction that writes one key twice; applying the ops in
 /// order leaves each key as its last op says, so only that op is sent.
-fn etcd_txn(
-    prefix: &[u8],
-    txn: &Txn,
-) -> Result<(etcd_client::Txn, Vec<LeaseId>), StoreError> {
+fn etcd_txn(prefix: &[u8], txn: &Txn) -> Result<(etcd_client::Txn, Vec<LeaseId>), StoreError> {
     let full = |k: &str| {
         let mut f = prefix.to_vec();
         f.extend_from_slice(k.as_bytes());
@@ -338,7 +431,10 @@ fn etcd_txn(
 
 /// Turns one etcd watch response into our batches (one per revision, in
 /// order), keys under `prefix` only.
-fn batches(prefix: &[u8], resp: &etcd_client::WatchResponse) -> Result<Vec<WatchBatch>, StoreError> {
+fn batches(
+    prefix: &[u8],
+    resp: &etcd_client::WatchResponse,
+) -> Result<Vec<WatchBatch>, StoreError> {
     let mut out: Vec<WatchBatch> = Vec::new();
     for event in resp.events() {
         let Some(kv) = event.kv() else { continue };
@@ -366,12 +462,15 @@ fn batches(prefix: &[u8], resp: &etcd_client::WatchResponse) -> Result<Vec<Watch
 impl Store for EtcdStore {
     fn get_kv(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let (full, prefix) = (self.full(key), self.prefix.clone());
-        self.call("get", move |mut client| async move {
-            let resp = client.get(full, None).await.map_err(etcd("get"))?;
-            resp.kvs()
-                .first()
-                .map(|kv| EtcdStore::key_value(&prefix, kv))
-                .transpose()
+        self.call("get", Retry::Read, move |mut client| {
+            let (full, prefix) = (full.clone(), prefix.clone());
+            async move {
+                let resp = client.get(full, None).await.map_err(etcd("get"))?;
+                resp.kvs()
+                    .first()
+                    .map(|kv| EtcdStore::key_value(&prefix, kv))
+                    .transpose()
+            }
         })
     }
 
@@ -393,38 +492,47 @@ impl Store for EtcdStore {
         };
         let limit = limit.clamp(1, MAX_RANGE_LIMIT) as i64;
         let ours = self.prefix.clone();
-        self.call("range", move |mut client| async move {
-            let resp = client
-                .get(start, Some(GetOptions::new().with_range(end).with_limit(limit)))
-                .await
-                .map_err(etcd("range"))?;
-            let kvs = resp
-                .kvs()
-                .iter()
-                .map(|kv| EtcdStore::key_value(&ours, kv))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(RangePage {
-                kvs,
-                more: resp.more(),
-                revision: revision_of(resp.header()),
-            })
+        self.call("range", Retry::Read, move |mut client| {
+            let (start, end, ours) = (start.clone(), end.clone(), ours.clone());
+            async move {
+                let resp = client
+                    .get(
+                        start,
+                        Some(GetOptions::new().with_range(end).with_limit(limit)),
+                    )
+                    .await
+                    .map_err(etcd("range"))?;
+                let kvs = resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| EtcdStore::key_value(&ours, kv))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(RangePage {
+                    kvs,
+                    more: resp.more(),
+                    revision: revision_of(resp.header()),
+                })
+            }
         })
     }
 
     fn txn(&self, txn: Txn) -> Result<Committed, StoreError> {
         let (request, leases) = etcd_txn(&self.prefix, &txn)?;
-        let answer = self.call("transaction", move |mut client| async move {
-            match client.txn(request).await {
-                Ok(resp) => Ok(Ok(Committed {
-                    outcome: if resp.succeeded() {
-                        Outcome::Applied
-                    } else {
-                        Outcome::ConditionFailed
-                    },
-                    revision: revision_of(resp.header()),
-                })),
-                Err(e) if is_not_found(&e) => Ok(Err(e)),
-                Err(e) => Err(etcd("transaction")(e)),
+        let answer = self.call("transaction", Retry::Write, move |mut client| {
+            let request = request.clone();
+            async move {
+                match client.txn(request).await {
+                    Ok(resp) => Ok(Ok(Committed {
+                        outcome: if resp.succeeded() {
+                            Outcome::Applied
+                        } else {
+                            Outcome::ConditionFailed
+                        },
+                        revision: revision_of(resp.header()),
+                    })),
+                    Err(e) if is_not_found(&e) => Ok(Err(e)),
+                    Err(e) => Err(etcd("transaction")(e)),
+                }
             }
         })?;
         match answer {
@@ -439,12 +547,15 @@ impl Store for EtcdStore {
 
     fn revision(&self) -> Result<Revision, StoreError> {
         let key = self.prefix.clone();
-        self.call("revision", move |mut client| async move {
-            let resp = client
-                .get(key, Some(GetOptions::new().with_count_only()))
-                .await
-                .map_err(etcd("revision"))?;
-            Ok(revision_of(resp.header()))
+        self.call("revision", Retry::Read, move |mut client| {
+            let key = key.clone();
+            async move {
+                let resp = client
+                    .get(key, Some(GetOptions::new().with_count_only()))
+                    .await
+                    .map_err(etcd("revision"))?;
+                Ok(revision_of(resp.header()))
+            }
         })
     }
 
@@ -455,54 +566,57 @@ impl Store for EtcdStore {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchBatch, StoreError>>(WATCH_BUFFER);
         // Made and confirmed before returning, so that every change after
         // this call (from == 0) or from `from` on is seen.
-        let mut stream = self.call("watch", move |mut client| async move {
-            // etcd confirms a watch from compacted history first and
-            // cancels it in the next message: learn now whether that one
-            // is coming, so that the caller hears of it from this call.
-            let mut compacted = false;
-            if from > 0 {
-                let head = client
-                    .get(start.clone(), Some(GetOptions::new().with_count_only()))
+        let mut stream = self.call("watch", Retry::Read, move |mut client| {
+            let (start, end) = (start.clone(), end.clone());
+            async move {
+                // etcd confirms a watch from compacted history first and
+                // cancels it in the next message: learn now whether that one
+                // is coming, so that the caller hears of it from this call.
+                let mut compacted = false;
+                if from > 0 {
+                    let head = client
+                        .get(start.clone(), Some(GetOptions::new().with_count_only()))
+                        .await
+                        .map_err(etcd("watch"))?;
+                    if from <= revision_of(head.header()) {
+                        let at = GetOptions::new()
+                            .with_count_only()
+                            .with_revision(from as i64);
+                        match client.get(start.clone(), Some(at)).await {
+                            Ok(_) => {}
+                            Err(etcd_client::Error::GRpcStatus(s))
+                                if s.code() == tonic::Code::OutOfRange =>
+                            {
+                                compacted = true
+                            }
+                            Err(e) => return Err(etcd("watch")(e)),
+                        }
+                    }
+                }
+                let mut options = WatchOptions::new().with_range(end);
+                if from > 0 {
+                    options = options.with_start_revision(from as i64);
+                }
+                let mut stream = client
+                    .watch(start, Some(options))
                     .await
                     .map_err(etcd("watch"))?;
-                if from <= revision_of(head.header()) {
-                    let at = GetOptions::new()
-                        .with_count_only()
-                        .with_revision(from as i64);
-                    match client.get(start.clone(), Some(at)).await {
-                        Ok(_) => {}
-                        Err(etcd_client::Error::GRpcStatus(s))
-                            if s.code() == tonic::Code::OutOfRange =>
-                        {
-                            compacted = true
+                loop {
+                    let Some(first) = stream.message().await.map_err(etcd("watch"))? else {
+                        return Err(StoreError::EtcdWatchEnded);
+                    };
+                    if first.canceled() {
+                        if first.compact_revision() > 0 {
+                            return Err(StoreError::Compacted {
+                                requested: from,
+                                first_kept: first.compact_revision() as Revision,
+                            });
                         }
-                        Err(e) => return Err(etcd("watch")(e)),
+                        return Err(StoreError::EtcdWatchEnded);
                     }
-                }
-            }
-            let mut options = WatchOptions::new().with_range(end);
-            if from > 0 {
-                options = options.with_start_revision(from as i64);
-            }
-            let mut stream = client
-                .watch(start, Some(options))
-                .await
-                .map_err(etcd("watch"))?;
-            loop {
-                let Some(first) = stream.message().await.map_err(etcd("watch"))? else {
-                    return Err(StoreError::EtcdWatchEnded);
-                };
-                if first.canceled() {
-                    if first.compact_revision() > 0 {
-                        return Err(StoreError::Compacted {
-                            requested: from,
-                            first_kept: first.compact_revision() as Revision,
-                        });
+                    if first.created() && !compacted {
+                        return Ok(stream);
                     }
-                    return Err(StoreError::EtcdWatchEnded);
-                }
-                if first.created() && !compacted {
-                    return Ok(stream);
                 }
             }
         })?;
@@ -559,7 +673,7 @@ impl Store for EtcdStore {
 
     fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let secs = ttl.as_secs().max(1) as i64;
-        self.call("lease grant", move |mut client| async move {
+        self.call("lease grant", Retry::Write, move |mut client| async move {
             let resp = client
                 .lease_grant(secs, None)
                 .await
@@ -569,27 +683,31 @@ impl Store for EtcdStore {
     }
 
     fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.call("lease keep-alive", move |mut client| async move {
-            let live = client
-                .lease_time_to_live(lease as i64, None)
-                .await
-                .map_err(etcd("lease keep-alive"))?;
-            if live.ttl() < 0 {
-                return Err(StoreError::LeaseNotFound(lease));
-            }
-            match client.lease_keep_alive(lease as i64).await {
-                Ok(_) => Ok(()),
-                // Expired between the two calls.
-                Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
-                    Err(StoreError::LeaseNotFound(lease))
+        self.call(
+            "lease keep-alive",
+            Retry::Read,
+            move |mut client| async move {
+                let live = client
+                    .lease_time_to_live(lease as i64, None)
+                    .await
+                    .map_err(etcd("lease keep-alive"))?;
+                if live.ttl() < 0 {
+                    return Err(StoreError::LeaseNotFound(lease));
                 }
-                Err(e) => Err(etcd("lease keep-alive")(e)),
-            }
-        })
+                match client.lease_keep_alive(lease as i64).await {
+                    Ok(_) => Ok(()),
+                    // Expired between the two calls.
+                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
+                        Err(StoreError::LeaseNotFound(lease))
+                    }
+                    Err(e) => Err(etcd("lease keep-alive")(e)),
+                }
+            },
+        )
     }
 
     fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.call("lease revoke", move |mut client| async move {
+        self.call("lease revoke", Retry::Write, move |mut client| async move {
             match client.lease_revoke(lease as i64).await {
                 Ok(_) => Ok(()),
                 Err(e) if is_not_found(&e) => Ok(()),

@@ -76,10 +76,7 @@ pub enum StoreError {
     },
     /// etcd did not answer in time.
     #[error("etcd {what} got no answer within {after:?} (check that etcd is reachable at the --etcd addresses and has a quorum; the change was not made and can be retried)")]
-    EtcdTimeout {
-        what: &'static str,
-        after: Duration,
-    },
+    EtcdTimeout { what: &'static str, after: Duration },
     /// The etcd options cannot work.
     #[error("{0}")]
     EtcdConfig(String),
@@ -88,7 +85,9 @@ pub enum StoreError {
     #[error("etcd ended the watch; re-list and watch again")]
     EtcdWatchEnded,
     /// A transaction too large for etcd.
-    #[error("a store transaction of {bytes} bytes is over the {limit}-byte limit of the etcd backend")]
+    #[error(
+        "a store transaction of {bytes} bytes is over the {limit}-byte limit of the etcd backend"
+    )]
     TooLarge { bytes: usize, limit: usize },
     /// The shared store belongs to another cluster.
     #[error("the etcd store holds the state of the cluster whose CA is {owner}, not this data dir's ({ours}); give this cluster its own --etcd-prefix, or start with that cluster's data dir")]

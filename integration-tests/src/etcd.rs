@@ -26,6 +26,49 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    tls: Option<EtcdTlsFiles>,
+}
+
+/// The files of an etcd that serves clients over TLS and asks for their
+/// certificates: a CA, the members' certificate (127.0.0.1) and a client
+/// certificate, all PEM.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    fn generate(dir: &Path) -> EtcdTlsFiles {
+        let ca = transport::pki::ClusterCa::generate("etcd test CA").expect("etcd CA");
+        let ca = transport::pki::ClusterCa::load(&ca.cert_pem, &ca.key_pem).expect("load CA");
+        let server = ca
+            .issue_server(&["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("server certificate");
+        let client = ca
+            .issue_client("miren-coordinator", time::Duration::hours(1))
+            .expect("client certificate");
+        let files = EtcdTlsFiles {
+            ca: dir.join("etcd-ca.pem"),
+            server_cert: dir.join("etcd-server.pem"),
+            server_key: dir.join("etcd-server.key"),
+            client_cert: dir.join("etcd-client.pem"),
+            client_key: dir.join("etcd-client.key"),
+        };
+        for (path, pem) in [
+            (&files.ca, ca.cert_pem().to_string()),
+            (&files.server_cert, server.cert_pem.clone()),
+            (&files.server_key, server.key_pem.clone()),
+            (&files.client_cert, client.cert_pem.clone()),
+            (&files.client_key, client.key_pem.clone()),
+        ] {
+            std::fs::write(path, pem).expect("write etcd TLS file");
+        }
+        files
+    }
 }
 
 /// How long a member has to answer `/health` after it starts.
@@ -35,6 +78,17 @@ impl EtcdCluster {
     /// Starts `n` members keeping their data under `dir` and waits until
     /// the cluster has a leader.
     pub fn start(dir: &Path, n: usize) -> EtcdCluster {
+        Self::start_with(dir, n, None)
+    }
+
+    /// Like [`EtcdCluster::start`], with clients served over TLS and
+    /// required to present a certificate of the returned CA.
+    pub fn start_tls(dir: &Path, n: usize) -> (EtcdCluster, EtcdTlsFiles) {
+        let files = EtcdTlsFiles::generate(dir);
+        (Self::start_with(dir, n, Some(files.clone())), files)
+    }
+
+    fn start_with(dir: &Path, n: usize, tls: Option<EtcdTlsFiles>) -> EtcdCluster {
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -54,6 +108,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             token: format!("miren-test-{}", std::process::id()),
+            tls,
         };
         for i in 0..n {
             c.spawn(i);
@@ -68,9 +123,19 @@ impl EtcdCluster {
         let m = &self.members[i];
         let log = std::fs::File::create(&m.log).expect("etcd log file");
         let err = log.try_clone().expect("etcd log file");
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data)
@@ -92,10 +157,36 @@ impl EtcdCluster {
         self.members[i].child = Some(child);
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     fn wait_healthy(&self, i: usize) {
         let port = self.members[i].client_port;
+        let healthy = || match &self.tls {
+            None => health(port),
+            Some(t) => Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(self.endpoint(i))
+                .arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key)
+                .args(["endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+        };
         assert!(
-            wait_for(READY, || health(port)),
+            wait_for(READY, healthy),
             "etcd member {i} did not become healthy:\n{}",
             self.log(i)
         );
@@ -105,14 +196,18 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// Client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        format!(
+            "{}://127.0.0.1:{}",
+            self.scheme(),
+            self.members[i].client_port
+        )
     }
 
     /// SIGKILLs member `i` and waits for it.
@@ -156,8 +251,7 @@ fn health(port: u16) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .is_err()
     {
         return false;

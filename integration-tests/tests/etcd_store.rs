@@ -87,7 +87,10 @@ async fn both_backends_keep_the_same_contract() {
         };
         assert_eq!(store.commit(stale).unwrap(), Outcome::ConditionFailed);
         assert_eq!(store.get("k").unwrap().unwrap(), b"2", "{name}");
-        assert!(store.get("side").unwrap().is_none(), "{name}: nothing of a failed txn");
+        assert!(
+            store.get("side").unwrap().is_none(),
+            "{name}: nothing of a failed txn"
+        );
         let create = Txn {
             conditions: vec![Condition::ModRevision("new".into(), 0)],
             ops: vec![put("new", "n")],
@@ -127,7 +130,11 @@ async fn both_backends_keep_the_same_contract() {
         assert_eq!((last.kvs.len(), last.more), (5, false), "{name}");
         assert_eq!(store.scan("p/").unwrap().len(), 25, "{name}");
         assert_eq!(store.count("q/").unwrap(), 1, "{name}");
-        assert_eq!(store.range("p/", Some("a"), 0).unwrap().kvs.len(), 1, "{name}");
+        assert_eq!(
+            store.range("p/", Some("a"), 0).unwrap().kvs.len(),
+            1,
+            "{name}"
+        );
 
         // Watches: history from a revision, then live changes, in order,
         // only under the prefix, deletes included.
@@ -143,7 +150,11 @@ async fn both_backends_keep_the_same_contract() {
             .unwrap()
             .revision;
         let b = next_batch(&mut watch).await;
-        assert_eq!((b.revision, b.events[0].kv.key.as_str()), (w0, "w/a"), "{name}");
+        assert_eq!(
+            (b.revision, b.events[0].kv.key.as_str()),
+            (w0, "w/a"),
+            "{name}"
+        );
         let b = next_batch(&mut watch).await;
         assert_eq!(b.revision, w1, "{name}");
         assert_eq!(b.events.len(), 1, "{name}: only the watched prefix");
@@ -154,7 +165,10 @@ async fn both_backends_keep_the_same_contract() {
         assert_eq!(b.events[0].kv.mod_revision, w2, "{name}");
         assert!(b.events[0].kv.value.is_empty(), "{name}");
         let b = next_batch(&mut live).await;
-        assert_eq!(b.revision, w1, "{name}: a watch from 0 starts after the call");
+        assert_eq!(
+            b.revision, w1,
+            "{name}: a watch from 0 starts after the call"
+        );
 
         // Leases: keys vanish with theirs; a put on a gone lease writes
         // nothing and says which lease.
@@ -211,7 +225,12 @@ async fn a_watch_from_compacted_history_is_told_to_relist() {
     }
     let compact = std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &etcd.endpoint(0), "compact", &head.to_string()])
+        .args([
+            "--endpoints",
+            &etcd.endpoint(0),
+            "compact",
+            &head.to_string(),
+        ])
         .output()
         .expect("etcdctl (Debian package etcd-client; scripts/test.sh installs it)");
     assert!(compact.status.success(), "{compact:?}");
@@ -258,10 +277,7 @@ fn two_coordinators_racing_on_one_record_one_wins_and_nothing_is_lost() {
             });
             (ta.join().unwrap().unwrap(), tb.join().unwrap().unwrap())
         });
-        let applied = [ta, tb]
-            .iter()
-            .filter(|o| **o == Outcome::Applied)
-            .count();
+        let applied = [ta, tb].iter().filter(|o| **o == Outcome::Applied).count();
         assert_eq!(applied, 1, "round {round}: exactly one writer wins");
         let winner = if ta == Outcome::Applied { "a" } else { "b" };
         // Both coordinators read the winner's value.
@@ -308,10 +324,16 @@ fn losing_a_member_changes_nothing_and_losing_all_fails_clearly_until_they_are_b
     let started = std::time::Instant::now();
     let err = store.commit(write(vec![put("a", "3")])).unwrap_err();
     assert!(
-        matches!(err, StoreError::Etcd { .. } | StoreError::EtcdTimeout { .. }),
+        matches!(
+            err,
+            StoreError::Etcd { .. } | StoreError::EtcdTimeout { .. }
+        ),
         "{err}"
     );
-    assert!(err.to_string().contains("--etcd"), "the error says what to check: {err}");
+    assert!(
+        err.to_string().contains("--etcd"),
+        "the error says what to check: {err}"
+    );
     // Bounded: the call gave up instead of hanging (the bound is 3 s here;
     // this only checks that it returned at all within a minute).
     assert!(started.elapsed() < Duration::from_secs(60));
@@ -401,4 +423,49 @@ fn miren_server_on_etcd_keeps_its_records_there_across_a_sigkill() {
         routes.ok && routes.stdout.contains("second.test") && routes.stdout.contains("third.test"),
         "{routes:?}"
     );
+}
+
+#[test]
+fn miren_server_reaches_an_etcd_that_wants_tls_and_a_client_certificate() {
+    let dir = temp();
+    let (etcd, tls) = EtcdCluster::start_tls(dir.path(), 1);
+    let endpoints = etcd.endpoints();
+    let (ca, cert, key) = (
+        tls.ca.display().to_string(),
+        tls.client_cert.display().to_string(),
+        tls.client_key.display().to_string(),
+    );
+    // Without our client certificate etcd refuses us: the server says so
+    // and does not start.
+    let data = dir.path().join("refused");
+    let cfg = dir.path().join("refused.yaml");
+    let refused = integration_tests::Server::try_start(
+        &data,
+        &cfg,
+        "127.0.0.1:0",
+        &["--etcd", &endpoints, "--etcd-ca", &ca],
+    );
+    let err = match refused {
+        Ok(_) => panic!("a coordinator without the client certificate must not start"),
+        Err(e) => e,
+    };
+    assert!(err.contains("etcd"), "the failure names etcd: {err}");
+
+    let c = Cluster::start(
+        0,
+        &[
+            "--etcd",
+            &endpoints,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+    );
+    let token = c.miren(&["runner", "token", "create"]);
+    assert!(token.ok, "a write through etcd over TLS: {token:?}");
+    let listed = c.miren(&["runner", "token", "list", "-o", "json"]);
+    assert!(listed.ok && listed.stdout.contains("\"id\""), "{listed:?}");
 }

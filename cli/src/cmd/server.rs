@@ -125,7 +125,12 @@ pub struct ServerArgs {
     /// Keep the cluster's records in etcd v3 at these member URLs
     /// (`http://HOST:2379`, or `https://` with --etcd-ca) instead of the
     /// data dir's embedded store.
-    #[arg(long, env = "MIREN_ETCD", value_name = "URL[,URL…]", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "MIREN_ETCD",
+        value_name = "URL[,URL…]",
+        value_delimiter = ','
+    )]
     etcd: Vec<String>,
     /// CA certificate (PEM) that signed the etcd members' certificates.
     #[arg(long, value_name = "FILE", requires = "etcd")]
