@@ -23,6 +23,7 @@ pub mod ingress;
 pub mod issuer;
 pub mod keyring;
 pub mod labs;
+pub mod leader;
 pub mod metered;
 pub mod metrics;
 pub mod minting;

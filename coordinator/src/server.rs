@@ -158,6 +158,10 @@ pub struct Coordinator {
     metrics: Option<tokio::net::TcpListener>,
     registry: Arc<prometheus_client::registry::Registry>,
     server_cert: ServerCert,
+    /// Stands for leader once serving (taken by `serve`), with the lease
+    /// it already leads on.
+    elector: Option<(crate::leader::Elector, Option<crate::store::LeaseId>)>,
+    leadership: crate::leader::Leadership,
 }
 
 /// The server certificate being served, and how to renew it.
@@ -401,6 +405,14 @@ impl Coordinator {
             outbound.clone(),
         )?);
         let routes = Arc::new(crate::routes::Routes::new(store.clone()));
+        // One coordinator leads the singleton work; alone (or restarted on
+        // its data dir) it leads from here on.
+        let (elector, leadership, lease) = crate::leader::Elector::new(
+            store.clone(),
+            crate::leader::coordinator_id(&material.dir)?,
+            cluster_name.clone(),
+            crate::leader::LEASE_TTL,
+        );
         let reconciler = Arc::new(crate::reconcile::Reconciler::new(
             store.clone(),
             apps.clone(),
@@ -410,6 +422,7 @@ impl Coordinator {
             tasks.clone(),
             issuer.url.as_str().to_string(),
             opts.reconcile,
+            leadership.clone(),
         ));
         let state = Arc::new(State {
             cluster: ClusterIdentity {
@@ -492,6 +505,8 @@ impl Coordinator {
             ingress_streams_per_app: opts.ingress_streams_per_app,
             metrics,
             registry,
+            elector: Some((elector, lease)),
+            leadership,
         })
     }
 
@@ -605,9 +620,17 @@ impl Coordinator {
         let pool = LocalPool::new(workers);
         let tasks = self.state.tasks.clone();
         let state = &self.state;
+        if let Some((elector, lease)) = self.elector.take() {
+            tasks.spawn("leader election", elector.run(lease, tasks.clone()));
+        }
         tasks.spawn(
             "key rotation",
-            crate::issuer::rotate_keys_forever(state.issuer.clone(), self.rotation, tasks.clone()),
+            crate::issuer::rotate_keys_forever(
+                state.issuer.clone(),
+                self.rotation,
+                self.leadership.clone(),
+                tasks.clone(),
+            ),
         );
         tasks.spawn(
             "key audit",

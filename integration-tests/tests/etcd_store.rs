@@ -469,3 +469,35 @@ fn miren_server_reaches_an_etcd_that_wants_tls_and_a_client_certificate() {
     let listed = c.miren(&["runner", "token", "list", "-o", "json"]);
     assert!(listed.ok && listed.stdout.contains("\"id\""), "{listed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_coordinator_leads_and_another_takes_over_when_it_dies() {
+    use coordinator::leader::{Elector, LEADER_KEY};
+    let dir = temp();
+    let etcd = EtcdCluster::start(dir.path(), 3);
+    let ttl = Duration::from_secs(2);
+    let stores: Vec<Arc<dyn Store>> = (0..2)
+        .map(|_| Arc::new(etcd_store(&etcd, "/lead/")) as Arc<dyn Store>)
+        .collect();
+    let tasks: Vec<coordinator::shutdown::Tasks> = (0..2)
+        .map(|_| coordinator::shutdown::Tasks::new(tokio::runtime::Handle::current()))
+        .collect();
+    let mut leaders = Vec::new();
+    for (i, store) in stores.iter().enumerate() {
+        let (elector, leadership, lease) =
+            Elector::new(store.clone(), format!("c{i}"), format!("c{i}"), ttl);
+        tasks[i].spawn("leader election", elector.run(lease, tasks[i].clone()));
+        leaders.push(leadership);
+    }
+    assert!(leaders[0].is_leader(), "the first to stand leads");
+    assert!(!leaders[1].is_leader(), "only one leads");
+    // The leader's process dies: nothing renews its lease. The other one
+    // leads within the lease time (and a little for the election).
+    tasks[0].stop();
+    tokio::time::timeout(ttl * 5, leaders[1].leading())
+        .await
+        .expect("the second coordinator took over");
+    let holder = stores[1].get(LEADER_KEY).unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&holder).contains("\"c1\""));
+    tasks[1].stop();
+}
