@@ -30,7 +30,7 @@ pub struct CiArgs {
     #[command(subcommand)]
     cmd: Option<CiCmd>,
     #[command(flatten)]
-    add: AddArgs,
+    add: Box<AddArgs>,
 }
 
 /// What a new binding is.
@@ -84,7 +84,7 @@ pub struct AddArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum CiCmd {
     /// Allow a CI pipeline to deploy an app (the same as `miren auth ci APP …`).
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List the bindings of an app.
     List {
         #[arg(short = 'a', long = "app", env = "MIREN_APP")]
