@@ -807,6 +807,15 @@ mod tests {
                 "no_binding",
             ),
             (
+                LoginError::Drift(identity::IdDrift {
+                    binding: "b".into(),
+                    claim: "repository_id".into(),
+                    pinned: "1".into(),
+                    found: Some("2".into()),
+                }),
+                "id_drift",
+            ),
+            (
                 denied(DenialCause::UnboundIssuer("https://x".into())),
                 "untrusted_issuer",
             ),
