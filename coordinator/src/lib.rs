@@ -13,6 +13,7 @@ pub mod apps;
 pub mod artifacts;
 pub mod audit;
 pub mod ci;
+pub mod ci_simulate;
 pub mod converge;
 pub mod datadir;
 pub mod etcd_store;

@@ -400,10 +400,9 @@ impl Coordinator {
             rt.clone(),
         ));
         let registry = Arc::new(Registry::new(store.clone(), opts.runner_cert_validity));
-        let ci = Arc::new(crate::ci::CiBindings::load(
-            store.clone(),
-            outbound.clone(),
-        )?);
+        let ci = Arc::new(
+            crate::ci::CiBindings::load(store.clone(), outbound.clone())?.observed(observe.clone()),
+        );
         let routes = Arc::new(crate::routes::Routes::new(store.clone()));
         // One coordinator leads the singleton work; alone (or restarted on
         // its data dir) it leads from here on.
