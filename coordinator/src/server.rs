@@ -331,6 +331,7 @@ impl Coordinator {
             },
             port,
             fingerprint: Some(material.ca.fingerprint()),
+            alternates: Vec::new(),
         };
         let issuer_text = match &opts.issuer_url {
             Some(u) => u.clone(),

@@ -27,7 +27,7 @@ pub mod route_oidc;
 pub mod used_states;
 pub mod verify;
 
-pub use address::{AddressError, ClusterAddress, Fingerprint};
+pub use address::{AddressError, ClusterAddress, Fingerprint, HostPort};
 pub use bindings::{
     issuer_host_is_private_or_loopback, issuer_literal_address, Binding, BindingError, BindingSet,
     BindingSetError, Condition, IdDrift, IdPin, Match, MatchRefusal, NoMatch,

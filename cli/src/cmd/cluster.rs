@@ -131,7 +131,7 @@ fn add(name: &str, address: &str) -> anyhow::Result<()> {
         .get(name)
         .filter(|e| e.address().is_ok_and(|a| a.same_cluster(&addr)));
     let entry = ClusterEntry {
-        hostname: addr.host_port(),
+        hostname: addr.hosts(),
         fingerprint: Some(format!("sha1:{fp}")),
         client_cert: identity.and_then(|e| e.client_cert.clone()),
         client_key: identity.and_then(|e| e.client_key.clone()),
