@@ -830,7 +830,7 @@ mod tests {
             f.store.clone(),
             apps.clone(),
             Arc::new(Registry::new(f.store.clone(), Duration::from_secs(3600))),
-            Arc::new(crate::routes::Routes::new(f.store.clone())),
+            Arc::new(crate::routes::Routes::open(f.store.clone()).unwrap()),
             Arc::new(
                 crate::ci::CiBindings::load(
                     f.store.clone(),

@@ -45,5 +45,6 @@ pub mod shutdown;
 pub mod sso;
 pub mod state;
 pub mod store;
+pub mod watched;
 
 pub use server::{Coordinator, CoordinatorOptions};

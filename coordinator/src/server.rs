@@ -404,7 +404,7 @@ impl Coordinator {
         let ci = Arc::new(
             crate::ci::CiBindings::load(store.clone(), outbound.clone())?.observed(observe.clone()),
         );
-        let routes = Arc::new(crate::routes::Routes::new(store.clone()));
+        let routes = Arc::new(crate::routes::Routes::open(store.clone())?);
         // One coordinator leads the singleton work; alone (or restarted on
         // its data dir) it leads from here on.
         let (elector, leadership, lease) = crate::leader::Elector::new(
@@ -671,6 +671,7 @@ impl Coordinator {
         let (index, from) = crate::sandbox_index::SandboxIndex::load(&*state.store)?;
         let index = Arc::new(index);
         index.follow(state.store.clone(), from, &tasks);
+        state.routes.follow(&tasks);
         let ingress = Arc::new(crate::ingress::Ingress {
             routes: state.routes.clone(),
             apps: state.apps.clone(),

@@ -1616,7 +1616,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
         store.clone(),
         Duration::from_secs(3600),
     ));
-    let routes = Arc::new(coordinator::routes::Routes::new(store.clone()));
+    let routes = Arc::new(coordinator::routes::Routes::open(store.clone())?);
     let ci = Arc::new(coordinator::ci::CiBindings::load(
         store.clone(),
         identity::AddressPolicy::new(false, vec![]),
