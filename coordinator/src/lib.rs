@@ -42,5 +42,6 @@ pub mod shutdown;
 pub mod sso;
 pub mod state;
 pub mod store;
+pub mod wire_types;
 
 pub use server::{Coordinator, CoordinatorOptions};
