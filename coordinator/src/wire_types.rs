@@ -481,3 +481,339 @@ pub fn read_keys(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observed::SandboxState;
+    use capnp::message::{Builder, HeapAllocator, ReaderOptions, TypedReader};
+    use serde_json::json;
+
+    /// Writes with `write` into a fresh message, then reads its root back
+    /// with `read` (as the other end of a connection does).
+    fn round_trip<O, T>(
+        write: impl FnOnce(<O as capnp::traits::Owned>::Builder<'_>),
+        read: impl FnOnce(<O as capnp::traits::Owned>::Reader<'_>) -> capnp::Result<T>,
+    ) -> T
+    where
+        O: capnp::traits::Owned,
+    {
+        let mut message = Builder::new(HeapAllocator::new());
+        write(message.init_root::<O::Builder<'_>>());
+        let bytes = capnp::serialize::write_message_to_words(&message);
+        let reader =
+            capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], ReaderOptions::new())
+                .expect("a message");
+        let typed = TypedReader::<_, O>::new(reader);
+        read(typed.get().expect("root")).expect("reads back")
+    }
+
+    fn status() -> AppStatus {
+        AppStatus {
+            name: "web".into(),
+            active_version: Some("v2".into()),
+            versions: vec![
+                VersionStatus {
+                    id: "v2".into(),
+                    state: VersionState::Active,
+                    message: String::new(),
+                    artifact: "ab".repeat(32),
+                    created_unix: 1_700_000_000,
+                    services: vec![ServiceStatus {
+                        name: "web".into(),
+                        instances: 2,
+                        port: 8080,
+                        limits: ResourceLimits {
+                            memory_bytes: 64 << 20,
+                            cpu_millis: 500,
+                            pids: 64,
+                        },
+                    }],
+                },
+                VersionStatus {
+                    id: "v3".into(),
+                    state: VersionState::Failed,
+                    message: "gave up after 3 restarts".into(),
+                    artifact: "cd".repeat(32),
+                    created_unix: 1_700_000_100,
+                    services: vec![],
+                },
+            ],
+            sandboxes: vec![
+                SandboxStatus {
+                    id: "web-a".into(),
+                    version: "v2".into(),
+                    service: "web".into(),
+                    runner: "r1".into(),
+                    retiring: false,
+                    seen: SeenStatus {
+                        state: Some(SandboxState::Healthy),
+                        reported_unix: 1_700_000_050,
+                        unknown_since_unix: None,
+                        restarts: 1,
+                        address: "127.0.0.1:4000".into(),
+                        last_exit: "exit status: 1".into(),
+                    },
+                },
+                SandboxStatus {
+                    id: "web-b".into(),
+                    version: "v2".into(),
+                    service: "web".into(),
+                    runner: "r2".into(),
+                    retiring: true,
+                    seen: SeenStatus::unknown_since(1_700_000_060),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn app_status_reads_back_as_written_and_prints_as_it_always_did() {
+        let sent = status();
+        let read = round_trip::<wire::app_status::Owned, _>(
+            |b| write_app_status(&sent, b),
+            read_app_status,
+        );
+        assert_eq!(read, sent);
+        let none = AppStatus {
+            active_version: None,
+            ..status()
+        };
+        let read = round_trip::<wire::app_status::Owned, _>(
+            |b| write_app_status(&none, b),
+            read_app_status,
+        );
+        assert_eq!(read.active_version, None);
+        // The `-o json` shape of before the schema carried it.
+        let v = serde_json::to_value(&sent).expect("json");
+        assert_eq!(v["active_version"], "v2");
+        assert_eq!(v["versions"][1]["state"], "failed");
+        assert_eq!(
+            v["versions"][0]["services"][0],
+            json!({"name": "web", "instances": 2, "port": 8080,
+                   "limits": {"memory_bytes": 64 << 20, "cpu_millis": 500, "pids": 64}})
+        );
+        assert_eq!(
+            v["sandboxes"][0],
+            json!({"id": "web-a", "version": "v2", "service": "web", "runner": "r1",
+                   "retiring": false, "state": "healthy", "reported_unix": 1_700_000_050,
+                   "restarts": 1, "address": "127.0.0.1:4000", "last_exit": "exit status: 1"})
+        );
+        assert_eq!(
+            v["sandboxes"][1],
+            json!({"id": "web-b", "version": "v2", "service": "web", "runner": "r2",
+                   "retiring": true, "state": "unknown", "reported_unix": 0,
+                   "unknown_since_unix": 1_700_000_060, "restarts": 0, "address": "",
+                   "last_exit": ""})
+        );
+        assert_eq!(
+            serde_json::to_value(&none).expect("json")["active_version"],
+            json!(null)
+        );
+    }
+
+    #[test]
+    fn logs_keep_their_lines_and_errors() {
+        let sent = vec![
+            SandboxLogs {
+                sandbox: "web-a".into(),
+                version: "v1".into(),
+                lines: vec!["one".into(), "\x1b[2Jtwo".into()],
+                error: None,
+            },
+            SandboxLogs {
+                sandbox: "web-b".into(),
+                version: "v1".into(),
+                lines: vec![],
+                error: Some("runner not connected".into()),
+            },
+        ];
+        let mut message = Builder::new(HeapAllocator::new());
+        let list = message.init_root::<wire::app::logs_results::Builder<'_>>();
+        write_logs(&sent, list.init_sandboxes(sent.len() as u32));
+        let root = message
+            .get_root_as_reader::<wire::app::logs_results::Reader<'_>>()
+            .expect("root");
+        assert_eq!(
+            read_logs(root.get_sandboxes().expect("list")).expect("read"),
+            sent
+        );
+    }
+
+    #[test]
+    fn routes_protections_and_providers_read_back_without_secrets() {
+        let header: ClaimHeader = "email:X-User-Email".parse().expect("a claim header");
+        let routes = vec![
+            Route {
+                host: String::new(),
+                app: "web".into(),
+                oidc: None,
+            },
+            Route {
+                host: "a.example.com".into(),
+                app: "web".into(),
+                oidc: Some(RouteOidc {
+                    provider: "corp".into(),
+                    claim_headers: vec![header.clone()],
+                }),
+            },
+        ];
+        let mut message = Builder::new(HeapAllocator::new());
+        let root = message.init_root::<wire::admin::list_routes_results::Builder<'_>>();
+        write_routes(&routes, root.init_routes(2));
+        let r = message
+            .get_root_as_reader::<wire::admin::list_routes_results::Reader<'_>>()
+            .expect("root");
+        let read = read_routes(r.get_routes().expect("list")).expect("read");
+        assert_eq!(read, routes);
+        assert_eq!(
+            serde_json::to_value(&read).expect("json"),
+            json!([{"host": "", "app": "web"},
+                   {"host": "a.example.com", "app": "web",
+                    "oidc": {"provider": "corp", "claim_headers": ["email:X-User-Email"]}}])
+        );
+
+        let provider = crate::routes::Provider {
+            name: "corp".into(),
+            issuer: "https://login.example.com".into(),
+            client_id: "id".into(),
+            client_secret: "hunter2".into(),
+            scope: "openid".into(),
+        };
+        let shown = RouteProtection {
+            host: "a.example.com".into(),
+            app: "web".into(),
+            oidc: Some(ShownOidc {
+                provider: Some(provider.shown()),
+                claim_headers: vec![header],
+            }),
+        };
+        let read = round_trip::<wire::route_oidc_shown::Owned, _>(
+            |b| write_route_protection(&shown, b),
+            read_route_protection,
+        );
+        assert_eq!(read, shown);
+        let v = serde_json::to_value(&read).expect("json");
+        assert_eq!(
+            v["oidc"]["provider"],
+            json!({"name": "corp", "issuer": "https://login.example.com", "client_id": "id",
+                   "client_secret": "(set, not shown)", "scope": "openid"})
+        );
+        let open = RouteProtection {
+            oidc: None,
+            ..shown
+        };
+        let read = round_trip::<wire::route_oidc_shown::Owned, _>(
+            |b| write_route_protection(&open, b),
+            read_route_protection,
+        );
+        assert_eq!(
+            serde_json::to_value(&read).expect("json")["oidc"],
+            json!(null)
+        );
+        // The secret is not in the message at all.
+        let mut message = Builder::new(HeapAllocator::new());
+        write_provider(&provider.shown(), message.init_root());
+        let bytes = capnp::serialize::write_message_to_words(&message);
+        assert!(!bytes.windows(7).any(|w| w == b"hunter2"));
+    }
+
+    #[test]
+    fn an_enable_request_tells_unset_from_empty() {
+        let sent = EnableRequest {
+            provider: None,
+            provider_url: Some("https://login.example.com".into()),
+            client_id: Some(String::new()),
+            client_secret: Some("s".into()),
+            scope: None,
+            claim_headers: vec!["email:X-Email".into()],
+            replace_provider: false,
+        };
+        let read = round_trip::<wire::route_oidc_config::Owned, _>(
+            |b| write_enable_request(&sent, b),
+            read_enable_request,
+        );
+        assert_eq!(read, sent);
+    }
+
+    #[test]
+    fn claims_and_keys_read_back_as_written() {
+        let claims = WorkloadClaims {
+            iss: "https://c.example.com".into(),
+            sub: "app:web:sandbox:web-a".into(),
+            aud: vec!["miren".into(), "sts.amazonaws.com".into()],
+            iat: 10,
+            nbf: 10,
+            exp: 3610,
+            jti: "j".into(),
+            app: "web".into(),
+            sandbox_id: "web-a".into(),
+            cluster_id: "c1".into(),
+            organization_id: String::new(),
+        };
+        let read = round_trip::<wire::workload_claims::Owned, _>(
+            |b| write_claims(&claims, b),
+            read_claims,
+        );
+        assert_eq!(read, claims);
+        assert!(serde_json::to_value(&read)
+            .expect("json")
+            .get("organization_id")
+            .is_none());
+
+        let keys = vec![
+            KeyStatus {
+                kid: "k1".into(),
+                alg: "RS256".into(),
+                state: KeyState::Active,
+                created_unix: 1,
+                activates_unix: 2,
+                retires_unix: None,
+            },
+            KeyStatus {
+                kid: "k0".into(),
+                alg: "RS256".into(),
+                state: KeyState::Retired,
+                created_unix: 0,
+                activates_unix: 0,
+                retires_unix: Some(5),
+            },
+        ];
+        let mut message = Builder::new(HeapAllocator::new());
+        let root = message.init_root::<wire::admin::list_signing_keys_results::Builder<'_>>();
+        write_keys(&keys, root.init_keys(2));
+        let r = message
+            .get_root_as_reader::<wire::admin::list_signing_keys_results::Reader<'_>>()
+            .expect("root");
+        let read = read_keys(r.get_keys().expect("list")).expect("read");
+        assert_eq!(
+            serde_json::to_value(&read).expect("json"),
+            json!([{"kid": "k1", "alg": "RS256", "state": "active", "created_unix": 1,
+                    "activates_unix": 2, "retires_unix": null},
+                   {"kid": "k0", "alg": "RS256", "state": "retired", "created_unix": 0,
+                    "activates_unix": 0, "retires_unix": 5}])
+        );
+    }
+
+    #[test]
+    fn every_state_maps_to_its_schema_twin_and_back() {
+        use VersionState as V;
+        for v in [V::Deploying, V::Active, V::Failed, V::Superseded] {
+            assert_eq!(VersionState::from(wire::VersionState::from(v)), v);
+        }
+        use KeyState as K;
+        for k in [K::Pending, K::Active, K::Retired, K::Expired, K::Legacy] {
+            assert_eq!(KeyState::from(wire::KeyState::from(k)), k);
+        }
+        use JoinTokenState as J;
+        for j in [J::Valid, J::Used, J::Revoked, J::Expired] {
+            assert_eq!(join_token_state_from_wire(join_token_state_to_wire(j)), j);
+        }
+        use SandboxState as S;
+        for s in [S::Starting, S::Healthy, S::Crashed, S::Failed, S::Stopped] {
+            assert_eq!(SandboxState::from(wire::SandboxState::from(s)), s);
+        }
+        assert_eq!(runner_state_word(wire::RunnerState::Ready), "ready");
+        assert_eq!(runner_state_word(wire::RunnerState::Down), "down");
+    }
+}
