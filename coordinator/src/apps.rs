@@ -229,6 +229,7 @@ impl From<Seen> for SeenStatus {
     }
 }
 
+/// A reported state's word, or `unknown` when nothing was reported.
 fn state_or_unknown<S: serde::Serializer>(
     state: &Option<SandboxState>,
     s: S,

@@ -122,12 +122,14 @@ fn read_opt_text(
     }
 }
 
+/// A service's or sandbox's limits on the wire (0 = the runner's default).
 pub fn write_limits(l: &ResourceLimits, mut b: wire::resource_limits::Builder<'_>) {
     b.set_memory_bytes(l.memory_bytes);
     b.set_cpu_millis(l.cpu_millis);
     b.set_pids(l.pids);
 }
 
+/// Limits as read from the wire.
 pub fn read_limits(r: wire::resource_limits::Reader<'_>) -> ResourceLimits {
     ResourceLimits {
         memory_bytes: r.get_memory_bytes(),
@@ -136,6 +138,7 @@ pub fn read_limits(r: wire::resource_limits::Reader<'_>) -> ResourceLimits {
     }
 }
 
+/// `App.status` (and each of `Admin.listApps`).
 pub fn write_app_status(s: &AppStatus, mut b: wire::app_status::Builder<'_>) {
     b.set_name(&s.name);
     b.set_active_version(s.active_version.as_deref().unwrap_or(""));
@@ -179,6 +182,7 @@ pub fn write_app_status(s: &AppStatus, mut b: wire::app_status::Builder<'_>) {
     }
 }
 
+/// [`write_app_status`]'s reply, as the CLI reads it.
 pub fn read_app_status(r: wire::app_status::Reader<'_>) -> Result<AppStatus, capnp::Error> {
     let mut versions = Vec::new();
     for v in r.get_versions()? {
@@ -234,6 +238,7 @@ pub fn read_app_status(r: wire::app_status::Reader<'_>) -> Result<AppStatus, cap
     })
 }
 
+/// `App.logs`: each sandbox's lines, or why its runner gave none (empty = it did).
 pub fn write_logs(
     logs: &[SandboxLogs],
     mut list: struct_list::Builder<'_, wire::sandbox_logs::Owned>,
@@ -247,6 +252,7 @@ pub fn write_logs(
     }
 }
 
+/// [`write_logs`]'s reply, as the CLI reads it.
 pub fn read_logs(
     list: struct_list::Reader<'_, wire::sandbox_logs::Owned>,
 ) -> Result<Vec<SandboxLogs>, capnp::Error> {
@@ -279,6 +285,7 @@ fn write_claim_headers(headers: &[ClaimHeader], list: capnp::text_list::Builder<
     text_list(headers.iter().map(ToString::to_string), list);
 }
 
+/// `Admin.listRoutes`.
 pub fn write_routes(routes: &[Route], mut list: struct_list::Builder<'_, wire::route::Owned>) {
     for (i, r) in routes.iter().enumerate() {
         let mut b = list.reborrow().get(i as u32);
@@ -293,6 +300,7 @@ pub fn write_routes(routes: &[Route], mut list: struct_list::Builder<'_, wire::r
     }
 }
 
+/// [`write_routes`]'s reply; a claim header is checked again as it is read.
 pub fn read_routes(
     list: struct_list::Reader<'_, wire::route::Owned>,
 ) -> Result<Vec<Route>, capnp::Error> {
@@ -316,6 +324,7 @@ pub fn read_routes(
     Ok(out)
 }
 
+/// One provider, without its secret (there is no field for it).
 pub fn write_provider(p: &ShownProvider, mut b: wire::oidc_provider::Builder<'_>) {
     b.set_name(&p.name);
     b.set_issuer(&p.issuer);
@@ -323,6 +332,7 @@ pub fn write_provider(p: &ShownProvider, mut b: wire::oidc_provider::Builder<'_>
     b.set_scope(&p.scope);
 }
 
+/// [`write_provider`]'s provider.
 pub fn read_provider(r: wire::oidc_provider::Reader<'_>) -> Result<ShownProvider, capnp::Error> {
     Ok(ShownProvider {
         name: r.get_name()?.to_string()?,
@@ -333,6 +343,7 @@ pub fn read_provider(r: wire::oidc_provider::Reader<'_>) -> Result<ShownProvider
     })
 }
 
+/// `Admin.listOidcProviders`.
 pub fn write_providers(
     providers: &[ShownProvider],
     mut list: struct_list::Builder<'_, wire::oidc_provider::Owned>,
@@ -342,12 +353,14 @@ pub fn write_providers(
     }
 }
 
+/// [`write_providers`]'s reply.
 pub fn read_providers(
     list: struct_list::Reader<'_, wire::oidc_provider::Owned>,
 ) -> Result<Vec<ShownProvider>, capnp::Error> {
     list.iter().map(read_provider).collect()
 }
 
+/// `Admin.routeOidcShow`.
 pub fn write_route_protection(p: &RouteProtection, mut b: wire::route_oidc_shown::Builder<'_>) {
     b.set_host(&p.host);
     b.set_app(&p.app);
@@ -361,6 +374,7 @@ pub fn write_route_protection(p: &RouteProtection, mut b: wire::route_oidc_shown
     }
 }
 
+/// [`write_route_protection`]'s reply.
 pub fn read_route_protection(
     r: wire::route_oidc_shown::Reader<'_>,
 ) -> Result<RouteProtection, capnp::Error> {
@@ -385,6 +399,7 @@ pub fn read_route_protection(
     })
 }
 
+/// `Admin.routeOidcEnable`'s request: a `None` stays unset.
 pub fn write_enable_request(req: &EnableRequest, mut b: wire::route_oidc_config::Builder<'_>) {
     if let Some(p) = &req.provider {
         b.set_provider(p);
@@ -406,6 +421,7 @@ pub fn write_enable_request(req: &EnableRequest, mut b: wire::route_oidc_config:
     text_list(req.claim_headers.iter(), b.init_claim_headers(n));
 }
 
+/// [`write_enable_request`]'s request, an unset text read as `None`.
 pub fn read_enable_request(
     r: wire::route_oidc_config::Reader<'_>,
 ) -> Result<EnableRequest, capnp::Error> {
@@ -420,6 +436,7 @@ pub fn read_enable_request(
     })
 }
 
+/// `Admin.verifyWorkloadToken`'s verified claims.
 pub fn write_claims(c: &WorkloadClaims, mut b: wire::workload_claims::Builder<'_>) {
     b.set_iss(&c.iss);
     b.set_sub(&c.sub);
@@ -434,6 +451,7 @@ pub fn write_claims(c: &WorkloadClaims, mut b: wire::workload_claims::Builder<'_
     text_list(c.aud.iter(), b.init_aud(c.aud.len() as u32));
 }
 
+/// [`write_claims`]'s claims.
 pub fn read_claims(r: wire::workload_claims::Reader<'_>) -> Result<WorkloadClaims, capnp::Error> {
     Ok(WorkloadClaims {
         iss: r.get_iss()?.to_string()?,
@@ -450,6 +468,7 @@ pub fn read_claims(r: wire::workload_claims::Reader<'_>) -> Result<WorkloadClaim
     })
 }
 
+/// `Admin.listSigningKeys` and `rotateSigningKey` (`retiresUnix` 0 = none).
 pub fn write_keys(
     statuses: &[KeyStatus],
     mut list: struct_list::Builder<'_, wire::signing_key::Owned>,
@@ -465,6 +484,7 @@ pub fn write_keys(
     }
 }
 
+/// [`write_keys`]'s reply.
 pub fn read_keys(
     list: struct_list::Reader<'_, wire::signing_key::Owned>,
 ) -> Result<Vec<KeyStatus>, capnp::Error> {
