@@ -951,6 +951,7 @@ mod tests {
             f.tasks(),
             "https://issuer.test".into(),
             crate::reconcile::Settings::default(),
+            crate::leader::Leadership::always(),
         );
         f.rt.block_on(reconciler.delete_app("web")).unwrap();
         assert!(apps.app("web").unwrap().is_none());

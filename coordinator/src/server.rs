@@ -14,7 +14,7 @@
 //! loop and everything `Send` runs on the multi-threaded runtime.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,40 @@ pub struct CoordinatorOptions {
     pub observe: bool,
     /// The reconcile loop's knobs (`--runner-grace`, `--rollout-timeout`).
     pub reconcile: crate::reconcile::Settings,
+    /// Where the cluster's records live.
+    pub store: StoreBackend,
+}
+
+/// The store the coordinator runs on.
+#[derive(Debug, Clone, Default)]
+pub enum StoreBackend {
+    /// `store.redb` in the data dir: one machine.
+    #[default]
+    Embedded,
+    /// etcd v3 (`--etcd`): the state several coordinators share.
+    Etcd(crate::etcd_store::EtcdOptions),
+}
+
+impl StoreBackend {
+    /// Opens the store; a shared one is claimed for the cluster whose CA
+    /// has `fingerprint` (or checked to be that cluster's).
+    fn open(&self, dir: &Path, fingerprint: &str) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match self {
+            StoreBackend::Embedded => Arc::new(RedbStore::open(&dir.join("store.redb"))?),
+            StoreBackend::Etcd(opts) => {
+                let store = crate::etcd_store::EtcdStore::connect(opts).with_context(|| {
+                    format!("connecting to etcd at {}", opts.endpoints.join(","))
+                })?;
+                crate::etcd_store::claim(&store, fingerprint)?;
+                tracing::info!(
+                    endpoints = %opts.endpoints.join(","),
+                    prefix = %opts.prefix,
+                    "store: etcd"
+                );
+                Arc::new(store)
+            }
+        })
+    }
 }
 
 /// Open files the coordinator needs besides its HTTP connections (store,
@@ -124,6 +158,10 @@ pub struct Coordinator {
     metrics: Option<tokio::net::TcpListener>,
     registry: Arc<prometheus_client::registry::Registry>,
     server_cert: ServerCert,
+    /// Stands for leader once serving (taken by `serve`), with the lease
+    /// it already leads on.
+    elector: Option<(crate::leader::Elector, Option<crate::store::LeaseId>)>,
+    leadership: crate::leader::Leadership,
 }
 
 /// The server certificate being served, and how to renew it.
@@ -262,7 +300,8 @@ impl Coordinator {
         let observe =
             crate::observe::start(&material.dir, opts.observe, opts.signing_key_rotation)?;
         let store: Arc<dyn Store> = crate::observe::metered_store(
-            Arc::new(RedbStore::open(&material.dir.join("store.redb"))?),
+            opts.store
+                .open(&material.dir, &material.ca.fingerprint().to_string())?,
             &observe,
         );
 
@@ -361,11 +400,18 @@ impl Coordinator {
             rt.clone(),
         ));
         let registry = Arc::new(Registry::new(store.clone(), opts.runner_cert_validity));
-        let ci = Arc::new(crate::ci::CiBindings::load(
-            store.clone(),
-            outbound.clone(),
-        )?);
+        let ci = Arc::new(
+            crate::ci::CiBindings::load(store.clone(), outbound.clone())?.observed(observe.clone()),
+        );
         let routes = Arc::new(crate::routes::Routes::new(store.clone()));
+        // One coordinator leads the singleton work; alone (or restarted on
+        // its data dir) it leads from here on.
+        let (elector, leadership, lease) = crate::leader::Elector::new(
+            store.clone(),
+            crate::leader::coordinator_id(&material.dir)?,
+            cluster_name.clone(),
+            crate::leader::LEASE_TTL,
+        );
         let reconciler = Arc::new(crate::reconcile::Reconciler::new(
             store.clone(),
             apps.clone(),
@@ -375,6 +421,7 @@ impl Coordinator {
             tasks.clone(),
             issuer.url.as_str().to_string(),
             opts.reconcile,
+            leadership.clone(),
         ));
         let state = Arc::new(State {
             cluster: ClusterIdentity {
@@ -457,6 +504,8 @@ impl Coordinator {
             ingress_streams_per_app: opts.ingress_streams_per_app,
             metrics,
             registry,
+            elector: Some((elector, lease)),
+            leadership,
         })
     }
 
@@ -570,9 +619,17 @@ impl Coordinator {
         let pool = LocalPool::new(workers);
         let tasks = self.state.tasks.clone();
         let state = &self.state;
+        if let Some((elector, lease)) = self.elector.take() {
+            tasks.spawn("leader election", elector.run(lease, tasks.clone()));
+        }
         tasks.spawn(
             "key rotation",
-            crate::issuer::rotate_keys_forever(state.issuer.clone(), self.rotation, tasks.clone()),
+            crate::issuer::rotate_keys_forever(
+                state.issuer.clone(),
+                self.rotation,
+                self.leadership.clone(),
+                tasks.clone(),
+            ),
         );
         tasks.spawn(
             "key audit",

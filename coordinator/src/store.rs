@@ -75,6 +75,31 @@ pub enum StoreError {
     /// A put named a lease that does not exist (expired or revoked).
     #[error("lease {0:x} not found (it expired or was revoked); grant a new one")]
     LeaseNotFound(LeaseId),
+    /// etcd refused or failed a request (unreachable, no quorum, …).
+    #[error("etcd {what} failed: {source} (check that etcd is reachable at the --etcd addresses and has a quorum; the change was not made and can be retried)")]
+    Etcd {
+        what: &'static str,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    /// etcd did not answer in time.
+    #[error("etcd {what} got no answer within {after:?} (check that etcd is reachable at the --etcd addresses and has a quorum; the change was not made and can be retried)")]
+    EtcdTimeout { what: &'static str, after: Duration },
+    /// The etcd options cannot work.
+    #[error("{0}")]
+    EtcdConfig(String),
+    /// etcd ended a watch without saying why (a member restart, say):
+    /// re-list and watch again.
+    #[error("etcd ended the watch; re-list and watch again")]
+    EtcdWatchEnded,
+    /// A transaction too large for etcd.
+    #[error(
+        "a store transaction of {bytes} bytes is over the {limit}-byte limit of the etcd backend"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+    /// The shared store belongs to another cluster.
+    #[error("the etcd store holds the state of the cluster whose CA is {owner}, not this data dir's ({ours}); give this cluster its own --etcd-prefix, or start with that cluster's data dir")]
+    OtherCluster { owner: String, ours: String },
 }
 
 /// Why the store file could not be opened.
@@ -100,6 +125,9 @@ pub enum RecordFault {
     /// A value with no revision metadata beside it.
     #[error("value without revision metadata")]
     NoMetadata,
+    /// A key (in etcd) that is not UTF-8.
+    #[error("the key is not UTF-8")]
+    KeyNotUtf8,
 }
 
 /// Reads a JSON record; a record that does not parse names its key.

@@ -1630,6 +1630,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
         tasks.clone(),
         "https://converge.bench".into(),
         coordinator::reconcile::Settings::default(),
+        coordinator::leader::Leadership::always(),
     );
     let revision = store.revision()?;
     let (pass_secs, pass_n) = rt.block_on(async {

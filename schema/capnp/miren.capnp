@@ -218,6 +218,73 @@ struct RunnerInfo {
   limits @10 :Text;
 }
 
+struct CiCondition {
+  # A claim that must match one of the patterns (globs; OR).
+  claim @0 :Text;
+  patterns @1 :List(Text);
+}
+
+struct CiIdPin {
+  # An immutable id the token's claim must equal.
+  claim @0 :Text;
+  value @1 :Text;
+  learned @2 :Bool;
+  # Learned from the first token that matched (else given by the operator).
+  learnedUnix @3 :Int64;
+}
+
+struct CiBinding {
+  # identity::bindings::Binding. In addCiBinding the coordinator assigns
+  # id and createdUnix and re-validates every rule.
+  id @0 :Text;
+  app @1 :Text;
+  provider @2 :Text;
+  issuer @3 :Text;
+  subject @4 :Text;
+  conditions @5 :List(CiCondition);
+  ids @6 :List(CiIdPin);
+  allowBroad @7 :Bool;
+  description @8 :Text;
+  createdUnix @9 :Int64;
+}
+
+enum CiCheckOutcome {
+  matched @0;
+  mismatched @1;
+  missing @2;
+  willPin @3;
+}
+
+struct CiCheck {
+  claim @0 :Text;
+  expected @1 :List(Text);
+  hasValue @2 :Bool;
+  tokenValue @3 :Text;
+  outcome @4 :CiCheckOutcome;
+}
+
+enum CiVerdict {
+  accepts @0;
+  noMatch @1;
+  drift @2;
+}
+
+struct CiBindingExplanation {
+  binding @0 :CiBinding;
+  checks @1 :List(CiCheck);
+  verdict @2 :CiVerdict;
+  drift @3 :Text;
+  # The drift refusal's words when verdict is drift.
+}
+
+struct CiBindingTest {
+  tokenValid @0 :Bool;
+  tokenProblem @1 :Text;
+  # Why the token would be refused before any binding is matched
+  # (signature, issuer, audience, expiry); "" when tokenValid.
+  bindings @2 :List(CiBindingExplanation);
+}
+
 interface Admin {
   status @0 () -> (status :ClusterStatus);
   mintWorkloadToken @1 (app :Text, sandboxId :Text, organization :Text,
@@ -242,10 +309,10 @@ interface Admin {
   # host "" is the default route.
   listRoutes @15 () -> (routes :List(Route));
   removeRoute @16 (host :Text) -> ();
-  addCiBinding @17 (bindingJson :Text) -> (id :Text);
-  # The binding as identity::bindings::Binding JSON; the coordinator assigns
-  # the id and re-validates every rule.
-  listCiBindings @18 (app :Text) -> (bindingsJson :Text);
+  addCiBinding @17 (binding :CiBinding) -> (id :Text);
+  # The coordinator assigns the id and re-validates every rule, breadth
+  # included (refused unless allowBroad).
+  listCiBindings @18 (app :Text) -> (bindings :List(CiBinding));
   removeCiBinding @19 (id :Text) -> ();
   routeOidcEnable @20 (host :Text, config :RouteOidcConfig) -> ();
   # Labs (routeoidc). host "" is the default route.
@@ -270,6 +337,10 @@ interface Admin {
   # Cordons the runner and moves its sandboxes to other ready runners, each
   # old one stopping once its replacement is healthy; answers the runner's
   # full id at once (follow with listRunners until it hosts none).
+  testCiBinding @28 (app :Text, token :Text) -> (result :CiBindingTest);
+  # What a CI login with token for app would make of it, without logging
+  # in: the token's verification first, then every binding of the app
+  # claim by claim. Changes nothing.
 }
 
 interface App {

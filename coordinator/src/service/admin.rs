@@ -10,6 +10,7 @@ use identity::Subject;
 use schema::miren_capnp::{admin, app};
 use transport::clock::now_unix;
 
+use super::ci_wire::{read_binding, write_binding, write_test};
 use super::wire::{
     admin_cert_err, app_err, ci_err, client, delete_err, err, failed, issuer_err, joined, mint_err,
     read_labels, registry_err, route_oidc_err, routes_err, runners_err, summary_err, token_request,
@@ -175,11 +176,9 @@ impl admin::Server for AdminService {
         params: admin::AddCiBindingParams,
         mut results: admin::AddCiBindingResults,
     ) -> Result<(), capnp::Error> {
-        let json = params.get()?.get_binding_json()?.to_str()?;
-        let binding: identity::bindings::Binding =
-            serde_json::from_str(json).map_err(|e| failed(format!("binding is not valid: {e}")))?;
+        let binding = read_binding(params.get()?.get_binding()?)?;
         let summary = crate::observe::BindingSummary::of(&binding);
-        let id = self.state.ci.add(binding).map_err(ci_err)?;
+        let id = self.state.ci.add(binding, now_unix()).map_err(ci_err)?;
         (self.state.observe).binding_added(&self.actor, &id, &summary);
         results.get().set_id(&id);
         Ok(())
@@ -192,8 +191,31 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let app = params.get()?.get_app()?.to_str()?;
         let list = self.state.ci.for_app(app);
-        let json = serde_json::to_string(&list).map_err(err)?;
-        results.get().set_bindings_json(json);
+        let mut out = results.get().init_bindings(list.len() as u32);
+        for (i, b) in list.iter().enumerate() {
+            write_binding(out.reborrow().get(i as u32), b);
+        }
+        Ok(())
+    }
+
+    async fn test_ci_binding(
+        self: Rc<Self>,
+        params: admin::TestCiBindingParams,
+        mut results: admin::TestCiBindingResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let app = params.get_app()?.to_str()?;
+        let token = params.get_token()?.to_str()?;
+        let st = &self.state;
+        let simulation =
+            crate::ci_simulate::simulate(&st.oidc, &st.ci, &st.rt, app, token, now_unix())
+                .await
+                .map_err(ci_err)?;
+        write_test(
+            results.get().init_result(),
+            simulation.refused.as_deref(),
+            &simulation.bindings,
+        );
         Ok(())
     }
 
