@@ -333,7 +333,7 @@ impl EtcdStore {
         let rest = key.strip_prefix(prefix).unwrap_or(key);
         String::from_utf8(rest.to_vec()).map_err(|_| StoreError::Record {
             key: String::from_utf8_lossy(key).into_owned(),
-            reason: "the key is not UTF-8".into(),
+            reason: crate::store::RecordFault::KeyNotUtf8,
         })
     }
 

@@ -46,5 +46,6 @@ pub mod sso;
 pub mod state;
 pub mod store;
 pub mod watched;
+pub mod wire_types;
 
 pub use server::{Coordinator, CoordinatorOptions};

@@ -104,12 +104,37 @@ pub struct Provider {
 }
 
 impl Provider {
-    /// The provider as shown to people: the secret replaced.
-    pub fn redacted(&self) -> serde_json::Value {
-        serde_json::json!({
-            "name": self.name, "issuer": self.issuer, "client_id": self.client_id,
-            "client_secret": "(set, not shown)", "scope": self.scope,
-        })
+    /// The provider as shown to people: without its secret.
+    pub fn shown(&self) -> ShownProvider {
+        ShownProvider {
+            name: self.name.clone(),
+            issuer: self.issuer.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: SecretNotShown,
+            scope: self.scope.clone(),
+        }
+    }
+}
+
+/// A provider as listings show it (and as it crosses the wire): its client
+/// secret never leaves the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShownProvider {
+    pub name: String,
+    pub issuer: String,
+    pub client_id: String,
+    /// Always shown as `(set, not shown)`.
+    pub client_secret: SecretNotShown,
+    pub scope: String,
+}
+
+/// Where a listing would show a client secret: `(set, not shown)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretNotShown;
+
+impl Serialize for SecretNotShown {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("(set, not shown)")
     }
 }
 

@@ -1524,7 +1524,7 @@ fn per_call(budget: Duration, mut f: impl FnMut() -> usize) -> (f64, u64) {
 }
 
 fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Result<Micro> {
-    use coordinator::apps::{AppRecord, Apps, SandboxRecord, SandboxReport};
+    use coordinator::apps::{AppRecord, Apps, SandboxRecord, SandboxReport, SandboxState};
     use coordinator::observed::Observed;
     use coordinator::sandbox_index::SandboxIndex;
     use coordinator::store::{decode, RedbStore, Store};
@@ -1557,7 +1557,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
             o.session_started(runner, 1);
             for id in ids {
                 let report = SandboxReport {
-                    state: "healthy".into(),
+                    state: SandboxState::Healthy,
                     address: "127.0.0.1:1".into(),
                     ..Default::default()
                 };

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use identity::ClusterAddress;
 use schema::miren_capnp::Role;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::config::{config_path, resolve, ClientConfig, ClusterEntry, Target};
 use crate::connect::{remote, run_local, Session};
@@ -88,13 +88,23 @@ fn list(format: Format) -> anyhow::Result<()> {
         })
         .collect();
     match format {
-        Format::Json => output::json(&json!(rows
-            .iter()
-            .map(|(n, a, act, id)| json!({"name": n, "address": a, "active": act, "identity": if *id {"admin"} else {"none"}}))
-            .collect::<Vec<_>>())),
+        Format::Json => output::json(
+            &rows
+                .iter()
+                .map(|(name, address, active, id)| ClusterRow {
+                    name,
+                    address,
+                    active: *active,
+                    identity: if *id { "admin" } else { "none" },
+                })
+                .collect::<Vec<_>>(),
+        ),
         Format::Table => {
             if rows.is_empty() {
-                println!("No clusters configured in {} (`miren cluster add NAME ADDRESS`)", path.display());
+                println!(
+                    "No clusters configured in {} (`miren cluster add NAME ADDRESS`)",
+                    path.display()
+                );
                 return Ok(());
             }
             let table: Vec<Vec<String>> = rows
@@ -166,6 +176,46 @@ fn switch(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A configured cluster as `cluster list -o json` shows it.
+#[derive(Debug, Serialize)]
+struct ClusterRow<'a> {
+    name: &'a str,
+    address: &'a str,
+    active: bool,
+    /// `admin` or `none`.
+    identity: &'static str,
+}
+
+/// What `cluster status` shows (`-o json` prints this).
+#[derive(Debug, Serialize)]
+struct StatusDoc {
+    name: String,
+    cluster_id: String,
+    version: String,
+    issuer_url: String,
+    address: String,
+    config_name: Option<String>,
+    /// `admin`, `runner` or `anonymous`.
+    identity: &'static str,
+    server_cert_expires_unix: Option<i64>,
+    /// Only for an admin.
+    #[serde(flatten)]
+    admin: Option<AdminStatusDoc>,
+}
+
+/// The part of [`StatusDoc`] only an admin sees.
+#[derive(Debug, Serialize)]
+struct AdminStatusDoc {
+    admin_cert_expires_unix: Option<i64>,
+    uptime_secs: u64,
+    runners: u32,
+    apps: u32,
+    sandboxes: u32,
+    join_tokens: u32,
+    ci_bindings: u32,
+    signing_keys: u32,
+}
+
 async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
     let target = resolve(cluster)?;
     let session = Session::open(target).await?;
@@ -178,22 +228,27 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
         .map_err(remote)?;
     let info = info_reply.get()?.get_info()?;
     let role = session.role().await?;
-    let mut doc = json!({
-        "name": info.get_name()?.to_str()?,
-        "cluster_id": info.get_cluster_id()?.to_str()?,
-        "version": info.get_version()?.to_str()?,
-        "issuer_url": info.get_issuer_url()?.to_str()?,
-        "address": session.target.address.to_string(),
-        "config_name": session.target.name.clone(),
-        "identity": match role { Role::Admin => "admin", Role::Runner => "runner", Role::Anonymous => "anonymous" },
-        "server_cert_expires_unix": session.server_cert_not_after(),
-    });
+    let mut doc = StatusDoc {
+        name: info.get_name()?.to_string()?,
+        cluster_id: info.get_cluster_id()?.to_string()?,
+        version: info.get_version()?.to_string()?,
+        issuer_url: info.get_issuer_url()?.to_string()?,
+        address: session.target.address.to_string(),
+        config_name: session.target.name.clone(),
+        identity: match role {
+            Role::Admin => "admin",
+            Role::Runner => "runner",
+            Role::Anonymous => "anonymous",
+        },
+        server_cert_expires_unix: session.server_cert_not_after(),
+        admin: None,
+    };
     if role == Role::Admin {
-        doc["admin_cert_expires_unix"] = json!(session
+        let admin_cert_expires_unix = session
             .target
             .identity
             .as_ref()
-            .and_then(|(cert, _)| transport::pki::not_after_unix(cert).ok()));
+            .and_then(|(cert, _)| transport::pki::not_after_unix(cert).ok());
         let admin = session.admin().await?;
         let reply = admin
             .status_request()
@@ -202,18 +257,23 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             .await
             .map_err(remote)?;
         let s = reply.get()?.get_status()?;
-        doc["uptime_secs"] = json!(s.get_uptime_secs());
-        doc["runners"] = json!(s.get_runners());
-        doc["apps"] = json!(s.get_apps());
-        doc["sandboxes"] = json!(s.get_sandboxes());
-        doc["join_tokens"] = json!(s.get_join_tokens());
-        doc["ci_bindings"] = json!(s.get_ci_bindings());
-        doc["signing_keys"] = json!(s.get_signing_keys());
+        doc.admin = Some(AdminStatusDoc {
+            admin_cert_expires_unix,
+            uptime_secs: s.get_uptime_secs(),
+            runners: s.get_runners(),
+            apps: s.get_apps(),
+            sandboxes: s.get_sandboxes(),
+            join_tokens: s.get_join_tokens(),
+            ci_bindings: s.get_ci_bindings(),
+            signing_keys: s.get_signing_keys(),
+        });
     }
     session.close().await;
     match format {
         Format::Json => output::json(&doc),
         Format::Table => {
+            // The rows are the JSON document's fields, in the order below.
+            let doc = serde_json::to_value(&doc)?;
             let now = transport::clock::now_unix();
             let field = |k: &str| {
                 doc.get(k).filter(|v| !v.is_null()).map(|v| match v {

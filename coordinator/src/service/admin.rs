@@ -14,11 +14,15 @@ use super::ci_wire::{read_binding, write_binding, write_test};
 use super::wire::{
     admin_cert_err, app_err, ci_err, client, delete_err, err, failed, issuer_err, joined, mint_err,
     read_labels, registry_err, route_oidc_err, routes_err, runners_err, summary_err, token_request,
-    write_info, write_keys, write_runner_info, write_token_info,
+    write_info, write_runner_info, write_token_info,
 };
 use super::AppService;
 use crate::audit::{Actor, Event};
 use crate::state::State;
+use crate::wire_types::{
+    read_enable_request, write_app_status, write_claims, write_keys, write_providers,
+    write_route_protection, write_routes,
+};
 
 /// What an operator holding the admin certificate may do.
 pub struct AdminService {
@@ -118,11 +122,12 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let mut out = Vec::new();
         for a in self.state.apps.apps().map_err(app_err)? {
-            out.push(self.state.apps.status_json(&a.name).map_err(app_err)?);
+            out.push(self.state.apps.status(&a.name).map_err(app_err)?);
         }
-        results
-            .get()
-            .set_apps_json(serde_json::Value::Array(out).to_string());
+        let mut list = results.get().init_apps(out.len() as u32);
+        for (i, a) in out.iter().enumerate() {
+            write_app_status(a, list.reborrow().get(i as u32));
+        }
         Ok(())
     }
 
@@ -150,8 +155,7 @@ impl admin::Server for AdminService {
         mut results: admin::ListRoutesResults,
     ) -> Result<(), capnp::Error> {
         let routes = self.state.routes.list().map_err(routes_err)?;
-        let json = serde_json::to_string(&routes).map_err(err)?;
-        results.get().set_routes_json(json);
+        write_routes(&routes, results.get().init_routes(routes.len() as u32));
         Ok(())
     }
 
@@ -232,8 +236,7 @@ impl admin::Server for AdminService {
         _: admin::RouteOidcEnableResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let req: crate::route_oidc::EnableRequest =
-            serde_json::from_str(p.get_config_json()?.to_str()?).map_err(err)?;
+        let req = read_enable_request(p.get_config()?)?;
         let host = p.get_host()?.to_str()?;
         let provider = req.provider.as_deref().map(Into::into);
         let st = &self.state;
@@ -254,8 +257,8 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let host = params.get()?.get_host()?.to_str()?;
         let st = &self.state;
-        let v = crate::route_oidc::show(&st.routes, &st.labs, host).map_err(route_oidc_err)?;
-        results.get().set_json(v.to_string());
+        let shown = crate::route_oidc::show(&st.routes, &st.labs, host).map_err(route_oidc_err)?;
+        write_route_protection(&shown, results.get().init_route());
         Ok(())
     }
 
@@ -276,8 +279,12 @@ impl admin::Server for AdminService {
         mut results: admin::ListOidcProvidersResults,
     ) -> Result<(), capnp::Error> {
         let st = &self.state;
-        let v = crate::route_oidc::providers(&st.routes, &st.labs).map_err(route_oidc_err)?;
-        results.get().set_json(v.to_string());
+        let providers =
+            crate::route_oidc::providers(&st.routes, &st.labs).map_err(route_oidc_err)?;
+        write_providers(
+            &providers,
+            results.get().init_providers(providers.len() as u32),
+        );
         Ok(())
     }
 
@@ -470,8 +477,11 @@ impl admin::Server for AdminService {
             .map_err(issuer_err)?
             .verify(token.trim(), now)
             .map_err(|e| failed(format!("token refused: {e}")))?;
-        let json = serde_json::to_string(&verified.claims).map_err(err)?;
-        results.get().set_claims_json(&json);
+        // Every token this issuer signs carries workload claims.
+        let claims: identity::WorkloadClaims =
+            serde_json::from_value(serde_json::Value::Object(verified.claims))
+                .map_err(|e| failed(format!("token refused: not a workload token: {e}")))?;
+        write_claims(&claims, results.get().init_claims());
         Ok(())
     }
 
