@@ -15,6 +15,7 @@ pub mod audit;
 pub mod ci;
 pub mod ci_simulate;
 pub mod converge;
+pub mod coordinators;
 pub mod datadir;
 pub mod etcd_store;
 pub mod frontdoor;

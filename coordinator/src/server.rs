@@ -161,6 +161,8 @@ pub struct Coordinator {
     /// Stands for leader once serving (taken by `serve`), with the lease
     /// it already leads on.
     elector: Option<(crate::leader::Elector, Option<crate::store::LeaseId>)>,
+    /// Keeps this coordinator listed once serving (taken by `serve`).
+    presence: Option<(crate::coordinators::Presence, Option<crate::store::LeaseId>)>,
     leadership: crate::leader::Leadership,
 }
 
@@ -407,11 +409,23 @@ impl Coordinator {
         let routes = Arc::new(crate::routes::Routes::open(store.clone())?);
         // One coordinator leads the singleton work; alone (or restarted on
         // its data dir) it leads from here on.
+        let coordinator_id = crate::leader::coordinator_id(&material.dir)?;
         let (elector, leadership, lease) = crate::leader::Elector::new(
             store.clone(),
-            crate::leader::coordinator_id(&material.dir)?,
+            coordinator_id.clone(),
             cluster_name.clone(),
             crate::leader::LEASE_TTL,
+        );
+        // Listed among the cluster's coordinators while it runs.
+        let presence = crate::coordinators::Presence::start(
+            store.clone(),
+            crate::coordinators::CoordinatorRecord {
+                id: coordinator_id.clone(),
+                name: address.host.clone(),
+                address: address.host_port(),
+                version: opts.build.to_string(),
+                started_unix: now_unix(),
+            },
         );
         let reconciler = Arc::new(crate::reconcile::Reconciler::new(
             store.clone(),
@@ -431,6 +445,7 @@ impl Coordinator {
                 ca: material.ca,
                 build: opts.build.clone(),
                 started: Instant::now(),
+                coordinator_id,
             },
             issuer,
             minting,
@@ -506,6 +521,7 @@ impl Coordinator {
             metrics,
             registry,
             elector: Some((elector, lease)),
+            presence: Some(presence),
             leadership,
         })
     }
@@ -595,7 +611,7 @@ impl Coordinator {
     /// Creates a one-time join code (used by `--dev` for its own runner).
     pub fn create_join_token(&self, ttl_secs: u64, name: &str) -> anyhow::Result<String> {
         let (token, _) = self.state.registry.create_token(
-            &self.state.cluster.address,
+            &self.state.address_with_peers(),
             ttl_secs,
             false,
             name,
@@ -622,6 +638,9 @@ impl Coordinator {
         let state = &self.state;
         if let Some((elector, lease)) = self.elector.take() {
             tasks.spawn("leader election", elector.run(lease, tasks.clone()));
+        }
+        if let Some((presence, lease)) = self.presence.take() {
+            tasks.spawn("coordinator presence", presence.run(lease, tasks.clone()));
         }
         tasks.spawn(
             "key rotation",

@@ -503,3 +503,83 @@ async fn one_coordinator_leads_and_another_takes_over_when_it_dies() {
     assert!(String::from_utf8_lossy(&holder).contains("\"c1\""));
     tasks[1].stop();
 }
+
+#[test]
+fn two_coordinators_on_one_etcd_list_each_other_and_the_survivor_leads() {
+    // Until coordinators can join with a code (the rest of issue 18), the
+    // second one gets the cluster's CA and keys by a copy of the first
+    // one's data dir, without its coordinator id.
+    let dir = temp();
+    let etcd = EtcdCluster::start(dir.path(), 1);
+    let endpoints = etcd.endpoints();
+    let mut c = Cluster::start(0, &["--etcd", &endpoints]);
+    let b_data = dir.path().join("coord-b");
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&c.coord_data)
+        .arg(&b_data)
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+    std::fs::remove_file(b_data.join("coordinator-id")).expect("the copy's coordinator id");
+    let b = integration_tests::Server::start(
+        &b_data,
+        &dir.path().join("b.yaml"),
+        "127.0.0.1:0",
+        &["--etcd", &endpoints],
+    );
+    let b_addr = b.host_port().to_string();
+
+    let status = |c: &Cluster, env: &[(&str, &str)]| -> serde_json::Value {
+        let run = integration_tests::miren_within(
+            &c.cfg,
+            &["cluster", "status", "-o", "json"],
+            env,
+            Duration::from_secs(60),
+        );
+        assert!(run.ok, "{run:?}");
+        serde_json::from_str(&run.stdout).expect("status -o json")
+    };
+    let both = wait_for(Duration::from_secs(20), || {
+        status(&c, &[])["coordinators"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2)
+    });
+    assert!(both, "both coordinators listed: {}", status(&c, &[]));
+    let st = status(&c, &[]);
+    let leaders: Vec<&serde_json::Value> = st["coordinators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["leader"] == true)
+        .collect();
+    assert_eq!(leaders.len(), 1, "one leader: {st}");
+    assert_eq!(
+        leaders[0]["address"],
+        c.listen.as_str(),
+        "the first one leads: {st}"
+    );
+
+    // export-address names both under the one pin.
+    let exported = c.miren(&["cluster", "export-address"]);
+    assert!(exported.ok, "{exported:?}");
+    let exported = exported.stdout.trim().to_string();
+    assert!(
+        exported.starts_with(&c.listen) && exported.contains(&format!(",{b_addr};sha1:")),
+        "{exported}"
+    );
+
+    // The leader dies: the CLI reaches the survivor through the exported
+    // address, which leads once the old lease has run out and lists itself
+    // alone once the dead one's presence has.
+    c.kill_coordinator();
+    let env = [("MIREN_CLUSTER", exported.as_str())];
+    let survivor_leads = wait_for(Duration::from_secs(40), || {
+        let st = status(&c, &env);
+        st["coordinators"].as_array().is_some_and(|l| {
+            l.len() == 1 && l[0]["address"] == b_addr.as_str() && l[0]["leader"] == true
+        })
+    });
+    assert!(survivor_leads, "{}", status(&c, &env));
+    drop(b);
+}

@@ -11,6 +11,18 @@ struct ClusterInfo {
   version @1 :Text;
   issuerUrl @2 :Text;
   clusterId @3 :Text;
+  coordinators @4 :List(Text);
+  # host:port of every running coordinator, the answering one first.
+}
+
+struct CoordinatorInfo {
+  id @0 :Text;
+  name @1 :Text;
+  address @2 :Text;
+  version @3 :Text;
+  startedUnix @4 :Int64;
+  leader @5 :Bool;
+  # It runs the reconcile loop and key rotation.
 }
 
 enum Role {
@@ -28,6 +40,8 @@ struct ClusterStatus {
   joinTokens @5 :UInt32;
   ciBindings @6 :UInt32;
   signingKeys @7 :UInt32;
+  coordinators @8 :List(CoordinatorInfo);
+  # The running coordinators, the answering one first.
 }
 
 enum KeyState {

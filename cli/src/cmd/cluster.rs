@@ -50,16 +50,7 @@ pub enum ClusterCmd {
 
 pub fn run(cmd: ClusterCmd, cluster: Option<&str>) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::ExportAddress => {
-            let target = resolve(cluster)?;
-            if target.address.fingerprint.is_none() {
-                bail!(
-                    "the address of this cluster has no fingerprint; ask its operator for `miren cluster export-address`"
-                );
-            }
-            println!("{}", target.address);
-            Ok(())
-        }
+        ClusterCmd::ExportAddress => run_local(export_address(cluster)),
         ClusterCmd::List { output } => list(output),
         ClusterCmd::Add { name, address } => add(&name, &address),
         ClusterCmd::Switch { name } => switch(&name),
@@ -198,9 +189,22 @@ struct StatusDoc {
     /// `admin`, `runner` or `anonymous`.
     identity: &'static str,
     server_cert_expires_unix: Option<i64>,
+    /// `host:port` of every running coordinator, the answering one first.
+    coordinator_addresses: Vec<String>,
     /// Only for an admin.
     #[serde(flatten)]
     admin: Option<AdminStatusDoc>,
+}
+
+/// A running coordinator as an admin's `cluster status` shows it.
+#[derive(Debug, Serialize)]
+struct CoordinatorRow {
+    id: String,
+    name: String,
+    address: String,
+    version: String,
+    started_unix: i64,
+    leader: bool,
 }
 
 /// The part of [`StatusDoc`] only an admin sees.
@@ -214,6 +218,57 @@ struct AdminStatusDoc {
     join_tokens: u32,
     ci_bindings: u32,
     signing_keys: u32,
+    coordinators: Vec<CoordinatorRow>,
+}
+
+/// The cluster's address with every running coordinator it names (asked
+/// of the cluster), under the pin of the configured address; the configured
+/// address alone, with a warning, when the cluster cannot be asked.
+async fn export_address(cluster: Option<&str>) -> anyhow::Result<()> {
+    let target = resolve(cluster)?;
+    if target.address.fingerprint.is_none() {
+        bail!(
+            "the address of this cluster has no fingerprint; ask its operator for `miren cluster export-address`"
+        );
+    }
+    let mut address = target.address.clone();
+    match running_coordinators(target).await {
+        Ok(listed) => {
+            for hp in listed {
+                if !address.endpoints().contains(&hp) {
+                    address.alternates.push(hp);
+                }
+            }
+        }
+        Err(e) => eprintln!(
+            "warning: could not ask the cluster for its other coordinators ({e:#}); this is the configured address"
+        ),
+    }
+    println!("{address}");
+    Ok(())
+}
+
+/// The `host:port` of every coordinator the cluster says is running.
+async fn running_coordinators(
+    target: crate::config::Target,
+) -> anyhow::Result<Vec<identity::HostPort>> {
+    let session = Session::open(target).await?;
+    let reply = session
+        .cluster
+        .info_request()
+        .send()
+        .promise
+        .await
+        .map_err(remote)?;
+    let mut out = Vec::new();
+    for listed in reply.get()?.get_info()?.get_coordinators()? {
+        // Each is a `host:port` of this same cluster (same pin).
+        if let Ok(other) = listed?.to_string()?.parse::<ClusterAddress>() {
+            out.push(other.primary());
+        }
+    }
+    session.close().await;
+    Ok(out)
 }
 
 async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
@@ -228,6 +283,10 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
         .map_err(remote)?;
     let info = info_reply.get()?.get_info()?;
     let role = session.role().await?;
+    let mut coordinator_addresses = Vec::new();
+    for a in info.get_coordinators()? {
+        coordinator_addresses.push(a?.to_string()?);
+    }
     let mut doc = StatusDoc {
         name: info.get_name()?.to_string()?,
         cluster_id: info.get_cluster_id()?.to_string()?,
@@ -241,6 +300,7 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             Role::Anonymous => "anonymous",
         },
         server_cert_expires_unix: session.server_cert_not_after(),
+        coordinator_addresses,
         admin: None,
     };
     if role == Role::Admin {
@@ -257,6 +317,17 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             .await
             .map_err(remote)?;
         let s = reply.get()?.get_status()?;
+        let mut coordinators = Vec::new();
+        for c in s.get_coordinators()? {
+            coordinators.push(CoordinatorRow {
+                id: c.get_id()?.to_string()?,
+                name: c.get_name()?.to_string()?,
+                address: c.get_address()?.to_string()?,
+                version: c.get_version()?.to_string()?,
+                started_unix: c.get_started_unix(),
+                leader: c.get_leader(),
+            });
+        }
         doc.admin = Some(AdminStatusDoc {
             admin_cert_expires_unix,
             uptime_secs: s.get_uptime_secs(),
@@ -266,6 +337,7 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             join_tokens: s.get_join_tokens(),
             ci_bindings: s.get_ci_bindings(),
             signing_keys: s.get_signing_keys(),
+            coordinators,
         });
     }
     session.close().await;
@@ -301,6 +373,41 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             ] {
                 if let Some(v) = field(key) {
                     println!("{label:<13} {}", output::terminal_safe(&v));
+                }
+            }
+            // Coordinators: with their role for an admin, else where they are.
+            let rows: Vec<Vec<String>> = match doc.get("coordinators").and_then(|c| c.as_array()) {
+                Some(list) => list
+                    .iter()
+                    .map(|c| {
+                        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                        vec![
+                            text("name"),
+                            text("address"),
+                            if c["leader"].as_bool() == Some(true) {
+                                "leader".to_string()
+                            } else {
+                                "standby".to_string()
+                            },
+                            text("version"),
+                        ]
+                    })
+                    .collect(),
+                None => doc["coordinator_addresses"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .map(|a| vec![a.as_str().unwrap_or_default().to_string()])
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            if !rows.is_empty() {
+                println!();
+                if rows[0].len() == 1 {
+                    output::table(&["COORDINATOR"], &rows);
+                } else {
+                    output::table(&["COORDINATOR", "ADDRESS", "ROLE", "VERSION"], &rows);
                 }
             }
             Ok(())

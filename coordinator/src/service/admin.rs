@@ -335,7 +335,7 @@ impl admin::Server for AdminService {
             .state
             .registry
             .create_token(
-                &self.state.cluster.address,
+                &self.state.address_with_peers(),
                 ttl,
                 p.get_reusable(),
                 p.get_name()?.to_str()?,
@@ -501,6 +501,18 @@ impl admin::Server for AdminService {
         s.set_join_tokens(summary.join_tokens);
         s.set_ci_bindings(summary.ci_bindings);
         s.set_signing_keys(summary.signing_keys);
+        let listed = crate::coordinators::list(&*st.store, &st.cluster.coordinator_id)
+            .map_err(|e| failed(format!("listing the coordinators: {e}")))?;
+        let mut list = s.init_coordinators(listed.len() as u32);
+        for (i, l) in listed.iter().enumerate() {
+            let mut c = list.reborrow().get(i as u32);
+            c.set_id(&l.record.id);
+            c.set_name(&l.record.name);
+            c.set_address(&l.record.address);
+            c.set_version(&l.record.version);
+            c.set_started_unix(l.record.started_unix);
+            c.set_leader(l.leader);
+        }
         Ok(())
     }
 

@@ -113,6 +113,11 @@ pub(super) fn write_info(state: &State, mut info: schema::miren_capnp::cluster_i
     info.set_version(cluster.build.to_string());
     info.set_issuer_url(state.issuer.url.as_str());
     info.set_cluster_id(&cluster.meta.id);
+    let endpoints = state.address_with_peers().endpoints();
+    let mut list = info.init_coordinators(endpoints.len() as u32);
+    for (i, e) in endpoints.iter().enumerate() {
+        list.set(i as u32, e.to_string());
+    }
 }
 
 /// Audiences and lifetime of a token request (`ttl` 0 = the default).
