@@ -583,3 +583,88 @@ fn two_coordinators_on_one_etcd_list_each_other_and_the_survivor_leads() {
     assert!(survivor_leads, "{}", status(&c, &env));
     drop(b);
 }
+
+#[test]
+fn a_runner_fails_over_to_the_surviving_coordinator_and_its_app_keeps_serving() {
+    let dir = temp();
+    let etcd = EtcdCluster::start(dir.path(), 1);
+    let endpoints = etcd.endpoints();
+    let mut c = Cluster::start(0, &["--etcd", &endpoints]);
+    // The second coordinator, from a copy of the first one's data dir (see
+    // the test above), with an ingress of its own.
+    let b_data = dir.path().join("coord-b");
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&c.coord_data)
+        .arg(&b_data)
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+    std::fs::remove_file(b_data.join("coordinator-id")).expect("the copy's coordinator id");
+    let b_ingress = format!("127.0.0.1:{}", integration_tests::free_port());
+    let b = integration_tests::Server::start(
+        &b_data,
+        &dir.path().join("b.yaml"),
+        "127.0.0.1:0",
+        &["--etcd", &endpoints, "--http-listen", &b_ingress],
+    );
+    let b_addr = b.host_port().to_string();
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let e = c.miren(&["cluster", "export-address"]);
+            e.ok && e.stdout.contains(&b_addr)
+        }),
+        "the first coordinator lists the second"
+    );
+
+    // A runner joins with a code that names both coordinators.
+    let code = c.miren(&["runner", "token", "create"]);
+    assert!(code.ok, "{code:?}");
+    let runner_dir = dir.path().join("r0");
+    let runner = integration_tests::RunnerProc::start(
+        &runner_dir,
+        Some(code.stdout.trim()),
+        &["--isolation", "none"],
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || runner.runner_id().is_some()),
+        "{}",
+        runner.output()
+    );
+    let app = format!("ha-{}", std::process::id());
+    let src = probe_app(c.path(), &app, 1, "a", 0);
+    assert!(
+        wait_for(Duration::from_secs(60), || c.deploy(&app, &src).ok),
+        "deploy{}",
+        c.describe(&app)
+    );
+    let host = format!("{app}.test");
+    assert!(c.miren(&["route", "set", &host, "-a", &app]).ok);
+    assert!(
+        wait_for(Duration::from_secs(60), || matches!(
+            c.ingress_get(&host, "/headers"),
+            Ok((200, _))
+        )),
+        "the app serves through the first coordinator{}",
+        c.describe(&app)
+    );
+
+    // The coordinator the runner is attached to dies. The runner attaches
+    // to the survivor, which serves the app through its own ingress and
+    // mints for its sandbox.
+    c.kill_coordinator();
+    let through_b = || integration_tests::http_get_host(&b_ingress, &host, "/probe");
+    let served = wait_for(Duration::from_secs(90), || {
+        matches!(through_b(), Ok((200, body)) if {
+            let report: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            report["two_audiences"]["status"] == 200 && report["default"]["status"] == 200
+        })
+    });
+    assert!(
+        served,
+        "the survivor never served the app with its tokens: {:?}\nrunner: {}",
+        through_b(),
+        integration_tests::tail(&runner.output(), 30)
+    );
+    drop(b);
+}
