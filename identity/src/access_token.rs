@@ -63,6 +63,30 @@ pub struct AccessTokenClaims {
     pub act: Option<ActClaim>,
 }
 
+/// Whose credential an access token came from, read from its `client_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A deploy key (its id).
+    DeployKey(String),
+    /// A CI identity, by the binding its token matched.
+    Ci(String),
+}
+
+/// The `client_id` of tokens a CI token matching binding `id` buys.
+pub fn ci_client_id(binding: &str) -> String {
+    format!("ci:{binding}")
+}
+
+impl AccessTokenClaims {
+    /// Whose credential this token came from.
+    pub fn caller(&self) -> Caller {
+        match self.client_id.strip_prefix("ci:") {
+            Some(binding) => Caller::Ci(binding.to_string()),
+            None => Caller::DeployKey(self.client_id.clone()),
+        }
+    }
+}
+
 /// Who gets a token and what they hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessGrant {
@@ -250,6 +274,7 @@ mod tests {
         let ok = verify_access_token(&verifier, &access, now).unwrap();
         assert_eq!(ok.scope, Scope::whole_app("web"));
         assert_eq!(ok.claims.client_id, "abc");
+        assert_eq!(ok.claims.caller(), Caller::DeployKey("abc".into()));
         // A workload token minted for the API audience is still refused.
         let subject = Subject::new("", "web", "web-1").unwrap();
         let workload =

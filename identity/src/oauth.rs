@@ -490,6 +490,15 @@ pub fn parse_request(
         .get("grant_type")
         .ok_or_else(|| OAuthError::request("the \"grant_type\" parameter is required"))?;
     let scope = || Scope::parse(params.get("scope").unwrap_or_default());
+    let no_client = |grant: &str| {
+        match &client {
+        Some(_) => Err(OAuthError::new(
+            ErrorCode::UnauthorizedClient,
+            format!("a deploy key may only use client_credentials, not {grant}; send the CI token without client credentials"),
+        )),
+        None => Ok(()),
+    }
+    };
     match grant_type {
         GRANT_CLIENT_CREDENTIALS => {
             let client = client.ok_or_else(|| {
@@ -504,6 +513,7 @@ pub fn parse_request(
             })
         }
         GRANT_TOKEN_EXCHANGE => {
+            no_client("token-exchange")?;
             let token = params.require("subject_token", "token-exchange")?;
             let kind = params.require("subject_token_type", "token-exchange")?;
             if kind != TOKEN_TYPE_ID_TOKEN && kind != TOKEN_TYPE_JWT {
@@ -528,6 +538,7 @@ pub fn parse_request(
             })
         }
         GRANT_JWT_BEARER => {
+            no_client("jwt-bearer")?;
             let token = params.require("assertion", "jwt-bearer")?;
             Ok(Grant::CiToken {
                 kind: CiTokenGrant::JwtBearer,
