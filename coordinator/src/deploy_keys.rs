@@ -5,9 +5,9 @@
 //! `identity::deploy_key`; this module keeps the records. Every grant
 //! reads its key from the store, so a revocation holds at once on every
 //! coordinator sharing it; the last use is written at most once a minute
-//! per key. A key is created only while its app exists (the app record's
-//! revision is a condition of the write), and `app delete` removes the
-//! app's keys in its one transaction ([`DeployKeys::removal_ops`]).
+//! per key. Like a CI binding, a key may name an app not deployed yet (its
+//! first deploy creates it); `app delete` removes the app's keys in its
+//! one transaction ([`removal_ops`]).
 
 use std::sync::Arc;
 
@@ -29,8 +29,6 @@ fn key(id: &str) -> String {
 pub enum DeployKeyError {
     #[error(transparent)]
     Policy(#[from] KeyPolicyError),
-    #[error("no app named {0:?} (create it with a first `miren deploy`)")]
-    NoSuchApp(String),
     #[error(transparent)]
     AppName(#[from] identity::NameError),
     #[error("no deploy key {0} (see `miren auth key list -a APP`)")]
@@ -91,10 +89,6 @@ impl DeployKeys {
         deploy_key::check_description(description)?;
         let ttl = deploy_key::check_ttl(ttl_secs)?;
         for _ in 0..WRITE_ATTEMPTS {
-            let app_key = crate::apps::app_key(app);
-            let Some(app_kv) = self.store.get_kv(&app_key)? else {
-                return Err(DeployKeyError::NoSuchApp(app.to_string()));
-            };
             let key_text = DeployKey::new(address.clone(), fresh_id(), fresh_secret())
                 .ok_or(DeployKeyError::Unpinned)?;
             let record = DeployKeyRecord::new(
@@ -106,10 +100,7 @@ impl DeployKeys {
                 now,
             );
             let outcome = self.store.commit(Txn {
-                conditions: vec![
-                    Condition::ModRevision(app_key, app_kv.mod_revision),
-                    Condition::Absent(key(&record.id)),
-                ],
+                conditions: vec![Condition::Absent(key(&record.id))],
                 ops: vec![Op::Put(key(&record.id), crate::store::encode(&record))],
             })?;
             if outcome == Outcome::Applied {
@@ -247,21 +238,15 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_made_for_existing_apps_rotated_revoked_and_removed_with_them() {
+    fn keys_are_made_rotated_revoked_and_removed_with_their_app() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
         let keys = DeployKeys::new(store.clone());
         let now = 1_000_000;
         assert!(matches!(
-            keys.create(&address(), "web", "", None, now),
-            Err(DeployKeyError::NoSuchApp(_))
+            keys.create(&address(), "web", "", Some(0), now),
+            Err(DeployKeyError::Policy(KeyPolicyError::Ttl))
         ));
-        store
-            .commit(Txn {
-                conditions: vec![],
-                ops: vec![Op::Put("app/web".into(), b"{}".to_vec())],
-            })
-            .unwrap();
         let made = keys
             .create(&address(), "web", "jenkins", None, now)
             .unwrap();

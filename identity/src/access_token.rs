@@ -123,6 +123,9 @@ pub enum AccessTokenError {
     /// The header `typ` is not `at+jwt`: a workload token, or another.
     #[error("not a cluster access token (header typ {0:?}, expected \"at+jwt\")")]
     NotAnAccessToken(Option<String>),
+    /// An access token where a workload token is expected.
+    #[error("this is a cluster access token (typ at+jwt), not a workload token")]
+    NotAWorkloadToken,
     /// A claim of the profile is missing or malformed.
     #[error("access token claim {0:?} is missing or malformed")]
     BadClaim(&'static str),
@@ -204,7 +207,7 @@ pub fn refuse_access_token(verified: &VerifiedToken) -> Result<(), AccessTokenEr
         t.eq_ignore_ascii_case(TYP) || t.eq_ignore_ascii_case("application/at+jwt")
     }) || verified.claims.contains_key("client_id")
     {
-        return Err(AccessTokenError::NotAnAccessToken(verified.typ.clone()));
+        return Err(AccessTokenError::NotAWorkloadToken);
     }
     Ok(())
 }

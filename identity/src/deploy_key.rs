@@ -25,8 +25,8 @@ pub const PREFIX: &str = "miren_key_";
 pub const DEFAULT_TTL_SECS: u64 = 90 * 86_400;
 /// Longest lifetime: one year.
 pub const MAX_TTL_SECS: u64 = 365 * 86_400;
-/// Shortest lifetime: one hour.
-pub const MIN_TTL_SECS: u64 = 3600;
+/// Shortest lifetime: one second (a key for one job is fine).
+pub const MIN_TTL_SECS: u64 = 1;
 /// Overlap of a rotation when none is asked.
 pub const DEFAULT_OVERLAP_SECS: u64 = 86_400;
 /// Longest overlap of a rotation: 7 days.
@@ -79,7 +79,7 @@ pub enum KeyRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyPolicyError {
     /// Lifetime out of bounds.
-    #[error("a deploy key lives between 1h and 365d; use another --expires")]
+    #[error("a deploy key lives between 1s and 365d; use another --expires")]
     Ttl,
     /// Overlap out of bounds.
     #[error("a rotation overlap is at most 7d; use a shorter --overlap")]
@@ -234,7 +234,7 @@ pub fn secret_matches(stored: &str, secret: &str) -> bool {
 pub struct RetiredSecret {
     /// SHA-256 (hex).
     pub hash: String,
-    /// Last second it works (the end of the overlap).
+    /// When it stops working (the end of the overlap).
     pub valid_until: i64,
 }
 
@@ -336,7 +336,7 @@ impl DeployKeyRecord {
         let mut rotated_out = false;
         for r in &self.retired {
             if secret_matches(&r.hash, secret) {
-                if now <= r.valid_until {
+                if now < r.valid_until {
                     in_overlap = true;
                 } else {
                     rotated_out = true;
@@ -470,7 +470,7 @@ mod tests {
     fn lifetimes_and_overlaps_are_bounded() {
         assert_eq!(check_ttl(None), Ok(DEFAULT_TTL_SECS));
         assert_eq!(check_ttl(Some(MAX_TTL_SECS + 1)), Err(KeyPolicyError::Ttl));
-        assert_eq!(check_ttl(Some(60)), Err(KeyPolicyError::Ttl));
+        assert_eq!(check_ttl(Some(0)), Err(KeyPolicyError::Ttl));
         assert_eq!(check_overlap(None), Ok(DEFAULT_OVERLAP_SECS));
         assert_eq!(
             check_overlap(Some(MAX_OVERLAP_SECS + 1)),

@@ -165,6 +165,20 @@ impl Server {
         self.address.split(';').next().unwrap_or_default()
     }
 
+    /// The issuer URL the server printed.
+    pub fn issuer_url(&self) -> String {
+        self.stdout
+            .iter()
+            .find_map(|l| l.strip_prefix("Issuer URL: "))
+            .expect("the server printed no issuer URL")
+            .to_string()
+    }
+
+    /// The cluster CA certificate (PEM file) its HTTPS listener chains to.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca.crt")
+    }
+
     /// The address (`host:port`) the server printed after `prefix`, such as
     /// `"HTTP ingress: http://"`.
     pub fn printed_address(&self, prefix: &str) -> String {
@@ -546,6 +560,63 @@ pub fn node_fixtures() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// Runs `python/oauth_client.py` (Authlib, a standard OAuth client) with
+/// `args`; returns whether it got a token, and the token response or the
+/// `{"error", "error_description"}` it was refused with.
+pub fn authlib(args: &[&str]) -> (bool, serde_json::Value) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oauth_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3 must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'authlib'"),
+        "Authlib is missing: run ./scripts/test.sh, which installs it"
+    );
+    let v = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("oauth_client.py printed no JSON ({e}): {stdout}\n{stderr}"));
+    (out.status.success(), v)
+}
+
+/// Runs `node/token_exchange.mjs` (openid-client: discovery, then an RFC
+/// 8693 exchange of `subject_token` for `scope`, naming `audience` if
+/// given), trusting the cluster CA `ca`; returns whether it got a token,
+/// and what it printed.
+pub fn openid_client_exchange(
+    issuer: &str,
+    ca: &Path,
+    subject_token: &str,
+    scope: &str,
+    audience: Option<&str>,
+) -> (bool, serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
+    assert!(
+        dir.join("node_modules/openid-client").is_dir(),
+        "openid-client is missing: run ./scripts/test.sh, or `npm ci --prefix {}`",
+        dir.display()
+    );
+    let out = Command::new("node")
+        .arg(dir.join("token_exchange.mjs"))
+        .args([issuer, subject_token, scope])
+        .args(audience)
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .stdin(Stdio::null())
+        .output()
+        .expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "token_exchange.mjs printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
 }
 
 /// A real OpenID provider: `oidc-provider` from npm, run by

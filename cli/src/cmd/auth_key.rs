@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
 use identity::deploy_key;
 use serde_json::Value;
 
@@ -73,9 +72,7 @@ fn print_key(key: &str, record: &Value, output: Format, verb: &str) -> anyhow::R
 
 pub fn run(cmd: KeyCmd, cluster: Option<&str>) -> anyhow::Result<()> {
     if let KeyCmd::Create { expires, .. } = &cmd {
-        if deploy_key::check_ttl(Some(expires.as_secs())).is_err() {
-            bail!("--expires must be between 1h and 365d");
-        }
+        deploy_key::check_ttl(Some(expires.as_secs()))?;
     }
     run_local(async move {
         let session = Session::open(resolve(cluster)?).await?;
