@@ -265,15 +265,15 @@ mod tests {
         );
         let rotated = keys.rotate(&address(), &id, Some(60), now + 10).unwrap();
         assert!(keys
-            .authenticate(&id, &made.key.secret, now + 70)
+            .authenticate(&id, &made.key.secret, now + 69)
             .unwrap()
             .is_ok());
         assert!(keys
-            .authenticate(&id, &rotated.key.secret, now + 70)
+            .authenticate(&id, &rotated.key.secret, now + 69)
             .unwrap()
             .is_ok());
         assert_eq!(
-            keys.authenticate(&id, &made.key.secret, now + 71).unwrap(),
+            keys.authenticate(&id, &made.key.secret, now + 70).unwrap(),
             Err(KeyRefusal::RotatedOut)
         );
         keys.revoke(&id, now + 80).unwrap();

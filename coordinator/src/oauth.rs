@@ -27,7 +27,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use identity::access_token::{self, AccessGrant, AccessToken, AccessTokenError, ActClaim, Caller};
+use identity::access_token::{
+    self, AccessGrant, AccessToken, AccessTokenClaims, AccessTokenError, ActClaim, Caller,
+};
 use identity::deploy_key::KeyRefusal;
 use identity::oauth::{
     self, CiTokenGrant, ErrorCode, Grant, OAuthError, Scope, TOKEN_TYPE_ACCESS_TOKEN,
@@ -270,6 +272,22 @@ impl TokenEndpoint {
         scope: &Scope,
         kind: CiTokenGrant,
     ) -> Result<Issued, OAuthError> {
+        let (grant, actor) = self.ci_grant(token, scope).await?;
+        let (name, issued_type) = match kind {
+            CiTokenGrant::Exchange => (oauth::GRANT_TOKEN_EXCHANGE, Some(TOKEN_TYPE_ACCESS_TOKEN)),
+            CiTokenGrant::JwtBearer => (oauth::GRANT_JWT_BEARER, None),
+        };
+        self.issue(name, &grant, scope, issued_type, actor)
+    }
+
+    /// What a CI token grants: verified exactly as `ciLogin` always did
+    /// (`crate::oidc::login`), matched against the bindings of the app the
+    /// scope names, and spent.
+    async fn ci_grant(
+        &self,
+        token: &str,
+        scope: &Scope,
+    ) -> Result<(AccessGrant, Actor), OAuthError> {
         if token.len() > identity::MAX_TOKEN_BYTES {
             return Err(err(
                 ErrorCode::InvalidGrant,
@@ -317,17 +335,7 @@ impl TokenEndpoint {
             }),
             not_after: Some(verified.expires_at),
         };
-        let (name, issued_type) = match kind {
-            CiTokenGrant::Exchange => (oauth::GRANT_TOKEN_EXCHANGE, Some(TOKEN_TYPE_ACCESS_TOKEN)),
-            CiTokenGrant::JwtBearer => (oauth::GRANT_JWT_BEARER, None),
-        };
-        self.issue(
-            name,
-            &grant,
-            scope,
-            issued_type,
-            Actor::Ci(login.binding.id.clone()),
-        )
+        Ok((grant, Actor::Ci(login.binding.id.clone())))
     }
 
     fn issue(
@@ -339,6 +347,33 @@ impl TokenEndpoint {
         actor: Actor,
     ) -> Result<Issued, OAuthError> {
         let now = transport::clock::now_unix();
+        let claims = self.claims(grant_name, grant, asked, actor, now)?;
+        let minter = self
+            .issuer
+            .keys
+            .read()
+            .map_err(|_| unavailable("key ring lock poisoned"))?
+            .active(now)
+            .map_err(unavailable)?;
+        let token = minter.mint_access(&claims).map_err(unavailable)?;
+        Ok(Issued {
+            access_token: token,
+            expires_in: claims.exp - now,
+            scope: asked.clone(),
+            issued_token_type,
+            caller: claims.caller(),
+        })
+    }
+
+    /// The claims of the token `grant` buys for `asked` at `now`, audited.
+    fn claims(
+        &self,
+        grant_name: &'static str,
+        grant: &AccessGrant,
+        asked: &Scope,
+        actor: Actor,
+        now: i64,
+    ) -> Result<AccessTokenClaims, OAuthError> {
         let claims = grant
             .claims(
                 self.issuer.url.as_str(),
@@ -351,14 +386,6 @@ impl TokenEndpoint {
                 AccessTokenError::BeyondGrant { .. } => err(ErrorCode::InvalidScope, e.to_string()),
                 other => err(ErrorCode::InvalidGrant, other.to_string()),
             })?;
-        let minter = self
-            .issuer
-            .keys
-            .read()
-            .map_err(|_| unavailable("key ring lock poisoned"))?
-            .active(now)
-            .map_err(unavailable)?;
-        let token = minter.mint_access(&claims).map_err(unavailable)?;
         self.observe.oauth_token(
             actor,
             Event::OAuthToken {
@@ -371,13 +398,7 @@ impl TokenEndpoint {
             },
             false,
         );
-        Ok(Issued {
-            access_token: token,
-            expires_in: claims.exp - now,
-            scope: asked.clone(),
-            issued_token_type,
-            caller: claims.caller(),
-        })
+        Ok(claims)
     }
 
     fn audit_refusal(&self, grant: &'static str, scope: Option<&Scope>, e: &OAuthError) {
@@ -416,18 +437,26 @@ impl TokenEndpoint {
     }
 
     /// `ciLogin`: a token exchange of the CI `token` for the whole of
-    /// `app`, whose access token is then logged in like any other.
-    pub async fn exchange_ci_token(
-        self: &Arc<Self>,
-        token: &str,
-        app: &str,
-    ) -> Result<Issued, OAuthError> {
-        self.grant(Grant::CiToken {
-            kind: CiTokenGrant::Exchange,
-            token: token.to_string(),
-            scope: Scope::whole_app(app),
-        })
-        .await
+    /// `app` (the same verification, matching, spending, claims and audit
+    /// as at the endpoint), logged in at once: the token the exchange would
+    /// sign is handed to the login as its verified claims, since it never
+    /// leaves the coordinator.
+    pub async fn ci_login(&self, token: &str, app: &str) -> Result<AccessToken, OAuthError> {
+        let scope = Scope::whole_app(app);
+        let out = async {
+            let (grant, actor) = self.ci_grant(token, &scope).await?;
+            let now = transport::clock::now_unix();
+            let claims = self.claims("ciLogin", &grant, &scope, actor, now)?;
+            Ok(AccessToken {
+                claims,
+                scope: scope.clone(),
+            })
+        }
+        .await;
+        if let Err(e) = &out {
+            self.audit_refusal("ciLogin", Some(&scope), e);
+        }
+        out
     }
 }
 

@@ -10,8 +10,15 @@
 //! `identity::UsedStates` (over [`MAX_SPENT`] live tokens a new one is
 //! refused as busy rather than forgetting one that could be replayed).
 //! Expired entries are pruned from the store by [`prune_forever`].
+//!
+//! Spends arriving together share one store commit (a group commit: the
+//! first caller writes every spend queued by then, the others wait for
+//! its outcome), so a burst of logins costs one disk sync, not one each.
+//! When a shared commit fails its condition (a replay from another
+//! coordinator among them), its spends are committed one by one to tell
+//! which.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use identity::{StateRefusal, UsedStates};
@@ -36,13 +43,44 @@ pub enum SpendError {
     #[error("the spent-token memory is unavailable")]
     Unavailable,
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] Arc<StoreError>),
+}
+
+/// One queued spend and where its outcome goes.
+struct Queued {
+    key: String,
+    exp: i64,
+    outcome: Arc<Slot>,
+}
+
+/// The outcome of one queued spend.
+#[derive(Default)]
+struct Slot {
+    value: Mutex<Option<Result<Outcome, Arc<StoreError>>>>,
+    ready: Condvar,
+}
+
+impl Slot {
+    fn set(&self, v: Result<Outcome, Arc<StoreError>>) {
+        if let Ok(mut slot) = self.value.lock() {
+            *slot = Some(v);
+        }
+        self.ready.notify_all();
+    }
+}
+
+/// Spends waiting for the next commit, and whether one is running.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Queued>,
+    writing: bool,
 }
 
 /// The spent CI tokens.
 pub struct SpentTokens {
     store: Arc<dyn Store>,
     memory: Mutex<UsedStates>,
+    queue: Mutex<Queue>,
 }
 
 fn entry_key(issuer: &str, jti: &str) -> String {
@@ -68,6 +106,7 @@ impl SpentTokens {
         Ok(SpentTokens {
             store,
             memory: Mutex::new(memory),
+            queue: Mutex::new(Queue::default()),
         })
     }
 
@@ -82,13 +121,76 @@ impl SpentTokens {
                 StateRefusal::AlreadyUsed => SpendError::AlreadySpent,
                 StateRefusal::Full => SpendError::Full,
             })?;
-        let outcome = self.store.commit(Txn {
-            conditions: vec![Condition::Absent(key.clone())],
-            ops: vec![Op::Put(key, crate::store::encode(&exp))],
-        })?;
-        match outcome {
+        match self.commit_grouped(key, exp)? {
             Outcome::Applied => Ok(()),
             Outcome::ConditionFailed => Err(SpendError::AlreadySpent),
+        }
+    }
+
+    /// Writes `key` (absent before) in the next group commit; returns its
+    /// own outcome.
+    fn commit_grouped(&self, key: String, exp: i64) -> Result<Outcome, SpendError> {
+        let slot = Arc::new(Slot::default());
+        let lead = {
+            let mut q = self.queue.lock().map_err(|_| SpendError::Unavailable)?;
+            q.waiting.push(Queued {
+                key,
+                exp,
+                outcome: slot.clone(),
+            });
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if lead {
+            loop {
+                let batch = {
+                    let mut q = self.queue.lock().map_err(|_| SpendError::Unavailable)?;
+                    if q.waiting.is_empty() {
+                        q.writing = false;
+                        break;
+                    }
+                    std::mem::take(&mut q.waiting)
+                };
+                self.write(batch);
+            }
+        }
+        let mut value = slot.value.lock().map_err(|_| SpendError::Unavailable)?;
+        loop {
+            if let Some(v) = value.take() {
+                return Ok(v?);
+            }
+            value = slot
+                .ready
+                .wait(value)
+                .map_err(|_| SpendError::Unavailable)?;
+        }
+    }
+
+    /// One commit for `batch`; one per spend when a condition failed.
+    fn write(&self, batch: Vec<Queued>) {
+        let txn = |items: &[&Queued]| Txn {
+            conditions: items
+                .iter()
+                .map(|q| Condition::Absent(q.key.clone()))
+                .collect(),
+            ops: items
+                .iter()
+                .map(|q| Op::Put(q.key.clone(), crate::store::encode(&q.exp)))
+                .collect(),
+        };
+        let all: Vec<&Queued> = batch.iter().collect();
+        match self.store.commit(txn(&all)) {
+            Ok(Outcome::ConditionFailed) if batch.len() > 1 => {
+                for q in &batch {
+                    q.outcome
+                        .set(self.store.commit(txn(&[q])).map_err(Arc::new));
+                }
+            }
+            other => {
+                let other = other.map_err(Arc::new);
+                for q in &batch {
+                    q.outcome.set(other.clone());
+                }
+            }
         }
     }
 
@@ -151,13 +253,35 @@ mod tests {
         let other = SpentTokens {
             store: store.clone(),
             memory: Mutex::new(UsedStates::new(10)),
+            queue: Mutex::new(Queue::default()),
         };
         assert!(matches!(
             other.spend("https://ci", "j1", 200, 151),
             Err(SpendError::AlreadySpent)
         ));
+        // Spends from many threads at once share commits; each gets its
+        // own answer, and a replay among them is still refused.
+        let spent = Arc::new(restarted);
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let spent = spent.clone();
+                std::thread::spawn(move || {
+                    let jti = if i == 0 {
+                        "j1".to_string()
+                    } else {
+                        format!("t{i}")
+                    };
+                    spent.spend("https://ci", &jti, 200, 152).is_ok()
+                })
+            })
+            .collect();
+        let oks: Vec<bool> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(oks.iter().filter(|ok| **ok).count(), 15, "{oks:?}");
+        assert!(!oks[0]);
+        let restarted = spent;
+        assert_eq!(store.count(PREFIX).unwrap(), 17);
         assert_eq!(restarted.prune(150).unwrap(), 0);
-        assert_eq!(restarted.prune(200).unwrap(), 2);
+        assert_eq!(restarted.prune(200).unwrap(), 17);
         assert_eq!(store.count(PREFIX).unwrap(), 0);
     }
 }

@@ -437,12 +437,12 @@ mod tests {
         let rotated = key.rotated("s2", 600, now + 10).unwrap();
         assert_eq!(rotated.authenticate("s2", now + 20), Ok(()));
         assert_eq!(
-            rotated.authenticate("s1", now + 610),
+            rotated.authenticate("s1", now + 609),
             Ok(()),
             "in the overlap"
         );
         assert_eq!(
-            rotated.authenticate("s1", now + 611),
+            rotated.authenticate("s1", now + 610),
             Err(KeyRefusal::RotatedOut)
         );
         let mut revoked = rotated.clone();

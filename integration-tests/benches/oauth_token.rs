@@ -143,7 +143,9 @@ fn drive(
             .send()
             .and_then(|r| Ok((r.status(), r.bytes()?)));
         match sent {
-            Ok((status, body)) if status.is_success() && body.starts_with(b"{\"access_token\":\"ey") => {
+            Ok((status, body))
+                if status.is_success() && body.starts_with(b"{\"access_token\":\"ey") =>
+            {
                 c.ok += 1
             }
             Ok((status, body)) => {
@@ -216,14 +218,21 @@ fn bench(s: &Settings) -> anyhow::Result<()> {
     let url = format!("https://{}/oauth2/token", server.host_port());
     let mut keys = Vec::new();
     for _ in 0..s.keys {
-        let run = miren(&cfg, &["auth", "key", "create", "-a", "web", "-o", "json"], &[]);
+        let run = miren(
+            &cfg,
+            &["auth", "key", "create", "-a", "web", "-o", "json"],
+            &[],
+        );
         if !run.ok {
             bail!("auth key create: {}", run.stderr);
         }
         let v: Value = serde_json::from_str(&run.stdout)?;
         keys.push((
             v["client_id"].as_str().context("client_id")?.to_string(),
-            v["client_secret"].as_str().context("client_secret")?.to_string(),
+            v["client_secret"]
+                .as_str()
+                .context("client_secret")?
+                .to_string(),
         ));
     }
     let conns = cores * PER_CORE;
@@ -241,7 +250,10 @@ fn bench(s: &Settings) -> anyhow::Result<()> {
     let rate = grants.ok as f64 / wall.as_secs_f64();
     let raw = signs as f64 / sign_wall.as_secs_f64();
     let ratio = rate / raw;
-    println!("oauth_token: {cores} cores, {conns} keep-alive HTTPS connections, {} deploy keys", keys.len());
+    println!(
+        "oauth_token: {cores} cores, {conns} keep-alive HTTPS connections, {} deploy keys",
+        keys.len()
+    );
     println!(
         "  client_credentials grants: {rate:>9.0}/s ({} in {:.2}s, {} errors{})",
         grants.ok,

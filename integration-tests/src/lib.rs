@@ -490,26 +490,40 @@ impl PythonIssuer {
     /// One token from `/token?query`, as `ACTIONS_ID_TOKEN_REQUEST_URL`
     /// gives it to a job.
     pub fn token(&self, query: &str) -> anyhow::Result<String> {
+        let mut tokens = self.tokens(query, 1)?;
+        tokens
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("the issuer gave no token"))
+    }
+
+    /// `count` tokens from `/token?query`, each with its own `jti` (a CI
+    /// token is accepted once).
+    pub fn tokens(&self, query: &str, count: usize) -> anyhow::Result<Vec<String>> {
         const FETCH: &str = "import json,ssl,sys,urllib.request\n\
             r=urllib.request.Request(sys.argv[1],headers={'Authorization':'bearer '+sys.argv[3]})\n\
             c=ssl.create_default_context(cafile=sys.argv[2])\n\
-            print(json.load(urllib.request.urlopen(r,context=c,timeout=10))['value'])";
+            print('\\n'.join(json.load(urllib.request.urlopen(r,context=c,timeout=600))['values']))";
+        let sep = if query.is_empty() { "" } else { "&" };
         let out = Command::new("python3")
             .args(["-c", FETCH])
-            .arg(format!("{}/token?{query}", self.url()))
+            .arg(format!("{}/token?{query}{sep}count={count}", self.url()))
             .arg(&self.ca)
             .arg(&self.bearer)
             .stdin(Stdio::null())
             .output()
             .map_err(|e| anyhow::anyhow!("running python3 to fetch a token: {e}"))?;
-        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || token.split('.').count() != 3 {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tokens: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+        if !out.status.success()
+            || tokens.len() != count
+            || tokens.iter().any(|t| t.split('.').count() != 3)
+        {
             anyhow::bail!(
-                "fetching a token failed: {}",
+                "fetching {count} tokens failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(token)
+        Ok(tokens)
     }
 }
 

@@ -55,6 +55,12 @@ impl ClusterService {
         let token = (self.state.oauth)
             .login(access_token, app, now_unix())
             .map_err(|e| failed(e.to_string()))?;
+        Ok(self.capability(token))
+    }
+
+    /// The app capability a verified access token buys.
+    fn capability(&self, token: identity::access_token::AccessToken) -> app::Client {
+        let app = token.scope.app.clone();
         self.proof.prove();
         let actor = match token.claims.caller() {
             Caller::DeployKey(id) => Actor::DeployKey(id),
@@ -62,13 +68,7 @@ impl ClusterService {
         };
         tracing::info!(app = %app, client = %token.claims.client_id, "login");
         let service = AppService::confined(self.state.clone(), token.scope);
-        Ok(client(
-            service,
-            "App",
-            &self.state,
-            Some(actor),
-            Some(app.to_string()),
-        ))
+        client(service, "App", &self.state, Some(actor), Some(app))
     }
 }
 
@@ -166,11 +166,11 @@ impl cluster::Server for ClusterService {
         let app = p.get_app()?.to_string()?;
         crate::apps::check_app_name(&app).map_err(app_err)?;
         // A token exchange, then the login every credential ends in.
-        let issued = (self.state.oauth)
-            .exchange_ci_token(token.to_str()?, &app)
+        let access = (self.state.oauth)
+            .ci_login(token.to_str()?, &app)
             .await
             .map_err(oauth_err)?;
-        let client = self.log_in(&issued.access_token, &app)?;
+        let client = self.capability(access);
         results.get().set_app(client);
         Ok(())
     }

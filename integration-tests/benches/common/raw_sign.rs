@@ -44,4 +44,3 @@ pub fn raw_sign(threads: usize, limit: Duration) -> anyhow::Result<(u64, Duratio
     });
     Ok((count, wall))
 }
-
