@@ -4,7 +4,9 @@
 //!
 //! Every credential ends here: a deploy key (`client_credentials`), a CI
 //! OIDC token (RFC 8693 token exchange, RFC 7523 JWT bearer, and
-//! `ciLogin`, which is an exchange followed by [`TokenEndpoint::login`]).
+//! `ciLogin`, an exchange whose claims go to the login without being
+//! signed, [`TokenEndpoint::ci_login`]); [`TokenEndpoint::login`] verifies
+//! a signed access token into the same [`AccessToken`].
 //! The request rules are `identity::oauth`, the token rules
 //! `identity::access_token`; CI tokens are verified exactly as `ciLogin`
 //! always did (`crate::oidc::login`) and spent once

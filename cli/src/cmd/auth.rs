@@ -12,7 +12,7 @@ use crate::output::{self, Format};
 pub enum AuthCmd {
     /// CI (OIDC) authentication bindings: `miren auth ci APP --github
     /// OWNER/REPO` lets that repository's pipelines deploy APP.
-    Ci(CiArgs),
+    Ci(Box<CiArgs>),
     /// Deploy keys for CI systems without OIDC (`MIREN_API_KEY`).
     #[command(subcommand)]
     Key(super::auth_key::KeyCmd),
@@ -176,7 +176,7 @@ fn build(
 
 pub fn run(cmd: AuthCmd, cluster: Option<&str>) -> anyhow::Result<()> {
     let args = match cmd {
-        AuthCmd::Ci(args) => args,
+        AuthCmd::Ci(args) => *args,
         AuthCmd::Key(key) => return super::auth_key::run(key, cluster),
     };
     let cmd = match args.cmd {
