@@ -143,11 +143,6 @@ impl TokenEndpoint {
         }
     }
 
-    /// The values of `audience`/`resource` that name this cluster.
-    pub fn targets(&self) -> &[String] {
-        &self.targets
-    }
-
     /// Answers one token request from `source`: its form `body` and
     /// `Authorization` header.
     pub async fn request(

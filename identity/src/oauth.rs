@@ -319,15 +319,6 @@ pub enum Grant {
     },
 }
 
-impl Grant {
-    /// The scope asked.
-    pub fn scope(&self) -> &Scope {
-        match self {
-            Grant::ClientCredentials { scope, .. } | Grant::CiToken { scope, .. } => scope,
-        }
-    }
-}
-
 /// Decodes an `application/x-www-form-urlencoded` body into pairs.
 /// Errors are `invalid_request`.
 pub fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, OAuthError> {
