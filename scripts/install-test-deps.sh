@@ -5,8 +5,10 @@
 #   bubblewrap - sandbox isolation (namespaces) on runners
 #   iproute2   - network namespaces for the several-hosts test
 #   PyJWT      - an independent JWT library, the outside verifier of our tokens
+#   Authlib    - a standard OAuth client, trades deploy keys and CI tokens at the token endpoint
 #   Node.js + integration-tests/node (npm ci): oidc-provider, a certified
-#                OpenID provider for the route OIDC journeys, and playwright-core
+#                OpenID provider for the route OIDC journeys, playwright-core, and
+#                openid-client (a standard client doing the RFC 8693 token exchange)
 #   chromium   - Debian's, driven headless by playwright-core for the browser login
 #   prometheus - Debian's, scrapes the coordinator and a runner in the observability journey
 #   ShellCheck - Debian's shellcheck, checks the release, install and CI scripts and the workflows' steps
@@ -46,6 +48,11 @@ fi
 if ! python3 -c 'import jwt, cryptography' 2>/dev/null; then
   echo "==> installing PyJWT[crypto] (independent verifier of our tokens)"
   python3 -m pip install --quiet --disable-pip-version-check 'PyJWT[crypto]>=2.8'
+fi
+
+if ! python3 -c 'import authlib, requests' 2>/dev/null; then
+  echo "==> installing Authlib and requests (a standard OAuth client at the token endpoint)"
+  python3 -m pip install --quiet --disable-pip-version-check 'Authlib>=1.3' 'requests>=2.31'
 fi
 
 if ! python3 -c 'import yaml' 2>/dev/null; then

@@ -1,6 +1,9 @@
 //! The client config (`clientconfig.yaml`) and how the CLI picks a cluster.
 //!
 //! Resolution order, first match wins:
+//! 0. `MIREN_API_KEY` (a deploy key): its own pinned address, no identity,
+//!    whatever else is configured (`MIREN_CLUSTER` must then name the same
+//!    cluster, if set to an address);
 //! 1. `-C/--cluster NAME` (a configured cluster);
 //! 2. `MIREN_CLUSTER`: a configured name, or an address `host:port;sha1:fp`
 //!    (an address that matches a configured cluster uses its identity;
@@ -115,10 +118,27 @@ pub struct Target {
     pub address: ClusterAddress,
     /// PEM certificate and key to present.
     pub identity: Option<(String, String)>,
+    /// The deploy key of `MIREN_API_KEY`, which then is the only credential.
+    pub api_key: Option<identity::deploy_key::DeployKey>,
 }
 
 /// Picks the target cluster per the resolution order above.
 pub fn resolve(cluster_flag: Option<&str>) -> anyhow::Result<Target> {
+    if let Some(key) = crate::machine::api_key()? {
+        if let Some(Ok(address)) = std::env::var("MIREN_CLUSTER")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| v.parse::<ClusterAddress>())
+        {
+            crate::machine::check_same_cluster(&key, &address)?;
+        }
+        return Ok(Target {
+            name: None,
+            address: key.address.clone(),
+            identity: None,
+            api_key: Some(key),
+        });
+    }
     let path = config_path()?;
     let cfg = ClientConfig::load(&path)?;
     let from_entry = |name: &str, entry: &ClusterEntry| -> anyhow::Result<Target> {
@@ -128,6 +148,7 @@ pub fn resolve(cluster_flag: Option<&str>) -> anyhow::Result<Target> {
                 .address()
                 .with_context(|| format!("cluster {name:?} in {}", path.display()))?,
             identity: entry.identity(),
+            api_key: None,
         })
     };
     if let Some(name) = cluster_flag {
@@ -164,6 +185,7 @@ pub fn resolve(cluster_flag: Option<&str>) -> anyhow::Result<Target> {
             name: None,
             address,
             identity: None,
+            api_key: None,
         });
     }
     if let Some(active) = &cfg.active_cluster {

@@ -11,6 +11,7 @@ use transport::pki;
 use transport::tls::ClientIdentity;
 
 use crate::config::Target;
+use crate::machine::{Credential, TradeError};
 
 /// Runs `fut` on a fresh single-threaded runtime inside a `LocalSet`.
 pub fn run_local<T>(fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -90,6 +91,9 @@ impl Session {
 
     /// The admin capability; fails unless this session holds the admin identity.
     pub async fn admin(&self) -> anyhow::Result<admin::Client> {
+        if self.target.api_key.is_some() {
+            return Err(crate::machine::not_admin());
+        }
         if self.target.identity.is_none() && crate::ci::in_ci() {
             anyhow::bail!(
                 "OIDC access denied: a CI token can only deploy an app and read its status and logs; this needs the cluster's admin identity"
@@ -106,24 +110,85 @@ impl Session {
     }
 
     /// The capability confined to one app: through the admin identity when
-    /// this session has it, otherwise by presenting the CI pipeline's OIDC
-    /// token (see [`crate::ci`]).
+    /// this session has it; otherwise with an access token from the
+    /// cluster's token endpoint, bought with the deploy key of
+    /// `MIREN_API_KEY` or the CI pipeline's OIDC token (see [`crate::ci`]),
+    /// and kept for the job's later commands (see [`crate::machine`]).
     pub async fn app(&self, name: &str) -> anyhow::Result<app::Client> {
-        if self.target.identity.is_some() {
+        if self.target.api_key.is_none() && self.target.identity.is_some() {
             let admin = self.admin().await?;
             let mut req = admin.app_request();
             req.get().set_name(name);
             let reply = req.send().promise.await.map_err(remote)?;
             return Ok(reply.get()?.get_app()?);
         }
-        let token = crate::ci::oidc_token(&self.target.address.host_port()).await?;
+        let ci_token;
+        let cred = match &self.target.api_key {
+            Some(key) => Credential::Key(key),
+            None => {
+                ci_token = crate::ci::oidc_token(&self.target.address.host_port()).await?;
+                Credential::CiToken(&ci_token)
+            }
+        };
+        let address = &self.target.address;
+        if let Some(token) = crate::machine::cached(address, name, &cred) {
+            match self.login(&token, name).await {
+                Ok(app) => return Ok(app),
+                Err(e) => {
+                    tracing::debug!("the cached access token was refused: {e:#}");
+                    crate::machine::forget(address, name, &cred);
+                }
+            }
+        }
+        let issuer = self.issuer_url().await?;
+        let url = crate::machine::token_url(address, &issuer);
+        match crate::machine::trade(address, &url, name, &cred).await {
+            Ok((token, _)) => self.login(&token, name).await,
+            Err(TradeError::Unreachable { url, reason }) => match cred {
+                // A cluster whose HTTPS listener is elsewhere still takes
+                // the CI token over RPC (without a token kept for later).
+                Credential::CiToken(token) => {
+                    tracing::debug!("token endpoint {url} unreachable ({reason}); using ciLogin");
+                    self.ci_login(token, name).await
+                }
+                Credential::Key(_) => Err(anyhow::anyhow!(
+                    "could not reach the cluster's token endpoint {url}: {reason}"
+                )),
+            },
+            Err(refused) => Err(refused.into()),
+        }
+    }
+
+    /// The issuer URL the cluster reports.
+    async fn issuer_url(&self) -> anyhow::Result<String> {
+        let reply = self
+            .cluster
+            .info_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        Ok(reply.get()?.get_info()?.get_issuer_url()?.to_string()?)
+    }
+
+    /// `Cluster.login` with an access token.
+    async fn login(&self, access_token: &str, app: &str) -> anyhow::Result<app::Client> {
+        let mut req = self.cluster.login_request();
+        req.get().set_access_token(access_token);
+        req.get().set_app(app);
+        let reply = req.send().promise.await.map_err(remote)?;
+        Ok(reply.get()?.get_app()?)
+    }
+
+    /// `Cluster.ciLogin`, retried while the coordinator says it is busy.
+    async fn ci_login(&self, token: &str, name: &str) -> anyhow::Result<app::Client> {
         // A coordinator with too many logins at once says so as
         // `overloaded`: wait and try again, a few times.
         let mut wait = std::time::Duration::from_millis(500);
         let mut tries = 1;
         loop {
             let mut req = self.cluster.ci_login_request();
-            req.get().set_token(&token);
+            req.get().set_token(token);
             req.get().set_app(name);
             match req.send().promise.await {
                 Ok(reply) => return Ok(reply.get()?.get_app()?),

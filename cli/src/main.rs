@@ -10,6 +10,7 @@ mod ci;
 mod cmd;
 mod config;
 mod connect;
+mod machine;
 mod output;
 mod pack;
 

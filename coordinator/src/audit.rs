@@ -106,6 +106,8 @@ pub enum Actor {
     Runner(String),
     /// A CI pipeline, by the binding its token matched.
     Ci(String),
+    /// A holder of a deploy key (its id).
+    DeployKey(String),
     /// A peer that has proven nothing (a CI login before it matched, a
     /// runner joining, a browser at a protected route).
     Anonymous,
@@ -119,6 +121,7 @@ impl Serialize for Actor {
             Actor::Admin(n) => format!("admin:{}", Text::new(n).as_str()),
             Actor::Runner(id) => format!("runner:{}", Text::new(id).as_str()),
             Actor::Ci(b) => format!("ci:{}", Text::new(b).as_str()),
+            Actor::DeployKey(id) => format!("key:{}", Text::new(id).as_str()),
             Actor::Anonymous => "anonymous".into(),
             Actor::Coordinator => "coordinator".into(),
         };
@@ -209,6 +212,35 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         unpublished_at: Option<i64>,
     },
+    /// The token endpoint issued an access token, or refused to.
+    #[serde(rename = "oauth.token")]
+    OAuthToken {
+        grant: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        app: Option<Text>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client: Option<Text>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        jti: Option<Text>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<Text>,
+    },
+    #[serde(rename = "deploykey.created")]
+    DeployKeyCreated {
+        key: Text,
+        app: Text,
+        expires_at: i64,
+    },
+    #[serde(rename = "deploykey.rotated")]
+    DeployKeyRotated {
+        key: Text,
+        app: Text,
+        overlap_until: i64,
+    },
+    #[serde(rename = "deploykey.revoked")]
+    DeployKeyRevoked { key: Text, app: Text },
     #[serde(rename = "binding.added")]
     BindingAdded {
         binding: Text,

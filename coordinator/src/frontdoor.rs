@@ -203,24 +203,37 @@ impl Bucket {
     }
 }
 
-/// Join attempts per source, as token buckets.
+/// Attempts per key (a source address, a client id), as token buckets:
+/// `burst` at once, then one per `interval`, for at most `max_keys` keys.
 #[derive(Debug)]
-pub struct JoinLimiter {
+pub struct RateLimiter<K> {
     burst: u32,
     interval: Duration,
     max_sources: usize,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
 }
 
-impl Default for JoinLimiter {
+/// Join attempts per source.
+pub type JoinLimiter = RateLimiter<IpAddr>;
+
+impl Default for RateLimiter<IpAddr> {
     fn default() -> Self {
-        JoinLimiter::new(JOIN_BURST, JOIN_INTERVAL, MAX_JOIN_SOURCES)
+        RateLimiter::new(JOIN_BURST, JOIN_INTERVAL, MAX_JOIN_SOURCES)
     }
 }
 
-impl JoinLimiter {
+impl RateLimiter<IpAddr> {
+    /// Takes one attempt for `source` (counted by [`source_key`]) at `now`,
+    /// or says how long until the next one is allowed (whole seconds, at
+    /// least one).
+    pub fn attempt(&mut self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.take(source_key(source), now)
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
     pub fn new(burst: u32, interval: Duration, max_sources: usize) -> Self {
-        JoinLimiter {
+        RateLimiter {
             burst: burst.max(1),
             interval: interval.max(Duration::from_millis(1)),
             max_sources: max_sources.max(1),
@@ -228,10 +241,9 @@ impl JoinLimiter {
         }
     }
 
-    /// Takes one attempt for `source` at `now`, or says how long until the
+    /// Takes one attempt for `key` at `now`, or says how long until the
     /// next one is allowed (whole seconds, at least one).
-    pub fn attempt(&mut self, source: IpAddr, now: Instant) -> Result<(), Duration> {
-        let key = source_key(source);
+    pub fn take(&mut self, key: K, now: Instant) -> Result<(), Duration> {
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.max_sources {
             self.make_room(now);
         }
@@ -253,6 +265,13 @@ impl JoinLimiter {
         Err(Duration::from_secs((wait.ceil() as u64).max(1)))
     }
 
+    /// Whether `key` could take an attempt at `now`, without taking it.
+    pub fn would_allow(&self, key: &K, now: Instant) -> bool {
+        self.buckets
+            .get(key)
+            .is_none_or(|b| b.refilled(now, self.burst, self.interval) >= 1.0)
+    }
+
     fn make_room(&mut self, now: Instant) {
         let (burst, interval) = (self.burst, self.interval);
         self.buckets
@@ -266,7 +285,7 @@ impl JoinLimiter {
                     a.refilled(now, burst, interval)
                         .total_cmp(&b.refilled(now, burst, interval))
                 })
-                .map(|(k, _)| *k);
+                .map(|(k, _)| k.clone());
             if let Some(key) = fullest {
                 self.buckets.remove(&key);
             }

@@ -1,5 +1,6 @@
 //! The coordinator's HTTPS side: the OIDC discovery document and the JWKS
-//! that outside verifiers (AWS STS, Vault, any JWT library) fetch.
+//! that outside verifiers (AWS STS, Vault, any JWT library) fetch, and the
+//! OAuth token endpoint (`crate::oauth`) the discovery document advertises.
 //!
 //! Served with axum on tokio-rustls, over TCP at the same host:port as the
 //! QUIC listener unless `--https-listen` says otherwise. Paths are the
@@ -25,10 +26,11 @@ use crate::accept::ListenerLimits;
 use crate::issuer::Issuer;
 use crate::shutdown::Tasks;
 
-/// The axum router of the issuer endpoints: they read only the issuer (its
-/// URL and key ring).
-pub fn router(issuer: Arc<Issuer>) -> Router {
+/// The axum router of the issuer endpoints: the documents read only the
+/// issuer (its URL and key ring); the token endpoint is `token_endpoint`.
+pub fn router(issuer: Arc<Issuer>, token_endpoint: Arc<crate::oauth::TokenEndpoint>) -> Router {
     let prefix = issuer_path(issuer.url.as_str());
+    let tokens = crate::oauth::router(token_endpoint, &prefix);
     let mut r = Router::new()
         .route(&format!("{prefix}{DISCOVERY_PATH}"), get(discovery))
         .route(&format!("{prefix}{JWKS_PATH}"), get(jwks));
@@ -37,7 +39,7 @@ pub fn router(issuer: Arc<Issuer>) -> Router {
             .route(DISCOVERY_PATH, get(discovery))
             .route(JWKS_PATH, get(jwks));
     }
-    r.fallback(not_found).with_state(issuer)
+    r.fallback(not_found).with_state(issuer).merge(tokens)
 }
 
 /// The path part of an issuer URL, without a trailing slash ("" for none).
@@ -77,7 +79,8 @@ async fn discovery(AxumState(issuer): AxumState<Arc<Issuer>>) -> Response {
         Ok(keys) => keys,
         Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let doc = DiscoveryDocument::new(&issuer.url, keys.iter(), WORKLOAD_CLAIMS_SUPPORTED);
+    let doc = DiscoveryDocument::new(&issuer.url, keys.iter(), WORKLOAD_CLAIMS_SUPPORTED)
+        .with_token_endpoint(&issuer.url);
     match serde_json::to_vec(&doc) {
         Ok(body) => json_response(&issuer, body),
         Err(_) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "could not encode"),
@@ -120,7 +123,12 @@ pub async fn serve(
         limits,
         tasks,
         move |conn, remote| {
-            let service = TowerToHyperService::new(router.clone());
+            // Handlers that limit per source read it as `ConnectInfo`.
+            let service = TowerToHyperService::new(
+                router
+                    .clone()
+                    .layer(axum::Extension(axum::extract::ConnectInfo(remote))),
+            );
             let http = http.clone();
             async move {
                 if let Err(e) = http.serve_connection(TokioIo::new(conn), service).await {

@@ -321,6 +321,18 @@ impl Observe {
         );
     }
 
+    /// The token endpoint decided a request: `actor` is who it was issued
+    /// to (anonymous when refused); `reason` the refusal's RFC code and
+    /// description.
+    pub fn oauth_token(&self, actor: Actor, event: Event, refused: bool) {
+        let outcome = if refused {
+            Outcome::Refused
+        } else {
+            Outcome::Ok
+        };
+        self.record(actor, event, outcome);
+    }
+
     /// A fetch of a CI issuer's document (`discovery` or `jwks`).
     pub fn issuer_fetch(&self, document: &'static str, ok: bool) {
         if self.enabled {

@@ -575,23 +575,28 @@ impl OidcVerifier {
     }
 
     /// Verifies the token of `attempt` for `app` at `now` (unix seconds);
-    /// returns the binding it matched.
+    /// returns the binding it matched and the verified token.
     pub async fn finish(
         &self,
         ci: &CiBindings,
         app: &str,
         attempt: LoginAttempt,
         now: i64,
-    ) -> Result<Binding, LoginError> {
+    ) -> Result<CiLogin, LoginError> {
         let verified = self.verify(&attempt, now).await?;
-        ci.matching(app, &verified.claims, now)
+        let binding = ci
+            .matching(app, &verified.claims, now)
             .map_err(|e| match e {
                 crate::ci::MatchError::NoMatch(m) => LoginError::NoMatch(m),
                 crate::ci::MatchError::Drift(d) => LoginError::Drift(d),
                 crate::ci::MatchError::Unavailable => {
                     LoginError::Denied(DenialCause::BindingsUnavailable)
                 }
-            })
+            })?;
+        Ok(CiLogin {
+            binding,
+            token: verified,
+        })
     }
 
     /// The token of `attempt` verified at `now` with its issuer's keys
@@ -615,10 +620,20 @@ impl OidcVerifier {
     }
 }
 
+/// A CI token verified and matched.
+#[derive(Debug, Clone)]
+pub struct CiLogin {
+    /// The binding it matched.
+    pub binding: Binding,
+    /// The verified token (its `jti`, `exp`, `sub`, `iss`).
+    pub token: identity::VerifiedToken,
+}
+
 /// A CI login for `app` with `token`: the cheap checks and a login slot
 /// where the call arrives ([`OidcVerifier::begin`]), the verification on
 /// the multi-threaded runtime `rt` ([`OidcVerifier::finish`]), the
-/// decision counted and audited in `observe`. Returns the binding matched.
+/// decision counted and audited in `observe`. Returns the binding matched
+/// and the verified token.
 pub async fn login(
     oidc: &Arc<OidcVerifier>,
     ci: &Arc<CiBindings>,
@@ -626,7 +641,7 @@ pub async fn login(
     rt: &tokio::runtime::Handle,
     app: &str,
     token: &str,
-) -> Result<Binding, LoginError> {
+) -> Result<CiLogin, LoginError> {
     let seen = crate::audit::CiTokenFields::peek(token);
     let refused = |e: LoginError| {
         observe.ci_login(app, seen.clone(), Err((e.refusal(), &e)));
@@ -644,9 +659,9 @@ pub async fn login(
             tracing::error!("a CI login task failed: {e}");
             Err(LoginError::Denied(DenialCause::Task))
         });
-    let binding = finished.map_err(refused)?;
-    observe.ci_login(app, seen, Ok(&binding));
-    Ok(binding)
+    let login = finished.map_err(refused)?;
+    observe.ci_login(app, seen, Ok(&login.binding));
+    Ok(login)
 }
 
 #[cfg(test)]

@@ -639,7 +639,7 @@ impl Reconciler {
     }
 
     /// `app delete`: in one transaction the app record, its sandbox
-    /// assignments, its routes and its CI bindings go; runners then stop
+    /// assignments, its routes, its deploy keys and its CI bindings go; runners then stop
     /// the sandboxes (asked now, and again by the loop from their
     /// inventories), and artifacts nothing names are collected.
     pub async fn delete_app(&self, name: &str) -> Result<(), DeleteError> {
@@ -664,6 +664,8 @@ impl Reconciler {
             for r in routes.iter().filter(|r| r.app == name) {
                 txn.ops.push(Op::Delete(route_key(&r.host)));
             }
+            txn.ops
+                .extend(crate::deploy_keys::removal_ops(&*self.store, name)?);
             if self.ci.commit_removing_app(name, txn)? != Outcome::Applied {
                 continue;
             }

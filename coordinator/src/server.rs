@@ -438,6 +438,32 @@ impl Coordinator {
             opts.reconcile,
             leadership.clone(),
         ));
+        // ... or the issuer URL, the audience OAuth clients name.
+        let mut ci_audiences = audiences.clone();
+        ci_audiences.push(issuer.url.as_str().to_string());
+        let oidc = Arc::new(
+            crate::oidc::OidcVerifier::new(ci_audiences, &oidc_roots, outbound)?
+                .observed(observe.clone()),
+        );
+        let deploy_keys = Arc::new(crate::deploy_keys::DeployKeys::new(store.clone()));
+        let spent = Arc::new(crate::spent_tokens::SpentTokens::load(
+            store.clone(),
+            transport::clock::now_unix(),
+        )?);
+        tasks.spawn(
+            "spent CI token pruning",
+            crate::spent_tokens::prune_forever(spent.clone(), tasks.clone()),
+        );
+        let oauth = Arc::new(crate::oauth::TokenEndpoint::new(
+            issuer.clone(),
+            oidc.clone(),
+            ci.clone(),
+            deploy_keys.clone(),
+            spent,
+            observe.clone(),
+            rt.clone(),
+            audiences,
+        ));
         let state = Arc::new(State {
             cluster: ClusterIdentity {
                 meta: material.meta.clone(),
@@ -453,10 +479,9 @@ impl Coordinator {
             apps,
             ci,
             reconciler,
-            oidc: Arc::new(
-                crate::oidc::OidcVerifier::new(audiences, &oidc_roots, outbound)?
-                    .observed(observe.clone()),
-            ),
+            oidc,
+            deploy_keys,
+            oauth,
             routes,
             sso: Arc::new(
                 crate::sso::Sso::load_or_create(&material.dir, store.clone())?
@@ -670,7 +695,7 @@ impl Coordinator {
             renew_server_cert_forever(state.clone(), self.server_cert, tasks.clone()),
         );
         let ingress_tls = self.https_tls.clone();
-        let router = crate::https::router(state.issuer.clone());
+        let router = crate::https::router(state.issuer.clone(), state.oauth.clone());
         tasks.spawn(
             "HTTPS listener",
             crate::https::serve(

@@ -84,6 +84,10 @@ pub struct State {
     pub apps: Arc<Apps>,
     /// CI bindings.
     pub ci: Arc<CiBindings>,
+    /// Deploy keys.
+    pub deploy_keys: Arc<crate::deploy_keys::DeployKeys>,
+    /// The OAuth token endpoint and the access-token login.
+    pub oauth: Arc<crate::oauth::TokenEndpoint>,
     /// Converges what runs to the records.
     pub reconciler: Arc<crate::reconcile::Reconciler>,
     /// Fetches issuer keys and verifies CI tokens.

@@ -260,6 +260,15 @@ pub struct DiscoveryDocument {
     /// Claims tokens may carry; omitted when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub claims_supported: Vec<String>,
+    /// The OAuth token endpoint (`<issuer>/oauth2/token`), if served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_endpoint: Option<String>,
+    /// Grants the token endpoint serves; omitted when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grant_types_supported: Vec<String>,
+    /// How clients authenticate there; omitted when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_endpoint_auth_methods_supported: Vec<String>,
 }
 
 /// Why a fetched discovery document was refused.
@@ -304,7 +313,20 @@ impl DiscoveryDocument {
                 .map(|a| a.as_str().to_string())
                 .collect(),
             claims_supported: claims_supported.iter().map(|c| c.to_string()).collect(),
+            token_endpoint: None,
+            grant_types_supported: vec![],
+            token_endpoint_auth_methods_supported: vec![],
         }
+    }
+
+    /// The same document advertising the cluster's token endpoint
+    /// (`crate::oauth`).
+    pub fn with_token_endpoint(mut self, issuer: &IssuerUrl) -> Self {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        self.token_endpoint = Some(issuer.join(crate::oauth::TOKEN_PATH));
+        self.grant_types_supported = strings(crate::oauth::GRANT_TYPES_SUPPORTED);
+        self.token_endpoint_auth_methods_supported = strings(crate::oauth::AUTH_METHODS_SUPPORTED);
+        self
     }
 
     /// Reads a discovery document fetched from `expected.discovery_url()`,
@@ -475,6 +497,24 @@ mod tests {
         assert_eq!(doc.id_token_signing_alg_values_supported, vec!["RS256"]);
         let v = serde_json::to_value(&doc).expect("json");
         assert!(v.get("claims_supported").is_none());
+        assert!(v.get("token_endpoint").is_none());
+    }
+
+    #[test]
+    fn discovery_advertises_the_token_endpoint() {
+        let iss = issuer("https://a.example/c1/");
+        let v =
+            serde_json::to_value(DiscoveryDocument::new(&iss, [], &[]).with_token_endpoint(&iss))
+                .expect("json");
+        assert_eq!(v["token_endpoint"], "https://a.example/c1/oauth2/token");
+        assert_eq!(
+            v["grant_types_supported"][1],
+            crate::oauth::GRANT_TOKEN_EXCHANGE
+        );
+        assert_eq!(
+            v["token_endpoint_auth_methods_supported"],
+            serde_json::json!(["client_secret_basic", "client_secret_post"])
+        );
     }
 
     #[test]

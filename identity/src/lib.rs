@@ -8,10 +8,12 @@
 // No `unwrap`/`expect` outside tests: input never panics this crate.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod access_token;
 pub mod address;
 pub mod bindings;
 pub mod breadth;
 pub mod claims;
+pub mod deploy_key;
 pub mod documents;
 pub mod explain;
 pub mod glob;
@@ -22,6 +24,7 @@ pub mod join_token;
 pub mod keys;
 pub mod mint;
 pub mod names;
+pub mod oauth;
 pub mod renewal;
 pub mod route_oidc;
 pub mod used_states;

@@ -14,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde::Serialize;
 
+use crate::access_token::AccessTokenClaims;
 use crate::claims::WorkloadClaims;
 use crate::keys::SigningKeyPair;
 
@@ -44,6 +45,8 @@ pub struct Minter {
     key: RsaKeyPair,
     kid: String,
     header_b64: String,
+    /// The header of access tokens (`typ: at+jwt`, RFC 9068).
+    access_header_b64: String,
     rng: SystemRandom,
 }
 
@@ -66,16 +69,20 @@ impl Minter {
     /// A minter for `key`, parsing its PKCS#8 DER once.
     pub fn new(key: &SigningKeyPair) -> Result<Self, MintError> {
         let pair = RsaKeyPair::from_pkcs8(key.pkcs8_der()).map_err(MintError::KeyRejected)?;
-        let header = serde_json::to_vec(&Header {
-            alg: "RS256",
-            kid: key.kid(),
-            typ: "JWT",
-        })
-        .map_err(|e| MintError::Serialize(e.to_string()))?;
+        let header = |typ| {
+            serde_json::to_vec(&Header {
+                alg: "RS256",
+                kid: key.kid(),
+                typ,
+            })
+            .map(|h| URL_SAFE_NO_PAD.encode(h))
+            .map_err(|e| MintError::Serialize(e.to_string()))
+        };
         Ok(Minter {
             key: pair,
             kid: key.kid().to_string(),
-            header_b64: URL_SAFE_NO_PAD.encode(header),
+            header_b64: header("JWT")?,
+            access_header_b64: header(crate::access_token::TYP)?,
             rng: SystemRandom::new(),
         })
     }
@@ -94,6 +101,20 @@ impl Minter {
     /// token kinds, such as app-scoped cluster tokens). The claims are
     /// written as given: no time or audience rule is applied here.
     pub fn mint_claims<T: Serialize + ?Sized>(&self, claims: &T) -> Result<String, MintError> {
+        self.sign_with_header(&self.header_b64, claims)
+    }
+
+    /// Mints a cluster API access token: header `typ: at+jwt`, so that it
+    /// can never pass for a workload token.
+    pub fn mint_access(&self, claims: &AccessTokenClaims) -> Result<String, MintError> {
+        self.sign_with_header(&self.access_header_b64, claims)
+    }
+
+    fn sign_with_header<T: Serialize + ?Sized>(
+        &self,
+        header_b64: &str,
+        claims: &T,
+    ) -> Result<String, MintError> {
         let payload =
             serde_json::to_vec(claims).map_err(|e| MintError::Serialize(e.to_string()))?;
         if payload.first() != Some(&b'{') {
@@ -102,9 +123,8 @@ impl Minter {
         let sig_len = self.key.public_modulus_len();
         let payload_b64_len = base64::encoded_len(payload.len(), false).unwrap_or(0);
         let sig_b64_len = base64::encoded_len(sig_len, false).unwrap_or(0);
-        let mut token =
-            String::with_capacity(self.header_b64.len() + payload_b64_len + sig_b64_len + 2);
-        token.push_str(&self.header_b64);
+        let mut token = String::with_capacity(header_b64.len() + payload_b64_len + sig_b64_len + 2);
+        token.push_str(header_b64);
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
 

@@ -14,14 +14,17 @@
 //!    more bindings of the same issuer (9 more of `web`, 10 for each of 999
 //!    other apps) over one admin RPC connection, 64 in flight, within a time
 //!    limit (each is a store commit; fewer are reported if the limit is hit);
-//! 3. fetches ONE token from the issuer's `/token` endpoint (audience: the
-//!    cluster's `host:port`, repository `acme/web`, a push to main) and
-//!    logs in once, which fetches the issuer's discovery document and JWKS;
+//! 3. fetches a pool of tokens from the issuer's `/token?count=N` endpoint
+//!    (audience: the cluster's `host:port`, repository `acme/web`, a push
+//!    to main; each with its own `jti`, since a CI token is accepted once)
+//!    and logs in once, which fetches the issuer's discovery document and
+//!    JWKS;
 //! 4. from this process, over ONE QUIC connection (`transport::dial`, no
 //!    client certificate) on a current-thread runtime in a `LocalSet`,
 //!    calls `Cluster.ciLogin(token, "web")` repeatedly, 32 in flight, and
-//!    counts logins that returned an App capability (the same token every
-//!    time: the coordinator caches keys, not verifications); interleaved
+//!    counts logins that returned an App capability (a fresh token every
+//!    time: each login verifies, matches, and spends the token's `jti` in
+//!    the store); interleaved
 //!    with that, measures raw aws-lc-rs RSA-2048 PKCS#1 SHA-256 verify on
 //!    every core;
 //! 5. for comparison (informational), the same 32 logins in flight spread
@@ -34,7 +37,8 @@
 //! share the machine's cores; the raw rate has them to itself, the logins do
 //! not. Environment: `CI_LOGINS_BENCH_BINDINGS` (total bindings, default
 //! 10000; 1 skips the bulk add), `CI_LOGINS_BENCH_SECS` (measured login
-//! time, default 5). Under `cargo test --benches` (no `--bench` argument) a
+//! time, default 5), `CI_LOGINS_BENCH_TOKENS` (the pool, default 20000;
+//! the phases stop early when it runs out, and say so). Under `cargo test --benches` (no `--bench` argument) a
 //! quick pass with small counts shows the bench still works (skipped without
 //! the binary or the Python issuer).
 
@@ -71,6 +75,16 @@ struct Settings {
     raw: Duration,
     sequential: Duration,
     warmup: Duration,
+    tokens: usize,
+}
+
+/// Fresh CI tokens, each used once.
+struct Pool(std::cell::RefCell<Vec<String>>);
+
+impl Pool {
+    fn next(&self) -> Option<String> {
+        self.0.borrow_mut().pop()
+    }
 }
 
 fn env_number(name: &str) -> Option<u64> {
@@ -88,6 +102,7 @@ fn main() {
             raw: Duration::from_secs(3),
             sequential: Duration::from_secs(1),
             warmup: Duration::from_millis(500),
+            tokens: env_number("CI_LOGINS_BENCH_TOKENS").map_or(20_000, |n| n as usize),
         }
     } else {
         Settings {
@@ -97,6 +112,7 @@ fn main() {
             raw: Duration::from_millis(200),
             sequential: Duration::from_millis(100),
             warmup: Duration::from_millis(50),
+            tokens: 300,
         }
     };
     if let Err(e) = prerequisites() {
@@ -307,10 +323,13 @@ struct Logins {
     first_error: Option<String>,
     wall: Duration,
     latencies: Vec<Duration>,
+    /// The token pool ran out before the phase's time was up.
+    exhausted: bool,
 }
 
 impl Logins {
     fn add(&mut self, other: Logins) {
+        self.exhausted |= other.exhausted;
         self.ok += other.ok;
         self.errors += other.errors;
         if self.first_error.is_none() {
@@ -337,10 +356,10 @@ impl Logins {
 }
 
 /// One `ciLogin`; Ok when it handed back an App capability.
-async fn login(cluster: &cluster::Client, token: &str) -> (Instant, Result<(), String>) {
+async fn login(cluster: &cluster::Client, token: String) -> (Instant, Result<(), String>) {
     let started = Instant::now();
     let mut req = cluster.ci_login_request();
-    req.get().set_token(token);
+    req.get().set_token(&token);
     req.get().set_app("web");
     let result = match req.send().promise.await {
         Ok(reply) => match reply.get().and_then(|r| r.get_app()) {
@@ -356,14 +375,14 @@ async fn login(cluster: &cluster::Client, token: &str) -> (Instant, Result<(), S
 /// complete inside the window count.
 async fn drive(
     cluster: &cluster::Client,
-    token: &str,
+    pool: &Pool,
     in_flight: usize,
     duration: Duration,
 ) -> Logins {
     let started = Instant::now();
     let deadline = started + duration;
     let mut pending = FuturesUnordered::new();
-    for _ in 0..in_flight {
+    for token in std::iter::from_fn(|| pool.next()).take(in_flight) {
         pending.push(login(cluster, token));
     }
     let mut out = Logins::default();
@@ -383,23 +402,30 @@ async fn drive(
                 out.first_error.get_or_insert(e);
             }
         }
-        pending.push(login(cluster, token));
+        match pool.next() {
+            Some(token) => pending.push(login(cluster, token)),
+            None => out.exhausted = true,
+        }
     }
-    out.wall = duration;
+    out.wall = if out.exhausted {
+        started.elapsed().min(duration)
+    } else {
+        duration
+    };
     out
 }
 
 /// [`drive`] on every connection at once, `per_connection` in flight each.
 async fn drive_many(
     clusters: &[cluster::Client],
-    token: &str,
+    pool: &Pool,
     per_connection: usize,
     duration: Duration,
 ) -> Logins {
     let parts = futures::future::join_all(
         clusters
             .iter()
-            .map(|c| drive(c, token, per_connection, duration)),
+            .map(|c| drive(c, pool, per_connection, duration)),
     )
     .await;
     let mut all = Logins::default();
@@ -610,6 +636,9 @@ fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
         if let Some(e) = &l.first_error {
             println!("  first error: {e}");
         }
+        if l.exhausted {
+            println!("  (the token pool ran out; raise CI_LOGINS_BENCH_TOKENS)");
+        }
     }
     println!(
         "{:<44} {:>9} {:>7} {:>7.2} {:>10.0} {:>8} {:>8}",
@@ -697,10 +726,13 @@ fn measure(
         add_bindings(&address, admin_id, &issuer_url, bulk, s.add_limit),
     )?;
 
-    // One token for every login.
-    let token = issuer.token(&format!(
-        "audience={audience}&repository=acme/web&event_name=push&ref=refs/heads/main"
-    ))?;
+    // A fresh token for every login.
+    let mut tokens = issuer.tokens(
+        &format!("audience={audience}&repository=acme/web&event_name=push&ref=refs/heads/main"),
+        s.tokens.max(2),
+    )?;
+    let token = tokens.pop().context("no token")?;
+    let pool = Pool(std::cell::RefCell::new(tokens));
 
     // Raw material: a fresh RSA-2048 key signing the token's signing input.
     let key = identity::SigningKeyPair::generate().map_err(|e| anyhow!("{e}"))?;
@@ -728,9 +760,9 @@ fn measure(
         .block_on(&rt, transport::rpc::connect_connection(&conn))
         .map_err(remote)?;
     // The first login fetches the issuer's discovery document and JWKS.
-    let (_, first) = local.block_on(&rt, login(&cluster, &token));
+    let (_, first) = local.block_on(&rt, login(&cluster, token.clone()));
     first.map_err(|e| anyhow!("the first CI login failed: {e}"))?;
-    local.block_on(&rt, drive(&cluster, &token, IN_FLIGHT, s.warmup));
+    local.block_on(&rt, drive(&cluster, &pool, IN_FLIGHT, s.warmup));
 
     // For comparison: one connection per core, the same logins in flight
     // in all.
@@ -744,7 +776,7 @@ fn measure(
     }
     let clients: Vec<cluster::Client> = others.iter().map(|(_, _, c)| c.clone()).collect();
     let per_connection = (IN_FLIGHT / clients.len()).max(1);
-    local.block_on(&rt, drive_many(&clients, &token, per_connection, s.warmup));
+    local.block_on(&rt, drive_many(&clients, &pool, per_connection, s.warmup));
 
     let mut logins = Logins::default();
     let mut many = Logins::default();
@@ -753,16 +785,16 @@ fn measure(
     let (mut raws, mut raw_wall) = (0u64, Duration::ZERO);
     for _ in 0..SLICES {
         let part =
-            logins_cpu.window(|| local.block_on(&rt, drive(&cluster, &token, IN_FLIGHT, slice)));
+            logins_cpu.window(|| local.block_on(&rt, drive(&cluster, &pool, IN_FLIGHT, slice)));
         logins.add(part);
         let (n, wall) = raw_verify(cores, &public, message, &signature, raw_slice);
         raws += n;
         raw_wall += wall;
         let part = many_cpu
-            .window(|| local.block_on(&rt, drive_many(&clients, &token, per_connection, slice)));
+            .window(|| local.block_on(&rt, drive_many(&clients, &pool, per_connection, slice)));
         many.add(part);
     }
-    let sequential = local.block_on(&rt, drive(&cluster, &token, 1, s.sequential));
+    let sequential = local.block_on(&rt, drive(&cluster, &pool, 1, s.sequential));
 
     let mut endpoints = vec![endpoint];
     conn.close(transport::close::CloseCode::Done.into(), b"done");

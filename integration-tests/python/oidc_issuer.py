@@ -131,24 +131,29 @@ class Handler(BaseHTTPRequestHandler):
             repo = q.get("repository", "acme/web")
             ref = q.get("ref", "refs/heads/main")
             now = int(time.time()) + int(q.get("exp_offset", "0"))
-            claims = {
-                "iss": issuer,
-                "aud": q.get("aud_override", q.get("audience", "")),
-                "sub": q.get("sub", "repo:%s:ref:%s" % (repo, ref)),
-                "repository": repo,
-                "repository_owner": repo.split("/")[0],
-                # GitHub's immutable ids, as strings like GitHub's.
-                "repository_id": q.get("repository_id", "1000"),
-                "repository_owner_id": q.get("repository_owner_id", "2000"),
-                "event_name": q.get("event_name", "push"),
-                "ref": ref,
-                "iat": now, "nbf": now, "exp": now + 300,
-                "jti": uuid.uuid4().hex,
-            }
-            with LOCK:
-                kid = uuid.uuid4().hex if q.get("kid") == "random" else STATE["kid"]
-                token = jwt.encode(claims, STATE["key"], algorithm="RS256", headers={"kid": kid})
-            self._json(200, {"value": token})
+            # `count=N`: N tokens with distinct jti (each is accepted once),
+            # in "values"; "value" is the first.
+            count = max(1, min(int(q.get("count", "1")), 100000))
+            tokens = []
+            for _ in range(count):
+                claims = {
+                    "iss": issuer,
+                    "aud": q.get("aud_override", q.get("audience", "")),
+                    "sub": q.get("sub", "repo:%s:ref:%s" % (repo, ref)),
+                    "repository": repo,
+                    "repository_owner": repo.split("/")[0],
+                    # GitHub's immutable ids, as strings like GitHub's.
+                    "repository_id": q.get("repository_id", "1000"),
+                    "repository_owner_id": q.get("repository_owner_id", "2000"),
+                    "event_name": q.get("event_name", "push"),
+                    "ref": ref,
+                    "iat": now, "nbf": now, "exp": now + 300,
+                    "jti": uuid.uuid4().hex,
+                }
+                with LOCK:
+                    kid = uuid.uuid4().hex if q.get("kid") == "random" else STATE["kid"]
+                    tokens.append(jwt.encode(claims, STATE["key"], algorithm="RS256", headers={"kid": kid}))
+            self._json(200, {"value": tokens[0], "values": tokens})
         else:
             self._json(404, {})
 

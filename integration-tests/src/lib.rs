@@ -167,6 +167,20 @@ impl Server {
         self.address.split(';').next().unwrap_or_default()
     }
 
+    /// The issuer URL the server printed.
+    pub fn issuer_url(&self) -> String {
+        self.stdout
+            .iter()
+            .find_map(|l| l.strip_prefix("Issuer URL: "))
+            .expect("the server printed no issuer URL")
+            .to_string()
+    }
+
+    /// The cluster CA certificate (PEM file) its HTTPS listener chains to.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca.crt")
+    }
+
     /// The address (`host:port`) the server printed after `prefix`, such as
     /// `"HTTP ingress: http://"`.
     pub fn printed_address(&self, prefix: &str) -> String {
@@ -478,26 +492,40 @@ impl PythonIssuer {
     /// One token from `/token?query`, as `ACTIONS_ID_TOKEN_REQUEST_URL`
     /// gives it to a job.
     pub fn token(&self, query: &str) -> anyhow::Result<String> {
+        let mut tokens = self.tokens(query, 1)?;
+        tokens
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("the issuer gave no token"))
+    }
+
+    /// `count` tokens from `/token?query`, each with its own `jti` (a CI
+    /// token is accepted once).
+    pub fn tokens(&self, query: &str, count: usize) -> anyhow::Result<Vec<String>> {
         const FETCH: &str = "import json,ssl,sys,urllib.request\n\
             r=urllib.request.Request(sys.argv[1],headers={'Authorization':'bearer '+sys.argv[3]})\n\
             c=ssl.create_default_context(cafile=sys.argv[2])\n\
-            print(json.load(urllib.request.urlopen(r,context=c,timeout=10))['value'])";
+            print('\\n'.join(json.load(urllib.request.urlopen(r,context=c,timeout=600))['values']))";
+        let sep = if query.is_empty() { "" } else { "&" };
         let out = Command::new("python3")
             .args(["-c", FETCH])
-            .arg(format!("{}/token?{query}", self.url()))
+            .arg(format!("{}/token?{query}{sep}count={count}", self.url()))
             .arg(&self.ca)
             .arg(&self.bearer)
             .stdin(Stdio::null())
             .output()
             .map_err(|e| anyhow::anyhow!("running python3 to fetch a token: {e}"))?;
-        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || token.split('.').count() != 3 {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tokens: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+        if !out.status.success()
+            || tokens.len() != count
+            || tokens.iter().any(|t| t.split('.').count() != 3)
+        {
             anyhow::bail!(
-                "fetching a token failed: {}",
+                "fetching {count} tokens failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(token)
+        Ok(tokens)
     }
 }
 
@@ -548,6 +576,63 @@ pub fn node_fixtures() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// Runs `python/oauth_client.py` (Authlib, a standard OAuth client) with
+/// `args`; returns whether it got a token, and the token response or the
+/// `{"error", "error_description"}` it was refused with.
+pub fn authlib(args: &[&str]) -> (bool, serde_json::Value) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/oauth_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3 must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'authlib'"),
+        "Authlib is missing: run ./scripts/test.sh, which installs it"
+    );
+    let v = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("oauth_client.py printed no JSON ({e}): {stdout}\n{stderr}"));
+    (out.status.success(), v)
+}
+
+/// Runs `node/token_exchange.mjs` (openid-client: discovery, then an RFC
+/// 8693 exchange of `subject_token` for `scope`, naming `audience` if
+/// given), trusting the cluster CA `ca`; returns whether it got a token,
+/// and what it printed.
+pub fn openid_client_exchange(
+    issuer: &str,
+    ca: &Path,
+    subject_token: &str,
+    scope: &str,
+    audience: Option<&str>,
+) -> (bool, serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
+    assert!(
+        dir.join("node_modules/openid-client").is_dir(),
+        "openid-client is missing: run ./scripts/test.sh, or `npm ci --prefix {}`",
+        dir.display()
+    );
+    let out = Command::new("node")
+        .arg(dir.join("token_exchange.mjs"))
+        .args([issuer, subject_token, scope])
+        .args(audience)
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .stdin(Stdio::null())
+        .output()
+        .expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "token_exchange.mjs printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
 }
 
 /// A real OpenID provider: `oidc-provider` from npm, run by

@@ -75,7 +75,12 @@ interface Cluster {
   # Fails unless the peer presented a certificate of a registered runner.
   ciLogin @6 (token :Text, app :Text) -> (app :App);
   # Open to anyone: a CI pipeline's OIDC token that matches one of the app's
-  # bindings buys that app's capability and nothing else.
+  # bindings buys that app's capability and nothing else. It is a token
+  # exchange at the token endpoint followed by `login`; the token is spent.
+  login @7 (accessToken :Text, app :Text) -> (app :App);
+  # Open to anyone: an access token from the token endpoint
+  # (`<issuer>/oauth2/token`, typ at+jwt) whose scope names `app` buys that
+  # app's capability, confined to the scope's actions.
   # `agent` is how the coordinator asks the runner to start and stop sandboxes.
 }
 
@@ -355,6 +360,16 @@ interface Admin {
   # What a CI login with token for app would make of it, without logging
   # in: the token's verification first, then every binding of the app
   # claim by claim. Changes nothing.
+  createDeployKey @29 (app :Text, ttlSecs :UInt64, description :Text) -> (key :Text, keyJson :Text);
+  # A deploy key for app: `key` (miren_key_…, printed once; it holds the
+  # secret) and the record as JSON (id, app, created, expires, the secret
+  # apart as clientSecret). ttlSecs 0 = 90 days; at most a year.
+  listDeployKeys @30 (app :Text) -> (keysJson :Text);
+  # app "" = every app. Never a secret.
+  rotateDeployKey @31 (id :Text, overlapSecs :UInt64) -> (key :Text, keyJson :Text);
+  # A new secret; the old one works overlapSecs more.
+  revokeDeployKey @32 (id :Text) -> (keyJson :Text);
+  # Refused from the next request on.
 }
 
 interface App {

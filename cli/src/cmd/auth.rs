@@ -19,7 +19,10 @@ use crate::output::{self, Format};
 pub enum AuthCmd {
     /// CI (OIDC) authentication bindings: `miren auth ci APP --github
     /// OWNER/REPO` lets that repository's pipelines deploy APP.
-    Ci(CiArgs),
+    Ci(Box<CiArgs>),
+    /// Deploy keys for CI systems without OIDC (`MIREN_API_KEY`).
+    #[command(subcommand)]
+    Key(super::auth_key::KeyCmd),
 }
 
 /// `miren auth ci [APP] …` creates a binding; `add`, `list`, `remove` as
@@ -267,7 +270,10 @@ fn build(
 }
 
 pub fn run(cmd: AuthCmd, cluster: Option<&str>) -> anyhow::Result<()> {
-    let AuthCmd::Ci(args) = cmd;
+    let args = match cmd {
+        AuthCmd::Ci(args) => *args,
+        AuthCmd::Key(key) => return super::auth_key::run(key, cluster),
+    };
     let cmd = match args.cmd {
         Some(cmd) => cmd,
         None => CiCmd::Add(args.add),

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod auth_key;
 pub mod cluster;
 pub mod identity;
 pub mod route;

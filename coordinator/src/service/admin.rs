@@ -71,7 +71,126 @@ impl AdminService {
     }
 }
 
+/// A deploy key as listings show it: never a secret.
+fn deploy_key_json(r: &identity::deploy_key::DeployKeyRecord, now: i64) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id,
+        "client_id": r.id,
+        "app": r.app,
+        "description": r.description,
+        "created_at": r.created_at,
+        "expires_at": r.expires_at,
+        "last_used_at": r.last_used_at,
+        "revoked_at": r.revoked_at,
+        "overlap_until": r.retired.first().map(|s| s.valid_until).filter(|t| *t > now),
+        "state": r.state(now).as_str(),
+    })
+}
+
+fn deploy_key_err(e: crate::deploy_keys::DeployKeyError) -> capnp::Error {
+    failed(e.to_string())
+}
+
 impl admin::Server for AdminService {
+    async fn create_deploy_key(
+        self: Rc<Self>,
+        params: admin::CreateDeployKeyParams,
+        mut results: admin::CreateDeployKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let app = p.get_app()?.to_str()?;
+        let ttl = Some(p.get_ttl_secs()).filter(|t| *t > 0);
+        let now = now_unix();
+        let made = (self.state.deploy_keys)
+            .create(
+                &self.state.cluster.address,
+                app,
+                p.get_description()?.to_str()?,
+                ttl,
+                now,
+            )
+            .map_err(deploy_key_err)?;
+        self.audit(Event::DeployKeyCreated {
+            key: made.record.id.as_str().into(),
+            app: app.into(),
+            expires_at: made.record.expires_at,
+        });
+        let mut json = deploy_key_json(&made.record, now);
+        json["client_secret"] = made.key.secret.clone().into();
+        let mut r = results.get();
+        r.set_key(made.key.encode());
+        r.set_key_json(json.to_string());
+        Ok(())
+    }
+
+    async fn list_deploy_keys(
+        self: Rc<Self>,
+        params: admin::ListDeployKeysParams,
+        mut results: admin::ListDeployKeysResults,
+    ) -> Result<(), capnp::Error> {
+        let app = params.get()?.get_app()?.to_str()?;
+        let now = now_unix();
+        let list: Vec<serde_json::Value> = (self.state.deploy_keys)
+            .list(app)
+            .map_err(err)?
+            .iter()
+            .map(|r| deploy_key_json(r, now))
+            .collect();
+        results
+            .get()
+            .set_keys_json(serde_json::Value::from(list).to_string());
+        Ok(())
+    }
+
+    async fn rotate_deploy_key(
+        self: Rc<Self>,
+        params: admin::RotateDeployKeyParams,
+        mut results: admin::RotateDeployKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let id = p.get_id()?.to_str()?;
+        let now = now_unix();
+        let made = (self.state.deploy_keys)
+            .rotate(
+                &self.state.cluster.address,
+                id,
+                Some(p.get_overlap_secs()),
+                now,
+            )
+            .map_err(deploy_key_err)?;
+        self.audit(Event::DeployKeyRotated {
+            key: id.into(),
+            app: made.record.app.as_str().into(),
+            overlap_until: made.record.retired.first().map_or(now, |s| s.valid_until),
+        });
+        let mut json = deploy_key_json(&made.record, now);
+        json["client_secret"] = made.key.secret.clone().into();
+        let mut r = results.get();
+        r.set_key(made.key.encode());
+        r.set_key_json(json.to_string());
+        Ok(())
+    }
+
+    async fn revoke_deploy_key(
+        self: Rc<Self>,
+        params: admin::RevokeDeployKeyParams,
+        mut results: admin::RevokeDeployKeyResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id()?.to_str()?;
+        let now = now_unix();
+        let record = (self.state.deploy_keys)
+            .revoke(id, now)
+            .map_err(deploy_key_err)?;
+        self.audit(Event::DeployKeyRevoked {
+            key: id.into(),
+            app: record.app.as_str().into(),
+        });
+        results
+            .get()
+            .set_key_json(deploy_key_json(&record, now).to_string());
+        Ok(())
+    }
+
     async fn renew_admin(
         self: Rc<Self>,
         params: admin::RenewAdminParams,
@@ -477,7 +596,10 @@ impl admin::Server for AdminService {
             .map_err(issuer_err)?
             .verify(token.trim(), now)
             .map_err(|e| failed(format!("token refused: {e}")))?;
-        // Every token this issuer signs carries workload claims.
+        // An access token is not a workload token, whatever its audience.
+        identity::access_token::refuse_access_token(&verified)
+            .map_err(|e| failed(format!("token refused: {e}")))?;
+        // Every other token this issuer signs carries workload claims.
         let claims: identity::WorkloadClaims =
             serde_json::from_value(serde_json::Value::Object(verified.claims))
                 .map_err(|e| failed(format!("token refused: not a workload token: {e}")))?;

@@ -1,7 +1,8 @@
 //! `App`: one app's capability, what a deploy pipeline needs and nothing
 //! else (upload, deploy, status, logs). Handed out to admins (`Admin.app`)
-//! and to CI tokens that match one of the app's bindings
-//! (`Cluster.ciLogin`), so deploy has one code path.
+//! and to access tokens from the token endpoint (`Cluster.login`, and
+//! `Cluster.ciLogin` through it), so deploy has one code path. A token's
+//! scope may narrow it to some of those actions.
 
 use std::sync::Arc;
 
@@ -13,16 +14,42 @@ use super::wire::{app_err, client, joined, read_labels, read_limits, upload_err}
 use super::UploadService;
 use crate::apps::{AppError, Service};
 use crate::state::State;
+use identity::oauth::{Action, Scope};
 
 /// One app's capability.
 pub struct AppService {
     state: Arc<State>,
     app: String,
+    /// What may be done (every action for an admin).
+    scope: Scope,
 }
 
 impl AppService {
+    /// The whole of `app`.
     pub fn new(state: Arc<State>, app: String) -> AppService {
-        AppService { state, app }
+        let scope = Scope::whole_app(&app);
+        AppService { state, app, scope }
+    }
+
+    /// The app `scope` names, confined to its actions.
+    pub fn confined(state: Arc<State>, scope: Scope) -> AppService {
+        AppService {
+            state,
+            app: scope.app.clone(),
+            scope,
+        }
+    }
+
+    fn allow(&self, action: Action) -> Result<(), capnp::Error> {
+        if self.scope.allows(action) {
+            return Ok(());
+        }
+        Err(super::wire::failed(format!(
+            "permission denied: this token's scope ({}) does not include app:{}:{}",
+            self.scope.to_scope_string(),
+            self.app,
+            action.as_str()
+        )))
     }
 }
 
@@ -32,6 +59,7 @@ impl app::Server for AppService {
         _: app::UploadArtifactParams,
         mut results: app::UploadArtifactResults,
     ) -> Result<(), capnp::Error> {
+        self.allow(Action::Deploy)?;
         let upload = self.state.apps.upload(&self.app).map_err(|e| match e {
             AppError::Artifact(e) => upload_err(e),
             other => app_err(other),
@@ -48,6 +76,7 @@ impl app::Server for AppService {
         params: app::DeployParams,
         mut results: app::DeployResults,
     ) -> Result<(), capnp::Error> {
+        self.allow(Action::Deploy)?;
         let p = params.get()?;
         let mut services = Vec::new();
         for s in p.get_services()? {
@@ -79,6 +108,7 @@ impl app::Server for AppService {
         _: app::StatusParams,
         mut results: app::StatusResults,
     ) -> Result<(), capnp::Error> {
+        self.allow(Action::Status)?;
         let status = self.state.apps.status(&self.app).map_err(app_err)?;
         crate::wire_types::write_app_status(&status, results.get().init_status());
         Ok(())
@@ -89,6 +119,7 @@ impl app::Server for AppService {
         params: app::LogsParams,
         mut results: app::LogsResults,
     ) -> Result<(), capnp::Error> {
+        self.allow(Action::Logs)?;
         let lines = params.get()?.get_lines().clamp(1, 10_000);
         let state = self.state.clone();
         let app = self.app.clone();

@@ -1,6 +1,7 @@
 //! `Cluster`: the bootstrap capability of every connection. Anyone may ask
-//! `info` and `ping`, redeem a join code (`join`) or log in with a CI token
-//! (`ciLogin`); an admin certificate gets `admin`, a runner certificate
+//! `info` and `ping`, redeem a join code (`join`), log in with an access
+//! token from the token endpoint (`login`) or with a CI token (`ciLogin`,
+//! an exchange at the token endpoint followed by that login); an admin certificate gets `admin`, a runner certificate
 //! `runner`.
 
 use std::sync::Arc;
@@ -10,11 +11,14 @@ use schema::miren_capnp::{admin, app, cluster, runner_agent, runner_session, Rol
 use transport::clock::now_unix;
 use transport::PeerIdentity;
 
-use super::wire::{app_err, client, failed, login_err, read_labels, registry_err, write_info};
+use super::wire::{
+    app_err, client, failed, login_err, oauth_err, read_labels, registry_err, write_info,
+};
 use super::{AdminService, AppService, RunnerSessionService};
 use crate::audit::Actor;
 use crate::frontdoor::Proof;
 use crate::state::State;
+use identity::access_token::Caller;
 
 /// The bootstrap capability of one connection.
 pub struct ClusterService {
@@ -41,6 +45,30 @@ impl ClusterService {
             proof,
         });
         crate::metered::metered(client, "Cluster", &observe, None, None)
+    }
+}
+
+impl ClusterService {
+    /// The capability an access token for `app` buys: the app, confined
+    /// to the token's scope, acting as the key or CI identity it came from.
+    fn log_in(&self, access_token: &str, app: &str) -> Result<app::Client, capnp::Error> {
+        let token = (self.state.oauth)
+            .login(access_token, app, now_unix())
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(self.capability(token))
+    }
+
+    /// The app capability a verified access token buys.
+    fn capability(&self, token: identity::access_token::AccessToken) -> app::Client {
+        let app = token.scope.app.clone();
+        self.proof.prove();
+        let actor = match token.claims.caller() {
+            Caller::DeployKey(id) => Actor::DeployKey(id),
+            Caller::Ci(binding) => Actor::Ci(binding),
+        };
+        tracing::info!(app = %app, client = %token.claims.client_id, "login");
+        let service = AppService::confined(self.state.clone(), token.scope);
+        client(service, "App", &self.state, Some(actor), Some(app))
     }
 }
 
@@ -137,17 +165,29 @@ impl cluster::Server for ClusterService {
         }
         let app = p.get_app()?.to_string()?;
         crate::apps::check_app_name(&app).map_err(app_err)?;
-        let st = &self.state;
-        // The cheap checks and a login slot here, the work on the runtime.
-        let binding =
-            crate::oidc::login(&st.oidc, &st.ci, &st.observe, &st.rt, &app, token.to_str()?)
-                .await
-                .map_err(login_err)?;
-        self.proof.prove();
-        tracing::info!(app = %app, binding = %binding.id, "CI login");
-        let actor = Some(Actor::Ci(binding.id.clone()));
-        let service = AppService::new(self.state.clone(), app.clone());
-        let client: app::Client = client(service, "App", &self.state, actor, Some(app));
+        // A token exchange, then the login every credential ends in.
+        let access = (self.state.oauth)
+            .ci_login(token.to_str()?, &app)
+            .await
+            .map_err(oauth_err)?;
+        let client = self.capability(access);
+        results.get().set_app(client);
+        Ok(())
+    }
+
+    async fn login(
+        self: Rc<Self>,
+        params: cluster::LoginParams,
+        mut results: cluster::LoginResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let token = p.get_access_token()?;
+        if token.len() > identity::MAX_TOKEN_BYTES {
+            return Err(failed("access token refused: it is larger than 16 KiB"));
+        }
+        let app = p.get_app()?.to_string()?;
+        crate::apps::check_app_name(&app).map_err(app_err)?;
+        let client = self.log_in(token.to_str()?, &app)?;
         results.get().set_app(client);
         Ok(())
     }

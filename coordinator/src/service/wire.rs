@@ -73,6 +73,19 @@ pub(super) fn login_err(e: crate::oidc::LoginError) -> capnp::Error {
     }
 }
 
+/// A token endpoint refusal on the wire: its description (what the
+/// caller is told at the endpoint too); "busy" ones as `overloaded`, which
+/// the CLI retries.
+pub(super) fn oauth_err(e: identity::oauth::OAuthError) -> capnp::Error {
+    use identity::oauth::ErrorCode;
+    match e.code {
+        ErrorCode::TemporarilyUnavailable | ErrorCode::SlowDown => {
+            capnp::Error::overloaded(e.description)
+        }
+        _ => failed(e.description),
+    }
+}
+
 /// An upload's refusal for the uploader; disk trouble is the operator's
 /// (logged with its path), not the pipeline's.
 pub(super) fn upload_err(e: ArtifactError) -> capnp::Error {
