@@ -10,6 +10,7 @@
 //! and not the other fails the round-trip tests below, not an operator.
 
 use capnp::struct_list;
+use identity::deploy_key::{DeployKeyRecord, KeyState as DeployKeyState};
 use identity::join_token::JoinTokenState;
 use identity::route_oidc::ClaimHeader;
 use identity::WorkloadClaims;
@@ -87,6 +88,85 @@ pub fn join_token_state_from_wire(s: wire::JoinTokenState) -> JoinTokenState {
         wire::JoinTokenState::Revoked => JoinTokenState::Revoked,
         wire::JoinTokenState::Expired => JoinTokenState::Expired,
     }
+}
+
+/// A deploy key as listings show it, never its secret: the one shape of the
+/// deploy key replies and of `miren auth key … -o json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeployKeyView {
+    pub id: String,
+    /// The same as `id`: what an OAuth client is configured with.
+    pub client_id: String,
+    pub app: String,
+    pub description: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    /// Until when the secret before the last rotation still works.
+    pub overlap_until: Option<i64>,
+    pub state: DeployKeyState,
+}
+
+impl DeployKeyView {
+    /// The view of `r` at `now`.
+    pub fn of(r: &DeployKeyRecord, now: i64) -> DeployKeyView {
+        DeployKeyView {
+            id: r.id.clone(),
+            client_id: r.id.clone(),
+            app: r.app.clone(),
+            description: r.description.clone(),
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            last_used_at: r.last_used_at,
+            revoked_at: r.revoked_at,
+            overlap_until: r
+                .retired
+                .first()
+                .map(|s| s.valid_until)
+                .filter(|t| *t > now),
+            state: r.state(now),
+        }
+    }
+}
+
+/// A deploy key on the wire.
+pub fn write_deploy_key(v: &DeployKeyView, mut b: wire::deploy_key_info::Builder<'_>) {
+    b.set_id(&v.id);
+    b.set_app(&v.app);
+    b.set_description(&v.description);
+    b.set_created_unix(v.created_at);
+    b.set_expires_unix(v.expires_at);
+    b.set_last_used_unix(v.last_used_at.unwrap_or(0));
+    b.set_revoked_unix(v.revoked_at.unwrap_or(0));
+    b.set_overlap_until_unix(v.overlap_until.unwrap_or(0));
+    b.set_state(match v.state {
+        DeployKeyState::Active => wire::DeployKeyState::Active,
+        DeployKeyState::Expired => wire::DeployKeyState::Expired,
+        DeployKeyState::Revoked => wire::DeployKeyState::Revoked,
+    });
+}
+
+/// A deploy key as read from the wire.
+pub fn read_deploy_key(r: wire::deploy_key_info::Reader<'_>) -> Result<DeployKeyView, capnp::Error> {
+    let at = |t: i64| Some(t).filter(|t| *t != 0);
+    let id = r.get_id()?.to_string()?;
+    Ok(DeployKeyView {
+        client_id: id.clone(),
+        id,
+        app: r.get_app()?.to_string()?,
+        description: r.get_description()?.to_string()?,
+        created_at: r.get_created_unix(),
+        expires_at: r.get_expires_unix(),
+        last_used_at: at(r.get_last_used_unix()),
+        revoked_at: at(r.get_revoked_unix()),
+        overlap_until: at(r.get_overlap_until_unix()),
+        state: match r.get_state()? {
+            wire::DeployKeyState::Active => DeployKeyState::Active,
+            wire::DeployKeyState::Expired => DeployKeyState::Expired,
+            wire::DeployKeyState::Revoked => DeployKeyState::Revoked,
+        },
+    })
 }
 
 /// The word `runner list` shows for a runner's state: `ready` or `down`.

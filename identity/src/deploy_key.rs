@@ -266,7 +266,8 @@ pub struct DeployKeyRecord {
 }
 
 /// A key's state at some time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KeyState {
     /// Usable.
     Active,

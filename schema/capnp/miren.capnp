@@ -210,6 +210,29 @@ struct JoinTokenInfo {
   labels @7 :List(Label);
 }
 
+enum DeployKeyState {
+  active @0;
+  expired @1;
+  revoked @2;
+}
+
+struct DeployKeyInfo {
+  # A deploy key as listings show it: never its secret.
+  id @0 :Text;
+  # Also its OAuth client_id.
+  app @1 :Text;
+  description @2 :Text;
+  createdUnix @3 :Int64;
+  expiresUnix @4 :Int64;
+  lastUsedUnix @5 :Int64;
+  # 0: never used.
+  revokedUnix @6 :Int64;
+  # 0: not revoked.
+  overlapUntilUnix @7 :Int64;
+  # 0: no old secret still works.
+  state @8 :DeployKeyState;
+}
+
 enum JoinTokenState {
   valid @0;
   used @1;
@@ -360,15 +383,17 @@ interface Admin {
   # What a CI login with token for app would make of it, without logging
   # in: the token's verification first, then every binding of the app
   # claim by claim. Changes nothing.
-  createDeployKey @29 (app :Text, ttlSecs :UInt64, description :Text) -> (key :Text, keyJson :Text);
+  createDeployKey @29 (app :Text, ttlSecs :UInt64, description :Text)
+      -> (key :Text, info :DeployKeyInfo, clientSecret :Text);
   # A deploy key for app: `key` (miren_key_…, printed once; it holds the
-  # secret) and the record as JSON (id, app, created, expires, the secret
-  # apart as clientSecret). ttlSecs 0 = 90 days; at most a year.
-  listDeployKeys @30 (app :Text) -> (keysJson :Text);
+  # secret), the record, and the secret apart (for OAuth clients set up by
+  # hand). ttlSecs 0 = 90 days; at most a year.
+  listDeployKeys @30 (app :Text) -> (keys :List(DeployKeyInfo));
   # app "" = every app. Never a secret.
-  rotateDeployKey @31 (id :Text, overlapSecs :UInt64) -> (key :Text, keyJson :Text);
+  rotateDeployKey @31 (id :Text, overlapSecs :UInt64)
+      -> (key :Text, info :DeployKeyInfo, clientSecret :Text);
   # A new secret; the old one works overlapSecs more.
-  revokeDeployKey @32 (id :Text) -> (keyJson :Text);
+  revokeDeployKey @32 (id :Text) -> (info :DeployKeyInfo);
   # Refused from the next request on.
 }
 

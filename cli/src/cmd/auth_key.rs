@@ -8,8 +8,9 @@
 
 use std::time::Duration;
 
+use coordinator::wire_types::{read_deploy_key, DeployKeyView};
 use identity::deploy_key;
-use serde_json::Value;
+use serde::Serialize;
 
 use crate::config::resolve;
 use crate::connect::{remote, run_local, Session};
@@ -49,22 +50,35 @@ pub enum KeyCmd {
     Revoke { id: String },
 }
 
-fn parse_reply(json: &str) -> anyhow::Result<Value> {
-    Ok(serde_json::from_str(json)?)
+/// What `create` and `rotate` print with `-o json`: the key, and its
+/// parts apart for OAuth clients configured by hand.
+#[derive(Serialize)]
+struct NewKeyDoc<'a> {
+    #[serde(flatten)]
+    view: &'a DeployKeyView,
+    client_secret: &'a str,
+    key: &'a str,
 }
 
-fn print_key(key: &str, record: &Value, output: Format, verb: &str) -> anyhow::Result<()> {
+fn print_key(
+    key: &str,
+    secret: &str,
+    view: &DeployKeyView,
+    output: Format,
+    verb: &str,
+) -> anyhow::Result<()> {
     if output == Format::Json {
-        let mut v = record.clone();
-        v["key"] = Value::from(key);
-        return output::json(&v);
+        return output::json(&NewKeyDoc {
+            view,
+            client_secret: secret,
+            key,
+        });
     }
-    let s = |k: &str| record[k].as_str().unwrap_or_default().to_string();
     println!(
         "{verb} deploy key {} for app {} (expires {})",
-        output::terminal_safe(&s("id")),
-        output::terminal_safe(&s("app")),
-        output::time(record["expires_at"].as_i64())
+        output::terminal_safe(&view.id),
+        output::terminal_safe(&view.app),
+        output::time(Some(view.expires_at))
     );
     println!("Store it as the secret MIREN_API_KEY; it is not shown again:\n\n{key}\n");
     Ok(())
@@ -90,31 +104,34 @@ pub fn run(cmd: KeyCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                 req.get().set_description(&description);
                 let reply = req.send().promise.await.map_err(remote)?;
                 let r = reply.get()?;
-                let record = parse_reply(r.get_key_json()?.to_str()?)?;
-                print_key(r.get_key()?.to_str()?, &record, output, "Created")
+                let view = read_deploy_key(r.get_info()?)?;
+                let secret = r.get_client_secret()?.to_str()?;
+                print_key(r.get_key()?.to_str()?, secret, &view, output, "Created")
             }
             KeyCmd::List { app, output } => {
                 let mut req = admin.list_deploy_keys_request();
                 req.get().set_app(&app);
                 let reply = req.send().promise.await.map_err(remote)?;
-                let list = parse_reply(reply.get()?.get_keys_json()?.to_str()?)?;
+                let list = reply
+                    .get()?
+                    .get_keys()?
+                    .iter()
+                    .map(read_deploy_key)
+                    .collect::<Result<Vec<_>, _>>()?;
                 if output == Format::Json {
                     output::json(&list)
                 } else {
                     let rows: Vec<Vec<String>> = list
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                        .iter()
                         .map(|k| {
-                            let s = |f: &str| k[f].as_str().unwrap_or_default().to_string();
                             vec![
-                                s("id"),
-                                s("app"),
-                                s("state"),
-                                output::time(k["created_at"].as_i64()),
-                                output::time(k["expires_at"].as_i64()),
-                                output::time(k["last_used_at"].as_i64()),
-                                s("description"),
+                                k.id.clone(),
+                                k.app.clone(),
+                                k.state.as_str().to_string(),
+                                output::time(Some(k.created_at)),
+                                output::time(Some(k.expires_at)),
+                                output::time(k.last_used_at),
+                                k.description.clone(),
                             ]
                         })
                         .collect();
@@ -143,14 +160,15 @@ pub fn run(cmd: KeyCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                 req.get().set_overlap_secs(overlap.as_secs());
                 let reply = req.send().promise.await.map_err(remote)?;
                 let r = reply.get()?;
-                let record = parse_reply(r.get_key_json()?.to_str()?)?;
+                let view = read_deploy_key(r.get_info()?)?;
                 if output != Format::Json {
                     println!(
                         "The old secret works until {}.",
-                        output::time(record["overlap_until"].as_i64())
+                        output::time(view.overlap_until)
                     );
                 }
-                print_key(r.get_key()?.to_str()?, &record, output, "Rotated")
+                let secret = r.get_client_secret()?.to_str()?;
+                print_key(r.get_key()?.to_str()?, secret, &view, output, "Rotated")
             }
             KeyCmd::Revoke { id } => {
                 let mut req = admin.revoke_deploy_key_request();

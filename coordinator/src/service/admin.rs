@@ -20,8 +20,8 @@ use super::AppService;
 use crate::audit::{Actor, Event};
 use crate::state::State;
 use crate::wire_types::{
-    read_enable_request, write_app_status, write_claims, write_keys, write_providers,
-    write_route_protection, write_routes,
+    read_enable_request, write_app_status, write_claims, write_deploy_key, write_keys,
+    write_providers, write_route_protection, write_routes, DeployKeyView,
 };
 
 /// What an operator holding the admin certificate may do.
@@ -71,22 +71,6 @@ impl AdminService {
     }
 }
 
-/// A deploy key as listings show it: never a secret.
-fn deploy_key_json(r: &identity::deploy_key::DeployKeyRecord, now: i64) -> serde_json::Value {
-    serde_json::json!({
-        "id": r.id,
-        "client_id": r.id,
-        "app": r.app,
-        "description": r.description,
-        "created_at": r.created_at,
-        "expires_at": r.expires_at,
-        "last_used_at": r.last_used_at,
-        "revoked_at": r.revoked_at,
-        "overlap_until": r.retired.first().map(|s| s.valid_until).filter(|t| *t > now),
-        "state": r.state(now).as_str(),
-    })
-}
-
 fn deploy_key_err(e: crate::deploy_keys::DeployKeyError) -> capnp::Error {
     failed(e.to_string())
 }
@@ -103,7 +87,7 @@ impl admin::Server for AdminService {
         let now = now_unix();
         let made = (self.state.deploy_keys)
             .create(
-                &self.state.cluster.address,
+                &self.state.address_with_peers(),
                 app,
                 p.get_description()?.to_str()?,
                 ttl,
@@ -115,11 +99,10 @@ impl admin::Server for AdminService {
             app: app.into(),
             expires_at: made.record.expires_at,
         });
-        let mut json = deploy_key_json(&made.record, now);
-        json["client_secret"] = made.key.secret.clone().into();
         let mut r = results.get();
         r.set_key(made.key.encode());
-        r.set_key_json(json.to_string());
+        r.set_client_secret(&made.key.secret);
+        write_deploy_key(&DeployKeyView::of(&made.record, now), r.init_info());
         Ok(())
     }
 
@@ -130,15 +113,11 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let app = params.get()?.get_app()?.to_str()?;
         let now = now_unix();
-        let list: Vec<serde_json::Value> = (self.state.deploy_keys)
-            .list(app)
-            .map_err(err)?
-            .iter()
-            .map(|r| deploy_key_json(r, now))
-            .collect();
-        results
-            .get()
-            .set_keys_json(serde_json::Value::from(list).to_string());
+        let list = (self.state.deploy_keys).list(app).map_err(err)?;
+        let mut out = results.get().init_keys(list.len() as u32);
+        for (i, r) in list.iter().enumerate() {
+            write_deploy_key(&DeployKeyView::of(r, now), out.reborrow().get(i as u32));
+        }
         Ok(())
     }
 
@@ -152,7 +131,7 @@ impl admin::Server for AdminService {
         let now = now_unix();
         let made = (self.state.deploy_keys)
             .rotate(
-                &self.state.cluster.address,
+                &self.state.address_with_peers(),
                 id,
                 Some(p.get_overlap_secs()),
                 now,
@@ -163,11 +142,10 @@ impl admin::Server for AdminService {
             app: made.record.app.as_str().into(),
             overlap_until: made.record.retired.first().map_or(now, |s| s.valid_until),
         });
-        let mut json = deploy_key_json(&made.record, now);
-        json["client_secret"] = made.key.secret.clone().into();
         let mut r = results.get();
         r.set_key(made.key.encode());
-        r.set_key_json(json.to_string());
+        r.set_client_secret(&made.key.secret);
+        write_deploy_key(&DeployKeyView::of(&made.record, now), r.init_info());
         Ok(())
     }
 
@@ -185,9 +163,7 @@ impl admin::Server for AdminService {
             key: id.into(),
             app: record.app.as_str().into(),
         });
-        results
-            .get()
-            .set_key_json(deploy_key_json(&record, now).to_string());
+        write_deploy_key(&DeployKeyView::of(&record, now), results.get().init_info());
         Ok(())
     }
 
