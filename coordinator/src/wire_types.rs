@@ -148,7 +148,9 @@ pub fn write_deploy_key(v: &DeployKeyView, mut b: wire::deploy_key_info::Builder
 }
 
 /// A deploy key as read from the wire.
-pub fn read_deploy_key(r: wire::deploy_key_info::Reader<'_>) -> Result<DeployKeyView, capnp::Error> {
+pub fn read_deploy_key(
+    r: wire::deploy_key_info::Reader<'_>,
+) -> Result<DeployKeyView, capnp::Error> {
     let at = |t: i64| Some(t).filter(|t| *t != 0);
     let id = r.get_id()?.to_string()?;
     Ok(DeployKeyView {
@@ -834,6 +836,45 @@ mod tests {
             read_enable_request,
         );
         assert_eq!(read, sent);
+    }
+
+    #[test]
+    fn a_deploy_key_reads_back_as_written_and_never_carries_a_secret() {
+        let rec = identity::deploy_key::DeployKeyRecord {
+            id: "k1".into(),
+            app: "web".into(),
+            description: "jenkins".into(),
+            created_at: 100,
+            expires_at: 10_000,
+            last_used_at: None,
+            revoked_at: None,
+            secret_hash: "00".into(),
+            retired: vec![],
+        };
+        for (view, now) in [
+            (DeployKeyView::of(&rec, 200), 200),
+            (
+                DeployKeyView::of(
+                    &identity::deploy_key::DeployKeyRecord {
+                        last_used_at: Some(300),
+                        revoked_at: Some(400),
+                        ..rec.clone()
+                    },
+                    500,
+                ),
+                500,
+            ),
+        ] {
+            let read = round_trip::<wire::deploy_key_info::Owned, _>(
+                |b| write_deploy_key(&view, b),
+                read_deploy_key,
+            );
+            assert_eq!(read, view, "at {now}");
+        }
+        let json = serde_json::to_value(DeployKeyView::of(&rec, 200)).expect("json");
+        assert_eq!(json["state"], "active");
+        assert_eq!(json["client_id"], "k1");
+        assert!(json["last_used_at"].is_null());
     }
 
     #[test]
