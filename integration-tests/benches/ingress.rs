@@ -24,7 +24,9 @@
 //!    runner; the proxy's workers), and the ratios ingress / nginx proxy
 //!    against the targets (requests/s >= 0.5x, p99 <= 3x). Timings are
 //!    printed, never asserted. `MIREN_BENCH_ROUNDS=N` measures N rounds
-//!    (the order rotated each round).
+//!    (the order rotated each round); `MIREN_BENCH_PERF=DIR` records the
+//!    coordinator and the runner with `perf record -g` during each
+//!    measured ingress run (`DIR/ingress-<round>.perf.data`).
 //!
 //! Everything shares the machine's cores with `wrk`, so absolute figures
 //! move with the load; the ratios are measured side by side. Under `cargo
@@ -327,9 +329,20 @@ fn parse_wrk(out: &str) -> anyhow::Result<Load> {
     Ok(load)
 }
 
-/// Runs wrk against `addr` for `secs`; `pids` are sampled for CPU.
-fn wrk(tools: &Tools, addr: &str, secs: Duration, pids: &[u32]) -> anyhow::Result<Load> {
+/// Runs wrk against `addr` for `secs`; `pids` are sampled for CPU, and
+/// recorded by `perf` as `perf_name` when given ([`common::perf_record`]).
+fn wrk(
+    tools: &Tools,
+    addr: &str,
+    secs: Duration,
+    pids: &[u32],
+    perf_name: Option<&str>,
+) -> anyhow::Result<Load> {
     let clk = common::clock_ticks();
+    let perf = match perf_name {
+        Some(name) => common::perf_record(pids, secs, name)?,
+        None => None,
+    };
     let before = common::cpu_secs(pids, clk);
     let out = Command::new(&tools.wrk)
         .args(["-t", "2", "-c", &CONNECTIONS.to_string(), "--latency"])
@@ -340,6 +353,9 @@ fn wrk(tools: &Tools, addr: &str, secs: Duration, pids: &[u32]) -> anyhow::Resul
         .output()
         .context("running wrk")?;
     let after = common::cpu_secs(pids, clk);
+    if let Some(mut perf) = perf {
+        let _ = perf.wait();
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
@@ -419,8 +435,10 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
         for i in 0..paths.len() {
             let i = (i + round) % paths.len();
             let p = &paths[i];
-            wrk(tools, &p.addr, s.warmup, &p.pids)?;
-            results[i].push(wrk(tools, &p.addr, s.measure, &p.pids)?);
+            wrk(tools, &p.addr, s.warmup, &p.pids, None)?;
+            let perf_name = format!("ingress-{round}");
+            let perf_name = (i == 2).then_some(perf_name.as_str());
+            results[i].push(wrk(tools, &p.addr, s.measure, &p.pids, perf_name)?);
         }
     }
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -73,3 +73,28 @@ pub fn children(pid: u32) -> Vec<u32> {
 pub fn cpu_secs(pids: &[u32], clk: f64) -> f64 {
     pids.iter().filter_map(|p| cpu_ticks(*p)).sum::<u64>() as f64 / clk
 }
+
+/// When `MIREN_BENCH_PERF=DIR` is set: `perf record -g` of `pids` for
+/// `secs` into `DIR/<name>.perf.data`, started now; wait for the returned
+/// child after the measured phase.
+pub fn perf_record(
+    pids: &[u32],
+    secs: std::time::Duration,
+    name: &str,
+) -> anyhow::Result<Option<std::process::Child>> {
+    let Some(dir) = std::env::var_os("MIREN_BENCH_PERF").map(PathBuf::from) else {
+        return Ok(None);
+    };
+    let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let child = Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o"])
+        .arg(dir.join(format!("{name}.perf.data")))
+        .args(["-p", &list.join(",")])
+        .args(["--", "sleep"])
+        .arg(format!("{}", secs.as_secs_f64()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting perf record")?;
+    Ok(Some(child))
+}
