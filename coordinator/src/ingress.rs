@@ -50,7 +50,7 @@ use crate::runner_streams::{StreamBudget, STREAM_OPEN_TIMEOUT};
 use crate::runners::Registry;
 use crate::shutdown::Tasks;
 use crate::sso::Sso;
-use crate::upstream::{Reuse, Upstream, UpstreamPool};
+use crate::upstream::{Returning, Reuse, Upstream, UpstreamPool};
 
 /// First line of a proxied stream.
 pub const PROXY_PREAMBLE: &str = "miren-proxy/1";
@@ -122,6 +122,10 @@ impl Default for IngressLimits {
         )
     }
 }
+
+/// How long a pooled connection may take to be ready for the next
+/// request (its last response has ended; hyper is finishing it).
+const READY_WAIT: Duration = Duration::from_secs(1);
 
 /// How often idle connections to sandboxes are checked for age and
 /// closure.
@@ -303,7 +307,15 @@ async fn proxy(
         loop {
             let from_pool = pooled.is_some();
             let mut upstream = match pooled.take() {
-                Some(u) => u,
+                // Its last response has just ended: hyper takes the next
+                // request once it has finished with it.
+                Some(mut u) => match tokio::time::timeout(READY_WAIT, u.sender.ready()).await {
+                    Ok(Ok(())) => u,
+                    _ => {
+                        pooled = checkout();
+                        continue;
+                    }
+                },
                 None => match open_upstream(&state, pool, &conn, sb, &app, reuse).await {
                     Ok(u) => u,
                     Err(OpenError::Busy) => {
@@ -339,10 +351,11 @@ async fn proxy(
                     }
                 },
             };
-            let stopping = state.tasks.clone();
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             match client_upgrade {
-                Some(client_upgrade) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                Some(client_upgrade) if switching => {
                     let upstream_io = hyper::upgrade::on(&mut resp);
+                    let stopping = state.tasks.clone();
                     state.tasks.spawn("ingress tunnel", async move {
                         let tunnel = async {
                             if let (Ok(client), Ok(server)) =
@@ -361,24 +374,23 @@ async fn proxy(
                         // The stream counts until the tunnel is closed.
                         drop(upstream);
                     });
+                    return Ok(with_cookies(resp.map(|b| b.boxed())));
                 }
+                // Switched without being asked to: that connection is
+                // not used again.
+                _ if switching => {
+                    drop(upstream);
+                    return Ok(with_cookies(resp.map(|b| b.boxed())));
+                }
+                // The stream counts until its response is over; then it
+                // goes back to the pool (or closes, when alone).
                 _ => {
-                    // The stream counts until its response is over; then
-                    // it goes back to the pool (or closes, when alone).
                     let pool = pool.clone();
-                    state.tasks.spawn("ingress stream release", async move {
-                        tokio::select! {
-                            ready = upstream.sender.ready() => {
-                                if ready.is_ok() {
-                                    pool.put(upstream, Instant::now());
-                                }
-                            }
-                            _ = stopping.stopping() => {}
-                        }
-                    });
+                    return Ok(with_cookies(
+                        resp.map(|body| Returning::new(body, upstream, pool).boxed()),
+                    ));
                 }
             }
-            return Ok(with_cookies(resp.map(|b| b.boxed())));
         }
     }
     if busy {

@@ -7,10 +7,13 @@
 //! kept per sandbox, and the next request for that sandbox takes it. What
 //! keeps this safe:
 //!
-//! - A connection serves one request at a time and is reused only once
-//!   its previous response is over (hyper's `ready`), so no two requests
-//!   share one in flight, and a response always goes to the request that
-//!   asked for it.
+//! - A connection serves one request at a time: it goes back to the pool
+//!   when the last frame of its response body has been read ([`Returning`],
+//!   before that frame is written to the client, so the client's next
+//!   request finds it there), and is used again only once hyper says it
+//!   is ready for the next request. No two requests share one in flight,
+//!   and a response always goes to the request that asked for it; a
+//!   response not read to its end (the client left) closes its connection.
 //! - The ingress pools only requests of unprotected routes without an
 //!   upgrade ([`Reuse`]): a protected route's connection is used by one
 //!   request and closed, so nothing a sandbox keeps per connection (the
@@ -27,10 +30,13 @@
 //!   make room before anyone is refused.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 
 use crate::runner_streams::{Busy, StreamBudget, StreamPermit};
@@ -87,8 +93,10 @@ impl UpstreamPool {
     }
 
     /// An idle connection to `sandbox` over runner connection
-    /// `runner_conn`, ready for a request; connections found closed, stale
-    /// or from another runner connection are dropped on the way.
+    /// `runner_conn` (its last response over; await `sender.ready()`
+    /// before sending, as hyper may still be finishing it); connections
+    /// found closed, stale or from another runner connection are dropped on
+    /// the way.
     pub fn checkout(&self, sandbox: &str, runner_conn: usize, now: Instant) -> Option<Upstream> {
         let mut dropped = Vec::new();
         let mut idle = self.idle();
@@ -111,7 +119,7 @@ impl UpstreamPool {
         found
     }
 
-    /// Puts back a connection whose response is over.
+    /// Puts back a connection whose response is over ([`Returning`]).
     pub fn put(&self, upstream: Upstream, now: Instant) {
         if upstream.reuse != Reuse::Pooled || upstream.sender.is_closed() {
             return;
@@ -198,15 +206,75 @@ impl UpstreamPool {
     }
 }
 
+/// A response body from a sandbox that hands its connection back to the
+/// pool once its last frame has been read (an `Alone` connection, or one
+/// whose body was not read to the end, is closed instead).
+pub struct Returning {
+    body: Incoming,
+    upstream: Option<Upstream>,
+    pool: Arc<UpstreamPool>,
+}
+
+impl Returning {
+    pub fn new(body: Incoming, upstream: Upstream, pool: Arc<UpstreamPool>) -> Self {
+        Self {
+            body,
+            upstream: Some(upstream),
+            pool,
+        }
+    }
+
+    fn give_back(&mut self) {
+        if let Some(u) = self.upstream.take() {
+            self.pool.put(u, Instant::now());
+        }
+    }
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
+            // A broken response: its connection is not used again.
+            Poll::Ready(Some(Err(_))) => this.upstream = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        // A body hyper never polled because it was empty is over too.
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
 fn expired(e: &Idle, now: Instant) -> bool {
     now.saturating_duration_since(e.since) > IDLE_TIMEOUT
 }
 
 fn usable(e: &Idle, runner_conn: usize, now: Instant) -> bool {
-    e.upstream.runner_conn == runner_conn
-        && e.upstream.sender.is_ready()
-        && !e.upstream.sender.is_closed()
-        && !expired(e, now)
+    e.upstream.runner_conn == runner_conn && !e.upstream.sender.is_closed() && !expired(e, now)
 }
 
 #[cfg(test)]

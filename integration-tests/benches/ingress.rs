@@ -72,7 +72,7 @@ fn main() {
         }
     } else {
         Settings {
-            warmup: Duration::from_millis(200),
+            warmup: Duration::from_secs(1),
             measure: Duration::from_secs(1),
             rounds: 1,
         }
@@ -347,7 +347,8 @@ fn wrk(
     let out = Command::new(&tools.wrk)
         .args(["-t", "2", "-c", &CONNECTIONS.to_string(), "--latency"])
         .arg("-d")
-        .arg(format!("{}ms", secs.as_millis()))
+        // wrk takes whole seconds.
+        .arg(format!("{}s", secs.as_secs().max(1)))
         .arg(format!("http://{addr}/"))
         .stdin(Stdio::null())
         .output()
