@@ -8,8 +8,7 @@
 //! any subject ([`Minting::sign`], `miren identity token`). Either way
 //! the claims are `identity::WorkloadClaims` with this cluster's issuer and
 //! id, signed by the key ring's active key, on the blocking pool (an RPC
-//! worker's thread is one connection's; signatures should use every core),
-//! at most one per core at a time (more threads only switch).
+//! worker's thread is one connection's; signatures should use every core).
 //! Every refusal is counted and audited with a fixed reason
 //! ([`MintRefusal`]).
 
@@ -95,12 +94,6 @@ pub struct Minting {
     observe: Arc<Observe>,
     /// The blocking pool signatures run on.
     rt: tokio::runtime::Handle,
-    /// Signatures running at once: one per core. More would only make the
-    /// blocking pool start a thread per waiting request and switch
-    /// between them (measured: a dozen signing threads on 2 cores, a
-    /// sixth of the coordinator's time in context switches); the rest
-    /// wait here, without a thread.
-    signers: Arc<tokio::sync::Semaphore>,
 }
 
 impl Minting {
@@ -111,14 +104,12 @@ impl Minting {
         observe: Arc<Observe>,
         rt: tokio::runtime::Handle,
     ) -> Minting {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Minting {
             issuer,
             apps,
             cluster_id,
             observe,
             rt,
-            signers: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
     }
 
@@ -154,9 +145,9 @@ impl Minting {
 
     /// A token for `subject`, asked by `actor`: any subject for an operator
     /// (`Admin.mintWorkloadToken`); for a runner, the one
-    /// [`Minting::for_runner`] decided. Mints on the blocking pool, one
-    /// signature per core at a time: one connection's RPC session is
-    /// pinned to one thread, but its RSA signatures should use every core.
+    /// [`Minting::for_runner`] decided. Mints on the blocking pool: one
+    /// connection's RPC session is pinned to one thread, but its RSA
+    /// signatures should use every core.
     pub async fn sign(
         self: &Arc<Self>,
         actor: Actor,
@@ -165,11 +156,8 @@ impl Minting {
         ttl: Option<u64>,
     ) -> Result<String, MintError> {
         let me = self.clone();
-        // Never closed, so acquiring only waits.
-        let permit = self.signers.clone().acquire_owned().await;
         self.rt
             .spawn_blocking(move || {
-                let _signing = permit;
                 let now = transport::clock::now_unix();
                 me.mint(&actor, &subject, &audiences, ttl, now)
             })
