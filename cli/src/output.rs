@@ -186,12 +186,14 @@ impl serde_json::ser::Formatter for SafeCompactJson {
     }
 }
 
-/// Prints a JSON value, pretty. Output stays JSON (the same value parses
-/// back), but the characters [`terminal_safe`] escapes and serde_json
-/// leaves raw (DEL, C1 controls, bidi controls, U+2028/U+2029) are written
-/// as `\uXXXX`, so `-o json` on a terminal is as safe as a table.
-pub fn json(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", json_string(value)?);
+/// Prints a value as JSON, pretty, its object keys in alphabetical order
+/// (every `-o json` has always printed them so, whatever the Rust field
+/// order). Output stays JSON (the same value parses back), but the
+/// characters [`terminal_safe`] escapes and serde_json leaves raw (DEL, C1
+/// controls, bidi controls, U+2028/U+2029) are written as `\uXXXX`, so
+/// `-o json` on a terminal is as safe as a table.
+pub fn json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    println!("{}", json_string(&serde_json::to_value(value)?)?);
     Ok(())
 }
 

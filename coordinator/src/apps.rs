@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{is_sha256_hex, ArtifactError, ArtifactStore, Upload, UploadLimits};
 use crate::converge::VersionState;
-pub use crate::observed::SandboxReport;
 use crate::observed::{Observed, Seen};
+pub use crate::observed::{SandboxReport, SandboxState};
 pub use crate::runners::ResourceLimits;
 use crate::runners::{Registry, RunnerCommand, SendError};
 use crate::shutdown::Tasks;
@@ -139,6 +139,112 @@ impl SandboxRecord {
     pub fn key(&self) -> String {
         sandbox_key(&self.id)
     }
+}
+
+/// What `app status` shows of one app (and `app list` of every app),
+/// shared by the coordinator, which builds it, and the CLI, which prints
+/// it as a table or as this very JSON (`-o json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub active_version: Option<String>,
+    pub versions: Vec<VersionStatus>,
+    pub sandboxes: Vec<SandboxStatus>,
+}
+
+/// One version in [`AppStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionStatus {
+    pub id: String,
+    pub state: VersionState,
+    pub message: String,
+    pub artifact: String,
+    pub created_unix: i64,
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service of a version in [`AppStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub instances: u32,
+    pub port: u16,
+    pub limits: ResourceLimits,
+}
+
+/// One sandbox assignment in [`AppStatus`] and what was seen of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxStatus {
+    pub id: String,
+    pub version: String,
+    pub service: String,
+    pub runner: String,
+    pub retiring: bool,
+    #[serde(flatten)]
+    pub seen: SeenStatus,
+}
+
+/// What was seen of a sandbox, as `app status -o json` has always shown
+/// it: `state` is the reported one or `unknown` (then with
+/// `unknown_since_unix`, and `reported_unix` 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeenStatus {
+    #[serde(serialize_with = "state_or_unknown")]
+    pub state: Option<SandboxState>,
+    pub reported_unix: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown_since_unix: Option<i64>,
+    pub restarts: u32,
+    pub address: String,
+    pub last_exit: String,
+}
+
+impl SeenStatus {
+    /// Nothing reported on a live session since `since`.
+    pub fn unknown_since(since: i64) -> SeenStatus {
+        SeenStatus {
+            state: None,
+            reported_unix: 0,
+            unknown_since_unix: Some(since),
+            restarts: 0,
+            address: String::new(),
+            last_exit: String::new(),
+        }
+    }
+}
+
+impl From<Seen> for SeenStatus {
+    fn from(seen: Seen) -> SeenStatus {
+        match seen {
+            Seen::Reported(r) => SeenStatus {
+                state: Some(r.report.state),
+                reported_unix: r.at_unix,
+                unknown_since_unix: None,
+                restarts: r.report.restarts,
+                address: r.report.address,
+                last_exit: r.report.last_exit,
+            },
+            Seen::UnknownSince(since) => SeenStatus::unknown_since(since),
+        }
+    }
+}
+
+/// A reported state's word, or `unknown` when nothing was reported.
+fn state_or_unknown<S: serde::Serializer>(
+    state: &Option<SandboxState>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(state.map_or("unknown", SandboxState::as_str))
+}
+
+/// The last output lines of one sandbox (`miren logs`), or why its runner
+/// gave none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxLogs {
+    pub sandbox: String,
+    pub version: String,
+    pub lines: Vec<String>,
+    pub error: Option<String>,
 }
 
 /// The store key of sandbox `id`.
@@ -407,7 +513,7 @@ impl Apps {
             .sandboxes()?
             .iter()
             .map(|s| match self.observed.seen(&s.runner, &s.id) {
-                Seen::Reported(r) => r.report.state,
+                Seen::Reported(r) => r.report.state.as_str().to_string(),
                 Seen::UnknownSince(_) => "unknown".to_string(),
             })
             .collect())
@@ -478,52 +584,50 @@ impl Apps {
         }
     }
 
-    /// Status of one app as JSON: versions, and each sandbox with its
-    /// runner and what was reported of it on a live session (`state`,
-    /// `reported_unix`), or `unknown` with `unknown_since_unix`.
-    pub fn status_json(&self, name: &str) -> Result<serde_json::Value, AppError> {
+    /// Status of one app: versions, and each sandbox with its runner and
+    /// what was reported of it on a live session, or `unknown` since when.
+    pub fn status(&self, name: &str) -> Result<AppStatus, AppError> {
         let app = self
             .app(name)?
             .ok_or_else(|| AppError::NoSuchApp(name.to_string()))?;
-        let sandboxes: Vec<serde_json::Value> = self
+        let sandboxes = self
             .sandboxes()?
             .into_iter()
             .filter(|s| s.app == name)
-            .map(|s| {
-                let mut v = serde_json::json!({
-                    "id": s.id, "version": s.version, "service": s.service, "runner": s.runner,
-                    "retiring": s.retire_at.is_some(),
-                });
-                match self.observed.seen(&s.runner, &s.id) {
-                    Seen::Reported(r) => {
-                        v["state"] = r.report.state.into();
-                        v["reported_unix"] = r.at_unix.into();
-                        v["restarts"] = r.report.restarts.into();
-                        v["address"] = r.report.address.into();
-                        v["last_exit"] = r.report.last_exit.into();
-                    }
-                    Seen::UnknownSince(since) => {
-                        v["state"] = "unknown".into();
-                        v["reported_unix"] = 0.into();
-                        v["unknown_since_unix"] = since.into();
-                        v["restarts"] = 0.into();
-                        v["address"] = "".into();
-                        v["last_exit"] = "".into();
-                    }
-                }
-                v
+            .map(|s| SandboxStatus {
+                seen: self.observed.seen(&s.runner, &s.id).into(),
+                retiring: s.retire_at.is_some(),
+                id: s.id,
+                version: s.version,
+                service: s.service,
+                runner: s.runner,
             })
             .collect();
-        Ok(serde_json::json!({
-            "name": app.name,
-            "active_version": app.active,
-            "versions": app.versions.iter().map(|v| serde_json::json!({
-                "id": v.id, "state": v.state.as_str(), "message": v.message, "artifact": v.artifact,
-                "created_unix": v.created_unix,
-                "services": v.services.iter().map(|s| serde_json::json!({"name": s.name, "instances": s.instances, "port": s.port, "limits": s.limits})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-            "sandboxes": sandboxes,
-        }))
+        let versions = app
+            .versions
+            .iter()
+            .map(|v| VersionStatus {
+                id: v.id.clone(),
+                state: v.state,
+                message: v.message.clone(),
+                artifact: v.artifact.clone(),
+                created_unix: v.created_unix,
+                services: (v.services.iter())
+                    .map(|s| ServiceStatus {
+                        name: s.name.clone(),
+                        instances: s.instances,
+                        port: s.port,
+                        limits: s.limits,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(AppStatus {
+            name: app.name,
+            active_version: app.active,
+            versions,
+            sandboxes,
+        })
     }
 
     /// Records a new version of `app` as `deploying` and returns its id;
@@ -576,7 +680,7 @@ impl Apps {
         registry: &Registry,
         app: &str,
         lines: u32,
-    ) -> Result<serde_json::Value, AppError> {
+    ) -> Result<Vec<SandboxLogs>, AppError> {
         if self.app(app)?.is_none() {
             return Err(AppError::NoSuchApp(app.to_string()));
         }
@@ -591,12 +695,18 @@ impl Apps {
                     Err("runner did not answer".to_string())
                 }
             };
-            out.push(match got {
-                Ok(l) => serde_json::json!({"sandbox": s.id, "version": s.version, "lines": l}),
-                Err(e) => serde_json::json!({"sandbox": s.id, "version": s.version, "lines": [], "error": e}),
+            let (lines, error) = match got {
+                Ok(l) => (l, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            out.push(SandboxLogs {
+                sandbox: s.id,
+                version: s.version,
+                lines,
+                error,
             });
         }
-        Ok(serde_json::Value::Array(out))
+        Ok(out)
     }
 
     /// Deletes the artifacts that nothing names any more (after an app
@@ -830,7 +940,7 @@ mod tests {
             f.store.clone(),
             apps.clone(),
             Arc::new(Registry::new(f.store.clone(), Duration::from_secs(3600))),
-            Arc::new(crate::routes::Routes::new(f.store.clone())),
+            Arc::new(crate::routes::Routes::open(f.store.clone()).unwrap()),
             Arc::new(
                 crate::ci::CiBindings::load(
                     f.store.clone(),
@@ -841,6 +951,7 @@ mod tests {
             f.tasks(),
             "https://issuer.test".into(),
             crate::reconcile::Settings::default(),
+            crate::leader::Leadership::always(),
         );
         f.rt.block_on(reconciler.delete_app("web")).unwrap();
         assert!(apps.app("web").unwrap().is_none());

@@ -218,6 +218,15 @@ pub enum Event {
     },
     #[serde(rename = "binding.removed")]
     BindingRemoved { binding: Text },
+    /// A binding pinned an immutable id learned from the token it
+    /// accepted (a GitHub binding's first login).
+    #[serde(rename = "binding.pinned")]
+    BindingPinned {
+        binding: Text,
+        app: Text,
+        claim: Text,
+        value: Text,
+    },
     #[serde(rename = "route.set")]
     RouteSet { host: Text, app: Text },
     #[serde(rename = "route.removed")]

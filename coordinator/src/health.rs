@@ -139,7 +139,9 @@ mod tests {
     /// A store whose disk is gone: every call fails.
     struct Broken;
     fn gone<T>() -> Result<T, StoreError> {
-        Err(StoreError::Backend("disk gone".into()))
+        Err(StoreError::Backend(redb::Error::Corrupted(
+            "disk gone".into(),
+        )))
     }
     impl Store for Broken {
         fn get_kv(&self, _: &str) -> Result<Option<KeyValue>, StoreError> {

@@ -181,7 +181,12 @@ impl Issuer {
 /// Starts a new signing key one JWKS cache lifetime before the active one
 /// reaches `rotation` age, so verifiers have it before it signs; ends when
 /// the coordinator shuts down.
-pub async fn rotate_keys_forever(issuer: std::sync::Arc<Issuer>, rotation: Duration, tasks: Tasks) {
+pub async fn rotate_keys_forever(
+    issuer: std::sync::Arc<Issuer>,
+    rotation: Duration,
+    leadership: crate::leader::Leadership,
+    tasks: Tasks,
+) {
     let rotation = rotation.as_secs() as i64;
     let window = issuer.jwks_max_age_secs;
     let every = Duration::from_secs((rotation / 4).clamp(1, 10) as u64);
@@ -190,6 +195,10 @@ pub async fn rotate_keys_forever(issuer: std::sync::Arc<Issuer>, rotation: Durat
         tokio::select! {
             _ = tick.tick() => {}
             _ = tasks.stopping() => return,
+        }
+        // The leader rotates; the others follow what it publishes.
+        if !leadership.is_leader() {
+            continue;
         }
         let now = transport::clock::now_unix();
         let (due, record) = match issuer.keys.read() {

@@ -67,6 +67,8 @@ impl MintRefusal {
 pub enum CiRefusal {
     /// A verified token that no binding of the app matches.
     NoBinding,
+    /// A binding matches the token's names but pinned other ids.
+    IdDrift,
     /// No binding names the token's issuer.
     UntrustedIssuer,
     /// The token is not a well-formed JWT (size, structure, claims).
@@ -85,6 +87,7 @@ impl CiRefusal {
     pub fn as_str(self) -> &'static str {
         match self {
             CiRefusal::NoBinding => "no_binding",
+            CiRefusal::IdDrift => "id_drift",
             CiRefusal::UntrustedIssuer => "untrusted_issuer",
             CiRefusal::MalformedToken => "malformed_token",
             CiRefusal::IssuerUnavailable => "issuer_unavailable",

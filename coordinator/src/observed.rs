@@ -14,11 +14,67 @@ use std::sync::Mutex;
 
 use crate::converge::Health;
 
+/// The state a runner reports a sandbox in (`SandboxReport.state` on the
+/// wire; the runner's own twin is `runner::sandbox::SandboxState`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Started, not yet answering its health check.
+    #[default]
+    Starting,
+    /// Its service accepts connections.
+    Healthy,
+    /// Its process exited; the runner starts it again after a delay.
+    Crashed,
+    /// The runner gave up on it (or refused to start it).
+    Failed,
+    /// Stopped; its runner no longer has it.
+    Stopped,
+}
+
+impl SandboxState {
+    /// Its word, as `app status` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Healthy => "healthy",
+            SandboxState::Crashed => "crashed",
+            SandboxState::Failed => "failed",
+            SandboxState::Stopped => "stopped",
+        }
+    }
+}
+
+impl From<schema::miren_capnp::SandboxState> for SandboxState {
+    fn from(s: schema::miren_capnp::SandboxState) -> SandboxState {
+        use schema::miren_capnp::SandboxState as Wire;
+        match s {
+            Wire::Starting => SandboxState::Starting,
+            Wire::Healthy => SandboxState::Healthy,
+            Wire::Crashed => SandboxState::Crashed,
+            Wire::Failed => SandboxState::Failed,
+            Wire::Stopped => SandboxState::Stopped,
+        }
+    }
+}
+
+impl From<SandboxState> for schema::miren_capnp::SandboxState {
+    fn from(s: SandboxState) -> schema::miren_capnp::SandboxState {
+        use schema::miren_capnp::SandboxState as Wire;
+        match s {
+            SandboxState::Starting => Wire::Starting,
+            SandboxState::Healthy => Wire::Healthy,
+            SandboxState::Crashed => Wire::Crashed,
+            SandboxState::Failed => Wire::Failed,
+            SandboxState::Stopped => Wire::Stopped,
+        }
+    }
+}
+
 /// What a runner said about one sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SandboxReport {
-    /// starting | healthy | crashed | failed | stopped, as the runner said.
-    pub state: String,
+    pub state: SandboxState,
     pub restarts: u32,
     pub address: String,
     pub last_log: String,
@@ -29,14 +85,14 @@ pub struct SandboxReport {
 impl SandboxReport {
     /// The health the control plane acts on.
     pub fn health(&self) -> Health {
-        match self.state.as_str() {
-            "healthy" => Health::Healthy,
+        match self.state {
+            SandboxState::Healthy => Health::Healthy,
             // A start the runner refused (over its limits, an artifact it
             // would not unpack): its words are the reason.
-            "failed" if self.restarts == 0 && !self.last_log.is_empty() => {
+            SandboxState::Failed if self.restarts == 0 && !self.last_log.is_empty() => {
                 Health::Failed(self.last_log.clone())
             }
-            "failed" => Health::Failed(if self.last_log.is_empty() {
+            SandboxState::Failed => Health::Failed(if self.last_log.is_empty() {
                 format!("gave up after {} restarts", self.restarts)
             } else {
                 format!(
@@ -44,8 +100,8 @@ impl SandboxReport {
                     self.restarts, self.last_log
                 )
             }),
-            "starting" | "crashed" => Health::Starting,
-            _ => Health::Unknown,
+            SandboxState::Starting | SandboxState::Crashed => Health::Starting,
+            SandboxState::Stopped => Health::Unknown,
         }
     }
 }
@@ -142,7 +198,7 @@ impl Observed {
         if g.sessions.get(runner) != Some(&session) {
             return;
         }
-        if report.state == "stopped" {
+        if report.state == SandboxState::Stopped {
             g.reports.remove(sandbox);
             return;
         }
@@ -163,7 +219,7 @@ impl Observed {
         let session = self.inner().sessions.get(runner).copied();
         if let Some(session) = session {
             let report = SandboxReport {
-                state: "failed".into(),
+                state: SandboxState::Failed,
                 last_log: format!("the runner refused to start it: {message}"),
                 ..Default::default()
             };
@@ -235,7 +291,7 @@ impl Observed {
     /// a live session.
     pub fn healthy_address(&self, runner: &str, sandbox: &str) -> Option<String> {
         match self.seen(runner, sandbox) {
-            Seen::Reported(r) if r.report.state == "healthy" => Some(r.report.address),
+            Seen::Reported(r) if r.report.state == SandboxState::Healthy => Some(r.report.address),
             _ => None,
         }
     }
@@ -247,7 +303,7 @@ mod tests {
 
     fn healthy() -> SandboxReport {
         SandboxReport {
-            state: "healthy".into(),
+            state: SandboxState::Healthy,
             address: "unix:/x".into(),
             ..Default::default()
         }
@@ -303,7 +359,7 @@ mod tests {
             1,
             "a",
             SandboxReport {
-                state: "stopped".into(),
+                state: SandboxState::Stopped,
                 ..Default::default()
             },
             3,
@@ -320,7 +376,7 @@ mod tests {
     #[test]
     fn a_failed_report_carries_its_reason() {
         let r = SandboxReport {
-            state: "failed".into(),
+            state: SandboxState::Failed,
             restarts: 3,
             last_log: "boom".into(),
             ..Default::default()

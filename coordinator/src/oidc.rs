@@ -64,6 +64,9 @@ pub enum LoginError {
     /// A verified token that no binding of the app matches.
     #[error(transparent)]
     NoMatch(#[from] identity::NoMatch),
+    /// A binding matches the token's names but pinned other ids.
+    #[error(transparent)]
+    Drift(#[from] identity::IdDrift),
 }
 
 impl LoginError {
@@ -85,6 +88,7 @@ impl LoginError {
         };
         match self {
             LoginError::NoMatch(_) => CiRefusal::NoBinding,
+            LoginError::Drift(_) => CiRefusal::IdDrift,
             LoginError::Denied(cause) => match cause {
                 DenialCause::UnboundIssuer(_) | DenialCause::BadIssuer { .. } => {
                     CiRefusal::UntrustedIssuer
@@ -579,23 +583,35 @@ impl OidcVerifier {
         attempt: LoginAttempt,
         now: i64,
     ) -> Result<Binding, LoginError> {
+        let verified = self.verify(&attempt, now).await?;
+        ci.matching(app, &verified.claims, now)
+            .map_err(|e| match e {
+                crate::ci::MatchError::NoMatch(m) => LoginError::NoMatch(m),
+                crate::ci::MatchError::Drift(d) => LoginError::Drift(d),
+                crate::ci::MatchError::Unavailable => {
+                    LoginError::Denied(DenialCause::BindingsUnavailable)
+                }
+            })
+    }
+
+    /// The token of `attempt` verified at `now` with its issuer's keys
+    /// (signature, issuer, audience, times); no binding is consulted.
+    pub async fn verify(
+        &self,
+        attempt: &LoginAttempt,
+        now: i64,
+    ) -> Result<identity::VerifiedToken, LoginError> {
         let keys = self
             .keys(&attempt.issuer, Some(&attempt.unverified))
             .await
             .map_err(|e| denied(DenialCause::Keys(e)))?;
         let iss = attempt.issuer.as_str();
-        let verified = Verifier::new(keys, [iss], self.audiences.clone())
+        Verifier::new(keys, [iss], self.audiences.clone())
             .verify(&attempt.token, now)
             .map_err(|e| {
                 tracing::info!(issuer = iss, "CI login refused: {e}");
                 LoginError::Denied(DenialCause::Verify(e))
-            })?;
-        ci.matching(app, &verified.claims).map_err(|e| match e {
-            crate::ci::MatchError::NoMatch(m) => LoginError::NoMatch(m),
-            crate::ci::MatchError::Unavailable => {
-                LoginError::Denied(DenialCause::BindingsUnavailable)
-            }
-        })
+            })
     }
 }
 
@@ -789,6 +805,15 @@ mod tests {
                     repository: "c".into(),
                 }),
                 "no_binding",
+            ),
+            (
+                LoginError::Drift(identity::IdDrift {
+                    binding: "b".into(),
+                    claim: "repository_id".into(),
+                    pinned: "1".into(),
+                    found: Some("2".into()),
+                }),
+                "id_drift",
             ),
             (
                 denied(DenialCause::UnboundIssuer("https://x".into())),

@@ -103,6 +103,8 @@ pub struct Reconciler {
     tasks: Tasks,
     issuer_url: String,
     settings: Settings,
+    /// Passes run only while this coordinator leads.
+    leadership: crate::leader::Leadership,
     started_unix: i64,
     /// Commands sent and not yet reflected in an inventory, by
     /// (sandbox, is-stop), with when they were sent.
@@ -141,6 +143,7 @@ impl Reconciler {
         tasks: Tasks,
         issuer_url: String,
         settings: Settings,
+        leadership: crate::leader::Leadership,
     ) -> Reconciler {
         Reconciler {
             store,
@@ -151,6 +154,7 @@ impl Reconciler {
             tasks,
             issuer_url,
             settings,
+            leadership,
             started_unix: transport::clock::now_unix(),
             sent: Mutex::new(HashMap::new()),
         }
@@ -168,6 +172,10 @@ impl Reconciler {
             if self.tasks.is_stopping() {
                 break;
             }
+            // Another coordinator reconciles; this one stands by.
+            if !self.leadership.is_leader() {
+                continue;
+            }
             if let Err(e) = self.pass().await {
                 tracing::warn!("reconcile pass: {e}");
             }
@@ -175,7 +183,9 @@ impl Reconciler {
             // each: heartbeats and reports of many runners coalesce.
             tokio::time::sleep(MIN_PASS_GAP).await;
         }
-        self.interrupt().await;
+        if self.leadership.is_leader() {
+            self.interrupt().await;
+        }
     }
 
     /// The runners as placement sees them at `now`.

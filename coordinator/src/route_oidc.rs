@@ -12,10 +12,10 @@ use identity::route_oidc::{
     ensure_distinct_headers, ClaimHeader, ClaimHeaderError, DuplicateClaimHeader,
 };
 use identity::IssuerUrl;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::labs::{Feature, Labs};
-use crate::routes::{Provider, ProviderWrite, RouteOidc, Routes, RoutesError};
+use crate::routes::{Provider, ProviderWrite, RouteOidc, Routes, RoutesError, ShownProvider};
 
 /// Why a `route oidc` command was refused, worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -58,25 +58,37 @@ pub enum RouteOidcError {
     PartialProvider,
 }
 
-/// What `route oidc enable` sends.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What `route oidc enable` sends (`RouteOidcConfig` on the wire, read
+/// and written by [`crate::wire_types`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EnableRequest {
     /// Reuse (or name) a provider.
-    #[serde(default)]
     pub provider: Option<String>,
-    #[serde(default)]
     pub provider_url: Option<String>,
-    #[serde(default)]
     pub client_id: Option<String>,
-    #[serde(default)]
     pub client_secret: Option<String>,
-    #[serde(default)]
     pub scope: Option<String>,
-    #[serde(default)]
     pub claim_headers: Vec<String>,
     /// Replace an existing provider of that name that has other settings.
-    #[serde(default)]
     pub replace_provider: bool,
+}
+
+/// What `route oidc show` shows: a route and its protection, the
+/// provider's secret left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteProtection {
+    pub host: String,
+    pub app: String,
+    /// `None` when the route is not protected.
+    pub oidc: Option<ShownOidc>,
+}
+
+/// The protection in a [`RouteProtection`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShownOidc {
+    /// `None` when the provider record is gone.
+    pub provider: Option<ShownProvider>,
+    pub claim_headers: Vec<ClaimHeader>,
 }
 
 /// What enabling with a provider's full settings does to a provider of
@@ -194,20 +206,21 @@ pub fn enable(
 }
 
 /// The protection of a route, secrets redacted.
-pub fn show(routes: &Routes, labs: &Labs, host: &str) -> Result<serde_json::Value, RouteOidcError> {
+pub fn show(routes: &Routes, labs: &Labs, host: &str) -> Result<RouteProtection, RouteOidcError> {
     ensure_labs(labs)?;
     let (_, route) = routes.load(host)?;
-    let Some(oidc) = route.oidc else {
-        return Ok(serde_json::json!({"host": host, "app": route.app, "oidc": null}));
+    let oidc = match route.oidc {
+        None => None,
+        Some(oidc) => Some(ShownOidc {
+            provider: routes.provider(&oidc.provider)?.map(|p| p.shown()),
+            claim_headers: oidc.claim_headers,
+        }),
     };
-    let provider = routes.provider(&oidc.provider)?;
-    Ok(serde_json::json!({
-        "host": host, "app": route.app,
-        "oidc": {
-            "provider": provider.map(|p| p.redacted()),
-            "claim_headers": oidc.claim_headers.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        }
-    }))
+    Ok(RouteProtection {
+        host: host.to_string(),
+        app: route.app,
+        oidc,
+    })
 }
 
 /// Removes a route's protection; the provider stays for reuse. Works
@@ -218,10 +231,9 @@ pub fn disable(routes: &Routes, host: &str) -> Result<(), RouteOidcError> {
 }
 
 /// Every provider, secrets redacted.
-pub fn providers(routes: &Routes, labs: &Labs) -> Result<serde_json::Value, RouteOidcError> {
+pub fn providers(routes: &Routes, labs: &Labs) -> Result<Vec<ShownProvider>, RouteOidcError> {
     ensure_labs(labs)?;
-    let redacted = routes.providers()?.iter().map(Provider::redacted).collect();
-    Ok(serde_json::Value::Array(redacted))
+    Ok(routes.providers()?.iter().map(Provider::shown).collect())
 }
 
 /// Removes a provider no route uses.

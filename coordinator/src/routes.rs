@@ -12,14 +12,25 @@
 //! (normalised by [`normalize_host`]) exactly, else the default route.
 //! Changes made from records read just before are committed on the
 //! condition that those records did not change meanwhile.
+//!
+//! The ingress chooses a route on every request, so routes are read from
+//! memory: [`RouteIndex`] is loaded once and fed by a store watch
+//! ([`crate::watched`]), and a change made here is in it when the command
+//! returns (each entry carries the revision it was seen at, so a late event
+//! never undoes a newer write). Another coordinator's change arrives by the
+//! watch; while the store is unreachable the ingress keeps routing.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use identity::route_oidc::ClaimHeader;
 use serde::{Deserialize, Serialize};
 
 use crate::apps::{AppError, Apps};
-use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
+use crate::shutdown::Tasks;
+use crate::store::{
+    decode, encode, Condition, EventKind, Op, Outcome, Revision, Store, StoreError, Txn, WatchBatch,
+};
 
 /// Why a route or provider operation was refused, worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +47,10 @@ pub enum RoutesError {
     /// The existing route record does not decode.
     #[error("{0}; remove the route and set it again")]
     UnreadableRoute(#[source] StoreError),
+    /// The route record serving a host does not decode (logged when it
+    /// was read); the host is not served by the default route instead.
+    #[error("the route record for {0} cannot be read; remove the route and set it again")]
+    UnreadableRecord(String),
     /// A route (the `--host` or `--default` flag it was named by) has no record.
     #[error("no route for {0}")]
     NoRoute(String),
@@ -89,12 +104,37 @@ pub struct Provider {
 }
 
 impl Provider {
-    /// The provider as shown to people: the secret replaced.
-    pub fn redacted(&self) -> serde_json::Value {
-        serde_json::json!({
-            "name": self.name, "issuer": self.issuer, "client_id": self.client_id,
-            "client_secret": "(set, not shown)", "scope": self.scope,
-        })
+    /// The provider as shown to people: without its secret.
+    pub fn shown(&self) -> ShownProvider {
+        ShownProvider {
+            name: self.name.clone(),
+            issuer: self.issuer.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: SecretNotShown,
+            scope: self.scope.clone(),
+        }
+    }
+}
+
+/// A provider as listings show it (and as it crosses the wire): its client
+/// secret never leaves the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShownProvider {
+    pub name: String,
+    pub issuer: String,
+    pub client_id: String,
+    /// Always shown as `(set, not shown)`.
+    pub client_secret: SecretNotShown,
+    pub scope: String,
+}
+
+/// Where a listing would show a client secret: `(set, not shown)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretNotShown;
+
+impl Serialize for SecretNotShown {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("(set, not shown)")
     }
 }
 
@@ -161,14 +201,137 @@ pub enum ProviderWrite {
     Create(Provider),
 }
 
+/// What the index knows of one `route/` key.
+#[derive(Debug, Clone)]
+enum Entry {
+    Route(Route),
+    /// The record does not decode.
+    Unreadable,
+    /// Deleted (kept so that an older event does not bring it back).
+    Gone,
+}
+
+/// The routes by store key, each with the revision it was seen at.
+#[derive(Default)]
+pub struct RouteIndex {
+    entries: RwLock<HashMap<String, (Revision, Entry)>>,
+}
+
+const ROUTE_PREFIX: &str = "route/";
+
+impl RouteIndex {
+    fn entry_of(key: &str, value: &[u8]) -> Entry {
+        match decode::<Route>(key, value) {
+            Ok(r) => Entry::Route(r),
+            Err(e) => {
+                tracing::error!("route index: {e}");
+                Entry::Unreadable
+            }
+        }
+    }
+
+    /// Records `entry` for `key` as of `revision`, unless something newer
+    /// is known.
+    fn note(&self, key: &str, revision: Revision, entry: Entry) {
+        let mut g = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        match g.get(key) {
+            Some((seen, _)) if *seen >= revision => {}
+            _ => {
+                g.insert(key.to_string(), (revision, entry));
+            }
+        }
+    }
+
+    /// Takes the route writes of a transaction committed at `revision`.
+    fn note_ops(&self, ops: &[Op], revision: Revision) {
+        for op in ops {
+            match op {
+                Op::Put(k, v) | Op::PutLeased(k, v, _) if k.starts_with(ROUTE_PREFIX) => {
+                    self.note(k, revision, Self::entry_of(k, v))
+                }
+                Op::Delete(k) if k.starts_with(ROUTE_PREFIX) => self.note(k, revision, Entry::Gone),
+                _ => {}
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Entry> {
+        let g = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        g.get(key).map(|(_, e)| e.clone())
+    }
+}
+
+impl crate::watched::Watched for RouteIndex {
+    const NAME: &'static str = "route index";
+
+    fn prefix(&self) -> &str {
+        ROUTE_PREFIX
+    }
+
+    fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        let (kvs, read_at) = store.scan_kv(ROUTE_PREFIX)?;
+        let fresh: HashMap<String, (Revision, Entry)> = kvs
+            .iter()
+            .map(|kv| {
+                (
+                    kv.key.clone(),
+                    (kv.mod_revision, Self::entry_of(&kv.key, &kv.value)),
+                )
+            })
+            .collect();
+        *self.entries.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(read_at)
+    }
+
+    fn apply(&self, batch: &WatchBatch) {
+        for e in &batch.events {
+            let entry = match e.kind {
+                EventKind::Put => Self::entry_of(&e.kv.key, &e.kv.value),
+                EventKind::Delete => Entry::Gone,
+            };
+            self.note(&e.kv.key, batch.revision, entry);
+        }
+    }
+}
+
 /// The routes and route OIDC providers in the store.
 pub struct Routes {
     store: Arc<dyn Store>,
+    index: Arc<RouteIndex>,
+    /// The revision the index was loaded at (where `follow` starts).
+    loaded_at: Revision,
 }
 
 impl Routes {
-    pub fn new(store: Arc<dyn Store>) -> Routes {
-        Routes { store }
+    /// Loads the routes into memory; [`Routes::follow`] keeps them current.
+    pub fn open(store: Arc<dyn Store>) -> Result<Routes, RoutesError> {
+        let index = Arc::new(RouteIndex::default());
+        let loaded_at = crate::watched::Watched::reload(&*index, &*store)?;
+        Ok(Routes {
+            store,
+            index,
+            loaded_at,
+        })
+    }
+
+    /// Keeps the in-memory routes in step with the store until shutdown.
+    pub fn follow(&self, tasks: &Tasks) {
+        crate::watched::follow(
+            self.index.clone(),
+            self.store.clone(),
+            self.loaded_at,
+            tasks,
+        );
+    }
+
+    /// Commits `txn`; when applied, its route writes are in the index.
+    fn write(&self, txn: Txn) -> Result<Outcome, RoutesError> {
+        let ops = txn.ops.clone();
+        let committed = self.store.txn(txn)?;
+        if committed.outcome == Outcome::Applied {
+            self.index.note_ops(&ops, committed.revision);
+        }
+        Ok(committed.outcome)
     }
 
     /// Routes `host` ("" = the default route) to `app`, which must exist.
@@ -200,7 +363,7 @@ impl Routes {
             Some(bytes) => Condition::Equals(key.clone(), bytes),
             None => Condition::Absent(key.clone()),
         };
-        let outcome = self.store.commit(Txn {
+        let outcome = self.write(Txn {
             conditions: vec![condition],
             ops: vec![Op::Put(key, encode(&route))],
         })?;
@@ -215,7 +378,7 @@ impl Routes {
         if self.store.get(&key)?.is_none() {
             return Err(RoutesError::NoRoute(host_flag(host).to_string()));
         }
-        self.store.commit(Txn {
+        self.write(Txn {
             conditions: vec![],
             ops: vec![Op::Delete(key)],
         })?;
@@ -235,8 +398,12 @@ impl Routes {
     /// to the default route (which may be unprotected).
     pub fn route_for(&self, host: &str) -> Result<Option<Route>, RoutesError> {
         for key in [route_key(host), route_key("")] {
-            if let Some(bytes) = self.store.get(&key)? {
-                return Ok(Some(decode::<Route>(&key, &bytes)?));
+            match self.index.get(&key) {
+                Some(Entry::Route(r)) => return Ok(Some(r)),
+                Some(Entry::Unreadable) => {
+                    return Err(RoutesError::UnreadableRecord(host_flag(host).to_string()))
+                }
+                Some(Entry::Gone) | None => {}
             }
         }
         Ok(None)
@@ -348,7 +515,7 @@ impl Routes {
     /// Commits a configuration change made from records read just before:
     /// refused, not silently dropped, when one of them changed meanwhile.
     fn commit(&self, txn: Txn) -> Result<(), RoutesError> {
-        match self.store.commit(txn)? {
+        match self.write(txn)? {
             Outcome::Applied => Ok(()),
             Outcome::ConditionFailed => Err(RoutesError::Changed),
         }
@@ -358,6 +525,102 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{KeyValue, RedbStore, WatchEvent};
+    use crate::watched::Watched;
+
+    fn route(host: &str, app: &str) -> Route {
+        Route {
+            host: host.into(),
+            app: app.into(),
+            oidc: None,
+        }
+    }
+
+    fn event(kind: EventKind, key: &str, value: &[u8], revision: Revision) -> WatchBatch {
+        WatchBatch {
+            revision,
+            events: vec![WatchEvent {
+                kind,
+                kv: KeyValue {
+                    key: key.into(),
+                    value: value.to_vec(),
+                    create_revision: revision,
+                    mod_revision: revision,
+                    version: 1,
+                    lease: None,
+                },
+            }],
+        }
+    }
+
+    #[test]
+    fn routes_are_chosen_from_memory_and_a_late_event_never_undoes_a_newer_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let key = route_key("a.test");
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![
+                    Op::Put(key.clone(), encode(&route("a.test", "one"))),
+                    Op::Put(route_key(""), encode(&route("", "fallback"))),
+                ],
+            })
+            .unwrap();
+        let routes = Routes::open(store.clone()).unwrap();
+        assert_eq!(routes.route_for("a.test").unwrap().unwrap().app, "one");
+        assert_eq!(routes.route_for("b.test").unwrap().unwrap().app, "fallback");
+
+        // A write through `Routes` shows at once, before any watch event.
+        let rev = store.revision().unwrap();
+        routes
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Put(key.clone(), encode(&route("a.test", "two")))],
+            })
+            .unwrap();
+        assert_eq!(routes.route_for("a.test").unwrap().unwrap().app, "two");
+        // The watch then replays the older put: it is ignored.
+        routes.index.apply(&event(
+            EventKind::Put,
+            &key,
+            &encode(&route("a.test", "one")),
+            rev,
+        ));
+        assert_eq!(routes.route_for("a.test").unwrap().unwrap().app, "two");
+        // A delete newer than everything wins; the host falls back.
+        routes
+            .index
+            .apply(&event(EventKind::Delete, &key, b"", rev + 10));
+        assert_eq!(routes.route_for("a.test").unwrap().unwrap().app, "fallback");
+        routes.index.apply(&event(
+            EventKind::Put,
+            &key,
+            &encode(&route("a.test", "one")),
+            rev + 5,
+        ));
+        assert_eq!(routes.route_for("a.test").unwrap().unwrap().app, "fallback");
+    }
+
+    #[test]
+    fn an_unreadable_route_is_an_error_not_the_default_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![
+                    Op::Put(route_key("a.test"), b"{not json".to_vec()),
+                    Op::Put(route_key(""), encode(&route("", "fallback"))),
+                ],
+            })
+            .unwrap();
+        let routes = Routes::open(store).unwrap();
+        assert!(matches!(
+            routes.route_for("a.test"),
+            Err(RoutesError::UnreadableRecord(_))
+        ));
+    }
 
     #[test]
     fn host_normalisation() {

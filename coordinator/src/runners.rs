@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use identity::join_token::{check_ttl, secret_hash, JoinRefusal, JoinToken, JoinTokenRecord};
 use identity::ClusterAddress;
+use schema::miren_capnp::{Isolation, RunnerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use transport::pki::{self, ClusterCa};
@@ -173,13 +174,25 @@ pub struct RunnerRecord {
 }
 
 /// What a runner last told us.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LiveStatus {
     pub version: String,
     pub sandboxes: u32,
-    pub isolation: String,
+    /// As the runner reported it (`Unknown` before it did).
+    pub isolation: Isolation,
     /// How the runner limits sandbox resources; empty when it cannot.
     pub limits: String,
+}
+
+impl Default for LiveStatus {
+    fn default() -> LiveStatus {
+        LiveStatus {
+            version: String::new(),
+            sandboxes: 0,
+            isolation: Isolation::Unknown,
+            limits: String::new(),
+        }
+    }
 }
 
 struct Live {
@@ -200,12 +213,13 @@ pub struct RunnerView {
 }
 
 impl RunnerView {
-    /// `ready`, `down` (or never connected since the coordinator started).
-    pub fn status(&self) -> &'static str {
+    /// `Ready`, or `Down` (also when never connected since the
+    /// coordinator started).
+    pub fn status(&self) -> RunnerState {
         if self.connected {
-            "ready"
+            RunnerState::Ready
         } else {
-            "down"
+            RunnerState::Down
         }
     }
 }

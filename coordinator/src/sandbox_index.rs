@@ -13,8 +13,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use futures::StreamExt;
-
 use crate::apps::{AppRecord, SandboxRecord};
 use crate::observed::Observed;
 use crate::shutdown::Tasks;
@@ -73,17 +71,34 @@ pub struct SandboxIndex {
     inner: RwLock<Inner>,
 }
 
+impl crate::watched::Watched for SandboxIndex {
+    const NAME: &'static str = "sandbox index";
+
+    fn prefix(&self) -> &str {
+        // Assignments and apps: two prefixes, one watch of everything.
+        ""
+    }
+
+    fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        self.reload_all(store)
+    }
+
+    fn apply(&self, batch: &crate::store::WatchBatch) {
+        self.apply_events(&batch.events);
+    }
+}
+
 impl SandboxIndex {
     /// Loads the index; returns it with the revision to watch from.
     pub fn load(store: &dyn Store) -> Result<(SandboxIndex, Revision), StoreError> {
         let index = SandboxIndex::default();
-        let from = index.reload(store)?;
+        let from = index.reload_all(store)?;
         Ok((index, from))
     }
 
     /// Reads every record again; returns the revision after which changes
     /// are to be applied.
-    fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+    fn reload_all(&self, store: &dyn Store) -> Result<Revision, StoreError> {
         let mut fresh = Inner::default();
         let mut revision = Revision::MAX;
         for prefix in [SANDBOX_PREFIX, APP_PREFIX] {
@@ -100,53 +115,10 @@ impl SandboxIndex {
 
     /// Follows the store from `from` until shutdown.
     pub fn follow(self: &Arc<Self>, store: Arc<dyn Store>, from: Revision, tasks: &Tasks) {
-        let me = self.clone();
-        let t = tasks.clone();
-        tasks.spawn("sandbox index", async move {
-            let mut from = from;
-            loop {
-                let stream = match store.watch("", from + 1) {
-                    Ok(s) => Some(s),
-                    Err(StoreError::Compacted { .. }) => None,
-                    Err(e) => {
-                        tracing::warn!("sandbox index: watching the store: {e}");
-                        None
-                    }
-                };
-                if let Some(mut stream) = stream {
-                    loop {
-                        let batch = tokio::select! {
-                            _ = t.stopping() => return,
-                            b = stream.next() => b,
-                        };
-                        match batch {
-                            Some(Ok(b)) => {
-                                me.apply(&b.events);
-                                from = b.revision;
-                            }
-                            Some(Err(e)) => {
-                                tracing::info!("sandbox index: {e}; loading again");
-                                break;
-                            }
-                            None => return,
-                        }
-                    }
-                }
-                if t.is_stopping() {
-                    return;
-                }
-                match me.reload(&*store) {
-                    Ok(r) => from = r,
-                    Err(e) => {
-                        tracing::warn!("sandbox index: loading: {e}");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
+        crate::watched::follow(self.clone(), store, from, tasks);
     }
 
-    fn apply(&self, events: &[crate::store::WatchEvent]) {
+    fn apply_events(&self, events: &[crate::store::WatchEvent]) {
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         for e in events {
             let key = e.kv.key.as_str();

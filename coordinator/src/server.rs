@@ -14,7 +14,7 @@
 //! loop and everything `Send` runs on the multi-threaded runtime.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,40 @@ pub struct CoordinatorOptions {
     pub observe: bool,
     /// The reconcile loop's knobs (`--runner-grace`, `--rollout-timeout`).
     pub reconcile: crate::reconcile::Settings,
+    /// Where the cluster's records live.
+    pub store: StoreBackend,
+}
+
+/// The store the coordinator runs on.
+#[derive(Debug, Clone, Default)]
+pub enum StoreBackend {
+    /// `store.redb` in the data dir: one machine.
+    #[default]
+    Embedded,
+    /// etcd v3 (`--etcd`): the state several coordinators share.
+    Etcd(crate::etcd_store::EtcdOptions),
+}
+
+impl StoreBackend {
+    /// Opens the store; a shared one is claimed for the cluster whose CA
+    /// has `fingerprint` (or checked to be that cluster's).
+    fn open(&self, dir: &Path, fingerprint: &str) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match self {
+            StoreBackend::Embedded => Arc::new(RedbStore::open(&dir.join("store.redb"))?),
+            StoreBackend::Etcd(opts) => {
+                let store = crate::etcd_store::EtcdStore::connect(opts).with_context(|| {
+                    format!("connecting to etcd at {}", opts.endpoints.join(","))
+                })?;
+                crate::etcd_store::claim(&store, fingerprint)?;
+                tracing::info!(
+                    endpoints = %opts.endpoints.join(","),
+                    prefix = %opts.prefix,
+                    "store: etcd"
+                );
+                Arc::new(store)
+            }
+        })
+    }
 }
 
 /// Open files the coordinator needs besides its HTTP connections (store,
@@ -124,6 +158,12 @@ pub struct Coordinator {
     metrics: Option<tokio::net::TcpListener>,
     registry: Arc<prometheus_client::registry::Registry>,
     server_cert: ServerCert,
+    /// Stands for leader once serving (taken by `serve`), with the lease
+    /// it already leads on.
+    elector: Option<(crate::leader::Elector, Option<crate::store::LeaseId>)>,
+    /// Keeps this coordinator listed once serving (taken by `serve`).
+    presence: Option<(crate::coordinators::Presence, Option<crate::store::LeaseId>)>,
+    leadership: crate::leader::Leadership,
 }
 
 /// The server certificate being served, and how to renew it.
@@ -262,7 +302,8 @@ impl Coordinator {
         let observe =
             crate::observe::start(&material.dir, opts.observe, opts.signing_key_rotation)?;
         let store: Arc<dyn Store> = crate::observe::metered_store(
-            Arc::new(RedbStore::open(&material.dir.join("store.redb"))?),
+            opts.store
+                .open(&material.dir, &material.ca.fingerprint().to_string())?,
             &observe,
         );
 
@@ -292,6 +333,7 @@ impl Coordinator {
             },
             port,
             fingerprint: Some(material.ca.fingerprint()),
+            alternates: Vec::new(),
         };
         let issuer_text = match &opts.issuer_url {
             Some(u) => u.clone(),
@@ -361,11 +403,30 @@ impl Coordinator {
             rt.clone(),
         ));
         let registry = Arc::new(Registry::new(store.clone(), opts.runner_cert_validity));
-        let ci = Arc::new(crate::ci::CiBindings::load(
+        let ci = Arc::new(
+            crate::ci::CiBindings::load(store.clone(), outbound.clone())?.observed(observe.clone()),
+        );
+        let routes = Arc::new(crate::routes::Routes::open(store.clone())?);
+        // One coordinator leads the singleton work; alone (or restarted on
+        // its data dir) it leads from here on.
+        let coordinator_id = crate::leader::coordinator_id(&material.dir)?;
+        let (elector, leadership, lease) = crate::leader::Elector::new(
             store.clone(),
-            outbound.clone(),
-        )?);
-        let routes = Arc::new(crate::routes::Routes::new(store.clone()));
+            coordinator_id.clone(),
+            cluster_name.clone(),
+            crate::leader::LEASE_TTL,
+        );
+        // Listed among the cluster's coordinators while it runs.
+        let presence = crate::coordinators::Presence::start(
+            store.clone(),
+            crate::coordinators::CoordinatorRecord {
+                id: coordinator_id.clone(),
+                name: address.host.clone(),
+                address: address.host_port(),
+                version: opts.build.to_string(),
+                started_unix: now_unix(),
+            },
+        );
         let reconciler = Arc::new(crate::reconcile::Reconciler::new(
             store.clone(),
             apps.clone(),
@@ -375,6 +436,7 @@ impl Coordinator {
             tasks.clone(),
             issuer.url.as_str().to_string(),
             opts.reconcile,
+            leadership.clone(),
         ));
         let state = Arc::new(State {
             cluster: ClusterIdentity {
@@ -383,6 +445,7 @@ impl Coordinator {
                 ca: material.ca,
                 build: opts.build.clone(),
                 started: Instant::now(),
+                coordinator_id,
             },
             issuer,
             minting,
@@ -457,6 +520,9 @@ impl Coordinator {
             ingress_streams_per_app: opts.ingress_streams_per_app,
             metrics,
             registry,
+            elector: Some((elector, lease)),
+            presence: Some(presence),
+            leadership,
         })
     }
 
@@ -545,7 +611,7 @@ impl Coordinator {
     /// Creates a one-time join code (used by `--dev` for its own runner).
     pub fn create_join_token(&self, ttl_secs: u64, name: &str) -> anyhow::Result<String> {
         let (token, _) = self.state.registry.create_token(
-            &self.state.cluster.address,
+            &self.state.address_with_peers(),
             ttl_secs,
             false,
             name,
@@ -570,9 +636,20 @@ impl Coordinator {
         let pool = LocalPool::new(workers);
         let tasks = self.state.tasks.clone();
         let state = &self.state;
+        if let Some((elector, lease)) = self.elector.take() {
+            tasks.spawn("leader election", elector.run(lease, tasks.clone()));
+        }
+        if let Some((presence, lease)) = self.presence.take() {
+            tasks.spawn("coordinator presence", presence.run(lease, tasks.clone()));
+        }
         tasks.spawn(
             "key rotation",
-            crate::issuer::rotate_keys_forever(state.issuer.clone(), self.rotation, tasks.clone()),
+            crate::issuer::rotate_keys_forever(
+                state.issuer.clone(),
+                self.rotation,
+                self.leadership.clone(),
+                tasks.clone(),
+            ),
         );
         tasks.spawn(
             "key audit",
@@ -611,6 +688,7 @@ impl Coordinator {
         let (index, from) = crate::sandbox_index::SandboxIndex::load(&*state.store)?;
         let index = Arc::new(index);
         index.follow(state.store.clone(), from, &tasks);
+        state.routes.follow(&tasks);
         let ingress = Arc::new(crate::ingress::Ingress {
             routes: state.routes.clone(),
             apps: state.apps.clone(),

@@ -40,6 +40,34 @@ pub struct ClusterIdentity {
     /// What this coordinator is (version, commit, build date).
     pub build: transport::build_info::BuildInfo,
     pub started: Instant,
+    /// This coordinator's id among the cluster's coordinators.
+    pub coordinator_id: String,
+}
+
+impl State {
+    /// The cluster's address with every other running coordinator as an
+    /// alternate (what join codes and `cluster export-address` carry); the
+    /// configured address alone when the list cannot be read.
+    pub fn address_with_peers(&self) -> ClusterAddress {
+        let mut address = self.cluster.address.clone();
+        match crate::coordinators::list(&*self.store, &self.cluster.coordinator_id) {
+            Ok(listed) => {
+                for l in listed {
+                    if l.record.id == self.cluster.coordinator_id {
+                        continue;
+                    }
+                    if let Ok(other) = l.record.address.parse::<ClusterAddress>() {
+                        let hp = other.primary();
+                        if !address.endpoints().contains(&hp) {
+                            address.alternates.push(hp);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::info!("listing the coordinators: {e}"),
+        }
+        address
+    }
 }
 
 /// Every part of a running coordinator.

@@ -52,11 +52,19 @@ const LEASE_TICK: Duration = Duration::from_millis(200);
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path} could not be opened: {reason} (restore it from a backup, or move the data dir aside to start a new cluster)")]
-    Open { path: PathBuf, reason: String },
+    Open {
+        path: PathBuf,
+        #[source]
+        reason: OpenFault,
+    },
     #[error("store operation failed: {0}")]
-    Backend(String),
+    Backend(#[source] redb::Error),
     #[error("stored record {key} is not valid: {reason}")]
-    Record { key: String, reason: String },
+    Record {
+        key: String,
+        #[source]
+        reason: RecordFault,
+    },
     /// A watch asked for history that compaction removed: re-list the
     /// prefix at the current revision and watch from there.
     #[error("revision {requested} is compacted (history kept from {first_kept}); re-list and watch again")]
@@ -67,6 +75,59 @@ pub enum StoreError {
     /// A put named a lease that does not exist (expired or revoked).
     #[error("lease {0:x} not found (it expired or was revoked); grant a new one")]
     LeaseNotFound(LeaseId),
+    /// etcd refused or failed a request (unreachable, no quorum, …).
+    #[error("etcd {what} failed: {source} (check that etcd is reachable at the --etcd addresses and has a quorum; the change was not made and can be retried)")]
+    Etcd {
+        what: &'static str,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    /// etcd did not answer in time.
+    #[error("etcd {what} got no answer within {after:?} (check that etcd is reachable at the --etcd addresses and has a quorum; the change was not made and can be retried)")]
+    EtcdTimeout { what: &'static str, after: Duration },
+    /// The etcd options cannot work.
+    #[error("{0}")]
+    EtcdConfig(String),
+    /// etcd ended a watch without saying why (a member restart, say):
+    /// re-list and watch again.
+    #[error("etcd ended the watch; re-list and watch again")]
+    EtcdWatchEnded,
+    /// A transaction too large for etcd.
+    #[error(
+        "a store transaction of {bytes} bytes is over the {limit}-byte limit of the etcd backend"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+    /// The shared store belongs to another cluster.
+    #[error("the etcd store holds the state of the cluster whose CA is {owner}, not this data dir's ({ours}); give this cluster its own --etcd-prefix, or start with that cluster's data dir")]
+    OtherCluster { owner: String, ours: String },
+}
+
+/// Why the store file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenFault {
+    /// redb refused the file.
+    #[error(transparent)]
+    Database(#[from] redb::DatabaseError),
+    /// Creating its tables or bringing an old store up to date failed.
+    #[error(transparent)]
+    Prepare(Box<StoreError>),
+}
+
+/// Why a stored record is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordFault {
+    /// Its JSON does not parse as the record type.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// Its revision metadata is not the 32 bytes it always is.
+    #[error("key metadata is {0} bytes, not 32")]
+    MetadataLength(usize),
+    /// A value with no revision metadata beside it.
+    #[error("value without revision metadata")]
+    NoMetadata,
+    /// A key (in etcd) that is not UTF-8.
+    #[error("the key is not UTF-8")]
+    KeyNotUtf8,
 }
 
 /// Reads a JSON record; a record that does not parse names its key.
@@ -76,7 +137,7 @@ pub fn decode<T: for<'de> serde::Deserialize<'de>>(
 ) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Record {
         key: key.to_string(),
-        reason: e.to_string(),
+        reason: e.into(),
     })
 }
 
@@ -286,7 +347,7 @@ impl KeyMeta {
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| StoreError::Record {
                     key: key.to_string(),
-                    reason: format!("key metadata is {} bytes, not 32", b.len()),
+                    reason: RecordFault::MetadataLength(b.len()),
                 })
         };
         Ok(KeyMeta {
@@ -339,8 +400,8 @@ struct Inner {
     deadlines: Mutex<HashMap<LeaseId, (Instant, Duration)>>,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Backend(e.into())
 }
 
 impl RedbStore {
@@ -353,12 +414,13 @@ impl RedbStore {
 
     /// [`RedbStore::open`] keeping `retain` revisions of change log.
     pub fn open_keeping(path: &Path, retain: u64) -> Result<Self, StoreError> {
-        let open_err = |reason: String| StoreError::Open {
+        let open_err = |reason: OpenFault| StoreError::Open {
             path: path.to_path_buf(),
             reason,
         };
-        let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
-        let (revision, leases) = Self::prepare(&db).map_err(|e| open_err(e.to_string()))?;
+        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
+        let (revision, leases) =
+            Self::prepare(&db).map_err(|e| open_err(OpenFault::Prepare(Box::new(e))))?;
         let now = Instant::now();
         let deadlines = leases
             .into_iter()
@@ -666,7 +728,7 @@ impl Store for RedbStore {
             None => {
                 return Err(StoreError::Record {
                     key: key.to_string(),
-                    reason: "value without revision metadata".into(),
+                    reason: RecordFault::NoMetadata,
                 })
             }
         };
@@ -713,7 +775,7 @@ impl Store for RedbStore {
                 None => {
                     return Err(StoreError::Record {
                         key: k.to_string(),
-                        reason: "value without revision metadata".into(),
+                        reason: RecordFault::NoMetadata,
                     })
                 }
             };
@@ -888,6 +950,51 @@ mod tests {
 
     fn put(k: &str, v: &str) -> Op {
         Op::Put(k.into(), v.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn failures_keep_their_words_and_their_typed_causes() {
+        use std::error::Error as _;
+        let e = decode::<Vec<u32>>("app/web", b"{not json").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("stored record app/web is not valid: invalid type: map"),
+            "{e}"
+        );
+        let cause = e.source().expect("a cause");
+        assert!(cause.downcast_ref::<RecordFault>().is_some(), "{cause:?}");
+        assert!(matches!(
+            e,
+            StoreError::Record {
+                reason: RecordFault::Json(_),
+                ..
+            }
+        ));
+        assert_eq!(
+            KeyMeta::from_bytes("k", &[0; 3]).unwrap_err().to_string(),
+            "stored record k is not valid: key metadata is 3 bytes, not 32"
+        );
+
+        // Not a redb file: the path, redb's words, and redb's error as the cause.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        let e = RedbStore::open(&path).err().expect("refused");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("store {} could not be opened: ", path.display()))
+                && text.ends_with(
+                    "(restore it from a backup, or move the data dir aside to start a new cluster)"
+                ),
+            "{text}"
+        );
+        assert!(matches!(
+            e,
+            StoreError::Open {
+                reason: OpenFault::Database(_),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! * (a) raw aws-lc-rs RSA-2048 PKCS#1 SHA-256 verify of the same signing
 //!   input, with the public key parsed once, as the `Verifier` holds it (the
 //!   machine's limit); the same with the key re-parsed per call is shown too;
-//! * (b) `Verifier::verify` + `BindingSet::matching(app, &claims)`, what the
+//! * (b) `Verifier::verify` + `BindingSet::matching(app, &claims, now)`, what the
 //!   coordinator does per login once the issuer's keys are cached;
 //! * (c) `BindingSet::matching` alone, in ns per match;
 //!
@@ -268,9 +268,9 @@ fn main() {
             .expect("mint");
         let verified = verifier.verify(&token, now).expect("verify our token");
         let binding = set
-            .matching(&format!("app{a:04}"), &verified.claims)
+            .matching(&format!("app{a:04}"), &verified.claims, now)
             .expect("a binding matches");
-        assert_eq!(binding.id, format!("b{a:04}{j:02}"));
+        assert_eq!(binding.binding.id, format!("b{a:04}{j:02}"));
         logins.push((format!("app{a:04}"), token));
     }
     // A token from another repository matches nothing.
@@ -282,7 +282,7 @@ fn main() {
             now,
         )
         .expect("verify");
-    assert!(set.matching("app0000", &stranger.claims).is_err());
+    assert!(set.matching("app0000", &stranger.claims, now).is_err());
 
     // Verified claims, for matching alone.
     let claims: Vec<(String, Map<String, Value>)> = logins
@@ -331,13 +331,18 @@ fn main() {
     let shared_claims = object(github_claims(&format!("acme/app{last}"), now, "s"));
     assert_eq!(
         distinct
-            .matching("web", &distinct_claims)
+            .matching("web", &distinct_claims, now)
             .expect("match")
+            .binding
             .id,
         format!("x{last:05}")
     );
     assert_eq!(
-        shared.matching("web", &shared_claims).expect("match").id,
+        shared
+            .matching("web", &shared_claims, now)
+            .expect("match")
+            .binding
+            .id,
         format!("x{last:05}")
     );
     let setup_s = setup.elapsed().as_secs_f64();
@@ -376,12 +381,12 @@ fn main() {
     let login = move |t: usize, seq: u64| {
         let (app, token) = &logins[(seq as usize + t * 97) % logins.len()];
         let verified = verifier.verify(token, now).expect("verify");
-        let binding = set.matching(app, &verified.claims).expect("match");
+        let binding = set.matching(app, &verified.claims, now).expect("match");
         black_box(binding);
     };
     let match_only = move |t: usize, seq: u64| {
         let (app, c) = &claims[(seq as usize + t * 97) % claims.len()];
-        black_box(set.matching(black_box(app), c).expect("match"));
+        black_box(set.matching(black_box(app), c, now).expect("match"));
     };
     let mut main = [
         Phase::new(
@@ -417,10 +422,14 @@ fn main() {
     let shared = &shared;
     let shared_claims = &shared_claims;
     let one_distinct = move |_: usize, _: u64| {
-        black_box(distinct.matching("web", black_box(distinct_claims)).ok());
+        black_box(
+            distinct
+                .matching("web", black_box(distinct_claims), now)
+                .ok(),
+        );
     };
     let one_shared = move |_: usize, _: u64| {
-        black_box(shared.matching("web", black_box(shared_claims)).ok());
+        black_box(shared.matching("web", black_box(shared_claims), now).ok());
     };
     let mut extra = [
         Phase::new(

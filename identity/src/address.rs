@@ -99,12 +99,42 @@ pub enum AddressError {
     #[error("fingerprint {0:?} is not 40 hex digits: expected sha1:<40 hex digits> (see `miren cluster export-address`)")]
     /// The fingerprint is not 40 hex digits; holds it.
     BadFingerprint(String),
+    #[error("the address lists {0} coordinators; at most 16 are allowed")]
+    /// More than [`MAX_ENDPOINTS`] endpoints.
+    TooManyEndpoints(usize),
     #[error("fingerprint digest {0:?} is not supported: only sha1 is")]
     /// The fingerprint names a digest other than `sha1`; holds its name.
     UnsupportedDigest(String),
 }
 
-/// Where a cluster is and, optionally, which CA it must present.
+/// Most coordinator endpoints one address may list.
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// One coordinator's `host:port`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct HostPort {
+    /// DNS name or IP literal, without brackets.
+    pub host: String,
+    /// UDP (QUIC) and TCP (HTTPS) port.
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    /// `host:port`, IPv6 hosts in brackets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Where a cluster is and, optionally, which CA it must present:
+/// `host:port[,host:port…][;sha1:<hex>]`. The first endpoint is the
+/// cluster's name (the CI token audience); the others are more
+/// coordinators of the same cluster, under the same pin, tried when the
+/// first cannot be reached.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct ClusterAddress {
     /// DNS name or IP literal, without brackets.
@@ -113,17 +143,54 @@ pub struct ClusterAddress {
     pub port: u16,
     /// Pin for the cluster CA; `None` means "verify against platform roots".
     pub fingerprint: Option<Fingerprint>,
+    /// The other coordinators, in the order given.
+    pub alternates: Vec<HostPort>,
 }
 
 impl ClusterAddress {
-    /// `host:port` as used for dialing and as the CI token audience
-    /// (IPv6 hosts in brackets).
-    pub fn host_port(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+    /// One coordinator's address with `pin`.
+    pub fn single(host: String, port: u16, fingerprint: Option<Fingerprint>) -> ClusterAddress {
+        ClusterAddress {
+            host,
+            port,
+            fingerprint,
+            alternates: Vec::new(),
         }
+    }
+
+    /// The first endpoint's `host:port`, as used for dialing and as the CI
+    /// token audience (IPv6 hosts in brackets).
+    pub fn host_port(&self) -> String {
+        self.primary().to_string()
+    }
+
+    /// Every endpoint as `host:port[,host:port…]`, without the pin.
+    pub fn hosts(&self) -> String {
+        self.endpoints()
+            .iter()
+            .map(HostPort::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The first endpoint.
+    pub fn primary(&self) -> HostPort {
+        HostPort {
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
+
+    /// Every endpoint, the first one first.
+    pub fn endpoints(&self) -> Vec<HostPort> {
+        let mut all = vec![self.primary()];
+        all.extend(self.alternates.iter().cloned());
+        all
+    }
+
+    /// The same cluster reached at `endpoint` alone (for dialing it).
+    pub fn at(&self, endpoint: &HostPort) -> ClusterAddress {
+        ClusterAddress::single(endpoint.host.clone(), endpoint.port, self.fingerprint)
     }
 
     /// Whether `other` names the same endpoint (host case-insensitive) with
@@ -138,6 +205,9 @@ impl ClusterAddress {
 impl fmt::Display for ClusterAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.host_port())?;
+        for other in &self.alternates {
+            write!(f, ",{other}")?;
+        }
         if let Some(fp) = &self.fingerprint {
             write!(f, ";sha1:{fp}")?;
         }
@@ -157,11 +227,29 @@ impl FromStr for ClusterAddress {
             Some((endpoint, fp)) => (endpoint, Some(fp.parse::<Fingerprint>()?)),
             None => (s, None),
         };
-        let (host, port) = split_host_port(endpoint)?;
+        let mut endpoints: Vec<HostPort> = Vec::new();
+        for one in endpoint.split(',') {
+            let (host, port) = split_host_port(one)?;
+            let hp = HostPort { host, port };
+            if !endpoints
+                .iter()
+                .any(|e| e.port == hp.port && e.host.eq_ignore_ascii_case(&hp.host))
+            {
+                endpoints.push(hp);
+            }
+        }
+        if endpoints.len() > MAX_ENDPOINTS {
+            return Err(AddressError::TooManyEndpoints(endpoints.len()));
+        }
+        let mut endpoints = endpoints.into_iter();
+        let Some(first) = endpoints.next() else {
+            return Err(AddressError::Empty);
+        };
         Ok(ClusterAddress {
-            host,
-            port,
+            host: first.host,
+            port: first.port,
             fingerprint,
+            alternates: endpoints.collect(),
         })
     }
 }
@@ -352,6 +440,47 @@ mod tests {
         s.pop();
         s.push(last);
         assert_ne!(fp, s.parse::<Fingerprint>().unwrap());
+    }
+
+    #[test]
+    fn several_coordinators_share_one_pin() {
+        let a: ClusterAddress = format!("h1:8443, [::1]:9000 ,h3;sha1:{HEX}")
+            .parse()
+            .unwrap();
+        assert_eq!(a.host_port(), "h1:8443", "the first names the cluster");
+        let all: Vec<String> = a.endpoints().iter().map(|e| e.to_string()).collect();
+        assert_eq!(all, ["h1:8443", "[::1]:9000", "h3:8443"]);
+        assert_eq!(
+            a.to_string(),
+            format!("h1:8443,[::1]:9000,h3:8443;sha1:{HEX}")
+        );
+        assert_eq!(a.to_string().parse::<ClusterAddress>().unwrap(), a);
+        assert_eq!(a.hosts(), "h1:8443,[::1]:9000,h3:8443");
+        let second = a.at(&a.alternates[0]);
+        assert_eq!(
+            (second.host_port(), second.fingerprint),
+            ("[::1]:9000".to_string(), a.fingerprint)
+        );
+        assert!(second.alternates.is_empty());
+        // Repeats are dropped; an empty or bad entry is refused.
+        let d: ClusterAddress = "h:1,H:1,h:2".parse().unwrap();
+        assert_eq!(d.endpoints().len(), 2);
+        assert!(matches!(
+            "h:1,,h:2".parse::<ClusterAddress>(),
+            Err(AddressError::MissingHost(_))
+        ));
+        assert!(matches!(
+            "h:1,bad host".parse::<ClusterAddress>(),
+            Err(AddressError::BadHost(_))
+        ));
+        let many = (1..=17)
+            .map(|p| format!("h:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            many.parse::<ClusterAddress>(),
+            Err(AddressError::TooManyEndpoints(17))
+        );
     }
 
     #[test]

@@ -49,6 +49,26 @@ pub const EVENT_NAME_CLAIM: &str = "event_name";
 pub const REF_CLAIM: &str = "ref";
 /// Claim naming the `OWNER/REPO` of the run.
 pub const REPOSITORY_CLAIM: &str = "repository";
+/// GitHub's immutable id of the repository (`--repository-id`).
+pub const REPOSITORY_ID_CLAIM: &str = "repository_id";
+/// GitHub's immutable id of the repository's owner (`--owner-id`).
+pub const OWNER_ID_CLAIM: &str = "repository_owner_id";
+/// GitLab's immutable id of the project (`--project-id`).
+pub const PROJECT_ID_CLAIM: &str = "project_id";
+/// GitLab's immutable id of the project's group or user (`--namespace-id`).
+pub const NAMESPACE_ID_CLAIM: &str = "namespace_id";
+/// The claims an [`IdPin`] may be on.
+pub const ID_CLAIMS: [&str; 4] = [
+    REPOSITORY_ID_CLAIM,
+    OWNER_ID_CLAIM,
+    PROJECT_ID_CLAIM,
+    NAMESPACE_ID_CLAIM,
+];
+/// The ids a GitHub binding made without them learns from the first token
+/// that matches it.
+pub const GITHUB_LEARNED_IDS: [&str; 2] = [REPOSITORY_ID_CLAIM, OWNER_ID_CLAIM];
+/// Longest id value accepted (GitHub and GitLab ids are 64-bit integers).
+pub const MAX_ID_DIGITS: usize = 20;
 /// Longest accepted claim name (the one claim-name rule,
 /// [`crate::names::check_claim_name`]).
 pub use crate::names::MAX_CLAIM_NAME_LEN;
@@ -96,6 +116,23 @@ pub enum BindingError {
         /// Why the pattern was refused.
         source: GlobError,
     },
+    /// An id pin is on a claim that holds no immutable id.
+    #[error(
+        "claim {0:?} holds no immutable id: ids can be pinned on repository_id, \
+         repository_owner_id, project_id and namespace_id"
+    )]
+    NotAnIdClaim(String),
+    /// An id pin's value is not a decimal number.
+    #[error("{claim} {value:?} is not an id: expected 1 to 20 decimal digits")]
+    BadIdValue {
+        /// The claim pinned.
+        claim: String,
+        /// The refused value.
+        value: String,
+    },
+    /// Two pins on the same claim.
+    #[error("{0} is pinned twice")]
+    IdPinnedTwice(String),
     /// The binding would accept every token of its issuer.
     #[error(
         "CI binding pins no caller: with a subject of only wildcards and no condition besides \
@@ -119,11 +156,121 @@ pub struct Condition {
     pub patterns: Vec<String>,
 }
 
+/// An immutable id the binding requires: the token's claim must equal
+/// `value` exactly. Names (`OWNER/REPO`, a group path) can be given up and
+/// taken by someone else; these numbers are never reused.
+///
+/// Given by the operator (`--repository-id`, ...) or learned by a GitHub
+/// binding from the first token it accepted (`learned_unix` set).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdPin {
+    /// One of [`ID_CLAIMS`].
+    pub claim: String,
+    /// The id, decimal digits.
+    pub value: String,
+    /// When it was learned from a token (unix seconds); `None` when the
+    /// operator gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_unix: Option<i64>,
+}
+
+impl IdPin {
+    /// A checked pin on `claim`, given by the operator.
+    pub fn given(claim: &str, value: &str) -> Result<IdPin, BindingError> {
+        let pin = IdPin {
+            claim: claim.to_string(),
+            value: value.to_string(),
+            learned_unix: None,
+        };
+        pin.check()?;
+        Ok(pin)
+    }
+
+    fn check(&self) -> Result<(), BindingError> {
+        if !ID_CLAIMS.contains(&self.claim.as_str()) {
+            return Err(BindingError::NotAnIdClaim(self.claim.clone()));
+        }
+        if self.value.is_empty()
+            || self.value.len() > MAX_ID_DIGITS
+            || !self.value.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(BindingError::BadIdValue {
+                claim: self.claim.clone(),
+                value: self.value.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The id a token carries in `claim`: a string of digits, or a
+/// non-negative integer (written as digits). Anything else is no id.
+pub fn token_id(claims: &Map<String, Value>, claim: &str) -> Option<String> {
+    match claims.get(claim)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => n.as_u64().map(|n| n.to_string()),
+        _ => None,
+    }
+}
+
+/// A token matched a binding by its names, but carries another immutable
+/// id than the binding pinned: the repository (or owner, project, group)
+/// of that name is not the one the binding was made for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "OIDC token matches CI binding {binding} by name, but its {claim} is {} where the binding \
+     pinned {pinned}: the name now belongs to another {} (deleted and recreated, or renamed and \
+     taken); if that is the one you mean, remove the binding and add it again",
+    .found.as_deref().unwrap_or("missing"), what_the_id_names(.claim)
+)]
+pub struct IdDrift {
+    /// The binding matched by name.
+    pub binding: String,
+    /// The id claim that differs.
+    pub claim: String,
+    /// The id the binding pinned.
+    pub pinned: String,
+    /// The token's id (`None` when it carries none).
+    pub found: Option<String>,
+}
+
+fn what_the_id_names(claim: &str) -> &'static str {
+    match claim {
+        REPOSITORY_ID_CLAIM => "repository",
+        OWNER_ID_CLAIM => "owner",
+        PROJECT_ID_CLAIM => "project",
+        _ => "group",
+    }
+}
+
+/// A binding that accepted a token, and the ids it learns from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match<'a> {
+    /// The accepting binding.
+    pub binding: &'a Binding,
+    /// Ids to pin on the binding from now on (a GitHub binding's first
+    /// token); empty when it has them all.
+    pub learn: Vec<IdPin>,
+}
+
+/// Why no binding accepted a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MatchRefusal {
+    /// No binding of the app matches its names.
+    #[error(transparent)]
+    NoMatch(#[from] NoMatch),
+    /// A binding matches its names but pinned other ids (the binding with
+    /// the smallest id among those, when several do).
+    #[error(transparent)]
+    Drift(#[from] IdDrift),
+}
+
 /// A condition with its patterns compiled.
 #[derive(Debug, Clone)]
-struct CompiledCondition {
-    claim: String,
-    patterns: Vec<Glob>,
+pub(crate) struct CompiledCondition {
+    pub(crate) claim: String,
+    pub(crate) patterns: Vec<Glob>,
 }
 
 impl CompiledCondition {
@@ -233,19 +380,62 @@ pub struct Binding {
     /// Free text shown by `miren auth ci list`.
     #[serde(default)]
     pub description: String,
+    /// Immutable ids the token must carry (given, or learned by a GitHub
+    /// binding from its first token).
+    #[serde(default)]
+    pub ids: Vec<IdPin>,
+    /// The operator accepted patterns that admit more repositories or
+    /// branches than they name (`--allow-broad`; see [`crate::breadth`]).
+    #[serde(default)]
+    pub allow_broad: bool,
+    /// When the coordinator stored it (unix seconds; 0 for bindings stored
+    /// before this was recorded).
+    #[serde(default)]
+    pub created_unix: i64,
 }
 
 /// A binding with its patterns compiled.
 #[derive(Debug, Clone)]
-struct CompiledBinding {
-    binding: Binding,
-    subject: Glob,
-    conditions: Vec<CompiledCondition>,
+pub(crate) struct CompiledBinding {
+    pub(crate) binding: Binding,
+    pub(crate) subject: Glob,
+    pub(crate) conditions: Vec<CompiledCondition>,
+}
+
+/// What one binding makes of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Judgement {
+    /// Its subject or a condition does not match.
+    NoMatch,
+    /// The names match, a pinned id does not.
+    Drift(IdDrift),
+    /// Accepted; the ids to learn.
+    Accepts(Vec<IdPin>),
 }
 
 impl CompiledBinding {
-    fn accepts(&self, subject: &str, claims: &Map<String, Value>) -> bool {
+    /// The subject and every condition match (the names).
+    fn names_match(&self, subject: &str, claims: &Map<String, Value>) -> bool {
         self.subject.matches(subject) && self.conditions.iter().all(|c| c.holds(claims))
+    }
+
+    /// Names first, then the pinned ids; `now` dates what is learned.
+    pub(crate) fn judge(&self, subject: &str, claims: &Map<String, Value>, now: i64) -> Judgement {
+        if !self.names_match(subject, claims) {
+            return Judgement::NoMatch;
+        }
+        for pin in &self.binding.ids {
+            let found = token_id(claims, &pin.claim);
+            if found.as_deref() != Some(pin.value.as_str()) {
+                return Judgement::Drift(IdDrift {
+                    binding: self.binding.id.clone(),
+                    claim: pin.claim.clone(),
+                    pinned: pin.value.clone(),
+                    found,
+                });
+            }
+        }
+        Judgement::Accepts(self.binding.to_learn(claims, now))
     }
 }
 
@@ -318,6 +508,9 @@ impl Binding {
             subject,
             conditions,
             description: description.to_string(),
+            ids: Vec::new(),
+            allow_broad: false,
+            created_unix: 0,
         };
         binding.validate()?;
         Ok(binding)
@@ -341,6 +534,9 @@ impl Binding {
             subject: subject.to_string(),
             conditions,
             description: description.to_string(),
+            ids: Vec::new(),
+            allow_broad: false,
+            created_unix: 0,
         };
         binding.validate()?;
         Ok(binding)
@@ -364,7 +560,82 @@ impl Binding {
         self.conditions.iter().find(|c| c.claim == claim)
     }
 
-    fn compile(&self) -> Result<CompiledBinding, BindingError> {
+    /// The pin on `claim`, if any.
+    pub fn id_pin(&self, claim: &str) -> Option<&IdPin> {
+        self.ids.iter().find(|p| p.claim == claim)
+    }
+
+    /// This binding with `pins` added (`--repository-id`, `--project-id`,
+    /// ...), checked.
+    pub fn with_ids(mut self, pins: Vec<IdPin>) -> Result<Binding, BindingError> {
+        self.ids.extend(pins);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// This binding with another issuer (a GitHub binding for GitHub
+    /// Enterprise Server, whose tokens have GitHub's claims and the
+    /// server's own issuer), checked.
+    pub fn with_issuer(mut self, issuer: &str) -> Result<Binding, BindingError> {
+        self.issuer = issuer.to_string();
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The claims this binding learns ids from: a GitHub binding's
+    /// repository and owner ids; none for other providers, whose claims
+    /// this crate does not know.
+    pub fn learns(&self) -> &'static [&'static str] {
+        if self.provider == PROVIDER_GITHUB {
+            &GITHUB_LEARNED_IDS
+        } else {
+            &[]
+        }
+    }
+
+    /// The ids a token teaches this binding: each learned claim it has not
+    /// pinned yet and the token carries.
+    fn to_learn(&self, claims: &Map<String, Value>, now: i64) -> Vec<IdPin> {
+        self.learns()
+            .iter()
+            .filter(|claim| self.id_pin(claim).is_none())
+            .filter_map(|claim| {
+                let value = token_id(claims, claim)?;
+                let pin = IdPin {
+                    claim: claim.to_string(),
+                    value,
+                    learned_unix: Some(now),
+                };
+                // A token's value that is no id is not learned.
+                pin.check().is_ok().then_some(pin)
+            })
+            .collect()
+    }
+
+    /// This binding with `learned` pinned: each pin whose claim is not
+    /// pinned yet is added; a pin on a claim already pinned to another
+    /// value is refused as drift (two first logins raced with different
+    /// ids).
+    pub fn pinned(&self, learned: &[IdPin]) -> Result<Binding, IdDrift> {
+        let mut out = self.clone();
+        for pin in learned {
+            match self.id_pin(&pin.claim) {
+                Some(have) if have.value == pin.value => {}
+                Some(have) => {
+                    return Err(IdDrift {
+                        binding: self.id.clone(),
+                        claim: pin.claim.clone(),
+                        pinned: have.value.clone(),
+                        found: Some(pin.value.clone()),
+                    })
+                }
+                None => out.ids.push(pin.clone()),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn compile(&self) -> Result<CompiledBinding, BindingError> {
         if !printable(&self.id) {
             return Err(BindingError::BadId(self.id.clone()));
         }
@@ -381,7 +652,17 @@ impl Binding {
             .iter()
             .map(Condition::compile)
             .collect::<Result<Vec<_>, _>>()?;
-        if subject.is_wildcard_only() && !conditions.iter().any(CompiledCondition::pins_caller) {
+        let mut pinned = BTreeSet::new();
+        for pin in &self.ids {
+            pin.check()?;
+            if !pinned.insert(pin.claim.as_str()) {
+                return Err(BindingError::IdPinnedTwice(pin.claim.clone()));
+            }
+        }
+        if subject.is_wildcard_only()
+            && self.ids.is_empty()
+            && !conditions.iter().any(CompiledCondition::pins_caller)
+        {
             return Err(BindingError::PinsNoCaller);
         }
         Ok(CompiledBinding {
@@ -549,9 +830,17 @@ impl Group {
         Some(compiled.binding)
     }
 
-    /// The accepting binding with the smallest id.
-    fn find(&self, subject: &str, claims: &Map<String, Value>) -> Option<&Binding> {
-        let mut best: Option<&Binding> = None;
+    /// The accepting binding with the smallest id and what it learns;
+    /// when none accepts, the drift of the smallest-id binding whose names
+    /// matched, if any.
+    fn find(
+        &self,
+        subject: &str,
+        claims: &Map<String, Value>,
+        now: i64,
+    ) -> Result<(&Binding, Vec<IdPin>), Option<IdDrift>> {
+        let mut best: Option<(&Binding, Vec<IdPin>)> = None;
+        let mut drift: Option<IdDrift> = None;
         for &len in self.prefix_lens.keys() {
             let Some(prefix) = subject.get(..len) else {
                 // Longer than the subject, or not on a character boundary.
@@ -561,16 +850,29 @@ impl Group {
                 continue;
             };
             // Ids are sorted: the first acceptor is this prefix's best.
-            let found = ids
+            let candidates = ids
                 .iter()
-                .take_while(|id| best.is_none_or(|b| id.as_str() < b.id.as_str()))
-                .filter_map(|id| self.by_id.get(id))
-                .find(|c| c.accepts(subject, claims));
-            if let Some(c) = found {
-                best = Some(&c.binding);
+                .take_while(|id| {
+                    best.as_ref()
+                        .is_none_or(|(b, _)| id.as_str() < b.id.as_str())
+                })
+                .filter_map(|id| self.by_id.get(id));
+            for c in candidates {
+                match c.judge(subject, claims, now) {
+                    Judgement::NoMatch => {}
+                    Judgement::Drift(d) => {
+                        if drift.as_ref().is_none_or(|old| d.binding < old.binding) {
+                            drift = Some(d);
+                        }
+                    }
+                    Judgement::Accepts(learn) => {
+                        best = Some((&c.binding, learn));
+                        break;
+                    }
+                }
             }
         }
-        best
+        best.ok_or(drift)
     }
 }
 
@@ -694,11 +996,20 @@ impl BindingSet {
 
     /// The binding of `app` that accepts a token with these verified
     /// `claims`: its issuer equals `iss` exactly, its subject glob matches
-    /// `sub`, and all its conditions hold. When several accept, the one with
-    /// the smallest id (byte-wise string order) is returned, so the result
-    /// never depends on insertion or store order. Bindings of other apps are
-    /// never considered.
-    pub fn matching(&self, app: &str, claims: &Map<String, Value>) -> Result<&Binding, NoMatch> {
+    /// `sub`, all its conditions hold, and the token carries every id it
+    /// pinned. When several accept, the one with the smallest id
+    /// (byte-wise string order) is returned, so the result never depends
+    /// on insertion or store order. Bindings of other apps are never
+    /// considered. A GitHub binding without pinned ids returns those of
+    /// the token in [`Match::learn`] (dated `now`) for the caller to
+    /// record. When no binding accepts but one matched the names with
+    /// another id, the refusal is that [`IdDrift`].
+    pub fn matching(
+        &self,
+        app: &str,
+        claims: &Map<String, Value>,
+        now: i64,
+    ) -> Result<Match<'_>, MatchRefusal> {
         let text = |name: &str| match claims.get(name) {
             Some(Value::String(s)) => s.as_str(),
             _ => "",
@@ -709,14 +1020,32 @@ impl BindingSet {
                 .apps
                 .get(app)
                 .and_then(|groups| groups.get(issuer))
-                .and_then(|group| group.find(subject, claims)),
+                .map(|group| group.find(subject, claims, now)),
             _ => None,
         };
-        found.ok_or_else(|| NoMatch {
-            issuer: issuer.to_string(),
-            subject: subject.to_string(),
-            repository: text(REPOSITORY_CLAIM).to_string(),
-        })
+        match found {
+            Some(Ok((binding, learn))) => Ok(Match { binding, learn }),
+            Some(Err(Some(drift))) => Err(MatchRefusal::Drift(drift)),
+            Some(Err(None)) | None => Err(MatchRefusal::NoMatch(NoMatch {
+                issuer: issuer.to_string(),
+                subject: subject.to_string(),
+                repository: text(REPOSITORY_CLAIM).to_string(),
+            })),
+        }
+    }
+
+    /// The compiled bindings of `app`, sorted by id (for
+    /// [`crate::explain`]).
+    pub(crate) fn compiled_for_app(&self, app: &str) -> Vec<&CompiledBinding> {
+        let mut out: Vec<&CompiledBinding> = self
+            .apps
+            .get(app)
+            .into_iter()
+            .flat_map(|groups| groups.values())
+            .flat_map(|g| g.by_id.values())
+            .collect();
+        out.sort_by(|a, b| a.binding.id.cmp(&b.binding.id));
+        out
     }
 }
 
@@ -965,13 +1294,16 @@ mod tests {
         .expect("binding");
         let s = set(vec![b]);
         let ok = github_claims("acme/web-app", "push", "refs/heads/main");
-        assert_eq!(s.matching("web", &ok).map(|b| b.id.as_str()), Ok("b1"));
+        assert_eq!(
+            s.matching("web", &ok, 0).map(|m| m.binding.id.as_str()),
+            Ok("b1")
+        );
         let manual = github_claims("acme/web-app", "workflow_dispatch", "refs/heads/main");
-        assert!(s.matching("web", &manual).is_ok());
+        assert!(s.matching("web", &manual, 0).is_ok());
         let dev = github_claims("acme/web-app", "push", "refs/heads/dev");
-        assert!(s.matching("web", &dev).is_err());
+        assert!(s.matching("web", &dev, 0).is_err());
         let pr = github_claims("acme/web-app", "pull_request", "refs/heads/main");
-        assert!(s.matching("web", &pr).is_err());
+        assert!(s.matching("web", &pr, 0).is_err());
     }
 
     #[test]
@@ -988,19 +1320,19 @@ mod tests {
         .expect("binding");
         let s = set(vec![b]);
         let mut c = github_claims("acme/web-app", "push", "refs/heads/main");
-        assert!(s.matching("web", &c).is_err());
+        assert!(s.matching("web", &c, 0).is_err());
         c.insert(
             "sub".to_string(),
             json!("repo:acme/web-app:environment:prod"),
         );
-        assert!(s.matching("web", &c).is_ok());
+        assert!(s.matching("web", &c, 0).is_ok());
     }
 
     #[test]
     fn another_repository_is_refused_with_the_exact_message() {
         let s = set(vec![web_binding("b1")]);
         let other = github_claims("evil/web-app", "push", "refs/heads/main");
-        let err = s.matching("web", &other).expect_err("refused");
+        let err = s.matching("web", &other, 0).expect_err("refused");
         assert_eq!(
             err.to_string(),
             "OIDC token did not match any CI binding \
@@ -1009,7 +1341,9 @@ mod tests {
         );
         let bare = claims(json!({"iss": "https://ci.example", "sub": "x"}));
         assert_eq!(
-            s.matching("web", &bare).expect_err("refused").to_string(),
+            s.matching("web", &bare, 0)
+                .expect_err("refused")
+                .to_string(),
             "OIDC token did not match any CI binding \
              (issuer=https://ci.example subject=x repository=)"
         );
@@ -1021,16 +1355,16 @@ mod tests {
         let s = set(vec![web_binding("b1")]);
         let mut c = github_claims("acme/web-app", "push", "refs/heads/main");
         c.insert("sub".to_string(), json!("repo:evil/x:ref:refs/heads/main"));
-        assert!(s.matching("web", &c).is_err());
+        assert!(s.matching("web", &c, 0).is_err());
     }
 
     #[test]
     fn another_apps_binding_never_matches() {
         let s = set(vec![web_binding("b1")]);
         let c = github_claims("acme/web-app", "push", "refs/heads/main");
-        assert!(s.matching("web", &c).is_ok());
-        assert!(s.matching("api", &c).is_err());
-        assert!(s.matching("", &c).is_err());
+        assert!(s.matching("web", &c, 0).is_ok());
+        assert!(s.matching("api", &c, 0).is_err());
+        assert!(s.matching("", &c, 0).is_err());
     }
 
     #[test]
@@ -1038,9 +1372,9 @@ mod tests {
         let s = set(vec![web_binding("b1")]);
         let mut c = github_claims("acme/web-app", "push", "refs/heads/main");
         c.insert("iss".to_string(), json!(format!("{GITHUB_ISSUER}/")));
-        assert!(s.matching("web", &c).is_err());
+        assert!(s.matching("web", &c, 0).is_err());
         c.insert("iss".to_string(), json!(GITHUB_ISSUER.to_uppercase()));
-        assert!(s.matching("web", &c).is_err());
+        assert!(s.matching("web", &c, 0).is_err());
     }
 
     #[test]
@@ -1061,13 +1395,13 @@ mod tests {
         });
         let mut ok = claims(base.clone());
         ok.insert("ref_protected".to_string(), json!("true"));
-        assert!(s.matching("web", &ok).is_ok());
+        assert!(s.matching("web", &ok, 0).is_ok());
         let mut boolean = claims(base.clone());
         boolean.insert("ref_protected".to_string(), json!(true));
-        assert!(s.matching("web", &boolean).is_err());
-        assert!(s.matching("web", &claims(base)).is_err());
+        assert!(s.matching("web", &boolean, 0).is_err());
+        assert!(s.matching("web", &claims(base), 0).is_err());
         let no_sub = claims(json!({"iss": "https://gitlab.example", "ref_protected": "true"}));
-        assert!(s.matching("web", &no_sub).is_err());
+        assert!(s.matching("web", &no_sub, 0).is_err());
     }
 
     #[test]
@@ -1092,7 +1426,7 @@ mod tests {
             ("pull_request", "refs/tags/v1", false),
         ] {
             let c = github_claims("acme/web-app", event, git_ref);
-            assert_eq!(s.matching("web", &c).is_ok(), ok, "{event} {git_ref}");
+            assert_eq!(s.matching("web", &c, 0).is_ok(), ok, "{event} {git_ref}");
         }
     }
 
@@ -1123,12 +1457,21 @@ mod tests {
             vec![wide_prefix.clone(), web_binding("b-5"), narrow.clone()],
         ] {
             let s = set(order);
-            assert_eq!(s.matching("web", &c).map(|b| b.id.as_str()), Ok("b-2"));
+            assert_eq!(
+                s.matching("web", &c, 0).map(|m| m.binding.id.as_str()),
+                Ok("b-2")
+            );
         }
         let s = set(vec![web_binding("b-5"), wide_prefix.clone()]);
-        assert_eq!(s.matching("web", &c).map(|b| b.id.as_str()), Ok("b-5"));
+        assert_eq!(
+            s.matching("web", &c, 0).map(|m| m.binding.id.as_str()),
+            Ok("b-5")
+        );
         let s = set(vec![web_binding("b-95"), wide_prefix]);
-        assert_eq!(s.matching("web", &c).map(|b| b.id.as_str()), Ok("b-9"));
+        assert_eq!(
+            s.matching("web", &c, 0).map(|m| m.binding.id.as_str()),
+            Ok("b-9")
+        );
     }
 
     #[test]
@@ -1186,7 +1529,7 @@ mod tests {
         );
         assert_eq!(s.get("b1").map(|b| b.app.as_str()), Some("api"));
         let c = github_claims("acme/web-app", "push", "refs/heads/main");
-        assert!(s.matching("web", &c).is_err());
+        assert!(s.matching("web", &c, 0).is_err());
         assert_eq!(s.remove("b2").map(|b| b.id), Some("b2".to_string()));
         assert_eq!(s.remove("b2"), None);
         assert_eq!(
@@ -1223,15 +1566,16 @@ mod tests {
                 let c = github_claims(&format!("org{app}/repo{repo}"), "push", "refs/heads/main");
                 let want = format!("b{app:04}-{repo}");
                 assert_eq!(
-                    s.matching(&format!("app{app}"), &c).map(|b| b.id.as_str()),
+                    s.matching(&format!("app{app}"), &c, 0)
+                        .map(|m| m.binding.id.as_str()),
                     Ok(want.as_str())
                 );
                 // The same token never opens a neighbouring app.
                 let other = format!("app{}", (app + 1) % 1000);
-                assert!(s.matching(&other, &c).is_err());
+                assert!(s.matching(&other, &c, 0).is_err());
             }
             let c = github_claims(&format!("org{app}/repo10"), "push", "refs/heads/main");
-            assert!(s.matching(&format!("app{app}"), &c).is_err());
+            assert!(s.matching(&format!("app{app}"), &c, 0).is_err());
         }
     }
 
@@ -1263,6 +1607,167 @@ mod tests {
         .expect("minimal");
         assert!(minimal.conditions.is_empty());
         assert!(minimal.validate().is_ok());
+    }
+
+    fn with_ids(
+        mut c: Map<String, Value>,
+        repository_id: Value,
+        owner_id: Value,
+    ) -> Map<String, Value> {
+        c.insert(REPOSITORY_ID_CLAIM.to_string(), repository_id);
+        c.insert(OWNER_ID_CLAIM.to_string(), owner_id);
+        c
+    }
+
+    #[test]
+    fn a_github_binding_learns_its_ids_and_then_refuses_a_recreated_repository() {
+        let s = set(vec![web_binding("b1")]);
+        let first = with_ids(
+            github_claims("acme/web-app", "push", "refs/heads/main"),
+            json!("100"),
+            json!("7"),
+        );
+        let m = s.matching("web", &first, 1_000).expect("match");
+        let learned = vec![
+            IdPin {
+                claim: REPOSITORY_ID_CLAIM.to_string(),
+                value: "100".to_string(),
+                learned_unix: Some(1_000),
+            },
+            IdPin {
+                claim: OWNER_ID_CLAIM.to_string(),
+                value: "7".to_string(),
+                learned_unix: Some(1_000),
+            },
+        ];
+        assert_eq!(m.learn, learned);
+        let pinned = m.binding.pinned(&m.learn).expect("pinned");
+        let s = set(vec![pinned.clone()]);
+        // The same repository again: accepted, nothing more to learn.
+        let again = s.matching("web", &first, 2_000).expect("match");
+        assert!(again.learn.is_empty());
+        // Same names, another repository id (deleted and recreated).
+        let recreated = with_ids(
+            github_claims("acme/web-app", "push", "refs/heads/main"),
+            json!("555"),
+            json!("7"),
+        );
+        let err = s.matching("web", &recreated, 3_000).expect_err("drift");
+        assert_eq!(
+            err,
+            MatchRefusal::Drift(IdDrift {
+                binding: "b1".to_string(),
+                claim: REPOSITORY_ID_CLAIM.to_string(),
+                pinned: "100".to_string(),
+                found: Some("555".to_string()),
+            })
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("its repository_id is 555 where the binding pinned 100"),
+            "{msg}"
+        );
+        assert!(msg.contains("another repository"), "{msg}");
+        // A token without the id is refused too.
+        let bare = github_claims("acme/web-app", "push", "refs/heads/main");
+        assert!(matches!(
+            s.matching("web", &bare, 0),
+            Err(MatchRefusal::Drift(IdDrift { found: None, .. }))
+        ));
+        // Other names are still a plain mismatch.
+        let other = with_ids(
+            github_claims("evil/x", "push", "refs/heads/main"),
+            json!("1"),
+            json!("2"),
+        );
+        assert!(matches!(
+            s.matching("web", &other, 0),
+            Err(MatchRefusal::NoMatch(_))
+        ));
+        // Pinning what is pinned is a no-op; another value is drift.
+        assert_eq!(pinned.pinned(&learned), Ok(pinned.clone()));
+        let mut racing = learned.clone();
+        racing[0].value = "555".to_string();
+        assert!(pinned.pinned(&racing).is_err());
+    }
+
+    #[test]
+    fn given_ids_refuse_from_the_first_token_and_numbers_count() {
+        let b = web_binding("b1")
+            .with_ids(vec![IdPin::given(REPOSITORY_ID_CLAIM, "100").expect("pin")])
+            .expect("binding");
+        let s = set(vec![b]);
+        let numeric = with_ids(
+            github_claims("acme/web-app", "push", "refs/heads/main"),
+            json!(100),
+            json!(7),
+        );
+        let m = s.matching("web", &numeric, 5).expect("match");
+        assert_eq!(m.learn.len(), 1, "only the owner id is learned");
+        assert_eq!(m.learn[0].claim, OWNER_ID_CLAIM);
+        let wrong = with_ids(
+            github_claims("acme/web-app", "push", "refs/heads/main"),
+            json!("101"),
+            json!("7"),
+        );
+        assert!(matches!(
+            s.matching("web", &wrong, 0),
+            Err(MatchRefusal::Drift(_))
+        ));
+        // A generic binding learns nothing.
+        let gitlab = Binding::generic(
+            "g1",
+            "web",
+            "https://gitlab.example",
+            "project_path:acme/web:*",
+            vec![],
+            "",
+        )
+        .expect("binding");
+        let s = set(vec![gitlab.clone()]);
+        let t = claims(
+            json!({"iss": "https://gitlab.example", "sub": "project_path:acme/web:ref:main", "project_id": "9"}),
+        );
+        assert!(s.matching("web", &t, 0).expect("match").learn.is_empty());
+        let gitlab = gitlab
+            .with_ids(vec![IdPin::given(PROJECT_ID_CLAIM, "8").expect("pin")])
+            .expect("binding");
+        assert!(set(vec![gitlab]).matching("web", &t, 0).is_err());
+    }
+
+    #[test]
+    fn id_pins_are_checked() {
+        assert!(matches!(
+            IdPin::given("repository", "1"),
+            Err(BindingError::NotAnIdClaim(_))
+        ));
+        for bad in ["", "12a", "-1", "123456789012345678901", " 1"] {
+            assert!(
+                matches!(
+                    IdPin::given(REPOSITORY_ID_CLAIM, bad),
+                    Err(BindingError::BadIdValue { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let twice = web_binding("b1").with_ids(vec![
+            IdPin::given(REPOSITORY_ID_CLAIM, "1").expect("pin"),
+            IdPin::given(REPOSITORY_ID_CLAIM, "2").expect("pin"),
+        ]);
+        assert_eq!(
+            twice,
+            Err(BindingError::IdPinnedTwice(REPOSITORY_ID_CLAIM.to_string()))
+        );
+        // A record from before ids were pinned loads with none.
+        let old: Binding = serde_json::from_value(json!({
+            "id": "x", "app": "web", "provider": "github", "issuer": GITHUB_ISSUER,
+            "subject": "repo:acme/web:*",
+            "conditions": [{"claim": "repository", "patterns": ["acme/web"]}],
+            "description": ""
+        }))
+        .expect("old record");
+        assert!(old.ids.is_empty() && !old.allow_broad && old.created_unix == 0);
+        assert!(old.validate().is_ok());
     }
 
     fn private(url: &str) -> bool {

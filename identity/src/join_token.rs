@@ -122,7 +122,7 @@ impl JoinToken {
         let wire = Wire {
             v: 1,
             id: self.id.clone(),
-            addr: self.address.host_port(),
+            addr: self.address.hosts(),
             fp,
             secret: URL_SAFE_NO_PAD.encode(self.secret),
         };

@@ -10,8 +10,10 @@
 
 pub mod address;
 pub mod bindings;
+pub mod breadth;
 pub mod claims;
 pub mod documents;
+pub mod explain;
 pub mod glob;
 pub mod headers;
 pub mod inspect;
@@ -25,16 +27,18 @@ pub mod route_oidc;
 pub mod used_states;
 pub mod verify;
 
-pub use address::{AddressError, ClusterAddress, Fingerprint};
+pub use address::{AddressError, ClusterAddress, Fingerprint, HostPort};
 pub use bindings::{
     issuer_host_is_private_or_loopback, issuer_literal_address, Binding, BindingError, BindingSet,
-    BindingSetError, Condition, NoMatch,
+    BindingSetError, Condition, IdDrift, IdPin, Match, MatchRefusal, NoMatch,
 };
+pub use breadth::{check_breadth, Breadth, BroadPattern};
 pub use claims::{
     clamp_ttl, ClaimsError, Subject, SubjectError, SubjectField, WorkloadClaims, DEFAULT_AUDIENCE,
     DEFAULT_TTL_SECS, MAX_TTL_SECS, MIN_TTL_SECS,
 };
 pub use documents::{DiscoveryDocument, DiscoveryError, IssuerUrl, IssuerUrlError, Jwks};
+pub use explain::{Check, CheckOutcome, Explanation, Verdict};
 pub use glob::{Glob, GlobError};
 pub use inspect::{inspect, peek_claims, InspectError, KidLookup, UnverifiedToken};
 pub use ip::{classify, is_public, AddressClass, AddressPolicy, CidrError, IpCidr, Refused};

@@ -264,13 +264,13 @@ async fn add_bindings(
         .await
         .map_err(remote)?;
     let admin = reply.get()?.get_admin().map_err(remote)?;
-    let mut jsons = Vec::with_capacity(n);
+    let mut bindings = Vec::with_capacity(n);
     for i in 0..n {
-        jsons.push(serde_json::to_string(&bulk_binding(issuer, i)?)?);
+        bindings.push(bulk_binding(issuer, i)?);
     }
     let started = Instant::now();
     let deadline = started + limit;
-    let mut next = jsons.iter();
+    let mut next = bindings.iter();
     let mut pending = FuturesUnordered::new();
     let mut out = Added {
         added: 0,
@@ -279,9 +279,9 @@ async fn add_bindings(
     };
     loop {
         while pending.len() < ADD_IN_FLIGHT && Instant::now() < deadline {
-            let Some(json) = next.next() else { break };
+            let Some(binding) = next.next() else { break };
             let mut req = admin.add_ci_binding_request();
-            req.get().set_binding_json(json.as_str());
+            coordinator::service::ci_wire::write_binding(req.get().init_binding(), binding);
             pending.push(req.send().promise);
         }
         let Some(result) = pending.next().await else {

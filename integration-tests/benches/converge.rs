@@ -1524,7 +1524,7 @@ fn per_call(budget: Duration, mut f: impl FnMut() -> usize) -> (f64, u64) {
 }
 
 fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Result<Micro> {
-    use coordinator::apps::{AppRecord, Apps, SandboxRecord, SandboxReport};
+    use coordinator::apps::{AppRecord, Apps, SandboxRecord, SandboxReport, SandboxState};
     use coordinator::observed::Observed;
     use coordinator::sandbox_index::SandboxIndex;
     use coordinator::store::{decode, RedbStore, Store};
@@ -1557,7 +1557,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
             o.session_started(runner, 1);
             for id in ids {
                 let report = SandboxReport {
-                    state: "healthy".into(),
+                    state: SandboxState::Healthy,
                     address: "127.0.0.1:1".into(),
                     ..Default::default()
                 };
@@ -1616,7 +1616,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
         store.clone(),
         Duration::from_secs(3600),
     ));
-    let routes = Arc::new(coordinator::routes::Routes::new(store.clone()));
+    let routes = Arc::new(coordinator::routes::Routes::open(store.clone())?);
     let ci = Arc::new(coordinator::ci::CiBindings::load(
         store.clone(),
         identity::AddressPolicy::new(false, vec![]),
@@ -1630,6 +1630,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
         tasks.clone(),
         "https://converge.bench".into(),
         coordinator::reconcile::Settings::default(),
+        coordinator::leader::Leadership::always(),
     );
     let revision = store.revision()?;
     let (pass_secs, pass_n) = rt.block_on(async {

@@ -137,6 +137,9 @@ class Handler(BaseHTTPRequestHandler):
                 "sub": q.get("sub", "repo:%s:ref:%s" % (repo, ref)),
                 "repository": repo,
                 "repository_owner": repo.split("/")[0],
+                # GitHub's immutable ids, as strings like GitHub's.
+                "repository_id": q.get("repository_id", "1000"),
+                "repository_owner_id": q.get("repository_owner_id", "2000"),
                 "event_name": q.get("event_name", "push"),
                 "ref": ref,
                 "iat": now, "nbf": now, "exp": now + 300,

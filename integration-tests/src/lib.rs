@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod etcd;
+
 /// Path of the `miren` binary built alongside the tests (`MIREN_BIN`
 /// overrides it).
 pub fn miren_bin() -> PathBuf {

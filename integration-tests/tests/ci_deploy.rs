@@ -311,3 +311,324 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         last - after
     );
 }
+
+/// `miren audit -o json` lines of `action`.
+fn audit_lines(cfg: &Path, action: &str) -> Vec<serde_json::Value> {
+    let r = miren(cfg, &["audit", "-o", "json", "--action", action], &[]);
+    assert!(r.ok, "{r:?}");
+    r.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Issue 17, CI identities that cannot drift: a GitHub binding pins the
+/// repository and owner ids of its first login; the same names with
+/// another id (the repository deleted and recreated by someone else) are
+/// refused, naming the drift; ids given when the binding is made refuse a
+/// mismatch from the first login; `auth ci test` explains claim by claim.
+#[test]
+fn a_recreated_repository_is_refused_after_the_first_login_pinned_its_id() {
+    let dir = temp();
+    let issuer = PythonIssuer::start(dir.path(), BEARER);
+    let cfg = dir.path().join("admin.yaml");
+    let server = Server::start(
+        &dir.path().join("coord"),
+        &cfg,
+        "127.0.0.1:0",
+        &[
+            "--oidc-allow-loopback-issuers",
+            "--oidc-ca-file",
+            issuer.ca.to_str().unwrap(),
+        ],
+    );
+    let cluster = server.address.clone();
+    // A GitHub binding on this (GitHub Enterprise-like) issuer, no ids.
+    let add = miren(
+        &cfg,
+        &[
+            "auth",
+            "ci",
+            "add",
+            "-a",
+            "web",
+            "--github",
+            "acme/web",
+            "--issuer",
+            &issuer.url(),
+        ],
+        &[],
+    );
+    assert!(add.ok, "{add:?}");
+    assert!(
+        add.stdout.contains("pinned at first login"),
+        "{}",
+        add.stdout
+    );
+    let list = || -> serde_json::Value {
+        let r = miren(
+            &cfg,
+            &["auth", "ci", "list", "-a", "web", "-o", "json"],
+            &[],
+        );
+        assert!(r.ok, "{r:?}");
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    let before = list();
+    let id = before[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(before[0]["ids"], serde_json::json!([]));
+    assert_eq!(before[0]["provider"], "github");
+    assert!(before[0]["created_unix"].as_i64().unwrap() > 0);
+
+    // The first login pins repository 1000 of owner 2000. (The app has
+    // never been deployed: the login succeeds, the status call says so.)
+    let original = "repository=acme/web&repository_id=1000&repository_owner_id=2000";
+    let (ok, _, err) = ci_miren(
+        dir.path(),
+        &issuer,
+        &cluster,
+        "web",
+        original,
+        &["app", "status"],
+    );
+    assert!(!ok);
+    assert!(err.contains("app \"web\" does not exist"), "{err}");
+    let pinned = list();
+    let ids = pinned[0]["ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 2, "{pinned}");
+    assert_eq!(ids[0]["claim"], "repository_id");
+    assert_eq!(ids[0]["value"], "1000");
+    assert!(ids[0]["learned_unix"].as_i64().unwrap() > 0);
+    assert_eq!(ids[1]["claim"], "repository_owner_id");
+    assert_eq!(ids[1]["value"], "2000");
+    let table = miren(&cfg, &["auth", "ci", "list", "-a", "web"], &[]);
+    assert!(
+        table.stdout.contains("repository_id=1000 (learned"),
+        "{}",
+        table.stdout
+    );
+    let audited = audit_lines(&cfg, "binding.pinned");
+    assert_eq!(audited.len(), 2, "{audited:?}");
+    assert_eq!(audited[0]["binding"], id.as_str());
+    assert_eq!(audited[0]["app"], "web");
+    assert_eq!(audited[0]["claim"], "repository_id");
+    assert_eq!(audited[0]["value"], "1000");
+    assert_eq!(audited[0]["actor"], format!("ci:{id}"));
+
+    // The same repository logs in again; nothing more is pinned.
+    let (_, _, err) = ci_miren(
+        dir.path(),
+        &issuer,
+        &cluster,
+        "web",
+        original,
+        &["app", "status"],
+    );
+    assert!(err.contains("does not exist"), "{err}");
+    assert_eq!(audit_lines(&cfg, "binding.pinned").len(), 2);
+
+    // Deleted and recreated under the same name by someone else.
+    let recreated = "repository=acme/web&repository_id=5555&repository_owner_id=2000";
+    let (ok, _, err) = ci_miren(
+        dir.path(),
+        &issuer,
+        &cluster,
+        "web",
+        recreated,
+        &["app", "status"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "OIDC token matches CI binding {id} by name, but its repository_id is 5555 where the \
+             binding pinned 1000"
+        )),
+        "{err}"
+    );
+    let refused = audit_lines(&cfg, "ci.login");
+    assert!(
+        refused.iter().any(|l| l["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("id_drift"))),
+        "{refused:?}"
+    );
+
+    // `auth ci test` explains it claim by claim, without logging in.
+    let host_port = cluster.split(';').next().unwrap();
+    let token = issuer
+        .token(&format!(
+            "{recreated}&audience={host_port}&ref=refs/heads/dev"
+        ))
+        .expect("a token");
+    let test = miren(
+        &cfg,
+        &["auth", "ci", "test", "-a", "web", "--token", &token],
+        &[],
+    );
+    assert!(!test.ok, "a refused token must fail the test: {test:?}");
+    assert!(test.stdout.contains("Token: verified"), "{}", test.stdout);
+    assert!(
+        test.stdout
+            .contains(&format!("Binding {id} (github): refuses:")),
+        "{}",
+        test.stdout
+    );
+    let row = |claim: &str| row_of(&test.stdout, claim);
+    assert_eq!(
+        row("repository_id"),
+        ["repository_id", "1000", "5555", "MISMATCH"]
+    );
+    assert_eq!(
+        row("repository_owner_id"),
+        ["repository_owner_id", "2000", "2000", "match"]
+    );
+    assert_eq!(
+        row("repository"),
+        ["repository", "acme/web", "acme/web", "match"]
+    );
+    assert_eq!(
+        row("event_name"),
+        ["event_name", "push,workflow_dispatch", "push", "match"]
+    );
+    assert!(test.stderr.contains("would be refused"), "{}", test.stderr);
+    // As JSON, and from stdin.
+    let mut child = Command::new(miren_bin())
+        .args([
+            "auth", "ci", "test", "-a", "web", "--token", "-", "-o", "json",
+        ])
+        .env("MIREN_CONFIG", &cfg)
+        .env_remove("MIREN_CLUSTER")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(token.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["token_valid"], true);
+    assert_eq!(v["accepted"], false);
+    assert_eq!(v["bindings"][0]["verdict"], "drift");
+    let checks = v["bindings"][0]["checks"].as_array().unwrap();
+    let id_check = checks
+        .iter()
+        .find(|c| c["claim"] == "repository_id")
+        .unwrap();
+    assert_eq!(id_check["expected"], serde_json::json!(["1000"]));
+    assert_eq!(id_check["token_value"], "5555");
+    assert_eq!(id_check["outcome"], "mismatch");
+    // Testing spent nothing and pinned nothing; no login was recorded.
+    assert_eq!(audit_lines(&cfg, "binding.pinned").len(), 2);
+    // An expired token: the verification's refusal comes first, with its
+    // cause, and the claims are still explained.
+    let expired = issuer
+        .token(&format!("{original}&audience={host_port}&exp_offset=-3600"))
+        .expect("a token");
+    let test = miren(
+        &cfg,
+        &["auth", "ci", "test", "-a", "web", "--token", &expired],
+        &[],
+    );
+    assert!(!test.ok);
+    assert!(
+        test.stdout.contains(
+            "Token: refused before any binding: OIDC access denied: the token has expired"
+        ),
+        "{}",
+        test.stdout
+    );
+    assert_eq!(
+        row_of(&test.stdout, "repository_id"),
+        ["repository_id", "1000", "1000", "match"]
+    );
+    // In a CI job the test fetches the job's own token.
+    let out = Command::new(miren_bin())
+        .args(["auth", "ci", "test", "-a", "web"])
+        .env("MIREN_CONFIG", &cfg)
+        .env_remove("MIREN_CLUSTER")
+        .env("GITHUB_ACTIONS", "true")
+        .env(
+            "ACTIONS_ID_TOKEN_REQUEST_URL",
+            format!("{}/token?{original}", issuer.url()),
+        )
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", BEARER)
+        .env("SSL_CERT_FILE", &issuer.ca)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("Binding {id} (github): accepts the token")),
+        "{stdout}"
+    );
+
+    // Ids given when the binding is made refuse a mismatch at the first login.
+    let add = miren(
+        &cfg,
+        &[
+            "auth",
+            "ci",
+            "add",
+            "-a",
+            "api",
+            "--github",
+            "acme/api",
+            "--issuer",
+            &issuer.url(),
+            "--repository-id",
+            "77",
+            "--owner-id",
+            "2000",
+        ],
+        &[],
+    );
+    assert!(add.ok, "{add:?}");
+    let api = "repository=acme/api&repository_id=78&repository_owner_id=2000";
+    let (ok, _, err) = ci_miren(
+        dir.path(),
+        &issuer,
+        &cluster,
+        "api",
+        api,
+        &["app", "status"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("its repository_id is 78 where the binding pinned 77"),
+        "{err}"
+    );
+    let api = "repository=acme/api&repository_id=77&repository_owner_id=2000";
+    let (_, _, err) = ci_miren(
+        dir.path(),
+        &issuer,
+        &cluster,
+        "api",
+        api,
+        &["app", "status"],
+    );
+    assert!(err.contains("app \"api\" does not exist"), "{err}");
+    assert_eq!(
+        audit_lines(&cfg, "binding.pinned").len(),
+        2,
+        "given ids are not learned again"
+    );
+}
+
+/// The cells of the table row whose first cell is `claim`.
+fn row_of(stdout: &str, claim: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(claim))
+        .unwrap_or_else(|| panic!("no {claim} row in {stdout}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}

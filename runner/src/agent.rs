@@ -300,7 +300,7 @@ async fn session_inner(
             let mut s = req.get().init_status();
             s.set_version(opts.build.to_string());
             s.set_sandboxes(supervisor.count());
-            s.set_isolation(opts.isolation.as_str());
+            s.set_isolation(opts.isolation.to_wire());
             s.set_limits(supervisor.limits_description());
             let ids = supervisor.inventory();
             let mut list = s.init_running(ids.len() as u32);
@@ -378,7 +378,7 @@ fn send_report(session: &runner_session::Client, r: Report) {
     {
         let mut b = req.get().init_report();
         b.set_id(&r.id);
-        b.set_state(&r.state);
+        b.set_state(r.state.into());
         b.set_restarts(r.restarts);
         b.set_address(&r.address);
         b.set_last_log(&r.last_log);

@@ -171,6 +171,28 @@ impl IsolationMode {
     }
 }
 
+impl IsolationMode {
+    /// What a runner running in this mode reports (`RunnerStatus.isolation`).
+    pub fn to_wire(self) -> schema::miren_capnp::Isolation {
+        use schema::miren_capnp::Isolation as Wire;
+        match self {
+            IsolationMode::Auto => Wire::Unknown,
+            IsolationMode::Bwrap => Wire::Bwrap,
+            IsolationMode::None => Wire::None,
+        }
+    }
+
+    /// The mode a runner reported, `None` when it has not.
+    pub fn from_wire(w: schema::miren_capnp::Isolation) -> Option<IsolationMode> {
+        use schema::miren_capnp::Isolation as Wire;
+        match w {
+            Wire::Unknown => None,
+            Wire::Bwrap => Some(IsolationMode::Bwrap),
+            Wire::None => Some(IsolationMode::None),
+        }
+    }
+}
+
 impl std::fmt::Display for IsolationMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -272,9 +294,10 @@ pub async fn connect_service(address: &str) -> std::io::Result<ServiceStream> {
 }
 
 /// The states a sandbox is reported in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum SandboxState {
     /// Started, not yet answering its health check.
+    #[default]
     Starting,
     /// Its service accepts connections.
     Healthy,
@@ -314,6 +337,20 @@ impl SandboxState {
     }
 }
 
+impl From<SandboxState> for schema::miren_capnp::SandboxState {
+    /// The state as `SandboxReport.state` carries it.
+    fn from(s: SandboxState) -> Self {
+        use schema::miren_capnp::SandboxState as Wire;
+        match s {
+            SandboxState::Starting => Wire::Starting,
+            SandboxState::Healthy => Wire::Healthy,
+            SandboxState::Crashed => Wire::Crashed,
+            SandboxState::Failed => Wire::Failed,
+            SandboxState::Stopped => Wire::Stopped,
+        }
+    }
+}
+
 impl std::fmt::Display for SandboxState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -324,8 +361,7 @@ impl std::fmt::Display for SandboxState {
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub id: String,
-    /// A [`SandboxState`]'s word (the schema carries text).
-    pub state: String,
+    pub state: SandboxState,
     pub restarts: u32,
     pub address: String,
     pub last_log: String,
@@ -571,7 +607,7 @@ impl Supervisor {
         };
         let last = Rc::new(RefCell::new(Report {
             id: spec.id.clone(),
-            state: SandboxState::Starting.to_string(),
+            state: SandboxState::Starting,
             address: address.clone(),
             ..Default::default()
         }));
@@ -627,7 +663,7 @@ impl Supervisor {
             self.broker.forget(id);
             let _ = self.reports.send(Report {
                 id: id.to_string(),
-                state: SandboxState::Stopped.to_string(),
+                state: SandboxState::Stopped,
                 ..Default::default()
             });
         }
@@ -867,7 +903,7 @@ async fn supervise(
             Ok(c) => c,
             Err(e) => {
                 send(&reports, &last, |r| {
-                    r.state = SandboxState::Failed.to_string();
+                    r.state = SandboxState::Failed;
                     r.last_log = format!("could not start {:?}: {e}", spec.command);
                 });
                 return;
@@ -899,7 +935,7 @@ async fn supervise(
                         healthy = true;
                         history.healthy();
                         send(&reports, &last, |r| {
-                            r.state = SandboxState::Healthy.to_string();
+                            r.state = SandboxState::Healthy;
                             r.restarts = history.exits;
                         });
                     }
@@ -924,7 +960,7 @@ async fn supervise(
         };
         let log_text = tail.borrow().text();
         send(&reports, &last, |r| {
-            r.state = verdict.state().to_string();
+            r.state = verdict.state();
             r.restarts = history.exits;
             r.last_log = format!("{log_text}\n(exit: {exit})");
             r.last_exit = exit;

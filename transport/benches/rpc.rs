@@ -326,6 +326,7 @@ async fn connect_all(servers: &Servers, pin: identity::Fingerprint) -> anyhow::R
         host: "127.0.0.1".into(),
         port: servers.quic_port,
         fingerprint: Some(pin),
+        alternates: Vec::new(),
     };
     let (quic_endpoint, quic_conn) = transport::dial(&addr, None)
         .await

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 
 use identity::{ClusterAddress, Fingerprint};
@@ -24,6 +25,12 @@ const UNKNOWN_CA_ALERT: u8 = 48;
 /// Why a connection to a cluster could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    /// Every coordinator of the address failed; each with its reason.
+    #[error("could not reach any coordinator of the cluster address: {}", .failures.iter().map(|(at, e)| format!("{at}: {e}")).collect::<Vec<_>>().join("; "))]
+    NoneReachable {
+        /// `host:port` and why, in the order they failed.
+        failures: Vec<(String, DialError)>,
+    },
     /// The server's chain does not hold the pinned CA.
     #[error("TLS certificate fingerprint mismatch: got {got}, expected {expected}")]
     FingerprintMismatch {
@@ -290,10 +297,62 @@ pub fn server_endpoint(
     .map_err(bind)
 }
 
+/// How long a dial waits for one coordinator before it also tries the
+/// next one of the address (the earlier attempts go on).
+pub const NEXT_COORDINATOR_AFTER: Duration = Duration::from_millis(300);
+
 /// Dials `addr`, pinning its fingerprint when it has one, presenting
 /// `identity` when given. Returns the client endpoint with the connection so
 /// the caller can wait for it to drain on exit.
+///
+/// An address that lists several coordinators is dialed in order, the next
+/// one started when the earlier ones have not answered within
+/// [`NEXT_COORDINATOR_AFTER`] (or have failed); the first handshake that
+/// completes wins. A coordinator that presents another CA than the pin
+/// ends the dial with the mismatch at once: the pin is the cluster's, and
+/// a host of the list that fails it is not quietly skipped.
 pub async fn dial(
+    addr: &ClusterAddress,
+    identity: Option<ClientIdentity>,
+) -> Result<(quinn::Endpoint, quinn::Connection), DialError> {
+    if addr.alternates.is_empty() {
+        return dial_one(addr, identity).await;
+    }
+    let endpoints = addr.endpoints();
+    let mut attempts = futures::stream::FuturesUnordered::new();
+    let mut failures: Vec<(String, DialError)> = Vec::new();
+    let mut next = 0;
+    loop {
+        if next < endpoints.len() {
+            let one = addr.at(&endpoints[next]);
+            let id = identity.clone();
+            attempts.push(async move {
+                let r = dial_one(&one, id).await;
+                (one.host_port(), r)
+            });
+            next += 1;
+        }
+        let more_to_start = next < endpoints.len();
+        let settled = if more_to_start {
+            match tokio::time::timeout(NEXT_COORDINATOR_AFTER, attempts.next()).await {
+                Ok(settled) => settled,
+                Err(_) => continue,
+            }
+        } else {
+            attempts.next().await
+        };
+        match settled {
+            Some((_, Ok(found))) => return Ok(found),
+            Some((_, Err(e @ DialError::FingerprintMismatch { .. }))) => return Err(e),
+            Some((at, Err(e))) => failures.push((at, e)),
+            None if more_to_start => {}
+            None => return Err(DialError::NoneReachable { failures }),
+        }
+    }
+}
+
+/// Dials the first endpoint of `addr` alone.
+async fn dial_one(
     addr: &ClusterAddress,
     identity: Option<ClientIdentity>,
 ) -> Result<(quinn::Endpoint, quinn::Connection), DialError> {

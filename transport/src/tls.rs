@@ -179,6 +179,17 @@ pub struct ClientIdentity {
     pub key: PrivateKeyDer<'static>,
 }
 
+impl Clone for ClientIdentity {
+    /// A copy to present on another connection (dialing several
+    /// coordinators at once).
+    fn clone(&self) -> ClientIdentity {
+        ClientIdentity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
 /// A client configuration plus, for pinned trust, the slot where the
 /// verifier records a fingerprint mismatch so callers can report it exactly.
 pub struct ClientTls {

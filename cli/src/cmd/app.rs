@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use serde_json::Value;
+use coordinator::apps::{AppStatus, SandboxStatus};
+use coordinator::converge::VersionState;
+use coordinator::wire_types::{read_app_status, read_logs};
 
 use crate::config::resolve;
 use crate::connect::{remote, run_local, Session};
@@ -153,44 +155,32 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
         loop {
             let status = app_status(&app_cap).await?;
-            for s in status["sandboxes"].as_array().into_iter().flatten() {
-                if s["version"] != version.as_str() {
-                    continue;
-                }
-                let id = s["id"].as_str().unwrap_or_default().to_string();
-                let state = s["state"].as_str().unwrap_or_default().to_string();
-                if seen.get(&id) != Some(&state) {
-                    let runner = s["runner"].as_str().unwrap_or_default();
+            for s in status.sandboxes.iter().filter(|s| s.version == version) {
+                let state = state_word(s).to_string();
+                if seen.get(&s.id) != Some(&state) {
                     eprintln!(
                         "  sandbox {} on runner {}: {}",
-                        output::terminal_safe(&id),
-                        output::terminal_safe(output::short(runner, 8)),
+                        output::terminal_safe(&s.id),
+                        output::terminal_safe(output::short(&s.runner, 8)),
                         output::terminal_safe(&state)
                     );
-                    seen.insert(id, state);
+                    seen.insert(s.id.clone(), state);
                 }
             }
-            let v = status["versions"]
-                .as_array()
-                .and_then(|vs| vs.iter().find(|v| v["id"] == version.as_str()).cloned())
-                .unwrap_or(Value::Null);
-            match v["state"].as_str() {
-                Some("active") => {
+            let v = status.versions.iter().find(|v| v.id == version);
+            match v.map(|v| v.state) {
+                Some(VersionState::Active) => {
                     session.close().await;
                     println!("Deployed {app} {}", output::terminal_safe(&version));
                     return Ok(());
                 }
-                Some("failed") => {
+                Some(VersionState::Failed) => {
                     // Its sandboxes are being stopped: say so once they are
                     // (bounded), so what follows sees only the old version.
                     let gone = tokio::time::Instant::now() + Duration::from_secs(20);
                     while tokio::time::Instant::now() < gone {
                         let st = app_status(&app_cap).await?;
-                        let left = st["sandboxes"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|s| s["version"] == version.as_str());
+                        let left = st.sandboxes.iter().any(|s| s.version == version);
                         if !left {
                             break;
                         }
@@ -199,16 +189,16 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                     session.close().await;
                     bail!(
                         "{app} {version} failed; the previous version keeps serving.\n{}",
-                        v["message"].as_str().unwrap_or_default()
+                        v.map(|v| v.message.as_str()).unwrap_or_default()
                     );
                 }
-                Some("superseded") => {
+                Some(VersionState::Superseded) => {
                     session.close().await;
                     bail!(
                         "{app} {version} was superseded by a later deploy before it became active; see `miren app status -a {app}`"
                     );
                 }
-                _ => {}
+                Some(VersionState::Deploying) | None => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 bail!("{app} {version} is still rolling out; follow it with `miren app status -a {app}`");
@@ -218,25 +208,28 @@ pub fn deploy(args: DeployArgs, cluster: Option<&str>) -> anyhow::Result<()> {
     })
 }
 
+/// A sandbox's state word: what its runner reported, or `unknown`.
+fn state_word(s: &SandboxStatus) -> &'static str {
+    s.seen.state.map_or("unknown", |st| st.as_str())
+}
+
 /// A sandbox's state as `app status` shows it: what its runner reported,
 /// or `unknown since <time>` when nothing was reported on a live session.
-fn sandbox_state(s: &Value) -> String {
-    let state = s["state"].as_str().unwrap_or_default();
-    let shown = match (state, s["unknown_since_unix"].as_i64()) {
-        ("unknown", Some(since)) => format!("unknown since {}", output::time(Some(since))),
-        _ => state.to_string(),
+fn sandbox_state(s: &SandboxStatus) -> String {
+    let shown = match (s.seen.state, s.seen.unknown_since_unix) {
+        (None, Some(since)) => format!("unknown since {}", output::time(Some(since))),
+        _ => state_word(s).to_string(),
     };
-    if s["retiring"].as_bool() == Some(true) {
+    if s.retiring {
         format!("{shown} (retiring)")
     } else {
         shown
     }
 }
 
-async fn app_status(app: &schema::miren_capnp::app::Client) -> anyhow::Result<Value> {
+async fn app_status(app: &schema::miren_capnp::app::Client) -> anyhow::Result<AppStatus> {
     let reply = app.status_request().send().promise.await.map_err(remote)?;
-    serde_json::from_str(reply.get()?.get_status_json()?.to_str()?)
-        .context("status from the coordinator")
+    read_app_status(reply.get()?.get_status()?).context("status from the coordinator")
 }
 
 pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
@@ -251,23 +244,19 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                     .promise
                     .await
                     .map_err(remote)?;
-                let apps: Value = serde_json::from_str(reply.get()?.get_apps_json()?.to_str()?)?;
+                let apps = (reply.get()?.get_apps()?.iter())
+                    .map(read_app_status)
+                    .collect::<Result<Vec<_>, _>>()?;
                 match output {
                     Format::Json => output::json(&apps),
                     Format::Table => {
                         let rows: Vec<Vec<String>> = apps
-                            .as_array()
-                            .into_iter()
-                            .flatten()
+                            .iter()
                             .map(|a| {
                                 vec![
-                                    a["name"].as_str().unwrap_or_default().to_string(),
-                                    a["active_version"].as_str().unwrap_or("-").to_string(),
-                                    a["sandboxes"]
-                                        .as_array()
-                                        .map(|s| s.len())
-                                        .unwrap_or(0)
-                                        .to_string(),
+                                    a.name.clone(),
+                                    a.active_version.clone().unwrap_or_else(|| "-".into()),
+                                    a.sandboxes.len().to_string(),
                                 ]
                             })
                             .collect();
@@ -284,42 +273,34 @@ pub fn run(cmd: AppCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                         println!(
                             "App {} (active version {})",
                             app,
-                            output::terminal_safe(status["active_version"].as_str().unwrap_or("-"))
+                            output::terminal_safe(status.active_version.as_deref().unwrap_or("-"))
                         );
-                        let versions: Vec<Vec<String>> = status["versions"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
+                        let versions: Vec<Vec<String>> = status
+                            .versions
+                            .iter()
                             .map(|v| {
                                 vec![
-                                    v["id"].as_str().unwrap_or_default().to_string(),
-                                    v["state"].as_str().unwrap_or_default().to_string(),
-                                    output::time(v["created_unix"].as_i64()),
-                                    v["message"]
-                                        .as_str()
-                                        .unwrap_or_default()
-                                        .lines()
-                                        .next()
-                                        .unwrap_or_default()
-                                        .to_string(),
+                                    v.id.clone(),
+                                    v.state.as_str().to_string(),
+                                    output::time(Some(v.created_unix)),
+                                    v.message.lines().next().unwrap_or_default().to_string(),
                                 ]
                             })
                             .collect();
                         output::table(&["VERSION", "STATE", "CREATED", "MESSAGE"], &versions);
                         println!();
-                        let sandboxes: Vec<Vec<String>> = status["sandboxes"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
+                        let sandboxes: Vec<Vec<String>> = status
+                            .sandboxes
+                            .iter()
                             .map(|s| {
                                 vec![
-                                    s["id"].as_str().unwrap_or_default().to_string(),
-                                    s["version"].as_str().unwrap_or_default().to_string(),
-                                    s["runner"].as_str().unwrap_or_default().to_string(),
+                                    s.id.clone(),
+                                    s.version.clone(),
+                                    s.runner.clone(),
                                     sandbox_state(s),
-                                    s["restarts"].to_string(),
-                                    s["address"].as_str().unwrap_or_default().to_string(),
-                                    s["last_exit"].as_str().unwrap_or_default().to_string(),
+                                    s.seen.restarts.to_string(),
+                                    s.seen.address.clone(),
+                                    s.seen.last_exit.clone(),
                                 ]
                             })
                             .collect();
@@ -367,15 +348,10 @@ pub fn logs(args: LogsArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                 args.lines
             });
             let reply = req.send().promise.await.map_err(remote)?;
-            let logs: Value = serde_json::from_str(reply.get()?.get_logs_json()?.to_str()?)?;
-            for sb in logs.as_array().into_iter().flatten() {
-                let id = sb["sandbox"].as_str().unwrap_or_default().to_string();
-                let lines: Vec<&str> = sb["lines"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|l| l.as_str())
-                    .collect();
+            let logs = read_logs(reply.get()?.get_sandboxes()?)?;
+            for sb in logs {
+                let id = sb.sandbox;
+                let lines = sb.lines;
                 let seen = printed.get(&id).copied();
                 let start = match seen {
                     None => 0,
@@ -386,7 +362,7 @@ pub fn logs(args: LogsArgs, cluster: Option<&str>) -> anyhow::Result<()> {
                 for l in lines.iter().skip(start) {
                     println!("{shown_id}: {}", output::terminal_safe(l));
                 }
-                if let Some(e) = sb["error"].as_str() {
+                if let Some(e) = &sb.error {
                     eprintln!("{shown_id}: {}", output::terminal_safe(e));
                 }
                 printed.insert(id, lines.len());

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use identity::ClusterAddress;
 use schema::miren_capnp::Role;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::config::{config_path, resolve, ClientConfig, ClusterEntry, Target};
 use crate::connect::{remote, run_local, Session};
@@ -50,16 +50,7 @@ pub enum ClusterCmd {
 
 pub fn run(cmd: ClusterCmd, cluster: Option<&str>) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::ExportAddress => {
-            let target = resolve(cluster)?;
-            if target.address.fingerprint.is_none() {
-                bail!(
-                    "the address of this cluster has no fingerprint; ask its operator for `miren cluster export-address`"
-                );
-            }
-            println!("{}", target.address);
-            Ok(())
-        }
+        ClusterCmd::ExportAddress => run_local(export_address(cluster)),
         ClusterCmd::List { output } => list(output),
         ClusterCmd::Add { name, address } => add(&name, &address),
         ClusterCmd::Switch { name } => switch(&name),
@@ -88,13 +79,23 @@ fn list(format: Format) -> anyhow::Result<()> {
         })
         .collect();
     match format {
-        Format::Json => output::json(&json!(rows
-            .iter()
-            .map(|(n, a, act, id)| json!({"name": n, "address": a, "active": act, "identity": if *id {"admin"} else {"none"}}))
-            .collect::<Vec<_>>())),
+        Format::Json => output::json(
+            &rows
+                .iter()
+                .map(|(name, address, active, id)| ClusterRow {
+                    name,
+                    address,
+                    active: *active,
+                    identity: if *id { "admin" } else { "none" },
+                })
+                .collect::<Vec<_>>(),
+        ),
         Format::Table => {
             if rows.is_empty() {
-                println!("No clusters configured in {} (`miren cluster add NAME ADDRESS`)", path.display());
+                println!(
+                    "No clusters configured in {} (`miren cluster add NAME ADDRESS`)",
+                    path.display()
+                );
                 return Ok(());
             }
             let table: Vec<Vec<String>> = rows
@@ -131,7 +132,7 @@ fn add(name: &str, address: &str) -> anyhow::Result<()> {
         .get(name)
         .filter(|e| e.address().is_ok_and(|a| a.same_cluster(&addr)));
     let entry = ClusterEntry {
-        hostname: addr.host_port(),
+        hostname: addr.hosts(),
         fingerprint: Some(format!("sha1:{fp}")),
         client_cert: identity.and_then(|e| e.client_cert.clone()),
         client_key: identity.and_then(|e| e.client_key.clone()),
@@ -166,6 +167,110 @@ fn switch(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A configured cluster as `cluster list -o json` shows it.
+#[derive(Debug, Serialize)]
+struct ClusterRow<'a> {
+    name: &'a str,
+    address: &'a str,
+    active: bool,
+    /// `admin` or `none`.
+    identity: &'static str,
+}
+
+/// What `cluster status` shows (`-o json` prints this).
+#[derive(Debug, Serialize)]
+struct StatusDoc {
+    name: String,
+    cluster_id: String,
+    version: String,
+    issuer_url: String,
+    address: String,
+    config_name: Option<String>,
+    /// `admin`, `runner` or `anonymous`.
+    identity: &'static str,
+    server_cert_expires_unix: Option<i64>,
+    /// `host:port` of every running coordinator, the answering one first.
+    coordinator_addresses: Vec<String>,
+    /// Only for an admin.
+    #[serde(flatten)]
+    admin: Option<AdminStatusDoc>,
+}
+
+/// A running coordinator as an admin's `cluster status` shows it.
+#[derive(Debug, Serialize)]
+struct CoordinatorRow {
+    id: String,
+    name: String,
+    address: String,
+    version: String,
+    started_unix: i64,
+    leader: bool,
+}
+
+/// The part of [`StatusDoc`] only an admin sees.
+#[derive(Debug, Serialize)]
+struct AdminStatusDoc {
+    admin_cert_expires_unix: Option<i64>,
+    uptime_secs: u64,
+    runners: u32,
+    apps: u32,
+    sandboxes: u32,
+    join_tokens: u32,
+    ci_bindings: u32,
+    signing_keys: u32,
+    coordinators: Vec<CoordinatorRow>,
+}
+
+/// The cluster's address with every running coordinator it names (asked
+/// of the cluster), under the pin of the configured address; the configured
+/// address alone, with a warning, when the cluster cannot be asked.
+async fn export_address(cluster: Option<&str>) -> anyhow::Result<()> {
+    let target = resolve(cluster)?;
+    if target.address.fingerprint.is_none() {
+        bail!(
+            "the address of this cluster has no fingerprint; ask its operator for `miren cluster export-address`"
+        );
+    }
+    let mut address = target.address.clone();
+    match running_coordinators(target).await {
+        Ok(listed) => {
+            for hp in listed {
+                if !address.endpoints().contains(&hp) {
+                    address.alternates.push(hp);
+                }
+            }
+        }
+        Err(e) => eprintln!(
+            "warning: could not ask the cluster for its other coordinators ({e:#}); this is the configured address"
+        ),
+    }
+    println!("{address}");
+    Ok(())
+}
+
+/// The `host:port` of every coordinator the cluster says is running.
+async fn running_coordinators(
+    target: crate::config::Target,
+) -> anyhow::Result<Vec<identity::HostPort>> {
+    let session = Session::open(target).await?;
+    let reply = session
+        .cluster
+        .info_request()
+        .send()
+        .promise
+        .await
+        .map_err(remote)?;
+    let mut out = Vec::new();
+    for listed in reply.get()?.get_info()?.get_coordinators()? {
+        // Each is a `host:port` of this same cluster (same pin).
+        if let Ok(other) = listed?.to_string()?.parse::<ClusterAddress>() {
+            out.push(other.primary());
+        }
+    }
+    session.close().await;
+    Ok(out)
+}
+
 async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
     let target = resolve(cluster)?;
     let session = Session::open(target).await?;
@@ -178,22 +283,32 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
         .map_err(remote)?;
     let info = info_reply.get()?.get_info()?;
     let role = session.role().await?;
-    let mut doc = json!({
-        "name": info.get_name()?.to_str()?,
-        "cluster_id": info.get_cluster_id()?.to_str()?,
-        "version": info.get_version()?.to_str()?,
-        "issuer_url": info.get_issuer_url()?.to_str()?,
-        "address": session.target.address.to_string(),
-        "config_name": session.target.name.clone(),
-        "identity": match role { Role::Admin => "admin", Role::Runner => "runner", Role::Anonymous => "anonymous" },
-        "server_cert_expires_unix": session.server_cert_not_after(),
-    });
+    let mut coordinator_addresses = Vec::new();
+    for a in info.get_coordinators()? {
+        coordinator_addresses.push(a?.to_string()?);
+    }
+    let mut doc = StatusDoc {
+        name: info.get_name()?.to_string()?,
+        cluster_id: info.get_cluster_id()?.to_string()?,
+        version: info.get_version()?.to_string()?,
+        issuer_url: info.get_issuer_url()?.to_string()?,
+        address: session.target.address.to_string(),
+        config_name: session.target.name.clone(),
+        identity: match role {
+            Role::Admin => "admin",
+            Role::Runner => "runner",
+            Role::Anonymous => "anonymous",
+        },
+        server_cert_expires_unix: session.server_cert_not_after(),
+        coordinator_addresses,
+        admin: None,
+    };
     if role == Role::Admin {
-        doc["admin_cert_expires_unix"] = json!(session
+        let admin_cert_expires_unix = session
             .target
             .identity
             .as_ref()
-            .and_then(|(cert, _)| transport::pki::not_after_unix(cert).ok()));
+            .and_then(|(cert, _)| transport::pki::not_after_unix(cert).ok());
         let admin = session.admin().await?;
         let reply = admin
             .status_request()
@@ -202,18 +317,35 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             .await
             .map_err(remote)?;
         let s = reply.get()?.get_status()?;
-        doc["uptime_secs"] = json!(s.get_uptime_secs());
-        doc["runners"] = json!(s.get_runners());
-        doc["apps"] = json!(s.get_apps());
-        doc["sandboxes"] = json!(s.get_sandboxes());
-        doc["join_tokens"] = json!(s.get_join_tokens());
-        doc["ci_bindings"] = json!(s.get_ci_bindings());
-        doc["signing_keys"] = json!(s.get_signing_keys());
+        let mut coordinators = Vec::new();
+        for c in s.get_coordinators()? {
+            coordinators.push(CoordinatorRow {
+                id: c.get_id()?.to_string()?,
+                name: c.get_name()?.to_string()?,
+                address: c.get_address()?.to_string()?,
+                version: c.get_version()?.to_string()?,
+                started_unix: c.get_started_unix(),
+                leader: c.get_leader(),
+            });
+        }
+        doc.admin = Some(AdminStatusDoc {
+            admin_cert_expires_unix,
+            uptime_secs: s.get_uptime_secs(),
+            runners: s.get_runners(),
+            apps: s.get_apps(),
+            sandboxes: s.get_sandboxes(),
+            join_tokens: s.get_join_tokens(),
+            ci_bindings: s.get_ci_bindings(),
+            signing_keys: s.get_signing_keys(),
+            coordinators,
+        });
     }
     session.close().await;
     match format {
         Format::Json => output::json(&doc),
         Format::Table => {
+            // The rows are the JSON document's fields, in the order below.
+            let doc = serde_json::to_value(&doc)?;
             let now = transport::clock::now_unix();
             let field = |k: &str| {
                 doc.get(k).filter(|v| !v.is_null()).map(|v| match v {
@@ -241,6 +373,41 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             ] {
                 if let Some(v) = field(key) {
                     println!("{label:<13} {}", output::terminal_safe(&v));
+                }
+            }
+            // Coordinators: with their role for an admin, else where they are.
+            let rows: Vec<Vec<String>> = match doc.get("coordinators").and_then(|c| c.as_array()) {
+                Some(list) => list
+                    .iter()
+                    .map(|c| {
+                        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                        vec![
+                            text("name"),
+                            text("address"),
+                            if c["leader"].as_bool() == Some(true) {
+                                "leader".to_string()
+                            } else {
+                                "standby".to_string()
+                            },
+                            text("version"),
+                        ]
+                    })
+                    .collect(),
+                None => doc["coordinator_addresses"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .map(|a| vec![a.as_str().unwrap_or_default().to_string()])
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            if !rows.is_empty() {
+                println!();
+                if rows[0].len() == 1 {
+                    output::table(&["COORDINATOR"], &rows);
+                } else {
+                    output::table(&["COORDINATOR", "ADDRESS", "ROLE", "VERSION"], &rows);
                 }
             }
             Ok(())

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use coordinator::keyring::KeyStatus;
+use coordinator::wire_types::{read_claims, read_keys};
 
 use crate::config::resolve;
 use crate::connect::{remote, run_local, Session};
@@ -96,8 +97,7 @@ pub fn run(cmd: IdentityCmd, cluster: Option<&str>) -> anyhow::Result<()> {
             req.get().set_token(&token);
             req.get().set_audience(&audience);
             let reply = req.send().promise.await.map_err(remote)?;
-            let claims: serde_json::Value =
-                serde_json::from_str(reply.get()?.get_claims_json()?.to_str()?)?;
+            let claims = read_claims(reply.get()?.get_claims()?)?;
             session.close().await;
             output::json(&claims)
         }),
@@ -114,7 +114,7 @@ async fn keys(cluster: Option<&str>, format: Format, rotate: bool) -> anyhow::Re
             .promise
             .await
             .map_err(remote)?;
-        key_rows(r.get()?.get_keys()?)?
+        read_keys(r.get()?.get_keys()?)?
     } else {
         let r = admin
             .list_signing_keys_request()
@@ -122,43 +122,26 @@ async fn keys(cluster: Option<&str>, format: Format, rotate: bool) -> anyhow::Re
             .promise
             .await
             .map_err(remote)?;
-        key_rows(r.get()?.get_keys()?)?
+        read_keys(r.get()?.get_keys()?)?
     };
     session.close().await;
     print_keys(rows, format)
 }
 
-fn key_rows(
-    list: capnp::struct_list::Reader<'_, schema::miren_capnp::signing_key::Owned>,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    list.iter().map(key_row).collect()
-}
-
-fn key_row(k: schema::miren_capnp::signing_key::Reader<'_>) -> anyhow::Result<serde_json::Value> {
-    Ok(json!({
-        "kid": k.get_kid()?.to_str()?,
-        "alg": k.get_alg()?.to_str()?,
-        "state": k.get_state()?.to_str()?,
-        "created_unix": k.get_created_unix(),
-        "activates_unix": k.get_activates_unix(),
-        "retires_unix": if k.get_retires_unix() == 0 { serde_json::Value::Null } else { json!(k.get_retires_unix()) },
-    }))
-}
-
-fn print_keys(rows: Vec<serde_json::Value>, format: Format) -> anyhow::Result<()> {
+fn print_keys(keys: Vec<KeyStatus>, format: Format) -> anyhow::Result<()> {
     match format {
-        Format::Json => output::json(&json!(rows)),
+        Format::Json => output::json(&keys),
         Format::Table => {
-            let t: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
+            let t: Vec<Vec<String>> = keys
+                .into_iter()
+                .map(|k| {
                     vec![
-                        r["kid"].as_str().unwrap_or_default().to_string(),
-                        r["alg"].as_str().unwrap_or_default().to_string(),
-                        r["state"].as_str().unwrap_or_default().to_string(),
-                        crate::output::time(r["created_unix"].as_i64()),
-                        crate::output::time(r["activates_unix"].as_i64()),
-                        crate::output::time(r["retires_unix"].as_i64()),
+                        k.kid,
+                        k.alg,
+                        k.state.as_str().to_string(),
+                        crate::output::time(Some(k.created_unix)),
+                        crate::output::time(Some(k.activates_unix)),
+                        crate::output::time(k.retires_unix),
                     ]
                 })
                 .collect();

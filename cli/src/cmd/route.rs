@@ -2,7 +2,9 @@
 
 use coordinator::route_oidc::EnableRequest;
 use coordinator::sso::CALLBACK_PATH as CALLBACK;
-use serde_json::Value;
+use coordinator::wire_types::{
+    read_providers, read_route_protection, read_routes, write_enable_request,
+};
 
 use crate::config::resolve;
 use crate::connect::{remote, run_local, Session};
@@ -112,8 +114,8 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             replace_provider,
         } => {
             let host = host_arg(host, default);
-            // The coordinator's own request type: a field renamed there
-            // fails to compile here instead of being dropped on the way.
+            // The coordinator's own request type, written by the one
+            // function the coordinator reads it back with.
             let config = EnableRequest {
                 provider,
                 provider_url,
@@ -125,7 +127,7 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             };
             let mut req = admin.route_oidc_enable_request();
             req.get().set_host(&host);
-            req.get().set_config_json(serde_json::to_string(&config)?);
+            write_enable_request(&config, req.get().init_config());
             req.send().promise.await.map_err(remote)?;
             println!(
                 "Route {} is protected by OIDC",
@@ -142,8 +144,7 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
             let mut req = admin.route_oidc_show_request();
             req.get().set_host(host_arg(host, default));
             let reply = req.send().promise.await.map_err(remote)?;
-            let v: Value = serde_json::from_str(reply.get()?.get_json()?.to_str()?)?;
-            output::json(&v)
+            output::json(&read_route_protection(reply.get()?.get_route()?)?)
         }
         OidcCmd::Disable { host, default } => {
             let host = host_arg(host, default);
@@ -163,20 +164,13 @@ async fn oidc(admin: &schema::miren_capnp::admin::Client, cmd: OidcCmd) -> anyho
                 .promise
                 .await
                 .map_err(remote)?;
-            let v: Value = serde_json::from_str(reply.get()?.get_json()?.to_str()?)?;
+            let providers = read_providers(reply.get()?.get_providers()?)?;
             match output {
-                Format::Json => output::json(&v),
+                Format::Json => output::json(&providers),
                 Format::Table => {
-                    let rows: Vec<Vec<String>> = v
-                        .as_array()
+                    let rows: Vec<Vec<String>> = providers
                         .into_iter()
-                        .flatten()
-                        .map(|p| {
-                            ["name", "issuer", "client_id", "scope"]
-                                .iter()
-                                .map(|k| p[*k].as_str().unwrap_or_default().to_string())
-                                .collect()
-                        })
+                        .map(|p| vec![p.name, p.issuer, p.client_id, p.scope])
                         .collect();
                     output::table(&["NAME", "ISSUER", "CLIENT ID", "SCOPE"], &rows);
                     Ok(())
@@ -244,25 +238,19 @@ pub fn run(cmd: RouteCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                     .promise
                     .await
                     .map_err(remote)?;
-                let routes: Value =
-                    serde_json::from_str(reply.get()?.get_routes_json()?.to_str()?)?;
+                let routes = read_routes(reply.get()?.get_routes()?)?;
                 match output {
                     Format::Json => output::json(&routes),
                     Format::Table => {
                         let rows: Vec<Vec<String>> = routes
-                            .as_array()
                             .into_iter()
-                            .flatten()
                             .map(|r| {
-                                let host = r["host"].as_str().unwrap_or_default();
-                                vec![
-                                    if host.is_empty() {
-                                        "(default)".to_string()
-                                    } else {
-                                        host.to_string()
-                                    },
-                                    r["app"].as_str().unwrap_or_default().to_string(),
-                                ]
+                                let host = if r.host.is_empty() {
+                                    "(default)".to_string()
+                                } else {
+                                    r.host
+                                };
+                                vec![host, r.app]
                             })
                             .collect();
                         output::table(&["HOST", "APP"], &rows);
@@ -291,10 +279,16 @@ mod tests {
             claim_headers: vec!["email:X-User-Email".into()],
             replace_provider: true,
         };
-        let text = serde_json::to_string(&sent).expect("serialise");
-        let read: EnableRequest = serde_json::from_str(&text).expect("read");
+        let mut message = capnp::message::Builder::new_default();
+        write_enable_request(
+            &sent,
+            message.init_root::<schema::miren_capnp::route_oidc_config::Builder<'_>>(),
+        );
+        let root = message
+            .get_root_as_reader::<schema::miren_capnp::route_oidc_config::Reader<'_>>()
+            .expect("root");
+        let read = coordinator::wire_types::read_enable_request(root).expect("read");
         assert_eq!(read.scope.as_deref(), Some("openid email profile"));
-        assert_eq!(read.claim_headers, sent.claim_headers);
-        assert_eq!(serde_json::to_string(&read).expect("again"), text);
+        assert_eq!(read, sent);
     }
 }

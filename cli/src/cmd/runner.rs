@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use serde_json::json;
+use serde::Serialize;
 
 use crate::config::resolve;
 use crate::connect::{remote, run_local, Session};
@@ -263,19 +263,75 @@ fn labels_text(
         .collect()
 }
 
-fn token_row(
-    t: schema::miren_capnp::join_token_info::Reader<'_>,
-) -> anyhow::Result<serde_json::Value> {
-    Ok(json!({
-        "id": t.get_id()?.to_str()?,
-        "name": t.get_name()?.to_str()?,
-        "reusable": t.get_reusable(),
-        "uses": t.get_uses(),
-        "created_unix": t.get_created_unix(),
-        "expires_unix": t.get_expires_unix(),
-        "state": t.get_state()?.to_str()?,
-        "labels": labels_text(t.get_labels()?)?,
-    }))
+/// A join code as `runner token list` shows it (`-o json` prints this).
+#[derive(Debug, Serialize)]
+struct TokenRow {
+    id: String,
+    name: String,
+    reusable: bool,
+    uses: u32,
+    created_unix: i64,
+    expires_unix: i64,
+    state: &'static str,
+    /// `key=value`.
+    labels: Vec<String>,
+}
+
+fn token_row(t: schema::miren_capnp::join_token_info::Reader<'_>) -> anyhow::Result<TokenRow> {
+    let state = coordinator::wire_types::join_token_state_from_wire(t.get_state()?);
+    Ok(TokenRow {
+        id: t.get_id()?.to_string()?,
+        name: t.get_name()?.to_string()?,
+        reusable: t.get_reusable(),
+        uses: t.get_uses(),
+        created_unix: t.get_created_unix(),
+        expires_unix: t.get_expires_unix(),
+        state: state.as_str(),
+        labels: labels_text(t.get_labels()?)?,
+    })
+}
+
+/// A runner as `runner list` shows it (`-o json` prints this).
+#[derive(Debug, Serialize)]
+struct RunnerRow {
+    id: String,
+    name: String,
+    /// `ready` or `down`.
+    status: &'static str,
+    cordoned: bool,
+    /// `key=value`.
+    labels: Vec<String>,
+    sandboxes: u32,
+    last_seen_unix: i64,
+    version: String,
+    /// `bwrap` or `none`; empty when it has not reported.
+    #[serde(serialize_with = "isolation_word")]
+    isolation: Option<runner::sandbox::IsolationMode>,
+    limits: String,
+    cert_expires_unix: i64,
+}
+
+fn isolation_word<S: serde::Serializer>(
+    mode: &Option<runner::sandbox::IsolationMode>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(mode.map_or("", |m| m.as_str()))
+}
+
+fn runner_row(r: schema::miren_capnp::runner_info::Reader<'_>) -> anyhow::Result<RunnerRow> {
+    Ok(RunnerRow {
+        id: r.get_id()?.to_string()?,
+        name: r.get_name()?.to_string()?,
+        status: coordinator::wire_types::runner_state_word(r.get_status()?),
+        cordoned: r.get_cordoned(),
+        labels: labels_text(r.get_labels()?)?,
+        sandboxes: r.get_sandboxes(),
+        last_seen_unix: r.get_last_seen_unix(),
+        version: r.get_version()?.to_string()?,
+        isolation: runner::sandbox::IsolationMode::from_wire(r.get_isolation()?),
+        limits: r.get_limits()?.to_string()?,
+        cert_expires_unix: r.get_cert_expires_unix(),
+    })
 }
 
 async fn token(cmd: TokenCmd, cluster: Option<&str>) -> anyhow::Result<()> {
@@ -308,9 +364,9 @@ async fn token(cmd: TokenCmd, cluster: Option<&str>) -> anyhow::Result<()> {
             println!("{}", output::terminal_safe(&token));
             eprintln!(
                 "Join code {} ({}, expires {}). On the runner host: miren runner --data-dir DIR --join <code>",
-                output::terminal_safe(info["id"].as_str().unwrap_or_default()),
+                output::terminal_safe(&info.id),
                 if reusable { "reusable" } else { "one-time" },
-                crate::output::time(info["expires_unix"].as_i64())
+                crate::output::time(Some(info.expires_unix))
             );
             Ok(())
         }
@@ -321,7 +377,7 @@ async fn token(cmd: TokenCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                 .promise
                 .await
                 .map_err(remote)?;
-            let rows: Vec<serde_json::Value> = reply
+            let rows: Vec<TokenRow> = reply
                 .get()?
                 .get_tokens()?
                 .iter()
@@ -329,22 +385,18 @@ async fn token(cmd: TokenCmd, cluster: Option<&str>) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<_>>()?;
             session.close().await;
             match output {
-                Format::Json => output::json(&json!(rows)),
+                Format::Json => output::json(&rows),
                 Format::Table => {
                     let t: Vec<Vec<String>> = rows
-                        .iter()
+                        .into_iter()
                         .map(|r| {
                             vec![
-                                r["id"].as_str().unwrap_or_default().to_string(),
-                                r["name"].as_str().unwrap_or_default().to_string(),
-                                if r["reusable"] == true {
-                                    "reusable".into()
-                                } else {
-                                    "one-time".into()
-                                },
-                                r["uses"].to_string(),
-                                r["state"].as_str().unwrap_or_default().to_string(),
-                                crate::output::time(r["expires_unix"].as_i64()),
+                                r.id,
+                                r.name,
+                                if r.reusable { "reusable" } else { "one-time" }.into(),
+                                r.uses.to_string(),
+                                r.state.to_string(),
+                                crate::output::time(Some(r.expires_unix)),
                             ]
                         })
                         .collect();
@@ -373,25 +425,12 @@ async fn list(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
         .promise
         .await
         .map_err(remote)?;
-    let mut rows = Vec::new();
-    for r in reply.get()?.get_runners()? {
-        rows.push(json!({
-            "id": r.get_id()?.to_str()?,
-            "name": r.get_name()?.to_str()?,
-            "status": r.get_status()?.to_str()?,
-            "cordoned": r.get_cordoned(),
-            "labels": labels_text(r.get_labels()?)?,
-            "sandboxes": r.get_sandboxes(),
-            "last_seen_unix": r.get_last_seen_unix(),
-            "version": r.get_version()?.to_str()?,
-            "isolation": r.get_isolation()?.to_str()?,
-            "limits": r.get_limits()?.to_str()?,
-            "cert_expires_unix": r.get_cert_expires_unix(),
-        }));
-    }
+    let rows = (reply.get()?.get_runners()?.iter())
+        .map(runner_row)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     session.close().await;
     match format {
-        Format::Json => output::json(&json!(rows)),
+        Format::Json => output::json(&rows),
         Format::Table => {
             if rows.is_empty() {
                 println!("No runners (add one: `miren runner token create`, then `miren runner --join <code>` on its host)");
@@ -400,37 +439,25 @@ async fn list(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             let t: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {
-                    let mut status = r["status"].as_str().unwrap_or_default().to_string();
-                    if r["cordoned"] == true {
+                    let mut status = r.status.to_string();
+                    if r.cordoned {
                         status.push_str(",cordoned");
                     }
-                    let isolation = r["isolation"].as_str().and_then(|s| s.parse().ok());
-                    if isolation == Some(runner::sandbox::IsolationMode::None) {
+                    if r.isolation == Some(runner::sandbox::IsolationMode::None) {
                         status.push_str(",no-isolation");
                     }
                     // A runner that reports how it limits, and cannot.
-                    if r["limits"]
-                        .as_str()
-                        .is_some_and(|l| l.starts_with(runner::cgroup::NO_LIMITS))
-                    {
+                    if r.limits.starts_with(runner::cgroup::NO_LIMITS) {
                         status.push_str(",no-limits");
                     }
                     vec![
-                        r["id"].as_str().unwrap_or_default().to_string(),
-                        r["name"].as_str().unwrap_or_default().to_string(),
+                        r.id.clone(),
+                        r.name.clone(),
                         status,
-                        r["labels"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|v| v.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default(),
-                        r["sandboxes"].to_string(),
-                        crate::output::time(r["last_seen_unix"].as_i64()),
-                        r["version"].as_str().unwrap_or_default().to_string(),
+                        r.labels.join(","),
+                        r.sandboxes.to_string(),
+                        crate::output::time(Some(r.last_seen_unix)),
+                        r.version.clone(),
                     ]
                 })
                 .collect();

@@ -122,6 +122,53 @@ pub struct ServerArgs {
     /// Then one join attempt per address every this long.
     #[arg(long, default_value = "3s", value_parser = crate::args::positive_duration)]
     join_interval: Duration,
+    /// Keep the cluster's records in etcd v3 at these member URLs
+    /// (`http://HOST:2379`, or `https://` with --etcd-ca) instead of the
+    /// data dir's embedded store.
+    #[arg(
+        long,
+        env = "MIREN_ETCD",
+        value_name = "URL[,URL…]",
+        value_delimiter = ','
+    )]
+    etcd: Vec<String>,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, when it asks for one.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Every key of this cluster lives under this etcd prefix.
+    #[arg(long, value_name = "PREFIX", default_value = coordinator::etcd_store::DEFAULT_PREFIX, requires = "etcd")]
+    etcd_prefix: String,
+}
+
+/// The store `--etcd` and its TLS flags choose.
+fn store_backend(args: &ServerArgs) -> anyhow::Result<coordinator::server::StoreBackend> {
+    use coordinator::etcd_store::{EtcdOptions, EtcdTls};
+    if args.etcd.is_empty() {
+        return Ok(coordinator::server::StoreBackend::Embedded);
+    }
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).with_context(|| format!("reading {what} {}", p.display()))
+    };
+    let tls = match &args.etcd_ca {
+        None => None,
+        Some(ca) => Some(EtcdTls {
+            ca_pem: read(ca, "--etcd-ca")?,
+            client: match (&args.etcd_cert, &args.etcd_key) {
+                (Some(c), Some(k)) => Some((read(c, "--etcd-cert")?, read(k, "--etcd-key")?)),
+                _ => None,
+            },
+        }),
+    };
+    let mut opts = EtcdOptions::new(args.etcd.clone());
+    opts.prefix = args.etcd_prefix.clone();
+    opts.tls = tls;
+    Ok(coordinator::server::StoreBackend::Etcd(opts))
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -206,6 +253,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             },
             runner_grace: args.runner_grace,
         },
+        store: store_backend(&args)?,
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();

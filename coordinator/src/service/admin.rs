@@ -10,14 +10,19 @@ use identity::Subject;
 use schema::miren_capnp::{admin, app};
 use transport::clock::now_unix;
 
+use super::ci_wire::{read_binding, write_binding, write_test};
 use super::wire::{
     admin_cert_err, app_err, ci_err, client, delete_err, err, failed, issuer_err, joined, mint_err,
     read_labels, registry_err, route_oidc_err, routes_err, runners_err, summary_err, token_request,
-    write_info, write_keys, write_runner_info, write_token_info,
+    write_info, write_runner_info, write_token_info,
 };
 use super::AppService;
 use crate::audit::{Actor, Event};
 use crate::state::State;
+use crate::wire_types::{
+    read_enable_request, write_app_status, write_claims, write_keys, write_providers,
+    write_route_protection, write_routes,
+};
 
 /// What an operator holding the admin certificate may do.
 pub struct AdminService {
@@ -117,11 +122,12 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let mut out = Vec::new();
         for a in self.state.apps.apps().map_err(app_err)? {
-            out.push(self.state.apps.status_json(&a.name).map_err(app_err)?);
+            out.push(self.state.apps.status(&a.name).map_err(app_err)?);
         }
-        results
-            .get()
-            .set_apps_json(serde_json::Value::Array(out).to_string());
+        let mut list = results.get().init_apps(out.len() as u32);
+        for (i, a) in out.iter().enumerate() {
+            write_app_status(a, list.reborrow().get(i as u32));
+        }
         Ok(())
     }
 
@@ -149,8 +155,7 @@ impl admin::Server for AdminService {
         mut results: admin::ListRoutesResults,
     ) -> Result<(), capnp::Error> {
         let routes = self.state.routes.list().map_err(routes_err)?;
-        let json = serde_json::to_string(&routes).map_err(err)?;
-        results.get().set_routes_json(json);
+        write_routes(&routes, results.get().init_routes(routes.len() as u32));
         Ok(())
     }
 
@@ -171,11 +176,9 @@ impl admin::Server for AdminService {
         params: admin::AddCiBindingParams,
         mut results: admin::AddCiBindingResults,
     ) -> Result<(), capnp::Error> {
-        let json = params.get()?.get_binding_json()?.to_str()?;
-        let binding: identity::bindings::Binding =
-            serde_json::from_str(json).map_err(|e| failed(format!("binding is not valid: {e}")))?;
+        let binding = read_binding(params.get()?.get_binding()?)?;
         let summary = crate::observe::BindingSummary::of(&binding);
-        let id = self.state.ci.add(binding).map_err(ci_err)?;
+        let id = self.state.ci.add(binding, now_unix()).map_err(ci_err)?;
         (self.state.observe).binding_added(&self.actor, &id, &summary);
         results.get().set_id(&id);
         Ok(())
@@ -188,8 +191,31 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let app = params.get()?.get_app()?.to_str()?;
         let list = self.state.ci.for_app(app);
-        let json = serde_json::to_string(&list).map_err(err)?;
-        results.get().set_bindings_json(json);
+        let mut out = results.get().init_bindings(list.len() as u32);
+        for (i, b) in list.iter().enumerate() {
+            write_binding(out.reborrow().get(i as u32), b);
+        }
+        Ok(())
+    }
+
+    async fn test_ci_binding(
+        self: Rc<Self>,
+        params: admin::TestCiBindingParams,
+        mut results: admin::TestCiBindingResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let app = params.get_app()?.to_str()?;
+        let token = params.get_token()?.to_str()?;
+        let st = &self.state;
+        let simulation =
+            crate::ci_simulate::simulate(&st.oidc, &st.ci, &st.rt, app, token, now_unix())
+                .await
+                .map_err(ci_err)?;
+        write_test(
+            results.get().init_result(),
+            simulation.refused.as_deref(),
+            &simulation.bindings,
+        );
         Ok(())
     }
 
@@ -210,8 +236,7 @@ impl admin::Server for AdminService {
         _: admin::RouteOidcEnableResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let req: crate::route_oidc::EnableRequest =
-            serde_json::from_str(p.get_config_json()?.to_str()?).map_err(err)?;
+        let req = read_enable_request(p.get_config()?)?;
         let host = p.get_host()?.to_str()?;
         let provider = req.provider.as_deref().map(Into::into);
         let st = &self.state;
@@ -232,8 +257,8 @@ impl admin::Server for AdminService {
     ) -> Result<(), capnp::Error> {
         let host = params.get()?.get_host()?.to_str()?;
         let st = &self.state;
-        let v = crate::route_oidc::show(&st.routes, &st.labs, host).map_err(route_oidc_err)?;
-        results.get().set_json(v.to_string());
+        let shown = crate::route_oidc::show(&st.routes, &st.labs, host).map_err(route_oidc_err)?;
+        write_route_protection(&shown, results.get().init_route());
         Ok(())
     }
 
@@ -254,8 +279,12 @@ impl admin::Server for AdminService {
         mut results: admin::ListOidcProvidersResults,
     ) -> Result<(), capnp::Error> {
         let st = &self.state;
-        let v = crate::route_oidc::providers(&st.routes, &st.labs).map_err(route_oidc_err)?;
-        results.get().set_json(v.to_string());
+        let providers =
+            crate::route_oidc::providers(&st.routes, &st.labs).map_err(route_oidc_err)?;
+        write_providers(
+            &providers,
+            results.get().init_providers(providers.len() as u32),
+        );
         Ok(())
     }
 
@@ -306,7 +335,7 @@ impl admin::Server for AdminService {
             .state
             .registry
             .create_token(
-                &self.state.cluster.address,
+                &self.state.address_with_peers(),
                 ttl,
                 p.get_reusable(),
                 p.get_name()?.to_str()?,
@@ -448,8 +477,11 @@ impl admin::Server for AdminService {
             .map_err(issuer_err)?
             .verify(token.trim(), now)
             .map_err(|e| failed(format!("token refused: {e}")))?;
-        let json = serde_json::to_string(&verified.claims).map_err(err)?;
-        results.get().set_claims_json(&json);
+        // Every token this issuer signs carries workload claims.
+        let claims: identity::WorkloadClaims =
+            serde_json::from_value(serde_json::Value::Object(verified.claims))
+                .map_err(|e| failed(format!("token refused: not a workload token: {e}")))?;
+        write_claims(&claims, results.get().init_claims());
         Ok(())
     }
 
@@ -469,6 +501,18 @@ impl admin::Server for AdminService {
         s.set_join_tokens(summary.join_tokens);
         s.set_ci_bindings(summary.ci_bindings);
         s.set_signing_keys(summary.signing_keys);
+        let listed = crate::coordinators::list(&*st.store, &st.cluster.coordinator_id)
+            .map_err(|e| failed(format!("listing the coordinators: {e}")))?;
+        let mut list = s.init_coordinators(listed.len() as u32);
+        for (i, l) in listed.iter().enumerate() {
+            let mut c = list.reborrow().get(i as u32);
+            c.set_id(&l.record.id);
+            c.set_name(&l.record.name);
+            c.set_address(&l.record.address);
+            c.set_version(&l.record.version);
+            c.set_started_unix(l.record.started_unix);
+            c.set_leader(l.leader);
+        }
         Ok(())
     }
 

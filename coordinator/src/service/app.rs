@@ -79,8 +79,8 @@ impl app::Server for AppService {
         _: app::StatusParams,
         mut results: app::StatusResults,
     ) -> Result<(), capnp::Error> {
-        let json = self.state.apps.status_json(&self.app).map_err(app_err)?;
-        results.get().set_status_json(json.to_string());
+        let status = self.state.apps.status(&self.app).map_err(app_err)?;
+        crate::wire_types::write_app_status(&status, results.get().init_status());
         Ok(())
     }
 
@@ -94,8 +94,8 @@ impl app::Server for AppService {
         let app = self.app.clone();
         let logs = (self.state.rt)
             .spawn(async move { state.apps.logs(&state.registry, &app, lines).await });
-        let json = joined(logs).await?.map_err(app_err)?;
-        results.get().set_logs_json(json.to_string());
+        let logs = joined(logs).await?.map_err(app_err)?;
+        crate::wire_types::write_logs(&logs, results.get().init_sandboxes(logs.len() as u32));
         Ok(())
     }
 }

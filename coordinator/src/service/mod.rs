@@ -4,7 +4,8 @@
 //! (`App`, one app's deploy pipeline), [`upload`] (`ArtifactUpload`, one
 //! upload in progress) and [`runner_session`] (`RunnerSession`, a joined
 //! runner's link, and the task that sends it commands). `wire` reads
-//! requests and writes replies.
+//! requests and writes replies; `ci_wire` carries CI bindings and their
+//! explanations, for the CLI too.
 //!
 //! Authorization is by construction: the bootstrap `Cluster` capability
 //! knows the TLS identity of its connection, and only hands out an `Admin`
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod ci_wire;
 pub mod cluster;
 pub mod runner_session;
 pub mod upload;

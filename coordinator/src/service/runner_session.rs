@@ -152,7 +152,7 @@ impl runner_session::Server for RunnerSessionService {
     ) -> Result<(), capnp::Error> {
         let r = params.get()?.get_report()?;
         let report = SandboxReport {
-            state: r.get_state()?.to_string()?,
+            state: r.get_state()?.into(),
             restarts: r.get_restarts(),
             address: r.get_address()?.to_string()?,
             last_log: r.get_last_log()?.to_string()?,
@@ -179,7 +179,7 @@ impl runner_session::Server for RunnerSessionService {
         let status = LiveStatus {
             version: s.get_version()?.to_string()?,
             sandboxes: s.get_sandboxes(),
-            isolation: s.get_isolation()?.to_string()?,
+            isolation: s.get_isolation()?,
             limits: s.get_limits()?.to_string()?,
         };
         let mut running = std::collections::BTreeSet::new();

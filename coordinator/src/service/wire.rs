@@ -7,7 +7,6 @@ use schema::miren_capnp::{join_token_info, label, runner_info};
 
 use crate::apps::{AppError, ResourceLimits};
 use crate::artifacts::ArtifactError;
-use crate::keyring::KeyStatus;
 use crate::minting::MintError;
 use crate::runners::{RegistryError, RunnerView, SandboxSpec};
 use crate::state::State;
@@ -114,6 +113,11 @@ pub(super) fn write_info(state: &State, mut info: schema::miren_capnp::cluster_i
     info.set_version(cluster.build.to_string());
     info.set_issuer_url(state.issuer.url.as_str());
     info.set_cluster_id(&cluster.meta.id);
+    let endpoints = state.address_with_peers().endpoints();
+    let mut list = info.init_coordinators(endpoints.len() as u32);
+    for (i, e) in endpoints.iter().enumerate() {
+        list.set(i as u32, e.to_string());
+    }
 }
 
 /// Audiences and lifetime of a token request (`ttl` 0 = the default).
@@ -156,7 +160,7 @@ pub(super) fn write_token_info(r: &JoinTokenRecord, now: i64, mut b: join_token_
     b.set_uses(r.uses);
     b.set_created_unix(r.created_unix);
     b.set_expires_unix(r.expires_unix);
-    b.set_state(r.state(now).as_str());
+    b.set_state(crate::wire_types::join_token_state_to_wire(r.state(now)));
     write_labels(&r.labels, b.init_labels(r.labels.len() as u32));
 }
 
@@ -168,28 +172,13 @@ pub(super) fn write_runner_info(v: &RunnerView, mut b: runner_info::Builder<'_>)
     b.set_last_seen_unix(v.last_seen_unix);
     b.set_version(&v.status.version);
     b.set_cordoned(v.record.cordoned);
-    b.set_isolation(&v.status.isolation);
+    b.set_isolation(v.status.isolation);
     b.set_limits(&v.status.limits);
     b.set_cert_expires_unix(v.record.cert_expires_unix);
     write_labels(
         &v.record.labels,
         b.init_labels(v.record.labels.len() as u32),
     );
-}
-
-pub(super) fn write_keys(
-    statuses: &[KeyStatus],
-    mut list: capnp::struct_list::Builder<'_, schema::miren_capnp::signing_key::Owned>,
-) {
-    for (i, s) in statuses.iter().enumerate() {
-        let mut k = list.reborrow().get(i as u32);
-        k.set_kid(&s.kid);
-        k.set_alg(&s.alg);
-        k.set_state(s.state.as_str());
-        k.set_created_unix(s.created_unix);
-        k.set_activates_unix(s.activates_unix);
-        k.set_retires_unix(s.retires_unix.unwrap_or(0));
-    }
 }
 
 /// A service's limits as sent by the CLI (absent: the runner's defaults).
@@ -199,12 +188,7 @@ pub(super) fn read_limits(
     if !s.has_limits() {
         return Ok(ResourceLimits::default());
     }
-    let l = s.get_limits()?;
-    Ok(ResourceLimits {
-        memory_bytes: l.get_memory_bytes(),
-        cpu_millis: l.get_cpu_millis(),
-        pids: l.get_pids(),
-    })
+    Ok(crate::wire_types::read_limits(s.get_limits()?))
 }
 
 /// A sandbox to start, as the runner's agent reads it.
@@ -220,11 +204,6 @@ pub(super) fn write_spec(
     s.set_port(spec.port);
     s.set_artifact_sha256(&spec.artifact);
     s.set_issuer_url(&spec.issuer_url);
-    {
-        let mut l = s.reborrow().init_limits();
-        l.set_memory_bytes(spec.limits.memory_bytes);
-        l.set_cpu_millis(spec.limits.cpu_millis);
-        l.set_pids(spec.limits.pids);
-    }
+    crate::wire_types::write_limits(&spec.limits, s.reborrow().init_limits());
     write_labels(&spec.env, s.init_env(spec.env.len() as u32));
 }

@@ -1,0 +1,164 @@
+//! The coordinators of a cluster: each one present in the store while it
+//! runs, so that operators (`cluster status`), the CLI (`cluster
+//! export-address`) and runners can learn every address of the cluster.
+//!
+//! A coordinator puts `coordinator/<id>` (its [`CoordinatorRecord`]) on a
+//! lease it keeps alive; when it dies the lease ends and the record goes,
+//! so the list is what is running now, not what once ran. Which one leads
+//! is read from [`crate::leader::LEADER_KEY`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::leader::{LeaderRecord, LEADER_KEY};
+use crate::shutdown::Tasks;
+use crate::store::{decode, encode, LeaseId, Op, Store, StoreError, Txn};
+
+const PREFIX: &str = "coordinator/";
+/// How long a dead coordinator stays listed.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
+
+/// What a coordinator says of itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CoordinatorRecord {
+    /// Its [`crate::leader::coordinator_id`].
+    pub id: String,
+    /// Its first `--name` (or listen address).
+    pub name: String,
+    /// `host:port` clients and runners dial.
+    pub address: String,
+    pub version: String,
+    pub started_unix: i64,
+}
+
+/// A running coordinator and whether it leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub record: CoordinatorRecord,
+    pub leader: bool,
+}
+
+/// The running coordinators, `first` (an id) first, then by name.
+pub fn list(store: &dyn Store, first: &str) -> Result<Vec<Listed>, StoreError> {
+    let leader = match store.get(LEADER_KEY)? {
+        Some(bytes) => decode::<LeaderRecord>(LEADER_KEY, &bytes)
+            .ok()
+            .map(|l| l.id),
+        None => None,
+    };
+    let mut out: Vec<Listed> = Vec::new();
+    for (k, v) in store.scan(PREFIX)? {
+        let record: CoordinatorRecord = decode(&k, &v)?;
+        out.push(Listed {
+            leader: leader.as_deref() == Some(record.id.as_str()),
+            record,
+        });
+    }
+    out.sort_by(|a, b| {
+        (a.record.id != first, &a.record.name).cmp(&(b.record.id != first, &b.record.name))
+    });
+    Ok(out)
+}
+
+/// Keeps this coordinator listed until shutdown.
+pub struct Presence {
+    store: Arc<dyn Store>,
+    record: CoordinatorRecord,
+}
+
+impl Presence {
+    /// Lists `record` now (so that it shows from the first request on).
+    pub fn start(store: Arc<dyn Store>, record: CoordinatorRecord) -> (Presence, Option<LeaseId>) {
+        let p = Presence { store, record };
+        let lease = match p.put() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("listing this coordinator: {e}");
+                None
+            }
+        };
+        (p, lease)
+    }
+
+    fn put(&self) -> Result<LeaseId, StoreError> {
+        let lease = self.store.grant_lease(PRESENCE_TTL)?;
+        self.store.commit(Txn {
+            conditions: vec![],
+            ops: vec![Op::PutLeased(
+                format!("{PREFIX}{}", self.record.id),
+                encode(&self.record),
+                lease,
+            )],
+        })?;
+        Ok(lease)
+    }
+
+    /// Renews the record's lease (listing it again when the lease was
+    /// lost) until shutdown; the record then runs out with its lease.
+    pub async fn run(self, lease: Option<LeaseId>, tasks: Tasks) {
+        let mut lease = lease;
+        loop {
+            tokio::select! {
+                _ = tasks.stopping() => return,
+                _ = tokio::time::sleep(PRESENCE_TTL / 3) => {}
+            }
+            let renewed = match lease {
+                Some(l) => self.store.keep_alive(l).map(|()| l),
+                None => Err(StoreError::LeaseNotFound(0)),
+            };
+            lease = match renewed {
+                Ok(l) => Some(l),
+                Err(StoreError::LeaseNotFound(_)) => match self.put() {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::info!("listing this coordinator: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::info!("keeping this coordinator listed: {e}");
+                    lease
+                }
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    fn rec(id: &str, name: &str) -> CoordinatorRecord {
+        CoordinatorRecord {
+            id: id.into(),
+            name: name.into(),
+            address: format!("{name}:8443"),
+            version: "v".into(),
+            started_unix: 1,
+        }
+    }
+
+    #[test]
+    fn running_coordinators_are_listed_this_one_first_with_the_leader_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let (_a, _) = Presence::start(store.clone(), rec("a", "alpha"));
+        let (_b, lease_b) = Presence::start(store.clone(), rec("b", "beta"));
+        let (_e, _, _) = crate::leader::Elector::new(
+            store.clone(),
+            "a".into(),
+            "alpha".into(),
+            crate::leader::LEASE_TTL,
+        );
+        let listed = list(&*store, "b").unwrap();
+        let names: Vec<(&str, bool)> = listed
+            .iter()
+            .map(|l| (l.record.name.as_str(), l.leader))
+            .collect();
+        assert_eq!(names, [("beta", false), ("alpha", true)]);
+        // A coordinator whose lease ends is no longer listed.
+        store.revoke_lease(lease_b.unwrap()).unwrap();
+        assert_eq!(list(&*store, "b").unwrap().len(), 1);
+    }
+}
