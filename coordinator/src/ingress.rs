@@ -4,10 +4,12 @@
 //! front of a protected route is [`crate::sso`]'s.
 //!
 //! The coordinator is the only way in: a request is carried to the runner
-//! that hosts the chosen sandbox over a new bi-stream of that runner's QUIC
+//! that hosts the chosen sandbox over a bi-stream of that runner's QUIC
 //! connection (header line `miren-proxy/1 <sandbox-id>`), where the runner
 //! connects it to the sandbox. HTTP/1.1 is spoken end to end over that
-//! stream, so WebSocket upgrades pass through. Unknown host: 404; no healthy
+//! stream, so WebSocket upgrades pass through; the connection is kept alive
+//! and reused for the sandbox's next requests ([`crate::upstream`]), except
+//! on a protected route or for an upgrade. Unknown host: 404; no healthy
 //! sandbox: 503. The same service is offered over plain HTTP
 //! (`--http-listen`) and over HTTPS (`--ingress-https-listen`, with the
 //! HTTPS listener's certificate); the scheme the client used is what the app
@@ -20,9 +22,10 @@
 //! route OIDC's claim headers (`identity::headers::HeaderFilter`), and
 //! `X-Forwarded-For`, `-Proto` and `-Host` are set from what the coordinator
 //! saw. Every listener keeps the timeouts and connection caps of
-//! [`crate::accept`]; each request holds one stream to a runner, counted per
-//! runner and per app ([`crate::runner_streams`]), so an app whose requests
-//! are held gets 503 without taking its runner's other apps along.
+//! [`crate::accept`]; each connection to a sandbox holds one stream to a
+//! runner, counted per runner and per app ([`crate::runner_streams`]), so
+//! an app whose requests are held gets 503 without taking its runner's
+//! other apps along.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
