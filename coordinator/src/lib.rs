@@ -49,6 +49,7 @@ pub mod spent_tokens;
 pub mod sso;
 pub mod state;
 pub mod store;
+pub mod upstream;
 pub mod watched;
 pub mod wire_types;
 

@@ -1,16 +1,17 @@
 //! How many proxied streams the ingress holds open to each runner, and to
 //! each app on it.
 //!
-//! Each request the ingress carries to a sandbox takes one QUIC bi-stream
-//! of that sandbox's runner connection for as long as it is in flight (an
-//! upgraded connection for as long as it is open). A runner grants the
+//! Each connection the ingress holds to a sandbox takes one QUIC bi-stream
+//! of that sandbox's runner connection for as long as it is open: in
+//! flight, idle in [`crate::upstream`]'s pool, or upgraded. A runner grants the
 //! coordinator a fixed number of concurrent bi-streams ([`RUNNER_STREAMS`]):
 //! once they are all open, `open_bi` waits, and every app on that runner
 //! would wait with it. So the ingress counts the streams it holds itself:
 //! one app may hold at most [`STREAMS_PER_APP`] on a runner, and the
 //! ingress never holds more than the runner grants minus a little headroom
 //! (credit comes back a round trip after a stream closes). A request over
-//! either bound tries the app's sandboxes on other runners and else gets
+//! either bound first closes an idle pooled connection that holds a place
+//! in it ([`crate::upstream::UpstreamPool::take_permit`]), then tries the app's sandboxes on other runners and else gets
 //! 503 at once: a client holding many connections to one app gets that
 //! app's requests refused, not every app's on the runner. `open_bi` also
 //! runs under [`STREAM_OPEN_TIMEOUT`], should a runner grant fewer streams
@@ -122,6 +123,18 @@ pub struct StreamPermit {
     budget: Arc<StreamBudget>,
     runner: String,
     app: String,
+}
+
+impl StreamPermit {
+    /// The runner whose stream this is.
+    pub fn runner(&self) -> &str {
+        &self.runner
+    }
+
+    /// The app it counts for.
+    pub fn app(&self) -> &str {
+        &self.app
+    }
 }
 
 impl Drop for StreamPermit {

@@ -10,7 +10,7 @@
 //! (which runner may mint for or read for a sandbox) keep reading the
 //! store.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use crate::apps::{AppRecord, SandboxRecord};
@@ -23,8 +23,9 @@ const APP_PREFIX: &str = "app/";
 
 #[derive(Default)]
 struct Inner {
-    /// Assignments by app, then by sandbox id.
-    sandboxes: HashMap<String, HashMap<String, SandboxRecord>>,
+    /// Assignments by app, then by sandbox id (in order, so a request
+    /// gets them sorted without sorting; shared, so without copying).
+    sandboxes: HashMap<String, BTreeMap<String, Arc<SandboxRecord>>>,
     /// Where each assignment is filed, by store key.
     app_of: HashMap<String, String>,
     /// The active version of each app.
@@ -40,7 +41,7 @@ impl Inner {
             self.sandboxes
                 .entry(rec.app.clone())
                 .or_default()
-                .insert(rec.id.clone(), rec);
+                .insert(rec.id.clone(), Arc::new(rec));
         } else if let Some(name) = key.strip_prefix(APP_PREFIX) {
             let rec: AppRecord = decode(key, value)?;
             self.active.insert(name.to_string(), rec.active);
@@ -139,13 +140,13 @@ impl SandboxIndex {
     /// their runner's live session (`observed`), of the active version, or
     /// (before any version is active, or when none of it is healthy) any
     /// healthy one. Read from memory only.
-    pub fn healthy(&self, app: &str, observed: &Observed) -> Vec<SandboxRecord> {
+    pub fn healthy(&self, app: &str, observed: &Observed) -> Vec<Arc<SandboxRecord>> {
         let (assigned, active) = self.of_app(app);
-        let healthy: Vec<SandboxRecord> = assigned
+        let healthy: Vec<Arc<SandboxRecord>> = assigned
             .into_iter()
             .filter(|s| observed.healthy_address(&s.runner, &s.id).is_some())
             .collect();
-        let of_active: Vec<SandboxRecord> = healthy
+        let of_active: Vec<Arc<SandboxRecord>> = healthy
             .iter()
             .filter(|s| Some(&s.version) == active.as_ref())
             .cloned()
@@ -157,15 +158,14 @@ impl SandboxIndex {
         }
     }
 
-    /// The assignments of `app` and its active version.
-    pub fn of_app(&self, app: &str) -> (Vec<SandboxRecord>, Option<String>) {
+    /// The assignments of `app` (by id) and its active version.
+    pub fn of_app(&self, app: &str) -> (Vec<Arc<SandboxRecord>>, Option<String>) {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<SandboxRecord> = g
+        let list: Vec<Arc<SandboxRecord>> = g
             .sandboxes
             .get(app)
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
-        list.sort_by(|a, b| a.id.cmp(&b.id));
         (list, g.active.get(app).cloned().flatten())
     }
 }

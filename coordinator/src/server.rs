@@ -708,10 +708,8 @@ impl Coordinator {
         );
         let ingresses = [(self.http, None), (self.ingress_https, Some(ingress_tls))];
         // One count of streams to runners for both ingress listeners.
-        let ingress_limits = crate::ingress::IngressLimits {
-            listener: self.http_limits,
-            streams: crate::runner_streams::StreamBudget::for_runners(self.ingress_streams_per_app),
-        };
+        let ingress_limits =
+            crate::ingress::IngressLimits::new(self.http_limits, self.ingress_streams_per_app);
         let (index, from) = crate::sandbox_index::SandboxIndex::load(&*state.store)?;
         let index = Arc::new(index);
         index.follow(state.store.clone(), from, &tasks);

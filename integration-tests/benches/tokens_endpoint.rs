@@ -26,8 +26,11 @@
 //!      on a runner ask at once;
 //! 3. measures raw aws-lc-rs RSA-2048 PKCS#1 SHA-256 signing on all cores
 //!    with a key from `identity::SigningKeyPair::generate()`;
-//! 4. prints a table and two lines against targets (cached p50 < 200 us,
-//!    uncached / raw sign >= 0.6), deletes the app and stops the runner and
+//! 4. prints a table and three lines against targets (cached p50 < 200 us,
+//!    uncached / raw sign >= 0.6, and the coordinator's CPU time per
+//!    uncached token over the CPU time of one raw signature <= 1.3, both
+//!    from `/proc`, which does not depend on how the cores were shared
+//!    with this client), deletes the app and stops the runner and
 //!    the server. Timings are reported, never asserted; every phase is
 //!    bounded in time.
 //!
@@ -35,12 +38,17 @@
 //! (the default, plus `--metrics-listen` on both) and with them off
 //! (`--no-observe` on the server and the runner), and the last lines put
 //! the two side by side (the cost of observing must stay within noise).
-//! `MIREN_BENCH_ROUNDS=N` alternates the two N times.
+//! `MIREN_BENCH_ROUNDS=N` alternates the two N times; `MIREN_BENCH_PERF=DIR`
+//! records the coordinator and the runner with `perf record -g` during
+//! each uncached phase (`DIR/tokens-uncached-<coordinator pid>.perf.data`).
 //!
 //! The coordinator, the runner, the sandbox and this client share the
 //! machine's cores, so uncached minting competes with the client itself.
 //! Under `cargo test --benches` (no `--bench` argument) a quick pass with
 //! small counts shows the bench still works (skipped without the binary).
+
+#[allow(dead_code)]
+mod common;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -60,6 +68,8 @@ use raw_sign::raw_sign;
 
 const CACHED_P50_TARGET_US: f64 = 200.0;
 const RATIO_TARGET: f64 = 0.6;
+/// Coordinator CPU per minted token over the CPU of one raw signature.
+const CPU_RATIO_TARGET: f64 = 1.3;
 /// Uncached requests in flight per core (see the module doc).
 const UNCACHED_CONNS_PER_CORE: usize = 4;
 /// Read/write timeout of one HTTP exchange with the endpoint.
@@ -101,7 +111,7 @@ fn main() {
             sign: Duration::from_millis(300),
         }
     };
-    if let Err(e) = miren_bin_exists() {
+    if let Err(e) = common::miren_bin() {
         if benching {
             eprintln!("tokens_endpoint bench failed: {e:#}");
             std::process::exit(1);
@@ -113,26 +123,6 @@ fn main() {
         eprintln!("tokens_endpoint bench failed: {e:#}");
         std::process::exit(1);
     }
-}
-
-/// The same lookup as `integration_tests::miren_bin`, without its panic.
-fn miren_bin_exists() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MIREN_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("target dir of the bench executable")?
-        .join("miren");
-    if !bin.exists() {
-        bail!(
-            "{} does not exist: build it first (`cargo build --release -p cli`) or set MIREN_BIN",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 // ---------------------------------------------------------------------------
@@ -197,6 +187,14 @@ impl Cluster {
             bail!("the runner was not ready within {READY_TIMEOUT:?}:\n{out}");
         }
         Ok(c)
+    }
+
+    /// The coordinator's and the runner's process ids.
+    fn pids(&self) -> (u32, u32) {
+        (
+            self.server.as_ref().map_or(0, Server::pid),
+            self.runner.as_ref().map_or(0, RunnerProc::pid),
+        )
     }
 
     /// Deletes the app (so the runner stops its sandbox), then stops the
@@ -535,7 +533,7 @@ fn bench(s: &Settings, benching: bool) -> anyhow::Result<()> {
         };
         for observe in order {
             let cluster = Cluster::start(observe)?;
-            let result = measure(s, cores, &cluster.cfg);
+            let result = measure(s, cores, &cluster.cfg, cluster.pids());
             cluster.stop();
             runs.push((observe, result?));
         }
@@ -566,13 +564,17 @@ fn compare(runs: &[(bool, Measured)]) {
     println!();
     println!("metrics + audit on vs off (--no-observe), same run:");
     type Figure = (&'static str, fn(&Measured) -> f64);
-    let figures: [Figure; 5] = [
+    let figures: [Figure; 6] = [
         ("cached p50 us (1 conn)", |m| m.cached1.pct_us(50.0)),
         ("cached p99 us (1 conn)", |m| m.cached1.pct_us(99.0)),
         ("cached rate/s (2 conns)", |m| m.cached2.rate()),
         ("uncached rate/s", |m| m.uncached.rate()),
         ("uncached / raw sign", |m| {
             m.uncached.rate() / (m.signs as f64 / m.sign_wall.as_secs_f64().max(1e-9)).max(1e-9)
+        }),
+        ("coordinator CPU/token / sign", |m| {
+            let (coord, _, sign) = m.cpu_per_token_us();
+            coord / sign.max(1e-9)
         }),
     ];
     for (name, f) in figures {
@@ -660,6 +662,16 @@ fn report(m: &Measured, observe: bool, cores: usize) {
         "uncached / raw sign = {ratio:.2} (target >= {RATIO_TARGET}) {}",
         verdict(ratio >= RATIO_TARGET)
     );
+    let (coord_us, runner_us, sign_us) = m.cpu_per_token_us();
+    let cpu_ratio = coord_us / sign_us.max(1e-9);
+    println!(
+        "CPU per uncached token (from /proc): coordinator {coord_us:.0} us, runner {runner_us:.0} us; \
+         raw sign {sign_us:.0} us per signature"
+    );
+    println!(
+        "coordinator CPU per token / raw sign CPU = {cpu_ratio:.2} (target <= {CPU_RATIO_TARGET}) {}",
+        verdict(cpu_ratio <= CPU_RATIO_TARGET)
+    );
     println!(
         "note: the coordinator (which signs), the runner (endpoint + minting proxy), the sandbox \
          and this client all share the same {cores} cores, so uncached minting competes with the \
@@ -676,9 +688,28 @@ struct Measured {
     signs: u64,
     sign_wall: Duration,
     subject: String,
+    /// CPU seconds the coordinator and the runner used in the uncached
+    /// phase, and this process over the raw signatures.
+    coordinator_cpu: f64,
+    runner_cpu: f64,
+    sign_cpu: f64,
 }
 
-fn measure(s: &Settings, cores: usize, cfg: &Path) -> anyhow::Result<Measured> {
+impl Measured {
+    /// Microseconds of CPU per minted token (coordinator, runner) and per
+    /// raw signature.
+    fn cpu_per_token_us(&self) -> (f64, f64, f64) {
+        let tokens = self.uncached.ok.max(1) as f64;
+        (
+            self.coordinator_cpu * 1e6 / tokens,
+            self.runner_cpu * 1e6 / tokens,
+            self.sign_cpu * 1e6 / self.signs.max(1) as f64,
+        )
+    }
+}
+
+/// `pids`: the coordinator's and the runner's, sampled for CPU time.
+fn measure(s: &Settings, cores: usize, cfg: &Path, pids: (u32, u32)) -> anyhow::Result<Measured> {
     let sandbox = deploy(cfg)?;
     let (host, path, secret) = credentials(&sandbox)?;
     let cached_target = format!("{path}?audience=bench");
@@ -728,6 +759,16 @@ fn measure(s: &Settings, cores: usize, cfg: &Path) -> anyhow::Result<Measured> {
     });
     drop(client);
     let uncached_conns = cores * UNCACHED_CONNS_PER_CORE;
+    let clk = common::clock_ticks();
+    let (coord_before, runner_before) = (
+        common::cpu_secs(&[pids.0], clk),
+        common::cpu_secs(&[pids.1], clk),
+    );
+    let perf = common::perf_record(
+        &[pids.0, pids.1],
+        s.uncached,
+        &format!("tokens-uncached-{}", pids.0),
+    )?;
     let uncached = parallel(
         &host,
         &secret,
@@ -737,8 +778,18 @@ fn measure(s: &Settings, cores: usize, cfg: &Path) -> anyhow::Result<Measured> {
         &|| format!("{path}?audience=a{}", seq.fetch_add(1, Ordering::Relaxed)),
     )?;
 
-    // 3. Raw signing, while the cluster sits idle.
+    let coordinator_cpu = common::cpu_secs(&[pids.0], clk) - coord_before;
+    if let Some(mut perf) = perf {
+        let _ = perf.wait();
+    }
+    let runner_cpu = common::cpu_secs(&[pids.1], clk) - runner_before;
+
+    // 3. Raw signing, while the cluster sits idle; this process's CPU
+    // time over it is the signatures' (the other threads are idle).
+    let me = std::process::id();
+    let sign_before = common::cpu_secs(&[me], clk);
     let (signs, sign_wall) = raw_sign(cores, s.sign)?;
+    let sign_cpu = common::cpu_secs(&[me], clk) - sign_before;
 
     Ok(Measured {
         conns,
@@ -748,5 +799,8 @@ fn measure(s: &Settings, cores: usize, cfg: &Path) -> anyhow::Result<Measured> {
         signs,
         sign_wall,
         subject,
+        coordinator_cpu,
+        runner_cpu,
+        sign_cpu,
     })
 }

@@ -2,7 +2,7 @@
 //! its own process, wait until it prints its address, run CLI commands with a
 //! chosen environment, stop the server with a real signal.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -683,6 +683,43 @@ impl Drop for NodeOidcProvider {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Reads one response head (up to the blank line) and then its body by
+/// Content-Length; returns (status, head, body).
+pub fn read_response(s: &mut std::net::TcpStream) -> std::io::Result<(u16, String, String)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "closed after {:?} of a response head",
+                    String::from_utf8_lossy(&head)
+                ),
+            ));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body)?;
+    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A coordinator with one runner (`--isolation none`) and the probe app

@@ -19,50 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration_tests::{miren, temp, wait_for, ProbeCluster};
+use integration_tests::{miren, read_response, temp, wait_for, ProbeCluster};
 use serde_json::Value;
 
 /// How long any cut may take here at most: far above the shortened
 /// timeouts, so a slow machine does not fail the test, and far below
 /// "never".
 const BOUND: Duration = Duration::from_secs(30);
-
-/// Reads one response head (up to the blank line) and then its body by
-/// Content-Length; returns (status, head, body).
-fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, String)> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = s.read(&mut byte)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                ErrorKind::UnexpectedEof,
-                format!(
-                    "closed after {:?} of a response head",
-                    String::from_utf8_lossy(&head)
-                ),
-            ));
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    s.read_exact(&mut body)?;
-    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
-}
 
 /// One request on a new connection (`Connection: close`); returns (status,
 /// head, body).

@@ -822,3 +822,36 @@ fn protection_outlives_route_set_and_fails_closed_without_labs() {
         "the unprotected route never served"
     );
 }
+
+/// The ingress reuses connections to sandboxes (`coordinator::upstream`),
+/// but never a protected route's: two signed-in users' requests, sent in
+/// turn, each come to the app on a connection of their own, with their own
+/// claim headers and request id.
+#[test]
+fn a_protected_routes_requests_each_get_a_connection_of_their_own() {
+    let p = Protected::start("sso.test", &["sso.test"], false, 300);
+    let app = p.base("sso.test");
+    let mut users = Vec::new();
+    for login in ["alice@example.com", "bob@example.com"] {
+        let mut b = Browser::new(&p.tls.ca, None, &[("sso.test", p.ingress)]);
+        let page = b.get(&format!("{app}/conn"), &[]);
+        let page = b.sign_in(page, &p.provider.url, login);
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert_eq!(json(&page)["user"], login, "{}", page.body);
+        users.push((login, b));
+    }
+    for round in 0..20 {
+        for (login, b) in users.iter_mut() {
+            let id = format!("{login}-{round}");
+            let page = b.get(&format!("{app}/conn"), &[("X-Request-Id", &id)]);
+            assert_eq!(page.status, 200, "{}", page.body);
+            let seen = json(&page);
+            assert_eq!(seen["request_id"], id.as_str(), "{seen}");
+            assert_eq!(seen["user"], *login, "{seen}");
+            assert_eq!(
+                seen["served"], 1,
+                "a protected route's connection to the app carried another request: {seen}"
+            );
+        }
+    }
+}
