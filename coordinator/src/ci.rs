@@ -17,7 +17,8 @@
 //! audit line per id, and the in-memory set updated; from then on a token
 //! with the same names and other ids is refused as drift.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use identity::bindings::{issuer_literal_address, Binding, BindingSet, IdPin};
 use identity::{AddressPolicy, BroadPattern, Explanation, IdDrift, MatchRefusal, Refused};
@@ -26,7 +27,12 @@ use crate::outbound::AllowedBy;
 
 use crate::audit::{Actor, Event, Text};
 use crate::observe::Observe;
-use crate::store::{Condition, Op, Outcome, Store, StoreError, Txn};
+use crate::shutdown::Tasks;
+use crate::store::{
+    Condition, EventKind, Op, Outcome, Revision, Store, StoreError, Txn, WatchBatch,
+};
+
+const PREFIX: &str = "binding/";
 
 /// Compare-and-set attempts of one pin before giving up (each lost race
 /// re-reads the record; two first logins of one binding race at most).
@@ -105,10 +111,18 @@ pub enum PinError {
     Ci(#[from] CiError),
 }
 
-/// The bindings of the cluster.
+/// The bindings of the cluster, in memory and kept in step with the store
+/// by a watch ([`crate::watched`]): a binding added, pinned or removed
+/// through any coordinator is seen by every one (a removal is a revocation).
+/// Each id keeps the revision it was last seen at, so that a late event
+/// never brings back a binding removed here.
 pub struct CiBindings {
     store: Arc<dyn Store>,
     set: RwLock<BindingSet>,
+    /// Lock order: `set`, then `seen`.
+    seen: Mutex<HashMap<String, Revision>>,
+    /// The revision the set was loaded at (where `follow` starts).
+    loaded_at: Revision,
     outbound: AddressPolicy,
     observe: Arc<Observe>,
 }
@@ -117,18 +131,41 @@ impl CiBindings {
     /// Loads every stored binding; `outbound` judges the issuers of new ones
     /// (stored ones are judged at every fetch).
     pub fn load(store: Arc<dyn Store>, outbound: AddressPolicy) -> Result<Self, CiError> {
+        let (kvs, loaded_at) = store.scan_kv(PREFIX)?;
         let mut bindings = Vec::new();
-        for (k, v) in store.scan("binding/")? {
-            let b: Binding = crate::store::decode(&k, &v)?;
+        let mut seen = HashMap::new();
+        for kv in kvs {
+            let b: Binding = crate::store::decode(&kv.key, &kv.value)?;
+            seen.insert(b.id.clone(), kv.mod_revision);
             bindings.push(b);
         }
         let set = BindingSet::from_bindings(bindings)?;
         Ok(CiBindings {
             store,
             set: RwLock::new(set),
+            seen: Mutex::new(seen),
+            loaded_at,
             outbound,
             observe: Arc::new(Observe::disabled()),
         })
+    }
+
+    /// Keeps the set in step with the store until shutdown.
+    pub fn follow(self: &Arc<Self>, tasks: &Tasks) {
+        crate::watched::follow(self.clone(), self.store.clone(), self.loaded_at, tasks);
+    }
+
+    /// Records that `id` changed at `revision`; false when something newer
+    /// is already known (the change is then not to be applied).
+    fn note(&self, id: &str, revision: Revision) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get(id) {
+            Some(r) if *r >= revision => false,
+            _ => {
+                seen.insert(id.to_string(), revision);
+                true
+            }
+        }
     }
 
     /// Audits the ids bindings pin in `observe`.
@@ -158,19 +195,26 @@ impl CiBindings {
         let key = format!("binding/{}", binding.id);
         let bytes = serde_json::to_vec(&binding).map_err(CiError::Encode)?;
         let mut set = self.set.write().map_err(|_| CiError::Unavailable)?;
-        if self.store.commit(Txn {
+        let committed = self.store.txn(Txn {
             conditions: vec![Condition::Absent(key.clone())],
             ops: vec![Op::Put(key, bytes)],
-        })? != Outcome::Applied
-        {
+        })?;
+        if committed.outcome != Outcome::Applied {
             return Err(CiError::IdCollision);
         }
         let id = binding.id.clone();
+        self.note(&id, committed.revision);
         set.insert(binding).map_err(|(_, e)| CiError::Binding(e))?;
         Ok(id)
     }
 
     /// Bindings of one app, by id.
+    /// Whether binding `id` still exists: what a session a CI token bought
+    /// is checked against before each change it makes.
+    pub fn exists(&self, id: &str) -> bool {
+        self.set.read().is_ok_and(|s| s.get(id).is_some())
+    }
+
     pub fn for_app(&self, app: &str) -> Vec<Binding> {
         self.set
             .read()
@@ -185,10 +229,11 @@ impl CiBindings {
             .get(id)
             .cloned()
             .ok_or_else(|| CiError::NotFound(id.to_string()))?;
-        self.store.commit(Txn {
+        let committed = self.store.txn(Txn {
             conditions: vec![],
             ops: vec![Op::Delete(format!("binding/{id}"))],
         })?;
+        self.note(id, committed.revision);
         set.remove(id);
         Ok(existing)
     }
@@ -201,13 +246,14 @@ impl CiBindings {
         let ids: Vec<String> = set.for_app(app).into_iter().map(|b| b.id.clone()).collect();
         txn.ops
             .extend(ids.iter().map(|id| Op::Delete(format!("binding/{id}"))));
-        let outcome = self.store.commit(txn)?;
-        if outcome == Outcome::Applied {
+        let committed = self.store.txn(txn)?;
+        if committed.outcome == Outcome::Applied {
             for id in &ids {
+                self.note(id, committed.revision);
                 set.remove(id);
             }
         }
-        Ok(outcome)
+        Ok(committed.outcome)
     }
 
     /// Whether some binding names `issuer` (only those are ever fetched).
@@ -265,23 +311,27 @@ impl CiBindings {
             let pinned = stored.pinned(learned)?;
             let mut set = self.set.write().map_err(|_| CiError::Unavailable)?;
             if pinned == stored {
-                set.insert(pinned.clone())
-                    .map_err(|(_, e)| CiError::Binding(e))?;
+                if self.note(id, kv.mod_revision) {
+                    set.insert(pinned.clone())
+                        .map_err(|(_, e)| CiError::Binding(e))?;
+                }
                 return Ok(pinned);
             }
             let bytes = serde_json::to_vec(&pinned).map_err(CiError::Encode)?;
-            let outcome = self
+            let committed = self
                 .store
-                .commit(Txn {
+                .txn(Txn {
                     conditions: vec![Condition::ModRevision(key.clone(), kv.mod_revision)],
                     ops: vec![Op::Put(key.clone(), bytes)],
                 })
                 .map_err(CiError::Store)?;
-            if outcome != Outcome::Applied {
+            if committed.outcome != Outcome::Applied {
                 continue;
             }
-            set.insert(pinned.clone())
-                .map_err(|(_, e)| CiError::Binding(e))?;
+            if self.note(id, committed.revision) {
+                set.insert(pinned.clone())
+                    .map_err(|(_, e)| CiError::Binding(e))?;
+            }
             drop(set);
             for pin in pinned
                 .ids
@@ -321,6 +371,66 @@ impl CiBindings {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl crate::watched::Watched for CiBindings {
+    const NAME: &'static str = "CI binding index";
+
+    fn prefix(&self) -> &str {
+        PREFIX
+    }
+
+    fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        let (kvs, read_at) = store.scan_kv(PREFIX)?;
+        // A record that does not load is left out (and said), never kept
+        // from before.
+        let mut fresh = BindingSet::new();
+        let mut seen = HashMap::new();
+        for kv in kvs {
+            match crate::store::decode::<Binding>(&kv.key, &kv.value) {
+                Ok(b) => {
+                    seen.insert(b.id.clone(), kv.mod_revision);
+                    if let Err((id, err)) = fresh.insert(b) {
+                        tracing::error!("CI binding index: binding {id}: {err}");
+                    }
+                }
+                Err(e) => tracing::error!("CI binding index: {e}"),
+            }
+        }
+        let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+        *set = fresh;
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+        Ok(read_at)
+    }
+
+    fn apply(&self, batch: &WatchBatch) {
+        let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+        for e in &batch.events {
+            let Some(id) = e.kv.key.strip_prefix(PREFIX) else {
+                continue;
+            };
+            if !self.note(id, batch.revision) {
+                continue;
+            }
+            match e.kind {
+                EventKind::Put => match crate::store::decode::<Binding>(&e.kv.key, &e.kv.value) {
+                    Ok(b) => {
+                        if let Err((id, err)) = set.insert(b) {
+                            tracing::error!("CI binding index: binding {id}: {err}");
+                        }
+                    }
+                    Err(err) => {
+                        // Unreadable: it must not keep matching as it was.
+                        set.remove(id);
+                        tracing::error!("CI binding index: {err}");
+                    }
+                },
+                EventKind::Delete => {
+                    set.remove(id);
+                }
+            }
+        }
     }
 }
 

@@ -5,14 +5,19 @@
 //! A coordinator puts `coordinator/<id>` (its [`CoordinatorRecord`]) on a
 //! lease it keeps alive; when it dies the lease ends and the record goes,
 //! so the list is what is running now, not what once ran. Which one leads
-//! is read from [`crate::leader::LEADER_KEY`].
+//! is read from [`crate::leader::LEADER_KEY`]. Anonymous peers ask for the
+//! list (`Cluster.info`), so it is answered from memory ([`CoordinatorIndex`],
+//! fed by a store watch), never by a store read per call.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::leader::{LeaderRecord, LEADER_KEY};
 use crate::shutdown::Tasks;
-use crate::store::{decode, encode, LeaseId, Op, Store, StoreError, Txn};
+use crate::store::{
+    decode, encode, EventKind, LeaseId, Op, Revision, Store, StoreError, Txn, WatchBatch,
+};
 
 const PREFIX: &str = "coordinator/";
 /// How long a dead coordinator stays listed.
@@ -38,26 +43,122 @@ pub struct Listed {
     pub leader: bool,
 }
 
-/// The running coordinators, `first` (an id) first, then by name.
+/// The running coordinators, `first` (an id) first, then by name, read
+/// from the store now (tests and tools; a coordinator answers from its
+/// [`CoordinatorIndex`]).
 pub fn list(store: &dyn Store, first: &str) -> Result<Vec<Listed>, StoreError> {
-    let leader = match store.get(LEADER_KEY)? {
-        Some(bytes) => decode::<LeaderRecord>(LEADER_KEY, &bytes)
-            .ok()
-            .map(|l| l.id),
-        None => None,
-    };
-    let mut out: Vec<Listed> = Vec::new();
-    for (k, v) in store.scan(PREFIX)? {
-        let record: CoordinatorRecord = decode(&k, &v)?;
-        out.push(Listed {
-            leader: leader.as_deref() == Some(record.id.as_str()),
-            record,
-        });
+    let (index, _) = CoordinatorIndex::load(store)?;
+    Ok(index.list(first))
+}
+
+/// What the index knows: each key with the revision it was seen at (`None`
+/// once deleted).
+#[derive(Default)]
+struct Known {
+    coordinators: HashMap<String, (Revision, Option<CoordinatorRecord>)>,
+    leader: (Revision, Option<String>),
+}
+
+/// The running coordinators and the leader, in memory.
+#[derive(Default)]
+pub struct CoordinatorIndex {
+    known: RwLock<Known>,
+}
+
+impl CoordinatorIndex {
+    /// Loads the index; returns it with the revision to follow from.
+    pub fn load(store: &dyn Store) -> Result<(CoordinatorIndex, Revision), StoreError> {
+        let index = CoordinatorIndex::default();
+        let from = crate::watched::Watched::reload(&index, store)?;
+        Ok((index, from))
     }
-    out.sort_by(|a, b| {
-        (a.record.id != first, &a.record.name).cmp(&(b.record.id != first, &b.record.name))
-    });
-    Ok(out)
+
+    /// The running coordinators, `first` (an id) first, then by name.
+    pub fn list(&self, first: &str) -> Vec<Listed> {
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let leader = known.leader.1.as_deref();
+        let mut out: Vec<Listed> = known
+            .coordinators
+            .values()
+            .filter_map(|(_, r)| r.clone())
+            .map(|record| Listed {
+                leader: leader == Some(record.id.as_str()),
+                record,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (a.record.id != first, &a.record.name).cmp(&(b.record.id != first, &b.record.name))
+        });
+        out
+    }
+}
+
+fn leader_of(value: &[u8]) -> Option<String> {
+    decode::<LeaderRecord>(LEADER_KEY, value).ok().map(|l| l.id)
+}
+
+impl crate::watched::Watched for CoordinatorIndex {
+    const NAME: &'static str = "coordinator index";
+
+    fn prefix(&self) -> &str {
+        // `coordinator/` and the leader key: one watch of everything,
+        // filtered here.
+        ""
+    }
+
+    fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        let (kvs, read_at) = store.scan_kv(PREFIX)?;
+        let mut fresh = Known::default();
+        for kv in kvs {
+            match decode::<CoordinatorRecord>(&kv.key, &kv.value) {
+                Ok(r) => {
+                    fresh
+                        .coordinators
+                        .insert(kv.key.clone(), (kv.mod_revision, Some(r)));
+                }
+                Err(e) => tracing::warn!("coordinator index: {e}"),
+            }
+        }
+        fresh.leader = match store.get_kv(LEADER_KEY)? {
+            Some(kv) => (kv.mod_revision, leader_of(&kv.value)),
+            None => (0, None),
+        };
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(read_at)
+    }
+
+    fn apply(&self, batch: &WatchBatch) {
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        for e in &batch.events {
+            let key = e.kv.key.as_str();
+            if key == LEADER_KEY {
+                if known.leader.0 < batch.revision {
+                    known.leader = (
+                        batch.revision,
+                        match e.kind {
+                            EventKind::Put => leader_of(&e.kv.value),
+                            EventKind::Delete => None,
+                        },
+                    );
+                }
+            } else if key.starts_with(PREFIX) {
+                if known
+                    .coordinators
+                    .get(key)
+                    .is_some_and(|(r, _)| *r >= batch.revision)
+                {
+                    continue;
+                }
+                let record = match e.kind {
+                    EventKind::Put => decode::<CoordinatorRecord>(key, &e.kv.value).ok(),
+                    EventKind::Delete => None,
+                };
+                known
+                    .coordinators
+                    .insert(key.to_string(), (batch.revision, record));
+            }
+        }
+    }
 }
 
 /// Keeps this coordinator listed until shutdown.

@@ -114,6 +114,15 @@ impl DeployKeys {
     }
 
     /// The keys of `app` (every app when empty), oldest first.
+    /// Whether key `id` is still usable at `now` (exists, not revoked,
+    /// not expired): what a session logged in with it is checked against
+    /// before each change it makes.
+    pub fn is_usable(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .read(id)?
+            .is_some_and(|(r, _)| r.state(now) == identity::deploy_key::KeyState::Active))
+    }
+
     pub fn list(&self, app: &str) -> Result<Vec<DeployKeyRecord>, StoreError> {
         DeployKeys::list_in(&*self.store, app)
     }

@@ -212,21 +212,11 @@ impl TokenEndpoint {
         secret: &str,
         scope: &Scope,
     ) -> Result<Issued, OAuthError> {
-        let limited = self
-            .clients
-            .lock()
-            .map_err(|_| unavailable("client rate limiter poisoned"))?
-            .take(id.to_string(), Instant::now());
-        if let Err(wait) = limited {
-            return Err(err(
-                ErrorCode::SlowDown,
-                format!(
-                    "this client asked for too many tokens; retry in {}s (reuse a token until it expires)",
-                    wait.as_secs()
-                ),
-            ));
-        }
         let now = transport::clock::now_unix();
+        // The per-client budget is spent only by a caller that holds the
+        // secret: a client id is no secret, and strangers sending it with
+        // wrong secrets must not starve the real pipeline (their failures
+        // count against their source instead).
         let record = match self.keys.authenticate(id, secret, now) {
             Ok(Ok(record)) => record,
             Ok(Err(refusal)) => {
@@ -238,6 +228,20 @@ impl TokenEndpoint {
             }
             Err(e) => return Err(unavailable(e)),
         };
+        let limited = self
+            .clients
+            .lock()
+            .map_err(|_| unavailable("client rate limiter poisoned"))?
+            .take(record.id.clone(), Instant::now());
+        if let Err(wait) = limited {
+            return Err(err(
+                ErrorCode::SlowDown,
+                format!(
+                    "this client asked for too many tokens; retry in {}s (reuse a token until it expires)",
+                    wait.as_secs()
+                ),
+            ));
+        }
         if scope.app != record.app {
             return Err(err(
                 ErrorCode::InvalidScope,
@@ -503,6 +507,47 @@ fn issued_response(i: &Issued) -> Response {
     resp
 }
 
+/// How much of an oversized body is read and dropped, and for how long,
+/// so that a client still sending gets the refusal rather than a reset
+/// connection (unread data at close makes the kernel reset it).
+const DRAIN_BYTES: usize = 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The body, when it is at most `limit` bytes; `Err` when it is longer or
+/// was cut off (what follows the limit is drained within bounds first).
+async fn read_capped(body: Body, limit: usize) -> Result<bytes::Bytes, ()> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut out = Vec::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(out.into()),
+            Some(Err(_)) => return Err(()),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if out.len() + data.len() > limit {
+                    let mut drained = 0usize;
+                    let _ = tokio::time::timeout(DRAIN_TIME, async {
+                        while drained < DRAIN_BYTES {
+                            match body.frame().await {
+                                Some(Ok(f)) => {
+                                    drained += f.into_data().map(|d| d.len()).unwrap_or(0)
+                                }
+                                _ => break,
+                            }
+                        }
+                    })
+                    .await;
+                    return Err(());
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+    }
+}
+
 async fn token(
     AxumState(endpoint): AxumState<Arc<TokenEndpoint>>,
     peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
@@ -523,9 +568,9 @@ async fn token(
             "send the request as application/x-www-form-urlencoded (RFC 6749)",
         ));
     }
-    let bytes = match axum::body::to_bytes(body, oauth::MAX_BODY_BYTES).await {
+    let bytes = match read_capped(body, oauth::MAX_BODY_BYTES).await {
         Ok(b) => b,
-        Err(_) => {
+        Err(()) => {
             return error_response(&err(
                 ErrorCode::InvalidRequest,
                 format!(

@@ -163,6 +163,8 @@ pub struct Coordinator {
     elector: Option<(crate::leader::Elector, Option<crate::store::LeaseId>)>,
     /// Keeps this coordinator listed once serving (taken by `serve`).
     presence: Option<(crate::coordinators::Presence, Option<crate::store::LeaseId>)>,
+    /// The revision the coordinator index was loaded at.
+    coordinators_from: crate::store::Revision,
     leadership: crate::leader::Leadership,
 }
 
@@ -464,7 +466,10 @@ impl Coordinator {
             rt.clone(),
             audiences,
         ));
+        let (coordinator_index, coordinators_from) =
+            crate::coordinators::CoordinatorIndex::load(&*store)?;
         let state = Arc::new(State {
+            coordinators: Arc::new(coordinator_index),
             cluster: ClusterIdentity {
                 meta: material.meta.clone(),
                 address: address.clone(),
@@ -547,6 +552,7 @@ impl Coordinator {
             registry,
             elector: Some((elector, lease)),
             presence: Some(presence),
+            coordinators_from,
             leadership,
         })
     }
@@ -714,6 +720,13 @@ impl Coordinator {
         let index = Arc::new(index);
         index.follow(state.store.clone(), from, &tasks);
         state.routes.follow(&tasks);
+        state.ci.follow(&tasks);
+        crate::watched::follow(
+            state.coordinators.clone(),
+            state.store.clone(),
+            self.coordinators_from,
+            &tasks,
+        );
         let ingress = Arc::new(crate::ingress::Ingress {
             routes: state.routes.clone(),
             apps: state.apps.clone(),

@@ -46,25 +46,20 @@ pub struct ClusterIdentity {
 
 impl State {
     /// The cluster's address with every other running coordinator as an
-    /// alternate (what join codes and `cluster export-address` carry); the
-    /// configured address alone when the list cannot be read.
+    /// alternate (what join codes and `cluster export-address` carry), from
+    /// memory.
     pub fn address_with_peers(&self) -> ClusterAddress {
         let mut address = self.cluster.address.clone();
-        match crate::coordinators::list(&*self.store, &self.cluster.coordinator_id) {
-            Ok(listed) => {
-                for l in listed {
-                    if l.record.id == self.cluster.coordinator_id {
-                        continue;
-                    }
-                    if let Ok(other) = l.record.address.parse::<ClusterAddress>() {
-                        let hp = other.primary();
-                        if !address.endpoints().contains(&hp) {
-                            address.alternates.push(hp);
-                        }
-                    }
+        for l in self.coordinators.list(&self.cluster.coordinator_id) {
+            if l.record.id == self.cluster.coordinator_id {
+                continue;
+            }
+            if let Ok(other) = l.record.address.parse::<ClusterAddress>() {
+                let hp = other.primary();
+                if !address.endpoints().contains(&hp) {
+                    address.alternates.push(hp);
                 }
             }
-            Err(e) => tracing::info!("listing the coordinators: {e}"),
         }
         address
     }
@@ -73,6 +68,8 @@ impl State {
 /// Every part of a running coordinator.
 pub struct State {
     pub cluster: ClusterIdentity,
+    /// The running coordinators and the leader (watch-fed).
+    pub coordinators: Arc<crate::coordinators::CoordinatorIndex>,
     /// The issuer: URL history and signing keys.
     pub issuer: Arc<Issuer>,
     /// Workload tokens (whose they are, signing).

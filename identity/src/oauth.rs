@@ -327,6 +327,12 @@ pub fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, OAuthError> {
             "the request body is larger than {MAX_BODY_BYTES} bytes"
         )));
     }
+    let count = body.split(|b| *b == b'&').filter(|p| !p.is_empty()).count();
+    if count > MAX_PARAMS {
+        return Err(OAuthError::request(format!(
+            "the request has {count} parameters; at most {MAX_PARAMS} are accepted"
+        )));
+    }
     let mut out = Vec::new();
     for part in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let (k, v) = match part.iter().position(|b| *b == b'=') {
@@ -386,11 +392,21 @@ pub fn parse_basic(header: &str) -> Option<Result<(String, String), OAuthError>>
     })
 }
 
+/// Most parameters one request may carry (every grant needs fewer than
+/// ten): a body of thousands of empty ones is refused before any work.
+pub const MAX_PARAMS: usize = 32;
+
 /// The parameters of one request, each at most once.
 struct Params(Vec<(String, String)>);
 
 impl Params {
     fn new(pairs: Vec<(String, String)>) -> Result<Params, OAuthError> {
+        if pairs.len() > MAX_PARAMS {
+            return Err(OAuthError::request(format!(
+                "the request has {} parameters; at most {MAX_PARAMS} are accepted",
+                pairs.len()
+            )));
+        }
         for (i, (k, _)) in pairs.iter().enumerate() {
             if pairs[..i].iter().any(|(p, _)| p == k) {
                 return Err(OAuthError::request(format!(
@@ -582,6 +598,22 @@ mod tests {
             parse_form(&big).unwrap_err().code,
             ErrorCode::InvalidRequest
         );
+        // Thousands of tiny parameters are refused before any is decoded.
+        let many: Vec<u8> = (0..MAX_PARAMS + 1)
+            .map(|i| format!("p{i}"))
+            .collect::<Vec<_>>()
+            .join("&")
+            .into_bytes();
+        assert!(parse_form(&many)
+            .unwrap_err()
+            .description
+            .contains("at most"));
+        let enough: Vec<u8> = (0..MAX_PARAMS)
+            .map(|i| format!("p{i}"))
+            .collect::<Vec<_>>()
+            .join("&")
+            .into_bytes();
+        assert_eq!(parse_form(&enough).unwrap().len(), MAX_PARAMS);
     }
 
     #[test]

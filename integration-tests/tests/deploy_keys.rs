@@ -215,9 +215,43 @@ fn a_deploy_key_alone_deploys_its_app_and_nothing_else() {
     );
     assert!(!r.ok && r.stderr.contains("rotate"), "{r:?}");
 
+    // A session logged in with the key before it is revoked: `logs -f`
+    // asks for logs every second on the capability it bought, and must be
+    // refused from the revocation on (a capability never outlives its key).
+    let follow_home = home.join("follow");
+    std::fs::create_dir_all(&follow_home).unwrap();
+    let mut follow = Command::new(miren_bin())
+        .args(["logs", "-a", "web", "-f"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", &follow_home)
+        .env("MIREN_CONFIG", follow_home.join("none.yaml"))
+        .env("MIREN_API_KEY", current)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("miren logs -f");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "logs -f is running before the revocation"
+    );
+
     // Revoked: refused at once, with its reason.
     let revoke = c.miren(&["auth", "key", "revoke", &id]);
     assert!(revoke.ok, "{revoke:?}");
+    let ended = integration_tests::wait_for(std::time::Duration::from_secs(20), || {
+        follow.try_wait().unwrap().is_some()
+    });
+    if !ended {
+        let _ = follow.kill();
+    }
+    let out = follow.wait_with_output().expect("logs -f output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        ended && !out.status.success() && stderr.contains("revoked"),
+        "the open session outlived the key's revocation: {stderr}"
+    );
     let r = with_key(
         &home.join("fresh3"),
         current,

@@ -569,11 +569,39 @@ fn two_coordinators_on_one_etcd_list_each_other_and_the_survivor_leads() {
         "{exported}"
     );
 
+    // CI bindings changed through the first one: one added, one added and
+    // removed (a revocation). The second coordinator must see both.
+    let add = |repo: &str| -> String {
+        let run = c.miren(&["auth", "ci", "add", "-a", "web", "--github", repo]);
+        assert!(run.ok, "{run:?}");
+        run.stdout
+            .trim()
+            .strip_prefix("Added CI authentication binding ")
+            .and_then(|r| r.split_whitespace().next())
+            .expect("binding id")
+            .to_string()
+    };
+    let kept = add("acme/kept");
+    let revoked = add("acme/revoked");
+    assert!(c.miren(&["auth", "ci", "remove", &revoked]).ok);
+
     // The leader dies: the CLI reaches the survivor through the exported
     // address, which leads once the old lease has run out and lists itself
     // alone once the dead one's presence has.
     c.kill_coordinator();
     let env = [("MIREN_CLUSTER", exported.as_str())];
+    let bindings = integration_tests::miren_within(
+        &c.cfg,
+        &["auth", "ci", "list", "-a", "web", "-o", "json"],
+        &env,
+        Duration::from_secs(60),
+    );
+    assert!(bindings.ok, "{bindings:?}");
+    assert!(
+        bindings.stdout.contains(&kept) && !bindings.stdout.contains(&revoked),
+        "the survivor's bindings follow the store (kept {kept}, removed {revoked}): {}",
+        bindings.stdout
+    );
     let survivor_leads = wait_for(Duration::from_secs(40), || {
         let st = status(&c, &env);
         st["coordinators"].as_array().is_some_and(|l| {

@@ -599,8 +599,7 @@ impl admin::Server for AdminService {
         s.set_join_tokens(summary.join_tokens);
         s.set_ci_bindings(summary.ci_bindings);
         s.set_signing_keys(summary.signing_keys);
-        let listed = crate::coordinators::list(&*st.store, &st.cluster.coordinator_id)
-            .map_err(|e| failed(format!("listing the coordinators: {e}")))?;
+        let listed = st.coordinators.list(&st.cluster.coordinator_id);
         let mut list = s.init_coordinators(listed.len() as u32);
         for (i, l) in listed.iter().enumerate() {
             let mut c = list.reborrow().get(i as u32);

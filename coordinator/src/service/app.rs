@@ -16,40 +16,80 @@ use crate::apps::{AppError, Service};
 use crate::state::State;
 use identity::oauth::{Action, Scope};
 
+/// The credential a session logged in with, checked again before each
+/// call: a capability must not outlive its token, its key or its binding.
+pub struct LoggedIn {
+    /// The access token's `exp` (Unix seconds).
+    pub not_after: i64,
+    /// Whose token it was.
+    pub caller: identity::access_token::Caller,
+}
+
 /// One app's capability.
 pub struct AppService {
     state: Arc<State>,
     app: String,
     /// What may be done (every action for an admin).
     scope: Scope,
+    /// `None` for an admin (its certificate is checked by TLS).
+    login: Option<LoggedIn>,
 }
 
 impl AppService {
     /// The whole of `app`.
     pub fn new(state: Arc<State>, app: String) -> AppService {
         let scope = Scope::whole_app(&app);
-        AppService { state, app, scope }
+        AppService {
+            state,
+            app,
+            scope,
+            login: None,
+        }
     }
 
-    /// The app `scope` names, confined to its actions.
-    pub fn confined(state: Arc<State>, scope: Scope) -> AppService {
+    /// The app `scope` names, confined to its actions, for as long as
+    /// `login` holds.
+    pub fn confined(state: Arc<State>, scope: Scope, login: LoggedIn) -> AppService {
         AppService {
             state,
             app: scope.app.clone(),
             scope,
+            login: Some(login),
         }
     }
 
     fn allow(&self, action: Action) -> Result<(), capnp::Error> {
-        if self.scope.allows(action) {
-            return Ok(());
+        if !self.scope.allows(action) {
+            return Err(super::wire::failed(format!(
+                "permission denied: this token's scope ({}) does not include app:{}:{}",
+                self.scope.to_scope_string(),
+                self.app,
+                action.as_str()
+            )));
         }
-        Err(super::wire::failed(format!(
-            "permission denied: this token's scope ({}) does not include app:{}:{}",
-            self.scope.to_scope_string(),
-            self.app,
-            action.as_str()
-        )))
+        let Some(login) = &self.login else {
+            return Ok(());
+        };
+        let now = now_unix();
+        if now >= login.not_after {
+            return Err(super::wire::failed(
+                "permission denied: the access token this session logged in with has expired; log in again (run the command again)",
+            ));
+        }
+        let still = match &login.caller {
+            identity::access_token::Caller::DeployKey(id) => self
+                .state
+                .deploy_keys
+                .is_usable(id, now)
+                .map_err(|e| super::wire::failed(format!("checking the deploy key: {e}")))?,
+            identity::access_token::Caller::Ci(binding) => self.state.ci.exists(binding),
+        };
+        if !still {
+            return Err(super::wire::failed(
+                "permission denied: the deploy key or CI binding this session logged in with was revoked, removed or has expired",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -67,7 +67,11 @@ impl ClusterService {
             Caller::Ci(binding) => Actor::Ci(binding),
         };
         tracing::info!(app = %app, client = %token.claims.client_id, "login");
-        let service = AppService::confined(self.state.clone(), token.scope);
+        let login = super::app::LoggedIn {
+            not_after: token.claims.exp,
+            caller: token.claims.caller(),
+        };
+        let service = AppService::confined(self.state.clone(), token.scope, login);
         client(service, "App", &self.state, Some(actor), Some(app))
     }
 }
