@@ -319,8 +319,13 @@ impl TokenEndpoint {
                 )
             })?;
         let now = transport::clock::now_unix();
+        // Remembered for as long as the verifier would still accept it:
+        // its `exp` plus the verifier's leeway.
+        let accepted_until = verified
+            .expires_at
+            .saturating_add(i64::from(identity::DEFAULT_LEEWAY_SECS));
         self.spent
-            .spend(&verified.issuer, jti, verified.expires_at, now)
+            .spend(&verified.issuer, jti, accepted_until, now)
             .map_err(|e| match e {
                 SpendError::AlreadySpent => err(ErrorCode::InvalidGrant, e.to_string()),
                 SpendError::Full => err(ErrorCode::SlowDown, e.to_string()),
