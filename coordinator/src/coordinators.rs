@@ -43,14 +43,6 @@ pub struct Listed {
     pub leader: bool,
 }
 
-/// The running coordinators, `first` (an id) first, then by name, read
-/// from the store now (tests and tools; a coordinator answers from its
-/// [`CoordinatorIndex`]).
-pub fn list(store: &dyn Store, first: &str) -> Result<Vec<Listed>, StoreError> {
-    let (index, _) = CoordinatorIndex::load(store)?;
-    Ok(index.list(first))
-}
-
 /// What the index knows: each key with the revision it was seen at (`None`
 /// once deleted).
 #[derive(Default)]
@@ -252,7 +244,7 @@ mod tests {
             "alpha".into(),
             crate::leader::LEASE_TTL,
         );
-        let listed = list(&*store, "b").unwrap();
+        let listed = CoordinatorIndex::load(&*store).unwrap().0.list("b");
         let names: Vec<(&str, bool)> = listed
             .iter()
             .map(|l| (l.record.name.as_str(), l.leader))
@@ -260,6 +252,9 @@ mod tests {
         assert_eq!(names, [("beta", false), ("alpha", true)]);
         // A coordinator whose lease ends is no longer listed.
         store.revoke_lease(lease_b.unwrap()).unwrap();
-        assert_eq!(list(&*store, "b").unwrap().len(), 1);
+        assert_eq!(
+            CoordinatorIndex::load(&*store).unwrap().0.list("b").len(),
+            1
+        );
     }
 }

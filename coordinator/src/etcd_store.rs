@@ -724,36 +724,30 @@ pub const OWNER_KEY: &str = "cluster/ca-fingerprint";
 /// checks that it is that cluster's: two clusters writing one etcd prefix
 /// would corrupt each other.
 pub fn claim(store: &dyn Store, fingerprint: &str) -> Result<(), StoreError> {
-    let claim = Txn {
-        conditions: vec![Condition::Absent(OWNER_KEY.into())],
-        ops: vec![Op::Put(OWNER_KEY.into(), fingerprint.as_bytes().to_vec())],
-    };
-    if store.commit(claim)? == Outcome::Applied {
-        return Ok(());
+    // Twice at most: the owner key may be removed between the two calls.
+    for _ in 0..2 {
+        let claim = Txn {
+            conditions: vec![Condition::Absent(OWNER_KEY.into())],
+            ops: vec![Op::Put(OWNER_KEY.into(), fingerprint.as_bytes().to_vec())],
+        };
+        if store.commit(claim)? == Outcome::Applied {
+            return Ok(());
+        }
+        match store.get(OWNER_KEY)? {
+            Some(owner) if owner == fingerprint.as_bytes() => return Ok(()),
+            Some(owner) => {
+                return Err(StoreError::OtherCluster {
+                    owner: String::from_utf8_lossy(&owner).into_owned(),
+                    ours: fingerprint.to_string(),
+                })
+            }
+            None => {}
+        }
     }
-    match store.get(OWNER_KEY)? {
-        Some(owner) if owner == fingerprint.as_bytes() => Ok(()),
-        Some(owner) => Err(StoreError::OtherCluster {
-            owner: String::from_utf8_lossy(&owner).into_owned(),
-            ours: fingerprint.to_string(),
-        }),
-        // Removed between the two calls: try once more.
-        None => claim_once_more(store, fingerprint),
-    }
-}
-
-fn claim_once_more(store: &dyn Store, fingerprint: &str) -> Result<(), StoreError> {
-    let claim = Txn {
-        conditions: vec![Condition::Absent(OWNER_KEY.into())],
-        ops: vec![Op::Put(OWNER_KEY.into(), fingerprint.as_bytes().to_vec())],
-    };
-    match store.commit(claim)? {
-        Outcome::Applied => Ok(()),
-        Outcome::ConditionFailed => Err(StoreError::OtherCluster {
-            owner: "(changing)".into(),
-            ours: fingerprint.to_string(),
-        }),
-    }
+    Err(StoreError::OtherCluster {
+        owner: "(changing)".into(),
+        ours: fingerprint.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -504,16 +504,16 @@ async fn one_coordinator_leads_and_another_takes_over_when_it_dies() {
     tasks[1].stop();
 }
 
-#[test]
-fn two_coordinators_on_one_etcd_list_each_other_and_the_survivor_leads() {
-    // Until coordinators can join with a code (the rest of issue 18), the
-    // second one gets the cluster's CA and keys by a copy of the first
-    // one's data dir, without its coordinator id.
-    let dir = temp();
-    let etcd = EtcdCluster::start(dir.path(), 1);
-    let endpoints = etcd.endpoints();
-    let mut c = Cluster::start(0, &["--etcd", &endpoints]);
-    let b_data = dir.path().join("coord-b");
+/// A second coordinator of `c`'s cluster, started with `args` under `dir`.
+/// Until coordinators can join with a code (the rest of issue 18), it gets
+/// the cluster's CA and keys by a copy of the first one's data dir, without
+/// its coordinator id.
+fn second_coordinator(
+    c: &Cluster,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> integration_tests::Server {
+    let b_data = dir.join("coord-b");
     let copy = std::process::Command::new("cp")
         .arg("-a")
         .arg(&c.coord_data)
@@ -522,12 +522,16 @@ fn two_coordinators_on_one_etcd_list_each_other_and_the_survivor_leads() {
         .expect("cp");
     assert!(copy.success());
     std::fs::remove_file(b_data.join("coordinator-id")).expect("the copy's coordinator id");
-    let b = integration_tests::Server::start(
-        &b_data,
-        &dir.path().join("b.yaml"),
-        "127.0.0.1:0",
-        &["--etcd", &endpoints],
-    );
+    integration_tests::Server::start(&b_data, &dir.join("b.yaml"), "127.0.0.1:0", args)
+}
+
+#[test]
+fn two_coordinators_on_one_etcd_list_each_other_and_the_survivor_leads() {
+    let dir = temp();
+    let etcd = EtcdCluster::start(dir.path(), 1);
+    let endpoints = etcd.endpoints();
+    let mut c = Cluster::start(0, &["--etcd", &endpoints]);
+    let b = second_coordinator(&c, dir.path(), &["--etcd", &endpoints]);
     let b_addr = b.host_port().to_string();
 
     let status = |c: &Cluster, env: &[(&str, &str)]| -> serde_json::Value {
@@ -618,22 +622,11 @@ fn a_runner_fails_over_to_the_surviving_coordinator_and_its_app_keeps_serving() 
     let etcd = EtcdCluster::start(dir.path(), 1);
     let endpoints = etcd.endpoints();
     let mut c = Cluster::start(0, &["--etcd", &endpoints]);
-    // The second coordinator, from a copy of the first one's data dir (see
-    // the test above), with an ingress of its own.
-    let b_data = dir.path().join("coord-b");
-    let copy = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&c.coord_data)
-        .arg(&b_data)
-        .status()
-        .expect("cp");
-    assert!(copy.success());
-    std::fs::remove_file(b_data.join("coordinator-id")).expect("the copy's coordinator id");
+    // The second coordinator, with an ingress of its own.
     let b_ingress = format!("127.0.0.1:{}", integration_tests::free_port());
-    let b = integration_tests::Server::start(
-        &b_data,
-        &dir.path().join("b.yaml"),
-        "127.0.0.1:0",
+    let b = second_coordinator(
+        &c,
+        dir.path(),
         &["--etcd", &endpoints, "--http-listen", &b_ingress],
     );
     let b_addr = b.host_port().to_string();
