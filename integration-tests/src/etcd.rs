@@ -260,3 +260,24 @@ fn health(port: u16) -> bool {
     let _ = s.read_to_string(&mut body);
     body.starts_with("HTTP/1.") && body.contains(" 200 ") && body.contains("\"health\":\"true\"")
 }
+
+/// A second coordinator of `c`'s cluster, started with `args` under `dir`.
+/// Until coordinators can join with a code (the rest of issue 18), it gets
+/// the cluster's CA and keys by a copy of the first one's data dir, without
+/// its coordinator id.
+pub fn second_coordinator(
+    c: &crate::Cluster,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> crate::Server {
+    let b_data = dir.join("coord-b");
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&c.coord_data)
+        .arg(&b_data)
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+    std::fs::remove_file(b_data.join("coordinator-id")).expect("the copy's coordinator id");
+    crate::Server::start(&b_data, &dir.join("b.yaml"), "127.0.0.1:0", args)
+}

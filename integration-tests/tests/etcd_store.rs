@@ -504,34 +504,13 @@ async fn one_coordinator_leads_and_another_takes_over_when_it_dies() {
     tasks[1].stop();
 }
 
-/// A second coordinator of `c`'s cluster, started with `args` under `dir`.
-/// Until coordinators can join with a code (the rest of issue 18), it gets
-/// the cluster's CA and keys by a copy of the first one's data dir, without
-/// its coordinator id.
-fn second_coordinator(
-    c: &Cluster,
-    dir: &std::path::Path,
-    args: &[&str],
-) -> integration_tests::Server {
-    let b_data = dir.join("coord-b");
-    let copy = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&c.coord_data)
-        .arg(&b_data)
-        .status()
-        .expect("cp");
-    assert!(copy.success());
-    std::fs::remove_file(b_data.join("coordinator-id")).expect("the copy's coordinator id");
-    integration_tests::Server::start(&b_data, &dir.join("b.yaml"), "127.0.0.1:0", args)
-}
-
 #[test]
 fn two_coordinators_on_one_etcd_list_each_other_and_the_survivor_leads() {
     let dir = temp();
     let etcd = EtcdCluster::start(dir.path(), 1);
     let endpoints = etcd.endpoints();
     let mut c = Cluster::start(0, &["--etcd", &endpoints]);
-    let b = second_coordinator(&c, dir.path(), &["--etcd", &endpoints]);
+    let b = integration_tests::etcd::second_coordinator(&c, dir.path(), &["--etcd", &endpoints]);
     let b_addr = b.host_port().to_string();
 
     let status = |c: &Cluster, env: &[(&str, &str)]| -> serde_json::Value {
@@ -624,7 +603,7 @@ fn a_runner_fails_over_to_the_surviving_coordinator_and_its_app_keeps_serving() 
     let mut c = Cluster::start(0, &["--etcd", &endpoints]);
     // The second coordinator, with an ingress of its own.
     let b_ingress = format!("127.0.0.1:{}", integration_tests::free_port());
-    let b = second_coordinator(
+    let b = integration_tests::etcd::second_coordinator(
         &c,
         dir.path(),
         &["--etcd", &endpoints, "--http-listen", &b_ingress],
