@@ -261,6 +261,12 @@ fn the_three_machine_guide_works_as_written() {
             .is_some_and(|l| l.len() == 2)
     });
     assert!(listed, "{}", status(&first));
+    // Health as `cluster status` probes it: each answers on its own address.
+    let st = status(&first);
+    for row in st["coordinators"].as_array().into_iter().flatten() {
+        assert_eq!(row["reachable"], true, "{st}");
+        assert!(row["rtt_ms"].is_u64(), "{st}");
+    }
     let exported = miren_within(
         &server_config(&first),
         &["cluster", "export-address"],
@@ -311,12 +317,23 @@ fn the_three_machine_guide_works_as_written() {
         "the snapshot holds the cluster's records"
     );
 
-    // 6. Removing a coordinator: its entry lapses.
+    // 6. Removing a coordinator: shown unreachable, never healthy, until
+    // its entry lapses.
+    let second_address = second.host_port().to_string();
     let (_, _) = second.stop();
     let lapsed = wait_for(Duration::from_secs(40), || {
-        status(&first)["coordinators"]
-            .as_array()
-            .is_some_and(|l| l.len() == 1)
+        let st = status(&first);
+        let rows = st["coordinators"].as_array().cloned().unwrap_or_default();
+        for row in &rows {
+            if row["address"] == second_address.as_str() {
+                assert_eq!(
+                    row["reachable"], false,
+                    "a stopped coordinator shown healthy: {st}"
+                );
+                assert!(row["error"].is_string(), "{st}");
+            }
+        }
+        rows.len() == 1
     });
     assert!(lapsed, "{}", status(&first));
     drop(members);

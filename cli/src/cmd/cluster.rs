@@ -205,6 +205,45 @@ struct CoordinatorRow {
     version: String,
     started_unix: i64,
     leader: bool,
+    /// Whether it answered this client on its own address just now.
+    reachable: bool,
+    /// Its answer's round trip (dial, handshake and one call), when it answered.
+    rtt_ms: Option<u64>,
+    /// Why it did not answer.
+    error: Option<String>,
+}
+
+/// How long `cluster status` waits for each coordinator's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Asks the coordinator at `address` alone (same pin, no credential) for
+/// the cluster's info: whether it answers, and how fast.
+async fn probe(address: ClusterAddress) -> Result<u64, String> {
+    let started = std::time::Instant::now();
+    let target = Target {
+        name: None,
+        address,
+        identity: None,
+        api_key: None,
+    };
+    let answered = tokio::time::timeout(PROBE_TIMEOUT, async {
+        let session = Session::open(target).await?;
+        session
+            .cluster
+            .info_request()
+            .send()
+            .promise
+            .await
+            .map_err(remote)?;
+        session.close().await;
+        anyhow::Ok(())
+    })
+    .await;
+    match answered {
+        Ok(Ok(())) => Ok(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+    }
 }
 
 /// The part of [`StatusDoc`] only an admin sees.
@@ -318,15 +357,42 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
             .map_err(remote)?;
         let s = reply.get()?.get_status()?;
         let mut coordinators = Vec::new();
-        for c in s.get_coordinators()? {
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, c) in s.get_coordinators()?.iter().enumerate() {
+            let address = c.get_address()?.to_string()?;
+            // Each is probed on its own address under the configured pin.
+            match address.parse::<ClusterAddress>() {
+                Ok(a) => {
+                    let pinned = session.target.address.at(&a.primary());
+                    probes.spawn_local(async move { (i, probe(pinned).await) });
+                }
+                Err(e) => {
+                    probes.spawn_local(async move { (i, Err(format!("bad address: {e}"))) });
+                }
+            }
             coordinators.push(CoordinatorRow {
                 id: c.get_id()?.to_string()?,
                 name: c.get_name()?.to_string()?,
-                address: c.get_address()?.to_string()?,
+                address,
                 version: c.get_version()?.to_string()?,
                 started_unix: c.get_started_unix(),
                 leader: c.get_leader(),
+                reachable: false,
+                rtt_ms: None,
+                error: None,
             });
+        }
+        while let Some(done) = probes.join_next().await {
+            let Ok((i, answer)) = done else { continue };
+            if let Some(row) = coordinators.get_mut(i) {
+                match answer {
+                    Ok(ms) => {
+                        row.reachable = true;
+                        row.rtt_ms = Some(ms);
+                    }
+                    Err(e) => row.error = Some(e),
+                }
+            }
         }
         doc.admin = Some(AdminStatusDoc {
             admin_cert_expires_unix,
@@ -389,6 +455,10 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
                             } else {
                                 "standby".to_string()
                             },
+                            match (c["reachable"].as_bool(), c["rtt_ms"].as_u64()) {
+                                (Some(true), Some(ms)) => format!("ok ({ms} ms)"),
+                                _ => format!("unreachable: {}", text("error")),
+                            },
                             text("version"),
                         ]
                     })
@@ -407,7 +477,10 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
                 if rows[0].len() == 1 {
                     output::table(&["COORDINATOR"], &rows);
                 } else {
-                    output::table(&["COORDINATOR", "ADDRESS", "ROLE", "VERSION"], &rows);
+                    output::table(
+                        &["COORDINATOR", "ADDRESS", "ROLE", "HEALTH", "VERSION"],
+                        &rows,
+                    );
                 }
             }
             Ok(())
