@@ -21,16 +21,23 @@
 //! naming it" ([`ArtifactStore::hold`]) take one lock, so a deploy never
 //! names an artifact that is being deleted. That lock is this process's:
 //! the artifact store is this coordinator's disk.
+//!
+//! With `--etcd`, every finished upload is also written to the shared store
+//! ([`crate::artifact_chunks`]) and the file is this coordinator's cache of
+//! it: a read that misses the file rebuilds it from the store, and an
+//! artifact counts as present when the store has it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
+
+use crate::artifact_chunks::{ChunkError, SharedArtifacts};
 
 /// Largest artifact accepted: an app bundle, not a disk image; the runner
 /// refuses larger ones too.
@@ -68,6 +75,9 @@ pub enum ArtifactError {
     NotADigest(String),
     #[error("artifact {0} is not on the coordinator; upload it first")]
     Missing(String),
+    /// The shared store (with `--etcd`) failed or holds a damaged copy.
+    #[error(transparent)]
+    Shared(ChunkError),
     #[error("artifact store {path}: {source}")]
     Io {
         path: PathBuf,
@@ -162,6 +172,22 @@ pub struct ArtifactStore {
     dir: PathBuf,
     limits: UploadLimits,
     book: Arc<Mutex<Book>>,
+    /// The store every coordinator shares artifacts through (`--etcd`).
+    shared: OnceLock<Arc<SharedArtifacts>>,
+}
+
+fn shared_err(e: ChunkError) -> ArtifactError {
+    match e {
+        ChunkError::Missing(sha) => ArtifactError::Missing(sha),
+        other => ArtifactError::Shared(other),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Held while an artifact's existence is checked and a reference to it
@@ -209,6 +235,7 @@ impl ArtifactStore {
             dir,
             limits,
             book: Arc::new(Mutex::new(Book::default())),
+            shared: OnceLock::new(),
         };
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut book = lock(&store.book);
@@ -221,6 +248,12 @@ impl ArtifactStore {
         }
         drop(book);
         Ok(store)
+    }
+
+    /// Shares every artifact uploaded from now on through `store`, and
+    /// reads through it those this coordinator has no file of (`--etcd`).
+    pub fn share_through(&self, store: Arc<dyn crate::store::Store>) {
+        let _ = self.shared.set(Arc::new(SharedArtifacts::new(store)));
     }
 
     /// Starts an upload for `app`, unless it already has as many as allowed
@@ -282,6 +315,7 @@ impl ArtifactStore {
             max_bytes: self.limits.max_artifact_bytes,
             idle: self.limits.idle,
             book: self.book.clone(),
+            shared: self.shared.get().cloned(),
         })
     }
 
@@ -301,10 +335,15 @@ impl ArtifactStore {
         }
     }
 
-    /// Whether artifact `sha` is stored.
+    /// Whether artifact `sha` is stored (here, or complete in the shared
+    /// store).
     pub fn contains(&self, sha: &str) -> bool {
         is_sha256_hex(sha)
-            && std::fs::symlink_metadata(self.dir.join(sha)).is_ok_and(|m| m.is_file())
+            && (std::fs::symlink_metadata(self.dir.join(sha)).is_ok_and(|m| m.is_file())
+                || self
+                    .shared
+                    .get()
+                    .is_some_and(|s| s.manifest(sha).is_ok_and(|m| m.is_some())))
     }
 
     /// Up to `length` (at most 4 MiB) bytes of artifact `sha` from `offset`,
@@ -320,6 +359,14 @@ impl ArtifactStore {
             return Err(ArtifactError::NotADigest(sha.to_string()));
         }
         let path = self.dir.join(sha);
+        if let Some(shared) = self.shared.get() {
+            if !path.is_file() {
+                let tmp = self
+                    .dir
+                    .join(format!("{UPLOAD_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+                shared.rebuild(sha, &path, &tmp).map_err(shared_err)?;
+            }
+        }
         let mut f = File::open(&path).map_err(|_| ArtifactError::Missing(sha.to_string()))?;
         let size = f.metadata().map_err(io_at(&path))?.len();
         let offset = offset.min(size);
@@ -367,6 +414,17 @@ impl ArtifactStore {
         let referenced = referenced()?;
         let stored: Vec<String> = self.stored()?.into_iter().map(|a| a.sha256).collect();
         let doomed = artifacts_to_delete(&stored, &referenced, &awaiting);
+        if let Some(shared) = self.shared.get() {
+            // Every coordinator's fresh uploads are spared by their
+            // manifest's upload time, not this one's memory.
+            let grace_start = unix_now() - UPLOAD_GRACE.as_secs() as i64;
+            let gone = shared
+                .collect(&referenced, grace_start)
+                .map_err(|e| ArtifactError::Shared(e.into()))?;
+            if !gone.is_empty() {
+                tracing::info!("deleted {} shared artifact(s) no version needs", gone.len());
+            }
+        }
         let mut deleted = Vec::new();
         for sha in doomed {
             let path = self.dir.join(&sha);
@@ -405,6 +463,7 @@ pub struct Upload {
     max_bytes: u64,
     idle: Duration,
     book: Arc<Mutex<Book>>,
+    shared: Option<Arc<SharedArtifacts>>,
 }
 
 impl Upload {
@@ -501,7 +560,15 @@ impl Upload {
         let _ = File::open(&self.dir).and_then(|d| d.sync_all());
         let now = Instant::now();
         book.forget_old_uploads(now);
-        book.awaiting_deploy.insert(received, now);
+        book.awaiting_deploy.insert(received.clone(), now);
+        drop(book);
+        // Shared before the upload counts as done: a deploy recorded next
+        // may start on a runner attached to any coordinator.
+        if let Some(shared) = &self.shared {
+            shared
+                .put(&received, &dest, unix_now())
+                .map_err(ArtifactError::Shared)?;
+        }
         Ok(size)
     }
 }
