@@ -97,12 +97,10 @@ impl SharedArtifacts {
     }
 
     /// Writes the artifact at `path` (of digest `sha`, checked by the
-    /// caller) into the store: its chunks, then its manifest. Nothing to
-    /// do when the store has it already.
+    /// caller) into the store: its chunks, then its manifest. Written
+    /// again when the store has it already, so uploading an artifact again
+    /// repairs a damaged copy (and restarts its grace).
     pub fn put(&self, sha: &str, path: &Path, now_unix: i64) -> Result<(), ChunkError> {
-        if self.manifest(sha)?.is_some() {
-            return Ok(());
-        }
         let io = |source| ChunkError::Io {
             path: path.to_path_buf(),
             source,
