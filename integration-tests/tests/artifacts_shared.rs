@@ -88,7 +88,11 @@ fn a_runner_gets_an_artifact_uploaded_to_a_dead_coordinator_through_another_and_
         e.ok && e.stdout.contains(b.host_port())
     });
     assert!(both, "the first coordinator never listed the second");
-    let exported = c.miren(&["cluster", "export-address"]).stdout.trim().to_string();
+    let exported = c
+        .miren(&["cluster", "export-address"])
+        .stdout
+        .trim()
+        .to_string();
     let cfg = c.cfg.clone();
     let through_any = move |args: &[&str]| {
         miren_within(
@@ -144,7 +148,10 @@ fn a_runner_gets_an_artifact_uploaded_to_a_dead_coordinator_through_another_and_
         through_any(&["app", "status", "-a", app, "-o", "json"]),
         integration_tests::tail(&runner.output(), 30)
     );
-    assert!(!b_files.join(&first).exists(), "a damaged artifact was kept");
+    assert!(
+        !b_files.join(&first).exists(),
+        "a damaged artifact was kept"
+    );
 
     // A second version, uploaded to the first coordinator (started again,
     // and killed again once the upload is in): the runner starts it through
@@ -182,6 +189,11 @@ fn a_runner_gets_an_artifact_uploaded_to_a_dead_coordinator_through_another_and_
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
         .count();
-    assert_eq!(leftovers, 0, "temporary files left in {}", b_files.display());
+    assert_eq!(
+        leftovers,
+        0,
+        "temporary files left in {}",
+        b_files.display()
+    );
     drop(b);
 }

@@ -1017,7 +1017,9 @@ fn two_coordinators_on_one_etcd_share_sessions_states_refreshes_and_logouts() {
             .get(format!("{app_b}/headers"))
             .header(COOKIE, &cookie)
             .send()
-            .is_ok_and(|r| r.status() == 401 && r.text().is_ok_and(|t| t.contains("login required")))
+            .is_ok_and(|r| {
+                r.status() == 401 && r.text().is_ok_and(|t| t.contains("login required"))
+            })
     };
     assert!(
         integration_tests::wait_for(Duration::from_secs(5), refused_on_b),
