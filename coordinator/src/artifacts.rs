@@ -183,13 +183,6 @@ fn shared_err(e: ChunkError) -> ArtifactError {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Held while an artifact's existence is checked and a reference to it
 /// recorded: no collection runs meanwhile.
 pub struct Held<'a> {
@@ -417,7 +410,7 @@ impl ArtifactStore {
         if let Some(shared) = self.shared.get() {
             // Every coordinator's fresh uploads are spared by their
             // manifest's upload time, not this one's memory.
-            let grace_start = unix_now() - UPLOAD_GRACE.as_secs() as i64;
+            let grace_start = transport::clock::now_unix() - UPLOAD_GRACE.as_secs() as i64;
             let gone = shared
                 .collect(&referenced, grace_start)
                 .map_err(|e| ArtifactError::Shared(e.into()))?;
@@ -566,7 +559,7 @@ impl Upload {
         // may start on a runner attached to any coordinator.
         if let Some(shared) = &self.shared {
             shared
-                .put(&received, &dest, unix_now())
+                .put(&received, &dest, transport::clock::now_unix())
                 .map_err(ArtifactError::Shared)?;
         }
         Ok(size)
@@ -606,6 +599,35 @@ mod tests {
 
     fn sha(data: &[u8]) -> String {
         hex::encode(Sha256::digest(data))
+    }
+
+    #[test]
+    fn with_a_shared_store_an_upload_here_is_read_by_another_coordinator() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a_dir).unwrap();
+        std::fs::create_dir_all(&b_dir).unwrap();
+        let (a, b) = (small(&a_dir, 4 << 20), small(&b_dir, 4 << 20));
+        a.share_through(shared.clone());
+        b.share_through(shared);
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+        let digest = sha(&data);
+        assert!(!b.contains(&digest));
+        let mut up = a.begin_upload("web", Instant::now()).unwrap();
+        up.write(&data, Instant::now()).unwrap();
+        up.finish(&digest).unwrap();
+        // B has no file, yet has the artifact, and rebuilds it on read.
+        assert!(files(&b).is_empty());
+        assert!(b.contains(&digest));
+        let (head, size) = b.read(&digest, 0, 10).unwrap();
+        assert_eq!((head.as_slice(), size), (&data[..10], data.len() as u64));
+        assert_eq!(files(&b), vec![digest.clone()]);
+        assert!(matches!(
+            b.read(&sha(b"never uploaded"), 0, 10),
+            Err(ArtifactError::Missing(_))
+        ));
     }
 
     #[test]

@@ -250,7 +250,7 @@ impl Sso {
         let (read, current, claimed_at) = loop {
             let read = shared::read_refresh(store, &self.key, &sid)
                 .map_err(|e| RefreshError::Record(e.into()))?;
-            let clock = super::unix_now().max(now);
+            let clock = transport::clock::now_unix().max(now);
             let record = &read.record;
             // A newer refresh token from an earlier refresh of this session
             // wins over the one in a stale cookie.

@@ -29,7 +29,6 @@ pub mod shared;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use identity::UsedStates;
 
@@ -104,14 +103,6 @@ impl Sso {
             tasks,
         );
     }
-}
-
-/// The time in Unix seconds.
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -181,7 +181,7 @@ impl crate::watched::Watched for EndedSessions {
         let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
         // Nothing deletes an end before its time: what memory holds beyond
         // the store (a logout whose write failed) stays refused until then.
-        let now = super::unix_now();
+        let now = transport::clock::now_unix();
         ended.retain(|_, until| *until > now);
         ended.extend(fresh);
         Ok(read_at)
