@@ -181,7 +181,7 @@ impl Sso {
         };
         // Until the cookie itself would have lapsed (refresh included).
         let until = session.ends_at.max(session.expires_at);
-        if let Err(e) = self.ended.end(&*self.store, sid, until, now) {
+        if let Err(e) = shared::blocking(|| self.ended.end(&*self.store, sid, until, now)) {
             tracing::warn!(
                 "logout recorded in this coordinator's memory only (the others and a restart would not know it): {e}"
             );
@@ -239,6 +239,11 @@ impl Sso {
             .and_then(|v| v.as_str())
             .ok_or(RefreshError::NoSessionId)?
             .to_string();
+        // A session that never had a refresh token never gets one: nothing
+        // to share, nothing to write.
+        if session.refresh_token.is_none() {
+            return Err(Arc::new(RefreshError::NoRefreshToken));
+        }
         let local = {
             let mut all = self.refreshes.lock().map_err(|_| RefreshError::Poisoned)?;
             // Keep the locks in use; forget the rest.
@@ -248,7 +253,7 @@ impl Sso {
         let _mine = local.lock().await;
         let store = &*self.store;
         let (read, current, claimed_at) = loop {
-            let read = shared::read_refresh(store, &self.key, &sid)
+            let read = shared::blocking(|| shared::read_refresh(store, &self.key, &sid))
                 .map_err(|e| RefreshError::Record(e.into()))?;
             let clock = transport::clock::now_unix().max(now);
             let record = &read.record;
@@ -277,8 +282,10 @@ impl Sso {
                 failed_at: None,
             };
             let ends_at = current.ends_at.max(session.ends_at);
-            match shared::write_refresh(store, &self.key, &sid, &read, &claim, ends_at, clock)
-                .map_err(RefreshError::from)?
+            match shared::blocking(|| {
+                shared::write_refresh(store, &self.key, &sid, &read, &claim, ends_at, clock)
+            })
+            .map_err(RefreshError::from)?
             {
                 Some((revision, lease)) => {
                     let read = shared::ReadRefresh {
@@ -315,9 +322,9 @@ impl Sso {
         // Over our own claim only: when it lapsed and another coordinator
         // took over, its result stands.
         let ends_at = current.ends_at;
-        if let Err(e) =
+        if let Err(e) = shared::blocking(|| {
             shared::write_refresh(store, &self.key, &sid, &read, &outcome, ends_at, claimed_at)
-        {
+        }) {
             tracing::warn!(host, "route OIDC: the refresh's result was not shared: {e}");
         }
         result
@@ -559,13 +566,10 @@ impl Sso {
         // The store decides for every coordinator: only a state that came
         // in our sealed login cookie gets this far, so an anonymous peer
         // cannot fill it.
-        match shared::consume_state(
-            &*self.store,
-            &self.state_lease,
-            &login.state,
-            login.exp,
-            now,
-        ) {
+        let store = &*self.store;
+        match shared::blocking(|| {
+            shared::consume_state(store, &self.state_lease, &login.state, login.exp, now)
+        }) {
             Ok(()) => {}
             Err(ConsumeError::AlreadyUsed) => return refuse(400, "login state already used"),
             Err(ConsumeError::Store(e)) => {
