@@ -77,15 +77,18 @@ fn chunk_key(sha: &str, n: u64) -> String {
 /// The store artifacts are shared through, and the rebuilds in progress.
 pub struct SharedArtifacts {
     store: Arc<dyn Store>,
+    /// The largest artifact accepted: a manifest saying more is damaged.
+    max_bytes: u64,
     /// One lock per artifact being rebuilt: concurrent readers wait for
     /// the one rebuild.
     rebuilding: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl SharedArtifacts {
-    pub fn new(store: Arc<dyn Store>) -> SharedArtifacts {
+    pub fn new(store: Arc<dyn Store>, max_bytes: u64) -> SharedArtifacts {
         SharedArtifacts {
             store,
+            max_bytes,
             rebuilding: Mutex::new(HashMap::new()),
         }
     }
@@ -172,6 +175,14 @@ impl SharedArtifacts {
             sha: m.sha256.clone(),
             what,
         };
+        // What the manifest says is checked before any byte is written: a
+        // manifest altered to name more cannot fill the disk.
+        if m.size > self.max_bytes || m.chunks != m.size.div_ceil(CHUNK_BYTES as u64) {
+            return Err(damaged(format!(
+                "the manifest says {} bytes in {} chunks",
+                m.size, m.chunks
+            )));
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -265,7 +276,7 @@ mod tests {
     fn setup() -> (tempfile::TempDir, SharedArtifacts) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
-        (dir, SharedArtifacts::new(store))
+        (dir, SharedArtifacts::new(store, 1 << 30))
     }
 
     fn artifact(dir: &Path, len: usize) -> (String, std::path::PathBuf) {
@@ -288,6 +299,37 @@ mod tests {
             .rebuild(&sha, &dest, &dir.path().join(".tmp1"))
             .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&src).unwrap());
+
+        // A manifest altered to name more: refused before anything is
+        // written.
+        let honest = encode(&m);
+        for (size, chunks) in [(2u64 << 30, 8192), (m.size, m.chunks + 1)] {
+            let lie = Manifest {
+                size,
+                chunks,
+                ..m.clone()
+            };
+            shared
+                .store
+                .commit(Txn {
+                    conditions: vec![],
+                    ops: vec![Op::Put(manifest_key(&sha), encode(&lie))],
+                })
+                .unwrap();
+            let tmp = dir.path().join(".tmp-lie");
+            let err = shared
+                .rebuild(&sha, &dir.path().join("lie"), &tmp)
+                .unwrap_err();
+            assert!(matches!(err, ChunkError::Damaged { .. }), "{err}");
+            assert!(!tmp.exists());
+        }
+        shared
+            .store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Put(manifest_key(&sha), honest)],
+            })
+            .unwrap();
 
         // One byte of one chunk altered in the store: refused, no file.
         let key = chunk_key(&sha, 1);

@@ -246,7 +246,8 @@ impl ArtifactStore {
     /// Shares every artifact uploaded from now on through `store`, and
     /// reads through it those this coordinator has no file of (`--etcd`).
     pub fn share_through(&self, store: Arc<dyn crate::store::Store>) {
-        let _ = self.shared.set(Arc::new(SharedArtifacts::new(store)));
+        let shared = SharedArtifacts::new(store, self.limits.max_artifact_bytes);
+        let _ = self.shared.set(Arc::new(shared));
     }
 
     /// Starts an upload for `app`, unless it already has as many as allowed
