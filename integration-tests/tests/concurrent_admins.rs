@@ -11,7 +11,7 @@ use integration_tests::etcd::EtcdCluster;
 use integration_tests::{miren, probe_app, temp, CliProc, Cluster, Run};
 use serde_json::Value;
 
-const ROUNDS: usize = 10;
+const ROUNDS: usize = 20;
 /// What a change that lost to another says.
 const CONFLICT: &str = "changed meanwhile";
 
