@@ -191,11 +191,30 @@ impl crate::watched::Watched for EndedSessions {
 
     fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
         let (kvs, read_at) = store.scan_kv(ENDED_PREFIX)?;
+        let now = transport::clock::now_unix();
+        // Records written before ends were leased have no lease to take
+        // them away: those that lapsed go now.
+        let lapsed: Vec<&KeyValue> = kvs
+            .iter()
+            .filter(|kv| kv.lease.is_none())
+            .filter(|kv| parse_ended(kv).is_none_or(|(_, until)| until <= now))
+            .collect();
+        if !lapsed.is_empty() {
+            let dropped = store.commit(Txn {
+                conditions: lapsed
+                    .iter()
+                    .map(|kv| Condition::ModRevision(kv.key.clone(), kv.mod_revision))
+                    .collect(),
+                ops: lapsed.iter().map(|kv| Op::Delete(kv.key.clone())).collect(),
+            });
+            if let Err(e) = dropped {
+                tracing::warn!("route OIDC: dropping lapsed unleased logouts: {e}");
+            }
+        }
         let fresh: HashMap<String, i64> = kvs.iter().filter_map(parse_ended).collect();
         let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
         // Nothing deletes an end before its time: what memory holds beyond
         // the store (a logout whose write failed) stays refused until then.
-        let now = transport::clock::now_unix();
         ended.retain(|_, until| *until > now);
         ended.extend(fresh);
         Ok(read_at)
@@ -386,6 +405,24 @@ mod tests {
         let fresh = EndedSessions::default();
         fresh.reload(&s).unwrap();
         assert!(fresh.contains("sid-1", now));
+        // Unleased records from before: a lapsed one goes at the next
+        // load, a live one stays.
+        let live = transport::clock::now_unix() + 600;
+        s.commit(Txn {
+            conditions: vec![],
+            ops: vec![
+                Op::Put(format!("{ENDED_PREFIX}old"), b"1000".to_vec()),
+                Op::Put(
+                    format!("{ENDED_PREFIX}young"),
+                    live.to_string().into_bytes(),
+                ),
+            ],
+        })
+        .unwrap();
+        fresh.reload(&s).unwrap();
+        assert!(s.get(&format!("{ENDED_PREFIX}old")).unwrap().is_none());
+        assert!(s.get(&format!("{ENDED_PREFIX}young")).unwrap().is_some());
+        assert!(fresh.contains("young", live - 1));
     }
 
     #[test]
