@@ -363,6 +363,12 @@ impl Apps {
         Ok(apps)
     }
 
+    /// Shares artifacts with the other coordinators through `store`
+    /// (`--etcd`; see `crate::artifact_chunks`).
+    pub fn share_artifacts(&self, store: Arc<dyn Store>) {
+        self.artifacts.share_through(store);
+    }
+
     /// Starts an upload for `app` (at most a few at a time per app). Old
     /// uploads that no deploy ever named are collected first, so uploads
     /// alone cannot fill the disk.

@@ -21,16 +21,23 @@
 //! naming it" ([`ArtifactStore::hold`]) take one lock, so a deploy never
 //! names an artifact that is being deleted. That lock is this process's:
 //! the artifact store is this coordinator's disk.
+//!
+//! With `--etcd`, every finished upload is also written to the shared store
+//! ([`crate::artifact_chunks`]) and the file is this coordinator's cache of
+//! it: a read that misses the file rebuilds it from the store, and an
+//! artifact counts as present when the store has it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
+
+use crate::artifact_chunks::{ChunkError, SharedArtifacts};
 
 /// Largest artifact accepted: an app bundle, not a disk image; the runner
 /// refuses larger ones too.
@@ -68,6 +75,9 @@ pub enum ArtifactError {
     NotADigest(String),
     #[error("artifact {0} is not on the coordinator; upload it first")]
     Missing(String),
+    /// The shared store (with `--etcd`) failed or holds a damaged copy.
+    #[error(transparent)]
+    Shared(ChunkError),
     #[error("artifact store {path}: {source}")]
     Io {
         path: PathBuf,
@@ -162,6 +172,15 @@ pub struct ArtifactStore {
     dir: PathBuf,
     limits: UploadLimits,
     book: Arc<Mutex<Book>>,
+    /// The store every coordinator shares artifacts through (`--etcd`).
+    shared: OnceLock<Arc<SharedArtifacts>>,
+}
+
+fn shared_err(e: ChunkError) -> ArtifactError {
+    match e {
+        ChunkError::Missing(sha) => ArtifactError::Missing(sha),
+        other => ArtifactError::Shared(other),
+    }
 }
 
 /// Held while an artifact's existence is checked and a reference to it
@@ -209,6 +228,7 @@ impl ArtifactStore {
             dir,
             limits,
             book: Arc::new(Mutex::new(Book::default())),
+            shared: OnceLock::new(),
         };
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut book = lock(&store.book);
@@ -221,6 +241,13 @@ impl ArtifactStore {
         }
         drop(book);
         Ok(store)
+    }
+
+    /// Shares every artifact uploaded from now on through `store`, and
+    /// reads through it those this coordinator has no file of (`--etcd`).
+    pub fn share_through(&self, store: Arc<dyn crate::store::Store>) {
+        let shared = SharedArtifacts::new(store, self.limits.max_artifact_bytes);
+        let _ = self.shared.set(Arc::new(shared));
     }
 
     /// Starts an upload for `app`, unless it already has as many as allowed
@@ -282,6 +309,7 @@ impl ArtifactStore {
             max_bytes: self.limits.max_artifact_bytes,
             idle: self.limits.idle,
             book: self.book.clone(),
+            shared: self.shared.get().cloned(),
         })
     }
 
@@ -301,10 +329,15 @@ impl ArtifactStore {
         }
     }
 
-    /// Whether artifact `sha` is stored.
+    /// Whether artifact `sha` is stored (here, or complete in the shared
+    /// store).
     pub fn contains(&self, sha: &str) -> bool {
         is_sha256_hex(sha)
-            && std::fs::symlink_metadata(self.dir.join(sha)).is_ok_and(|m| m.is_file())
+            && (std::fs::symlink_metadata(self.dir.join(sha)).is_ok_and(|m| m.is_file())
+                || self
+                    .shared
+                    .get()
+                    .is_some_and(|s| s.manifest(sha).is_ok_and(|m| m.is_some())))
     }
 
     /// Up to `length` (at most 4 MiB) bytes of artifact `sha` from `offset`,
@@ -320,6 +353,14 @@ impl ArtifactStore {
             return Err(ArtifactError::NotADigest(sha.to_string()));
         }
         let path = self.dir.join(sha);
+        if let Some(shared) = self.shared.get() {
+            if !path.is_file() {
+                let tmp = self
+                    .dir
+                    .join(format!("{UPLOAD_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+                shared.rebuild(sha, &path, &tmp).map_err(shared_err)?;
+            }
+        }
         let mut f = File::open(&path).map_err(|_| ArtifactError::Missing(sha.to_string()))?;
         let size = f.metadata().map_err(io_at(&path))?.len();
         let offset = offset.min(size);
@@ -367,6 +408,17 @@ impl ArtifactStore {
         let referenced = referenced()?;
         let stored: Vec<String> = self.stored()?.into_iter().map(|a| a.sha256).collect();
         let doomed = artifacts_to_delete(&stored, &referenced, &awaiting);
+        if let Some(shared) = self.shared.get() {
+            // Every coordinator's fresh uploads are spared by their
+            // manifest's upload time, not this one's memory.
+            let grace_start = transport::clock::now_unix() - UPLOAD_GRACE.as_secs() as i64;
+            let gone = shared
+                .collect(&referenced, grace_start)
+                .map_err(|e| ArtifactError::Shared(e.into()))?;
+            if !gone.is_empty() {
+                tracing::info!("deleted {} shared artifact(s) no version needs", gone.len());
+            }
+        }
         let mut deleted = Vec::new();
         for sha in doomed {
             let path = self.dir.join(&sha);
@@ -405,6 +457,7 @@ pub struct Upload {
     max_bytes: u64,
     idle: Duration,
     book: Arc<Mutex<Book>>,
+    shared: Option<Arc<SharedArtifacts>>,
 }
 
 impl Upload {
@@ -501,7 +554,15 @@ impl Upload {
         let _ = File::open(&self.dir).and_then(|d| d.sync_all());
         let now = Instant::now();
         book.forget_old_uploads(now);
-        book.awaiting_deploy.insert(received, now);
+        book.awaiting_deploy.insert(received.clone(), now);
+        drop(book);
+        // Shared before the upload counts as done: a deploy recorded next
+        // may start on a runner attached to any coordinator.
+        if let Some(shared) = &self.shared {
+            shared
+                .put(&received, &dest, transport::clock::now_unix())
+                .map_err(ArtifactError::Shared)?;
+        }
         Ok(size)
     }
 }
@@ -539,6 +600,35 @@ mod tests {
 
     fn sha(data: &[u8]) -> String {
         hex::encode(Sha256::digest(data))
+    }
+
+    #[test]
+    fn with_a_shared_store_an_upload_here_is_read_by_another_coordinator() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a_dir).unwrap();
+        std::fs::create_dir_all(&b_dir).unwrap();
+        let (a, b) = (small(&a_dir, 4 << 20), small(&b_dir, 4 << 20));
+        a.share_through(shared.clone());
+        b.share_through(shared);
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+        let digest = sha(&data);
+        assert!(!b.contains(&digest));
+        let mut up = a.begin_upload("web", Instant::now()).unwrap();
+        up.write(&data, Instant::now()).unwrap();
+        up.finish(&digest).unwrap();
+        // B has no file, yet has the artifact, and rebuilds it on read.
+        assert!(files(&b).is_empty());
+        assert!(b.contains(&digest));
+        let (head, size) = b.read(&digest, 0, 10).unwrap();
+        assert_eq!((head.as_slice(), size), (&data[..10], data.len() as u64));
+        assert_eq!(files(&b), vec![digest.clone()]);
+        assert!(matches!(
+            b.read(&sha(b"never uploaded"), 0, 10),
+            Err(ArtifactError::Missing(_))
+        ));
     }
 
     #[test]

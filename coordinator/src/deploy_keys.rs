@@ -35,6 +35,11 @@ pub enum DeployKeyError {
     NotFound(String),
     #[error("deploy key {0} kept changing; try again")]
     Contended(String),
+    /// A rotation lost to a change of the key made meanwhile (another
+    /// admin's rotation or revocation): it was not applied, since applying
+    /// it over the other would silently void the secret that one printed.
+    #[error("deploy key {0} was changed meanwhile by another admin (a rotation or revocation won); nothing was changed by this command: check `miren auth key list` and rotate again if still needed")]
+    ChangedMeanwhile(String),
     #[error("the cluster address has no CA fingerprint to pin in the key")]
     Unpinned,
     #[error(transparent)]
@@ -139,13 +144,30 @@ impl DeployKeys {
         Ok(out)
     }
 
-    /// Read-modify-write of key `id` with compare-and-set.
+    /// Read-modify-write of key `id` with compare-and-set, tried again on
+    /// the newer record when another change won (for changes whose intent
+    /// holds whatever came first, like a revocation).
     fn update<T>(
         &self,
         id: &str,
         change: impl Fn(&DeployKeyRecord) -> Result<(DeployKeyRecord, T), DeployKeyError>,
     ) -> Result<T, DeployKeyError> {
-        for _ in 0..WRITE_ATTEMPTS {
+        self.update_within(id, WRITE_ATTEMPTS, change)
+            .map_err(|e| match e {
+                DeployKeyError::ChangedMeanwhile(id) => DeployKeyError::Contended(id),
+                other => other,
+            })
+    }
+
+    /// [`DeployKeys::update`] with at most `attempts` tries; the last lost
+    /// one is [`DeployKeyError::ChangedMeanwhile`].
+    fn update_within<T>(
+        &self,
+        id: &str,
+        attempts: usize,
+        mut change: impl FnMut(&DeployKeyRecord) -> Result<(DeployKeyRecord, T), DeployKeyError>,
+    ) -> Result<T, DeployKeyError> {
+        for _ in 0..attempts {
             let (record, rev) = self
                 .read(id)?
                 .ok_or_else(|| DeployKeyError::NotFound(id.to_string()))?;
@@ -158,11 +180,14 @@ impl DeployKeys {
                 return Ok(out);
             }
         }
-        Err(DeployKeyError::Contended(id.to_string()))
+        Err(DeployKeyError::ChangedMeanwhile(id.to_string()))
     }
 
     /// A new secret for key `id`; the old one works `overlap_secs` more.
-    /// Returns the record and the new printed key.
+    /// Returns the record and the new printed key. One compare-and-set on
+    /// the record read: when another rotation (through any coordinator)
+    /// won meanwhile, this one is refused rather than retried, or the
+    /// secret the other printed would stop working unannounced.
     pub fn rotate(
         &self,
         address: &ClusterAddress,
@@ -171,7 +196,7 @@ impl DeployKeys {
         now: i64,
     ) -> Result<CreatedKey, DeployKeyError> {
         let overlap = deploy_key::check_overlap(overlap_secs)?;
-        self.update(id, |record| {
+        self.update_within(id, 1, |record| {
             let key_text = DeployKey::new(address.clone(), id.to_string(), fresh_secret())
                 .ok_or(DeployKeyError::Unpinned)?;
             let next = record.rotated(&key_text.secret, overlap, now)?;
@@ -304,5 +329,36 @@ mod tests {
             keys.revoke(&id, now),
             Err(DeployKeyError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_rotation_that_loses_to_another_is_refused_and_the_winner_keeps_its_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let (a, b) = (DeployKeys::new(store.clone()), DeployKeys::new(store));
+        let now = 1_000_000;
+        let id = a
+            .create(&address(), "web", "", None, now)
+            .unwrap()
+            .record
+            .id;
+        // B rotates between A's read and A's write.
+        let mut won = None;
+        let lost = a.update_within(&id, 1, |record| {
+            if won.is_none() {
+                won = Some(b.rotate(&address(), &id, Some(0), now + 1).unwrap());
+            }
+            Ok((record.rotated("a-secret", 0, now + 1)?, ()))
+        });
+        assert!(
+            matches!(lost, Err(DeployKeyError::ChangedMeanwhile(ref k)) if *k == id),
+            "{lost:?}"
+        );
+        let won = won.unwrap();
+        assert!(a
+            .authenticate(&id, &won.key.secret, now + 2)
+            .unwrap()
+            .is_ok());
+        assert!(a.authenticate(&id, "a-secret", now + 2).unwrap().is_err());
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod accept;
 pub mod apps;
+pub mod artifact_chunks;
 pub mod artifacts;
 pub mod audit;
 pub mod ci;

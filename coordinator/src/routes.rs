@@ -67,10 +67,10 @@ pub enum RoutesError {
     #[error("provider {name} protects route {host}; `miren route oidc disable {host}` first")]
     ProviderInUse { name: String, host: String },
     /// `route set` read a route that changed before its commit.
-    #[error("the route changed meanwhile; run the command again")]
+    #[error("the route was changed meanwhile (another admin's change won, through this or another coordinator); nothing was changed by this command: check `miren route list` and run it again if still needed")]
     RouteChanged,
     /// A configuration change read records that changed before its commit.
-    #[error("the route or provider changed meanwhile; run the command again")]
+    #[error("the route or provider was changed meanwhile (another admin's change won, through this or another coordinator); nothing was changed by this command: check `miren route list` and run it again if still needed")]
     Changed,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -373,16 +373,20 @@ impl Routes {
         }
     }
 
+    /// Removes the route of `host`, if it is still the one read (a route
+    /// pointed elsewhere meanwhile is not removed unseen).
     pub fn remove(&self, host: &str) -> Result<(), RoutesError> {
         let key = route_key(host);
-        if self.store.get(&key)?.is_none() {
+        let Some(old) = self.store.get(&key)? else {
             return Err(RoutesError::NoRoute(host_flag(host).to_string()));
-        }
-        self.write(Txn {
-            conditions: vec![],
+        };
+        match self.write(Txn {
+            conditions: vec![Condition::Equals(key.clone(), old)],
             ops: vec![Op::Delete(key)],
-        })?;
-        Ok(())
+        })? {
+            Outcome::Applied => Ok(()),
+            Outcome::ConditionFailed => Err(RoutesError::RouteChanged),
+        }
     }
 
     pub fn list(&self) -> Result<Vec<Route>, RoutesError> {

@@ -397,6 +397,9 @@ impl Coordinator {
             crate::apps::Apps::new(store.clone(), &material.dir, tasks.clone())?
                 .observed(observe.clone()),
         );
+        if matches!(opts.store, StoreBackend::Etcd(_)) {
+            apps.share_artifacts(store.clone());
+        }
         let minting = Arc::new(crate::minting::Minting::new(
             issuer.clone(),
             apps.clone(),
@@ -721,6 +724,7 @@ impl Coordinator {
         index.follow(state.store.clone(), from, &tasks);
         state.routes.follow(&tasks);
         state.ci.follow(&tasks);
+        state.sso.follow(&tasks);
         crate::watched::follow(
             state.coordinators.clone(),
             state.store.clone(),

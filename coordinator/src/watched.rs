@@ -40,11 +40,19 @@ pub fn follow<W: Watched>(index: Arc<W>, store: Arc<dyn Store>, from: Revision, 
     tasks.spawn(W::NAME, async move {
         let mut from = from;
         loop {
-            let stream = match store.watch(index.prefix(), from + 1) {
-                Ok(s) => Some(s),
-                Err(StoreError::Compacted { .. }) => None,
-                Err(e) => {
+            // Store calls block (up to the etcd bound while etcd is down):
+            // off the async workers, which the ingress needs meanwhile.
+            let (i, s) = (index.clone(), store.clone());
+            let started = tokio::task::spawn_blocking(move || s.watch(i.prefix(), from + 1)).await;
+            let stream = match started {
+                Ok(Ok(s)) => Some(s),
+                Ok(Err(StoreError::Compacted { .. })) => None,
+                Ok(Err(e)) => {
                     tracing::warn!("{}: watching the store: {e}", W::NAME);
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!("{}: watching the store: the call ended: {e}", W::NAME);
                     None
                 }
             };
@@ -70,7 +78,12 @@ pub fn follow<W: Watched>(index: Arc<W>, store: Arc<dyn Store>, from: Revision, 
             if t.is_stopping() {
                 return;
             }
-            match index.reload(&*store) {
+            let (i, s) = (index.clone(), store.clone());
+            let loaded = match tokio::task::spawn_blocking(move || i.reload(&*s)).await {
+                Ok(loaded) => loaded.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match loaded {
                 Ok(r) => from = r,
                 Err(e) => {
                     tracing::warn!("{}: loading: {e}", W::NAME);

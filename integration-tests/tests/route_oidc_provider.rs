@@ -4,7 +4,9 @@
 //! like a browser. Covers the login, spoofed claim headers, a tampered
 //! cookie, a replayed `state`, an open-redirect attempt, refresh tokens,
 //! logout, `--default` with two Hosts, and the HTTPS ingress (Secure
-//! cookies, an `https` callback URL).
+//! cookies, an `https` callback URL). And two coordinators on one etcd:
+//! a login, a refresh, a used `state` and a logout through one count on
+//! the other.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -205,9 +207,9 @@ fn grants(provider: &NodeOidcProvider, ca: &Path) -> Value {
         .unwrap()
 }
 
-fn enable(cluster: &ProbeCluster, target: &str, provider: &NodeOidcProvider) {
+fn enable(config: &Path, target: &str, provider: &NodeOidcProvider) {
     let en = miren(
-        &cluster.config,
+        config,
         &[
             "route",
             "oidc",
@@ -304,7 +306,7 @@ impl Protected {
         // `route` is a host or the flag `--default`: the same argument list.
         let set = miren(&cluster.config, &["route", "set", route, "-a", "web"], &[]);
         assert!(set.ok, "{set:?}");
-        enable(&cluster, route, &provider);
+        enable(&cluster.config, route, &provider);
         Protected {
             tls,
             cluster,
@@ -854,4 +856,174 @@ fn a_protected_routes_requests_each_get_a_connection_of_their_own() {
             );
         }
     }
+}
+
+/// Whether a request with a session got past the route's gate: the app
+/// answered with the session's claims, or the ingress could not reach a
+/// healthy sandbox (a 503 the gate never gives outside the callback).
+fn past_the_gate(status: u16, body: &str) -> bool {
+    (status == 200 && body.contains("alice@example.com"))
+        || (status == 503 && body.contains("app web"))
+}
+
+#[test]
+fn two_coordinators_on_one_etcd_share_sessions_states_refreshes_and_logouts() {
+    let dir = temp();
+    let tls = TestTls::generate(dir.path());
+    let etcd = integration_tests::etcd::EtcdCluster::start(dir.path(), 1);
+    let endpoints = etcd.endpoints();
+    let ca = tls.ca.to_str().unwrap().to_string();
+    let common = [
+        "--etcd",
+        &endpoints,
+        "--labs",
+        "routeoidc",
+        "--oidc-allow-loopback-issuers",
+        "--oidc-ca-file",
+        &ca,
+    ];
+    let c = integration_tests::Cluster::start(1, &common);
+    let b_ingress = format!("127.0.0.1:{}", integration_tests::free_port());
+    let mut b_args = common.to_vec();
+    b_args.extend(["--http-listen", &b_ingress]);
+    let b = integration_tests::etcd::second_coordinator(&c, dir.path(), &b_args);
+    let (a_addr, b_addr): (SocketAddr, SocketAddr) =
+        (c.ingress.parse().unwrap(), b_ingress.parse().unwrap());
+
+    let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/probe-app");
+    let deploy = c.deploy("web", &probe);
+    assert!(deploy.ok, "{deploy:?}");
+    // ID tokens live 4 s, so the session needs its refresh token soon.
+    let callbacks: Vec<String> = [a_addr, b_addr]
+        .iter()
+        .map(|a| format!("http://sso.test:{}{CALLBACK}", a.port()))
+        .collect();
+    let provider =
+        NodeOidcProvider::start(dir.path(), &tls, CLIENT_ID, CLIENT_SECRET, &callbacks, 4);
+    assert!(c.miren(&["route", "set", "sso.test", "-a", "web"]).ok);
+    enable(&c.cfg, "sso.test", &provider);
+    let (app_a, app_b) = (
+        format!("http://sso.test:{}", a_addr.port()),
+        format!("http://sso.test:{}", b_addr.port()),
+    );
+    let raw = |to: SocketAddr| {
+        Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .resolve("sso.test", to)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (raw_a, raw_b) = (raw(a_addr), raw(b_addr));
+    // Until the route (written through A) reaches B's index.
+    assert!(
+        integration_tests::wait_for(Duration::from_secs(20), || raw_b
+            .get(format!("{app_b}/headers"))
+            .send()
+            .is_ok_and(|r| r.status() == 401)),
+        "B never protected the route"
+    );
+
+    // A login through A.
+    let mut browser = Browser::new(&tls.ca, None, &[("sso.test", a_addr)]);
+    let page = browser.get(&format!("{app_a}/headers"), &[]);
+    let state = browser.hops[1]
+        .url
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("state");
+    let login_cookie = browser.hops[0]
+        .set_cookies
+        .iter()
+        .find(|c| c.starts_with(&format!("miren_oidc_login_{}=", &state[..12])))
+        .map(|c| c.split(';').next().unwrap().to_string())
+        .expect("login cookie");
+    let page = browser.sign_in(page, &provider.url, "alice@example.com");
+    assert_eq!(page.status, 200, "{}", page.body);
+    let session = browser.cookie(&app_a, "miren_oidc_session").unwrap();
+    let cookie = format!("miren_oidc_session={session}");
+
+    // The session cookie works on B: B's gate lets the request through to
+    // the app (which B's ingress reaches once runners hold sessions to
+    // every coordinator; until then it says it has no healthy sandbox of
+    // the app, which it only does past the gate).
+    let r = raw_b
+        .get(format!("{app_b}/headers"))
+        .header(COOKIE, &cookie)
+        .send()
+        .unwrap();
+    let (status, body) = (r.status().as_u16(), r.text().unwrap());
+    assert!(past_the_gate(status, &body), "{status} {body}");
+
+    // The callback used on A, replayed on B (which never saw it) with its
+    // login cookie, is refused.
+    let mut replay = browser.hop_at(CALLBACK).url.clone();
+    replay.set_port(Some(b_addr.port())).unwrap();
+    let r = raw_b
+        .get(replay)
+        .header(COOKIE, &login_cookie)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap().contains("already used"));
+
+    // After the ID token expired, requests through both coordinators at
+    // once share one refresh at the provider.
+    let before = grants(&provider, &tls.ca)["refresh_token"]
+        .as_u64()
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(5));
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = [(&raw_a, &app_a), (&raw_b, &app_b)]
+            .into_iter()
+            .cycle()
+            .take(4)
+            .map(|(client, app)| {
+                let cookie = &cookie;
+                s.spawn(move || {
+                    let r = client
+                        .get(format!("{app}/headers"))
+                        .header(COOKIE, cookie)
+                        .send()
+                        .unwrap();
+                    (r.status().as_u16(), r.text().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (status, body) in &answers {
+        assert!(past_the_gate(*status, body), "{status} {body}");
+    }
+    assert!(
+        answers.iter().any(|(status, _)| *status == 200),
+        "A's ingress served the app: {answers:?}"
+    );
+    let after = grants(&provider, &tls.ca)["refresh_token"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        after,
+        before + 1,
+        "one refresh at the provider for requests through two coordinators"
+    );
+
+    // A logout through A ends the session on B's ingress.
+    let page = browser.get(&format!("{app_a}/.well-known/miren/oidc/logout"), &[]);
+    assert!(page.url.as_str().starts_with(&provider.url), "{}", page.url);
+    let refused_on_b = || {
+        raw_b
+            .get(format!("{app_b}/headers"))
+            .header(COOKIE, &cookie)
+            .send()
+            .is_ok_and(|r| {
+                r.status() == 401 && r.text().is_ok_and(|t| t.contains("login required"))
+            })
+    };
+    assert!(
+        integration_tests::wait_for(Duration::from_secs(5), refused_on_b),
+        "session still valid on B after a logout through A"
+    );
+    drop(b);
 }

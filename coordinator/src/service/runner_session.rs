@@ -112,16 +112,17 @@ impl runner_session::Server for RunnerSessionService {
         mut results: runner_session::FetchArtifactResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let (data, size) = self
-            .state
-            .apps
-            .read_artifact(
-                &self.id,
-                p.get_sha256()?.to_str()?,
-                p.get_offset(),
-                p.get_length(),
-            )
-            .map_err(app_err)?;
+        let (apps, runner) = (self.state.apps.clone(), self.id.clone());
+        let (sha, offset, length) = (
+            p.get_sha256()?.to_str()?.to_string(),
+            p.get_offset(),
+            p.get_length(),
+        );
+        // Off the RPC thread: the first read of an artifact this
+        // coordinator has no file of rebuilds it from the shared store.
+        let read = (self.state.rt)
+            .spawn_blocking(move || apps.read_artifact(&runner, &sha, offset, length));
+        let (data, size) = super::wire::joined(read).await?.map_err(app_err)?;
         let mut r = results.get();
         r.set_data(&data);
         r.set_size(size);

@@ -27,10 +27,10 @@ use super::cookie::{
 use super::provider::{
     token_request, verify_id_token, IdTokenError, MetaError, ProviderMeta, TokenRequestError,
 };
-use super::{Sso, ENDED_PREFIX};
+use super::shared::{self, ConsumeError, RecordError, RefreshRecord};
+use super::Sso;
 use crate::oidc::OidcVerifier;
 use crate::routes::Provider;
-use crate::store::{Op, Txn};
 
 /// Where the provider sends the browser back.
 pub const CALLBACK_PATH: &str = "/.well-known/miren/oidc/callback";
@@ -47,18 +47,12 @@ pub const LOGIN_SECS: i64 = 600;
 /// the refusal without asking the provider again.
 const REFRESH_FAILURE_SECS: i64 = 30;
 
-/// The last refresh of one session.
-#[derive(Default)]
-pub(super) enum RefreshSlot {
-    #[default]
-    Never,
-    Done(SessionClaims),
-    /// Refused at `at` (Unix seconds), for this reason.
-    Failed {
-        at: i64,
-        why: Arc<RefreshError>,
-    },
-}
+/// How long a coordinator that claimed a session's refresh has to ask the
+/// provider before another one takes over (the token request's own limit
+/// is shorter).
+const REFRESH_CLAIM_SECS: i64 = 30;
+/// How often a coordinator waiting for another's refresh looks again.
+const REFRESH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a session was not renewed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +70,13 @@ pub enum RefreshError {
     TokenRequest(#[from] TokenRequestError),
     #[error("the provider's refresh returned no id_token")]
     NoIdToken,
+    /// The provider refused this session's refresh lately (asked by this
+    /// or another coordinator): not asked again so soon.
+    #[error("the provider refused this session's last refresh")]
+    RefusedLately,
+    /// The shared refresh record could not be read or written.
+    #[error("the session's refresh record: {0}")]
+    Record(#[from] RecordError),
     #[error(transparent)]
     IdToken(#[from] IdTokenError),
     /// The renewed ID token does not continue the session.
@@ -163,13 +164,13 @@ impl Sso {
             .filter_map(|sealed| self.key.open(&aad, sealed))
             .find_map(|plain| serde_json::from_slice(&plain).ok())?;
         let sid = s.claims.get(SESSION_ID_CLAIM)?.as_str()?;
-        let ended = self.ended.lock().ok()?.contains_key(sid);
+        let ended = self.ended.contains(sid, now);
         (s.state(now) != SessionState::Over && !ended).then_some(s)
     }
 
     /// Ends `session` (logout): it is refused from now on, copies of its
-    /// cookie included, also after a restart. Forgets sessions that would
-    /// have ended by `now` anyway.
+    /// cookie included, by every coordinator and after a restart (the
+    /// record leaves the store when the session would have ended anyway).
     pub fn end(&self, session: &SessionClaims, now: i64) {
         let Some(sid) = session
             .claims
@@ -180,25 +181,10 @@ impl Sso {
         };
         // Until the cookie itself would have lapsed (refresh included).
         let until = session.ends_at.max(session.expires_at);
-        let mut ops = vec![Op::Put(
-            format!("{ENDED_PREFIX}{sid}"),
-            until.to_string().into_bytes(),
-        )];
-        if let Ok(mut ended) = self.ended.lock() {
-            ended.retain(|old, exp| {
-                let keep = *exp > now;
-                if !keep {
-                    ops.push(Op::Delete(format!("{ENDED_PREFIX}{old}")));
-                }
-                keep
-            });
-            ended.insert(sid.to_string(), until);
-        }
-        if let Err(e) = self.store.commit(Txn {
-            conditions: vec![],
-            ops,
-        }) {
-            tracing::warn!("logout recorded in memory only (a restart would forget it): {e}");
+        if let Err(e) = shared::blocking(|| self.ended.end(&*self.store, sid, until, now)) {
+            tracing::warn!(
+                "logout recorded in this coordinator's memory only (the others and a restart would not know it): {e}"
+            );
         }
     }
 
@@ -233,8 +219,11 @@ impl Sso {
     }
 
     /// Renews an expired session with its refresh token. Concurrent
-    /// requests of one session wait for one refresh and share its result,
-    /// so a provider that rotates refresh tokens never sees one twice.
+    /// requests of one session, on this coordinator or any other sharing
+    /// the store, share one refresh: the one that claims the session's
+    /// refresh record (compare-and-set) asks the provider, the others wait
+    /// and read its result, so a provider that rotates refresh tokens never
+    /// sees one twice.
     async fn refresh(
         &self,
         oidc: &OidcVerifier,
@@ -250,32 +239,65 @@ impl Sso {
             .and_then(|v| v.as_str())
             .ok_or(RefreshError::NoSessionId)?
             .to_string();
-        let slot = {
+        // A session that never had a refresh token never gets one: nothing
+        // to share, nothing to write.
+        if session.refresh_token.is_none() {
+            return Err(Arc::new(RefreshError::NoRefreshToken));
+        }
+        let local = {
             let mut all = self.refreshes.lock().map_err(|_| RefreshError::Poisoned)?;
-            // Keep slots in use (their Arc is held) and finished refreshes of
-            // sessions that have not ended; forget the rest.
-            all.retain(|_, s| {
-                Arc::strong_count(s) > 1
-                    || s.try_lock().is_ok_and(|g| match &*g {
-                        RefreshSlot::Done(r) => r.ends_at > now,
-                        RefreshSlot::Failed { at, .. } => now - at < REFRESH_FAILURE_SECS,
-                        RefreshSlot::Never => false,
-                    })
-            });
-            all.entry(sid).or_default().clone()
+            // Keep the locks in use; forget the rest.
+            all.retain(|_, l| Arc::strong_count(l) > 1);
+            all.entry(sid.clone()).or_default().clone()
         };
-        let mut latest = slot.lock().await;
-        // A newer refresh token from an earlier refresh of this session wins
-        // over the one in a stale cookie.
-        let current = match &*latest {
-            RefreshSlot::Done(done) if done.state(now) == SessionState::Active => {
-                return Ok(done.clone())
+        let _mine = local.lock().await;
+        let store = &*self.store;
+        let (read, current, claimed_at) = loop {
+            let read = shared::blocking(|| shared::read_refresh(store, &self.key, &sid))
+                .map_err(|e| RefreshError::Record(e.into()))?;
+            let clock = transport::clock::now_unix().max(now);
+            let record = &read.record;
+            // A newer refresh token from an earlier refresh of this session
+            // wins over the one in a stale cookie.
+            if let Some(latest) = &record.latest {
+                if latest.state(clock) == SessionState::Active {
+                    return Ok(latest.clone());
+                }
             }
-            RefreshSlot::Done(done) => done.clone(),
-            RefreshSlot::Failed { at, why } if now - at < REFRESH_FAILURE_SECS => {
-                return Err(why.clone())
+            if record
+                .failed_at
+                .is_some_and(|at| clock - at < REFRESH_FAILURE_SECS)
+            {
+                return Err(Arc::new(RefreshError::RefusedLately));
             }
-            _ => session.clone(),
+            if record.refreshing_until.is_some_and(|until| until > clock) {
+                // Another coordinator is asking the provider.
+                tokio::time::sleep(REFRESH_POLL).await;
+                continue;
+            }
+            let current = record.latest.clone().unwrap_or_else(|| session.clone());
+            let claim = RefreshRecord {
+                latest: record.latest.clone(),
+                refreshing_until: Some(clock + REFRESH_CLAIM_SECS),
+                failed_at: None,
+            };
+            let ends_at = current.ends_at.max(session.ends_at);
+            match shared::blocking(|| {
+                shared::write_refresh(store, &self.key, &sid, &read, &claim, ends_at, clock)
+            })
+            .map_err(RefreshError::from)?
+            {
+                Some((revision, lease)) => {
+                    let read = shared::ReadRefresh {
+                        record: claim,
+                        revision,
+                        lease: Some(lease),
+                    };
+                    break (read, current, clock);
+                }
+                // Another coordinator claimed it first: look again.
+                None => continue,
+            }
         };
         let result = self
             .renew(oidc, provider, issuer, &current, mappings, now)
@@ -285,13 +307,26 @@ impl Sso {
         // when a remembered refusal is repeated.
         self.observe
             .route_oidc_refresh(host, &provider.name, &result);
-        *latest = match &result {
-            Ok(renewed) => RefreshSlot::Done(renewed.clone()),
-            Err(why) => RefreshSlot::Failed {
-                at: now,
-                why: why.clone(),
+        let outcome = match &result {
+            Ok(renewed) => RefreshRecord {
+                latest: Some(renewed.clone()),
+                refreshing_until: None,
+                failed_at: None,
+            },
+            Err(_) => RefreshRecord {
+                latest: read.record.latest.clone(),
+                refreshing_until: None,
+                failed_at: Some(claimed_at),
             },
         };
+        // Over our own claim only: when it lapsed and another coordinator
+        // took over, its result stands.
+        let ends_at = current.ends_at;
+        if let Err(e) = shared::blocking(|| {
+            shared::write_refresh(store, &self.key, &sid, &read, &outcome, ends_at, claimed_at)
+        }) {
+            tracing::warn!(host, "route OIDC: the refresh's result was not shared: {e}");
+        }
         result
     }
 
@@ -526,6 +561,22 @@ impl Sso {
                         "too many logins in progress; try again in a few minutes",
                     )
                 }
+            }
+        }
+        // The store decides for every coordinator: only a state that came
+        // in our sealed login cookie gets this far, so an anonymous peer
+        // cannot fill it.
+        let store = &*self.store;
+        match shared::blocking(|| {
+            shared::consume_state(store, &self.state_lease, &login.state, login.exp, now)
+        }) {
+            Ok(()) => {}
+            Err(ConsumeError::AlreadyUsed) => return refuse(400, "login state already used"),
+            Err(ConsumeError::Store(e)) => {
+                return refuse(
+                    503,
+                    &format!("the login could not be recorded ({e}); open the page again"),
+                )
             }
         }
         let meta = match self.providers.meta(oidc, issuer).await {

@@ -11,7 +11,9 @@
 //! rotated refresh token is never spent twice) up to the session cap.
 //! Login state travels in a sealed cookie of its own, one per login (named
 //! after the state, so logins in several tabs do not clash); each `state` is
-//! accepted once. The pure rules (return paths, PKCE, header filtering,
+//! accepted once. Used states, ended sessions and the latest refresh of
+//! each session are shared through the store by every coordinator
+//! ([`shared`]). The pure rules (return paths, PKCE, header filtering,
 //! session lifetime, used states) are in `identity`.
 //!
 //! Three parts: [`cookie`] (names, scopes, the sealing key), [`provider`]
@@ -22,6 +24,7 @@
 pub mod cookie;
 pub mod flow;
 pub mod provider;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -37,11 +40,8 @@ pub use flow::{
 };
 pub use provider::ProviderMeta;
 
-use crate::store::Store;
-
-/// Store prefix of sessions ended by logout: `routeoidc-ended/<session id>`
-/// holds the time (Unix seconds) the session would have ended anyway.
-const ENDED_PREFIX: &str = "routeoidc-ended/";
+use crate::shutdown::Tasks;
+use crate::store::{Revision, Store};
 /// Logins in progress remembered for replay protection at most; beyond it
 /// new callbacks are refused until older logins expire.
 pub const MAX_LOGINS_IN_PROGRESS: usize = 100_000;
@@ -50,16 +50,21 @@ pub const MAX_LOGINS_IN_PROGRESS: usize = 100_000;
 pub struct Sso {
     key: cookie::CookieKey,
     store: Arc<dyn Store>,
+    /// States this coordinator accepted: a bound on logins in progress
+    /// and a fast refusal of a replay here; the store decides for all.
     used_states: Mutex<UsedStates>,
-    /// Sessions ended by logout (session id -> expiry), refused until they
-    /// would have expired anyway; kept in the store too, so a restart does
-    /// not bring a logged-out cookie back.
-    ended: Mutex<HashMap<String, i64>>,
+    /// The lease used states are written on.
+    state_lease: shared::StateLease,
+    /// Sessions ended by logout, refused until they would have expired
+    /// anyway; following the store, so a logout through any coordinator
+    /// (or before a restart) counts.
+    ended: Arc<shared::EndedSessions>,
+    /// The revision `ended` was loaded at.
+    ended_loaded_at: Revision,
     providers: provider::ProviderCache,
-    /// Refreshes by session id: the latest refreshed session, behind a lock
-    /// held while the provider is asked, so concurrent requests of one
-    /// session share one refresh.
-    refreshes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<flow::RefreshSlot>>>>,
+    /// A lock per session being refreshed here, so this coordinator's
+    /// requests of one session wait for one look at the shared record.
+    refreshes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Counts and audits logins, refreshes and logouts.
     observe: Arc<crate::observe::Observe>,
 }
@@ -69,20 +74,15 @@ impl Sso {
     /// and the sessions ended by logout from `store`.
     pub fn load_or_create(dir: &Path, store: Arc<dyn Store>) -> anyhow::Result<Sso> {
         let key = cookie::CookieKey::load_or_create(&dir.join("route-oidc.key"))?;
-        let ended = store
-            .scan(ENDED_PREFIX)?
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let sid = k.strip_prefix(ENDED_PREFIX)?.to_string();
-                let exp = std::str::from_utf8(&v).ok()?.parse::<i64>().ok()?;
-                Some((sid, exp))
-            })
-            .collect();
+        let ended = Arc::new(shared::EndedSessions::default());
+        let ended_loaded_at = crate::watched::Watched::reload(&*ended, &*store)?;
         Ok(Sso {
             key,
             store,
             used_states: Mutex::new(UsedStates::new(MAX_LOGINS_IN_PROGRESS)),
-            ended: Mutex::new(ended),
+            state_lease: shared::StateLease::default(),
+            ended,
+            ended_loaded_at,
             providers: provider::ProviderCache::default(),
             refreshes: Mutex::new(HashMap::new()),
             observe: Arc::new(crate::observe::Observe::disabled()),
@@ -93,11 +93,22 @@ impl Sso {
     pub fn observed(self, observe: Arc<crate::observe::Observe>) -> Self {
         Sso { observe, ..self }
     }
+
+    /// Follows logouts through every coordinator until shutdown.
+    pub fn follow(&self, tasks: &Tasks) {
+        crate::watched::follow(
+            self.ended.clone(),
+            self.store.clone(),
+            self.ended_loaded_at,
+            tasks,
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sso::shared::ENDED_PREFIX;
     use crate::store::RedbStore;
     use identity::route_oidc::{random_token, SessionClaims};
 
@@ -187,22 +198,10 @@ mod tests {
         // A restart: same key file, same store.
         let sso = Sso::load_or_create(dir.path(), store.clone()).unwrap();
         assert!(sso.session(&A, &cookie, now + 1).is_none());
-        // Records of sessions that have lapsed are dropped at the next logout.
-        let mut later = session(now);
-        later.claims.insert(
-            SESSION_ID_CLAIM.into(),
-            serde_json::Value::String(random_token([8; 32])),
-        );
-        sso.end(&later, now + MAX_SESSION_SECS + 1);
-        let kept: Vec<String> = store
-            .scan(ENDED_PREFIX)
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(
-            kept,
-            vec![format!("{ENDED_PREFIX}{}", random_token([8; 32]))]
-        );
+        // The record leaves the store with its lease, when the session
+        // would have ended anyway.
+        let (kvs, _) = store.scan_kv(ENDED_PREFIX).unwrap();
+        assert_eq!(kvs.len(), 1);
+        assert!(kvs[0].lease.is_some(), "{kvs:?}");
     }
 }
