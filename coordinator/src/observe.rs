@@ -102,7 +102,9 @@ impl CiRefusal {
 pub fn join_refusal_reason(e: &RegistryError) -> &'static str {
     use identity::join_token::JoinRefusal;
     match e {
-        RegistryError::Join(JoinRefusal::Missing | JoinRefusal::BadFormat) => "malformed",
+        RegistryError::Join(
+            JoinRefusal::Missing | JoinRefusal::BadFormat | JoinRefusal::WrongKind { .. },
+        ) => "malformed",
         RegistryError::Join(JoinRefusal::Unknown) => "unknown",
         RegistryError::Join(JoinRefusal::UsedOrRevoked) => "used_or_revoked",
         RegistryError::Join(JoinRefusal::Expired) => "expired",
