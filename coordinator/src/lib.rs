@@ -17,6 +17,7 @@ pub mod ci_simulate;
 pub mod cluster_secrets;
 pub mod converge;
 pub mod coordinator_codes;
+pub mod coordinator_join;
 pub mod coordinators;
 pub mod datadir;
 pub mod deploy_keys;
