@@ -40,9 +40,19 @@ pub fn follow<W: Watched>(index: Arc<W>, store: Arc<dyn Store>, from: Revision, 
     tasks.spawn(W::NAME, async move {
         let mut from = from;
         loop {
-            let stream = match store.watch(index.prefix(), from + 1) {
-                Ok(s) => Some(s),
-                Err(StoreError::Compacted { .. }) => None,
+            // Store calls block (etcd's wait up to their bound while etcd is
+            // away): off the async workers, which serve the ingress.
+            let watched = {
+                let (index, store) = (index.clone(), store.clone());
+                tokio::task::spawn_blocking(move || store.watch(index.prefix(), from + 1)).await
+            };
+            let stream = match watched {
+                Ok(Ok(s)) => Some(s),
+                Ok(Err(StoreError::Compacted { .. })) => None,
+                Ok(Err(e)) => {
+                    tracing::warn!("{}: watching the store: {e}", W::NAME);
+                    None
+                }
                 Err(e) => {
                     tracing::warn!("{}: watching the store: {e}", W::NAME);
                     None
@@ -70,8 +80,19 @@ pub fn follow<W: Watched>(index: Arc<W>, store: Arc<dyn Store>, from: Revision, 
             if t.is_stopping() {
                 return;
             }
-            match index.reload(&*store) {
-                Ok(r) => from = r,
+            let reloaded = {
+                let (index, store) = (index.clone(), store.clone());
+                tokio::task::spawn_blocking(move || index.reload(&*store)).await
+            };
+            match reloaded {
+                Ok(Ok(r)) => from = r,
+                Ok(Err(e)) => {
+                    tracing::warn!("{}: loading: {e}", W::NAME);
+                    tokio::select! {
+                        _ = t.stopping() => return,
+                        _ = tokio::time::sleep(RELOAD_PAUSE) => {}
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("{}: loading: {e}", W::NAME);
                     tokio::select! {
