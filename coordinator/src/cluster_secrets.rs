@@ -129,8 +129,8 @@ impl ClusterSecrets {
             .key
             .open(name, &kv.value)
             .map_err(|source| SecretsError::Open { name, source })?;
-        let value =
-            serde_json::from_slice(&plain).map_err(|source| SecretsError::Record { name, source })?;
+        let value = serde_json::from_slice(&plain)
+            .map_err(|source| SecretsError::Record { name, source })?;
         Ok(Read {
             value,
             mod_revision: kv.mod_revision,
@@ -222,9 +222,7 @@ mod tests {
                 key_pem: "-----BEGIN PRIVATE KEY----- secret".into(),
             },
             keyring: serde_json::json!({"keys": []}),
-            cookie_key: CookieKeyRecord {
-                key: vec![7; 32],
-            },
+            cookie_key: CookieKeyRecord { key: vec![7; 32] },
             issuer: serde_json::json!({"current": "https://a"}),
         }
     }
@@ -241,7 +239,10 @@ mod tests {
         let secrets = ClusterSecrets::new(store.clone(), ClusterKey::generate().unwrap());
         assert!(!ClusterSecrets::any_published(&*store).unwrap());
         assert_eq!(secrets.publish(&records()).unwrap(), Published::Written);
-        assert_eq!(secrets.publish(&records()).unwrap(), Published::AlreadyThere);
+        assert_eq!(
+            secrets.publish(&records()).unwrap(),
+            Published::AlreadyThere
+        );
         for (_, v) in store.scan("secret/").unwrap() {
             assert!(!String::from_utf8_lossy(&v).contains("PRIVATE KEY"));
         }

@@ -121,8 +121,10 @@ mod tests {
         let parsed =
             JoinToken::parse_kind(&code, identity::join_token::JoinKind::Coordinator).unwrap();
         assert_eq!(parsed.address.to_string(), addr.to_string());
-        assert!(!String::from_utf8_lossy(&store.get(&key(&record.id)).unwrap().unwrap())
-            .contains(&hex::encode(parsed.secret)));
+        assert!(
+            !String::from_utf8_lossy(&store.get(&key(&record.id)).unwrap().unwrap())
+                .contains(&hex::encode(parsed.secret))
+        );
         redeem(&*store, &parsed.id, &parsed.secret, 1001).unwrap();
         assert!(matches!(
             redeem(&*store, &parsed.id, &parsed.secret, 1002),

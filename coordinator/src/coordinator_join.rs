@@ -148,13 +148,12 @@ pub async fn join(
 /// Dials the code's coordinators pinned to its CA and spends the code;
 /// returns the cluster key and the id of the cluster that answered.
 async fn redeem(code: &JoinToken) -> Result<(ClusterKey, String), JoinError> {
-    let (endpoint, conn) =
-        transport::dial(&code.address, None)
-            .await
-            .map_err(|source| JoinError::Dial {
-                addr: code.address.hosts(),
-                source,
-            })?;
+    let (endpoint, conn) = transport::dial(&code.address, None)
+        .await
+        .map_err(|source| JoinError::Dial {
+            addr: code.address.hosts(),
+            source,
+        })?;
     let answer = async {
         let cluster: cluster::Client = connect_connection(&conn).await?;
         let mut req = cluster.join_coordinator_request();
@@ -162,7 +161,10 @@ async fn redeem(code: &JoinToken) -> Result<(ClusterKey, String), JoinError> {
         req.get().set_secret(&code.secret);
         let reply = req.send().promise.await?;
         let r = reply.get()?;
-        Ok::<_, capnp::Error>((r.get_cluster_key()?.to_vec(), r.get_cluster_id()?.to_string()?))
+        Ok::<_, capnp::Error>((
+            r.get_cluster_key()?.to_vec(),
+            r.get_cluster_id()?.to_string()?,
+        ))
     }
     .await;
     conn.close(CloseCode::Done.into(), b"joined");

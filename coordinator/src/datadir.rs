@@ -6,6 +6,11 @@
 //! identity: `cluster.json`, the CA, the server certificate and the admin
 //! identity, and creates the key ring (`crate::keyring`) at first start.
 //!
+//! With `--etcd` the CA key, the key ring and the cookie key leave the
+//! data dir for the store (`crate::shared_cluster`): [`init_if_new`] still
+//! creates everything at a cluster's first start, and [`load_with_ca`]
+//! opens the dir with the CA that came from the store.
+//!
 //! Every file is written to a temporary name, synced and renamed, so a crash
 //! leaves either the old or the new file. A directory with material but no
 //! `cluster.json` is half-written and is refused, never silently regenerated.

@@ -325,7 +325,9 @@ impl crate::watched::Watched for RingFollower {
                     tracing::error!("the signing key record could not be used: {e}");
                 }
             }
-            None => tracing::error!("the store holds no signing key record; keeping the keys in memory"),
+            None => {
+                tracing::error!("the store holds no signing key record; keeping the keys in memory")
+            }
         }
         Ok(page.revision)
     }
@@ -383,8 +385,7 @@ pub async fn rotate_keys_forever(
         if record {
             // The key that just activated stays the signer should the clock
             // step back (see `keyring`).
-            let recorded =
-                write_ring(&issuer, move |ring| Ok(ring.record_active(now)?)).await;
+            let recorded = write_ring(&issuer, move |ring| Ok(ring.record_active(now)?)).await;
             match recorded {
                 Ok(_) => {}
                 Err(IssuerError::Conflict) => {

@@ -52,7 +52,10 @@ pub enum ClusterKeyError {
         source: std::io::Error,
     },
     #[error("{path} holds {len} bytes, not a 32-byte cluster key (restore it from a backup)")]
-    Length { path: std::path::PathBuf, len: usize },
+    Length {
+        path: std::path::PathBuf,
+        len: usize,
+    },
     /// The system's random source or AES-GCM failed.
     #[error("the AES-256-GCM provider failed (random bytes or sealing)")]
     Crypto,

@@ -312,8 +312,7 @@ impl Coordinator {
         // secrets come from the store (`shared_cluster`).
         let (material, keys, store, shared) = match &opts.store {
             StoreBackend::Embedded => {
-                let material =
-                    datadir::open_or_init(&opts.data_dir, &cluster_name, &policy, now)?;
+                let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &policy, now)?;
                 let keys = KeyRing::load(&material.dir.join("keys"), now)?;
                 let store = opts
                     .store
@@ -557,8 +556,9 @@ impl Coordinator {
                 match &shared {
                     None => crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
                     Some(p) => crate::sso::Sso::with_key(
-                        crate::sso::cookie::CookieKey::from_bytes(&p.cookie_key)
-                            .map_err(|_| anyhow::anyhow!("the cluster's cookie key is not an AES-256 key"))?,
+                        crate::sso::cookie::CookieKey::from_bytes(&p.cookie_key).map_err(|_| {
+                            anyhow::anyhow!("the cluster's cookie key is not an AES-256 key")
+                        })?,
                         store.clone(),
                     )?,
                 }

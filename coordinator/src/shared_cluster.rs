@@ -25,8 +25,8 @@ use std::sync::Arc;
 use transport::pki::ClusterCa;
 
 use crate::cluster_secrets::{
-    AllRecords, CaRecord, ClusterSecrets, CookieKeyRecord, Published, Read, SecretsError,
-    CLUSTER, COOKIE_KEY, ISSUER, KEYRING,
+    AllRecords, CaRecord, ClusterSecrets, CookieKeyRecord, Published, Read, SecretsError, CLUSTER,
+    COOKIE_KEY, ISSUER, KEYRING,
 };
 use crate::datadir::{self, ClusterMeta, DataDirError};
 use crate::issuer::IssuerHistory;
@@ -75,7 +75,12 @@ pub struct Shared {
 }
 
 /// Files the records replace; removed once the records are in the store.
-const MOVED: [&str; 4] = ["ca.key", "keys", crate::sso::cookie::COOKIE_KEY_FILE, "issuer.json"];
+const MOVED: [&str; 4] = [
+    "ca.key",
+    "keys",
+    crate::sso::cookie::COOKIE_KEY_FILE,
+    "issuer.json",
+];
 
 /// Opens the shared secrets for the initialised data dir `dir`, publishing
 /// them from its files first when the store has none.
@@ -269,8 +274,7 @@ mod tests {
         let issuer = record_issuer(&again.secrets, None, "https://b:2", 200).unwrap();
         assert_eq!(issuer.current, "https://a:1");
         // An explicit --issuer-url changes it; the old one stays accepted.
-        let issuer =
-            record_issuer(&again.secrets, Some("https://c"), "https://b:2", 200).unwrap();
+        let issuer = record_issuer(&again.secrets, Some("https://c"), "https://b:2", 200).unwrap();
         assert_eq!(issuer.accepted(200), vec!["https://c", "https://a:1"]);
         assert_eq!(
             again.ring.active(200).unwrap().kid(),

@@ -105,12 +105,7 @@ fn a_coordinator_joins_with_a_code_and_serves_the_same_issuer_and_keys() {
     assert!(code.ok, "{code:?}");
     let code = code.stdout.trim().to_string();
     assert!(code.starts_with("mrenc_"), "{code}");
-    let wrong_prefix = [
-        "--etcd",
-        endpoints.as_str(),
-        "--etcd-prefix",
-        "/nobody/",
-    ];
+    let wrong_prefix = ["--etcd", endpoints.as_str(), "--etcd-prefix", "/nobody/"];
     let err = refused_join(dir.path(), &nowhere, &code, &wrong_prefix);
     assert!(err.contains("holds no cluster"), "{err}");
     assert!(!nowhere.exists());
@@ -144,7 +139,10 @@ fn a_coordinator_joins_with_a_code_and_serves_the_same_issuer_and_keys() {
     for (token, at) in [(&from_a, &b), (&from_b, a)] {
         let (ok, report) =
             outside_verify_at(&issuer, Some(&https_of(at)), &at.ca_file(), "miren", token);
-        assert!(ok, "PyJWT refused a token at the other coordinator: {report}");
+        assert!(
+            ok,
+            "PyJWT refused a token at the other coordinator: {report}"
+        );
     }
 
     // An operator's rotation through the first shows in the second's JWKS.
