@@ -65,6 +65,14 @@ pub enum SecretsError {
         #[source]
         source: serde_json::Error,
     },
+    /// A record could not be encoded.
+    #[error("encoding a record: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// A compare-and-set kept losing to other writers.
+    #[error(
+        "the cluster's {0} record kept changing while this coordinator wrote it; start it again"
+    )]
+    Contended(&'static str),
     /// A record every other one comes with is missing.
     #[error("the store holds some of the cluster's sealed records but not {0} (restore the etcd prefix from a snapshot)")]
     Missing(&'static str),
@@ -147,10 +155,7 @@ impl ClusterSecrets {
     }
 
     fn seal<T: Serialize>(&self, name: &str, value: &T) -> Result<Vec<u8>, SecretsError> {
-        let plain = serde_json::to_vec(value).map_err(|source| SecretsError::Record {
-            name: "(encoding)",
-            source,
-        })?;
+        let plain = serde_json::to_vec(value).map_err(SecretsError::Encode)?;
         Ok(self.key.seal(name, &plain)?)
     }
 

@@ -455,6 +455,97 @@ pub async fn watch_keys_forever(
 mod tests {
     use super::*;
 
+    /// Two coordinators' issuers on one store holding the ring's record.
+    fn two_sharing() -> (tempfile::TempDir, Arc<dyn Store>, Issuer, Issuer) {
+        use crate::cluster_secrets::{AllRecords, CaRecord, CookieKeyRecord};
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::RedbStore::open(&d.path().join("s.redb")).unwrap());
+        KeyRing::init(&d.path().join("keys"), 1000).unwrap();
+        let ring = KeyRing::load(&d.path().join("keys"), 1000).unwrap();
+        let secrets = Arc::new(ClusterSecrets::new(
+            store.clone(),
+            crate::sealed::ClusterKey::generate().unwrap(),
+        ));
+        secrets
+            .publish(&AllRecords {
+                cluster: serde_json::json!({}),
+                ca: CaRecord {
+                    cert_pem: String::new(),
+                    key_pem: String::new(),
+                },
+                keyring: serde_json::to_value(ring.to_record()).unwrap(),
+                cookie_key: CookieKeyRecord { key: vec![0; 32] },
+                issuer: serde_json::json!({}),
+            })
+            .unwrap();
+        let issuer = || {
+            let read = secrets.read::<RingRecord>(KEYRING).unwrap();
+            Issuer {
+                url: IssuerUrl::parse("https://c.test").unwrap(),
+                history: IssuerHistory::default().with_current("https://c.test", 1000),
+                keys: RwLock::new(KeyRing::from_record(&read.value, 1000).unwrap()),
+                jwks_max_age_secs: 300,
+                shared: Some(SharedRing::new(secrets.clone(), read.mod_revision)),
+            }
+        };
+        let (a, b) = (issuer(), issuer());
+        (d, store, a, b)
+    }
+
+    fn kids(i: &Issuer) -> Vec<String> {
+        i.statuses(2000)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.kid)
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_ring_is_rotated_once_and_the_loser_of_a_race_reloads() {
+        let (_d, _store, a, b) = two_sharing();
+        let rotated = a.rotate(2000).unwrap();
+        assert_eq!(rotated.len(), 2);
+        // b still holds the ring it read: its rotation loses the
+        // compare-and-set, and it now holds a's ring instead of making a
+        // second key.
+        assert!(matches!(b.rotate(2000), Err(IssuerError::Conflict)));
+        assert_eq!(kids(&a), kids(&b));
+        // Asked again, b sees the pending key and refuses like a would.
+        assert!(matches!(b.rotate(2001), Err(IssuerError::RotationPending)));
+        let stored = a
+            .shared
+            .as_ref()
+            .unwrap()
+            .secrets
+            .read::<RingRecord>(KEYRING);
+        assert_eq!(stored.unwrap().value.keys.len(), 2, "one rotation, not two");
+    }
+
+    #[test]
+    fn a_follower_installs_the_records_ring_and_ignores_an_older_one() {
+        use crate::watched::Watched;
+        let (_d, store, a, b) = two_sharing();
+        let b = Arc::new(b);
+        let follower = RingFollower(b.clone());
+        let old = store.get_kv(KEYRING).unwrap().unwrap();
+        a.rotate(2000).unwrap();
+        let new = store.get_kv(KEYRING).unwrap().unwrap();
+        let batch = |kv: &KeyValue| WatchBatch {
+            revision: kv.mod_revision,
+            events: vec![crate::store::WatchEvent {
+                kind: EventKind::Put,
+                kv: kv.clone(),
+            }],
+        };
+        follower.apply(&batch(&new));
+        assert_eq!(kids(&a), kids(&b));
+        // A late event of the older record changes nothing.
+        follower.apply(&batch(&old));
+        assert_eq!(kids(&a), kids(&b));
+        assert!(follower.reload(&*store).unwrap() >= new.mod_revision);
+    }
+
     #[test]
     fn changed_issuer_stays_accepted_for_max_ttl_plus_an_hour() {
         let h = IssuerHistory::default().with_current("https://a", 100);

@@ -174,17 +174,12 @@ pub fn record_issuer(
             return Ok(new);
         }
     }
-    Err(SecretsError::Missing(ISSUER).into())
+    Err(SecretsError::Contended(ISSUER).into())
 }
 
 /// The records as the data dir's files hold them.
 fn from_files(dir: &Path, now: i64) -> Result<AllRecords, SharedError> {
-    let json = |v: serde_json::Result<serde_json::Value>| {
-        v.map_err(|source| SecretsError::Record {
-            name: "(encoding)",
-            source,
-        })
-    };
+    let json = |v: serde_json::Result<serde_json::Value>| v.map_err(SecretsError::Encode);
     let meta = datadir::read_meta(dir)?;
     let ring = KeyRing::load(&dir.join("keys"), now)?;
     let cookie_path = dir.join(crate::sso::cookie::COOKIE_KEY_FILE);
