@@ -262,14 +262,15 @@ fn health(port: u16) -> bool {
 }
 
 /// A second coordinator of `c`'s cluster, started with `args` (which
-/// name the cluster's `--etcd`) under `dir`: it joins with a code from
-/// `miren cluster coordinator-code` through the first, as an operator does.
+/// name the cluster's `--etcd`) under `dir` (data dir `coord-b`, client
+/// config `b.yaml`): it joins with a code from `miren cluster
+/// coordinator-code` through the first, as an operator does.
 pub fn second_coordinator(
     c: &crate::Cluster,
     dir: &std::path::Path,
     args: &[&str],
 ) -> crate::Server {
-    join_coordinator(&c.cfg, dir, "coord-b", args)
+    join_with_code(&c.cfg, &dir.join("coord-b"), &dir.join("b.yaml"), args)
 }
 
 /// Another coordinator of the cluster whose admin client config is
@@ -282,14 +283,23 @@ pub fn join_coordinator(
     name: &str,
     args: &[&str],
 ) -> crate::Server {
+    join_with_code(
+        admin_cfg,
+        &dir.join(name),
+        &dir.join(format!("{name}.yaml")),
+        args,
+    )
+}
+
+fn join_with_code(
+    admin_cfg: &std::path::Path,
+    data: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+) -> crate::Server {
     let code = crate::miren(admin_cfg, &["cluster", "coordinator-code"], &[]);
     assert!(code.ok, "{code:?}");
     let mut full: Vec<&str> = args.to_vec();
     full.extend(["--join", code.stdout.trim()]);
-    crate::Server::start(
-        &dir.join(name),
-        &dir.join(format!("{name}.yaml")),
-        "127.0.0.1:0",
-        &full,
-    )
+    crate::Server::start(data, config, "127.0.0.1:0", &full)
 }
