@@ -114,24 +114,31 @@ pub enum StoreBackend {
 }
 
 impl StoreBackend {
-    /// Opens the store; a shared one is claimed for the cluster whose CA
-    /// has `fingerprint` (or checked to be that cluster's).
-    fn open(&self, dir: &Path, fingerprint: &str) -> anyhow::Result<Arc<dyn Store>> {
-        Ok(match self {
-            StoreBackend::Embedded => Arc::new(RedbStore::open(&dir.join("store.redb"))?),
-            StoreBackend::Etcd(opts) => {
-                let store = crate::etcd_store::EtcdStore::connect(opts).with_context(|| {
-                    format!("connecting to etcd at {}", opts.endpoints.join(","))
-                })?;
-                crate::etcd_store::claim(&store, fingerprint)?;
-                tracing::info!(
-                    endpoints = %opts.endpoints.join(","),
-                    prefix = %opts.prefix,
-                    "store: etcd"
+    /// Connects to etcd for a coordinator whose data dir is `dir`. A data
+    /// dir not initialised yet would make a new cluster: refused when the
+    /// prefix holds one already (that is a coordinator meant to join it).
+    fn connect_etcd(
+        opts: &crate::etcd_store::EtcdOptions,
+        dir: &Path,
+    ) -> anyhow::Result<Arc<dyn Store>> {
+        let store = crate::etcd_store::EtcdStore::connect(opts)
+            .with_context(|| format!("connecting to etcd at {}", opts.endpoints.join(",")))?;
+        if !datadir::is_initialised(dir)? {
+            if let Some(owner) = store.get(crate::etcd_store::OWNER_KEY)? {
+                anyhow::bail!(
+                    "the etcd prefix {:?} holds the cluster whose CA is {}, and data dir {} is new: to add this coordinator to that cluster, start it with --join CODE (`miren cluster coordinator-code` on a running coordinator); a new cluster needs its own --etcd-prefix",
+                    opts.prefix,
+                    String::from_utf8_lossy(&owner),
+                    dir.display()
                 );
-                Arc::new(store)
             }
-        })
+        }
+        tracing::info!(
+            endpoints = %opts.endpoints.join(","),
+            prefix = %opts.prefix,
+            "store: etcd"
+        );
+        Ok(Arc::new(store))
     }
 }
 
@@ -314,17 +321,18 @@ impl Coordinator {
             StoreBackend::Embedded => {
                 let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &policy, now)?;
                 let keys = KeyRing::load(&material.dir.join("keys"), now)?;
-                let store = opts
-                    .store
-                    .open(&material.dir, &material.ca.fingerprint().to_string())?;
+                let store: Arc<dyn Store> =
+                    Arc::new(RedbStore::open(&material.dir.join("store.redb"))?);
                 (material, keys, store, None)
             }
-            StoreBackend::Etcd(_) => {
+            StoreBackend::Etcd(etcd) => {
                 let dir = &opts.data_dir;
+                let store = StoreBackend::connect_etcd(etcd, dir)?;
                 datadir::init_if_new(dir, &cluster_name)?;
                 let ca_der = pki::cert_der_from_pem(&datadir::read_ca_cert(dir)?)?;
                 let fingerprint = identity::Fingerprint::of_der(&ca_der).to_string();
-                let store = opts.store.open(dir, &fingerprint)?;
+                // Claimed for this cluster's CA (or checked to be its).
+                crate::etcd_store::claim(&*store, &fingerprint)?;
                 let crate::shared_cluster::Shared {
                     secrets,
                     meta,

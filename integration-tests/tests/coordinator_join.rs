@@ -110,6 +110,19 @@ fn a_coordinator_joins_with_a_code_and_serves_the_same_issuer_and_keys() {
     assert!(err.contains("holds no cluster"), "{err}");
     assert!(!nowhere.exists());
 
+    // A new data dir started on the cluster's prefix without a code would
+    // make another cluster there: refused, saying how to join.
+    match Server::try_start(
+        &nowhere,
+        &dir.path().join("refused.yaml"),
+        "127.0.0.1:0",
+        &etcd_args,
+    ) {
+        Ok(_) => panic!("a fresh data dir on a claimed prefix must be refused"),
+        Err(e) => assert!(e.contains("--join CODE"), "{e}"),
+    }
+    assert!(!nowhere.exists(), "nothing written");
+
     let mut b_args = etcd_args.to_vec();
     b_args.extend(["--join", code.as_str()]);
     let b_data = dir.path().join("coord-b");
