@@ -502,6 +502,20 @@ mod tests {
     }
 
     #[test]
+    fn a_dir_with_only_a_cluster_key_is_half_written() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(!is_initialised(d.path()).expect("empty is new"));
+        crate::sealed::ClusterKey::generate()
+            .expect("key")
+            .write(d.path())
+            .expect("write");
+        let e = init_if_new(d.path(), "t").err().expect("refused");
+        assert!(matches!(e, DataDirError::HalfWritten { .. }), "{e}");
+        assert!(e.to_string().contains("cluster.key"), "{e}");
+        assert!(!d.path().join("ca.key").exists(), "nothing was created");
+    }
+
+    #[test]
     fn an_interrupted_renewal_is_repaired_not_refused() {
         let d = tempfile::tempdir().expect("tempdir");
         let m = open_or_init(d.path(), "t", &year(), now_unix()).expect("init");
