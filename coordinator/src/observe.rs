@@ -395,6 +395,28 @@ impl Observe {
         result
     }
 
+    /// A coordinator code spent or refused (`Cluster.joinCoordinator`).
+    pub fn coordinator_join<E: std::fmt::Display>(
+        &self,
+        join_code: &str,
+        remote: SocketAddr,
+        result: &Result<(), E>,
+    ) {
+        let (reason, outcome) = match result {
+            Ok(()) => (None, Outcome::Ok),
+            Err(e) => (Some(Text::new(&e.to_string())), Outcome::Refused),
+        };
+        self.record(
+            Actor::Anonymous,
+            Event::CoordinatorJoin {
+                join_code: Text::new(join_code),
+                remote: Text::new(&remote.to_string()),
+                reason,
+            },
+            outcome,
+        );
+    }
+
     pub fn runner_removed(&self, actor: &Actor, r: &RunnerRecord) {
         self.changed(
             actor,

@@ -136,6 +136,19 @@ fn a_coordinator_joins_with_a_code_and_serves_the_same_issuer_and_keys() {
     assert!(err.contains("already been used"), "{err}");
     assert!(!nowhere.exists());
 
+    // The first coordinator's audit trail holds each spent or refused code
+    // by its id, and never the code itself.
+    let audit = c.miren(&["audit", "-o", "json", "--action", "coordinator.join"]);
+    assert!(audit.ok, "{audit:?}");
+    let lines: Vec<serde_json::Value> = audit
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit line"))
+        .collect();
+    let outcomes: Vec<&str> = lines.iter().filter_map(|l| l["result"].as_str()).collect();
+    assert_eq!(outcomes, ["refused", "ok", "refused"], "{lines:?}");
+    assert!(!audit.stdout.contains(&code), "{}", audit.stdout);
+
     // One issuer, one discovery document, one JWKS.
     let issuer = a.issuer_url();
     assert_eq!(b.issuer_url(), issuer, "one issuer URL for the cluster");

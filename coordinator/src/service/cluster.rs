@@ -253,6 +253,9 @@ impl cluster::Server for ClusterService {
         let code_id = p.get_code_id()?.to_str()?;
         let redeemed =
             coordinator_codes::redeem(&*self.state.store, code_id, p.get_secret()?, now_unix());
+        self.state
+            .observe
+            .coordinator_join(code_id, remote, &redeemed);
         if let Err(e) = redeemed {
             tracing::info!(%remote, code = %code_id, "coordinator join refused: {e}");
             return Err(failed(e.to_string()));
