@@ -509,7 +509,7 @@ mod tests {
             .expect("key")
             .write(d.path())
             .expect("write");
-        let e = init_if_new(d.path(), "t").err().expect("refused");
+        let e = init_if_new(d.path(), "t").expect_err("refused");
         assert!(matches!(e, DataDirError::HalfWritten { .. }), "{e}");
         assert!(e.to_string().contains("cluster.key"), "{e}");
         assert!(!d.path().join("ca.key").exists(), "nothing was created");
