@@ -194,6 +194,16 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<Text>,
     },
+    /// A coordinator code was spent (the cluster key handed to a joining
+    /// coordinator) or refused.
+    #[serde(rename = "coordinator.join")]
+    CoordinatorJoin {
+        /// The code's id (its public half).
+        join_code: Text,
+        remote: Text,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<Text>,
+    },
     #[serde(rename = "runner.removed")]
     RunnerRemoved { runner: Text, name: Text },
     #[serde(rename = "runner.cordoned")]

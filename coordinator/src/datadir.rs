@@ -6,6 +6,11 @@
 //! identity: `cluster.json`, the CA, the server certificate and the admin
 //! identity, and creates the key ring (`crate::keyring`) at first start.
 //!
+//! With `--etcd` the CA key, the key ring and the cookie key leave the
+//! data dir for the store (`crate::shared_cluster`): [`init_if_new`] still
+//! creates everything at a cluster's first start, and [`load_with_ca`]
+//! opens the dir with the CA that came from the store.
+//!
 //! Every file is written to a temporary name, synced and renamed, so a crash
 //! leaves either the old or the new file. A directory with material but no
 //! `cluster.json` is half-written and is refused, never silently regenerated.
@@ -135,6 +140,7 @@ const MATERIAL: &[&str] = &[
     "admin.key",
     "store.redb",
     "keys",
+    crate::sealed::CLUSTER_KEY_FILE,
 ];
 
 /// Creates `dir` (0700) if needed.
@@ -173,23 +179,122 @@ pub fn open_or_init(
     server: &ServerCertPolicy,
     now: i64,
 ) -> Result<Material, DataDirError> {
-    ensure_private_dir(dir)?;
-    let marker = dir.join("cluster.json");
-    if !marker.exists() {
-        let found: Vec<&str> = MATERIAL
-            .iter()
-            .copied()
-            .filter(|f| dir.join(f).exists())
-            .collect();
-        if !found.is_empty() {
-            return Err(DataDirError::HalfWritten {
-                dir: dir.to_path_buf(),
-                found: found.join(", "),
-            });
-        }
-        init(dir, cluster_name)?;
-    }
+    init_if_new(dir, cluster_name)?;
     load(dir, server, now)
+}
+
+/// Whether `dir` is initialised (its `cluster.json` is there); a dir with
+/// material but no `cluster.json` is refused as half-written.
+pub fn is_initialised(dir: &Path) -> Result<bool, DataDirError> {
+    if dir.join("cluster.json").exists() {
+        return Ok(true);
+    }
+    let found: Vec<&str> = MATERIAL
+        .iter()
+        .copied()
+        .filter(|f| dir.join(f).exists())
+        .collect();
+    if !found.is_empty() {
+        return Err(DataDirError::HalfWritten {
+            dir: dir.to_path_buf(),
+            found: found.join(", "),
+        });
+    }
+    Ok(false)
+}
+
+/// Creates the cluster's material in `dir` unless it is initialised
+/// already; returns whether it did.
+pub fn init_if_new(dir: &Path, cluster_name: &str) -> Result<bool, DataDirError> {
+    ensure_private_dir(dir)?;
+    if is_initialised(dir)? {
+        return Ok(false);
+    }
+    init(dir, cluster_name)?;
+    Ok(true)
+}
+
+/// `cluster.json` of an initialised dir.
+pub fn read_meta(dir: &Path) -> Result<ClusterMeta, DataDirError> {
+    let marker = dir.join("cluster.json");
+    let text = read_text(&marker, &marker)?;
+    serde_json::from_str(&text).map_err(|e| DataDirError::Corrupt {
+        path: marker,
+        reason: CorruptFile::Json(e),
+    })
+}
+
+/// Writes `cluster.json` (the mark of an initialised dir: written last).
+pub fn write_meta(dir: &Path, meta: &ClusterMeta) -> Result<(), DataDirError> {
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| DataDirError::Corrupt {
+        path: dir.join("cluster.json"),
+        reason: CorruptFile::Json(e),
+    })?;
+    write_atomic(&dir.join("cluster.json"), &json, 0o644)
+}
+
+/// `ca.crt` of an initialised dir (checked to parse).
+pub fn read_ca_cert(dir: &Path) -> Result<String, DataDirError> {
+    let path = dir.join("ca.crt");
+    let pem = read_text(&path, &dir.join("cluster.json"))?;
+    pki::cert_der_from_pem(&pem).map_err(|e| DataDirError::Corrupt {
+        path: path.clone(),
+        reason: e.into(),
+    })?;
+    Ok(pem)
+}
+
+/// `ca.key` of an initialised dir (checked to parse), for publishing it
+/// to a shared store.
+pub fn read_ca_key(dir: &Path) -> Result<String, DataDirError> {
+    let path = dir.join("ca.key");
+    let pem = read_text(&path, &dir.join("cluster.json"))?;
+    pki::key_der_from_pem(&pem).map_err(|e| DataDirError::Corrupt {
+        path: path.clone(),
+        reason: e.into(),
+    })?;
+    Ok(pem)
+}
+
+/// Issues an admin identity from `ca` into `dir` (a joining coordinator's
+/// own: any admin certificate of the CA is the cluster's admin).
+pub fn write_admin(dir: &Path, ca: &ClusterCa) -> Result<(), DataDirError> {
+    let admin = ca.issue_client("admin-operator", ADMIN_CERT_LIFETIME)?;
+    write_atomic(&dir.join("admin.key"), admin.key_pem.as_bytes(), 0o600)?;
+    write_atomic(&dir.join("admin.crt"), admin.cert_pem.as_bytes(), 0o644)
+}
+
+/// Opens an initialised dir whose CA comes from elsewhere (the shared
+/// store, `--etcd`): the admin identity and the server certificate, issued
+/// or renewed by `ca` as [`open_or_init`] does.
+pub fn load_with_ca(
+    dir: &Path,
+    meta: ClusterMeta,
+    ca: ClusterCa,
+    policy: &ServerCertPolicy,
+    now: i64,
+) -> Result<Material, DataDirError> {
+    let marker = dir.join("cluster.json");
+    let corrupt = |path: &Path, reason: CorruptFile| DataDirError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let admin = CertifiedPem {
+        cert_pem: read_text(&dir.join("admin.crt"), &marker)?,
+        key_pem: read_text(&dir.join("admin.key"), &marker)?,
+    };
+    pki::cert_der_from_pem(&admin.cert_pem)
+        .map_err(|e| corrupt(&dir.join("admin.crt"), e.into()))?;
+    pki::key_der_from_pem(&admin.key_pem).map_err(|e| corrupt(&dir.join("admin.key"), e.into()))?;
+    let (server, server_change) = server_certificate(dir, &ca, policy, now)?;
+    Ok(Material {
+        dir: dir.to_path_buf(),
+        meta,
+        ca,
+        server,
+        server_change,
+        admin,
+    })
 }
 
 fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
@@ -197,9 +302,7 @@ fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
     write_atomic(&dir.join("ca.key"), ca.key_pem.as_bytes(), 0o600)?;
     write_atomic(&dir.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
     let loaded = ClusterCa::load(&ca.cert_pem, &ca.key_pem)?;
-    let admin = loaded.issue_client("admin-operator", ADMIN_CERT_LIFETIME)?;
-    write_atomic(&dir.join("admin.key"), admin.key_pem.as_bytes(), 0o600)?;
-    write_atomic(&dir.join("admin.crt"), admin.cert_pem.as_bytes(), 0o644)?;
+    write_admin(dir, &loaded)?;
     crate::keyring::KeyRing::init(&dir.join("keys"), now_unix()).map_err(|e| {
         DataDirError::Corrupt {
             path: dir.join("keys"),
@@ -211,48 +314,18 @@ fn init(dir: &Path, cluster_name: &str) -> Result<(), DataDirError> {
         name: cluster_name.to_string(),
         created_unix: now_unix(),
     };
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| DataDirError::Corrupt {
-        path: dir.join("cluster.json"),
-        reason: CorruptFile::Json(e),
-    })?;
-    write_atomic(&dir.join("cluster.json"), &json, 0o644)
+    write_meta(dir, &meta)
 }
 
 fn load(dir: &Path, policy: &ServerCertPolicy, now: i64) -> Result<Material, DataDirError> {
-    let marker = dir.join("cluster.json");
-    let corrupt = |path: &Path, reason: CorruptFile| DataDirError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let meta_text = read_text(&marker, &marker)?;
-    let meta: ClusterMeta =
-        serde_json::from_str(&meta_text).map_err(|e| corrupt(&marker, CorruptFile::Json(e)))?;
-
-    let ca_crt = dir.join("ca.crt");
-    let ca_key = dir.join("ca.key");
-    let ca_cert_pem = read_text(&ca_crt, &marker)?;
-    let ca_key_pem = read_text(&ca_key, &marker)?;
-    pki::cert_der_from_pem(&ca_cert_pem).map_err(|e| corrupt(&ca_crt, e.into()))?;
-    pki::key_der_from_pem(&ca_key_pem).map_err(|e| corrupt(&ca_key, e.into()))?;
-    let ca = ClusterCa::load(&ca_cert_pem, &ca_key_pem).map_err(|e| corrupt(&ca_key, e.into()))?;
-
-    let admin = CertifiedPem {
-        cert_pem: read_text(&dir.join("admin.crt"), &marker)?,
-        key_pem: read_text(&dir.join("admin.key"), &marker)?,
-    };
-    pki::cert_der_from_pem(&admin.cert_pem)
-        .map_err(|e| corrupt(&dir.join("admin.crt"), e.into()))?;
-    pki::key_der_from_pem(&admin.key_pem).map_err(|e| corrupt(&dir.join("admin.key"), e.into()))?;
-
-    let (server, server_change) = server_certificate(dir, &ca, policy, now)?;
-    Ok(Material {
-        dir: dir.to_path_buf(),
-        meta,
-        ca,
-        server,
-        server_change,
-        admin,
-    })
+    let meta = read_meta(dir)?;
+    let ca_cert_pem = read_ca_cert(dir)?;
+    let ca_key_pem = read_ca_key(dir)?;
+    let ca = ClusterCa::load(&ca_cert_pem, &ca_key_pem).map_err(|e| DataDirError::Corrupt {
+        path: dir.join("ca.key"),
+        reason: e.into(),
+    })?;
+    load_with_ca(dir, meta, ca, policy, now)
 }
 
 /// Loads the server certificate, issuing a new one when the requested
@@ -426,6 +499,20 @@ mod tests {
         // Opened "four months before the end": renewed.
         let m = open_or_init(d.path(), "t", &year(), end - days(100)).expect("open");
         assert!(matches!(m.server_change, ServerCertChange::Renewed { .. }));
+    }
+
+    #[test]
+    fn a_dir_with_only_a_cluster_key_is_half_written() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(!is_initialised(d.path()).expect("empty is new"));
+        crate::sealed::ClusterKey::generate()
+            .expect("key")
+            .write(d.path())
+            .expect("write");
+        let e = init_if_new(d.path(), "t").expect_err("refused");
+        assert!(matches!(e, DataDirError::HalfWritten { .. }), "{e}");
+        assert!(e.to_string().contains("cluster.key"), "{e}");
+        assert!(!d.path().join("ca.key").exists(), "nothing was created");
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //! - a legacy Ed25519 key found in `keys/` is published (EdDSA) forever and
 //!   never signs.
 //!
+//! With `--etcd` the ring is not on disk: it is one sealed record of the
+//! store ([`RingRecord`], see `crate::cluster_secrets`), which every
+//! coordinator follows and only the leader changes; a ring made from it
+//! ([`KeyRing::from_record`]) writes no file, and its changes are published
+//! by the caller (`crate::issuer`) with a compare-and-set.
+//!
 //! A clock stepped back must not leave the ring without a signing key (the
 //! coordinator would refuse to start) nor hand signing back to an older key.
 //! So "newest" is the order of the index (keys are appended as they are
@@ -205,12 +211,24 @@ pub fn schedule(entries: &[KeyEntry], now: i64) -> Vec<KeyStatus> {
     out
 }
 
+/// The whole ring as one record: the index and every key's PKCS#8 PEM by
+/// kid (the shared store's form; sealed before it is stored).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RingRecord {
+    pub keys: Vec<KeyEntry>,
+    pub pems: std::collections::BTreeMap<String, String>,
+}
+
 /// Loaded signing keys: minters for RS256 keys, public keys for all.
+#[derive(Clone)]
 pub struct KeyRing {
-    dir: PathBuf,
+    /// `keys/` in the data dir; `None` for a ring that lives in the store.
+    dir: Option<PathBuf>,
     entries: Vec<KeyEntry>,
     minters: HashMap<String, Arc<Minter>>,
     public: HashMap<String, PublicKey>,
+    /// Every key's PKCS#8 PEM by kid (for [`KeyRing::to_record`]).
+    pems: HashMap<String, String>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyRingError + '_ {
@@ -225,7 +243,8 @@ impl KeyRing {
     pub fn init(dir: &Path, now: i64) -> Result<(), KeyRingError> {
         ensure_private_dir(dir).map_err(io(dir))?;
         let key = SigningKeyPair::generate()?;
-        let entry = write_key(dir, &key, now, now)?;
+        let (entry, pem) = new_entry(&key, now, now)?;
+        write_key(dir, &entry, &pem)?;
         write_index(dir, &KeyIndex { keys: vec![entry] })
     }
 
@@ -241,6 +260,7 @@ impl KeyRing {
             })?;
         let mut minters = HashMap::new();
         let mut public = HashMap::new();
+        let mut pems = HashMap::new();
         for entry in &index.keys {
             let path = dir.join(&entry.file);
             if entry.file.contains('/') || entry.file.starts_with('.') {
@@ -263,21 +283,8 @@ impl KeyRing {
                 path: path.clone(),
                 reason,
             };
-            if entry.signs {
-                let pair = SigningKeyPair::from_pkcs8_pem(&pem).map_err(|e| corrupt(e.into()))?;
-                if pair.kid() != entry.kid {
-                    return Err(corrupt(CorruptKey::OtherKid {
-                        found: pair.kid().to_string(),
-                        indexed: entry.kid.clone(),
-                    }));
-                }
-                let minter = Minter::new(&pair).map_err(|e| corrupt(e.into()))?;
-                public.insert(entry.kid.clone(), pair.public_key().clone());
-                minters.insert(entry.kid.clone(), Arc::new(minter));
-            } else {
-                let key = PublicKey::ed25519_from_pkcs8_pem(&pem).map_err(|e| corrupt(e.into()))?;
-                public.insert(entry.kid.clone(), key);
-            }
+            add_key(entry, &pem, &mut minters, &mut public).map_err(corrupt)?;
+            pems.insert(entry.kid.clone(), pem);
         }
         // Adopt legacy Ed25519 keys left by older data dirs.
         let known: Vec<String> = index.keys.iter().map(|e| e.file.clone()).collect();
@@ -292,6 +299,7 @@ impl KeyRing {
                     continue;
                 };
                 if let Ok(key) = PublicKey::ed25519_from_pkcs8_pem(&pem) {
+                    pems.insert(key.kid().to_string(), pem.clone());
                     index.keys.push(KeyEntry {
                         kid: key.kid().to_string(),
                         alg: "EdDSA".into(),
@@ -310,14 +318,68 @@ impl KeyRing {
             write_index(dir, &index)?;
         }
         let mut ring = KeyRing {
-            dir: dir.to_path_buf(),
+            dir: Some(dir.to_path_buf()),
             entries: index.keys,
             minters,
             public,
+            pems,
         };
         ring.active(now)?;
         ring.record_active(now)?;
         Ok(ring)
+    }
+
+    /// A ring from its store record (writes no file).
+    pub fn from_record(record: &RingRecord, now: i64) -> Result<Self, KeyRingError> {
+        let mut minters = HashMap::new();
+        let mut public = HashMap::new();
+        let mut pems = HashMap::new();
+        let record_path = || PathBuf::from("(the store's signing key record)");
+        for entry in &record.keys {
+            let Some(pem) = record.pems.get(&entry.kid) else {
+                return Err(KeyRingError::Missing {
+                    path: record_path(),
+                    kid: entry.kid.clone(),
+                });
+            };
+            add_key(entry, pem, &mut minters, &mut public).map_err(|reason| {
+                KeyRingError::Corrupt {
+                    path: record_path(),
+                    reason,
+                }
+            })?;
+            pems.insert(entry.kid.clone(), pem.clone());
+        }
+        let ring = KeyRing {
+            dir: None,
+            entries: record.keys.clone(),
+            minters,
+            public,
+            pems,
+        };
+        ring.active(now)?;
+        Ok(ring)
+    }
+
+    /// The ring as one record (every key's PEM and the index).
+    pub fn to_record(&self) -> RingRecord {
+        RingRecord {
+            keys: self.entries.clone(),
+            pems: self
+                .entries
+                .iter()
+                .filter_map(|e| self.pems.get(&e.kid).map(|p| (e.kid.clone(), p.clone())))
+                .collect(),
+        }
+    }
+
+    /// The same keys as a ring that writes no file (its changes go to the
+    /// store through the caller).
+    pub fn detached(&self) -> KeyRing {
+        KeyRing {
+            dir: None,
+            ..self.clone()
+        }
     }
 
     /// Whether the active key's first activation is yet to be recorded
@@ -345,12 +407,14 @@ impl KeyRing {
         };
         let mut entries = self.entries.clone();
         entries[i].first_active_unix = Some(now);
-        write_index(
-            &self.dir,
-            &KeyIndex {
-                keys: entries.clone(),
-            },
-        )?;
+        if let Some(dir) = &self.dir {
+            write_index(
+                dir,
+                &KeyIndex {
+                    keys: entries.clone(),
+                },
+            )?;
+        }
         self.entries = entries;
         Ok(true)
     }
@@ -404,7 +468,10 @@ impl KeyRing {
     /// files are removed from the index and disk.
     pub fn rotate(&mut self, now: i64, publish_window: i64) -> Result<KeyStatus, KeyRingError> {
         let key = SigningKeyPair::generate()?;
-        let entry = write_key(&self.dir, &key, now, now + publish_window.max(0))?;
+        let (entry, pem) = new_entry(&key, now, now + publish_window.max(0))?;
+        if let Some(dir) = &self.dir {
+            write_key(dir, &entry, &pem)?;
+        }
         let statuses = schedule(&self.entries, now);
         let expired: Vec<String> = statuses
             .iter()
@@ -418,19 +485,25 @@ impl KeyRing {
             .cloned()
             .collect();
         entries.push(entry.clone());
-        write_index(
-            &self.dir,
-            &KeyIndex {
-                keys: entries.clone(),
-            },
-        )?;
+        if let Some(dir) = &self.dir {
+            write_index(
+                dir,
+                &KeyIndex {
+                    keys: entries.clone(),
+                },
+            )?;
+        }
         for e in self.entries.iter().filter(|e| expired.contains(&e.kid)) {
-            let _ = std::fs::remove_file(self.dir.join(&e.file));
+            if let Some(dir) = &self.dir {
+                let _ = std::fs::remove_file(dir.join(&e.file));
+            }
             self.minters.remove(&e.kid);
             self.public.remove(&e.kid);
+            self.pems.remove(&e.kid);
         }
         let minter = Minter::new(&key)?;
         self.minters.insert(entry.kid.clone(), Arc::new(minter));
+        self.pems.insert(entry.kid.clone(), pem);
         self.public
             .insert(entry.kid.clone(), key.public_key().clone());
         self.entries = entries;
@@ -441,28 +514,60 @@ impl KeyRing {
     }
 }
 
-fn write_key(
-    dir: &Path,
+/// Checks one key against its entry and adds its minter (signing keys)
+/// and public key.
+fn add_key(
+    entry: &KeyEntry,
+    pem: &str,
+    minters: &mut HashMap<String, Arc<Minter>>,
+    public: &mut HashMap<String, PublicKey>,
+) -> Result<(), CorruptKey> {
+    if entry.signs {
+        let pair = SigningKeyPair::from_pkcs8_pem(pem)?;
+        if pair.kid() != entry.kid {
+            return Err(CorruptKey::OtherKid {
+                found: pair.kid().to_string(),
+                indexed: entry.kid.clone(),
+            });
+        }
+        let minter = Minter::new(&pair)?;
+        public.insert(entry.kid.clone(), pair.public_key().clone());
+        minters.insert(entry.kid.clone(), Arc::new(minter));
+    } else {
+        let key = PublicKey::ed25519_from_pkcs8_pem(pem)?;
+        public.insert(entry.kid.clone(), key);
+    }
+    Ok(())
+}
+
+/// The entry and PKCS#8 PEM of a new key.
+fn new_entry(
     key: &SigningKeyPair,
     created: i64,
     activates: i64,
-) -> Result<KeyEntry, KeyRingError> {
+) -> Result<(KeyEntry, String), KeyRingError> {
     let file = format!(
         "rs256-{created}-{}.pem",
         &key.kid()[..8.min(key.kid().len())]
     );
     let pem = key.to_pkcs8_pem()?;
-    let path = dir.join(&file);
-    write_atomic(&path, pem.as_bytes(), 0o600).map_err(io(&path))?;
-    Ok(KeyEntry {
-        kid: key.kid().to_string(),
-        alg: "RS256".into(),
-        file,
-        created_unix: created,
-        activates_unix: activates,
-        signs: true,
-        first_active_unix: None,
-    })
+    Ok((
+        KeyEntry {
+            kid: key.kid().to_string(),
+            alg: "RS256".into(),
+            file,
+            created_unix: created,
+            activates_unix: activates,
+            signs: true,
+            first_active_unix: None,
+        },
+        pem.to_string(),
+    ))
+}
+
+fn write_key(dir: &Path, entry: &KeyEntry, pem: &str) -> Result<(), KeyRingError> {
+    let path = dir.join(&entry.file);
+    write_atomic(&path, pem.as_bytes(), 0o600).map_err(io(&path))
 }
 
 fn write_index(dir: &Path, index: &KeyIndex) -> Result<(), KeyRingError> {
@@ -599,6 +704,35 @@ mod tests {
         assert_eq!(active_kid(&keys, 1000), "b");
         assert_eq!(state_of(&schedule(&keys, 1000), "c"), KeyState::Pending);
         assert_eq!(active_kid(&keys, 1200), "c");
+    }
+
+    #[test]
+    fn a_ring_round_trips_through_its_record_and_a_detached_one_writes_no_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("keys");
+        KeyRing::init(&dir, 1000).expect("init");
+        let ring = KeyRing::load(&dir, 1000).expect("load");
+        let record = ring.to_record();
+        assert_eq!(record.pems.len(), 1);
+        let mut shared = KeyRing::from_record(&record, 1000).expect("from record");
+        assert_eq!(
+            shared.active(1000).expect("active").kid(),
+            ring.active(1000).expect("active").kid()
+        );
+        let before: Vec<_> = std::fs::read_dir(&dir).expect("dir").flatten().collect();
+        let next = shared.rotate(2000, 300).expect("rotate");
+        let after: Vec<_> = std::fs::read_dir(&dir).expect("dir").flatten().collect();
+        assert_eq!(before.len(), after.len(), "no file written");
+        let again = KeyRing::from_record(&shared.to_record(), 2300).expect("again");
+        assert_eq!(again.active(2300).expect("active").kid(), next.kid);
+        // A record naming a key whose PEM it lacks is refused.
+        let mut broken = shared.to_record();
+        broken.pems.remove(&next.kid);
+        assert!(matches!(
+            KeyRing::from_record(&broken, 2300),
+            Err(KeyRingError::Missing { .. })
+        ));
+        assert!(ring.detached().dir.is_none());
     }
 
     #[test]

@@ -270,6 +270,7 @@ mod tests {
                 .with_current("https://cluster.test", now),
             keys: std::sync::RwLock::new(KeyRing::load(&dir.path().join("keys"), now).unwrap()),
             jwks_max_age_secs: 300,
+            shared: None,
         });
         let observe = Arc::new(Observe::disabled());
         let minting = Arc::new(Minting::new(

@@ -102,7 +102,9 @@ impl CiRefusal {
 pub fn join_refusal_reason(e: &RegistryError) -> &'static str {
     use identity::join_token::JoinRefusal;
     match e {
-        RegistryError::Join(JoinRefusal::Missing | JoinRefusal::BadFormat) => "malformed",
+        RegistryError::Join(
+            JoinRefusal::Missing | JoinRefusal::BadFormat | JoinRefusal::WrongKind { .. },
+        ) => "malformed",
         RegistryError::Join(JoinRefusal::Unknown) => "unknown",
         RegistryError::Join(JoinRefusal::UsedOrRevoked) => "used_or_revoked",
         RegistryError::Join(JoinRefusal::Expired) => "expired",
@@ -391,6 +393,28 @@ impl Observe {
         self.metrics.joins.get_or_create(&labels).inc();
         self.record(actor, event, outcome);
         result
+    }
+
+    /// A coordinator code spent or refused (`Cluster.joinCoordinator`).
+    pub fn coordinator_join<E: std::fmt::Display>(
+        &self,
+        join_code: &str,
+        remote: SocketAddr,
+        result: &Result<(), E>,
+    ) {
+        let (reason, outcome) = match result {
+            Ok(()) => (None, Outcome::Ok),
+            Err(e) => (Some(Text::new(&e.to_string())), Outcome::Refused),
+        };
+        self.record(
+            Actor::Anonymous,
+            Event::CoordinatorJoin {
+                join_code: Text::new(join_code),
+                remote: Text::new(&remote.to_string()),
+                reason,
+            },
+            outcome,
+        );
     }
 
     pub fn runner_removed(&self, actor: &Actor, r: &RunnerRecord) {

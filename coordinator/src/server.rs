@@ -28,7 +28,7 @@ use transport::tls::ServerCertSlot;
 use transport::PeerIdentity;
 
 use crate::datadir::{self, now_unix, ServerCertChange, ServerCertPolicy};
-use crate::issuer::Issuer;
+use crate::issuer::{Issuer, SharedRing};
 use crate::keyring::KeyRing;
 use crate::labs::Labs;
 use crate::runners::Registry;
@@ -114,25 +114,40 @@ pub enum StoreBackend {
 }
 
 impl StoreBackend {
-    /// Opens the store; a shared one is claimed for the cluster whose CA
-    /// has `fingerprint` (or checked to be that cluster's).
-    fn open(&self, dir: &Path, fingerprint: &str) -> anyhow::Result<Arc<dyn Store>> {
-        Ok(match self {
-            StoreBackend::Embedded => Arc::new(RedbStore::open(&dir.join("store.redb"))?),
-            StoreBackend::Etcd(opts) => {
-                let store = crate::etcd_store::EtcdStore::connect(opts).with_context(|| {
-                    format!("connecting to etcd at {}", opts.endpoints.join(","))
-                })?;
-                crate::etcd_store::claim(&store, fingerprint)?;
-                tracing::info!(
-                    endpoints = %opts.endpoints.join(","),
-                    prefix = %opts.prefix,
-                    "store: etcd"
+    /// Connects to etcd for a coordinator whose data dir is `dir`. A data
+    /// dir not initialised yet would make a new cluster: refused when the
+    /// prefix holds one already (that is a coordinator meant to join it).
+    fn connect_etcd(
+        opts: &crate::etcd_store::EtcdOptions,
+        dir: &Path,
+    ) -> anyhow::Result<Arc<dyn Store>> {
+        let store = crate::etcd_store::EtcdStore::connect(opts)
+            .with_context(|| format!("connecting to etcd at {}", opts.endpoints.join(",")))?;
+        if !datadir::is_initialised(dir)? {
+            if let Some(owner) = store.get(crate::etcd_store::OWNER_KEY)? {
+                anyhow::bail!(
+                    "the etcd prefix {:?} holds the cluster whose CA is {}, and data dir {} is new: to add this coordinator to that cluster, start it with --join CODE (`miren cluster coordinator-code` on a running coordinator); a new cluster needs its own --etcd-prefix",
+                    opts.prefix,
+                    String::from_utf8_lossy(&owner),
+                    dir.display()
                 );
-                Arc::new(store)
             }
-        })
+        }
+        tracing::info!(
+            endpoints = %opts.endpoints.join(","),
+            prefix = %opts.prefix,
+            "store: etcd"
+        );
+        Ok(Arc::new(store))
     }
+}
+
+/// What a coordinator on a shared store keeps of its sealed records.
+struct SharedParts {
+    secrets: Arc<crate::cluster_secrets::ClusterSecrets>,
+    /// The revision of the key ring's record read at start.
+    ring_revision: crate::store::Revision,
+    cookie_key: [u8; 32],
 }
 
 /// Open files the coordinator needs besides its HTTP connections (store,
@@ -165,6 +180,8 @@ pub struct Coordinator {
     presence: Option<(crate::coordinators::Presence, Option<crate::store::LeaseId>)>,
     /// The revision the coordinator index was loaded at.
     coordinators_from: crate::store::Revision,
+    /// The revision the shared key ring was read at (`--etcd`).
+    ring_from: Option<crate::store::Revision>,
     leadership: crate::leader::Leadership,
 }
 
@@ -297,17 +314,46 @@ impl Coordinator {
             lifetime: time::Duration::try_from(opts.server_cert_lifetime)
                 .context("--server-cert-lifetime")?,
         };
-        let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &policy, now_unix())?;
-        log_server_cert_change(material.server_change, &material.server);
         let now = now_unix();
-        let keys = KeyRing::load(&material.dir.join("keys"), now)?;
+        // Without --etcd everything is in the data dir; with it the shared
+        // secrets come from the store (`shared_cluster`).
+        let (material, keys, store, shared) = match &opts.store {
+            StoreBackend::Embedded => {
+                let material = datadir::open_or_init(&opts.data_dir, &cluster_name, &policy, now)?;
+                let keys = KeyRing::load(&material.dir.join("keys"), now)?;
+                let store: Arc<dyn Store> =
+                    Arc::new(RedbStore::open(&material.dir.join("store.redb"))?);
+                (material, keys, store, None)
+            }
+            StoreBackend::Etcd(etcd) => {
+                let dir = &opts.data_dir;
+                let store = StoreBackend::connect_etcd(etcd, dir)?;
+                datadir::init_if_new(dir, &cluster_name)?;
+                let ca_der = pki::cert_der_from_pem(&datadir::read_ca_cert(dir)?)?;
+                let fingerprint = identity::Fingerprint::of_der(&ca_der).to_string();
+                // Claimed for this cluster's CA (or checked to be its).
+                crate::etcd_store::claim(&*store, &fingerprint)?;
+                let crate::shared_cluster::Shared {
+                    secrets,
+                    meta,
+                    ca,
+                    ring,
+                    ring_revision,
+                    cookie_key,
+                } = crate::shared_cluster::open(dir, store.clone(), now)?;
+                let material = datadir::load_with_ca(dir, meta, ca, &policy, now)?;
+                let parts = SharedParts {
+                    secrets,
+                    ring_revision,
+                    cookie_key,
+                };
+                (material, ring, store, Some(parts))
+            }
+        };
+        log_server_cert_change(material.server_change, &material.server);
         let observe =
             crate::observe::start(&material.dir, opts.observe, opts.signing_key_rotation)?;
-        let store: Arc<dyn Store> = crate::observe::metered_store(
-            opts.store
-                .open(&material.dir, &material.ca.fingerprint().to_string())?,
-            &observe,
-        );
+        let store: Arc<dyn Store> = crate::observe::metered_store(store, &observe);
 
         let ca_der = material.ca.cert_der().clone();
         let (chain, key) = server_chain(&material.server, &material.ca)?;
@@ -337,17 +383,39 @@ impl Coordinator {
             fingerprint: Some(material.ca.fingerprint()),
             alternates: Vec::new(),
         };
-        let issuer_text = match &opts.issuer_url {
+        let own_issuer = match &opts.issuer_url {
             Some(u) => u.clone(),
             None if port == 443 => format!("https://{}", address.host.to_ascii_lowercase()),
             None => format!("https://{}", address.host_port().to_ascii_lowercase()),
         };
-        let issuer = IssuerUrl::parse(&issuer_text).with_context(|| {
-            format!(
-                "issuer URL {issuer_text:?} (set it with --issuer-url https://HOST[:PORT][/PATH])"
-            )
-        })?;
-        let issuers = crate::issuer::record(&material.dir, issuer.as_str(), now)?;
+        let parse_issuer = |text: &str| {
+            IssuerUrl::parse(text).with_context(|| {
+                format!("issuer URL {text:?} (set it with --issuer-url https://HOST[:PORT][/PATH])")
+            })
+        };
+        // One issuer for the cluster: on a shared store, the cluster's (this
+        // coordinator's own only when it is the first, or --issuer-url).
+        let (issuer, issuers) = match &shared {
+            None => {
+                let issuer = parse_issuer(&own_issuer)?;
+                let issuers = crate::issuer::record(&material.dir, issuer.as_str(), now)?;
+                (issuer, issuers)
+            }
+            Some(SharedParts { secrets, .. }) => {
+                let wanted = match &opts.issuer_url {
+                    Some(u) => Some(parse_issuer(u)?.as_str().to_string()),
+                    None => None,
+                };
+                let own = parse_issuer(&own_issuer)?;
+                let issuers = crate::shared_cluster::record_issuer(
+                    secrets,
+                    wanted.as_deref(),
+                    own.as_str(),
+                    now,
+                )?;
+                (parse_issuer(&issuers.current)?, issuers)
+            }
+        };
 
         let bind_ingress = |addr: Option<SocketAddr>, what: &str, flag: &str| {
             addr.map(|addr| -> anyhow::Result<tokio::net::TcpListener> {
@@ -392,6 +460,9 @@ impl Coordinator {
             history: issuers,
             keys: RwLock::new(keys),
             jwks_max_age_secs: opts.jwks_max_age.as_secs() as i64,
+            shared: shared
+                .as_ref()
+                .map(|p| SharedRing::new(p.secrets.clone(), p.ring_revision)),
         });
         let apps = Arc::new(
             crate::apps::Apps::new(store.clone(), &material.dir, tasks.clone())?
@@ -480,6 +551,7 @@ impl Coordinator {
                 build: opts.build.clone(),
                 started: Instant::now(),
                 coordinator_id,
+                shared: shared.as_ref().map(|p| p.secrets.clone()),
             },
             issuer,
             minting,
@@ -492,8 +564,16 @@ impl Coordinator {
             oauth,
             routes,
             sso: Arc::new(
-                crate::sso::Sso::load_or_create(&material.dir, store.clone())?
-                    .observed(observe.clone()),
+                match &shared {
+                    None => crate::sso::Sso::load_or_create(&material.dir, store.clone())?,
+                    Some(p) => crate::sso::Sso::with_key(
+                        crate::sso::cookie::CookieKey::from_bytes(&p.cookie_key).map_err(|_| {
+                            anyhow::anyhow!("the cluster's cookie key is not an AES-256 key")
+                        })?,
+                        store.clone(),
+                    )?,
+                }
+                .observed(observe.clone()),
             ),
             labs: opts.labs.clone(),
             door: Arc::new(crate::frontdoor::FrontDoor::new(opts.front_door)),
@@ -556,6 +636,7 @@ impl Coordinator {
             elector: Some((elector, lease)),
             presence: Some(presence),
             coordinators_from,
+            ring_from: shared.as_ref().map(|p| p.ring_revision),
             leadership,
         })
     }
@@ -731,6 +812,16 @@ impl Coordinator {
             self.coordinators_from,
             &tasks,
         );
+        // On a shared store every coordinator publishes the ring the store
+        // holds, whoever rotated it.
+        if let Some(from) = self.ring_from {
+            crate::watched::follow(
+                Arc::new(crate::issuer::RingFollower(state.issuer.clone())),
+                state.store.clone(),
+                from,
+                &tasks,
+            );
+        }
         let ingress = Arc::new(crate::ingress::Ingress {
             routes: state.routes.clone(),
             apps: state.apps.clone(),

@@ -42,6 +42,9 @@ pub struct ClusterIdentity {
     pub started: Instant,
     /// This coordinator's id among the cluster's coordinators.
     pub coordinator_id: String,
+    /// The cluster's sealed records and key on a shared store (`--etcd`);
+    /// `None` on the embedded store.
+    pub shared: Option<Arc<crate::cluster_secrets::ClusterSecrets>>,
 }
 
 impl State {

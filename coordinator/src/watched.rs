@@ -40,11 +40,13 @@ pub fn follow<W: Watched>(index: Arc<W>, store: Arc<dyn Store>, from: Revision, 
     tasks.spawn(W::NAME, async move {
         let mut from = from;
         loop {
-            // Store calls block (up to the etcd bound while etcd is down):
-            // off the async workers, which the ingress needs meanwhile.
-            let (i, s) = (index.clone(), store.clone());
-            let started = tokio::task::spawn_blocking(move || s.watch(i.prefix(), from + 1)).await;
-            let stream = match started {
+            // Store calls block (etcd's wait up to their bound while etcd is
+            // away): off the async workers, which serve the ingress.
+            let watched = {
+                let (index, store) = (index.clone(), store.clone());
+                tokio::task::spawn_blocking(move || store.watch(index.prefix(), from + 1)).await
+            };
+            let stream = match watched {
                 Ok(Ok(s)) => Some(s),
                 Ok(Err(StoreError::Compacted { .. })) => None,
                 Ok(Err(e)) => {
@@ -52,7 +54,7 @@ pub fn follow<W: Watched>(index: Arc<W>, store: Arc<dyn Store>, from: Revision, 
                     None
                 }
                 Err(e) => {
-                    tracing::warn!("{}: watching the store: the call ended: {e}", W::NAME);
+                    tracing::warn!("{}: watching the store: {e}", W::NAME);
                     None
                 }
             };
@@ -78,13 +80,19 @@ pub fn follow<W: Watched>(index: Arc<W>, store: Arc<dyn Store>, from: Revision, 
             if t.is_stopping() {
                 return;
             }
-            let (i, s) = (index.clone(), store.clone());
-            let loaded = match tokio::task::spawn_blocking(move || i.reload(&*s)).await {
-                Ok(loaded) => loaded.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+            let reloaded = {
+                let (index, store) = (index.clone(), store.clone());
+                tokio::task::spawn_blocking(move || index.reload(&*store)).await
             };
-            match loaded {
-                Ok(r) => from = r,
+            match reloaded {
+                Ok(Ok(r)) => from = r,
+                Ok(Err(e)) => {
+                    tracing::warn!("{}: loading: {e}", W::NAME);
+                    tokio::select! {
+                        _ = t.stopping() => return,
+                        _ = tokio::time::sleep(RELOAD_PAUSE) => {}
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("{}: loading: {e}", W::NAME);
                     tokio::select! {

@@ -2,7 +2,10 @@
 //!
 //! A token is `mren_` + base64url(JSON `{"v":1,"id","addr","fp","secret"}`):
 //! it names the coordinator, pins its CA by fingerprint (so the join is not
-//! trust-on-first-use) and carries a 256-bit secret. The coordinator keeps
+//! trust-on-first-use) and carries a 256-bit secret. A code for another
+//! coordinator to join the cluster ([`JoinKind::Coordinator`], from
+//! `miren cluster coordinator-code`) has the same body behind `mrenc_`: a
+//! runner code is never taken for a coordinator code, nor the reverse. The coordinator keeps
 //! only SHA-256 of the secret. Redeeming is a pure decision on the stored
 //! record, the presented secret and `now`; the store applies it atomically.
 
@@ -13,8 +16,37 @@ use sha2::{Digest, Sha256};
 
 use crate::address::{ClusterAddress, Fingerprint};
 
-/// Prefix of every join token.
+/// Prefix of every runner join token.
 pub const PREFIX: &str = "mren_";
+/// Prefix of every coordinator join code.
+pub const COORDINATOR_PREFIX: &str = "mrenc_";
+
+/// Who a join code admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinKind {
+    /// A runner (`miren runner --join`).
+    Runner,
+    /// Another coordinator of the cluster (`miren server --join`).
+    Coordinator,
+}
+
+impl JoinKind {
+    /// The prefix of its codes.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            JoinKind::Runner => PREFIX,
+            JoinKind::Coordinator => COORDINATOR_PREFIX,
+        }
+    }
+
+    /// Where its codes are used.
+    pub fn used_with(self) -> &'static str {
+        match self {
+            JoinKind::Runner => "`miren runner --join`",
+            JoinKind::Coordinator => "`miren server --etcd … --join`",
+        }
+    }
+}
 /// Default lifetime of a token.
 pub const DEFAULT_TTL_SECS: u64 = 3600;
 /// Longest lifetime of a one-time token.
@@ -34,6 +66,15 @@ pub enum JoinRefusal {
     /// The text is not a join code.
     #[error("invalid join code format")]
     BadFormat,
+    /// A join code of the other kind: a runner's where a coordinator's is
+    /// expected, or the reverse.
+    #[error("this join code is for {}, not for {}", .found.used_with(), .expected.used_with())]
+    WrongKind {
+        /// The kind asked for here.
+        expected: JoinKind,
+        /// The kind the code is.
+        found: JoinKind,
+    },
     /// No code has this id, or its secret is wrong (the two are not told
     /// apart).
     #[error("invalid or expired join code")]
@@ -73,6 +114,8 @@ pub fn check_ttl(ttl_secs: u64, reusable: bool) -> Result<u64, JoinTokenTtlError
 /// A decoded join token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct JoinToken {
+    /// Who it admits.
+    pub kind: JoinKind,
     /// Public id of the token (what `runner token list/revoke` show).
     pub id: String,
     /// Coordinator address, always with the CA fingerprint.
@@ -106,13 +149,22 @@ impl JoinToken {
     pub fn new(id: String, address: ClusterAddress, secret: [u8; 32]) -> Option<Self> {
         address.fingerprint?;
         Some(JoinToken {
+            kind: JoinKind::Runner,
             id,
             address,
             secret,
         })
     }
 
-    /// `mren_…`.
+    /// A coordinator code for `address` (which must carry a fingerprint).
+    pub fn coordinator(id: String, address: ClusterAddress, secret: [u8; 32]) -> Option<Self> {
+        Some(JoinToken {
+            kind: JoinKind::Coordinator,
+            ..Self::new(id, address, secret)?
+        })
+    }
+
+    /// `mren_…` (or `mrenc_…` for a coordinator code).
     pub fn encode(&self) -> String {
         let fp = self
             .address
@@ -127,11 +179,32 @@ impl JoinToken {
             secret: URL_SAFE_NO_PAD.encode(self.secret),
         };
         let json = serde_json::to_vec(&wire).unwrap_or_default();
-        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+        format!("{}{}", self.kind.prefix(), URL_SAFE_NO_PAD.encode(json))
     }
 
-    /// Parses a token; surrounding white space is ignored.
+    /// Parses a runner token; surrounding white space is ignored.
     pub fn parse(text: &str) -> Result<Self, JoinRefusal> {
+        Self::parse_kind(text, JoinKind::Runner)
+    }
+
+    /// Parses a code of `expected` kind; one of the other kind is refused
+    /// as such.
+    pub fn parse_kind(text: &str, expected: JoinKind) -> Result<Self, JoinRefusal> {
+        let text = text.trim();
+        let found = if text.starts_with(COORDINATOR_PREFIX) {
+            JoinKind::Coordinator
+        } else {
+            JoinKind::Runner
+        };
+        if found != expected && !text.is_empty() {
+            return Err(JoinRefusal::WrongKind { expected, found });
+        }
+        let mut token = Self::parse_body(text, expected.prefix())?;
+        token.kind = expected;
+        Ok(token)
+    }
+
+    fn parse_body(text: &str, prefix: &str) -> Result<Self, JoinRefusal> {
         let text = text.trim();
         if text.is_empty() {
             return Err(JoinRefusal::Missing);
@@ -139,7 +212,7 @@ impl JoinToken {
         if text.len() > MAX_TOKEN_LEN {
             return Err(JoinRefusal::BadFormat);
         }
-        let body = text.strip_prefix(PREFIX).ok_or(JoinRefusal::BadFormat)?;
+        let body = text.strip_prefix(prefix).ok_or(JoinRefusal::BadFormat)?;
         let json = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| JoinRefusal::BadFormat)?;
@@ -158,6 +231,7 @@ impl JoinToken {
             .map_err(|_| JoinRefusal::BadFormat)?;
         let secret: [u8; 32] = secret.try_into().map_err(|_| JoinRefusal::BadFormat)?;
         Ok(JoinToken {
+            kind: JoinKind::Runner,
             id: wire.id,
             address,
             secret,
@@ -292,6 +366,44 @@ mod tests {
         let back = JoinToken::parse(&format!("  {s}\n")).unwrap();
         assert_eq!(back, t);
         assert_eq!(back.address.to_string(), addr().to_string());
+    }
+
+    #[test]
+    fn a_code_of_one_kind_is_never_taken_for_the_other() {
+        let runner = JoinToken::new("r1".into(), addr(), [7u8; 32]).unwrap();
+        let coord = JoinToken::coordinator("c1".into(), addr(), [7u8; 32]).unwrap();
+        let (r, c) = (runner.encode(), coord.encode());
+        assert!(r.starts_with("mren_") && c.starts_with("mrenc_"), "{r} {c}");
+        assert_eq!(
+            JoinToken::parse_kind(&c, JoinKind::Coordinator).unwrap(),
+            coord
+        );
+        assert_eq!(JoinToken::parse(&r).unwrap(), runner);
+        let refused = JoinToken::parse(&c).unwrap_err();
+        assert_eq!(
+            refused,
+            JoinRefusal::WrongKind {
+                expected: JoinKind::Runner,
+                found: JoinKind::Coordinator
+            }
+        );
+        assert!(refused.to_string().contains("miren server"), "{refused}");
+        assert_eq!(
+            JoinToken::parse_kind(&r, JoinKind::Coordinator).unwrap_err(),
+            JoinRefusal::WrongKind {
+                expected: JoinKind::Coordinator,
+                found: JoinKind::Runner
+            }
+        );
+        // The body alone does not make the kind: a runner body behind the
+        // coordinator prefix is a coordinator code and nothing else.
+        let relabelled = format!("mrenc_{}", &r[5..]);
+        assert_eq!(
+            JoinToken::parse_kind(&relabelled, JoinKind::Coordinator)
+                .unwrap()
+                .kind,
+            JoinKind::Coordinator
+        );
     }
 
     #[test]

@@ -6,7 +6,11 @@ over HTTPS (trusting the given CA file), check that it names the issuer,
 fetch its jwks_uri, pick the key by the token's kid and verify RS256,
 issuer and audience. Prints a JSON report; exits 1 when the token is refused.
 
-usage: verify_jwt.py ISSUER CA_FILE AUDIENCE TOKEN
+usage: verify_jwt.py ISSUER CA_FILE AUDIENCE TOKEN [AT]
+
+With AT (https://host:port of one coordinator of several), the discovery
+document and the JWKS are fetched from that coordinator instead of the
+issuer's own host; the issuer they name is still checked against ISSUER.
 """
 import json
 import ssl
@@ -28,15 +32,24 @@ def fetch(url, ctx):
 
 def main():
     issuer, ca_file, audience, token = sys.argv[1:5]
+    at = sys.argv[5].rstrip("/") if len(sys.argv) > 5 else None
+    base = issuer.rstrip("/")
     ctx = ssl.create_default_context(cafile=ca_file)
-    discovery = fetch(issuer.rstrip("/") + "/.well-known/openid-configuration", ctx)
+
+    def located(url):
+        # The same path on the coordinator asked, when one is named.
+        if at and url.startswith(base):
+            return at + url[len(base):]
+        return url
+
+    discovery = fetch(located(base + "/.well-known/openid-configuration"), ctx)
     doc = discovery["body"]
     report = {"discovery": doc, "discovery_content_type": discovery["content_type"]}
     if doc.get("issuer") != issuer:
         report["error"] = "discovery issuer mismatch"
         print(json.dumps(report))
         return 1
-    jwks = fetch(doc["jwks_uri"], ctx)
+    jwks = fetch(located(doc["jwks_uri"]), ctx)
     report["jwks"] = jwks["body"]
     report["jwks_content_type"] = jwks["content_type"]
     report["jwks_cache_control"] = jwks["cache_control"]

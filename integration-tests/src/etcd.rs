@@ -261,23 +261,45 @@ fn health(port: u16) -> bool {
     body.starts_with("HTTP/1.") && body.contains(" 200 ") && body.contains("\"health\":\"true\"")
 }
 
-/// A second coordinator of `c`'s cluster, started with `args` under `dir`.
-/// Until coordinators can join with a code (the rest of issue 18), it gets
-/// the cluster's CA and keys by a copy of the first one's data dir, without
-/// its coordinator id.
+/// A second coordinator of `c`'s cluster, started with `args` (which
+/// name the cluster's `--etcd`) under `dir` (data dir `coord-b`, client
+/// config `b.yaml`): it joins with a code from `miren cluster
+/// coordinator-code` through the first, as an operator does.
 pub fn second_coordinator(
     c: &crate::Cluster,
     dir: &std::path::Path,
     args: &[&str],
 ) -> crate::Server {
-    let b_data = dir.join("coord-b");
-    let copy = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&c.coord_data)
-        .arg(&b_data)
-        .status()
-        .expect("cp");
-    assert!(copy.success());
-    std::fs::remove_file(b_data.join("coordinator-id")).expect("the copy's coordinator id");
-    crate::Server::start(&b_data, &dir.join("b.yaml"), "127.0.0.1:0", args)
+    join_with_code(&c.cfg, &dir.join("coord-b"), &dir.join("b.yaml"), args)
+}
+
+/// Another coordinator of the cluster whose admin client config is
+/// `admin_cfg`, joined with a fresh code: data dir `dir/<name>`, client
+/// config `dir/<name>.yaml`, any free QUIC port, and `args` (with the
+/// cluster's `--etcd`).
+pub fn join_coordinator(
+    admin_cfg: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> crate::Server {
+    join_with_code(
+        admin_cfg,
+        &dir.join(name),
+        &dir.join(format!("{name}.yaml")),
+        args,
+    )
+}
+
+fn join_with_code(
+    admin_cfg: &std::path::Path,
+    data: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+) -> crate::Server {
+    let code = crate::miren(admin_cfg, &["cluster", "coordinator-code"], &[]);
+    assert!(code.ok, "{code:?}");
+    let mut full: Vec<&str> = args.to_vec();
+    full.extend(["--join", code.stdout.trim()]);
+    crate::Server::start(data, config, "127.0.0.1:0", &full)
 }

@@ -388,6 +388,18 @@ pub fn outside_verify(
     audience: &str,
     token: &str,
 ) -> (bool, serde_json::Value) {
+    outside_verify_at(issuer, None, ca, audience, token)
+}
+
+/// [`outside_verify`] with the discovery document and JWKS fetched from
+/// one coordinator (`https://host:port`) of several sharing the issuer.
+pub fn outside_verify_at(
+    issuer: &str,
+    at: Option<&str>,
+    ca: &Path,
+    audience: &str,
+    token: &str,
+) -> (bool, serde_json::Value) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/verify_jwt.py");
     let out = Command::new("python3")
         .arg(script)
@@ -395,6 +407,7 @@ pub fn outside_verify(
         .arg(ca)
         .arg(audience)
         .arg(token)
+        .args(at)
         .output()
         .expect("python3 must be installed (./scripts/test.sh installs what the tests need)");
     let stdout = String::from_utf8_lossy(&out.stdout);

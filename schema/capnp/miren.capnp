@@ -81,6 +81,10 @@ interface Cluster {
   # Open to anyone: an access token from the token endpoint
   # (`<issuer>/oauth2/token`, typ at+jwt) whose scope names `app` buys that
   # app's capability, confined to the scope's actions.
+  joinCoordinator @8 (codeId :Text, secret :Data) -> (clusterKey :Data, clusterId :Text);
+  # Open to anonymous peers (over a connection pinned to the cluster CA by
+  # the code): spends a coordinator code and answers the cluster key that
+  # opens the cluster's sealed records in the shared store.
   # `agent` is how the coordinator asks the runner to start and stop sandboxes.
 }
 
@@ -395,6 +399,11 @@ interface Admin {
   # A new secret; the old one works overlapSecs more.
   revokeDeployKey @32 (id :Text) -> (info :DeployKeyInfo);
   # Refused from the next request on.
+  createCoordinatorCode @33 (ttlSecs :UInt64) -> (code :Text, expiresUnix :Int64);
+  # A one-time code for another coordinator to join this cluster
+  # (`miren server --etcd … --join CODE`): it carries every coordinator's
+  # address and the CA fingerprint; the store keeps only its hash. Refused
+  # unless the cluster runs on etcd. ttlSecs 0 = one hour.
 }
 
 interface App {

@@ -1,5 +1,6 @@
-//! `miren cluster`: the clusters this CLI knows, their status, and renewing
-//! the admin identity the CLI holds for one.
+//! `miren cluster`: the clusters this CLI knows, their status, renewing
+//! the admin identity the CLI holds for one, and codes for another
+//! coordinator to join (`coordinator-code`).
 //!
 //! `status` shows when the server certificate ends (read from this very
 //! handshake, so it is what every client is shown) and, with the admin
@@ -46,6 +47,14 @@ pub enum ClusterCmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         validity: Option<Duration>,
     },
+    /// Create a one-time code for another coordinator to join this cluster
+    /// (the cluster must run on etcd): on the new machine,
+    /// `miren server --etcd … --join CODE --data-dir DIR --listen … --name …`.
+    CoordinatorCode {
+        /// Lifetime of the code (at most 168h).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 pub fn run(cmd: ClusterCmd, cluster: Option<&str>) -> anyhow::Result<()> {
@@ -56,7 +65,27 @@ pub fn run(cmd: ClusterCmd, cluster: Option<&str>) -> anyhow::Result<()> {
         ClusterCmd::Switch { name } => switch(&name),
         ClusterCmd::Status { output } => run_local(status(cluster, output)),
         ClusterCmd::AdminRenew { validity } => run_local(admin_renew(cluster, validity)),
+        ClusterCmd::CoordinatorCode { ttl } => run_local(coordinator_code(cluster, ttl)),
     }
+}
+
+/// `cluster coordinator-code`: prints the code on stdout, the rest on
+/// stderr.
+async fn coordinator_code(cluster: Option<&str>, ttl: Duration) -> anyhow::Result<()> {
+    let session = Session::open(resolve(cluster)?).await?;
+    let admin = session.admin().await?;
+    let mut req = admin.create_coordinator_code_request();
+    req.get().set_ttl_secs(ttl.as_secs().max(1));
+    let reply = req.send().promise.await.map_err(remote)?;
+    let code = reply.get()?.get_code()?.to_str()?.to_string();
+    let expires = reply.get()?.get_expires_unix();
+    session.close().await;
+    println!("{}", output::terminal_safe(&code));
+    eprintln!(
+        "One-time coordinator code (expires {}). On the new coordinator's machine, with an empty data dir: miren server --etcd URL[,URL…] --join <code> --data-dir DIR --listen ADDR --name HOST[:PORT]",
+        output::time(Some(expires))
+    );
+    Ok(())
 }
 
 fn list(format: Format) -> anyhow::Result<()> {

@@ -144,6 +144,11 @@ pub struct ServerArgs {
     /// Every key of this cluster lives under this etcd prefix.
     #[arg(long, value_name = "PREFIX", default_value = coordinator::etcd_store::DEFAULT_PREFIX, requires = "etcd")]
     etcd_prefix: String,
+    /// Join an existing cluster on etcd as one more coordinator, with a
+    /// code from `miren cluster coordinator-code`, into an empty data dir.
+    /// Ignored (with a note) once the data dir has joined.
+    #[arg(long, value_name = "CODE", requires = "etcd", conflicts_with = "dev")]
+    join: Option<String>,
 }
 
 /// The store `--etcd` and its TLS flags choose.
@@ -169,6 +174,31 @@ fn store_backend(args: &ServerArgs) -> anyhow::Result<coordinator::server::Store
     opts.prefix = args.etcd_prefix.clone();
     opts.tls = tls;
     Ok(coordinator::server::StoreBackend::Etcd(opts))
+}
+
+/// `--join CODE`: joins the cluster into the data dir, or says that the
+/// dir has joined already.
+async fn join_cluster(
+    data_dir: &std::path::Path,
+    code: &str,
+    etcd: &coordinator::etcd_store::EtcdOptions,
+) -> anyhow::Result<()> {
+    use coordinator::coordinator_join::{join, Joined};
+    let joined = tokio::task::LocalSet::new()
+        .run_until(join(data_dir, code, etcd))
+        .await
+        .context("joining the cluster")?;
+    match joined {
+        Joined::AlreadyJoined => eprintln!(
+            "note: data dir {} has joined its cluster already; --join is ignored",
+            data_dir.display()
+        ),
+        Joined::Joined { cluster_name } => eprintln!(
+            "joined cluster {cluster_name:?} as one more coordinator (data dir {})",
+            data_dir.display()
+        ),
+    }
+    Ok(())
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -204,6 +234,10 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
         .cluster_name
         .clone()
         .or_else(|| args.dev.then(|| "dev".to_string()));
+    let store = store_backend(&args)?;
+    if let (Some(code), coordinator::server::StoreBackend::Etcd(etcd)) = (&args.join, &store) {
+        join_cluster(&data_dir, code, etcd).await?;
+    }
     let mut coordinator = Coordinator::start(CoordinatorOptions {
         build: crate::build_info(),
         data_dir: data_dir.clone(),
@@ -253,7 +287,7 @@ async fn serve(args: ServerArgs, started: Instant) -> anyhow::Result<()> {
             },
             runner_grace: args.runner_grace,
         },
-        store: store_backend(&args)?,
+        store,
     })?;
     let address = coordinator.address().clone();
     let name = coordinator.cluster_name().to_string();

@@ -444,6 +444,34 @@ impl admin::Server for AdminService {
         Ok(())
     }
 
+    async fn create_coordinator_code(
+        self: Rc<Self>,
+        params: admin::CreateCoordinatorCodeParams,
+        mut results: admin::CreateCoordinatorCodeResults,
+    ) -> Result<(), capnp::Error> {
+        use crate::coordinator_codes::{self, CodeError};
+        let ttl = match params.get()?.get_ttl_secs() {
+            0 => identity::join_token::DEFAULT_TTL_SECS,
+            n => n,
+        };
+        if self.state.cluster.shared.is_none() {
+            return Err(err(CodeError::NotShared));
+        }
+        let now = now_unix();
+        let (code, record) = coordinator_codes::create(
+            &*self.state.store,
+            &self.state.address_with_peers(),
+            ttl,
+            now,
+        )
+        .map_err(err)?;
+        tracing::info!(code = %record.id, expires_unix = record.expires_unix, "coordinator code created");
+        let mut r = results.get();
+        r.set_code(&code);
+        r.set_expires_unix(record.expires_unix);
+        Ok(())
+    }
+
     async fn list_join_tokens(
         self: Rc<Self>,
         _: admin::ListJoinTokensParams,

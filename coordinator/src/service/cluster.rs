@@ -232,6 +232,41 @@ impl cluster::Server for ClusterService {
         Ok(())
     }
 
+    async fn join_coordinator(
+        self: Rc<Self>,
+        params: cluster::JoinCoordinatorParams,
+        mut results: cluster::JoinCoordinatorResults,
+    ) -> Result<(), capnp::Error> {
+        use crate::coordinator_codes::{self, CodeError};
+        let remote = self.conn.remote_address();
+        if let Err(wait) = self.state.door.join_attempt(remote.ip()) {
+            tracing::info!(%remote, "coordinator join refused: over the per-address rate");
+            return Err(capnp::Error::overloaded(format!(
+                "too many join attempts from this address; retry in {}s",
+                wait.as_secs()
+            )));
+        }
+        let Some(shared) = &self.state.cluster.shared else {
+            return Err(failed(CodeError::NotShared.to_string()));
+        };
+        let p = params.get()?;
+        let code_id = p.get_code_id()?.to_str()?;
+        let redeemed =
+            coordinator_codes::redeem(&*self.state.store, code_id, p.get_secret()?, now_unix());
+        self.state
+            .observe
+            .coordinator_join(code_id, remote, &redeemed);
+        if let Err(e) = redeemed {
+            tracing::info!(%remote, code = %code_id, "coordinator join refused: {e}");
+            return Err(failed(e.to_string()));
+        }
+        tracing::info!(%remote, code = %code_id, "coordinator joined: the cluster key was handed over");
+        let mut r = results.get();
+        r.set_cluster_key(shared.key().bytes());
+        r.set_cluster_id(&self.state.cluster.meta.id);
+        Ok(())
+    }
+
     async fn runner(
         self: Rc<Self>,
         params: cluster::RunnerParams,

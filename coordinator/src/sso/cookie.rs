@@ -103,16 +103,27 @@ pub(super) fn cookie_values<'a>(
     })
 }
 
+/// The data dir file of the cookie key (without `--etcd`; with it, the
+/// key is the cluster's shared record `secret/route-oidc-key`).
+pub const COOKIE_KEY_FILE: &str = "route-oidc.key";
+
 /// The key that seals and opens our cookies.
-pub(super) struct CookieKey(LessSafeKey);
+pub struct CookieKey(LessSafeKey);
 
 impl CookieKey {
     /// Loads the key from `path`, creating it once.
     pub(super) fn load_or_create(path: &Path) -> anyhow::Result<CookieKey> {
         let bytes = transport::files::secret_32(path, "delete it to end every route OIDC session")?;
-        let key = UnboundKey::new(&AES_256_GCM, &bytes)
-            .map_err(|_| anyhow::anyhow!("{}: not an AES-256 key", path.display()))?;
-        Ok(CookieKey(LessSafeKey::new(key)))
+        Self::from_bytes(&bytes)
+            .map_err(|_| anyhow::anyhow!("{}: not an AES-256 key", path.display()))
+    }
+
+    /// The key from its 32 bytes (the cluster's shared one).
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<CookieKey, aws_lc_rs::error::Unspecified> {
+        Ok(CookieKey(LessSafeKey::new(UnboundKey::new(
+            &AES_256_GCM,
+            bytes,
+        )?)))
     }
 
     /// `plain` sealed with `aad` as associated data: nonce and ciphertext,

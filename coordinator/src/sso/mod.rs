@@ -73,7 +73,13 @@ impl Sso {
     /// Loads the sealing key from `dir/route-oidc.key` (creating it once)
     /// and the sessions ended by logout from `store`.
     pub fn load_or_create(dir: &Path, store: Arc<dyn Store>) -> anyhow::Result<Sso> {
-        let key = cookie::CookieKey::load_or_create(&dir.join("route-oidc.key"))?;
+        let key = cookie::CookieKey::load_or_create(&dir.join(cookie::COOKIE_KEY_FILE))?;
+        Self::with_key(key, store)
+    }
+
+    /// With the cookie key given (the cluster's shared one, `--etcd`) and
+    /// the sessions ended by logout from `store`.
+    pub fn with_key(key: cookie::CookieKey, store: Arc<dyn Store>) -> anyhow::Result<Sso> {
         let ended = Arc::new(shared::EndedSessions::default());
         let ended_loaded_at = crate::watched::Watched::reload(&*ended, &*store)?;
         Ok(Sso {
