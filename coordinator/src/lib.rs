@@ -39,6 +39,7 @@ pub mod reconcile;
 pub mod route_oidc;
 pub mod routes;
 pub mod runner_streams;
+pub mod runner_records;
 pub mod runners;
 pub mod sandbox_index;
 pub mod scrape;

@@ -165,6 +165,8 @@ pub struct Coordinator {
     presence: Option<(crate::coordinators::Presence, Option<crate::store::LeaseId>)>,
     /// The revision the coordinator index was loaded at.
     coordinators_from: crate::store::Revision,
+    /// The revision the sandbox index was loaded at.
+    sandboxes_from: crate::store::Revision,
     leadership: crate::leader::Leadership,
 }
 
@@ -397,9 +399,13 @@ impl Coordinator {
             crate::apps::Apps::new(store.clone(), &material.dir, tasks.clone())?
                 .observed(observe.clone()),
         );
+        // Sandbox placements in memory: the ingress and minting read them.
+        let (sandboxes, sandboxes_from) = crate::sandbox_index::SandboxIndex::load(&*store)?;
+        let sandboxes = Arc::new(sandboxes);
         let minting = Arc::new(crate::minting::Minting::new(
             issuer.clone(),
             apps.clone(),
+            sandboxes.clone(),
             material.meta.id.clone(),
             observe.clone(),
             rt.clone(),
@@ -480,6 +486,7 @@ impl Coordinator {
             },
             issuer,
             minting,
+            sandboxes,
             registry,
             apps,
             ci,
@@ -553,6 +560,7 @@ impl Coordinator {
             elector: Some((elector, lease)),
             presence: Some(presence),
             coordinators_from,
+            sandboxes_from,
             leadership,
         })
     }
@@ -690,6 +698,10 @@ impl Coordinator {
                 tasks.clone(),
             ),
         );
+        // Runner records in memory (a removal anywhere cuts the runner off
+        // here), and deploys through any coordinator wake the loop.
+        state.registry.follow(&tasks)?;
+        state.reconciler.wake_on_desired_state(&tasks)?;
         // The reconcile loop ends its shutdown with the rollouts: it records
         // what was interrupted while runner connections are still open.
         tasks.spawn(crate::shutdown::ROLLOUT, state.reconciler.clone().run());
@@ -716,9 +728,8 @@ impl Coordinator {
         // One count of streams to runners for both ingress listeners.
         let ingress_limits =
             crate::ingress::IngressLimits::new(self.http_limits, self.ingress_streams_per_app);
-        let (index, from) = crate::sandbox_index::SandboxIndex::load(&*state.store)?;
-        let index = Arc::new(index);
-        index.follow(state.store.clone(), from, &tasks);
+        let index = state.sandboxes.clone();
+        index.follow(state.store.clone(), self.sandboxes_from, &tasks);
         state.routes.follow(&tasks);
         state.ci.follow(&tasks);
         crate::watched::follow(
@@ -832,9 +843,19 @@ async fn serve_peer(
     if let PeerIdentity::Runner { id } = &peer {
         // A removed runner's certificate is still signed by the CA; no
         // record behind it means it is cut off.
-        if !matches!(state.registry.record(id), Ok(Some(_))) {
-            transport::close::close_runner_removed(&conn);
-            return;
+        match state.registry.record(id) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                transport::close::close_runner_removed(&conn);
+                return;
+            }
+            // Not known here and the store cannot say: not a removal (the
+            // runner would stop for good); it tries again.
+            Err(e) => {
+                tracing::info!("runner {id}: {e}");
+                close(&conn, CloseCode::Done, b"runner record unavailable; try again");
+                return;
+            }
         }
     }
     let has_role = matches!(
