@@ -29,7 +29,7 @@ use identity::address::HostPort;
 use crate::call::CallError;
 use crate::known_coordinators::KnownCoordinators;
 use crate::sandbox::{Fetch, IsolationMode, Report, Spec, Supervisor};
-use crate::sessions::{Patience, Sessions};
+use crate::sessions::{OnRefusal, Patience, Sessions};
 use crate::token_limits::MissLimit;
 use crate::tokens::{Broker, MintRequest, TokenKey};
 use transport::close::{CloseCode, RUNNER_REMOVED_REASON};
@@ -53,16 +53,20 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
 pub const MINT_PATIENCE: Patience = Patience {
     attempt: Duration::from_secs(1),
     total: Duration::from_secs(5),
+    on_refusal: OnRefusal::Final,
 };
-/// An artifact chunk may take longer (a coordinator reads it from disk).
+/// An artifact chunk may take longer (a coordinator reads it from disk),
+/// and may be held by some coordinators only.
 const FETCH_PATIENCE: Patience = Patience {
     attempt: Duration::from_secs(15),
     total: Duration::from_secs(120),
+    on_refusal: OnRefusal::TryNext,
 };
 /// A renewal, or a refresh of the coordinator list.
 const ONE_CALL_PATIENCE: Patience = Patience {
     attempt: Duration::from_secs(5),
     total: Duration::from_secs(20),
+    on_refusal: OnRefusal::Final,
 };
 
 /// How a runner is started.

@@ -8,7 +8,9 @@
 //! they were attached. A call whose connection is lost, or that gets no
 //! answer within its attempt's patience while another session remains, is
 //! tried at once on the next session; a refusal (the coordinator answered
-//! no) is final. What every coordinator needs (sandbox reports) goes to
+//! no) is final, unless the call says another coordinator may answer
+//! otherwise ([`OnRefusal::TryNext`]: an artifact may be held by the
+//! coordinator it was uploaded to only). What every coordinator needs (sandbox reports) goes to
 //! [`Sessions::all`].
 
 use std::cell::RefCell;
@@ -39,13 +41,24 @@ impl<S> Default for Sessions<S> {
     }
 }
 
-/// How long one-coordinator calls wait.
+/// How long one-coordinator calls wait, and whether a refusal ends them.
 #[derive(Debug, Clone, Copy)]
 pub struct Patience {
     /// For one session's answer while another session could be tried.
     pub attempt: Duration,
     /// For the call in all.
     pub total: Duration,
+    pub on_refusal: OnRefusal,
+}
+
+/// What a coordinator's refusal does to a one-coordinator call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRefusal {
+    /// It is the answer (every coordinator decides alike: a token).
+    Final,
+    /// The next session is tried (what one coordinator lacks another may
+    /// have: an artifact).
+    TryNext,
 }
 
 impl<S: Clone> Sessions<S> {
@@ -146,7 +159,9 @@ impl<S: Clone> Sessions<S> {
                     }
                     return Ok(v);
                 }
-                Ok(Err(e)) if !lost(&e) => return Err(e),
+                Ok(Err(e)) if !lost(&e) && patience.on_refusal == OnRefusal::Final => {
+                    return Err(e)
+                }
                 Ok(Err(e)) => last = e,
                 Err(_) => last = CallError::NoAnswer,
             }
@@ -174,6 +189,7 @@ mod tests {
         Patience {
             attempt: Duration::from_millis(50),
             total: Duration::from_secs(5),
+            on_refusal: OnRefusal::Final,
         }
     }
 
@@ -214,15 +230,36 @@ mod tests {
                 async move { Err::<u32, _>(r) }
             })
             .await,
-            Err(refused)
+            Err(refused.clone())
         );
+        // Unless another coordinator may answer otherwise.
+        let try_next = Patience {
+            on_refusal: OnRefusal::TryNext,
+            ..patience()
+        };
+        let r = refused.clone();
+        let got = s
+            .call_any(try_next, |n| {
+                let r = r.clone();
+                async move {
+                    match n {
+                        3 => Err(r),
+                        n => Ok(n),
+                    }
+                }
+            })
+            .await;
+        assert_eq!(got, Ok(1));
         // A detached session is neither called nor first.
         s.detach("c");
         assert_eq!(s.first().as_deref(), Some("a"));
-        assert_eq!(s.all(), [1, 2]);
+        s.detach("a");
+        s.attach("a", 1);
+        assert_eq!(s.all(), [2, 1]);
         assert!(!s.has("c") && s.has("b"));
         // The last session left gets the whole patience.
         s.detach("a");
+        assert_eq!(s.first().as_deref(), Some("b"));
         let slow = s
             .call_any(patience(), |n| async move {
                 tokio::time::sleep(Duration::from_millis(120)).await;
