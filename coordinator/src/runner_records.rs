@@ -13,11 +13,27 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use crate::runners::RunnerRecord;
+use serde::{Deserialize, Serialize};
 use crate::store::{decode, EventKind, Revision, Store, StoreError, WatchBatch};
 
 /// The prefix of runner records.
 pub const PREFIX: &str = "runner/";
+
+/// `runner/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerRecord {
+    pub id: String,
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub created_unix: i64,
+    pub cordoned: bool,
+    /// Being drained: its sandboxes move to other runners (each old one
+    /// stops once its replacement is healthy); it stays cordoned after.
+    #[serde(default)]
+    pub draining: bool,
+    pub cert_expires_unix: i64,
+    pub joined_with: String,
+}
 
 /// Runner records by id, each with the revision it was seen at (`None`
 /// once deleted, so that an older event arriving late changes nothing).

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use transport::pki::{self, ClusterCa};
 
+pub use crate::runner_records::RunnerRecord;
 use crate::runner_records::RunnerRecords;
 use crate::shutdown::Tasks;
 use crate::store::{
@@ -167,22 +168,6 @@ pub enum RegistryError {
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// `runner/<id>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunnerRecord {
-    pub id: String,
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub created_unix: i64,
-    pub cordoned: bool,
-    /// Being drained: its sandboxes move to other runners (each old one
-    /// stops once its replacement is healthy); it stays cordoned after.
-    #[serde(default)]
-    pub draining: bool,
-    pub cert_expires_unix: i64,
-    pub joined_with: String,
 }
 
 /// What a runner last told us.
