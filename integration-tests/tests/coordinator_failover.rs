@@ -15,8 +15,11 @@ use integration_tests::etcd::{second_coordinator, EtcdCluster};
 use integration_tests::{
     free_port, http_get, http_get_host, miren, miren_within, outside_verify, runners, tail, temp,
     wait_for,
-    Cluster, RunnerProc, Run, Server,
+    Cluster, PythonIssuer, RunnerProc, Run, Server,
 };
+
+/// The bearer the test OIDC issuer's `/token` wants.
+const CI_BEARER: &str = "request-secret";
 
 /// Runner flags: sandboxes as plain processes, and a per-sandbox rate of
 /// new tokens above what the token loop asks (10 a second).
@@ -82,16 +85,17 @@ struct TwoCoordinators {
 }
 
 impl TwoCoordinators {
-    fn start(dir: &Path) -> TwoCoordinators {
+    /// Both coordinators with `extra` server flags.
+    fn start(dir: &Path, extra: &[&str]) -> TwoCoordinators {
         let etcd = EtcdCluster::start(dir, 3);
         let endpoints = etcd.endpoints();
-        let c = Cluster::start(0, &["--etcd", &endpoints]);
+        let mut c_args = vec!["--etcd", endpoints.as_str()];
+        c_args.extend(extra);
+        let c = Cluster::start(0, &c_args);
         let b_ingress = format!("127.0.0.1:{}", free_port());
-        let b = second_coordinator(
-            &c,
-            dir,
-            &["--etcd", &endpoints, "--http-listen", &b_ingress],
-        );
+        let mut b_args = vec!["--etcd", endpoints.as_str(), "--http-listen", &b_ingress];
+        b_args.extend(extra);
+        let b = second_coordinator(&c, dir, &b_args);
         let b_addr = b.host_port().to_string();
         assert!(
             wait_for(Duration::from_secs(30), || {
@@ -153,7 +157,13 @@ fn minting_through(output: &str) -> Option<String> {
 #[test]
 fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request() {
     let dir = temp();
-    let mut t = TwoCoordinators::start(dir.path());
+    // A GitHub-shaped OIDC issuer on loopback, for the CI deploy at the end.
+    let issuer = PythonIssuer::start(dir.path(), CI_BEARER);
+    let ca = issuer.ca.to_str().expect("utf-8 path").to_string();
+    let mut t = TwoCoordinators::start(
+        dir.path(),
+        &["--oidc-allow-loopback-issuers", "--oidc-ca-file", &ca],
+    );
     let (runner, _id) = t.runner(&dir.path().join("r0"));
     let b_cfg = t.b_cfg();
 
@@ -176,6 +186,24 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
     }
     let before = loop_stats(&t.c.ingress, &host).expect("stats");
     assert_eq!(before["failed"], 0, "{before}");
+    // The app's pipeline may deploy it.
+    let add = miren(
+        &t.c.cfg,
+        &[
+            "auth",
+            "ci",
+            "add",
+            "-a",
+            &app,
+            "--issuer",
+            &issuer.url(),
+            "--subject",
+            "repo:acme/loop:*",
+        ],
+        &[],
+    );
+    assert!(add.ok, "{add:?}");
+    let addresses = (t.c.server().address.clone(), t.b().address.clone());
 
     // Which coordinator the runner mints through; the other survives.
     assert!(
@@ -185,11 +213,11 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
     );
     let minting = minting_through(&runner.output()).expect("said");
     let b_addr = t.b().host_port().to_string();
-    let (survivor_cfg, survivor_ingress) = if minting == b_addr {
-        (t.c.cfg.clone(), t.c.ingress.clone())
+    let (survivor_address, survivor_ingress) = if minting == b_addr {
+        (addresses.0.clone(), t.c.ingress.clone())
     } else {
         assert_eq!(minting, t.c.listen, "mints through neither coordinator");
-        (b_cfg.clone(), t.b_ingress.clone())
+        (addresses.1.clone(), t.b_ingress.clone())
     };
 
     // A client loads the survivor's ingress all along.
@@ -254,13 +282,27 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
         tail(&runner.output(), 20)
     );
 
-    // The survivor takes the lead and deploys (a new version of the app).
+    // The survivor takes the lead, and the app's pipeline deploys a new
+    // version through it with its OIDC token alone.
     std::fs::write(src.join("v2.txt"), "2").expect("change the app");
+    let ci_deploy = || {
+        issuer.ci_miren(
+            dir.path(),
+            &survivor_address,
+            &app,
+            "repository=acme/loop&event_name=push&ref=refs/heads/main",
+            &["deploy", "--dir", src.to_str().expect("utf-8 path")],
+        )
+    };
+    let mut last = (false, String::new(), String::new());
     assert!(
-        wait_for(Duration::from_secs(120), || deploy(&survivor_cfg, &app, &src).ok),
-        "deploy through the survivor failed: {:?}",
-        deploy(&survivor_cfg, &app, &src)
+        wait_for(Duration::from_secs(120), || {
+            last = ci_deploy();
+            last.0
+        }),
+        "CI deploy through the survivor failed: {last:?}"
     );
+    assert!(last.1.contains(&format!("Deployed {app} v")), "{last:?}");
     assert!(
         wait_for(Duration::from_secs(60), || loop_stats(&survivor_ingress, &host)
             .is_some()),
