@@ -22,10 +22,10 @@ use std::time::Instant;
 use identity::{Subject, SubjectError, WorkloadClaims};
 
 use crate::apps::{AppError, Apps, SandboxRecord};
-use crate::sandbox_index::SandboxIndex;
 use crate::audit::Actor;
 use crate::issuer::{Issuer, KEYS_UNAVAILABLE};
 use crate::observe::{MintRefusal, Observe};
+use crate::sandbox_index::SandboxIndex;
 
 /// Why no token was minted.
 #[derive(Debug, thiserror::Error)]

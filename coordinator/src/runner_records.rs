@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use serde::{Deserialize, Serialize};
 use crate::store::{decode, EventKind, Revision, Store, StoreError, WatchBatch};
+use serde::{Deserialize, Serialize};
 
 /// The prefix of runner records.
 pub const PREFIX: &str = "runner/";
@@ -50,7 +50,10 @@ impl RunnerRecords {
 
     /// Every record, in no order.
     pub fn all(&self) -> Vec<RunnerRecord> {
-        self.read().values().filter_map(|(_, r)| r.clone()).collect()
+        self.read()
+            .values()
+            .filter_map(|(_, r)| r.clone())
+            .collect()
     }
 
     /// Notes a write committed here at `revision` (`None`: a delete), so

@@ -853,7 +853,11 @@ async fn serve_peer(
             // runner would stop for good); it tries again.
             Err(e) => {
                 tracing::info!("runner {id}: {e}");
-                close(&conn, CloseCode::Done, b"runner record unavailable; try again");
+                close(
+                    &conn,
+                    CloseCode::Done,
+                    b"runner record unavailable; try again",
+                );
                 return;
             }
         }

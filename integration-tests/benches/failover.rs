@@ -41,7 +41,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use integration_tests::etcd::{second_coordinator, EtcdCluster};
-use integration_tests::{miren, read_response, runners, temp, wait_for, Cluster, RunnerProc, Server};
+use integration_tests::{
+    miren, read_response, runner_status, temp, wait_for, Cluster, RunnerProc, Server,
+};
 use serde_json::Value;
 
 const RUNNER_ARGS: [&str; 6] = [
@@ -193,21 +195,6 @@ fn throughput(endpoints: &[Endpoint], time: Duration, tag: &str) -> (f64, u64) {
     )
 }
 
-/// The coordinator a runner said it mints through last.
-fn minting_through(output: &str) -> Option<String> {
-    output
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("Runner mints through "))
-        .map(|s| s.trim().to_string())
-}
-
-fn ready_on(cfg: &Path, id: &str) -> bool {
-    runners(cfg)
-        .iter()
-        .any(|r| r["id"] == id && r["status"] == "ready")
-}
-
 /// Nearest-rank percentile of sorted `v`.
 fn pct(v: &[Duration], p: f64) -> Duration {
     let rank = ((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len());
@@ -239,7 +226,11 @@ fn bench(s: &Settings) -> anyhow::Result<()> {
     let mut b: Option<Server> = Some(second_coordinator(&c, dir.path(), &b_args));
     let (b_data, b_cfg, b_listen) = {
         let b = b.as_ref().context("b")?;
-        (b.data_dir.clone(), b.config.clone(), b.host_port().to_string())
+        (
+            b.data_dir.clone(),
+            b.config.clone(),
+            b.host_port().to_string(),
+        )
     };
     let c_listen = c.listen.clone();
     let code = c.miren(&["runner", "token", "create", "--reusable"]);
@@ -255,8 +246,10 @@ fn bench(s: &Settings) -> anyhow::Result<()> {
     ];
     let c_cfg = c.cfg.clone();
     let both_ready = |cfg_b: &Path| {
-        ids.iter()
-            .all(|id| ready_on(&c_cfg, id) && ready_on(cfg_b, id))
+        ids.iter().all(|id| {
+            runner_status(&c_cfg, id).as_deref() == Some("ready")
+                && runner_status(cfg_b, id).as_deref() == Some("ready")
+        })
     };
     if !wait_for(READY_LIMIT, || both_ready(&b_cfg)) {
         bail!(
@@ -270,7 +263,7 @@ fn bench(s: &Settings) -> anyhow::Result<()> {
     let (runner_2, sandbox_2) = deploy(&c.cfg, "bench-two")?;
     sandbox_1.token("warm-1").map_err(|e| anyhow!(e))?;
     sandbox_2.token("warm-2").map_err(|e| anyhow!(e))?;
-    let mints = |r: &RunnerProc| minting_through(&r.output()).unwrap_or_default();
+    let mints = |r: &RunnerProc| r.mints_through().unwrap_or_default();
     println!(
         "runner 1 mints through {}, runner 2 through {}; the sandboxes are on {} and {}",
         mints(&r1),

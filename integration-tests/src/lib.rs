@@ -293,6 +293,16 @@ impl RunnerProc {
         None
     }
 
+    /// The coordinator it last said it mints through (`Runner mints through
+    /// HOST:PORT`; it says so whenever that changes).
+    pub fn mints_through(&self) -> Option<String> {
+        self.output()
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("Runner mints through "))
+            .map(|s| s.trim().to_string())
+    }
+
     /// The runner id it saved when it joined.
     pub fn runner_id(&self) -> Option<String> {
         let text = std::fs::read_to_string(self.data_dir.join("runner.json")).ok()?;

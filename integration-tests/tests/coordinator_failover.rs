@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use integration_tests::etcd::{second_coordinator, EtcdCluster};
 use integration_tests::{
-    free_port, http_get, http_get_host, miren, miren_within, outside_verify, runners, tail, temp,
-    wait_for,
-    Cluster, PythonIssuer, RunnerProc, Run, Server,
+    free_port, http_get, http_get_host, miren, miren_within, outside_verify, runner_status,
+    runners, tail, temp, wait_for, Cluster, PythonIssuer, Run, RunnerProc, Server,
 };
 
 /// The bearer the test OIDC issuer's `/token` wants.
@@ -37,12 +36,10 @@ const RUNNER_ARGS: [&str; 6] = [
 fn token_loop_app(parent: &Path, name: &str) -> PathBuf {
     let dir = parent.join(format!("{name}-src"));
     std::fs::create_dir_all(dir.join(".miren")).expect("app dir");
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/token-loop-app/loop.py");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/token-loop-app/loop.py");
     std::fs::copy(fixture, dir.join("loop.py")).expect("copy the fixture");
-    let toml = format!(
-        "name = \"{name}\"\n[services.web]\ncommand = 'python3 loop.py'\ninstances = 1\n"
-    );
+    let toml =
+        format!("name = \"{name}\"\n[services.web]\ncommand = 'python3 loop.py'\ninstances = 1\n");
     std::fs::write(dir.join(".miren/app.toml"), toml).expect("app.toml");
     dir
 }
@@ -65,13 +62,6 @@ fn loop_stats(ingress: &str, host: &str) -> Option<serde_json::Value> {
         Ok((200, body)) => serde_json::from_str(&body).ok(),
         _ => None,
     }
-}
-
-/// Whether the coordinator of `cfg` lists runner `id` as ready.
-fn ready_on(cfg: &Path, id: &str) -> bool {
-    runners(cfg)
-        .iter()
-        .any(|r| r["id"] == id && r["status"] == "ready")
 }
 
 /// A three-member etcd, a first coordinator (the fixture's) and a second
@@ -134,8 +124,10 @@ impl TwoCoordinators {
         let id = r.runner_id().expect("joined");
         let b_cfg = self.b_cfg();
         assert!(
-            wait_for(Duration::from_secs(60), || ready_on(&self.c.cfg, &id)
-                && ready_on(&b_cfg, &id)),
+            wait_for(Duration::from_secs(60), || runner_status(&self.c.cfg, &id)
+                .as_deref()
+                == Some("ready")
+                && runner_status(&b_cfg, &id).as_deref() == Some("ready")),
             "the runner is not connected to both coordinators: {:?} / {:?}\n{}",
             runners(&self.c.cfg),
             runners(&b_cfg),
@@ -143,15 +135,6 @@ impl TwoCoordinators {
         );
         (r, id)
     }
-}
-
-/// The coordinator the runner said it mints through last.
-fn minting_through(output: &str) -> Option<String> {
-    output
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("Runner mints through "))
-        .map(|s| s.trim().to_string())
 }
 
 #[test]
@@ -207,11 +190,11 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
 
     // Which coordinator the runner mints through; the other survives.
     assert!(
-        wait_for(Duration::from_secs(10), || minting_through(&runner.output()).is_some()),
+        wait_for(Duration::from_secs(10), || runner.mints_through().is_some()),
         "the runner never said where it mints: {}",
         runner.output()
     );
-    let minting = minting_through(&runner.output()).expect("said");
+    let minting = runner.mints_through().expect("said");
     let b_addr = t.b().host_port().to_string();
     let (survivor_address, survivor_ingress) = if minting == b_addr {
         (addresses.0.clone(), t.c.ingress.clone())
@@ -265,7 +248,8 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
     let last_error = client.join().expect("client thread");
     let after = loop_stats(&survivor_ingress, &host).expect("stats");
     assert_eq!(
-        after["failed"], 0,
+        after["failed"],
+        0,
         "token fetches failed across the failover: {after}\n{}",
         tail(&runner.output(), 30)
     );
@@ -277,7 +261,7 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
     );
     assert!(served.load(Ordering::Relaxed) > 20);
     assert!(
-        minting_through(&runner.output()).is_some_and(|m| m != minting),
+        runner.mints_through().is_some_and(|m| m != minting),
         "the runner did not switch its minting: {}",
         tail(&runner.output(), 20)
     );
@@ -304,8 +288,11 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
     );
     assert!(last.1.contains(&format!("Deployed {app} v")), "{last:?}");
     assert!(
-        wait_for(Duration::from_secs(60), || loop_stats(&survivor_ingress, &host)
-            .is_some()),
+        wait_for(Duration::from_secs(60), || loop_stats(
+            &survivor_ingress,
+            &host
+        )
+        .is_some()),
         "the new version does not serve"
     );
     drop(t);
@@ -322,7 +309,11 @@ fn coordinators_added_later_are_learned_and_a_removal_anywhere_cuts_a_runner_off
     let code = c.miren(&["runner", "token", "create", "--reusable"]);
     assert!(code.ok, "{code:?}");
     let start = |name: &str| {
-        let r = RunnerProc::start(&dir.path().join(name), Some(code.stdout.trim()), &RUNNER_ARGS);
+        let r = RunnerProc::start(
+            &dir.path().join(name),
+            Some(code.stdout.trim()),
+            &RUNNER_ARGS,
+        );
         assert!(
             wait_for(Duration::from_secs(60), || r.runner_id().is_some()),
             "{}",
@@ -330,7 +321,9 @@ fn coordinators_added_later_are_learned_and_a_removal_anywhere_cuts_a_runner_off
         );
         let id = r.runner_id().expect("joined");
         assert!(
-            wait_for(Duration::from_secs(60), || ready_on(&c.cfg, &id)),
+            wait_for(Duration::from_secs(60), || runner_status(&c.cfg, &id)
+                .as_deref()
+                == Some("ready")),
             "{}",
             r.output()
         );
@@ -359,19 +352,27 @@ fn coordinators_added_later_are_learned_and_a_removal_anywhere_cuts_a_runner_off
         tail(&out, 20)
     );
     assert!(
-        out.contains("removed from the cluster") && !out.contains(&format!("connected to {b_addr}")),
+        out.contains("removed from the cluster")
+            && !out.contains(&format!("connected to {b_addr}")),
         "{out}"
     );
 
     // The other runner learns the new coordinator and holds a session with
     // it: that coordinator lists it connected.
     assert!(
-        wait_for(Duration::from_secs(90), || ready_on(&b.config, &learner_id)),
+        wait_for(Duration::from_secs(90), || runner_status(
+            &b.config,
+            &learner_id
+        )
+        .as_deref()
+            == Some("ready")),
         "the runner never connected to the coordinator added after it joined: {:?}\n{}",
         runners(&b.config),
         tail(&learner.output(), 20)
     );
-    assert!(learner.output().contains(&format!("Runner learned coordinator {b_addr}")));
+    assert!(learner
+        .output()
+        .contains(&format!("Runner learned coordinator {b_addr}")));
     // It keeps the list in its data dir.
     let saved = std::fs::read_to_string(dir.path().join("r-learner/coordinators.json"))
         .expect("coordinators.json");
@@ -388,18 +389,26 @@ fn without_etcd_tokens_and_ingress_keep_working_and_writes_fail_clearly_until_it
     let c = Cluster::start(0, &["--etcd", &endpoints]);
     let code = c.miren(&["runner", "token", "create"]);
     assert!(code.ok, "{code:?}");
-    let runner = RunnerProc::start(&dir.path().join("r0"), Some(code.stdout.trim()), &RUNNER_ARGS);
+    let runner = RunnerProc::start(
+        &dir.path().join("r0"),
+        Some(code.stdout.trim()),
+        &RUNNER_ARGS,
+    );
     assert!(wait_for(Duration::from_secs(60), || runner
         .runner_id()
-        .is_some_and(|id| ready_on(&c.cfg, &id))));
+        .is_some_and(
+            |id| runner_status(&c.cfg, &id).as_deref() == Some("ready")
+        )));
     let app = format!("noetcd-{}", std::process::id());
     let src = token_loop_app(dir.path(), &app);
     let run = c.deploy(&app, &src);
     assert!(run.ok, "{run:?}");
     let host = format!("{app}.test");
     assert!(c.miren(&["route", "set", &host, "-a", &app]).ok);
-    assert!(wait_for(Duration::from_secs(60), || loop_stats(&c.ingress, &host)
-        .is_some_and(|s| s["ok"].as_u64() > Some(3))));
+    assert!(wait_for(Duration::from_secs(60), || loop_stats(
+        &c.ingress, &host
+    )
+    .is_some_and(|s| s["ok"].as_u64() > Some(3))));
 
     // Every member stopped.
     for i in 0..3 {
@@ -410,7 +419,9 @@ fn without_etcd_tokens_and_ingress_keep_working_and_writes_fail_clearly_until_it
     // serves: the loop goes on without a failure.
     assert!(
         wait_for(Duration::from_secs(30), || loop_stats(&c.ingress, &host)
-            .is_some_and(|s| s["ok"].as_u64() >= Some(stopped["ok"].as_u64().unwrap_or(0) + 30))),
+            .is_some_and(
+                |s| s["ok"].as_u64() >= Some(stopped["ok"].as_u64().unwrap_or(0) + 30)
+            )),
         "tokens stopped without etcd: {:?}\n{}",
         loop_stats(&c.ingress, &host),
         tail(&runner.output(), 20)
@@ -457,14 +468,19 @@ fn without_etcd_tokens_and_ingress_keep_working_and_writes_fail_clearly_until_it
         etcd.wait_member(i);
     }
     assert!(
-        wait_for(Duration::from_secs(60), || c.miren(&["runner", "token", "create"]).ok),
+        wait_for(Duration::from_secs(60), || c
+            .miren(&["runner", "token", "create"])
+            .ok),
         "writes do not work again: {:?}",
         c.miren(&["runner", "token", "create"])
     );
     std::fs::write(src.join("v2.txt"), "2").expect("change the app");
     let run = c.deploy(&app, &src);
     assert!(run.ok, "deploy after etcd came back: {run:?}");
-    assert!(wait_for(Duration::from_secs(60), || loop_stats(&c.ingress, &host).is_some()));
+    assert!(wait_for(Duration::from_secs(60), || loop_stats(
+        &c.ingress, &host
+    )
+    .is_some()));
     let _ = http_get(&c.ingress, "/");
     drop(runner);
 }

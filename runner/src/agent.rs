@@ -388,7 +388,11 @@ impl Drop for Detach {
 
 /// One coordinator's session, reconnected with jittered backoff until the
 /// runner is removed (or the loop is dropped).
-async fn session_loop(shared: Rc<Shared>, endpoint: HostPort, events: mpsc::UnboundedSender<Event>) {
+async fn session_loop(
+    shared: Rc<Shared>,
+    endpoint: HostPort,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let mut attempt = 0u32;
     loop {
         let ended = {
@@ -404,7 +408,10 @@ async fn session_loop(shared: Rc<Shared>, endpoint: HostPort, events: mpsc::Unbo
                 return;
             }
             SessionEnd::Lost(e) => {
-                tracing::warn!("connection to the coordinator {endpoint} lost: {}", Chain(&e))
+                tracing::warn!(
+                    "connection to the coordinator {endpoint} lost: {}",
+                    Chain(&e)
+                )
             }
         }
         let wait = backoff::delay(attempt, rand::random::<f64>());
@@ -481,10 +488,7 @@ async fn session_inner(
         },
     );
     shared.opts.metrics.set_connected(true);
-    println!(
-        "Runner runner-{} connected to {key}",
-        id.config.runner_id
-    );
+    println!("Runner runner-{} connected to {key}", id.config.runner_id);
     *attempt = 0;
     // Which coordinators there are now: new ones get a session.
     match list_coordinators(cluster.clone()).await {
@@ -548,7 +552,11 @@ async fn renew_if_due(shared: &Shared) -> Result<(), SessionError> {
                 let mut req = c.session.renew_request();
                 req.get().set_csr_der(&csr);
                 let reply = req.send().promise.await?;
-                Ok(reply.get()?.get_cert_pem()?.to_string().map_err(capnp::Error::from)?)
+                Ok(reply
+                    .get()?
+                    .get_cert_pem()?
+                    .to_string()
+                    .map_err(capnp::Error::from)?)
             }
         })
         .await?;
@@ -570,7 +578,10 @@ fn renewal_due(cert_pem: &str, now: i64) -> Result<bool, pki::PkiError> {
 /// one).
 /// Says on stdout which coordinator minting goes to whenever that changes
 /// (operators and the failover tests read it).
-async fn mint_through_coordinators(sessions: Rc<Live>, mut rx: mpsc::UnboundedReceiver<MintRequest>) {
+async fn mint_through_coordinators(
+    sessions: Rc<Live>,
+    mut rx: mpsc::UnboundedReceiver<MintRequest>,
+) {
     let told: Rc<std::cell::RefCell<Option<String>>> = Rc::default();
     while let Some((key, done)) = rx.recv().await {
         let sessions = sessions.clone();
@@ -605,7 +616,11 @@ async fn mint(session: runner_session::Client, key: &TokenKey) -> Result<String,
         }
     }
     let reply = req.send().promise.await?;
-    Ok(reply.get()?.get_token()?.to_string().map_err(capnp::Error::from)?)
+    Ok(reply
+        .get()?
+        .get_token()?
+        .to_string()
+        .map_err(capnp::Error::from)?)
 }
 
 fn send_report(session: &runner_session::Client, r: Report) {

@@ -118,9 +118,14 @@ mod tests {
         assert_eq!(k.endpoints(), [hp("a:1"), hp("b:1")]);
         // "c" is new; "b" is no longer listed.
         assert_eq!(k.listed(&[hp("a:1"), hp("c:1")], 100), [hp("c:1")]);
-        assert_eq!(k.listed(&[hp("a:1"), hp("c:1")], 110), Vec::<HostPort>::new());
+        assert_eq!(
+            k.listed(&[hp("a:1"), hp("c:1")], 110),
+            Vec::<HostPort>::new()
+        );
         // Not missing for long enough yet.
-        assert!(k.forget_gone(100 + GONE_AFTER_SECS - 1, |_| false).is_empty());
+        assert!(k
+            .forget_gone(100 + GONE_AFTER_SECS - 1, |_| false)
+            .is_empty());
         // Long enough, but it still has a live session.
         assert!(k.forget_gone(100 + GONE_AFTER_SECS, |_| true).is_empty());
         assert_eq!(k.forget_gone(100 + GONE_AFTER_SECS, |_| false), [hp("b:1")]);

@@ -177,8 +177,7 @@ impl DataDir {
         };
         let json = serde_json::to_vec_pretty(&file).map_err(StateError::Encode)?;
         let path = self.coordinators_path();
-        files::write_atomic(&path, &json, 0o600)
-            .map_err(files::PathError::at("writing", &path))?;
+        files::write_atomic(&path, &json, 0o600).map_err(files::PathError::at("writing", &path))?;
         Ok(())
     }
 
