@@ -284,14 +284,15 @@ fn bench(s: &Settings) -> anyhow::Result<()> {
         "mint throughput (fresh audience each, {CONNS_PER_SANDBOX} connections per sandbox, {:?}):",
         s.throughput
     );
-    println!("  one runner, one coordinator minting : {one:8.0} tokens/s ({one_failed} failed)");
+    let spread = if mints(&r1) != mints(&r2) {
+        "two runners, two coordinators minting"
+    } else {
+        "two runners, ONE coordinator minting"
+    };
+    let single = "one runner, one coordinator minting";
+    println!("  {single:<38}: {one:8.0} tokens/s ({one_failed} failed)");
     println!(
-        "  two runners, {} minting       : {two:8.0} tokens/s ({two_failed} failed), x{:.2}",
-        if mints(&r1) != mints(&r2) {
-            "two coordinators"
-        } else {
-            "ONE coordinator "
-        },
+        "  {spread:<38}: {two:8.0} tokens/s ({two_failed} failed), x{:.2}",
         two / one
     );
 

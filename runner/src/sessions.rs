@@ -4,8 +4,9 @@
 //! A runner holds a session with every coordinator it knows (see
 //! [`crate::agent`]); what needs only one coordinator (a workload token, an
 //! artifact chunk, a certificate renewal) goes to one live session: the
-//! one that last answered such a call first, then the others in the order
-//! they were attached. A call whose connection is lost, or that gets no
+//! one that last answered such a call first (after others were passed over
+//! for a lost connection or silence, not for a refusal), then the others in
+//! the order they were attached. A call whose connection is lost, or that gets no
 //! answer within its attempt's patience while another session remains, is
 //! tried at once on the next session; a refusal (the coordinator answered
 //! no) is final, unless the call says another coordinator may answer
@@ -141,6 +142,9 @@ impl<S: Clone> Sessions<S> {
         }
         let deadline = tokio::time::Instant::now() + patience.total;
         let mut last = CallError::Unreachable;
+        // A session passed over for a refusal is still healthy: the one
+        // that answered next does not take its place as the first.
+        let mut refused_before = false;
         let count = candidates.len();
         for (i, (endpoint, session)) in candidates.into_iter().enumerate() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -154,7 +158,7 @@ impl<S: Clone> Sessions<S> {
             };
             match tokio::time::timeout(wait, call(session)).await {
                 Ok(Ok(v)) => {
-                    if self.answered(&endpoint) {
+                    if !refused_before && self.answered(&endpoint) {
                         tracing::info!("calls that need one coordinator go to {endpoint}");
                     }
                     return Ok(v);
@@ -162,7 +166,10 @@ impl<S: Clone> Sessions<S> {
                 Ok(Err(e)) if !lost(&e) && patience.on_refusal == OnRefusal::Final => {
                     return Err(e)
                 }
-                Ok(Err(e)) => last = e,
+                Ok(Err(e)) => {
+                    refused_before |= !lost(&e);
+                    last = e;
+                }
                 Err(_) => last = CallError::NoAnswer,
             }
             tracing::info!("{endpoint}: {last}; trying another coordinator");
@@ -250,6 +257,7 @@ mod tests {
             })
             .await;
         assert_eq!(got, Ok(1));
+        assert_eq!(s.first().as_deref(), Some("c"), "a refusal moves no preference");
         // A detached session is neither called nor first.
         s.detach("c");
         assert_eq!(s.first().as_deref(), Some("a"));
