@@ -660,6 +660,7 @@ impl Registry {
                 matches.push(r);
             }
         }
+        matches.sort_by(|a, b| a.id.cmp(&b.id));
         match matches.len() {
             0 => Err(RegistryError::NotFound(query.to_string())),
             1 => Ok(matches.remove(0)),

@@ -454,6 +454,7 @@ fn without_etcd_tokens_and_ingress_keep_working_and_writes_fail_clearly_until_it
     for args in [
         vec!["runner", "token", "create"],
         vec!["deploy", "--dir", src.to_str().expect("utf-8"), "-a", &app],
+        vec!["auth", "ci", "add", "-a", &app, "--github", "acme/noetcd"],
     ] {
         let w = miren_within(&c.cfg, &args, &[], Duration::from_secs(120));
         assert!(!w.ok, "{args:?} succeeded without etcd");

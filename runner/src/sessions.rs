@@ -257,7 +257,11 @@ mod tests {
             })
             .await;
         assert_eq!(got, Ok(1));
-        assert_eq!(s.first().as_deref(), Some("c"), "a refusal moves no preference");
+        assert_eq!(
+            s.first().as_deref(),
+            Some("c"),
+            "a refusal moves no preference"
+        );
         // A detached session is neither called nor first.
         s.detach("c");
         assert_eq!(s.first().as_deref(), Some("a"));
