@@ -193,7 +193,19 @@ where
         };
         let _ = tx.send(answer);
     });
-    rx.recv().map_err(|_| StoreError::EtcdTimeout {
+    // On a worker of the multi-threaded runtime, tell it this thread
+    // blocks, so that its other tasks (QUIC, the ingress, minting) move to
+    // another thread: with etcd gone, every call blocks for `timeout`, and
+    // the loops that keep retrying (watches, leases) would otherwise hold
+    // every worker.
+    let wait = || rx.recv();
+    let answer = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    };
+    answer.map_err(|_| StoreError::EtcdTimeout {
         what,
         after: timeout,
     })?

@@ -42,6 +42,7 @@ pub mod outbound;
 pub mod reconcile;
 pub mod route_oidc;
 pub mod routes;
+pub mod runner_records;
 pub mod runner_streams;
 pub mod runners;
 pub mod sandbox_index;

@@ -4,7 +4,11 @@
 //! token of sandbox `<id>` ([`Minting::for_runner`]); the app (and org) come
 //! from the coordinator's own `sandbox/<id>` record, never from what the
 //! runner says, and the runner must be the one that record places the
-//! sandbox on ([`runner_subject`], pure). An operator may mint a token for
+//! sandbox on ([`runner_subject`], pure). The record is read from the
+//! watch-fed [`SandboxIndex`] (tokens keep coming while the store is
+//! unreachable); when the index does not place the sandbox on the asking
+//! runner, the store decides (the placement may be younger than the
+//! watch's lag). An operator may mint a token for
 //! any subject ([`Minting::sign`], `miren identity token`). Either way
 //! the claims are `identity::WorkloadClaims` with this cluster's issuer and
 //! id, signed by the key ring's active key, on the blocking pool (an RPC
@@ -21,6 +25,7 @@ use crate::apps::{AppError, Apps, SandboxRecord};
 use crate::audit::Actor;
 use crate::issuer::{Issuer, KEYS_UNAVAILABLE};
 use crate::observe::{MintRefusal, Observe};
+use crate::sandbox_index::SandboxIndex;
 
 /// Why no token was minted.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +95,8 @@ pub fn runner_subject(
 pub struct Minting {
     issuer: Arc<Issuer>,
     apps: Arc<Apps>,
+    /// Sandbox placements in memory.
+    sandboxes: Arc<SandboxIndex>,
     cluster_id: String,
     observe: Arc<Observe>,
     /// The blocking pool signatures run on.
@@ -100,6 +107,7 @@ impl Minting {
     pub fn new(
         issuer: Arc<Issuer>,
         apps: Arc<Apps>,
+        sandboxes: Arc<SandboxIndex>,
         cluster_id: String,
         observe: Arc<Observe>,
         rt: tokio::runtime::Handle,
@@ -107,6 +115,7 @@ impl Minting {
         Minting {
             issuer,
             apps,
+            sandboxes,
             cluster_id,
             observe,
             rt,
@@ -127,11 +136,16 @@ impl Minting {
             let e = MintError::Refused { reason, cause };
             (self.observe).token_refused(&actor, Some(sandbox_id), reason, e)
         };
-        // Whatever app the runner might believe in, the record decides.
-        let record = self
-            .apps
-            .sandbox(sandbox_id)
-            .map_err(|e| refused(MintRefusal::Internal, e.into()))?;
+        // Whatever app the runner might believe in, the record decides:
+        // from memory when it places the sandbox on this runner, else
+        // from the store.
+        let record = match self.sandboxes.get(sandbox_id) {
+            Some(r) if r.runner == runner => Some(SandboxRecord::clone(&r)),
+            _ => self
+                .apps
+                .sandbox(sandbox_id)
+                .map_err(|e| refused(MintRefusal::Internal, e.into()))?,
+        };
         let subject = match runner_subject(runner, record.as_ref()) {
             Ok(subject) => subject,
             Err(RunnerRefusal::NotHosted) => {
@@ -276,6 +290,7 @@ mod tests {
         let minting = Arc::new(Minting::new(
             issuer.clone(),
             apps,
+            Arc::new(SandboxIndex::default()),
             "cluster-1".into(),
             observe,
             rt.handle().clone(),

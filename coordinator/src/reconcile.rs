@@ -11,7 +11,9 @@
 //! is not sent again for [`COMMAND_RETRY`].
 //!
 //! A pass runs every [`PASS_EVERY`], and at once when a deploy, a report or
-//! a heartbeat wakes it. On shutdown, versions still deploying are recorded
+//! a heartbeat wakes it. A deploy, cordon or drain made through another
+//! coordinator wakes the leader's loop through a store watch of the
+//! desired state ([`DESIRED_STATE`], [`Reconciler::wake_on_desired_state`]). On shutdown, versions still deploying are recorded
 //! as failed ("interrupted") and their sandboxes forgotten in one write,
 //! then their runners are asked to stop them (at most
 //! [`STOP_WHILE_STOPPING`]).
@@ -31,6 +33,40 @@ use crate::routes::{route_key, Routes};
 use crate::runners::{Registry, Reply, RunnerCommand, SandboxSpec, SendError};
 use crate::shutdown::Tasks;
 use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
+
+/// The prefixes of the desired state whose changes wake the loop (apps and
+/// their versions; runners cordoned or drained).
+pub const DESIRED_STATE: [&str; 2] = ["app/", "runner/"];
+
+/// Wakes the reconcile loop when the desired state changes in the store,
+/// whichever coordinator wrote it.
+struct DesiredStateWake {
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl crate::watched::Watched for DesiredStateWake {
+    const NAME: &'static str = "reconcile wake";
+
+    fn prefix(&self) -> &str {
+        // Two prefixes: one watch of everything, filtered here.
+        ""
+    }
+
+    fn reload(&self, store: &dyn Store) -> Result<crate::store::Revision, StoreError> {
+        // Nothing is kept; what changed while the watch was down is read
+        // by the pass this wakes.
+        let now = store.revision()?;
+        self.wake.notify_one();
+        Ok(now)
+    }
+
+    fn apply(&self, batch: &crate::store::WatchBatch) {
+        let desired = |key: &str| DESIRED_STATE.iter().any(|p| key.starts_with(p));
+        if batch.events.iter().any(|e| desired(&e.kv.key)) {
+            self.wake.notify_one();
+        }
+    }
+}
 
 /// The least time between two passes.
 const MIN_PASS_GAP: Duration = Duration::from_millis(100);
@@ -158,6 +194,17 @@ impl Reconciler {
             started_unix: transport::clock::now_unix(),
             sent: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Wakes the loop on every change of the desired state in the store
+    /// (deploys through other coordinators included) until shutdown.
+    pub fn wake_on_desired_state(&self, tasks: &Tasks) -> Result<(), StoreError> {
+        let wake = Arc::new(DesiredStateWake {
+            wake: self.apps.waker().clone(),
+        });
+        let from = crate::watched::Watched::reload(&*wake, &*self.store)?;
+        crate::watched::follow(wake, self.store.clone(), from, tasks);
+        Ok(())
     }
 
     /// Runs passes until shutdown, then records interrupted rollouts.

@@ -10,6 +10,14 @@
 //! certificate is then refused at the next connection attempt because no
 //! record backs it.
 //!
+//! The records are read from memory ([`RunnerRecords`], fed by a store
+//! watch through [`Registry::follow`]), so that connecting, heartbeats and
+//! renewals keep working while the store is unreachable; a runner the
+//! index does not know yet is looked up in the store. When a record
+//! disappears from the index, this coordinator closes that runner's live
+//! connection with [`transport::close::CloseCode::RunnerRemoved`]: a
+//! removal through any coordinator cuts the runner off from all of them.
+//!
 //! A connected runner is reached through [`Registry::send`]: a
 //! [`RunnerCommand`] goes to the task that holds the runner's agent
 //! capability (on its RPC worker, see `service::runner_session`), and the
@@ -27,7 +35,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use transport::pki::{self, ClusterCa};
 
-use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
+pub use crate::runner_records::RunnerRecord;
+use crate::runner_records::RunnerRecords;
+use crate::shutdown::Tasks;
+use crate::store::{
+    decode, encode, Condition, Op, Outcome, Revision, Store, StoreError, Txn, WatchBatch,
+};
 
 /// Runners heartbeat this often.
 pub const HEARTBEAT_SECS: i64 = 5;
@@ -157,22 +170,6 @@ pub enum RegistryError {
     Store(#[from] StoreError),
 }
 
-/// `runner/<id>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunnerRecord {
-    pub id: String,
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub created_unix: i64,
-    pub cordoned: bool,
-    /// Being drained: its sandboxes move to other runners (each old one
-    /// stops once its replacement is healthy); it stays cordoned after.
-    #[serde(default)]
-    pub draining: bool,
-    pub cert_expires_unix: i64,
-    pub joined_with: String,
-}
-
 /// What a runner last told us.
 #[derive(Debug, Clone)]
 pub struct LiveStatus {
@@ -227,6 +224,8 @@ impl RunnerView {
 /// Join tokens, runner records and live runner connections.
 pub struct Registry {
     store: Arc<dyn Store>,
+    /// The runner records, in memory.
+    records: RunnerRecords,
     /// Lifetime of the runner certificates it issues.
     cert_validity: time::Duration,
     live: Mutex<HashMap<String, Live>>,
@@ -276,9 +275,16 @@ pub fn check_name_and_labels(name: &str, labels: &[(String, String)]) -> Result<
 }
 
 impl Registry {
+    /// A registry over `store`, with the records it holds now (when it
+    /// can be read; [`Registry::follow`] loads them again and follows).
     pub fn new(store: Arc<dyn Store>, cert_validity: std::time::Duration) -> Self {
+        let records = RunnerRecords::default();
+        if let Err(e) = records.reload(&*store) {
+            tracing::warn!("loading the runner records: {e}");
+        }
         Registry {
             store,
+            records,
             cert_validity: time::Duration::seconds(cert_validity.as_secs().max(60) as i64),
             live: Mutex::new(HashMap::new()),
             last_seen: Mutex::new(HashMap::new()),
@@ -400,7 +406,7 @@ impl Registry {
                 cert_expires_unix: pki::not_after_unix(&cert_pem)?,
                 joined_with: token_id.to_string(),
             };
-            let outcome = self.store.commit(Txn {
+            let committed = self.store.txn(Txn {
                 conditions: vec![
                     Condition::Equals(key.clone(), bytes),
                     Condition::Absent(runner_key(&id)),
@@ -410,7 +416,8 @@ impl Registry {
                     Op::Put(runner_key(&id), encode(&runner)),
                 ],
             })?;
-            if outcome == Outcome::Applied {
+            if committed.outcome == Outcome::Applied {
+                (self.records).note(&id, committed.revision, Some(runner.clone()));
                 return Ok((runner, cert_pem));
             }
             // Someone else redeemed concurrently: decide again on the new record.
@@ -418,13 +425,44 @@ impl Registry {
         Err(JoinRefusal::UsedOrRevoked.into())
     }
 
-    /// The record of a runner, if it is still registered.
+    /// The record of a runner, if it is still registered: from memory,
+    /// or from the store for a runner the index does not know yet (it
+    /// joined through another coordinator a moment ago). An error means
+    /// the store could not say, never that the runner is gone.
     pub fn record(&self, id: &str) -> Result<Option<RunnerRecord>, RegistryError> {
+        if let Some(r) = self.records.get(id) {
+            return Ok(Some(r));
+        }
         let key = runner_key(id);
         Ok(match self.store.get(&key)? {
             Some(bytes) => Some(decode(&key, &bytes)?),
             None => None,
         })
+    }
+
+    /// Loads the runner records and keeps them in step with the store
+    /// until shutdown, cutting off the runners whose record goes.
+    pub fn follow(self: &Arc<Self>, tasks: &Tasks) -> Result<(), StoreError> {
+        let from = crate::watched::Watched::reload(&**self, &*self.store)?;
+        crate::watched::follow(self.clone(), self.store.clone(), from, tasks);
+        Ok(())
+    }
+
+    /// Closes the live connections of runners that are no longer
+    /// registered, with the code that tells them so.
+    fn cut_off(&self, gone: &[String]) {
+        if gone.is_empty() {
+            return;
+        }
+        let Ok(mut live) = self.live.lock() else {
+            return;
+        };
+        for id in gone {
+            if let Some(l) = live.remove(id) {
+                tracing::info!("runner {id} was removed: closing its connection");
+                transport::close::close_runner_removed(&l.conn);
+            }
+        }
     }
 
     fn update_record(
@@ -440,11 +478,12 @@ impl Registry {
                 .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
             let mut record: RunnerRecord = decode(&key, &bytes)?;
             change(&mut record);
-            if self.store.commit(Txn {
+            let committed = self.store.txn(Txn {
                 conditions: vec![Condition::Equals(key.clone(), bytes)],
                 ops: vec![Op::Put(key.clone(), encode(&record))],
-            })? == Outcome::Applied
-            {
+            })?;
+            if committed.outcome == Outcome::Applied {
+                (self.records).note(id, committed.revision, Some(record.clone()));
                 return Ok(record);
             }
         }
@@ -584,8 +623,9 @@ impl Registry {
             .lock()
             .map_err(|_| RegistryError::Unavailable)?;
         let mut out = Vec::new();
-        for (k, v) in self.store.scan("runner/")? {
-            let record: RunnerRecord = decode(&k, &v)?;
+        let mut records = self.records.all();
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        for record in records {
             let view = match live.get(&record.id) {
                 Some(l) => RunnerView {
                     connected: l.conn.close_reason().is_none()
@@ -615,12 +655,12 @@ impl Registry {
             return Ok(r);
         }
         let mut matches = Vec::new();
-        for (k, v) in self.store.scan("runner/")? {
-            let r: RunnerRecord = decode(&k, &v)?;
+        for r in self.records.all() {
             if r.name == query || (query.len() >= 4 && r.id.starts_with(query)) {
                 matches.push(r);
             }
         }
+        matches.sort_by(|a, b| a.id.cmp(&b.id));
         match matches.len() {
             0 => Err(RegistryError::NotFound(query.to_string())),
             1 => Ok(matches.remove(0)),
@@ -638,15 +678,12 @@ impl Registry {
     /// Removes a runner: its record goes and its live connection is closed.
     pub fn remove(&self, query: &str) -> Result<RunnerRecord, RegistryError> {
         let record = self.resolve(query)?;
-        self.store.commit(Txn {
+        let committed = self.store.txn(Txn {
             conditions: vec![],
             ops: vec![Op::Delete(runner_key(&record.id))],
         })?;
-        if let Ok(mut live) = self.live.lock() {
-            if let Some(l) = live.remove(&record.id) {
-                transport::close::close_runner_removed(&l.conn);
-            }
-        }
+        (self.records).note(&record.id, committed.revision, None);
+        self.cut_off(std::slice::from_ref(&record.id));
         Ok(record)
     }
 
@@ -669,6 +706,25 @@ impl Registry {
                 r.draining = false;
             }
         })
+    }
+}
+
+impl crate::watched::Watched for Registry {
+    const NAME: &'static str = "runner records";
+
+    fn prefix(&self) -> &str {
+        crate::runner_records::PREFIX
+    }
+
+    fn reload(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        let (from, gone) = self.records.reload(store)?;
+        self.cut_off(&gone);
+        Ok(from)
+    }
+
+    fn apply(&self, batch: &WatchBatch) {
+        let gone = self.records.apply(batch);
+        self.cut_off(&gone);
     }
 }
 

@@ -6,9 +6,11 @@
 //! and then follows the store's change stream (`Store::watch` from the
 //! revision it was loaded at), applying each put and delete; when the
 //! watch says its history was compacted it loads again. It may lag a
-//! commit by the time the change takes to arrive; security decisions
-//! (which runner may mint for or read for a sandbox) keep reading the
-//! store.
+//! commit by the time the change takes to arrive. Minting
+//! (`crate::minting`) reads it too, so that workload tokens outlive the
+//! loss of the store, and asks the store only when the index does not
+//! place the sandbox on the asking runner (a placement younger than the
+//! watch's lag); reading artifacts keeps reading the store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -111,6 +113,14 @@ impl SandboxIndex {
         }
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(revision)
+    }
+
+    /// The assignment of sandbox `id`, if the index has it. Read from
+    /// memory only.
+    pub fn get(&self, id: &str) -> Option<Arc<SandboxRecord>> {
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let app = g.app_of.get(&format!("{SANDBOX_PREFIX}{id}"))?;
+        g.sandboxes.get(app)?.get(id).cloned()
     }
 
     /// Follows the store from `from` until shutdown.

@@ -182,6 +182,8 @@ pub struct Coordinator {
     coordinators_from: crate::store::Revision,
     /// The revision the shared key ring was read at (`--etcd`).
     ring_from: Option<crate::store::Revision>,
+    /// The revision the sandbox index was loaded at.
+    sandboxes_from: crate::store::Revision,
     leadership: crate::leader::Leadership,
 }
 
@@ -471,9 +473,13 @@ impl Coordinator {
         if matches!(opts.store, StoreBackend::Etcd(_)) {
             apps.share_artifacts(store.clone());
         }
+        // Sandbox placements in memory: the ingress and minting read them.
+        let (sandboxes, sandboxes_from) = crate::sandbox_index::SandboxIndex::load(&*store)?;
+        let sandboxes = Arc::new(sandboxes);
         let minting = Arc::new(crate::minting::Minting::new(
             issuer.clone(),
             apps.clone(),
+            sandboxes.clone(),
             material.meta.id.clone(),
             observe.clone(),
             rt.clone(),
@@ -555,6 +561,7 @@ impl Coordinator {
             },
             issuer,
             minting,
+            sandboxes,
             registry,
             apps,
             ci,
@@ -637,6 +644,7 @@ impl Coordinator {
             presence: Some(presence),
             coordinators_from,
             ring_from: shared.as_ref().map(|p| p.ring_revision),
+            sandboxes_from,
             leadership,
         })
     }
@@ -774,6 +782,10 @@ impl Coordinator {
                 tasks.clone(),
             ),
         );
+        // Runner records in memory (a removal anywhere cuts the runner off
+        // here), and deploys through any coordinator wake the loop.
+        state.registry.follow(&tasks)?;
+        state.reconciler.wake_on_desired_state(&tasks)?;
         // The reconcile loop ends its shutdown with the rollouts: it records
         // what was interrupted while runner connections are still open.
         tasks.spawn(crate::shutdown::ROLLOUT, state.reconciler.clone().run());
@@ -800,9 +812,8 @@ impl Coordinator {
         // One count of streams to runners for both ingress listeners.
         let ingress_limits =
             crate::ingress::IngressLimits::new(self.http_limits, self.ingress_streams_per_app);
-        let (index, from) = crate::sandbox_index::SandboxIndex::load(&*state.store)?;
-        let index = Arc::new(index);
-        index.follow(state.store.clone(), from, &tasks);
+        let index = state.sandboxes.clone();
+        index.follow(state.store.clone(), self.sandboxes_from, &tasks);
         state.routes.follow(&tasks);
         state.ci.follow(&tasks);
         state.sso.follow(&tasks);
@@ -927,9 +938,23 @@ async fn serve_peer(
     if let PeerIdentity::Runner { id } = &peer {
         // A removed runner's certificate is still signed by the CA; no
         // record behind it means it is cut off.
-        if !matches!(state.registry.record(id), Ok(Some(_))) {
-            transport::close::close_runner_removed(&conn);
-            return;
+        match state.registry.record(id) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                transport::close::close_runner_removed(&conn);
+                return;
+            }
+            // Not known here and the store cannot say: not a removal (the
+            // runner would stop for good); it tries again.
+            Err(e) => {
+                tracing::info!("runner {id}: {e}");
+                close(
+                    &conn,
+                    CloseCode::Done,
+                    b"runner record unavailable; try again",
+                );
+                return;
+            }
         }
     }
     let has_role = matches!(

@@ -77,6 +77,8 @@ pub struct State {
     pub issuer: Arc<Issuer>,
     /// Workload tokens (whose they are, signing).
     pub minting: Arc<Minting>,
+    /// Sandbox placements and active versions (watch-fed).
+    pub sandboxes: Arc<crate::sandbox_index::SandboxIndex>,
     pub store: Arc<dyn Store>,
     /// Join tokens and runners.
     pub registry: Arc<Registry>,

@@ -293,6 +293,16 @@ impl RunnerProc {
         None
     }
 
+    /// The coordinator it last said it mints through (`Runner mints through
+    /// HOST:PORT`; it says so whenever that changes).
+    pub fn mints_through(&self) -> Option<String> {
+        self.output()
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("Runner mints through "))
+            .map(|s| s.trim().to_string())
+    }
+
     /// The runner id it saved when it joined.
     pub fn runner_id(&self) -> Option<String> {
         let text = std::fs::read_to_string(self.data_dir.join("runner.json")).ok()?;
@@ -539,6 +549,44 @@ impl PythonIssuer {
             );
         }
         Ok(tokens)
+    }
+}
+
+impl PythonIssuer {
+    /// Runs the CLI the way a GitHub Actions job would: no config, only
+    /// `MIREN_CLUSTER=cluster`, `MIREN_APP=app` and the Actions variables
+    /// pointing at this issuer's `/token?query`; returns (success, stdout,
+    /// stderr).
+    pub fn ci_miren(
+        &self,
+        home: &Path,
+        cluster: &str,
+        app: &str,
+        query: &str,
+        args: &[&str],
+    ) -> (bool, String, String) {
+        let out = Command::new(miren_bin())
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", home)
+            .env("MIREN_CONFIG", home.join("none.yaml"))
+            .env("MIREN_CLUSTER", cluster)
+            .env("MIREN_APP", app)
+            .env("GITHUB_ACTIONS", "true")
+            .env(
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                format!("{}/token?{query}", self.url()),
+            )
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", &self.bearer)
+            .env("SSL_CERT_FILE", &self.ca)
+            .output()
+            .expect("running miren");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 

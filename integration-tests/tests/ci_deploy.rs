@@ -28,8 +28,7 @@ fn issuer_get(issuer: &PythonIssuer, path: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Runs the CLI the way a GitHub Actions job would: no config, only
-/// MIREN_CLUSTER, MIREN_APP and the Actions variables.
+/// `issuer.ci_miren` (the pipeline's CLI) with the test's bearer.
 fn ci_miren(
     dir: &Path,
     issuer: &PythonIssuer,
@@ -38,28 +37,7 @@ fn ci_miren(
     query: &str,
     args: &[&str],
 ) -> (bool, String, String) {
-    let out = Command::new(miren_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", dir)
-        .env("MIREN_CONFIG", dir.join("none.yaml"))
-        .env("MIREN_CLUSTER", cluster)
-        .env("MIREN_APP", app)
-        .env("GITHUB_ACTIONS", "true")
-        .env(
-            "ACTIONS_ID_TOKEN_REQUEST_URL",
-            format!("{}/token?{query}", issuer.url()),
-        )
-        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", BEARER)
-        .env("SSL_CERT_FILE", &issuer.ca)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    issuer.ci_miren(dir, cluster, app, query, args)
 }
 
 #[test]

@@ -1,22 +1,37 @@
-//! The runner's life: join once, then stay connected to the coordinator
-//! with mTLS, heartbeat, renew the certificate at half-life, and reconnect
-//! with jittered exponential backoff whenever the link drops.
+//! The runner's life: join once, then hold a session with **every**
+//! coordinator it knows, each over its own mTLS QUIC connection with its
+//! own loop: heartbeat, serve the agent capability (the leader's commands
+//! come through whichever session reaches it), accept ingress streams, and
+//! reconnect with jittered exponential backoff whenever that link drops.
+//!
+//! Losing a coordinator is therefore a switch, not a reconnect: workload
+//! tokens, artifact chunks and certificate renewals go to one live session
+//! and move to another at once when its connection is lost
+//! ([`crate::sessions`]); sandbox reports go to every live session (each
+//! coordinator's ingress and the leader's reconcile loop read their own).
+//! The set of coordinators is learned from `Cluster.info` at each session
+//! start and every [`REFRESH_EVERY`] ([`crate::known_coordinators`]) and
+//! kept in the data dir. A `RunnerRemoved` close from any coordinator ends
+//! the runner.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
-
-use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use capnp::capability::Rc as CapRc;
 use schema::miren_capnp::{cluster, runner_agent, runner_session};
 use tokio::sync::mpsc;
 
+use identity::address::HostPort;
+
 use crate::call::CallError;
+use crate::known_coordinators::KnownCoordinators;
 use crate::sandbox::{Fetch, IsolationMode, Report, Spec, Supervisor};
+use crate::sessions::{OnRefusal, Patience, Sessions};
 use crate::token_limits::MissLimit;
-use crate::tokens::{Broker, MintRequest};
+use crate::tokens::{Broker, MintRequest, TokenKey};
 use transport::close::{CloseCode, RUNNER_REMOVED_REASON};
 use transport::pki;
 use transport::report::Chain;
@@ -27,8 +42,32 @@ use crate::join::{join, JoinError};
 use crate::sandbox::SandboxError;
 use crate::state::{DataDir, StateError};
 
-/// How often a runner heartbeats.
+/// How often a runner heartbeats (each session).
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A heartbeat not answered within this ends its session (a coordinator
+/// killed outright is otherwise noticed only at the idle timeout).
+pub const HEARTBEAT_PATIENCE: Duration = Duration::from_secs(10);
+/// How often the runner asks a coordinator for the cluster's coordinators.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// A mint tries the next session after this long without an answer.
+pub const MINT_PATIENCE: Patience = Patience {
+    attempt: Duration::from_secs(1),
+    total: Duration::from_secs(5),
+    on_refusal: OnRefusal::Final,
+};
+/// An artifact chunk may take longer (a coordinator reads it from disk),
+/// and may be held by some coordinators only.
+const FETCH_PATIENCE: Patience = Patience {
+    attempt: Duration::from_secs(15),
+    total: Duration::from_secs(120),
+    on_refusal: OnRefusal::TryNext,
+};
+/// A renewal, or a refresh of the coordinator list.
+const ONE_CALL_PATIENCE: Patience = Patience {
+    attempt: Duration::from_secs(5),
+    total: Duration::from_secs(20),
+    on_refusal: OnRefusal::Final,
+};
 
 /// How a runner is started.
 #[derive(Debug, Clone)]
@@ -98,6 +137,8 @@ enum SessionError {
     Reply(#[from] capnp::Error),
     #[error("{0}")]
     Closed(#[source] quinn::ConnectionError),
+    #[error("no answer to a heartbeat within {HEARTBEAT_PATIENCE:?}")]
+    Silent,
 }
 
 enum SessionEnd {
@@ -143,7 +184,7 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> Res
             id.config.cluster, id.config.runner_id
         );
     }
-    let current: Current = Rc::new(RefCell::new(None));
+    let sessions: Rc<Live> = Rc::new(Sessions::default());
     let (mint_tx, mint_rx) = mpsc::unbounded_channel::<MintRequest>();
     let (report_tx, report_rx) = mpsc::unbounded_channel::<Report>();
     let isolation = crate::sandbox::Isolation::choose(opts.isolation)?;
@@ -180,61 +221,213 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> Res
         report_tx,
         crate::sandbox::Containment { policy, cgroups },
     ));
-    tokio::task::spawn_local(mint_through_coordinator(current.clone(), mint_rx));
+    let _minting = AbortOnDrop(tokio::task::spawn_local(mint_through_coordinators(
+        sessions.clone(),
+        mint_rx,
+    )));
     let metrics = opts.metrics.clone();
-    tokio::task::spawn_local(forward_reports(current.clone(), report_rx, metrics));
-    let result = serve(&data, &opts, shutdown, &current, &supervisor).await;
+    let _reports = AbortOnDrop(tokio::task::spawn_local(forward_reports(
+        sessions.clone(),
+        report_rx,
+        metrics,
+    )));
+    let shared = Rc::new(Shared {
+        data,
+        opts,
+        supervisor: supervisor.clone(),
+        sessions,
+    });
+    let _renewal = AbortOnDrop(tokio::task::spawn_local(renew_certificate_forever(
+        shared.clone(),
+    )));
+    let result = serve(shared, shutdown).await;
     supervisor.stop_all().await;
     result
 }
 
-/// The session in use, shared by the pieces that talk to the coordinator.
-type Current = Rc<RefCell<Option<runner_session::Client>>>;
+/// The clients of one live session: its `RunnerSession`, and the
+/// connection's `Cluster` (for the coordinator list).
+#[derive(Clone)]
+struct SessionClients {
+    session: runner_session::Client,
+    cluster: cluster::Client,
+}
 
-async fn serve(
-    data: &DataDir,
-    opts: &RunnerOptions,
-    shutdown: impl Future<Output = ()>,
-    current: &Current,
-    supervisor: &Rc<Supervisor>,
-) -> Result<(), RunError> {
+/// The live sessions, one per coordinator.
+type Live = Sessions<SessionClients>;
+
+/// What every session loop shares.
+struct Shared {
+    data: DataDir,
+    opts: RunnerOptions,
+    supervisor: Rc<Supervisor>,
+    sessions: Rc<Live>,
+}
+
+/// What a session loop tells [`serve`].
+enum Event {
+    /// A coordinator closed its session with `RunnerRemoved`.
+    Removed,
+    /// A coordinator listed the cluster's coordinators.
+    Listed(Vec<HostPort>),
+}
+
+/// Holds a session loop per known coordinator until shutdown or removal,
+/// starting loops for coordinators learned and stopping those forgotten.
+async fn serve(shared: Rc<Shared>, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     tokio::pin!(shutdown);
-    let mut attempt = 0u32;
-    loop {
-        let ended = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            ended = session(data, opts, &mut attempt, current, supervisor) => ended,
-        };
-        *current.borrow_mut() = None;
-        opts.metrics.set_connected(false);
-        match ended {
-            SessionEnd::Removed => {
-                return Err(RunError::Removed {
-                    data_dir: opts.data_dir.clone(),
-                })
-            }
-            SessionEnd::Lost(e) => {
-                tracing::warn!("connection to the coordinator lost: {}", Chain(&e))
-            }
+    let id = shared.data.load()?;
+    let start_from = match shared.data.load_coordinators() {
+        Ok(Some(list)) => list,
+        Ok(None) => id.address.endpoints(),
+        Err(e) => {
+            tracing::warn!("{e}; starting from the join code's coordinators");
+            id.address.endpoints()
         }
-        let wait = backoff::delay(attempt, rand::random::<f64>());
-        attempt = attempt.saturating_add(1);
-        tracing::info!("reconnecting in {wait:?}");
+    };
+    let mut known = KnownCoordinators::new(start_from);
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let mut loops: HashMap<String, AbortOnDrop> = HashMap::new();
+    let start = |loops: &mut HashMap<String, AbortOnDrop>, endpoint: HostPort| {
+        let task = session_loop(shared.clone(), endpoint.clone(), events_tx.clone());
+        loops.insert(
+            endpoint.to_string(),
+            AbortOnDrop(tokio::task::spawn_local(task)),
+        );
+    };
+    for endpoint in known.endpoints() {
+        start(&mut loops, endpoint);
+    }
+    let _refresh = AbortOnDrop(tokio::task::spawn_local(refresh_forever(
+        shared.sessions.clone(),
+        events_tx.clone(),
+    )));
+    let mut refresh = tokio::time::interval(REFRESH_EVERY);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = transport::clock::now_unix();
+        let before = known.clone();
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(wait) => {}
+            event = events.recv() => match event {
+                Some(Event::Removed) | None => {
+                    return Err(RunError::Removed {
+                        data_dir: shared.opts.data_dir.clone(),
+                    })
+                }
+                Some(Event::Listed(list)) => {
+                    for endpoint in known.listed(&list, now) {
+                        println!("Runner learned coordinator {endpoint}");
+                        start(&mut loops, endpoint);
+                    }
+                }
+            },
+            _ = refresh.tick() => {
+                let live = |e: &HostPort| shared.sessions.has(&e.to_string());
+                for endpoint in known.forget_gone(now, live) {
+                    tracing::info!("{endpoint} is no longer a coordinator of the cluster: forgotten");
+                    loops.remove(&endpoint.to_string());
+                }
+            }
+        }
+        if known != before {
+            if let Err(e) = shared.data.save_coordinators(&known.endpoints()) {
+                tracing::warn!("saving the coordinator list: {e}");
+            }
         }
     }
 }
 
+/// Asks one live session for the cluster's coordinators every
+/// [`REFRESH_EVERY`].
+async fn refresh_forever(sessions: Rc<Live>, events: mpsc::UnboundedSender<Event>) {
+    loop {
+        tokio::time::sleep(REFRESH_EVERY).await;
+        match (sessions)
+            .call_any(ONE_CALL_PATIENCE, |c| list_coordinators(c.cluster))
+            .await
+        {
+            Ok(list) => {
+                if events.send(Event::Listed(list)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!("listing the coordinators: {e}"),
+        }
+    }
+}
+
+/// The coordinators `cluster` lists (at most a bounded number read).
+async fn list_coordinators(cluster: cluster::Client) -> Result<Vec<HostPort>, CallError> {
+    let reply = cluster.info_request().send().promise.await?;
+    let list = reply.get()?.get_info()?.get_coordinators()?;
+    let mut out = Vec::new();
+    for one in list.iter().take(crate::known_coordinators::MAX_KNOWN) {
+        let text = one?.to_str().map_err(capnp::Error::from)?;
+        match identity::address::split_host_port(text) {
+            Ok((host, port)) => out.push(HostPort { host, port }),
+            Err(e) => tracing::warn!("a coordinator listed {text:?}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Takes the session with `endpoint` out of the live set when its loop
+/// ends, however it ends.
+struct Detach {
+    shared: Rc<Shared>,
+    endpoint: String,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        self.shared.sessions.detach(&self.endpoint);
+        (self.shared.opts.metrics).set_connected(self.shared.sessions.count() > 0);
+    }
+}
+
+/// One coordinator's session, reconnected with jittered backoff until the
+/// runner is removed (or the loop is dropped).
+async fn session_loop(
+    shared: Rc<Shared>,
+    endpoint: HostPort,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let ended = {
+            let _detach = Detach {
+                shared: shared.clone(),
+                endpoint: endpoint.to_string(),
+            };
+            session(&shared, &endpoint, &mut attempt, &events).await
+        };
+        match ended {
+            SessionEnd::Removed => {
+                let _ = events.send(Event::Removed);
+                return;
+            }
+            SessionEnd::Lost(e) => {
+                tracing::warn!(
+                    "connection to the coordinator {endpoint} lost: {}",
+                    Chain(&e)
+                )
+            }
+        }
+        let wait = backoff::delay(attempt, rand::random::<f64>());
+        attempt = attempt.saturating_add(1);
+        tracing::info!("reconnecting to {endpoint} in {wait:?}");
+        tokio::time::sleep(wait).await;
+    }
+}
+
 async fn session(
-    data: &DataDir,
-    opts: &RunnerOptions,
+    shared: &Rc<Shared>,
+    endpoint: &HostPort,
     attempt: &mut u32,
-    current: &Current,
-    supervisor: &Rc<Supervisor>,
+    events: &mpsc::UnboundedSender<Event>,
 ) -> SessionEnd {
-    let id = match data.load() {
+    let id = match shared.data.load() {
         Ok(id) => id,
         Err(e) => return e.into(),
     };
@@ -242,13 +435,13 @@ async fn session(
         Ok(i) => i,
         Err(e) => return e.into(),
     };
-    let conn = match transport::dial(&id.address, Some(identity)).await {
+    let conn = match transport::dial(&id.address.at(endpoint), Some(identity)).await {
         Ok((_endpoint, conn)) => conn,
         // Told during the handshake.
         Err(e) if e.close_code() == Some(CloseCode::RunnerRemoved) => return SessionEnd::Removed,
         Err(e) => return e.into(),
     };
-    let end = match session_inner(id, &conn, data, opts, attempt, current, supervisor).await {
+    let end = match session_inner(&id, &conn, shared, endpoint, attempt, events).await {
         Ok(never) => match never {},
         Err(end) => end,
     };
@@ -263,23 +456,22 @@ async fn session(
 enum Never {}
 
 async fn session_inner(
-    mut id: crate::state::Identity,
+    id: &crate::state::Identity,
     conn: &quinn::Connection,
-    data: &DataDir,
-    opts: &RunnerOptions,
+    shared: &Rc<Shared>,
+    endpoint: &HostPort,
     attempt: &mut u32,
-    current: &Current,
-    supervisor: &Rc<Supervisor>,
+    events: &mpsc::UnboundedSender<Event>,
 ) -> Result<Never, SessionEnd> {
+    let supervisor = &shared.supervisor;
     let cluster: cluster::Client = connect_connection(conn).await.map_err(CallError::from)?;
     let mut req = cluster.runner_request();
     req.get().set_agent(capnp_rpc::new_client(AgentService {
         supervisor: supervisor.clone(),
-        current: current.clone(),
+        sessions: shared.sessions.clone(),
     }));
     let reply = req.send().promise.await.map_err(CallError::from)?;
     let session: runner_session::Client = reply.get()?.get_session()?;
-    *current.borrow_mut() = Some(session.clone());
     // Ingress traffic arrives as streams the coordinator opens.
     let proxy = tokio::task::spawn_local(accept_proxied(conn.clone(), supervisor.clone()));
     let _proxy_guard = AbortOnDrop(proxy);
@@ -287,16 +479,28 @@ async fn session_inner(
     for r in supervisor.all_reports() {
         send_report(&session, r);
     }
-    opts.metrics.set_connected(true);
-    println!(
-        "Runner runner-{} connected to {}",
-        id.config.runner_id,
-        id.address.host_port()
+    let key = endpoint.to_string();
+    shared.sessions.attach(
+        &key,
+        SessionClients {
+            session: session.clone(),
+            cluster: cluster.clone(),
+        },
     );
+    shared.opts.metrics.set_connected(true);
+    println!("Runner runner-{} connected to {key}", id.config.runner_id);
     *attempt = 0;
+    // Which coordinators there are now: new ones get a session.
+    match list_coordinators(cluster.clone()).await {
+        Ok(list) => {
+            let _ = events.send(Event::Listed(list));
+        }
+        Err(e) => tracing::info!("{key}: listing the coordinators: {e}"),
+    }
     loop {
         let mut req = session.heartbeat_request();
         {
+            let opts = &shared.opts;
             let mut s = req.get().init_status();
             s.set_version(opts.build.to_string());
             s.set_sandboxes(supervisor.count());
@@ -308,27 +512,57 @@ async fn session_inner(
                 list.set(i as u32, id);
             }
         }
-        req.send().promise.await.map_err(CallError::from)?;
-
-        if renewal_due(&id.cert_pem, transport::clock::now_unix())? {
-            let (key_pem, csr) = pki::key_and_csr()?;
-            let mut req = session.renew_request();
-            req.get().set_csr_der(&csr);
-            let reply = req.send().promise.await.map_err(CallError::from)?;
-            let cert_pem = reply
-                .get()?
-                .get_cert_pem()?
-                .to_string()
-                .map_err(capnp::Error::from)?;
-            data.save_identity(&cert_pem, &key_pem)?;
-            tracing::info!("runner certificate renewed");
-            id = data.load()?;
-        }
+        match tokio::time::timeout(HEARTBEAT_PATIENCE, req.send().promise).await {
+            Ok(answer) => answer.map_err(CallError::from)?,
+            Err(_) => return Err(SessionError::Silent.into()),
+        };
         tokio::select! {
             closed = conn.closed() => return Err(SessionError::Closed(closed).into()),
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
     }
+}
+
+/// Renews the certificate at half-life through one live session; a failed
+/// renewal is tried again a heartbeat later (sessions are not ended for it:
+/// the certificate is still valid).
+async fn renew_certificate_forever(shared: Rc<Shared>) {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+        if shared.sessions.count() == 0 {
+            continue;
+        }
+        if let Err(e) = renew_if_due(&shared).await {
+            tracing::warn!("certificate renewal: {}; trying again", Chain(&e));
+        }
+    }
+}
+
+async fn renew_if_due(shared: &Shared) -> Result<(), SessionError> {
+    let id = shared.data.load()?;
+    if !renewal_due(&id.cert_pem, transport::clock::now_unix())? {
+        return Ok(());
+    }
+    let (key_pem, csr) = pki::key_and_csr()?;
+    let cert_pem = shared
+        .sessions
+        .call_any(ONE_CALL_PATIENCE, |c| {
+            let csr = csr.clone();
+            async move {
+                let mut req = c.session.renew_request();
+                req.get().set_csr_der(&csr);
+                let reply = req.send().promise.await?;
+                Ok(reply
+                    .get()?
+                    .get_cert_pem()?
+                    .to_string()
+                    .map_err(capnp::Error::from)?)
+            }
+        })
+        .await?;
+    shared.data.save_identity(&cert_pem, &key_pem)?;
+    tracing::info!("runner certificate renewed");
+    Ok(())
 }
 
 /// Whether more than half of the certificate's lifetime has passed.
@@ -338,39 +572,55 @@ fn renewal_due(cert_pem: &str, now: i64) -> Result<bool, pki::PkiError> {
     Ok(now >= not_before + (not_after - not_before) / 2)
 }
 
-/// Mints through whichever session is current; fails fast when there is none
-/// (the broker then serves a cached, unexpired token if it has one).
-async fn mint_through_coordinator(current: Current, mut rx: mpsc::UnboundedReceiver<MintRequest>) {
+/// Mints through one live session (the one that last answered first),
+/// moving to another at once when its connection is lost; fails when none
+/// answers (the broker then serves a cached, unexpired token if it has
+/// one).
+/// Says on stdout which coordinator minting goes to whenever that changes
+/// (operators and the failover tests read it).
+async fn mint_through_coordinators(
+    sessions: Rc<Live>,
+    mut rx: mpsc::UnboundedReceiver<MintRequest>,
+) {
+    let told: Rc<std::cell::RefCell<Option<String>>> = Rc::default();
     while let Some((key, done)) = rx.recv().await {
-        let session = current.borrow().clone();
-        let Some(session) = session else {
-            let _ = done.send(Err(CallError::Unreachable));
-            continue;
-        };
+        let sessions = sessions.clone();
+        let told = told.clone();
         tokio::task::spawn_local(async move {
-            let mut req = session.issue_workload_token_request();
-            {
-                let mut p = req.get();
-                p.set_sandbox_id(&key.sandbox);
-                p.set_ttl_secs(key.ttl);
-                let mut list = p.init_audiences(key.audiences.len() as u32);
-                for (i, a) in key.audiences.iter().enumerate() {
-                    list.set(i as u32, a);
+            let result = sessions
+                .call_any(MINT_PATIENCE, |c| mint(c.session, &key))
+                .await;
+            if result.is_ok() {
+                let first = sessions.first();
+                if first.is_some() && *told.borrow() != first {
+                    if let Some(endpoint) = &first {
+                        println!("Runner mints through {endpoint}");
+                    }
+                    *told.borrow_mut() = first;
                 }
             }
-            let result =
-                match tokio::time::timeout(Duration::from_secs(5), req.send().promise).await {
-                    Ok(Ok(reply)) => reply
-                        .get()
-                        .and_then(|r| r.get_token())
-                        .and_then(|t| t.to_string().map_err(Into::into))
-                        .map_err(CallError::from),
-                    Ok(Err(e)) => Err(CallError::from(e)),
-                    Err(_) => Err(CallError::NoAnswer),
-                };
             let _ = done.send(result);
         });
     }
+}
+
+async fn mint(session: runner_session::Client, key: &TokenKey) -> Result<String, CallError> {
+    let mut req = session.issue_workload_token_request();
+    {
+        let mut p = req.get();
+        p.set_sandbox_id(&key.sandbox);
+        p.set_ttl_secs(key.ttl);
+        let mut list = p.init_audiences(key.audiences.len() as u32);
+        for (i, a) in key.audiences.iter().enumerate() {
+            list.set(i as u32, a);
+        }
+    }
+    let reply = req.send().promise.await?;
+    Ok(reply
+        .get()?
+        .get_token()?
+        .to_string()
+        .map_err(capnp::Error::from)?)
 }
 
 fn send_report(session: &runner_session::Client, r: Report) {
@@ -391,16 +641,17 @@ fn send_report(session: &runner_session::Client, r: Report) {
     });
 }
 
+/// Sends each report to every live session: every coordinator's ingress and
+/// the leader's reconcile loop read the reports they got.
 async fn forward_reports(
-    current: Current,
+    sessions: Rc<Live>,
     mut rx: mpsc::UnboundedReceiver<Report>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     while let Some(r) = rx.recv().await {
         metrics.report(&r);
-        let session = current.borrow().clone();
-        if let Some(s) = session {
-            send_report(&s, r);
+        for c in sessions.all() {
+            send_report(&c.session, r.clone());
         }
     }
 }
@@ -408,7 +659,7 @@ async fn forward_reports(
 /// What the coordinator calls on this runner.
 struct AgentService {
     supervisor: Rc<Supervisor>,
-    current: Current,
+    sessions: Rc<Live>,
 }
 
 impl runner_agent::Server for AgentService {
@@ -444,18 +695,24 @@ impl runner_agent::Server for AgentService {
                 crate::limits::Limits::default()
             },
         };
-        let current = self.current.clone();
+        let sessions = self.sessions.clone();
         let fetch: Fetch = Rc::new(move |sha: String, offset: u64, len: u32| {
-            let session = current.borrow().clone();
+            let sessions = sessions.clone();
             Box::pin(async move {
-                let session = session.ok_or(CallError::Unreachable)?;
-                let mut req = session.fetch_artifact_request();
-                req.get().set_sha256(&sha);
-                req.get().set_offset(offset);
-                req.get().set_length(len);
-                let reply = req.send().promise.await?;
-                let r = reply.get()?;
-                Ok((r.get_data()?.to_vec(), r.get_size()))
+                sessions
+                    .call_any(FETCH_PATIENCE, |c| {
+                        let sha = sha.clone();
+                        async move {
+                            let mut req = c.session.fetch_artifact_request();
+                            req.get().set_sha256(&sha);
+                            req.get().set_offset(offset);
+                            req.get().set_length(len);
+                            let reply = req.send().promise.await?;
+                            let r = reply.get()?;
+                            Ok((r.get_data()?.to_vec(), r.get_size()))
+                        }
+                    })
+                    .await
             })
         });
         self.supervisor

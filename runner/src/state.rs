@@ -3,10 +3,15 @@
 //! - `runner.json`: runner id, cluster address (with the CA fingerprint), name;
 //! - `identity.pem`: its certificate followed by its private key (0600),
 //!   one file so that a renewal replaces both atomically;
-//! - `ca.crt`: the cluster CA as received at join.
+//! - `ca.crt`: the cluster CA as received at join;
+//! - `coordinators.json`: the coordinators the runner last knew (it holds
+//!   a session with each; see [`crate::known_coordinators`]), written
+//!   atomically whenever that set changes; absent until it first does,
+//!   when the join code's list is used.
 
 use std::path::{Path, PathBuf};
 
+use identity::address::HostPort;
 use identity::ClusterAddress;
 use serde::{Deserialize, Serialize};
 use transport::files;
@@ -47,6 +52,14 @@ pub enum StateError {
         #[source]
         source: IdentityPemError,
     },
+    /// `coordinators.json` is not what this runner writes.
+    #[error("{} is corrupt: {reason} (delete it: the runner starts again from the coordinators of its join code)", path.display())]
+    CorruptCoordinators {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// `runner.json` could not be encoded.
     #[error("encoding runner.json: {0}")]
     Encode(#[source] serde_json::Error),
@@ -73,6 +86,13 @@ pub struct RunnerConfig {
     /// `host:port;sha1:<fingerprint>`.
     pub cluster: String,
     pub name: String,
+}
+
+/// `coordinators.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct CoordinatorsFile {
+    /// `host:port` of each coordinator, in the order learned.
+    coordinators: Vec<String>,
 }
 
 /// A runner's data dir.
@@ -117,6 +137,48 @@ impl DataDir {
 
     fn identity_path(&self) -> PathBuf {
         self.dir.join("identity.pem")
+    }
+
+    fn coordinators_path(&self) -> PathBuf {
+        self.dir.join("coordinators.json")
+    }
+
+    /// The coordinators saved by [`DataDir::save_coordinators`], or `None`
+    /// when none were saved yet.
+    pub fn load_coordinators(&self) -> Result<Option<Vec<HostPort>>, StateError> {
+        let path = self.coordinators_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(files::PathError::at("reading", &path)(e).into()),
+        };
+        let corrupt = |reason: String| StateError::CorruptCoordinators {
+            path: path.clone(),
+            reason,
+        };
+        let file: CoordinatorsFile =
+            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        if file.coordinators.is_empty() {
+            return Err(corrupt("it lists no coordinator".into()));
+        }
+        let mut out = Vec::new();
+        for one in &file.coordinators {
+            let (host, port) = identity::address::split_host_port(one)
+                .map_err(|e| corrupt(format!("{one:?}: {e}")))?;
+            out.push(HostPort { host, port });
+        }
+        Ok(Some(out))
+    }
+
+    /// Saves the coordinators this runner knows, atomically.
+    pub fn save_coordinators(&self, endpoints: &[HostPort]) -> Result<(), StateError> {
+        let file = CoordinatorsFile {
+            coordinators: endpoints.iter().map(HostPort::to_string).collect(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(StateError::Encode)?;
+        let path = self.coordinators_path();
+        files::write_atomic(&path, &json, 0o600).map_err(files::PathError::at("writing", &path))?;
+        Ok(())
     }
 
     /// Whether this runner has joined a cluster.
@@ -223,6 +285,28 @@ mod tests {
         std::fs::write(d.dir.join("identity.pem"), "garbage").unwrap();
         let err = format!("{:#}", d.load().err().unwrap());
         assert!(err.contains("identity.pem"), "{err}");
+    }
+
+    #[test]
+    fn the_known_coordinators_round_trip_and_a_corrupt_list_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path());
+        assert!(d.load_coordinators().unwrap().is_none());
+        let list = vec![
+            HostPort {
+                host: "a.example".into(),
+                port: 8443,
+            },
+            HostPort {
+                host: "::1".into(),
+                port: 9,
+            },
+        ];
+        d.save_coordinators(&list).unwrap();
+        assert_eq!(d.load_coordinators().unwrap(), Some(list));
+        std::fs::write(d.dir.join("coordinators.json"), r#"{"coordinators":[]}"#).unwrap();
+        let err = d.load_coordinators().unwrap_err().to_string();
+        assert!(err.contains("coordinators.json"), "{err}");
     }
 
     fn time_days(n: i64) -> ::time::Duration {

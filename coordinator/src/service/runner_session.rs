@@ -1,6 +1,8 @@
 //! `RunnerSession`: a joined runner's link. The runner fetches artifacts,
 //! asks for its sandboxes' workload tokens, reports sandbox states,
-//! heartbeats and renews its certificate through it; the coordinator's
+//! heartbeats and renews its certificate through it (a runner holds one
+//! with every coordinator); tokens, reports and heartbeats are decided from
+//! watch-fed memory, so they keep working while the store cannot answer; the coordinator's
 //! commands go the other way through the runner's `RunnerAgent`
 //! capability, sent by [`pump`] (registered with the runner registry,
 //! `crate::runners::Registry::send`).
@@ -159,16 +161,22 @@ impl runner_session::Server for RunnerSessionService {
             last_log: r.get_last_log()?.to_string()?,
             last_exit: r.get_last_exit()?.to_string()?,
         };
-        self.state
-            .apps
-            .report(
-                &self.id,
-                self.session,
-                r.get_id()?.to_str()?,
-                report,
-                now_unix(),
-            )
-            .map_err(app_err)
+        let id = r.get_id()?.to_str()?;
+        let now = now_unix();
+        // From memory when the sandbox index places the sandbox on this
+        // runner, so that reports keep coming while the store cannot
+        // answer; else `Apps::report` decides from the store.
+        match self.state.sandboxes.get(id) {
+            Some(placed) if placed.runner == self.id => {
+                let reports = self.state.apps.reports();
+                reports.report(&self.id, self.session, id, report, now);
+                self.state.apps.waker().notify_one();
+                Ok(())
+            }
+            _ => (self.state.apps)
+                .report(&self.id, self.session, id, report, now)
+                .map_err(app_err),
+        }
     }
 
     async fn heartbeat(
