@@ -198,13 +198,7 @@ where
     // another thread: with etcd gone, every call blocks for `timeout`, and
     // the loops that keep retrying (watches, leases) would otherwise hold
     // every worker.
-    let wait = || rx.recv();
-    let answer = match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(wait)
-        }
-        _ => wait(),
-    };
+    let answer = crate::blocking::wait_here(|| rx.recv());
     answer.map_err(|_| StoreError::EtcdTimeout {
         what,
         after: timeout,

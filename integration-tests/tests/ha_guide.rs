@@ -220,7 +220,9 @@ fn the_three_machine_guide_works_as_written() {
             .push(cmd.spawn().expect("etcd (Debian's etcd-server)"));
     }
     let healthy = wait_for(Duration::from_secs(60), || {
-        etcdctl(&pki, None, &["endpoint", "health"]).status.success()
+        etcdctl(&pki, None, &["endpoint", "health"])
+            .status
+            .success()
     });
     let logs = || {
         MEMBERS

@@ -205,6 +205,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Its threads may block in place on store calls.
+        .on_thread_start(coordinator::blocking::mark_runtime_thread)
         .build()
         .context("starting the async runtime")?;
     rt.block_on(serve(args, started))

@@ -181,7 +181,8 @@ impl Sso {
         };
         // Until the cookie itself would have lapsed (refresh included).
         let until = session.ends_at.max(session.expires_at);
-        if let Err(e) = shared::blocking(|| self.ended.end(&*self.store, sid, until, now)) {
+        if let Err(e) = crate::blocking::wait_here(|| self.ended.end(&*self.store, sid, until, now))
+        {
             tracing::warn!(
                 "logout recorded in this coordinator's memory only (the others and a restart would not know it): {e}"
             );
@@ -253,7 +254,7 @@ impl Sso {
         let _mine = local.lock().await;
         let store = &*self.store;
         let (read, current, claimed_at) = loop {
-            let read = shared::blocking(|| shared::read_refresh(store, &self.key, &sid))
+            let read = crate::blocking::wait_here(|| shared::read_refresh(store, &self.key, &sid))
                 .map_err(|e| RefreshError::Record(e.into()))?;
             let clock = transport::clock::now_unix().max(now);
             let record = &read.record;
@@ -282,7 +283,7 @@ impl Sso {
                 failed_at: None,
             };
             let ends_at = current.ends_at.max(session.ends_at);
-            match shared::blocking(|| {
+            match crate::blocking::wait_here(|| {
                 shared::write_refresh(store, &self.key, &sid, &read, &claim, ends_at, clock)
             })
             .map_err(RefreshError::from)?
@@ -322,7 +323,7 @@ impl Sso {
         // Over our own claim only: when it lapsed and another coordinator
         // took over, its result stands.
         let ends_at = current.ends_at;
-        if let Err(e) = shared::blocking(|| {
+        if let Err(e) = crate::blocking::wait_here(|| {
             shared::write_refresh(store, &self.key, &sid, &read, &outcome, ends_at, claimed_at)
         }) {
             tracing::warn!(host, "route OIDC: the refresh's result was not shared: {e}");
@@ -567,7 +568,7 @@ impl Sso {
         // in our sealed login cookie gets this far, so an anonymous peer
         // cannot fill it.
         let store = &*self.store;
-        match shared::blocking(|| {
+        match crate::blocking::wait_here(|| {
             shared::consume_state(store, &self.state_lease, &login.state, login.exp, now)
         }) {
             Ok(()) => {}

@@ -34,20 +34,6 @@ use crate::store::{
     WatchBatch,
 };
 
-/// Runs a store call made while serving a request: on the multi-thread
-/// runtime the worker first says it blocks, so the ingress's other requests
-/// move to another one (a store call waits up to the etcd bound when etcd
-/// is unreachable).
-pub(super) fn blocking<T>(call: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(call)
-        }
-        _ => call(),
-    }
-}
-
 /// Store prefix of sessions ended by logout: `routeoidc-ended/<session id>`
 /// holds the time (Unix seconds) the session would have ended anyway.
 pub(super) const ENDED_PREFIX: &str = "routeoidc-ended/";
