@@ -153,6 +153,15 @@ impl SharedArtifacts {
         let manifest = self
             .manifest(sha)?
             .ok_or_else(|| ChunkError::Missing(sha.to_string()))?;
+        // The content is checked against the digest asked for, not only the
+        // one the manifest names: a manifest under one name describing
+        // another artifact must not fill this name's file.
+        if manifest.sha256 != sha {
+            return Err(ChunkError::Damaged {
+                sha: sha.to_string(),
+                what: format!("its manifest describes artifact {}", manifest.sha256),
+            });
+        }
         let result = self.write_checked(&manifest, tmp);
         let result = result.and_then(|()| {
             std::fs::rename(tmp, dest).map_err(|source| ChunkError::Io {
@@ -243,7 +252,12 @@ impl SharedArtifacts {
             if gone != Outcome::Applied {
                 continue;
             }
-            let keys: Vec<String> = (0..m.chunks).map(|n| chunk_key(&m.sha256, n)).collect();
+            // No more chunks than the largest artifact has, whatever an
+            // altered manifest says.
+            let most = self.max_bytes.div_ceil(CHUNK_BYTES as u64);
+            let keys: Vec<String> = (0..m.chunks.min(most))
+                .map(|n| chunk_key(&m.sha256, n))
+                .collect();
             for batch in keys.chunks(DELETES_PER_TXN) {
                 self.store.commit(Txn {
                     conditions: vec![],

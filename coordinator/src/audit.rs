@@ -49,9 +49,13 @@ pub const MAX_READ_LINES: usize = 5000;
 pub struct Text(String);
 
 /// Whether a word looks like a credential: a JWT (`eyJ…`, base64url of
-/// `{"`) or a join code (`mren_…`).
+/// `{"`), a runner or coordinator join code (`mren_…`, `mrenc_…`) or a
+/// deploy key (`miren_key_…`).
 fn looks_secret(word: &str) -> bool {
-    word.contains("eyJ") || word.contains("mren_")
+    word.contains("eyJ")
+        || word.contains(identity::join_token::PREFIX)
+        || word.contains(identity::join_token::COORDINATOR_PREFIX)
+        || word.contains(identity::deploy_key::PREFIX)
 }
 
 impl Text {
@@ -833,6 +837,9 @@ mod tests {
         assert!(t
             .as_str()
             .starts_with("provider said: bad token [redacted]"));
+        // Coordinator codes and deploy keys too.
+        let t = Text::new("pasted mrenc_abc.def and miren_key_x.y here");
+        assert_eq!(t.as_str(), "pasted [redacted] and [redacted] here", "{t:?}");
         // Control characters cannot forge a second line; length is capped.
         let t = Text::new(&format!("a\nb\u{1b}[31m{}", "x".repeat(1000)));
         assert!(!t.as_str().contains('\n') && !t.as_str().contains('\u{1b}'));

@@ -8,7 +8,11 @@
 //! panic or is pointless. Which threads are the runtime's own is marked at
 //! their start ([`mark_runtime_thread`], given to the runtime builder's
 //! `on_thread_start`), because tokio does not say whether a thread may
-//! block in place.
+//! block in place. The RPC workers (one single-threaded runtime per core,
+//! many sessions each) cannot block in place: their handlers that may reach
+//! the store hand the call to the blocking pool ([`off_thread`]), so that one
+//! anonymous join or one runner's report of an unknown sandbox waiting on an
+//! unreachable etcd never stalls every session on that worker.
 
 use std::cell::Cell;
 
@@ -33,6 +37,19 @@ pub fn wait_here<T>(call: impl FnOnce() -> T) -> T {
         }
         _ => call(),
     }
+}
+
+/// The store call did not finish: its thread panicked.
+#[derive(Debug, thiserror::Error)]
+#[error("a store call on the blocking pool failed: {0}")]
+pub struct OffThreadError(#[from] tokio::task::JoinError);
+
+/// Runs the blocking `call` on the blocking pool and waits for it without
+/// holding this thread (for RPC handlers on the workers' runtimes).
+pub async fn off_thread<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OffThreadError> {
+    Ok(tokio::task::spawn_blocking(call).await?)
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 //! only on a shared store (`--etcd`): on the embedded store there is no
 //! second coordinator to admit.
 
-use identity::join_token::{check_ttl, secret_hash, JoinRefusal, JoinToken, JoinTokenRecord};
+use identity::join_token::{
+    check_coordinator_ttl, secret_hash, JoinRefusal, JoinToken, JoinTokenRecord,
+};
 use identity::ClusterAddress;
 
 use crate::store::{decode, encode, Condition, Op, Outcome, Store, StoreError, Txn};
@@ -41,7 +43,7 @@ fn key(id: &str) -> String {
     format!("{PREFIX}{id}")
 }
 
-/// Makes a one-time code for `address` living `ttl_secs` (at most a week)
+/// Makes a one-time code for `address` living `ttl_secs` (at most a day)
 /// and stores its record; returns the code and the record.
 pub fn create(
     store: &dyn Store,
@@ -49,7 +51,7 @@ pub fn create(
     ttl_secs: u64,
     now: i64,
 ) -> Result<(String, JoinTokenRecord), CodeError> {
-    let ttl = check_ttl(ttl_secs, false)?;
+    let ttl = check_coordinator_ttl(ttl_secs)?;
     let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();

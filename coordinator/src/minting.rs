@@ -52,6 +52,9 @@ pub enum MintCause {
     /// (`AppError::NotYourSandbox`).
     #[error(transparent)]
     Apps(#[from] AppError),
+    /// The store read of the sandbox record did not finish.
+    #[error(transparent)]
+    OffThread(#[from] crate::blocking::OffThreadError),
     /// Audiences, ttl or subject were not acceptable.
     #[error(transparent)]
     Claims(#[from] identity::ClaimsError),
@@ -141,10 +144,15 @@ impl Minting {
         // from the store.
         let record = match self.sandboxes.get(sandbox_id) {
             Some(r) if r.runner == runner => Some(SandboxRecord::clone(&r)),
-            _ => self
-                .apps
-                .sandbox(sandbox_id)
-                .map_err(|e| refused(MintRefusal::Internal, e.into()))?,
+            // Off this thread: a store that cannot answer holds the caller
+            // for its bound, never the RPC worker's other sessions.
+            _ => {
+                let (apps, id) = (self.apps.clone(), sandbox_id.to_string());
+                match crate::blocking::off_thread(move || apps.sandbox(&id)).await {
+                    Ok(found) => found.map_err(|e| refused(MintRefusal::Internal, e.into()))?,
+                    Err(e) => return Err(refused(MintRefusal::Internal, e.into())),
+                }
+            }
         };
         let subject = match runner_subject(runner, record.as_ref()) {
             Ok(subject) => subject,

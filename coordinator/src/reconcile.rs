@@ -40,7 +40,11 @@ pub const DESIRED_STATE: [&str; 2] = ["app/", "runner/"];
 
 /// Wakes the reconcile loop when the desired state changes in the store,
 /// whichever coordinator wrote it.
+/// One per prefix of [`DESIRED_STATE`]: a watch of the whole store would
+/// stream every artifact chunk and sealed record to every coordinator only
+/// to drop them.
 struct DesiredStateWake {
+    prefix: &'static str,
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -48,8 +52,7 @@ impl crate::watched::Watched for DesiredStateWake {
     const NAME: &'static str = "reconcile wake";
 
     fn prefix(&self) -> &str {
-        // Two prefixes: one watch of everything, filtered here.
-        ""
+        self.prefix
     }
 
     fn reload(&self, store: &dyn Store) -> Result<crate::store::Revision, StoreError> {
@@ -61,8 +64,7 @@ impl crate::watched::Watched for DesiredStateWake {
     }
 
     fn apply(&self, batch: &crate::store::WatchBatch) {
-        let desired = |key: &str| DESIRED_STATE.iter().any(|p| key.starts_with(p));
-        if batch.events.iter().any(|e| desired(&e.kv.key)) {
+        if !batch.events.is_empty() {
             self.wake.notify_one();
         }
     }
@@ -199,11 +201,14 @@ impl Reconciler {
     /// Wakes the loop on every change of the desired state in the store
     /// (deploys through other coordinators included) until shutdown.
     pub fn wake_on_desired_state(&self, tasks: &Tasks) -> Result<(), StoreError> {
-        let wake = Arc::new(DesiredStateWake {
-            wake: self.apps.waker().clone(),
-        });
-        let from = crate::watched::Watched::reload(&*wake, &*self.store)?;
-        crate::watched::follow(wake, self.store.clone(), from, tasks);
+        for prefix in DESIRED_STATE {
+            let wake = Arc::new(DesiredStateWake {
+                prefix,
+                wake: self.apps.waker().clone(),
+            });
+            let from = crate::watched::Watched::reload(&*wake, &*self.store)?;
+            crate::watched::follow(wake, self.store.clone(), from, tasks);
+        }
         Ok(())
     }
 

@@ -589,9 +589,13 @@ impl Registry {
         status: LiveStatus,
         now: i64,
     ) -> Result<bool, RegistryError> {
-        let record = self
-            .record(id)?
-            .ok_or_else(|| RegistryError::Removed(id.to_string()))?;
+        let Some(record) = self.record(id)? else {
+            // Removed while this session was being registered (the watch's
+            // cut-off found nothing to close yet): closed now, so that a
+            // runner ignoring the error keeps nothing.
+            self.cut_off(&[id.to_string()]);
+            return Err(RegistryError::Removed(id.to_string()));
+        };
         let mut live = self.live.lock().map_err(|_| RegistryError::Unavailable)?;
         match live.get_mut(id) {
             Some(l) if l.session == session => {
@@ -606,6 +610,7 @@ impl Registry {
     /// Issues a renewed certificate for a registered runner.
     pub fn renew(&self, ca: &ClusterCa, id: &str, csr_der: &[u8]) -> Result<String, RegistryError> {
         if self.record(id)?.is_none() {
+            self.cut_off(&[id.to_string()]);
             return Err(RegistryError::Removed(id.to_string()));
         }
         let cert_pem =

@@ -99,6 +99,24 @@ pub enum JoinTokenTtlError {
     /// A reusable code asked to live longer than 8760 h.
     #[error("a reusable join code lives at most 8760h; use a shorter --ttl")]
     ReusableTooLong,
+    /// A coordinator code asked to live longer than 24 h.
+    #[error(
+        "a coordinator code lives at most 24h (it opens the cluster's keys); use a shorter --ttl"
+    )]
+    CoordinatorTooLong,
+}
+
+/// The longest a coordinator code lives: whoever spends it receives the
+/// cluster key, so it is kept shorter than a runner's one-time code.
+pub const MAX_COORDINATOR_TTL_SECS: u64 = 24 * 3600;
+
+/// Checks the lifetime of a new coordinator code.
+pub fn check_coordinator_ttl(ttl_secs: u64) -> Result<u64, JoinTokenTtlError> {
+    match ttl_secs {
+        0 => Err(JoinTokenTtlError::TooShort),
+        t if t > MAX_COORDINATOR_TTL_SECS => Err(JoinTokenTtlError::CoordinatorTooLong),
+        t => Ok(t),
+    }
 }
 
 /// Checks the lifetime of a new token.
@@ -490,5 +508,16 @@ mod tests {
             check_ttl(MAX_REUSABLE_TTL_SECS + 1, true),
             Err(JoinTokenTtlError::ReusableTooLong)
         );
+    }
+
+    #[test]
+    fn a_coordinator_code_lives_at_most_a_day() {
+        assert_eq!(check_coordinator_ttl(3600), Ok(3600));
+        assert_eq!(check_coordinator_ttl(MAX_COORDINATOR_TTL_SECS), Ok(86400));
+        assert_eq!(
+            check_coordinator_ttl(MAX_COORDINATOR_TTL_SECS + 1),
+            Err(JoinTokenTtlError::CoordinatorTooLong)
+        );
+        assert_eq!(check_coordinator_ttl(0), Err(JoinTokenTtlError::TooShort));
     }
 }

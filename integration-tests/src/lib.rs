@@ -88,6 +88,21 @@ impl Server {
         }
     }
 
+    /// Like [`Server::start`], with `env` in the server's environment (as a
+    /// systemd unit's `EnvironmentFile` gives it).
+    pub fn start_env(
+        data_dir: &Path,
+        config: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        match Self::try_start_env(data_dir, config, listen, extra, env) {
+            Ok(s) => s,
+            Err(msg) => panic!("server did not start: {msg}"),
+        }
+    }
+
     /// Like [`Server::start`], returning the server's error output when it
     /// exits instead of becoming ready.
     pub fn try_start(
@@ -95,6 +110,16 @@ impl Server {
         config: &Path,
         listen: &str,
         extra: &[&str],
+    ) -> Result<Server, String> {
+        Self::try_start_env(data_dir, config, listen, extra, &[])
+    }
+
+    fn try_start_env(
+        data_dir: &Path,
+        config: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Result<Server, String> {
         let stderr_path = config.with_extension(format!("stderr-{}", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
@@ -105,6 +130,7 @@ impl Server {
             .arg("--listen")
             .arg(listen)
             .args(extra)
+            .envs(env.iter().copied())
             .env("MIREN_CONFIG", config)
             .env_remove("MIREN_CLUSTER")
             .stdin(Stdio::null())

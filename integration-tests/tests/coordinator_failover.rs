@@ -256,8 +256,9 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
     assert_eq!(
         refused.load(Ordering::Relaxed),
         0,
-        "the survivor's ingress failed requests ({} served); last: {last_error:?}",
-        served.load(Ordering::Relaxed)
+        "the survivor's ingress failed requests ({} served); last: {last_error:?}\nrunner: {}",
+        served.load(Ordering::Relaxed),
+        tail(&runner.output(), 30)
     );
     assert!(served.load(Ordering::Relaxed) > 20);
     assert!(

@@ -11,7 +11,8 @@
 //!
 //! Checked: etcd with client and peer TLS comes up healthy; the first
 //! coordinator creates the cluster on it; a second joins with
-//! `miren cluster coordinator-code` through the unit's `$MIREN_JOIN`; both
+//! `miren cluster coordinator-code`, given as `MIREN_JOIN_CODE` in the
+//! unit's environment file (never on the command line); both
 //! are listed by `cluster status` and `export-address`; the backup of
 //! section 7 is taken with the guide's `etcdctl` environment and holds no
 //! private key in the clear; a coordinator removed as section 6 says lapses
@@ -130,11 +131,14 @@ fn coordinator_from_unit(
         }
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(
+    // The environment file reaches the process too (systemd exports it).
+    let environment: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start_env(
         &dir.join(format!("data-{name}")),
         &dir.join(format!("{name}.yaml")),
         "127.0.0.1:0",
         &refs,
+        &environment,
     )
 }
 
@@ -251,7 +255,7 @@ fn the_three_machine_guide_works_as_written() {
     env.insert("MIREN_ISSUER_URL", "https://miren.example.com".to_string());
     let first = coordinator_from_unit(dir.path(), "first", &pki, &env);
 
-    // 5. A coordinator added with a code, through the unit's $MIREN_JOIN.
+    // 5. A coordinator added with a code, in the environment file.
     let code = miren_within(
         &server_config(&first),
         &["cluster", "coordinator-code", "--ttl", "30m"],
@@ -259,8 +263,14 @@ fn the_three_machine_guide_works_as_written() {
         Duration::from_secs(60),
     );
     assert!(code.ok, "{code:?}");
-    env.insert("MIREN_JOIN", format!("--join {}", code.stdout.trim()));
+    env.insert("MIREN_JOIN_CODE", code.stdout.trim().to_string());
     let second = coordinator_from_unit(dir.path(), "second", &pki, &env);
+    // Never on its command line, where every user of the machine reads it.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", second.pid())).expect("cmdline");
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(code.stdout.trim()),
+        "the join code is on the command line"
+    );
     let listed = wait_for(Duration::from_secs(30), || {
         status(&first)["coordinators"]
             .as_array()

@@ -242,6 +242,9 @@ struct CoordinatorRow {
     error: Option<String>,
 }
 
+/// How many coordinators `cluster status` probes at most.
+const MAX_PROBES: usize = identity::address::MAX_ENDPOINTS;
+
 /// How long `cluster status` waits for each coordinator's answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -389,8 +392,15 @@ async fn status(cluster: Option<&str>, format: Format) -> anyhow::Result<()> {
         let mut probes = tokio::task::JoinSet::new();
         for (i, c) in s.get_coordinators()?.iter().enumerate() {
             let address = c.get_address()?.to_string()?;
-            // Each is probed on its own address under the configured pin.
+            // Each is probed on its own address under the configured pin;
+            // no more than a cluster address may name (the list is the
+            // store's, and a probe is a socket and a dial).
             match address.parse::<ClusterAddress>() {
+                _ if i >= MAX_PROBES => {
+                    probes.spawn_local(
+                        async move { (i, Err("not probed (too many listed)".into())) },
+                    );
+                }
                 Ok(a) => {
                     let pinned = session.target.address.at(&a.primary());
                     probes.spawn_local(async move { (i, probe(pinned).await) });

@@ -146,8 +146,17 @@ pub struct ServerArgs {
     etcd_prefix: String,
     /// Join an existing cluster on etcd as one more coordinator, with a
     /// code from `miren cluster coordinator-code`, into an empty data dir.
-    /// Ignored (with a note) once the data dir has joined.
-    #[arg(long, value_name = "CODE", requires = "etcd", conflicts_with = "dev")]
+    /// Ignored (with a note) once the data dir has joined. Prefer
+    /// MIREN_JOIN_CODE (from a 0600 file) to the flag: a command line is
+    /// readable by every user of the machine.
+    #[arg(
+        long,
+        value_name = "CODE",
+        env = "MIREN_JOIN_CODE",
+        hide_env_values = true,
+        requires = "etcd",
+        conflicts_with = "dev"
+    )]
     join: Option<String>,
 }
 

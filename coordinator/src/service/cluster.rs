@@ -211,18 +211,20 @@ impl cluster::Server for ClusterService {
         }
         let req = params.get()?.get_request()?;
         let labels = read_labels(req.get_labels()?)?;
-        let token_id = req.get_token_id()?.to_str()?;
-        let joined = self.state.registry.join(
-            &self.state.cluster.ca,
-            token_id,
-            req.get_secret()?,
-            req.get_csr_der()?,
-            req.get_name()?.to_str()?,
-            labels,
-            now_unix(),
-        );
+        let token_id = req.get_token_id()?.to_str()?.to_string();
+        let (secret, csr) = (req.get_secret()?.to_vec(), req.get_csr_der()?.to_vec());
+        let name = req.get_name()?.to_str()?.to_string();
+        // Off this RPC worker: an anonymous join waiting on an unreachable
+        // store must not stall the worker's other sessions.
+        let (state, id) = (self.state.clone(), token_id.clone());
+        let joined = crate::blocking::off_thread(move || {
+            let ca = &state.cluster.ca;
+            (state.registry).join(ca, &id, &secret, &csr, &name, labels, now_unix())
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
         let (record, cert_pem) = (self.state.observe)
-            .join(token_id, remote, joined)
+            .join(&token_id, remote, joined)
             .map_err(registry_err)?;
         tracing::info!(runner = %record.id, name = %record.name, %remote, "runner joined");
         let mut r = results.get().init_result();
@@ -250,17 +252,29 @@ impl cluster::Server for ClusterService {
             return Err(failed(CodeError::NotShared.to_string()));
         };
         let p = params.get()?;
-        let code_id = p.get_code_id()?.to_str()?;
-        let redeemed =
-            coordinator_codes::redeem(&*self.state.store, code_id, p.get_secret()?, now_unix());
+        let code_id = p.get_code_id()?.to_str()?.to_string();
+        let secret = p.get_secret()?.to_vec();
+        // Off this RPC worker, like a runner's join.
+        let (store, id) = (self.state.store.clone(), code_id.clone());
+        let redeemed = crate::blocking::off_thread(move || {
+            coordinator_codes::redeem(&*store, &id, &secret, now_unix())
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
         self.state
             .observe
-            .coordinator_join(code_id, remote, &redeemed);
+            .coordinator_join(&code_id, remote, &redeemed);
+        // The id is an anonymous peer's text: logged only once well formed.
+        let shown = if identity::join_token::valid_id(&code_id) {
+            code_id.as_str()
+        } else {
+            "(malformed)"
+        };
         if let Err(e) = redeemed {
-            tracing::info!(%remote, code = %code_id, "coordinator join refused: {e}");
+            tracing::info!(%remote, code = %shown, "coordinator join refused: {e}");
             return Err(failed(e.to_string()));
         }
-        tracing::info!(%remote, code = %code_id, "coordinator joined: the cluster key was handed over");
+        tracing::info!(%remote, code = %shown, "coordinator joined: the cluster key was handed over");
         let mut r = results.get();
         r.set_cluster_key(shared.key().bytes());
         r.set_cluster_id(&self.state.cluster.meta.id);

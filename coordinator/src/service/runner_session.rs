@@ -173,9 +173,22 @@ impl runner_session::Server for RunnerSessionService {
                 self.state.apps.waker().notify_one();
                 Ok(())
             }
-            _ => (self.state.apps)
-                .report(&self.id, self.session, id, report, now)
-                .map_err(app_err),
+            // Off this thread: a store that cannot answer holds this call
+            // for its bound, never the RPC worker's other sessions.
+            _ => {
+                let (state, runner, session, id) = (
+                    self.state.clone(),
+                    self.id.clone(),
+                    self.session,
+                    id.to_string(),
+                );
+                crate::blocking::off_thread(move || {
+                    (state.apps).report(&runner, session, &id, report, now)
+                })
+                .await
+                .map_err(|e| capnp::Error::failed(e.to_string()))?
+                .map_err(app_err)
+            }
         }
     }
 
