@@ -2,11 +2,14 @@
 //! once, or an attacker replays on one what another consumed or ended:
 //!
 //! - **used login states** (`routeoidc-state/<sha256(state)>`): a callback
-//!   consumes its `state` with a create-only transaction, so a callback used
-//!   on one coordinator is refused on every other. Only states that came in
-//!   a login cookie sealed by the cluster are written (an anonymous peer
-//!   cannot fill the store), and each lives on a lease that ends after the
-//!   login window ([`StateLease`]).
+//!   reads its `state` here before asking the provider (refused if used)
+//!   and consumes it with a create-only transaction only once the provider
+//!   exchanged the code and the ID token and nonce checked out, so a
+//!   callback used on one coordinator is refused on every other. Anyone can
+//!   get a sealed login cookie and its `state` from the gate, so only a
+//!   login the provider completed writes here: an anonymous peer cannot
+//!   fill the store. Each state lives on a lease that ends after the login
+//!   window ([`StateLease`]).
 //! - **ended sessions** (`routeoidc-ended/<session id>`): a logout is
 //!   written on a lease that ends when the session would have anyway, and
 //!   every coordinator follows the prefix by a watch ([`EndedSessions`],
@@ -86,8 +89,16 @@ fn state_key(state: &str) -> String {
     )
 }
 
+/// Whether `state` was consumed already (by a callback on any
+/// coordinator). A read only: a callback asks this before the provider, and
+/// writes ([`consume_state`]) only after the provider completed the login.
+pub fn state_used(store: &dyn Store, state: &str) -> Result<bool, StoreError> {
+    Ok(store.get_kv(&state_key(state))?.is_some())
+}
+
 /// Consumes `state` (of a login valid until `exp`) in the store: applied
-/// once, on any coordinator.
+/// once, on any coordinator. Called only for a login the provider
+/// completed, so each write costs a real login.
 pub fn consume_state(
     store: &dyn Store,
     lease: &StateLease,
@@ -155,16 +166,19 @@ impl EndedSessions {
             .insert(sid.to_string(), until);
         let ttl = Duration::from_secs((until - now).max(1) as u64);
         let lease = store.grant_lease(ttl)?;
-        store
-            .commit(Txn {
-                conditions: vec![],
-                ops: vec![Op::PutLeased(
-                    format!("{ENDED_PREFIX}{sid}"),
-                    until.to_string().into_bytes(),
-                    lease,
-                )],
-            })
-            .map(|_| ())
+        let written = store.commit(Txn {
+            conditions: vec![],
+            ops: vec![Op::PutLeased(
+                format!("{ENDED_PREFIX}{sid}"),
+                until.to_string().into_bytes(),
+                lease,
+            )],
+        });
+        if written.is_err() {
+            // Nothing is on the lease: do not leave it to run out.
+            revoke_unused(store, lease);
+        }
+        written.map(|_| ())
     }
 }
 
@@ -307,15 +321,24 @@ pub(super) fn write_refresh(
     let mut lease = read.lease;
     let mut retried = false;
     loop {
-        let id = match lease {
-            Some(id) => id,
-            None => store.grant_lease(Duration::from_secs((ends_at - now).max(1) as u64))?,
+        // A lease granted here (none on the record, or its lease ran out)
+        // is revoked again when the record is not written on it.
+        let (id, granted) = match lease {
+            Some(id) => (id, false),
+            None => (
+                store.grant_lease(Duration::from_secs((ends_at - now).max(1) as u64))?,
+                true,
+            ),
         };
         let txn = Txn {
             conditions: vec![Condition::ModRevision(name.clone(), read.revision)],
             ops: vec![Op::PutLeased(name.clone(), sealed.clone().into_bytes(), id)],
         };
-        match store.txn(txn) {
+        let written = store.txn(txn);
+        if granted && !matches!(&written, Ok(c) if c.outcome == Outcome::Applied) {
+            revoke_unused(store, id);
+        }
+        match written {
             Ok(c) if c.outcome == Outcome::Applied => return Ok(Some((c.revision, id))),
             Ok(_) => return Ok(None),
             // The record's lease ran out under us: a new one.
@@ -325,6 +348,14 @@ pub(super) fn write_refresh(
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Revokes `lease`, granted for a write that did not happen. When even
+/// that fails, the lease runs out by itself (nothing is on it).
+fn revoke_unused(store: &dyn Store, lease: LeaseId) {
+    if let Err(e) = store.revoke_lease(lease) {
+        tracing::warn!("route OIDC: revoking an unused lease (it runs out by itself): {e}");
     }
 }
 
