@@ -371,6 +371,127 @@ mod tests {
         (dir, s)
     }
 
+    /// A store that remembers the leases it granted and can be told to
+    /// fail every transaction (etcd lost in the middle of a write).
+    struct Leases {
+        inner: RedbStore,
+        granted: Mutex<Vec<LeaseId>>,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl Leases {
+        fn new(inner: RedbStore) -> Leases {
+            Leases {
+                inner,
+                granted: Mutex::new(Vec::new()),
+                failing: Default::default(),
+            }
+        }
+
+        /// The granted leases that are still alive.
+        fn alive(&self) -> Vec<LeaseId> {
+            let granted = self.granted.lock().unwrap().clone();
+            granted
+                .into_iter()
+                .filter(|id| self.inner.keep_alive(*id).is_ok())
+                .collect()
+        }
+    }
+
+    impl Store for Leases {
+        fn get_kv(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.get_kv(key)
+        }
+        fn range(
+            &self,
+            prefix: &str,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<crate::store::RangePage, StoreError> {
+            self.inner.range(prefix, after, limit)
+        }
+        fn txn(&self, txn: Txn) -> Result<crate::store::Committed, StoreError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Backend(redb::Error::Corrupted(
+                    "disk gone".into(),
+                )));
+            }
+            self.inner.txn(txn)
+        }
+        fn revision(&self) -> Result<Revision, StoreError> {
+            self.inner.revision()
+        }
+        fn watch(
+            &self,
+            prefix: &str,
+            from: Revision,
+        ) -> Result<crate::store::WatchStream, StoreError> {
+            self.inner.watch(prefix, from)
+        }
+        fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+            let id = self.inner.grant_lease(ttl)?;
+            self.granted.lock().unwrap().push(id);
+            Ok(id)
+        }
+        fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease)
+        }
+        fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke_lease(lease)
+        }
+    }
+
+    #[test]
+    fn a_lease_granted_for_a_write_that_did_not_happen_is_revoked() {
+        let (d, s) = store();
+        let s = Leases::new(s);
+        let key = CookieKey::load_or_create(&d.path().join("k")).unwrap();
+        let now = 1_700_000_000;
+        let record = RefreshRecord {
+            refreshing_until: Some(now + 30),
+            ..Default::default()
+        };
+        // Two coordinators read the same (absent) record; the second's
+        // compare-and-set loses, and the lease it was granted goes.
+        let first = read_refresh(&s, &key, "sid").unwrap();
+        let (_, won) = write_refresh(&s, &key, "sid", &first, &record, now + 100, now)
+            .unwrap()
+            .expect("the first claim wins");
+        assert_eq!(
+            write_refresh(&s, &key, "sid", &first, &record, now + 100, now).unwrap(),
+            None
+        );
+        assert_eq!(s.granted.lock().unwrap().len(), 2);
+        assert_eq!(s.alive(), vec![won], "the losing write's lease is revoked");
+
+        // A logout whose commit fails leaves no lease either (and is still
+        // refused here, from memory).
+        let ended = EndedSessions::default();
+        s.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(ended.end(&s, "sid-2", now + 60, now).is_err());
+        assert!(ended.contains("sid-2", now));
+        assert_eq!(s.granted.lock().unwrap().len(), 3);
+        assert_eq!(s.alive(), vec![won], "the failed logout's lease is revoked");
+    }
+
+    #[test]
+    fn a_state_is_read_without_a_write_and_consumed_once_through_any_coordinator() {
+        let (_d, s) = store();
+        let before = s.revision().unwrap();
+        assert!(!state_used(&s, "st-1").unwrap());
+        assert_eq!(s.revision().unwrap(), before, "a read writes nothing");
+        consume_state(
+            &s,
+            &StateLease::default(),
+            "st-1",
+            1_700_000_600,
+            1_700_000_000,
+        )
+        .unwrap();
+        assert!(state_used(&s, "st-1").unwrap());
+        assert!(!state_used(&s, "st-2").unwrap());
+    }
+
     #[test]
     fn a_state_is_consumed_once_through_any_coordinator_sharing_the_store() {
         let (_d, s) = store();
