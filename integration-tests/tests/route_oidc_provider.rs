@@ -931,6 +931,57 @@ fn two_coordinators_on_one_etcd_share_sessions_states_refreshes_and_logouts() {
         "B never protected the route"
     );
 
+    // A callback with what anyone gets from the gate (a sealed login
+    // cookie and its state) but a code the provider refuses writes nothing
+    // to etcd: a state is consumed in the store only for a login the
+    // provider completed.
+    let stored_states = || {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &etcd.endpoint(0)])
+            .args(["get", "--prefix", "--keys-only", "/miren/routeoidc-state/"])
+            .output()
+            .expect("etcdctl (Debian package etcd-client)");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    let start = raw_b
+        .get(format!("{app_b}/headers"))
+        .header(ACCEPT, "text/html")
+        .send()
+        .unwrap();
+    assert_eq!(start.status(), 302);
+    let to_provider = Url::parse(start.headers()[LOCATION].to_str().unwrap()).unwrap();
+    let junk_state = to_provider
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("state");
+    let junk_login_cookie = start
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with(&format!("miren_oidc_login_{}=", &junk_state[..12])))
+        .map(|c| c.split(';').next().unwrap().to_string())
+        .expect("login cookie");
+    let mut junk_callback = Url::parse(&format!("{app_b}{CALLBACK}")).unwrap();
+    junk_callback
+        .query_pairs_mut()
+        .append_pair("code", "junk")
+        .append_pair("state", &junk_state);
+    let r = raw_b
+        .get(junk_callback)
+        .header(COOKIE, &junk_login_cookie)
+        .send()
+        .unwrap();
+    let (status, body) = (r.status().as_u16(), r.text().unwrap());
+    assert_eq!(status, 502, "the provider refuses the code: {body}");
+    assert_eq!(stored_states(), 0, "a refused login wrote a used state");
+
     // A login through A.
     let mut browser = Browser::new(&tls.ca, None, &[("sso.test", a_addr)]);
     let page = browser.get(&format!("{app_a}/headers"), &[]);
@@ -950,6 +1001,7 @@ fn two_coordinators_on_one_etcd_share_sessions_states_refreshes_and_logouts() {
     assert_eq!(page.status, 200, "{}", page.body);
     let session = browser.cookie(&app_a, "miren_oidc_session").unwrap();
     let cookie = format!("miren_oidc_session={session}");
+    assert_eq!(stored_states(), 1, "the completed login consumed its state");
 
     // The session cookie works on B: B's gate lets the request through to
     // the app, with the session's claims.

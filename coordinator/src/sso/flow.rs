@@ -564,19 +564,18 @@ impl Sso {
                 }
             }
         }
-        // The store decides for every coordinator: only a state that came
-        // in our sealed login cookie gets this far, so an anonymous peer
-        // cannot fill it.
+        // A state consumed through another coordinator is refused before
+        // the provider is asked. Only a read: anyone can get a sealed login
+        // cookie and its state from the gate, so the store is written (the
+        // state consumed) only once the provider completed the login.
         let store = &*self.store;
-        match crate::blocking::wait_here(|| {
-            shared::consume_state(store, &self.state_lease, &login.state, login.exp, now)
-        }) {
-            Ok(()) => {}
-            Err(ConsumeError::AlreadyUsed) => return refuse(400, "login state already used"),
-            Err(ConsumeError::Store(e)) => {
+        match crate::blocking::wait_here(|| shared::state_used(store, &login.state)) {
+            Ok(false) => {}
+            Ok(true) => return refuse(400, "login state already used"),
+            Err(e) => {
                 return refuse(
                     503,
-                    &format!("the login could not be recorded ({e}); open the page again"),
+                    &format!("the login could not be checked ({e}); open the page again"),
                 )
             }
         }
@@ -624,6 +623,21 @@ impl Sso {
             Ok(c) => c,
             Err(answer) => return answer,
         };
+        // The store decides for every coordinator: of two callbacks with
+        // this state (through any coordinators) that both got this far, the
+        // one whose create-only write lands gets the session.
+        match crate::blocking::wait_here(|| {
+            shared::consume_state(store, &self.state_lease, &login.state, login.exp, now)
+        }) {
+            Ok(()) => {}
+            Err(ConsumeError::AlreadyUsed) => return refuse(400, "login state already used"),
+            Err(ConsumeError::Store(e)) => {
+                return refuse(
+                    503,
+                    &format!("the login could not be recorded ({e}); open the page again"),
+                )
+            }
+        }
         (self.observe).route_oidc_login(scope.host, &provider.name, &verified.subject);
         redirect(
             &login.ret,

@@ -51,7 +51,11 @@ pub struct Sso {
     key: cookie::CookieKey,
     store: Arc<dyn Store>,
     /// States this coordinator accepted: a bound on logins in progress
-    /// and a fast refusal of a replay here; the store decides for all.
+    /// and a fast refusal of a replay here. A state is taken here before
+    /// the provider is asked, so at most one callback per state and
+    /// coordinator reaches the provider; one whose exchange failed is
+    /// refused again here only (the store records only completed logins,
+    /// and decides for all).
     used_states: Mutex<UsedStates>,
     /// The lease used states are written on.
     state_lease: shared::StateLease,

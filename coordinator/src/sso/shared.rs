@@ -2,11 +2,14 @@
 //! once, or an attacker replays on one what another consumed or ended:
 //!
 //! - **used login states** (`routeoidc-state/<sha256(state)>`): a callback
-//!   consumes its `state` with a create-only transaction, so a callback used
-//!   on one coordinator is refused on every other. Only states that came in
-//!   a login cookie sealed by the cluster are written (an anonymous peer
-//!   cannot fill the store), and each lives on a lease that ends after the
-//!   login window ([`StateLease`]).
+//!   reads its `state` here before asking the provider (refused if used)
+//!   and consumes it with a create-only transaction only once the provider
+//!   exchanged the code and the ID token and nonce checked out, so a
+//!   callback used on one coordinator is refused on every other. Anyone can
+//!   get a sealed login cookie and its `state` from the gate, so only a
+//!   login the provider completed writes here: an anonymous peer cannot
+//!   fill the store. Each state lives on a lease that ends after the login
+//!   window ([`StateLease`]).
 //! - **ended sessions** (`routeoidc-ended/<session id>`): a logout is
 //!   written on a lease that ends when the session would have anyway, and
 //!   every coordinator follows the prefix by a watch ([`EndedSessions`],
@@ -86,8 +89,16 @@ fn state_key(state: &str) -> String {
     )
 }
 
+/// Whether `state` was consumed already (by a callback on any
+/// coordinator). A read only: a callback asks this before the provider, and
+/// writes ([`consume_state`]) only after the provider completed the login.
+pub fn state_used(store: &dyn Store, state: &str) -> Result<bool, StoreError> {
+    Ok(store.get_kv(&state_key(state))?.is_some())
+}
+
 /// Consumes `state` (of a login valid until `exp`) in the store: applied
-/// once, on any coordinator.
+/// once, on any coordinator. Called only for a login the provider
+/// completed, so each write costs a real login.
 pub fn consume_state(
     store: &dyn Store,
     lease: &StateLease,
@@ -155,16 +166,19 @@ impl EndedSessions {
             .insert(sid.to_string(), until);
         let ttl = Duration::from_secs((until - now).max(1) as u64);
         let lease = store.grant_lease(ttl)?;
-        store
-            .commit(Txn {
-                conditions: vec![],
-                ops: vec![Op::PutLeased(
-                    format!("{ENDED_PREFIX}{sid}"),
-                    until.to_string().into_bytes(),
-                    lease,
-                )],
-            })
-            .map(|_| ())
+        let written = store.commit(Txn {
+            conditions: vec![],
+            ops: vec![Op::PutLeased(
+                format!("{ENDED_PREFIX}{sid}"),
+                until.to_string().into_bytes(),
+                lease,
+            )],
+        });
+        if written.is_err() {
+            // Nothing is on the lease: do not leave it to run out.
+            revoke_unused(store, lease);
+        }
+        written.map(|_| ())
     }
 }
 
@@ -307,15 +321,24 @@ pub(super) fn write_refresh(
     let mut lease = read.lease;
     let mut retried = false;
     loop {
-        let id = match lease {
-            Some(id) => id,
-            None => store.grant_lease(Duration::from_secs((ends_at - now).max(1) as u64))?,
+        // A lease granted here (none on the record, or its lease ran out)
+        // is revoked again when the record is not written on it.
+        let (id, granted) = match lease {
+            Some(id) => (id, false),
+            None => (
+                store.grant_lease(Duration::from_secs((ends_at - now).max(1) as u64))?,
+                true,
+            ),
         };
         let txn = Txn {
             conditions: vec![Condition::ModRevision(name.clone(), read.revision)],
             ops: vec![Op::PutLeased(name.clone(), sealed.clone().into_bytes(), id)],
         };
-        match store.txn(txn) {
+        let written = store.txn(txn);
+        if granted && !matches!(&written, Ok(c) if c.outcome == Outcome::Applied) {
+            revoke_unused(store, id);
+        }
+        match written {
             Ok(c) if c.outcome == Outcome::Applied => return Ok(Some((c.revision, id))),
             Ok(_) => return Ok(None),
             // The record's lease ran out under us: a new one.
@@ -325,6 +348,14 @@ pub(super) fn write_refresh(
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Revokes `lease`, granted for a write that did not happen. When even
+/// that fails, the lease runs out by itself (nothing is on it).
+fn revoke_unused(store: &dyn Store, lease: LeaseId) {
+    if let Err(e) = store.revoke_lease(lease) {
+        tracing::warn!("route OIDC: revoking an unused lease (it runs out by itself): {e}");
     }
 }
 
@@ -338,6 +369,127 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
         (dir, s)
+    }
+
+    /// A store that remembers the leases it granted and can be told to
+    /// fail every transaction (etcd lost in the middle of a write).
+    struct Leases {
+        inner: RedbStore,
+        granted: Mutex<Vec<LeaseId>>,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl Leases {
+        fn new(inner: RedbStore) -> Leases {
+            Leases {
+                inner,
+                granted: Mutex::new(Vec::new()),
+                failing: Default::default(),
+            }
+        }
+
+        /// The granted leases that are still alive.
+        fn alive(&self) -> Vec<LeaseId> {
+            let granted = self.granted.lock().unwrap().clone();
+            granted
+                .into_iter()
+                .filter(|id| self.inner.keep_alive(*id).is_ok())
+                .collect()
+        }
+    }
+
+    impl Store for Leases {
+        fn get_kv(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.get_kv(key)
+        }
+        fn range(
+            &self,
+            prefix: &str,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<crate::store::RangePage, StoreError> {
+            self.inner.range(prefix, after, limit)
+        }
+        fn txn(&self, txn: Txn) -> Result<crate::store::Committed, StoreError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Backend(redb::Error::Corrupted(
+                    "disk gone".into(),
+                )));
+            }
+            self.inner.txn(txn)
+        }
+        fn revision(&self) -> Result<Revision, StoreError> {
+            self.inner.revision()
+        }
+        fn watch(
+            &self,
+            prefix: &str,
+            from: Revision,
+        ) -> Result<crate::store::WatchStream, StoreError> {
+            self.inner.watch(prefix, from)
+        }
+        fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+            let id = self.inner.grant_lease(ttl)?;
+            self.granted.lock().unwrap().push(id);
+            Ok(id)
+        }
+        fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease)
+        }
+        fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke_lease(lease)
+        }
+    }
+
+    #[test]
+    fn a_lease_granted_for_a_write_that_did_not_happen_is_revoked() {
+        let (d, s) = store();
+        let s = Leases::new(s);
+        let key = CookieKey::load_or_create(&d.path().join("k")).unwrap();
+        let now = 1_700_000_000;
+        let record = RefreshRecord {
+            refreshing_until: Some(now + 30),
+            ..Default::default()
+        };
+        // Two coordinators read the same (absent) record; the second's
+        // compare-and-set loses, and the lease it was granted goes.
+        let first = read_refresh(&s, &key, "sid").unwrap();
+        let (_, won) = write_refresh(&s, &key, "sid", &first, &record, now + 100, now)
+            .unwrap()
+            .expect("the first claim wins");
+        assert_eq!(
+            write_refresh(&s, &key, "sid", &first, &record, now + 100, now).unwrap(),
+            None
+        );
+        assert_eq!(s.granted.lock().unwrap().len(), 2);
+        assert_eq!(s.alive(), vec![won], "the losing write's lease is revoked");
+
+        // A logout whose commit fails leaves no lease either (and is still
+        // refused here, from memory).
+        let ended = EndedSessions::default();
+        s.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(ended.end(&s, "sid-2", now + 60, now).is_err());
+        assert!(ended.contains("sid-2", now));
+        assert_eq!(s.granted.lock().unwrap().len(), 3);
+        assert_eq!(s.alive(), vec![won], "the failed logout's lease is revoked");
+    }
+
+    #[test]
+    fn a_state_is_read_without_a_write_and_consumed_once_through_any_coordinator() {
+        let (_d, s) = store();
+        let before = s.revision().unwrap();
+        assert!(!state_used(&s, "st-1").unwrap());
+        assert_eq!(s.revision().unwrap(), before, "a read writes nothing");
+        consume_state(
+            &s,
+            &StateLease::default(),
+            "st-1",
+            1_700_000_600,
+            1_700_000_000,
+        )
+        .unwrap();
+        assert!(state_used(&s, "st-1").unwrap());
+        assert!(!state_used(&s, "st-2").unwrap());
     }
 
     #[test]
