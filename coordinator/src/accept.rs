@@ -364,7 +364,9 @@ pub async fn accept_loop<S, F>(
                 let tls = tls.clone();
                 let serve = serve.clone();
                 let stopping = tasks.clone();
-                tasks.spawn(what, async move {
+                // On the runtime this loop runs on (the ingress's is the
+                // network thread).
+                let serving = tasks.track(what, async move {
                     let conn: Box<dyn Connection> = match tls {
                         None => Box::new(io),
                         Some(acceptor) => {
@@ -394,6 +396,7 @@ pub async fn accept_loop<S, F>(
                         }
                     }
                 });
+                tokio::spawn(serving);
             }
         }
     }

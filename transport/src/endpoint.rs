@@ -250,7 +250,39 @@ pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, L
     Ok(cfg)
 }
 
-/// Binds a QUIC listener with the given rustls server configuration.
+/// A quinn runtime that runs the endpoint's driver and every connection's
+/// driver on the tokio runtime of its handle, whichever runtime starts
+/// them, with the UDP socket and the timers on that runtime's reactor and
+/// clock. The coordinator gives its network thread here, so that QUIC and
+/// what it carries for the ingress stay on one thread.
+#[derive(Debug)]
+pub struct DriversOn(pub tokio::runtime::Handle);
+
+impl quinn::Runtime for DriversOn {
+    fn new_timer(&self, at: std::time::Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        let _on = self.0.enter();
+        Box::pin(tokio::time::sleep_until(at.into()))
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _on = self.0.enter();
+        quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        quinn::Runtime::now(&quinn::TokioRuntime)
+    }
+}
+
+/// Binds a QUIC listener with the given rustls server configuration, its
+/// drivers running on `drivers` ([`DriversOn`]).
 ///
 /// `reset_secret` keys the stateless resets the endpoint sends for packets
 /// of connections it does not know. Kept across restarts (the coordinator
@@ -261,6 +293,7 @@ pub fn server_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
     reset_secret: &[u8; 32],
+    drivers: tokio::runtime::Handle,
 ) -> Result<quinn::Endpoint, ListenError> {
     let cfg = server_config(tls)?;
     let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, reset_secret);
@@ -292,7 +325,7 @@ pub fn server_endpoint(
         endpoint_cfg,
         Some(cfg),
         socket,
-        Arc::new(quinn::TokioRuntime),
+        Arc::new(DriversOn(drivers)),
     )
     .map_err(bind)
 }
