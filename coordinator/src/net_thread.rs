@@ -95,9 +95,9 @@ mod tests {
         drop(net);
         // The runtime is gone: a task spawned now never runs.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let _ = handle.spawn(async move {
+        drop(handle.spawn(async move {
             let _ = tx.send(());
-        });
+        }));
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     }
 }

@@ -465,3 +465,70 @@ async fn dial_one(
         Ok(Ok(conn)) => Ok((endpoint, conn)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, ClusterCa};
+
+    fn tls(ca: &ClusterCa) -> rustls::ServerConfig {
+        let leaf = ca.issue_server(&["127.0.0.1".into()]).expect("leaf");
+        crate::tls::server_config(
+            ca.cert_der(),
+            vec![
+                pki::cert_der_from_pem(&leaf.cert_pem).expect("cert"),
+                ca.cert_der().clone(),
+            ],
+            pki::key_der_from_pem(&leaf.key_pem).expect("key"),
+            &[crate::ALPN],
+        )
+        .expect("tls")
+    }
+
+    #[test]
+    fn the_drivers_run_on_the_given_runtime_not_the_one_that_bound() {
+        let generated = ClusterCa::generate("t").expect("CA");
+        let ca = ClusterCa::load(&generated.cert_pem, &generated.key_pem).expect("load");
+        let drivers = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // Bound from a runtime that is gone right after: with its drivers
+        // there, the endpoint would answer nothing.
+        let endpoint = {
+            let binder = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _in = binder.enter();
+            server_endpoint(
+                "127.0.0.1:0".parse().expect("addr"),
+                tls(&ca),
+                &[1; 32],
+                drivers.handle().clone(),
+            )
+            .expect("bind")
+        };
+        let port = endpoint.local_addr().expect("addr").port();
+        drivers.spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                if let Ok(conn) = incoming.await {
+                    conn.closed().await;
+                }
+            }
+        });
+        let addr = ClusterAddress {
+            host: "127.0.0.1".into(),
+            port,
+            fingerprint: Some(ca.fingerprint()),
+            alternates: Vec::new(),
+        };
+        let client = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dialed = client.block_on(dial(&addr, None));
+        assert!(dialed.is_ok(), "{:?}", dialed.err());
+    }
+}
