@@ -341,6 +341,19 @@ pub struct AuditLog {
     tx: Option<SyncSender<Pending>>,
     dir: Option<PathBuf>,
     counters: AuditCounters,
+    /// The writer thread, joined when the trail is dropped so that the
+    /// lines of a batch it is still gathering reach the file.
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // Without a sender the writer writes what it holds and ends.
+        self.tx = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
@@ -620,13 +633,14 @@ impl AuditLog {
             written: counters.written.clone(),
             dropped: counters.dropped.clone(),
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("miren-audit".into())
             .spawn(move || writer.run(rx))?;
         Ok(AuditLog {
             tx: Some(tx),
             dir: Some(dir.to_path_buf()),
             counters,
+            writer: Some(writer),
         })
     }
 
@@ -637,6 +651,7 @@ impl AuditLog {
             tx: None,
             dir: None,
             counters: AuditCounters::default(),
+            writer: None,
         }
     }
 
@@ -1006,6 +1021,35 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn every_recorded_line_is_in_the_file_once_the_trail_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let counters = AuditCounters::default();
+        let log = AuditLog::open(dir.path(), counters.clone()).unwrap();
+        for i in 0..50 {
+            log.record(
+                Actor::Coordinator,
+                Event::KeyActivated {
+                    kid: format!("kid-{i}").as_str().into(),
+                },
+                Outcome::Ok,
+            );
+        }
+        // No waiting: dropping the trail waits for the batch in hand.
+        drop(log);
+        let page = read(
+            dir.path(),
+            &Query {
+                limit: 1000,
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(page.lines.len(), 50);
+        assert!(page.lines[49].contains("kid-49"));
+        assert_eq!((counters.written.get(), counters.dropped.get()), (50, 0));
     }
 
     #[test]
