@@ -26,6 +26,11 @@
 //! runner, counted per runner and per app ([`crate::runner_streams`]), so
 //! an app whose requests are held gets 503 without taking its runner's
 //! other apps along.
+//!
+//! The listeners, their connections and the connections to sandboxes run
+//! on the network thread with the QUIC drivers ([`crate::net_thread`]), so
+//! a request crosses no thread; route OIDC's gate, which reads the store,
+//! runs on the multi-threaded runtime ([`Ingress::gate_runtime`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
