@@ -359,6 +359,11 @@ pub async fn accept_loop<S, F>(
                         continue;
                     }
                 };
+                // A response written in several parts (a streamed body)
+                // goes out part by part, not held for the client's ACK.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(%remote, "{what}: TCP_NODELAY not set: {e}");
+                }
                 let activity = Arc::new(Activity::new());
                 let io = Tracked { tcp, activity: activity.clone(), _slot: slot };
                 let tls = tls.clone();
