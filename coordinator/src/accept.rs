@@ -359,12 +359,19 @@ pub async fn accept_loop<S, F>(
                         continue;
                     }
                 };
+                // A response written in several parts (a streamed body)
+                // goes out part by part, not held for the client's ACK.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(%remote, "{what}: TCP_NODELAY not set: {e}");
+                }
                 let activity = Arc::new(Activity::new());
                 let io = Tracked { tcp, activity: activity.clone(), _slot: slot };
                 let tls = tls.clone();
                 let serve = serve.clone();
                 let stopping = tasks.clone();
-                tasks.spawn(what, async move {
+                // On the runtime this loop runs on (the ingress's is the
+                // network thread).
+                let serving = tasks.track(what, async move {
                     let conn: Box<dyn Connection> = match tls {
                         None => Box::new(io),
                         Some(acceptor) => {
@@ -394,6 +401,7 @@ pub async fn accept_loop<S, F>(
                         }
                     }
                 });
+                tokio::spawn(serving);
             }
         }
     }

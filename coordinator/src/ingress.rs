@@ -26,6 +26,11 @@
 //! runner, counted per runner and per app ([`crate::runner_streams`]), so
 //! an app whose requests are held gets 503 without taking its runner's
 //! other apps along.
+//!
+//! The listeners, their connections and the connections to sandboxes run
+//! on the network thread with the QUIC drivers ([`crate::net_thread`]), so
+//! a request crosses no thread; route OIDC's gate, which reads the store,
+//! runs on the multi-threaded runtime ([`Ingress::gate_runtime`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -77,6 +82,10 @@ pub struct Ingress {
     /// Ingress connections and upgraded tunnels are among these, closed
     /// when the coordinator shuts down.
     pub tasks: Tasks,
+    /// Where route OIDC's gate runs: it reads and writes the store, which
+    /// may wait on etcd, and the ingress's own thread also drives every
+    /// QUIC connection ([`crate::net_thread`]), so nothing may block there.
+    pub gate_runtime: tokio::runtime::Handle,
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
@@ -257,9 +266,28 @@ async fn proxy(
     let mut response_headers = Vec::new();
     match (&route.oidc, labs) {
         (Some(oidc), true) => {
-            match single_sign_on(&state, oidc, &host, &host_header, secure, &mut req).await {
-                Ok(headers) => response_headers = headers,
-                Err(resp) => return Ok(resp),
+            let gate = {
+                let (state, oidc) = (state.clone(), oidc.clone());
+                let (host, host_header) = (host.clone(), host_header.clone());
+                state.gate_runtime.clone().spawn(async move {
+                    let gated =
+                        single_sign_on(&state, &oidc, &host, &host_header, secure, &mut req).await;
+                    (req, gated)
+                })
+            };
+            match gate.await {
+                Ok((back, Ok(headers))) => {
+                    req = back;
+                    response_headers = headers;
+                }
+                Ok((_, Err(resp))) => return Ok(resp),
+                Err(e) => {
+                    tracing::error!(host, "route OIDC gate task failed: {e}");
+                    return Ok(text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the sign-in check failed; try again",
+                    ));
+                }
             }
         }
         // Fail closed: without the labs flag the gate does not run, and the
@@ -359,7 +387,8 @@ async fn proxy(
                 Some(client_upgrade) if switching => {
                     let upstream_io = hyper::upgrade::on(&mut resp);
                     let stopping = state.tasks.clone();
-                    state.tasks.spawn("ingress tunnel", async move {
+                    // On this thread, with the runner connection's driver.
+                    let tunnel = state.tasks.track("ingress tunnel", async move {
                         let tunnel = async {
                             if let (Ok(client), Ok(server)) =
                                 (client_upgrade.await, upstream_io.await)
@@ -377,6 +406,7 @@ async fn proxy(
                         // The stream counts until the tunnel is closed.
                         drop(upstream);
                     });
+                    tokio::spawn(tunnel);
                     return Ok(with_cookies(resp.map(|b| b.boxed())));
                 }
                 // Switched without being asked to: that connection is
@@ -470,12 +500,13 @@ async fn open_upstream(
         .await
         .map_err(|_| OpenError::Failed)?;
     let stopping = state.tasks.clone();
-    state.tasks.spawn("ingress stream", async move {
+    // On this thread, with the runner connection's driver.
+    tokio::spawn(state.tasks.track("ingress stream", async move {
         tokio::select! {
             _ = connection.with_upgrades() => {}
             _ = stopping.stopping() => {}
         }
-    });
+    }));
     Ok(Upstream {
         sender,
         runner_conn: conn.stable_id(),
@@ -648,13 +679,21 @@ async fn single_sign_on(
 
 /// Serves the ingress on `listener` until the coordinator shuts down: over
 /// TLS with `tls` (HTTP/1.1 only, so upgrades pass through), else plain
-/// HTTP.
+/// HTTP. Its connections run on the runtime this runs on (the network
+/// thread, [`crate::net_thread`]), the listener is registered there.
 pub async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     tls: Option<rustls::ServerConfig>,
     state: Arc<Ingress>,
     limits: IngressLimits,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("the ingress listener could not be registered: {e}");
+            return;
+        }
+    };
     let counter = Arc::new(AtomicUsize::new(0));
     let secure = tls.is_some();
     let acceptor = tls.map(|mut config| {
@@ -670,7 +709,7 @@ pub async fn serve(
     let tasks = state.tasks.clone();
     // Each listener sweeps the pool they share (a sweep is cheap).
     let sweeping = limits.upstreams.clone();
-    tasks.spawn("ingress pool sweep", {
+    tokio::spawn(tasks.track("ingress pool sweep", {
         let tasks = tasks.clone();
         async move {
             loop {
@@ -680,7 +719,7 @@ pub async fn serve(
                 }
             }
         }
-    });
+    }));
     let listener_limits = limits.listener;
     crate::accept::accept_loop(
         what,

@@ -35,6 +35,7 @@ pub mod leader;
 pub mod metered;
 pub mod metrics;
 pub mod minting;
+pub mod net_thread;
 pub mod oauth;
 pub mod observe;
 pub mod observed;

@@ -160,6 +160,8 @@ pub struct Coordinator {
     /// What readiness looks at.
     probes: Arc<crate::health::Probes>,
     endpoint: quinn::Endpoint,
+    /// Runs the endpoint's drivers and the ingress ([`crate::net_thread`]).
+    net: crate::net_thread::NetThread,
     address: ClusterAddress,
     admin: CertifiedPem,
     ca_pem: String,
@@ -255,6 +257,7 @@ fn bind_quic_and_https(
     https_listen: Option<SocketAddr>,
     tls: rustls::ServerConfig,
     reset_secret: [u8; 32],
+    drivers: &tokio::runtime::Handle,
 ) -> anyhow::Result<(quinn::Endpoint, tokio::net::TcpListener)> {
     let attempts = if listen.port() == 0 && https_listen.is_none() {
         16
@@ -263,7 +266,8 @@ fn bind_quic_and_https(
     };
     let mut last = None;
     for _ in 0..attempts {
-        let endpoint = transport::server_endpoint(listen, tls.clone(), &reset_secret)?;
+        let endpoint =
+            transport::server_endpoint(listen, tls.clone(), &reset_secret, drivers.clone())?;
         let quic_port = endpoint.local_addr()?.port();
         let https_addr = https_listen.unwrap_or_else(|| SocketAddr::new(listen.ip(), quic_port));
         match std::net::TcpListener::bind(https_addr) {
@@ -368,8 +372,15 @@ impl Coordinator {
             &material.dir.join(QUIC_RESET_KEY),
             "delete it (peers then notice a coordinator restart only at their idle timeout)",
         )?;
-        let (endpoint, https) =
-            bind_quic_and_https(opts.listen, opts.https_listen, tls, reset_secret)?;
+        // QUIC and the ingress run on the network thread.
+        let net = crate::net_thread::NetThread::start().context("starting the network thread")?;
+        let (endpoint, https) = bind_quic_and_https(
+            opts.listen,
+            opts.https_listen,
+            tls,
+            reset_secret,
+            net.handle(),
+        )?;
         let bound = endpoint.local_addr()?;
         let port = names[0].1.unwrap_or(bound.port());
         let address = ClusterAddress {
@@ -628,6 +639,7 @@ impl Coordinator {
             probes,
             ca_pem,
             endpoint,
+            net,
             address,
             admin: material.admin,
             rotation: opts.signing_key_rotation,
@@ -843,13 +855,18 @@ impl Coordinator {
             labs: state.labs.clone(),
             observe: state.observe.clone(),
             tasks: tasks.clone(),
+            gate_runtime: tokio::runtime::Handle::current(),
         });
+        // The ingress runs on the network thread, with the QUIC drivers of
+        // the runner connections it sends requests over.
         for (listener, tls) in ingresses {
             let Some(listener) = listener else { continue };
-            tasks.spawn(
-                "ingress listener",
-                crate::ingress::serve(listener, tls, ingress.clone(), ingress_limits.clone()),
-            );
+            let listener = listener.into_std()?;
+            let serving =
+                crate::ingress::serve(listener, tls, ingress.clone(), ingress_limits.clone());
+            self.net
+                .handle()
+                .spawn(tasks.track("ingress listener", serving));
         }
         state.observe.set_listening(true);
         loop {
@@ -1129,9 +1146,14 @@ mod tests {
 
     #[tokio::test]
     async fn https_shares_the_quic_port_by_default() {
-        let (endpoint, https) =
-            bind_quic_and_https("127.0.0.1:0".parse().unwrap(), None, tls(), [7; 32])
-                .expect("bind");
+        let (endpoint, https) = bind_quic_and_https(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            tls(),
+            [7; 32],
+            &tokio::runtime::Handle::current(),
+        )
+        .expect("bind");
         assert_eq!(
             endpoint.local_addr().unwrap().port(),
             https.local_addr().unwrap().port()
@@ -1143,9 +1165,15 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = taken.local_addr().unwrap().port();
         let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let e = bind_quic_and_https(listen, None, tls(), [7; 32])
-            .expect_err("TCP port taken")
-            .to_string();
+        let e = bind_quic_and_https(
+            listen,
+            None,
+            tls(),
+            [7; 32],
+            &tokio::runtime::Handle::current(),
+        )
+        .expect_err("TCP port taken")
+        .to_string();
         assert!(e.contains("--https-listen"), "{e}");
     }
 }

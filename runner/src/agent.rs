@@ -784,6 +784,9 @@ async fn accept_proxied(conn: quinn::Connection, supervisor: Rc<Supervisor>) {
             let mut stream = tokio::io::join(recv, send);
             match crate::sandbox::connect_service(&addr).await {
                 Ok(crate::sandbox::ServiceStream::Tcp(mut s)) => {
+                    // A request body written in parts reaches the app part
+                    // by part (no wait on its ACK); best effort.
+                    let _ = s.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut s).await;
                 }
                 Ok(crate::sandbox::ServiceStream::Unix(mut s)) => {

@@ -129,7 +129,12 @@ fn start_servers(tls: rustls::ServerConfig) -> anyhow::Result<Servers> {
             local.block_on(&rt, async move {
                 let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
                 let tcp = TcpListener::bind(loopback).await.context("binding TCP")?;
-                let quic = transport::server_endpoint(loopback, tls, &[1; 32])?;
+                let quic = transport::server_endpoint(
+                    loopback,
+                    tls,
+                    &[1; 32],
+                    tokio::runtime::Handle::current(),
+                )?;
                 ready_tx
                     .send((tcp.local_addr()?.port(), quic.local_addr()?.port()))
                     .map_err(|_| anyhow!("the bench went away"))?;

@@ -250,7 +250,39 @@ pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, L
     Ok(cfg)
 }
 
-/// Binds a QUIC listener with the given rustls server configuration.
+/// A quinn runtime that runs the endpoint's driver and every connection's
+/// driver on the tokio runtime of its handle, whichever runtime starts
+/// them, with the UDP socket and the timers on that runtime's reactor and
+/// clock. The coordinator gives its network thread here, so that QUIC and
+/// what it carries for the ingress stay on one thread.
+#[derive(Debug)]
+pub struct DriversOn(pub tokio::runtime::Handle);
+
+impl quinn::Runtime for DriversOn {
+    fn new_timer(&self, at: std::time::Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        let _on = self.0.enter();
+        Box::pin(tokio::time::sleep_until(at.into()))
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _on = self.0.enter();
+        quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        quinn::Runtime::now(&quinn::TokioRuntime)
+    }
+}
+
+/// Binds a QUIC listener with the given rustls server configuration, its
+/// drivers running on `drivers` ([`DriversOn`]).
 ///
 /// `reset_secret` keys the stateless resets the endpoint sends for packets
 /// of connections it does not know. Kept across restarts (the coordinator
@@ -261,6 +293,7 @@ pub fn server_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
     reset_secret: &[u8; 32],
+    drivers: tokio::runtime::Handle,
 ) -> Result<quinn::Endpoint, ListenError> {
     let cfg = server_config(tls)?;
     let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, reset_secret);
@@ -292,7 +325,7 @@ pub fn server_endpoint(
         endpoint_cfg,
         Some(cfg),
         socket,
-        Arc::new(quinn::TokioRuntime),
+        Arc::new(DriversOn(drivers)),
     )
     .map_err(bind)
 }
@@ -430,5 +463,72 @@ async fn dial_one(
             })
         }
         Ok(Ok(conn)) => Ok((endpoint, conn)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, ClusterCa};
+
+    fn tls(ca: &ClusterCa) -> rustls::ServerConfig {
+        let leaf = ca.issue_server(&["127.0.0.1".into()]).expect("leaf");
+        crate::tls::server_config(
+            ca.cert_der(),
+            vec![
+                pki::cert_der_from_pem(&leaf.cert_pem).expect("cert"),
+                ca.cert_der().clone(),
+            ],
+            pki::key_der_from_pem(&leaf.key_pem).expect("key"),
+            &[crate::ALPN],
+        )
+        .expect("tls")
+    }
+
+    #[test]
+    fn the_drivers_run_on_the_given_runtime_not_the_one_that_bound() {
+        let generated = ClusterCa::generate("t").expect("CA");
+        let ca = ClusterCa::load(&generated.cert_pem, &generated.key_pem).expect("load");
+        let drivers = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // Bound from a runtime that is gone right after: with its drivers
+        // there, the endpoint would answer nothing.
+        let endpoint = {
+            let binder = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _in = binder.enter();
+            server_endpoint(
+                "127.0.0.1:0".parse().expect("addr"),
+                tls(&ca),
+                &[1; 32],
+                drivers.handle().clone(),
+            )
+            .expect("bind")
+        };
+        let port = endpoint.local_addr().expect("addr").port();
+        drivers.spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                if let Ok(conn) = incoming.await {
+                    conn.closed().await;
+                }
+            }
+        });
+        let addr = ClusterAddress {
+            host: "127.0.0.1".into(),
+            port,
+            fingerprint: Some(ca.fingerprint()),
+            alternates: Vec::new(),
+        };
+        let client = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dialed = client.block_on(dial(&addr, None));
+        assert!(dialed.is_ok(), "{:?}", dialed.err());
     }
 }
