@@ -4,7 +4,8 @@
 //! token and the survivor's ingress no request; a runner removed through
 //! one coordinator is cut off by all; a coordinator added later is learned
 //! by the runner; losing etcd altogether leaves tokens and the ingress
-//! working and makes writes fail clearly until it is back.
+//! working and makes writes fail clearly until it is back; a CI binding
+//! removed through one coordinator refuses the next login through another.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -485,4 +486,82 @@ fn without_etcd_tokens_and_ingress_keep_working_and_writes_fail_clearly_until_it
     .is_some()));
     let _ = http_get(&c.ingress, "/");
     drop(runner);
+}
+
+#[test]
+fn a_binding_removed_through_one_coordinator_refuses_the_next_ci_login_through_the_other() {
+    let dir = temp();
+    let issuer = PythonIssuer::start(dir.path(), CI_BEARER);
+    let ca = issuer.ca.to_str().expect("utf-8 path").to_string();
+    let t = TwoCoordinators::start(
+        dir.path(),
+        &["--oidc-allow-loopback-issuers", "--oidc-ca-file", &ca],
+    );
+    let app = format!("bound-{}", std::process::id());
+    let add = |subject: &str| {
+        let run = miren(
+            &t.c.cfg,
+            &[
+                "auth",
+                "ci",
+                "add",
+                "-a",
+                &app,
+                "--issuer",
+                &issuer.url(),
+                "--subject",
+                subject,
+            ],
+            &[],
+        );
+        assert!(run.ok, "{run:?}");
+        run
+    };
+    // Another repository's binding keeps the issuer known to the cluster,
+    // so the refusal names the mismatch rather than an unknown issuer.
+    add("repo:acme/other:*");
+    let add = add("repo:acme/bound:*");
+    // "Added CI authentication binding ID for app …"
+    let id = add
+        .stdout
+        .split_whitespace()
+        .nth(4)
+        .expect("the binding's id")
+        .to_string();
+    // A pipeline's login through B: past the binding (the app has no
+    // version yet, so status says so, after the login).
+    let b_address = t.b().address.clone();
+    let ci_status = || {
+        issuer.ci_miren(
+            dir.path(),
+            &b_address,
+            &app,
+            "repository=acme/bound&event_name=push&ref=refs/heads/main",
+            &["app", "status"],
+        )
+    };
+    let refused = |out: &(bool, String, String)| out.2.contains("did not match any CI binding");
+    let mut last = ci_status();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            last = ci_status();
+            last.2.contains("does not exist")
+        }),
+        "B never matched the binding added through A: {last:?}"
+    );
+    // Removed through A: B refuses the login (its binding set follows the
+    // store by a watch).
+    let remove = miren(&t.c.cfg, &["auth", "ci", "remove", &id], &[]);
+    assert!(remove.ok, "{remove:?}");
+    // Its watch brings the removal within moments; a login that still
+    // passes is not a failure, so asking again costs no failure budget.
+    let mut out = ci_status();
+    let gone = wait_for(Duration::from_secs(5), || {
+        out = ci_status();
+        refused(&out)
+    });
+    assert!(
+        gone && !out.0,
+        "B admits a login on a removed binding: {out:?}"
+    );
 }
