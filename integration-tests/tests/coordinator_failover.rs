@@ -65,6 +65,28 @@ fn loop_stats(ingress: &str, host: &str) -> Option<serde_json::Value> {
     }
 }
 
+/// Lets pipelines of `issuer` whose subject matches `subject` deploy `app`
+/// (added through the coordinator of `cfg`).
+fn bind_pipeline(cfg: &Path, app: &str, issuer: &PythonIssuer, subject: &str) -> Run {
+    let run = miren(
+        cfg,
+        &[
+            "auth",
+            "ci",
+            "add",
+            "-a",
+            app,
+            "--issuer",
+            &issuer.url(),
+            "--subject",
+            subject,
+        ],
+        &[],
+    );
+    assert!(run.ok, "{run:?}");
+    run
+}
+
 /// A three-member etcd, a first coordinator (the fixture's) and a second
 /// one with an ingress of its own, each listing the other.
 struct TwoCoordinators {
@@ -171,22 +193,7 @@ fn losing_the_coordinator_a_runner_mints_through_costs_no_token_and_no_request()
     let before = loop_stats(&t.c.ingress, &host).expect("stats");
     assert_eq!(before["failed"], 0, "{before}");
     // The app's pipeline may deploy it.
-    let add = miren(
-        &t.c.cfg,
-        &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            &app,
-            "--issuer",
-            &issuer.url(),
-            "--subject",
-            "repo:acme/loop:*",
-        ],
-        &[],
-    );
-    assert!(add.ok, "{add:?}");
+    bind_pipeline(&t.c.cfg, &app, &issuer, "repo:acme/loop:*");
     let addresses = (t.c.server().address.clone(), t.b().address.clone());
 
     // Which coordinator the runner mints through; the other survives.
@@ -498,29 +505,10 @@ fn a_binding_removed_through_one_coordinator_refuses_the_next_ci_login_through_t
         &["--oidc-allow-loopback-issuers", "--oidc-ca-file", &ca],
     );
     let app = format!("bound-{}", std::process::id());
-    let add = |subject: &str| {
-        let run = miren(
-            &t.c.cfg,
-            &[
-                "auth",
-                "ci",
-                "add",
-                "-a",
-                &app,
-                "--issuer",
-                &issuer.url(),
-                "--subject",
-                subject,
-            ],
-            &[],
-        );
-        assert!(run.ok, "{run:?}");
-        run
-    };
     // Another repository's binding keeps the issuer known to the cluster,
     // so the refusal names the mismatch rather than an unknown issuer.
-    add("repo:acme/other:*");
-    let add = add("repo:acme/bound:*");
+    bind_pipeline(&t.c.cfg, &app, &issuer, "repo:acme/other:*");
+    let add = bind_pipeline(&t.c.cfg, &app, &issuer, "repo:acme/bound:*");
     // "Added CI authentication binding ID for app …"
     let id = add
         .stdout
