@@ -31,7 +31,7 @@ use crate::known_coordinators::KnownCoordinators;
 use crate::sandbox::{Fetch, IsolationMode, Report, Spec, Supervisor};
 use crate::sessions::{OnRefusal, Patience, Sessions};
 use crate::token_limits::MissLimit;
-use crate::tokens::{Broker, MintRequest, TokenKey};
+use crate::tokens::{Broker, MintRequest};
 use transport::close::{CloseCode, RUNNER_REMOVED_REASON};
 use transport::pki;
 use transport::report::Chain;
@@ -221,10 +221,14 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> Res
         report_tx,
         crate::sandbox::Containment { policy, cgroups },
     ));
-    let _minting = AbortOnDrop(tokio::task::spawn_local(mint_through_coordinators(
-        sessions.clone(),
-        mint_rx,
-    )));
+    let _minting = AbortOnDrop(tokio::task::spawn_local(
+        crate::mint_calls::mint_through_coordinators(
+            sessions.clone(),
+            mint_rx,
+            |c: &SessionClients| c.session.clone(),
+            MINT_PATIENCE,
+        ),
+    ));
     let metrics = opts.metrics.clone();
     let _reports = AbortOnDrop(tokio::task::spawn_local(forward_reports(
         sessions.clone(),
@@ -570,57 +574,6 @@ fn renewal_due(cert_pem: &str, now: i64) -> Result<bool, pki::PkiError> {
     let not_after = pki::not_after_unix(cert_pem)?;
     let not_before = pki::not_before_unix(cert_pem)?;
     Ok(now >= not_before + (not_after - not_before) / 2)
-}
-
-/// Mints through one live session (the one that last answered first),
-/// moving to another at once when its connection is lost; fails when none
-/// answers (the broker then serves a cached, unexpired token if it has
-/// one).
-/// Says on stdout which coordinator minting goes to whenever that changes
-/// (operators and the failover tests read it).
-async fn mint_through_coordinators(
-    sessions: Rc<Live>,
-    mut rx: mpsc::UnboundedReceiver<MintRequest>,
-) {
-    let told: Rc<std::cell::RefCell<Option<String>>> = Rc::default();
-    while let Some((key, done)) = rx.recv().await {
-        let sessions = sessions.clone();
-        let told = told.clone();
-        tokio::task::spawn_local(async move {
-            let result = sessions
-                .call_any(MINT_PATIENCE, |c| mint(c.session, &key))
-                .await;
-            if result.is_ok() {
-                let first = sessions.first();
-                if first.is_some() && *told.borrow() != first {
-                    if let Some(endpoint) = &first {
-                        println!("Runner mints through {endpoint}");
-                    }
-                    *told.borrow_mut() = first;
-                }
-            }
-            let _ = done.send(result);
-        });
-    }
-}
-
-async fn mint(session: runner_session::Client, key: &TokenKey) -> Result<String, CallError> {
-    let mut req = session.issue_workload_token_request();
-    {
-        let mut p = req.get();
-        p.set_sandbox_id(&key.sandbox);
-        p.set_ttl_secs(key.ttl);
-        let mut list = p.init_audiences(key.audiences.len() as u32);
-        for (i, a) in key.audiences.iter().enumerate() {
-            list.set(i as u32, a);
-        }
-    }
-    let reply = req.send().promise.await?;
-    Ok(reply
-        .get()?
-        .get_token()?
-        .to_string()
-        .map_err(capnp::Error::from)?)
 }
 
 fn send_report(session: &runner_session::Client, r: Report) {

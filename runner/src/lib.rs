@@ -21,6 +21,7 @@ pub mod layout;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod mint_calls;
 pub mod restart_policy;
 pub mod sandbox;
 pub mod sessions;

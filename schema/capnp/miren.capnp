@@ -140,6 +140,25 @@ interface RunnerSession {
   # The coordinator derives app and org from its own records and refuses a
   # sandbox this runner does not host.
   reportSandbox @4 (report :SandboxReport) -> ();
+  issueWorkloadTokens @5 (requests :List(TokenRequest)) -> (results :List(TokenResult));
+  # Several tokens in one call: the runner sends together the misses that
+  # queued while its earlier calls were out. Each is decided (as by
+  # issueWorkloadToken) and refused on its own; results in request order.
+  # At most 64 requests per call.
+}
+
+struct TokenRequest {
+  sandboxId @0 :Text;
+  audiences @1 :List(Text);
+  ttlSecs @2 :UInt32;
+}
+
+struct TokenResult {
+  union {
+    token @0 :Text;
+    refused @1 :Text;
+    # Why this one was not minted, in the coordinator's words.
+  }
 }
 
 struct ServiceSpec {

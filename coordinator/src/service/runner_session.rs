@@ -16,6 +16,7 @@ use transport::clock::now_unix;
 
 use super::wire::{app_err, mint_err, registry_err, token_request, write_spec};
 use crate::apps::SandboxReport;
+use crate::minting::{RunnerTokenRequest, MAX_TOKENS_PER_CALL};
 use crate::runners::{LiveStatus, RunnerCommand};
 use crate::state::State;
 
@@ -145,6 +146,40 @@ impl runner_session::Server for RunnerSessionService {
             .await
             .map_err(mint_err)?;
         results.get().set_token(&token);
+        Ok(())
+    }
+
+    async fn issue_workload_tokens(
+        self: Rc<Self>,
+        params: runner_session::IssueWorkloadTokensParams,
+        mut results: runner_session::IssueWorkloadTokensResults,
+    ) -> Result<(), capnp::Error> {
+        let list = params.get()?.get_requests()?;
+        if list.len() as usize > MAX_TOKENS_PER_CALL {
+            return Err(super::wire::failed(format!(
+                "at most {MAX_TOKENS_PER_CALL} tokens per issueWorkloadTokens call, got {}",
+                list.len()
+            )));
+        }
+        let mut requests = Vec::with_capacity(list.len() as usize);
+        for r in list {
+            let (audiences, ttl) = token_request(r.get_audiences()?, r.get_ttl_secs())?;
+            requests.push(RunnerTokenRequest {
+                sandbox_id: r.get_sandbox_id()?.to_str()?.to_string(),
+                audiences,
+                ttl,
+            });
+        }
+        // Each app is decided from our records (`crate::minting`).
+        let minted = self.state.minting.for_runner_many(&self.id, requests).await;
+        let mut out = results.get().init_results(minted.len() as u32);
+        for (i, m) in minted.into_iter().enumerate() {
+            let mut r = out.reborrow().get(i as u32);
+            match m {
+                Ok(token) => r.set_token(&token),
+                Err(e) => r.set_refused(e.to_string()),
+            }
+        }
         Ok(())
     }
 
