@@ -2,7 +2,10 @@
 //! accepted once, and the memory of accepted ones is bounded.
 //!
 //! Pure: the caller passes `now` (Unix seconds) and each login's expiry.
-//! The coordinator's login flow keeps one [`UsedStates`] behind a lock.
+//! The coordinator's login flow keeps one [`UsedStates`] behind a lock: it
+//! asks [`UsedStates::is_used`] (a read) before the provider is asked, and
+//! [`UsedStates::accept`]s a state only once the provider completed its
+//! login, so a callback anyone can forge never fills the bound.
 
 use std::collections::HashMap;
 
@@ -35,6 +38,14 @@ impl UsedStates {
         }
     }
 
+    /// Whether `state` was accepted for a login still valid at `now`: a
+    /// read only, changing nothing. A state whose login expired by `now` is
+    /// not counted (`accept` forgets those when it prunes; callers refuse
+    /// expired logins before asking).
+    pub fn is_used(&self, state: &str, now: i64) -> bool {
+        self.states.get(state).is_some_and(|exp| *exp > now)
+    }
+
     /// Accepts `state` (of a login valid until `exp`) once. Expired states
     /// are pruned now and then, and always before refusing for want of room.
     pub fn accept(&mut self, state: &str, exp: i64, now: i64) -> Result<(), StateRefusal> {
@@ -62,6 +73,28 @@ mod tests {
         let mut used = UsedStates::new(10);
         assert_eq!(used.accept("s1", 100, 0), Ok(()));
         assert_eq!(used.accept("s1", 100, 1), Err(StateRefusal::AlreadyUsed));
+    }
+
+    #[test]
+    fn is_used_reads_without_taking_a_state() {
+        let mut used = UsedStates::new(2);
+        // Asking, however often, takes no room and no state.
+        for now in 0..10 {
+            assert!(!used.is_used("s1", now));
+        }
+        assert_eq!(used.accept("s1", 100, 10), Ok(()));
+        assert_eq!(used.accept("s2", 100, 10), Ok(()));
+        // Accepted: used until its login expires, then no longer counted.
+        assert!(used.is_used("s1", 11));
+        assert!(used.is_used("s1", 99));
+        assert!(!used.is_used("s1", 100));
+        assert!(!used.is_used("s3", 11));
+        // Asking about a third state while full changes nothing: s3 is
+        // refused for want of room, not as used, and s1 stays used.
+        assert!(!used.is_used("s3", 12));
+        assert_eq!(used.accept("s3", 100, 12), Err(StateRefusal::Full));
+        assert!(used.is_used("s1", 12));
+        assert_eq!(used.accept("s1", 100, 12), Err(StateRefusal::AlreadyUsed));
     }
 
     #[test]

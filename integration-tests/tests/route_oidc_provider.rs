@@ -4,7 +4,8 @@
 //! like a browser. Covers the login, spoofed claim headers, a tampered
 //! cookie, a replayed `state`, an open-redirect attempt, refresh tokens,
 //! logout, `--default` with two Hosts, and the HTTPS ingress (Secure
-//! cookies, an `https` callback URL). And two coordinators on one etcd:
+//! cookies, an `https` callback URL), junk-code callbacks that leave a
+//! login in progress to complete. And two coordinators on one etcd:
 //! a login, a refresh, a used `state` and a logout through one count on
 //! the other.
 
@@ -165,6 +166,25 @@ impl Browser {
             .unwrap()
             .split("; ")
             .find_map(|c| c.strip_prefix(&format!("{name}=")).map(str::to_string))
+    }
+
+    /// The `state` and the login cookie (`name=value`) of the login this
+    /// browser's walk started: the gate's answer is the first hop, the
+    /// provider's authorization request the second.
+    fn started_login(&self) -> (String, String) {
+        let state = self.hops[1]
+            .url
+            .query_pairs()
+            .find(|(k, _)| k == "state")
+            .map(|(_, v)| v.into_owned())
+            .expect("state");
+        let login_cookie = self.hops[0]
+            .set_cookies
+            .iter()
+            .find(|c| c.starts_with(&format!("miren_oidc_login_{}=", &state[..12])))
+            .map(|c| c.split(';').next().unwrap().to_string())
+            .expect("login cookie");
+        (state, login_cookie)
     }
 
     /// The first hop whose URL path is `path`.
@@ -346,12 +366,7 @@ fn login_through_a_real_provider_and_the_ingress_is_airtight() {
     assert_eq!(q["redirect_uri"], format!("{app}{CALLBACK}"));
     assert!(q["state"].len() >= 32 && q["nonce"].len() >= 32, "{q:?}");
     // One login cookie per login, named after its state.
-    let login_cookie = browser.hops[0]
-        .set_cookies
-        .iter()
-        .find(|c| c.starts_with(&format!("miren_oidc_login_{}=", &q["state"][..12])))
-        .map(|c| c.split(';').next().unwrap().to_string())
-        .expect("login cookie");
+    let (_, login_cookie) = browser.started_login();
 
     // Sign in on the provider's form; back at the page first asked for.
     let page = browser.sign_in(page, &provider.url, "alice@example.com");
@@ -858,6 +873,67 @@ fn a_protected_routes_requests_each_get_a_connection_of_their_own() {
     }
 }
 
+/// A login's `state` is taken only once the provider completed the login:
+/// callbacks with what anyone gets from the gate (a sealed login cookie and
+/// its state) and codes the provider refuses take nothing, so they neither
+/// burn that login nor fill the coordinator's bound on used states. The
+/// genuine callback for the same state, after them, signs the user in.
+#[test]
+fn junk_code_callbacks_leave_the_login_in_progress_to_complete() {
+    let p = Protected::start("sso.test", &["sso.test"], false, 300);
+    let app = p.base("sso.test");
+    let mut browser = Browser::new(&p.tls.ca, None, &[("sso.test", p.ingress)]);
+    let page = browser.get(&format!("{app}/headers"), &[]);
+    assert!(
+        page.url.as_str().starts_with(&p.provider.url),
+        "{}",
+        page.url
+    );
+    let (state, login_cookie) = browser.started_login();
+
+    let raw = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve("sso.test", p.ingress)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    for i in 0..50 {
+        let mut junk = Url::parse(&format!("{app}{CALLBACK}")).unwrap();
+        junk.query_pairs_mut()
+            .append_pair("code", &format!("junk-{i}"))
+            .append_pair("state", &state);
+        let r = raw.get(junk).header(COOKIE, &login_cookie).send().unwrap();
+        let (status, body) = (r.status().as_u16(), r.text().unwrap());
+        assert_eq!(
+            status, 502,
+            "junk callback {i}: the provider refuses the code: {body}"
+        );
+    }
+
+    // The genuine callback, for that same state, completes the login.
+    let page = browser.sign_in(page, &p.provider.url, "alice@example.com");
+    let callback = browser.hop_at(CALLBACK);
+    let came_back_with = callback
+        .url
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned());
+    assert_eq!(came_back_with.as_deref(), Some(state.as_str()));
+    assert_eq!(page.status, 200, "{}: {}", page.url, page.body);
+    assert_eq!(page.url.as_str(), format!("{app}/headers"));
+    assert!(
+        callback
+            .set_cookies
+            .iter()
+            .any(|c| c.starts_with("miren_oidc_session=")),
+        "no session cookie: {:?}",
+        callback.set_cookies
+    );
+    let seen = json(&page);
+    assert_eq!(seen["x-user-email"], "alice@example.com", "{seen}");
+    assert_eq!(seen["x-user-groups"], r#"["dev","ops"]"#, "{seen}");
+}
+
 /// Whether a request with a session got past the route's gate: the app
 /// answered with the session's claims.
 fn past_the_gate(status: u16, body: &str) -> bool {
@@ -985,18 +1061,7 @@ fn two_coordinators_on_one_etcd_share_sessions_states_refreshes_and_logouts() {
     // A login through A.
     let mut browser = Browser::new(&tls.ca, None, &[("sso.test", a_addr)]);
     let page = browser.get(&format!("{app_a}/headers"), &[]);
-    let state = browser.hops[1]
-        .url
-        .query_pairs()
-        .find(|(k, _)| k == "state")
-        .map(|(_, v)| v.into_owned())
-        .expect("state");
-    let login_cookie = browser.hops[0]
-        .set_cookies
-        .iter()
-        .find(|c| c.starts_with(&format!("miren_oidc_login_{}=", &state[..12])))
-        .map(|c| c.split(';').next().unwrap().to_string())
-        .expect("login cookie");
+    let (_, login_cookie) = browser.started_login();
     let page = browser.sign_in(page, &provider.url, "alice@example.com");
     assert_eq!(page.status, 200, "{}", page.body);
     let session = browser.cookie(&app_a, "miren_oidc_session").unwrap();

@@ -549,25 +549,20 @@ impl Sso {
         let Some(login) = logins.into_iter().find(|l| tokens_match(&l.state, state)) else {
             return refuse(400, "login state does not match");
         };
+        // A state used here or through another coordinator is refused
+        // before the provider is asked. Only reads: anyone can get a sealed
+        // login cookie and its state from the gate, so neither the memory
+        // here nor the store takes the state before the provider completed
+        // the login (else junk codes would fill the bound or burn the state
+        // of a login in progress).
         {
-            let Ok(mut used) = self.used_states.lock() else {
+            let Ok(used) = self.used_states.lock() else {
                 return refuse(500, "state cache unavailable");
             };
-            match used.accept(&login.state, login.exp, now) {
-                Ok(()) => {}
-                Err(StateRefusal::AlreadyUsed) => return refuse(400, "login state already used"),
-                Err(StateRefusal::Full) => {
-                    return refuse(
-                        503,
-                        "too many logins in progress; try again in a few minutes",
-                    )
-                }
+            if used.is_used(&login.state, now) {
+                return refuse(400, "login state already used");
             }
         }
-        // A state consumed through another coordinator is refused before
-        // the provider is asked. Only a read: anyone can get a sealed login
-        // cookie and its state from the gate, so the store is written (the
-        // state consumed) only once the provider completed the login.
         let store = &*self.store;
         match crate::blocking::wait_here(|| shared::state_used(store, &login.state)) {
             Ok(false) => {}
@@ -623,6 +618,30 @@ impl Sso {
             Ok(c) => c,
             Err(answer) => return answer,
         };
+        // The login is complete: the state is taken now, first here, then
+        // in the store. Memory first: its check-and-insert is one step under
+        // the lock, so of two callbacks with this state on this coordinator
+        // that both got this far exactly one goes on (without a store round
+        // trip for the other); and a refusal for want of room leaves the
+        // store untouched, so it never burns the state on every
+        // coordinator. A state taken here whose store write then fails
+        // stays taken here: that answer tells the user to open the page
+        // again, which starts a login with a new state.
+        {
+            let Ok(mut used) = self.used_states.lock() else {
+                return refuse(500, "state cache unavailable");
+            };
+            match used.accept(&login.state, login.exp, now) {
+                Ok(()) => {}
+                Err(StateRefusal::AlreadyUsed) => return refuse(400, "login state already used"),
+                Err(StateRefusal::Full) => {
+                    return refuse(
+                        503,
+                        "too many logins in progress; try again in a few minutes",
+                    )
+                }
+            }
+        }
         // The store decides for every coordinator: of two callbacks with
         // this state (through any coordinators) that both got this far, the
         // one whose create-only write lands gets the session.

@@ -42,20 +42,22 @@ pub use provider::ProviderMeta;
 
 use crate::shutdown::Tasks;
 use crate::store::{Revision, Store};
-/// Logins in progress remembered for replay protection at most; beyond it
-/// new callbacks are refused until older logins expire.
+/// Completed logins remembered for replay protection at most (each until
+/// its login window ends); beyond it new callbacks are refused until older
+/// logins expire. Only logins the provider completed count, so an
+/// anonymous peer cannot fill it.
 pub const MAX_LOGINS_IN_PROGRESS: usize = 100_000;
 
 /// Sealing key, used states and provider metadata.
 pub struct Sso {
     key: cookie::CookieKey,
     store: Arc<dyn Store>,
-    /// States this coordinator accepted: a bound on logins in progress
-    /// and a fast refusal of a replay here. A state is taken here before
-    /// the provider is asked, so at most one callback per state and
-    /// coordinator reaches the provider; one whose exchange failed is
-    /// refused again here only (the store records only completed logins,
-    /// and decides for all).
+    /// States of logins completed through this coordinator: a fast
+    /// refusal of a replay here (read before the provider is asked) and
+    /// one winner among this coordinator's callbacks of one state. A state
+    /// is taken only after the provider completed its login and the ID
+    /// token verified, just before the store (which decides for all)
+    /// consumes it, so a junk-code callback takes nothing.
     used_states: Mutex<UsedStates>,
     /// The lease used states are written on.
     state_lease: shared::StateLease,
