@@ -54,6 +54,7 @@ pub mod server;
 pub mod service;
 pub mod shared_cluster;
 pub mod shutdown;
+pub mod signing_pool;
 pub mod spent_tokens;
 pub mod sso;
 pub mod state;

@@ -11,13 +11,14 @@
 //! watch's lag). An operator may mint a token for
 //! any subject ([`Minting::sign`], `miren identity token`). Either way
 //! the claims are `identity::WorkloadClaims` with this cluster's issuer and
-//! id, signed by the key ring's active key, on the blocking pool (an RPC
-//! worker's thread is one connection's; signatures should use every core).
-//! A runner sends the misses that queued during its earlier calls together
-//! ([`Minting::for_runner_many`], `issueWorkloadTokens`): each is decided on
-//! its own, and the call's signatures go to one blocking task per core,
-//! which saves the thread hand-offs and packets per token that cost about
-//! as much CPU as the work around the signature.
+//! id, signed by the key ring's active key, on the signing pool
+//! ([`crate::signing_pool`]: an RPC worker's thread is one connection's;
+//! signatures should use every core). A runner sends the misses that
+//! queued during its earlier calls together ([`Minting::for_runner_many`],
+//! `issueWorkloadTokens`): each is decided on its own and signed as its own
+//! job of the pool, and the call is answered once, which saves the thread
+//! hand-offs and packets per token that cost about as much CPU as the work
+//! around the signature.
 //! Every refusal is counted and audited with a fixed reason
 //! ([`MintRefusal`]).
 
@@ -31,6 +32,7 @@ use crate::audit::Actor;
 use crate::issuer::{Issuer, KEYS_UNAVAILABLE};
 use crate::observe::{MintRefusal, Observe};
 use crate::sandbox_index::SandboxIndex;
+use crate::signing_pool::SigningPool;
 
 /// Why no token was minted.
 #[derive(Debug, thiserror::Error)]
@@ -122,10 +124,8 @@ pub struct Minting {
     sandboxes: Arc<SandboxIndex>,
     cluster_id: String,
     observe: Arc<Observe>,
-    /// The blocking pool signatures run on.
-    rt: tokio::runtime::Handle,
-    /// Blocking tasks one call's signatures are spread over (the cores).
-    signers: usize,
+    /// The threads signatures run on.
+    signing: SigningPool,
 }
 
 impl Minting {
@@ -135,7 +135,7 @@ impl Minting {
         sandboxes: Arc<SandboxIndex>,
         cluster_id: String,
         observe: Arc<Observe>,
-        rt: tokio::runtime::Handle,
+        signing: SigningPool,
     ) -> Minting {
         Minting {
             issuer,
@@ -143,8 +143,7 @@ impl Minting {
             sandboxes,
             cluster_id,
             observe,
-            rt,
-            signers: std::thread::available_parallelism().map_or(1, usize::from),
+            signing,
         }
     }
 
@@ -169,9 +168,8 @@ impl Minting {
     /// Tokens for several of `runner`'s sandboxes at once (one
     /// `issueWorkloadTokens` call), each decided as by
     /// [`Minting::for_runner`] and refused on its own; results in request
-    /// order. The signatures are spread over the cores in one blocking task
-    /// per core, not one per token: a token's hand-offs between threads
-    /// cost about as much CPU as the work around its signature.
+    /// order, all at once: a token's hand-offs between threads cost about as
+    /// much CPU as the work around its signature.
     pub async fn for_runner_many(
         self: &Arc<Self>,
         runner: &str,
@@ -241,7 +239,7 @@ impl Minting {
     }
 
     /// A token for `subject`, asked by `actor`: any subject for an operator
-    /// (`Admin.mintWorkloadToken`). Mints on the blocking pool: one
+    /// (`Admin.mintWorkloadToken`). Mints on the signing pool: one
     /// connection's RPC session is pinned to one thread, but its RSA
     /// signatures should use every core.
     pub async fn sign(
@@ -255,42 +253,24 @@ impl Minting {
         signed.pop().unwrap_or(Err(MintError::TaskLost))
     }
 
-    /// Signs `jobs` on the blocking pool in at most one task per core, each
-    /// signing its share in order; results in `jobs`' order.
+    /// Signs `jobs` on the signing pool, each its own job in the pool's
+    /// queue; results in `jobs`' order.
     async fn sign_many(
         self: &Arc<Self>,
         actor: Actor,
         jobs: Vec<SignJob>,
     ) -> Vec<Result<String, MintError>> {
-        let per_task = jobs.len().div_ceil(self.signers).max(1);
-        let mut jobs = jobs.into_iter().peekable();
-        let mut tasks = Vec::new();
-        while jobs.peek().is_some() {
-            let share: Vec<SignJob> = jobs.by_ref().take(per_task).collect();
-            let (me, actor) = (self.clone(), actor.clone());
-            let count = share.len();
-            let task = self.rt.spawn_blocking(move || {
-                share
-                    .iter()
-                    .map(|(subject, audiences, ttl)| {
-                        let now = transport::clock::now_unix();
-                        me.mint(&actor, subject, audiences, *ttl, now)
-                    })
-                    .collect::<Vec<_>>()
-            });
-            tasks.push((task, count));
-        }
-        let mut out = Vec::new();
-        for (task, count) in tasks {
-            match task.await {
-                Ok(signed) => out.extend(signed),
-                Err(e) => {
-                    tracing::error!("a signing task did not finish: {e}");
-                    out.extend((0..count).map(|_| Err(MintError::TaskLost)));
-                }
-            }
-        }
-        out
+        let me = self.clone();
+        let signed = (self.signing)
+            .run_all(jobs, move |(subject, audiences, ttl)| {
+                let now = transport::clock::now_unix();
+                me.mint(&actor, &subject, &audiences, ttl, now)
+            })
+            .await;
+        signed
+            .into_iter()
+            .map(|s| s.unwrap_or(Err(MintError::TaskLost)))
+            .collect()
     }
 
     /// Mints a workload token for `subject` at `now`, asked by `actor`.
@@ -407,7 +387,7 @@ mod tests {
             Arc::new(SandboxIndex::default()),
             "cluster-1".into(),
             observe,
-            rt.handle().clone(),
+            SigningPool::start(2).unwrap(),
         ));
         store
             .commit(Txn {

@@ -493,7 +493,7 @@ impl Coordinator {
             sandboxes.clone(),
             material.meta.id.clone(),
             observe.clone(),
-            rt.clone(),
+            crate::signing_pool::SigningPool::per_core()?,
         ));
         let registry = Arc::new(Registry::new(store.clone(), opts.runner_cert_validity));
         let ci = Arc::new(
