@@ -25,6 +25,42 @@ pub struct RunnerSessionService {
     state: Arc<State>,
     id: String,
     session: u64,
+    /// Tokens this session asked for that are not answered yet (the
+    /// session's calls all run on this RPC worker's thread).
+    tokens_pending: std::cell::Cell<usize>,
+}
+
+/// Most tokens one runner session may have asked for and not been answered:
+/// a runner sends at most 2 calls of 32 (`runner::mint_calls`), so only a
+/// runaway or compromised runner meets it; without it one could queue
+/// 256 calls of 64 signatures and hold every other runner's tokens behind
+/// seconds of signing.
+pub const MAX_TOKENS_PENDING: usize = 256;
+
+/// Counts a call's tokens as pending while it lives.
+struct Pending<'a> {
+    count: &'a std::cell::Cell<usize>,
+    n: usize,
+}
+
+impl<'a> Pending<'a> {
+    fn take(count: &'a std::cell::Cell<usize>, n: usize) -> Result<Pending<'a>, capnp::Error> {
+        if count.get() + n > MAX_TOKENS_PENDING {
+            return Err(capnp::Error::overloaded(format!(
+                "this runner has {} tokens asked for and not answered (at most \
+                 {MAX_TOKENS_PENDING}); ask again when they are",
+                count.get()
+            )));
+        }
+        count.set(count.get() + n);
+        Ok(Pending { count, n })
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.count.set(self.count.get().saturating_sub(self.n));
+    }
 }
 
 impl RunnerSessionService {
@@ -55,6 +91,7 @@ impl RunnerSessionService {
             state,
             id: id.to_string(),
             session,
+            tokens_pending: std::cell::Cell::new(0),
         })
     }
 }
@@ -140,6 +177,7 @@ impl runner_session::Server for RunnerSessionService {
         let p = params.get()?;
         let sandbox_id = p.get_sandbox_id()?.to_str()?;
         let (audiences, ttl) = token_request(p.get_audiences()?, p.get_ttl_secs())?;
+        let _pending = Pending::take(&self.tokens_pending, 1)?;
         // The app is decided from our records (`crate::minting`).
         let token = (self.state.minting)
             .for_runner(&self.id, sandbox_id, audiences, ttl)
@@ -161,6 +199,7 @@ impl runner_session::Server for RunnerSessionService {
                 list.len()
             )));
         }
+        let _pending = Pending::take(&self.tokens_pending, list.len() as usize)?;
         let mut requests = Vec::with_capacity(list.len() as usize);
         for r in list {
             let (audiences, ttl) = token_request(r.get_audiences()?, r.get_ttl_secs())?;
@@ -273,5 +312,25 @@ impl runner_session::Server for RunnerSessionService {
             .map_err(registry_err)?;
         results.get().set_cert_pem(&cert);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_refused_tokens_past_its_pending_bound_until_answers_come_back() {
+        let count = std::cell::Cell::new(0);
+        let first = Pending::take(&count, 200).expect("within the bound");
+        let second = Pending::take(&count, MAX_TOKENS_PENDING - 200).expect("up to the bound");
+        let refused = Pending::take(&count, 1).err().expect("past the bound");
+        assert_eq!(refused.kind, capnp::ErrorKind::Overloaded);
+        assert_eq!(count.get(), MAX_TOKENS_PENDING, "a refusal takes nothing");
+        drop(first);
+        assert_eq!(count.get(), MAX_TOKENS_PENDING - 200);
+        let third = Pending::take(&count, 200).expect("room again once answered");
+        drop((second, third));
+        assert_eq!(count.get(), 0);
     }
 }
