@@ -840,9 +840,20 @@ impl ProbeCluster {
             "runner never became ready: {}",
             runner.output()
         );
+        let cluster = ProbeCluster {
+            server,
+            runner,
+            config,
+        };
+        cluster.deploy_probe(app);
+        cluster
+    }
+
+    /// Deploys the probe app (again) as `app`.
+    pub fn deploy_probe(&self, app: &str) {
         let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/probe-app");
         let deploy = miren(
-            &config,
+            &self.config,
             &[
                 "deploy",
                 "--dir",
@@ -853,11 +864,6 @@ impl ProbeCluster {
             &[],
         );
         assert!(deploy.ok, "{deploy:?}");
-        ProbeCluster {
-            server,
-            runner,
-            config,
-        }
     }
 }
 

@@ -9,7 +9,6 @@
 //! twice.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::thread;
 
 use integration_tests::{http_get_host, miren, outside_verify, temp, ProbeCluster};
@@ -21,19 +20,7 @@ const PER_SANDBOX: usize = 24;
 fn concurrent_misses_of_two_sandboxes_each_get_their_own_tokens() {
     let dir = temp();
     let cluster = ProbeCluster::start(dir.path(), &["--http-listen", "127.0.0.1:0"], "alpha");
-    let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/probe-app");
-    let deploy = miren(
-        &cluster.config,
-        &[
-            "deploy",
-            "--dir",
-            probe.to_str().expect("utf-8 path"),
-            "-a",
-            "beta",
-        ],
-        &[],
-    );
-    assert!(deploy.ok, "{deploy:?}");
+    cluster.deploy_probe("beta");
     for (host, app) in [("alpha.test", "alpha"), ("beta.test", "beta")] {
         let route = miren(&cluster.config, &["route", "set", host, "-a", app], &[]);
         assert!(route.ok, "{route:?}");
