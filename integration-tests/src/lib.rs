@@ -338,7 +338,23 @@ impl RunnerProc {
 }
 
 impl Drop for RunnerProc {
+    /// SIGTERM first, SIGKILL after 5 s: a runner stopped so stops its
+    /// sandboxes whole (cgroup), while a SIGKILLed one takes only each
+    /// plain-process sandbox's first process with it, and what that forked
+    /// (an nginx master's workers) would outlive the test.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

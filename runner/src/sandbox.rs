@@ -744,8 +744,10 @@ impl Launch {
                 cmd.arg("-c")
                     .arg(format!("exec {}", spec.command))
                     .current_dir(&self.dirs.app);
-                // If the runner dies, its plain-process sandboxes die with
-                // it (bubblewrap does the same with --die-with-parent).
+                // If the runner dies, each plain-process sandbox's first
+                // process dies with it (bubblewrap takes the sandbox's whole
+                // pid namespace with --die-with-parent); what that process
+                // forked goes with the cgroup leftovers at the next start.
                 let die_with_parent = || {
                     // SAFETY: prctl sets a flag of this (child) process and
                     // touches no memory.
