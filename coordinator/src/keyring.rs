@@ -407,16 +407,23 @@ impl KeyRing {
         };
         let mut entries = self.entries.clone();
         entries[i].first_active_unix = Some(now);
-        if let Some(dir) = &self.dir {
-            write_index(
-                dir,
-                &KeyIndex {
-                    keys: entries.clone(),
-                },
-            )?;
-        }
+        self.persist_index(&entries)?;
         self.entries = entries;
         Ok(true)
+    }
+
+    /// Writes `entries` as the index when the ring lives in a dir (a ring
+    /// of the shared store's record has none).
+    fn persist_index(&self, entries: &[KeyEntry]) -> Result<(), KeyRingError> {
+        match &self.dir {
+            Some(dir) => write_index(
+                dir,
+                &KeyIndex {
+                    keys: entries.to_vec(),
+                },
+            ),
+            None => Ok(()),
+        }
     }
 
     /// The minter of the key that signs at `now`.
@@ -485,14 +492,7 @@ impl KeyRing {
             .cloned()
             .collect();
         entries.push(entry.clone());
-        if let Some(dir) = &self.dir {
-            write_index(
-                dir,
-                &KeyIndex {
-                    keys: entries.clone(),
-                },
-            )?;
-        }
+        self.persist_index(&entries)?;
         for e in self.entries.iter().filter(|e| expired.contains(&e.kid)) {
             if let Some(dir) = &self.dir {
                 let _ = std::fs::remove_file(dir.join(&e.file));
