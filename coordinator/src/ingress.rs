@@ -270,8 +270,16 @@ async fn proxy(
                 let (state, oidc) = (state.clone(), oidc.clone());
                 let (host, host_header) = (host.clone(), host_header.clone());
                 state.gate_runtime.clone().spawn(async move {
-                    let gated =
-                        single_sign_on(&state, &oidc, &host, &host_header, secure, &mut req).await;
+                    let gated = single_sign_on(
+                        &state,
+                        &oidc,
+                        &host,
+                        &host_header,
+                        remote,
+                        secure,
+                        &mut req,
+                    )
+                    .await;
                     (req, gated)
                 })
             };
@@ -566,6 +574,7 @@ async fn single_sign_on(
     oidc: &RouteOidc,
     host: &str,
     authority: &str,
+    remote: SocketAddr,
     secure: bool,
     req: &mut Request<Incoming>,
 ) -> Result<Vec<(hyper::header::HeaderName, HeaderValue)>, Response<Body>> {
@@ -620,6 +629,7 @@ async fn single_sign_on(
         cookies: &cookies,
         accepts_html,
         secure,
+        source: remote.ip(),
         claim_headers: &oidc.claim_headers,
         now: transport::clock::now_unix(),
     };

@@ -13,7 +13,9 @@
 //
 // Prints "READY <port>" once it listens. Besides the provider's own routes it
 // answers GET /_test/grants with how many tokens each grant type issued, so a
-// test can tell that a refresh happened at the provider.
+// test can tell that a refresh happened at the provider, and under
+// "<grant type>_refused" how many token requests of that type it refused, so
+// a test can tell how often the provider was asked in vain.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import https from 'node:https';
@@ -78,6 +80,10 @@ server.listen(0, '127.0.0.1', () => {
   provider.on('grant.success', (ctx) => {
     const type = ctx.oidc.params.grant_type;
     grants[type] = (grants[type] || 0) + 1;
+  });
+  provider.on('grant.error', (ctx) => {
+    const key = `${ctx.oidc?.params?.grant_type ?? 'unknown'}_refused`;
+    grants[key] = (grants[key] || 0) + 1;
   });
   provider.on('server_error', (_ctx, err) => console.error('provider error:', err));
 

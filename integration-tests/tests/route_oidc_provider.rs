@@ -5,19 +5,20 @@
 //! cookie, a replayed `state`, an open-redirect attempt, refresh tokens,
 //! logout, `--default` with two Hosts, and the HTTPS ingress (Secure
 //! cookies, an `https` callback URL), junk-code callbacks that leave a
-//! login in progress to complete. And two coordinators on one etcd:
+//! login in progress to complete and are limited per address (429 with
+//! `Retry-After`, the provider not asked). And two coordinators on one etcd:
 //! a login, a refresh, a used `state` and a logout through one count on
 //! the other.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration_tests::{miren, temp, NodeOidcProvider, ProbeCluster, TestTls};
 use reqwest::blocking::Client;
 use reqwest::cookie::{CookieStore, Jar};
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, COOKIE, LOCATION, RETRY_AFTER, SET_COOKIE};
 use reqwest::Url;
 use serde_json::Value;
 
@@ -876,10 +877,15 @@ fn a_protected_routes_requests_each_get_a_connection_of_their_own() {
 /// A login's `state` is taken only once the provider completed the login:
 /// callbacks with what anyone gets from the gate (a sealed login cookie and
 /// its state) and codes the provider refuses take nothing, so they neither
-/// burn that login nor fill the coordinator's bound on used states. The
-/// genuine callback for the same state, after them, signs the user in.
+/// burn that login nor fill the coordinator's bound on used states. They
+/// are bounded per address, though: past a burst, a callback is answered
+/// 429 with `Retry-After` without the provider being asked. Once that wait
+/// is over the genuine callback for the same state, from the same address
+/// (every client here is 127.0.0.1), signs the user in.
 #[test]
-fn junk_code_callbacks_leave_the_login_in_progress_to_complete() {
+fn junk_code_callbacks_are_limited_per_address_and_leave_the_login_in_progress_to_complete() {
+    // The coordinator's `sso::CALLBACK_BURST`, then one a second.
+    const BURST: u32 = 10;
     let p = Protected::start("sso.test", &["sso.test"], false, 300);
     let app = p.base("sso.test");
     let mut browser = Browser::new(&p.tls.ca, None, &[("sso.test", p.ingress)]);
@@ -897,19 +903,60 @@ fn junk_code_callbacks_leave_the_login_in_progress_to_complete() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    for i in 0..50 {
+    let started = Instant::now();
+    let mut refused_by_provider: u32 = 0;
+    let (retry_after, body) = loop {
+        // One a second gets through after the burst: a provider slower
+        // than that would never see the limit, and neither would this loop.
+        assert!(
+            refused_by_provider < 200,
+            "no 429 after {refused_by_provider} junk callbacks in {:?}",
+            started.elapsed()
+        );
         let mut junk = Url::parse(&format!("{app}{CALLBACK}")).unwrap();
         junk.query_pairs_mut()
-            .append_pair("code", &format!("junk-{i}"))
+            .append_pair("code", &format!("junk-{refused_by_provider}"))
             .append_pair("state", &state);
         let r = raw.get(junk).header(COOKIE, &login_cookie).send().unwrap();
-        let (status, body) = (r.status().as_u16(), r.text().unwrap());
-        assert_eq!(
-            status, 502,
-            "junk callback {i}: the provider refuses the code: {body}"
-        );
-    }
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get(RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = r.text().unwrap();
+        match status {
+            502 => refused_by_provider += 1,
+            429 => break (retry_after, body),
+            _ => panic!("junk callback {refused_by_provider}: {status} {body}"),
+        }
+    };
+    let elapsed = started.elapsed();
+    // The whole burst reached the provider (which refused each code), and
+    // no more than one a second after it.
+    assert!(refused_by_provider >= BURST, "{refused_by_provider}");
+    assert!(
+        f64::from(refused_by_provider) <= f64::from(BURST) + elapsed.as_secs_f64(),
+        "{refused_by_provider} junk callbacks reached the provider in {elapsed:?}"
+    );
+    let retry_after: u64 = retry_after
+        .expect("a 429 says when to retry")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(retry_after >= 1, "{retry_after}");
+    assert!(
+        body.contains(&format!(
+            "too many sign-in attempts from this address; retry after {retry_after} s"
+        )),
+        "{body}"
+    );
+    // The limited callback was answered before the provider was asked.
+    let seen = grants(&p.provider, &p.tls.ca);
+    assert_eq!(
+        seen["authorization_code_refused"], refused_by_provider,
+        "{seen}"
+    );
 
+    std::thread::sleep(Duration::from_secs(retry_after));
     // The genuine callback, for that same state, completes the login.
     let page = browser.sign_in(page, &p.provider.url, "alice@example.com");
     let callback = browser.hop_at(CALLBACK);
@@ -932,6 +979,8 @@ fn junk_code_callbacks_leave_the_login_in_progress_to_complete() {
     let seen = json(&page);
     assert_eq!(seen["x-user-email"], "alice@example.com", "{seen}");
     assert_eq!(seen["x-user-groups"], r#"["dev","ops"]"#, "{seen}");
+    let seen = grants(&p.provider, &p.tls.ca);
+    assert_eq!(seen["authorization_code"], 1, "{seen}");
 }
 
 /// Whether a request with a session got past the route's gate: the app

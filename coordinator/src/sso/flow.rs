@@ -8,10 +8,14 @@
 //! claims last no longer than the ID token; with a refresh token they are
 //! renewed (one refresh per session at a time, so a rotated refresh token
 //! is never spent twice) up to [`MAX_SESSION_SECS`]. Logout ends the
-//! session for copies of its cookie too, across restarts.
+//! session for copies of its cookie too, across restarts. A callback that
+//! would ask the provider takes from its source address's bucket first
+//! (over it: 429 with `Retry-After`, before any store read).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use identity::route_oidc::{
     pkce_challenge_s256, pkce_verifier, random_token, safe_return_path, tokens_match, ClaimHeader,
@@ -106,6 +110,9 @@ pub struct GateRequest<'a> {
     pub accepts_html: bool,
     /// Whether the request came over HTTPS.
     pub secure: bool,
+    /// The TCP peer address the ingress accepted the connection from (never
+    /// a header the client sets): what callbacks are limited by.
+    pub source: IpAddr,
     /// The route's claim mappings: only these claims are kept in the
     /// session.
     pub claim_headers: &'a [ClaimHeader],
@@ -562,6 +569,17 @@ impl Sso {
             if used.is_used(&login.state, now) {
                 return refuse(400, "login state already used");
             }
+        }
+        // From here on the callback costs a store read and a request to the
+        // provider, which anyone may cause with a cookie and state from the
+        // gate: its address takes from its bucket first.
+        if let Err(wait) = self.callback_attempt(req.source, Instant::now()) {
+            let secs = wait.as_secs().max(1);
+            return Gate::Respond(
+                429,
+                vec![("retry-after".to_string(), secs.to_string())],
+                format!("too many sign-in attempts from this address; retry after {secs} s\n"),
+            );
         }
         let store = &*self.store;
         match crate::blocking::wait_here(|| shared::state_used(store, &login.state)) {

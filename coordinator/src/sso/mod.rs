@@ -11,7 +11,12 @@
 //! rotated refresh token is never spent twice) up to the session cap.
 //! Login state travels in a sealed cookie of its own, one per login (named
 //! after the state, so logins in several tabs do not clash); each `state` is
-//! accepted once. Used states, ended sessions and the latest refresh of
+//! accepted once. A callback that would make the coordinator ask the
+//! provider takes from a token bucket of its source address first
+//! ([`CALLBACK_BURST`], [`CALLBACK_INTERVAL`]): the login cookie and its
+//! state are free to anyone, so without it one anonymous peer could make
+//! the coordinator call the provider's token endpoint at any rate. Used
+//! states, ended sessions and the latest refresh of
 //! each session are shared through the store by every coordinator
 //! ([`shared`]). The pure rules (return paths, PKCE, header filtering,
 //! session lifetime, used states) are in `identity`.
@@ -27,8 +32,10 @@ pub mod provider;
 pub mod shared;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use identity::UsedStates;
 
@@ -40,8 +47,26 @@ pub use flow::{
 };
 pub use provider::ProviderMeta;
 
+use crate::frontdoor::RateLimiter;
 use crate::shutdown::Tasks;
 use crate::store::{Revision, Store};
+
+/// Callbacks one source address (an IPv4 address, an IPv6 /64) may send on
+/// to the provider at once: a few people behind one NAT signing in
+/// together, a user retrying.
+pub const CALLBACK_BURST: u32 = 10;
+/// ... and then one every this long.
+pub const CALLBACK_INTERVAL: Duration = Duration::from_secs(1);
+/// Sources whose callback buckets are remembered; past that, full buckets
+/// are forgotten first (they equal an absent one), then the one nearest
+/// full, so many addresses cannot grow the map.
+pub const MAX_CALLBACK_SOURCES: usize = 4096;
+
+/// The bucket callbacks take from per source address.
+fn callback_limiter() -> RateLimiter<IpAddr> {
+    RateLimiter::new(CALLBACK_BURST, CALLBACK_INTERVAL, MAX_CALLBACK_SOURCES)
+}
+
 /// Completed logins remembered for replay protection at most (each until
 /// its login window ends); beyond it new callbacks are refused until older
 /// logins expire. Only logins the provider completed count, so an
@@ -61,6 +86,9 @@ pub struct Sso {
     used_states: Mutex<UsedStates>,
     /// The lease used states are written on.
     state_lease: shared::StateLease,
+    /// Callbacks per source address that go on to the store and the
+    /// provider: a burst, then one per interval.
+    callbacks: Mutex<RateLimiter<IpAddr>>,
     /// Sessions ended by logout, refused until they would have expired
     /// anyway; following the store, so a logout through any coordinator
     /// (or before a restart) counts.
@@ -93,6 +121,7 @@ impl Sso {
             store,
             used_states: Mutex::new(UsedStates::new(MAX_LOGINS_IN_PROGRESS)),
             state_lease: shared::StateLease::default(),
+            callbacks: Mutex::new(callback_limiter()),
             ended,
             ended_loaded_at,
             providers: provider::ProviderCache::default(),
@@ -104,6 +133,15 @@ impl Sso {
     /// Counts and audits in `observe`.
     pub fn observed(self, observe: Arc<crate::observe::Observe>) -> Self {
         Sso { observe, ..self }
+    }
+
+    /// Takes one callback for `source` at `now`, or says how long until
+    /// its address may send the next one.
+    fn callback_attempt(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+        match self.callbacks.lock() {
+            Ok(mut limiter) => limiter.attempt(source, now),
+            Err(_) => Err(CALLBACK_INTERVAL.max(Duration::from_secs(1))),
+        }
     }
 
     /// Follows logouts through every coordinator until shutdown.
@@ -190,6 +228,61 @@ mod tests {
         );
         assert!(sso.session(&A, &cookie, now + 61).is_some());
         assert!(sso.session(&A, &cookie, now + MAX_SESSION_SECS).is_none());
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn callbacks_from_one_address_get_a_burst_then_one_per_interval() {
+        let t0 = Instant::now();
+        let mut callbacks = callback_limiter();
+        let peer = ip("192.0.2.1");
+        for i in 0..CALLBACK_BURST {
+            assert_eq!(callbacks.attempt(peer, t0), Ok(()), "callback {i}");
+        }
+        assert_eq!(callbacks.attempt(peer, t0), Err(CALLBACK_INTERVAL));
+        // Its IPv4-mapped form and other ports are the same peer; another
+        // address is not held back.
+        assert!(callbacks.attempt(ip("::ffff:192.0.2.1"), t0).is_err());
+        assert_eq!(callbacks.attempt(ip("192.0.2.2"), t0), Ok(()));
+        // One more after one interval, not before.
+        let half = t0 + CALLBACK_INTERVAL / 2;
+        assert_eq!(callbacks.attempt(peer, half), Err(Duration::from_secs(1)));
+        let later = t0 + CALLBACK_INTERVAL;
+        assert_eq!(callbacks.attempt(peer, later), Ok(()));
+        assert!(callbacks.attempt(peer, later).is_err());
+        // An IPv6 host counts by its /64.
+        let v6 = ip("2001:db8:1:2::1");
+        for _ in 0..CALLBACK_BURST {
+            callbacks.attempt(v6, t0).unwrap();
+        }
+        assert!(callbacks.attempt(ip("2001:db8:1:2::ffff"), t0).is_err());
+        assert_eq!(callbacks.attempt(ip("2001:db8:1:3::1"), t0), Ok(()));
+    }
+
+    #[test]
+    fn callback_buckets_stay_bounded_however_many_addresses_send() {
+        let t0 = Instant::now();
+        let mut callbacks = callback_limiter();
+        let held = ip("198.51.100.7");
+        for _ in 0..CALLBACK_BURST {
+            callbacks.attempt(held, t0).unwrap();
+        }
+        let mut n: u32 = 0;
+        while (n as usize) < MAX_CALLBACK_SOURCES + 100 {
+            let [_, b, c, d] = (0x0a00_0000 + n).to_be_bytes();
+            let _ = callbacks.attempt(IpAddr::from([10, b, c, d]), t0);
+            n += 1;
+        }
+        assert!(
+            callbacks.len() <= MAX_CALLBACK_SOURCES,
+            "{}",
+            callbacks.len()
+        );
+        // The drained bucket outlived fuller ones: still limited.
+        assert!(callbacks.attempt(held, t0).is_err());
     }
 
     #[test]
