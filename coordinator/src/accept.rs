@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -101,19 +101,6 @@ pub enum Refused {
     Source(usize),
 }
 
-/// The address a connection counts against: an IPv4 address (an IPv4
-/// address mapped into IPv6 included) as it is; an IPv6 address by its
-/// /64, as a single host is commonly given a whole /64 to pick from.
-pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-    }
-}
-
 /// Counts the connections a listener holds, in total and per source.
 #[derive(Debug)]
 pub struct Slots {
@@ -144,7 +131,7 @@ impl Slots {
 
     /// A slot for a connection from `ip`, given back when dropped.
     pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
-        let source = source_key(ip);
+        let source = crate::frontdoor::source_key(ip);
         let mut held = self.held();
         if held.total >= self.max_total {
             return Err(Refused::Listener(self.max_total));
@@ -416,18 +403,6 @@ mod tests {
 
     fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(a, b, c, d))
-    }
-
-    #[test]
-    fn ipv6_counts_by_its_64_and_mapped_ipv4_as_ipv4() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(source_key(a), source_key(b));
-        assert_ne!(source_key(a), source_key(c));
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(source_key(mapped), v4(192, 0, 2, 7));
-        assert_eq!(source_key(v4(10, 0, 0, 1)), v4(10, 0, 0, 1));
     }
 
     #[test]
