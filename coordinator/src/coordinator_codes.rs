@@ -52,6 +52,7 @@ pub fn create(
     now: i64,
 ) -> Result<(String, JoinTokenRecord), CodeError> {
     let ttl = check_coordinator_ttl(ttl_secs)?;
+    crate::runners::forget_expired_codes(store, PREFIX, now)?;
     let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
@@ -132,6 +133,45 @@ mod tests {
             redeem(&*store, &parsed.id, &parsed.secret, 1002),
             Err(CodeError::Refused(JoinRefusal::UsedOrRevoked))
         ));
+    }
+
+    #[test]
+    fn codes_a_week_past_expiry_are_forgotten_when_the_next_is_made() {
+        use identity::join_token::KEEP_EXPIRED_SECS;
+        let (_d, store, addr) = setup();
+        let (_, old) = create(&*store, &addr, 3600, 1000).unwrap();
+        let (_, used) = create(&*store, &addr, 7200, 1000).unwrap();
+        // A runner's join token under its own prefix is not this kind's.
+        store
+            .commit(Txn {
+                conditions: vec![],
+                ops: vec![Op::Put(
+                    "jointoken/r1".into(),
+                    encode(&JoinTokenRecord {
+                        id: "r1".into(),
+                        expires_unix: 0,
+                        ..old.clone()
+                    }),
+                )],
+            })
+            .unwrap();
+        // Within the week after its expiry the old one is still known...
+        let (_, _) = create(
+            &*store,
+            &addr,
+            3600,
+            old.expires_unix + KEEP_EXPIRED_SECS - 1,
+        )
+        .unwrap();
+        assert!(store.get(&key(&old.id)).unwrap().is_some());
+        // ...then forgotten; the one expiring later stays until its week.
+        let (_, newest) =
+            create(&*store, &addr, 3600, old.expires_unix + KEEP_EXPIRED_SECS).unwrap();
+        assert!(store.get(&key(&old.id)).unwrap().is_none());
+        assert!(store.get(&key(&used.id)).unwrap().is_some());
+        assert!(store.get(&key(&newest.id)).unwrap().is_some());
+        assert!(store.get("jointoken/r1").unwrap().is_some());
+        assert_eq!(store.scan(PREFIX).unwrap().len(), 3);
     }
 
     #[test]

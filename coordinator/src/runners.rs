@@ -304,6 +304,7 @@ impl Registry {
     ) -> Result<(String, JoinTokenRecord), RegistryError> {
         let ttl = check_ttl(ttl_secs, reusable)?;
         check_name_and_labels(name, &labels)?;
+        self.forget_expired_tokens(now)?;
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
@@ -328,6 +329,12 @@ impl Registry {
             return Err(RegistryError::IdCollision);
         }
         Ok((token.encode(), record))
+    }
+
+    /// Forgets the join tokens that expired more than a week ago
+    /// (`JoinTokenRecord::forgettable`); done when a token is made.
+    fn forget_expired_tokens(&self, now: i64) -> Result<usize, RegistryError> {
+        Ok(forget_expired_codes(&*self.store, "jointoken/", now)?)
     }
 
     /// All join tokens.
@@ -731,6 +738,35 @@ impl crate::watched::Watched for Registry {
         let gone = self.records.apply(batch);
         self.cut_off(&gone);
     }
+}
+
+/// Deletes the code records under `prefix` (runner join tokens,
+/// coordinator codes) that [`JoinTokenRecord::forgettable`] at `now`, each
+/// only if it is unchanged since read; returns how many went. Codes are
+/// made by admins, so this bounds what the store keeps of them by what a
+/// week of admins makes.
+pub(crate) fn forget_expired_codes(
+    store: &dyn Store,
+    prefix: &str,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let mut forgotten = 0;
+    for (key, bytes) in store.scan(prefix)? {
+        let Ok(record) = decode::<JoinTokenRecord>(&key, &bytes) else {
+            continue;
+        };
+        if !record.forgettable(now) {
+            continue;
+        }
+        let outcome = store.commit(Txn {
+            conditions: vec![Condition::Equals(key.clone(), bytes)],
+            ops: vec![Op::Delete(key)],
+        })?;
+        if outcome == Outcome::Applied {
+            forgotten += 1;
+        }
+    }
+    Ok(forgotten)
 }
 
 #[cfg(test)]

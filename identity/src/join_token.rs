@@ -318,7 +318,18 @@ impl JoinTokenState {
     }
 }
 
+/// How long a code's record is kept after it expired: listings and a late
+/// redemption still say "expired" (not "unknown") for a week, then the
+/// record is forgotten when the next code of its kind is made.
+pub const KEEP_EXPIRED_SECS: i64 = 7 * 24 * 3600;
+
 impl JoinTokenRecord {
+    /// Whether the record may be forgotten at `now`: it expired more than
+    /// [`KEEP_EXPIRED_SECS`] ago (whether used, revoked or never redeemed).
+    pub fn forgettable(&self, now: i64) -> bool {
+        now >= self.expires_unix.saturating_add(KEEP_EXPIRED_SECS)
+    }
+
     /// The state at `now`.
     pub fn state(&self, now: i64) -> JoinTokenState {
         if self.revoked {
@@ -374,6 +385,27 @@ mod tests {
             name: String::new(),
             labels: vec![],
         }
+    }
+
+    #[test]
+    fn a_record_is_forgettable_a_week_after_it_expired_whatever_its_state() {
+        let fresh = record(&[1u8; 32], false);
+        let week_after = fresh.expires_unix + KEEP_EXPIRED_SECS;
+        assert!(!fresh.forgettable(fresh.created_unix));
+        assert!(!fresh.forgettable(fresh.expires_unix));
+        assert!(!fresh.forgettable(week_after - 1));
+        assert!(fresh.forgettable(week_after));
+        let mut used = fresh.clone();
+        used.uses = 1;
+        let mut revoked = fresh.clone();
+        revoked.revoked = true;
+        for r in [&used, &revoked] {
+            assert!(!r.forgettable(week_after - 1));
+            assert!(r.forgettable(week_after));
+        }
+        let mut forever = fresh;
+        forever.expires_unix = i64::MAX;
+        assert!(!forever.forgettable(i64::MAX - 1));
     }
 
     #[test]
