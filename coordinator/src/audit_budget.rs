@@ -10,7 +10,10 @@
 //! [`UnprovenEvent`]: [`BURST`] at once, then one per [`INTERVAL`]. A line
 //! over budget is left out and counted; the next line admitted for that
 //! source and event first reports how many were left out
-//! ([`LeftOut`], written as an `audit.suppressed` line).
+//! ([`LeftOut`], written as an `audit.suppressed` line). A source that
+//! never sends again keeps its last count in the counter only; counts of
+//! more than [`MAX_SOURCES`] sources at once are pooled as
+//! [`Origin::Others`], reported with the next line of that event.
 //!
 //! Lines about actors that proved something (an admin, a runner, a CI
 //! pipeline whose binding matched, a deploy key that authenticated, a code
