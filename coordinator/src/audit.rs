@@ -313,6 +313,15 @@ pub enum Event {
         provider: Text,
         reason: Text,
     },
+    /// Lines about a peer that has proven nothing that were left out over
+    /// its budget (`crate::audit_budget`): `count` lines of `event` from
+    /// `source` since the last one written.
+    #[serde(rename = "audit.suppressed")]
+    AuditSuppressed {
+        source: Text,
+        event: &'static str,
+        count: u64,
+    },
     /// An RPC that changes something or hands out a credential, by an
     /// admin (or by CI on its app).
     #[serde(rename = "rpc")]

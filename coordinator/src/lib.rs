@@ -13,6 +13,7 @@ pub mod apps;
 pub mod artifact_chunks;
 pub mod artifacts;
 pub mod audit;
+pub mod audit_budget;
 pub mod blocking;
 pub mod ci;
 pub mod ci_simulate;

@@ -80,6 +80,12 @@ pub struct EventResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// An audit action (`audit_budget::UnprovenEvent::as_str`).
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
     pub interface: &'static str,
     pub method: &'static str,
@@ -137,6 +143,8 @@ pub struct Metrics {
     pub rpc_calls: Family<RpcLabels, Counter>,
     pub store_seconds: HistogramFamily<OpLabel>,
     pub audit: AuditCounters,
+    /// Audit lines about unproven peers left out over their budget.
+    pub audit_suppressed: Family<EventLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -156,6 +164,7 @@ impl Default for Metrics {
             rpc_calls: Family::default(),
             store_seconds: Family::new_with_constructor(store_buckets),
             audit: AuditCounters::default(),
+            audit_suppressed: Family::default(),
         }
     }
 }
@@ -238,6 +247,11 @@ impl Metrics {
             "miren_audit_dropped_lines",
             "Audit trail lines dropped (the writer fell behind or the file could not be written)",
             self.audit.dropped.clone(),
+        );
+        r.register(
+            "miren_audit_suppressed_lines",
+            "Audit lines about peers that proved nothing left out over their per-source budget, by event",
+            self.audit_suppressed.clone(),
         );
     }
 }

@@ -168,9 +168,9 @@ impl TokenEndpoint {
         let result = match oauth::parse_form(body)
             .and_then(|pairs| oauth::parse_request(pairs, authorization, &self.targets))
         {
-            Ok(grant) => self.grant(grant).await,
+            Ok(grant) => self.grant(grant, source).await,
             Err(e) => {
-                self.audit_refusal("unknown", None, &e);
+                self.audit_refusal("unknown", None, &e, source);
                 Err(e)
             }
         };
@@ -182,13 +182,17 @@ impl TokenEndpoint {
         result
     }
 
-    /// Issues a token for a well-formed `grant`.
-    pub async fn grant(self: &Arc<Self>, grant: Grant) -> Result<Issued, OAuthError> {
+    /// Issues a token for a well-formed `grant` asked from `source`.
+    pub async fn grant(
+        self: &Arc<Self>,
+        grant: Grant,
+        source: Option<IpAddr>,
+    ) -> Result<Issued, OAuthError> {
         match grant {
             Grant::ClientCredentials { client, scope } => {
                 let out = self.client_credentials(&client.id, &client.secret, &scope);
                 if let Err(e) = &out {
-                    self.audit_refusal(oauth::GRANT_CLIENT_CREDENTIALS, Some(&scope), e);
+                    self.audit_refusal(oauth::GRANT_CLIENT_CREDENTIALS, Some(&scope), e, source);
                 }
                 out
             }
@@ -197,9 +201,9 @@ impl TokenEndpoint {
                     CiTokenGrant::Exchange => oauth::GRANT_TOKEN_EXCHANGE,
                     CiTokenGrant::JwtBearer => oauth::GRANT_JWT_BEARER,
                 };
-                let out = self.ci_token(&token, &scope, kind).await;
+                let out = self.ci_token(&token, &scope, kind, source).await;
                 if let Err(e) = &out {
-                    self.audit_refusal(name, Some(&scope), e);
+                    self.audit_refusal(name, Some(&scope), e, source);
                 }
                 out
             }
@@ -272,8 +276,9 @@ impl TokenEndpoint {
         token: &str,
         scope: &Scope,
         kind: CiTokenGrant,
+        source: Option<IpAddr>,
     ) -> Result<Issued, OAuthError> {
-        let (grant, actor) = self.ci_grant(token, scope).await?;
+        let (grant, actor) = self.ci_grant(token, scope, source).await?;
         let (name, issued_type) = match kind {
             CiTokenGrant::Exchange => (oauth::GRANT_TOKEN_EXCHANGE, Some(TOKEN_TYPE_ACCESS_TOKEN)),
             CiTokenGrant::JwtBearer => (oauth::GRANT_JWT_BEARER, None),
@@ -288,6 +293,7 @@ impl TokenEndpoint {
         &self,
         token: &str,
         scope: &Scope,
+        source: Option<IpAddr>,
     ) -> Result<(AccessGrant, Actor), OAuthError> {
         if token.len() > identity::MAX_TOKEN_BYTES {
             return Err(err(
@@ -302,6 +308,7 @@ impl TokenEndpoint {
             &self.rt,
             &scope.app,
             token,
+            source,
         )
         .await
         .map_err(|e| match e {
@@ -402,14 +409,18 @@ impl TokenEndpoint {
                 exp: Some(claims.exp),
                 reason: None,
             },
-            false,
         );
         Ok(claims)
     }
 
-    fn audit_refusal(&self, grant: &'static str, scope: Option<&Scope>, e: &OAuthError) {
-        self.observe.oauth_token(
-            Actor::Anonymous,
+    fn audit_refusal(
+        &self,
+        grant: &'static str,
+        scope: Option<&Scope>,
+        e: &OAuthError,
+        source: Option<IpAddr>,
+    ) {
+        self.observe.oauth_token_refused(
             Event::OAuthToken {
                 grant,
                 app: scope.map(|s| Text::new(&s.app)),
@@ -418,7 +429,7 @@ impl TokenEndpoint {
                 exp: None,
                 reason: Some(Text::new(&e.to_string())),
             },
-            true,
+            source,
         );
     }
 
@@ -442,15 +453,20 @@ impl TokenEndpoint {
         Ok(token)
     }
 
-    /// `ciLogin`: a token exchange of the CI `token` for the whole of
+    /// `ciLogin` from `source`: a token exchange of the CI `token` for the whole of
     /// `app` (the same verification, matching, spending, claims and audit
     /// as at the endpoint), logged in at once: the token the exchange would
     /// sign is handed to the login as its verified claims, since it never
     /// leaves the coordinator.
-    pub async fn ci_login(&self, token: &str, app: &str) -> Result<AccessToken, OAuthError> {
+    pub async fn ci_login(
+        &self,
+        token: &str,
+        app: &str,
+        source: IpAddr,
+    ) -> Result<AccessToken, OAuthError> {
         let scope = Scope::whole_app(app);
         let out = async {
-            let (grant, actor) = self.ci_grant(token, &scope).await?;
+            let (grant, actor) = self.ci_grant(token, &scope, Some(source)).await?;
             let now = transport::clock::now_unix();
             let claims = self.claims("ciLogin", &grant, &scope, actor, now)?;
             Ok(AccessToken {
@@ -460,7 +476,7 @@ impl TokenEndpoint {
         }
         .await;
         if let Err(e) = &out {
-            self.audit_refusal("ciLogin", Some(&scope), e);
+            self.audit_refusal("ciLogin", Some(&scope), e, Some(source));
         }
         out
     }

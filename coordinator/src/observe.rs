@@ -7,10 +7,17 @@
 //! [`CiRefusal`], [`join_refusal_reason`]); the audit line keeps
 //! the full message (through [`crate::audit::Text`]).
 //!
+//! Lines about peers that have proven nothing (refused CI logins, token
+//! requests, joins, route OIDC callbacks) are budgeted per source
+//! ([`crate::audit_budget`]): over budget a line is left out and counted
+//! (`miren_audit_suppressed_lines_total`), and an `audit.suppressed` line
+//! says how many before the source's next line; the counters of the
+//! decisions themselves count every request.
+//!
 //! With `miren server --no-observe` (hidden; for benchmarks that compare
 //! the cost) nothing is counted or written.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant};
 use identity::bindings::Binding;
 
 use crate::audit::{Actor, AuditLog, CiTokenFields, Event, Outcome, Text};
+use crate::audit_budget::{AuditBudget, UnprovenEvent, Verdict};
 use crate::metrics::{self, Metrics};
 use crate::runners::{RegistryError, RunnerRecord};
 
@@ -35,6 +43,8 @@ pub struct Observe {
     https_cert_not_after: AtomicI64,
     /// Signing key states last seen by [`Observe::watch_keys`].
     keys_seen: Mutex<Option<Vec<(String, crate::keyring::KeyState)>>>,
+    /// What lines about unproven peers may still be written, per source.
+    budget: Mutex<AuditBudget>,
 }
 
 /// Why a workload token was not minted (label values).
@@ -161,6 +171,7 @@ impl Observe {
             server_cert_not_after: AtomicI64::new(0),
             https_cert_not_after: AtomicI64::new(0),
             keys_seen: Mutex::new(None),
+            budget: Mutex::new(AuditBudget::default()),
         }
     }
 
@@ -209,6 +220,51 @@ impl Observe {
     fn record(&self, actor: Actor, event: Event, outcome: Outcome) {
         if self.enabled {
             self.audit.record(actor, event, outcome);
+        }
+    }
+
+    /// A line about a decision that a peer who may have proven nothing can
+    /// repeat at will, from `source` (the peer address the listener
+    /// accepted; `None` when unknown): written within the source's budget
+    /// for `kind`, after a line saying how many were left out before;
+    /// left out and counted over it.
+    fn record_unproven(
+        &self,
+        source: Option<IpAddr>,
+        kind: UnprovenEvent,
+        (actor, event, outcome): (Actor, Event, Outcome),
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let verdict = match self.budget.lock() {
+            Ok(mut b) => b.admit(&actor, outcome, source, kind, Instant::now()),
+            // A poisoned budget must not lose the trail: write.
+            Err(_) => Verdict::Write(Vec::new()),
+        };
+        match verdict {
+            Verdict::LeaveOut => {
+                self.metrics
+                    .audit_suppressed
+                    .get_or_create(&metrics::EventLabel {
+                        event: kind.as_str(),
+                    })
+                    .inc();
+            }
+            Verdict::Write(reports) => {
+                for r in reports {
+                    self.audit.record(
+                        Actor::Anonymous,
+                        Event::AuditSuppressed {
+                            source: Text::new(&r.origin.to_string()),
+                            event: r.event.as_str(),
+                            count: r.count,
+                        },
+                        Outcome::Refused,
+                    );
+                }
+                self.audit.record(actor, event, outcome);
+            }
         }
     }
 
@@ -278,13 +334,14 @@ impl Observe {
         err
     }
 
-    /// A CI login was decided: accepted with a binding, or refused for a
-    /// reason with the message the caller got.
+    /// A CI login from `source` was decided: accepted with a binding, or
+    /// refused for a reason with the message the caller got.
     pub fn ci_login(
         &self,
         app: &str,
         seen: CiTokenFields,
         outcome: Result<&Binding, (CiRefusal, &dyn std::fmt::Display)>,
+        source: Option<IpAddr>,
     ) {
         if !self.enabled {
             return;
@@ -302,7 +359,7 @@ impl Observe {
             .ci_logins
             .get_or_create(&metrics::ResultReason { result, reason })
             .inc();
-        self.record(
+        let line = (
             actor,
             Event::CiLogin {
                 app: Text::new(app),
@@ -321,18 +378,19 @@ impl Observe {
                 Outcome::Refused
             },
         );
+        self.record_unproven(source, UnprovenEvent::CiLogin, line);
     }
 
-    /// The token endpoint decided a request: `actor` is who it was issued
-    /// to (anonymous when refused); `reason` the refusal's RFC code and
-    /// description.
-    pub fn oauth_token(&self, actor: Actor, event: Event, refused: bool) {
-        let outcome = if refused {
-            Outcome::Refused
-        } else {
-            Outcome::Ok
-        };
-        self.record(actor, event, outcome);
+    /// The token endpoint issued a token to `actor`.
+    pub fn oauth_token(&self, actor: Actor, event: Event) {
+        self.record(actor, event, Outcome::Ok);
+    }
+
+    /// The token endpoint refused a request from `source` (`event` holds
+    /// the refusal's RFC code and description).
+    pub fn oauth_token_refused(&self, event: Event, source: Option<IpAddr>) {
+        let line = (Actor::Anonymous, event, Outcome::Refused);
+        self.record_unproven(source, UnprovenEvent::OAuthToken, line);
     }
 
     /// A fetch of a CI issuer's document (`discovery` or `jwks`).
@@ -391,7 +449,8 @@ impl Observe {
             ),
         };
         self.metrics.joins.get_or_create(&labels).inc();
-        self.record(actor, event, outcome);
+        let line = (actor, event, outcome);
+        self.record_unproven(Some(remote.ip()), UnprovenEvent::RunnerJoin, line);
         result
     }
 
@@ -406,7 +465,7 @@ impl Observe {
             Ok(()) => (None, Outcome::Ok),
             Err(e) => (Some(Text::new(&e.to_string())), Outcome::Refused),
         };
-        self.record(
+        let line = (
             Actor::Anonymous,
             Event::CoordinatorJoin {
                 join_code: Text::new(join_code),
@@ -415,6 +474,7 @@ impl Observe {
             },
             outcome,
         );
+        self.record_unproven(Some(remote.ip()), UnprovenEvent::CoordinatorJoin, line);
     }
 
     pub fn runner_removed(&self, actor: &Actor, r: &RunnerRecord) {
@@ -520,11 +580,18 @@ impl Observe {
         }
     }
 
-    /// A login callback was refused (status and the answer's text).
-    pub fn route_oidc_login_refused(&self, host: &str, provider: &str, status: u16, why: &str) {
+    /// A login callback from `source` was refused (status and the
+    /// answer's text).
+    pub fn route_oidc_login_refused(
+        &self,
+        host: &str,
+        provider: &str,
+        (status, why): (u16, &str),
+        source: IpAddr,
+    ) {
         if self.enabled {
             self.route_oidc_count("login", false);
-            self.record(
+            let line = (
                 Actor::Anonymous,
                 Event::RouteOidcLogin {
                     host: Text::new(host),
@@ -534,6 +601,7 @@ impl Observe {
                 },
                 Outcome::Refused,
             );
+            self.record_unproven(Some(source), UnprovenEvent::RouteOidcLogin, line);
         }
     }
 
@@ -693,6 +761,83 @@ pub fn metered_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The trail's lines, once `want` of them are written.
+    fn lines_of(dir: &std::path::Path, want: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let page = crate::audit::read(
+                dir,
+                &crate::audit::Query {
+                    limit: 1000,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let lines: Vec<serde_json::Value> = page
+                .lines
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines.len() >= want || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_flood_of_refusals_is_left_out_counted_and_said_while_admins_are_written() {
+        use crate::audit_budget::BURST;
+        let dir = tempfile::tempdir().unwrap();
+        let o = Observe::new(dir.path(), Duration::from_secs(60)).unwrap();
+        let source: IpAddr = "192.0.2.10".parse().unwrap();
+        let refusal = || Event::OAuthToken {
+            grant: "client_credentials",
+            app: None,
+            client: None,
+            jti: None,
+            exp: None,
+            reason: Some(Text::new("invalid_client")),
+        };
+        let flood = BURST as usize + 50;
+        for _ in 0..flood {
+            o.oauth_token_refused(refusal(), Some(source));
+            o.changed(
+                &Actor::Admin("admin".into()),
+                Event::RouteRemoved {
+                    host: Text::new("a.example"),
+                },
+            );
+        }
+        let suppressed = o
+            .metrics
+            .audit_suppressed
+            .get_or_create(&metrics::EventLabel {
+                event: "oauth.token",
+            })
+            .get();
+        let admitted = flood - suppressed as usize;
+        assert!(admitted >= BURST as usize && suppressed > 0, "{admitted}");
+        let lines = lines_of(dir.path(), flood + admitted);
+        let count = |action: &str| lines.iter().filter(|l| l["action"] == action).count();
+        assert_eq!(count("route.removed"), flood, "admins are never budgeted");
+        assert_eq!(count("oauth.token"), admitted);
+        assert_eq!(count("audit.suppressed"), 0, "said only with the next line");
+        // The source's next line, after a refill, says what was left out.
+        std::thread::sleep(crate::audit_budget::INTERVAL);
+        o.oauth_token_refused(refusal(), Some(source));
+        let lines = lines_of(dir.path(), flood + admitted + 2);
+        let said: Vec<_> = lines
+            .iter()
+            .filter(|l| l["action"] == "audit.suppressed")
+            .collect();
+        assert_eq!(said.len(), 1, "{lines:#?}");
+        assert_eq!(said[0]["source"], "192.0.2.10");
+        assert_eq!(said[0]["event"], "oauth.token");
+        assert_eq!(said[0]["count"], suppressed);
+        assert_eq!(lines.last().unwrap()["action"], "oauth.token");
+    }
 
     #[test]
     fn key_changes_are_audited_once() {

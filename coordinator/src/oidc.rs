@@ -632,7 +632,8 @@ pub struct CiLogin {
 /// A CI login for `app` with `token`: the cheap checks and a login slot
 /// where the call arrives ([`OidcVerifier::begin`]), the verification on
 /// the multi-threaded runtime `rt` ([`OidcVerifier::finish`]), the
-/// decision counted and audited in `observe`. Returns the binding matched
+/// decision counted and audited in `observe` (budgeted by `source`, the
+/// peer address, when refused). Returns the binding matched
 /// and the verified token.
 pub async fn login(
     oidc: &Arc<OidcVerifier>,
@@ -641,10 +642,11 @@ pub async fn login(
     rt: &tokio::runtime::Handle,
     app: &str,
     token: &str,
+    source: Option<std::net::IpAddr>,
 ) -> Result<CiLogin, LoginError> {
     let seen = crate::audit::CiTokenFields::peek(token);
     let refused = |e: LoginError| {
-        observe.ci_login(app, seen.clone(), Err((e.refusal(), &e)));
+        observe.ci_login(app, seen.clone(), Err((e.refusal(), &e)), source);
         e
     };
     let attempt = oidc.begin(ci, token).map_err(refused)?;
@@ -660,7 +662,7 @@ pub async fn login(
             Err(LoginError::Denied(DenialCause::Task))
         });
     let login = finished.map_err(refused)?;
-    observe.ci_login(app, seen, Ok(&login.binding));
+    observe.ci_login(app, seen, Ok(&login.binding), source);
     Ok(login)
 }
 

@@ -170,8 +170,9 @@ impl cluster::Server for ClusterService {
         let app = p.get_app()?.to_string()?;
         crate::apps::check_app_name(&app).map_err(app_err)?;
         // A token exchange, then the login every credential ends in.
+        let remote = self.conn.remote_address().ip();
         let access = (self.state.oauth)
-            .ci_login(token.to_str()?, &app)
+            .ci_login(token.to_str()?, &app, remote)
             .await
             .map_err(oauth_err)?;
         let client = self.capability(access);

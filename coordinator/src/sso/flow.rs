@@ -422,7 +422,13 @@ impl Sso {
         if path == CALLBACK_PATH {
             let answer = (self.callback(oidc, provider, &issuer, &scope, req, &redirect_uri)).await;
             if let Gate::Respond(status @ 400.., _, why) = &answer {
-                (self.observe).route_oidc_login_refused(host, &provider.name, *status, why);
+                let answer_of = (*status, why.as_str());
+                (self.observe).route_oidc_login_refused(
+                    host,
+                    &provider.name,
+                    answer_of,
+                    req.source,
+                );
             }
             return answer;
         }
