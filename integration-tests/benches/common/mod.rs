@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,32 @@ pub fn miren_bin() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// The end of a bench's `main`, which returns what this returns. When
+/// `ready` is an error (the `miren` binary or a tool it needs is missing),
+/// a quick pass (`cargo test`, not `benching`) says it skipped and a real
+/// run (`cargo bench`) fails; otherwise `bench` runs, and its error fails
+/// the process. `name` starts those lines.
+pub fn run_bench(
+    name: &str,
+    benching: bool,
+    ready: anyhow::Result<()>,
+    bench: impl FnOnce() -> anyhow::Result<()>,
+) -> ExitCode {
+    if let Err(e) = ready {
+        if benching {
+            eprintln!("{name} bench failed: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        println!("{name} bench skipped (quick pass): {e:#}");
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = bench() {
+        eprintln!("{name} bench failed: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times.
