@@ -72,7 +72,7 @@ use common::{
     clock_ticks, cpu_secs_between, cpu_share, mib, miren, miren_bin, open_files_limit, sample,
     status_field, wait_until, ServerProc,
 };
-use swarm::{Swarm, SwarmReport, TAG};
+use swarm::{Swarm, SwarmArgs, SwarmReport, TAG};
 
 /// Set in the environment of the re-executed swarm process.
 const SWARM_ENV: &str = "MIREN_CONVERGE_BENCH_SWARM";
@@ -474,14 +474,14 @@ fn bench_main() -> anyhow::Result<()> {
     let runners_dir = tmp.path().join("runners");
     std::fs::create_dir_all(&runners_dir)?;
     let swarm_stderr_path = tmp.path().join("swarm.stderr");
-    let n = s.runners.to_string();
     let mut swarm = Swarm::spawn(
-        &[
-            (SWARM_ENV, "1".as_ref()),
-            ("CONVERGE_BENCH_SWARM_CODE", code.as_ref()),
-            ("CONVERGE_BENCH_SWARM_DIR", runners_dir.as_ref()),
-            ("CONVERGE_BENCH_SWARM_N", n.as_ref()),
-        ],
+        SWARM_ENV,
+        &SwarmArgs {
+            code,
+            dir: runners_dir.clone(),
+            runners: s.runners,
+            concurrency: 16,
+        },
         std::fs::File::create(&swarm_stderr_path)?.into(),
         SwarmOut::default(),
     )?;
@@ -1437,13 +1437,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
 // ---------------------------------------------------------------------------
 
 fn swarm_main() -> anyhow::Result<()> {
-    let var = |k: &str| {
-        std::env::var(k).map_err(|_| anyhow::anyhow!("{k} is not set (swarm started by hand?)"))
-    };
-    let code = var("CONVERGE_BENCH_SWARM_CODE")?;
-    let dir = PathBuf::from(var("CONVERGE_BENCH_SWARM_DIR")?);
-    let n: usize = var("CONVERGE_BENCH_SWARM_N")?.parse()?;
-    let concurrency = 16usize;
+    let args = SwarmArgs::from_env()?;
     // The runners' own account of losing and regaining the coordinator
     // ("connection to the coordinator lost: …", "reconnecting in …") goes
     // to our stderr, a file the bench reads.
@@ -1455,7 +1449,7 @@ fn swarm_main() -> anyhow::Result<()> {
 
     let stop = swarm::stop_on_stdin_close();
     swarm::block_on_local(async move {
-        let joined = swarm::join_runners(&dir, &code, n, concurrency).await;
+        let joined = swarm::join_runners(&args).await;
         swarm::say(&format!("JOIN_DONE {}", joined.len()));
         let data = joined.into_iter().map(|(data, _)| data).collect();
         swarm::run_runners(data, stop, Duration::from_secs(20)).await;

@@ -28,7 +28,7 @@
 //! pass with a handful of runners shows the bench still works.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ use common::{
     clock_ticks, cpu_share, mib, miren, miren_bin, open_files_limit, sample, status_field,
     wait_until,
 };
-use swarm::{say, Swarm, SwarmReport, TAG};
+use swarm::{say, Swarm, SwarmArgs, SwarmReport, TAG};
 
 /// Set in the environment of the re-executed swarm process.
 const SWARM_ENV: &str = "MIREN_RUNNERS_BENCH_SWARM";
@@ -265,16 +265,14 @@ fn coordinator_main() -> anyhow::Result<()> {
     // The swarm.
     let runners_dir = tmp.path().join("runners");
     std::fs::create_dir_all(&runners_dir)?;
-    let n = s.n.to_string();
-    let concurrency = s.concurrency.to_string();
     let mut swarm = Swarm::spawn(
-        &[
-            (SWARM_ENV, "1".as_ref()),
-            ("RUNNERS_BENCH_SWARM_CODE", code.as_ref()),
-            ("RUNNERS_BENCH_SWARM_DIR", runners_dir.as_ref()),
-            ("RUNNERS_BENCH_SWARM_N", n.as_ref()),
-            ("RUNNERS_BENCH_SWARM_CONCURRENCY", concurrency.as_ref()),
-        ],
+        SWARM_ENV,
+        &SwarmArgs {
+            code,
+            dir: runners_dir,
+            runners: s.n,
+            concurrency: s.concurrency,
+        },
         Stdio::inherit(),
         SwarmOut::default(),
     )?;
@@ -538,20 +536,15 @@ fn coordinator_main() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 
 fn swarm_main() -> anyhow::Result<()> {
-    let var = |k: &str| {
-        std::env::var(k).map_err(|_| anyhow::anyhow!("{k} is not set (swarm started by hand?)"))
-    };
-    let code = var("RUNNERS_BENCH_SWARM_CODE")?;
-    let dir = PathBuf::from(var("RUNNERS_BENCH_SWARM_DIR")?);
-    let n: usize = var("RUNNERS_BENCH_SWARM_N")?.parse()?;
-    let concurrency: usize = var("RUNNERS_BENCH_SWARM_CONCURRENCY")?.parse()?;
+    let args = SwarmArgs::from_env()?;
+    let n = args.runners;
 
     let stop = swarm::stop_on_stdin_close();
     swarm::block_on_local(async move {
         // Joins, `concurrency` at a time.
         say("JOIN_START");
         let started = Instant::now();
-        let joined = swarm::join_runners(&dir, &code, n, concurrency).await;
+        let joined = swarm::join_runners(&args).await;
         let failed = n - joined.len();
         let secs = started.elapsed().as_secs_f64();
         let mut latencies: Vec<Duration> = joined.iter().map(|(_, took)| *took).collect();

@@ -6,7 +6,7 @@
 //! `#[path = "common/swarm.rs"] mod swarm;` next to `mod common;`.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -18,6 +18,38 @@ use crate::common::{pump_lines, Guard};
 
 /// Prefix of the swarm's protocol lines on its stdout.
 pub const TAG: &str = "SWARM ";
+
+/// What the bench tells the swarm process, through its environment.
+pub struct SwarmArgs {
+    /// A reusable join code.
+    pub code: String,
+    /// Where the runners' data dirs go (`dir/rNNNN`).
+    pub dir: PathBuf,
+    /// How many runners to join and run.
+    pub runners: usize,
+    /// Joins in flight at once.
+    pub concurrency: usize,
+}
+
+const CODE_ENV: &str = "MIREN_BENCH_SWARM_CODE";
+const DIR_ENV: &str = "MIREN_BENCH_SWARM_DIR";
+const RUNNERS_ENV: &str = "MIREN_BENCH_SWARM_RUNNERS";
+const CONCURRENCY_ENV: &str = "MIREN_BENCH_SWARM_CONCURRENCY";
+
+impl SwarmArgs {
+    /// In the swarm process: what [`Swarm::spawn`] put in its environment.
+    pub fn from_env() -> anyhow::Result<SwarmArgs> {
+        let var = |k: &str| {
+            std::env::var(k).map_err(|_| anyhow::anyhow!("{k} is not set (swarm started by hand?)"))
+        };
+        Ok(SwarmArgs {
+            code: var(CODE_ENV)?,
+            dir: PathBuf::from(var(DIR_ENV)?),
+            runners: var(RUNNERS_ENV)?.parse()?,
+            concurrency: var(CONCURRENCY_ENV)?.parse()?,
+        })
+    }
+}
 
 // ---------------------------------------------------------------------------
 // The bench's side
@@ -44,11 +76,16 @@ pub struct Swarm<R> {
 }
 
 impl<R: SwarmReport> Swarm<R> {
-    /// Spawns this bench binary with `env` set (one of them tells `main`
-    /// to run the swarm), stdin and stdout piped, stderr to `stderr`.
-    pub fn spawn(env: &[(&str, &std::ffi::OsStr)], stderr: Stdio, out: R) -> anyhow::Result<Self> {
+    /// Spawns this bench binary as the swarm: `marker` set (it tells
+    /// `main` to run the swarm) and `args`, stdin and stdout piped, stderr
+    /// to `stderr`.
+    pub fn spawn(marker: &str, args: &SwarmArgs, stderr: Stdio, out: R) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
-            .envs(env.iter().copied())
+            .env(marker, "1")
+            .env(CODE_ENV, &args.code)
+            .env(DIR_ENV, &args.dir)
+            .env(RUNNERS_ENV, args.runners.to_string())
+            .env(CONCURRENCY_ENV, args.concurrency.to_string())
             .env_remove("RUST_LOG")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -129,16 +166,18 @@ pub fn block_on_local<F: std::future::Future>(work: F) -> anyhow::Result<F::Outp
     Ok(tokio::task::LocalSet::new().block_on(&rt, work))
 }
 
-/// Joins `n` runners with `code`, `concurrency` at a time, each with its
-/// own data dir `dir/rNNNN`; says `JOIN_ERR <i>: <error>` for each that
-/// fails. The joined ones, each with how long its join took, in the order
-/// they finished.
-pub async fn join_runners(
-    dir: &Path,
-    code: &str,
-    n: usize,
-    concurrency: usize,
-) -> Vec<(runner::state::DataDir, Duration)> {
+/// Joins `args.runners` runners with `args.code`, `args.concurrency` at a
+/// time, each with its own data dir `dir/rNNNN`; says `JOIN_ERR <i>:
+/// <error>` for each that fails. The joined ones, each with how long its
+/// join took, in the order they finished.
+pub async fn join_runners(args: &SwarmArgs) -> Vec<(runner::state::DataDir, Duration)> {
+    let SwarmArgs {
+        code,
+        dir,
+        runners: n,
+        concurrency,
+    } = args;
+    let (n, concurrency) = (*n, *concurrency);
     let mut pending = FuturesUnordered::new();
     let mut next = 0usize;
     let mut joined = Vec::with_capacity(n);
