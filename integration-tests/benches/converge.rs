@@ -59,7 +59,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,26 +92,22 @@ fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
-fn main() {
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(SANDBOX_ARG) {
         if let Err(e) = sandbox_serve() {
             eprintln!("sandbox-serve: {e}");
-            std::process::exit(1);
+            return ExitCode::FAILURE;
         }
-        return;
+        return ExitCode::SUCCESS;
     }
-    if std::env::var_os(SWARM_ENV).is_some() {
-        if let Err(e) = swarm_main() {
-            println!("{TAG}FATAL {e:#}");
-            std::process::exit(1);
-        }
-        return;
+    if let Some(end) = swarm::run_if_swarm(SWARM_ENV, swarm_main) {
+        return end;
     }
-    if let Err(e) = bench_main() {
-        eprintln!("converge bench failed: {e:#}");
-        std::process::exit(1);
-    }
+    let benching = args.iter().any(|a| a == "--bench");
+    common::run_bench("converge", benching, miren_bin().map(drop), || {
+        bench_main(benching)
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -391,8 +387,7 @@ struct Load {
     secs: f64,
 }
 
-fn bench_main() -> anyhow::Result<()> {
-    let benching = std::env::args().any(|a| a == "--bench");
+fn bench_main(benching: bool) -> anyhow::Result<()> {
     let s = if benching {
         Settings {
             runners: env_number("CONVERGE_BENCH_RUNNERS").unwrap_or(50).max(1) as usize,
@@ -416,14 +411,7 @@ fn bench_main() -> anyhow::Result<()> {
             micro: Duration::from_millis(200),
         }
     };
-    let bin = match miren_bin() {
-        Ok(b) => b,
-        Err(e) if !benching => {
-            println!("converge bench skipped (quick pass): {e:#}");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
+    let bin = miren_bin()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let clk = clock_ticks();
     let apps = plan_apps(&s);

@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 #[allow(dead_code)]
@@ -55,18 +55,14 @@ fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
-fn main() {
-    if std::env::var_os(SWARM_ENV).is_some() {
-        if let Err(e) = swarm_main() {
-            println!("{TAG}FATAL {e:#}");
-            std::process::exit(1);
-        }
-        return;
+fn main() -> ExitCode {
+    if let Some(end) = swarm::run_if_swarm(SWARM_ENV, swarm_main) {
+        return end;
     }
-    if let Err(e) = coordinator_main() {
-        eprintln!("runners bench failed: {e:#}");
-        std::process::exit(1);
-    }
+    let benching = std::env::args().any(|a| a == "--bench");
+    common::run_bench("runners", benching, miren_bin().map(drop), || {
+        coordinator_main(benching)
+    })
 }
 
 /// Starts `miren server` and waits for the end of its ready banner. The
@@ -194,8 +190,7 @@ struct Settings {
     settle: Duration,
 }
 
-fn coordinator_main() -> anyhow::Result<()> {
-    let benching = std::env::args().any(|a| a == "--bench");
+fn coordinator_main(benching: bool) -> anyhow::Result<()> {
     let s = if benching {
         Settings {
             n: env_number("RUNNERS_BENCH_N").unwrap_or(500) as usize,
@@ -213,14 +208,7 @@ fn coordinator_main() -> anyhow::Result<()> {
             settle: Duration::from_millis(200),
         }
     };
-    let bin = match miren_bin() {
-        Ok(b) => b,
-        Err(e) if !benching => {
-            println!("runners bench skipped (quick pass): {e:#}");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
+    let bin = miren_bin()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let clk = clock_ticks();
 

@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -137,6 +137,23 @@ impl<R: SwarmReport> Swarm<R> {
 // ---------------------------------------------------------------------------
 // The swarm process
 // ---------------------------------------------------------------------------
+
+/// When this process is the swarm (`marker` set by [`Swarm::spawn`]):
+/// runs `swarm_main` and returns how the process ends, its error said as
+/// `FATAL <error>`; `None` in the bench itself.
+pub fn run_if_swarm(
+    marker: &str,
+    swarm_main: impl FnOnce() -> anyhow::Result<()>,
+) -> Option<ExitCode> {
+    std::env::var_os(marker)?;
+    Some(match swarm_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(&format!("FATAL {e:#}"));
+            ExitCode::FAILURE
+        }
+    })
+}
 
 /// Prints one protocol line (`SWARM <line>`) on stdout, flushed.
 pub fn say(line: &str) {
