@@ -59,6 +59,9 @@ use integration_tests::{miren, temp, PythonIssuer, Run, Server};
 use schema::miren_capnp::cluster;
 use transport::tls::ClientIdentity;
 
+#[allow(dead_code)]
+mod common;
+
 const TARGET: f64 = 0.70;
 const IN_FLIGHT: usize = 32;
 const ADD_IN_FLIGHT: usize = 64;
@@ -91,7 +94,7 @@ fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let benching = std::env::args().any(|a| a == "--bench");
     let s = if benching {
         let secs = env_number("CI_LOGINS_BENCH_SECS").unwrap_or(5).max(1);
@@ -115,38 +118,15 @@ fn main() {
             tokens: 300,
         }
     };
-    if let Err(e) = prerequisites() {
-        if benching {
-            eprintln!("ci_logins bench failed: {e:#}");
-            std::process::exit(1);
-        }
-        println!("ci_logins bench skipped (quick pass): {e:#}");
-        return;
-    }
-    if let Err(e) = bench(&s, benching) {
-        eprintln!("ci_logins bench failed: {e:#}");
-        std::process::exit(1);
-    }
+    common::run_bench("ci_logins", benching, prerequisites(), || {
+        bench(&s, benching)
+    })
 }
 
-/// The `miren` binary (the same lookup as `integration_tests::miren_bin`,
-/// without its panic) and python3 with PyJWT and cryptography.
+/// The `miren` binary ([`common::miren_bin`]) and python3 with PyJWT and
+/// cryptography.
 fn prerequisites() -> anyhow::Result<()> {
-    if std::env::var_os("MIREN_BIN").is_none() {
-        let exe = std::env::current_exe()?;
-        let bin = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .context("target dir of the bench executable")?
-            .join("miren");
-        if !bin.exists() {
-            bail!(
-                "{} does not exist: build it first (`cargo build --release -p cli`) or set \
-                 MIREN_BIN",
-                bin.display()
-            );
-        }
-    }
+    common::miren_bin()?;
     let py = Command::new("python3")
         .args(["-c", "import jwt, cryptography"])
         .stdout(Stdio::null())

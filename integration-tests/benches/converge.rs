@@ -56,22 +56,28 @@
 //! the bench still works.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
+#[allow(dead_code)]
+mod common;
+#[path = "common/swarm.rs"]
+mod swarm;
+
+use common::{
+    clock_ticks, cpu_secs_between, cpu_share, mib, miren, miren_bin, open_files_limit, sample,
+    status_field, wait_until, ServerProc,
+};
+use swarm::{Swarm, SwarmArgs, SwarmReport, TAG};
 
 /// Set in the environment of the re-executed swarm process.
 const SWARM_ENV: &str = "MIREN_CONVERGE_BENCH_SWARM";
 /// The first argument of a sandbox's process (this binary again).
 const SANDBOX_ARG: &str = "sandbox-serve";
-/// Prefix of the swarm's protocol lines on its stdout.
-const TAG: &str = "SWARM ";
 /// The ingress host routed to app `web`.
 const WEB_HOST: &str = "web.bench";
 
@@ -86,26 +92,22 @@ fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
-fn main() {
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(SANDBOX_ARG) {
         if let Err(e) = sandbox_serve() {
             eprintln!("sandbox-serve: {e}");
-            std::process::exit(1);
+            return ExitCode::FAILURE;
         }
-        return;
+        return ExitCode::SUCCESS;
     }
-    if std::env::var_os(SWARM_ENV).is_some() {
-        if let Err(e) = swarm_main() {
-            println!("{TAG}FATAL {e:#}");
-            std::process::exit(1);
-        }
-        return;
+    if let Some(end) = swarm::run_if_swarm(SWARM_ENV, swarm_main) {
+        return end;
     }
-    if let Err(e) = bench_main() {
-        eprintln!("converge bench failed: {e:#}");
-        std::process::exit(1);
-    }
+    let benching = args.iter().any(|a| a == "--bench");
+    common::run_bench("converge", benching, miren_bin().map(drop), || {
+        bench_main(benching)
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -162,37 +164,6 @@ fn serve_connection(mut conn: std::net::TcpStream) {
 // /proc and /metrics sampling
 // ---------------------------------------------------------------------------
 
-/// Clock ticks per second of `/proc/<pid>/stat` times.
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// A `kB` (or plain number) field of `/proc/<pid>/status`.
-fn status_field(pid: u32, key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        let v = l.strip_prefix(key)?.strip_prefix(':')?;
-        v.split_whitespace().next()?.parse().ok()
-    })
-}
-
 /// A `kB` field of `/proc/<pid>/smaps_rollup` (e.g. `Private_Dirty`).
 fn smaps_field(pid: u32, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -200,33 +171,6 @@ fn smaps_field(pid: u32, key: &str) -> Option<u64> {
         let v = l.strip_prefix(key)?.strip_prefix(':')?;
         v.split_whitespace().next()?.parse().ok()
     })
-}
-
-#[derive(Clone, Copy)]
-struct Sample {
-    at: Instant,
-    ticks: u64,
-}
-
-fn sample(pid: u32) -> Sample {
-    Sample {
-        at: Instant::now(),
-        ticks: cpu_ticks(pid).unwrap_or(0),
-    }
-}
-
-/// CPU seconds between two samples.
-fn cpu_secs(a: Sample, b: Sample, clk: f64) -> f64 {
-    b.ticks.saturating_sub(a.ticks) as f64 / clk
-}
-
-/// CPU used between two samples, as a fraction of one core.
-fn cpu_share(a: Sample, b: Sample, clk: f64) -> f64 {
-    let wall = b.at.duration_since(a.at).as_secs_f64();
-    if wall <= 0.0 {
-        return 0.0;
-    }
-    cpu_secs(a, b, clk) / wall
 }
 
 /// The coordinator's `/metrics` text (plain HTTP on loopback).
@@ -255,21 +199,6 @@ fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Soft limit on open files of this process (inherited by its children).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line
-        .trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?;
-    if soft == "unlimited" {
-        Some(u64::MAX)
-    } else {
-        soft.parse().ok()
-    }
-}
-
 /// Every live process whose environment names a sandbox of one of `apps`
 /// and whose working directory is under `under`: sandbox id -> pid.
 fn sandbox_processes(apps: &BTreeSet<String>, under: &Path) -> BTreeMap<String, u32> {
@@ -283,63 +212,6 @@ fn sandbox_processes(apps: &BTreeSet<String>, under: &Path) -> BTreeMap<String, 
 // ---------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------
-
-/// The `miren` binary: `MIREN_BIN`, or `miren` next to the bench's profile
-/// dir (`target/release/deps/converge-… -> target/release/miren`).
-fn miren_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MIREN_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .ok_or_else(|| anyhow::anyhow!("no target dir above {}", exe.display()))?;
-    let bin = dir.join("miren");
-    if !bin.exists() {
-        anyhow::bail!(
-            "{} does not exist: build it first with `cargo build --release -p cli` (same CARGO_TARGET_DIR), or set MIREN_BIN",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-/// A child process killed when dropped (unless it was waited for).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Waits for `child` until `timeout`; `None` if it is still running.
-fn wait_until(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => return None,
-        }
-    }
-}
-
-/// Reads `reader` line by line into a channel, each with when it arrived.
-fn pump_lines(reader: impl Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send((Instant::now(), line));
-        }
-    });
-    rx
-}
 
 /// A loopback port free for both UDP and TCP.
 fn free_port() -> anyhow::Result<u16> {
@@ -359,16 +231,6 @@ struct Ports {
     metrics: u16,
 }
 
-struct ServerProc {
-    guard: Guard,
-    pid: u32,
-    spawned: Instant,
-    /// When the ready banner ended.
-    ready: Instant,
-    address: String,
-    stderr_path: PathBuf,
-}
-
 /// Starts `miren server` on `ports` and waits for the end of its banner.
 /// The whole swarm joins from 127.0.0.1: the per-address join rate is
 /// lifted.
@@ -380,16 +242,12 @@ fn start_server(
     run: usize,
     rust_log: Option<&str>,
 ) -> anyhow::Result<ServerProc> {
-    let stderr_path = data.with_extension(format!("stderr.{run}"));
-    let stderr = std::fs::File::create(&stderr_path)?;
-    let spawned = Instant::now();
     let mut cmd = Command::new(bin);
     cmd.env_remove("RUST_LOG");
     if let Some(filter) = rust_log {
         cmd.env("RUST_LOG", filter);
     }
-    let mut child = cmd
-        .arg("server")
+    cmd.arg("server")
         .arg("--data-dir")
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{}", ports.quic)])
@@ -397,65 +255,12 @@ fn start_server(
         .args(["--metrics-listen", &format!("127.0.0.1:{}", ports.metrics)])
         .args(["--join-burst", "1000000"])
         .env("MIREN_CONFIG", config)
-        .env_remove("MIREN_CLUSTER")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()?;
-    let pid = child.id();
-    let rx = pump_lines(child.stdout.take().expect("piped stdout"));
-    let guard = Guard(child);
-    let deadline = Instant::now() + SERVER_START;
-    let mut address = None;
-    let mut lines = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok((at, line)) => {
-                if let Some(a) = line.strip_prefix("Cluster address: ") {
-                    address = Some(a.trim().to_string());
-                }
-                let done = line.contains("export MIREN_CLUSTER=");
-                lines.push(line);
-                if let (true, Some(address)) = (done, address.clone()) {
-                    return Ok(ServerProc {
-                        guard,
-                        pid,
-                        spawned,
-                        ready: at,
-                        address,
-                        stderr_path,
-                    });
-                }
-            }
-            Err(_) => {
-                drop(guard);
-                let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                anyhow::bail!(
-                    "server did not become ready within {SERVER_START:?}\nstdout: {lines:?}\nstderr: {err}"
-                );
-            }
-        }
-    }
-}
-
-/// Runs `miren args…` against the cluster of `config`.
-fn miren(bin: &Path, config: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin)
-        .args(args)
-        .env("MIREN_CONFIG", config)
-        .env_remove("MIREN_CLUSTER")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "`miren {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        .env_remove("MIREN_CLUSTER");
+    common::start_server(
+        cmd,
+        data.with_extension(format!("stderr.{run}")),
+        SERVER_START,
+    )
 }
 
 /// `miren app status -a APP -o json`.
@@ -481,14 +286,9 @@ struct SwarmOut {
     closed: bool,
 }
 
-struct Swarm {
-    rx: mpsc::Receiver<(Instant, String)>,
-    out: SwarmOut,
-}
-
-impl Swarm {
+impl SwarmReport for SwarmOut {
     fn handle(&mut self, at: Instant, line: String) {
-        let o = &mut self.out;
+        let o = self;
         let Some(msg) = line.strip_prefix(TAG) else {
             if line.starts_with("Runner ") && line.contains(" connected to ") {
                 o.connected.push(at);
@@ -509,34 +309,12 @@ impl Swarm {
         }
     }
 
-    /// Handles lines until `done` holds (true), the swarm dies or says
-    /// FATAL, or `timeout` passes (false).
-    fn pump_until(&mut self, timeout: Duration, done: impl Fn(&SwarmOut) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if done(&self.out) {
-                return true;
-            }
-            if self.out.fatal.is_some() || self.out.closed {
-                return false;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            match self.rx.recv_timeout(left) {
-                Ok((at, line)) => self.handle(at, line),
-                Err(mpsc::RecvTimeoutError::Timeout) => return done(&self.out),
-                Err(mpsc::RecvTimeoutError::Disconnected) => self.out.closed = true,
-            }
-        }
+    fn ended(&self) -> bool {
+        self.fatal.is_some() || self.closed
     }
 
-    /// Handles whatever has arrived, without waiting.
-    fn drain(&mut self) {
-        while let Ok((at, line)) = self.rx.try_recv() {
-            self.handle(at, line);
-        }
+    fn set_closed(&mut self) {
+        self.closed = true;
     }
 }
 
@@ -609,8 +387,7 @@ struct Load {
     secs: f64,
 }
 
-fn bench_main() -> anyhow::Result<()> {
-    let benching = std::env::args().any(|a| a == "--bench");
+fn bench_main(benching: bool) -> anyhow::Result<()> {
     let s = if benching {
         Settings {
             runners: env_number("CONVERGE_BENCH_RUNNERS").unwrap_or(50).max(1) as usize,
@@ -634,14 +411,7 @@ fn bench_main() -> anyhow::Result<()> {
             micro: Duration::from_millis(200),
         }
     };
-    let bin = match miren_bin() {
-        Ok(b) => b,
-        Err(e) if !benching => {
-            println!("converge bench skipped (quick pass): {e:#}");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
+    let bin = miren_bin()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let clk = clock_ticks();
     let apps = plan_apps(&s);
@@ -692,24 +462,18 @@ fn bench_main() -> anyhow::Result<()> {
     let runners_dir = tmp.path().join("runners");
     std::fs::create_dir_all(&runners_dir)?;
     let swarm_stderr_path = tmp.path().join("swarm.stderr");
-    let mut child = Command::new(std::env::current_exe()?)
-        .env(SWARM_ENV, "1")
-        .env("CONVERGE_BENCH_SWARM_CODE", &code)
-        .env("CONVERGE_BENCH_SWARM_DIR", &runners_dir)
-        .env("CONVERGE_BENCH_SWARM_N", s.runners.to_string())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&swarm_stderr_path)?)
-        .spawn()?;
-    let swarm_pid = child.id();
-    let swarm_stdin: Option<ChildStdin> = child.stdin.take();
-    let rx = pump_lines(child.stdout.take().expect("piped stdout"));
-    let mut swarm_guard = Guard(child);
-    let mut swarm = Swarm {
-        rx,
-        out: SwarmOut::default(),
-    };
+    let mut swarm = Swarm::spawn(
+        SWARM_ENV,
+        &SwarmArgs {
+            code,
+            dir: runners_dir.clone(),
+            runners: s.runners,
+            concurrency: 16,
+        },
+        std::fs::File::create(&swarm_stderr_path)?.into(),
+        SwarmOut::default(),
+    )?;
+    let swarm_pid = swarm.pid;
     if !swarm.pump_until(JOIN_TIMEOUT, |o| o.join_done.is_some()) {
         anyhow::bail!(
             "the joins did not finish (fatal: {:?}, errors: {:?}, other: {:?})",
@@ -941,9 +705,9 @@ fn bench_main() -> anyhow::Result<()> {
     let requests_counted = ingress_requests(&m_c) - requests_before;
 
     // Stop the runners, then the coordinator.
-    drop(swarm_stdin);
+    drop(swarm.stdin.take());
     swarm.pump_until(STOP_TIMEOUT, |o| o.stopped.is_some());
-    let swarm_status = wait_until(&mut swarm_guard.0, Duration::from_secs(10));
+    let swarm_status = wait_until(&mut swarm.guard.0, Duration::from_secs(10));
     let mut server2 = server2;
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -1127,7 +891,7 @@ fn bench_main() -> anyhow::Result<()> {
         if window_passes > 0.0 {
             format!(
                 "{:.2} ms (all of the window's CPU / passes)",
-                1000.0 * cpu_secs(win_a, win_b, clk) / window_passes
+                1000.0 * cpu_secs_between(win_a, win_b, clk) / window_passes
             )
         } else {
             "-".into()
@@ -1190,7 +954,7 @@ fn bench_main() -> anyhow::Result<()> {
             q(1.0)
         ),
     );
-    let coord_cpu = cpu_secs(load_a, load_b, clk);
+    let coord_cpu = cpu_secs_between(load_a, load_b, clk);
     let coord_per_req = if done > 0 {
         coord_cpu / done as f64
     } else {
@@ -1306,10 +1070,6 @@ fn bench_main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mib(kb: u64) -> f64 {
-    kb as f64 / 1024.0
-}
-
 /// What the runners logged after the coordinator was killed.
 #[derive(Default)]
 struct RunnerLog {
@@ -1365,7 +1125,7 @@ fn ingress_requests(text: &str) -> f64 {
 
 /// Waits until the series `series` reaches `want`.
 fn wait_metric(
-    swarm: &mut Swarm,
+    swarm: &mut Swarm<SwarmOut>,
     addr: SocketAddr,
     series: &str,
     want: f64,
@@ -1665,13 +1425,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
 // ---------------------------------------------------------------------------
 
 fn swarm_main() -> anyhow::Result<()> {
-    let var = |k: &str| {
-        std::env::var(k).map_err(|_| anyhow::anyhow!("{k} is not set (swarm started by hand?)"))
-    };
-    let code = var("CONVERGE_BENCH_SWARM_CODE")?;
-    let dir = PathBuf::from(var("CONVERGE_BENCH_SWARM_DIR")?);
-    let n: usize = var("CONVERGE_BENCH_SWARM_N")?.parse()?;
-    let concurrency = 16usize;
+    let args = SwarmArgs::from_env()?;
     // The runners' own account of losing and regaining the coordinator
     // ("connection to the coordinator lost: …", "reconnecting in …") goes
     // to our stderr, a file the bench reads.
@@ -1681,89 +1435,11 @@ fn swarm_main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn,runner=info"))
         .init();
 
-    // Runners stop once our stdin closes (the bench dropped it, or died).
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-        let _ = stop_tx.send(true);
-    });
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let say = |line: String| {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{TAG}{line}");
-            let _ = out.flush();
-        };
-
-        let mut pending = FuturesUnordered::new();
-        let mut next = 0usize;
-        let mut joined = Vec::with_capacity(n);
-        while next < n || !pending.is_empty() {
-            while next < n && pending.len() < concurrency {
-                let data = runner::state::DataDir::new(&dir.join(format!("r{next:04}")));
-                let code = code.clone();
-                let i = next;
-                pending.push(async move {
-                    let r = runner::join::join(&data, &code, "", &[]).await;
-                    (i, data, r)
-                });
-                next += 1;
-            }
-            if let Some((i, data, r)) = pending.next().await {
-                match r {
-                    Ok(_) => joined.push(data),
-                    Err(e) => say(format!("JOIN_ERR {i}: {e:#}")),
-                }
-            }
-        }
-        say(format!("JOIN_DONE {}", joined.len()));
-
-        let mut tasks = Vec::with_capacity(joined.len());
-        for (i, data) in joined.into_iter().enumerate() {
-            let mut stop = stop_rx.clone();
-            let opts = runner::RunnerOptions {
-                build: Default::default(),
-                data_dir: data.dir,
-                join: None,
-                name: String::new(),
-                labels: vec![],
-                isolation: runner::sandbox::IsolationMode::None,
-                token_file_ttl: 3600,
-                token_misses: Default::default(),
-                metrics: runner::metrics::Metrics::new(true),
-                sandbox_limits: Default::default(),
-            };
-            tasks.push(tokio::task::spawn_local(async move {
-                let shutdown = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                if let Err(e) = runner::run(opts, shutdown).await {
-                    let mut out = std::io::stdout().lock();
-                    let msg = format!("{e:#}").replace('\n', " / ");
-                    let _ = writeln!(out, "{TAG}RUNNER_FAILED {i}: {msg}");
-                    let _ = out.flush();
-                }
-            }));
-        }
-
-        let mut stop = stop_rx.clone();
-        let _ = stop.wait_for(|s| *s).await;
-        let stopping = Instant::now();
-        let total = tasks.len();
-        let all = futures::future::join_all(tasks);
-        let clean = match tokio::time::timeout(Duration::from_secs(20), all).await {
-            Ok(results) => results.iter().filter(|r| r.is_ok()).count(),
-            Err(_) => 0,
-        };
-        say(format!(
-            "STOPPED {clean}/{total} runner tasks ended {:.2} s after stop",
-            stopping.elapsed().as_secs_f64()
-        ));
-    });
-    Ok(())
+    let stop = swarm::stop_on_stdin_close();
+    swarm::block_on_local(async move {
+        let joined = swarm::join_runners(&args).await;
+        swarm::say(&format!("JOIN_DONE {}", joined.len()));
+        let data = joined.into_iter().map(|(data, _)| data).collect();
+        swarm::run_runners(data, stop, Duration::from_secs(20)).await;
+    })
 }

@@ -65,7 +65,7 @@ struct Settings {
     throughput: Duration,
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let benching = std::env::args().any(|a| a == "--bench");
     let s = if benching {
         Settings {
@@ -82,23 +82,13 @@ fn main() {
         .arg("--version")
         .output()
         .is_err();
-    let missing = match common::miren_bin() {
-        Err(e) => Some(format!("{e:#}")),
-        Ok(_) if etcd_missing => Some("etcd is not installed (Debian: etcd-server)".into()),
-        Ok(_) => None,
-    };
-    if let Some(why) = missing {
-        if benching {
-            eprintln!("failover bench failed: {why}");
-            std::process::exit(1);
+    let ready = common::miren_bin().and_then(|_| {
+        if etcd_missing {
+            bail!("etcd is not installed (Debian: etcd-server)");
         }
-        println!("failover bench skipped (quick pass): {why}");
-        return;
-    }
-    if let Err(e) = bench(&s) {
-        eprintln!("failover bench failed: {e:#}");
-        std::process::exit(1);
-    }
+        Ok(())
+    });
+    common::run_bench("failover", benching, ready, || bench(&s))
 }
 
 /// A sandbox's token endpoint (`host:port`, path) and secret.

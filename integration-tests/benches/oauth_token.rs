@@ -27,7 +27,6 @@
 //! pass with small counts shows the bench still works (skipped without the
 //! binary).
 
-use std::path::PathBuf;
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -36,6 +35,8 @@ use anyhow::{anyhow, bail, Context as _};
 use integration_tests::{miren, temp, Server};
 use serde_json::Value;
 
+#[allow(dead_code)]
+mod common;
 #[path = "common/raw_sign.rs"]
 mod raw_sign;
 use raw_sign::raw_sign;
@@ -54,7 +55,7 @@ struct Settings {
     keys: usize,
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let benching = std::env::args().any(|a| a == "--bench");
     let s = if benching {
         Settings {
@@ -71,38 +72,12 @@ fn main() {
             keys: 4,
         }
     };
-    if let Err(e) = miren_bin_exists() {
-        if benching {
-            eprintln!("oauth_token bench failed: {e:#}");
-            std::process::exit(1);
-        }
-        println!("oauth_token bench skipped (quick pass): {e:#}");
-        return;
-    }
-    if let Err(e) = bench(&s) {
-        eprintln!("oauth_token bench failed: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-/// The same lookup as `integration_tests::miren_bin`, without its panic.
-fn miren_bin_exists() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MIREN_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("target dir of the bench executable")?
-        .join("miren");
-    if !bin.exists() {
-        bail!(
-            "{} does not exist: build it first (`cargo build --release -p cli`) or set MIREN_BIN",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    common::run_bench(
+        "oauth_token",
+        benching,
+        common::miren_bin().map(drop),
+        || bench(&s),
+    )
 }
 
 /// A keep-alive HTTPS client of the token endpoint, the CA pinned.

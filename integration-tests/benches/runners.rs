@@ -28,18 +28,23 @@
 //! pass with a handful of runners shows the bench still works.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
+#[allow(dead_code)]
+mod common;
+#[path = "common/swarm.rs"]
+mod swarm;
+
+use common::{
+    clock_ticks, cpu_share, mib, miren, miren_bin, open_files_limit, sample, status_field,
+    wait_until,
+};
+use swarm::{say, Swarm, SwarmArgs, SwarmReport, TAG};
 
 /// Set in the environment of the re-executed swarm process.
 const SWARM_ENV: &str = "MIREN_RUNNERS_BENCH_SWARM";
-/// Prefix of the swarm's protocol lines on its stdout.
-const TAG: &str = "SWARM ";
 
 const SERVER_START: Duration = Duration::from_secs(30);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,235 +55,30 @@ fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
-fn main() {
-    if std::env::var_os(SWARM_ENV).is_some() {
-        if let Err(e) = swarm_main() {
-            println!("{TAG}FATAL {e:#}");
-            std::process::exit(1);
-        }
-        return;
+fn main() -> ExitCode {
+    if let Some(end) = swarm::run_if_swarm(SWARM_ENV, swarm_main) {
+        return end;
     }
-    if let Err(e) = coordinator_main() {
-        eprintln!("runners bench failed: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// /proc sampling
-// ---------------------------------------------------------------------------
-
-/// Clock ticks per second of `/proc/<pid>/stat` times.
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields are
-    // counted from the last ')'. Field 3 (state) is the first after it;
-    // utime is field 14, stime field 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// A `kB` (or plain number) field of `/proc/<pid>/status`.
-fn status_field(pid: u32, key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        let v = l.strip_prefix(key)?.strip_prefix(':')?;
-        v.split_whitespace().next()?.parse().ok()
+    let benching = std::env::args().any(|a| a == "--bench");
+    common::run_bench("runners", benching, miren_bin().map(drop), || {
+        coordinator_main(benching)
     })
-}
-
-#[derive(Clone, Copy)]
-struct Sample {
-    at: Instant,
-    ticks: u64,
-}
-
-fn sample(pid: u32) -> Sample {
-    Sample {
-        at: Instant::now(),
-        ticks: cpu_ticks(pid).unwrap_or(0),
-    }
-}
-
-/// CPU used between two samples, as a fraction of one core.
-fn cpu_share(a: Sample, b: Sample, clk: f64) -> f64 {
-    let wall = b.at.duration_since(a.at).as_secs_f64();
-    if wall <= 0.0 {
-        return 0.0;
-    }
-    b.ticks.saturating_sub(a.ticks) as f64 / clk / wall
-}
-
-/// Soft limit on open files of this process (inherited by its children).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line
-        .trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?;
-    if soft == "unlimited" {
-        Some(u64::MAX)
-    } else {
-        soft.parse().ok()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Processes
-// ---------------------------------------------------------------------------
-
-/// The `miren` binary: `MIREN_BIN`, or `miren` next to the bench's profile
-/// dir (`target/release/deps/runners-… -> target/release/miren`).
-fn miren_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MIREN_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .ok_or_else(|| anyhow::anyhow!("no target dir above {}", exe.display()))?;
-    let bin = dir.join("miren");
-    if !bin.exists() {
-        anyhow::bail!(
-            "{} does not exist: build it first with `cargo build --release -p cli` (same CARGO_TARGET_DIR), or set MIREN_BIN",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-/// A child process killed when dropped (unless it was waited for).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Waits for `child` until `deadline`; `None` if it is still running.
-fn wait_until(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => return None,
-        }
-    }
-}
-
-/// Reads `reader` line by line into a channel, forever (so the writer never
-/// blocks on a full pipe, even once nobody listens).
-fn pump_lines(reader: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-struct ServerProc {
-    guard: Guard,
-    pid: u32,
-    address: String,
-    stderr_path: PathBuf,
 }
 
 /// Starts `miren server` and waits for the end of its ready banner. The
 /// whole swarm joins from 127.0.0.1, where in a cluster each runner has its
 /// own address: the per-address join rate is lifted accordingly.
-fn start_server(bin: &Path, data: &Path, config: &Path) -> anyhow::Result<ServerProc> {
-    let stderr_path = data.with_extension("stderr");
-    let stderr = std::fs::File::create(&stderr_path)?;
-    let mut child = Command::new(bin)
-        .arg("server")
+fn start_server(bin: &Path, data: &Path, config: &Path) -> anyhow::Result<common::ServerProc> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("server")
         .arg("--data-dir")
         .arg(data)
         .arg("--listen")
         .arg("127.0.0.1:0")
         .args(["--join-burst", "1000000"])
         .env("MIREN_CONFIG", config)
-        .env_remove("MIREN_CLUSTER")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()?;
-    let pid = child.id();
-    let rx = pump_lines(child.stdout.take().expect("piped stdout"));
-    let guard = Guard(child);
-    let deadline = Instant::now() + SERVER_START;
-    let mut address = None;
-    let mut lines = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(line) => {
-                if let Some(a) = line.strip_prefix("Cluster address: ") {
-                    address = Some(a.trim().to_string());
-                }
-                let done = line.contains("export MIREN_CLUSTER=");
-                lines.push(line);
-                if let (true, Some(address)) = (done, address.clone()) {
-                    return Ok(ServerProc {
-                        guard,
-                        pid,
-                        address,
-                        stderr_path,
-                    });
-                }
-            }
-            Err(_) => {
-                drop(guard);
-                let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                anyhow::bail!(
-                    "server did not become ready within {SERVER_START:?}\nstdout: {lines:?}\nstderr: {err}"
-                );
-            }
-        }
-    }
-}
-
-/// Runs `miren args…` against the cluster of `config`.
-fn miren(bin: &Path, config: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin)
-        .args(args)
-        .env("MIREN_CONFIG", config)
-        .env_remove("MIREN_CLUSTER")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "`miren {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        .env_remove("MIREN_CLUSTER");
+    common::start_server(cmd, data.with_extension("stderr"), SERVER_START)
 }
 
 /// Runner statuses from `miren runner list -o json`: status -> count.
@@ -308,8 +108,8 @@ struct JoinReport {
 }
 
 /// What the swarm process has said so far.
+#[derive(Default)]
 struct SwarmOut {
-    rx: mpsc::Receiver<String>,
     join_started: Option<Instant>,
     join: Option<JoinReport>,
     join_errors: Vec<String>,
@@ -324,8 +124,8 @@ struct SwarmOut {
     closed: bool,
 }
 
-impl SwarmOut {
-    fn handle(&mut self, line: String) {
+impl SwarmReport for SwarmOut {
+    fn handle(&mut self, _at: Instant, line: String) {
         let Some(msg) = line.strip_prefix(TAG) else {
             if line.starts_with("Runner ") && line.contains(" connected to ") {
                 self.connected += 1;
@@ -373,34 +173,12 @@ impl SwarmOut {
         }
     }
 
-    /// Handles lines until `done` holds (true), the swarm dies or says
-    /// FATAL, or `timeout` passes (false).
-    fn pump_until(&mut self, timeout: Duration, done: impl Fn(&Self) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if done(self) {
-                return true;
-            }
-            if self.fatal.is_some() || self.closed {
-                return false;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            match self.rx.recv_timeout(left) {
-                Ok(line) => self.handle(line),
-                Err(mpsc::RecvTimeoutError::Timeout) => return done(self),
-                Err(mpsc::RecvTimeoutError::Disconnected) => self.closed = true,
-            }
-        }
+    fn ended(&self) -> bool {
+        self.fatal.is_some() || self.closed
     }
 
-    /// Handles whatever has arrived, without waiting.
-    fn drain(&mut self) {
-        while let Ok(line) = self.rx.try_recv() {
-            self.handle(line);
-        }
+    fn set_closed(&mut self) {
+        self.closed = true;
     }
 }
 
@@ -412,12 +190,7 @@ struct Settings {
     settle: Duration,
 }
 
-fn mib(kb: u64) -> f64 {
-    kb as f64 / 1024.0
-}
-
-fn coordinator_main() -> anyhow::Result<()> {
-    let benching = std::env::args().any(|a| a == "--bench");
+fn coordinator_main(benching: bool) -> anyhow::Result<()> {
     let s = if benching {
         Settings {
             n: env_number("RUNNERS_BENCH_N").unwrap_or(500) as usize,
@@ -435,14 +208,7 @@ fn coordinator_main() -> anyhow::Result<()> {
             settle: Duration::from_millis(200),
         }
     };
-    let bin = match miren_bin() {
-        Ok(b) => b,
-        Err(e) if !benching => {
-            println!("runners bench skipped (quick pass): {e:#}");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
+    let bin = miren_bin()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let clk = clock_ticks();
 
@@ -487,58 +253,41 @@ fn coordinator_main() -> anyhow::Result<()> {
     // The swarm.
     let runners_dir = tmp.path().join("runners");
     std::fs::create_dir_all(&runners_dir)?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .env(SWARM_ENV, "1")
-        .env("RUNNERS_BENCH_SWARM_CODE", &code)
-        .env("RUNNERS_BENCH_SWARM_DIR", &runners_dir)
-        .env("RUNNERS_BENCH_SWARM_N", s.n.to_string())
-        .env("RUNNERS_BENCH_SWARM_CONCURRENCY", s.concurrency.to_string())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let swarm_pid = child.id();
-    let swarm_stdin: Option<ChildStdin> = child.stdin.take();
-    let rx = pump_lines(child.stdout.take().expect("piped stdout"));
-    let mut swarm_guard = Guard(child);
-    let mut out = SwarmOut {
-        rx,
-        join_started: None,
-        join: None,
-        join_errors: Vec::new(),
-        join_error_count: 0,
-        connected: 0,
-        runner_failures: Vec::new(),
-        runner_failure_count: 0,
-        stopped: None,
-        fatal: None,
-        other: Vec::new(),
-        closed: false,
-    };
+    let mut swarm = Swarm::spawn(
+        SWARM_ENV,
+        &SwarmArgs {
+            code,
+            dir: runners_dir,
+            runners: s.n,
+            concurrency: s.concurrency,
+        },
+        Stdio::inherit(),
+        SwarmOut::default(),
+    )?;
+    let swarm_pid = swarm.pid;
 
     // Joins.
-    out.pump_until(JOIN_TIMEOUT, |o| o.join_started.is_some());
+    swarm.pump_until(JOIN_TIMEOUT, |o| o.join_started.is_some());
     let join_a = sample(pid);
     let swarm_join_a = sample(swarm_pid);
-    let joined = out.pump_until(JOIN_TIMEOUT, |o| o.join.is_some());
+    let joined = swarm.pump_until(JOIN_TIMEOUT, |o| o.join.is_some());
     let join_b = sample(pid);
     let swarm_join_b = sample(swarm_pid);
     let rss_joined = status_field(pid, "VmRSS").unwrap_or(0);
     if !joined {
         anyhow::bail!(
             "the joins did not finish within {JOIN_TIMEOUT:?} (fatal: {:?}, errors: {:?}, other output: {:?})",
-            out.fatal,
-            out.join_errors,
-            out.other
+            swarm.out.fatal,
+            swarm.out.join_errors,
+            swarm.out.other
         );
     }
-    let join = out.join.take().unwrap_or_default();
+    let join = swarm.out.join.take().unwrap_or_default();
     let expected = join.ok;
 
     // Sessions: every runner connected, then every runner `ready`.
     let connect_start = Instant::now();
-    let all_connected = out.pump_until(READY_TIMEOUT, |o| o.connected >= expected);
+    let all_connected = swarm.pump_until(READY_TIMEOUT, |o| o.connected >= expected);
     let connect_secs = connect_start.elapsed().as_secs_f64();
     let connect_b = sample(pid);
     let ready_deadline = connect_start + READY_TIMEOUT;
@@ -556,8 +305,8 @@ fn coordinator_main() -> anyhow::Result<()> {
             }
             Err(e) => list_error = Some(format!("{e:#}")),
         }
-        out.drain();
-        if Instant::now() >= ready_deadline || out.fatal.is_some() || out.closed {
+        swarm.drain();
+        if Instant::now() >= ready_deadline || swarm.out.fatal.is_some() || swarm.out.closed {
             break;
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -566,26 +315,26 @@ fn coordinator_main() -> anyhow::Result<()> {
     let ready_count = statuses.get("ready").copied().unwrap_or(0);
 
     // Steady state: runners heartbeating, nobody else talking.
-    out.pump_until(s.settle, |_| false);
-    let connected_before_window = out.connected;
+    swarm.pump_until(s.settle, |_| false);
+    let connected_before_window = swarm.out.connected;
     let win_a = sample(pid);
     let swarm_a = sample(swarm_pid);
     let rss_connected = status_field(pid, "VmRSS").unwrap_or(0);
-    out.pump_until(s.window, |o| o.fatal.is_some() || o.closed);
+    swarm.pump_until(s.window, |o| o.fatal.is_some() || o.closed);
     let win_b = sample(pid);
     let swarm_b = sample(swarm_pid);
     let rss_end = status_field(pid, "VmRSS").unwrap_or(0);
     let hwm = status_field(pid, "VmHWM").unwrap_or(0);
     let threads_end = status_field(pid, "Threads").unwrap_or(0);
     let swarm_rss = status_field(swarm_pid, "VmRSS").unwrap_or(0);
-    let reconnects_in_window = out.connected - connected_before_window;
+    let reconnects_in_window = swarm.out.connected - connected_before_window;
     let statuses_end = runner_statuses(&bin, &config).map_err(|e| format!("{e:#}"));
 
     // Stop the runners, then the coordinator.
     let stop_start = Instant::now();
-    drop(swarm_stdin);
-    out.pump_until(STOP_TIMEOUT, |o| o.stopped.is_some());
-    let swarm_status = wait_until(&mut swarm_guard.0, Duration::from_secs(5));
+    drop(swarm.stdin.take());
+    swarm.pump_until(STOP_TIMEOUT, |o| o.stopped.is_some());
+    let swarm_status = wait_until(&mut swarm.guard.0, Duration::from_secs(5));
     let swarm_stop_secs = stop_start.elapsed().as_secs_f64();
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -651,7 +400,7 @@ fn coordinator_main() -> anyhow::Result<()> {
         "connected",
         format!(
             "{}/{expected} in {connect_secs:.2} s{}",
-            out.connected.min(expected),
+            swarm.out.connected.min(expected),
             if all_connected { "" } else { "  (TIMED OUT)" }
         ),
     );
@@ -669,7 +418,10 @@ fn coordinator_main() -> anyhow::Result<()> {
     row("swarm CPU (all runners)", pct(swarm_cpu));
     row(
         "reconnects / runner errors",
-        format!("{reconnects_in_window} / {}", out.runner_failure_count),
+        format!(
+            "{reconnects_in_window} / {}",
+            swarm.out.runner_failure_count
+        ),
     );
     row(
         "`runner list` after the window",
@@ -712,7 +464,7 @@ fn coordinator_main() -> anyhow::Result<()> {
         "runners",
         format!(
             "{}; swarm exited in {swarm_stop_secs:.2} s ({})",
-            out.stopped.as_deref().unwrap_or("stop NOT CONFIRMED"),
+            swarm.out.stopped.as_deref().unwrap_or("stop NOT CONFIRMED"),
             swarm_status.map_or("still running, killed".to_string(), |s| s.to_string())
         ),
     );
@@ -726,23 +478,23 @@ fn coordinator_main() -> anyhow::Result<()> {
     if join.failed > 0 {
         problems.push(format!(
             "{} joins failed, e.g. {:?}",
-            out.join_error_count, out.join_errors
+            swarm.out.join_error_count, swarm.out.join_errors
         ));
     }
-    if out.runner_failure_count > 0 {
+    if swarm.out.runner_failure_count > 0 {
         problems.push(format!(
             "{} runners stopped with an error, e.g. {:?}",
-            out.runner_failure_count, out.runner_failures
+            swarm.out.runner_failure_count, swarm.out.runner_failures
         ));
     }
     if let Some(e) = list_error {
         problems.push(format!("`miren runner list` failed: {e}"));
     }
-    if let Some(f) = &out.fatal {
+    if let Some(f) = &swarm.out.fatal {
         problems.push(format!("swarm: {f}"));
     }
-    if !out.other.is_empty() {
-        problems.push(format!("unexpected swarm output: {:?}", out.other));
+    if !swarm.out.other.is_empty() {
+        problems.push(format!("unexpected swarm output: {:?}", swarm.out.other));
     }
     let stderr_lines: Vec<&str> = server_stderr.lines().collect();
     if !stderr_lines.is_empty() {
@@ -772,74 +524,25 @@ fn coordinator_main() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 
 fn swarm_main() -> anyhow::Result<()> {
-    let var = |k: &str| {
-        std::env::var(k).map_err(|_| anyhow::anyhow!("{k} is not set (swarm started by hand?)"))
-    };
-    let code = var("RUNNERS_BENCH_SWARM_CODE")?;
-    let dir = PathBuf::from(var("RUNNERS_BENCH_SWARM_DIR")?);
-    let n: usize = var("RUNNERS_BENCH_SWARM_N")?.parse()?;
-    let concurrency: usize = var("RUNNERS_BENCH_SWARM_CONCURRENCY")?.parse()?;
+    let args = SwarmArgs::from_env()?;
+    let n = args.runners;
 
-    // Runners stop once our stdin closes (the bench dropped it, or died).
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-        let _ = stop_tx.send(true);
-    });
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let say = |line: String| {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{TAG}{line}");
-            let _ = out.flush();
-        };
-
+    let stop = swarm::stop_on_stdin_close();
+    swarm::block_on_local(async move {
         // Joins, `concurrency` at a time.
-        say("JOIN_START".into());
+        say("JOIN_START");
         let started = Instant::now();
-        let mut pending = FuturesUnordered::new();
-        let mut next = 0usize;
-        let mut latencies = Vec::with_capacity(n);
-        let mut joined = Vec::with_capacity(n);
-        let mut failed = 0usize;
-        while next < n || !pending.is_empty() {
-            while next < n && pending.len() < concurrency {
-                let data = runner::state::DataDir::new(&dir.join(format!("r{next:04}")));
-                let code = code.clone();
-                let i = next;
-                pending.push(async move {
-                    let t = Instant::now();
-                    let r = runner::join::join(&data, &code, "", &[]).await;
-                    (i, data, t.elapsed(), r)
-                });
-                next += 1;
-            }
-            if let Some((i, data, took, r)) = pending.next().await {
-                match r {
-                    Ok(_) => {
-                        latencies.push(took);
-                        joined.push(data);
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        say(format!("JOIN_ERR {i}: {e:#}"));
-                    }
-                }
-            }
-        }
+        let joined = swarm::join_runners(&args).await;
+        let failed = n - joined.len();
         let secs = started.elapsed().as_secs_f64();
+        let mut latencies: Vec<Duration> = joined.iter().map(|(_, took)| *took).collect();
         latencies.sort();
         let pick = |q: f64| {
             latencies
                 .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
                 .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
         };
-        say(format!(
+        say(&format!(
             "JOIN_DONE {} {failed} {secs:.4} {:.2} {:.2} {:.2}",
             joined.len(),
             pick(0.5),
@@ -848,47 +551,7 @@ fn swarm_main() -> anyhow::Result<()> {
         ));
 
         // Sessions: all at once, like runners coming back after an outage.
-        let mut tasks = Vec::with_capacity(joined.len());
-        for (i, data) in joined.into_iter().enumerate() {
-            let mut stop = stop_rx.clone();
-            let opts = runner::RunnerOptions {
-                build: Default::default(),
-                data_dir: data.dir,
-                join: None,
-                name: String::new(),
-                labels: vec![],
-                isolation: runner::sandbox::IsolationMode::None,
-                token_file_ttl: 3600,
-                token_misses: Default::default(),
-                metrics: runner::metrics::Metrics::new(true),
-                sandbox_limits: Default::default(),
-            };
-            tasks.push(tokio::task::spawn_local(async move {
-                let shutdown = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                if let Err(e) = runner::run(opts, shutdown).await {
-                    let mut out = std::io::stdout().lock();
-                    let msg = format!("{e:#}").replace('\n', " / ");
-                    let _ = writeln!(out, "{TAG}RUNNER_FAILED {i}: {msg}");
-                    let _ = out.flush();
-                }
-            }));
-        }
-
-        let mut stop = stop_rx.clone();
-        let _ = stop.wait_for(|s| *s).await;
-        let stopping = Instant::now();
-        let total = tasks.len();
-        let all = futures::future::join_all(tasks);
-        let clean = match tokio::time::timeout(Duration::from_secs(10), all).await {
-            Ok(results) => results.iter().filter(|r| r.is_ok()).count(),
-            Err(_) => 0,
-        };
-        say(format!(
-            "STOPPED {clean}/{total} runner tasks ended {:.2} s after stop",
-            stopping.elapsed().as_secs_f64()
-        ));
-    });
-    Ok(())
+        let data = joined.into_iter().map(|(data, _)| data).collect();
+        swarm::run_runners(data, stop, Duration::from_secs(10)).await;
+    })
 }

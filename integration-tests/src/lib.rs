@@ -64,6 +64,15 @@ pub fn miren(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     cmd.output().expect("running miren").into()
 }
 
+/// `miren auth ci add -a APP binding…` against the cluster of `config`:
+/// binds CI pipelines (the issuer, subject and conditions in `binding`) to
+/// `app`.
+pub fn ci_add(config: &Path, app: &str, binding: &[&str]) -> Run {
+    let mut args = vec!["auth", "ci", "add", "-a", app];
+    args.extend_from_slice(binding);
+    miren(config, &args, &[])
+}
+
 /// A `miren server` process.
 pub struct Server {
     child: Child,
@@ -86,6 +95,22 @@ impl Server {
             Ok(s) => s,
             Err(msg) => panic!("server did not start: {msg}"),
         }
+    }
+
+    /// Starts `miren server` on `127.0.0.1:0` with its data in `dir/coord`,
+    /// the admin's config at `dir/admin.yaml` and `extra` args, trusting the
+    /// loopback `issuer` (`--oidc-allow-loopback-issuers --oidc-ca-file` its
+    /// CA): where the CI journeys start.
+    pub fn start_trusting(dir: &Path, issuer: &PythonIssuer, extra: &[&str]) -> Server {
+        let ca = issuer.ca.to_str().expect("utf-8 path");
+        let mut args = extra.to_vec();
+        args.extend(["--oidc-allow-loopback-issuers", "--oidc-ca-file", ca]);
+        Server::start(
+            &dir.join("coord"),
+            &dir.join("admin.yaml"),
+            "127.0.0.1:0",
+            &args,
+        )
     }
 
     /// Like [`Server::start`], with `env` in the server's environment (as a
@@ -295,6 +320,21 @@ impl RunnerProc {
             data_dir: data_dir.to_path_buf(),
             out_path,
         }
+    }
+
+    /// Starts a runner joining with `code` (`--isolation none` and the
+    /// like in `extra`) and waits until the cluster of `config` lists a
+    /// runner `ready`.
+    pub fn start_ready(config: &Path, data_dir: &Path, code: &str, extra: &[&str]) -> RunnerProc {
+        let runner = RunnerProc::start(data_dir, Some(code), extra);
+        assert!(
+            wait_for(Duration::from_secs(30), || runners(config)
+                .iter()
+                .any(|r| r["status"] == "ready")),
+            "runner never became ready: {}",
+            runner.output()
+        );
+        runner
     }
 
     /// The runner's process id.
@@ -844,17 +884,11 @@ impl ProbeCluster {
         let server = Server::start(&dir.join("coord"), &config, "127.0.0.1:0", server_args);
         let code = miren(&config, &["runner", "token", "create"], &[]);
         assert!(code.ok, "{code:?}");
-        let runner = RunnerProc::start(
+        let runner = RunnerProc::start_ready(
+            &config,
             &dir.join("runner"),
-            Some(code.stdout.trim()),
+            code.stdout.trim(),
             &["--isolation", "none"],
-        );
-        assert!(
-            wait_for(Duration::from_secs(30), || runners(&config)
-                .iter()
-                .any(|r| r["status"] == "ready")),
-            "runner never became ready: {}",
-            runner.output()
         );
         let cluster = ProbeCluster {
             server,

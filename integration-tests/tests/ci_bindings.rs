@@ -1,6 +1,6 @@
 //! Journey 3, first part: CI authentication bindings through the real CLI.
 
-use integration_tests::{miren, temp, Server};
+use integration_tests::{ci_add, miren, temp, Server};
 use serde_json::Value;
 
 #[test]
@@ -16,20 +16,15 @@ fn bindings_are_added_listed_refused_and_removed() {
         "No CI authentication bindings found for app web"
     );
 
-    let add = miren(
+    let add = ci_add(
         &cfg,
+        "web",
         &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
             "--github",
             "acme/web-app",
             "--allowed-refs",
             "refs/heads/main,refs/tags/v*",
         ],
-        &[],
     );
     assert!(add.ok, "{add:?}");
     let id = add
@@ -67,22 +62,14 @@ fn bindings_are_added_listed_refused_and_removed() {
     );
 
     for bad in ["acme", "/web-app", "acme/", "acme/web-app/extra"] {
-        let r = miren(
-            &cfg,
-            &["auth", "ci", "add", "-a", "web", "--github", bad],
-            &[],
-        );
+        let r = ci_add(&cfg, "web", &["--github", bad]);
         assert!(!r.ok, "{bad} accepted");
     }
     // A binding that pins no caller.
-    let r = miren(
+    let r = ci_add(
         &cfg,
+        "web",
         &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
             "--issuer",
             "https://gitlab.example.com",
             "--subject",
@@ -90,41 +77,30 @@ fn bindings_are_added_listed_refused_and_removed() {
             "--allowed-events",
             "push",
         ],
-        &[],
     );
     assert!(!r.ok);
     assert!(r.stderr.contains("pin"), "{}", r.stderr);
     // Not https; and a loopback issuer without --oidc-allow-loopback-issuers.
-    let r = miren(
+    let r = ci_add(
         &cfg,
+        "web",
         &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
             "--issuer",
             "http://ci.example.com",
             "--subject",
             "project_path:g/p:*",
         ],
-        &[],
     );
     assert!(!r.ok);
-    let r = miren(
+    let r = ci_add(
         &cfg,
+        "web",
         &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
             "--issuer",
             "https://127.0.0.1:8443",
             "--subject",
             "project_path:g/p:*",
         ],
-        &[],
     );
     assert!(!r.ok);
     assert!(
@@ -133,20 +109,15 @@ fn bindings_are_added_listed_refused_and_removed() {
         r.stderr
     );
     // GitLab-style generic binding.
-    let r = miren(
+    let r = ci_add(
         &cfg,
+        "web",
         &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
             "--issuer",
             "https://gitlab.example.com",
             "--subject",
             "project_path:acme/web:ref_type:branch:ref:main",
         ],
-        &[],
     );
     assert!(r.ok, "{r:?}");
 
@@ -179,11 +150,7 @@ fn broad_patterns_are_refused_unless_allowed_and_ids_are_listed() {
     let dir = temp();
     let cfg = dir.path().join("c.yaml");
     let _server = Server::start(&dir.path().join("data"), &cfg, "127.0.0.1:0", &[]);
-    let add = |extra: &[&str]| {
-        let mut args = vec!["auth", "ci", "add", "-a", "web"];
-        args.extend_from_slice(extra);
-        miren(&cfg, &args, &[])
-    };
+    let add = |extra: &[&str]| ci_add(&cfg, "web", extra);
     let owner_wide = [
         "--issuer",
         "https://ci.example.com",

@@ -5,11 +5,8 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use integration_tests::{
-    miren, miren_bin, runners, temp, wait_for, PythonIssuer, RunnerProc, Server,
-};
+use integration_tests::{ci_add, miren, miren_bin, temp, PythonIssuer, RunnerProc, Server};
 
 /// The bearer `/token` wants (`ACTIONS_ID_TOKEN_REQUEST_TOKEN`).
 const BEARER: &str = "request-secret";
@@ -28,52 +25,29 @@ fn issuer_get(issuer: &PythonIssuer, path: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// `issuer.ci_miren` (the pipeline's CLI) with the test's bearer.
-fn ci_miren(
-    dir: &Path,
-    issuer: &PythonIssuer,
-    cluster: &str,
-    app: &str,
-    query: &str,
-    args: &[&str],
-) -> (bool, String, String) {
-    issuer.ci_miren(dir, cluster, app, query, args)
-}
-
 #[test]
 fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     let dir = temp();
     let issuer = PythonIssuer::start(dir.path(), BEARER);
-    let cfg = dir.path().join("admin.yaml");
-    let server = Server::start(
-        &dir.path().join("coord"),
-        &cfg,
-        "127.0.0.1:0",
-        &[
-            "--oidc-allow-loopback-issuers",
-            "--oidc-ca-file",
-            issuer.ca.to_str().unwrap(),
-        ],
-    );
+    let server = Server::start_trusting(dir.path(), &issuer, &[]);
+    let cfg = server.config.clone();
     let cluster = server.address.clone();
+    // The pipeline's CLI, with the test's bearer.
+    let ci = |app: &str, query: &str, args: &[&str]| {
+        issuer.ci_miren(dir.path(), &cluster, app, query, args)
+    };
     let code = miren(&cfg, &["runner", "token", "create"], &[]);
-    let _runner = RunnerProc::start(
+    let _runner = RunnerProc::start_ready(
+        &cfg,
         &dir.path().join("r"),
-        Some(code.stdout.trim()),
+        code.stdout.trim(),
         &["--isolation", "none"],
     );
-    assert!(wait_for(Duration::from_secs(30), || runners(&cfg)
-        .iter()
-        .any(|r| r["status"] == "ready")));
 
-    let add = miren(
+    let add = ci_add(
         &cfg,
+        "web",
         &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
             "--issuer",
             &issuer.url(),
             "--subject",
@@ -83,7 +57,6 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
             "--allowed-refs",
             "refs/heads/main,refs/tags/v*",
         ],
-        &[],
     );
     assert!(add.ok, "{add:?}");
     let app_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/example-app");
@@ -91,24 +64,10 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     let good = "repository=acme/web&event_name=push&ref=refs/heads/main";
 
     // The pipeline deploys.
-    let (ok, out, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "web",
-        good,
-        &["deploy", "--dir", app_dir],
-    );
+    let (ok, out, err) = ci("web", good, &["deploy", "--dir", app_dir]);
     assert!(ok, "CI deploy failed: {out}\n{err}");
     assert!(out.contains("Deployed web v1"), "{out}");
-    let (ok, out, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "web",
-        good,
-        &["app", "status", "-a", "web", "-o", "json"],
-    );
+    let (ok, out, err) = ci("web", good, &["app", "status", "-a", "web", "-o", "json"]);
     assert!(ok, "{err}");
     assert!(out.contains("\"active_version\": \"v1\""), "{out}");
 
@@ -122,10 +81,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         );
     };
     // Another repository.
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
+    let (ok, _, err) = ci(
         "web",
         "repository=acme/other&event_name=push&ref=refs/heads/main",
         &["app", "status"],
@@ -133,10 +89,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     assert!(!ok);
     mismatch(&err, "acme/other");
     // A pull_request event.
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
+    let (ok, _, err) = ci(
         "web",
         "repository=acme/web&event_name=pull_request&ref=refs/heads/main",
         &["app", "status"],
@@ -144,10 +97,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     assert!(!ok);
     mismatch(&err, "acme/web");
     // Another branch.
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
+    let (ok, _, err) = ci(
         "web",
         "repository=acme/web&event_name=push&ref=refs/heads/dev",
         &["app", "status"],
@@ -155,10 +105,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     assert!(!ok);
     mismatch(&err, "acme/web");
     // Expired.
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
+    let (ok, _, err) = ci(
         "web",
         &format!("{good}&exp_offset=-3600"),
         &["app", "status"],
@@ -169,10 +116,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         "{err}"
     );
     // A token for another cluster's audience.
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
+    let (ok, _, err) = ci(
         "web",
         &format!("{good}&aud_override=other.example:8443"),
         &["app", "status"],
@@ -183,14 +127,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         "{err}"
     );
     // The token of app web used on app api.
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "api",
-        good,
-        &["app", "status", "-a", "api"],
-    );
+    let (ok, _, err) = ci("api", good, &["app", "status", "-a", "api"]);
     assert!(!ok);
     mismatch(&err, "acme/web");
     // Anything beyond the app's capability.
@@ -199,7 +136,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         vec!["auth", "ci", "add", "-a", "web", "--github", "evil/repo"],
         vec!["route", "set", "x.test", "-a", "web"],
     ] {
-        let (ok, _, err) = ci_miren(dir.path(), &issuer, &cluster, "web", good, &args);
+        let (ok, _, err) = ci("web", good, &args);
         assert!(!ok, "{args:?} allowed with a CI token");
         assert!(err.contains("OIDC access denied"), "{args:?}: {err}");
     }
@@ -250,14 +187,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     // The issuer rotates its key mid-run: one refetch, and it works.
     let before = issuer_get(&issuer, "/fetches")["fetches"].as_u64().unwrap();
     issuer_get(&issuer, "/rotate");
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "web",
-        good,
-        &["app", "status"],
-    );
+    let (ok, _, err) = ci("web", good, &["app", "status"]);
     assert!(ok, "after rotation: {err}");
     let after = issuer_get(&issuer, "/fetches")["fetches"].as_u64().unwrap();
     assert_eq!(
@@ -269,14 +199,7 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
     // 100 tokens with random kids: at most one refetch per minute.
     let mut refused = 0;
     for _ in 0..100 {
-        let (ok, _, _) = ci_miren(
-            dir.path(),
-            &issuer,
-            &cluster,
-            "web",
-            &format!("{good}&kid=random"),
-            &["app", "status"],
-        );
+        let (ok, _, _) = ci("web", &format!("{good}&kid=random"), &["app", "status"]);
         if !ok {
             refused += 1;
         }
@@ -309,33 +232,18 @@ fn audit_lines(cfg: &Path, action: &str) -> Vec<serde_json::Value> {
 fn a_recreated_repository_is_refused_after_the_first_login_pinned_its_id() {
     let dir = temp();
     let issuer = PythonIssuer::start(dir.path(), BEARER);
-    let cfg = dir.path().join("admin.yaml");
-    let server = Server::start(
-        &dir.path().join("coord"),
-        &cfg,
-        "127.0.0.1:0",
-        &[
-            "--oidc-allow-loopback-issuers",
-            "--oidc-ca-file",
-            issuer.ca.to_str().unwrap(),
-        ],
-    );
+    let server = Server::start_trusting(dir.path(), &issuer, &[]);
+    let cfg = server.config.clone();
     let cluster = server.address.clone();
+    // The pipeline's CLI, with the test's bearer.
+    let ci = |app: &str, query: &str, args: &[&str]| {
+        issuer.ci_miren(dir.path(), &cluster, app, query, args)
+    };
     // A GitHub binding on this (GitHub Enterprise-like) issuer, no ids.
-    let add = miren(
+    let add = ci_add(
         &cfg,
-        &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
-            "--github",
-            "acme/web",
-            "--issuer",
-            &issuer.url(),
-        ],
-        &[],
+        "web",
+        &["--github", "acme/web", "--issuer", &issuer.url()],
     );
     assert!(add.ok, "{add:?}");
     assert!(
@@ -361,14 +269,7 @@ fn a_recreated_repository_is_refused_after_the_first_login_pinned_its_id() {
     // The first login pins repository 1000 of owner 2000. (The app has
     // never been deployed: the login succeeds, the status call says so.)
     let original = "repository=acme/web&repository_id=1000&repository_owner_id=2000";
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "web",
-        original,
-        &["app", "status"],
-    );
+    let (ok, _, err) = ci("web", original, &["app", "status"]);
     assert!(!ok);
     assert!(err.contains("app \"web\" does not exist"), "{err}");
     let pinned = list();
@@ -394,27 +295,13 @@ fn a_recreated_repository_is_refused_after_the_first_login_pinned_its_id() {
     assert_eq!(audited[0]["actor"], format!("ci:{id}"));
 
     // The same repository logs in again; nothing more is pinned.
-    let (_, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "web",
-        original,
-        &["app", "status"],
-    );
+    let (_, _, err) = ci("web", original, &["app", "status"]);
     assert!(err.contains("does not exist"), "{err}");
     assert_eq!(audit_lines(&cfg, "binding.pinned").len(), 2);
 
     // Deleted and recreated under the same name by someone else.
     let recreated = "repository=acme/web&repository_id=5555&repository_owner_id=2000";
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "web",
-        recreated,
-        &["app", "status"],
-    );
+    let (ok, _, err) = ci("web", recreated, &["app", "status"]);
     assert!(!ok);
     assert!(
         err.contains(&format!(
@@ -549,14 +436,10 @@ fn a_recreated_repository_is_refused_after_the_first_login_pinned_its_id() {
     );
 
     // Ids given when the binding is made refuse a mismatch at the first login.
-    let add = miren(
+    let add = ci_add(
         &cfg,
+        "api",
         &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "api",
             "--github",
             "acme/api",
             "--issuer",
@@ -566,32 +449,17 @@ fn a_recreated_repository_is_refused_after_the_first_login_pinned_its_id() {
             "--owner-id",
             "2000",
         ],
-        &[],
     );
     assert!(add.ok, "{add:?}");
     let api = "repository=acme/api&repository_id=78&repository_owner_id=2000";
-    let (ok, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "api",
-        api,
-        &["app", "status"],
-    );
+    let (ok, _, err) = ci("api", api, &["app", "status"]);
     assert!(!ok);
     assert!(
         err.contains("its repository_id is 78 where the binding pinned 77"),
         "{err}"
     );
     let api = "repository=acme/api&repository_id=77&repository_owner_id=2000";
-    let (_, _, err) = ci_miren(
-        dir.path(),
-        &issuer,
-        &cluster,
-        "api",
-        api,
-        &["app", "status"],
-    );
+    let (_, _, err) = ci("api", api, &["app", "status"]);
     assert!(err.contains("app \"api\" does not exist"), "{err}");
     assert_eq!(
         audit_lines(&cfg, "binding.pinned").len(),

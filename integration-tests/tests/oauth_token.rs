@@ -11,7 +11,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use integration_tests::{
-    authlib, miren, openid_client_exchange, outside_verify, temp, PythonIssuer, Server,
+    authlib, ci_add, miren, openid_client_exchange, outside_verify, temp, PythonIssuer, Server,
 };
 use serde_json::Value;
 
@@ -53,35 +53,16 @@ fn curl(url: &str, ca: &Path, extra: &[&str], form: &str) -> (u16, String, Value
 fn standard_clients_trade_ci_tokens_for_one_apps_token_once() {
     let dir = temp();
     let issuer = PythonIssuer::start(dir.path(), BEARER);
-    let cfg = dir.path().join("admin.yaml");
-    let server = Server::start(
-        &dir.path().join("coord"),
-        &cfg,
-        "127.0.0.1:0",
-        &[
-            "--oidc-allow-loopback-issuers",
-            "--oidc-ca-file",
-            issuer.ca.to_str().unwrap(),
-        ],
-    );
+    let server = Server::start_trusting(dir.path(), &issuer, &[]);
+    let cfg = server.config.clone();
     let iss = server.issuer_url();
     let ca = server.ca_file();
     let token_url = format!("{}/oauth2/token", iss.trim_end_matches('/'));
     let api_audience = format!("{}/cluster-api", iss.trim_end_matches('/'));
-    let add = miren(
+    let add = ci_add(
         &cfg,
-        &[
-            "auth",
-            "ci",
-            "add",
-            "-a",
-            "web",
-            "--issuer",
-            &issuer.url(),
-            "--subject",
-            "repo:acme/web:*",
-        ],
-        &[],
+        "web",
+        &["--issuer", &issuer.url(), "--subject", "repo:acme/web:*"],
     );
     assert!(add.ok, "{add:?}");
     let host_port = server.host_port().to_string();

@@ -9,8 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::{
-    http_get, http_get_host, miren, miren_bin, runners, temp, wait_for, PythonIssuer, RunnerProc,
-    Server,
+    http_get, http_get_host, miren, miren_bin, temp, wait_for, PythonIssuer, RunnerProc, Server,
 };
 use serde_json::Value;
 
@@ -105,11 +104,9 @@ impl Journey {
     fn run() -> Journey {
         let dir = temp();
         let issuer = PythonIssuer::start(dir.path(), BEARER);
-        let cfg = dir.path().join("admin.yaml");
-        let server = Server::start(
-            &dir.path().join("coord"),
-            &cfg,
-            "127.0.0.1:0",
+        let server = Server::start_trusting(
+            dir.path(),
+            &issuer,
             &[
                 "--http-listen",
                 "127.0.0.1:0",
@@ -117,27 +114,19 @@ impl Journey {
                 "127.0.0.1:0",
                 "--labs",
                 "routeoidc",
-                "--oidc-allow-loopback-issuers",
-                "--oidc-ca-file",
-                issuer.ca.to_str().unwrap(),
             ],
         );
+        let cfg = server.config.clone();
         let coordinator_metrics = metrics_addr(&server.stdout.join("\n"))
             .expect("the server printed its metrics address");
         let code = miren(&cfg, &["runner", "token", "create"], &[]);
         assert!(code.ok, "{code:?}");
         let join_code = code.stdout.trim().to_string();
-        let runner = RunnerProc::start(
+        let runner = RunnerProc::start_ready(
+            &cfg,
             &dir.path().join("runner"),
-            Some(&join_code),
+            &join_code,
             &["--isolation", "none", "--metrics-listen", "127.0.0.1:0"],
-        );
-        assert!(
-            wait_for(Duration::from_secs(30), || runners(&cfg)
-                .iter()
-                .any(|r| r["status"] == "ready")),
-            "runner never became ready: {}",
-            runner.output()
         );
         let runner_metrics =
             metrics_addr(&runner.output()).expect("the runner printed its metrics address");

@@ -1,9 +1,13 @@
-//! What several benches need alike: the `miren` binary they drive and the
-//! CPU time of a process from `/proc`. Included with `mod common;` (each
-//! bench is its own crate, so each uses only part of it).
+//! What several benches need alike: the `miren` binary they drive, the
+//! `miren server` and CLI processes they start, and the CPU time and memory
+//! of a process from `/proc`. Included with `mod common;` (each bench is its
+//! own crate, so each uses only part of it).
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
@@ -27,6 +31,32 @@ pub fn miren_bin() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// The end of a bench's `main`, which returns what this returns. When
+/// `ready` is an error (the `miren` binary or a tool it needs is missing),
+/// a quick pass (`cargo test`, not `benching`) says it skipped and a real
+/// run (`cargo bench`) fails; otherwise `bench` runs, and its error fails
+/// the process. `name` starts those lines.
+pub fn run_bench(
+    name: &str,
+    benching: bool,
+    ready: anyhow::Result<()>,
+    bench: impl FnOnce() -> anyhow::Result<()>,
+) -> ExitCode {
+    if let Err(e) = ready {
+        if benching {
+            eprintln!("{name} bench failed: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        println!("{name} bench skipped (quick pass): {e:#}");
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = bench() {
+        eprintln!("{name} bench failed: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times.
@@ -97,4 +127,180 @@ pub fn perf_record(
         .spawn()
         .context("starting perf record")?;
     Ok(Some(child))
+}
+
+/// A `kB` (or plain number) field of `/proc/<pid>/status`.
+pub fn status_field(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let v = l.strip_prefix(key)?.strip_prefix(':')?;
+        v.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// A process's CPU ticks ([`cpu_ticks`], 0 when gone) and when they were read.
+#[derive(Clone, Copy)]
+pub struct Sample {
+    pub at: Instant,
+    pub ticks: u64,
+}
+
+pub fn sample(pid: u32) -> Sample {
+    Sample {
+        at: Instant::now(),
+        ticks: cpu_ticks(pid).unwrap_or(0),
+    }
+}
+
+/// CPU seconds between two samples.
+pub fn cpu_secs_between(a: Sample, b: Sample, clk: f64) -> f64 {
+    b.ticks.saturating_sub(a.ticks) as f64 / clk
+}
+
+/// CPU used between two samples, as a fraction of one core.
+pub fn cpu_share(a: Sample, b: Sample, clk: f64) -> f64 {
+    let wall = b.at.duration_since(a.at).as_secs_f64();
+    if wall <= 0.0 {
+        return 0.0;
+    }
+    cpu_secs_between(a, b, clk) / wall
+}
+
+/// Soft limit on open files of this process (inherited by its children).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
+    if soft == "unlimited" {
+        Some(u64::MAX)
+    } else {
+        soft.parse().ok()
+    }
+}
+
+/// RSS in kB as MiB.
+pub fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+/// A child process killed when dropped (unless it was waited for).
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits for `child` until `timeout`; `None` if it is still running.
+pub fn wait_until(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => return None,
+        }
+    }
+}
+
+/// Reads `reader` line by line into a channel, each with when it arrived,
+/// until it ends (so the writer never blocks on a full pipe, even once
+/// nobody listens).
+pub fn pump_lines(reader: impl Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    rx
+}
+
+/// A `miren server` started by [`start_server`].
+pub struct ServerProc {
+    pub guard: Guard,
+    pub pid: u32,
+    pub spawned: Instant,
+    /// When the ready banner ended.
+    pub ready: Instant,
+    pub address: String,
+    pub stderr_path: PathBuf,
+}
+
+/// Spawns `server` (a `miren server …` command; its stdout piped here, its
+/// stderr to `stderr_path`) and waits up to `timeout` for the end of its
+/// ready banner.
+pub fn start_server(
+    mut server: Command,
+    stderr_path: PathBuf,
+    timeout: Duration,
+) -> anyhow::Result<ServerProc> {
+    let stderr = std::fs::File::create(&stderr_path)?;
+    let spawned = Instant::now();
+    let mut child = server
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()?;
+    let pid = child.id();
+    let rx = pump_lines(child.stdout.take().context("server stdout not piped")?);
+    let guard = Guard(child);
+    let deadline = Instant::now() + timeout;
+    let mut address = None;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok((at, line)) => {
+                if let Some(a) = line.strip_prefix("Cluster address: ") {
+                    address = Some(a.trim().to_string());
+                }
+                let done = line.contains("export MIREN_CLUSTER=");
+                lines.push(line);
+                if let (true, Some(address)) = (done, address.clone()) {
+                    return Ok(ServerProc {
+                        guard,
+                        pid,
+                        spawned,
+                        ready: at,
+                        address,
+                        stderr_path,
+                    });
+                }
+            }
+            Err(_) => {
+                drop(guard);
+                let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                bail!("server did not become ready within {timeout:?}\nstdout: {lines:?}\nstderr: {err}");
+            }
+        }
+    }
+}
+
+/// Runs `miren args…` against the cluster of `config`: its stdout, or an
+/// error with its stderr.
+pub fn miren(bin: &Path, config: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .env("MIREN_CONFIG", config)
+        .env_remove("MIREN_CLUSTER")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "`miren {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
