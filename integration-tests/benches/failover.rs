@@ -249,8 +249,11 @@ fn bench(s: &Settings) -> anyhow::Result<()> {
         );
     }
     // One sandbox per runner: the second app goes where there is none.
-    let (runner_1, sandbox_1) = deploy(&c.cfg, "bench-one")?;
-    let (runner_2, sandbox_2) = deploy(&c.cfg, "bench-two")?;
+    let outputs = || format!("runner 1:\n{}\nrunner 2:\n{}", r1.output(), r2.output());
+    let (runner_1, sandbox_1) =
+        deploy(&c.cfg, "bench-one").with_context(|| format!("deploy bench-one; {}", outputs()))?;
+    let (runner_2, sandbox_2) =
+        deploy(&c.cfg, "bench-two").with_context(|| format!("deploy bench-two; {}", outputs()))?;
     sandbox_1.token("warm-1").map_err(|e| anyhow!(e))?;
     sandbox_2.token("warm-2").map_err(|e| anyhow!(e))?;
     let mints = |r: &RunnerProc| r.mints_through().unwrap_or_default();

@@ -331,3 +331,42 @@ fn certificates_are_renewed_and_a_duplicate_runner_id_is_refused() {
         dup.output()
     );
 }
+
+#[test]
+fn a_stopped_runner_hangs_up_so_that_it_is_down_at_once_and_its_restart_is_not_a_duplicate() {
+    let dir = temp();
+    let cfg = dir.path().join("c.yaml");
+    let _server = Server::start(&dir.path().join("coord"), &cfg, "127.0.0.1:0", &[]);
+    let code = create_token(&cfg, &[]);
+    let data = dir.path().join("r");
+    let first = RunnerProc::start(&data, Some(&code), &[]);
+    let id = joined(&first);
+    assert!(wait_for(READY, || runner_status(&cfg, &id).as_deref()
+        == Some("ready")));
+
+    // SIGTERM (the fixture's drop): the runner closes its connections
+    // before it exits, so the coordinator does not go on counting it ready
+    // until the silent session times out.
+    drop(first);
+    let status = runner_status(&cfg, &id);
+    assert_ne!(
+        status.as_deref(),
+        Some("ready"),
+        "a runner that said goodbye is still shown ready"
+    );
+
+    // Started again on its data dir, it takes its place at the first try.
+    let again = RunnerProc::start(&data, None, &[]);
+    assert!(
+        wait_for(READY, || again.output().contains("connected to")),
+        "the restarted runner never connected:\n{}",
+        again.output()
+    );
+    assert!(
+        !again.output().contains("duplicate runner id"),
+        "the restarted runner was refused as a duplicate of its stopped self:\n{}",
+        again.output()
+    );
+    assert!(wait_for(READY, || runner_status(&cfg, &id).as_deref()
+        == Some("ready")));
+}

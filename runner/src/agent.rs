@@ -240,6 +240,7 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> Res
         opts,
         supervisor: supervisor.clone(),
         sessions,
+        open: Default::default(),
     });
     let _renewal = AbortOnDrop(tokio::task::spawn_local(renew_certificate_forever(
         shared.clone(),
@@ -266,6 +267,46 @@ struct Shared {
     opts: RunnerOptions,
     supervisor: Rc<Supervisor>,
     sessions: Rc<Live>,
+    /// Every connection to a coordinator, for [`hang_up`].
+    open: std::cell::RefCell<OpenConnections>,
+}
+
+/// The connections the session loops hold, each with its endpoint.
+#[derive(Default)]
+struct OpenConnections {
+    next: u64,
+    conns: HashMap<u64, (quinn::Endpoint, quinn::Connection)>,
+}
+
+/// Takes a connection out of [`OpenConnections`] when its session ends.
+struct Opened {
+    shared: Rc<Shared>,
+    id: u64,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.shared.open.borrow_mut().conns.remove(&self.id);
+    }
+}
+
+/// How long a stopping runner waits for its goodbyes to be sent.
+const HANG_UP_PATIENCE: Duration = Duration::from_millis(500);
+
+/// Closes every connection to a coordinator (`CloseCode::Done`) and waits,
+/// at most [`HANG_UP_PATIENCE`], until the closes are sent. Each
+/// coordinator then knows at once that this runner is gone: it places
+/// nothing more on it, and the runner started again on the same data dir
+/// replaces the closed session at once instead of being refused as a
+/// duplicate until the silent one counts as down (15 s).
+async fn hang_up(shared: &Shared) {
+    let open: Vec<(quinn::Endpoint, quinn::Connection)> =
+        shared.open.borrow().conns.values().cloned().collect();
+    for (_, conn) in &open {
+        transport::close::close(conn, CloseCode::Done, b"runner stopping");
+    }
+    let idle = futures::future::join_all(open.iter().map(|(e, _)| e.wait_idle()));
+    let _ = tokio::time::timeout(HANG_UP_PATIENCE, idle).await;
 }
 
 /// What a session loop tells [`serve`].
@@ -312,7 +353,10 @@ async fn serve(shared: Rc<Shared>, shutdown: impl Future<Output = ()>) -> Result
         let now = transport::clock::now_unix();
         let before = known.clone();
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                hang_up(&shared).await;
+                return Ok(());
+            }
             event = events.recv() => match event {
                 Some(Event::Removed) | None => {
                     return Err(RunError::Removed {
@@ -439,8 +483,18 @@ async fn session(
         Ok(i) => i,
         Err(e) => return e.into(),
     };
-    let conn = match transport::dial(&id.address.at(endpoint), Some(identity)).await {
-        Ok((_endpoint, conn)) => conn,
+    let (conn, _opened) = match transport::dial(&id.address.at(endpoint), Some(identity)).await {
+        Ok((quic, conn)) => {
+            let mut open = shared.open.borrow_mut();
+            let id = open.next;
+            open.next += 1;
+            open.conns.insert(id, (quic, conn.clone()));
+            let opened = Opened {
+                shared: shared.clone(),
+                id,
+            };
+            (conn, opened)
+        }
         // Told during the handshake.
         Err(e) if e.close_code() == Some(CloseCode::RunnerRemoved) => return SessionEnd::Removed,
         Err(e) => return e.into(),
