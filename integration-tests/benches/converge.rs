@@ -292,6 +292,11 @@ impl SwarmReport for SwarmOut {
         let Some(msg) = line.strip_prefix(TAG) else {
             if line.starts_with("Runner ") && line.contains(" connected to ") {
                 o.connected.push(at);
+            } else if line.starts_with("Runner mints through ")
+                || line.starts_with("Runner learned coordinator ")
+            {
+                // The runners' own status lines: where minting goes, which
+                // coordinators they learned.
             } else if o.other.len() < 20 {
                 o.other.push(line);
             }
