@@ -176,29 +176,24 @@ impl Minting {
         requests: Vec<RunnerTokenRequest>,
     ) -> Vec<Result<String, MintError>> {
         let actor = Actor::Runner(runner.to_string());
-        let mut decided = Vec::with_capacity(requests.len());
+        // Each request's refusal, or `None` where it goes to be signed.
+        let mut refusals = Vec::with_capacity(requests.len());
+        let mut jobs: Vec<SignJob> = Vec::with_capacity(requests.len());
         for r in requests {
-            decided.push(
-                self.runner_subject(&actor, runner, &r.sandbox_id)
-                    .await
-                    .map(|subject| (subject, r.audiences, r.ttl)),
-            );
-        }
-        let jobs: Vec<SignJob> = decided
-            .iter_mut()
-            .filter_map(|d| match d {
-                Ok((subject, audiences, ttl)) => {
-                    Some((subject.clone(), std::mem::take(audiences), *ttl))
+            match self.runner_subject(&actor, runner, &r.sandbox_id).await {
+                Ok(subject) => {
+                    jobs.push((subject, r.audiences, r.ttl));
+                    refusals.push(None);
                 }
-                Err(_) => None,
-            })
-            .collect();
+                Err(e) => refusals.push(Some(e)),
+            }
+        }
         let mut signed = self.sign_many(actor, jobs).await.into_iter();
-        decided
+        refusals
             .into_iter()
-            .map(|d| match d {
-                Ok(_) => signed.next().unwrap_or(Err(MintError::TaskLost)),
-                Err(e) => Err(e),
+            .map(|refused| match refused {
+                None => signed.next().unwrap_or(Err(MintError::TaskLost)),
+                Some(e) => Err(e),
             })
             .collect()
     }
