@@ -50,6 +50,7 @@ use identity::headers::HeaderFilter;
 
 use crate::accept::ListenerLimits;
 use crate::apps::Apps;
+use crate::hop_by_hop;
 use crate::labs::{Feature, Labs};
 use crate::observe::Observe;
 use crate::oidc::OidcVerifier;
@@ -58,7 +59,7 @@ use crate::runner_streams::{StreamBudget, STREAM_OPEN_TIMEOUT};
 use crate::runners::Registry;
 use crate::shutdown::Tasks;
 use crate::sso::Sso;
-use crate::upstream::{Returning, Reuse, Upstream, UpstreamPool};
+use crate::upstream::{Replay, Returning, Reuse, UpBody, Upstream, UpstreamPool};
 
 /// First line of a proxied stream.
 pub const PROXY_PREAMBLE: &str = "miren-proxy/1";
@@ -147,9 +148,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 static FORWARDING: std::sync::LazyLock<HeaderFilter> =
     std::sync::LazyLock::new(HeaderFilter::forwarding);
 
-/// Removes every header of the client's request that `filter` strips, and
-/// their names from `Connection` (a client naming our `X-Forwarded-For`
-/// there would have a proxy inside the sandbox drop it).
+/// Removes every header of the client's request that `filter` strips
+/// (after [`hop_by_hop::strip_request`], so `Connection` can no longer name
+/// the headers the ingress sets).
 fn strip_client_headers(headers: &mut hyper::HeaderMap, filter: &HeaderFilter) {
     let spoofed: Vec<hyper::header::HeaderName> = headers
         .keys()
@@ -158,34 +159,6 @@ fn strip_client_headers(headers: &mut hyper::HeaderMap, filter: &HeaderFilter) {
         .collect();
     for name in spoofed {
         headers.remove(name);
-    }
-    let connection: Vec<HeaderValue> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .cloned()
-        .collect();
-    let names_ours = |v: &HeaderValue| {
-        v.to_str().map_or(true, |v| {
-            v.split(',').any(|t| {
-                let t = t.trim();
-                !t.is_empty() && filter.strips(t)
-            })
-        })
-    };
-    if connection.iter().any(names_ours) {
-        headers.remove(hyper::header::CONNECTION);
-        let kept: Vec<&str> = connection
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty() && !filter.strips(t))
-            .collect();
-        if !kept.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
-                headers.insert(hyper::header::CONNECTION, v);
-            }
-        }
     }
 }
 
@@ -259,6 +232,7 @@ async fn proxy(
         }
         None => &FORWARDING,
     };
+    hop_by_hop::strip_request(req.headers_mut());
     strip_client_headers(req.headers_mut(), filter);
     let app = route.app.clone();
     crate::metered::note_ingress_app(&app);
@@ -329,6 +303,10 @@ async fn proxy(
     }
     let start = counter.fetch_add(1, Ordering::Relaxed);
     let reuse = reuse_for(&route, req.headers());
+    // Up to the sandbox as HTTP/1.1 whatever the client spoke: an HTTP/1.0
+    // request would have the app close a connection the pool keeps.
+    let mut req = req.map(UpBody::Left);
+    *req.version_mut() = hyper::Version::HTTP_11;
     let pool = &pool;
     let mut busy = false;
     // Try each healthy sandbox once, starting round-robin.
@@ -364,16 +342,19 @@ async fn proxy(
                     Err(OpenError::Failed) => continue 'sandboxes,
                 },
             };
-            let client_upgrade = match reuse {
-                Reuse::Alone => Some(hyper::upgrade::on(&mut req)),
-                Reuse::Pooled => None,
+            let client_upgrade = match (reuse, &mut req) {
+                (Reuse::Alone, req) => Some(hyper::upgrade::on(req)),
+                (Reuse::Pooled, _) => None,
             };
+            // A reused connection may have been closed by the sandbox just
+            // as the request went out on it.
+            let replay = if from_pool { Replay::of(&req) } else { None };
             let mut resp = match upstream.sender.try_send_request(req).await {
                 Ok(r) => r,
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), replay) {
                     // Not sent: the connection closed meanwhile. Another
                     // idle one, else a new stream, else the next sandbox.
-                    Some(back) => {
+                    (Some(back), _) => {
                         req = back;
                         if from_pool {
                             pooled = checkout();
@@ -382,7 +363,19 @@ async fn proxy(
                         }
                         continue;
                     }
-                    None => {
+                    // Sent on a reused connection that closed without an
+                    // answer: once more, on a new one.
+                    (None, Some(replay)) => {
+                        tracing::debug!(
+                            app,
+                            sandbox = sb.id,
+                            "ingress: resent on a new connection: {}",
+                            e.error()
+                        );
+                        req = replay.request();
+                        continue;
+                    }
+                    (None, None) => {
                         return Ok(with_cookies(text(
                             StatusCode::BAD_GATEWAY,
                             &format!("sandbox {} did not answer: {}", sb.id, e.error()),
@@ -391,6 +384,7 @@ async fn proxy(
                 },
             };
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            hop_by_hop::strip_response(resp.headers_mut(), switching);
             match client_upgrade {
                 Some(client_upgrade) if switching => {
                     let upstream_io = hyper::upgrade::on(&mut resp);
@@ -524,45 +518,22 @@ async fn open_upstream(
     })
 }
 
-/// On a protected route, closes the ways around the claim headers that
-/// HTTP/1.1 hop-by-hop mechanics open: only WebSocket upgrades pass (an
-/// `h2c` upgrade would carry requests the gate never saw), request
-/// trailers are not announced (they could carry a claim header), and
-/// headers named in `Connection` are removed with it (a proxy inside the
-/// sandbox would drop the claim headers they name).
-fn strip_tunnels(headers: &mut hyper::HeaderMap) -> Result<(), &'static str> {
-    if let Some(upgrade) = headers.get(hyper::header::UPGRADE) {
-        let websocket = upgrade
-            .to_str()
-            .is_ok_and(|u| u.trim().eq_ignore_ascii_case("websocket"));
-        if !websocket {
-            return Err("only WebSocket upgrades pass a route protected by route OIDC");
+/// On a protected route, only WebSocket upgrades pass: an `h2c` upgrade
+/// would carry requests the gate never saw. (The other ways around the
+/// claim headers that HTTP/1.1 opens — headers named in `Connection`,
+/// announced trailers — are closed for every route by
+/// [`hop_by_hop::strip_request`].)
+fn only_websocket_upgrades(headers: &hyper::HeaderMap) -> Result<(), &'static str> {
+    match headers.get(hyper::header::UPGRADE) {
+        Some(upgrade)
+            if !upgrade
+                .to_str()
+                .is_ok_and(|u| u.trim().eq_ignore_ascii_case("websocket")) =>
+        {
+            Err("only WebSocket upgrades pass a route protected by route OIDC")
         }
+        _ => Ok(()),
     }
-    let named: Vec<String> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    for token in &named {
-        if !matches!(token.as_str(), "upgrade" | "keep-alive" | "close") {
-            headers.remove(token.as_str());
-        }
-    }
-    headers.remove(hyper::header::CONNECTION);
-    if named.iter().any(|t| t == "upgrade") && headers.contains_key(hyper::header::UPGRADE) {
-        headers.insert(
-            hyper::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
-    }
-    for name in ["trailer", "te", "http2-settings"] {
-        headers.remove(name);
-    }
-    Ok(())
 }
 
 /// Applies route OIDC to a request: strips client-sent claim headers, and
@@ -580,7 +551,7 @@ async fn single_sign_on(
 ) -> Result<Vec<(hyper::header::HeaderName, HeaderValue)>, Response<Body>> {
     use identity::route_oidc::claim_headers;
     // The client's claim headers are gone already (`proxy`).
-    strip_tunnels(req.headers_mut()).map_err(|msg| text(StatusCode::BAD_REQUEST, msg))?;
+    only_websocket_upgrades(req.headers()).map_err(|msg| text(StatusCode::BAD_REQUEST, msg))?;
     // The callback URL is built from the Host header: only a plain
     // `name[:port]` may go into it.
     let authority = authority.trim().to_ascii_lowercase();
@@ -810,41 +781,17 @@ mod tests {
     fn protected_routes_pass_only_websocket_upgrades() {
         for up in ["h2c", "websocket, h2c", "TLS/1.0"] {
             let mut h = headers(&[("upgrade", up), ("connection", "Upgrade")]);
-            assert!(strip_tunnels(&mut h).is_err(), "{up}");
+            assert!(hop_by_hop::strip_request(&mut h));
+            assert!(only_websocket_upgrades(&h).is_err(), "{up}");
         }
         let mut h = headers(&[
             ("upgrade", "WebSocket"),
             ("connection", "keep-alive, Upgrade"),
         ]);
-        assert!(strip_tunnels(&mut h).is_ok());
+        assert!(hop_by_hop::strip_request(&mut h));
+        assert!(only_websocket_upgrades(&h).is_ok());
         assert_eq!(h["upgrade"], "WebSocket");
         assert_eq!(h["connection"], "upgrade");
-    }
-
-    #[test]
-    fn headers_named_in_connection_and_trailers_are_dropped() {
-        let mut h = headers(&[
-            ("connection", "X-User-Email, x-extra"),
-            ("connection", "close"),
-            ("x-user-email", "set-by-the-gate"),
-            ("x-extra", "1"),
-            ("trailer", "X-User-Email"),
-            ("te", "trailers"),
-            ("http2-settings", "AAMA"),
-            ("accept", "text/html"),
-        ]);
-        assert!(strip_tunnels(&mut h).is_ok());
-        for gone in [
-            "connection",
-            "x-user-email",
-            "x-extra",
-            "trailer",
-            "te",
-            "http2-settings",
-        ] {
-            assert!(!h.contains_key(gone), "{gone} kept");
-        }
-        assert_eq!(h["accept"], "text/html");
     }
 
     #[test]
@@ -902,22 +849,19 @@ mod tests {
     }
 
     #[test]
-    fn connection_cannot_name_our_headers() {
+    fn connection_cannot_name_our_headers_away() {
+        // As `proxy` does it: hop-by-hop first, then the client's copies,
+        // then ours, which no Connection token names any more.
         let mut h = headers(&[
-            ("connection", "keep-alive, X_Forwarded_For"),
-            ("connection", "x-real-ip"),
-            ("upgrade", "websocket"),
+            ("connection", "keep-alive, X-Forwarded-For"),
+            ("connection", "x-real-ip, x-user-email"),
+            ("x-forwarded-for", "10.0.0.1"),
         ]);
+        hop_by_hop::strip_request(&mut h);
         strip_client_headers(&mut h, &HeaderFilter::forwarding());
-        assert_eq!(h["connection"], "keep-alive");
-        assert_eq!(h.get_all("connection").iter().count(), 1);
-        let mut h = headers(&[("connection", "x-forwarded-for")]);
-        strip_client_headers(&mut h, &HeaderFilter::forwarding());
+        set_forwarding_headers(&mut h, "192.0.2.9:1".parse().unwrap(), false, "a.test");
         assert!(!h.contains_key("connection"));
-        // Connection without our names is left as it is.
-        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        strip_client_headers(&mut h, &HeaderFilter::forwarding());
-        assert_eq!(h["connection"], "Upgrade");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod deploy_keys;
 pub mod etcd_store;
 pub mod frontdoor;
 pub mod health;
+pub mod hop_by_hop;
 pub mod https;
 pub mod ingress;
 pub mod issuer;

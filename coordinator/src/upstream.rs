@@ -23,6 +23,14 @@
 //!   a runner connection that has since been replaced, or that the sandbox
 //!   side closed (a restart closes its sockets), is dropped rather than
 //!   used. Idle connections also go after [`IDLE_TIMEOUT`].
+//! - A sandbox may close a kept-alive connection whenever it likes (its
+//!   own idle timeout, a restart), and a request sent on it in that moment
+//!   gets no answer. Such a request is sent again once, on a new
+//!   connection, when it can be ([`Replay`]: an idempotent method without
+//!   a body, as nginx does for its kept-alive upstreams); what the client
+//!   says of its own connection never reaches this one
+//!   ([`crate::hop_by_hop`]), and requests go up as HTTP/1.1 whatever the
+//!   client spoke, so a client cannot have the app close it.
 //! - Every connection, idle or busy, holds its [`StreamPermit`]: the
 //!   per-runner and per-app counts of [`crate::runner_streams`] count the
 //!   streams really open. When a count is full, an idle connection of that
@@ -36,8 +44,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
+use hyper::{HeaderMap, Method, Request, Uri, Version};
 
 use crate::runner_streams::{Busy, StreamBudget, StreamPermit};
 
@@ -56,9 +66,13 @@ pub enum Reuse {
     Alone,
 }
 
+/// A request's body on its way to a sandbox: the client's, or none for a
+/// [`Replay`].
+pub type UpBody = Either<Incoming, Empty<Bytes>>;
+
 /// One HTTP/1.1 connection to a sandbox over a runner stream.
 pub struct Upstream {
-    pub sender: SendRequest<Incoming>,
+    pub sender: SendRequest<UpBody>,
     /// Which runner connection (`quinn::Connection::stable_id`) it runs
     /// over.
     pub runner_conn: usize,
@@ -203,6 +217,37 @@ impl UpstreamPool {
     /// Idle connections held (all sandboxes).
     pub fn idle_count(&self) -> usize {
         self.idle().values().map(Vec::len).sum()
+    }
+}
+
+/// What it takes to send a request again on a new connection after a
+/// reused one closed under it without answering: kept only for idempotent
+/// methods (RFC 9110 §9.2.2) with an empty body, for which a second
+/// delivery means the same as one.
+pub struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    /// The copy of `req` to send again, if it may be.
+    pub fn of(req: &Request<UpBody>) -> Option<Replay> {
+        (req.method().is_idempotent() && req.body().is_end_stream()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    /// The request again, as an HTTP/1.1 one.
+    pub fn request(&self) -> Request<UpBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
     }
 }
 

@@ -1,7 +1,9 @@
 //! The ingress keeps its connections to sandboxes alive and reuses them
 //! (`coordinator/src/upstream.rs`): many clients on kept-alive connections
 //! each get their own answers, upgrades still pass, and a sandbox that
-//! restarts leaves no request on a dead connection. The probe app's
+//! restarts leaves no request on a dead connection; a connection the app
+//! closes under a request, or that a client's own connection headers would
+//! have the app close, costs no client a 502. The probe app's
 //! `/conn` tells which of its connections a request came on, how many
 //! requests that connection carried, and the request's own id back.
 
@@ -175,4 +177,78 @@ fn a_restarted_sandbox_leaves_no_request_on_a_dead_connection() {
             "the old process answered: {v}"
         );
     }
+}
+
+/// One request on a new client connection, in the client's own words
+/// (`version` and `extra` headers); the answer's status and body.
+fn once(ingress: &str, path: &str, id: &str, version: &str, extra: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(ingress).expect("connect to the ingress");
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    write!(
+        s,
+        "GET {path} {version}\r\nHost: {HOST}\r\nX-Request-Id: {id}\r\n{extra}\r\n"
+    )
+    .expect("write a request");
+    let (status, _, body) = read_response(&mut s).expect("a response");
+    (status, body)
+}
+
+#[test]
+fn a_connection_the_app_closes_under_a_request_is_not_the_clients_502() {
+    let dir = temp();
+    let (_c, ingress) = start(dir.path());
+    for round in 0..5 {
+        // The app answers, the ingress keeps the connection, the app closes
+        // it half a second later without reading: the next request, sent
+        // on it meanwhile, is sent again on a new connection.
+        let (status, body) = once(
+            &ingress,
+            "/answer-then-close?after=0.5",
+            "x",
+            "HTTP/1.1",
+            "",
+        );
+        assert_eq!((status, body.as_str()), (200, "closing soon"));
+        let id = format!("after-close-{round}");
+        let (status, body) = once(&ingress, "/conn", &id, "HTTP/1.1", "");
+        assert_eq!(status, 200, "round {round}: {body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON from /conn");
+        assert_eq!(v["request_id"], id.as_str(), "round {round}: {v}");
+    }
+}
+
+#[test]
+fn what_a_client_says_of_its_own_connection_does_not_close_the_apps() {
+    let dir = temp();
+    let (_c, ingress) = start(dir.path());
+    // HTTP/1.0 without keep-alive, and HTTP/1.1 with `Connection: close`:
+    // each client's connection ends with its answer, the connection to
+    // the app goes on carrying the next client's request.
+    let asks = [
+        ("HTTP/1.0", ""),
+        ("HTTP/1.1", "Connection: close\r\n"),
+        ("HTTP/1.1", "Connection: close, X-Request-Id\r\n"),
+    ];
+    let mut answers = Vec::new();
+    for round in 0..12 {
+        let (version, extra) = asks[round % asks.len()];
+        let id = format!("{version}-{round}");
+        let (status, body) = once(&ingress, "/conn", &id, version, extra);
+        assert_eq!(status, 200, "{id}: {body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON from /conn");
+        answers.push(v);
+    }
+    // A header the client named in Connection is its connection's, not
+    // the request's: the app does not see it.
+    assert_eq!(answers[2]["request_id"], Value::Null, "{}", answers[2]);
+    assert_eq!(answers[0]["request_id"], "HTTP/1.0-0");
+    let most = answers
+        .iter()
+        .filter_map(|v| v["served"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most >= 10,
+        "the app's connection was closed by what clients said of theirs: {answers:?}"
+    );
 }

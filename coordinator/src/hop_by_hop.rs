@@ -1,0 +1,180 @@
+//! Headers that speak of one HTTP/1.1 connection rather than of the message
+//! (RFC 9110 §7.6.1), which the ingress never passes from one of its two
+//! connections to the other.
+//!
+//! A proxied request runs over two connections: the client's to the
+//! ingress, and a kept-alive one from the ingress to the sandbox that the
+//! pool ([`crate::upstream`]) hands to the next client's request after it.
+//! What a client says about its own connection must not reach the
+//! sandbox's: `Connection: close` (or an HTTP/1.0 request without
+//! keep-alive) has the app close a connection the pool still counts as
+//! alive, and the next client's request sent on it in that moment would
+//! get a 502; `Connection: X-Forwarded-For` has a proxy inside the sandbox
+//! drop the header the ingress sets; `TE`/`Trailer` announce trailers that
+//! could carry a header after the ingress's checks. Likewise what the app
+//! says about its connection (`Connection: close`, `Keep-Alive`) is not the
+//! client's business: the ingress decides about the client's connection.
+//!
+//! Only an upgrade crosses: a request that names `upgrade` in `Connection`
+//! and carries `Upgrade` keeps both (`Connection: upgrade`), and so does a
+//! `101 Switching Protocols` answer, since the two connections then become
+//! one tunnel.
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+
+/// Hop-by-hop headers removed whether `Connection` names them or not.
+const ALWAYS: &[&str] = &[
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "http2-settings",
+];
+
+/// Headers a `Connection` token never removes: they carry where the
+/// message goes and how it is framed, which hyper has already read and
+/// sets again on the other connection.
+const NEVER_NAMED_AWAY: &[&str] = &["host", "content-length", "transfer-encoding"];
+
+/// Removes the hop-by-hop headers of a client's request. Keeps `Upgrade`
+/// with `Connection: upgrade` when the client asked to switch protocols
+/// (both given); returns whether it did.
+pub fn strip_request(headers: &mut HeaderMap) -> bool {
+    let upgrade = strip(headers);
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    upgrade
+}
+
+/// Removes the hop-by-hop headers of a sandbox's response, unless it
+/// switches protocols (`switching`): then the tunnel needs them as sent.
+pub fn strip_response(headers: &mut HeaderMap, switching: bool) {
+    if !switching {
+        strip(headers);
+    }
+}
+
+/// Removes `Connection`, what it names and the [`ALWAYS`] list; removes
+/// `Upgrade` too unless `Connection` named it. Returns whether an upgrade
+/// was asked for (and `Upgrade` kept).
+fn strip(headers: &mut HeaderMap) -> bool {
+    if !headers.contains_key(CONNECTION) && !ALWAYS.iter().any(|n| headers.contains_key(*n)) {
+        // The common case: nothing to remove beyond a stray Upgrade.
+        headers.remove(UPGRADE);
+        return false;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        // A value that is not text names nothing we could match; the
+        // header itself goes below.
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    headers.remove(CONNECTION);
+    let mut upgrade = false;
+    for name in named {
+        if name == UPGRADE {
+            upgrade = headers.contains_key(UPGRADE);
+        } else if !NEVER_NAMED_AWAY.contains(&name.as_str()) {
+            headers.remove(&name);
+        }
+    }
+    for name in ALWAYS {
+        headers.remove(*name);
+    }
+    if !upgrade {
+        headers.remove(UPGRADE);
+    }
+    upgrade
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn what_a_client_says_of_its_connection_stays_with_it() {
+        let mut h = headers(&[
+            ("connection", "close, X-Extra"),
+            ("connection", "X_Forwarded_For, x-user-email"),
+            ("x-extra", "1"),
+            ("x-user-email", "set-by-the-client"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "X-User-Email"),
+            ("http2-settings", "AAMA"),
+            ("upgrade", "h2c"),
+            ("accept", "*/*"),
+        ]);
+        assert!(!strip_request(&mut h));
+        assert_eq!(names(&h), ["accept"]);
+    }
+
+    #[test]
+    fn a_connection_token_cannot_remove_where_or_how_long_the_message_is() {
+        let mut h = headers(&[
+            ("connection", "Host, Content-Length, transfer-encoding"),
+            ("host", "a.test"),
+            ("content-length", "3"),
+        ]);
+        strip_request(&mut h);
+        assert_eq!(names(&h), ["content-length", "host"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_two_headers_and_nothing_else() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, Upgrade, x-extra"),
+            ("upgrade", "websocket"),
+            ("x-extra", "1"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        assert!(strip_request(&mut h));
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(names(&h), ["connection", "sec-websocket-key", "upgrade"]);
+        // Connection names upgrade but no Upgrade is given: nothing to keep.
+        let mut h = headers(&[("connection", "upgrade")]);
+        assert!(!strip_request(&mut h));
+        assert!(h.is_empty());
+        // Upgrade without Connection naming it is not a request to switch.
+        let mut h = headers(&[("upgrade", "websocket"), ("accept", "*/*")]);
+        assert!(!strip_request(&mut h));
+        assert_eq!(names(&h), ["accept"]);
+    }
+
+    #[test]
+    fn the_apps_words_on_its_connection_do_not_reach_the_client() {
+        let mut h = headers(&[
+            ("connection", "close"),
+            ("keep-alive", "timeout=5, max=100"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_response(&mut h, false);
+        assert_eq!(names(&h), ["content-type"]);
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_response(&mut h, true);
+        assert_eq!(names(&h), ["connection", "upgrade"]);
+    }
+}
