@@ -456,10 +456,21 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 
 /// Like [`http_get`] with a chosen `Host` header (and any extra header lines).
 pub fn http_get_host(addr: &str, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(addr, host, path, &[])
+}
+
+/// [`http_get_host`] with `extra` headers.
+pub fn http_get_with(
+    addr: &str,
+    host: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{extra}\r\n")?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::{
-    http_get_host, miren, miren_bin, runners, temp, wait_for, RunnerProc, Server,
+    http_get_host, http_get_with, miren, miren_bin, runners, temp, wait_for, RunnerProc, Server,
 };
 use serde_json::Value;
 
@@ -249,8 +249,17 @@ fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
             .contains("app.sock now points at")),
         "the app never swapped its socket"
     );
+    // A request asking for an upgrade never takes a kept-alive connection
+    // (one opened before the swap still reaches the app itself): each of
+    // these has the runner connect to the app socket by its name again.
     for _ in 0..5 {
-        let (code, body) = get(&c, "hostile", "/report");
+        let (code, body) = http_get_with(
+            &c.ingress,
+            "hostile.test",
+            "/report",
+            &[("Connection", "Upgrade"), ("Upgrade", "websocket")],
+        )
+        .unwrap_or((0, String::new()));
         assert_ne!(code, 200, "the ingress followed the symlink: {body}");
     }
     match victim_sock.accept() {
