@@ -21,6 +21,7 @@
 //! one tunnel.
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use hyper::Version;
 
 /// Hop-by-hop headers removed whether `Connection` names them or not.
 const ALWAYS: &[&str] = &[
@@ -36,13 +37,17 @@ const ALWAYS: &[&str] = &[
 /// sets again on the other connection.
 const NEVER_NAMED_AWAY: &[&str] = &["host", "content-length", "transfer-encoding"];
 
-/// Removes the hop-by-hop headers of a client's request. Keeps `Upgrade`
-/// with `Connection: upgrade` when the client asked to switch protocols
-/// (both given); returns whether it did.
-pub fn strip_request(headers: &mut HeaderMap) -> bool {
-    let upgrade = strip(headers);
+/// Removes the hop-by-hop headers of a client's request of HTTP `version`.
+/// Keeps `Upgrade` with `Connection: upgrade` when an HTTP/1.1 client
+/// asked to switch protocols (both given); returns whether it did. An
+/// HTTP/1.0 client cannot switch (RFC 9110 §7.8): its `Upgrade` goes, as
+/// the request goes up as HTTP/1.1, where the app would take it.
+pub fn strip_request(headers: &mut HeaderMap, version: Version) -> bool {
+    let upgrade = strip(headers) && version >= Version::HTTP_11;
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
     }
     upgrade
 }
@@ -67,11 +72,9 @@ fn strip(headers: &mut HeaderMap) -> bool {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
-        // A value that is not text names nothing we could match; the
-        // header itself goes below.
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // Split as bytes: one token of other bytes does not hide the rest.
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
     headers.remove(CONNECTION);
     let mut upgrade = false;
@@ -127,7 +130,7 @@ mod tests {
             ("upgrade", "h2c"),
             ("accept", "*/*"),
         ]);
-        assert!(!strip_request(&mut h));
+        assert!(!strip_request(&mut h, Version::HTTP_11));
         assert_eq!(names(&h), ["accept"]);
     }
 
@@ -138,7 +141,7 @@ mod tests {
             ("host", "a.test"),
             ("content-length", "3"),
         ]);
-        strip_request(&mut h);
+        strip_request(&mut h, Version::HTTP_11);
         assert_eq!(names(&h), ["content-length", "host"]);
     }
 
@@ -150,18 +153,38 @@ mod tests {
             ("x-extra", "1"),
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ]);
-        assert!(strip_request(&mut h));
+        assert!(strip_request(&mut h, Version::HTTP_11));
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(names(&h), ["connection", "sec-websocket-key", "upgrade"]);
         // Connection names upgrade but no Upgrade is given: nothing to keep.
         let mut h = headers(&[("connection", "upgrade")]);
-        assert!(!strip_request(&mut h));
+        assert!(!strip_request(&mut h, Version::HTTP_11));
         assert!(h.is_empty());
         // Upgrade without Connection naming it is not a request to switch.
         let mut h = headers(&[("upgrade", "websocket"), ("accept", "*/*")]);
-        assert!(!strip_request(&mut h));
+        assert!(!strip_request(&mut h, Version::HTTP_11));
         assert_eq!(names(&h), ["accept"]);
+    }
+
+    #[test]
+    fn an_http_1_0_client_cannot_switch_protocols() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(!strip_request(&mut h, Version::HTTP_10));
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_token_of_other_bytes_does_not_hide_the_others() {
+        let mut h = HeaderMap::new();
+        h.append(
+            CONNECTION,
+            HeaderValue::from_bytes(b"x-extra, \xff\xfe, upgrade").unwrap(),
+        );
+        h.append("x-extra", HeaderValue::from_static("1"));
+        h.append(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(strip_request(&mut h, Version::HTTP_11));
+        assert_eq!(names(&h), ["connection", "upgrade"]);
     }
 
     #[test]

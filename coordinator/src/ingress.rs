@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -232,8 +232,16 @@ async fn proxy(
         }
         None => &FORWARDING,
     };
-    hop_by_hop::strip_request(req.headers_mut());
+    let version = req.version();
+    hop_by_hop::strip_request(req.headers_mut(), version);
     strip_client_headers(req.headers_mut(), filter);
+    // Up as HTTP/1.1 (below), which needs a Host: an HTTP/1.0 request in
+    // absolute form may have come without one.
+    if !req.headers().contains_key(HOST) && !host_header.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&host_header) {
+            req.headers_mut().insert(HOST, v);
+        }
+    }
     let app = route.app.clone();
     crate::metered::note_ingress_app(&app);
     let labs = state.labs.has(Feature::RouteOidc);
@@ -302,13 +310,15 @@ async fn proxy(
         )));
     }
     let start = counter.fetch_add(1, Ordering::Relaxed);
-    let reuse = reuse_for(&route, req.headers());
+    let reuse = reuse_for(&route, req.headers(), req.body().is_end_stream());
     // Up to the sandbox as HTTP/1.1 whatever the client spoke: an HTTP/1.0
     // request would have the app close a connection the pool keeps.
     let mut req = req.map(UpBody::Left);
     *req.version_mut() = hyper::Version::HTTP_11;
     let pool = &pool;
     let mut busy = false;
+    // A request is sent again at most once, whichever sandbox it goes to.
+    let mut resent = false;
     // Try each healthy sandbox once, starting round-robin.
     'sandboxes: for i in 0..healthy.len() {
         let sb = &healthy[(start + i) % healthy.len()];
@@ -348,7 +358,11 @@ async fn proxy(
             };
             // A reused connection may have been closed by the sandbox just
             // as the request went out on it.
-            let replay = if from_pool { Replay::of(&req) } else { None };
+            let replay = if from_pool && !resent {
+                Replay::of(&req)
+            } else {
+                None
+            };
             let mut resp = match upstream.sender.try_send_request(req).await {
                 Ok(r) => r,
                 Err(mut e) => match (e.take_message(), replay) {
@@ -364,8 +378,10 @@ async fn proxy(
                         continue;
                     }
                     // Sent on a reused connection that closed without an
-                    // answer: once more, on a new one.
-                    (None, Some(replay)) => {
+                    // answer (not one that answered badly): once more, on
+                    // a new one.
+                    (None, Some(replay)) if closed_unanswered(e.error()) => {
+                        resent = true;
                         tracing::debug!(
                             app,
                             sandbox = sb.id,
@@ -375,7 +391,7 @@ async fn proxy(
                         req = replay.request();
                         continue;
                     }
-                    (None, None) => {
+                    (None, _) => {
                         return Ok(with_cookies(text(
                             StatusCode::BAD_GATEWAY,
                             &format!("sandbox {} did not answer: {}", sb.id, e.error()),
@@ -385,6 +401,9 @@ async fn proxy(
             };
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             hop_by_hop::strip_response(resp.headers_mut(), switching);
+            // The ingress speaks its own HTTP version to the client: an app
+            // answering as HTTP/1.0 does not close the client's connection.
+            *resp.version_mut() = hyper::Version::HTTP_11;
             match client_upgrade {
                 Some(client_upgrade) if switching => {
                     let upstream_io = hyper::upgrade::on(&mut resp);
@@ -443,12 +462,25 @@ async fn proxy(
     )))
 }
 
+/// Whether a request's send failed because its connection closed or was
+/// reset before any answer (the sandbox closed a kept-alive connection as
+/// the request went out), as opposed to an answer hyper could not read.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    e.is_incomplete_message()
+        || e.is_closed()
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
 /// Whether a request may take and leave a pooled connection: not on a
 /// protected route (whatever a sandbox ties to a connection stays with one
-/// signed-in request), and not when it asks to switch protocols (its
-/// connection becomes a tunnel).
-fn reuse_for(route: &Route, headers: &hyper::HeaderMap) -> Reuse {
-    if route.oidc.is_none() && !headers.contains_key(hyper::header::UPGRADE) {
+/// signed-in request), not when it asks to switch protocols (its
+/// connection becomes a tunnel), and not when it carries a body (`bodiless`
+/// false): an app that leaves a body unread (a GET handler that never
+/// reads one, a server that does not decode chunked bodies) would take the
+/// rest as a next request, and its answer would reach the next client on
+/// that connection.
+fn reuse_for(route: &Route, headers: &hyper::HeaderMap, bodiless: bool) -> Reuse {
+    if route.oidc.is_none() && !headers.contains_key(hyper::header::UPGRADE) && bodiless {
         Reuse::Pooled
     } else {
         Reuse::Alone
@@ -524,15 +556,18 @@ async fn open_upstream(
 /// announced trailers — are closed for every route by
 /// [`hop_by_hop::strip_request`].)
 fn only_websocket_upgrades(headers: &hyper::HeaderMap) -> Result<(), &'static str> {
-    match headers.get(hyper::header::UPGRADE) {
-        Some(upgrade)
-            if !upgrade
+    let mut offers = headers.get_all(hyper::header::UPGRADE).iter();
+    match (offers.next(), offers.next()) {
+        (None, _) => Ok(()),
+        (Some(upgrade), None)
+            if upgrade
                 .to_str()
                 .is_ok_and(|u| u.trim().eq_ignore_ascii_case("websocket")) =>
         {
-            Err("only WebSocket upgrades pass a route protected by route OIDC")
+            Ok(())
         }
-        _ => Ok(()),
+        // Another protocol, several in one line or in several lines.
+        _ => Err("only WebSocket upgrades pass a route protected by route OIDC"),
     }
 }
 
@@ -771,25 +806,31 @@ mod tests {
         };
         let plain = headers(&[("accept", "*/*")]);
         let upgrade = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert_eq!(reuse_for(&open, &plain), Reuse::Pooled);
-        assert_eq!(reuse_for(&open, &upgrade), Reuse::Alone);
-        assert_eq!(reuse_for(&protected, &plain), Reuse::Alone);
-        assert_eq!(reuse_for(&protected, &upgrade), Reuse::Alone);
+        assert_eq!(reuse_for(&open, &plain, true), Reuse::Pooled);
+        assert_eq!(reuse_for(&open, &upgrade, true), Reuse::Alone);
+        assert_eq!(reuse_for(&protected, &plain, true), Reuse::Alone);
+        assert_eq!(reuse_for(&protected, &upgrade, true), Reuse::Alone);
+        // A body, read or not by the app, never shares a connection.
+        assert_eq!(reuse_for(&open, &plain, false), Reuse::Alone);
     }
 
     #[test]
     fn protected_routes_pass_only_websocket_upgrades() {
         for up in ["h2c", "websocket, h2c", "TLS/1.0"] {
             let mut h = headers(&[("upgrade", up), ("connection", "Upgrade")]);
-            assert!(hop_by_hop::strip_request(&mut h));
+            assert!(hop_by_hop::strip_request(&mut h, hyper::Version::HTTP_11));
             assert!(only_websocket_upgrades(&h).is_err(), "{up}");
         }
         let mut h = headers(&[
             ("upgrade", "WebSocket"),
             ("connection", "keep-alive, Upgrade"),
         ]);
-        assert!(hop_by_hop::strip_request(&mut h));
+        assert!(hop_by_hop::strip_request(&mut h, hyper::Version::HTTP_11));
         assert!(only_websocket_upgrades(&h).is_ok());
+        // A second Upgrade line is not looked past.
+        let mut two = h.clone();
+        two.append("upgrade", HeaderValue::from_static("h2c"));
+        assert!(only_websocket_upgrades(&two).is_err());
         assert_eq!(h["upgrade"], "WebSocket");
         assert_eq!(h["connection"], "upgrade");
     }
@@ -857,7 +898,7 @@ mod tests {
             ("connection", "x-real-ip, x-user-email"),
             ("x-forwarded-for", "10.0.0.1"),
         ]);
-        hop_by_hop::strip_request(&mut h);
+        hop_by_hop::strip_request(&mut h, hyper::Version::HTTP_11);
         strip_client_headers(&mut h, &HeaderFilter::forwarding());
         set_forwarding_headers(&mut h, "192.0.2.9:1".parse().unwrap(), false, "a.test");
         assert!(!h.contains_key("connection"));

@@ -456,21 +456,41 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 
 /// Like [`http_get`] with a chosen `Host` header (and any extra header lines).
 pub fn http_get_host(addr: &str, host: &str, path: &str) -> std::io::Result<(u16, String)> {
-    http_get_with(addr, host, path, &[])
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n"),
+    )
 }
 
-/// [`http_get_host`] with `extra` headers.
+/// [`http_get_host`] with `extra` headers, as HTTP/1.1 ending the
+/// connection with its answer (`Connection: close`, unless `extra` says
+/// what `Connection` is, then it must say `close` too).
 pub fn http_get_with(
     addr: &str,
     host: &str,
     path: &str,
     extra: &[(&str, &str)],
 ) -> std::io::Result<(u16, String)> {
+    let mut headers: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        headers.push_str("Connection: close\r\n");
+    }
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n"),
+    )
+}
+
+/// Sends `head` (a request without a body) on a new connection and reads
+/// to its end; the status and body.
+fn http_request(addr: &str, head: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{extra}\r\n")?;
+    stream.write_all(head.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
