@@ -3,7 +3,8 @@
 //! each get their own answers, upgrades still pass, and a sandbox that
 //! restarts leaves no request on a dead connection; a connection the app
 //! closes under a request, or that a client's own connection headers would
-//! have the app close, costs no client a 502. The probe app's
+//! have the app close, costs no client a 502, and a body the app leaves
+//! unread never answers another client. The probe app's
 //! `/conn` tells which of its connections a request came on, how many
 //! requests that connection carried, and the request's own id back.
 
@@ -251,4 +252,36 @@ fn what_a_client_says_of_its_own_connection_does_not_close_the_apps() {
         most >= 10,
         "the app's connection was closed by what clients said of theirs: {answers:?}"
     );
+}
+
+#[test]
+fn a_body_the_app_leaves_unread_never_answers_another_client() {
+    let dir = temp();
+    let (_c, ingress) = start(dir.path());
+    // The probe never reads a GET's body: one that holds a request would
+    // be taken for the next request on that connection, and the answer to
+    // it (slow to come) would go to whoever sends on the connection next.
+    let smuggled =
+        format!("GET /slow-conn HTTP/1.1\r\nHost: {HOST}\r\nX-Request-Id: smuggled\r\n\r\n");
+    for round in 0..3 {
+        let mut attacker = TcpStream::connect(&ingress).expect("connect");
+        attacker.set_read_timeout(Some(BOUND)).unwrap();
+        write!(
+            attacker,
+            "GET /conn HTTP/1.1\r\nHost: {HOST}\r\nX-Request-Id: attacker\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+        .unwrap();
+        let (status, _, body) = read_response(&mut attacker).expect("the attacker's answer");
+        assert_eq!(status, 200, "{body}");
+        let id = format!("victim-{round}");
+        let (status, body) = once(&ingress, "/conn", &id, "HTTP/1.1", "");
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON from /conn");
+        assert_eq!(
+            v["request_id"],
+            id.as_str(),
+            "another's answer reached {id}: {v}"
+        );
+    }
 }
