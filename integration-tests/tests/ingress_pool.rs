@@ -79,6 +79,16 @@ fn answers(ingress: &str) -> bool {
     }
 }
 
+/// The most requests one connection to the app had carried, over `/conn`
+/// answers.
+fn most_served(answers: &[Value]) -> u64 {
+    answers
+        .iter()
+        .filter_map(|v| v["served"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Each of `clients` threads sends `requests` requests on one kept-alive
 /// connection, all at once; returns every `/conn` answer.
 fn many_clients(ingress: &str, clients: usize, requests: usize) -> Vec<Value> {
@@ -115,11 +125,7 @@ fn kept_alive_clients_each_get_their_own_answers_over_reused_connections() {
     assert_eq!(answers.len(), 8 * 40);
     // The sandbox saw connections carry several requests: the ingress
     // reused them (requests of different clients, one after another).
-    let most = answers
-        .iter()
-        .filter_map(|v| v["served"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let most = most_served(&answers);
     assert!(
         most > 1,
         "every request came on a new connection: {answers:?}"
@@ -243,11 +249,7 @@ fn what_a_client_says_of_its_own_connection_does_not_close_the_apps() {
     // the request's: the app does not see it.
     assert_eq!(answers[2]["request_id"], Value::Null, "{}", answers[2]);
     assert_eq!(answers[0]["request_id"], "HTTP/1.0-0");
-    let most = answers
-        .iter()
-        .filter_map(|v| v["served"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let most = most_served(&answers);
     assert!(
         most >= 10,
         "the app's connection was closed by what clients said of theirs: {answers:?}"
