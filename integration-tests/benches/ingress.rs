@@ -26,7 +26,9 @@
 //!    printed, never asserted. `MIREN_BENCH_ROUNDS=N` measures N rounds
 //!    (the order rotated each round); `MIREN_BENCH_PERF=DIR` records the
 //!    coordinator and the runner with `perf record -g` during each
-//!    measured ingress run (`DIR/ingress-<round>.perf.data`).
+//!    measured ingress run (`DIR/ingress-<round>.perf.data`;
+//!    `MIREN_BENCH_PERF_DWARF=1` unwinds with DWARF, which the release
+//!    build's user-space stacks need).
 //!
 //! Everything shares the machine's cores with `wrk`, so absolute figures
 //! move with the load; the ratios are measured side by side. Under `cargo

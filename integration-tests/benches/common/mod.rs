@@ -106,7 +106,9 @@ pub fn cpu_secs(pids: &[u32], clk: f64) -> f64 {
 
 /// When `MIREN_BENCH_PERF=DIR` is set: `perf record -g` of `pids` for
 /// `secs` into `DIR/<name>.perf.data`, started now; wait for the returned
-/// child after the measured phase.
+/// child after the measured phase. `MIREN_BENCH_PERF_DWARF=1` unwinds
+/// with DWARF instead of frame pointers (the release build has none, so
+/// only that shows which of our callers a library's time is spent for).
 pub fn perf_record(
     pids: &[u32],
     secs: std::time::Duration,
@@ -116,8 +118,12 @@ pub fn perf_record(
         return Ok(None);
     };
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let call_graph = match std::env::var("MIREN_BENCH_PERF_DWARF").as_deref() {
+        Ok("1") => "dwarf,16384",
+        _ => "fp",
+    };
     let child = Command::new("perf")
-        .args(["record", "-F", "999", "-g", "-o"])
+        .args(["record", "-F", "999", "--call-graph", call_graph, "-o"])
         .arg(dir.join(format!("{name}.perf.data")))
         .args(["-p", &list.join(",")])
         .args(["--", "sleep"])
