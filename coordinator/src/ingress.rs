@@ -6,10 +6,12 @@
 //! The coordinator is the only way in: a request is carried to the runner
 //! that hosts the chosen sandbox over a bi-stream of that runner's QUIC
 //! connection (header line `miren-proxy/1 <sandbox-id>`), where the runner
-//! connects it to the sandbox. HTTP/1.1 is spoken end to end over that
-//! stream, so WebSocket upgrades pass through; the connection is kept alive
-//! and reused for the sandbox's next requests ([`crate::upstream`]), except
-//! on a protected route or for an upgrade. Unknown host: 404; no healthy
+//! connects it to the sandbox. HTTP/1.1 is spoken over that stream
+//! whatever the client spoke, without the client's hop-by-hop headers
+//! ([`crate::hop_by_hop`]), so WebSocket upgrades pass through; the
+//! connection is kept alive and reused for the sandbox's next requests
+//! ([`crate::upstream`]), except on a protected route, for an upgrade or
+//! for a request with a body. Unknown host: 404; no healthy
 //! sandbox: 503. The same service is offered over plain HTTP
 //! (`--http-listen`) and over HTTPS (`--ingress-https-listen`, with the
 //! HTTPS listener's certificate); the scheme the client used is what the app
