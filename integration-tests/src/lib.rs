@@ -1370,13 +1370,23 @@ impl Cluster {
         self.runners[i].as_mut()
     }
 
-    /// Waits until every runner in `which` is `ready` in `runner list`.
+    /// Waits until every runner in `which` is `ready` in `runner list`, on
+    /// a session of its current process.
     pub fn wait_runners_ready(&self, which: &[usize]) -> bool {
         wait_for(RUNNER_READY, || {
             let list = runners(&self.cfg);
             which.iter().all(|i| {
-                list.iter()
-                    .any(|r| r["id"] == self.runner_ids[*i].as_str() && r["status"] == "ready")
+                // On a session of the process running now: a runner killed
+                // with SIGKILL is shown ready on its dead session until that
+                // has been silent 15 s, and its restart is refused as a
+                // duplicate meanwhile.
+                let connected = self.runners[*i]
+                    .as_ref()
+                    .is_some_and(|r| r.output().contains(" connected to "));
+                connected
+                    && list
+                        .iter()
+                        .any(|r| r["id"] == self.runner_ids[*i].as_str() && r["status"] == "ready")
             })
         })
     }
