@@ -55,18 +55,17 @@ pub fn strip_request(headers: &mut HeaderMap, version: Version) -> bool {
 /// Removes the hop-by-hop headers of a sandbox's response, unless it
 /// switches protocols (`switching`): then the tunnel needs them as sent.
 pub fn strip_response(headers: &mut HeaderMap, switching: bool) {
-    if !switching {
-        strip(headers);
+    if !switching && !strip(headers) {
+        headers.remove(UPGRADE);
     }
 }
 
-/// Removes `Connection`, what it names and the [`ALWAYS`] list; removes
-/// `Upgrade` too unless `Connection` named it. Returns whether an upgrade
-/// was asked for (and `Upgrade` kept).
+/// Removes `Connection`, what it names (but `Upgrade`) and the [`ALWAYS`]
+/// list. Returns whether `Connection` named `upgrade` and `Upgrade` is
+/// there; the callers decide what becomes of `Upgrade`.
 fn strip(headers: &mut HeaderMap) -> bool {
     if !headers.contains_key(CONNECTION) && !ALWAYS.iter().any(|n| headers.contains_key(*n)) {
-        // The common case: nothing to remove beyond a stray Upgrade.
-        headers.remove(UPGRADE);
+        // The common case: nothing to remove.
         return false;
     }
     let named: Vec<HeaderName> = headers
@@ -87,9 +86,6 @@ fn strip(headers: &mut HeaderMap) -> bool {
     }
     for name in ALWAYS {
         headers.remove(*name);
-    }
-    if !upgrade {
-        headers.remove(UPGRADE);
     }
     upgrade
 }

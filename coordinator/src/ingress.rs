@@ -235,7 +235,7 @@ async fn proxy(
         None => &FORWARDING,
     };
     let version = req.version();
-    hop_by_hop::strip_request(req.headers_mut(), version);
+    let upgrade = hop_by_hop::strip_request(req.headers_mut(), version);
     strip_client_headers(req.headers_mut(), filter);
     // Up as HTTP/1.1 (below), which needs a Host: an HTTP/1.0 request in
     // absolute form may have come without one.
@@ -312,7 +312,7 @@ async fn proxy(
         )));
     }
     let start = counter.fetch_add(1, Ordering::Relaxed);
-    let reuse = reuse_for(&route, req.headers(), req.body().is_end_stream());
+    let reuse = reuse_for(&route, upgrade, req.body().is_end_stream());
     // Up to the sandbox as HTTP/1.1 whatever the client spoke: an HTTP/1.0
     // request would have the app close a connection the pool keeps.
     let mut req = req.map(UpBody::Left);
@@ -390,7 +390,7 @@ async fn proxy(
                             "ingress: resent on a new connection: {}",
                             e.error()
                         );
-                        req = replay.request();
+                        req = replay.into_request();
                         continue;
                     }
                     (None, _) => {
@@ -481,8 +481,8 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
 /// reads one, a server that does not decode chunked bodies) would take the
 /// rest as a next request, and its answer would reach the next client on
 /// that connection.
-fn reuse_for(route: &Route, headers: &hyper::HeaderMap, bodiless: bool) -> Reuse {
-    if route.oidc.is_none() && !headers.contains_key(hyper::header::UPGRADE) && bodiless {
+fn reuse_for(route: &Route, upgrade: bool, bodiless: bool) -> Reuse {
+    if route.oidc.is_none() && !upgrade && bodiless {
         Reuse::Pooled
     } else {
         Reuse::Alone
@@ -806,14 +806,19 @@ mod tests {
             }),
             ..open.clone()
         };
-        let plain = headers(&[("accept", "*/*")]);
-        let upgrade = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert_eq!(reuse_for(&open, &plain, true), Reuse::Pooled);
-        assert_eq!(reuse_for(&open, &upgrade, true), Reuse::Alone);
-        assert_eq!(reuse_for(&protected, &plain, true), Reuse::Alone);
-        assert_eq!(reuse_for(&protected, &upgrade, true), Reuse::Alone);
+        // Whether a request asks to switch, as `proxy` learns it.
+        let asks = |pairs: &[(&str, &str)]| {
+            hop_by_hop::strip_request(&mut headers(pairs), hyper::Version::HTTP_11)
+        };
+        let plain = asks(&[("accept", "*/*")]);
+        let upgrade = asks(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(!plain && upgrade);
+        assert_eq!(reuse_for(&open, plain, true), Reuse::Pooled);
+        assert_eq!(reuse_for(&open, upgrade, true), Reuse::Alone);
+        assert_eq!(reuse_for(&protected, plain, true), Reuse::Alone);
+        assert_eq!(reuse_for(&protected, upgrade, true), Reuse::Alone);
         // A body, read or not by the app, never shares a connection.
-        assert_eq!(reuse_for(&open, &plain, false), Reuse::Alone);
+        assert_eq!(reuse_for(&open, plain, false), Reuse::Alone);
     }
 
     #[test]

@@ -241,12 +241,12 @@ impl Replay {
     }
 
     /// The request again, as an HTTP/1.1 one.
-    pub fn request(&self) -> Request<UpBody> {
+    pub fn into_request(self) -> Request<UpBody> {
         let mut req = Request::new(Either::Right(Empty::new()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
         *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = self.headers.clone();
+        *req.headers_mut() = self.headers;
         req
     }
 }
