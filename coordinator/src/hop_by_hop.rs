@@ -24,18 +24,22 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 use hyper::Version;
 
 /// Hop-by-hop headers removed whether `Connection` names them or not.
-const ALWAYS: &[&str] = &[
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "http2-settings",
+static ALWAYS: [HeaderName; 5] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Headers a `Connection` token never removes: they carry where the
 /// message goes and how it is framed, which hyper has already read and
 /// sets again on the other connection.
-const NEVER_NAMED_AWAY: &[&str] = &["host", "content-length", "transfer-encoding"];
+static NEVER_NAMED_AWAY: [HeaderName; 3] = [
+    hyper::header::HOST,
+    hyper::header::CONTENT_LENGTH,
+    hyper::header::TRANSFER_ENCODING,
+];
 
 /// Removes the hop-by-hop headers of a client's request of HTTP `version`.
 /// Keeps `Upgrade` with `Connection: upgrade` when an HTTP/1.1 client
@@ -64,14 +68,19 @@ pub fn strip_response(headers: &mut HeaderMap, switching: bool) {
 /// list. Returns whether `Connection` named `upgrade` and `Upgrade` is
 /// there; the callers decide what becomes of `Upgrade`.
 fn strip(headers: &mut HeaderMap) -> bool {
-    if !headers.contains_key(CONNECTION) && !ALWAYS.iter().any(|n| headers.contains_key(*n)) {
-        // The common case: nothing to remove.
+    // Most messages have none of them: one pass over the names, comparing
+    // (already parsed) names rather than looking each one up.
+    if !headers
+        .keys()
+        .any(|name| name == CONNECTION || ALWAYS.contains(name))
+    {
         return false;
     }
+    // Tokens split as bytes: one token that is not UTF-8 does not hide the
+    // others.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
-        // Split as bytes: one token of other bytes does not hide the rest.
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
@@ -80,12 +89,12 @@ fn strip(headers: &mut HeaderMap) -> bool {
     for name in named {
         if name == UPGRADE {
             upgrade = headers.contains_key(UPGRADE);
-        } else if !NEVER_NAMED_AWAY.contains(&name.as_str()) {
+        } else if !NEVER_NAMED_AWAY.contains(&name) {
             headers.remove(&name);
         }
     }
-    for name in ALWAYS {
-        headers.remove(*name);
+    for name in &ALWAYS {
+        headers.remove(name);
     }
     upgrade
 }

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderValue, HOST};
+use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -164,28 +164,46 @@ fn strip_client_headers(headers: &mut hyper::HeaderMap, filter: &HeaderFilter) {
     }
 }
 
+/// The client end of one ingress connection as the coordinator saw it:
+/// what `X-Forwarded-For` says of it is worked out once per connection, not
+/// per request.
+#[derive(Clone)]
+struct Peer {
+    remote: SocketAddr,
+    /// Whether it came over the HTTPS listener.
+    secure: bool,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    fn new(remote: SocketAddr, secure: bool) -> Self {
+        Self {
+            remote,
+            secure,
+            forwarded_for: HeaderValue::from_str(&remote.ip().to_canonical().to_string()).ok(),
+        }
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Sets the forwarding headers the app may trust, after
 /// [`strip_client_headers`] removed the client's: `X-Forwarded-For` (the
 /// client's address as the coordinator saw it), `X-Forwarded-Proto` (the
-/// scheme of the listener) and `X-Forwarded-Host` (the Host the client
-/// asked for, when it named one).
-fn set_forwarding_headers(
-    headers: &mut hyper::HeaderMap,
-    remote: SocketAddr,
-    secure: bool,
-    host: &str,
-) {
-    if let Ok(v) = HeaderValue::from_str(&remote.ip().to_canonical().to_string()) {
-        headers.insert("x-forwarded-for", v);
+/// scheme of the listener) and `X-Forwarded-Host` (`host`, the Host the
+/// client asked for, when it named one).
+fn set_forwarding_headers(headers: &mut hyper::HeaderMap, peer: &Peer, host: Option<HeaderValue>) {
+    if let Some(v) = &peer.forwarded_for {
+        headers.insert(X_FORWARDED_FOR.clone(), v.clone());
     }
     headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if secure { "https" } else { "http" }),
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if peer.secure { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(host) {
-        if !host.is_empty() {
-            headers.insert("x-forwarded-host", v);
-        }
+    if let Some(v) = host.filter(|v| !v.is_empty()) {
+        headers.insert(X_FORWARDED_HOST.clone(), v);
     }
 }
 
@@ -193,16 +211,23 @@ async fn proxy(
     state: Arc<Ingress>,
     pool: Arc<UpstreamPool>,
     counter: Arc<AtomicUsize>,
-    remote: SocketAddr,
-    secure: bool,
+    peer: Peer,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let host_header = req
+    let (remote, secure) = (peer.remote, peer.secure);
+    // The Host the client named (a header readable as text, else the
+    // authority of a request in absolute form), as text and as the value
+    // the app gets in `X-Forwarded-Host` (and in `Host`, below).
+    let host_value = req
         .headers()
         .get(HOST)
+        .filter(|h| h.to_str().is_ok())
+        .cloned()
+        .or_else(|| req.uri().host().and_then(|h| HeaderValue::from_str(h).ok()));
+    let host_header = host_value
+        .as_ref()
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
-        .or_else(|| req.uri().host().map(str::to_string))
         .unwrap_or_default();
     let host = normalize_host(&host_header);
     let route = match state.routes.route_for(&host) {
@@ -239,8 +264,8 @@ async fn proxy(
     strip_client_headers(req.headers_mut(), filter);
     // Up as HTTP/1.1 (below), which needs a Host: an HTTP/1.0 request in
     // absolute form may have come without one.
-    if !req.headers().contains_key(HOST) && !host_header.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&host_header) {
+    if !req.headers().contains_key(HOST) {
+        if let Some(v) = host_value.clone().filter(|v| !v.is_empty()) {
             req.headers_mut().insert(HOST, v);
         }
     }
@@ -295,7 +320,7 @@ async fn proxy(
         }
         (None, _) => {}
     }
-    set_forwarding_headers(req.headers_mut(), remote, secure, &host_header);
+    set_forwarding_headers(req.headers_mut(), &peer, host_value);
     // A refreshed session cookie goes out with whatever answers: a lost
     // one would leave the browser with a spent refresh token.
     let with_cookies = |mut resp: Response<Body>| {
@@ -338,6 +363,7 @@ async fn proxy(
             let mut upstream = match pooled.take() {
                 // Its last response has just ended: hyper takes the next
                 // request once it has finished with it.
+                Some(u) if u.sender.is_ready() => u,
                 Some(mut u) => match tokio::time::timeout(READY_WAIT, u.sender.ready()).await {
                     Ok(Ok(())) => u,
                     _ => {
@@ -752,14 +778,14 @@ pub async fn serve(
                 counter.clone(),
                 http.clone(),
             );
+            let peer = Peer::new(remote, secure);
             async move {
                 let service = hyper::service::service_fn(move |req| {
                     let answer = proxy(
                         state.clone(),
                         pool.clone(),
                         counter.clone(),
-                        remote,
-                        secure,
+                        peer.clone(),
                         req,
                     );
                     crate::metered::observe_ingress(state.observe.clone(), answer)
@@ -875,7 +901,11 @@ mod tests {
         names.sort();
         assert_eq!(names, ["accept", "x-forwarder"]);
         let remote: SocketAddr = "192.0.2.9:51000".parse().unwrap();
-        set_forwarding_headers(&mut h, remote, true, "app.example.com:8443");
+        set_forwarding_headers(
+            &mut h,
+            &Peer::new(remote, true),
+            Some(HeaderValue::from_static("app.example.com:8443")),
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app.example.com:8443");
@@ -886,13 +916,23 @@ mod tests {
     fn forwarding_headers_name_the_client_as_seen() {
         let mut h = headers(&[]);
         let mapped: SocketAddr = "[::ffff:198.51.100.4]:1234".parse().unwrap();
-        set_forwarding_headers(&mut h, mapped, false, "");
+        set_forwarding_headers(&mut h, &Peer::new(mapped, false), None);
         assert_eq!(h["x-forwarded-for"], "198.51.100.4");
         assert_eq!(h["x-forwarded-proto"], "http");
         // No Host, no X-Forwarded-Host (rather than an empty one).
         assert!(!h.contains_key("x-forwarded-host"));
+        set_forwarding_headers(
+            &mut h,
+            &Peer::new(mapped, false),
+            Some(HeaderValue::from_static("")),
+        );
+        assert!(!h.contains_key("x-forwarded-host"));
         let v6: SocketAddr = "[2001:db8::7]:1234".parse().unwrap();
-        set_forwarding_headers(&mut h, v6, false, "a.test");
+        set_forwarding_headers(
+            &mut h,
+            &Peer::new(v6, false),
+            Some(HeaderValue::from_static("a.test")),
+        );
         assert_eq!(h["x-forwarded-for"], "2001:db8::7");
     }
 
@@ -907,7 +947,11 @@ mod tests {
         ]);
         hop_by_hop::strip_request(&mut h, hyper::Version::HTTP_11);
         strip_client_headers(&mut h, &HeaderFilter::forwarding());
-        set_forwarding_headers(&mut h, "192.0.2.9:1".parse().unwrap(), false, "a.test");
+        set_forwarding_headers(
+            &mut h,
+            &Peer::new("192.0.2.9:1".parse().unwrap(), false),
+            Some(HeaderValue::from_static("a.test")),
+        );
         assert!(!h.contains_key("connection"));
         assert_eq!(h["x-forwarded-for"], "192.0.2.9");
     }

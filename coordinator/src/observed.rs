@@ -287,13 +287,13 @@ impl Observed {
         }
     }
 
-    /// Where to send traffic for `sandbox` on `runner`, if it is healthy on
-    /// a live session.
-    pub fn healthy_address(&self, runner: &str, sandbox: &str) -> Option<String> {
-        match self.seen(runner, sandbox) {
-            Seen::Reported(r) if r.report.state == SandboxState::Healthy => Some(r.report.address),
-            _ => None,
-        }
+    /// Whether `sandbox` on `runner` is reported healthy on the runner's
+    /// live session (the ingress asks per request: nothing is copied).
+    pub fn is_healthy(&self, runner: &str, sandbox: &str) -> bool {
+        self.inner()
+            .reports
+            .get(sandbox)
+            .is_some_and(|r| r.runner == runner && r.report.state == SandboxState::Healthy)
     }
 }
 
@@ -319,7 +319,7 @@ mod tests {
         o.session_started("r1", 7);
         o.report("r1", 7, "s1", healthy(), 102);
         assert_eq!(o.health("r1", "s1"), Health::Healthy);
-        assert_eq!(o.healthy_address("r1", "s1").as_deref(), Some("unix:/x"));
+        assert!(o.is_healthy("r1", "s1"));
         // Another runner claiming it does not make it healthy there.
         assert_eq!(o.health("r2", "s1"), Health::Unknown);
     }
@@ -342,7 +342,7 @@ mod tests {
         assert_eq!(o.health("r1", "s1"), Health::Healthy);
         o.session_ended("r1", 2, 105);
         assert_eq!(o.seen("r1", "s1"), Seen::UnknownSince(105));
-        assert_eq!(o.healthy_address("r1", "s1"), None);
+        assert!(!o.is_healthy("r1", "s1"));
     }
 
     #[test]

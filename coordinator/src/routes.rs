@@ -204,7 +204,9 @@ pub enum ProviderWrite {
 /// What the index knows of one `route/` key.
 #[derive(Debug, Clone)]
 enum Entry {
-    Route(Route),
+    /// Shared with the requests that read it (the ingress reads it per
+    /// request, and copies no strings for that).
+    Route(Arc<Route>),
     /// The record does not decode.
     Unreadable,
     /// Deleted (kept so that an older event does not bring it back).
@@ -222,7 +224,7 @@ const ROUTE_PREFIX: &str = "route/";
 impl RouteIndex {
     fn entry_of(key: &str, value: &[u8]) -> Entry {
         match decode::<Route>(key, value) {
-            Ok(r) => Entry::Route(r),
+            Ok(r) => Entry::Route(Arc::new(r)),
             Err(e) => {
                 tracing::error!("route index: {e}");
                 Entry::Unreadable
@@ -400,7 +402,7 @@ impl Routes {
     /// The route serving `host`: its own, else the default route. A
     /// record that cannot be read is an error, never a reason to fall back
     /// to the default route (which may be unprotected).
-    pub fn route_for(&self, host: &str) -> Result<Option<Route>, RoutesError> {
+    pub fn route_for(&self, host: &str) -> Result<Option<Arc<Route>>, RoutesError> {
         for key in [route_key(host), route_key("")] {
             match self.index.get(&key) {
                 Some(Entry::Route(r)) => return Ok(Some(r)),

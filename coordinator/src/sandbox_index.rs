@@ -151,21 +151,20 @@ impl SandboxIndex {
     /// (before any version is active, or when none of it is healthy) any
     /// healthy one. Read from memory only.
     pub fn healthy(&self, app: &str, observed: &Observed) -> Vec<Arc<SandboxRecord>> {
-        let (assigned, active) = self.of_app(app);
-        let healthy: Vec<Arc<SandboxRecord>> = assigned
-            .into_iter()
-            .filter(|s| observed.healthy_address(&s.runner, &s.id).is_some())
-            .collect();
-        let of_active: Vec<Arc<SandboxRecord>> = healthy
-            .iter()
-            .filter(|s| Some(&s.version) == active.as_ref())
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let Some(assigned) = g.sandboxes.get(app) else {
+            return Vec::new();
+        };
+        let active = g.active.get(app).and_then(Option::as_ref);
+        let mut healthy: Vec<Arc<SandboxRecord>> = assigned
+            .values()
+            .filter(|s| observed.is_healthy(&s.runner, &s.id))
             .cloned()
             .collect();
-        if of_active.is_empty() {
-            healthy
-        } else {
-            of_active
+        if healthy.iter().any(|s| Some(&s.version) == active) {
+            healthy.retain(|s| Some(&s.version) == active);
         }
+        healthy
     }
 
     /// The assignments of `app` (by id) and its active version.
