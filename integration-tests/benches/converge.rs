@@ -1348,7 +1348,7 @@ fn micro_measures(store_file: &Path, tmp: &Path, budget: Duration) -> anyhow::Re
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(k, v)| decode::<SandboxRecord>(&k, &v).ok())
-            .filter(|s| s.app == app && observed.healthy_address(&s.runner, &s.id).is_some())
+            .filter(|s| s.app == app && observed.is_healthy(&s.runner, &s.id))
             .collect();
         let of_active: Vec<&SandboxRecord> = healthy
             .iter()
