@@ -22,7 +22,12 @@
 //! [`RunnerCommand`] goes to the task that holds the runner's agent
 //! capability (on its RPC worker, see `service::runner_session`), and the
 //! answer comes back on a oneshot. Whether a new connection of a runner
-//! replaces the one registered is the pure rule [`replacement`].
+//! replaces the one registered is the pure rule [`replacement`]: a
+//! registered session that still counts as alive is first asked to answer
+//! ([`RunnerCommand::Ping`], at most [`PROBE_PATIENCE`]), so a runner
+//! restarted after a crash (SIGKILL, power loss: no goodbye, a connection
+//! that has not timed out yet) takes its dead session's place at once,
+//! while a second live process with the same identity is still refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +64,9 @@ pub type Reply<T> = oneshot::Sender<Result<T, RunnerRefusal>>;
 /// What the coordinator sends to a runner (to the task that owns its agent
 /// capability).
 pub enum RunnerCommand {
+    /// Asks the runner to answer ([`Registry::connect`]'s probe); answered
+    /// outside the queue of the other commands.
+    Ping(oneshot::Sender<Probe>),
     Start(SandboxSpec, Reply<()>),
     Stop(String, Reply<()>),
     Logs(String, u32, Reply<Vec<String>>),
@@ -105,30 +113,57 @@ pub enum SendError {
     Refused(RunnerRefusal),
 }
 
+/// How long a registered session that counts as alive has to answer
+/// before a new connection of the same runner takes its place.
+pub const PROBE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// What asking a registered session to answer found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// It answered: a live process holds that session.
+    Answered,
+    /// No answer within [`PROBE_PATIENCE`], or its connection broke: the
+    /// process behind it is gone though its connection has not timed out.
+    Silent,
+}
+
 /// What a new connection of a runner does to the one registered for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replacement {
     /// None is registered: register the new one.
     Register,
-    /// The registered one is closed or has not been heard from for
-    /// [`DOWN_AFTER_SECS`] (a runner coming back after its link was cut):
+    /// The registered one is closed, has not been heard from for
+    /// [`DOWN_AFTER_SECS`] (a runner coming back after its link was cut),
+    /// or did not answer the probe (a runner restarted after a crash):
     /// close it and register the new one.
     ReplaceStale,
-    /// The registered one is alive: refuse the new one (a second process
+    /// The registered one counts as alive: ask it to answer first.
+    Probe,
+    /// The registered one answered: refuse the new one (a second process
     /// with the same identity must not take the first one's place).
     Refuse,
 }
 
 /// The replacement rule, from what is known of the registered connection
-/// (whether it is closed, when it was last heard from) at `now`.
-pub fn replacement(registered: Option<(bool, i64)>, now: i64) -> Replacement {
-    match registered {
-        None => Replacement::Register,
-        Some((closed, last_seen)) if closed || now - last_seen > DOWN_AFTER_SECS => {
+/// (whether it is closed, when it was last heard from) and what probing
+/// it found, if it was probed, at `now`.
+pub fn replacement(registered: Option<(bool, i64)>, probe: Option<Probe>, now: i64) -> Replacement {
+    match (registered, probe) {
+        (None, _) => Replacement::Register,
+        (Some((closed, last_seen)), _) if closed || now - last_seen > DOWN_AFTER_SECS => {
             Replacement::ReplaceStale
         }
-        Some(_) => Replacement::Refuse,
+        (Some(_), None) => Replacement::Probe,
+        (Some(_), Some(Probe::Answered)) => Replacement::Refuse,
+        (Some(_), Some(Probe::Silent)) => Replacement::ReplaceStale,
     }
+}
+
+/// What one attempt at registering a connection came to.
+enum Registration {
+    Registered(u64),
+    /// Session `.0` is registered and counts as alive: probe it first.
+    ProbeFirst(u64),
 }
 
 /// Registry failures, worded for the operator or runner that sees them.
@@ -496,26 +531,57 @@ impl Registry {
         }
     }
 
-    /// Registers the live connection of a runner (one at a time per id).
-    pub fn connect(
+    /// Registers the live connection of a runner (one at a time per id):
+    /// a registered session that counts as alive is probed first
+    /// ([`replacement`]), which may take up to [`PROBE_PATIENCE`].
+    pub async fn connect(
         &self,
         id: &str,
         conn: quinn::Connection,
         commands: mpsc::UnboundedSender<RunnerCommand>,
         now: i64,
     ) -> Result<u64, RegistryError> {
+        let probed = match self.register(id, &conn, &commands, now, None)? {
+            Registration::Registered(session) => return Ok(session),
+            Registration::ProbeFirst(session) => (session, self.probe(id, session).await),
+        };
+        match self.register(id, &conn, &commands, now, Some(probed))? {
+            Registration::Registered(session) => Ok(session),
+            // Another session took the place meanwhile: it is alive.
+            Registration::ProbeFirst(_) => Err(RegistryError::AlreadyConnected(id.to_string())),
+        }
+    }
+
+    /// One attempt at registering `conn`, with what probing session
+    /// `probed.0` found (it counts only if that session is still the one
+    /// registered).
+    fn register(
+        &self,
+        id: &str,
+        conn: &quinn::Connection,
+        commands: &mpsc::UnboundedSender<RunnerCommand>,
+        now: i64,
+        probed: Option<(u64, Probe)>,
+    ) -> Result<Registration, RegistryError> {
         if self.record(id)?.is_none() {
             return Err(RegistryError::Removed(id.to_string()));
         }
         let mut live = self.live.lock().map_err(|_| RegistryError::Unavailable)?;
-        let registered = live
-            .get(id)
-            .map(|l| (l.conn.close_reason().is_some(), l.last_seen));
-        match replacement(registered, now) {
+        let existing = live.get(id);
+        let registered = existing.map(|l| (l.conn.close_reason().is_some(), l.last_seen));
+        let probe = probed
+            .filter(|(session, _)| existing.is_some_and(|l| l.session == *session))
+            .map(|(_, probe)| probe);
+        match replacement(registered, probe, now) {
             Replacement::Register => {}
+            Replacement::Probe => {
+                return Ok(Registration::ProbeFirst(
+                    existing.map(|l| l.session).unwrap_or_default(),
+                ))
+            }
             Replacement::Refuse => return Err(RegistryError::AlreadyConnected(id.to_string())),
             Replacement::ReplaceStale => {
-                if let Some(existing) = live.get(id) {
+                if let Some(existing) = existing {
                     let replaced = transport::close::CloseCode::Replaced;
                     transport::close::close(
                         &existing.conn,
@@ -531,14 +597,35 @@ impl Registry {
         live.insert(
             id.to_string(),
             Live {
-                conn,
-                commands,
+                conn: conn.clone(),
+                commands: commands.clone(),
                 session,
                 last_seen: now,
                 status: LiveStatus::default(),
             },
         );
-        Ok(session)
+        Ok(Registration::Registered(session))
+    }
+
+    /// Asks registered session `session` of runner `id` to answer.
+    async fn probe(&self, id: &str, session: u64) -> Probe {
+        let commands = self.live.lock().ok().and_then(|live| {
+            live.get(id)
+                .filter(|l| l.session == session)
+                .map(|l| l.commands.clone())
+        });
+        let Some(commands) = commands else {
+            return Probe::Silent;
+        };
+        let (done, answer) = oneshot::channel();
+        if commands.send(RunnerCommand::Ping(done)).is_err() {
+            return Probe::Silent;
+        }
+        match tokio::time::timeout(PROBE_PATIENCE, answer).await {
+            Ok(Ok(probe)) => probe,
+            // The session ended meanwhile, or no answer in time.
+            Ok(Err(_)) | Err(_) => Probe::Silent,
+        }
     }
 
     /// The live QUIC connection of a runner.
@@ -774,25 +861,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_new_connection_replaces_only_a_closed_or_silent_one() {
+    fn a_new_connection_replaces_only_a_closed_silent_or_unanswering_one() {
         let now = 1_000;
-        assert_eq!(replacement(None, now), Replacement::Register);
-        // Alive: heard from within the down time, not closed.
+        assert_eq!(replacement(None, None, now), Replacement::Register);
+        // Alive by its heartbeats, not closed: asked to answer first.
         assert_eq!(
-            replacement(Some((false, now - 1)), now),
-            Replacement::Refuse
+            replacement(Some((false, now - 1)), None, now),
+            Replacement::Probe
         );
         assert_eq!(
-            replacement(Some((false, now - DOWN_AFTER_SECS)), now),
+            replacement(Some((false, now - DOWN_AFTER_SECS)), None, now),
+            Replacement::Probe
+        );
+        // It answers: a live process holds it, the new one is refused.
+        assert_eq!(
+            replacement(Some((false, now - 1)), Some(Probe::Answered), now),
             Replacement::Refuse
         );
-        // Silent for longer than that, or closed: replaced.
+        // It does not (its process was killed): replaced.
         assert_eq!(
-            replacement(Some((false, now - DOWN_AFTER_SECS - 1)), now),
+            replacement(Some((false, now - 1)), Some(Probe::Silent), now),
+            Replacement::ReplaceStale
+        );
+        // Silent for longer than the down time, or closed: replaced
+        // without asking.
+        assert_eq!(
+            replacement(Some((false, now - DOWN_AFTER_SECS - 1)), None, now),
             Replacement::ReplaceStale
         );
         assert_eq!(
-            replacement(Some((true, now)), now),
+            replacement(Some((true, now)), None, now),
+            Replacement::ReplaceStale
+        );
+        assert_eq!(
+            replacement(Some((true, now)), Some(Probe::Answered), now),
             Replacement::ReplaceStale
         );
     }

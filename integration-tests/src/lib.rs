@@ -1377,9 +1377,9 @@ impl Cluster {
             let list = runners(&self.cfg);
             which.iter().all(|i| {
                 // On a session of the process running now: a runner killed
-                // with SIGKILL is shown ready on its dead session until that
-                // has been silent 15 s, and its restart is refused as a
-                // duplicate meanwhile.
+                // with SIGKILL is shown ready on its dead session until its
+                // restart replaces it (after the dead one failed to answer
+                // the coordinator's probe) or it has been silent 15 s.
                 let connected = self.runners[*i]
                     .as_ref()
                     .is_some_and(|r| r.output().contains(" connected to "));

@@ -333,6 +333,38 @@ fn certificates_are_renewed_and_a_duplicate_runner_id_is_refused() {
 }
 
 #[test]
+fn a_killed_runner_started_again_at_once_takes_its_dead_sessions_place() {
+    let dir = temp();
+    let cfg = dir.path().join("c.yaml");
+    let _server = Server::start(&dir.path().join("coord"), &cfg, "127.0.0.1:0", &[]);
+    let code = create_token(&cfg, &[]);
+    let data = dir.path().join("r");
+    let first = RunnerProc::start_ready(&cfg, &data, &code, &[]);
+    let id = joined(&first);
+
+    // SIGKILL: no goodbye. Its connection has not timed out and its last
+    // heartbeat is recent, so the coordinator still counts it alive when
+    // the same runner comes back on its data dir (systemd's restart).
+    first.kill();
+    let again = RunnerProc::start(&data, None, &[]);
+    assert!(
+        wait_for(READY, || again.output().contains("connected to")),
+        "the restarted runner never connected:\n{}",
+        again.output()
+    );
+    // The dead session did not answer the coordinator's probe, so the new
+    // one took its place at its first try rather than being refused as a
+    // duplicate until the dead one timed out.
+    assert!(
+        !again.output().contains("duplicate runner id"),
+        "the runner restarted after SIGKILL was refused as a duplicate of its dead self:\n{}",
+        again.output()
+    );
+    assert!(wait_for(READY, || runner_status(&cfg, &id).as_deref()
+        == Some("ready")));
+}
+
+#[test]
 fn a_stopped_runner_hangs_up_so_that_it_is_down_at_once_and_its_restart_is_not_a_duplicate() {
     let dir = temp();
     let cfg = dir.path().join("c.yaml");

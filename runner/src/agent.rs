@@ -297,8 +297,8 @@ const HANG_UP_PATIENCE: Duration = Duration::from_millis(500);
 /// at most [`HANG_UP_PATIENCE`], until the closes are sent. Each
 /// coordinator then knows at once that this runner is gone: it places
 /// nothing more on it, and the runner started again on the same data dir
-/// replaces the closed session at once instead of being refused as a
-/// duplicate until the silent one counts as down (15 s).
+/// replaces the closed session at once, without the coordinator first
+/// waiting for the silent one to answer (`PROBE_PATIENCE`, 2 s).
 async fn hang_up(shared: &Shared) {
     let open: Vec<(quinn::Endpoint, quinn::Connection)> =
         shared.open.borrow().conns.values().cloned().collect();
@@ -743,6 +743,16 @@ impl runner_agent::Server for AgentService {
         for (i, l) in lines.iter().enumerate() {
             list.set(i as u32, l);
         }
+        Ok(())
+    }
+
+    /// The coordinator asks before a new connection with this runner's
+    /// identity takes this session's place: answering keeps it.
+    async fn ping(
+        self: CapRc<Self>,
+        _: runner_agent::PingParams,
+        _: runner_agent::PingResults,
+    ) -> Result<(), capnp::Error> {
         Ok(())
     }
 

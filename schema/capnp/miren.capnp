@@ -215,6 +215,11 @@ interface RunnerAgent {
   startSandbox @0 (spec :SandboxSpec) -> ();
   stopSandbox @1 (id :Text) -> ();
   logs @2 (id :Text, lines :UInt32) -> (lines :List(Text));
+  ping @3 () -> ();
+  # Answered at once: the coordinator asks a registered session before a
+  # new connection with the same identity takes its place, so that a
+  # runner restarted after a crash is not refused as a duplicate of its
+  # dead self, and a live one is not replaced by a copy of its identity.
 }
 
 interface ArtifactUpload {

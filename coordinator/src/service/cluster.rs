@@ -293,7 +293,8 @@ impl cluster::Server for ClusterService {
             ));
         };
         let agent: runner_agent::Client = params.get()?.get_agent()?;
-        let service = RunnerSessionService::connect(self.state.clone(), id, &self.conn, agent)?;
+        let service =
+            RunnerSessionService::connect(self.state.clone(), id, &self.conn, agent).await?;
         let session: runner_session::Client =
             client(service, "RunnerSession", &self.state, None, None);
         results.get().set_session(session);

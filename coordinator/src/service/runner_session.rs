@@ -17,7 +17,7 @@ use transport::clock::now_unix;
 use super::wire::{app_err, mint_err, registry_err, token_request, write_spec};
 use crate::apps::SandboxReport;
 use crate::minting::{RunnerTokenRequest, MAX_TOKENS_PER_CALL};
-use crate::runners::{LiveStatus, RunnerCommand};
+use crate::runners::{LiveStatus, Probe, RunnerCommand};
 use crate::state::State;
 
 /// A connected runner's session; dropped when its connection ends.
@@ -67,7 +67,7 @@ impl RunnerSessionService {
     /// Registers runner `id`'s connection and starts the task that sends it
     /// commands through `agent` (on this RPC worker's thread, where the
     /// agent capability lives).
-    pub fn connect(
+    pub async fn connect(
         state: Arc<State>,
         id: &str,
         conn: &quinn::Connection,
@@ -76,6 +76,7 @@ impl RunnerSessionService {
         let (tx, rx) = mpsc::unbounded_channel::<RunnerCommand>();
         let session = (state.registry)
             .connect(id, conn.clone(), tx, now_unix())
+            .await
             .map_err(|e| {
                 // Removed between its handshake and this call: told by the
                 // close code at once, not left to reconnect and learn it.
@@ -106,6 +107,21 @@ pub async fn pump(agent: runner_agent::Client, mut rx: mpsc::UnboundedReceiver<R
         let answered =
             |e: capnp::Error| crate::runners::RunnerRefusal(transport::rpc::remote_message(&e));
         match cmd {
+            // Not behind a start that waits for its sandbox: answered on
+            // its own task.
+            RunnerCommand::Ping(done) => {
+                let ping = agent.ping_request();
+                tokio::task::spawn_local(async move {
+                    let probe = match ping.send().promise.await {
+                        // Broken under the call: nobody answered.
+                        Err(e) if e.kind == capnp::ErrorKind::Disconnected => Probe::Silent,
+                        // Any answer, a refusal included (a runner from
+                        // before `ping` says it has no such method).
+                        Ok(_) | Err(_) => Probe::Answered,
+                    };
+                    let _ = done.send(probe);
+                });
+            }
             RunnerCommand::Start(spec, done) => {
                 let mut req = agent.start_sandbox_request();
                 write_spec(&spec, req.get().init_spec());
