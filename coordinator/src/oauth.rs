@@ -14,7 +14,8 @@
 //!
 //! Anyone on the internet can post here, so: the body is capped before it
 //! is read ([`identity::oauth::MAX_BODY_BYTES`]); a source that keeps
-//! failing is slowed down ([`FAILURES_PER_SOURCE_BURST`]); a client id
+//! failing is slowed down ([`FAILURES_PER_SOURCE_BURST`], one budget for
+//! its token requests and its `ciLogin` calls); a client id
 //! gets at most [`GRANTS_PER_CLIENT_BURST`] tokens at once and then one
 //! per [`GRANT_INTERVAL_PER_CLIENT`]; CI logins keep the concurrency bound
 //! of `crate::oidc`. Every decision is audited (`oauth.token`).
@@ -152,18 +153,11 @@ impl TokenEndpoint {
         source: Option<IpAddr>,
     ) -> Result<Issued, OAuthError> {
         let now = Instant::now();
-        if let Some(ip) = source {
-            let slowed = self
-                .failures
-                .lock()
-                .map(|f| !f.would_allow(&source_key(ip), now))
-                .unwrap_or(false);
-            if slowed {
-                return Err(err(
-                    ErrorCode::SlowDown,
-                    "too many failed token requests from this address; wait a minute",
-                ));
-            }
+        if source.is_some_and(|ip| self.slowed(ip, now)) {
+            return Err(err(
+                ErrorCode::SlowDown,
+                "too many failed token requests from this address; wait a minute",
+            ));
         }
         let result = match oauth::parse_form(body)
             .and_then(|pairs| oauth::parse_request(pairs, authorization, &self.targets))
@@ -174,12 +168,34 @@ impl TokenEndpoint {
                 Err(e)
             }
         };
-        if let (Err(_), Some(ip)) = (&result, source) {
-            if let Ok(mut f) = self.failures.lock() {
-                let _ = f.take(source_key(ip), now);
-            }
+        if let (Err(e), Some(ip)) = (&result, source) {
+            self.note_failure(e, ip, now);
         }
         result
+    }
+
+    /// Whether `source` has failed too often to be heard now (token
+    /// requests and `ciLogin`s share its budget).
+    fn slowed(&self, source: IpAddr, now: Instant) -> bool {
+        self.failures
+            .lock()
+            .map(|f| !f.would_allow(&source_key(source), now))
+            .unwrap_or(false)
+    }
+
+    /// Counts refusal `e` against `source`: a credential refused or a
+    /// request malformed, not the coordinator's own trouble
+    /// (`temporarily_unavailable`) or a budget that was full (`slow_down`).
+    fn note_failure(&self, e: &OAuthError, source: IpAddr, now: Instant) {
+        if matches!(
+            e.code,
+            ErrorCode::TemporarilyUnavailable | ErrorCode::SlowDown
+        ) {
+            return;
+        }
+        if let Ok(mut f) = self.failures.lock() {
+            let _ = f.take(source_key(source), now);
+        }
     }
 
     /// Issues a token for a well-formed `grant` asked from `source`.
@@ -464,6 +480,15 @@ impl TokenEndpoint {
         app: &str,
         source: IpAddr,
     ) -> Result<AccessToken, OAuthError> {
+        // Anyone may call it: a source that keeps failing is refused
+        // before its token is read, like at the token endpoint.
+        let now = Instant::now();
+        if self.slowed(source, now) {
+            return Err(err(
+                ErrorCode::SlowDown,
+                "too many failed CI logins from this address; wait a minute",
+            ));
+        }
         let scope = Scope::whole_app(app);
         let out = async {
             let (grant, actor) = self.ci_grant(token, &scope, Some(source)).await?;
@@ -477,6 +502,7 @@ impl TokenEndpoint {
         .await;
         if let Err(e) = &out {
             self.audit_refusal("ciLogin", Some(&scope), e, Some(source));
+            self.note_failure(e, source, now);
         }
         out
     }

@@ -196,15 +196,18 @@ fn pipeline_deploys_with_its_oidc_token_and_everything_else_is_refused() {
         "expected exactly one refetch after rotation"
     );
 
-    // 100 tokens with random kids: at most one refetch per minute.
+    // 20 tokens with random kids: at most one refetch per minute. (Not
+    // more: with the refusals above they stay within the failures one
+    // address may have before its logins are slowed down, which the front
+    // door test shows.)
     let mut refused = 0;
-    for _ in 0..100 {
+    for _ in 0..20 {
         let (ok, _, _) = ci("web", &format!("{good}&kid=random"), &["app", "status"]);
         if !ok {
             refused += 1;
         }
     }
-    assert_eq!(refused, 100, "tokens with unknown kids must be refused");
+    assert_eq!(refused, 20, "tokens with unknown kids must be refused");
     let last = issuer_get(&issuer, "/fetches")["fetches"].as_u64().unwrap();
     assert!(
         last <= after + 1,

@@ -335,3 +335,81 @@ fn an_anonymous_flood_is_bounded_and_a_pinned_cli_keeps_answering() {
     let after = cluster_status(&server);
     assert!(after.ok, "cluster status after the flood: {after:?}");
 }
+
+/// `coordinator::oauth::FAILURES_PER_SOURCE_BURST`: refusals one address
+/// may collect (token requests and `ciLogin`s together) before it is
+/// slowed down to one every 2 s.
+const FAILURES_BURST: usize = 30;
+
+/// Sends a `ciLogin` for app `web` with a token that is no JWT; returns
+/// the refusal.
+async fn junk_ci_login(c: &cluster::Client) -> capnp::Error {
+    let mut req = c.ci_login_request();
+    req.get().set_token("not-a-jwt");
+    req.get().set_app("web");
+    match req.send().promise.await {
+        Ok(_) => panic!("a junk CI token logged in"),
+        Err(e) => e,
+    }
+}
+
+/// Anyone may call `ciLogin`, and each call with a token to verify costs
+/// the coordinator work: an address whose logins keep failing is answered
+/// `overloaded` ("too many failed CI logins") before its token is read,
+/// while another address still has its logins decided.
+#[test]
+fn failed_ci_logins_slow_down_their_own_address_only() {
+    let dir = temp();
+    let config = dir.path().join("clientconfig.yaml");
+    let server = Server::start(&dir.path().join("data"), &config, "127.0.0.1:0", &[]);
+    let address: ClusterAddress = server.address.parse().expect("cluster address");
+    let server_addr: SocketAddr = server.host_port().parse().expect("socket address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let session = |ip: Ipv4Addr| {
+            let endpoint = client_endpoint(ip, &address);
+            let host = address.host.clone();
+            async move {
+                let conn = connect(&endpoint, server_addr, &host)
+                    .await
+                    .expect("connect");
+                let c = transport::rpc::connect_connection::<cluster::Client>(&conn)
+                    .await
+                    .expect("rpc");
+                (endpoint, conn, c)
+            }
+        };
+        let (attacker, _conn, c) = session(Ipv4Addr::new(127, 0, 0, 4)).await;
+        let mut slowed = None;
+        for attempt in 1..=FAILURES_BURST + 10 {
+            let e = junk_ci_login(&c).await;
+            if e.kind == capnp::ErrorKind::Overloaded {
+                assert!(e.to_string().contains("too many failed CI logins"), "{e}");
+                slowed = Some(attempt);
+                break;
+            }
+            assert!(
+                !e.to_string().contains("too many failed"),
+                "refusal {attempt}: {e}"
+            );
+        }
+        // The budget refills one every 2 s, so a slow machine may get a
+        // refusal or two more in before the first slow-down.
+        let slowed = slowed.expect("failed logins were never slowed down");
+        assert!(
+            slowed > FAILURES_BURST && slowed <= FAILURES_BURST + 5,
+            "first slowed at attempt {slowed}"
+        );
+        // Another address has its login decided as before.
+        let (other, _other_conn, c2) = session(Ipv4Addr::new(127, 0, 0, 5)).await;
+        let e = junk_ci_login(&c2).await;
+        assert_ne!(e.kind, capnp::ErrorKind::Overloaded, "{e}");
+        assert!(!e.to_string().contains("too many failed"), "{e}");
+        attacker.close(transport::close::CloseCode::Done.into(), b"");
+        other.close(transport::close::CloseCode::Done.into(), b"");
+    });
+}
