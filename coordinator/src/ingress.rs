@@ -215,15 +215,38 @@ async fn proxy(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let (remote, secure) = (peer.remote, peer.secure);
-    // The Host the client named (a header readable as text, else the
-    // authority of a request in absolute form), as text and as the value
-    // the app gets in `X-Forwarded-Host` (and in `Host`, below).
-    let host_value = req
-        .headers()
-        .get(HOST)
-        .filter(|h| h.to_str().is_ok())
-        .cloned()
-        .or_else(|| req.uri().host().and_then(|h| HeaderValue::from_str(h).ok()));
+    // A reverse proxy has no business tunnelling: CONNECT names no path
+    // of any app.
+    if req.method() == hyper::Method::CONNECT {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the ingress does not tunnel CONNECT requests",
+        ));
+    }
+    // The host the client asked for, as text and as the value the app gets
+    // in `Host` and `X-Forwarded-Host`. A request in absolute form names it
+    // in its target, and then the Host header does not count (RFC 9112
+    // §3.2.2): the route is chosen by the target's host and the request goes
+    // up in origin form with that host as its `Host`, so the ingress and the
+    // app never disagree on which host was asked for (naming an open host
+    // in `Host` and a protected one in the target must not pass the route
+    // OIDC gate of the one the app then serves).
+    let host_value = match absolute_form_host(req.uri()) {
+        Some(from_target) => {
+            let origin_form = req.uri().path_and_query().map_or_else(
+                || hyper::Uri::from_static("/"),
+                |p| hyper::Uri::from(p.clone()),
+            );
+            *req.uri_mut() = origin_form;
+            req.headers_mut().remove(HOST);
+            from_target
+        }
+        None => req
+            .headers()
+            .get(HOST)
+            .filter(|h| h.to_str().is_ok())
+            .cloned(),
+    };
     let host_header = host_value
         .as_ref()
         .and_then(|h| h.to_str().ok())
@@ -262,8 +285,8 @@ async fn proxy(
     let version = req.version();
     let upgrade = hop_by_hop::strip_request(req.headers_mut(), version);
     strip_client_headers(req.headers_mut(), filter);
-    // Up as HTTP/1.1 (below), which needs a Host: an HTTP/1.0 request in
-    // absolute form may have come without one.
+    // Up as HTTP/1.1 (below), which needs a Host: a request in absolute
+    // form gets its target's, an HTTP/1.0 one may have come without.
     if !req.headers().contains_key(HOST) {
         if let Some(v) = host_value.clone().filter(|v| !v.is_empty()) {
             req.headers_mut().insert(HOST, v);
@@ -488,6 +511,20 @@ async fn proxy(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("app {app}: no runner reachable"),
     )))
+}
+
+/// The host (and port, when named) of a request in absolute form
+/// (`GET http://host:port/path`), as a `Host` value (`Some(None)` if it
+/// could not be one); `None` for a request in origin form. What the target
+/// says of a user is not part of it.
+fn absolute_form_host(uri: &hyper::Uri) -> Option<Option<HeaderValue>> {
+    uri.scheme()?;
+    let host = uri.host()?;
+    let value = match uri.port_u16() {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+        None => HeaderValue::from_str(host),
+    };
+    Some(value.ok())
 }
 
 /// Whether a request's send failed because its connection closed or was
@@ -934,6 +971,24 @@ mod tests {
             Some(HeaderValue::from_static("a.test")),
         );
         assert_eq!(h["x-forwarded-for"], "2001:db8::7");
+    }
+
+    #[test]
+    fn a_target_in_absolute_form_gives_its_host_and_port_without_user() {
+        let host = |target: &str| absolute_form_host(&target.parse().unwrap());
+        assert_eq!(host("/path?q=1"), None);
+        assert_eq!(
+            host("http://a.test/x"),
+            Some(Some(HeaderValue::from_static("a.test")))
+        );
+        assert_eq!(
+            host("https://user:pw@a.test:8443/x"),
+            Some(Some(HeaderValue::from_static("a.test:8443")))
+        );
+        assert_eq!(
+            host("http://[2001:db8::1]:81/"),
+            Some(Some(HeaderValue::from_static("[2001:db8::1]:81")))
+        );
     }
 
     #[test]

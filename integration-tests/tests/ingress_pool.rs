@@ -287,3 +287,60 @@ fn a_body_the_app_leaves_unread_never_answers_another_client() {
         );
     }
 }
+
+/// `raw` (a whole request) on a new connection to the ingress; the status
+/// and body of its answer.
+fn exchange(ingress: &str, raw: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(ingress).expect("connect to the ingress");
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    s.write_all(raw.as_bytes()).expect("write a request");
+    let (status, _, body) = read_response(&mut s).expect("a response");
+    (status, body)
+}
+
+/// A request in absolute form names its host in its target, and then the
+/// Host header does not count (RFC 9112 §3.2.2): the ingress routes by the
+/// target's host and the app gets the request in origin form with that
+/// host as its Host. Before, the ingress routed by the Host header and
+/// passed the absolute target on, which servers that follow the RFC (Go's
+/// among them) read as the host asked for: a client could name an open
+/// host in Host and a protected one in the target, and have the app serve
+/// the protected host without the route OIDC gate. CONNECT is refused.
+#[test]
+fn a_request_in_absolute_form_is_routed_and_passed_on_by_its_targets_host() {
+    let dir = temp();
+    let (_cluster, ingress) = start(dir.path());
+    // Routed by the target's host, whatever Host says.
+    let (status, body) = exchange(
+        &ingress,
+        &format!("GET http://{HOST}/target?x=1 HTTP/1.1\r\nHost: elsewhere.test\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(seen["target"], "/target?x=1", "the app got {seen}");
+    assert_eq!(seen["host"], HOST, "the app got {seen}");
+    // The target names a host nothing is routed for: not the Host's app.
+    let (status, body) = exchange(
+        &ingress,
+        &format!("GET http://elsewhere.test/target HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("elsewhere.test"), "{body}");
+    // A port in the target stays in the Host the app sees.
+    let (status, body) = exchange(
+        &ingress,
+        &format!(
+            "GET http://{HOST}:8080/target HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(seen["host"], format!("{HOST}:8080"), "the app got {seen}");
+    assert_eq!(seen["target"], "/target", "the app got {seen}");
+    // No tunnels.
+    let (status, body) = exchange(
+        &ingress,
+        &format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n"),
+    );
+    assert_eq!(status, 405, "{body}");
+}
