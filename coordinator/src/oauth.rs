@@ -44,7 +44,7 @@ use crate::deploy_keys::DeployKeys;
 use crate::frontdoor::{source_key, RateLimiter};
 use crate::issuer::Issuer;
 use crate::observe::Observe;
-use crate::oidc::{LoginError, OidcVerifier};
+use crate::oidc::{DenialCause, LoginError, OidcVerifier};
 use crate::spent_tokens::{SpendError, SpentTokens};
 
 /// Failed requests a source may make at once ...
@@ -329,6 +329,16 @@ impl TokenEndpoint {
         .await
         .map_err(|e| match e {
             LoginError::Busy => err(ErrorCode::TemporarilyUnavailable, e.to_string()),
+            // Not the token's fault: the caller may try again, and its
+            // address is not charged a failure for it.
+            LoginError::Denied(DenialCause::Keys(k)) if k.is_transient() => err(
+                ErrorCode::TemporarilyUnavailable,
+                "the CI token cannot be checked right now (its issuer's keys cannot be fetched); retry shortly",
+            ),
+            LoginError::Denied(DenialCause::BindingsUnavailable | DenialCause::Task) => err(
+                ErrorCode::TemporarilyUnavailable,
+                "the CI token cannot be checked right now (the coordinator's binding index is unavailable); retry shortly",
+            ),
             other => err(ErrorCode::InvalidGrant, other.to_string()),
         })?;
         let verified = &login.token;

@@ -286,6 +286,39 @@ pub enum KeysError {
     },
 }
 
+impl KeysError {
+    /// Whether the keys may well be had on a later try: this coordinator's
+    /// cache was unavailable, or the issuer could not be reached or failed
+    /// (as opposed to an issuer our outbound policy refuses, or one that
+    /// serves documents that are not what they must be).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            KeysError::Unavailable => true,
+            KeysError::RecentlyFailed { reason, .. } | KeysError::Fetch { reason, .. } => {
+                reason.is_transient()
+            }
+        }
+    }
+}
+
+impl FetchError {
+    /// Whether the same fetch may succeed later: the connection or the
+    /// body broke off, or the server failed or asked us to slow down.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Send { .. } | FetchError::Read { .. } => true,
+            FetchError::Status { status, .. } => {
+                status.is_server_error() || *status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            }
+            FetchError::Refused { .. }
+            | FetchError::TooLarge { .. }
+            | FetchError::Discovery(_)
+            | FetchError::Endpoints(_)
+            | FetchError::Jwks { .. } => false,
+        }
+    }
+}
+
 /// Why a document (discovery, JWKS, a token response) could not be had
 /// from an issuer or provider.
 #[derive(Debug, thiserror::Error)]
@@ -669,6 +702,33 @@ pub async fn login(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_issuer_that_failed_may_come_back_one_that_is_refused_or_broken_does_not() {
+        let status = |code: u16| {
+            Arc::new(FetchError::Status {
+                url: "https://ci.test/jwks".into(),
+                status: reqwest::StatusCode::from_u16(code).unwrap(),
+            })
+        };
+        let fetch = |reason: Arc<FetchError>| KeysError::Fetch {
+            issuer: "https://ci.test".into(),
+            reason,
+        };
+        assert!(KeysError::Unavailable.is_transient());
+        assert!(fetch(status(503)).is_transient());
+        assert!(fetch(status(429)).is_transient());
+        assert!(KeysError::RecentlyFailed {
+            issuer: "https://ci.test".into(),
+            reason: status(502),
+        }
+        .is_transient());
+        assert!(!fetch(status(404)).is_transient());
+        assert!(!fetch(Arc::new(FetchError::TooLarge {
+            url: "https://ci.test/jwks".into()
+        }))
+        .is_transient());
+    }
     use base64::Engine as _;
 
     fn unverified(kid: &str, alg: &str) -> UnverifiedToken {

@@ -943,6 +943,10 @@ async fn serve_peer(
 ) {
     use crate::frontdoor::{Proof, UNPROVEN_LIFETIME};
     use transport::close::{close, CloseCode};
+    // The address the front door admitted and counts. What the peer says
+    // later from another address (QUIC lets a client move) changes nothing
+    // that is decided per address.
+    let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -995,7 +999,7 @@ async fn serve_peer(
         if has_role {
             proof.prove();
         }
-        let client = ClusterService::client(state, peer, conn.clone(), proof.clone());
+        let client = ClusterService::client(state, peer, conn.clone(), remote, proof.clone());
         let deadline = async {
             tokio::time::sleep(UNPROVEN_LIFETIME).await;
             if proof.is_proven() {

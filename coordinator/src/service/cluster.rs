@@ -25,6 +25,11 @@ pub struct ClusterService {
     state: Arc<State>,
     peer: PeerIdentity,
     conn: quinn::Connection,
+    /// The peer's address when its connection was admitted: what every
+    /// per-address budget (joins, failed CI logins) and audit line counts,
+    /// never `conn.remote_address()`, which follows the peer when it
+    /// moves, and an unproven peer could move to addresses not its own.
+    remote: std::net::SocketAddr,
     /// Raises the connection's limits when its peer proves a role.
     proof: Proof,
 }
@@ -35,6 +40,7 @@ impl ClusterService {
         state: Arc<State>,
         peer: PeerIdentity,
         conn: quinn::Connection,
+        remote: std::net::SocketAddr,
         proof: Proof,
     ) -> cluster::Client {
         let observe = state.observe.clone();
@@ -42,6 +48,7 @@ impl ClusterService {
             state,
             peer,
             conn,
+            remote,
             proof,
         });
         crate::metered::metered(client, "Cluster", &observe, None, None)
@@ -170,7 +177,7 @@ impl cluster::Server for ClusterService {
         let app = p.get_app()?.to_string()?;
         crate::apps::check_app_name(&app).map_err(app_err)?;
         // A token exchange, then the login every credential ends in.
-        let remote = self.conn.remote_address().ip();
+        let remote = self.remote.ip();
         let access = (self.state.oauth)
             .ci_login(token.to_str()?, &app, remote)
             .await
@@ -202,7 +209,7 @@ impl cluster::Server for ClusterService {
         params: cluster::JoinParams,
         mut results: cluster::JoinResults,
     ) -> Result<(), capnp::Error> {
-        let remote = self.conn.remote_address();
+        let remote = self.remote;
         if let Err(wait) = self.state.door.join_attempt(remote.ip()) {
             tracing::info!(%remote, "join attempt refused: over the per-address rate");
             return Err(capnp::Error::overloaded(format!(
@@ -241,7 +248,7 @@ impl cluster::Server for ClusterService {
         mut results: cluster::JoinCoordinatorResults,
     ) -> Result<(), capnp::Error> {
         use crate::coordinator_codes::{self, CodeError};
-        let remote = self.conn.remote_address();
+        let remote = self.remote;
         if let Err(wait) = self.state.door.join_attempt(remote.ip()) {
             tracing::info!(%remote, "coordinator join refused: over the per-address rate");
             return Err(capnp::Error::overloaded(format!(

@@ -102,53 +102,80 @@ impl RunnerSessionService {
 /// the sender, goes with it). It outlives the start of a shutdown on
 /// purpose: rollouts cut by it still stop their sandboxes through it, and
 /// the connection closes right after (see `crate::server`).
+///
+/// Starts, stops and log reads go one at a time, in order; a ping is sent
+/// as soon as it arrives, never behind them: a start waiting for its
+/// artifact or a stop waiting for a process to exit must not make a live
+/// runner look silent to [`crate::runners::Registry::connect`]'s probe.
 pub async fn pump(agent: runner_agent::Client, mut rx: mpsc::UnboundedReceiver<RunnerCommand>) {
-    while let Some(cmd) = rx.recv().await {
-        let answered =
-            |e: capnp::Error| crate::runners::RunnerRefusal(transport::rpc::remote_message(&e));
-        match cmd {
-            // Not behind a start that waits for its sandbox: answered on
-            // its own task.
-            RunnerCommand::Ping(done) => {
-                let ping = agent.ping_request();
-                tokio::task::spawn_local(async move {
-                    let probe = match ping.send().promise.await {
-                        // Broken under the call: nobody answered.
-                        Err(e) if e.kind == capnp::ErrorKind::Disconnected => Probe::Silent,
-                        // Any answer, a refusal included (a runner from
-                        // before `ping` says it has no such method).
-                        Ok(_) | Err(_) => Probe::Answered,
-                    };
-                    let _ = done.send(probe);
-                });
-            }
-            RunnerCommand::Start(spec, done) => {
-                let mut req = agent.start_sandbox_request();
-                write_spec(&spec, req.get().init_spec());
-                let r = req.send().promise.await.map(|_| ());
-                let _ = done.send(r.map_err(answered));
-            }
-            RunnerCommand::Stop(id, done) => {
-                let mut req = agent.stop_sandbox_request();
-                req.get().set_id(&id);
-                let r = req.send().promise.await.map(|_| ());
-                let _ = done.send(r.map_err(answered));
-            }
-            RunnerCommand::Logs(id, lines, done) => {
-                let mut req = agent.logs_request();
-                req.get().set_id(&id);
-                req.get().set_lines(lines);
-                let result = async {
-                    let reply = req.send().promise.await?;
-                    let mut out = Vec::new();
-                    for l in reply.get()?.get_lines()? {
-                        out.push(l?.to_string()?);
-                    }
-                    Ok::<_, capnp::Error>(out)
+    let (in_order, mut queued) = mpsc::unbounded_channel::<RunnerCommand>();
+    let dispatch = async {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                RunnerCommand::Ping(done) => {
+                    tokio::task::spawn_local(ping(agent.clone(), done));
                 }
-                .await;
-                let _ = done.send(result.map_err(answered));
+                other => {
+                    // The receiver lives as long as this function.
+                    let _ = in_order.send(other);
+                }
             }
+        }
+        // The session is over: what is queued still goes, then the end.
+        drop(in_order);
+    };
+    let run = async {
+        while let Some(cmd) = queued.recv().await {
+            run_command(&agent, cmd).await;
+        }
+    };
+    futures::join!(dispatch, run);
+}
+
+/// Asks the runner to answer, for a probe.
+async fn ping(agent: runner_agent::Client, done: tokio::sync::oneshot::Sender<Probe>) {
+    let probe = match agent.ping_request().send().promise.await {
+        // Broken under the call: nobody answered.
+        Err(e) if e.kind == capnp::ErrorKind::Disconnected => Probe::Silent,
+        // Any answer, a refusal included (a runner from before `ping` says
+        // it has no such method).
+        Ok(_) | Err(_) => Probe::Answered,
+    };
+    let _ = done.send(probe);
+}
+
+/// Sends one command and hands its answer back.
+async fn run_command(agent: &runner_agent::Client, cmd: RunnerCommand) {
+    let answered =
+        |e: capnp::Error| crate::runners::RunnerRefusal(transport::rpc::remote_message(&e));
+    match cmd {
+        RunnerCommand::Ping(done) => ping(agent.clone(), done).await,
+        RunnerCommand::Start(spec, done) => {
+            let mut req = agent.start_sandbox_request();
+            write_spec(&spec, req.get().init_spec());
+            let r = req.send().promise.await.map(|_| ());
+            let _ = done.send(r.map_err(answered));
+        }
+        RunnerCommand::Stop(id, done) => {
+            let mut req = agent.stop_sandbox_request();
+            req.get().set_id(&id);
+            let r = req.send().promise.await.map(|_| ());
+            let _ = done.send(r.map_err(answered));
+        }
+        RunnerCommand::Logs(id, lines, done) => {
+            let mut req = agent.logs_request();
+            req.get().set_id(&id);
+            req.get().set_lines(lines);
+            let result = async {
+                let reply = req.send().promise.await?;
+                let mut out = Vec::new();
+                for l in reply.get()?.get_lines()? {
+                    out.push(l?.to_string()?);
+                }
+                Ok::<_, capnp::Error>(out)
+            }
+            .await;
+            let _ = done.send(result.map_err(answered));
         }
     }
 }
@@ -334,6 +361,76 @@ impl runner_session::Server for RunnerSessionService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runners::{ResourceLimits, SandboxSpec};
+    use std::time::Duration;
+    use tokio::sync::oneshot;
+
+    /// A runner whose starts never finish (an artifact that never comes)
+    /// but that answers pings.
+    struct StuckStarts;
+
+    impl runner_agent::Server for StuckStarts {
+        async fn start_sandbox(
+            self: Rc<Self>,
+            _: runner_agent::StartSandboxParams,
+            _: runner_agent::StartSandboxResults,
+        ) -> Result<(), capnp::Error> {
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+
+        async fn ping(
+            self: Rc<Self>,
+            _: runner_agent::PingParams,
+            _: runner_agent::PingResults,
+        ) -> Result<(), capnp::Error> {
+            Ok(())
+        }
+    }
+
+    fn spec(id: &str) -> SandboxSpec {
+        SandboxSpec {
+            id: id.into(),
+            app: "web".into(),
+            version: "v1".into(),
+            service: "web".into(),
+            command: "true".into(),
+            port: 8080,
+            env: Vec::new(),
+            limits: ResourceLimits::default(),
+            artifact: "0".repeat(64),
+            issuer_url: "https://issuer.test".into(),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_ping_is_answered_while_starts_wait_and_commands_keep_their_order() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let agent: runner_agent::Client = capnp_rpc::new_client(StuckStarts);
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::task::spawn_local(pump(agent, rx));
+                let (first, mut first_answer) = oneshot::channel();
+                tx.send(RunnerCommand::Start(spec("s1"), first)).unwrap();
+                let (second, mut second_answer) = oneshot::channel();
+                tx.send(RunnerCommand::Start(spec("s2"), second)).unwrap();
+                let (ping, ping_answer) = oneshot::channel();
+                tx.send(RunnerCommand::Ping(ping)).unwrap();
+                // The bound is only how long the test waits: queued behind
+                // the stuck start, the ping would never be answered.
+                let probe = tokio::time::timeout(Duration::from_secs(10), ping_answer)
+                    .await
+                    .expect("the ping waited behind a start")
+                    .expect("the ping was answered");
+                assert_eq!(probe, Probe::Answered);
+                // The starts are still one at a time: the first waits, the
+                // second was not even sent.
+                assert!(first_answer.try_recv().is_err());
+                assert!(second_answer.try_recv().is_err());
+            })
+            .await;
+    }
 
     #[test]
     fn a_session_is_refused_tokens_past_its_pending_bound_until_answers_come_back() {
