@@ -303,15 +303,21 @@ impl KeysError {
 
 impl FetchError {
     /// Whether the same fetch may succeed later: the connection or the
-    /// body broke off, or the server failed or asked us to slow down.
+    /// body broke off, the name did not resolve, or the server failed or
+    /// asked us to slow down (not: an address or URL our outbound policy
+    /// refuses, a document that is not what it must be).
     pub fn is_transient(&self) -> bool {
         match self {
-            FetchError::Send { .. } | FetchError::Read { .. } => true,
+            // A name our outbound policy refused is refused inside the
+            // request: that does not pass with time.
+            FetchError::Send { source, .. } => crate::outbound::OutboundError::in_reqwest(source)
+                .is_none_or(crate::outbound::OutboundError::is_transient),
+            FetchError::Read { .. } => true,
             FetchError::Status { status, .. } => {
                 status.is_server_error() || *status == reqwest::StatusCode::TOO_MANY_REQUESTS
             }
-            FetchError::Refused { .. }
-            | FetchError::TooLarge { .. }
+            FetchError::Refused { source, .. } => source.is_transient(),
+            FetchError::TooLarge { .. }
             | FetchError::Discovery(_)
             | FetchError::Endpoints(_)
             | FetchError::Jwks { .. } => false,

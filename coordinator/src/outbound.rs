@@ -98,6 +98,17 @@ pub enum OutboundError {
 }
 
 impl OutboundError {
+    /// Whether the same fetch may succeed later: the name did not resolve
+    /// (for now), as opposed to a URL or an address the policy refuses.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OutboundError::Resolve { .. } | OutboundError::NoAddress { .. } => true,
+            OutboundError::BadUrl { .. }
+            | OutboundError::Literal { .. }
+            | OutboundError::Name { .. } => false,
+        }
+    }
+
     /// The refusal inside a reqwest error, if the fetch failed because the
     /// resolver refused the name (reqwest keeps it as a source).
     pub fn in_reqwest(err: &reqwest::Error) -> Option<&OutboundError> {
