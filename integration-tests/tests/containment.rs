@@ -161,6 +161,7 @@ fn assert_own_environment(report: &Value) {
                 "VICTIM",
                 "VICTIM_SOCK",
                 "RUNNER_PID",
+                "LD_PRELOAD",
             ]
             .contains(name);
         assert!(allowed, "the sandbox sees {name}: {names:?}");
@@ -193,6 +194,46 @@ fn wait_token_refresh(c: &OneRunner, app: &str) {
     );
 }
 
+/// The environment of every bubblewrap process the runner `runner_pid`
+/// started (the outer ones, on the host), from `/proc`.
+fn bwrap_environments(runner_pid: u32) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": the name may hold spaces or ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if comm != "bwrap" || ppid != Some(runner_pid) {
+            continue;
+        }
+        if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) {
+            found.push(
+                environ
+                    .split(|b| *b == 0)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .collect(),
+            );
+        }
+    }
+    found
+}
+
 #[test]
 fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
     let c = one_runner("bwrap", &[]);
@@ -205,9 +246,25 @@ fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
         ("VICTIM", victim.display().to_string()),
         ("VICTIM_SOCK", victim_sock_path.display().to_string()),
         ("RUNNER_PID", c.runner.pid().to_string()),
+        // A deployer's code for the dynamic loader: harmless inside the
+        // sandbox (the file does not exist), root on the host if it
+        // reached bubblewrap's own process.
+        ("LD_PRELOAD", "/nonexistent/preload.so".to_string()),
     ];
     let app = hostile_app(c.dir.path(), "hostile", &env, "");
     deploy(&c.cfg, &app, "hostile");
+
+    // Bubblewrap runs on the host before any namespace exists: its own
+    // environment is PATH alone; the sandbox's variables (the app's
+    // LD_PRELOAD, the token secret) are set inside.
+    let outer = bwrap_environments(c.runner.pid());
+    assert!(!outer.is_empty(), "no bubblewrap process under the runner");
+    for env in &outer {
+        assert!(
+            env.iter().all(|v| v.starts_with("PATH=")),
+            "bubblewrap runs on the host with {env:?}"
+        );
+    }
 
     let (code, report) = get(&c, "hostile", "/report");
     assert_eq!(code, 200, "{report}");
@@ -223,6 +280,12 @@ fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
     }
     assert_eq!(report["token_write"], "refused: Read-only file system");
     assert_own_environment(&report);
+    assert!(
+        report["env_names"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n == "LD_PRELOAD")),
+        "the app's own variable did not reach it: {report}"
+    );
     // Root-only host files are not there, nested user namespaces fail.
     assert_eq!(
         report["shadow"], "refused: No such file or directory",

@@ -737,13 +737,19 @@ struct Launch {
 }
 
 impl Launch {
-    fn command(&self, spec: &Spec) -> tokio::process::Command {
+    /// The command that starts the sandbox with exactly `env` as its
+    /// environment.
+    fn command(&self, spec: &Spec, env: &[(String, String)]) -> tokio::process::Command {
         let mut cmd = match &self.isolation {
             Isolation::None => {
                 let mut cmd = tokio::process::Command::new("/bin/sh");
                 cmd.arg("-c")
                     .arg(format!("exec {}", spec.command))
                     .current_dir(&self.dirs.app);
+                // Only what the sandbox is given: never the runner's
+                // variables.
+                cmd.env_clear()
+                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 // If the runner dies, each plain-process sandbox's first
                 // process dies with it (bubblewrap takes the sandbox's whole
                 // pid namespace with --die-with-parent); what that process
@@ -773,11 +779,13 @@ impl Launch {
                     "--".to_string(),
                     spec.command.clone(),
                 ];
-                crate::shim::bwrap_command(*user, miren, &self.dirs, &args)
+                // The sandbox's variables are set inside by bubblewrap,
+                // never on bubblewrap itself: it runs on the host, before
+                // any namespace, and an app's LD_PRELOAD there would run
+                // the app's code as the runner's user outside the sandbox.
+                crate::shim::bwrap_command(*user, miren, &self.dirs, SANDBOX_PATH, env, &args)
             }
         };
-        // Only what the sandbox is given: never the runner's variables.
-        cmd.env_clear();
         if let Some(cgroup) = &self.cgroup {
             let join = cgroup.join_hook();
             // SAFETY: the hook only writes this process's pid to the
@@ -884,14 +892,13 @@ async fn supervise(
     )));
     let mut history = crate::restart_policy::History::default();
     loop {
-        let mut cmd = launch.command(&spec);
+        let mut cmd = launch.command(&spec, &env);
         if let Isolation::Bwrap { .. } = launch.isolation {
             // The name only, in the sandbox's expose dir (unlink never
             // follows a symlink); the shim binds it again when ready.
             let _ = std::fs::remove_file(launch.dirs.app_socket());
         }
-        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(std::process::Stdio::null())
+        cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .process_group(0)

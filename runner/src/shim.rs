@@ -260,13 +260,27 @@ fn bwrap_works(user: SandboxUser) -> bool {
 /// network (loopback only), uts and ipc namespaces, system dirs read-only,
 /// a private /tmp, and from the host only this sandbox's app dir (writable),
 /// expose dir (writable) and identity dir (read-only).
+///
+/// Bubblewrap itself runs on the host with nothing in its environment but
+/// `path` (where to find it): the sandbox's variables (`env`, the app's
+/// among them) are given to it as `--setenv` after `--clearenv`, and so
+/// reach only what runs inside. Set on bubblewrap's own process, a
+/// `LD_PRELOAD` or `LD_LIBRARY_PATH` of the app's would load the app's
+/// code into a host process running as the runner's user.
 pub fn bwrap_command(
     user: SandboxUser,
     miren: &Path,
     dirs: &SandboxDirs,
+    path: &str,
+    env: &[(String, String)],
     shim_args: &[String],
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("bwrap");
+    cmd.env_clear().env("PATH", path);
+    cmd.arg("--clearenv");
+    for (name, value) in env {
+        cmd.arg("--setenv").arg(name).arg(value);
+    }
     cmd.args(user.args()).args(["--hostname", "sandbox"]);
     for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"] {
         cmd.args(["--ro-bind-try", dir, dir]);
@@ -311,12 +325,64 @@ mod tests {
             user,
             Path::new("/usr/bin/miren"),
             &SandboxDirs::new(Path::new("/var/lib/r"), "s1"),
+            "/usr/bin:/bin",
+            &[],
             &["--".into(), "app".into()],
         );
         cmd.as_std()
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect()
+    }
+
+    #[test]
+    fn the_apps_variables_are_set_inside_never_on_bubblewrap() {
+        let env = [
+            ("LD_PRELOAD".to_string(), "/srv/app/evil.so".to_string()),
+            (
+                "MIREN_IDENTITY_TOKEN_SECRET".to_string(),
+                "s3cret".to_string(),
+            ),
+        ];
+        let cmd = bwrap_command(
+            SandboxUser::Nobody,
+            Path::new("/usr/bin/miren"),
+            &SandboxDirs::new(Path::new("/var/lib/r"), "s1"),
+            "/usr/bin:/bin",
+            &env,
+            &["--".into(), "app".into()],
+        );
+        // Bubblewrap's own process gets PATH and nothing else (the
+        // environment is cleared: `get_envs` lists what is set on top).
+        let own: Vec<(String, Option<String>)> = cmd
+            .as_std()
+            .get_envs()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.map(|v| v.to_string_lossy().into_owned()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            own,
+            [("PATH".to_string(), Some("/usr/bin:/bin".to_string()))]
+        );
+        let a: Vec<String> = cmd
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = a.join(" ");
+        assert!(
+            joined.starts_with(
+                "--clearenv --setenv LD_PRELOAD /srv/app/evil.so --setenv MIREN_IDENTITY_TOKEN_SECRET s3cret "
+            ),
+            "{joined}"
+        );
+        // ... and before the command bubblewrap runs inside.
+        let end_of_options = a.iter().position(|x| x == "--").expect("--");
+        assert!(a.iter().position(|x| x == "--setenv").expect("setenv") < end_of_options);
     }
 
     #[test]
