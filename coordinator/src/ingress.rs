@@ -231,6 +231,17 @@ async fn proxy(
     // app never disagree on which host was asked for (naming an open host
     // in `Host` and a protected one in the target must not pass the route
     // OIDC gate of the one the app then serves).
+    // One Host, readable (RFC 9112 §3.2): with two, or one the ingress
+    // cannot read, the route could be chosen by one value while the app
+    // reads another.
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let (first_host, second_host) = (hosts.next(), hosts.next());
+    if second_host.is_some() || first_host.is_some_and(|h| h.to_str().is_err()) {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "a request names its host in one Host header of visible ASCII",
+        ));
+    }
     let host_value = match absolute_form_host(req.uri()) {
         Some(from_target) => {
             let origin_form = req.uri().path_and_query().map_or_else(
@@ -241,11 +252,7 @@ async fn proxy(
             req.headers_mut().remove(HOST);
             from_target
         }
-        None => req
-            .headers()
-            .get(HOST)
-            .filter(|h| h.to_str().is_ok())
-            .cloned(),
+        None => req.headers().get(HOST).cloned(),
     };
     let host_header = host_value
         .as_ref()

@@ -160,16 +160,19 @@ fn host_flag(host: &str) -> &str {
     }
 }
 
-/// Normalises a host for routing: lowercase, without port.
+/// Normalises a host for routing: lowercase, without port, without the
+/// trailing dot of a fully qualified name (`app.example.` is the host
+/// `app.example`, and must find its route, not fall to the default one).
 pub fn normalize_host(host: &str) -> String {
     let h = host.trim().to_ascii_lowercase();
     if let Some(rest) = h.strip_prefix('[') {
         return rest.split(']').next().unwrap_or_default().to_string();
     }
-    match h.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
-        _ => h,
-    }
+    let name = match h.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => h.as_str(),
+    };
+    name.strip_suffix('.').unwrap_or(name).to_string()
 }
 
 /// Checks a route host: a DNS name (wildcards are not supported).
@@ -633,6 +636,8 @@ mod tests {
         assert_eq!(normalize_host("Example.COM:8080"), "example.com");
         assert_eq!(normalize_host("example.com"), "example.com");
         assert_eq!(normalize_host("[::1]:80"), "::1");
+        assert_eq!(normalize_host("Example.com.:443"), "example.com");
+        assert_eq!(normalize_host("example.com."), "example.com");
         assert!(check_host("app.example.com").is_ok());
         assert!(check_host("App.example.com").is_err());
         assert!(check_host("*.example.com").is_err());

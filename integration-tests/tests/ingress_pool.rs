@@ -305,7 +305,10 @@ fn exchange(ingress: &str, raw: &str) -> (u16, String) {
 /// passed the absolute target on, which servers that follow the RFC (Go's
 /// among them) read as the host asked for: a client could name an open
 /// host in Host and a protected one in the target, and have the app serve
-/// the protected host without the route OIDC gate. CONNECT is refused.
+/// the protected host without the route OIDC gate. For the same reason two
+/// Host headers, or one that is not visible ASCII, are refused, and a
+/// trailing dot does not make a host fall to another route. CONNECT is
+/// refused.
 #[test]
 fn a_request_in_absolute_form_is_routed_and_passed_on_by_its_targets_host() {
     let dir = temp();
@@ -337,6 +340,25 @@ fn a_request_in_absolute_form_is_routed_and_passed_on_by_its_targets_host() {
     let seen: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(seen["host"], format!("{HOST}:8080"), "the app got {seen}");
     assert_eq!(seen["target"], "/target", "the app got {seen}");
+    // Two Host headers, or one that is not visible ASCII: no guessing
+    // which one the app will read.
+    let (status, body) = exchange(
+        &ingress,
+        &format!("GET /target HTTP/1.1\r\nHost: elsewhere.test\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = exchange(
+        &ingress,
+        "GET /target HTTP/1.1\r\nHost: pool.test\u{e9}\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 400, "{body}");
+    // A fully qualified name (trailing dot) is its host's, not another
+    // route's.
+    let (status, body) = exchange(
+        &ingress,
+        &format!("GET /target HTTP/1.1\r\nHost: {HOST}.\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
     // No tunnels.
     let (status, body) = exchange(
         &ingress,
