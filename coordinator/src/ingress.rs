@@ -606,10 +606,17 @@ async fn open_upstream(
         .await
         .map_err(|_| OpenError::Failed)?;
     let stopping = state.tasks.clone();
-    // On this thread, with the runner connection's driver.
+    let (stop, dropped) = tokio::sync::oneshot::channel::<()>();
+    // On this thread, with the runner connection's driver. It ends when
+    // the `Upstream` goes (its response over, the pool done with it): the
+    // stream closes then, with its permit, even if hyper is still sending
+    // a request body the app answered without reading. An upgrade ends it
+    // earlier, handing the stream to the tunnel, which holds the
+    // `Upstream` until it closes.
     tokio::spawn(state.tasks.track("ingress stream", async move {
         tokio::select! {
             _ = connection.with_upgrades() => {}
+            _ = dropped => {}
             _ = stopping.stopping() => {}
         }
     }));
@@ -619,6 +626,7 @@ async fn open_upstream(
         sandbox: sb.id.clone(),
         reuse,
         permit,
+        stop,
     })
 }
 

@@ -33,7 +33,9 @@
 //!   client spoke, so a client cannot have the app close it.
 //! - Every connection, idle or busy, holds its [`StreamPermit`]: the
 //!   per-runner and per-app counts of [`crate::runner_streams`] count the
-//!   streams really open. When a count is full, an idle connection of that
+//!   streams really open; dropping an [`Upstream`] ends the task running
+//!   its connection ([`Upstream::stop`]), so its stream closes with its
+//!   permit. When a count is full, an idle connection of that
 //!   runner (of that app, if the app's count is the full one) is closed to
 //!   make room before anyone is refused.
 
@@ -80,6 +82,11 @@ pub struct Upstream {
     pub reuse: Reuse,
     /// Its place in the stream counts, given back when it is dropped.
     pub permit: StreamPermit,
+    /// Dropped with it: the task running the connection ends then, and the
+    /// stream closes. The stream never outlives its permit: hyper would
+    /// otherwise go on sending a request body the app no longer waits for
+    /// (an answer sent before the body was read) on a stream nobody counts.
+    pub stop: tokio::sync::oneshot::Sender<()>,
 }
 
 struct Idle {
@@ -339,7 +346,13 @@ mod tests {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
             .await
             .unwrap();
-        tokio::spawn(conn);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                _ = stopped => {}
+            }
+        });
         sender.ready().await.unwrap();
         let permit = pool.take_permit("r", "app").unwrap();
         (
@@ -349,6 +362,7 @@ mod tests {
                 sandbox: sandbox.into(),
                 reuse,
                 permit,
+                stop,
             },
             far,
         )

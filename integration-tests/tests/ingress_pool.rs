@@ -12,7 +12,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use integration_tests::{miren, read_response, temp, wait_for, ProbeCluster};
+use integration_tests::{http_get_host, miren, read_response, temp, wait_for, ProbeCluster};
 use serde_json::Value;
 
 const BOUND: Duration = Duration::from_secs(30);
@@ -365,4 +365,37 @@ fn a_request_in_absolute_form_is_routed_and_passed_on_by_its_targets_host() {
         &format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n"),
     );
     assert_eq!(status, 405, "{body}");
+}
+
+/// Clients that each send a request whose body they never finish, to an
+/// app that answers before reading it and then waits for the rest: each
+/// request's stream to the runner closes when its answer is over, with its
+/// place in the stream counts. Before, the place was given back while the
+/// stream stayed open, carrying the trickling body, so about a hundred
+/// such clients held every stream the runner allows (QUIC's 100) without
+/// being counted, and every app on that runner got 503.
+#[test]
+fn bodies_trickling_after_the_answer_hold_no_stream_to_the_runner() {
+    /// More than the runner's 100 concurrent streams; fewer than the 128
+    /// connections one address may hold.
+    const TRICKLERS: usize = 110;
+    let dir = temp();
+    let (_cluster, ingress) = start(dir.path());
+    let mut held = Vec::new();
+    for i in 0..TRICKLERS {
+        let mut s = TcpStream::connect(&ingress).expect("connect to the ingress");
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        write!(
+            s,
+            "POST /answer-then-drain HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 1000000\r\n\r\nfirst bytes"
+        )
+        .expect("write a request");
+        let (status, _, body) = read_response(&mut s).expect("an answer before the body");
+        assert_eq!(status, 200, "trickler {i}: {body}");
+        held.push(s);
+    }
+    // The rest of each body never comes; the connections stay open.
+    let (status, body) = http_get_host(&ingress, HOST, "/conn").expect("an answer");
+    assert_eq!(status, 200, "an app's request while bodies trickle: {body}");
+    drop(held);
 }
