@@ -77,6 +77,11 @@ type MetaEntry = (Result<ProviderMeta, MetaError>, Instant);
 #[derive(Default)]
 pub(super) struct ProviderCache {
     meta: Mutex<HashMap<String, MetaEntry>>,
+    /// One fetch per issuer at a time: anonymous requests (a logout, a
+    /// page of a protected host) need the endpoints, and when the entry is
+    /// stale they wait for the one fetch under way instead of each
+    /// starting its own.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ProviderCache {
@@ -86,25 +91,48 @@ impl ProviderCache {
         oidc: &OidcVerifier,
         issuer: &IssuerUrl,
     ) -> Result<ProviderMeta, MetaError> {
-        if let Ok(m) = self.meta.lock() {
-            if let Some((meta, at)) = m.get(issuer.as_str()) {
-                let fresh_for = match meta {
-                    Ok(_) => Duration::from_secs(META_SECS),
-                    Err(_) => Duration::from_secs(META_FAILURE_SECS),
-                };
-                if at.elapsed() < fresh_for {
-                    return meta.clone();
-                }
-            }
+        self.cached(issuer.as_str(), || fetch_meta(oidc, issuer))
+            .await
+    }
+
+    /// The cached entry of `issuer` while fresh, else the result of one
+    /// `fetch` (those who asked meanwhile get the same).
+    async fn cached<F, Fut>(&self, issuer: &str, fetch: F) -> Result<ProviderMeta, MetaError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<ProviderMeta, MetaError>>,
+    {
+        if let Some(fresh) = self.fresh(issuer) {
+            return fresh;
         }
-        let fetched = fetch_meta(oidc, issuer).await;
+        let gate = self.fetching.lock().ok().map(|mut f| {
+            f.entry(issuer.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone()
+        });
+        let _turn = match &gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        };
+        // Fetched by whoever held the turn before.
+        if let Some(fresh) = self.fresh(issuer) {
+            return fresh;
+        }
+        let fetched = fetch().await;
         if let Ok(mut m) = self.meta.lock() {
-            m.insert(
-                issuer.as_str().to_string(),
-                (fetched.clone(), Instant::now()),
-            );
+            m.insert(issuer.to_string(), (fetched.clone(), Instant::now()));
         }
         fetched
+    }
+
+    fn fresh(&self, issuer: &str) -> Option<Result<ProviderMeta, MetaError>> {
+        let m = self.meta.lock().ok()?;
+        let (meta, at) = m.get(issuer)?;
+        let fresh_for = match meta {
+            Ok(_) => Duration::from_secs(META_SECS),
+            Err(_) => Duration::from_secs(META_FAILURE_SECS),
+        };
+        (at.elapsed() < fresh_for).then(|| meta.clone())
     }
 }
 
@@ -169,4 +197,42 @@ pub(super) async fn verify_id_token(
     )
     .verify(id_token, now)
     .map_err(IdTokenError::Refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn requests_that_find_the_endpoints_stale_wait_for_one_fetch() {
+        let cache = ProviderCache::default();
+        let fetches = AtomicUsize::new(0);
+        let fetch = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            // A slow provider: every other request arrives meanwhile.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(ProviderMeta {
+                authorization_endpoint: "https://idp.test/authorize".into(),
+                token_endpoint: "https://idp.test/token".into(),
+                end_session_endpoint: None,
+            })
+        };
+        let asked = (0..50).map(|_| cache.cached("https://idp.test", fetch));
+        let answers = futures::future::join_all(asked).await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        // A failure is shared the same way, and remembered for a moment.
+        let failing = ProviderCache::default();
+        let failed = AtomicUsize::new(0);
+        let fail = || async {
+            failed.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(MetaError::NoTokenEndpoint)
+        };
+        let asked = (0..50).map(|_| failing.cached("https://idp.test", fail));
+        let answers = futures::future::join_all(asked).await;
+        assert!(answers.iter().all(Result::is_err));
+        assert_eq!(failed.load(Ordering::SeqCst), 1);
+    }
 }
