@@ -459,6 +459,7 @@ async fn proxy(
             };
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             hop_by_hop::strip_response(resp.headers_mut(), switching);
+            strip_our_cookies(resp.headers_mut());
             // The ingress speaks its own HTTP version to the client: an app
             // answering as HTTP/1.0 does not close the client's connection.
             *resp.version_mut() = hyper::Version::HTTP_11;
@@ -518,6 +519,42 @@ async fn proxy(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("app {app}: no runner reachable"),
     )))
+}
+
+/// Removes the `Set-Cookie` lines of an app's answer that would set a
+/// cookie under route OIDC's names: no app behind the ingress may plant a
+/// session or login cookie in a browser (over plain HTTP, with a parent
+/// `Domain`, it would reach its sibling hosts: login CSRF, a session of
+/// the app's choosing). Names are compared ignoring ASCII case, as
+/// browsers compare the `__Host-` prefix.
+fn strip_our_cookies(headers: &mut hyper::HeaderMap) {
+    let set_cookie = hyper::header::SET_COOKIE;
+    if !headers.contains_key(&set_cookie) {
+        return;
+    }
+    let ours = |v: &HeaderValue| {
+        let name = v
+            .as_bytes()
+            .split(|b| *b == b'=')
+            .next()
+            .unwrap_or_default();
+        let name = name.trim_ascii().to_ascii_lowercase();
+        let name = name.strip_prefix(b"__host-").unwrap_or(&name);
+        name.starts_with(b"miren_oidc_")
+    };
+    if !headers.get_all(&set_cookie).iter().any(ours) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(&set_cookie)
+        .iter()
+        .filter(|v| !ours(v))
+        .cloned()
+        .collect();
+    headers.remove(&set_cookie);
+    for v in kept {
+        headers.append(&set_cookie, v);
+    }
 }
 
 /// The host (and port, when named) of a request in absolute form
@@ -986,6 +1023,31 @@ mod tests {
             Some(HeaderValue::from_static("a.test")),
         );
         assert_eq!(h["x-forwarded-for"], "2001:db8::7");
+    }
+
+    #[test]
+    fn an_app_cannot_set_route_oidc_cookies() {
+        let mut h = headers(&[
+            (
+                "set-cookie",
+                "miren_oidc_session=planted; Domain=example.com; Path=/",
+            ),
+            (
+                "set-cookie",
+                "__HOST-Miren_OIDC_login_abc=x; Path=/; Secure",
+            ),
+            ("set-cookie", "theme=dark; Path=/"),
+            ("set-cookie", " miren_oidc_session =spaced"),
+            ("content-type", "text/html"),
+        ]);
+        strip_our_cookies(&mut h);
+        let left: Vec<&str> = h
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(left, ["theme=dark; Path=/"]);
+        assert_eq!(h["content-type"], "text/html");
     }
 
     #[test]
