@@ -223,14 +223,6 @@ async fn proxy(
             "the ingress does not tunnel CONNECT requests",
         ));
     }
-    // The host the client asked for, as text and as the value the app gets
-    // in `Host` and `X-Forwarded-Host`. A request in absolute form names it
-    // in its target, and then the Host header does not count (RFC 9112
-    // §3.2.2): the route is chosen by the target's host and the request goes
-    // up in origin form with that host as its `Host`, so the ingress and the
-    // app never disagree on which host was asked for (naming an open host
-    // in `Host` and a protected one in the target must not pass the route
-    // OIDC gate of the one the app then serves).
     // One Host, readable (RFC 9112 §3.2): with two, or one the ingress
     // cannot read, the route could be chosen by one value while the app
     // reads another.
@@ -242,6 +234,14 @@ async fn proxy(
             "a request names its host in one Host header of visible ASCII",
         ));
     }
+    // The host the client asked for, as text and as the value the app gets
+    // in `Host` and `X-Forwarded-Host`. A request in absolute form names it
+    // in its target, and then the Host header does not count (RFC 9112
+    // §3.2.2): the route is chosen by the target's host and the request goes
+    // up in origin form with that host as its `Host`, so the ingress and the
+    // app never disagree on which host was asked for (naming an open host
+    // in `Host` and a protected one in the target must not pass the route
+    // OIDC gate of the one the app then serves).
     let host_value = match absolute_form_host(req.uri()) {
         Some(from_target) => {
             let origin_form = req.uri().path_and_query().map_or_else(
@@ -525,22 +525,15 @@ async fn proxy(
 /// cookie under route OIDC's names: no app behind the ingress may plant a
 /// session or login cookie in a browser (over plain HTTP, with a parent
 /// `Domain`, it would reach its sibling hosts: login CSRF, a session of
-/// the app's choosing). Names are compared ignoring ASCII case, as
-/// browsers compare the `__Host-` prefix.
+/// the app's choosing). The names are [`crate::sso::is_our_cookie`]'s.
 fn strip_our_cookies(headers: &mut hyper::HeaderMap) {
     let set_cookie = hyper::header::SET_COOKIE;
     if !headers.contains_key(&set_cookie) {
         return;
     }
     let ours = |v: &HeaderValue| {
-        let name = v
-            .as_bytes()
-            .split(|b| *b == b'=')
-            .next()
-            .unwrap_or_default();
-        let name = name.trim_ascii().to_ascii_lowercase();
-        let name = name.strip_prefix(b"__host-").unwrap_or(&name);
-        name.starts_with(b"miren_oidc_")
+        let name = v.as_bytes().split(|b| *b == b'=').next();
+        crate::sso::is_our_cookie(name.unwrap_or_default())
     };
     if !headers.get_all(&set_cookie).iter().any(ours) {
         return;

@@ -33,9 +33,12 @@ pub(super) fn login_cookie_for(state: &str) -> Option<String> {
         .then(|| format!("{LOGIN_COOKIE}_{prefix}"))
 }
 
-/// Cookies of ours, by any of their names: never passed to the app.
+/// Cookies of ours, by any of their names: never passed to the app, and
+/// never set by one. ASCII case is ignored (browsers compare the `__Host-`
+/// prefix so), and so is space around the name.
 pub fn is_our_cookie(name: &[u8]) -> bool {
-    let name = name.strip_prefix(b"__Host-").unwrap_or(name);
+    let name = name.trim_ascii().to_ascii_lowercase();
+    let name = name.strip_prefix(b"__host-").unwrap_or(&name);
     name.starts_with(b"miren_oidc_")
 }
 
