@@ -65,8 +65,9 @@ pub type Reply<T> = oneshot::Sender<Result<T, RunnerRefusal>>;
 /// capability).
 pub enum RunnerCommand {
     /// Asks the runner to answer ([`Registry::connect`]'s probe); answered
-    /// outside the queue of the other commands.
-    Ping(oneshot::Sender<Probe>),
+    /// outside the queue of the other commands. A connection broken under
+    /// the call drops the reply unanswered.
+    Ping(Reply<()>),
     Start(SandboxSpec, Reply<()>),
     Stop(String, Reply<()>),
     Logs(String, u32, Reply<Vec<String>>),
@@ -543,7 +544,7 @@ impl Registry {
     ) -> Result<u64, RegistryError> {
         let probed = match self.register(id, &conn, &commands, now, None)? {
             Registration::Registered(session) => return Ok(session),
-            Registration::ProbeFirst(session) => (session, self.probe(id, session).await),
+            Registration::ProbeFirst(session) => (session, self.probe(id).await),
         };
         match self.register(id, &conn, &commands, now, Some(probed))? {
             Registration::Registered(session) => Ok(session),
@@ -607,24 +608,17 @@ impl Registry {
         Ok(Registration::Registered(session))
     }
 
-    /// Asks registered session `session` of runner `id` to answer.
-    async fn probe(&self, id: &str, session: u64) -> Probe {
-        let commands = self.live.lock().ok().and_then(|live| {
-            live.get(id)
-                .filter(|l| l.session == session)
-                .map(|l| l.commands.clone())
-        });
-        let Some(commands) = commands else {
-            return Probe::Silent;
-        };
-        let (done, answer) = oneshot::channel();
-        if commands.send(RunnerCommand::Ping(done)).is_err() {
-            return Probe::Silent;
-        }
-        match tokio::time::timeout(PROBE_PATIENCE, answer).await {
-            Ok(Ok(probe)) => probe,
-            // The session ended meanwhile, or no answer in time.
-            Ok(Err(_)) | Err(_) => Probe::Silent,
+    /// Asks the session registered for runner `id` to answer. Whichever
+    /// session that is now, the finding counts only for the one `register`
+    /// asked about.
+    async fn probe(&self, id: &str) -> Probe {
+        match self.send(id, RunnerCommand::Ping, PROBE_PATIENCE).await {
+            // Any answer, a refusal included (a runner from before `ping`
+            // says it has no such method).
+            Ok(()) | Err(SendError::Refused(_)) => Probe::Answered,
+            Err(SendError::NotConnected(_) | SendError::WentAway(_) | SendError::NoAnswer(_)) => {
+                Probe::Silent
+            }
         }
     }
 

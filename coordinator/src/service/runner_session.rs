@@ -17,7 +17,7 @@ use transport::clock::now_unix;
 use super::wire::{app_err, mint_err, registry_err, token_request, write_spec};
 use crate::apps::SandboxReport;
 use crate::minting::{RunnerTokenRequest, MAX_TOKENS_PER_CALL};
-use crate::runners::{LiveStatus, Probe, RunnerCommand};
+use crate::runners::{LiveStatus, RunnerCommand};
 use crate::state::State;
 
 /// A connected runner's session; dropped when its connection ends.
@@ -132,35 +132,38 @@ pub async fn pump(agent: runner_agent::Client, mut rx: mpsc::UnboundedReceiver<R
     futures::join!(dispatch, run);
 }
 
-/// Asks the runner to answer, for a probe.
-async fn ping(agent: runner_agent::Client, done: tokio::sync::oneshot::Sender<Probe>) {
-    let probe = match agent.ping_request().send().promise.await {
-        // Broken under the call: nobody answered.
-        Err(e) if e.kind == capnp::ErrorKind::Disconnected => Probe::Silent,
-        // Any answer, a refusal included (a runner from before `ping` says
-        // it has no such method).
-        Ok(_) | Err(_) => Probe::Answered,
-    };
-    let _ = done.send(probe);
+/// Asks the runner to answer, for a probe: any answer, a refusal
+/// included, goes back; a connection broken under the call drops `done`
+/// unanswered.
+async fn ping(agent: runner_agent::Client, done: crate::runners::Reply<()>) {
+    match agent.ping_request().send().promise.await {
+        Err(e) if e.kind == capnp::ErrorKind::Disconnected => {}
+        answer => {
+            let _ = done.send(answer.map(|_| ()).map_err(refusal));
+        }
+    }
+}
+
+/// A runner's refusal, in its own words.
+fn refusal(e: capnp::Error) -> crate::runners::RunnerRefusal {
+    crate::runners::RunnerRefusal(transport::rpc::remote_message(&e))
 }
 
 /// Sends one command and hands its answer back.
 async fn run_command(agent: &runner_agent::Client, cmd: RunnerCommand) {
-    let answered =
-        |e: capnp::Error| crate::runners::RunnerRefusal(transport::rpc::remote_message(&e));
     match cmd {
         RunnerCommand::Ping(done) => ping(agent.clone(), done).await,
         RunnerCommand::Start(spec, done) => {
             let mut req = agent.start_sandbox_request();
             write_spec(&spec, req.get().init_spec());
             let r = req.send().promise.await.map(|_| ());
-            let _ = done.send(r.map_err(answered));
+            let _ = done.send(r.map_err(refusal));
         }
         RunnerCommand::Stop(id, done) => {
             let mut req = agent.stop_sandbox_request();
             req.get().set_id(&id);
             let r = req.send().promise.await.map(|_| ());
-            let _ = done.send(r.map_err(answered));
+            let _ = done.send(r.map_err(refusal));
         }
         RunnerCommand::Logs(id, lines, done) => {
             let mut req = agent.logs_request();
@@ -175,7 +178,7 @@ async fn run_command(agent: &runner_agent::Client, cmd: RunnerCommand) {
                 Ok::<_, capnp::Error>(out)
             }
             .await;
-            let _ = done.send(result.map_err(answered));
+            let _ = done.send(result.map_err(refusal));
         }
     }
 }
@@ -419,11 +422,11 @@ mod tests {
                 tx.send(RunnerCommand::Ping(ping)).unwrap();
                 // The bound is only how long the test waits: queued behind
                 // the stuck start, the ping would never be answered.
-                let probe = tokio::time::timeout(Duration::from_secs(10), ping_answer)
+                let answer = tokio::time::timeout(Duration::from_secs(10), ping_answer)
                     .await
                     .expect("the ping waited behind a start")
                     .expect("the ping was answered");
-                assert_eq!(probe, Probe::Answered);
+                assert!(answer.is_ok(), "{answer:?}");
                 // The starts are still one at a time: the first waits, the
                 // second was not even sent.
                 assert!(first_answer.try_recv().is_err());
