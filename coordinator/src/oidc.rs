@@ -708,6 +708,7 @@ pub async fn login(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn an_issuer_that_failed_may_come_back_one_that_is_refused_or_broken_does_not() {
@@ -735,7 +736,6 @@ mod tests {
         }))
         .is_transient());
     }
-    use base64::Engine as _;
 
     fn unverified(kid: &str, alg: &str) -> UnverifiedToken {
         let b64 = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
