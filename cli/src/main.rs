@@ -82,9 +82,9 @@ enum Command {
         /// The runner's token endpoint for this sandbox (read-only dir).
         #[arg(long)]
         token_socket: std::path::PathBuf,
-        /// Where to expose the service to the runner.
+        /// The service's socket, bound by the runner, as a descriptor.
         #[arg(long)]
-        app_socket: std::path::PathBuf,
+        app_listener_fd: i32,
         #[arg(long)]
         app_port: u16,
         #[arg(long)]
@@ -123,19 +123,22 @@ fn main() {
         Command::Audit(a) => cmd::audit::run(a, cli.cluster.as_deref()),
         Command::SandboxShim {
             token_socket,
-            app_socket,
+            app_listener_fd,
             app_port,
             token_port,
             command,
-        } => std::process::exit(runner::shim::main(
-            runner::shim::ShimPaths {
-                token_socket,
-                app_socket,
-            },
-            app_port,
-            token_port,
-            command.join(" "),
-        )),
+        } => match runner::shim::ShimPaths::new(token_socket, app_listener_fd) {
+            Ok(paths) => std::process::exit(runner::shim::main(
+                paths,
+                app_port,
+                token_port,
+                command.join(" "),
+            )),
+            Err(e) => {
+                eprintln!("sandbox-shim: {e}");
+                std::process::exit(70)
+            }
+        },
         Command::Version { output } => {
             let b = build_info();
             match output {

@@ -303,18 +303,19 @@ fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
         "host file in the logs: {printed}"
     );
 
-    // The app points its socket at a host socket: traffic stops at the
-    // sandbox, the host socket gets nothing.
+    // The app plants links to a host socket under every name its socket
+    // ever had: the socket is the runner's, in a dir the sandbox never
+    // sees, so the app goes on answering and the host socket gets nothing.
     let (code, _) = get(&c, "hostile", "/hijack-socket");
     assert_eq!(code, 200);
     assert!(
         wait_for(Duration::from_secs(10), || logs(&c.cfg, "hostile", "50")
-            .contains("app.sock now points at")),
-        "the app never swapped its socket"
+            .contains("app.sock hijack:")),
+        "the app never tried to swap its socket"
     );
-    // A request asking for an upgrade never takes a kept-alive connection
-    // (one opened before the swap still reaches the app itself): each of
-    // these has the runner connect to the app socket by its name again.
+    // A request asking for an upgrade never takes a kept-alive connection:
+    // each of these has the runner connect to the app socket by its name
+    // again.
     for _ in 0..5 {
         let (code, body) = http_get_with(
             &c.ingress,
@@ -323,7 +324,7 @@ fn a_hostile_app_in_bubblewrap_reaches_no_host_file_or_socket() {
             &[("Connection", "Upgrade, close"), ("Upgrade", "websocket")],
         )
         .expect("an answer from the ingress");
-        assert_ne!(code, 200, "the ingress followed the symlink: {body}");
+        assert_eq!(code, 200, "the app's own socket was not reached: {body}");
     }
     match victim_sock.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -361,6 +362,141 @@ fn plain_process_sandboxes_get_only_their_environment_and_cannot_redirect_writes
     wait_token_refresh(&c, "plain");
     assert_untouched(&victim);
     assert!(!logs(&c.cfg, "plain", "1000").contains("precious"));
+}
+
+/// Bytes of files under `dir` on `dir`'s own filesystem (mounts below it
+/// are not descended into).
+fn disk_use_on_its_filesystem(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::symlink_metadata(dir).expect("dir").dev();
+    fn walk(dir: &Path, dev: u64) -> u64 {
+        let mut total = 0;
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.dev() != dev {
+                continue;
+            }
+            total += if m.is_dir() {
+                walk(&e.path(), dev)
+            } else {
+                m.len()
+            };
+        }
+        total
+    }
+    walk(dir, dev)
+}
+
+#[test]
+fn a_sandbox_writes_to_a_capped_tmpfs_never_to_the_runners_disk() {
+    let c = one_runner("bwrap", &[]);
+    let app = hostile_app(
+        c.dir.path(),
+        "filler",
+        &[],
+        "[services.web.limits]\nmemory = \"256MiB\"\n",
+    );
+    deploy(&c.cfg, &app, "filler");
+    let id = sandbox_of(&c.cfg, "filler")["id"]
+        .as_str()
+        .expect("sandbox id")
+        .to_string();
+    let root = c.dir.path().join("runner/sandboxes").join(&id);
+    let on_disk_before = disk_use_on_its_filesystem(&root);
+
+    // Its app dir (its cwd) and its /tmp each take half its memory limit,
+    // 128 MiB, then say so; the app asks for up to 512 MiB.
+    for place in ["app", "tmp"] {
+        let (code, fill) = get(&c, "filler", &format!("/fill/{place}/bytes/512"));
+        assert_eq!(code, 200, "{fill}\nlogs: {}", logs(&c.cfg, "filler", "20"));
+        assert_eq!(fill["error"], "No space left on device", "{place}: {fill}");
+        let mib = fill["done"].as_u64().expect("done");
+        assert!((100..=128).contains(&mib), "{place}: {fill}");
+    }
+    // Files too: 256 MiB of memory buys 16,384 inodes in the app dir.
+    let (code, fill) = get(&c, "filler", "/fill/app/inodes/100000");
+    assert_eq!(code, 200, "{fill}");
+    assert_eq!(fill["error"], "No space left on device", "{fill}");
+    assert!(fill["done"].as_u64().is_some_and(|n| n < 16_384), "{fill}");
+
+    // None of it reached the runner's disk: the unpacked app below the
+    // sandbox's writes is as it was.
+    let on_disk_after = disk_use_on_its_filesystem(&root);
+    assert!(
+        on_disk_after <= on_disk_before + 1024 * 1024,
+        "the runner's disk took {} bytes",
+        on_disk_after - on_disk_before
+    );
+    // The app still answers, and the runner is still ready.
+    assert_eq!(get(&c, "filler", "/report").0, 200);
+    assert_eq!(runners(&c.cfg)[0]["status"], "ready");
+
+    // SIGKILL: the sandbox dies with its runner and its layer's mounts
+    // stay behind until the runner starts again, which detaches them
+    // before anything else.
+    let runner_dir = c.dir.path().join("runner");
+    let old_mounts = mounts_under(&runner_dir);
+    assert_eq!(old_mounts.len(), 2, "{old_mounts:?}");
+    let killed = c.runner;
+    killed.kill();
+    assert_eq!(mounts_under(&runner_dir), old_mounts);
+    let again = RunnerProc::start(
+        &runner_dir,
+        None,
+        &["--isolation", "bwrap", "--token-file-ttl", "60s"],
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            http_get_host(&c.ingress, "filler.test", "/report").is_ok_and(|(code, _)| code == 200)
+        }),
+        "the app never answered after the runner's restart:\n{}",
+        again.output()
+    );
+    // What is mounted now is the layer of the sandbox running now, once.
+    let now = sandbox_of(&c.cfg, "filler")["id"]
+        .as_str()
+        .expect("sandbox id")
+        .to_string();
+    let sandbox = runner_dir.join("sandboxes").join(&now);
+    let mut expected = vec![sandbox.join("scratch"), sandbox.join("view")];
+    expected.sort();
+    assert_eq!(mounts_under(&runner_dir), expected, "{}", again.output());
+
+    // Killed again, and the app removed while the runner is down: no
+    // sandbox of that id comes back, and the restarted runner still leaves
+    // no mount of the dead one.
+    again.kill();
+    assert!(miren(&c.cfg, &["app", "delete", "-a", "filler"], &[]).ok);
+    assert_eq!(mounts_under(&runner_dir), expected);
+    let last = RunnerProc::start(
+        &runner_dir,
+        None,
+        &["--isolation", "bwrap", "--token-file-ttl", "60s"],
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || mounts_under(&runner_dir)
+            .is_empty()
+            && !sandbox.exists()),
+        "left behind: {:?}\n{}",
+        mounts_under(&runner_dir),
+        last.output()
+    );
+}
+
+/// The mount points under `dir`, sorted (a path mounted twice is listed
+/// twice).
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort();
+    points
 }
 
 /// Disk used under `dir` (files only), in bytes.

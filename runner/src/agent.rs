@@ -213,13 +213,41 @@ pub async fn run(opts: RunnerOptions, shutdown: impl Future<Output = ()>) -> Res
             cgroups.describe()
         );
     }
+    // Like the cgroups: what sandboxes of an earlier run left, their
+    // writable layers' mounts included, goes before any sandbox starts.
+    match crate::layout::remove_leftovers(&opts.data_dir).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed what {n} sandboxes of an earlier run left"),
+        Err(e) => tracing::warn!("removing what sandboxes of an earlier run left: {e}"),
+    }
+    let scratch = match &isolation {
+        crate::sandbox::Isolation::Bwrap { .. } => {
+            crate::scratch::ScratchSupport::detect(&opts.data_dir)
+        }
+        crate::sandbox::Isolation::None => {
+            crate::scratch::ScratchSupport::Uncapped("plain-process sandboxes".into())
+        }
+    };
+    if let (
+        crate::sandbox::Isolation::Bwrap { .. },
+        crate::scratch::ScratchSupport::Uncapped(why),
+    ) = (&isolation, &scratch)
+    {
+        eprintln!(
+            "WARNING: sandboxes' writes to their app dir go to this runner's disk WITHOUT a size limit ({why}); run the runner as root to give each sandbox a capped tmpfs for them"
+        );
+    }
     let supervisor = Rc::new(Supervisor::new(
         opts.data_dir.clone(),
         isolation,
         opts.token_file_ttl,
         Broker::new(mint_tx, opts.token_misses).with_metrics(opts.metrics.clone()),
         report_tx,
-        crate::sandbox::Containment { policy, cgroups },
+        crate::sandbox::Containment {
+            policy,
+            cgroups,
+            scratch,
+        },
     ));
     let _minting = AbortOnDrop(tokio::task::spawn_local(
         crate::mint_calls::mint_through_coordinators(

@@ -6,38 +6,42 @@
 //! temporary name, a socket of its choosing — the runner would follow with
 //! its own rights. Everything the runner opens, creates, renames or
 //! connects to is therefore in a dir the sandbox sees read-only or not at
-//! all, or (the one exception, the app's socket) opened with `O_PATH |
-//! O_NOFOLLOW` and checked to be a socket before connecting to that inode.
+//! all.
 //!
 //! ```text
 //! <runner data>/sandboxes/<id>/   runner, 0700; never visible inside
-//!   app/        the unpacked app     sandbox writes (bound rw at its own path)
-//!   expose/     the shim's app.sock  sandbox writes (bound rw at /run/miren/expose)
+//!   app/        the unpacked app     runner writes; the sandbox sees it through view/
+//!   scratch/    capped tmpfs         the sandbox's writes (crate::scratch)
+//!   view/       overlay app+scratch  bound rw at app/'s path inside
+//!   app.sock    the service's socket bound by the runner; the shim listens
+//!               on it through an inherited descriptor once the service is up
 //!   identity/   token, token.sock    runner writes; bound READ-ONLY at /run/miren/identity
 //!   logs/       output.log(.1)       runner writes; never visible inside
 //! ```
 //!
+//! No dir on the runner's disk is writable from inside: where the runner
+//! cannot mount (not root), app/ itself is bound writable instead of view/,
+//! and the runner says at start that sandboxes' writes are not bounded.
 //! The runner writes only into `identity/` and `logs/` (atomic token
 //! replace with an exclusive, unpredictable temporary name; logs through
-//! descriptors it opened itself) and removes the whole tree with
-//! [`remove_tree`], which never follows symlinks and copes with any depth. With `--isolation none`
-//! the sandbox is a plain process of the runner's user and none of this
-//! contains it: that mode is for machines without namespaces, and says so.
+//! descriptors it opened itself), detaches `view/` and `scratch/` by name,
+//! and removes the whole tree with [`remove_tree`], which never follows
+//! symlinks and copes with any depth. With `--isolation none` the sandbox is
+//! a plain process of the runner's user and none of this contains it: that
+//! mode is for machines without namespaces, and says so.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use crate::scratch::Layer;
 
 /// Inside a bubblewrap sandbox: the runner's read-only dir (token file and
 /// token socket).
 pub const INSIDE_IDENTITY: &str = "/run/miren/identity";
-/// Inside a bubblewrap sandbox: where the shim binds the app's socket.
-pub const INSIDE_EXPOSE: &str = "/run/miren/expose";
 /// The token file, in the identity dir.
 pub const TOKEN_FILE: &str = "token";
 /// The runner's token endpoint for this sandbox, in the identity dir.
 pub const TOKEN_SOCKET: &str = "token.sock";
-/// The shim's socket to the service, in the expose dir.
+/// The service's socket, in the sandbox's runner-only root.
 pub const APP_SOCKET: &str = "app.sock";
 
 /// Whether `id` may name a sandbox's dirs and cgroup: `[A-Za-z0-9_-]{1,128}`
@@ -55,7 +59,8 @@ pub fn valid_sandbox_id(id: &str) -> bool {
 pub struct SandboxDirs {
     pub root: PathBuf,
     pub app: PathBuf,
-    pub expose: PathBuf,
+    /// The capped writable layer over `app` ([`crate::scratch`]).
+    pub layer: Layer,
     pub identity: PathBuf,
     pub logs: PathBuf,
 }
@@ -67,27 +72,59 @@ impl SandboxDirs {
         let root = data_dir.join("sandboxes").join(id);
         SandboxDirs {
             app: root.join("app"),
-            expose: root.join("expose"),
+            layer: Layer::new(&root),
             identity: root.join("identity"),
             logs: root.join("logs"),
             root,
         }
     }
 
-    /// Creates them afresh (whatever an earlier sandbox of this id left is
-    /// removed first, without following links).
+    /// Creates them afresh (whatever an earlier sandbox of this id left,
+    /// mounts included, is detached and removed first, without following
+    /// links).
     pub async fn create(&self) -> std::io::Result<()> {
-        remove_tree(&self.root).await?;
-        for dir in [&self.root, &self.expose, &self.identity, &self.logs] {
+        self.remove().await?;
+        for dir in [&self.root, &self.identity, &self.logs] {
             transport::files::ensure_private_dir(dir)?;
         }
         std::fs::create_dir(&self.app)
     }
 
-    /// The app's socket, as an address for [`connect_exposed_socket`].
-    pub fn app_socket(&self) -> PathBuf {
-        self.expose.join(APP_SOCKET)
+    /// Detaches the writable layer and removes the whole tree.
+    pub async fn remove(&self) -> std::io::Result<()> {
+        crate::scratch::unmount(&self.layer);
+        remove_tree(&self.root).await
     }
+
+    /// The service's socket: in the runner-only root, so no name the
+    /// sandbox planted can stand in for it.
+    pub fn app_socket(&self) -> PathBuf {
+        self.root.join(APP_SOCKET)
+    }
+}
+
+/// Detaches and removes every sandbox's dirs left under `data_dir` by an
+/// earlier run of this runner (its sandboxes died with it: bubblewrap's
+/// `--die-with-parent`), mounts of their writable layers included. Run at
+/// start, before any sandbox. Returns how many were removed.
+pub async fn remove_leftovers(data_dir: &Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(data_dir.join("sandboxes")) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        match name.to_str().filter(|n| valid_sandbox_id(n)) {
+            Some(id) => SandboxDirs::new(data_dir, id).remove().await?,
+            // Never one of ours: removed all the same, links unfollowed.
+            None => remove_tree(&entry.path()).await?,
+        }
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// Removes the tree at `path` (gone already is fine), never following a
@@ -121,67 +158,9 @@ pub async fn remove_tree(path: &Path) -> std::io::Result<()> {
     )))
 }
 
-/// Connects to the Unix socket at `path` only if `path` itself (no
-/// symlink) is a socket owned by this process's user: a sandbox can plant
-/// anything in its expose dir, so the name is opened `O_PATH|O_NOFOLLOW`,
-/// the inode checked (a symlink opens as itself, which is no socket), and
-/// the connection made to that inode through `/proc/self/fd`. A missing or wrong entry is an error (a failed health
-/// check), never a connection elsewhere.
-pub async fn connect_exposed_socket(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
-    let handle = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    let meta = handle.metadata()?;
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    let euid = unsafe { libc::geteuid() };
-    if !meta.file_type().is_socket() || meta.uid() != euid {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!("{} is not the sandbox's socket", path.display()),
-        ));
-    }
-    let through = format!("/proc/self/fd/{}", handle.as_raw_fd());
-    let stream = tokio::net::UnixStream::connect(through).await;
-    drop(handle);
-    stream
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn connects_to_a_real_socket_and_refuses_a_symlink_to_one() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let real = d.path().join("real.sock");
-        let listener = tokio::net::UnixListener::bind(&real).expect("bind");
-        assert!(connect_exposed_socket(&real).await.is_ok());
-        let (_s, _) = listener.accept().await.expect("accepted");
-
-        let link = d.path().join("app.sock");
-        std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        // O_PATH|O_NOFOLLOW opens the link itself, which is no socket.
-        let err = connect_exposed_socket(&link)
-            .await
-            .expect_err("symlink refused");
-        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
-
-        let file = d.path().join("file.sock");
-        std::fs::write(&file, b"").expect("file");
-        let err = connect_exposed_socket(&file)
-            .await
-            .expect_err("file refused");
-        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
-
-        assert!(connect_exposed_socket(&d.path().join("missing"))
-            .await
-            .is_err());
-        // Nothing was connected through the symlink.
-        let pending =
-            tokio::time::timeout(std::time::Duration::from_millis(50), listener.accept()).await;
-        assert!(pending.is_err());
-    }
 
     #[tokio::test]
     async fn a_deep_tree_is_removed() {
@@ -224,7 +203,7 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dirs.app.join("link")).expect("link");
         dirs.create().await.expect("create");
         assert!(outside.join("keep").exists());
-        for dir in [&dirs.app, &dirs.expose, &dirs.identity, &dirs.logs] {
+        for dir in [&dirs.app, &dirs.identity, &dirs.logs] {
             assert!(dir.is_dir());
             assert_eq!(std::fs::read_dir(dir).expect("list").count(), 0);
         }

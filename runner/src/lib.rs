@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod mint_calls;
 pub mod restart_policy;
 pub mod sandbox;
+pub mod scratch;
 pub mod sessions;
 pub mod shim;
 pub mod state;

@@ -125,6 +125,8 @@ pub struct Spec {
 pub struct Containment {
     pub policy: crate::limits::LimitPolicy,
     pub cgroups: crate::cgroup::Cgroups,
+    /// Whether a sandbox's writes go to a capped tmpfs ([`crate::scratch`]).
+    pub scratch: crate::scratch::ScratchSupport,
 }
 
 /// How sandboxes are confined.
@@ -285,10 +287,10 @@ pub async fn connect_service(address: &str) -> std::io::Result<ServiceStream> {
         Target::Tcp(a) => Ok(ServiceStream::Tcp(
             tokio::net::TcpStream::connect(a.as_str()).await?,
         )),
-        // The app's socket is in a dir the sandbox writes: only that
-        // very socket, never a symlink or anything else planted there.
+        // Bound by the runner in its own dir, which the sandbox never
+        // sees: no name planted by the sandbox can stand in for it.
         Target::Unix(p) => Ok(ServiceStream::Unix(
-            crate::layout::connect_exposed_socket(&p).await?,
+            tokio::net::UnixStream::connect(p).await?,
         )),
     }
 }
@@ -579,22 +581,39 @@ impl Supervisor {
             ("PATH".into(), SANDBOX_PATH.into()),
             ("HOME".into(), dirs.app.display().to_string()),
         ]);
+        // What the sandbox sees as its app dir: the unpacked app under a
+        // capped tmpfs for its writes, or (where the runner cannot mount)
+        // the app dir itself.
+        let writable = match (&self.isolation, &self.containment.scratch) {
+            (Isolation::Bwrap { .. }, crate::scratch::ScratchSupport::Capped) => {
+                crate::scratch::mount(
+                    &dirs.layer,
+                    &dirs.app,
+                    crate::scratch::ScratchCap::for_memory(limits.memory_bytes),
+                )
+                .map_err(PathError::at("mounting the writable layer at", &dirs.root))?;
+                dirs.layer.view.clone()
+            }
+            _ => dirs.app.clone(),
+        };
         let cgroup = if self.containment.cgroups.is_available() {
-            Some(Arc::new(
-                self.containment
-                    .cgroups
-                    .create(&spec.id, &limits)
-                    .map_err(|source| SandboxError::Cgroup {
+            match self.containment.cgroups.create(&spec.id, &limits) {
+                Ok(cgroup) => Some(Arc::new(cgroup)),
+                Err(source) => {
+                    crate::scratch::unmount(&dirs.layer);
+                    return Err(SandboxError::Cgroup {
                         id: spec.id.clone(),
                         source,
-                    })?,
-            ))
+                    });
+                }
+            }
         } else {
             None
         };
         let launch = Launch {
             isolation: self.isolation.clone(),
             dirs: dirs.clone(),
+            writable,
             cgroup: cgroup.clone(),
             memory_limit: limits.memory_bytes,
             port,
@@ -668,8 +687,7 @@ impl Supervisor {
             });
         }
         if valid_id(id) {
-            let root = self.dir.join("sandboxes").join(id);
-            if let Err(e) = crate::layout::remove_tree(&root).await {
+            if let Err(e) = SandboxDirs::new(&self.dir, id).remove().await {
                 tracing::warn!("sandbox {id}: {e}");
             }
         }
@@ -729,6 +747,8 @@ fn send(
 struct Launch {
     isolation: Isolation,
     dirs: SandboxDirs,
+    /// What the sandbox sees (and writes) as its app dir.
+    writable: PathBuf,
     /// The sandbox's cgroup, joined by the process before it execs.
     cgroup: Option<Arc<SandboxCgroup>>,
     memory_limit: u64,
@@ -738,8 +758,14 @@ struct Launch {
 
 impl Launch {
     /// The command that starts the sandbox with exactly `env` as its
-    /// environment.
-    fn command(&self, spec: &Spec, env: &[(String, String)]) -> tokio::process::Command {
+    /// environment; an isolated one gets `listener`, the service's socket
+    /// (bound, not listening), as an inherited descriptor.
+    fn command(
+        &self,
+        spec: &Spec,
+        env: &[(String, String)],
+        listener: Option<std::os::fd::RawFd>,
+    ) -> tokio::process::Command {
         let mut cmd = match &self.isolation {
             Isolation::None => {
                 let mut cmd = tokio::process::Command::new("/bin/sh");
@@ -766,12 +792,11 @@ impl Launch {
                 cmd
             }
             Isolation::Bwrap { miren, user } => {
-                let inside = crate::shim::ShimPaths::inside();
                 let args = vec![
                     "--token-socket".to_string(),
-                    inside.token_socket.display().to_string(),
-                    "--app-socket".to_string(),
-                    inside.app_socket.display().to_string(),
+                    crate::shim::inside_token_socket().display().to_string(),
+                    "--app-listener-fd".to_string(),
+                    listener.unwrap_or(-1).to_string(),
                     "--app-port".to_string(),
                     self.port.to_string(),
                     "--token-port".to_string(),
@@ -783,7 +808,19 @@ impl Launch {
                 // never on bubblewrap itself: it runs on the host, before
                 // any namespace, and an app's LD_PRELOAD there would run
                 // the app's code as the runner's user outside the sandbox.
-                crate::shim::bwrap_command(*user, miren, &self.dirs, SANDBOX_PATH, env, &args)
+                crate::shim::bwrap_command(
+                    *user,
+                    miren,
+                    &crate::shim::Mounts {
+                        app: &self.dirs.app,
+                        writable: &self.writable,
+                        identity: &self.dirs.identity,
+                        tmp_bytes: crate::scratch::ScratchCap::for_memory(self.memory_limit).bytes,
+                    },
+                    SANDBOX_PATH,
+                    env,
+                    &args,
+                )
             }
         };
         if let Some(cgroup) = &self.cgroup {
@@ -795,7 +832,7 @@ impl Launch {
                 cmd.pre_exec(join);
             }
         }
-        let confine_descriptors = || {
+        let confine_descriptors = move || {
             // Nothing the runner holds leaks into the sandbox: every
             // descriptor past stdio closes at exec (CLOEXEC rather than
             // closing now, so the spawn's own error pipe still works).
@@ -808,6 +845,13 @@ impl Launch {
                     libc::CLOSE_RANGE_CLOEXEC,
                 )
             };
+            // But the service's socket, handed down to the shim.
+            if let Some(fd) = listener {
+                // SAFETY: fcntl clears a flag of this child's own descriptor.
+                if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // A sandbox's processes hold few descriptors each; the
             // runner's own raised limit is not theirs.
             let lim = libc::rlimit {
@@ -892,12 +936,26 @@ async fn supervise(
     )));
     let mut history = crate::restart_policy::History::default();
     loop {
-        let mut cmd = launch.command(&spec, &env);
-        if let Isolation::Bwrap { .. } = launch.isolation {
-            // The name only, in the sandbox's expose dir (unlink never
-            // follows a symlink); the shim binds it again when ready.
-            let _ = std::fs::remove_file(launch.dirs.app_socket());
-        }
+        // A fresh socket for each run: the last run's went with its
+        // processes, so nothing connects to a dead service's backlog.
+        let listener = match &launch.isolation {
+            Isolation::Bwrap { .. } => match bound_socket(&launch.dirs.app_socket()) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    send(&reports, &last, |r| {
+                        r.state = SandboxState::Failed;
+                        r.last_log = format!("could not bind the service's socket: {e}");
+                    });
+                    return;
+                }
+            },
+            Isolation::None => None,
+        };
+        let mut cmd = launch.command(
+            &spec,
+            &env,
+            listener.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+        );
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -908,7 +966,10 @@ async fn supervise(
         // when the *thread* that forked exits, so spawning from tokio's
         // blocking pool (to keep cgroup v1's 15-25 ms join off this
         // thread) killed sandboxes whenever an idle pool thread retired.
-        let mut child = match cmd.spawn() {
+        let spawned = cmd.spawn();
+        // The shim holds its own copy now.
+        drop(listener);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 send(&reports, &last, |r| {
@@ -979,6 +1040,21 @@ async fn supervise(
             _ = tokio::time::sleep(verdict.restart_after()) => {}
         }
     }
+}
+
+/// A Unix stream socket bound at `path` (whatever was there first is
+/// removed: the path is in the runner-only root) and not yet listening: a
+/// connection is refused until the shim, which inherits it, listens once
+/// the service accepts connections — so a connection means "healthy".
+fn bound_socket(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    Ok(socket.into())
 }
 
 async fn terminate(pid: Option<u32>, child: &mut tokio::process::Child) {

@@ -8,35 +8,68 @@
 //! - `127.0.0.1:<token port>` inside -> `/run/miren/identity/token.sock`,
 //!   served by the runner for this sandbox alone (the caller is identified
 //!   by where it stands), in a dir the sandbox sees read-only;
-//! - `/run/miren/expose/app.sock` -> `127.0.0.1:$PORT` inside, bound only
-//!   once the service accepts connections (so its existence means
-//!   "healthy"). The runner connects to it only if it is a socket, never
-//!   through a symlink.
+//! - the service's socket -> `127.0.0.1:$PORT` inside: bound by the runner
+//!   in its own dir (never visible inside) and handed down as a descriptor
+//!   (`--app-listener-fd`); the shim listens on it only once the service
+//!   accepts connections, so a connection that succeeds means "healthy".
 //!
 //! It starts the service as its child, forwards SIGTERM/SIGINT to it and
 //! exits with its status.
 
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use crate::layout::{SandboxDirs, APP_SOCKET, INSIDE_EXPOSE, INSIDE_IDENTITY, TOKEN_SOCKET};
+use crate::layout::{INSIDE_IDENTITY, TOKEN_SOCKET};
+
+/// The runner's token endpoint for this sandbox, as the shim sees it.
+pub fn inside_token_socket() -> PathBuf {
+    Path::new(INSIDE_IDENTITY).join(TOKEN_SOCKET)
+}
 
 /// Where the shim finds the runner and where it exposes the service.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ShimPaths {
     pub token_socket: PathBuf,
-    pub app_socket: PathBuf,
+    /// The service's socket, bound by the runner and not yet listening.
+    pub app_listener: OwnedFd,
 }
 
 impl ShimPaths {
-    /// The paths inside a bubblewrap sandbox.
-    pub fn inside() -> Self {
-        ShimPaths {
-            token_socket: Path::new(INSIDE_IDENTITY).join(TOKEN_SOCKET),
-            app_socket: Path::new(INSIDE_EXPOSE).join(APP_SOCKET),
+    /// Takes descriptor `fd` as the service's socket: it must be an open
+    /// Unix stream socket (the runner's), not one of stdio.
+    pub fn new(token_socket: PathBuf, fd: RawFd) -> Result<Self, String> {
+        if fd < 3 {
+            return Err(format!(
+                "--app-listener-fd {fd}: not a descriptor the runner hands down"
+            ));
         }
+        let mut kind: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `kind`, which we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut kind as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || kind != libc::SOCK_STREAM {
+            return Err(format!("--app-listener-fd {fd}: not a stream socket"));
+        }
+        // The service's own processes must not inherit it.
+        // SAFETY: fcntl sets a flag of a descriptor of this process.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        Ok(ShimPaths {
+            token_socket,
+            // SAFETY: the descriptor is open (getsockopt succeeded) and
+            // nothing else in this process owns it.
+            app_listener: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 }
 
@@ -88,9 +121,7 @@ async fn run(paths: ShimPaths, app_port: u16, token_port: u16, command: String) 
         }
     };
     let pid = child.id();
-    let app_sock = paths.app_socket;
-    let _ = std::fs::remove_file(&app_sock);
-    tokio::spawn(expose_when_ready(app_port, app_sock));
+    tokio::spawn(expose_when_ready(app_port, paths.app_listener));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
@@ -114,19 +145,19 @@ fn forward(pid: Option<u32>, signal: i32) {
     }
 }
 
-/// Waits until the service accepts connections on its port, then binds
-/// `app.sock` and forwards every connection to it.
-async fn expose_when_ready(port: u16, sock: PathBuf) {
+/// Waits until the service accepts connections on its port, then listens
+/// on the runner's socket and forwards every connection to it.
+async fn expose_when_ready(port: u16, socket: OwnedFd) {
     loop {
         if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let listener = match UnixListener::bind(&sock) {
+    let listener = match listen(socket) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("sandbox-shim: {}: {e}", sock.display());
+            eprintln!("sandbox-shim: the service's socket: {e}");
             return;
         }
     };
@@ -137,6 +168,16 @@ async fn expose_when_ready(port: u16, sock: PathBuf) {
             }
         });
     }
+}
+
+/// Listens on a bound socket, as a tokio listener.
+fn listen(socket: OwnedFd) -> std::io::Result<UnixListener> {
+    let socket = socket2::Socket::from(socket);
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(OwnedFd::from(
+        socket,
+    )))
 }
 
 /// The user and group a bubblewrap sandbox runs as, inside its own user
@@ -255,11 +296,26 @@ fn bwrap_works(user: SandboxUser) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// What of the host a bubblewrap sandbox sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Mounts<'a> {
+    /// The unpacked app's path: where the sandbox sees its app dir.
+    pub app: &'a Path,
+    /// What is bound there, writable: the capped view over the app
+    /// ([`crate::scratch`]), or the app dir itself.
+    pub writable: &'a Path,
+    /// The runner's identity dir (token file and socket), bound read-only.
+    pub identity: &'a Path,
+    /// The cap of the private `/tmp`.
+    pub tmp_bytes: u64,
+}
+
 /// The bubblewrap command that runs `shim_args` as `user` (normally
 /// [`SANDBOX_UID`] in its own user namespace) with its own pid, mount,
 /// network (loopback only), uts and ipc namespaces, system dirs read-only,
-/// a private /tmp, and from the host only this sandbox's app dir (writable),
-/// expose dir (writable) and identity dir (read-only).
+/// a private /tmp capped at `mounts.tmp_bytes`, and from the host only this
+/// sandbox's app dir (its writable view, at the app dir's own path) and
+/// identity dir (read-only).
 ///
 /// Bubblewrap itself runs on the host with nothing in its environment but
 /// `path` (where to find it): the sandbox's variables (`env`, the app's
@@ -270,7 +326,7 @@ fn bwrap_works(user: SandboxUser) -> bool {
 pub fn bwrap_command(
     user: SandboxUser,
     miren: &Path,
-    dirs: &SandboxDirs,
+    mounts: &Mounts<'_>,
     path: &str,
     env: &[(String, String)],
     shim_args: &[String],
@@ -291,7 +347,10 @@ pub fn bwrap_command(
     for path in SANDBOX_ETC {
         cmd.args(["--ro-bind-try", path, path]);
     }
-    cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
+    cmd.args(["--proc", "/proc", "--dev", "/dev"]);
+    cmd.arg("--size")
+        .arg(mounts.tmp_bytes.max(4096).to_string())
+        .args(["--tmpfs", "/tmp"]);
     // The sandbox's user is the runner's user outside the namespace (often
     // root), and the kernel lets host root write root-owned /proc/sys files
     // without a capability: keep them read-only.
@@ -303,11 +362,10 @@ pub fn bwrap_command(
     ]);
     let miren = miren.display().to_string();
     cmd.args(["--ro-bind", &miren, "/run/miren/miren"]);
-    let app = dirs.app.display().to_string();
-    let expose = dirs.expose.display().to_string();
-    let identity = dirs.identity.display().to_string();
-    cmd.args(["--bind", &app, &app, "--chdir", &app]);
-    cmd.args(["--bind", &expose, INSIDE_EXPOSE]);
+    let app = mounts.app.display().to_string();
+    let writable = mounts.writable.display().to_string();
+    let identity = mounts.identity.display().to_string();
+    cmd.args(["--bind", &writable, &app, "--chdir", &app]);
     cmd.args(["--ro-bind", &identity, INSIDE_IDENTITY]);
     cmd.arg("--")
         .arg("/run/miren/miren")
@@ -319,12 +377,23 @@ pub fn bwrap_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::SandboxDirs;
+
+    fn mounts(dirs: &SandboxDirs) -> Mounts<'_> {
+        Mounts {
+            app: &dirs.app,
+            writable: &dirs.layer.view,
+            identity: &dirs.identity,
+            tmp_bytes: 64 << 20,
+        }
+    }
 
     fn args(user: SandboxUser) -> Vec<String> {
+        let dirs = SandboxDirs::new(Path::new("/var/lib/r"), "s1");
         let cmd = bwrap_command(
             user,
             Path::new("/usr/bin/miren"),
-            &SandboxDirs::new(Path::new("/var/lib/r"), "s1"),
+            &mounts(&dirs),
             "/usr/bin:/bin",
             &[],
             &["--".into(), "app".into()],
@@ -344,10 +413,11 @@ mod tests {
                 "s3cret".to_string(),
             ),
         ];
+        let dirs = SandboxDirs::new(Path::new("/var/lib/r"), "s1");
         let cmd = bwrap_command(
             SandboxUser::Nobody,
             Path::new("/usr/bin/miren"),
-            &SandboxDirs::new(Path::new("/var/lib/r"), "s1"),
+            &mounts(&dirs),
             "/usr/bin:/bin",
             &env,
             &["--".into(), "app".into()],
@@ -399,17 +469,23 @@ mod tests {
     }
 
     #[test]
-    fn only_the_identity_dir_is_shared_read_only_and_logs_never() {
+    fn only_the_app_view_is_writable_the_identity_dir_read_only_and_logs_never_shared() {
         let a = args(SandboxUser::Nobody).join(" ");
         assert!(
             a.contains("--ro-bind /var/lib/r/sandboxes/s1/identity /run/miren/identity"),
             "{a}"
         );
+        // The capped view, at the app dir's own path; nothing else of the
+        // runner's disk is writable inside.
         assert!(
-            a.contains("--bind /var/lib/r/sandboxes/s1/expose /run/miren/expose"),
+            a.contains(
+                "--bind /var/lib/r/sandboxes/s1/view /var/lib/r/sandboxes/s1/app --chdir /var/lib/r/sandboxes/s1/app"
+            ),
             "{a}"
         );
-        assert!(!a.contains("/logs"), "{a}");
+        assert_eq!(a.matches("--bind ").count(), 1, "{a}");
+        assert!(a.contains("--size 67108864 --tmpfs /tmp"), "{a}");
+        assert!(!a.contains("/logs") && !a.contains("app.sock"), "{a}");
         assert!(
             !a.contains("--bind /var/lib/r/sandboxes/s1/identity"),
             "{a}"
