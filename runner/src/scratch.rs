@@ -77,7 +77,7 @@ impl ScratchSupport {
     /// dir of the runner's own.
     pub fn detect(dir: &Path) -> Self {
         if let Err(why) = mountable(dir) {
-            return ScratchSupport::Uncapped(why);
+            return ScratchSupport::Uncapped(why.to_string());
         }
         let probe = dir.join(".scratch-probe");
         let layer = Layer::new(&probe);
@@ -116,15 +116,17 @@ impl Layer {
     }
 }
 
+/// A path overlay's mount options cannot carry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the path {0} holds `,`, `:` or `\\`, which overlay mount options cannot carry")]
+pub struct Unmountable(PathBuf);
+
 /// Overlay options separate paths with `,` and `:` and escape with `\`:
 /// a data dir whose path holds one cannot be named in them.
-fn mountable(dir: &Path) -> Result<(), String> {
+fn mountable(dir: &Path) -> Result<(), Unmountable> {
     let bytes = dir.as_os_str().as_bytes();
     if bytes.iter().any(|b| matches!(b, b',' | b':' | b'\\')) {
-        return Err(format!(
-            "the data dir's path {} holds `,`, `:` or `\\`, which overlay mount options cannot carry",
-            dir.display()
-        ));
+        return Err(Unmountable(dir.to_path_buf()));
     }
     Ok(())
 }
@@ -240,7 +242,7 @@ mod tests {
         assert!(mountable(Path::new("/var/lib/miren-runner")).is_ok());
         for bad in ["/data/a,b", "/data/a:b", "/data/a\\b"] {
             let err = mountable(Path::new(bad)).expect_err(bad);
-            assert!(err.contains("overlay mount options"), "{err}");
+            assert!(err.to_string().contains("overlay mount options"), "{err}");
         }
     }
 

@@ -37,14 +37,24 @@ pub struct ShimPaths {
     pub app_listener: OwnedFd,
 }
 
+/// Why the shim cannot take the descriptor it was given as the service's
+/// socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ListenerFdError {
+    /// Standard input, output or error (or negative).
+    #[error("--app-listener-fd {0}: not a descriptor the runner hands down")]
+    NotHandedDown(RawFd),
+    /// Not open, or not a stream socket.
+    #[error("--app-listener-fd {0}: not an open stream socket")]
+    NotAStreamSocket(RawFd),
+}
+
 impl ShimPaths {
     /// Takes descriptor `fd` as the service's socket: it must be an open
-    /// Unix stream socket (the runner's), not one of stdio.
-    pub fn new(token_socket: PathBuf, fd: RawFd) -> Result<Self, String> {
+    /// stream socket (the runner's), not one of stdio.
+    pub fn new(token_socket: PathBuf, fd: RawFd) -> Result<Self, ListenerFdError> {
         if fd < 3 {
-            return Err(format!(
-                "--app-listener-fd {fd}: not a descriptor the runner hands down"
-            ));
+            return Err(ListenerFdError::NotHandedDown(fd));
         }
         let mut kind: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -59,7 +69,7 @@ impl ShimPaths {
             )
         };
         if rc != 0 || kind != libc::SOCK_STREAM {
-            return Err(format!("--app-listener-fd {fd}: not a stream socket"));
+            return Err(ListenerFdError::NotAStreamSocket(fd));
         }
         // The service's own processes must not inherit it.
         // SAFETY: fcntl sets a flag of a descriptor of this process.
@@ -453,6 +463,30 @@ mod tests {
         // ... and before the command bubblewrap runs inside.
         let end_of_options = a.iter().position(|x| x == "--").expect("--");
         assert!(a.iter().position(|x| x == "--setenv").expect("setenv") < end_of_options);
+    }
+
+    #[test]
+    fn only_an_open_stream_socket_past_stdio_is_taken_as_the_services_socket() {
+        let token = PathBuf::from("/run/miren/identity/token.sock");
+        assert_eq!(
+            ShimPaths::new(token.clone(), 1).map(|_| ()),
+            Err(ListenerFdError::NotHandedDown(1))
+        );
+        let file = tempfile::tempfile().expect("file");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        assert_eq!(
+            ShimPaths::new(token.clone(), fd).map(|_| ()),
+            Err(ListenerFdError::NotAStreamSocket(fd))
+        );
+        let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+            .expect("socket");
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
+        let paths = ShimPaths::new(token, fd).expect("a stream socket is taken");
+        // Not inherited by the service the shim starts.
+        // SAFETY: fcntl reads a flag of a descriptor this test owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        drop(paths);
     }
 
     #[test]
