@@ -406,20 +406,35 @@ fn a_sandbox_writes_to_a_capped_tmpfs_never_to_the_runners_disk() {
     let root = c.dir.path().join("runner/sandboxes").join(&id);
     let on_disk_before = disk_use_on_its_filesystem(&root);
 
-    // Its app dir (its cwd) and its /tmp each take half its memory limit,
-    // 128 MiB, then say so; the app asks for up to 512 MiB.
-    for place in ["app", "tmp"] {
+    // Its app dir (its cwd), its /tmp and its /dev/shm share one cap, half
+    // its memory limit (128 MiB), then say so; the app asks for up to
+    // 512 MiB in each (freeing each before the next).
+    for place in ["app", "tmp", "shm"] {
         let (code, fill) = get(&c, "filler", &format!("/fill/{place}/bytes/512"));
         assert_eq!(code, 200, "{fill}\nlogs: {}", logs(&c.cfg, "filler", "20"));
         assert_eq!(fill["error"], "No space left on device", "{place}: {fill}");
         let mib = fill["done"].as_u64().expect("done");
         assert!((100..=128).contains(&mib), "{place}: {fill}");
     }
-    // Files too: 256 MiB of memory buys 16,384 inodes in the app dir.
-    let (code, fill) = get(&c, "filler", "/fill/app/inodes/100000");
-    assert_eq!(code, 200, "{fill}");
-    assert_eq!(fill["error"], "No space left on device", "{fill}");
-    assert!(fill["done"].as_u64().is_some_and(|n| n < 16_384), "{fill}");
+    // Files too: 256 MiB of memory buys 16,384 inodes, wherever made.
+    for place in ["app", "tmp"] {
+        let (code, fill) = get(&c, "filler", &format!("/fill/{place}/inodes/100000"));
+        assert_eq!(code, 200, "{fill}");
+        assert_eq!(fill["error"], "No space left on device", "{place}: {fill}");
+        assert!(
+            fill["done"].as_u64().is_some_and(|n| n < 16_384),
+            "{place}: {fill}"
+        );
+    }
+    // Its root and /dev (bubblewrap's own tmpfs) take nothing.
+    for place in ["root", "dev"] {
+        for what in ["bytes", "inodes"] {
+            let (code, fill) = get(&c, "filler", &format!("/fill/{place}/{what}/16"));
+            assert_eq!(code, 200, "{fill}");
+            assert_eq!(fill["error"], "Read-only file system", "{place}: {fill}");
+            assert_eq!(fill["done"], 0, "{place}: {fill}");
+        }
+    }
 
     // None of it reached the runner's disk: the unpacked app below the
     // sandbox's writes is as it was.

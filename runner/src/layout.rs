@@ -107,6 +107,8 @@ impl SandboxDirs {
 /// earlier run of this runner (its sandboxes died with it: bubblewrap's
 /// `--die-with-parent`), mounts of their writable layers included. Run at
 /// start, before any sandbox. Returns how many were removed.
+/// An entry that could not be removed is said and skipped: the others go
+/// all the same.
 pub async fn remove_leftovers(data_dir: &Path) -> std::io::Result<usize> {
     let entries = match std::fs::read_dir(data_dir.join("sandboxes")) {
         Ok(entries) => entries,
@@ -115,14 +117,26 @@ pub async fn remove_leftovers(data_dir: &Path) -> std::io::Result<usize> {
     };
     let mut removed = 0;
     for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        match name.to_str().filter(|n| valid_sandbox_id(n)) {
-            Some(id) => SandboxDirs::new(data_dir, id).remove().await?,
+        let path = match entry {
+            Ok(entry) => entry.path(),
+            Err(e) => {
+                tracing::warn!("listing leftover sandboxes: {e}");
+                continue;
+            }
+        };
+        let done = match path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| valid_sandbox_id(n))
+        {
+            Some(id) => SandboxDirs::new(data_dir, id).remove().await,
             // Never one of ours: removed all the same, links unfollowed.
-            None => remove_tree(&entry.path()).await?,
+            None => remove_tree(&path).await,
+        };
+        match done {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!("leftover sandbox {}: {e}", path.display()),
         }
-        removed += 1;
     }
     Ok(removed)
 }

@@ -139,6 +139,8 @@ pub enum Isolation {
     Bwrap {
         miren: PathBuf,
         user: crate::shim::SandboxUser,
+        /// This bubblewrap takes `--size` for a tmpfs (0.7 and later).
+        takes_size: bool,
     },
 }
 
@@ -229,6 +231,7 @@ impl Isolation {
             Ok(Isolation::Bwrap {
                 miren: std::env::current_exe().map_err(SandboxError::CurrentExe)?,
                 user,
+                takes_size: crate::shim::bwrap_takes_size(user),
             })
         };
         if requested == IsolationMode::None {
@@ -414,6 +417,8 @@ pub struct Supervisor {
     running: RefCell<HashMap<String, Running>>,
     /// Sandboxes whose start is in flight (fetching, unpacking).
     starting: RefCell<std::collections::HashSet<String>>,
+    /// One start or stop of an id at a time ([`Supervisor::turn`]).
+    turns: RefCell<HashMap<String, std::rc::Weak<tokio::sync::Mutex<()>>>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
     containment: Containment,
 }
@@ -434,6 +439,7 @@ impl Supervisor {
             broker,
             running: RefCell::new(HashMap::new()),
             starting: RefCell::new(Default::default()),
+            turns: RefCell::new(HashMap::new()),
             reports,
             containment,
         }
@@ -481,9 +487,34 @@ impl Supervisor {
             return Ok(());
         }
         let id = spec.id.clone();
-        let result = self.start_new(spec, fetch).await;
+        let turn = self.turn(&id);
+        let result = {
+            let _turn = turn.lock().await;
+            if self.running.borrow().contains_key(&id) {
+                Ok(())
+            } else {
+                self.start_new(spec, fetch).await
+            }
+        };
         self.starting.borrow_mut().remove(&id);
         result
+    }
+
+    /// The lock that orders the starts and stops of sandbox `id`, first
+    /// come first served. The coordinator's calls run concurrently, each
+    /// pausing at its awaits: a stop removing a sandbox's dirs while a
+    /// start of the same id unpacks and mounts them, or a start's fresh
+    /// dirs removed by the end of an earlier stop, would leave a sandbox
+    /// without its files or a stopped one running.
+    fn turn(&self, id: &str) -> Rc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.borrow_mut();
+        turns.retain(|_, t| t.strong_count() > 0);
+        if let Some(turn) = turns.get(id).and_then(std::rc::Weak::upgrade) {
+            return turn;
+        }
+        let turn = Rc::new(tokio::sync::Mutex::new(()));
+        turns.insert(id.to_string(), Rc::downgrade(&turn));
+        turn
     }
 
     async fn start_new(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> Result<(), SandboxError> {
@@ -518,16 +549,16 @@ impl Supervisor {
                             what: "the token endpoint",
                             source,
                         })?;
+                let port = free_port().map_err(|source| SandboxError::Listen {
+                    what: "a port for the service",
+                    source,
+                })?;
                 let ep = tokens::serve(
                     listener,
                     spec.id.clone(),
                     secret.clone(),
                     self.broker.clone(),
                 );
-                let port = free_port().map_err(|source| SandboxError::Listen {
-                    what: "a port for the service",
-                    source,
-                })?;
                 (
                     ep,
                     port,
@@ -562,6 +593,14 @@ impl Supervisor {
                 )
             }
         };
+        // From here on, a failure undoes what was set up.
+        let mut undo = Unstarted {
+            id: spec.id.clone(),
+            broker: self.broker.clone(),
+            endpoint: Some(endpoint.abort_handle()),
+            layer: None,
+            cgroup: None,
+        };
         let mut env: Vec<(String, String)> = spec.env.clone();
         env.extend([
             ("PORT".into(), port.to_string()),
@@ -581,10 +620,9 @@ impl Supervisor {
             ("PATH".into(), SANDBOX_PATH.into()),
             ("HOME".into(), dirs.app.display().to_string()),
         ]);
-        // What the sandbox sees as its app dir: the unpacked app under a
-        // capped tmpfs for its writes, or (where the runner cannot mount)
-        // the app dir itself.
-        let writable = match (&self.isolation, &self.containment.scratch) {
+        // What the sandbox writes goes to a capped tmpfs over the unpacked
+        // app, or (where the runner cannot mount) to the app dir itself.
+        let capped = match (&self.isolation, &self.containment.scratch) {
             (Isolation::Bwrap { .. }, crate::scratch::ScratchSupport::Capped) => {
                 crate::scratch::mount(
                     &dirs.layer,
@@ -592,28 +630,30 @@ impl Supervisor {
                     crate::scratch::ScratchCap::for_memory(limits.memory_bytes),
                 )
                 .map_err(PathError::at("mounting the writable layer at", &dirs.root))?;
-                dirs.layer.view.clone()
+                undo.layer = Some(dirs.layer.clone());
+                true
             }
-            _ => dirs.app.clone(),
+            _ => false,
         };
         let cgroup = if self.containment.cgroups.is_available() {
-            match self.containment.cgroups.create(&spec.id, &limits) {
-                Ok(cgroup) => Some(Arc::new(cgroup)),
-                Err(source) => {
-                    crate::scratch::unmount(&dirs.layer);
-                    return Err(SandboxError::Cgroup {
-                        id: spec.id.clone(),
-                        source,
-                    });
-                }
-            }
+            let cgroup = self
+                .containment
+                .cgroups
+                .create(&spec.id, &limits)
+                .map_err(|source| SandboxError::Cgroup {
+                    id: spec.id.clone(),
+                    source,
+                })?;
+            let cgroup = Arc::new(cgroup);
+            undo.cgroup = Some(cgroup.clone());
+            Some(cgroup)
         } else {
             None
         };
         let launch = Launch {
             isolation: self.isolation.clone(),
             dirs: dirs.clone(),
-            writable,
+            capped,
             cgroup: cgroup.clone(),
             memory_limit: limits.memory_bytes,
             port,
@@ -630,6 +670,7 @@ impl Supervisor {
             address: address.clone(),
             ..Default::default()
         }));
+        undo.started();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::task::spawn_local(supervise(
             spec.clone(),
@@ -660,8 +701,11 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Stops a sandbox and removes its files.
+    /// Stops a sandbox and removes its files (after its start, when one
+    /// is in flight).
     pub async fn stop(&self, id: &str) {
+        let turn = self.turn(id);
+        let _turn = turn.lock().await;
         let running = self.running.borrow_mut().remove(id);
         if let Some(r) = running {
             let _ = r.stop.send(true);
@@ -728,6 +772,43 @@ impl Supervisor {
 
 use crate::layout::valid_sandbox_id as valid_id;
 
+/// What a start has set up so far, undone if it fails before the sandbox
+/// runs: its token endpoint (and its entry in the broker), its writable
+/// layer's mounts, its cgroup (no process is in it yet).
+struct Unstarted {
+    id: String,
+    broker: Broker,
+    endpoint: Option<tokio::task::AbortHandle>,
+    layer: Option<crate::scratch::Layer>,
+    cgroup: Option<Arc<SandboxCgroup>>,
+}
+
+impl Unstarted {
+    /// The start went through: everything is the running sandbox's now.
+    fn started(mut self) {
+        self.endpoint = None;
+        self.layer = None;
+        self.cgroup = None;
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.abort();
+            self.broker.forget(&self.id);
+        }
+        if let Some(layer) = self.layer.take() {
+            crate::scratch::unmount(&layer);
+        }
+        if let Some(cgroup) = self.cgroup.take().and_then(|c| Arc::try_unwrap(c).ok()) {
+            if let Err(e) = cgroup.remove() {
+                tracing::warn!("cgroup of {}: {e}", self.id);
+            }
+        }
+    }
+}
+
 fn free_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -747,8 +828,9 @@ fn send(
 struct Launch {
     isolation: Isolation,
     dirs: SandboxDirs,
-    /// What the sandbox sees (and writes) as its app dir.
-    writable: PathBuf,
+    /// Whether its writable layer is mounted ([`crate::scratch`]): its app
+    /// dir, `/tmp` and `/dev/shm` are then in one capped tmpfs.
+    capped: bool,
     /// The sandbox's cgroup, joined by the process before it execs.
     cgroup: Option<Arc<SandboxCgroup>>,
     memory_limit: u64,
@@ -791,7 +873,11 @@ impl Launch {
                 unsafe { cmd.pre_exec(die_with_parent) };
                 cmd
             }
-            Isolation::Bwrap { miren, user } => {
+            Isolation::Bwrap {
+                miren,
+                user,
+                takes_size,
+            } => {
                 let args = vec![
                     "--token-socket".to_string(),
                     crate::shim::inside_token_socket().display().to_string(),
@@ -808,14 +894,32 @@ impl Launch {
                 // never on bubblewrap itself: it runs on the host, before
                 // any namespace, and an app's LD_PRELOAD there would run
                 // the app's code as the runner's user outside the sandbox.
+                let (tmp, shm) = (self.dirs.layer.tmp(), self.dirs.layer.shm());
+                let (writable, private) = if self.capped {
+                    (
+                        &self.dirs.layer.view,
+                        crate::shim::Private::Scratch {
+                            tmp: &tmp,
+                            shm: &shm,
+                        },
+                    )
+                } else {
+                    let cap = crate::scratch::ScratchCap::for_memory(self.memory_limit);
+                    (
+                        &self.dirs.app,
+                        crate::shim::Private::Own {
+                            size: takes_size.then_some(cap.bytes),
+                        },
+                    )
+                };
                 crate::shim::bwrap_command(
                     *user,
                     miren,
                     &crate::shim::Mounts {
                         app: &self.dirs.app,
-                        writable: &self.writable,
+                        writable,
                         identity: &self.dirs.identity,
-                        tmp_bytes: crate::scratch::ScratchCap::for_memory(self.memory_limit).bytes,
+                        private,
                     },
                     SANDBOX_PATH,
                     env,
@@ -837,7 +941,7 @@ impl Launch {
             // descriptor past stdio closes at exec (CLOEXEC rather than
             // closing now, so the spawn's own error pipe still works).
             // SAFETY: close_range only flags this child's own descriptors.
-            unsafe {
+            let flagged = unsafe {
                 libc::syscall(
                     libc::SYS_close_range,
                     3u32,
@@ -845,6 +949,24 @@ impl Launch {
                     libc::CLOSE_RANGE_CLOEXEC,
                 )
             };
+            if flagged != 0 {
+                // Before Linux 5.11: one by one, up to the open-files
+                // limit (no descriptor can be above it).
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: getrlimit writes the struct we own.
+                if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let last = libc::c_int::try_from(lim.rlim_cur).unwrap_or(libc::c_int::MAX);
+                for fd in 3..last {
+                    // SAFETY: fcntl flags this child's own descriptor (or
+                    // fails harmlessly on one that is not open).
+                    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+                }
+            }
             // But the service's socket, handed down to the shim.
             if let Some(fd) = listener {
                 // SAFETY: fcntl clears a flag of this child's own descriptor.
@@ -1111,5 +1233,168 @@ async fn refresh_token_file(
             _ = stopped.changed() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An artifact holding `run.sh` with `body`, and its digest.
+    fn artifact(body: &[u8]) -> (Vec<u8>, String) {
+        use sha2::Digest;
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o755);
+        header.set_cksum();
+        b.append_data(&mut header, "run.sh", body).expect("append");
+        let bytes = b.into_inner().expect("tar").finish().expect("gz");
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        (bytes, sha)
+    }
+
+    fn supervisor(dir: &Path) -> Rc<Supervisor> {
+        let (mint, _) = tokio::sync::mpsc::unbounded_channel();
+        let (reports, _) = tokio::sync::mpsc::unbounded_channel();
+        let limit = crate::token_limits::MissLimit::new(4, 2).expect("limit");
+        Rc::new(Supervisor::new(
+            dir.to_path_buf(),
+            Isolation::None,
+            60,
+            Broker::new(mint, limit),
+            reports,
+            Containment {
+                policy: crate::limits::LimitPolicy::for_this_host(Default::default())
+                    .expect("policy"),
+                cgroups: crate::cgroup::Cgroups::Unavailable {
+                    reason: Arc::new(crate::cgroup::SetupError::InvalidRunnerId("-".into())),
+                },
+                scratch: crate::scratch::ScratchSupport::Uncapped("test".into()),
+            },
+        ))
+    }
+
+    fn spec(id: &str, sha: &str) -> Spec {
+        Spec {
+            id: id.into(),
+            app: "a".into(),
+            version: "v1".into(),
+            service: "web".into(),
+            command: "./run.sh".into(),
+            env: Vec::new(),
+            artifact: sha.into(),
+            issuer_url: "https://issuer.test".into(),
+            port: 0,
+            limits: Default::default(),
+        }
+    }
+
+    /// A fetch that waits for `gate` before answering with `bytes`.
+    fn gated_fetch(bytes: Vec<u8>, gate: Rc<tokio::sync::Notify>) -> Fetch {
+        let bytes = Rc::new(bytes);
+        Rc::new(move |_, offset: u64, len: u32| {
+            let (bytes, gate) = (bytes.clone(), gate.clone());
+            Box::pin(async move {
+                gate.notified().await;
+                gate.notify_one();
+                let start = (offset as usize).min(bytes.len());
+                let end = (start + len as usize).min(bytes.len());
+                Ok((bytes[start..end].to_vec(), bytes.len() as u64))
+            })
+        })
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_a_start_waits_for_it_and_then_stops_the_sandbox() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let d = tempfile::tempdir().expect("tempdir");
+                let sup = supervisor(d.path());
+                let (bytes, sha) = artifact(b"#!/bin/sh\nexec sleep 30\n");
+                let gate = Rc::new(tokio::sync::Notify::new());
+                let start = tokio::task::spawn_local({
+                    let sup = sup.clone();
+                    let fetch = gated_fetch(bytes, gate.clone());
+                    let spec = spec("s1", &sha);
+                    async move { sup.start(spec, fetch).await }
+                });
+                settle().await;
+                // The start waits in its download; a stop comes.
+                let stop = tokio::task::spawn_local({
+                    let sup = sup.clone();
+                    async move { sup.stop("s1").await }
+                });
+                settle().await;
+                assert!(!stop.is_finished(), "the stop did not wait for the start");
+                gate.notify_one();
+                start.await.expect("start task").expect("started");
+                stop.await.expect("stop task");
+                // Stopped after it started: nothing runs, nothing is left.
+                assert_eq!(sup.address("s1"), None);
+                assert!(sup.inventory().is_empty());
+                assert!(!d.path().join("sandboxes/s1").exists());
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_start_during_a_stop_comes_after_it_with_its_own_files() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let d = tempfile::tempdir().expect("tempdir");
+                let sup = supervisor(d.path());
+                // Deaf to SIGTERM: the stop waits 5 s before its SIGKILL.
+                let (bytes, sha) =
+                    artifact(b"#!/bin/sh\ntrap '' TERM\ntouch deaf\nwhile :; do sleep 1; done\n");
+                let open = Rc::new(tokio::sync::Notify::new());
+                open.notify_one();
+                sup.start(spec("s1", &sha), gated_fetch(bytes.clone(), open.clone()))
+                    .await
+                    .expect("first start");
+                assert!(sup.address("s1").is_some());
+                let ready = d.path().join("sandboxes/s1/app/deaf");
+                for _ in 0..500 {
+                    if ready.exists() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert!(ready.exists(), "the sandbox never started");
+                // The stop waits for the sandbox to end (SIGTERM, then
+                // SIGKILL after 5 s); a start of the same id comes meanwhile.
+                let stop = tokio::task::spawn_local({
+                    let sup = sup.clone();
+                    async move { sup.stop("s1").await }
+                });
+                tokio::task::yield_now().await;
+                let start = tokio::task::spawn_local({
+                    let sup = sup.clone();
+                    let fetch = gated_fetch(bytes, open.clone());
+                    let spec = spec("s1", &sha);
+                    async move { sup.start(spec, fetch).await }
+                });
+                stop.await.expect("stop task");
+                start.await.expect("start task").expect("second start");
+                // The second start's sandbox runs, with its files.
+                assert!(sup.address("s1").is_some());
+                assert!(d.path().join("sandboxes/s1/app/run.sh").exists());
+                assert!(!ready.exists(), "the first sandbox's files are still there");
+                assert!(d.path().join("sandboxes/s1/identity").is_dir());
+                sup.stop_all().await;
+            })
+            .await;
     }
 }

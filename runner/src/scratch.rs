@@ -10,10 +10,12 @@
 //! Now, when the runner may mount (root, the documented setup), each
 //! sandbox's app dir is an overlay: the unpacked app below (on disk, never
 //! written through the overlay), a tmpfs of its own above, capped in bytes
-//! and inodes. The tmpfs's pages are charged to the memory cgroup of the
-//! process that writes them, the sandbox's, so its writes are bounded twice:
-//! `No space left on device` at the cap, and its memory limit before that if
-//! it also uses its memory. The runner never resolves a path inside either
+//! and inodes, which also holds the sandbox's `/tmp` and `/dev/shm` (its
+//! `/` and `/dev` are read-only: [`crate::shim::bwrap_command`]), so one cap
+//! bounds everything it writes. The tmpfs's pages are charged to the memory
+//! cgroup of the process that writes them, the sandbox's, so its writes are
+//! bounded twice: `No space left on device` at the cap, and its memory limit
+//! before that if it also uses its memory. The runner never resolves a path inside either
 //! mount: it makes them before the sandbox starts and detaches them by name
 //! (`UMOUNT_NOFOLLOW`) under its own 0700 dir.
 //!
@@ -43,9 +45,8 @@ const BYTES_PER_INODE: u64 = 16 * 1024;
 
 impl ScratchCap {
     /// The cap of a sandbox whose memory limit is `memory_bytes`: half of it
-    /// for the app dir's writes (the other half for the app itself; the
-    /// private `/tmp` gets the same cap, and both are charged to the same
-    /// memory limit).
+    /// for what it writes (its app dir, `/tmp`, `/dev/shm`), the other half
+    /// for the app itself.
     pub fn for_memory(memory_bytes: u64) -> Self {
         ScratchCap {
             bytes: memory_bytes / 2,
@@ -98,8 +99,8 @@ impl ScratchSupport {
 }
 
 /// The paths of one writable layer: `scratch/` (the tmpfs, holding the
-/// overlay's `upper/` and `work/`) and `view/` (the overlay the sandbox
-/// sees as its app dir).
+/// overlay's `upper/` and `work/` and the sandbox's `tmp/` and `shm/`) and
+/// `view/` (the overlay the sandbox sees as its app dir).
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub scratch: PathBuf,
@@ -113,6 +114,16 @@ impl Layer {
             scratch: root.join("scratch"),
             view: root.join("view"),
         }
+    }
+
+    /// The sandbox's `/tmp`, in the tmpfs.
+    pub fn tmp(&self) -> PathBuf {
+        self.scratch.join("tmp")
+    }
+
+    /// The sandbox's `/dev/shm`, in the tmpfs.
+    pub fn shm(&self) -> PathBuf {
+        self.scratch.join("shm")
     }
 }
 
@@ -182,7 +193,9 @@ pub fn mount(layer: &Layer, lower: &Path, cap: ScratchCap) -> std::io::Result<()
     )?;
     let upper = layer.scratch.join("upper");
     let work = layer.scratch.join("work");
-    let made = std::fs::create_dir(&upper).and_then(|()| std::fs::create_dir(&work));
+    let made = [&upper, &work, &layer.tmp(), &layer.shm()]
+        .into_iter()
+        .try_for_each(std::fs::create_dir);
     let overlay = made.and_then(|()| {
         mount_one(
             "miren-app",

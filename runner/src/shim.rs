@@ -306,6 +306,28 @@ fn bwrap_works(user: SandboxUser) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether this bubblewrap takes `--size` (bubblewrap 0.7 and later) for
+/// the tmpfs it mounts, as `user`.
+pub fn bwrap_takes_size(user: SandboxUser) -> bool {
+    std::process::Command::new("bwrap")
+        .args(user.args())
+        .args([
+            "--ro-bind",
+            "/",
+            "/",
+            "--size",
+            "4096",
+            "--tmpfs",
+            "/tmp",
+            "true",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// What of the host a bubblewrap sandbox sees.
 #[derive(Debug, Clone, Copy)]
 pub struct Mounts<'a> {
@@ -316,16 +338,28 @@ pub struct Mounts<'a> {
     pub writable: &'a Path,
     /// The runner's identity dir (token file and socket), bound read-only.
     pub identity: &'a Path,
-    /// The cap of the private `/tmp`.
-    pub tmp_bytes: u64,
+    /// Where the sandbox's `/tmp` and `/dev/shm` come from.
+    pub private: Private<'a>,
+}
+
+/// The sandbox's `/tmp` and `/dev/shm`, its only writable places besides
+/// its app dir (`/` and `/dev` are read-only).
+#[derive(Debug, Clone, Copy)]
+pub enum Private<'a> {
+    /// Dirs of its capped scratch tmpfs ([`crate::scratch::Layer`]): one
+    /// cap for every byte and file the sandbox writes.
+    Scratch { tmp: &'a Path, shm: &'a Path },
+    /// Tmpfs of their own (the runner cannot mount), each capped at `size`
+    /// bytes where this bubblewrap takes `--size`.
+    Own { size: Option<u64> },
 }
 
 /// The bubblewrap command that runs `shim_args` as `user` (normally
 /// [`SANDBOX_UID`] in its own user namespace) with its own pid, mount,
 /// network (loopback only), uts and ipc namespaces, system dirs read-only,
-/// a private /tmp capped at `mounts.tmp_bytes`, and from the host only this
-/// sandbox's app dir (its writable view, at the app dir's own path) and
-/// identity dir (read-only).
+/// a private `/tmp` and `/dev/shm` ([`Private`]), `/` and `/dev` read-only,
+/// and from the host only this sandbox's app dir (its writable view, at the
+/// app dir's own path) and identity dir (read-only).
 ///
 /// Bubblewrap itself runs on the host with nothing in its environment but
 /// `path` (where to find it): the sandbox's variables (`env`, the app's
@@ -358,9 +392,20 @@ pub fn bwrap_command(
         cmd.args(["--ro-bind-try", path, path]);
     }
     cmd.args(["--proc", "/proc", "--dev", "/dev"]);
-    cmd.arg("--size")
-        .arg(mounts.tmp_bytes.max(4096).to_string())
-        .args(["--tmpfs", "/tmp"]);
+    match mounts.private {
+        Private::Scratch { tmp, shm } => {
+            cmd.arg("--bind").arg(tmp).arg("/tmp");
+            cmd.arg("--bind").arg(shm).arg("/dev/shm");
+        }
+        Private::Own { size } => {
+            for dest in ["/tmp", "/dev/shm"] {
+                if let Some(size) = size {
+                    cmd.arg("--size").arg(size.max(4096).to_string());
+                }
+                cmd.args(["--tmpfs", dest]);
+            }
+        }
+    }
     // The sandbox's user is the runner's user outside the namespace (often
     // root), and the kernel lets host root write root-owned /proc/sys files
     // without a capability: keep them read-only.
@@ -377,6 +422,11 @@ pub fn bwrap_command(
     let identity = mounts.identity.display().to_string();
     cmd.args(["--bind", &writable, &app, "--chdir", &app]);
     cmd.args(["--ro-bind", &identity, INSIDE_IDENTITY]);
+    // Bubblewrap's root and /dev are tmpfs of their own, writable and
+    // uncapped: read-only once everything is mounted on them (not
+    // recursively, so the app dir, /tmp and /dev/shm stay writable; device
+    // nodes still open for writing).
+    cmd.args(["--remount-ro", "/dev", "--remount-ro", "/"]);
     cmd.arg("--")
         .arg("/run/miren/miren")
         .arg("sandbox-shim")
@@ -394,7 +444,10 @@ mod tests {
             app: &dirs.app,
             writable: &dirs.layer.view,
             identity: &dirs.identity,
-            tmp_bytes: 64 << 20,
+            private: Private::Scratch {
+                tmp: &dirs.layer.scratch,
+                shm: &dirs.logs,
+            },
         }
     }
 
@@ -517,11 +570,63 @@ mod tests {
             ),
             "{a}"
         );
-        assert_eq!(a.matches("--bind ").count(), 1, "{a}");
-        assert!(a.contains("--size 67108864 --tmpfs /tmp"), "{a}");
         assert!(!a.contains("/logs") && !a.contains("app.sock"), "{a}");
         assert!(
             !a.contains("--bind /var/lib/r/sandboxes/s1/identity"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn writes_go_only_to_the_app_view_tmp_and_shm_and_the_rest_is_read_only() {
+        let dirs = SandboxDirs::new(Path::new("/var/lib/r"), "s1");
+        let scratch = |private| {
+            let cmd = bwrap_command(
+                SandboxUser::Nobody,
+                Path::new("/usr/bin/miren"),
+                &Mounts {
+                    private,
+                    ..mounts(&dirs)
+                },
+                "/usr/bin:/bin",
+                &[],
+                &["--".into(), "app".into()],
+            );
+            cmd.as_std()
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let a = scratch(Private::Scratch {
+            tmp: Path::new("/var/lib/r/sandboxes/s1/scratch/tmp"),
+            shm: Path::new("/var/lib/r/sandboxes/s1/scratch/shm"),
+        });
+        assert!(
+            a.contains(
+                "--bind /var/lib/r/sandboxes/s1/scratch/tmp /tmp --bind /var/lib/r/sandboxes/s1/scratch/shm /dev/shm"
+            ),
+            "{a}"
+        );
+        assert_eq!(a.matches("--bind ").count(), 3, "{a}");
+        assert!(!a.contains("--size") && !a.contains("--tmpfs"), "{a}");
+        // Read-only last: after every mount made on them.
+        assert!(
+            a.ends_with("--remount-ro /dev --remount-ro / -- app"),
+            "{a}"
+        );
+
+        let a = scratch(Private::Own {
+            size: Some(64 << 20),
+        });
+        assert!(
+            a.contains("--size 67108864 --tmpfs /tmp --size 67108864 --tmpfs /dev/shm"),
+            "{a}"
+        );
+        assert_eq!(a.matches("--bind ").count(), 1, "{a}");
+        let a = scratch(Private::Own { size: None });
+        assert!(
+            a.contains("--tmpfs /tmp --tmpfs /dev/shm") && !a.contains("--size"),
             "{a}"
         );
     }
