@@ -144,21 +144,19 @@ impl Admission {
         if held >= self.caps.per_source {
             return Admit::Refuse(Refusal::SourceFull(self.caps.per_source));
         }
+        // Unproven from the first packet: a peer still in its handshake
+        // has proven nothing either (counted only after it, handshakes held
+        // open filled the total past the unproven cap).
+        if self.unproven >= self.caps.unproven {
+            return Admit::Refuse(Refusal::UnprovenFull(self.caps.unproven));
+        }
         if !validated && (held * 2 >= self.caps.per_source || self.total * 2 >= self.caps.total) {
             return Admit::Retry;
         }
         self.total += 1;
+        self.unproven += 1;
         *self.per_source.entry(key).or_default() += 1;
         Admit::Accept
-    }
-
-    /// Counts an accepted connection as unproven, if there is room.
-    pub fn open_unproven(&mut self) -> Result<(), Refusal> {
-        if self.unproven >= self.caps.unproven {
-            return Err(Refusal::UnprovenFull(self.caps.unproven));
-        }
-        self.unproven += 1;
-        Ok(())
     }
 
     /// An unproven connection proved a role or closed.
@@ -351,7 +349,7 @@ impl FrontDoor {
         let ticket = (decision == Admit::Accept).then(|| Ticket {
             door: self.clone(),
             source,
-            unproven: false,
+            unproven: true,
             per_source: true,
         });
         (decision, ticket)
@@ -382,21 +380,6 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Counts this connection as unproven, if there is room.
-    pub fn unproven(&mut self) -> Result<(), Refusal> {
-        if self.unproven {
-            return Ok(());
-        }
-        let mut a = self
-            .door
-            .admission
-            .lock()
-            .map_err(|_| Refusal::UnprovenFull(0))?;
-        a.open_unproven()?;
-        self.unproven = true;
-        Ok(())
-    }
-
     /// This connection's peer proved a role: it counts only in the total.
     pub fn proven(&mut self) {
         let unproven = std::mem::take(&mut self.unproven);
@@ -521,9 +504,10 @@ mod tests {
         assert_eq!(a.admit(flood, true), Admit::Refuse(Refusal::SourceFull(4)));
         assert_eq!(a.admit(ip("192.0.2.2"), true), Admit::Accept);
         a.leave_source(flood);
+        a.close_unproven();
         a.release();
         assert_eq!(a.admit(flood, true), Admit::Accept);
-        assert_eq!(a.counts(), (5, 0));
+        assert_eq!(a.counts(), (5, 5));
     }
 
     #[test]
@@ -537,6 +521,7 @@ mod tests {
             Admit::Refuse(Refusal::Full(3))
         );
         a.leave_source(ip("192.0.2.1"));
+        a.close_unproven();
         a.release();
         assert_eq!(a.admit(ip("192.0.2.9"), true), Admit::Accept);
     }
@@ -551,7 +536,7 @@ mod tests {
         // Half its share held: prove the address first.
         assert_eq!(a.admit(src, false), Admit::Retry);
         assert_eq!(a.admit(src, true), Admit::Accept);
-        assert_eq!(a.counts(), (3, 0));
+        assert_eq!(a.counts(), (3, 3));
         // The whole endpoint half full: every new address is retried.
         let mut a = Admission::new(caps(4, 4));
         a.admit(ip("192.0.2.1"), true);
@@ -560,17 +545,28 @@ mod tests {
     }
 
     #[test]
-    fn unproven_connections_have_their_own_cap() {
-        let mut a = Admission::new(ConnectionCaps {
+    fn unproven_connections_have_their_own_cap_from_their_first_packet() {
+        let door = Arc::new(FrontDoor::new(options(ConnectionCaps {
             total: 10,
             per_source: 10,
             unproven: 2,
-        });
-        assert!(a.open_unproven().is_ok());
-        assert!(a.open_unproven().is_ok());
-        assert_eq!(a.open_unproven(), Err(Refusal::UnprovenFull(2)));
-        a.close_unproven();
-        assert!(a.open_unproven().is_ok());
+        })));
+        let src = ip("192.0.2.1");
+        // Admitted, still in their handshakes: unproven already.
+        let (_, a) = door.admit(src, true);
+        let (_, b) = door.admit(src, true);
+        assert_eq!(door.counts(), (2, 2));
+        let (c, none) = door.admit(src, true);
+        assert_eq!(c, Admit::Refuse(Refusal::UnprovenFull(2)));
+        assert!(none.is_none());
+        // One proves a role: room for one more unproven, the total keeps it.
+        let mut a = a.expect("ticket");
+        a.proven();
+        assert_eq!(door.counts(), (2, 1));
+        let (d, _t) = door.admit(src, true);
+        assert_eq!(d, Admit::Accept);
+        drop(b);
+        assert_eq!(door.counts(), (2, 1));
     }
 
     #[test]
@@ -592,7 +588,7 @@ mod tests {
         assert!(a.is_some() && b.is_some());
         assert_eq!(c, Admit::Refuse(Refusal::SourceFull(2)));
         drop(runners);
-        assert_eq!(door.counts(), (2, 0));
+        assert_eq!(door.counts(), (2, 2));
     }
 
     #[test]
@@ -601,16 +597,13 @@ mod tests {
         let (d, t) = door.admit(ip("192.0.2.1"), true);
         assert_eq!(d, Admit::Accept);
         let mut t = t.expect("ticket");
-        t.unproven().expect("room");
         assert_eq!(door.counts(), (1, 1));
         t.proven();
         assert_eq!(door.counts(), (1, 0));
         drop(t);
         assert_eq!(door.counts(), (0, 0));
         let (_, t) = door.admit(ip("192.0.2.1"), true);
-        let mut t = t.expect("ticket");
-        t.unproven().expect("room");
-        drop(t);
+        drop(t.expect("ticket"));
         assert_eq!(door.counts(), (0, 0));
         let (d, t) = door.admit(ip("192.0.2.1"), false);
         assert!(d == Admit::Accept && t.is_some());

@@ -570,6 +570,13 @@ fn issued_response(i: &Issued) -> Response {
 const DRAIN_BYTES: usize = 1024 * 1024;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a token request's body (a form of at most
+/// [`oauth::MAX_BODY_BYTES`]) may take to arrive once its head has: the
+/// listener's idle timer restarts with every byte, so without this a client
+/// sending one byte a minute held a connection of the HTTPS listener (which
+/// also serves discovery and JWKS to outside verifiers) for ever.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The body, when it is at most `limit` bytes; `Err` when it is longer or
 /// was cut off (what follows the limit is drained within bounds first).
 async fn read_capped(body: Body, limit: usize) -> Result<bytes::Bytes, ()> {
@@ -625,18 +632,32 @@ async fn token(
             "send the request as application/x-www-form-urlencoded (RFC 6749)",
         ));
     }
-    let bytes = match read_capped(body, oauth::MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(()) => {
-            return error_response(&err(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "the request body is larger than {} bytes or was cut off",
-                    oauth::MAX_BODY_BYTES
-                ),
-            ))
-        }
-    };
+    let bytes =
+        match tokio::time::timeout(BODY_TIMEOUT, read_capped(body, oauth::MAX_BODY_BYTES)).await {
+            Ok(Ok(b)) => b,
+            Err(_) => {
+                let mut resp = error_response(&err(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the request body did not arrive within {} s; send it whole",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                ));
+                // The rest of it is not waited for.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+            Ok(Err(())) => {
+                return error_response(&err(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the request body is larger than {} bytes or was cut off",
+                        oauth::MAX_BODY_BYTES
+                    ),
+                ))
+            }
+        };
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());

@@ -932,6 +932,10 @@ fn admit(
     }
 }
 
+/// How long a QUIC handshake may take (a TLS 1.3 handshake on loopback
+/// takes a few milliseconds; a peer across the world, a few round trips).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One peer from handshake to close: its role from its certificate, its
 /// RPC session on a pinned worker, bounded as an unproven peer until it
 /// proves a role, and closed if it has not within
@@ -939,7 +943,7 @@ fn admit(
 async fn serve_peer(
     state: Arc<State>,
     pool: LocalPool,
-    (incoming, mut ticket): (quinn::Incoming, crate::frontdoor::Ticket),
+    (incoming, ticket): (quinn::Incoming, crate::frontdoor::Ticket),
 ) {
     use crate::frontdoor::{Proof, UNPROVEN_LIFETIME};
     use transport::close::{close, CloseCode};
@@ -947,10 +951,16 @@ async fn serve_peer(
     // later from another address (QUIC lets a client move) changes nothing
     // that is decided per address.
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    // Every packet restarts QUIC's idle timer: a peer that never finishes
+    // its handshake but keeps sending would hold its place for ever.
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::debug!("handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "handshake not finished within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };
@@ -983,13 +993,6 @@ async fn serve_peer(
         PeerIdentity::Admin { .. } | PeerIdentity::Runner { .. }
     );
     let tasks = state.tasks.clone();
-    if !has_role {
-        if let Err(why) = ticket.unproven() {
-            tracing::debug!(remote = %conn.remote_address(), "connection closed: {why}");
-            close(&conn, CloseCode::Limit, why.to_string().as_bytes());
-            return;
-        }
-    }
     // The session runs on a pinned worker; this task (tracked) waits for
     // it, so a shutdown waits for the session too. The endpoint's close at
     // shutdown ends it.

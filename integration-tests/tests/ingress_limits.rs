@@ -268,6 +268,44 @@ fn slow_clients_are_cut_while_others_are_served_and_upgrades_stay() {
         cut_over_tls,
         "HTTPS: a half-sent request head was never cut"
     );
+    // A token request whose body trickles in, a byte at a time inside the
+    // idle timeout, is answered and closed once the body deadline passes
+    // (it would never end: 1,000 bytes at a byte a second).
+    let mut trickle = tls_client(
+        &https,
+        &c.server.address,
+        b"POST /oauth2/token HTTP/1.1\r\nHost: x\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ng",
+    );
+    trickle
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut answer = Vec::new();
+    for _ in 0..60 {
+        match trickle.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+        if !answer.is_empty() {
+            continue;
+        }
+        if trickle
+            .write_all(b"a")
+            .and_then(|()| trickle.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("did not arrive within 10 s"),
+        "a trickling token request was never answered: {answer:?}"
+    );
+
     // A whole request there is answered.
     let mut full = tls_client(
         &https,
