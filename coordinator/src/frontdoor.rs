@@ -380,7 +380,20 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// This connection's peer proved a role: it counts only in the total.
+    /// This connection's peer logged in to an app: it no longer counts as
+    /// unproven, but still against its source (anyone with a credential
+    /// for any app may open such connections).
+    pub fn app_proven(&mut self) {
+        let unproven = std::mem::take(&mut self.unproven);
+        if let Ok(mut a) = self.door.admission.lock() {
+            if unproven {
+                a.close_unproven();
+            }
+        }
+    }
+
+    /// This connection's peer proved a certificate role: it counts only in
+    /// the total.
     pub fn proven(&mut self) {
         let unproven = std::mem::take(&mut self.unproven);
         let per_source = std::mem::take(&mut self.per_source);
@@ -421,7 +434,20 @@ struct ProofInner {
     limits: Limits,
     conn: quinn::Connection,
     ticket: std::cell::RefCell<Option<Ticket>>,
-    proven: Cell<bool>,
+    proven: Cell<Option<Role>>,
+}
+
+/// What a peer proved, which decides the room its connection gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An access token for one app (a deploy key's, a CI login's): the
+    /// room a deploy needs ([`RpcLimits::APP`]), still counted against its
+    /// source.
+    App,
+    /// A certificate of the cluster's (admin, runner): the room a runner's
+    /// traffic needs ([`RpcLimits::PROVEN`]), and not counted against its
+    /// source (a NAT may hide any number of runners).
+    Certificate,
 }
 
 impl Proof {
@@ -433,27 +459,42 @@ impl Proof {
                 limits,
                 conn,
                 ticket: std::cell::RefCell::new(ticket),
-                proven: Cell::new(false),
+                proven: Cell::new(None),
             }),
         }
     }
 
-    /// The peer proved a role (a certificate, a CI login).
-    pub fn prove(&self) {
+    /// The peer proved `role`; a certificate's room is never narrowed by a
+    /// later app login on the same connection.
+    pub fn prove(&self, role: Role) {
         let i = &self.inner;
-        if i.proven.replace(true) {
-            return;
+        match (i.proven.get(), role) {
+            (Some(Role::Certificate), _) | (Some(Role::App), Role::App) => return,
+            _ => {}
         }
-        i.limits.set(RpcLimits::PROVEN);
-        transport::endpoint::open_windows(&i.conn);
-        if let Some(t) = i.ticket.borrow_mut().as_mut() {
-            t.proven();
+        i.proven.set(Some(role));
+        let mut ticket = i.ticket.borrow_mut();
+        match role {
+            Role::Certificate => {
+                i.limits.set(RpcLimits::PROVEN);
+                transport::endpoint::open_windows(&i.conn);
+                if let Some(t) = ticket.as_mut() {
+                    t.proven();
+                }
+            }
+            Role::App => {
+                i.limits.set(RpcLimits::APP);
+                transport::endpoint::open_app_windows(&i.conn);
+                if let Some(t) = ticket.as_mut() {
+                    t.app_proven();
+                }
+            }
         }
     }
 
     /// Whether the peer has proven a role.
     pub fn is_proven(&self) -> bool {
-        self.inner.proven.get()
+        self.inner.proven.get().is_some()
     }
 }
 
@@ -589,6 +630,29 @@ mod tests {
         assert_eq!(c, Admit::Refuse(Refusal::SourceFull(2)));
         drop(runners);
         assert_eq!(door.counts(), (2, 2));
+    }
+
+    #[test]
+    fn a_peer_logged_in_to_an_app_still_counts_against_its_source() {
+        let door = Arc::new(FrontDoor::new(options(caps(100, 2))));
+        let src = ip("192.0.2.1");
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (d, t) = door.admit(src, true);
+            assert_eq!(d, Admit::Accept);
+            let mut t = t.expect("ticket");
+            t.app_proven();
+            held.push(t);
+        }
+        // No longer unproven, but its address's share is used up.
+        assert_eq!(door.counts(), (2, 0));
+        assert_eq!(
+            door.admit(src, true).0,
+            Admit::Refuse(Refusal::SourceFull(2))
+        );
+        drop(held);
+        assert_eq!(door.counts(), (0, 0));
+        assert_eq!(door.admit(src, true).0, Admit::Accept);
     }
 
     #[test]

@@ -1000,7 +1000,7 @@ async fn serve_peer(
         let limits = Limits::new(RpcLimits::UNPROVEN);
         let proof = Proof::new(limits.clone(), conn.clone(), Some(ticket));
         if has_role {
-            proof.prove();
+            proof.prove(crate::frontdoor::Role::Certificate);
         }
         let client = ClusterService::client(state, peer, conn.clone(), remote, proof.clone());
         let deadline = async {

@@ -84,7 +84,18 @@ impl RpcLimits {
         max_unwritten_bytes: 64 * 1024,
     };
 
-    /// An admin, a runner, or a CI pipeline after `ciLogin`: the message
+    /// A peer logged in to one app (an access token from a deploy key or a
+    /// CI login): room for a deploy — 512 KiB upload chunks, log replies of
+    /// several MiB — and no more, since anyone with a credential for any
+    /// app can open such connections.
+    pub const APP: RpcLimits = RpcLimits {
+        max_message_bytes: 1024 * 1024,
+        max_calls: 32,
+        max_call_bytes: 8 * 1024 * 1024,
+        max_unwritten_bytes: 16 * 1024 * 1024,
+    };
+
+    /// An admin or a runner (a certificate of the cluster's): the message
     /// limit the cluster always had (upload chunks are 512 KiB, artifact
     /// reads larger), and caps that only a runaway peer would meet.
     pub const PROVEN: RpcLimits = RpcLimits {

@@ -175,6 +175,9 @@ pub mod limits {
     /// stalled HTTP downloads stop the runner's heartbeats).
     pub const PROVEN_RECEIVE_WINDOW: u32 =
         (CLIENT_MAX_INCOMING_BIDI_STREAMS + 1) * STREAM_RECEIVE_WINDOW;
+    /// Connection receive window of a peer logged in to one app: its RPC
+    /// stream's own window, so an upload never waits on the connection.
+    pub const APP_RECEIVE_WINDOW: u32 = STREAM_RECEIVE_WINDOW;
     /// Bytes we buffer towards an unproven peer (written, not yet
     /// acknowledged): its replies are a few KiB.
     pub const UNPROVEN_SEND_WINDOW: u64 = 128 * 1024;
@@ -232,10 +235,17 @@ fn client_transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// Gives a connection whose peer has proven a role the windows of a
-/// proven peer (see [`limits`]).
+/// Gives a connection whose peer has proven a certificate role the windows
+/// of a proven peer (see [`limits`]).
 pub fn open_windows(conn: &quinn::Connection) {
     conn.set_receive_window(limits::PROVEN_RECEIVE_WINDOW.into());
+    conn.set_send_window(limits::PROVEN_SEND_WINDOW);
+}
+
+/// Gives a connection whose peer logged in to one app the windows a
+/// deploy needs (see [`limits`]).
+pub fn open_app_windows(conn: &quinn::Connection) {
+    conn.set_receive_window(limits::APP_RECEIVE_WINDOW.into());
     conn.set_send_window(limits::PROVEN_SEND_WINDOW);
 }
 

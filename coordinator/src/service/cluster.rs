@@ -68,7 +68,7 @@ impl ClusterService {
     /// The app capability a verified access token buys.
     fn capability(&self, token: identity::access_token::AccessToken) -> app::Client {
         let app = token.scope.app.clone();
-        self.proof.prove();
+        self.proof.prove(crate::frontdoor::Role::App);
         let actor = match token.claims.caller() {
             Caller::DeployKey(id) => Actor::DeployKey(id),
             Caller::Ci(binding) => Actor::Ci(binding),
