@@ -43,7 +43,7 @@ use crate::ci::CiBindings;
 use crate::deploy_keys::DeployKeys;
 use crate::frontdoor::{source_key, RateLimiter};
 use crate::issuer::Issuer;
-use crate::observe::Observe;
+use crate::observe::{CiRefusal, Observe};
 use crate::oidc::{DenialCause, LoginError, OidcVerifier};
 use crate::spent_tokens::{SpendError, SpentTokens};
 
@@ -317,7 +317,7 @@ impl TokenEndpoint {
                 "the CI token is larger than 16 KiB",
             ));
         }
-        let login = crate::oidc::login(
+        let (login, seen) = crate::oidc::login(
             &self.oidc,
             &self.ci,
             &self.observe,
@@ -357,13 +357,33 @@ impl TokenEndpoint {
         let accepted_until = verified
             .expires_at
             .saturating_add(i64::from(identity::DEFAULT_LEEWAY_SECS));
-        self.spent
-            .spend(&verified.issuer, jti, accepted_until, now)
-            .map_err(|e| match e {
-                SpendError::AlreadySpent => err(ErrorCode::InvalidGrant, e.to_string()),
-                SpendError::Full => err(ErrorCode::SlowDown, e.to_string()),
-                other => unavailable(other),
-            })?;
+        // A store commit, which may wait out its bound on a lost etcd: on
+        // the blocking pool, never on the RPC worker of `ciLogin`.
+        let spent = self.spent.clone();
+        let (issuer, jti) = (verified.issuer.clone(), jti.to_string());
+        let spent =
+            crate::blocking::off_thread(move || spent.spend(&issuer, &jti, accepted_until, now))
+                .await
+                .unwrap_or(Err(SpendError::Unavailable));
+        // Audited as accepted only once spent.
+        match &spent {
+            Ok(()) => self
+                .observe
+                .ci_login(&scope.app, seen, Ok(&login.binding), source),
+            Err(e) => {
+                let why = match e {
+                    SpendError::AlreadySpent => CiRefusal::Replayed,
+                    _ => CiRefusal::Unrecorded,
+                };
+                self.observe
+                    .ci_login(&scope.app, seen, Err((why, e)), source);
+            }
+        }
+        spent.map_err(|e| match e {
+            SpendError::AlreadySpent => err(ErrorCode::InvalidGrant, e.to_string()),
+            SpendError::Full => err(ErrorCode::SlowDown, e.to_string()),
+            other => unavailable(other),
+        })?;
         let grant = AccessGrant {
             subject: verified.subject.clone(),
             client_id: access_token::ci_client_id(&login.binding.id),

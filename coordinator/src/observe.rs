@@ -91,6 +91,10 @@ pub enum CiRefusal {
     WrongAudience,
     /// Anything else.
     InvalidToken,
+    /// A token already traded once (its `jti` is spent).
+    Replayed,
+    /// Verified and matched, but its use could not be recorded now.
+    Unrecorded,
 }
 
 impl CiRefusal {
@@ -104,6 +108,8 @@ impl CiRefusal {
             CiRefusal::Expired => "expired",
             CiRefusal::WrongAudience => "wrong_audience",
             CiRefusal::InvalidToken => "invalid_token",
+            CiRefusal::Replayed => "replayed",
+            CiRefusal::Unrecorded => "unrecorded",
         }
     }
 }

@@ -670,10 +670,12 @@ pub struct CiLogin {
 
 /// A CI login for `app` with `token`: the cheap checks and a login slot
 /// where the call arrives ([`OidcVerifier::begin`]), the verification on
-/// the multi-threaded runtime `rt` ([`OidcVerifier::finish`]), the
-/// decision counted and audited in `observe` (budgeted by `source`, the
-/// peer address, when refused). Returns the binding matched
-/// and the verified token.
+/// the multi-threaded runtime `rt` ([`OidcVerifier::finish`]), a refusal
+/// counted and audited in `observe` (budgeted by `source`, the peer
+/// address). Returns the binding matched and the verified token, and what
+/// the audit line of its acceptance names: that line is the caller's to
+/// write once the token is spent (a replayed token is refused there, and
+/// must not first be recorded as accepted).
 pub async fn login(
     oidc: &Arc<OidcVerifier>,
     ci: &Arc<CiBindings>,
@@ -682,7 +684,7 @@ pub async fn login(
     app: &str,
     token: &str,
     source: Option<std::net::IpAddr>,
-) -> Result<CiLogin, LoginError> {
+) -> Result<(CiLogin, crate::audit::CiTokenFields), LoginError> {
     let seen = crate::audit::CiTokenFields::peek(token);
     let refused = |e: LoginError| {
         observe.ci_login(app, seen.clone(), Err((e.refusal(), &e)), source);
@@ -701,8 +703,7 @@ pub async fn login(
             Err(LoginError::Denied(DenialCause::Task))
         });
     let login = finished.map_err(refused)?;
-    observe.ci_login(app, seen, Ok(&login.binding), source);
-    Ok(login)
+    Ok((login, seen))
 }
 
 #[cfg(test)]

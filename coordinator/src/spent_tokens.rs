@@ -121,9 +121,17 @@ impl SpentTokens {
                 StateRefusal::AlreadyUsed => SpendError::AlreadySpent,
                 StateRefusal::Full => SpendError::Full,
             })?;
-        match self.commit_grouped(key, exp)? {
-            Outcome::Applied => Ok(()),
-            Outcome::ConditionFailed => Err(SpendError::AlreadySpent),
+        match self.commit_grouped(key.clone(), exp) {
+            Ok(Outcome::Applied) => Ok(()),
+            Ok(Outcome::ConditionFailed) => Err(SpendError::AlreadySpent),
+            // Not recorded, so not spent: the caller was told to retry, and
+            // its retry must not be refused as a replay.
+            Err(e) => {
+                if let Ok(mut memory) = self.memory.lock() {
+                    memory.forget(&key);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -232,6 +240,73 @@ pub async fn prune_forever(spent: Arc<SpentTokens>, tasks: Tasks) {
 mod tests {
     use super::*;
     use crate::store::RedbStore;
+
+    /// A store whose next commit fails (a lost etcd, a full disk).
+    struct FailingOnce {
+        inner: RedbStore,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for FailingOnce {
+        fn get_kv(&self, key: &str) -> Result<Option<crate::store::KeyValue>, StoreError> {
+            self.inner.get_kv(key)
+        }
+        fn range(
+            &self,
+            from: &str,
+            to: Option<&str>,
+            limit: usize,
+        ) -> Result<crate::store::RangePage, StoreError> {
+            self.inner.range(from, to, limit)
+        }
+        fn txn(&self, txn: Txn) -> Result<crate::store::Committed, StoreError> {
+            if self.fail.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Backend(redb::Error::Corrupted(
+                    "disk gone".into(),
+                )));
+            }
+            self.inner.txn(txn)
+        }
+        fn revision(&self) -> Result<crate::store::Revision, StoreError> {
+            self.inner.revision()
+        }
+        fn watch(
+            &self,
+            prefix: &str,
+            from: crate::store::Revision,
+        ) -> Result<crate::store::WatchStream, StoreError> {
+            self.inner.watch(prefix, from)
+        }
+        fn grant_lease(&self, ttl: Duration) -> Result<crate::store::LeaseId, StoreError> {
+            self.inner.grant_lease(ttl)
+        }
+        fn keep_alive(&self, lease: crate::store::LeaseId) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease)
+        }
+        fn revoke_lease(&self, lease: crate::store::LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke_lease(lease)
+        }
+    }
+
+    #[test]
+    fn a_spend_the_store_did_not_record_is_not_a_spend() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingOnce {
+            inner: RedbStore::open(&dir.path().join("s.redb")).unwrap(),
+            fail: std::sync::atomic::AtomicBool::new(true),
+        });
+        let spent = SpentTokens::load(store, 100).unwrap();
+        assert!(matches!(
+            spent.spend("https://ci", "j1", 200, 100),
+            Err(SpendError::Store(_))
+        ));
+        // Its retry goes through, once.
+        spent.spend("https://ci", "j1", 200, 101).unwrap();
+        assert!(matches!(
+            spent.spend("https://ci", "j1", 200, 102),
+            Err(SpendError::AlreadySpent)
+        ));
+    }
 
     #[test]
     fn a_token_is_spent_once_even_across_a_restart_and_expired_ones_go() {

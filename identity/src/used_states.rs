@@ -62,6 +62,12 @@ impl UsedStates {
         self.states.insert(state.to_string(), exp);
         Ok(())
     }
+
+    /// Takes back the acceptance of `state` (its use could not be recorded
+    /// anywhere else, so it did not happen: the caller may try again).
+    pub fn forget(&mut self, state: &str) {
+        self.states.remove(state);
+    }
 }
 
 #[cfg(test)]
@@ -73,6 +79,16 @@ mod tests {
         let mut used = UsedStates::new(10);
         assert_eq!(used.accept("s1", 100, 0), Ok(()));
         assert_eq!(used.accept("s1", 100, 1), Err(StateRefusal::AlreadyUsed));
+    }
+
+    #[test]
+    fn a_forgotten_acceptance_can_be_made_again() {
+        let mut used = UsedStates::new(10);
+        assert_eq!(used.accept("s1", 100, 0), Ok(()));
+        used.forget("s1");
+        assert!(!used.is_used("s1", 1));
+        assert_eq!(used.accept("s1", 100, 1), Ok(()));
+        assert_eq!(used.accept("s1", 100, 2), Err(StateRefusal::AlreadyUsed));
     }
 
     #[test]

@@ -125,6 +125,26 @@ fn standard_clients_trade_ci_tokens_for_one_apps_token_once() {
             .contains("already used"),
         "{replay}"
     );
+    // The audit trail says it: accepted once, then refused as a replay
+    // (never a second "accepted" before the refusal).
+    let jti = payload(&subject)["jti"].as_str().unwrap().to_string();
+    let audit = miren(&cfg, &["audit", "-o", "json", "--action", "ci.login"], &[]);
+    assert!(audit.ok, "{audit:?}");
+    let of_token: Vec<Value> = audit
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["jti"] == jti.as_str())
+        .collect();
+    assert_eq!(of_token.len(), 2, "{of_token:?}");
+    assert_eq!(of_token[0]["result"], "ok", "{of_token:?}");
+    assert_eq!(of_token[1]["result"], "refused", "{of_token:?}");
+    assert!(
+        of_token[1]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("replayed")),
+        "{of_token:?}"
+    );
 
     // Authlib: the JWT bearer grant with a fresh token.
     let (ok, bearer) = authlib(&[
