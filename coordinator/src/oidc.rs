@@ -48,12 +48,17 @@ pub const FETCH_FAILURE_TTL: Duration = Duration::from_secs(10);
 /// this is far above what the cores can use; it bounds the logins waiting
 /// on a slow issuer (at most two 5 s fetches) and the tasks they hold.
 pub const MAX_CONCURRENT_LOGINS: usize = 64;
+/// Of those, the most naming one issuer: a bound issuer that is slow or
+/// down (its logins wait on its fetch, up to two 5 s timeouts) holds at
+/// most half the slots, and logins through every other issuer go on.
+pub const MAX_LOGINS_PER_ISSUER: usize = MAX_CONCURRENT_LOGINS / 2;
 
 /// Why a CI login was refused, in the words the caller gets. Only the
 /// binding mismatch names anything, and only what the token itself says.
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
-    /// More than [`MAX_CONCURRENT_LOGINS`] logins are running.
+    /// More than [`MAX_CONCURRENT_LOGINS`] logins are running, or more
+    /// than [`MAX_LOGINS_PER_ISSUER`] naming the same issuer.
     #[error("the coordinator is busy with other CI logins; retry in a few seconds")]
     Busy,
     /// The token was refused: the caller is told only its [`Denial`]; the
@@ -381,6 +386,7 @@ pub struct LoginAttempt {
     unverified: UnverifiedToken,
     issuer: IssuerUrl,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _issuer_slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A discovery document as fetched, read once for every use: the checks
@@ -428,6 +434,9 @@ pub struct OidcVerifier {
     audiences: Vec<String>,
     issuers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<IssuerEntry>>>>,
     logins: Arc<tokio::sync::Semaphore>,
+    /// Login slots per bound issuer ([`MAX_LOGINS_PER_ISSUER`]); only
+    /// issuers a binding names get one.
+    issuer_logins: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// Counts issuer document fetches.
     observe: Arc<crate::observe::Observe>,
 }
@@ -466,6 +475,7 @@ impl OidcVerifier {
             audiences,
             issuers: Mutex::new(HashMap::new()),
             logins: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS)),
+            issuer_logins: Mutex::new(HashMap::new()),
             observe: Arc::new(crate::observe::Observe::disabled()),
         })
     }
@@ -600,6 +610,16 @@ impl OidcVerifier {
                 source,
             })
         })?;
+        let issuer_slots = self
+            .issuer_logins
+            .lock()
+            .map_err(|_| LoginError::Busy)?
+            .entry(issuer.as_str().to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_LOGINS_PER_ISSUER)))
+            .clone();
+        let issuer_slot = issuer_slots
+            .try_acquire_owned()
+            .map_err(|_| LoginError::Busy)?;
         let slot = self
             .logins
             .clone()
@@ -610,6 +630,7 @@ impl OidcVerifier {
             unverified,
             issuer,
             _slot: slot,
+            _issuer_slot: issuer_slot,
         })
     }
 
@@ -710,6 +731,62 @@ pub async fn login(
 mod tests {
     use super::*;
     use base64::Engine as _;
+
+    /// A token `inspect` finds plausible (kid, RS256, a 2048-bit signature's
+    /// length), naming `issuer`; nobody signed it.
+    fn plausible_token(issuer: &str) -> String {
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let header = b64(br#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#);
+        let claims = b64(serde_json::json!({"iss": issuer, "sub": "x"})
+            .to_string()
+            .as_bytes());
+        format!("{header}.{claims}.{}", b64(&[7u8; 256]))
+    }
+
+    #[test]
+    fn one_issuer_holds_at_most_half_the_login_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let ci = CiBindings::load(store, identity::AddressPolicy::default()).unwrap();
+        let github =
+            identity::bindings::Binding::github("x", "web", "acme/web", None, None, None, "")
+                .unwrap();
+        ci.add(github, 0).unwrap();
+        let slow = "https://gitlab.example.com";
+        let gitlab = identity::bindings::Binding::generic(
+            "x",
+            "web",
+            slow,
+            "project_path:acme/web:*",
+            vec![],
+            "",
+        )
+        .unwrap();
+        ci.add(gitlab, 0).unwrap();
+        let oidc = OidcVerifier::new(
+            vec!["127.0.0.1:1".into()],
+            &[],
+            identity::AddressPolicy::default(),
+        )
+        .unwrap();
+        // Logins naming an issuer whose fetch hangs take its share...
+        let held: Vec<LoginAttempt> = (0..MAX_LOGINS_PER_ISSUER)
+            .map(|_| oidc.begin(&ci, &plausible_token(slow)).ok().unwrap())
+            .collect();
+        assert!(matches!(
+            oidc.begin(&ci, &plausible_token(slow)),
+            Err(LoginError::Busy)
+        ));
+        // ... and no more: another issuer's logins still begin.
+        let other = oidc.begin(
+            &ci,
+            &plausible_token("https://token.actions.githubusercontent.com"),
+        );
+        assert!(other.is_ok());
+        drop(held);
+        assert!(oidc.begin(&ci, &plausible_token(slow)).is_ok());
+    }
 
     #[test]
     fn an_issuer_that_failed_may_come_back_one_that_is_refused_or_broken_does_not() {

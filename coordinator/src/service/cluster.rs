@@ -230,10 +230,15 @@ impl cluster::Server for ClusterService {
             (state.registry).join(ca, &id, &secret, &csr, &name, labels, now_unix())
         })
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| undecided(remote, &e))?;
         let (record, cert_pem) = (self.state.observe)
             .join(&token_id, remote, joined)
-            .map_err(registry_err)?;
+            .map_err(|e| match e {
+                crate::runners::RegistryError::Store(_)
+                | crate::runners::RegistryError::Pki(_)
+                | crate::runners::RegistryError::Unavailable => undecided(remote, &e),
+                refusal => registry_err(refusal),
+            })?;
         tracing::info!(runner = %record.id, name = %record.name, %remote, "runner joined");
         let mut r = results.get().init_result();
         r.set_runner_id(&record.id);
@@ -268,7 +273,7 @@ impl cluster::Server for ClusterService {
             coordinator_codes::redeem(&*store, &id, &secret, now_unix())
         })
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| undecided(remote, &e))?;
         self.state
             .observe
             .coordinator_join(&code_id, remote, &redeemed);
@@ -278,9 +283,13 @@ impl cluster::Server for ClusterService {
         } else {
             "(malformed)"
         };
-        if let Err(e) = redeemed {
-            tracing::info!(%remote, code = %shown, "coordinator join refused: {e}");
-            return Err(failed(e.to_string()));
+        match redeemed {
+            Err(CodeError::Store(e)) => return Err(undecided(remote, &e)),
+            Err(e) => {
+                tracing::info!(%remote, code = %shown, "coordinator join refused: {e}");
+                return Err(failed(e.to_string()));
+            }
+            Ok(_) => {}
         }
         tracing::info!(%remote, code = %shown, "coordinator joined: the cluster key was handed over");
         let mut r = results.get();
@@ -307,4 +316,12 @@ impl cluster::Server for ClusterService {
         results.get().set_session(session);
         Ok(())
     }
+}
+
+/// What an anonymous joiner is told when its join could not be decided (the
+/// store, the CA or a task failed): that much and no more — the store's
+/// path, an etcd member's words or a lock's state are for the log.
+fn undecided(remote: std::net::SocketAddr, e: &dyn std::fmt::Display) -> capnp::Error {
+    tracing::warn!(%remote, "a join could not be decided: {e}");
+    failed("the coordinator cannot decide on this join right now; retry shortly")
 }
