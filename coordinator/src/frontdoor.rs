@@ -39,10 +39,20 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// pipeline logging in; runners and operators stop counting once their
 /// certificate is checked.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
-/// Connections whose peer has not proven a role (anonymous or an unknown
-/// certificate, before a CI login). A quarter of the total stays for
-/// runners and operators.
+/// Connections whose peer has not proven a role once its handshake is
+/// done (anonymous or an unknown certificate, before a CI login).
 pub const MAX_UNPROVEN_CONNECTIONS: usize = 3072;
+/// Connections in their handshake (at most [`HANDSHAKE_TIMEOUT`] each),
+/// whoever they turn out to be. With the unproven ones they leave an
+/// eighth of the total to peers with a certificate: runners and operators
+/// connecting while unproven peers hold their whole share get through
+/// their handshake, and then need no unproven slot.
+pub const MAX_HANDSHAKING: usize = 512;
+/// How long a QUIC handshake may take (a TLS 1.3 handshake on loopback
+/// takes milliseconds; across the world, a few round trips). Every packet
+/// restarts QUIC's idle timer, so without this a peer that kept sending
+/// without finishing held its place for ever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an unproven connection may stay open. Such a peer needs
 /// seconds: `info`, a `join`, or a CI login after fetching its token.
 pub const UNPROVEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -82,6 +92,7 @@ pub struct ConnectionCaps {
     pub total: usize,
     pub per_source: usize,
     pub unproven: usize,
+    pub handshaking: usize,
 }
 
 impl Default for ConnectionCaps {
@@ -90,6 +101,7 @@ impl Default for ConnectionCaps {
             total: MAX_CONNECTIONS,
             per_source: MAX_CONNECTIONS_PER_SOURCE,
             unproven: MAX_UNPROVEN_CONNECTIONS,
+            handshaking: MAX_HANDSHAKING,
         }
     }
 }
@@ -114,6 +126,8 @@ pub enum Refusal {
     SourceFull(usize),
     #[error("the coordinator holds its maximum of {0} connections without a proven role")]
     UnprovenFull(usize),
+    #[error("the coordinator holds its maximum of {0} connections in their handshake")]
+    HandshakesFull(usize),
 }
 
 /// Connection counts, total, per source and unproven.
@@ -122,6 +136,7 @@ pub struct Admission {
     caps: ConnectionCaps,
     total: usize,
     unproven: usize,
+    handshaking: usize,
     per_source: HashMap<IpAddr, usize>,
 }
 
@@ -144,19 +159,34 @@ impl Admission {
         if held >= self.caps.per_source {
             return Admit::Refuse(Refusal::SourceFull(self.caps.per_source));
         }
-        // Unproven from the first packet: a peer still in its handshake
-        // has proven nothing either (counted only after it, handshakes held
-        // open filled the total past the unproven cap).
-        if self.unproven >= self.caps.unproven {
-            return Admit::Refuse(Refusal::UnprovenFull(self.caps.unproven));
+        // Handshakes count from the first packet, under a cap of their own
+        // (counted nowhere but in the total, handshakes held open filled it
+        // past the unproven cap).
+        if self.handshaking >= self.caps.handshaking {
+            return Admit::Refuse(Refusal::HandshakesFull(self.caps.handshaking));
         }
         if !validated && (held * 2 >= self.caps.per_source || self.total * 2 >= self.caps.total) {
             return Admit::Retry;
         }
         self.total += 1;
-        self.unproven += 1;
+        self.handshaking += 1;
         *self.per_source.entry(key).or_default() += 1;
         Admit::Accept
+    }
+
+    /// A handshake ended.
+    pub fn close_handshake(&mut self) {
+        self.handshaking = self.handshaking.saturating_sub(1);
+    }
+
+    /// Counts a connection whose handshake is done as unproven, if there
+    /// is room.
+    pub fn open_unproven(&mut self) -> Result<(), Refusal> {
+        if self.unproven >= self.caps.unproven {
+            return Err(Refusal::UnprovenFull(self.caps.unproven));
+        }
+        self.unproven += 1;
+        Ok(())
     }
 
     /// An unproven connection proved a role or closed.
@@ -184,6 +214,11 @@ impl Admission {
     /// Connections held: total, unproven.
     pub fn counts(&self) -> (usize, usize) {
         (self.total, self.unproven)
+    }
+
+    /// Connections in their handshake.
+    pub fn handshaking(&self) -> usize {
+        self.handshaking
     }
 }
 
@@ -349,7 +384,8 @@ impl FrontDoor {
         let ticket = (decision == Admit::Accept).then(|| Ticket {
             door: self.clone(),
             source,
-            unproven: true,
+            handshaking: true,
+            unproven: false,
             per_source: true,
         });
         (decision, ticket)
@@ -374,18 +410,42 @@ impl FrontDoor {
 pub struct Ticket {
     door: Arc<FrontDoor>,
     source: IpAddr,
+    handshaking: bool,
     unproven: bool,
     /// Still counted against its source.
     per_source: bool,
 }
 
 impl Ticket {
+    /// Its handshake is done: the peer holds a certificate of the cluster
+    /// (`certificate`, it proves its role next) or counts as unproven from
+    /// now, if there is room.
+    pub fn handshaken(&mut self, certificate: bool) -> Result<(), Refusal> {
+        let mut a = self
+            .door
+            .admission
+            .lock()
+            .map_err(|_| Refusal::UnprovenFull(0))?;
+        if std::mem::take(&mut self.handshaking) {
+            a.close_handshake();
+        }
+        if !certificate && !self.unproven {
+            a.open_unproven()?;
+            self.unproven = true;
+        }
+        Ok(())
+    }
+
     /// This connection's peer logged in to an app: it no longer counts as
     /// unproven, but still against its source (anyone with a credential
     /// for any app may open such connections).
     pub fn app_proven(&mut self) {
+        let handshaking = std::mem::take(&mut self.handshaking);
         let unproven = std::mem::take(&mut self.unproven);
         if let Ok(mut a) = self.door.admission.lock() {
+            if handshaking {
+                a.close_handshake();
+            }
             if unproven {
                 a.close_unproven();
             }
@@ -395,9 +455,13 @@ impl Ticket {
     /// This connection's peer proved a certificate role: it counts only in
     /// the total.
     pub fn proven(&mut self) {
+        let handshaking = std::mem::take(&mut self.handshaking);
         let unproven = std::mem::take(&mut self.unproven);
         let per_source = std::mem::take(&mut self.per_source);
         if let Ok(mut a) = self.door.admission.lock() {
+            if handshaking {
+                a.close_handshake();
+            }
             if unproven {
                 a.close_unproven();
             }
@@ -411,6 +475,9 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Ok(mut a) = self.door.admission.lock() {
+            if self.handshaking {
+                a.close_handshake();
+            }
             if self.unproven {
                 a.close_unproven();
             }
@@ -511,6 +578,7 @@ mod tests {
             total,
             per_source,
             unproven: total,
+            handshaking: total,
         }
     }
 
@@ -545,10 +613,11 @@ mod tests {
         assert_eq!(a.admit(flood, true), Admit::Refuse(Refusal::SourceFull(4)));
         assert_eq!(a.admit(ip("192.0.2.2"), true), Admit::Accept);
         a.leave_source(flood);
-        a.close_unproven();
+        a.close_handshake();
         a.release();
         assert_eq!(a.admit(flood, true), Admit::Accept);
-        assert_eq!(a.counts(), (5, 5));
+        assert_eq!(a.counts(), (5, 0));
+        assert_eq!(a.handshaking(), 5);
     }
 
     #[test]
@@ -562,7 +631,7 @@ mod tests {
             Admit::Refuse(Refusal::Full(3))
         );
         a.leave_source(ip("192.0.2.1"));
-        a.close_unproven();
+        a.close_handshake();
         a.release();
         assert_eq!(a.admit(ip("192.0.2.9"), true), Admit::Accept);
     }
@@ -577,7 +646,7 @@ mod tests {
         // Half its share held: prove the address first.
         assert_eq!(a.admit(src, false), Admit::Retry);
         assert_eq!(a.admit(src, true), Admit::Accept);
-        assert_eq!(a.counts(), (3, 3));
+        assert_eq!(a.counts(), (3, 0));
         // The whole endpoint half full: every new address is retried.
         let mut a = Admission::new(caps(4, 4));
         a.admit(ip("192.0.2.1"), true);
@@ -586,28 +655,45 @@ mod tests {
     }
 
     #[test]
-    fn unproven_connections_have_their_own_cap_from_their_first_packet() {
+    fn handshakes_and_unproven_peers_have_caps_of_their_own_and_certificates_pass_both() {
         let door = Arc::new(FrontDoor::new(options(ConnectionCaps {
             total: 10,
             per_source: 10,
             unproven: 2,
+            handshaking: 2,
         })));
         let src = ip("192.0.2.1");
-        // Admitted, still in their handshakes: unproven already.
-        let (_, a) = door.admit(src, true);
-        let (_, b) = door.admit(src, true);
+        let admit = || {
+            let (d, t) = door.admit(src, true);
+            assert_eq!(d, Admit::Accept);
+            t.expect("ticket")
+        };
+        // Two handshakes in progress: a third is refused before any TLS work.
+        let (mut a, mut b) = (admit(), admit());
+        assert_eq!(door.admission.lock().unwrap().handshaking(), 2);
+        assert_eq!(
+            door.admit(src, true).0,
+            Admit::Refuse(Refusal::HandshakesFull(2))
+        );
+        // Both finish without a certificate: unproven, and the unproven cap
+        // is full.
+        a.handshaken(false).expect("room");
+        b.handshaken(false).expect("room");
         assert_eq!(door.counts(), (2, 2));
-        let (c, none) = door.admit(src, true);
-        assert_eq!(c, Admit::Refuse(Refusal::UnprovenFull(2)));
-        assert!(none.is_none());
-        // One proves a role: room for one more unproven, the total keeps it.
-        let mut a = a.expect("ticket");
-        a.proven();
-        assert_eq!(door.counts(), (2, 1));
-        let (d, _t) = door.admit(src, true);
-        assert_eq!(d, Admit::Accept);
-        drop(b);
-        assert_eq!(door.counts(), (2, 1));
+        let mut c = admit();
+        assert_eq!(c.handshaken(false), Err(Refusal::UnprovenFull(2)));
+        drop(c);
+        // A runner or an operator still gets through: its handshake has
+        // room, and with a certificate it needs no unproven slot.
+        let mut runner = admit();
+        runner
+            .handshaken(true)
+            .expect("a certificate needs no unproven slot");
+        runner.proven();
+        assert_eq!(door.counts(), (3, 2));
+        assert_eq!(door.admission.lock().unwrap().handshaking(), 0);
+        drop((a, b, runner));
+        assert_eq!(door.counts(), (0, 0));
     }
 
     #[test]
@@ -629,7 +715,7 @@ mod tests {
         assert!(a.is_some() && b.is_some());
         assert_eq!(c, Admit::Refuse(Refusal::SourceFull(2)));
         drop(runners);
-        assert_eq!(door.counts(), (2, 2));
+        assert_eq!(door.counts(), (2, 0));
     }
 
     #[test]
@@ -641,6 +727,7 @@ mod tests {
             let (d, t) = door.admit(src, true);
             assert_eq!(d, Admit::Accept);
             let mut t = t.expect("ticket");
+            t.handshaken(false).expect("room");
             t.app_proven();
             held.push(t);
         }
@@ -661,6 +748,7 @@ mod tests {
         let (d, t) = door.admit(ip("192.0.2.1"), true);
         assert_eq!(d, Admit::Accept);
         let mut t = t.expect("ticket");
+        t.handshaken(false).expect("room");
         assert_eq!(door.counts(), (1, 1));
         t.proven();
         assert_eq!(door.counts(), (1, 0));

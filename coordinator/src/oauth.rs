@@ -361,24 +361,30 @@ impl TokenEndpoint {
         // the blocking pool, never on the RPC worker of `ciLogin`.
         let spent = self.spent.clone();
         let (issuer, jti) = (verified.issuer.clone(), jti.to_string());
-        let spent =
-            crate::blocking::off_thread(move || spent.spend(&issuer, &jti, accepted_until, now))
-                .await
-                .unwrap_or(Err(SpendError::Unavailable));
-        // Audited as accepted only once spent.
-        match &spent {
-            Ok(()) => self
-                .observe
-                .ci_login(&scope.app, seen, Ok(&login.binding), source),
-            Err(e) => {
-                let why = match e {
-                    SpendError::AlreadySpent => CiRefusal::Replayed,
-                    _ => CiRefusal::Unrecorded,
-                };
-                self.observe
-                    .ci_login(&scope.app, seen, Err((why, e)), source);
+        let (observe, app, binding) = (
+            self.observe.clone(),
+            scope.app.clone(),
+            login.binding.clone(),
+        );
+        // Spent and audited together, on the blocking pool: accepted only
+        // once spent, and audited even when the caller has gone meanwhile
+        // (its retry would otherwise be the only line, as a replay).
+        let spent = crate::blocking::off_thread(move || {
+            let spent = spent.spend(&issuer, &jti, accepted_until, now);
+            match &spent {
+                Ok(()) => observe.ci_login(&app, seen, Ok(&binding), source),
+                Err(e) => {
+                    let why = match e {
+                        SpendError::AlreadySpent => CiRefusal::Replayed,
+                        _ => CiRefusal::Unrecorded,
+                    };
+                    observe.ci_login(&app, seen, Err((why, e)), source);
+                }
             }
-        }
+            spent
+        })
+        .await
+        .unwrap_or(Err(SpendError::Unavailable));
         spent.map_err(|e| match e {
             SpendError::AlreadySpent => err(ErrorCode::InvalidGrant, e.to_string()),
             SpendError::Full => err(ErrorCode::SlowDown, e.to_string()),

@@ -932,10 +932,6 @@ fn admit(
     }
 }
 
-/// How long a QUIC handshake may take (a TLS 1.3 handshake on loopback
-/// takes a few milliseconds; a peer across the world, a few round trips).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// One peer from handshake to close: its role from its certificate, its
 /// RPC session on a pinned worker, bounded as an unproven peer until it
 /// proves a role, and closed if it has not within
@@ -943,9 +939,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 async fn serve_peer(
     state: Arc<State>,
     pool: LocalPool,
-    (incoming, ticket): (quinn::Incoming, crate::frontdoor::Ticket),
+    (incoming, mut ticket): (quinn::Incoming, crate::frontdoor::Ticket),
 ) {
-    use crate::frontdoor::{Proof, UNPROVEN_LIFETIME};
+    use crate::frontdoor::{Proof, HANDSHAKE_TIMEOUT, UNPROVEN_LIFETIME};
     use transport::close::{close, CloseCode};
     // The address the front door admitted and counts. What the peer says
     // later from another address (QUIC lets a client move) changes nothing
@@ -992,6 +988,12 @@ async fn serve_peer(
         peer,
         PeerIdentity::Admin { .. } | PeerIdentity::Runner { .. }
     );
+    // Without a certificate, it takes an unproven slot now, if one is free.
+    if let Err(why) = ticket.handshaken(has_role) {
+        tracing::debug!(remote = %conn.remote_address(), "connection closed: {why}");
+        close(&conn, CloseCode::Limit, why.to_string().as_bytes());
+        return;
+    }
     let tasks = state.tasks.clone();
     // The session runs on a pinned worker; this task (tracked) waits for
     // it, so a shutdown waits for the session too. The endpoint's close at

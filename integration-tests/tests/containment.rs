@@ -416,15 +416,22 @@ fn a_sandbox_writes_to_a_capped_tmpfs_never_to_the_runners_disk() {
         let mib = fill["done"].as_u64().expect("done");
         assert!((100..=128).contains(&mib), "{place}: {fill}");
     }
-    // Files too: 256 MiB of memory buys 16,384 inodes, wherever made.
+    // Files too: 256 MiB of memory buys 65,536 inodes, wherever made.
     for place in ["app", "tmp"] {
         let (code, fill) = get(&c, "filler", &format!("/fill/{place}/inodes/100000"));
         assert_eq!(code, 200, "{fill}");
         assert_eq!(fill["error"], "No space left on device", "{place}: {fill}");
         assert!(
-            fill["done"].as_u64().is_some_and(|n| n < 16_384),
+            fill["done"].as_u64().is_some_and(|n| n < 65_536),
             "{place}: {fill}"
         );
+    }
+    // /var/tmp and /run are the sandbox's too (in the same tmpfs).
+    for place in ["vartmp", "run"] {
+        let (code, fill) = get(&c, "filler", &format!("/fill/{place}/bytes/1"));
+        assert_eq!(code, 200, "{fill}");
+        assert_eq!(fill["error"], Value::Null, "{place}: {fill}");
+        assert_eq!(fill["done"], 1, "{place}: {fill}");
     }
     // Its root and /dev (bubblewrap's own tmpfs) take nothing.
     for place in ["root", "dev"] {

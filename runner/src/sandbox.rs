@@ -85,6 +85,9 @@ pub enum SandboxError {
     /// It does not run here.
     #[error("sandbox {0} is not on this runner")]
     NotHere(String),
+    /// A stop of it came while it was being started.
+    #[error("sandbox {0} was stopped while it was being started")]
+    StoppedWhileStarting(String),
     /// Its logs could not be read.
     #[error("reading the logs of {id}: {source}")]
     Logs {
@@ -415,8 +418,9 @@ pub struct Supervisor {
     token_file_ttl: u32,
     broker: Broker,
     running: RefCell<HashMap<String, Running>>,
-    /// Sandboxes whose start is in flight (fetching, unpacking).
-    starting: RefCell<std::collections::HashSet<String>>,
+    /// Sandboxes whose start is in flight (fetching, unpacking), and how
+    /// a stop tells that start to give up.
+    starting: RefCell<HashMap<String, tokio::sync::watch::Sender<bool>>>,
     /// One start or stop of an id at a time ([`Supervisor::turn`]).
     turns: RefCell<HashMap<String, std::rc::Weak<tokio::sync::Mutex<()>>>>,
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
@@ -468,7 +472,7 @@ impl Supervisor {
     /// the coordinator reconciles against (each heartbeat carries it).
     pub fn inventory(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.running.borrow().keys().cloned().collect();
-        ids.extend(self.starting.borrow().iter().cloned());
+        ids.extend(self.starting.borrow().keys().cloned());
         ids.sort();
         ids.dedup();
         ids
@@ -482,22 +486,25 @@ impl Supervisor {
             return Err(SandboxError::InvalidId(spec.id));
         }
         if self.running.borrow().contains_key(&spec.id)
-            || !self.starting.borrow_mut().insert(spec.id.clone())
+            || self.starting.borrow().contains_key(&spec.id)
         {
             return Ok(());
         }
         let id = spec.id.clone();
-        let turn = self.turn(&id);
-        let result = {
-            let _turn = turn.lock().await;
-            if self.running.borrow().contains_key(&id) {
-                Ok(())
-            } else {
-                self.start_new(spec, fetch).await
-            }
+        let (cancel, cancelled) = tokio::sync::watch::channel(false);
+        self.starting.borrow_mut().insert(id.clone(), cancel);
+        // Out of `starting` however this ends, the call dropped with its
+        // session included.
+        let _starting = StartInFlight {
+            starting: &self.starting,
+            id: id.clone(),
         };
-        self.starting.borrow_mut().remove(&id);
-        result
+        let turn = self.turn(&id);
+        let _turn = turn.lock().await;
+        if self.running.borrow().contains_key(&id) {
+            return Ok(());
+        }
+        self.start_new(spec, fetch, cancelled).await
     }
 
     /// The lock that orders the starts and stops of sandbox `id`, first
@@ -517,12 +524,25 @@ impl Supervisor {
         turn
     }
 
-    async fn start_new(self: &Rc<Self>, spec: Spec, fetch: Fetch) -> Result<(), SandboxError> {
+    async fn start_new(
+        self: &Rc<Self>,
+        spec: Spec,
+        fetch: Fetch,
+        mut cancelled: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SandboxError> {
         // Over this runner's maximum: refused before anything is fetched.
         let limits = self.containment.policy.resolve(spec.limits)?;
-        let artifact = crate::artifacts::ArtifactCache::open(self.dir.join("artifacts"))
-            .checkout(&spec.id, &spec.artifact, &*fetch)
-            .await?;
+        let stopped = SandboxError::StoppedWhileStarting(spec.id.clone());
+        if *cancelled.borrow() {
+            return Err(stopped);
+        }
+        // The download may take minutes: a stop ends it (its temporary
+        // file goes with it).
+        let cache = crate::artifacts::ArtifactCache::open(self.dir.join("artifacts"));
+        let artifact = tokio::select! {
+            artifact = cache.checkout(&spec.id, &spec.artifact, &*fetch) => artifact?,
+            _ = cancelled.wait_for(|c| *c) => return Err(stopped),
+        };
         let dirs = SandboxDirs::new(&self.dir, &spec.id);
         dirs.create()
             .await
@@ -538,6 +558,10 @@ impl Supervisor {
             id: spec.id.clone(),
             source,
         })?;
+        if *cancelled.borrow() {
+            // The stop waiting for its turn removes what was unpacked.
+            return Err(stopped);
+        }
 
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let (endpoint, port, token_url, address, token_path) = match &self.isolation {
@@ -701,9 +725,13 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Stops a sandbox and removes its files (after its start, when one
-    /// is in flight).
+    /// Stops a sandbox and removes its files. A start in flight is told to
+    /// give up (it ends at its next step, its download included), and the
+    /// stop comes after it.
     pub async fn stop(&self, id: &str) {
+        if let Some(cancel) = self.starting.borrow().get(id) {
+            let _ = cancel.send(true);
+        }
         let turn = self.turn(id);
         let _turn = turn.lock().await;
         let running = self.running.borrow_mut().remove(id);
@@ -771,6 +799,19 @@ impl Supervisor {
 }
 
 use crate::layout::valid_sandbox_id as valid_id;
+
+/// A start in flight, listed in the supervisor's `starting` until it ends
+/// in any way (its call dropped with its session too).
+struct StartInFlight<'a> {
+    starting: &'a RefCell<HashMap<String, tokio::sync::watch::Sender<bool>>>,
+    id: String,
+}
+
+impl Drop for StartInFlight<'_> {
+    fn drop(&mut self) {
+        self.starting.borrow_mut().remove(&self.id);
+    }
+}
 
 /// What a start has set up so far, undone if it fails before the sandbox
 /// runs: its token endpoint (and its entry in the broker), its writable
@@ -894,13 +935,15 @@ impl Launch {
                 // never on bubblewrap itself: it runs on the host, before
                 // any namespace, and an app's LD_PRELOAD there would run
                 // the app's code as the runner's user outside the sandbox.
-                let (tmp, shm) = (self.dirs.layer.tmp(), self.dirs.layer.shm());
+                let layer = &self.dirs.layer;
+                let (tmp, shm, run) = (layer.tmp(), layer.shm(), layer.run());
                 let (writable, private) = if self.capped {
                     (
-                        &self.dirs.layer.view,
+                        &layer.view,
                         crate::shim::Private::Scratch {
                             tmp: &tmp,
                             shm: &shm,
+                            run: &run,
                         },
                     )
                 } else {
@@ -1316,7 +1359,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stop_during_a_start_waits_for_it_and_then_stops_the_sandbox() {
+    async fn a_stop_during_a_start_ends_it_and_leaves_nothing() {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
@@ -1336,15 +1379,50 @@ mod tests {
                     let sup = sup.clone();
                     async move { sup.stop("s1").await }
                 });
-                settle().await;
-                assert!(!stop.is_finished(), "the stop did not wait for the start");
-                gate.notify_one();
-                start.await.expect("start task").expect("started");
+                // The download never ends (the gate stays shut): the stop
+                // ends the start instead of waiting for it.
                 stop.await.expect("stop task");
-                // Stopped after it started: nothing runs, nothing is left.
+                let started = start.await.expect("start task");
+                assert!(
+                    matches!(started, Err(SandboxError::StoppedWhileStarting(ref id)) if id == "s1"),
+                    "{started:?}"
+                );
+                // Nothing runs, nothing is left.
                 assert_eq!(sup.address("s1"), None);
                 assert!(sup.inventory().is_empty());
                 assert!(!d.path().join("sandboxes/s1").exists());
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_start_whose_call_is_dropped_is_not_left_starting() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let d = tempfile::tempdir().expect("tempdir");
+                let sup = supervisor(d.path());
+                let (bytes, sha) = artifact(b"#!/bin/sh\nexec sleep 30\n");
+                let gate = Rc::new(tokio::sync::Notify::new());
+                let start = tokio::task::spawn_local({
+                    let sup = sup.clone();
+                    let fetch = gated_fetch(bytes.clone(), gate.clone());
+                    let spec = spec("s1", &sha);
+                    async move { sup.start(spec, fetch).await }
+                });
+                settle().await;
+                assert_eq!(sup.inventory(), ["s1"]);
+                // The coordinator's session ends: its call is dropped.
+                start.abort();
+                let _ = start.await;
+                assert!(sup.inventory().is_empty(), "{:?}", sup.inventory());
+                // A start asked again does start it.
+                gate.notify_one();
+                sup.start(spec("s1", &sha), gated_fetch(bytes, gate.clone()))
+                    .await
+                    .expect("started again");
+                assert!(sup.address("s1").is_some());
+                sup.stop_all().await;
             })
             .await;
     }

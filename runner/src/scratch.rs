@@ -40,8 +40,9 @@ pub const MIN_INODES: u64 = 4096;
 /// Most inodes a writable layer gets.
 pub const MAX_INODES: u64 = 1 << 20;
 /// Bytes of memory limit per inode granted (an inode and its dentry cost
-/// the kernel about 1 KiB, charged to the sandbox too).
-const BYTES_PER_INODE: u64 = 16 * 1024;
+/// the kernel about 1 KiB, charged to the sandbox too): 131,072 files for
+/// the default 512 MiB, enough for a package manager's tree.
+const BYTES_PER_INODE: u64 = 4 * 1024;
 
 impl ScratchCap {
     /// The cap of a sandbox whose memory limit is `memory_bytes`: half of it
@@ -125,6 +126,11 @@ impl Layer {
     pub fn shm(&self) -> PathBuf {
         self.scratch.join("shm")
     }
+
+    /// The sandbox's `/run`, in the tmpfs.
+    pub fn run(&self) -> PathBuf {
+        self.scratch.join("run")
+    }
 }
 
 /// A path overlay's mount options cannot carry.
@@ -193,7 +199,7 @@ pub fn mount(layer: &Layer, lower: &Path, cap: ScratchCap) -> std::io::Result<()
     )?;
     let upper = layer.scratch.join("upper");
     let work = layer.scratch.join("work");
-    let made = [&upper, &work, &layer.tmp(), &layer.shm()]
+    let made = [&upper, &work, &layer.tmp(), &layer.shm(), &layer.run()]
         .into_iter()
         .try_for_each(std::fs::create_dir);
     let overlay = made.and_then(|()| {
@@ -240,13 +246,13 @@ mod tests {
     fn a_layer_gets_half_the_memory_limit_and_inodes_in_proportion() {
         let cap = ScratchCap::for_memory(512 << 20);
         assert_eq!(cap.bytes, 256 << 20);
-        assert_eq!(cap.inodes, 32768);
+        assert_eq!(cap.inodes, 131_072);
         // Floors and ceilings of inodes.
         assert_eq!(ScratchCap::for_memory(16 << 20).inodes, MIN_INODES);
         assert_eq!(ScratchCap::for_memory(1 << 40).inodes, MAX_INODES);
         assert_eq!(
             ScratchCap::for_memory(128 << 20).tmpfs_options(),
-            "size=67108864,nr_inodes=8192,mode=0700"
+            "size=67108864,nr_inodes=32768,mode=0700"
         );
     }
 

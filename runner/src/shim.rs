@@ -287,40 +287,23 @@ pub fn bwrap_support() -> Option<SandboxUser> {
 }
 
 fn bwrap_works(user: SandboxUser) -> bool {
-    std::process::Command::new("bwrap")
-        .args(user.args())
-        .args([
-            "--ro-bind",
-            "/",
-            "/",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "true",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    bwrap_runs(user, &["--proc", "/proc", "--dev", "/dev"])
 }
 
 /// Whether this bubblewrap takes `--size` (bubblewrap 0.7 and later) for
 /// the tmpfs it mounts, as `user`.
 pub fn bwrap_takes_size(user: SandboxUser) -> bool {
+    bwrap_runs(user, &["--size", "4096", "--tmpfs", "/tmp"])
+}
+
+/// Whether bubblewrap runs `true` as `user` over a read-only view of `/`
+/// with `options`.
+fn bwrap_runs(user: SandboxUser, options: &[&str]) -> bool {
     std::process::Command::new("bwrap")
         .args(user.args())
-        .args([
-            "--ro-bind",
-            "/",
-            "/",
-            "--size",
-            "4096",
-            "--tmpfs",
-            "/tmp",
-            "true",
-        ])
+        .args(["--ro-bind", "/", "/"])
+        .args(options)
+        .arg("true")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -342,13 +325,19 @@ pub struct Mounts<'a> {
     pub private: Private<'a>,
 }
 
-/// The sandbox's `/tmp` and `/dev/shm`, its only writable places besides
-/// its app dir (`/` and `/dev` are read-only).
+/// The sandbox's `/tmp`, `/var/tmp`, `/dev/shm` and `/run`, its only
+/// writable places besides its app dir (`/` and `/dev` are read-only;
+/// the runner's dirs under `/run/miren` are mounted over `/run`).
 #[derive(Debug, Clone, Copy)]
 pub enum Private<'a> {
     /// Dirs of its capped scratch tmpfs ([`crate::scratch::Layer`]): one
-    /// cap for every byte and file the sandbox writes.
-    Scratch { tmp: &'a Path, shm: &'a Path },
+    /// cap for every byte and file the sandbox writes. `tmp` serves
+    /// `/var/tmp` too.
+    Scratch {
+        tmp: &'a Path,
+        shm: &'a Path,
+        run: &'a Path,
+    },
     /// Tmpfs of their own (the runner cannot mount), each capped at `size`
     /// bytes where this bubblewrap takes `--size`.
     Own { size: Option<u64> },
@@ -393,12 +382,14 @@ pub fn bwrap_command(
     }
     cmd.args(["--proc", "/proc", "--dev", "/dev"]);
     match mounts.private {
-        Private::Scratch { tmp, shm } => {
+        Private::Scratch { tmp, shm, run } => {
             cmd.arg("--bind").arg(tmp).arg("/tmp");
+            cmd.arg("--bind").arg(tmp).arg("/var/tmp");
             cmd.arg("--bind").arg(shm).arg("/dev/shm");
+            cmd.arg("--bind").arg(run).arg("/run");
         }
         Private::Own { size } => {
-            for dest in ["/tmp", "/dev/shm"] {
+            for dest in ["/tmp", "/var/tmp", "/dev/shm", "/run"] {
                 if let Some(size) = size {
                     cmd.arg("--size").arg(size.max(4096).to_string());
                 }
@@ -444,9 +435,8 @@ mod tests {
             app: &dirs.app,
             writable: &dirs.layer.view,
             identity: &dirs.identity,
-            private: Private::Scratch {
-                tmp: &dirs.layer.scratch,
-                shm: &dirs.logs,
+            private: Private::Own {
+                size: Some(64 << 20),
             },
         }
     }
@@ -601,18 +591,25 @@ mod tests {
         let a = scratch(Private::Scratch {
             tmp: Path::new("/var/lib/r/sandboxes/s1/scratch/tmp"),
             shm: Path::new("/var/lib/r/sandboxes/s1/scratch/shm"),
+            run: Path::new("/var/lib/r/sandboxes/s1/scratch/run"),
         });
         assert!(
             a.contains(
-                "--bind /var/lib/r/sandboxes/s1/scratch/tmp /tmp --bind /var/lib/r/sandboxes/s1/scratch/shm /dev/shm"
+                "--bind /var/lib/r/sandboxes/s1/scratch/tmp /tmp --bind /var/lib/r/sandboxes/s1/scratch/tmp /var/tmp --bind /var/lib/r/sandboxes/s1/scratch/shm /dev/shm --bind /var/lib/r/sandboxes/s1/scratch/run /run"
             ),
             "{a}"
         );
-        assert_eq!(a.matches("--bind ").count(), 3, "{a}");
+        assert_eq!(a.matches("--bind ").count(), 5, "{a}");
+        // The runner's dirs go over the sandbox's /run, after it.
+        assert!(
+            a.find("--bind /var/lib/r/sandboxes/s1/scratch/run /run")
+                < a.find("/run/miren/identity"),
+            "{a}"
+        );
         assert!(!a.contains("--size") && !a.contains("--tmpfs"), "{a}");
         // Read-only last: after every mount made on them.
         assert!(
-            a.ends_with("--remount-ro /dev --remount-ro / -- app"),
+            a.ends_with("--remount-ro /dev --remount-ro / -- /run/miren/miren sandbox-shim -- app"),
             "{a}"
         );
 
@@ -620,13 +617,16 @@ mod tests {
             size: Some(64 << 20),
         });
         assert!(
-            a.contains("--size 67108864 --tmpfs /tmp --size 67108864 --tmpfs /dev/shm"),
+            a.contains(
+                "--size 67108864 --tmpfs /tmp --size 67108864 --tmpfs /var/tmp --size 67108864 --tmpfs /dev/shm --size 67108864 --tmpfs /run"
+            ),
             "{a}"
         );
         assert_eq!(a.matches("--bind ").count(), 1, "{a}");
         let a = scratch(Private::Own { size: None });
         assert!(
-            a.contains("--tmpfs /tmp --tmpfs /dev/shm") && !a.contains("--size"),
+            a.contains("--tmpfs /tmp --tmpfs /var/tmp --tmpfs /dev/shm --tmpfs /run")
+                && !a.contains("--size"),
             "{a}"
         );
     }

@@ -85,14 +85,15 @@ impl RpcLimits {
     };
 
     /// A peer logged in to one app (an access token from a deploy key or a
-    /// CI login): room for a deploy — 512 KiB upload chunks, log replies of
-    /// several MiB — and no more, since anyone with a credential for any
+    /// CI login): room for a deploy — 512 KiB upload chunks; a log reply
+    /// over the unwritten cap is still written, it only holds the next
+    /// message back until it is — and no more, since anyone with a credential for any
     /// app can open such connections.
     pub const APP: RpcLimits = RpcLimits {
         max_message_bytes: 1024 * 1024,
         max_calls: 32,
         max_call_bytes: 8 * 1024 * 1024,
-        max_unwritten_bytes: 16 * 1024 * 1024,
+        max_unwritten_bytes: 4 * 1024 * 1024,
     };
 
     /// An admin or a runner (a certificate of the cluster's): the message

@@ -178,6 +178,8 @@ pub mod limits {
     /// Connection receive window of a peer logged in to one app: its RPC
     /// stream's own window, so an upload never waits on the connection.
     pub const APP_RECEIVE_WINDOW: u32 = STREAM_RECEIVE_WINDOW;
+    /// Bytes we buffer towards a peer logged in to one app: log replies.
+    pub const APP_SEND_WINDOW: u64 = 2 * 1024 * 1024;
     /// Bytes we buffer towards an unproven peer (written, not yet
     /// acknowledged): its replies are a few KiB.
     pub const UNPROVEN_SEND_WINDOW: u64 = 128 * 1024;
@@ -246,7 +248,7 @@ pub fn open_windows(conn: &quinn::Connection) {
 /// deploy needs (see [`limits`]).
 pub fn open_app_windows(conn: &quinn::Connection) {
     conn.set_receive_window(limits::APP_RECEIVE_WINDOW.into());
-    conn.set_send_window(limits::PROVEN_SEND_WINDOW);
+    conn.set_send_window(limits::APP_SEND_WINDOW);
 }
 
 /// The quinn server configuration of the coordinator's endpoint.

@@ -234,6 +234,11 @@ impl cluster::Server for ClusterService {
         let (record, cert_pem) = (self.state.observe)
             .join(&token_id, remote, joined)
             .map_err(|e| match e {
+                // A request that does not parse, or names what no
+                // certificate can hold, is the joiner's to fix: a refusal.
+                crate::runners::RegistryError::Pki(
+                    transport::pki::PkiError::BadCsr(_) | transport::pki::PkiError::BadName(_),
+                ) => registry_err(e),
                 crate::runners::RegistryError::Store(_)
                 | crate::runners::RegistryError::Pki(_)
                 | crate::runners::RegistryError::Unavailable => undecided(remote, &e),
