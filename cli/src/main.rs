@@ -101,6 +101,13 @@ enum Command {
     Completion { shell: clap_complete::Shell },
 }
 
+/// mimalloc instead of glibc's allocator: the ingress allocates per request
+/// (header maps, bodies' buffers, hyper's and quinn's state), and with it
+/// the coordinator and runner spend less CPU per proxied request
+/// (ARCHITECTURE.md, "Chosen dependencies").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
