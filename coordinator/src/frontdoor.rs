@@ -48,6 +48,12 @@ pub const MAX_UNPROVEN_CONNECTIONS: usize = 3072;
 /// connecting while unproven peers hold their whole share get through
 /// their handshake, and then need no unproven slot.
 pub const MAX_HANDSHAKING: usize = 512;
+/// Connections logged in with one credential (a deploy key, the CI tokens
+/// of one binding) at once: a deploy needs one, a busy pipeline a few.
+/// App logins count against their source too, but one credential used
+/// from many addresses could otherwise fill the total that runners and
+/// operators need.
+pub const MAX_CONNECTIONS_PER_CREDENTIAL: usize = 32;
 /// How long a QUIC handshake may take (a TLS 1.3 handshake on loopback
 /// takes milliseconds; across the world, a few round trips). Every packet
 /// restarts QUIC's idle timer, so without this a peer that kept sending
@@ -128,6 +134,8 @@ pub enum Refusal {
     UnprovenFull(usize),
     #[error("the coordinator holds its maximum of {0} connections in their handshake")]
     HandshakesFull(usize),
+    #[error("this credential holds its maximum of {0} logged-in connections; close some first")]
+    CredentialFull(usize),
 }
 
 /// Connection counts, total, per source and unproven.
@@ -360,6 +368,8 @@ impl Default for FrontDoorOptions {
 pub struct FrontDoor {
     admission: Mutex<Admission>,
     joins: Mutex<JoinLimiter>,
+    /// Logged-in connections per credential (`client_id`).
+    app_logins: Mutex<HashMap<String, usize>>,
 }
 
 impl FrontDoor {
@@ -371,6 +381,7 @@ impl FrontDoor {
                 opts.join_interval,
                 MAX_JOIN_SOURCES,
             )),
+            app_logins: Mutex::new(HashMap::new()),
         }
     }
 
@@ -387,6 +398,7 @@ impl FrontDoor {
             handshaking: true,
             unproven: false,
             per_source: true,
+            credential: None,
         });
         (decision, ticket)
     }
@@ -414,6 +426,8 @@ pub struct Ticket {
     unproven: bool,
     /// Still counted against its source.
     per_source: bool,
+    /// The credential it logged in with first, counted against it.
+    credential: Option<String>,
 }
 
 impl Ticket {
@@ -436,10 +450,29 @@ impl Ticket {
         Ok(())
     }
 
-    /// This connection's peer logged in to an app: it no longer counts as
-    /// unproven, but still against its source (anyone with a credential
-    /// for any app may open such connections).
-    pub fn app_proven(&mut self) {
+    /// This connection's peer logged in to an app with `credential`: it
+    /// counts against that credential (the first it logged in with), if
+    /// there is room, and no longer as unproven, but still against its
+    /// source (anyone with a credential for any app may open such
+    /// connections).
+    ///
+    /// `spent`: the login consumed a one-time credential (a CI token, for
+    /// `ciLogin`): counted, never refused, since refusing it now would
+    /// burn the token for nothing, and each one is a pipeline run.
+    pub fn app_proven(&mut self, credential: &str, spent: bool) -> Result<(), Refusal> {
+        if self.credential.is_none() {
+            let mut logins = self
+                .door
+                .app_logins
+                .lock()
+                .map_err(|_| Refusal::CredentialFull(0))?;
+            let held = logins.get(credential).copied().unwrap_or(0);
+            if held >= MAX_CONNECTIONS_PER_CREDENTIAL && !spent {
+                return Err(Refusal::CredentialFull(MAX_CONNECTIONS_PER_CREDENTIAL));
+            }
+            logins.insert(credential.to_string(), held + 1);
+            self.credential = Some(credential.to_string());
+        }
         let handshaking = std::mem::take(&mut self.handshaking);
         let unproven = std::mem::take(&mut self.unproven);
         if let Ok(mut a) = self.door.admission.lock() {
@@ -450,6 +483,7 @@ impl Ticket {
                 a.close_unproven();
             }
         }
+        Ok(())
     }
 
     /// This connection's peer proved a certificate role: it counts only in
@@ -474,6 +508,16 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if let Some(credential) = self.credential.take() {
+            if let Ok(mut logins) = self.door.app_logins.lock() {
+                if let Some(n) = logins.get_mut(&credential) {
+                    *n -= 1;
+                    if *n == 0 {
+                        logins.remove(&credential);
+                    }
+                }
+            }
+        }
         if let Ok(mut a) = self.door.admission.lock() {
             if self.handshaking {
                 a.close_handshake();
@@ -531,32 +575,37 @@ impl Proof {
         }
     }
 
-    /// The peer proved `role`; a certificate's room is never narrowed by a
-    /// later app login on the same connection.
-    pub fn prove(&self, role: Role) {
+    /// The peer holds a certificate of the cluster's.
+    pub fn prove_certificate(&self) {
         let i = &self.inner;
-        match (i.proven.get(), role) {
-            (Some(Role::Certificate), _) | (Some(Role::App), Role::App) => return,
-            _ => {}
+        if i.proven.replace(Some(Role::Certificate)) == Some(Role::Certificate) {
+            return;
         }
-        i.proven.set(Some(role));
-        let mut ticket = i.ticket.borrow_mut();
-        match role {
-            Role::Certificate => {
-                i.limits.set(RpcLimits::PROVEN);
-                transport::endpoint::open_windows(&i.conn);
-                if let Some(t) = ticket.as_mut() {
-                    t.proven();
-                }
-            }
-            Role::App => {
-                i.limits.set(RpcLimits::APP);
-                transport::endpoint::open_app_windows(&i.conn);
-                if let Some(t) = ticket.as_mut() {
-                    t.app_proven();
-                }
-            }
+        i.limits.set(RpcLimits::PROVEN);
+        transport::endpoint::open_windows(&i.conn);
+        if let Some(t) = i.ticket.borrow_mut().as_mut() {
+            t.proven();
         }
+    }
+
+    /// The peer logged in to an app with `credential` (an access token's
+    /// `client_id`; `spent`: with a one-time CI token, see
+    /// [`Ticket::app_proven`]). Refused when a reusable credential holds
+    /// its maximum of connections; a certificate's room is never narrowed
+    /// by it.
+    pub fn prove_app(&self, credential: &str, spent: bool) -> Result<(), Refusal> {
+        let i = &self.inner;
+        if i.proven.get() == Some(Role::Certificate) {
+            return Ok(());
+        }
+        if let Some(t) = i.ticket.borrow_mut().as_mut() {
+            t.app_proven(credential, spent)?;
+        }
+        if i.proven.replace(Some(Role::App)).is_none() {
+            i.limits.set(RpcLimits::APP);
+            transport::endpoint::open_app_windows(&i.conn);
+        }
+        Ok(())
     }
 
     /// Whether the peer has proven a role.
@@ -728,7 +777,7 @@ mod tests {
             assert_eq!(d, Admit::Accept);
             let mut t = t.expect("ticket");
             t.handshaken(false).expect("room");
-            t.app_proven();
+            t.app_proven("deploykey:k1", false).expect("room");
             held.push(t);
         }
         // No longer unproven, but its address's share is used up.
@@ -740,6 +789,45 @@ mod tests {
         drop(held);
         assert_eq!(door.counts(), (0, 0));
         assert_eq!(door.admit(src, true).0, Admit::Accept);
+    }
+
+    #[test]
+    fn one_credential_holds_a_bounded_number_of_logged_in_connections() {
+        let door = Arc::new(FrontDoor::new(options(caps(1000, 1000))));
+        let login = |i: usize, credential: &str| {
+            let (d, t) = door.admit(ip(&format!("192.0.2.{}", i % 250 + 1)), true);
+            assert_eq!(d, Admit::Accept);
+            let mut t = t.expect("ticket");
+            t.handshaken(false).expect("room");
+            t.app_proven(credential, false).map(|()| t)
+        };
+        // From many addresses, one deploy key gets its share and no more.
+        let held: Vec<Ticket> = (0..MAX_CONNECTIONS_PER_CREDENTIAL)
+            .map(|i| login(i, "deploykey:k1").expect("room"))
+            .collect();
+        assert_eq!(
+            login(99, "deploykey:k1").err(),
+            Some(Refusal::CredentialFull(MAX_CONNECTIONS_PER_CREDENTIAL))
+        );
+        // Another credential is not affected, and a connection closing
+        // gives its place back.
+        let other = login(100, "ci:b1").expect("another credential");
+        // A login that spent a one-time CI token is counted, not refused.
+        let (_, t) = door.admit(ip("192.0.2.200"), true);
+        let mut spent = t.expect("ticket");
+        spent.handshaken(false).expect("room");
+        assert!(spent.app_proven("deploykey:k1", true).is_ok());
+        drop(spent);
+        drop(held);
+        assert!(login(101, "deploykey:k1").is_ok());
+        assert!(door
+            .app_logins
+            .lock()
+            .unwrap()
+            .get("deploykey:k1")
+            .is_none());
+        drop(other);
+        assert!(door.app_logins.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -1002,7 +1002,7 @@ async fn serve_peer(
         let limits = Limits::new(RpcLimits::UNPROVEN);
         let proof = Proof::new(limits.clone(), conn.clone(), Some(ticket));
         if has_role {
-            proof.prove(crate::frontdoor::Role::Certificate);
+            proof.prove_certificate();
         }
         let client = ClusterService::client(state, peer, conn.clone(), remote, proof.clone());
         let deadline = async {

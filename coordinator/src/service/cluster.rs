@@ -62,13 +62,23 @@ impl ClusterService {
         let token = (self.state.oauth)
             .login(access_token, app, now_unix())
             .map_err(|e| failed(e.to_string()))?;
-        Ok(self.capability(token))
+        self.capability(token, false)
     }
 
     /// The app capability a verified access token buys.
-    fn capability(&self, token: identity::access_token::AccessToken) -> app::Client {
+    ///
+    /// `spent`: the token came from a one-time CI token just spent
+    /// (`ciLogin`), so the connection is counted against its credential
+    /// but never refused for it.
+    fn capability(
+        &self,
+        token: identity::access_token::AccessToken,
+        spent: bool,
+    ) -> Result<app::Client, capnp::Error> {
         let app = token.scope.app.clone();
-        self.proof.prove(crate::frontdoor::Role::App);
+        self.proof
+            .prove_app(&token.claims.client_id, spent)
+            .map_err(|e| capnp::Error::overloaded(e.to_string()))?;
         let actor = match token.claims.caller() {
             Caller::DeployKey(id) => Actor::DeployKey(id),
             Caller::Ci(binding) => Actor::Ci(binding),
@@ -79,7 +89,7 @@ impl ClusterService {
             caller: token.claims.caller(),
         };
         let service = AppService::confined(self.state.clone(), token.scope, login);
-        client(service, "App", &self.state, Some(actor), Some(app))
+        Ok(client(service, "App", &self.state, Some(actor), Some(app)))
     }
 }
 
@@ -182,7 +192,7 @@ impl cluster::Server for ClusterService {
             .ci_login(token.to_str()?, &app, remote)
             .await
             .map_err(oauth_err)?;
-        let client = self.capability(access);
+        let client = self.capability(access, true)?;
         results.get().set_app(client);
         Ok(())
     }
