@@ -254,6 +254,16 @@ async fn proxy(
         }
         None => req.headers().get(HOST).cloned(),
     };
+    // HTTP/1.1 requires a Host (RFC 9112 §3.2): without one the request
+    // names no host, and guessing (the default route) would answer for an
+    // app the client never asked for. HTTP/1.0 may leave it out; HTTP/2
+    // names its authority in the target, read above.
+    if host_value.is_none() && req.version() == hyper::Version::HTTP_11 {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request names its host in a Host header",
+        ));
+    }
     let host_header = host_value
         .as_ref()
         .and_then(|h| h.to_str().ok())

@@ -307,8 +307,8 @@ fn exchange(ingress: &str, raw: &str) -> (u16, String) {
 /// host in Host and a protected one in the target, and have the app serve
 /// the protected host without the route OIDC gate. For the same reason two
 /// Host headers, or one that is not visible ASCII, are refused, and a
-/// trailing dot does not make a host fall to another route. CONNECT is
-/// refused.
+/// trailing dot does not make a host fall to another route. An HTTP/1.1
+/// request without a Host and CONNECT are refused.
 #[test]
 fn a_request_in_absolute_form_is_routed_and_passed_on_by_its_targets_host() {
     let dir = temp();
@@ -352,6 +352,14 @@ fn a_request_in_absolute_form_is_routed_and_passed_on_by_its_targets_host() {
         "GET /target HTTP/1.1\r\nHost: pool.test\u{e9}\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status, 400, "{body}");
+    // HTTP/1.1 without a Host names no host: refused, not sent to the
+    // default route.
+    let (status, body) = exchange(
+        &ingress,
+        "GET /target HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("Host header"), "{body}");
     // A fully qualified name (trailing dot) is its host's, not another
     // route's.
     let (status, body) = exchange(
