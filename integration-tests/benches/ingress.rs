@@ -23,8 +23,9 @@
 //!    processes used per 1,000 requests (from `/proc`: coordinator and
 //!    runner; the proxy's workers), and the ratios ingress / nginx proxy
 //!    against the targets (requests/s >= 0.5x, p99 <= 3x). Timings are
-//!    printed, never asserted. `MIREN_BENCH_ROUNDS=N` measures N rounds
-//!    (the order rotated each round); `MIREN_BENCH_PERF=DIR` records the
+//!    printed, never asserted. Three rounds are measured (the order
+//!    rotated each round; `MIREN_BENCH_ROUNDS=N` for N), the ratios taken
+//!    from the means and also shown round by round; `MIREN_BENCH_PERF=DIR` records the
 //!    coordinator and the runner with `perf record -g` during each
 //!    measured ingress run (`DIR/ingress-<round>.perf.data`;
 //!    `MIREN_BENCH_PERF_DWARF=1` unwinds with DWARF, which the release
@@ -52,6 +53,10 @@ const CONNECTIONS: usize = 32;
 /// The body every nginx here answers `GET /` with.
 const BODY: &str = "hello from nginx\n";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rounds a `--bench` run measures unless `MIREN_BENCH_ROUNDS` says: the
+/// machine's speed moves between runs seconds apart (the same binary's
+/// ratio spans 0.42-0.78 over single rounds), so one round is one sample.
+const DEFAULT_ROUNDS: usize = 3;
 
 struct Settings {
     warmup: Duration,
@@ -64,7 +69,7 @@ fn main() {
     let rounds = std::env::var("MIREN_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(1usize)
+        .unwrap_or(DEFAULT_ROUNDS)
         .max(1);
     let s = if benching {
         Settings {
@@ -486,6 +491,20 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
         cpu_per_k(2)
     );
     let rps_ratio = rate(2) / rate(1).max(1e-9);
+    if s.rounds > 1 {
+        let mut per_round: Vec<f64> = results[2]
+            .iter()
+            .zip(&results[1])
+            .map(|(ingress, proxy)| ingress.rate() / proxy.rate().max(1e-9))
+            .collect();
+        let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+        per_round.sort_by(f64::total_cmp);
+        println!(
+            "ingress / nginx proxy requests/s by round: {} (median {:.2})",
+            shown.join(" "),
+            per_round[per_round.len() / 2]
+        );
+    }
     let p99_ratio = p99(2) / p99(1).max(1e-9);
     let verdict = |pass: bool| if pass { "PASS" } else { "MISS" };
     println!(

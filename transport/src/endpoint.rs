@@ -192,6 +192,14 @@ pub mod limits {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
     /// How often a client (CLI, runner) pings an idle connection.
     pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(5);
+    /// Packets each end may receive before it must acknowledge at once
+    /// (quinn's default is 1): enough for a burst of proxied requests to be
+    /// acknowledged by the answers.
+    pub const ACK_ELICITING_THRESHOLD: u32 = 8;
+    /// ... and how long it may hold an acknowledgement (quinn's default is
+    /// the peer's 25 ms): short, so that a sender waiting on its window (an
+    /// upload's first packets) is not held up.
+    pub const MAX_ACK_DELAY: Duration = Duration::from_millis(2);
     /// Connection attempts quinn keeps while the accept loop decides on
     /// them (it decides at once, so this is only a backstop).
     pub const MAX_PENDING_INCOMING: usize = 1024;
@@ -220,8 +228,24 @@ pub fn server_transport_config() -> quinn::TransportConfig {
         .send_window(limits::UNPROVEN_SEND_WINDOW)
         .max_idle_timeout(idle_timeout())
         .keep_alive_interval(None)
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        .ack_frequency_config(Some(ack_frequency()));
     t
+}
+
+/// What each end asks of the other's acknowledgements (the QUIC ACK
+/// frequency extension, which quinn speaks on both ends): an ACK at the
+/// latest after [`limits::ACK_ELICITING_THRESHOLD`] + 1 packets or
+/// [`limits::MAX_ACK_DELAY`], so that on a connection carrying requests one
+/// way and answers the other the acknowledgements ride on the answers
+/// instead of going in packets of their own (quinn's default acknowledges
+/// every second packet at once: a packet, a `sendmsg` and a wake-up of the
+/// other process each time).
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut f = quinn::AckFrequencyConfig::default();
+    f.ack_eliciting_threshold(limits::ACK_ELICITING_THRESHOLD.into())
+        .max_ack_delay(Some(limits::MAX_ACK_DELAY));
+    f
 }
 
 /// The transport of a client connection (CLI, runner): it trusts the
@@ -233,7 +257,8 @@ fn client_transport_config() -> Arc<quinn::TransportConfig> {
         .max_idle_timeout(idle_timeout())
         .max_concurrent_bidi_streams(limits::CLIENT_MAX_INCOMING_BIDI_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        .ack_frequency_config(Some(ack_frequency()));
     Arc::new(t)
 }
 
@@ -542,5 +567,63 @@ mod tests {
             .expect("runtime");
         let dialed = client.block_on(dial(&addr, None));
         assert!(dialed.is_ok(), "{:?}", dialed.err());
+    }
+
+    #[test]
+    fn each_end_asks_the_other_to_acknowledge_less_often() {
+        let generated = ClusterCa::generate("t").expect("CA");
+        let ca = ClusterCa::load(&generated.cert_pem, &generated.key_pem).expect("load");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let endpoint = {
+            let _in = rt.enter();
+            server_endpoint(
+                "127.0.0.1:0".parse().expect("addr"),
+                tls(&ca),
+                &[1; 32],
+                rt.handle().clone(),
+            )
+            .expect("bind")
+        };
+        let addr = ClusterAddress {
+            host: "127.0.0.1".into(),
+            port: endpoint.local_addr().expect("addr").port(),
+            fingerprint: Some(ca.fingerprint()),
+            alternates: Vec::new(),
+        };
+        let (server_seen, client_seen) = rt.block_on(async move {
+            // The server echoes every 4-byte message of the first stream.
+            let server = tokio::spawn(async move {
+                let conn = endpoint
+                    .accept()
+                    .await
+                    .expect("incoming")
+                    .await
+                    .expect("conn");
+                let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
+                let mut msg = [0u8; 4];
+                while recv.read_exact(&mut msg).await.is_ok() {
+                    send.write_all(&msg).await.expect("echo");
+                }
+                conn.stats().frame_rx.ack_frequency
+            });
+            let (_client_endpoint, conn) = dial(&addr, None).await.expect("dial");
+            let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+            for i in 0u32..20 {
+                send.write_all(&i.to_be_bytes()).await.expect("send");
+                let mut back = [0u8; 4];
+                recv.read_exact(&mut back).await.expect("echo");
+                assert_eq!(back, i.to_be_bytes());
+            }
+            send.finish().expect("finish");
+            let server_seen = server.await.expect("server");
+            (server_seen, conn.stats().frame_rx.ack_frequency)
+        });
+        // Each asked the other once (the delay asked for does not follow
+        // the round-trip time, so it is never asked again).
+        assert_eq!(server_seen, 1, "ACK_FREQUENCY frames the server got");
+        assert_eq!(client_seen, 1, "ACK_FREQUENCY frames the client got");
     }
 }
