@@ -607,7 +607,8 @@ mod tests {
                 while recv.read_exact(&mut msg).await.is_ok() {
                     send.write_all(&msg).await.expect("echo");
                 }
-                conn.stats().frame_rx.ack_frequency
+                let stats = conn.stats();
+                (stats.frame_tx.ack_frequency, stats.frame_rx.ack_frequency)
             });
             let (_client_endpoint, conn) = dial(&addr, None).await.expect("dial");
             let (mut send, mut recv) = conn.open_bi().await.expect("stream");
@@ -619,11 +620,25 @@ mod tests {
             }
             send.finish().expect("finish");
             let server_seen = server.await.expect("server");
-            (server_seen, conn.stats().frame_rx.ack_frequency)
+            let stats = conn.stats();
+            (
+                server_seen,
+                (stats.frame_tx.ack_frequency, stats.frame_rx.ack_frequency),
+            )
         });
         // Each asked the other once (the delay asked for does not follow
-        // the round-trip time, so it is never asked again).
-        assert_eq!(server_seen, 1, "ACK_FREQUENCY frames the server got");
-        assert_eq!(client_seen, 1, "ACK_FREQUENCY frames the client got");
+        // the round-trip time, so it is not asked again; on loopback the
+        // one packet is not lost). Sent and received are both counted, so
+        // a failure tells a request never made from one lost on the way.
+        assert_eq!(
+            server_seen,
+            (1, 1),
+            "ACK_FREQUENCY frames the server sent, got"
+        );
+        assert_eq!(
+            client_seen,
+            (1, 1),
+            "ACK_FREQUENCY frames the client sent, got"
+        );
     }
 }
