@@ -522,10 +522,36 @@ mod tests {
         .expect("tls")
     }
 
+    fn test_ca() -> ClusterCa {
+        let generated = ClusterCa::generate("t").expect("CA");
+        ClusterCa::load(&generated.cert_pem, &generated.key_pem).expect("load")
+    }
+
+    /// A coordinator's endpoint for `ca` on a free loopback port, its
+    /// drivers on `drivers` (bound from whatever runtime the caller is in).
+    fn bind(ca: &ClusterCa, drivers: tokio::runtime::Handle) -> quinn::Endpoint {
+        server_endpoint(
+            "127.0.0.1:0".parse().expect("addr"),
+            tls(ca),
+            &[1; 32],
+            drivers,
+        )
+        .expect("bind")
+    }
+
+    /// The address of `endpoint`, pinned to `ca`.
+    fn pinned(ca: &ClusterCa, endpoint: &quinn::Endpoint) -> ClusterAddress {
+        ClusterAddress {
+            host: "127.0.0.1".into(),
+            port: endpoint.local_addr().expect("addr").port(),
+            fingerprint: Some(ca.fingerprint()),
+            alternates: Vec::new(),
+        }
+    }
+
     #[test]
     fn the_drivers_run_on_the_given_runtime_not_the_one_that_bound() {
-        let generated = ClusterCa::generate("t").expect("CA");
-        let ca = ClusterCa::load(&generated.cert_pem, &generated.key_pem).expect("load");
+        let ca = test_ca();
         let drivers = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -539,15 +565,9 @@ mod tests {
                 .build()
                 .expect("runtime");
             let _in = binder.enter();
-            server_endpoint(
-                "127.0.0.1:0".parse().expect("addr"),
-                tls(&ca),
-                &[1; 32],
-                drivers.handle().clone(),
-            )
-            .expect("bind")
+            bind(&ca, drivers.handle().clone())
         };
-        let port = endpoint.local_addr().expect("addr").port();
+        let addr = pinned(&ca, &endpoint);
         drivers.spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 if let Ok(conn) = incoming.await {
@@ -555,12 +575,6 @@ mod tests {
                 }
             }
         });
-        let addr = ClusterAddress {
-            host: "127.0.0.1".into(),
-            port,
-            fingerprint: Some(ca.fingerprint()),
-            alternates: Vec::new(),
-        };
         let client = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -571,27 +585,20 @@ mod tests {
 
     #[test]
     fn each_end_asks_the_other_to_acknowledge_less_often() {
-        let generated = ClusterCa::generate("t").expect("CA");
-        let ca = ClusterCa::load(&generated.cert_pem, &generated.key_pem).expect("load");
+        let ca = test_ca();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let endpoint = {
             let _in = rt.enter();
-            server_endpoint(
-                "127.0.0.1:0".parse().expect("addr"),
-                tls(&ca),
-                &[1; 32],
-                rt.handle().clone(),
-            )
-            .expect("bind")
+            bind(&ca, rt.handle().clone())
         };
-        let addr = ClusterAddress {
-            host: "127.0.0.1".into(),
-            port: endpoint.local_addr().expect("addr").port(),
-            fingerprint: Some(ca.fingerprint()),
-            alternates: Vec::new(),
+        let addr = pinned(&ca, &endpoint);
+        // Frames of the extension one end sent and received.
+        let ack_frequency_frames = |conn: &quinn::Connection| {
+            let stats = conn.stats();
+            (stats.frame_tx.ack_frequency, stats.frame_rx.ack_frequency)
         };
         let (server_seen, client_seen) = rt.block_on(async move {
             // The server echoes every 4-byte message of the first stream.
@@ -607,8 +614,7 @@ mod tests {
                 while recv.read_exact(&mut msg).await.is_ok() {
                     send.write_all(&msg).await.expect("echo");
                 }
-                let stats = conn.stats();
-                (stats.frame_tx.ack_frequency, stats.frame_rx.ack_frequency)
+                ack_frequency_frames(&conn)
             });
             let (_client_endpoint, conn) = dial(&addr, None).await.expect("dial");
             let (mut send, mut recv) = conn.open_bi().await.expect("stream");
@@ -620,11 +626,7 @@ mod tests {
             }
             send.finish().expect("finish");
             let server_seen = server.await.expect("server");
-            let stats = conn.stats();
-            (
-                server_seen,
-                (stats.frame_tx.ack_frequency, stats.frame_rx.ack_frequency),
-            )
+            (server_seen, ack_frequency_frames(&conn))
         });
         // Each asked the other once (the delay asked for does not follow
         // the round-trip time, so it is not asked again; on loopback the
