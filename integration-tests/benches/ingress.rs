@@ -5,24 +5,28 @@
 //! first: `cargo build --release -p cli`; `MIREN_BIN` overrides it; needs
 //! Debian's `nginx` and `wrk`, which `scripts/test.sh` installs):
 //!
-//! 1. starts Debian's nginx twice on loopback, each with its own prefix and
-//!    configuration in a temporary dir (`-p DIR -c CONF`, `daemon off`,
-//!    `pid` in DIR, no system file touched): a backend answering
-//!    `GET /` with a short fixed body (one worker), and a reverse proxy
-//!    in front of it with keep-alive upstream connections (workers:
-//!    `auto`, as the coordinator's runtime uses every core);
+//! 1. starts Debian's nginx three times on loopback, each with its own
+//!    prefix and configuration in a temporary dir (`-p DIR -c CONF`,
+//!    `daemon off`, `pid` in DIR, no system file touched): a backend
+//!    answering `GET /` with a short fixed body (one worker), a reverse
+//!    proxy in front of it with keep-alive upstream connections (workers:
+//!    `auto`, as the coordinator's runtime uses every core), and the same
+//!    proxy in front of that proxy: two hops, the shape of ingress ->
+//!    runner -> app, shown for comparison (the target is against one);
 //! 2. starts a coordinator with its HTTP ingress and one runner
 //!    (`--isolation none`, as the app journeys do), and deploys the same
 //!    nginx backend configuration as an app (a script writes its
 //!    configuration with the sandbox's `$PORT`), routed as the default
 //!    route;
-//! 3. drives the three with `wrk` (same threads, connections and duration,
-//!    `--latency`): nginx directly, nginx reverse proxy -> nginx, and
-//!    ingress -> runner -> sandbox nginx, after a warm-up of each;
+//! 3. drives the four with `wrk` (same threads, connections and duration,
+//!    `--latency`): nginx directly, nginx reverse proxy -> nginx, nginx
+//!    proxy -> nginx proxy -> nginx, and ingress -> runner -> sandbox
+//!    nginx, after a warm-up of each;
 //! 4. prints requests/s, p50 and p99 for each, the CPU each path's
 //!    processes used per 1,000 requests (from `/proc`: coordinator and
-//!    runner; the proxy's workers), and the ratios ingress / nginx proxy
-//!    against the targets (requests/s >= 0.5x, p99 <= 3x). Timings are
+//!    runner; the proxies' workers), and the ratios ingress / nginx proxy
+//!    against the targets (requests/s >= 0.5x, p99 <= 3x) and ingress /
+//!    the two-proxy chain (no target). Timings are
 //!    printed, never asserted. Three rounds are measured (the order
 //!    rotated each round; `MIREN_BENCH_ROUNDS=N` for N), the ratios taken
 //!    from the means and also shown round by round; `MIREN_BENCH_PERF=DIR` records the
@@ -377,7 +381,13 @@ fn wrk(
 // The run
 // ---------------------------------------------------------------------------
 
-struct Path3 {
+/// The paths measured, by their index in `paths`.
+const DIRECT: usize = 0;
+const PROXY: usize = 1;
+const CHAIN: usize = 2;
+const INGRESS: usize = 3;
+
+struct LoadPath {
     name: &'static str,
     addr: String,
     pids: Vec<u32>,
@@ -398,6 +408,16 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
         "auto",
         Role::Proxy {
             backend: &backend.addr,
+        },
+    )?;
+    // The same proxy in front of the proxy: two hops, as the ingress and
+    // the runner are, so the cost of the second hop shows on nginx too.
+    let chain = Nginx::start(
+        &tools.nginx,
+        &tmp.path().join("chain"),
+        "auto",
+        Role::Proxy {
+            backend: &proxy.addr,
         },
     )?;
     let mut cluster = Cluster::start(1, &[]);
@@ -422,17 +442,22 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
     let coordinator = cluster.server().pid();
     let runner = cluster.runner(0).map(|r| r.pid()).context("runner 0")?;
     let paths = [
-        Path3 {
+        LoadPath {
             name: "wrk -> nginx",
             addr: backend.addr.clone(),
             pids: backend.pids(),
         },
-        Path3 {
+        LoadPath {
             name: "wrk -> nginx proxy -> nginx",
             addr: proxy.addr.clone(),
             pids: proxy.pids(),
         },
-        Path3 {
+        LoadPath {
+            name: "wrk -> nginx proxy x2 -> nginx",
+            addr: chain.addr.clone(),
+            pids: [chain.pids(), proxy.pids()].concat(),
+        },
+        LoadPath {
             name: "wrk -> ingress -> runner -> nginx",
             addr: ingress.clone(),
             pids: vec![coordinator, runner],
@@ -445,7 +470,7 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
             let p = &paths[i];
             wrk(tools, &p.addr, s.warmup, &p.pids, None)?;
             let perf_name = format!("ingress-{round}");
-            let perf_name = (i == 2).then_some(perf_name.as_str());
+            let perf_name = (i == INGRESS).then_some(perf_name.as_str());
             results[i].push(wrk(tools, &p.addr, s.measure, &p.pids, perf_name)?);
         }
     }
@@ -476,6 +501,16 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
             );
         }
     }
+    // Of a sorted list, the middle one or the mean of the middle two.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
     let rate = |i: usize| mean(&results[i], &|l| l.rate());
     let p99 = |i: usize| mean(&results[i], &|l| l.p99_us);
     let cpu_per_k = |i: usize| {
@@ -485,27 +520,32 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
     };
     println!();
     println!(
-        "CPU per 1,000 requests (from /proc): nginx backend {:.1} ms, nginx proxy (master + workers) {:.1} ms, coordinator + runner {:.1} ms",
-        cpu_per_k(0),
-        cpu_per_k(1),
-        cpu_per_k(2)
+        "CPU per 1,000 requests (from /proc): nginx backend {:.1} ms, nginx proxy (master + workers) {:.1} ms, both proxies of the chain {:.1} ms, coordinator + runner {:.1} ms",
+        cpu_per_k(DIRECT),
+        cpu_per_k(PROXY),
+        cpu_per_k(CHAIN),
+        cpu_per_k(INGRESS)
     );
-    let rps_ratio = rate(2) / rate(1).max(1e-9);
+    let rps_ratio = rate(INGRESS) / rate(PROXY).max(1e-9);
     if s.rounds > 1 {
-        let mut per_round: Vec<f64> = results[2]
-            .iter()
-            .zip(&results[1])
-            .map(|(ingress, proxy)| ingress.rate() / proxy.rate().max(1e-9))
-            .collect();
-        let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
-        per_round.sort_by(f64::total_cmp);
-        println!(
-            "ingress / nginx proxy requests/s by round: {} (median {:.2})",
-            shown.join(" "),
-            per_round[per_round.len() / 2]
-        );
+        let by_round = |of: usize| -> Vec<f64> {
+            results[INGRESS]
+                .iter()
+                .zip(&results[of])
+                .map(|(ingress, other)| ingress.rate() / other.rate().max(1e-9))
+                .collect()
+        };
+        for (of, name) in [(PROXY, "nginx proxy"), (CHAIN, "nginx proxy x2")] {
+            let per_round = by_round(of);
+            let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "ingress / {name} requests/s by round: {} (median {:.2})",
+                shown.join(" "),
+                median(per_round)
+            );
+        }
     }
-    let p99_ratio = p99(2) / p99(1).max(1e-9);
+    let p99_ratio = p99(INGRESS) / p99(PROXY).max(1e-9);
     let verdict = |pass: bool| if pass { "PASS" } else { "MISS" };
     println!(
         "ingress / nginx proxy requests/s = {rps_ratio:.2} (target >= {RPS_TARGET}) {}",
@@ -516,12 +556,19 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
         verdict(p99_ratio <= P99_TARGET)
     );
     println!(
-        "ingress / nginx direct requests/s = {:.2}; nginx proxy / nginx direct = {:.2}",
-        rate(2) / rate(0).max(1e-9),
-        rate(1) / rate(0).max(1e-9)
+        "ingress / nginx proxy x2 requests/s = {:.2}, p99 = {:.2} (the same two hops; no target)",
+        rate(INGRESS) / rate(CHAIN).max(1e-9),
+        p99(INGRESS) / p99(CHAIN).max(1e-9)
+    );
+    println!(
+        "ingress / nginx direct requests/s = {:.2}; nginx proxy / nginx direct = {:.2}; nginx proxy x2 / nginx proxy = {:.2}",
+        rate(INGRESS) / rate(DIRECT).max(1e-9),
+        rate(PROXY) / rate(DIRECT).max(1e-9),
+        rate(CHAIN) / rate(PROXY).max(1e-9)
     );
     println!("total {:.1} s", total.elapsed().as_secs_f64());
     drop(cluster);
+    drop(chain);
     drop(proxy);
     drop(backend);
     Ok(())
