@@ -24,7 +24,8 @@
 //!    nginx, after a warm-up of each;
 //! 4. prints requests/s, p50 and p99 for each, the CPU each path's
 //!    processes used per 1,000 requests (from `/proc`: coordinator and
-//!    runner; the proxies' workers), and the ratios ingress / nginx proxy
+//!    runner; the proxies' workers), the share of the machine's cores
+//!    left idle during each run (`/proc/stat`), and the ratios ingress / nginx proxy
 //!    against the targets (requests/s >= 0.5x, p99 <= 3x) and ingress /
 //!    the two-proxy chain (no target). Timings are
 //!    printed, never asserted. Three rounds are measured (the order
@@ -284,6 +285,8 @@ struct Load {
     p99_us: f64,
     /// CPU seconds of the path's own processes during the run.
     cpu: f64,
+    /// The share of the machine's cores left idle during the run.
+    idle: f64,
 }
 
 impl Load {
@@ -355,6 +358,7 @@ fn wrk(
         None => None,
     };
     let before = common::cpu_secs(pids, clk);
+    let machine_before = common::machine_ticks();
     let out = Command::new(&tools.wrk)
         .args(["-t", "2", "-c", &CONNECTIONS.to_string(), "--latency"])
         .arg("-d")
@@ -365,6 +369,7 @@ fn wrk(
         .output()
         .context("running wrk")?;
     let after = common::cpu_secs(pids, clk);
+    let machine_after = common::machine_ticks();
     if let Some(mut perf) = perf {
         let _ = perf.wait();
     }
@@ -374,6 +379,7 @@ fn wrk(
     }
     let mut load = parse_wrk(&text)?;
     load.cpu = after - before;
+    load.idle = common::idle_share(machine_before, machine_after);
     Ok(load)
 }
 
@@ -484,20 +490,21 @@ fn bench(s: &Settings, tools: &Tools) -> anyhow::Result<()> {
         loadavg.trim()
     );
     println!(
-        "{:<36} {:>10} {:>8} {:>9} {:>9} {:>16}",
-        "path", "requests", "bad", "req/s", "p50 us", "p99 us"
+        "{:<36} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}",
+        "path", "requests", "bad", "req/s", "p50 us", "p99 us", "idle %"
     );
     let mean = |v: &[Load], f: &dyn Fn(&Load) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
     for (p, r) in paths.iter().zip(&results) {
         for l in r {
             println!(
-                "{:<36} {:>10} {:>8} {:>9.0} {:>9.0} {:>16.0}",
+                "{:<36} {:>10} {:>8} {:>9.0} {:>9.0} {:>9.0} {:>7.1}",
                 p.name,
                 l.requests,
                 l.bad,
                 l.rate(),
                 l.p50_us,
-                l.p99_us
+                l.p99_us,
+                l.idle * 100.0
             );
         }
     }

@@ -172,6 +172,39 @@ pub fn cpu_share(a: Sample, b: Sample, clk: f64) -> f64 {
     cpu_secs_between(a, b, clk) / wall
 }
 
+/// The machine's CPU time from `/proc/stat` (all cores, in ticks): how
+/// much was idle (idle + iowait) and how much there was.
+#[derive(Clone, Copy, Default)]
+pub struct MachineTicks {
+    pub idle: u64,
+    pub total: u64,
+}
+
+pub fn machine_ticks() -> MachineTicks {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return MachineTicks::default();
+    };
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    MachineTicks {
+        idle: fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0),
+        total: fields.iter().sum(),
+    }
+}
+
+/// The share of the machine's cores left idle between two samples.
+pub fn idle_share(a: MachineTicks, b: MachineTicks) -> f64 {
+    let total = b.total.saturating_sub(a.total);
+    if total == 0 {
+        return 0.0;
+    }
+    b.idle.saturating_sub(a.idle) as f64 / total as f64
+}
+
 /// Soft limit on open files of this process (inherited by its children).
 pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
