@@ -25,10 +25,10 @@
 //! 4. prints requests/s, p50 and p99 for each, the CPU each path's
 //!    processes used per 1,000 requests (from `/proc`: coordinator and
 //!    runner; the proxies' workers), the share of the machine's cores
-//!    left idle during each run (`/proc/stat`), and the ratios ingress / nginx proxy
-//!    against the targets (requests/s >= 0.5x, p99 <= 3x) and ingress /
-//!    the two-proxy chain (no target). Timings are
-//!    printed, never asserted. Three rounds are measured (the order
+//!    left idle during each run (`/proc/stat`), and the ratios ingress /
+//!    nginx proxy against the targets (requests/s >= 0.5x, p99 <= 3x) and
+//!    ingress / the two-proxy chain (no target). Timings are printed,
+//!    never asserted. Three rounds are measured (the order
 //!    rotated each round; `MIREN_BENCH_ROUNDS=N` for N), the ratios taken
 //!    from the means and also shown round by round; `MIREN_BENCH_PERF=DIR` records the
 //!    coordinator and the runner with `perf record -g` during each

@@ -192,7 +192,9 @@ pub fn machine_ticks() -> MachineTicks {
         .collect();
     MachineTicks {
         idle: fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0),
-        total: fields.iter().sum(),
+        // user .. steal; guest and guest_nice are already inside user and
+        // nice.
+        total: fields.iter().take(8).sum(),
     }
 }
 
